@@ -1,0 +1,69 @@
+"""The one domain error type and the one place that turns errors into the API's JSON shape.
+
+API.md: every error answers `{"status": "error", "message": "..."}` with a fitting
+4xx/5xx code; never an HTML page, never a stack trace.
+"""
+
+import logging
+
+from django.core.exceptions import RequestDataTooBig
+from django.http import JsonResponse
+from rest_framework import exceptions as drf_exceptions
+from rest_framework.response import Response
+
+logger = logging.getLogger(__name__)
+
+
+class ServiceError(Exception):
+    """A failure the caller can understand and act on; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+def error_body(message: str) -> dict:
+    return {"status": "error", "message": message}
+
+
+def _validation_message(detail, prefix: str = "") -> str:
+    """Flattens DRF's nested validation detail into one line that names the field."""
+    if isinstance(detail, dict):
+        parts = []
+        for field, value in detail.items():
+            name = "" if field == "non_field_errors" else f"{prefix}{field}"
+            parts.append(_validation_message(value, f"{name}." if name else ""))
+        return "; ".join(parts)
+    if isinstance(detail, list):
+        return "; ".join(_validation_message(item, prefix) for item in detail)
+    field = prefix.rstrip(".")
+    return f"{field}: {detail}" if field else str(detail)
+
+
+def api_exception_handler(exc, context):
+    """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
+    if isinstance(exc, ServiceError):
+        return Response(error_body(exc.message), status=exc.status)
+    if isinstance(exc, RequestDataTooBig):
+        return Response(error_body("request body is larger than the configured limit"), status=413)
+    if isinstance(exc, drf_exceptions.ValidationError):
+        return Response(error_body(_validation_message(exc.detail)), status=400)
+    if isinstance(exc, drf_exceptions.ParseError):
+        return Response(error_body(f"request body is not valid JSON: {exc.detail}"), status=400)
+    if isinstance(exc, drf_exceptions.APIException):
+        return Response(error_body(str(exc.detail)), status=exc.status_code)
+    logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
+    return Response(error_body("internal server error"), status=500)
+
+
+def json_not_found(request, exception=None):
+    return JsonResponse(error_body(f"no such endpoint: {request.path}"), status=404)
+
+
+def json_server_error(request):
+    return JsonResponse(error_body("internal server error"), status=500)
+
+
+def json_bad_request(request, exception=None):
+    return JsonResponse(error_body("bad request"), status=400)

@@ -1,0 +1,189 @@
+"""Django settings for the SDXL LoRA service.
+
+Every setting an operator may change comes from the environment (django-environ); the
+README's configuration table lists them all.
+"""
+
+from pathlib import Path
+
+import environ
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+env = environ.Env()
+env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
+
+# --- Storage ---------------------------------------------------------------------------
+# The data dir holds the session folders (the storage layout of API.md), the SQLite
+# database by default, generated images and the cached random-weight test models.
+DATA_DIR = Path(env.str("SDXL_DATA_DIR", default=str(BASE_DIR / "media"))).resolve()
+SESSION_DATA_DIR = DATA_DIR / "session_data"
+GENERATIONS_DIR = DATA_DIR / "generations"
+MODEL_CACHE_DIR = DATA_DIR / "models"
+
+# --- Core Django ---------------------------------------------------------------------
+DEBUG = env.bool("DJANGO_DEBUG", default=False)
+SECRET_KEY = env.str(
+    "DJANGO_SECRET_KEY",
+    # Good enough for a loopback-only development server; production sets its own.
+    default="insecure-development-key-set-DJANGO_SECRET_KEY-in-production",
+)
+ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_q",
+    "sessions_app",
+    "training_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "sdxl_service.urls"
+WSGI_APPLICATION = "sdxl_service.wsgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database --------------------------------------------------------------------------
+DATABASES = {
+    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            # IMMEDIATE takes the write lock when a transaction starts, so the per-session
+            # lock (a write transaction) serialises web and worker processes instead of
+            # failing late with "database is locked"; WAL lets readers run meanwhile.
+            "transaction_mode": "IMMEDIATE",
+            "timeout": 30,
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = DATA_DIR / "static"
+# The admin's CSS and JS are served by WhiteNoise straight from the installed apps,
+# so `serve` needs no collectstatic step.
+WHITENOISE_USE_FINDERS = True
+
+# --- Request limits ------------------------------------------------------------------
+# Images and LoRA files travel base64-encoded inside JSON bodies.
+DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("SDXL_MAX_BODY_MB", default=64) * 1024 * 1024
+
+# --- REST API ----------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "UNAUTHENTICATED_USER": None,
+    "EXCEPTION_HANDLER": "sdxl_service.errors.api_exception_handler",
+}
+
+# --- Models -------------------------------------------------------------------------------
+SDXL_MODEL_PRESET = env.str("SDXL_MODEL_PRESET", default="")
+SDXL_BASE_MODEL = env.str("SDXL_BASE_MODEL", default="stabilityai/stable-diffusion-xl-base-1.0")
+SDXL_REFINER_MODEL = env.str(
+    "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
+)
+
+# --- Request limits for generation and training --------------------------------------------------------------------
+SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)
+SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
+SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)
+SDXL_MAX_PROMPT_CHARS = env.int("SDXL_MAX_PROMPT_CHARS", default=2000)
+SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=64 * 1024 * 1024)
+# How long /txt2img waits for its image before answering 504.
+SDXL_TXT2IMG_TIMEOUT = env.float("SDXL_TXT2IMG_TIMEOUT", default=600.0)
+
+# --- Workers (django-q2) ---------------------------------------------------------------
+# Two queues, each served by its own cluster, so generation never waits behind a
+# training run. The namespace keeps several deployments (or test runs) on one Redis apart.
+SDXL_QUEUE_NAMESPACE = env.str("SDXL_QUEUE_NAMESPACE", default="sdxl")
+TRAINING_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-training"
+GENERATION_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-generation"
+# A worker counts as alive while its heartbeat is younger than this.
+SDXL_WORKER_STALE_AFTER = env.float("SDXL_WORKER_STALE_AFTER", default=15.0)
+SDXL_TRAINING_TIMEOUT = env.int("SDXL_TRAINING_TIMEOUT", default=6 * 3600)
+SDXL_GENERATION_TIMEOUT = env.int("SDXL_GENERATION_TIMEOUT", default=900)
+
+REDIS_URL = env.str("REDIS_URL", default="")
+
+Q_CLUSTER = {
+    "name": SDXL_QUEUE_NAMESPACE,
+    "cluster_name": TRAINING_QUEUE,
+    # One job at a time per queue and GPU: pipelines stay loaded in the worker process.
+    "workers": 1,
+    "recycle": 10_000,
+    "timeout": SDXL_TRAINING_TIMEOUT,
+    # Redelivery only after the timeout has passed, never while the job still runs.
+    "retry": SDXL_TRAINING_TIMEOUT + 300,
+    "max_attempts": 1,
+    "ack_failures": True,
+    "scheduler": False,
+    "ALT_CLUSTERS": {
+        GENERATION_QUEUE: {
+            "timeout": SDXL_GENERATION_TIMEOUT,
+            "retry": SDXL_GENERATION_TIMEOUT + 60,
+        },
+    },
+}
+if REDIS_URL:
+    Q_CLUSTER["redis"] = REDIS_URL
+else:
+    Q_CLUSTER["orm"] = "default"
+    Q_CLUSTER["poll"] = 0.2
+
+# --- Logging ---------------------------------------------------------------------------------
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s [%(process)d] %(message)s"}
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env.str("SDXL_LOG_LEVEL", default="INFO")},
+}

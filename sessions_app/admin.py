@@ -1,0 +1,115 @@
+"""Admin: browse sessions, their image groups (thumbnails and captions) and images.
+
+Rows mirror files, so the admin reads; deleting a session goes through the service,
+which removes its folder too.
+"""
+
+from django.contrib import admin
+from django.http import FileResponse, Http404
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils.html import format_html
+
+from sessions_app import services, storage
+from sessions_app.models import ImageGroup, Session, TrainingImage
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
+    if image is None:
+        return "-"
+    url = reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
+    return format_html(
+        '<a href="{}"><img src="{}" style="max-width:{}px;max-height:{}px" alt="{}"></a>',
+        url, url, size, size, image.file,
+    )
+
+
+class ImageGroupInline(admin.TabularInline):
+    model = ImageGroup
+    fields = ["number", "preview", "caption", "created_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    @admin.display(description="image")
+    def preview(self, group: ImageGroup) -> str:
+        return thumbnail(group.images.first())
+
+    @admin.display(description="caption")
+    def caption(self, group: ImageGroup) -> str:
+        image = group.images.first()
+        return image.caption if image else "-"
+
+
+@admin.register(Session)
+class SessionAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "created_at", "group_count", "lora_count", "next_lora_number"]
+    readonly_fields = ["created_at", "next_group_number", "next_lora_number", "folder"]
+    inlines = [ImageGroupInline]
+
+    @admin.display(description="image groups")
+    def group_count(self, session: Session) -> int:
+        return session.image_groups.count()
+
+    @admin.display(description="LoRAs")
+    def lora_count(self, session: Session) -> int:
+        return session.loras.count()
+
+    @admin.display(description="folder")
+    def folder(self, session: Session) -> str:
+        return str(storage.session_dir(session.pk))
+
+    def delete_model(self, request, obj: Session) -> None:
+        services.session_delete(obj.pk)
+
+    def delete_queryset(self, request, queryset) -> None:
+        for session_id in list(queryset.values_list("pk", flat=True)):
+            services.session_delete(session_id)
+
+
+@admin.register(TrainingImage)
+class TrainingImageAdmin(ReadOnlyAdmin):
+    list_display = ["file", "preview", "caption", "image_format", "width", "height", "size"]
+    list_filter = ["image_format"]
+    search_fields = ["caption", "file"]
+    readonly_fields = ["group", "file", "preview_large", "caption", "image_format", "width",
+                       "height", "size", "sha256", "created_at"]
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # a session is deleted whole, through its own page
+
+    @admin.display(description="image")
+    def preview(self, image: TrainingImage) -> str:
+        return thumbnail(image)
+
+    @admin.display(description="image")
+    def preview_large(self, image: TrainingImage) -> str:
+        return thumbnail(image, size=512)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/file/",
+                self.admin_site.admin_view(self.image_file),
+                name="sessions_app_trainingimage_file",
+            ),
+            *super().get_urls(),
+        ]
+
+    def image_file(self, request, pk: int):
+        image = get_object_or_404(TrainingImage, pk=pk)
+        try:
+            return FileResponse(open(storage.absolute_path(image.file), "rb"))
+        except FileNotFoundError:
+            raise Http404(f"{image.file} is missing from the data dir") from None

@@ -1,0 +1,67 @@
+"""What can be done to sessions and their training images."""
+
+import logging
+
+from django.db import transaction
+
+from sessions_app import storage
+from sessions_app.images import check_image
+from sessions_app.locking import session_lock
+from sessions_app.models import ImageGroup, Session, TrainingImage
+
+logger = logging.getLogger(__name__)
+
+
+def session_create() -> Session:
+    session = Session.objects.create()
+    storage.session_dir(session.pk).mkdir(parents=True, exist_ok=True)
+    return session
+
+
+def _free_group_number(session: Session) -> int:
+    """The next group number, past any numbered folder an operator dropped in by hand."""
+    folder = storage.session_dir(session.pk)
+    numbers_on_disk = [
+        int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit()
+    ] if folder.exists() else []
+    return max([session.next_group_number, *(n + 1 for n in numbers_on_disk)])
+
+
+def session_image_add(session_id: int, image_bytes: bytes, caption: str) -> TrainingImage:
+    """Stores one image and its caption as a new group folder `<n>/0.<ext>` + `<n>/0.txt`."""
+    checked = check_image(image_bytes)  # before anything is written or locked
+    with session_lock(session_id) as session:
+        number = _free_group_number(session)
+        group_dir = storage.session_dir(session.pk) / str(number)
+        group_dir.mkdir(parents=True)
+        try:
+            image_path = group_dir / f"0.{checked.extension}"
+            storage.atomic_write_bytes(image_path, checked.data)
+            storage.atomic_write_bytes(group_dir / "0.txt", caption.encode("utf-8"))
+            group = ImageGroup.objects.create(session=session, number=number)
+            image = TrainingImage.objects.create(
+                group=group,
+                file=storage.relative_path(image_path),
+                caption=caption,
+                image_format=checked.image_format,
+                width=checked.width,
+                height=checked.height,
+                size=len(checked.data),
+                sha256=storage.sha256_bytes(checked.data),
+            )
+            session.next_group_number = number + 1
+            session.save(update_fields=["next_group_number"])
+        except BaseException:
+            # The transaction rolls the rows back; the folder goes with them.
+            storage.remove_tree(group_dir)
+            raise
+    return image
+
+
+def session_delete(session_id: int) -> None:
+    """Removes the session's rows and folder; the folder is renamed away first, atomically."""
+    with session_lock(session_id) as session:
+        session.delete()
+        moved = storage.move_aside(storage.session_dir(session_id))
+        transaction.on_commit(lambda: storage.remove_tree(moved))
+    logger.info("deleted session %s", session_id)

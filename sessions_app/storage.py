@@ -1,0 +1,66 @@
+"""Where things live in the data dir, and the one way files get written there.
+
+Every write goes to a `*.tmp` beside its target, is fsynced, then `os.replace`d into
+place, so no reader ever sees half a file.
+"""
+
+import hashlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from django.conf import settings
+
+from sdxl_engine.files import write_atomically
+
+
+def session_dir(session_id: int) -> Path:
+    return settings.SESSION_DATA_DIR / f"session_{session_id}"
+
+
+def relative_path(path: Path) -> str:
+    """The path as stored in the database: relative to the data dir, with forward slashes."""
+    return path.relative_to(settings.DATA_DIR).as_posix()
+
+
+def absolute_path(relative: str) -> Path:
+    return settings.DATA_DIR / relative
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    write_atomically(target, lambda temp: temp.write_bytes(data))
+
+
+def temp_path_for(target: Path) -> Path:
+    """A unique `*.tmp` name beside `target` (same filesystem, so a rename is atomic)."""
+    return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def move_aside(folder: Path) -> Path | None:
+    """Renames a folder out of the way in one atomic step; returns where it went.
+
+    Deleting a large folder takes time; renaming first means nobody sees it half-deleted.
+    """
+    if not folder.exists():
+        return None
+    trash = folder.with_name(f".deleted-{folder.name}-{uuid.uuid4().hex}")
+    os.replace(folder, trash)
+    return trash
+
+
+def remove_tree(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -1,0 +1,202 @@
+"""Image generation requests: recorded in the database, run by the generation worker.
+
+The web process records a Generation, enqueues its id once committed, and waits on the
+row; the worker claims the row, generates, writes the PNGs and marks the row finished.
+"""
+
+import io
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+from django_q.tasks import async_task
+from PIL.PngImagePlugin import PngInfo
+
+from sdxl_engine.errors import EngineError
+from sdxl_service.errors import ServiceError
+from sessions_app import storage
+from sessions_app.selectors import session_get
+from training_app.models import Generation
+from training_app.selectors import lora_get, worker_alive
+
+logger = logging.getLogger(__name__)
+
+# Seeds fit a signed 64-bit column (PostgreSQL bigint) and torch.Generator alike.
+SEED_BITS = 63
+_POLL_INTERVAL_S = 0.1
+
+NO_WORKER_MESSAGE = (
+    "no generation worker is running; start the service with `python manage.py serve` "
+    "(or a worker alone with `python manage.py worker generation`)"
+)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    num_images: int = 1
+    height: int = 1024
+    width: int = 1024
+    guidance_scale: float = 7.0
+    steps: int = 20
+    use_lora: bool = False
+    session_id: int | None = None
+    iteration: int | None = None
+    lora_scale: float = 1.0
+    seed: int | None = None
+
+
+def generations_dir(generation_id: int) -> Path:
+    return settings.GENERATIONS_DIR / str(generation_id)
+
+
+def generation_request(request: GenerationRequest) -> Generation:
+    """Records the request and enqueues it; 503 when no generation worker is alive."""
+    if not worker_alive(settings.GENERATION_QUEUE):
+        raise ServiceError(NO_WORKER_MESSAGE, status=503)
+    lora = None
+    if request.use_lora:
+        session_get(request.session_id)
+        lora = lora_get(request.session_id, request.iteration)
+    with transaction.atomic():
+        generation = Generation.objects.create(
+            prompt=request.prompt,
+            negative_prompt=request.negative_prompt,
+            parameters={
+                "num_images": request.num_images,
+                "height": request.height,
+                "width": request.width,
+                "guidance_scale": request.guidance_scale,
+                "steps": request.steps,
+                "lora_scale": request.lora_scale,
+            },
+            seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
+            session_id=request.session_id if request.use_lora else None,
+            lora=lora,
+            lora_filename=lora.filename if lora else "",
+            lora_sha256=lora.sha256 if lora else "",
+        )
+        transaction.on_commit(lambda: _enqueue_generation(generation.pk))
+    return generation
+
+
+def _enqueue_generation(generation_id: int) -> None:
+    task_id = async_task(
+        "training_app.tasks.generate_task",
+        generation_id,
+        cluster=settings.GENERATION_QUEUE,
+        task_name=f"generation-{generation_id}",
+    )
+    Generation.objects.filter(pk=generation_id).update(task_id=task_id)
+
+
+def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, list[bytes]]:
+    """Waits for the worker to finish the generation; returns the row and its PNG bytes."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        generation = Generation.objects.get(pk=generation_id)
+        if generation.status == Generation.Status.COMPLETED:
+            folder = generations_dir(generation_id)
+            images = [(folder / f"{i}.png").read_bytes() for i in range(generation.image_count)]
+            return generation, images
+        if generation.status == Generation.Status.ERROR:
+            raise ServiceError(f"generation failed: {generation.error_message}", status=500)
+        if generation.status == Generation.Status.QUEUED:
+            if not worker_alive(settings.GENERATION_QUEUE):
+                _abandon(generation_id)
+                raise ServiceError(NO_WORKER_MESSAGE, status=503)
+            if time.monotonic() > deadline:
+                _abandon(generation_id)
+                raise ServiceError("timed out waiting for a generation worker", status=504)
+        elif time.monotonic() > deadline:
+            raise ServiceError("timed out waiting for the generation to finish", status=504)
+        time.sleep(_POLL_INTERVAL_S)
+
+
+def _abandon(generation_id: int) -> None:
+    """A request nobody waits for any more is not worth a worker's time."""
+    Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
+        status=Generation.Status.ABANDONED, finished_at=timezone.now()
+    )
+
+
+def _png_bytes(image, parameters: dict) -> bytes:
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def generation_execute(generation_id: int) -> None:
+    """Runs a queued generation (in the generation worker); one already taken is left alone."""
+    from sdxl_engine.generation import generate
+    from training_app.runtime import worker_pipelines
+
+    claimed = Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
+        status=Generation.Status.RUNNING, started_at=timezone.now()
+    )
+    if not claimed:
+        logger.info("generation %s is not queued any more; nothing to do", generation_id)
+        return
+    generation = Generation.objects.get(pk=generation_id)
+    params = generation.parameters
+    started = time.monotonic()
+    try:
+        lora_path = None
+        if generation.lora_filename:
+            if generation.lora_id is None:
+                raise ServiceError(f"{generation.lora_filename} was deleted before generation")
+            lora_path = storage.session_dir(generation.lora.session_id) / generation.lora.filename
+        images = generate(
+            worker_pipelines(),
+            prompt=generation.prompt,
+            negative_prompt=generation.negative_prompt,
+            num_images=params["num_images"],
+            height=params["height"],
+            width=params["width"],
+            guidance_scale=params["guidance_scale"],
+            steps=params["steps"],
+            seed=generation.seed,
+            lora_path=lora_path,
+            lora_scale=params["lora_scale"],
+        )
+        record = {
+            "prompt": generation.prompt,
+            "negative_prompt": generation.negative_prompt,
+            "seed": generation.seed,
+            "lora": generation.lora_filename or None,
+            "lora_sha256": generation.lora_sha256 or None,
+            **params,
+        }
+        folder = generations_dir(generation_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            storage.atomic_write_bytes(folder / f"{index}.png", _png_bytes(image, record))
+    except (EngineError, ServiceError) as error:
+        _finish_generation_with_error(generation_id, getattr(error, "message", str(error)))
+        return
+    except Exception as error:
+        logger.exception("generation %s failed", generation_id)
+        _finish_generation_with_error(generation_id, f"{type(error).__name__}: {error}")
+        return
+    Generation.objects.filter(pk=generation_id).update(
+        status=Generation.Status.COMPLETED,
+        image_count=len(images),
+        duration_ms=int((time.monotonic() - started) * 1000),
+        finished_at=timezone.now(),
+    )
+
+
+def _finish_generation_with_error(generation_id: int, message: str) -> None:
+    Generation.objects.filter(pk=generation_id).update(
+        status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now()
+    )
+    logger.warning("generation %s ended in error: %s", generation_id, message)

@@ -1,0 +1,88 @@
+"""`manage.py serve`: migrations, then the web server and both worker clusters together.
+
+The web server is gunicorn (threaded workers: /txt2img waits for its image); the training
+and generation queues each get their own worker so generation never waits behind a run.
+Ctrl-C or SIGTERM stops all three; if one dies, the others are stopped too.
+"""
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand
+
+STOP_GRACE_S = 30.0
+
+
+class Command(BaseCommand):
+    help = "Migrates the database, then runs the web server and the worker clusters."
+
+    def add_arguments(self, parser):
+        parser.add_argument("--host", default="127.0.0.1")
+        parser.add_argument("--port", type=int, default=8000)
+        parser.add_argument("--web-workers", type=int, default=2)
+        parser.add_argument("--threads", type=int, default=8, help="threads per web worker")
+
+    def handle(self, *args, host: str, port: int, web_workers: int, threads: int, **options):
+        settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        call_command("migrate", interactive=False, verbosity=1)
+        manage_py = str(Path(settings.BASE_DIR) / "manage.py")
+        commands = {
+            "web": [
+                sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
+                "--bind", f"{host}:{port}",
+                "--worker-class", "gthread",
+                "--workers", str(web_workers),
+                "--threads", str(threads),
+                "--graceful-timeout", "10",
+                "--access-logfile", "-",
+            ],
+            "training worker": [sys.executable, manage_py, "worker", "training"],
+            "generation worker": [sys.executable, manage_py, "worker", "generation"],
+        }
+        stopping = False
+
+        def request_stop(signum, frame):
+            nonlocal stopping
+            stopping = True
+
+        signal.signal(signal.SIGINT, request_stop)
+        signal.signal(signal.SIGTERM, request_stop)
+
+        children = {
+            name: subprocess.Popen(command, cwd=settings.BASE_DIR)
+            for name, command in commands.items()
+        }
+        self.stdout.write(
+            f"SDXL LoRA service on http://{host}:{port}/ (data dir {settings.DATA_DIR}); "
+            "press Ctrl-C to stop"
+        )
+        exit_code = 0
+        while not stopping:
+            crashed = [name for name, child in children.items() if child.poll() is not None]
+            if crashed:
+                self.stderr.write(f"{', '.join(crashed)} exited; stopping the service")
+                exit_code = 1
+                break
+            time.sleep(0.5)
+        self._stop(children)
+        if exit_code:
+            sys.exit(exit_code)
+
+    def _stop(self, children: dict[str, subprocess.Popen]) -> None:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_GRACE_S
+        for name, child in children.items():
+            try:
+                child.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.stderr.write(f"{name} did not stop in {STOP_GRACE_S:.0f}s; killing it")
+                child.kill()
+                child.wait()
+        self.stdout.write("stopped")

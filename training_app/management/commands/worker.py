@@ -1,0 +1,62 @@
+"""`manage.py worker training|generation`: one django-q2 cluster serving one queue.
+
+Besides running the cluster, the worker records a heartbeat row every few seconds, which
+is how the web process knows whether anyone will pick up a /txt2img request.
+"""
+
+import os
+import socket
+import sys
+import time
+
+from django.conf import settings
+from django.core.management.base import BaseCommand
+from django.db import connections
+from django.utils import timezone
+
+HEARTBEAT_INTERVAL_S = 2.0
+
+
+class Command(BaseCommand):
+    help = "Runs the worker cluster of one queue: training or generation."
+
+    def add_arguments(self, parser):
+        parser.add_argument("queue", choices=["training", "generation"])
+
+    def handle(self, *args, queue: str, **options):
+        queue_name = {
+            "training": settings.TRAINING_QUEUE,
+            "generation": settings.GENERATION_QUEUE,
+        }[queue]
+        if os.environ.get("Q_CLUSTER_NAME") != queue_name:
+            # django-q2 reads its cluster name from the environment when it is first
+            # imported, which Django setup has already done: start again with it set.
+            os.environ["Q_CLUSTER_NAME"] = queue_name
+            os.execv(sys.executable, [sys.executable, *sys.argv])
+
+        from django_q.cluster import Cluster
+        from django_q.tasks import async_task
+
+        from training_app.models import WorkerHeartbeat
+
+        # The cluster forks its processes from here: no database connection may be shared
+        # with them, and nothing here touches torch or CUDA.
+        connections.close_all()
+        cluster = Cluster()
+        cluster.start()
+        async_task("training_app.tasks.warm_up_task", cluster=queue_name, task_name="warm-up")
+
+        host, pid, started = socket.gethostname(), os.getpid(), timezone.now()
+        self.stdout.write(f"{queue} worker {host}:{pid} serving queue {queue_name}")
+        try:
+            while cluster.sentinel.is_alive():
+                WorkerHeartbeat.objects.update_or_create(
+                    queue=queue_name,
+                    host=host,
+                    pid=pid,
+                    defaults={"started_at": started, "last_seen": timezone.now()},
+                )
+                time.sleep(HEARTBEAT_INTERVAL_S)
+        finally:
+            WorkerHeartbeat.objects.filter(queue=queue_name, host=host, pid=pid).delete()
+        self.stdout.write(f"{queue} worker {host}:{pid} stopped")

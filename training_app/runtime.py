@@ -1,0 +1,35 @@
+"""The worker process's loaded pipelines.
+
+Loaded once per worker process, on first use (after django-q2 has forked the worker, so
+CUDA is only ever initialised in the process that runs the jobs), and kept between jobs.
+"""
+
+import logging
+import threading
+
+from django.conf import settings
+
+logger = logging.getLogger(__name__)
+
+_lock = threading.Lock()
+_pipelines = None
+
+
+def worker_pipelines():
+    """The Base + Refiner pipelines of this worker; a failed load is retried next job."""
+    global _pipelines
+    with _lock:
+        if _pipelines is None:
+            from sdxl_engine.pipelines import load_pipelines
+            from sdxl_engine.source import resolve_model_source
+
+            source = resolve_model_source(
+                settings.SDXL_MODEL_PRESET or None,
+                settings.SDXL_BASE_MODEL,
+                settings.SDXL_REFINER_MODEL,
+                settings.MODEL_CACHE_DIR,
+            )
+            logger.info("model: %s", source.reason)
+            _pipelines = load_pipelines(source)
+            logger.info("model: loaded %s on %s", source.preset, source.device)
+        return _pipelines

@@ -1,0 +1,79 @@
+"""Reads of runs, LoRA files and workers for the API."""
+
+from datetime import timedelta
+
+from django.conf import settings
+from django.db.models import Max, OuterRef, Subquery
+from django.utils import timezone
+
+from sdxl_service.errors import ServiceError
+from training_app.models import LoraArtifact, TrainingRun, WorkerHeartbeat
+
+LORA_NOT_FOUND = "Requested LoRA not found"
+
+
+def lora_get(session_id: int, iteration: int | None = None) -> LoraArtifact:
+    """The session's LoRA number `iteration`, or its latest (the one created last)."""
+    loras = LoraArtifact.objects.filter(session_id=session_id)
+    if iteration is not None:
+        loras = loras.filter(number=iteration)
+    artifact = loras.order_by("-number").first()
+    if artifact is None:
+        raise ServiceError(LORA_NOT_FOUND, status=404)
+    return artifact
+
+
+def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
+    newest_numbers = (
+        LoraArtifact.objects.filter(session_id=OuterRef("session_id"))
+        .order_by("-number")
+        .values("number")[:1]
+    )
+    return dict(
+        LoraArtifact.objects.filter(session_id__in=session_ids, number=Subquery(newest_numbers))
+        .values_list("session_id", "filename")
+    )
+
+
+def training_status_body(run: TrainingRun | None) -> dict:
+    """The /train_status answer (API.md's four shapes) plus extra keys about the run."""
+    if run is None:
+        return {"status": "none", "progress": 0}
+    if run.status == TrainingRun.Status.ERROR:
+        return {"status": "error", "message": run.error_message}
+    if run.status == TrainingRun.Status.COMPLETED:
+        artifact = getattr(run, "artifact", None)
+        return {
+            "status": "completed",
+            "progress": 100,
+            "lora": artifact.filename if artifact else None,
+        }
+    return {
+        "status": "in-progress",
+        "progress": run.progress,
+        "queued": run.status == TrainingRun.Status.QUEUED,
+        "stage": run.stage,
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "loss": run.last_loss,
+    }
+
+
+def latest_runs(session_ids: list[int]) -> dict[int, TrainingRun]:
+    newest_ids = (
+        TrainingRun.objects.filter(session_id__in=session_ids)
+        .values("session_id")
+        .annotate(newest=Max("id"))
+        .values("newest")
+    )
+    runs = TrainingRun.objects.filter(id__in=newest_ids).select_related("artifact")
+    return {run.session_id: run for run in runs}
+
+
+def training_status(session_id: int) -> dict:
+    return training_status_body(latest_runs([session_id]).get(session_id))
+
+
+def worker_alive(queue: str) -> bool:
+    fresh_since = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
+    return WorkerHeartbeat.objects.filter(queue=queue, last_seen__gte=fresh_since).exists()

@@ -1,0 +1,275 @@
+"""LoRA training runs and LoRA files: starting, executing, storing, uploading."""
+
+import logging
+import os
+import re
+import socket
+from pathlib import Path
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import Value
+from django.db.models.functions import Greatest
+from django.utils import timezone
+from django_q.tasks import async_task
+
+from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.files import replace_with_retry
+from sdxl_service.errors import ServiceError
+from sessions_app import storage
+from sessions_app.locking import session_lock
+from sessions_app.selectors import session_get
+from training_app.models import LoraArtifact, TrainingRun
+
+logger = logging.getLogger(__name__)
+
+# A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
+_LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
+# Progress stays below 100 until the file is stored: 100 means the LoRA exists.
+_PROGRESS_BEFORE_SAVE = 99
+
+
+def worker_identity() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# --- Starting a run ------------------------------------------------------------------
+
+
+def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
+    """Records a queued run and hands it to the training queue once the row is committed."""
+    from sdxl_engine.dataset import find_training_pairs
+
+    with session_lock(session_id) as session:
+        if not find_training_pairs(storage.session_dir(session.pk)):
+            raise ServiceError(
+                f"session {session_id} has no images with captions to train on; "
+                "upload some with /post_session_image first"
+            )
+        if TrainingRun.objects.filter(
+            session=session, status__in=TrainingRun.ACTIVE_STATUSES
+        ).exists():
+            raise ServiceError(f"session {session_id} is already training", status=409)
+        try:
+            with transaction.atomic():
+                run = TrainingRun.objects.create(session=session, parameters=parameters)
+        except IntegrityError:  # another process won the race to the partial unique index
+            raise ServiceError(f"session {session_id} is already training", status=409) from None
+        transaction.on_commit(lambda: _enqueue_training(run.pk))
+    return run
+
+
+def _enqueue_training(run_id: int) -> None:
+    task_id = async_task(
+        "training_app.tasks.train_lora_task",
+        run_id,
+        cluster=settings.TRAINING_QUEUE,
+        task_name=f"training-run-{run_id}",
+    )
+    TrainingRun.objects.filter(pk=run_id).update(task_id=task_id)
+
+
+# --- Executing a run (in the training worker) --------------------------------------------
+
+
+def training_run_execute(run_id: int) -> None:
+    """Runs a queued training run to its end; a run already taken is left alone."""
+    now = timezone.now()
+    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
+        status=TrainingRun.Status.RUNNING,
+        stage=TrainingRun.Stage.LOADING,
+        started_at=now,
+        heartbeat_at=now,
+        worker=worker_identity(),
+    )
+    if not claimed:
+        logger.info("training run %s is not queued any more; nothing to do", run_id)
+        return
+    run = TrainingRun.objects.get(pk=run_id)
+    output = storage.session_dir(run.session_id) / f".training-run-{run.pk}.safetensors"
+    try:
+        artifact = _train_and_store(run, output)
+    except TrainingCancelled:
+        _finish_with_error(run_id, "training was cancelled")
+    except EngineError as error:
+        _finish_with_error(run_id, str(error))
+    except ServiceError as error:
+        _finish_with_error(run_id, error.message)
+    except Exception as error:
+        logger.exception("training run %s failed", run_id)
+        _finish_with_error(run_id, f"training failed: {type(error).__name__}: {error}")
+    else:
+        logger.info("training run %s stored %s", run_id, artifact.filename)
+    finally:
+        output.unlink(missing_ok=True)
+
+
+def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
+    from sdxl_engine.dataset import find_training_pairs
+    from sdxl_engine.training import TrainingParams, train_lora
+    from training_app.runtime import worker_pipelines
+
+    pipelines = worker_pipelines()
+    pairs = find_training_pairs(storage.session_dir(run.session_id))
+    _set_stage(run.pk, TrainingRun.Stage.TRAINING)
+    still_running = True
+
+    def on_progress(step: int, total_steps: int, loss: float) -> None:
+        nonlocal still_running
+        percent = min(_PROGRESS_BEFORE_SAVE, step * 100 // max(total_steps, 1))
+        still_running = bool(
+            TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+                step=step,
+                total_steps=total_steps,
+                last_loss=loss,
+                progress=Greatest("progress", Value(percent)),
+                heartbeat_at=timezone.now(),
+            )
+        )
+
+    result = train_lora(
+        pipelines,
+        pairs,
+        TrainingParams(**run.parameters),
+        output,
+        on_progress=on_progress,
+        # The row stops reading "running" when the run is cancelled or its session deleted.
+        should_stop=lambda: not still_running,
+    )
+    _set_stage(run.pk, TrainingRun.Stage.SAVING)
+    with transaction.atomic():
+        artifact = lora_store(
+            run.session_id,
+            output,
+            source=LoraArtifact.Source.TRAINED,
+            training_run=run,
+            metadata=result.metadata,
+        )
+        finished = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+            status=TrainingRun.Status.COMPLETED,
+            stage=TrainingRun.Stage.DONE,
+            progress=100,
+            finished_at=timezone.now(),
+            heartbeat_at=timezone.now(),
+        )
+        if not finished:
+            # Cancelled while saving: rolling back removes the row; the file goes too.
+            storage.session_dir(run.session_id).joinpath(artifact.filename).unlink(missing_ok=True)
+            raise TrainingCancelled("training was cancelled")
+    return artifact
+
+
+def _set_stage(run_id: int, stage: str) -> None:
+    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+        stage=stage, heartbeat_at=timezone.now()
+    )
+
+
+def _finish_with_error(run_id: int, message: str) -> None:
+    TrainingRun.objects.filter(pk=run_id, status__in=TrainingRun.ACTIVE_STATUSES).update(
+        status=TrainingRun.Status.ERROR,
+        error_message=message,
+        finished_at=timezone.now(),
+    )
+    logger.warning("training run %s ended in error: %s", run_id, message)
+
+
+# --- Storing LoRA files -------------------------------------------------------------------
+
+
+def _allocate_lora_name(session, requested: str | None) -> tuple[int, str]:
+    """The next iteration number (never reused) and the file name to store under."""
+    folder = storage.session_dir(session.pk)
+    taken = set(LoraArtifact.objects.filter(session=session).values_list("filename", flat=True))
+    number = session.next_lora_number
+    if requested is not None:
+        if requested in taken or (folder / requested).exists():
+            raise ServiceError(
+                f"a LoRA named {requested} already exists in session {session.pk}", status=409
+            )
+        return number, requested
+    # Files an operator dropped in by hand keep their names: skip past them.
+    while f"lora_{number}.safetensors" in taken or (folder / f"lora_{number}.safetensors").exists():
+        number += 1
+    return number, f"lora_{number}.safetensors"
+
+
+def lora_store(
+    session_id: int,
+    finished_file: Path,
+    *,
+    source: str,
+    filename: str | None = None,
+    training_run: TrainingRun | None = None,
+    metadata: dict | None = None,
+) -> LoraArtifact:
+    """Moves a complete, fsynced LoRA file into the session folder and records it.
+
+    The file is renamed into place under the session lock; its row is written after the
+    file is in place, in the same transaction, so a failure leaves neither.
+    """
+    size = finished_file.stat().st_size
+    sha256 = storage.sha256_file(finished_file)
+    with session_lock(session_id) as session:
+        number, name = _allocate_lora_name(session, filename)
+        target = storage.session_dir(session.pk) / name
+        replace_with_retry(finished_file, target)
+        try:
+            artifact = LoraArtifact.objects.create(
+                session=session,
+                number=number,
+                filename=name,
+                size=size,
+                sha256=sha256,
+                source=source,
+                training_run=training_run,
+                metadata=metadata or {},
+            )
+            session.next_lora_number = number + 1
+            session.save(update_fields=["next_lora_number"])
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    return artifact
+
+
+def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
+    """Stores an uploaded LoRA after checking it is a readable safetensors file."""
+    from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
+
+    if filename is not None and not _LORA_FILENAME.fullmatch(filename):
+        raise ServiceError(
+            "filename must be a plain file name ending in .safetensors "
+            "(letters, digits, '.', '_' and '-')"
+        )
+    session = session_get(session_id)
+    folder = storage.session_dir(session.pk)
+    folder.mkdir(parents=True, exist_ok=True)
+    upload = storage.temp_path_for(folder / "upload.safetensors")
+    try:
+        storage.atomic_write_bytes(upload, data)
+        try:
+            inspect_lora_file(upload)
+            metadata = read_lora_metadata(upload)
+        except EngineError as error:
+            raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
+        return lora_store(
+            session.pk,
+            upload,
+            source=LoraArtifact.Source.UPLOADED,
+            filename=filename,
+            metadata=metadata,
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+
+
+def lora_read(artifact: LoraArtifact) -> bytes:
+    """The whole file in one read: a concurrent replace swaps the name, not these bytes."""
+    path = storage.session_dir(artifact.session_id) / artifact.filename
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ServiceError(
+            f"{artifact.filename} is recorded but missing from the session folder", status=404
+        ) from None

@@ -1,0 +1,23 @@
+"""django-q2 tasks: each takes an id, reloads the row and calls a service.
+
+Both are safe to run twice: the service claims the row with a conditional update and
+does nothing when it is no longer queued.
+"""
+
+from training_app.generations import generation_execute
+from training_app.services import training_run_execute
+
+
+def train_lora_task(run_id: int) -> None:
+    training_run_execute(run_id)
+
+
+def generate_task(generation_id: int) -> None:
+    generation_execute(generation_id)
+
+
+def warm_up_task() -> None:
+    """Loads the worker's pipelines before the first real job needs them."""
+    from training_app.runtime import worker_pipelines
+
+    worker_pipelines()
