@@ -104,7 +104,6 @@ USE_I18N = True
 USE_TZ = True
 
 STATIC_URL = "static/"
-STATIC_ROOT = DATA_DIR / "static"
 # The admin's CSS and JS are served by WhiteNoise straight from the installed apps,
 # so `serve` needs no collectstatic step.
 WHITENOISE_USE_FINDERS = True

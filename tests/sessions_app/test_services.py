@@ -1,0 +1,97 @@
+import pytest
+
+from sdxl_service.errors import ServiceError
+from sessions_app import services, storage
+from sessions_app.models import ImageGroup, Session, TrainingImage
+from tests.helpers import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def test_session_create_makes_row_and_folder():
+    session = services.session_create()
+    assert Session.objects.filter(pk=session.pk).exists()
+    assert storage.session_dir(session.pk).is_dir()
+
+
+def test_image_add_writes_group_folder_and_rows():
+    session = services.session_create()
+    png = image_bytes("PNG", (48, 40))
+    image = services.session_image_add(session.pk, png, "a red apple")
+    group_dir = storage.session_dir(session.pk) / "0"
+    assert (group_dir / "0.png").read_bytes() == png
+    assert (group_dir / "0.txt").read_text(encoding="utf-8") == "a red apple"
+    assert image.file == f"session_data/session_{session.pk}/0/0.png"
+    assert (image.width, image.height, image.image_format) == (48, 40, "PNG")
+    assert image.sha256 == storage.sha256_bytes(png)
+    assert image.size == len(png)
+
+
+def test_image_add_keeps_format_and_numbers_groups_in_order():
+    session = services.session_create()
+    jpeg = image_bytes("JPEG")
+    services.session_image_add(session.pk, image_bytes("PNG"), "one")
+    services.session_image_add(session.pk, jpeg, "two")
+    services.session_image_add(session.pk, image_bytes("WEBP"), "three")
+    folder = storage.session_dir(session.pk)
+    assert (folder / "1" / "0.jpg").read_bytes() == jpeg
+    assert (folder / "2" / "0.webp").exists()
+    assert list(
+        ImageGroup.objects.filter(session=session).values_list("number", flat=True)
+    ) == [0, 1, 2]
+    session.refresh_from_db()
+    assert session.next_group_number == 3
+
+
+def test_image_add_skips_group_numbers_dropped_in_by_hand():
+    session = services.session_create()
+    (storage.session_dir(session.pk) / "4").mkdir()
+    services.session_image_add(session.pk, image_bytes(), "after the hand-made folder")
+    assert (storage.session_dir(session.pk) / "5" / "0.png").exists()
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"not an image at all", b"GIF89a" + b"\x00" * 20, image_bytes("PNG")[:40]],
+    ids=["random bytes", "gif header", "truncated png"],
+)
+def test_image_add_rejects_undecodable_images_and_writes_nothing(payload):
+    session = services.session_create()
+    with pytest.raises(ServiceError) as error:
+        services.session_image_add(session.pk, payload, "caption")
+    assert error.value.status == 400
+    assert list(storage.session_dir(session.pk).iterdir()) == []
+    assert not ImageGroup.objects.exists() and not TrainingImage.objects.exists()
+    session.refresh_from_db()
+    assert session.next_group_number == 0
+
+
+def test_image_add_refuses_formats_outside_the_list():
+    session = services.session_create()
+    with pytest.raises(ServiceError, match="format GIF is not accepted"):
+        services.session_image_add(session.pk, image_bytes("GIF"), "caption")
+    assert list(storage.session_dir(session.pk).iterdir()) == []
+
+
+def test_image_add_to_unknown_session_is_404_and_writes_nothing(data_dir):
+    with pytest.raises(ServiceError) as error:
+        services.session_image_add(999, image_bytes(), "caption")
+    assert error.value.status == 404
+    assert not (data_dir / "session_data" / "session_999").exists()
+
+
+def test_session_delete_removes_folder_and_rows(django_capture_on_commit_callbacks):
+    session = services.session_create()
+    services.session_image_add(session.pk, image_bytes(), "caption")
+    folder = storage.session_dir(session.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        services.session_delete(session.pk)
+    assert not folder.exists()
+    assert list(folder.parent.iterdir()) == []  # the renamed copy is gone too
+    assert not Session.objects.exists() and not TrainingImage.objects.exists()
+
+
+def test_session_delete_unknown_is_404():
+    with pytest.raises(ServiceError) as error:
+        services.session_delete(12345)
+    assert error.value.status == 404
