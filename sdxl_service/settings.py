@@ -19,7 +19,8 @@ env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
 DATA_DIR = Path(env.str("SDXL_DATA_DIR", default=str(BASE_DIR / "media"))).resolve()
 SESSION_DATA_DIR = DATA_DIR / "session_data"
 GENERATIONS_DIR = DATA_DIR / "generations"
-MODEL_CACHE_DIR = DATA_DIR / "models"
+# Random-weight test models are written here once; several data dirs may share one.
+MODEL_CACHE_DIR = Path(env.str("SDXL_MODEL_CACHE_DIR", default=str(DATA_DIR / "models"))).resolve()
 
 # --- Core Django ---------------------------------------------------------------------
 DEBUG = env.bool("DJANGO_DEBUG", default=False)

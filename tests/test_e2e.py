@@ -1,0 +1,237 @@
+"""End to end: `manage.py serve` as a real process (gunicorn + both django-q2 workers),
+driven over HTTP through all nine endpoints exactly as API.md shows.
+
+Runs on whatever database and broker the suite runs on: SQLite + ORM broker by default,
+PostgreSQL + Redis when DATABASE_URL / REDIS_URL are set (a fresh database is made for it).
+"""
+
+import base64
+import io
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from tests.helpers import b64, image_bytes
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT_S = 90
+TRAIN_TIMEOUT_S = 240
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Database:
+    """The server's own database (not pytest-django's), for checking rows directly."""
+
+    def __init__(self, data_dir: Path):
+        self.postgres_url = None
+        url = os.environ.get("DATABASE_URL", "")
+        if url.startswith("postgres"):
+            import psycopg
+
+            self.admin_url = url
+            self.name = f"sdxl_e2e_{uuid.uuid4().hex[:12]}"
+            with psycopg.connect(url, autocommit=True) as connection:
+                connection.execute(f'CREATE DATABASE "{self.name}"')
+            self.postgres_url = url.rsplit("/", 1)[0] + f"/{self.name}"
+        self.sqlite_path = data_dir / "db.sqlite3"
+
+    def env(self) -> dict:
+        return {"DATABASE_URL": self.postgres_url} if self.postgres_url else {}
+
+    def count(self, sql: str, *params) -> int:
+        if self.postgres_url:
+            import psycopg
+
+            with psycopg.connect(self.postgres_url) as connection:
+                return connection.execute(sql.replace("?", "%s"), params).fetchone()[0]
+        with sqlite3.connect(self.sqlite_path) as connection:
+            return connection.execute(sql, params).fetchone()[0]
+
+    def drop(self) -> None:
+        if self.postgres_url:
+            import psycopg
+
+            with psycopg.connect(self.admin_url, autocommit=True) as connection:
+                connection.execute(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, model_cache_dir):
+    data_dir = tmp_path_factory.mktemp("e2e-data")
+    database = Database(data_dir)
+    port = _free_port()
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "DATABASE_URL"},
+        **database.env(),
+        "SDXL_DATA_DIR": str(data_dir),
+        "SDXL_MODEL_CACHE_DIR": str(model_cache_dir),
+        "SDXL_MODEL_PRESET": "tiny",
+        "SDXL_QUEUE_NAMESPACE": f"e2e-{uuid.uuid4().hex[:8]}",
+        "PYTHONUNBUFFERED": "1",
+    }
+    log_path = data_dir / "serve.log"
+    log = open(log_path, "wb")
+    process = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--web-workers", "1"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        try:
+            if requests.get(f"{base_url}/list_sessions", timeout=2).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"service did not start:\n{log_path.read_text(errors='replace')}")
+        time.sleep(0.5)
+    try:
+        yield {"url": base_url, "data_dir": data_dir, "db": database, "log": log_path,
+               "process": process}
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+        log.close()
+        database.drop()
+
+
+def _post(service, path: str, body: dict, timeout: float = 120) -> requests.Response:
+    return requests.post(f"{service['url']}{path}", json=body, timeout=timeout)
+
+
+def test_all_nine_endpoints(service, model_cache_dir):
+    # create_session
+    response = requests.get(f"{service['url']}/create_session", timeout=10)
+    assert response.status_code == 200
+    session_id = response.json()["session_id"]
+    assert isinstance(session_id, int)
+    sid = str(session_id)
+
+    # post_session_image x3: PNG, JPEG, PNG; session_id as string and as int
+    uploads = [("PNG", "red"), ("JPEG", "blue"), ("PNG", "green")]
+    for index, (image_format, color) in enumerate(uploads):
+        response = _post(service, "/post_session_image", {
+            "session_id": sid if index % 2 == 0 else session_id,
+            "image_base64": b64(image_bytes(image_format, (72, 64), color)),
+            "prompt": f"a {color} square",
+        })
+        assert response.status_code == 200, response.text
+        assert response.json() == {"status": "success"}
+    folder = service["data_dir"] / "session_data" / f"session_{session_id}"
+    assert (folder / "1" / "0.jpg").exists() and (folder / "2" / "0.txt").read_text() == "a green square"
+
+    # train_status before training
+    assert _post(service, "/train_status", {"session_id": sid}).json() == {
+        "status": "none", "progress": 0}
+
+    # train_lora, then poll train_status to completed; progress never goes backwards
+    response = _post(service, "/train_lora", {"session_id": sid, "steps": 3, "resolution": 64})
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "started"
+    seen_progress = []
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while True:
+        status = _post(service, "/train_status", {"session_id": sid}).json()
+        assert status["status"] in {"in-progress", "completed"}, status
+        seen_progress.append(status["progress"])
+        if status["status"] == "completed":
+            break
+        assert time.monotonic() < deadline, service["log"].read_text(errors="replace")
+        time.sleep(0.3)
+    assert status == {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+    assert seen_progress == sorted(seen_progress)
+
+    # get_lora: decodes, and stock diffusers loads it
+    response = _post(service, "/get_lora", {"session_id": sid})
+    body = response.json()
+    assert {k: body[k] for k in ("session_id", "lora_filename")} == {
+        "session_id": sid, "lora_filename": "lora_1.safetensors"}
+    lora_bytes = base64.b64decode(body["lora_base64"], validate=True)
+    assert lora_bytes == (folder / "lora_1.safetensors").read_bytes()
+    lora_file = service["data_dir"] / "downloaded.safetensors"
+    lora_file.write_bytes(lora_bytes)
+    from diffusers import StableDiffusionXLPipeline
+
+    pipeline = StableDiffusionXLPipeline.from_pretrained(model_cache_dir / "tiny" / "base")
+    pipeline.load_lora_weights(str(lora_file))
+    assert any("lora" in name for name, _ in pipeline.unet.named_parameters())
+
+    # upload_lora: without a filename it becomes lora_2; iteration 1 is still the first
+    response = _post(service, "/upload_lora", {"session_id": sid, "lora_base64": b64(lora_bytes)})
+    assert response.json()["status"] == "success"
+    assert response.json()["lora_filename"] == "lora_2.safetensors"
+    first = _post(service, "/get_lora", {"session_id": sid, "iteration": 1}).json()
+    assert first["lora_filename"] == "lora_1.safetensors"
+    missing = _post(service, "/get_lora", {"session_id": sid, "iteration": 9})
+    assert missing.status_code == 404
+    assert missing.json() == {"status": "error", "message": "Requested LoRA not found"}
+
+    # list_sessions
+    listed = requests.get(f"{service['url']}/list_sessions", timeout=10).json()["sessions"]
+    assert {
+        "session_id": sid,
+        "latest_lora": "lora_2.safetensors",
+        "image_groups": 3,
+        "training": {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"},
+    } in listed
+
+    # txt2img with the session's latest LoRA: N PNGs of the asked size
+    response = _post(service, "/txt2img", {
+        "prompt": "a red square", "negative_prompt": "", "num_images": 2, "height": 64,
+        "width": 48, "guidance_scale": 7.0, "steps": 6, "use_lora": True, "session_id": sid,
+    })
+    assert response.status_code == 200, response.text
+    images = response.json()["images_base64"]
+    assert len(images) == 2
+    for encoded in images:
+        image = Image.open(io.BytesIO(base64.b64decode(encoded)))
+        assert (image.format, image.size) == ("PNG", (48, 64))
+    assert response.json()["lora"]["filename"] == "lora_2.safetensors"
+
+    # delete_session: folder gone, rows gone
+    response = _post(service, "/delete_session", {"session_id": sid})
+    assert response.json() == {"status": "deleted", "session_id": sid}
+    assert not folder.exists()
+    db = service["db"]
+    for table, column in [("sessions_app_session", "id"), ("sessions_app_imagegroup", "session_id"),
+                          ("training_app_trainingrun", "session_id"),
+                          ("training_app_loraartifact", "session_id")]:
+        assert db.count(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", session_id) == 0
+    assert db.count("SELECT COUNT(*) FROM sessions_app_trainingimage") == 0
+    assert sid not in [s["session_id"] for s in
+                       requests.get(f"{service['url']}/list_sessions", timeout=10).json()["sessions"]]
+
+
+def test_ctrl_c_stops_server_and_workers(service):
+    process = service["process"]
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    # No process of the service's group outlives it.
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)

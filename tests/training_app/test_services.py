@@ -1,0 +1,148 @@
+import pytest
+from django_q.models import OrmQ
+from safetensors import safe_open
+
+from sdxl_service.errors import ServiceError
+from sessions_app import services as session_services
+from sessions_app import storage
+from training_app import services
+from training_app.models import LoraArtifact, TrainingRun
+from training_app.selectors import training_status
+from tests.helpers import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+FAST = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
+
+
+@pytest.fixture
+def session_with_images():
+    session = session_services.session_create()
+    for color in ("red", "green", "blue"):
+        session_services.session_image_add(session.pk, image_bytes("PNG", (80, 64), color), color)
+    return session
+
+
+def test_start_needs_captioned_images():
+    session = session_services.session_create()
+    with pytest.raises(ServiceError, match="no images with captions"):
+        services.training_run_start(session.pk, {})
+    assert not TrainingRun.objects.exists()
+
+
+def test_start_records_a_queued_run_and_enqueues_it_on_commit(
+    session_with_images, settings, django_capture_on_commit_callbacks
+):
+    if settings.Q_CLUSTER.get("redis"):
+        pytest.skip("checks the ORM broker's queue table")
+    with django_capture_on_commit_callbacks(execute=True):
+        run = services.training_run_start(session_with_images.pk, {"steps": 3})
+    run.refresh_from_db()
+    assert (run.status, run.progress, run.parameters) == ("queued", 0, {"steps": 3})
+    assert OrmQ.objects.filter(key=settings.TRAINING_QUEUE).count() == 1
+    assert run.task_id
+    assert training_status(session_with_images.pk) == {
+        "status": "in-progress", "progress": 0, "queued": True, "stage": "queued",
+        "step": 0, "total_steps": None, "loss": None,
+    }
+
+
+def test_second_start_while_active_is_409(session_with_images):
+    services.training_run_start(session_with_images.pk, {})
+    with pytest.raises(ServiceError) as error:
+        services.training_run_start(session_with_images.pk, {})
+    assert error.value.status == 409
+    assert TrainingRun.objects.count() == 1
+
+
+def test_execute_trains_and_stores_lora_1(session_with_images):
+    run = services.training_run_start(session_with_images.pk, FAST)
+    services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert (run.status, run.progress, run.step, run.total_steps) == ("completed", 100, 2, 2)
+    artifact = LoraArtifact.objects.get()
+    assert (artifact.number, artifact.filename, artifact.source) == (1, "lora_1.safetensors", "trained")
+    path = storage.session_dir(session_with_images.pk) / "lora_1.safetensors"
+    assert artifact.sha256 == storage.sha256_file(path) and artifact.size == path.stat().st_size
+    assert artifact.metadata["sdxl_service.rank"] == "4"
+    with safe_open(path, framework="pt") as lora:
+        assert all(key.startswith("unet.") for key in lora.keys())
+    assert training_status(session_with_images.pk) == {
+        "status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+    # No temporary file is left behind.
+    assert sorted(p.name for p in path.parent.iterdir()) == ["0", "1", "2", "lora_1.safetensors"]
+
+
+def test_execute_twice_trains_once(session_with_images):
+    run = services.training_run_start(session_with_images.pk, FAST)
+    services.training_run_execute(run.pk)
+    services.training_run_execute(run.pk)
+    assert LoraArtifact.objects.count() == 1
+
+
+def test_engine_failure_ends_in_error_without_artifact(session_with_images):
+    run = services.training_run_start(session_with_images.pk, FAST)
+    # Captions removed after the run was queued: the engine has nothing to train on.
+    for caption in storage.session_dir(session_with_images.pk).glob("*/0.txt"):
+        caption.unlink()
+    services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "error" and "no training images" in run.error_message
+    assert training_status(session_with_images.pk)["status"] == "error"
+    assert not LoraArtifact.objects.exists()
+    assert not list(storage.session_dir(session_with_images.pk).glob("*.safetensors*"))
+    # Once it has captioned images again, the session can train again.
+    (storage.session_dir(session_with_images.pk) / "0" / "0.txt").write_text("red")
+    services.training_run_start(session_with_images.pk, FAST)
+
+
+def test_lora_numbers_count_up_and_skip_files_dropped_in_by_hand(session_with_images, tmp_path):
+    lora = _trained_lora(session_with_images)
+    folder = storage.session_dir(session_with_images.pk)
+    (folder / "lora_2.safetensors").write_bytes(lora)  # an operator's file
+    artifact = services.lora_upload(session_with_images.pk, lora, None)
+    assert (artifact.number, artifact.filename) == (3, "lora_3.safetensors")
+    assert (folder / "lora_3.safetensors").read_bytes() == lora
+
+
+def test_upload_with_filename_and_name_taken_is_409(session_with_images):
+    lora = _trained_lora(session_with_images)
+    artifact = services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
+    assert artifact.filename == "my_lora.safetensors" and artifact.number == 2
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, b"other bytes", "my_lora.safetensors")
+    assert error.value.status in (400, 409)
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
+    assert error.value.status == 409
+    path = storage.session_dir(session_with_images.pk) / "my_lora.safetensors"
+    assert path.read_bytes() == lora
+    assert LoraArtifact.objects.count() == 2
+
+
+@pytest.mark.parametrize(
+    "filename", ["../evil.safetensors", "a/b.safetensors", "/abs.safetensors", "x.bin", "x\0.safetensors"]
+)
+def test_upload_refuses_unsafe_names_and_writes_nothing(session_with_images, filename):
+    before = sorted(p.name for p in storage.session_dir(session_with_images.pk).iterdir())
+    with pytest.raises(ServiceError):
+        services.lora_upload(session_with_images.pk, b"irrelevant", filename)
+    assert sorted(p.name for p in storage.session_dir(session_with_images.pk).iterdir()) == before
+
+
+def test_upload_of_non_safetensors_bytes_is_400_and_leaves_nothing(session_with_images):
+    folder = storage.session_dir(session_with_images.pk)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, b"\x80\x04 pickle-ish bytes", None)
+    assert error.value.status == 400
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert not LoraArtifact.objects.exists()
+    session_with_images.refresh_from_db()
+    assert session_with_images.next_lora_number == 1
+
+
+def _trained_lora(session) -> bytes:
+    run = services.training_run_start(session.pk, FAST)
+    services.training_run_execute(run.pk)
+    return (storage.session_dir(session.pk) / "lora_1.safetensors").read_bytes()
