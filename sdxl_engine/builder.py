@@ -1,0 +1,181 @@
+"""Random-weight SDXL Base + Refiner pipelines, saved in diffusers format.
+
+They let the service run without downloading SDXL: "tiny" is a miniature of SDXL's
+structure for CPU tests; "sdxl" has the published shapes (random weights), so timings and
+memory on a GPU are those of the real model. Both are loaded back with the same
+`from_pretrained` calls as real weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    EulerDiscreteScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdxl_engine.errors import EngineError
+from sdxl_engine.files import fsync_tree
+
+PRESETS = ("tiny", "sdxl")
+CONFIG_DIR = Path(__file__).parent / "configs"
+TOKENIZER_MAX_LENGTH = 77
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+
+def build_random_pipelines(
+    preset: str,
+    out_dir: Path,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+    device: str = "cpu",
+) -> tuple[Path, Path]:
+    """Write a random-weight Base pipeline to `out_dir/base` and a Refiner to `out_dir/refiner`.
+
+    Returns the two folders. Folders that already exist are kept: each appears through a
+    single rename, so an existing one is complete. `dtype` is the saved weights' precision
+    (None: float32); `device` is where the weights are initialised (use "cuda" for the
+    full-size preset: random init of 3.7 billion parameters is slow on a CPU).
+    """
+    if preset not in PRESETS:
+        raise EngineError(f"unknown random-model preset {preset!r}; use one of {', '.join(PRESETS)}")
+    out_dir = Path(out_dir)
+    base_dir, refiner_dir = out_dir / "base", out_dir / "refiner"
+    if _is_pipeline_folder(base_dir) and _is_pipeline_folder(refiner_dir):
+        return base_dir, refiner_dir
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir))
+    try:
+        _save_random_pipelines(preset, staging, seed, dtype, device)
+        fsync_tree(staging)
+        # Both halves are rebuilt even if one exists (an interrupted earlier build): the
+        # same seed gives the same weights, so the shared text encoder and VAE still match.
+        for name, target in (("base", base_dir), ("refiner", refiner_dir)):
+            _publish_folder(staging / name, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return base_dir, refiner_dir
+
+
+def load_component_config(preset: str, name: str) -> dict:
+    """One component's config from `configs/<preset>/<name>.json`."""
+    return json.loads((CONFIG_DIR / preset / f"{name}.json").read_text(encoding="utf-8"))
+
+
+def write_clip_tokenizer(folder: Path) -> None:
+    """Write a byte-level CLIP BPE tokenizer that needs no download.
+
+    Its vocabulary is the 256 byte symbols of GPT-2/CLIP byte-level BPE, their end-of-word
+    forms and the two special tokens (514 ids, so every id fits the text encoders'
+    embedding tables); with no merges every character becomes one token. Real CLIP merges
+    would only change which ids a prompt maps to, not any shape.
+    """
+    symbols = _byte_level_symbols()
+    vocab = {symbol: index for index, symbol in enumerate(symbols)}
+    vocab.update({symbol + "</w>": len(symbols) + index for index, symbol in enumerate(symbols)})
+    vocab[BOS_TOKEN] = len(vocab)
+    vocab[EOS_TOKEN] = len(vocab)
+    config = {
+        "tokenizer_class": "CLIPTokenizer",
+        "model_max_length": TOKENIZER_MAX_LENGTH,
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": EOS_TOKEN,
+        "pad_token": EOS_TOKEN,
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n", encoding="utf-8")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+
+
+def _byte_level_symbols() -> list[str]:
+    """The printable stand-ins for the 256 byte values, in CLIP's vocabulary order (GPT-2's table)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    unprintable = [byte for byte in range(256) if byte not in printable]
+    return [chr(byte) for byte in sorted(printable)] + [chr(256 + index) for index in range(len(unprintable))]
+
+
+def _is_pipeline_folder(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file()
+
+
+def _publish_folder(built: Path, target: Path) -> None:
+    if _is_pipeline_folder(target):
+        return
+    try:
+        os.replace(built, target)
+    except OSError:
+        # Another process published the same folder first; theirs is as good as ours.
+        if not _is_pipeline_folder(target):
+            raise
+
+
+def _save_random_pipelines(
+    preset: str, staging: Path, seed: int, dtype: torch.dtype | None, device: str
+) -> None:
+    tokenizer_source = staging / "tokenizer-source"
+    write_clip_tokenizer(tokenizer_source)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_source)
+    scheduler = EulerDiscreteScheduler.from_config(load_component_config(preset, "scheduler"))
+
+    torch_device = torch.device(device)
+    rng_devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices), torch_device:
+        torch.manual_seed(seed)
+        vae = _finish(AutoencoderKL.from_config(load_component_config(preset, "vae")), dtype)
+        text_encoder_2 = _finish(
+            CLIPTextModelWithProjection(CLIPTextConfig(**load_component_config(preset, "text_encoder_2"))), dtype
+        )
+        base = StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=_finish(CLIPTextModel(CLIPTextConfig(**load_component_config(preset, "text_encoder"))), dtype),
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=_finish(UNet2DConditionModel.from_config(load_component_config(preset, "unet_base")), dtype),
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=True,
+        )
+        base.save_pretrained(staging / "base", safe_serialization=True)
+        # Free the Base-only parts before building the Refiner UNet: at full size that
+        # halves peak memory.
+        del base
+        refiner = StableDiffusionXLImg2ImgPipeline(
+            vae=vae,
+            text_encoder=None,
+            text_encoder_2=text_encoder_2,
+            tokenizer=None,
+            tokenizer_2=tokenizer,
+            unet=_finish(UNet2DConditionModel.from_config(load_component_config(preset, "unet_refiner")), dtype),
+            scheduler=scheduler,
+            requires_aesthetics_score=True,
+            force_zeros_for_empty_prompt=False,
+        )
+        refiner.save_pretrained(staging / "refiner", safe_serialization=True)
+        del refiner
+
+    # Replace what transformers' save_pretrained wrote with the plain vocab.json +
+    # merges.txt form, the one this module defines and documents.
+    for tokenizer_folder in (staging / "base" / "tokenizer", staging / "base" / "tokenizer_2", staging / "refiner" / "tokenizer_2"):
+        shutil.rmtree(tokenizer_folder)
+        write_clip_tokenizer(tokenizer_folder)
+    shutil.rmtree(tokenizer_source)
+
+
+def _finish(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    return model.to(dtype) if dtype is not None else model

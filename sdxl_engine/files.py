@@ -1,0 +1,52 @@
+"""Atomic writes: nothing half-written is ever visible under its final name."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# Windows refuses to replace a file another process has open (a reader streaming the
+# previous LoRA, an antivirus scan); such locks are short-lived, so retry for a while.
+_REPLACE_ATTEMPTS = 20
+_REPLACE_RETRY_SECONDS = 0.1
+
+
+def fsync_file(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def fsync_tree(root: Path) -> None:
+    """Flush every file below `root` to disk, so a later rename publishes complete files."""
+    for folder, _, names in os.walk(root):
+        for name in names:
+            fsync_file(Path(folder, name))
+
+
+def replace_with_retry(source: Path, target: Path) -> None:
+    for attempt in range(_REPLACE_ATTEMPTS):
+        try:
+            os.replace(source, target)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == _REPLACE_ATTEMPTS - 1:
+                raise
+            time.sleep(_REPLACE_RETRY_SECONDS)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp_path)`, fsync the result and rename it onto `path`.
+
+    The temporary file sits beside `path` (same file system, so the rename is atomic) and
+    is removed if writing fails.
+    """
+    tmp_path = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp_path)
+        fsync_file(tmp_path)
+        replace_with_retry(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise

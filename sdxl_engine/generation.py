@@ -1,0 +1,141 @@
+"""Text-to-image with SDXL Base + Refiner as an ensemble of experts, optionally with a LoRA."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
+import torch
+
+from sdxl_engine.errors import EngineError
+from sdxl_engine.pipelines import Pipelines
+
+# The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
+# rest, as in SDXL's ensemble-of-experts setup.
+HANDOVER_FRACTION = 0.8
+LORA_ADAPTER_NAME = "sdxl_service_generation"
+
+
+def generate(
+    pipelines: Pipelines,
+    *,
+    prompt: str,
+    negative_prompt: str = "",
+    num_images: int = 1,
+    height: int = 1024,
+    width: int = 1024,
+    guidance_scale: float = 7.0,
+    steps: int = 20,
+    seed: int,
+    lora_path: Path | None = None,
+    lora_scale: float = 1.0,
+    on_step: Callable[[int, int], None] | None = None,
+) -> list[PIL.Image.Image]:
+    """`num_images` images of `width`×`height` for `prompt`, the same for the same seed.
+
+    A LoRA, if given, applies to the Base only and to this call only: it is unloaded
+    afterwards, so the next call without it matches a freshly loaded pipeline.
+    `on_step(done, steps)` runs after each denoising step of Base and Refiner together.
+    """
+    _check_request(pipelines, num_images, height, width, steps)
+    base, refiner = pipelines.base, pipelines.refiner
+    generator = torch.Generator(pipelines.device).manual_seed(seed)
+    report_step = _step_reporter(steps, on_step)
+
+    if lora_path is not None:
+        _load_lora(pipelines, Path(lora_path), lora_scale)
+    try:
+        with torch.no_grad():
+            latents = base(
+                prompt=prompt,
+                negative_prompt=negative_prompt,
+                num_images_per_prompt=num_images,
+                height=height,
+                width=width,
+                guidance_scale=guidance_scale,
+                num_inference_steps=steps,
+                denoising_end=HANDOVER_FRACTION,
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=report_step,
+            ).images
+            if lora_path is not None:
+                # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
+                # must not reach the Refiner's prompt encoding.
+                base.disable_lora()
+            # The Refiner receives one latent per image, so it encodes the prompt once
+            # per image too (num_images_per_prompt) and, without CFG (guidance 1.0),
+            # its batch matches the latents'.
+            refined = refiner(
+                prompt=prompt,
+                image=latents,
+                num_images_per_prompt=num_images,
+                num_inference_steps=steps,
+                denoising_start=HANDOVER_FRACTION,
+                guidance_scale=1.0,
+                generator=generator,
+                output_type="latent",
+                callback_on_step_end=report_step,
+            ).images
+            images = _decode(pipelines, refined)
+    finally:
+        if lora_path is not None:
+            base.unload_lora_weights()
+    return images
+
+
+def _check_request(pipelines: Pipelines, num_images: int, height: int, width: int, steps: int) -> None:
+    multiple = pipelines.base.vae_scale_factor
+    problems = []
+    if num_images < 1:
+        problems.append("num_images must be at least 1")
+    if steps < 1:
+        problems.append("steps must be at least 1")
+    if height < multiple or width < multiple or height % multiple or width % multiple:
+        problems.append(f"height and width must be positive multiples of {multiple}")
+    if problems:
+        raise EngineError("invalid generation parameters: " + "; ".join(problems))
+
+
+def _step_reporter(
+    steps: int, on_step: Callable[[int, int], None] | None
+) -> Callable[[Any, int, Any, dict], dict]:
+    """A diffusers step-end callback counting the steps of both pipelines together."""
+    done = 0
+
+    def report(_pipeline: Any, _step_index: int, _timestep: Any, callback_kwargs: dict) -> dict:
+        nonlocal done
+        done += 1
+        if on_step is not None:
+            on_step(done, steps)
+        return callback_kwargs
+
+    return report
+
+
+def _load_lora(pipelines: Pipelines, lora_path: Path, lora_scale: float) -> None:
+    base = pipelines.base
+    try:
+        base.load_lora_weights(str(lora_path), adapter_name=LORA_ADAPTER_NAME)
+        base.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[lora_scale])
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        # A partly loaded LoRA must not linger in the cached pipeline.
+        base.unload_lora_weights()
+        raise EngineError(
+            f"LoRA {lora_path.name} could not be applied to the SDXL base model ({error}); "
+            "train it again or upload an SDXL LoRA in diffusers or kohya format"
+        ) from error
+
+
+def _decode(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image]:
+    """Decode with the float32 VAE.
+
+    The pipelines' own decoding casts the VAE to the latents' dtype or upcasts a float16
+    VAE on every call; ours is float32 for good (load_pipelines), so the float16 latents
+    are cast to it instead.
+    """
+    vae = pipelines.refiner.vae
+    decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipelines.refiner.image_processor.postprocess(decoded, output_type="pil")

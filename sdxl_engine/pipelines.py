@@ -1,0 +1,79 @@
+"""Loading the SDXL Base and Refiner pipelines a worker keeps between jobs."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+from sdxl_engine.errors import EngineError
+from sdxl_engine.source import ModelSource
+
+
+@dataclass
+class Pipelines:
+    base: StableDiffusionXLPipeline
+    refiner: StableDiffusionXLImg2ImgPipeline  # shares text_encoder_2 and vae with base
+    device: str
+    dtype: torch.dtype  # of the UNets and text encoders; the VAE is always float32
+    source: ModelSource
+
+
+def load_pipelines(source: ModelSource) -> Pipelines:
+    """Load Base and Refiner from `source`, on its device, ready for training and generation.
+
+    UNets and text encoders are float16 on CUDA (float32 on CPU, which has no fast half
+    precision). The VAE stays float32: SDXL's VAE overflows in float16, and training
+    encodes images with it.
+    """
+    dtype = torch.float16 if source.device == "cuda" else torch.float32
+    # Offline, a hub id missing from the local cache must fail at once instead of after
+    # network timeouts; huggingface_hub reads HF_HUB_OFFLINE only at import, so ask here.
+    local_files_only = _env_flag("HF_HUB_OFFLINE")
+
+    try:
+        base = StableDiffusionXLPipeline.from_pretrained(
+            source.base, dtype={"default": dtype, "vae": torch.float32}, local_files_only=local_files_only
+        )
+    except _LOAD_ERRORS as error:
+        raise EngineError(
+            f"SDXL base model {source.base!r} could not be loaded ({_first_line(error)}). Download it or set "
+            "SDXL_BASE_MODEL to a local diffusers folder, or SDXL_MODEL_PRESET=tiny for the built-in test model."
+        ) from error
+
+    try:
+        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+            source.refiner,
+            text_encoder_2=base.text_encoder_2,
+            vae=base.vae,
+            dtype=dtype,
+            local_files_only=local_files_only,
+        )
+    except _LOAD_ERRORS as error:
+        raise EngineError(
+            f"SDXL refiner model {source.refiner!r} could not be loaded ({_first_line(error)}). Download it or set "
+            "SDXL_REFINER_MODEL to a local diffusers folder, or SDXL_MODEL_PRESET=tiny for the built-in test model."
+        ) from error
+
+    base.to(source.device)
+    refiner.to(source.device)
+    for pipeline in (base, refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    return Pipelines(base=base, refiner=refiner, device=source.device, dtype=dtype, source=source)
+
+
+# What a missing, partial or unreachable model raises: huggingface_hub's errors derive
+# from OSError (not found, HTTP, offline) or ValueError (malformed repo id); diffusers
+# raises OSError/ValueError/KeyError for folders that are not pipelines.
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__

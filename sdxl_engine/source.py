@@ -1,0 +1,69 @@
+"""Which SDXL weights a worker uses, decided once per worker process."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from sdxl_engine.errors import EngineError
+
+DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
+DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+
+# SDXL_MODEL_PRESET value -> the builder preset whose random weights it uses.
+_RANDOM_PRESETS = {"tiny": "tiny", "sdxl-random": "sdxl"}
+PRESETS = ("hub", *_RANDOM_PRESETS)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    base: str  # hub id or local folder for the Base pipeline
+    refiner: str  # hub id or local folder for the Refiner pipeline
+    preset: str  # "tiny", "sdxl-random" or "hub" (real weights from base/refiner)
+    reason: str  # one human-readable line: which models and why (logged by the worker)
+    device: str  # "cuda" or "cpu"
+
+
+def resolve_model_source(preset: str | None, base: str, refiner: str, cache_dir: Path) -> ModelSource:
+    """Pick the models from SDXL_MODEL_PRESET (`preset`; None or "" means auto).
+
+    Auto uses the real SDXL weights when a CUDA device is present and the tiny random
+    model otherwise. Random-weight presets are built once under `cache_dir/<preset>/`.
+    Checks CUDA, so call it only in the process that will run the models (a process that
+    initialises CUDA cannot fork safely).
+    """
+    import torch
+
+    base = base or DEFAULT_BASE_MODEL
+    refiner = refiner or DEFAULT_REFINER_MODEL
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    chosen = (preset or "").strip().lower() or "auto"
+
+    if chosen == "auto":
+        if cuda:
+            reason = f"CUDA found: using SDXL_BASE_MODEL={base} and SDXL_REFINER_MODEL={refiner}"
+            return ModelSource(base=base, refiner=refiner, preset="hub", reason=reason, device=device)
+        chosen = "tiny"
+        reason = (
+            "no CUDA device: using the built-in tiny random-weight model (noise images); "
+            "set SDXL_MODEL_PRESET=hub to force real weights"
+        )
+    elif chosen == "hub":
+        reason = f"SDXL_MODEL_PRESET=hub: using SDXL_BASE_MODEL={base} and SDXL_REFINER_MODEL={refiner} on {device}"
+        return ModelSource(base=base, refiner=refiner, preset="hub", reason=reason, device=device)
+    elif chosen in _RANDOM_PRESETS:
+        reason = f"SDXL_MODEL_PRESET={chosen}: using random weights of the {chosen} model (noise images) on {device}"
+    else:
+        raise EngineError(
+            f"unknown SDXL_MODEL_PRESET {preset!r}: use one of {', '.join(PRESETS)}, or leave it empty to choose automatically"
+        )
+
+    from sdxl_engine.builder import build_random_pipelines
+
+    # Half precision halves the full-size build's disk and time; loading casts anyway.
+    dtype = torch.float16 if cuda else None
+    base_dir, refiner_dir = build_random_pipelines(
+        _RANDOM_PRESETS[chosen], Path(cache_dir) / chosen, dtype=dtype, device=device
+    )
+    return ModelSource(base=str(base_dir), refiner=str(refiner_dir), preset=chosen, reason=reason, device=device)

@@ -1,0 +1,329 @@
+"""LoRA training on the SDXL Base UNet, saved in diffusers' own LoRA format."""
+
+from __future__ import annotations
+
+import math
+import secrets
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+from diffusers.training_utils import cast_training_params
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from PIL import Image, ImageOps
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.files import write_atomically
+from sdxl_engine.pipelines import Pipelines
+
+ADAPTER_NAME = "sdxl_service_training"
+LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# Clip LoRA gradients like diffusers' SDXL LoRA training script: one bad batch cannot
+# throw the weights far.
+MAX_GRAD_NORM = 1.0
+METADATA_PREFIX = "sdxl_service."
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    batch_size: int = 4
+    epochs: int = 1
+    steps: int | None = None  # overrides epochs when set
+    learning_rate: float = 1e-4
+    rank: int = 4
+    resolution: int | None = None  # None: the model's native size (1024 for SDXL)
+    seed: int | None = None  # None: a random seed, recorded in the file's metadata
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    steps: int
+    final_loss: float
+    metadata: dict[str, str]  # the sdxl_service.* entries written into the file's header
+
+
+@dataclass
+class _EncodedImages:
+    """Per-image training inputs, computed once: VAE and text encoders are frozen."""
+
+    latents: torch.Tensor  # (n, 4, h/8, w/8), float32, already multiplied by the VAE scaling factor
+    prompt_embeds: torch.Tensor  # (n, 77, te1 hidden + te2 hidden)
+    pooled_prompt_embeds: torch.Tensor  # (n, te2 projection)
+    time_ids: torch.Tensor  # (n, 6): original h, w, crop top, left, target h, w
+
+
+def train_lora(
+    pipelines: Pipelines,
+    pairs: list[TrainingPair],
+    params: TrainingParams,
+    output_path: Path,
+    on_progress: Callable[[int, int, float], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> TrainingResult:
+    """Train a LoRA on the Base UNet's attention projections and save it to `output_path`.
+
+    `on_progress(step, total_steps, loss)` runs after every step. `should_stop()` is asked
+    before every step; when it returns True, TrainingCancelled is raised and nothing is
+    written. The adapter is removed from the UNet afterwards, whatever happens, so the
+    loaded pipeline is as it was for the next job.
+    """
+    if not pairs:
+        raise EngineError(
+            "no training images: add images with captions to the session (an image with a .txt "
+            "of the same name beside it) and train again"
+        )
+    base = pipelines.base
+    resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
+    _check_params(params, resolution, _resolution_multiple(base))
+    total_steps = params.steps or params.epochs * math.ceil(len(pairs) / params.batch_size)
+    seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    stop = should_stop or (lambda: False)
+    device = torch.device(pipelines.device)
+
+    for frozen in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
+        frozen.requires_grad_(False)
+    # Seed a private copy of the global generators: PEFT draws the LoRA's initial weights
+    # from them, and the worker's own random state stays untouched.
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        noise_generator = torch.Generator(device).manual_seed(seed)
+        encoded = _encode_images(pipelines, pairs, resolution, params.batch_size, noise_generator, stop)
+        try:
+            base.unet.add_adapter(
+                LoraConfig(
+                    r=params.rank,
+                    lora_alpha=params.rank,
+                    init_lora_weights="gaussian",
+                    target_modules=LORA_TARGET_MODULES,
+                ),
+                adapter_name=ADAPTER_NAME,
+            )
+            final_loss = _optimise(
+                pipelines, encoded, params, total_steps, seed, noise_generator, on_progress, stop
+            )
+            metadata = {
+                "base_model": pipelines.source.base,
+                "model_preset": pipelines.source.preset,
+                "rank": params.rank,
+                "alpha": params.rank,
+                "steps": total_steps,
+                "resolution": resolution,
+                "learning_rate": params.learning_rate,
+                "batch_size": params.batch_size,
+                "seed": seed,
+                "num_images": len(pairs),
+                "final_loss": f"{final_loss:.6g}",
+            }
+            metadata = {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
+            _save_lora(base.unet, Path(output_path), metadata)
+        finally:
+            base.unet.unload_lora()
+            base.unet.eval()
+    return TrainingResult(steps=total_steps, final_loss=final_loss, metadata=metadata)
+
+
+def _check_params(params: TrainingParams, resolution: int, multiple: int) -> None:
+    problems = []
+    if params.batch_size < 1:
+        problems.append("batch_size must be at least 1")
+    if params.epochs < 1:
+        problems.append("epochs must be at least 1")
+    if params.steps is not None and params.steps < 1:
+        problems.append("steps must be at least 1")
+    if not (params.learning_rate > 0 and math.isfinite(params.learning_rate)):
+        problems.append("learning_rate must be a positive number")
+    if params.rank < 1:
+        problems.append("rank must be at least 1")
+    if resolution < multiple or resolution % multiple:
+        problems.append(f"resolution must be a positive multiple of {multiple} for this model")
+    if problems:
+        raise EngineError("invalid training parameters: " + "; ".join(problems))
+
+
+def _resolution_multiple(base: StableDiffusionXLPipeline) -> int:
+    # The VAE divides the image by vae_scale_factor and each UNet down block but the last
+    # halves the latent again; both must divide evenly for the skip connections to match.
+    return base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+
+
+def _encode_images(
+    pipelines: Pipelines,
+    pairs: list[TrainingPair],
+    resolution: int,
+    batch_size: int,
+    generator: torch.Generator,
+    stop: Callable[[], bool],
+) -> _EncodedImages:
+    base, device = pipelines.base, pipelines.device
+    parts: dict[str, list[torch.Tensor]] = {"latents": [], "prompt_embeds": [], "pooled": [], "time_ids": []}
+    for start in range(0, len(pairs), batch_size):
+        if stop():
+            raise TrainingCancelled("training was cancelled; no LoRA was saved")
+        batch = pairs[start : start + batch_size]
+        pixels, time_ids = zip(*(_load_image(pair.image_path, resolution) for pair in batch))
+        with torch.no_grad():
+            # The VAE is float32 (see load_pipelines); SDXL's overflows in float16.
+            distribution = base.vae.encode(torch.stack(pixels).to(device, torch.float32)).latent_dist
+            parts["latents"].append(distribution.sample(generator) * base.vae.config.scaling_factor)
+            prompt_embeds, _, pooled, _ = base.encode_prompt(
+                prompt=[pair.caption for pair in batch],
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        parts["prompt_embeds"].append(prompt_embeds)
+        parts["pooled"].append(pooled)
+        parts["time_ids"].append(torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype))
+    return _EncodedImages(
+        latents=torch.cat(parts["latents"]),
+        prompt_embeds=torch.cat(parts["prompt_embeds"]),
+        pooled_prompt_embeds=torch.cat(parts["pooled"]),
+        time_ids=torch.cat(parts["time_ids"]),
+    )
+
+
+def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, list[int]]:
+    """The image as a (3, resolution, resolution) tensor in [-1, 1], and its SDXL time ids.
+
+    The shorter side is resized to `resolution` and the longer one centre-cropped; the
+    time ids tell the UNet the original size and the crop, as in SDXL's own training.
+    """
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise EngineError(
+            f"training image {path.name} could not be read ({error}); replace or delete it and train again"
+        ) from error
+    original_width, original_height = image.size
+    scale = resolution / min(original_width, original_height)
+    width = max(resolution, round(original_width * scale))
+    height = max(resolution, round(original_height * scale))
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    top, left = (height - resolution) // 2, (width - resolution) // 2
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, [original_height, original_width, top, left, resolution, resolution]
+
+
+def _optimise(
+    pipelines: Pipelines,
+    encoded: _EncodedImages,
+    params: TrainingParams,
+    total_steps: int,
+    seed: int,
+    noise_generator: torch.Generator,
+    on_progress: Callable[[int, int, float], None] | None,
+    stop: Callable[[], bool],
+) -> float:
+    unet, device, dtype = pipelines.base.unet, pipelines.device, pipelines.dtype
+    # LoRA weights train in float32 even when the UNet is float16: float16 Adam updates
+    # of small weights round to zero.
+    cast_training_params(unet, dtype=torch.float32)
+    lora_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
+    optimizer = torch.optim.AdamW(lora_parameters, lr=params.learning_rate)
+    # float16 gradients underflow without loss scaling; the scaler is a no-op otherwise.
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=dtype == torch.float16)
+    # The DDPM forward process with SDXL's betas: what SDXL was trained with.
+    noise_scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise EngineError(f"cannot train a model with prediction_type {prediction_type!r}; use an SDXL model")
+
+    unet.train()
+    loss_value = math.nan
+    batches = _batches(len(encoded.latents), params.batch_size, total_steps, seed)
+    for step, indices in enumerate(batches, start=1):
+        if stop():
+            raise TrainingCancelled("training was cancelled; no LoRA was saved")
+        indices = indices.to(device)
+        latents = encoded.latents[indices]
+        noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+        timesteps = torch.randint(
+            0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=noise_generator, device=device
+        )
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
+            prediction = unet(
+                noisy_latents.to(dtype),
+                timesteps,
+                encoder_hidden_states=encoded.prompt_embeds[indices],
+                added_cond_kwargs={
+                    "text_embeds": encoded.pooled_prompt_embeds[indices],
+                    "time_ids": encoded.time_ids[indices],
+                },
+                return_dict=False,
+            )[0]
+        loss = F.mse_loss(prediction.float(), target.float())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(lora_parameters, MAX_GRAD_NORM)
+        scaler.step(optimizer)
+        scaler.update()
+
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise EngineError("training diverged (the loss is not finite); lower learning_rate and train again")
+        if on_progress is not None:
+            on_progress(step, total_steps, loss_value)
+    if stop():
+        raise TrainingCancelled("training was cancelled; no LoRA was saved")
+    return loss_value
+
+
+def _batches(count: int, batch_size: int, total_steps: int, seed: int) -> Iterator[torch.Tensor]:
+    """`total_steps` batches of image indices: a fresh shuffle each epoch, the last batch
+    of an epoch possibly smaller."""
+    order_generator = torch.Generator().manual_seed(seed)
+    produced = 0
+    while True:
+        for batch in torch.randperm(count, generator=order_generator).split(batch_size):
+            yield batch
+            produced += 1
+            if produced == total_steps:
+                return
+
+
+def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str]) -> None:
+    """Save the adapter with diffusers' own LoRA writer, adding our metadata to its header.
+
+    diffusers writes to a fixed file name and fills the header itself (format, adapter
+    config) only with its default writer, so it writes to a scratch folder and the
+    result is rewritten atomically to `output_path` with both sets of metadata.
+    """
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    adapter_config = {
+        # Sets become lists in the header; sorted, so the same training gives the same metadata.
+        key: sorted(value) if isinstance(value, set) else value
+        for key, value in unet.peft_config[ADAPTER_NAME].to_dict().items()
+    }
+    try:
+        with tempfile.TemporaryDirectory(prefix="sdxl-lora-") as scratch:
+            StableDiffusionXLPipeline.save_lora_weights(
+                scratch,
+                unet_lora_layers=layers,
+                unet_lora_adapter_metadata=adapter_config,
+                weight_name="lora.safetensors",
+                safe_serialization=True,
+            )
+            with safe_open(Path(scratch, "lora.safetensors"), framework="pt") as written:
+                tensors = {key: written.get_tensor(key) for key in written.keys()}
+                header_metadata = {**(written.metadata() or {}), **metadata}
+        write_atomically(output_path, lambda tmp_path: save_file(tensors, str(tmp_path), metadata=header_metadata))
+    except OSError as error:
+        raise EngineError(
+            f"the LoRA could not be saved to {output_path} ({error}); check that the session still exists "
+            "and the disk has space, then train again"
+        ) from error

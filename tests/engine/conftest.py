@@ -1,0 +1,70 @@
+"""Shared fixtures: the tiny random-weight SDXL pair, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from sdxl_engine.builder import build_random_pipelines
+from sdxl_engine.dataset import TrainingPair, find_training_pairs
+from sdxl_engine.pipelines import Pipelines, load_pipelines
+from sdxl_engine.source import ModelSource
+from sdxl_engine.training import TrainingParams, train_lora
+
+
+@pytest.fixture
+def data_dir() -> None:
+    """Shadows the autouse `data_dir` of tests/conftest.py for engine tests.
+
+    That one configures Django through pytest-django's `settings` fixture; the engine is
+    a plain library, and its tests run without Django (`-p no:django`).
+    """
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return build_random_pipelines("tiny", tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_source(tiny_model_dirs: tuple[Path, Path]) -> ModelSource:
+    base, refiner = tiny_model_dirs
+    return ModelSource(base=str(base), refiner=str(refiner), preset="tiny", reason="tests", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def pipelines(tiny_source: ModelSource) -> Pipelines:
+    return load_pipelines(tiny_source)
+
+
+def make_session_folder(root: Path) -> Path:
+    """A session laid out like the service writes it, plus an operator's nested drop-in."""
+    images = [
+        ("0/0.png", (80, 64), (200, 40, 40), "a red square"),
+        ("1/0.jpg", (64, 96), (40, 40, 200), "a tall blue rectangle"),
+        ("manual/extra/photo.WEBP", (72, 72), (40, 200, 40), "a green tile"),
+    ]
+    for relative, size, colour, caption in images:
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, colour).save(path)
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+    return root
+
+
+@pytest.fixture(scope="session")
+def training_pairs(tmp_path_factory: pytest.TempPathFactory) -> list[TrainingPair]:
+    return find_training_pairs(make_session_folder(tmp_path_factory.mktemp("session")))
+
+
+# Few steps with a high learning rate, so the LoRA visibly changes the Base's output.
+STRONG_LORA_PARAMS = TrainingParams(batch_size=2, steps=4, learning_rate=5e-2, rank=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def trained_lora(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("lora") / "lora_1.safetensors"
+    train_lora(pipelines, training_pairs, STRONG_LORA_PARAMS, path)
+    return path

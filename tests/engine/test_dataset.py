@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from sdxl_engine.dataset import find_training_pairs
+
+
+def _image(path: Path, caption: str | None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 8)).save(path, format="PNG")
+    if caption is not None:
+        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
+
+
+def test_finds_captioned_images_in_nested_folders(tmp_path: Path) -> None:
+    _image(tmp_path / "0" / "0.png", "first\n")
+    _image(tmp_path / "10" / "0.png", "tenth")
+    _image(tmp_path / "2" / "0.JPG", "second, upper-case suffix")
+    _image(tmp_path / "drop" / "deeper" / "cat.webp", "an operator's cat")
+    _image(tmp_path / "drop" / "dog.jpeg", "a dog")
+    _image(tmp_path / "drop" / "old.bmp", "a bitmap")
+    _image(tmp_path / "3" / "0.png", None)  # no caption: not training data
+    _image(tmp_path / "4" / "0.png.tmp", "half-written")
+    (tmp_path / "5").mkdir()
+    (tmp_path / "5" / "notes.txt").write_text("a caption without an image")
+
+    pairs = find_training_pairs(tmp_path)
+
+    assert [pair.image_path.relative_to(tmp_path).as_posix() for pair in pairs] == [
+        "0/0.png",
+        "2/0.JPG",
+        "10/0.png",
+        "drop/deeper/cat.webp",
+        "drop/dog.jpeg",
+        "drop/old.bmp",
+    ]
+    assert pairs[0].caption == "first"
+    assert pairs[3].caption == "an operator's cat"
+
+
+def test_missing_or_empty_folder_has_no_pairs(tmp_path: Path) -> None:
+    assert find_training_pairs(tmp_path) == []
+    assert find_training_pairs(tmp_path / "missing") == []

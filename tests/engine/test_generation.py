@@ -1,0 +1,87 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sdxl_engine.errors import EngineError
+from sdxl_engine.generation import generate
+from sdxl_engine.pipelines import Pipelines
+
+SMALL = {"height": 48, "width": 64, "steps": 5}
+
+
+def _pixels(images: list[Image.Image]) -> list[np.ndarray]:
+    return [np.asarray(image) for image in images]
+
+
+def _same(first: list[Image.Image], second: list[Image.Image]) -> bool:
+    return all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(second), strict=True))
+
+
+def test_base_and_refiner_return_the_asked_images(pipelines: Pipelines) -> None:
+    images = generate(pipelines, prompt="a red apple", negative_prompt="blurry", num_images=2, seed=1, **SMALL)
+
+    assert len(images) == 2
+    assert all(image.size == (64, 48) and image.mode == "RGB" for image in images)
+
+
+def test_same_seed_same_images_other_seed_other_images(pipelines: Pipelines) -> None:
+    first = generate(pipelines, prompt="a red apple", seed=5, **SMALL)
+    again = generate(pipelines, prompt="a red apple", seed=5, **SMALL)
+    other = generate(pipelines, prompt="a red apple", seed=6, **SMALL)
+
+    assert _same(first, again)
+    assert not _same(first, other)
+
+
+def test_on_step_counts_base_and_refiner_steps(pipelines: Pipelines) -> None:
+    reports: list[tuple[int, int]] = []
+    generate(pipelines, prompt="x", seed=1, height=64, width=64, steps=10, on_step=lambda *r: reports.append(r))
+
+    assert reports == [(step, 10) for step in range(1, 11)]
+
+
+def test_lora_applies_to_this_call_and_the_base_only(pipelines: Pipelines, trained_lora: Path) -> None:
+    before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+    lora_layers_seen = {"base": False, "refiner": False}
+
+    def watch(step: int, total: int) -> None:
+        for name, pipeline in (("base", pipelines.base), ("refiner", pipelines.refiner)):
+            lora_layers_seen[name] |= any("lora" in n for n, _ in pipeline.unet.named_modules())
+
+    with_lora = generate(pipelines, prompt="a red square", seed=9, lora_path=trained_lora, on_step=watch, **SMALL)
+    after = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+
+    assert lora_layers_seen == {"base": True, "refiner": False}
+    assert not _same(before, with_lora)
+    assert _same(before, after)
+
+
+def test_lora_scale_zero_matches_no_lora(pipelines: Pipelines, trained_lora: Path) -> None:
+    plain = generate(pipelines, prompt="a red square", seed=4, **SMALL)
+    scaled_off = generate(pipelines, prompt="a red square", seed=4, lora_path=trained_lora, lora_scale=0.0, **SMALL)
+
+    assert _same(plain, scaled_off)
+
+
+def test_unusable_lora_is_an_engine_error_and_leaves_no_trace(pipelines: Pipelines, tmp_path: Path) -> None:
+    before = generate(pipelines, prompt="x", seed=2, **SMALL)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"garbage")
+
+    with pytest.raises(EngineError, match="broken.safetensors could not be applied"):
+        generate(pipelines, prompt="x", seed=2, lora_path=broken, **SMALL)
+
+    assert _same(before, generate(pipelines, prompt="x", seed=2, **SMALL))
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"height": 50}, "multiples of 8"), ({"num_images": 0}, "num_images"), ({"steps": 0}, "steps")],
+)
+def test_invalid_requests_are_engine_errors(pipelines: Pipelines, overrides: dict, message: str) -> None:
+    with pytest.raises(EngineError, match=message):
+        generate(pipelines, prompt="x", seed=1, **{**SMALL, **overrides})

@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from sdxl_engine.errors import EngineError
+from sdxl_engine.source import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, resolve_model_source
+
+
+@pytest.fixture
+def no_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+@pytest.fixture
+def with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+
+
+@pytest.mark.parametrize("preset", [None, "", "  auto "])
+def test_auto_without_cuda_builds_the_tiny_model(no_cuda: None, tmp_path: Path, preset: str | None) -> None:
+    source = resolve_model_source(preset, "", "", tmp_path)
+
+    assert source.preset == "tiny" and source.device == "cpu"
+    assert Path(source.base) == tmp_path / "tiny" / "base"
+    assert Path(source.refiner) == tmp_path / "tiny" / "refiner"
+    assert (Path(source.base) / "model_index.json").is_file()
+    assert (Path(source.refiner) / "model_index.json").is_file()
+    assert "no CUDA device" in source.reason and "SDXL_MODEL_PRESET=hub" in source.reason
+
+
+def test_auto_with_cuda_uses_the_hub_models(with_cuda: None, tmp_path: Path) -> None:
+    source = resolve_model_source(None, "", "", tmp_path)
+
+    assert (source.preset, source.device) == ("hub", "cuda")
+    assert (source.base, source.refiner) == (DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL)
+    assert source.reason.startswith("CUDA found")
+    assert f"SDXL_BASE_MODEL={DEFAULT_BASE_MODEL}" in source.reason
+    assert list(tmp_path.iterdir()) == []  # nothing built
+
+
+def test_hub_preset_keeps_the_given_models(no_cuda: None, tmp_path: Path) -> None:
+    source = resolve_model_source("HUB", "/models/base", "me/refiner", tmp_path)
+
+    assert (source.preset, source.base, source.refiner, source.device) == ("hub", "/models/base", "me/refiner", "cpu")
+    assert "/models/base" in source.reason and "me/refiner" in source.reason
+
+
+def test_tiny_preset_is_built_once(no_cuda: None, tmp_path: Path) -> None:
+    first = resolve_model_source("tiny", "", "", tmp_path)
+    weights = Path(first.base) / "unet" / "diffusion_pytorch_model.safetensors"
+    built_at = weights.stat().st_mtime_ns
+
+    assert resolve_model_source("tiny", "", "", tmp_path) == first
+    assert weights.stat().st_mtime_ns == built_at
+
+
+def test_unknown_preset_is_an_engine_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="unknown SDXL_MODEL_PRESET 'large'.*tiny"):
+        resolve_model_source("large", "", "", tmp_path)

@@ -1,0 +1,161 @@
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import StableDiffusionXLPipeline
+from diffusers.models.attention_processor import Attention
+from PIL import Image
+from safetensors import safe_open
+
+from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.source import ModelSource
+from sdxl_engine.training import TrainingParams, _load_image, train_lora
+
+from .conftest import STRONG_LORA_PARAMS
+
+LORA_KEY = re.compile(r"^unet\..+\.(to_q|to_k|to_v|to_out\.0)\.lora\.(down|up)\.weight$")
+
+
+def _base_latents(pipeline: StableDiffusionXLPipeline) -> torch.Tensor:
+    generator = torch.Generator("cpu").manual_seed(3)
+    return pipeline(
+        prompt="a red square", num_inference_steps=3, height=64, width=64, generator=generator, output_type="latent"
+    ).images
+
+
+def _has_lora_layers(module: torch.nn.Module) -> bool:
+    return any("lora" in name for name, _ in module.named_modules())
+
+
+def test_lora_file_has_diffusers_unet_keys_and_metadata(trained_lora: Path, pipelines: Pipelines) -> None:
+    with safe_open(trained_lora, framework="pt") as lora:
+        keys = list(lora.keys())
+        metadata = lora.metadata()
+        ranks = {lora.get_slice(key).get_shape()[0] for key in keys if key.endswith("lora.down.weight")}
+
+    assert keys and all(LORA_KEY.match(key) for key in keys), keys[:3]
+    assert {LORA_KEY.match(key).group(1) for key in keys} == {"to_q", "to_k", "to_v", "to_out.0"}
+    attention_layers = sum(isinstance(m, Attention) for m in pipelines.base.unet.modules())
+    assert len(keys) == attention_layers * 4 * 2  # four projections, down + up each
+    assert ranks == {STRONG_LORA_PARAMS.rank}
+
+    assert metadata["format"] == "pt"  # written by diffusers itself
+    assert '"unet.r": 4' in metadata["lora_adapter_metadata"]
+    assert metadata["sdxl_service.base_model"] == pipelines.source.base
+    assert metadata["sdxl_service.rank"] == "4"
+    assert metadata["sdxl_service.alpha"] == "4"
+    assert metadata["sdxl_service.steps"] == "4"
+    assert metadata["sdxl_service.resolution"] == "64"
+    assert metadata["sdxl_service.learning_rate"] == "0.05"
+    assert metadata["sdxl_service.batch_size"] == "2"
+    assert metadata["sdxl_service.seed"] == "7"
+    assert not trained_lora.with_name(trained_lora.name + ".tmp").exists()
+
+
+def test_stock_pipeline_loads_the_lora_and_it_changes_the_output(trained_lora: Path, tiny_source: ModelSource) -> None:
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_source.base)
+    stock.set_progress_bar_config(disable=True)
+    without = _base_latents(stock)
+
+    stock.load_lora_weights(trained_lora)
+    with_lora = _base_latents(stock)
+
+    assert (with_lora - without).abs().mean() > 1e-2 * without.abs().mean()
+
+
+def test_training_leaves_the_base_pipeline_as_it_was(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+    before = _base_latents(pipelines.base)
+    train_lora(pipelines, training_pairs, STRONG_LORA_PARAMS, tmp_path / "lora.safetensors")
+
+    assert not _has_lora_layers(pipelines.base.unet)
+    assert torch.equal(_base_latents(pipelines.base), before)
+
+
+def test_progress_counts_every_step_up_to_the_total(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+    reports: list[tuple[int, int, float]] = []
+    params = TrainingParams(batch_size=2, epochs=2, seed=1)  # 3 images: 2 batches per epoch
+
+    result = train_lora(pipelines, training_pairs, params, tmp_path / "lora.safetensors", on_progress=lambda *r: reports.append(r))
+
+    assert [step for step, _, _ in reports] == [1, 2, 3, 4]
+    assert {total for _, total, _ in reports} == {4}
+    assert result.steps == 4 and result.final_loss == reports[-1][2]
+    assert result.metadata["sdxl_service.steps"] == "4"
+
+
+def test_same_seed_gives_the_same_lora(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+    params = TrainingParams(batch_size=2, steps=2, seed=11)
+    first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    train_lora(pipelines, training_pairs, params, first)
+    train_lora(pipelines, training_pairs, params, second)
+
+    # Compared by content: safetensors may order the header differently from run to run.
+    with safe_open(first, framework="pt") as a, safe_open(second, framework="pt") as b:
+        assert a.metadata() == b.metadata()
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
+
+
+def test_should_stop_cancels_without_writing(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+    output = tmp_path / "lora.safetensors"
+    reports: list[int] = []
+
+    with pytest.raises(TrainingCancelled):
+        train_lora(
+            pipelines,
+            training_pairs,
+            TrainingParams(batch_size=1, steps=10, seed=1),
+            output,
+            on_progress=lambda step, total, loss: reports.append(step),
+            should_stop=lambda: len(reports) >= 2,
+        )
+
+    assert reports == [1, 2]
+    assert list(tmp_path.iterdir()) == []
+    assert not _has_lora_layers(pipelines.base.unet)
+
+
+def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="no training images"):
+        train_lora(pipelines, [], TrainingParams(), tmp_path / "lora.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        (TrainingParams(batch_size=0), "batch_size"),
+        (TrainingParams(learning_rate=0.0), "learning_rate"),
+        (TrainingParams(rank=0), "rank"),
+        (TrainingParams(resolution=40), "multiple of 16"),
+    ],
+)
+def test_invalid_parameters_are_engine_errors(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path, params: TrainingParams, message: str
+) -> None:
+    with pytest.raises(EngineError, match=message):
+        train_lora(pipelines, training_pairs, params, tmp_path / "lora.safetensors")
+
+
+def test_unreadable_image_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> None:
+    broken = tmp_path / "0.png"
+    broken.write_bytes(b"not an image")
+    with pytest.raises(EngineError, match="0.png could not be read"):
+        train_lora(pipelines, [TrainingPair(broken, "x")], TrainingParams(seed=1), tmp_path / "lora.safetensors")
+    assert not _has_lora_layers(pipelines.base.unet)
+
+
+def test_time_ids_record_original_size_and_centre_crop(tmp_path: Path) -> None:
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 100)).save(wide)  # width 200, height 100
+
+    pixels, time_ids = _load_image(wide, 64)
+
+    assert pixels.shape == (3, 64, 64)
+    assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
+    # Resized to 128x64, so 32 columns are cropped from each side.
+    assert time_ids == [100, 200, 0, 32, 64, 64]
