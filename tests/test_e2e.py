@@ -202,15 +202,15 @@ def test_all_nine_endpoints(service, model_cache_dir):
 
     # txt2img with the session's latest LoRA: N PNGs of the asked size
     response = _post(service, "/txt2img", {
-        "prompt": "a red square", "negative_prompt": "", "num_images": 2, "height": 64,
-        "width": 48, "guidance_scale": 7.0, "steps": 6, "use_lora": True, "session_id": sid,
+        "prompt": "a red square", "negative_prompt": "", "num_images": 2, "height": 80,
+        "width": 64, "guidance_scale": 7.0, "steps": 6, "use_lora": True, "session_id": sid,
     })
     assert response.status_code == 200, response.text
     images = response.json()["images_base64"]
     assert len(images) == 2
     for encoded in images:
         image = Image.open(io.BytesIO(base64.b64decode(encoded)))
-        assert (image.format, image.size) == ("PNG", (48, 64))
+        assert (image.format, image.size) == ("PNG", (64, 80))
     assert response.json()["lora"]["filename"] == "lora_2.safetensors"
 
     # delete_session: folder gone, rows gone

@@ -1,5 +1,7 @@
+import uuid
+
 import pytest
-from django_q.models import OrmQ
+from django_q.brokers import get_broker
 from safetensors import safe_open
 
 from sdxl_service.errors import ServiceError
@@ -33,13 +35,16 @@ def test_start_needs_captioned_images():
 def test_start_records_a_queued_run_and_enqueues_it_on_commit(
     session_with_images, settings, django_capture_on_commit_callbacks
 ):
-    if settings.Q_CLUSTER.get("redis"):
-        pytest.skip("checks the ORM broker's queue table")
-    with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_start(session_with_images.pk, {"steps": 3})
+    settings.TRAINING_QUEUE = f"test-training-{uuid.uuid4().hex}"  # a queue of its own
+    broker = get_broker(settings.TRAINING_QUEUE)
+    try:
+        with django_capture_on_commit_callbacks(execute=True):
+            run = services.training_run_start(session_with_images.pk, {"steps": 3})
+        assert broker.queue_size() == 1
+    finally:
+        broker.delete_queue()
     run.refresh_from_db()
     assert (run.status, run.progress, run.parameters) == ("queued", 0, {"steps": 3})
-    assert OrmQ.objects.filter(key=settings.TRAINING_QUEUE).count() == 1
     assert run.task_id
     assert training_status(session_with_images.pk) == {
         "status": "in-progress", "progress": 0, "queued": True, "stage": "queued",
