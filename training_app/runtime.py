@@ -12,17 +12,23 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_pipelines = None
+_loaded: dict[tuple, object] = {}  # at most one entry: the model settings -> their pipelines
 
 
 def worker_pipelines():
-    """The Base + Refiner pipelines of this worker; a failed load is retried next job."""
-    global _pipelines
-    with _lock:
-        if _pipelines is None:
-            from sdxl_engine.pipelines import load_pipelines
-            from sdxl_engine.source import resolve_model_source
+    """The Base + Refiner pipelines for the configured models; a failed load is retried."""
+    from sdxl_engine.pipelines import load_pipelines
+    from sdxl_engine.source import resolve_model_source
 
+    wanted = (
+        settings.SDXL_MODEL_PRESET,
+        settings.SDXL_BASE_MODEL,
+        settings.SDXL_REFINER_MODEL,
+        str(settings.MODEL_CACHE_DIR),
+    )
+    with _lock:
+        if wanted not in _loaded:
+            _loaded.clear()  # release the old pipelines before loading others
             source = resolve_model_source(
                 settings.SDXL_MODEL_PRESET or None,
                 settings.SDXL_BASE_MODEL,
@@ -30,6 +36,6 @@ def worker_pipelines():
                 settings.MODEL_CACHE_DIR,
             )
             logger.info("model: %s", source.reason)
-            _pipelines = load_pipelines(source)
+            _loaded[wanted] = load_pipelines(source)
             logger.info("model: loaded %s on %s", source.preset, source.device)
-        return _pipelines
+        return _loaded[wanted]

@@ -1,0 +1,115 @@
+import io
+
+import pytest
+from django.utils import timezone
+from PIL import Image
+
+from sdxl_service.errors import ServiceError
+from sessions_app import services as session_services
+from training_app import generations, services
+from training_app.generations import GenerationRequest
+from training_app.models import Generation, WorkerHeartbeat
+from tests.helpers import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+SMALL = {"height": 64, "width": 64, "steps": 5}
+
+
+@pytest.fixture
+def generation_worker(settings):
+    """A heartbeat as the generation worker writes it; the jobs run in-process here."""
+    return WorkerHeartbeat.objects.create(
+        queue=settings.GENERATION_QUEUE, host="test", pid=1,
+        started_at=timezone.now(), last_seen=timezone.now(),
+    )
+
+
+def test_request_without_a_live_worker_is_503_and_records_nothing():
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(GenerationRequest(prompt="x"))
+    assert error.value.status == 503 and "no generation worker" in error.value.message
+    assert not Generation.objects.exists()
+
+
+def test_stale_heartbeat_counts_as_no_worker(generation_worker, settings):
+    generation_worker.last_seen = timezone.now() - timezone.timedelta(
+        seconds=settings.SDXL_WORKER_STALE_AFTER + 1)
+    generation_worker.save()
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(GenerationRequest(prompt="x"))
+    assert error.value.status == 503
+
+
+def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
+    generation = generations.generation_request(
+        GenerationRequest(prompt="a cat", num_images=2, seed=7, **SMALL))
+    assert generation.status == "queued" and generation.seed == 7
+    generations.generation_execute(generation.pk)
+    finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+    assert finished.status == "completed" and finished.image_count == 2
+    assert finished.duration_ms is not None
+    for png in pngs:
+        image = Image.open(io.BytesIO(png))
+        assert (image.format, image.size) == ("PNG", (64, 64))
+        assert '"seed": 7' in image.text["parameters"]
+
+
+def test_seed_is_random_and_63_bit_when_absent(generation_worker):
+    seeds = {generations.generation_request(GenerationRequest(prompt="x")).seed for _ in range(4)}
+    assert len(seeds) == 4 and all(0 <= seed < 2**63 for seed in seeds)
+
+
+def test_same_seed_same_image_and_lora_changes_it(generation_worker):
+    session = session_services.session_create()
+    for color in ("red", "blue"):
+        session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64), color), color)
+    run = services.training_run_start(
+        session.pk, {"steps": 3, "resolution": 64, "learning_rate": 0.05, "seed": 3})
+    services.training_run_execute(run.pk)
+
+    def png(**extra) -> bytes:
+        generation = generations.generation_request(
+            GenerationRequest(prompt="red", seed=11, **SMALL, **extra))
+        generations.generation_execute(generation.pk)
+        return generations.generation_wait(generation.pk, timeout_s=5)[1][0]
+
+    plain = png()
+    with_lora = png(use_lora=True, session_id=session.pk)
+    assert png() == plain  # the LoRA was applied for its request only
+    assert with_lora != plain
+    assert Generation.objects.filter(lora__filename="lora_1.safetensors").count() == 1
+
+
+def test_use_lora_without_any_lora_is_404(generation_worker):
+    session = session_services.session_create()
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(
+            GenerationRequest(prompt="x", use_lora=True, session_id=session.pk))
+    assert (error.value.status, error.value.message) == (404, "Requested LoRA not found")
+
+
+def test_executing_twice_generates_once(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generations.generation_execute(generation.pk)
+    first_finish = Generation.objects.get(pk=generation.pk).finished_at
+    generations.generation_execute(generation.pk)
+    assert Generation.objects.get(pk=generation.pk).finished_at == first_finish
+
+
+def test_wait_gives_503_and_abandons_when_the_worker_goes_away(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation_worker.delete()
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=5)
+    assert error.value.status == 503
+    assert Generation.objects.get(pk=generation.pk).status == "abandoned"
+    generations.generation_execute(generation.pk)  # a late delivery does no work
+    assert Generation.objects.get(pk=generation.pk).status == "abandoned"
+
+
+def test_wait_times_out_with_504(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=0.3)
+    assert error.value.status == 504

@@ -1,0 +1,24 @@
+import pytest
+
+from sessions_app import services as session_services
+from training_app import services
+from training_app.runtime import worker_pipelines
+from tests.helpers import image_bytes
+
+pytestmark = pytest.mark.django_db
+
+
+def test_pipelines_stay_loaded_between_jobs():
+    assert worker_pipelines() is worker_pipelines()
+
+
+def test_missing_real_weights_fail_the_job_with_what_to_set(settings, tmp_path):
+    settings.SDXL_MODEL_PRESET = "hub"
+    settings.SDXL_BASE_MODEL = str(tmp_path / "no-such-model")
+    session = session_services.session_create()
+    session_services.session_image_add(session.pk, image_bytes(), "x")
+    run = services.training_run_start(session.pk, {"steps": 1})
+    services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "error"
+    assert "SDXL_BASE_MODEL" in run.error_message

@@ -1,0 +1,114 @@
+import base64
+
+import pytest
+from rest_framework.test import APIClient
+
+from sessions_app import services as session_services
+from training_app import services
+from training_app.models import TrainingRun
+from tests.helpers import b64, image_bytes
+from tests.sessions_app.test_views import assert_error
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def api() -> APIClient:
+    return APIClient()
+
+
+@pytest.fixture
+def session():
+    session = session_services.session_create()
+    session_services.session_image_add(session.pk, image_bytes(), "a red square")
+    return session
+
+
+def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, session):
+    response = api.post("/train_lora", {"session_id": str(session.pk)}, format="json")
+    assert response.status_code == 200
+    assert response.json()["status"] == "started"
+    assert_error(api.post("/train_lora", {"session_id": session.pk}, format="json"),
+                 409, "already training")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"steps": 0}, "steps"),
+        ({"rank": 1000}, "rank"),
+        ({"learning_rate": 5}, "learning_rate"),
+        ({"batch_size": "many"}, "batch_size"),
+        ({"resolution": 100}, "resolution"),
+        ({"steps": 5, "epochs": 1}, "steps or epochs"),
+    ],
+)
+def test_train_lora_validates_parameters(api, session, body, field):
+    assert_error(api.post("/train_lora", {"session_id": session.pk, **body}, format="json"),
+                 400, field)
+    assert not TrainingRun.objects.exists()
+
+
+def test_train_lora_passes_parameters_to_the_run(api, session):
+    api.post("/train_lora", {"session_id": session.pk, "steps": 7, "rank": 8,
+                             "learning_rate": 0.001, "resolution": 512, "seed": 3},
+             format="json")
+    assert TrainingRun.objects.get().parameters == {
+        "steps": 7, "rank": 8, "learning_rate": 0.001, "resolution": 512, "seed": 3}
+
+
+def test_train_status_shapes(api, session):
+    def status():
+        return api.post("/train_status", {"session_id": session.pk}, format="json").json()
+
+    assert status() == {"status": "none", "progress": 0}
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    queued = status()
+    assert (queued["status"], queued["progress"], queued["queued"]) == ("in-progress", 0, True)
+    services.training_run_execute(run.pk)
+    assert status() == {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+    assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
+
+
+def test_get_and_upload_lora(api, session):
+    assert_error(api.post("/get_lora", {"session_id": session.pk}, format="json"),
+                 404, "Requested LoRA not found")
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    services.training_run_execute(run.pk)
+    body = api.post("/get_lora", {"session_id": str(session.pk)}, format="json").json()
+    assert body["session_id"] == str(session.pk)
+    assert body["lora_filename"] == "lora_1.safetensors"
+    lora = base64.b64decode(body["lora_base64"])
+    response = api.post("/upload_lora", {"session_id": session.pk, "lora_base64": b64(lora),
+                                         "filename": "mine.safetensors"}, format="json")
+    assert response.json() == {"status": "success", "lora_filename": "mine.safetensors",
+                               "iteration": 2}
+    latest = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
+    assert latest["lora_filename"] == "mine.safetensors"
+    assert_error(api.post("/upload_lora", {"session_id": session.pk, "lora_base64": b64(lora),
+                                           "filename": "mine.safetensors"}, format="json"),
+                 409, "already exists")
+    assert_error(api.post("/upload_lora", {"session_id": session.pk, "lora_base64": "!!"},
+                          format="json"), 400, "lora_base64")
+
+
+def test_txt2img_without_worker_is_503_json(api):
+    assert_error(api.post("/txt2img", {"prompt": "x"}, format="json"), 503,
+                 "no generation worker")
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "prompt"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x", "height": 100}, "height"),
+        ({"prompt": "x", "width": 100000}, "width"),
+        ({"prompt": "x", "num_images": 0}, "num_images"),
+        ({"prompt": "x", "steps": 1000}, "steps"),
+        ({"prompt": "x", "guidance_scale": "loud"}, "guidance_scale"),
+        ({"prompt": "x", "use_lora": True}, "session_id"),
+    ],
+)
+def test_txt2img_validates_before_anything_else(api, body, field):
+    assert_error(api.post("/txt2img", body, format="json"), 400, field)
