@@ -49,7 +49,9 @@ def build_random_pipelines(
     full-size preset: random init of 3.7 billion parameters is slow on a CPU).
     """
     if preset not in PRESETS:
-        raise EngineError(f"unknown random-model preset {preset!r}; use one of {', '.join(PRESETS)}")
+        raise EngineError(
+            f"unknown random-model preset {preset!r}; use one of {', '.join(PRESETS)}"
+        )
     out_dir = Path(out_dir)
     base_dir, refiner_dir = out_dir / "base", out_dir / "refiner"
     if _is_pipeline_folder(base_dir) and _is_pipeline_folder(refiner_dir):
@@ -102,10 +104,19 @@ def write_clip_tokenizer(folder: Path) -> None:
 
 
 def _byte_level_symbols() -> list[str]:
-    """The printable stand-ins for the 256 byte values, in CLIP's vocabulary order (GPT-2's table)."""
-    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)}
+    """The printable stand-ins for the 256 byte values, in CLIP's vocabulary order.
+
+    This is GPT-2's byte-to-unicode table, which CLIP's tokenizer uses too.
+    """
+    printable = {
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    }
     unprintable = [byte for byte in range(256) if byte not in printable]
-    return [chr(byte) for byte in sorted(printable)] + [chr(256 + index) for index in range(len(unprintable))]
+    return [chr(byte) for byte in sorted(printable)] + [
+        chr(256 + index) for index in range(len(unprintable))
+    ]
 
 
 def _is_pipeline_folder(folder: Path) -> bool:
@@ -137,15 +148,23 @@ def _save_random_pipelines(
         torch.manual_seed(seed)
         vae = _finish(AutoencoderKL.from_config(load_component_config(preset, "vae")), dtype)
         text_encoder_2 = _finish(
-            CLIPTextModelWithProjection(CLIPTextConfig(**load_component_config(preset, "text_encoder_2"))), dtype
+            CLIPTextModelWithProjection(
+                CLIPTextConfig(**load_component_config(preset, "text_encoder_2"))
+            ),
+            dtype,
         )
         base = StableDiffusionXLPipeline(
             vae=vae,
-            text_encoder=_finish(CLIPTextModel(CLIPTextConfig(**load_component_config(preset, "text_encoder"))), dtype),
+            text_encoder=_finish(
+                CLIPTextModel(CLIPTextConfig(**load_component_config(preset, "text_encoder"))),
+                dtype,
+            ),
             text_encoder_2=text_encoder_2,
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
-            unet=_finish(UNet2DConditionModel.from_config(load_component_config(preset, "unet_base")), dtype),
+            unet=_finish(
+                UNet2DConditionModel.from_config(load_component_config(preset, "unet_base")), dtype
+            ),
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
@@ -159,7 +178,10 @@ def _save_random_pipelines(
             text_encoder_2=text_encoder_2,
             tokenizer=None,
             tokenizer_2=tokenizer,
-            unet=_finish(UNet2DConditionModel.from_config(load_component_config(preset, "unet_refiner")), dtype),
+            unet=_finish(
+                UNet2DConditionModel.from_config(load_component_config(preset, "unet_refiner")),
+                dtype,
+            ),
             scheduler=scheduler,
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
@@ -169,7 +191,11 @@ def _save_random_pipelines(
 
     # Replace what transformers' save_pretrained wrote with the plain vocab.json +
     # merges.txt form, the one this module defines and documents.
-    for tokenizer_folder in (staging / "base" / "tokenizer", staging / "base" / "tokenizer_2", staging / "refiner" / "tokenizer_2"):
+    for tokenizer_folder in (
+        staging / "base" / "tokenizer",
+        staging / "base" / "tokenizer_2",
+        staging / "refiner" / "tokenizer_2",
+    ):
         shutil.rmtree(tokenizer_folder)
         write_clip_tokenizer(tokenizer_folder)
     shutil.rmtree(tokenizer_source)

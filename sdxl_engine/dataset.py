@@ -43,7 +43,11 @@ def _natural_key(path: Path) -> tuple[list[list[tuple[int, int | str]]], str]:
     # (0, number) sorts before (1, text), so the key never compares an int with a str; the
     # plain path breaks ties such as "01.png" and "1.png".
     pieces = [
-        [(0, int(piece)) if piece.isdecimal() else (1, piece) for piece in re.split(r"(\d+)", part) if piece]
+        [
+            (0, int(piece)) if piece.isdecimal() else (1, piece)
+            for piece in re.split(r"(\d+)", part)
+            if piece
+        ]
         for part in path.parts
     ]
     return pieces, path.as_posix()

@@ -86,7 +86,9 @@ def generate(
     return images
 
 
-def _check_request(pipelines: Pipelines, num_images: int, height: int, width: int, steps: int) -> None:
+def _check_request(
+    pipelines: Pipelines, num_images: int, height: int, width: int, steps: int
+) -> None:
     multiple = pipelines.base.vae_scale_factor
     problems = []
     if num_images < 1:
@@ -137,5 +139,7 @@ def _decode(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image
     are cast to it instead.
     """
     vae = pipelines.refiner.vae
-    decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[0]
+    decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[
+        0
+    ]
     return pipelines.refiner.image_processor.postprocess(decoded, output_type="pil")

@@ -65,11 +65,15 @@ def _read_header(path: Path) -> dict:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             header_length = int.from_bytes(handle.read(_HEADER_LENGTH_BYTES), "little")
-            if size < _HEADER_LENGTH_BYTES or header_length > min(size - _HEADER_LENGTH_BYTES, _MAX_HEADER_BYTES):
+            if size < _HEADER_LENGTH_BYTES or header_length > min(
+                size - _HEADER_LENGTH_BYTES, _MAX_HEADER_BYTES
+            ):
                 raise _malformed(path, "the header length does not fit the file")
             header = json.loads(handle.read(header_length).decode("utf-8"))
     except OSError as error:
-        raise EngineError(f"LoRA file {path.name} could not be read ({error.strerror or error}).") from error
+        raise EngineError(
+            f"LoRA file {path.name} could not be read ({error.strerror or error})."
+        ) from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _malformed(path, "the header is not JSON") from error
     if not isinstance(header, dict):
@@ -100,7 +104,8 @@ def _check_entries(path: Path, header: dict, data_length: int) -> None:
 
 def _malformed(path: Path, detail: str) -> EngineError:
     return EngineError(
-        f"{path.name} is not a readable safetensors file ({detail}); upload a LoRA saved as .safetensors."
+        f"{path.name} is not a readable safetensors file ({detail}); "
+        "upload a LoRA saved as .safetensors."
     )
 
 

@@ -35,12 +35,15 @@ def load_pipelines(source: ModelSource) -> Pipelines:
 
     try:
         base = StableDiffusionXLPipeline.from_pretrained(
-            source.base, dtype={"default": dtype, "vae": torch.float32}, local_files_only=local_files_only
+            source.base,
+            dtype={"default": dtype, "vae": torch.float32},
+            local_files_only=local_files_only,
         )
     except _LOAD_ERRORS as error:
         raise EngineError(
-            f"SDXL base model {source.base!r} could not be loaded ({_first_line(error)}). Download it or set "
-            "SDXL_BASE_MODEL to a local diffusers folder, or SDXL_MODEL_PRESET=tiny for the built-in test model."
+            f"SDXL base model {source.base!r} could not be loaded ({_first_line(error)}). "
+            "Download it or set SDXL_BASE_MODEL to a local diffusers folder, "
+            "or SDXL_MODEL_PRESET=tiny for the built-in test model."
         ) from error
 
     try:
@@ -53,8 +56,9 @@ def load_pipelines(source: ModelSource) -> Pipelines:
         )
     except _LOAD_ERRORS as error:
         raise EngineError(
-            f"SDXL refiner model {source.refiner!r} could not be loaded ({_first_line(error)}). Download it or set "
-            "SDXL_REFINER_MODEL to a local diffusers folder, or SDXL_MODEL_PRESET=tiny for the built-in test model."
+            f"SDXL refiner model {source.refiner!r} could not be loaded ({_first_line(error)}). "
+            "Download it or set SDXL_REFINER_MODEL to a local diffusers folder, "
+            "or SDXL_MODEL_PRESET=tiny for the built-in test model."
         ) from error
 
     base.to(source.device)

@@ -24,7 +24,9 @@ class ModelSource:
     device: str  # "cuda" or "cpu"
 
 
-def resolve_model_source(preset: str | None, base: str, refiner: str, cache_dir: Path) -> ModelSource:
+def resolve_model_source(
+    preset: str | None, base: str, refiner: str, cache_dir: Path
+) -> ModelSource:
     """Pick the models from SDXL_MODEL_PRESET (`preset`; None or "" means auto).
 
     Auto uses the real SDXL weights when a CUDA device is present and the tiny random
@@ -43,20 +45,29 @@ def resolve_model_source(preset: str | None, base: str, refiner: str, cache_dir:
     if chosen == "auto":
         if cuda:
             reason = f"CUDA found: using SDXL_BASE_MODEL={base} and SDXL_REFINER_MODEL={refiner}"
-            return ModelSource(base=base, refiner=refiner, preset="hub", reason=reason, device=device)
+            return ModelSource(
+                base=base, refiner=refiner, preset="hub", reason=reason, device=device
+            )
         chosen = "tiny"
         reason = (
             "no CUDA device: using the built-in tiny random-weight model (noise images); "
             "set SDXL_MODEL_PRESET=hub to force real weights"
         )
     elif chosen == "hub":
-        reason = f"SDXL_MODEL_PRESET=hub: using SDXL_BASE_MODEL={base} and SDXL_REFINER_MODEL={refiner} on {device}"
+        reason = (
+            f"SDXL_MODEL_PRESET=hub: using SDXL_BASE_MODEL={base} "
+            f"and SDXL_REFINER_MODEL={refiner} on {device}"
+        )
         return ModelSource(base=base, refiner=refiner, preset="hub", reason=reason, device=device)
     elif chosen in _RANDOM_PRESETS:
-        reason = f"SDXL_MODEL_PRESET={chosen}: using random weights of the {chosen} model (noise images) on {device}"
+        reason = (
+            f"SDXL_MODEL_PRESET={chosen}: using the {chosen} random-weight model "
+            f"(noise images) on {device}"
+        )
     else:
         raise EngineError(
-            f"unknown SDXL_MODEL_PRESET {preset!r}: use one of {', '.join(PRESETS)}, or leave it empty to choose automatically"
+            f"unknown SDXL_MODEL_PRESET {preset!r}: use one of {', '.join(PRESETS)}, "
+            "or leave it empty to choose automatically"
         )
 
     from sdxl_engine.builder import build_random_pipelines
@@ -66,4 +77,6 @@ def resolve_model_source(preset: str | None, base: str, refiner: str, cache_dir:
     base_dir, refiner_dir = build_random_pipelines(
         _RANDOM_PRESETS[chosen], Path(cache_dir) / chosen, dtype=dtype, device=device
     )
-    return ModelSource(base=str(base_dir), refiner=str(refiner_dir), preset=chosen, reason=reason, device=device)
+    return ModelSource(
+        base=str(base_dir), refiner=str(refiner_dir), preset=chosen, reason=reason, device=device
+    )

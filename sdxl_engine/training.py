@@ -97,7 +97,9 @@ def train_lora(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
-        encoded = _encode_images(pipelines, pairs, resolution, params.batch_size, noise_generator, stop)
+        encoded = _encode_images(
+            pipelines, pairs, resolution, params.batch_size, noise_generator, stop
+        )
         try:
             base.unet.add_adapter(
                 LoraConfig(
@@ -165,15 +167,22 @@ def _encode_images(
     stop: Callable[[], bool],
 ) -> _EncodedImages:
     base, device = pipelines.base, pipelines.device
-    parts: dict[str, list[torch.Tensor]] = {"latents": [], "prompt_embeds": [], "pooled": [], "time_ids": []}
+    parts: dict[str, list[torch.Tensor]] = {
+        "latents": [],
+        "prompt_embeds": [],
+        "pooled": [],
+        "time_ids": [],
+    }
     for start in range(0, len(pairs), batch_size):
         if stop():
             raise TrainingCancelled("training was cancelled; no LoRA was saved")
         batch = pairs[start : start + batch_size]
-        pixels, time_ids = zip(*(_load_image(pair.image_path, resolution) for pair in batch))
+        loaded = [_load_image(pair.image_path, resolution) for pair in batch]
+        pixels = torch.stack([image for image, _ in loaded])
+        time_ids = [ids for _, ids in loaded]
         with torch.no_grad():
             # The VAE is float32 (see load_pipelines); SDXL's overflows in float16.
-            distribution = base.vae.encode(torch.stack(pixels).to(device, torch.float32)).latent_dist
+            distribution = base.vae.encode(pixels.to(device, torch.float32)).latent_dist
             parts["latents"].append(distribution.sample(generator) * base.vae.config.scaling_factor)
             prompt_embeds, _, pooled, _ = base.encode_prompt(
                 prompt=[pair.caption for pair in batch],
@@ -203,7 +212,8 @@ def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, list[int]]:
             image = ImageOps.exif_transpose(opened).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise EngineError(
-            f"training image {path.name} could not be read ({error}); replace or delete it and train again"
+            f"training image {path.name} could not be read ({error}); "
+            "replace or delete it and train again"
         ) from error
     original_width, original_height = image.size
     scale = resolution / min(original_width, original_height)
@@ -238,7 +248,9 @@ def _optimise(
     noise_scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
     if prediction_type not in ("epsilon", "v_prediction"):
-        raise EngineError(f"cannot train a model with prediction_type {prediction_type!r}; use an SDXL model")
+        raise EngineError(
+            f"cannot train a model with prediction_type {prediction_type!r}; use an SDXL model"
+        )
 
     unet.train()
     loss_value = math.nan
@@ -250,10 +262,18 @@ def _optimise(
         latents = encoded.latents[indices]
         noise = torch.randn(latents.shape, generator=noise_generator, device=device)
         timesteps = torch.randint(
-            0, noise_scheduler.config.num_train_timesteps, (len(indices),), generator=noise_generator, device=device
+            0,
+            noise_scheduler.config.num_train_timesteps,
+            (len(indices),),
+            generator=noise_generator,
+            device=device,
         )
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise if prediction_type == "epsilon" else noise_scheduler.get_velocity(latents, noise, timesteps)
+        target = (
+            noise
+            if prediction_type == "epsilon"
+            else noise_scheduler.get_velocity(latents, noise, timesteps)
+        )
         with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
             prediction = unet(
                 noisy_latents.to(dtype),
@@ -275,7 +295,9 @@ def _optimise(
 
         loss_value = loss.item()
         if not math.isfinite(loss_value):
-            raise EngineError("training diverged (the loss is not finite); lower learning_rate and train again")
+            raise EngineError(
+                "training diverged (the loss is not finite); lower learning_rate and train again"
+            )
         if on_progress is not None:
             on_progress(step, total_steps, loss_value)
     if stop():
@@ -303,7 +325,9 @@ def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str
     config) only with its default writer, so it writes to a scratch folder and the
     result is rewritten atomically to `output_path` with both sets of metadata.
     """
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME))
+    layers = convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
+    )
     adapter_config = {
         # Sets become lists in the header; sorted, so the same training gives the same metadata.
         key: sorted(value) if isinstance(value, set) else value
@@ -321,9 +345,12 @@ def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str
             with safe_open(Path(scratch, "lora.safetensors"), framework="pt") as written:
                 tensors = {key: written.get_tensor(key) for key in written.keys()}
                 header_metadata = {**(written.metadata() or {}), **metadata}
-        write_atomically(output_path, lambda tmp_path: save_file(tensors, str(tmp_path), metadata=header_metadata))
+        write_atomically(
+            output_path,
+            lambda tmp_path: save_file(tensors, str(tmp_path), metadata=header_metadata),
+        )
     except OSError as error:
         raise EngineError(
-            f"the LoRA could not be saved to {output_path} ({error}); check that the session still exists "
-            "and the disk has space, then train again"
+            f"the LoRA could not be saved to {output_path} ({error}); "
+            "check that the session still exists and the disk has space, then train again"
         ) from error

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sdxl_engine.builder import build_random_pipelines
@@ -12,6 +14,19 @@ from sdxl_engine.dataset import TrainingPair, find_training_pairs
 from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 from sdxl_engine.training import TrainingParams, train_lora
+
+
+@pytest.fixture(scope="session", autouse=True)
+def single_cpu_thread() -> Iterator[None]:
+    """Run torch on one CPU thread while engine tests run.
+
+    The tiny models gain nothing from intra-op threads, and when another process shares
+    the two cores, OpenMP threads waiting on each other make each call many times slower.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture
@@ -31,7 +46,9 @@ def tiny_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Pat
 @pytest.fixture(scope="session")
 def tiny_source(tiny_model_dirs: tuple[Path, Path]) -> ModelSource:
     base, refiner = tiny_model_dirs
-    return ModelSource(base=str(base), refiner=str(refiner), preset="tiny", reason="tests", device="cpu")
+    return ModelSource(
+        base=str(base), refiner=str(refiner), preset="tiny", reason="tests", device="cpu"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +81,11 @@ STRONG_LORA_PARAMS = TrainingParams(batch_size=2, steps=4, learning_rate=5e-2, r
 
 
 @pytest.fixture(scope="session")
-def trained_lora(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trained_lora(
+    pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
     path = tmp_path_factory.mktemp("lora") / "lora_1.safetensors"
     train_lora(pipelines, training_pairs, STRONG_LORA_PARAMS, path)
     return path

@@ -27,10 +27,15 @@ def test_tiny_pair_has_sdxl_structure(pipelines: Pipelines) -> None:
     assert base.unet.config.addition_embed_type == "text_time"
     assert base.unet.config.use_linear_projection
     assert base.unet.config.cross_attention_dim == te1.hidden_size + te2.hidden_size
-    assert base.unet.config.projection_class_embeddings_input_dim == 6 * time_dim + te2.projection_dim
+    assert (
+        base.unet.config.projection_class_embeddings_input_dim == 6 * time_dim + te2.projection_dim
+    )
     assert refiner.unet.config.addition_embed_type == "text_time"
     assert refiner.unet.config.cross_attention_dim == te2.hidden_size
-    assert refiner.unet.config.projection_class_embeddings_input_dim == 5 * time_dim + te2.projection_dim
+    assert (
+        refiner.unet.config.projection_class_embeddings_input_dim
+        == 5 * time_dim + te2.projection_dim
+    )
     assert isinstance(base.text_encoder, CLIPTextModel)
     assert isinstance(base.text_encoder_2, CLIPTextModelWithProjection)
     assert refiner.text_encoder is None and refiner.tokenizer is None
@@ -48,16 +53,23 @@ def test_tiny_pair_has_sdxl_structure(pipelines: Pipelines) -> None:
         assert isinstance(layer.to_out[0], torch.nn.Linear)
 
 
-def test_refiner_files_share_base_text_encoder_2_and_vae(tiny_model_dirs: tuple[Path, Path]) -> None:
+def test_refiner_files_share_base_text_encoder_2_and_vae(
+    tiny_model_dirs: tuple[Path, Path],
+) -> None:
     base, refiner = tiny_model_dirs
-    for component in ("text_encoder_2/model.safetensors", "vae/diffusion_pytorch_model.safetensors"):
+    for component in (
+        "text_encoder_2/model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ):
         assert _sha256(base / component) == _sha256(refiner / component)
     assert _sha256(base / "unet/diffusion_pytorch_model.safetensors") != _sha256(
         refiner / "unet/diffusion_pytorch_model.safetensors"
     )
 
 
-def test_tokenizer_folders_are_plain_clip_bpe(tiny_model_dirs: tuple[Path, Path], pipelines: Pipelines) -> None:
+def test_tokenizer_folders_are_plain_clip_bpe(
+    tiny_model_dirs: tuple[Path, Path], pipelines: Pipelines
+) -> None:
     base, refiner = tiny_model_dirs
     for folder in (base / "tokenizer", base / "tokenizer_2", refiner / "tokenizer_2"):
         vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
@@ -67,7 +79,9 @@ def test_tokenizer_folders_are_plain_clip_bpe(tiny_model_dirs: tuple[Path, Path]
         assert tokenizer.model_max_length == 77
 
     tokenizer = pipelines.base.tokenizer
-    ids = tokenizer("A photo of 🍎, naïve café!", padding="max_length", max_length=77, truncation=True).input_ids
+    ids = tokenizer(
+        "A photo of 🍎, naïve café!", padding="max_length", max_length=77, truncation=True
+    ).input_ids
     assert len(ids) == 77
     assert ids[0] == tokenizer.bos_token_id
     assert max(ids) < pipelines.base.text_encoder.config.vocab_size
@@ -117,4 +131,7 @@ def test_full_size_configs_have_published_parameter_counts(component: str) -> No
             model = CLIPTextModel(CLIPTextConfig(**config))
         else:
             model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    assert sum(parameter.numel() for parameter in model.parameters()) == FULL_SIZE_PARAMETERS[component]
+    assert (
+        sum(parameter.numel() for parameter in model.parameters())
+        == FULL_SIZE_PARAMETERS[component]
+    )

@@ -22,7 +22,9 @@ def _same(first: list[Image.Image], second: list[Image.Image]) -> bool:
 
 
 def test_base_and_refiner_return_the_asked_images(pipelines: Pipelines) -> None:
-    images = generate(pipelines, prompt="a red apple", negative_prompt="blurry", num_images=2, seed=1, **SMALL)
+    images = generate(
+        pipelines, prompt="a red apple", negative_prompt="blurry", num_images=2, seed=1, **SMALL
+    )
 
     assert len(images) == 2
     assert all(image.size == (64, 48) and image.mode == "RGB" for image in images)
@@ -39,12 +41,22 @@ def test_same_seed_same_images_other_seed_other_images(pipelines: Pipelines) -> 
 
 def test_on_step_counts_base_and_refiner_steps(pipelines: Pipelines) -> None:
     reports: list[tuple[int, int]] = []
-    generate(pipelines, prompt="x", seed=1, height=64, width=64, steps=10, on_step=lambda *r: reports.append(r))
+    generate(
+        pipelines,
+        prompt="x",
+        seed=1,
+        height=64,
+        width=64,
+        steps=10,
+        on_step=lambda *r: reports.append(r),
+    )
 
     assert reports == [(step, 10) for step in range(1, 11)]
 
 
-def test_lora_applies_to_this_call_and_the_base_only(pipelines: Pipelines, trained_lora: Path) -> None:
+def test_lora_applies_to_this_call_and_the_base_only(
+    pipelines: Pipelines, trained_lora: Path
+) -> None:
     before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
     lora_layers_seen = {"base": False, "refiner": False}
 
@@ -52,7 +64,9 @@ def test_lora_applies_to_this_call_and_the_base_only(pipelines: Pipelines, train
         for name, pipeline in (("base", pipelines.base), ("refiner", pipelines.refiner)):
             lora_layers_seen[name] |= any("lora" in n for n, _ in pipeline.unet.named_modules())
 
-    with_lora = generate(pipelines, prompt="a red square", seed=9, lora_path=trained_lora, on_step=watch, **SMALL)
+    with_lora = generate(
+        pipelines, prompt="a red square", seed=9, lora_path=trained_lora, on_step=watch, **SMALL
+    )
     after = generate(pipelines, prompt="a red square", seed=9, **SMALL)
 
     assert lora_layers_seen == {"base": True, "refiner": False}
@@ -62,12 +76,16 @@ def test_lora_applies_to_this_call_and_the_base_only(pipelines: Pipelines, train
 
 def test_lora_scale_zero_matches_no_lora(pipelines: Pipelines, trained_lora: Path) -> None:
     plain = generate(pipelines, prompt="a red square", seed=4, **SMALL)
-    scaled_off = generate(pipelines, prompt="a red square", seed=4, lora_path=trained_lora, lora_scale=0.0, **SMALL)
+    scaled_off = generate(
+        pipelines, prompt="a red square", seed=4, lora_path=trained_lora, lora_scale=0.0, **SMALL
+    )
 
     assert _same(plain, scaled_off)
 
 
-def test_unusable_lora_is_an_engine_error_and_leaves_no_trace(pipelines: Pipelines, tmp_path: Path) -> None:
+def test_unusable_lora_is_an_engine_error_and_leaves_no_trace(
+    pipelines: Pipelines, tmp_path: Path
+) -> None:
     before = generate(pipelines, prompt="x", seed=2, **SMALL)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"garbage")
@@ -80,8 +98,14 @@ def test_unusable_lora_is_an_engine_error_and_leaves_no_trace(pipelines: Pipelin
 
 @pytest.mark.parametrize(
     ("overrides", "message"),
-    [({"height": 50}, "multiples of 8"), ({"num_images": 0}, "num_images"), ({"steps": 0}, "steps")],
+    [
+        ({"height": 50}, "multiples of 8"),
+        ({"num_images": 0}, "num_images"),
+        ({"steps": 0}, "steps"),
+    ],
 )
-def test_invalid_requests_are_engine_errors(pipelines: Pipelines, overrides: dict, message: str) -> None:
+def test_invalid_requests_are_engine_errors(
+    pipelines: Pipelines, overrides: dict, message: str
+) -> None:
     with pytest.raises(EngineError, match=message):
         generate(pipelines, prompt="x", seed=1, **{**SMALL, **overrides})

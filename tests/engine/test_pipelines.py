@@ -29,12 +29,18 @@ def _load_fails_fast(source: ModelSource, expected_message: str) -> None:
     assert time.monotonic() - started < FAST_FAILURE_SECONDS
 
 
-def test_missing_local_base_folder_is_an_engine_error(tiny_source: ModelSource, tmp_path: Path) -> None:
+def test_missing_local_base_folder_is_an_engine_error(
+    tiny_source: ModelSource, tmp_path: Path
+) -> None:
     missing = tmp_path / "no-such-model"
-    _load_fails_fast(replace(tiny_source, base=str(missing)), r"SDXL base model .*no-such-model.*SDXL_BASE_MODEL")
+    _load_fails_fast(
+        replace(tiny_source, base=str(missing)), r"SDXL base model .*no-such-model.*SDXL_BASE_MODEL"
+    )
 
 
-def test_folder_without_a_pipeline_is_an_engine_error(tiny_source: ModelSource, tmp_path: Path) -> None:
+def test_folder_without_a_pipeline_is_an_engine_error(
+    tiny_source: ModelSource, tmp_path: Path
+) -> None:
     _load_fails_fast(replace(tiny_source, base=str(tmp_path)), "model_index.json")
 
 
@@ -44,7 +50,9 @@ def test_uncached_hub_model_fails_fast_offline(
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
     source = replace(tiny_source, base="nobody-here/no-such-sdxl-model", preset="hub")
-    _load_fails_fast(source, r"'nobody-here/no-such-sdxl-model' could not be loaded.*SDXL_MODEL_PRESET=tiny")
+    _load_fails_fast(
+        source, r"'nobody-here/no-such-sdxl-model' could not be loaded.*SDXL_MODEL_PRESET=tiny"
+    )
 
 
 def test_missing_refiner_names_its_setting(tiny_source: ModelSource, tmp_path: Path) -> None:

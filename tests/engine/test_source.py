@@ -20,7 +20,9 @@ def with_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize("preset", [None, "", "  auto "])
-def test_auto_without_cuda_builds_the_tiny_model(no_cuda: None, tmp_path: Path, preset: str | None) -> None:
+def test_auto_without_cuda_builds_the_tiny_model(
+    no_cuda: None, tmp_path: Path, preset: str | None
+) -> None:
     source = resolve_model_source(preset, "", "", tmp_path)
 
     assert source.preset == "tiny" and source.device == "cpu"
@@ -44,7 +46,12 @@ def test_auto_with_cuda_uses_the_hub_models(with_cuda: None, tmp_path: Path) -> 
 def test_hub_preset_keeps_the_given_models(no_cuda: None, tmp_path: Path) -> None:
     source = resolve_model_source("HUB", "/models/base", "me/refiner", tmp_path)
 
-    assert (source.preset, source.base, source.refiner, source.device) == ("hub", "/models/base", "me/refiner", "cpu")
+    assert (source.preset, source.base, source.refiner, source.device) == (
+        "hub",
+        "/models/base",
+        "me/refiner",
+        "cpu",
+    )
     assert "/models/base" in source.reason and "me/refiner" in source.reason
 
 

@@ -24,7 +24,12 @@ LORA_KEY = re.compile(r"^unet\..+\.(to_q|to_k|to_v|to_out\.0)\.lora\.(down|up)\.
 def _base_latents(pipeline: StableDiffusionXLPipeline) -> torch.Tensor:
     generator = torch.Generator("cpu").manual_seed(3)
     return pipeline(
-        prompt="a red square", num_inference_steps=3, height=64, width=64, generator=generator, output_type="latent"
+        prompt="a red square",
+        num_inference_steps=3,
+        height=64,
+        width=64,
+        generator=generator,
+        output_type="latent",
     ).images
 
 
@@ -32,11 +37,15 @@ def _has_lora_layers(module: torch.nn.Module) -> bool:
     return any("lora" in name for name, _ in module.named_modules())
 
 
-def test_lora_file_has_diffusers_unet_keys_and_metadata(trained_lora: Path, pipelines: Pipelines) -> None:
+def test_lora_file_has_diffusers_unet_keys_and_metadata(
+    trained_lora: Path, pipelines: Pipelines
+) -> None:
     with safe_open(trained_lora, framework="pt") as lora:
         keys = list(lora.keys())
         metadata = lora.metadata()
-        ranks = {lora.get_slice(key).get_shape()[0] for key in keys if key.endswith("lora.down.weight")}
+        ranks = {
+            lora.get_slice(key).get_shape()[0] for key in keys if key.endswith("lora.down.weight")
+        }
 
     assert keys and all(LORA_KEY.match(key) for key in keys), keys[:3]
     assert {LORA_KEY.match(key).group(1) for key in keys} == {"to_q", "to_k", "to_v", "to_out.0"}
@@ -57,7 +66,9 @@ def test_lora_file_has_diffusers_unet_keys_and_metadata(trained_lora: Path, pipe
     assert not trained_lora.with_name(trained_lora.name + ".tmp").exists()
 
 
-def test_stock_pipeline_loads_the_lora_and_it_changes_the_output(trained_lora: Path, tiny_source: ModelSource) -> None:
+def test_stock_pipeline_loads_the_lora_and_it_changes_the_output(
+    trained_lora: Path, tiny_source: ModelSource
+) -> None:
     stock = StableDiffusionXLPipeline.from_pretrained(tiny_source.base)
     stock.set_progress_bar_config(disable=True)
     without = _base_latents(stock)
@@ -68,7 +79,9 @@ def test_stock_pipeline_loads_the_lora_and_it_changes_the_output(trained_lora: P
     assert (with_lora - without).abs().mean() > 1e-2 * without.abs().mean()
 
 
-def test_training_leaves_the_base_pipeline_as_it_was(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+def test_training_leaves_the_base_pipeline_as_it_was(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
     before = _base_latents(pipelines.base)
     train_lora(pipelines, training_pairs, STRONG_LORA_PARAMS, tmp_path / "lora.safetensors")
 
@@ -76,11 +89,19 @@ def test_training_leaves_the_base_pipeline_as_it_was(pipelines: Pipelines, train
     assert torch.equal(_base_latents(pipelines.base), before)
 
 
-def test_progress_counts_every_step_up_to_the_total(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+def test_progress_counts_every_step_up_to_the_total(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
     reports: list[tuple[int, int, float]] = []
     params = TrainingParams(batch_size=2, epochs=2, seed=1)  # 3 images: 2 batches per epoch
 
-    result = train_lora(pipelines, training_pairs, params, tmp_path / "lora.safetensors", on_progress=lambda *r: reports.append(r))
+    result = train_lora(
+        pipelines,
+        training_pairs,
+        params,
+        tmp_path / "lora.safetensors",
+        on_progress=lambda *r: reports.append(r),
+    )
 
     assert [step for step, _, _ in reports] == [1, 2, 3, 4]
     assert {total for _, total, _ in reports} == {4}
@@ -88,7 +109,9 @@ def test_progress_counts_every_step_up_to_the_total(pipelines: Pipelines, traini
     assert result.metadata["sdxl_service.steps"] == "4"
 
 
-def test_same_seed_gives_the_same_lora(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+def test_same_seed_gives_the_same_lora(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
     params = TrainingParams(batch_size=2, steps=2, seed=11)
     first, second = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
     train_lora(pipelines, training_pairs, params, first)
@@ -101,7 +124,9 @@ def test_same_seed_gives_the_same_lora(pipelines: Pipelines, training_pairs: lis
         assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
 
 
-def test_should_stop_cancels_without_writing(pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path) -> None:
+def test_should_stop_cancels_without_writing(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
     output = tmp_path / "lora.safetensors"
     reports: list[int] = []
 
@@ -135,7 +160,11 @@ def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> N
     ],
 )
 def test_invalid_parameters_are_engine_errors(
-    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path, params: TrainingParams, message: str
+    pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tmp_path: Path,
+    params: TrainingParams,
+    message: str,
 ) -> None:
     with pytest.raises(EngineError, match=message):
         train_lora(pipelines, training_pairs, params, tmp_path / "lora.safetensors")
@@ -145,7 +174,12 @@ def test_unreadable_image_is_an_engine_error(pipelines: Pipelines, tmp_path: Pat
     broken = tmp_path / "0.png"
     broken.write_bytes(b"not an image")
     with pytest.raises(EngineError, match="0.png could not be read"):
-        train_lora(pipelines, [TrainingPair(broken, "x")], TrainingParams(seed=1), tmp_path / "lora.safetensors")
+        train_lora(
+            pipelines,
+            [TrainingPair(broken, "x")],
+            TrainingParams(seed=1),
+            tmp_path / "lora.safetensors",
+        )
     assert not _has_lora_layers(pipelines.base.unet)
 
 
