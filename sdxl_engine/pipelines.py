@@ -11,6 +11,11 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from sdxl_engine.errors import EngineError
 from sdxl_engine.source import ModelSource
 
+# What a missing, partial or unreachable model raises: huggingface_hub's errors derive
+# from OSError (not found, HTTP, offline) or ValueError (malformed repo id); diffusers
+# raises OSError/ValueError/KeyError for folders that are not pipelines.
+_LOAD_ERRORS = (OSError, ValueError, KeyError)
+
 
 @dataclass
 class Pipelines:
@@ -66,12 +71,6 @@ def load_pipelines(source: ModelSource) -> Pipelines:
     for pipeline in (base, refiner):
         pipeline.set_progress_bar_config(disable=True)
     return Pipelines(base=base, refiner=refiner, device=source.device, dtype=dtype, source=source)
-
-
-# What a missing, partial or unreachable model raises: huggingface_hub's errors derive
-# from OSError (not found, HTTP, offline) or ValueError (malformed repo id); diffusers
-# raises OSError/ValueError/KeyError for folders that are not pipelines.
-_LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
 def _env_flag(name: str) -> bool:
