@@ -70,6 +70,12 @@ class SessionAdmin(ReadOnlyAdmin):
     def folder(self, session: Session) -> str:
         return str(storage.session_dir(session.pk))
 
+    def get_deleted_objects(self, objs, request):
+        # Images and LoRA files cannot be deleted one by one (rows mirror files), but a
+        # session goes whole, through its service: that is permission enough for them.
+        deleted, model_count, _, protected = super().get_deleted_objects(objs, request)
+        return deleted, model_count, set(), protected
+
     def delete_model(self, request, obj: Session) -> None:
         services.session_delete(obj.pk)
 

@@ -1,0 +1,156 @@
+"""The whole service on a GPU with full-size SDXL: `manage.py serve` driven over HTTP.
+
+No SDXL weights can be downloaded where this runs, so it uses SDXL_MODEL_PRESET=sdxl-random:
+Base + Refiner built from SDXL's published configs with random weights, written in diffusers
+format and loaded through the same `from_pretrained` path real weights take. The images are
+noise; shapes, memory and arithmetic are the real model's.
+
+    python bench/gpu_service_check.py --out results/    # writes service_check.json + serve.log
+"""
+
+import argparse
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def noise_png(size: int, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--data-dir", type=Path, default=Path("/tmp/sdxl-service-data"))
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--train-steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--gen-steps", type=int, default=30)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"command": " ".join(sys.argv)}
+
+    env = {**os.environ, "SDXL_MODEL_PRESET": "sdxl-random", "SDXL_DATA_DIR": str(args.data_dir),
+           "PYTHONUNBUFFERED": "1"}
+    # Build the full-size pair once before the two workers start (each would otherwise
+    # build it, and only one copy would be kept).
+    started = time.monotonic()
+    subprocess.run(
+        [sys.executable, "-c",
+         "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
+         f"print(r('sdxl-random', '', '', Path('{args.data_dir}/models')))"],
+        cwd=REPO, env=env, check=True,
+    )
+    results["build_random_sdxl_s"] = round(time.monotonic() - started, 1)
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(args.out / "serve.log", "wb")
+    serve = subprocess.Popen(
+        [sys.executable, "manage.py", "serve", "--port", str(port)],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    try:
+        started = time.monotonic()
+        while True:
+            try:
+                if requests.get(f"{url}/list_sessions", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+            assert serve.poll() is None, "serve exited"
+        results["web_ready_s"] = round(time.monotonic() - started, 1)
+
+        session_id = requests.get(f"{url}/create_session", timeout=10).json()["session_id"]
+        for index in range(args.images):
+            response = requests.post(f"{url}/post_session_image", json={
+                "session_id": str(session_id), "image_base64": noise_png(1024, index),
+                "prompt": f"a photo of sks object number {index}"}, timeout=60)
+            assert response.json() == {"status": "success"}, response.text
+
+        # The first txt2img waits for the generation worker to load the pipelines.
+        body = {"prompt": "a photo of sks object", "num_images": 1, "height": 1024,
+                "width": 1024, "guidance_scale": 7.0, "steps": args.gen_steps, "seed": 1}
+        started = time.monotonic()
+        response = requests.post(f"{url}/txt2img", json=body, timeout=900)
+        assert response.ok, response.text
+        results["first_txt2img_s"] = round(time.monotonic() - started, 1)
+
+        started = time.monotonic()
+        response = requests.post(f"{url}/train_lora", json={
+            "session_id": session_id, "steps": args.train_steps,
+            "batch_size": args.batch_size}, timeout=60)
+        assert response.json()["status"] == "started", response.text
+        gen_during_training = []
+        while True:
+            status = requests.post(f"{url}/train_status", json={"session_id": session_id},
+                                   timeout=30).json()
+            if status["status"] != "in-progress":
+                break
+            if status.get("stage") == "training" and len(gen_during_training) < 2:
+                t0 = time.monotonic()
+                response = requests.post(f"{url}/txt2img", json=body, timeout=900)
+                gen_during_training.append(
+                    round(time.monotonic() - t0, 2) if response.ok else response.text)
+            time.sleep(0.5)
+        results["train_status"] = status
+        results["train_wall_s"] = round(time.monotonic() - started, 1)
+        results["train_images_seen"] = args.train_steps * args.batch_size
+        results["txt2img_while_training_s"] = gen_during_training
+        assert status["status"] == "completed", status
+
+        lora = requests.post(f"{url}/get_lora", json={"session_id": session_id}, timeout=60).json()
+        results["lora_filename"] = lora["lora_filename"]
+        results["lora_bytes"] = len(base64.b64decode(lora["lora_base64"]))
+
+        timings = {}
+        for label, extra in [("no_lora", {}), ("lora", {"use_lora": True,
+                                                         "session_id": str(session_id)})]:
+            runs = []
+            for _ in range(3):
+                t0 = time.monotonic()
+                response = requests.post(f"{url}/txt2img", json={**body, **extra}, timeout=900)
+                assert response.ok, response.text
+                runs.append(round(time.monotonic() - t0, 2))
+                image = Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0])))
+                assert image.size == (1024, 1024)
+            timings[label] = runs
+        results["txt2img_1024_s"] = timings
+        response = requests.post(f"{url}/txt2img", json={**body, "num_images": 2}, timeout=900)
+        results["txt2img_batch2_images"] = len(response.json()["images_base64"])
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            results["serve_exit_code"] = serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(serve.pid, signal.SIGKILL)
+            results["serve_exit_code"] = "killed"
+        log.close()
+        (args.out / "service_check.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
