@@ -52,16 +52,25 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv)}
 
-    env = {**os.environ, "SDXL_MODEL_PRESET": "sdxl-random", "SDXL_DATA_DIR": str(args.data_dir),
-           "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "SDXL_MODEL_PRESET": "sdxl-random",
+        "SDXL_DATA_DIR": str(args.data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
     # Build the full-size pair once before the two workers start (each would otherwise
     # build it, and only one copy would be kept).
     started = time.monotonic()
     subprocess.run(
-        [sys.executable, "-c",
-         "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
-         f"print(r('sdxl-random', '', '', Path('{args.data_dir}/models')))"],
-        cwd=REPO, env=env, check=True,
+        [
+            sys.executable,
+            "-c",
+            "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
+            f"print(r('sdxl-random', '', '', Path('{args.data_dir}/models')))",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
     )
     results["build_random_sdxl_s"] = round(time.monotonic() - started, 1)
 
@@ -70,7 +79,11 @@ def main() -> None:
     log = open(args.out / "serve.log", "wb")
     serve = subprocess.Popen(
         [sys.executable, "manage.py", "serve", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     try:
         started = time.monotonic()
@@ -85,35 +98,56 @@ def main() -> None:
 
         session_id = requests.get(f"{url}/create_session", timeout=10).json()["session_id"]
         for index in range(args.images):
-            response = requests.post(f"{url}/post_session_image", json={
-                "session_id": str(session_id), "image_base64": noise_png(1024, index),
-                "prompt": f"a photo of sks object number {index}"}, timeout=60)
+            response = requests.post(
+                f"{url}/post_session_image",
+                json={
+                    "session_id": str(session_id),
+                    "image_base64": noise_png(1024, index),
+                    "prompt": f"a photo of sks object number {index}",
+                },
+                timeout=60,
+            )
             assert response.json() == {"status": "success"}, response.text
 
         # The first txt2img waits for the generation worker to load the pipelines.
-        body = {"prompt": "a photo of sks object", "num_images": 1, "height": 1024,
-                "width": 1024, "guidance_scale": 7.0, "steps": args.gen_steps, "seed": 1}
+        body = {
+            "prompt": "a photo of sks object",
+            "num_images": 1,
+            "height": 1024,
+            "width": 1024,
+            "guidance_scale": 7.0,
+            "steps": args.gen_steps,
+            "seed": 1,
+        }
         started = time.monotonic()
         response = requests.post(f"{url}/txt2img", json=body, timeout=900)
         assert response.ok, response.text
         results["first_txt2img_s"] = round(time.monotonic() - started, 1)
 
         started = time.monotonic()
-        response = requests.post(f"{url}/train_lora", json={
-            "session_id": session_id, "steps": args.train_steps,
-            "batch_size": args.batch_size}, timeout=60)
+        response = requests.post(
+            f"{url}/train_lora",
+            json={
+                "session_id": session_id,
+                "steps": args.train_steps,
+                "batch_size": args.batch_size,
+            },
+            timeout=60,
+        )
         assert response.json()["status"] == "started", response.text
         gen_during_training = []
         while True:
-            status = requests.post(f"{url}/train_status", json={"session_id": session_id},
-                                   timeout=30).json()
+            status = requests.post(
+                f"{url}/train_status", json={"session_id": session_id}, timeout=30
+            ).json()
             if status["status"] != "in-progress":
                 break
             if status.get("stage") == "training" and len(gen_during_training) < 2:
                 t0 = time.monotonic()
                 response = requests.post(f"{url}/txt2img", json=body, timeout=900)
                 gen_during_training.append(
-                    round(time.monotonic() - t0, 2) if response.ok else response.text)
+                    round(time.monotonic() - t0, 2) if response.ok else response.text
+                )
             time.sleep(0.5)
         results["train_status"] = status
         results["train_wall_s"] = round(time.monotonic() - started, 1)
@@ -126,15 +160,19 @@ def main() -> None:
         results["lora_bytes"] = len(base64.b64decode(lora["lora_base64"]))
 
         timings = {}
-        for label, extra in [("no_lora", {}), ("lora", {"use_lora": True,
-                                                         "session_id": str(session_id)})]:
+        for label, extra in [
+            ("no_lora", {}),
+            ("lora", {"use_lora": True, "session_id": str(session_id)}),
+        ]:
             runs = []
             for _ in range(3):
                 t0 = time.monotonic()
                 response = requests.post(f"{url}/txt2img", json={**body, **extra}, timeout=900)
                 assert response.ok, response.text
                 runs.append(round(time.monotonic() - t0, 2))
-                image = Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0])))
+                image = Image.open(
+                    io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))
+                )
                 assert image.size == (1024, 1024)
             timings[label] = runs
         results["txt2img_1024_s"] = timings

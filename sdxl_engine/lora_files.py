@@ -7,12 +7,12 @@ then the tensor bytes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.files import sha256_file
 
 _HEADER_LENGTH_BYTES = 8
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
@@ -53,7 +53,7 @@ def inspect_lora_file(path: Path) -> LoraInfo:
     return LoraInfo(
         path=path,
         size_bytes=path.stat().st_size,
-        sha256=_sha256(path),
+        sha256=sha256_file(path),
         key_count=len(tensors),
         rank=ranks.pop() if len(ranks) == 1 else None,
         metadata=header.get("__metadata__", {}),
@@ -107,11 +107,3 @@ def _malformed(path: Path, detail: str) -> EngineError:
         f"{path.name} is not a readable safetensors file ({detail}); "
         "upload a LoRA saved as .safetensors."
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -75,9 +75,7 @@ TEMPLATES = [
 ]
 
 # --- Database --------------------------------------------------------------------------
-DATABASES = {
-    "default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")
-}
+DATABASES = {"default": env.db_url("DATABASE_URL", default=f"sqlite:///{DATA_DIR / 'db.sqlite3'}")}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"].setdefault("OPTIONS", {}).update(
         {
@@ -130,7 +128,7 @@ SDXL_REFINER_MODEL = env.str(
     "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
 )
 
-# --- Request limits for generation and training --------------------------------------------------------------------
+# --- Limits on what the API accepts --------------------------------------------------
 SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)
 SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
 SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)

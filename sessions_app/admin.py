@@ -28,7 +28,11 @@ def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
     url = reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
     return format_html(
         '<a href="{}"><img src="{}" style="max-width:{}px;max-height:{}px" alt="{}"></a>',
-        url, url, size, size, image.file,
+        url,
+        url,
+        size,
+        size,
+        image.file,
     )
 
 
@@ -89,8 +93,18 @@ class TrainingImageAdmin(ReadOnlyAdmin):
     list_display = ["file", "preview", "caption", "image_format", "width", "height", "size"]
     list_filter = ["image_format"]
     search_fields = ["caption", "file"]
-    readonly_fields = ["group", "file", "preview_large", "caption", "image_format", "width",
-                       "height", "size", "sha256", "created_at"]
+    readonly_fields = [
+        "group",
+        "file",
+        "preview_large",
+        "caption",
+        "image_format",
+        "width",
+        "height",
+        "size",
+        "sha256",
+        "created_at",
+    ]
 
     def has_delete_permission(self, request, obj=None):
         return False  # a session is deleted whole, through its own page

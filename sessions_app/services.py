@@ -21,9 +21,11 @@ def session_create() -> Session:
 def _free_group_number(session: Session) -> int:
     """The next group number, past any numbered folder an operator dropped in by hand."""
     folder = storage.session_dir(session.pk)
-    numbers_on_disk = [
-        int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit()
-    ] if folder.exists() else []
+    numbers_on_disk = (
+        [int(child.name) for child in folder.iterdir() if child.is_dir() and child.name.isdigit()]
+        if folder.exists()
+        else []
+    )
     return max([session.next_group_number, *(n + 1 for n in numbers_on_disk)])
 
 

@@ -89,9 +89,22 @@ def service(tmp_path_factory, model_cache_dir):
     log_path = data_dir / "serve.log"
     log = open(log_path, "wb")
     process = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--web-workers", "1"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        [
+            sys.executable,
+            "manage.py",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--web-workers",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     base_url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + START_TIMEOUT_S
@@ -106,8 +119,13 @@ def service(tmp_path_factory, model_cache_dir):
             pytest.fail(f"service did not start:\n{log_path.read_text(errors='replace')}")
         time.sleep(0.5)
     try:
-        yield {"url": base_url, "data_dir": data_dir, "db": database, "log": log_path,
-               "process": process}
+        yield {
+            "url": base_url,
+            "data_dir": data_dir,
+            "db": database,
+            "log": log_path,
+            "process": process,
+        }
     finally:
         if process.poll() is None:
             process.send_signal(signal.SIGINT)  # what Ctrl-C sends
@@ -135,19 +153,27 @@ def test_all_nine_endpoints(service, model_cache_dir):
     # post_session_image x3: PNG, JPEG, PNG; session_id as string and as int
     uploads = [("PNG", "red"), ("JPEG", "blue"), ("PNG", "green")]
     for index, (image_format, color) in enumerate(uploads):
-        response = _post(service, "/post_session_image", {
-            "session_id": sid if index % 2 == 0 else session_id,
-            "image_base64": b64(image_bytes(image_format, (72, 64), color)),
-            "prompt": f"a {color} square",
-        })
+        response = _post(
+            service,
+            "/post_session_image",
+            {
+                "session_id": sid if index % 2 == 0 else session_id,
+                "image_base64": b64(image_bytes(image_format, (72, 64), color)),
+                "prompt": f"a {color} square",
+            },
+        )
         assert response.status_code == 200, response.text
         assert response.json() == {"status": "success"}
     folder = service["data_dir"] / "session_data" / f"session_{session_id}"
-    assert (folder / "1" / "0.jpg").exists() and (folder / "2" / "0.txt").read_text() == "a green square"
+    assert (folder / "1" / "0.jpg").exists() and (
+        folder / "2" / "0.txt"
+    ).read_text() == "a green square"
 
     # train_status before training
     assert _post(service, "/train_status", {"session_id": sid}).json() == {
-        "status": "none", "progress": 0}
+        "status": "none",
+        "progress": 0,
+    }
 
     # train_lora, then poll train_status to completed; progress never goes backwards
     response = _post(service, "/train_lora", {"session_id": sid, "steps": 3, "resolution": 64})
@@ -170,7 +196,9 @@ def test_all_nine_endpoints(service, model_cache_dir):
     response = _post(service, "/get_lora", {"session_id": sid})
     body = response.json()
     assert {k: body[k] for k in ("session_id", "lora_filename")} == {
-        "session_id": sid, "lora_filename": "lora_1.safetensors"}
+        "session_id": sid,
+        "lora_filename": "lora_1.safetensors",
+    }
     lora_bytes = base64.b64decode(body["lora_base64"], validate=True)
     assert lora_bytes == (folder / "lora_1.safetensors").read_bytes()
     lora_file = service["data_dir"] / "downloaded.safetensors"
@@ -201,10 +229,21 @@ def test_all_nine_endpoints(service, model_cache_dir):
     } in listed
 
     # txt2img with the session's latest LoRA: N PNGs of the asked size
-    response = _post(service, "/txt2img", {
-        "prompt": "a red square", "negative_prompt": "", "num_images": 2, "height": 80,
-        "width": 64, "guidance_scale": 7.0, "steps": 6, "use_lora": True, "session_id": sid,
-    })
+    response = _post(
+        service,
+        "/txt2img",
+        {
+            "prompt": "a red square",
+            "negative_prompt": "",
+            "num_images": 2,
+            "height": 80,
+            "width": 64,
+            "guidance_scale": 7.0,
+            "steps": 6,
+            "use_lora": True,
+            "session_id": sid,
+        },
+    )
     assert response.status_code == 200, response.text
     images = response.json()["images_base64"]
     assert len(images) == 2
@@ -218,13 +257,18 @@ def test_all_nine_endpoints(service, model_cache_dir):
     assert response.json() == {"status": "deleted", "session_id": sid}
     assert not folder.exists()
     db = service["db"]
-    for table, column in [("sessions_app_session", "id"), ("sessions_app_imagegroup", "session_id"),
-                          ("training_app_trainingrun", "session_id"),
-                          ("training_app_loraartifact", "session_id")]:
+    for table, column in [
+        ("sessions_app_session", "id"),
+        ("sessions_app_imagegroup", "session_id"),
+        ("training_app_trainingrun", "session_id"),
+        ("training_app_loraartifact", "session_id"),
+    ]:
         assert db.count(f"SELECT COUNT(*) FROM {table} WHERE {column} = ?", session_id) == 0
     assert db.count("SELECT COUNT(*) FROM sessions_app_trainingimage") == 0
-    assert sid not in [s["session_id"] for s in
-                       requests.get(f"{service['url']}/list_sessions", timeout=10).json()["sessions"]]
+    assert sid not in [
+        s["session_id"]
+        for s in requests.get(f"{service['url']}/list_sessions", timeout=10).json()["sessions"]
+    ]
 
 
 def test_ctrl_c_stops_server_and_workers(service):

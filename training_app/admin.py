@@ -16,8 +16,18 @@ from training_app.models import Generation, LoraArtifact, TrainingRun, WorkerHea
 class LoraArtifactAdmin(ReadOnlyAdmin):
     list_display = ["__str__", "number", "source", "size", "sha256", "created_at", "download"]
     list_filter = ["source"]
-    readonly_fields = ["session", "number", "filename", "size", "sha256", "source",
-                       "training_run", "metadata", "created_at", "download"]
+    readonly_fields = [
+        "session",
+        "number",
+        "filename",
+        "size",
+        "sha256",
+        "source",
+        "training_run",
+        "metadata",
+        "created_at",
+        "download",
+    ]
 
     def has_delete_permission(self, request, obj=None):
         return False  # numbers are never reused; files leave with their session
@@ -50,29 +60,77 @@ class LoraArtifactAdmin(ReadOnlyAdmin):
 
 @admin.register(TrainingRun)
 class TrainingRunAdmin(ReadOnlyAdmin):
-    list_display = ["__str__", "session", "status", "stage", "progress", "step", "total_steps",
-                    "last_loss", "created_at", "finished_at"]
+    list_display = [
+        "__str__",
+        "session",
+        "status",
+        "stage",
+        "progress",
+        "step",
+        "total_steps",
+        "last_loss",
+        "created_at",
+        "finished_at",
+    ]
     list_filter = ["status", "stage"]
-    readonly_fields = ["session", "status", "stage", "progress", "step", "total_steps",
-                       "last_loss", "parameters", "error_message", "task_id", "worker",
-                       "created_at", "started_at", "finished_at", "heartbeat_at"]
+    readonly_fields = [
+        "session",
+        "status",
+        "stage",
+        "progress",
+        "step",
+        "total_steps",
+        "last_loss",
+        "parameters",
+        "error_message",
+        "task_id",
+        "worker",
+        "created_at",
+        "started_at",
+        "finished_at",
+        "heartbeat_at",
+    ]
 
 
 @admin.register(Generation)
 class GenerationAdmin(ReadOnlyAdmin):
-    list_display = ["__str__", "status", "prompt", "seed", "lora_filename", "image_count",
-                    "duration_ms", "created_at"]
+    list_display = [
+        "__str__",
+        "status",
+        "prompt",
+        "seed",
+        "lora_filename",
+        "image_count",
+        "duration_ms",
+        "created_at",
+    ]
     list_filter = ["status"]
     search_fields = ["prompt"]
-    readonly_fields = ["status", "prompt", "negative_prompt", "parameters", "seed", "session",
-                       "lora", "lora_filename", "lora_sha256", "image_count", "images",
-                       "duration_ms", "error_message", "task_id", "created_at", "started_at",
-                       "finished_at"]
+    readonly_fields = [
+        "status",
+        "prompt",
+        "negative_prompt",
+        "parameters",
+        "seed",
+        "session",
+        "lora",
+        "lora_filename",
+        "lora_sha256",
+        "image_count",
+        "images",
+        "duration_ms",
+        "error_message",
+        "task_id",
+        "created_at",
+        "started_at",
+        "finished_at",
+    ]
 
     @admin.display(description="images")
     def images(self, generation: Generation) -> str:
         return format_html_join(
-            " ", '<a href="{0}"><img src="{0}" style="max-width:256px"></a>',
+            " ",
+            '<a href="{0}"><img src="{0}" style="max-width:256px"></a>',
             (
                 (reverse("admin:training_app_generation_image", args=[generation.pk, index]),)
                 for index in range(generation.image_count)

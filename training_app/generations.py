@@ -15,7 +15,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from django_q.tasks import async_task
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl_engine.errors import EngineError
@@ -23,6 +22,7 @@ from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.selectors import session_get
 from training_app.models import Generation
+from training_app.queueing import enqueue
 from training_app.selectors import lora_get, worker_alive
 
 logger = logging.getLogger(__name__)
@@ -83,18 +83,16 @@ def generation_request(request: GenerationRequest) -> Generation:
             lora_filename=lora.filename if lora else "",
             lora_sha256=lora.sha256 if lora else "",
         )
-        transaction.on_commit(lambda: _enqueue_generation(generation.pk))
+        transaction.on_commit(
+            lambda: enqueue(
+                "training_app.tasks.generate_task",
+                Generation,
+                generation.pk,
+                settings.GENERATION_QUEUE,
+                f"generation-{generation.pk}",
+            )
+        )
     return generation
-
-
-def _enqueue_generation(generation_id: int) -> None:
-    task_id = async_task(
-        "training_app.tasks.generate_task",
-        generation_id,
-        cluster=settings.GENERATION_QUEUE,
-        task_name=f"generation-{generation_id}",
-    )
-    Generation.objects.filter(pk=generation_id).update(task_id=task_id)
 
 
 def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, list[bytes]]:

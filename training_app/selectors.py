@@ -30,8 +30,9 @@ def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
         .values("number")[:1]
     )
     return dict(
-        LoraArtifact.objects.filter(session_id__in=session_ids, number=Subquery(newest_numbers))
-        .values_list("session_id", "filename")
+        LoraArtifact.objects.filter(
+            session_id__in=session_ids, number=Subquery(newest_numbers)
+        ).values_list("session_id", "filename")
     )
 
 

@@ -11,15 +11,15 @@ from django.db import IntegrityError, transaction
 from django.db.models import Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
-from django_q.tasks import async_task
 
 from sdxl_engine.errors import EngineError, TrainingCancelled
-from sdxl_engine.files import replace_with_retry
+from sdxl_engine.files import replace_with_retry, sha256_file
 from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
 from training_app.models import LoraArtifact, TrainingRun
+from training_app.queueing import enqueue
 
 logger = logging.getLogger(__name__)
 
@@ -55,18 +55,16 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
                 run = TrainingRun.objects.create(session=session, parameters=parameters)
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
-        transaction.on_commit(lambda: _enqueue_training(run.pk))
+        transaction.on_commit(
+            lambda: enqueue(
+                "training_app.tasks.train_lora_task",
+                TrainingRun,
+                run.pk,
+                settings.TRAINING_QUEUE,
+                f"training-run-{run.pk}",
+            )
+        )
     return run
-
-
-def _enqueue_training(run_id: int) -> None:
-    task_id = async_task(
-        "training_app.tasks.train_lora_task",
-        run_id,
-        cluster=settings.TRAINING_QUEUE,
-        task_name=f"training-run-{run_id}",
-    )
-    TrainingRun.objects.filter(pk=run_id).update(task_id=task_id)
 
 
 # --- Executing a run (in the training worker) --------------------------------------------
@@ -209,7 +207,7 @@ def lora_store(
     file is in place, in the same transaction, so a failure leaves neither.
     """
     size = finished_file.stat().st_size
-    sha256 = storage.sha256_file(finished_file)
+    sha256 = sha256_file(finished_file)
     with session_lock(session_id) as session:
         number, name = _allocate_lora_name(session, filename)
         target = storage.session_dir(session.pk) / name

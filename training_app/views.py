@@ -8,6 +8,7 @@ from rest_framework.response import Response
 
 from sdxl_service.api import validated
 from sessions_app.selectors import session_get
+from sessions_app.serializers import SessionRefSerializer
 from training_app import selectors, services
 from training_app.generations import GenerationRequest, generation_request, generation_wait
 from training_app.serializers import (
@@ -16,7 +17,6 @@ from training_app.serializers import (
     Txt2ImgSerializer,
     UploadLoraSerializer,
 )
-from sessions_app.serializers import SessionRefSerializer
 
 
 @api_view(["POST"])
@@ -53,9 +53,7 @@ def get_lora(request):
 @api_view(["POST"])
 def upload_lora(request):
     data = validated(UploadLoraSerializer, request)
-    artifact = services.lora_upload(
-        data["session_id"], data["lora_base64"], data.get("filename")
-    )
+    artifact = services.lora_upload(data["session_id"], data["lora_base64"], data.get("filename"))
     return Response(
         {"status": "success", "lora_filename": artifact.filename, "iteration": artifact.number}
     )

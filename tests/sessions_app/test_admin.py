@@ -17,7 +17,8 @@ def session_with_image():
 
 def test_session_page_shows_groups_with_thumbnail_and_caption(admin_client, session_with_image):
     response = admin_client.get(
-        reverse("admin:sessions_app_session_change", args=[session_with_image.pk]))
+        reverse("admin:sessions_app_session_change", args=[session_with_image.pk])
+    )
     assert response.status_code == 200
     image = TrainingImage.objects.get()
     content = response.content.decode()

@@ -36,9 +36,11 @@ def test_image_add_keeps_format_and_numbers_groups_in_order():
     folder = storage.session_dir(session.pk)
     assert (folder / "1" / "0.jpg").read_bytes() == jpeg
     assert (folder / "2" / "0.webp").exists()
-    assert list(
-        ImageGroup.objects.filter(session=session).values_list("number", flat=True)
-    ) == [0, 1, 2]
+    assert list(ImageGroup.objects.filter(session=session).values_list("number", flat=True)) == [
+        0,
+        1,
+        2,
+    ]
     session.refresh_from_db()
     assert session.next_group_number == 3
 

@@ -76,25 +76,40 @@ def test_post_session_image_accepts_data_url_prefix(api):
 def test_post_session_image_errors_are_json_and_name_the_field(api):
     session_id = api.get("/create_session").json()["session_id"]
     good = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "x"}
-    assert_error(api.post("/post_session_image", {**good, "image_base64": "@@@"}, format="json"),
-                 400, "image_base64")
-    assert_error(api.post("/post_session_image", {**good, "session_id": "abc"}, format="json"),
-                 400, "session_id")
-    assert_error(api.post("/post_session_image", {**good, "prompt": ""}, format="json"),
-                 400, "prompt")
-    assert_error(api.post("/post_session_image", {**good, "session_id": 999}, format="json"),
-                 404, "session 999 not found")
     assert_error(
-        api.post("/post_session_image", {**good, "image_base64": b64(b"plain text")},
-                 format="json"),
-        400, "image",
+        api.post("/post_session_image", {**good, "image_base64": "@@@"}, format="json"),
+        400,
+        "image_base64",
+    )
+    assert_error(
+        api.post("/post_session_image", {**good, "session_id": "abc"}, format="json"),
+        400,
+        "session_id",
+    )
+    assert_error(
+        api.post("/post_session_image", {**good, "prompt": ""}, format="json"), 400, "prompt"
+    )
+    assert_error(
+        api.post("/post_session_image", {**good, "session_id": 999}, format="json"),
+        404,
+        "session 999 not found",
+    )
+    assert_error(
+        api.post(
+            "/post_session_image", {**good, "image_base64": b64(b"plain text")}, format="json"
+        ),
+        400,
+        "image",
     )
     assert list(storage.session_dir(session_id).iterdir()) == []
 
 
 def test_malformed_json_unknown_path_and_wrong_method_answer_json(api):
-    assert_error(api.generic("POST", "/post_session_image", "{not json",
-                             content_type="application/json"), 400, "JSON")
+    assert_error(
+        api.generic("POST", "/post_session_image", "{not json", content_type="application/json"),
+        400,
+        "JSON",
+    )
     assert_error(api.get("/no_such_endpoint"), 404, "no such endpoint")
     assert_error(api.post("/create_session", {}, format="json"), 405, "POST")
 
@@ -102,9 +117,11 @@ def test_malformed_json_unknown_path_and_wrong_method_answer_json(api):
 def test_list_sessions_shape(api):
     first = api.get("/create_session").json()["session_id"]
     api.get("/create_session")
-    api.post("/post_session_image",
-             {"session_id": first, "image_base64": b64(image_bytes()), "prompt": "x"},
-             format="json")
+    api.post(
+        "/post_session_image",
+        {"session_id": first, "image_base64": b64(image_bytes()), "prompt": "x"},
+        format="json",
+    )
     body = api.get("/list_sessions").json()
     assert body["sessions"][0] == {
         "session_id": str(first),
@@ -121,5 +138,6 @@ def test_delete_session(api, django_capture_on_commit_callbacks):
         response = api.post("/delete_session", {"session_id": str(session_id)}, format="json")
     assert response.json() == {"status": "deleted", "session_id": str(session_id)}
     assert not storage.session_dir(session_id).exists()
-    assert_error(api.post("/delete_session", {"session_id": session_id}, format="json"),
-                 404, "not found")
+    assert_error(
+        api.post("/delete_session", {"session_id": session_id}, format="json"), 404, "not found"
+    )

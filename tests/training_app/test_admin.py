@@ -3,9 +3,9 @@ from django.urls import reverse
 
 from sessions_app import services as session_services
 from sessions_app import storage
+from tests.helpers import image_bytes
 from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
-from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -21,7 +21,8 @@ def trained():
 
 def test_lora_download(admin_client, trained):
     response = admin_client.get(
-        reverse("admin:training_app_loraartifact_download", args=[trained.pk]))
+        reverse("admin:training_app_loraartifact_download", args=[trained.pk])
+    )
     assert response.status_code == 200
     assert "lora_1.safetensors" in response["Content-Disposition"]
     path = storage.session_dir(trained.session_id) / trained.filename

@@ -6,10 +6,10 @@ from PIL import Image
 
 from sdxl_service.errors import ServiceError
 from sessions_app import services as session_services
+from tests.helpers import image_bytes
 from training_app import generations, services
 from training_app.generations import GenerationRequest
 from training_app.models import Generation, WorkerHeartbeat
-from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -20,8 +20,11 @@ SMALL = {"height": 64, "width": 64, "steps": 5}
 def generation_worker(settings):
     """A heartbeat as the generation worker writes it; the jobs run in-process here."""
     return WorkerHeartbeat.objects.create(
-        queue=settings.GENERATION_QUEUE, host="test", pid=1,
-        started_at=timezone.now(), last_seen=timezone.now(),
+        queue=settings.GENERATION_QUEUE,
+        host="test",
+        pid=1,
+        started_at=timezone.now(),
+        last_seen=timezone.now(),
     )
 
 
@@ -34,7 +37,8 @@ def test_request_without_a_live_worker_is_503_and_records_nothing():
 
 def test_stale_heartbeat_counts_as_no_worker(generation_worker, settings):
     generation_worker.last_seen = timezone.now() - timezone.timedelta(
-        seconds=settings.SDXL_WORKER_STALE_AFTER + 1)
+        seconds=settings.SDXL_WORKER_STALE_AFTER + 1
+    )
     generation_worker.save()
     with pytest.raises(ServiceError) as error:
         generations.generation_request(GenerationRequest(prompt="x"))
@@ -43,7 +47,8 @@ def test_stale_heartbeat_counts_as_no_worker(generation_worker, settings):
 
 def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
     generation = generations.generation_request(
-        GenerationRequest(prompt="a cat", num_images=2, seed=7, **SMALL))
+        GenerationRequest(prompt="a cat", num_images=2, seed=7, **SMALL)
+    )
     assert generation.status == "queued" and generation.seed == 7
     generations.generation_execute(generation.pk)
     finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
@@ -65,12 +70,14 @@ def test_same_seed_same_image_and_lora_changes_it(generation_worker):
     for color in ("red", "blue"):
         session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64), color), color)
     run = services.training_run_start(
-        session.pk, {"steps": 3, "resolution": 64, "learning_rate": 0.05, "seed": 3})
+        session.pk, {"steps": 3, "resolution": 64, "learning_rate": 0.05, "seed": 3}
+    )
     services.training_run_execute(run.pk)
 
     def png(**extra) -> bytes:
         generation = generations.generation_request(
-            GenerationRequest(prompt="red", seed=11, **SMALL, **extra))
+            GenerationRequest(prompt="red", seed=11, **SMALL, **extra)
+        )
         generations.generation_execute(generation.pk)
         return generations.generation_wait(generation.pk, timeout_s=5)[1][0]
 
@@ -85,7 +92,8 @@ def test_use_lora_without_any_lora_is_404(generation_worker):
     session = session_services.session_create()
     with pytest.raises(ServiceError) as error:
         generations.generation_request(
-            GenerationRequest(prompt="x", use_lora=True, session_id=session.pk))
+            GenerationRequest(prompt="x", use_lora=True, session_id=session.pk)
+        )
     assert (error.value.status, error.value.message) == (404, "Requested LoRA not found")
 
 

@@ -1,9 +1,9 @@
 import pytest
 
 from sessions_app import services as session_services
+from tests.helpers import image_bytes
 from training_app import services
 from training_app.runtime import worker_pipelines
-from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 

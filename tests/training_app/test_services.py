@@ -4,13 +4,14 @@ import pytest
 from django_q.brokers import get_broker
 from safetensors import safe_open
 
+from sdxl_engine.files import sha256_file
 from sdxl_service.errors import ServiceError
 from sessions_app import services as session_services
 from sessions_app import storage
+from tests.helpers import image_bytes
 from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import training_status
-from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -47,8 +48,13 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
     assert (run.status, run.progress, run.parameters) == ("queued", 0, {"steps": 3})
     assert run.task_id
     assert training_status(session_with_images.pk) == {
-        "status": "in-progress", "progress": 0, "queued": True, "stage": "queued",
-        "step": 0, "total_steps": None, "loss": None,
+        "status": "in-progress",
+        "progress": 0,
+        "queued": True,
+        "stage": "queued",
+        "step": 0,
+        "total_steps": None,
+        "loss": None,
     }
 
 
@@ -66,14 +72,21 @@ def test_execute_trains_and_stores_lora_1(session_with_images):
     run.refresh_from_db()
     assert (run.status, run.progress, run.step, run.total_steps) == ("completed", 100, 2, 2)
     artifact = LoraArtifact.objects.get()
-    assert (artifact.number, artifact.filename, artifact.source) == (1, "lora_1.safetensors", "trained")
+    assert (artifact.number, artifact.filename, artifact.source) == (
+        1,
+        "lora_1.safetensors",
+        "trained",
+    )
     path = storage.session_dir(session_with_images.pk) / "lora_1.safetensors"
-    assert artifact.sha256 == storage.sha256_file(path) and artifact.size == path.stat().st_size
+    assert artifact.sha256 == sha256_file(path) and artifact.size == path.stat().st_size
     assert artifact.metadata["sdxl_service.rank"] == "4"
     with safe_open(path, framework="pt") as lora:
         assert all(key.startswith("unet.") for key in lora.keys())
     assert training_status(session_with_images.pk) == {
-        "status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+        "status": "completed",
+        "progress": 100,
+        "lora": "lora_1.safetensors",
+    }
     # No temporary file is left behind.
     assert sorted(p.name for p in path.parent.iterdir()) == ["0", "1", "2", "lora_1.safetensors"]
 
@@ -126,7 +139,8 @@ def test_upload_with_filename_and_name_taken_is_409(session_with_images):
 
 
 @pytest.mark.parametrize(
-    "filename", ["../evil.safetensors", "a/b.safetensors", "/abs.safetensors", "x.bin", "x\0.safetensors"]
+    "filename",
+    ["../evil.safetensors", "a/b.safetensors", "/abs.safetensors", "x.bin", "x\0.safetensors"],
 )
 def test_upload_refuses_unsafe_names_and_writes_nothing(session_with_images, filename):
     before = sorted(p.name for p in storage.session_dir(session_with_images.pk).iterdir())

@@ -4,10 +4,10 @@ import pytest
 from rest_framework.test import APIClient
 
 from sessions_app import services as session_services
-from training_app import services
-from training_app.models import TrainingRun
 from tests.helpers import b64, image_bytes
 from tests.sessions_app.test_views import assert_error
+from training_app import services
+from training_app.models import TrainingRun
 
 pytestmark = pytest.mark.django_db
 
@@ -28,8 +28,9 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
     response = api.post("/train_lora", {"session_id": str(session.pk)}, format="json")
     assert response.status_code == 200
     assert response.json()["status"] == "started"
-    assert_error(api.post("/train_lora", {"session_id": session.pk}, format="json"),
-                 409, "already training")
+    assert_error(
+        api.post("/train_lora", {"session_id": session.pk}, format="json"), 409, "already training"
+    )
 
 
 @pytest.mark.parametrize(
@@ -44,17 +45,32 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
-    assert_error(api.post("/train_lora", {"session_id": session.pk, **body}, format="json"),
-                 400, field)
+    assert_error(
+        api.post("/train_lora", {"session_id": session.pk, **body}, format="json"), 400, field
+    )
     assert not TrainingRun.objects.exists()
 
 
 def test_train_lora_passes_parameters_to_the_run(api, session):
-    api.post("/train_lora", {"session_id": session.pk, "steps": 7, "rank": 8,
-                             "learning_rate": 0.001, "resolution": 512, "seed": 3},
-             format="json")
+    api.post(
+        "/train_lora",
+        {
+            "session_id": session.pk,
+            "steps": 7,
+            "rank": 8,
+            "learning_rate": 0.001,
+            "resolution": 512,
+            "seed": 3,
+        },
+        format="json",
+    )
     assert TrainingRun.objects.get().parameters == {
-        "steps": 7, "rank": 8, "learning_rate": 0.001, "resolution": 512, "seed": 3}
+        "steps": 7,
+        "rank": 8,
+        "learning_rate": 0.001,
+        "resolution": 512,
+        "seed": 3,
+    }
 
 
 def test_train_status_shapes(api, session):
@@ -71,30 +87,47 @@ def test_train_status_shapes(api, session):
 
 
 def test_get_and_upload_lora(api, session):
-    assert_error(api.post("/get_lora", {"session_id": session.pk}, format="json"),
-                 404, "Requested LoRA not found")
+    assert_error(
+        api.post("/get_lora", {"session_id": session.pk}, format="json"),
+        404,
+        "Requested LoRA not found",
+    )
     run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     services.training_run_execute(run.pk)
     body = api.post("/get_lora", {"session_id": str(session.pk)}, format="json").json()
     assert body["session_id"] == str(session.pk)
     assert body["lora_filename"] == "lora_1.safetensors"
     lora = base64.b64decode(body["lora_base64"])
-    response = api.post("/upload_lora", {"session_id": session.pk, "lora_base64": b64(lora),
-                                         "filename": "mine.safetensors"}, format="json")
-    assert response.json() == {"status": "success", "lora_filename": "mine.safetensors",
-                               "iteration": 2}
+    response = api.post(
+        "/upload_lora",
+        {"session_id": session.pk, "lora_base64": b64(lora), "filename": "mine.safetensors"},
+        format="json",
+    )
+    assert response.json() == {
+        "status": "success",
+        "lora_filename": "mine.safetensors",
+        "iteration": 2,
+    }
     latest = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
     assert latest["lora_filename"] == "mine.safetensors"
-    assert_error(api.post("/upload_lora", {"session_id": session.pk, "lora_base64": b64(lora),
-                                           "filename": "mine.safetensors"}, format="json"),
-                 409, "already exists")
-    assert_error(api.post("/upload_lora", {"session_id": session.pk, "lora_base64": "!!"},
-                          format="json"), 400, "lora_base64")
+    assert_error(
+        api.post(
+            "/upload_lora",
+            {"session_id": session.pk, "lora_base64": b64(lora), "filename": "mine.safetensors"},
+            format="json",
+        ),
+        409,
+        "already exists",
+    )
+    assert_error(
+        api.post("/upload_lora", {"session_id": session.pk, "lora_base64": "!!"}, format="json"),
+        400,
+        "lora_base64",
+    )
 
 
 def test_txt2img_without_worker_is_503_json(api):
-    assert_error(api.post("/txt2img", {"prompt": "x"}, format="json"), 503,
-                 "no generation worker")
+    assert_error(api.post("/txt2img", {"prompt": "x"}, format="json"), 503, "no generation worker")
 
 
 @pytest.mark.parametrize(
