@@ -10,6 +10,7 @@ import PIL.Image
 import torch
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.lora_merge import is_unet_only
 from sdxl_engine.pipelines import Pipelines
 
 # The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
@@ -44,13 +45,20 @@ def generate(
     generator = torch.Generator(pipelines.device).manual_seed(seed)
     report_step = _step_reporter(steps, on_step)
 
-    if lora_path is not None:
-        _load_lora(pipelines, Path(lora_path), lora_scale)
+    # A UNet-only LoRA (what the trainer writes) is merged into the weights for the
+    # request; anything else (text-encoder LoRAs) goes through diffusers' PEFT layers.
+    merged = lora_path is not None and is_unet_only(Path(lora_path))
     try:
+        if merged:
+            pipelines.unet_lora.merge(Path(lora_path), lora_scale)
+        elif lora_path is not None:
+            _load_lora(pipelines, Path(lora_path), lora_scale)
         with torch.no_grad():
             latents = base(
                 prompt=prompt,
-                negative_prompt=negative_prompt,
+                # SDXL's Base is meant to see zeros for an empty negative prompt
+                # (force_zeros_for_empty_prompt); diffusers applies that only to None.
+                negative_prompt=negative_prompt or None,
                 num_images_per_prompt=num_images,
                 height=height,
                 width=width,
@@ -61,7 +69,7 @@ def generate(
                 output_type="latent",
                 callback_on_step_end=report_step,
             ).images
-            if lora_path is not None:
+            if lora_path is not None and not merged:
                 # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
                 # must not reach the Refiner's prompt encoding.
                 base.disable_lora()
@@ -81,7 +89,9 @@ def generate(
             ).images
             images = _decode(pipelines, refined)
     finally:
-        if lora_path is not None:
+        if merged:
+            pipelines.unet_lora.restore()
+        elif lora_path is not None:
             base.unload_lora_weights()
     return images
 
@@ -134,9 +144,9 @@ def _load_lora(pipelines: Pipelines, lora_path: Path, lora_scale: float) -> None
 def _decode(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image]:
     """Decode with the float32 VAE.
 
-    The pipelines' own decoding casts the VAE to the latents' dtype or upcasts a float16
-    VAE on every call; ours is float32 for good (load_pipelines), so the float16 latents
-    are cast to it instead.
+    The pipelines' own decoding casts the VAE to the latents' dtype or upcasts a half
+    precision VAE on every call; ours is float32 for good (load_pipelines), so the
+    latents are cast to it instead.
     """
     vae = pipelines.refiner.vae
     decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[

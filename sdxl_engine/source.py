@@ -73,7 +73,7 @@ def resolve_model_source(
     from sdxl_engine.builder import build_random_pipelines
 
     # Half precision halves the full-size build's disk and time; loading casts anyway.
-    dtype = torch.float16 if cuda else None
+    dtype = torch.bfloat16 if cuda else None
     base_dir, refiner_dir = build_random_pipelines(
         _RANDOM_PRESETS[chosen], Path(cache_dir) / chosen, dtype=dtype, device=device
     )

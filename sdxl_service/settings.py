@@ -127,6 +127,9 @@ SDXL_BASE_MODEL = env.str("SDXL_BASE_MODEL", default="stabilityai/stable-diffusi
 SDXL_REFINER_MODEL = env.str(
     "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
 )
+# torch.compile the UNets' transformer blocks in the workers (GPU): faster steps, paid for
+# with compile time at start and at each new image size.
+SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
 
 # --- Limits on what the API accepts --------------------------------------------------
 SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)

@@ -25,6 +25,7 @@ def worker_pipelines():
         settings.SDXL_BASE_MODEL,
         settings.SDXL_REFINER_MODEL,
         str(settings.MODEL_CACHE_DIR),
+        settings.SDXL_COMPILE,
     )
     with _lock:
         if wanted not in _loaded:
@@ -36,6 +37,6 @@ def worker_pipelines():
                 settings.MODEL_CACHE_DIR,
             )
             logger.info("model: %s", source.reason)
-            _loaded[wanted] = load_pipelines(source)
+            _loaded[wanted] = load_pipelines(source, compile_unets=settings.SDXL_COMPILE)
             logger.info("model: loaded %s on %s", source.preset, source.device)
         return _loaded[wanted]

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from sdxl_engine.errors import EngineError
@@ -58,11 +59,19 @@ def test_lora_applies_to_this_call_and_the_base_only(
     pipelines: Pipelines, trained_lora: Path
 ) -> None:
     before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+    weights = {
+        name: pipeline.unet.state_dict()
+        for name, pipeline in (("base", pipelines.base), ("refiner", pipelines.refiner))
+    }
+    originals = {name: {k: v.clone() for k, v in w.items()} for name, w in weights.items()}
     lora_layers_seen = {"base": False, "refiner": False}
 
     def watch(step: int, total: int) -> None:
-        for name, pipeline in (("base", pipelines.base), ("refiner", pipelines.refiner)):
-            lora_layers_seen[name] |= any("lora" in n for n, _ in pipeline.unet.named_modules())
+        # The LoRA is merged into the Base UNet's weights while the call runs.
+        for name in lora_layers_seen:
+            lora_layers_seen[name] |= any(
+                not torch.equal(weights[name][k], originals[name][k]) for k in weights[name]
+            )
 
     with_lora = generate(
         pipelines, prompt="a red square", seed=9, lora_path=trained_lora, on_step=watch, **SMALL
@@ -72,6 +81,7 @@ def test_lora_applies_to_this_call_and_the_base_only(
     assert lora_layers_seen == {"base": True, "refiner": False}
     assert not _same(before, with_lora)
     assert _same(before, after)
+    assert all(torch.equal(weights["base"][k], originals["base"][k]) for k in weights["base"])
 
 
 def test_lora_scale_zero_matches_no_lora(pipelines: Pipelines, trained_lora: Path) -> None:

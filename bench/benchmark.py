@@ -1,0 +1,500 @@
+"""GPU benchmark: the worker's engine against plain diffusers, side by side, full-size SDXL.
+
+No SDXL weights can be downloaded where this runs, so it builds (once) the full-size
+Base + Refiner pair with random weights from SDXL's published configs
+(`SDXL_MODEL_PRESET=sdxl-random`) and loads it through the same `from_pretrained` path as
+real weights. Timings depend on shapes, not on weight values.
+
+    python bench/benchmark.py --parts gen,train,cold --out results/
+
+Parts (each fits one device call of under 10 minutes):
+  gen    generation 1024², 30 steps, Base to 0.8 with CFG 7, Refiner after without CFG,
+         batch 1 and 4, a rank-4 LoRA applied: ours (engine `generate`, LoRA merged in
+         place) against plain diffusers (half precision, SDPA, `load_lora_weights` before
+         and `unload_lora_weights` after each request); LoRA switch; correctness
+  train  LoRA training at 1024², batch 4, rank 4: ours (engine `train_lora`) against the
+         original's naive loop; peak VRAM; TFLOP/s from torch.utils.flop_counter
+  cold   worker start to first image, in fresh processes, without and with compile caches
+Each part writes `<part>.json` under --out; `bench/report.py` merges them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from sdxl_engine.dataset import TrainingPair  # noqa: E402
+from sdxl_engine.generation import generate  # noqa: E402
+from sdxl_engine.pipelines import load_pipelines  # noqa: E402
+from sdxl_engine.source import resolve_model_source  # noqa: E402
+from sdxl_engine.training import TrainingParams, train_lora  # noqa: E402
+
+PROMPT = "a photo of sks dog on a beach, golden hour"
+GEN = {"height": 1024, "width": 1024, "guidance_scale": 7.0, "steps": 30}
+HANDOVER = 0.8
+# CUDA for the real benchmark; the CPU only for a dry run of the script (--preset tiny).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync_time() -> float:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def peak_gib() -> float:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 2) if DEVICE == "cuda" else 0.0
+
+
+def reset_peak() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.empty_cache()
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
+    return ordered[index]
+
+
+def summary(values: list[float]) -> dict:
+    return {
+        "p50_s": round(statistics.median(values), 4),
+        "p95_s": round(percentile(values, 0.95), 4),
+        "runs_s": [round(v, 4) for v in values],
+    }
+
+
+def environment() -> dict:
+    import diffusers
+    import transformers
+
+    return {
+        "card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "transformers": transformers.__version__,
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def model_source(args):
+    return resolve_model_source(args.preset, "", "", args.cache)
+
+
+def latent_inputs(unet, batch: int, size: int) -> tuple[tuple, dict]:
+    """Random UNet inputs of a Base step: latents, timestep, text and SDXL conditioning."""
+    config, dtype = unet.config, unet.dtype
+    latent = size // 8
+    pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+    args = (
+        torch.randn(batch, config.in_channels, latent, latent, device=DEVICE, dtype=dtype),
+        torch.randint(0, 1000, (batch,), device=DEVICE),
+    )
+    kwargs = {
+        "encoder_hidden_states": torch.randn(
+            batch, 77, config.cross_attention_dim, device=DEVICE, dtype=dtype
+        ),
+        "added_cond_kwargs": {
+            "text_embeds": torch.randn(batch, pooled, device=DEVICE, dtype=dtype),
+            "time_ids": torch.tensor(
+                [[size, size, 0, 0, size, size]] * batch, device=DEVICE, dtype=dtype
+            ),
+        },
+    }
+    return args, kwargs
+
+
+def training_images(folder: Path, size: int, count: int = 4) -> list[TrainingPair]:
+    """Random 1024² photos-to-be with captions (their content does not change timings)."""
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pairs = []
+    for index in range(count):
+        path = folder / f"{index}.png"
+        if not path.exists():
+            pixels = np.random.default_rng(index).integers(0, 256, (size, size, 3), np.uint8)
+            Image.fromarray(pixels).save(path)
+        pairs.append(TrainingPair(path, f"a photo of sks dog, view {index}"))
+    return pairs
+
+
+# --- plain diffusers, as the original service does it ------------------------------------
+
+
+def baseline_pipelines(source, dtype=torch.float16):
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+
+    base = StableDiffusionXLPipeline.from_pretrained(source.base, torch_dtype=dtype).to(DEVICE)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        source.refiner, text_encoder_2=base.text_encoder_2, vae=base.vae, torch_dtype=dtype
+    ).to(DEVICE)
+    for pipeline in (base, refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    return base, refiner
+
+
+def baseline_generate(base, refiner, lora: Path, num_images: int, seed: int, output_type="pil"):
+    base.load_lora_weights(str(lora))
+    try:
+        generator = torch.Generator(DEVICE).manual_seed(seed)
+        latents = base(
+            prompt=PROMPT,
+            num_images_per_prompt=num_images,
+            height=GEN["height"],
+            width=GEN["width"],
+            guidance_scale=GEN["guidance_scale"],
+            num_inference_steps=GEN["steps"],
+            denoising_end=HANDOVER,
+            generator=generator,
+            output_type="latent",
+        ).images
+        return refiner(
+            prompt=PROMPT,
+            image=latents,
+            num_images_per_prompt=num_images,
+            num_inference_steps=GEN["steps"],
+            denoising_start=HANDOVER,
+            guidance_scale=1.0,
+            generator=generator,
+            output_type=output_type,
+        ).images
+    finally:
+        base.unload_lora_weights()
+
+
+# --- parts ----------------------------------------------------------------------------------
+
+
+def gen_ours(args, source, pairs: list[TrainingPair]):
+    """Our engine's numbers; returns them, the correctness latents, the LoRAs and dtype."""
+    ours = load_pipelines(source, compile_unets=args.compile)
+    loras = []
+    for name, seed in (("a", 1), ("b", 2)):
+        path = args.cache / f"lora_{name}.safetensors"
+        if not path.exists():
+            train_lora(ours, pairs, TrainingParams(steps=2, seed=seed, learning_rate=1e-3), path)
+        loras.append(path)
+    results: dict = {"compile": args.compile}
+
+    def time_ours(num_images: int, runs: int) -> list[float]:
+        times = []
+        for index in range(runs + 1):  # the first run warms up (and compiles)
+            start = sync_time()
+            generate(
+                ours, prompt=PROMPT, num_images=num_images, seed=index, lora_path=loras[0], **GEN
+            )
+            elapsed = sync_time() - start
+            if index == 0:
+                results[f"ours_b{num_images}_first_s"] = round(elapsed, 2)
+            else:
+                times.append(elapsed)
+        return times
+
+    results["ours_b1"] = summary(time_ours(1, args.runs))
+    results["ours_b4"] = summary(time_ours(4, max(3, args.runs // 2)))
+
+    # LoRA switch: session A's LoRA to session B's, as between two requests.
+    merger = ours.unet_lora
+    switches = []
+    for index in range(10):
+        merger.merge(loras[index % 2])
+        start = sync_time()
+        merger.merge(loras[(index + 1) % 2])
+        switches.append(sync_time() - start)
+    merger.restore()
+    results["lora_switch_ms"] = round(statistics.median(switches[2:]) * 1000, 2)
+
+    # Per-step cost of having a LoRA applied: one Base UNet step, CFG batch, with and without.
+    unet = ours.base.unet
+    step_args, step_kwargs = latent_inputs(unet, 2, args.size)
+
+    def step_ms() -> float:
+        with torch.no_grad():
+            for _ in range(3):
+                unet(*step_args, **step_kwargs)
+            start = sync_time()
+            for _ in range(10):
+                unet(*step_args, **step_kwargs)
+            return (sync_time() - start) * 100
+
+    results["base_step_ms_no_lora"] = round(step_ms(), 2)
+    merger.merge(loras[0])
+    results["base_step_ms_lora_applied"] = round(step_ms(), 2)
+    merger.restore()
+
+    # Correctness: same seed, same weights, same LoRA; final latents of ours against plain
+    # diffusers (PEFT layers, unfused) in the same precision.
+    def ours_latents():
+        from sdxl_engine import generation
+
+        captured = {}
+
+        def capture(pipelines, latents):
+            captured["x"] = latents
+            return []
+
+        original = generation._decode
+        generation._decode = capture
+        try:
+            generate(ours, prompt=PROMPT, num_images=1, seed=1234, lora_path=loras[0], **GEN)
+        finally:
+            generation._decode = original
+        return captured["x"].float()
+
+    return results, ours_latents(), loras, ours.dtype
+
+
+def part_gen(args) -> dict:
+    source = model_source(args)
+    pairs = training_images(args.cache / "images", args.size)
+    results, fast, loras, dtype = gen_ours(args, source, pairs)
+    reset_peak()  # ours is gone: the baselines get the card to themselves
+
+    # Correctness: same seed, same weights, same LoRA; final latents of ours against plain
+    # diffusers (PEFT layers, unfused) in the same precision.
+    reference_base, reference_refiner = baseline_pipelines(source, dtype=dtype)
+    reference = baseline_generate(
+        reference_base, reference_refiner, loras[0], 1, 1234, output_type="latent"
+    ).float()
+    results["max_rel_error"] = float((fast - reference).norm() / reference.norm())
+    results["nan"] = bool(torch.isnan(fast).any())
+    del reference_base, reference_refiner
+    reset_peak()
+
+    # Baseline timings: plain diffusers in half precision, LoRA loaded per request.
+    base, refiner = baseline_pipelines(source)
+
+    def time_baseline(num_images: int, runs: int) -> list[float]:
+        times = []
+        for index in range(runs + 1):
+            start = sync_time()
+            baseline_generate(base, refiner, loras[0], num_images, index)
+            if index:
+                times.append(sync_time() - start)
+        return times
+
+    results["baseline_b1"] = summary(time_baseline(1, args.runs))
+    results["baseline_b4"] = summary(time_baseline(4, max(3, args.runs // 2)))
+    start = sync_time()
+    base.load_lora_weights(str(loras[1]))
+    results["baseline_lora_load_ms"] = round((sync_time() - start) * 1000, 1)
+    base.unload_lora_weights()
+    return results
+
+
+def part_train(args) -> dict:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    source = model_source(args)
+    pairs = training_images(args.cache / "images", args.size)
+    params = TrainingParams(batch_size=4, rank=4, steps=args.train_steps, seed=0)
+    ours = load_pipelines(source)
+    step_times: list[float] = []
+
+    def on_progress(step: int, total: int, loss: float) -> None:
+        step_times.append(sync_time())
+
+    reset_peak()
+    start = sync_time()
+    train_lora(ours, pairs, params, args.cache / "train_out.safetensors", on_progress=on_progress)
+    total_s = sync_time() - start
+    warm = step_times[2:]
+    results = {
+        "ours_images_per_s": round(4 * (len(warm) - 1) / (warm[-1] - warm[0]), 2),
+        "ours_run_s": round(total_s, 2),
+        "ours_peak_gib": peak_gib(),
+        "steps": args.train_steps,
+    }
+
+    # FLOPs of one training step (UNet forward + backward at batch 4, 1024², LoRA rank 4).
+    from peft import LoraConfig
+
+    unet = ours.base.unet
+    unet.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
+    )
+    inputs, kwargs = latent_inputs(unet, 4, args.size)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(DEVICE, dtype=ours.dtype, enabled=DEVICE == "cuda"):
+        unet(*inputs, **kwargs).sample.float().pow(2).mean().backward()
+    step_flops = counter.get_total_flops()
+    unet.unload_lora()
+    results["step_tflop"] = round(step_flops / 1e12, 2)
+    results["ours_tflops_per_s"] = round(step_flops / 1e12 * results["ours_images_per_s"] / 4, 1)
+    del ours, unet
+    reset_peak()
+
+    results.update(naive_training(source, pairs, args.train_steps, args.size))
+    results["baseline_tflops_per_s"] = round(
+        step_flops / 1e12 * results["baseline_images_per_s"] / 4, 1
+    )
+    return results
+
+
+def naive_training(source, pairs: list[TrainingPair], steps: int, size: int) -> dict:
+    """The original's loop: fp32 VAE encode and both text encoders every step, fp16 UNet
+    with PEFT LoRA, autocast, GradScaler."""
+    import numpy as np
+    from diffusers import DDPMScheduler, StableDiffusionXLPipeline
+    from diffusers.training_utils import cast_training_params
+    from peft import LoraConfig
+    from PIL import Image
+
+    half = torch.float16 if DEVICE == "cuda" else torch.float32
+    pipe = StableDiffusionXLPipeline.from_pretrained(source.base, torch_dtype=half)
+    pipe.to(DEVICE)
+    pipe.vae.to(torch.float32)
+    for module in (pipe.unet, pipe.vae, pipe.text_encoder, pipe.text_encoder_2):
+        module.requires_grad_(False)
+    pipe.unet.add_adapter(
+        LoraConfig(
+            r=4,
+            lora_alpha=4,
+            init_lora_weights="gaussian",
+            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+        )
+    )
+    cast_training_params(pipe.unet, dtype=torch.float32)
+    trainable = [p for p in pipe.unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    scaler = torch.amp.GradScaler(DEVICE, enabled=DEVICE == "cuda")
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    pixels = torch.stack(
+        [
+            torch.from_numpy(
+                np.asarray(Image.open(p.image_path).convert("RGB"), np.float32) / 127.5 - 1
+            ).permute(2, 0, 1)
+            for p in pairs
+        ]
+    ).to(DEVICE)
+    captions = [p.caption for p in pairs]
+    time_ids = torch.tensor(
+        [[size, size, 0, 0, size, size]] * len(pairs), device=DEVICE, dtype=half
+    )
+    pipe.unet.train()
+    reset_peak()
+    stamps = []
+    for _ in range(steps):
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels).latent_dist.sample() * pipe.vae.config.scaling_factor
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                captions, device=DEVICE, do_classifier_free_guidance=False
+            )
+        noise = torch.randn_like(latents)
+        timesteps = torch.randint(0, 1000, (len(pairs),), device=DEVICE)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        with torch.autocast(DEVICE, dtype=half, enabled=DEVICE == "cuda"):
+            prediction = pipe.unet(
+                noisy.to(half),
+                timesteps,
+                encoder_hidden_states=embeds,
+                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+            ).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        stamps.append(sync_time())
+    warm = stamps[2:]
+    return {
+        "baseline_images_per_s": round(4 * (len(warm) - 1) / (warm[-1] - warm[0]), 2),
+        "baseline_peak_gib": peak_gib(),
+    }
+
+
+COLD_START = """
+import sys, time
+start = time.perf_counter()
+sys.path.insert(0, {repo!r})
+import torch
+from sdxl_engine.source import resolve_model_source
+from sdxl_engine.pipelines import load_pipelines
+from sdxl_engine.generation import generate
+from pathlib import Path
+pipelines = load_pipelines(resolve_model_source({preset!r}, "", "", Path({cache!r})),
+                           compile_unets={compile})
+loaded = time.perf_counter() - start
+generate(pipelines, prompt="x", seed=0, height={size}, width={size}, steps=30)
+if torch.cuda.is_available():
+    torch.cuda.synchronize()
+print("COLD", loaded, time.perf_counter() - start)
+"""
+
+
+def part_cold(args) -> dict:
+    results = {}
+    inductor_cache = args.cache / "inductor"
+    runs = [("eager", False), ("compiled_empty_cache", True), ("compiled_warm_cache", True)]
+    for label, compiled in runs:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_cache)}
+        if label == "compiled_empty_cache":
+            subprocess.run(["rm", "-rf", str(inductor_cache)], check=True)
+        code = COLD_START.format(
+            repo=str(REPO),
+            cache=str(args.cache),
+            compile=compiled,
+            preset=args.preset,
+            size=args.size,
+        )
+        start = time.perf_counter()
+        output = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=400
+        )
+        wall = time.perf_counter() - start
+        line = [x for x in output.stdout.splitlines() if x.startswith("COLD")]
+        if not line:
+            results[label] = {"error": output.stderr[-2000:]}
+            continue
+        _, loaded, first_image = line[0].split()
+        results[label] = {
+            "process_wall_s": round(wall, 1),
+            "loaded_s": round(float(loaded), 1),
+            "first_image_s": round(float(first_image), 1),
+        }
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", default="gen,train,cold")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/sdxl-bench"))
+    parser.add_argument("--runs", type=int, default=5, help="timed requests at batch 1")
+    parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument("--compile", action="store_true", help="gen: torch.compile the UNets")
+    parser.add_argument("--preset", default="sdxl-random", help="tiny: a CPU dry run")
+    parser.add_argument("--size", type=int, default=1024)
+    args = parser.parse_args()
+    GEN["height"] = GEN["width"] = args.size
+    args.out.mkdir(parents=True, exist_ok=True)
+    parts = {"gen": part_gen, "train": part_train, "cold": part_cold}
+    for name in args.parts.split(","):
+        started = time.perf_counter()
+        results = {**environment(), "part": name, **parts[name](args)}
+        results["part_wall_s"] = round(time.perf_counter() - started, 1)
+        suffix = "-compiled" if name == "gen" and args.compile else ""
+        (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()
