@@ -278,6 +278,19 @@ def part_gen(args) -> dict:
     results["nan"] = bool(torch.isnan(fast).any())
     del reference_base, reference_refiner
     reset_peak()
+    if args.skip_baseline:
+        return results
+
+    # How far each half-precision path is from the float32 truth: merging the LoRA should
+    # cost no more accuracy than diffusers' own unfused layers do.
+    truth_base, truth_refiner = baseline_pipelines(source, dtype=torch.float32)
+    truth = baseline_generate(
+        truth_base, truth_refiner, loras[0], 1, 1234, output_type="latent"
+    ).float()
+    results["ours_vs_fp32_rel_error"] = float((fast - truth).norm() / truth.norm())
+    results["diffusers_vs_fp32_rel_error"] = float((reference - truth).norm() / truth.norm())
+    del truth_base, truth_refiner
+    reset_peak()
 
     # Baseline timings: plain diffusers in half precision, LoRA loaded per request.
     base, refiner = baseline_pipelines(source)
@@ -481,6 +494,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed requests at batch 1")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="gen: torch.compile the UNets")
+    parser.add_argument("--skip-baseline", action="store_true", help="gen: ours only")
     parser.add_argument("--preset", default="sdxl-random", help="tiny: a CPU dry run")
     parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args()

@@ -275,17 +275,19 @@ def _optimise(
             if prediction_type == "epsilon"
             else noise_scheduler.get_velocity(latents, noise, timesteps)
         )
-        with torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype != torch.float32):
-            prediction = unet(
-                noisy_latents.to(dtype),
-                timesteps,
-                encoder_hidden_states=encoded.prompt_embeds[indices],
-                added_cond_kwargs={
-                    "text_embeds": encoded.pooled_prompt_embeds[indices],
-                    "time_ids": encoded.time_ids[indices],
-                },
-                return_dict=False,
-            )[0]
+        # No autocast: the UNet's weights are already bfloat16, and autocast would run its
+        # norms and softmax in float32 for nothing but memory traffic. PEFT computes the
+        # LoRA branch with its float32 weights and casts the sum back to bfloat16.
+        prediction = unet(
+            noisy_latents.to(dtype),
+            timesteps,
+            encoder_hidden_states=encoded.prompt_embeds[indices],
+            added_cond_kwargs={
+                "text_embeds": encoded.pooled_prompt_embeds[indices],
+                "time_ids": encoded.time_ids[indices],
+            },
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(prediction.float(), target.float())
         optimizer.zero_grad(set_to_none=True)
         # bfloat16 shares float32's exponent range: gradients need no loss scaling.
