@@ -79,10 +79,15 @@ def load_pipelines(source: ModelSource, compile_unets: bool = False) -> Pipeline
 
     base.to(source.device)
     refiner.to(source.device)
+    if compile_unets:
+        # Every block width (Base 640/1280, Refiner 768/1536) times every batch size is one
+        # more compilation of the same block code. Past the limit dynamo runs that shape
+        # eagerly instead of failing the request (no fullgraph=True, which would raise).
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     for pipeline in (base, refiner):
         pipeline.set_progress_bar_config(disable=True)
         if compile_unets:
-            pipeline.unet.compile_repeated_blocks(fullgraph=True)
+            pipeline.unet.compile_repeated_blocks()
     return Pipelines(base=base, refiner=refiner, device=source.device, dtype=dtype, source=source)
 
 
