@@ -86,15 +86,16 @@ def canonical_lora_file(
 
 
 def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
-    """The canonical LoRA at `path` as a kohya safetensors file, ready to send.
+    """The LoRA at `path` as a kohya safetensors file, ready to send.
 
     `base_model` names the model it was trained on (kohya's `ss_sd_model_name`) when the
-    file does not say so itself.
+    file does not say so itself. A file not yet canonical (stored before uploads were
+    converted) is made canonical first.
     """
     from safetensors.torch import save
 
     tensors, metadata = _read(path)
-    kohya = to_kohya(tensors)
+    kohya = to_kohya(to_canonical(tensors, metadata))
     ranks = Counter(
         int(tensor.shape[0]) for key, tensor in kohya.items() if key.endswith(".lora_down.weight")
     )
@@ -171,7 +172,7 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
     metadata = read_lora_header(path).get("__metadata__", {})
     try:
         return load_file(str(path)), metadata
-    except (SafetensorError, OSError, ValueError) as error:
+    except (SafetensorError, ValueError) as error:
         raise EngineError(f"{path.name} could not be read as safetensors ({error})") from error
 
 

@@ -13,6 +13,7 @@ urlpatterns = [
     *endpoint("delete_session", session_views.delete_session),
     *endpoint("train_lora", training_views.train_lora),
     *endpoint("train_status", training_views.train_status),
+    *endpoint("cancel_training", training_views.cancel_training),
     *endpoint("get_lora", training_views.get_lora),
     *endpoint("upload_lora", training_views.upload_lora),
     *endpoint("txt2img", training_views.txt2img),

@@ -3,6 +3,7 @@ from rest_framework import serializers
 
 from sdxl_service.fields import Base64BytesField, SessionIdField
 from training_app.generations import SEED_BITS
+from training_app.services import LORA_FORMATS
 
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
 
@@ -49,6 +50,12 @@ class TrainLoraSerializer(serializers.Serializer):
 class GetLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
     iteration = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    format = serializers.ChoiceField(
+        choices=LORA_FORMATS,
+        default=LORA_FORMATS[0],
+        help_text="diffusers: the stored file; kohya: the same adapter for AUTOMATIC1111, "
+        "ComfyUI and sd-scripts",
+    )
 
 
 class UploadLoraSerializer(serializers.Serializer):

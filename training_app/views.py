@@ -1,6 +1,7 @@
 """Training, LoRA and generation endpoints of API.md: validate, call one service, serialize."""
 
 import base64
+import hashlib
 
 from django.conf import settings
 from rest_framework.decorators import api_view
@@ -36,16 +37,27 @@ def train_status(request):
 
 
 @api_view(["POST"])
+def cancel_training(request):
+    data = validated(SessionRefSerializer, request)
+    run = services.training_run_cancel(data["session_id"])
+    return Response(
+        {"status": "cancelled", "session_id": str(data["session_id"]), "run_id": run.pk}
+    )
+
+
+@api_view(["POST"])
 def get_lora(request):
     data = validated(GetLoraSerializer, request)
     artifact = selectors.lora_get(data["session_id"], data.get("iteration"))
+    lora = services.lora_read(artifact, data["format"])
     return Response(
         {
             "session_id": str(data["session_id"]),
             "lora_filename": artifact.filename,
-            "lora_base64": base64.b64encode(services.lora_read(artifact)).decode("ascii"),
+            "lora_base64": base64.b64encode(lora).decode("ascii"),
             "iteration": artifact.number,
-            "sha256": artifact.sha256,
+            "format": data["format"],
+            "sha256": hashlib.sha256(lora).hexdigest(),  # of the bytes sent
         }
     )
 
