@@ -18,7 +18,7 @@ from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
-from training_app.models import LoraArtifact, TrainingRun
+from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.queueing import enqueue
 
 logger = logging.getLogger(__name__)
@@ -333,3 +333,43 @@ def lora_read(artifact: LoraArtifact, lora_format: str = LORA_FORMATS[0]) -> byt
         return path.read_bytes()
     except FileNotFoundError:
         raise missing from None
+
+
+def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None) -> list[str]:
+    """Deletes all but the newest `keep` LoRA files of each session (or of one session).
+
+    Numbers are never reused: the session's counter stays where it is. A LoRA that a
+    queued or running generation is about to use is kept. Returns the files deleted (or,
+    with `dry_run`, that would be), as `session_<id>/<file>`.
+    """
+    sessions = LoraArtifact.objects.values_list("session_id", flat=True).distinct()
+    if session_id is not None:
+        sessions = sessions.filter(session_id=session_id)
+    in_use = set(
+        Generation.objects.filter(
+            status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING], lora__isnull=False
+        ).values_list("lora_id", flat=True)
+    )
+    pruned = []
+    for sid in sorted(set(sessions)):
+        with session_lock(sid):
+            doomed = [
+                (pk, name)
+                for pk, name in LoraArtifact.objects.filter(session_id=sid)
+                .order_by("-number")[keep:]
+                .values_list("pk", "filename")
+                if pk not in in_use
+            ]
+            pruned += [f"session_{sid}/{name}" for _, name in doomed]
+            if dry_run or not doomed:
+                continue
+            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed]).delete()
+            # The rows go first, the files once that is committed: a failure keeps both.
+            paths = [storage.session_dir(sid) / name for _, name in doomed]
+            transaction.on_commit(lambda paths=paths: _unlink_all(paths))
+    return pruned
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
