@@ -38,11 +38,13 @@ class Command(BaseCommand):
         if device == "cuda" and not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA GPU here")
         folder = out or settings.MODEL_CACHE_DIR / preset
+        started: list[str] = []
         with tqdm(total=BUILD_STEPS, desc=f"building {preset}", disable=None) as bar:
 
             def step(what: str) -> None:
-                if bar.postfix:  # the step before this one is done
+                if started:  # the step before this one is done
                     bar.update(1)
+                started.append(what)
                 bar.set_postfix_str(what)
 
             try:
@@ -56,6 +58,6 @@ class Command(BaseCommand):
                 )
             except (EngineError, OSError) as error:
                 raise CommandError(f"could not build {preset}: {error}") from None
-            bar.update(bar.total - bar.n)
+            bar.update(BUILD_STEPS - len(started) + bool(started))
         self.stdout.write(f"{preset}: base {base}")
         self.stdout.write(f"{preset}: refiner {refiner}")
