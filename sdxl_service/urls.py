@@ -1,5 +1,10 @@
 from django.contrib import admin
 from django.urls import path
+from drf_spectacular.views import (
+    SpectacularAPIView,
+    SpectacularRedocView,
+    SpectacularSwaggerView,
+)
 
 from sdxl_service.api import endpoint
 from sessions_app import views as session_views
@@ -7,6 +12,9 @@ from training_app import views as training_views
 
 urlpatterns = [
     path("admin/", admin.site.urls),
+    path("api/schema", SpectacularAPIView.as_view(), name="schema"),
+    path("api/docs", SpectacularSwaggerView.as_view(url_name="schema"), name="docs"),
+    path("api/redoc", SpectacularRedocView.as_view(url_name="schema"), name="redoc"),
     *endpoint("create_session", session_views.create_session),
     *endpoint("post_session_image", session_views.post_session_image),
     *endpoint("list_sessions", session_views.list_sessions),
