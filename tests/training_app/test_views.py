@@ -3,6 +3,7 @@ import hashlib
 
 import pytest
 import torch
+from django.conf import settings
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
@@ -176,6 +177,44 @@ def test_cancel_training(api, session):
     }
     status = api.post("/train_status", {"session_id": session.pk}, format="json").json()
     assert status == {"status": "error", "message": "training was cancelled"}
+
+
+def test_txt2img_answers_seed_lora_and_duration(api, session, monkeypatch):
+    from django.utils import timezone
+
+    from training_app import generations, views
+    from training_app.models import LoraArtifact, WorkerHeartbeat
+
+    WorkerHeartbeat.objects.create(
+        queue=settings.GENERATION_QUEUE,
+        host="test",
+        pid=1,
+        started_at=timezone.now(),
+        last_seen=timezone.now(),
+    )
+
+    def execute_then_wait(generation_id, timeout_s):
+        generations.generation_execute(generation_id)  # the worker's part, in-process
+        return generations.generation_wait(generation_id, timeout_s)
+
+    monkeypatch.setattr(views, "generation_wait", execute_then_wait)
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    services.training_run_execute(run.pk)
+    small = {"prompt": "x", "height": 64, "width": 64, "steps": 5}
+
+    plain = api.post("/txt2img", {**small, "num_images": 2}, format="json").json()
+    with_lora = api.post(
+        "/txt2img",
+        {**small, "seed": 42, "use_lora": True, "session_id": str(session.pk)},
+        format="json",
+    ).json()
+
+    assert len(plain["images_base64"]) == 2 and plain["lora"] is None
+    assert isinstance(plain["seed"], int) and isinstance(plain["duration_ms"], int)
+    artifact = LoraArtifact.objects.get()
+    assert with_lora["seed"] == 42
+    assert with_lora["lora"] == {"filename": "lora_1.safetensors", "sha256": artifact.sha256}
+    assert with_lora["duration_ms"] >= 0
 
 
 def test_txt2img_without_worker_is_503_json(api):
