@@ -362,7 +362,7 @@ def rescan_session(session_id: int) -> Report:
         report = reconcile_session(session, deep=False)
         _apply(report)
     for change in report.fixed:
-        logger.info("rescan: %s", change.text)
+        logger.debug("rescan: %s", change.text)
     return report
 
 
@@ -515,7 +515,7 @@ def import_sessions(source: Path, copy: bool, progress: Progress = _no_progress)
                 folder, storage.session_dir(session_id), result.report
             )
         if not Session.objects.filter(pk=session_id).exists():
-            adopt = Change(session_id, f"session {session_id}: new row", lambda: None)
+            adopt = Change(session_id, f"session {session_id}: adopted, id kept", lambda: None)
             _adopt(session_id, folder)
             result.report.fixed.append(adopt)
         result.report.extend(rescan_session(session_id))
