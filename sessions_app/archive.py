@@ -24,7 +24,7 @@ from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
 from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.locking import session_lock
-from sessions_app.maintenance import is_leftover
+from sessions_app.maintenance import is_hidden
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from training_app.models import LoraArtifact
 
@@ -60,7 +60,7 @@ def _session_files(folder: Path) -> dict[str, str]:
         relative = path.relative_to(folder)
         if path.is_symlink() or not path.is_file():
             continue
-        if any(is_leftover(Path(part)) for part in relative.parts):
+        if any(is_hidden(Path(part)) for part in relative.parts):
             continue
         files[relative.as_posix()] = sha256_file(path)
     return files
@@ -195,7 +195,7 @@ def _safe_name(name: str) -> str | None:
         or path.is_absolute()
         or ":" in path.parts[0]
         or any(part in ("", ".", "..") for part in name.split("/"))
-        or any(is_leftover(Path(part)) for part in path.parts)
+        or any(is_hidden(Path(part)) for part in path.parts)
     ):
         return None
     return name

@@ -86,7 +86,18 @@ class Report:
 # --- One session ---------------------------------------------------------------------
 
 
+# What interrupted writes, deletes and imports leave behind (storage.temp_path_for,
+# write_atomically, storage.move_aside, archive imports, training output): the only files
+# maintenance ever removes.
+_LEFTOVER_PREFIXES = (".deleted-", ".importing-", ".training-run-")
+
+
 def is_leftover(path: Path) -> bool:
+    return path.name.endswith(".tmp") or path.name.startswith(_LEFTOVER_PREFIXES)
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden and temporary files never hold data the service indexes or exports."""
     return path.name.startswith(".") or path.name.endswith(".tmp")
 
 
@@ -123,7 +134,7 @@ def _captioned_images(group_dir: Path) -> list[Path]:
         path
         for path in group_dir.iterdir()
         if path.is_file()
-        and not is_leftover(path)
+        and not is_hidden(path)
         and path.suffix.lower() in IMAGE_SUFFIXES
         and path.with_suffix(".txt").is_file()
     )
@@ -135,7 +146,7 @@ def _lora_files_on_disk(folder: Path) -> list[Path]:
     return sorted(
         path
         for path in folder.iterdir()
-        if path.is_file() and not is_leftover(path) and path.suffix == ".safetensors"
+        if path.is_file() and not is_hidden(path) and path.suffix == ".safetensors"
     )
 
 
@@ -328,18 +339,18 @@ def reconcile_session(session: Session, *, deep: bool) -> Report:
     # Leftovers of interrupted writes, and training data that has no row.
     if folder.is_dir():
         for path in sorted(folder.rglob("*")):
-            if is_leftover(path) and not any(
-                is_leftover(p) for p in path.relative_to(folder).parents if p.name
-            ):
-                if _is_stale(path):
-                    change(
-                        f"{storage.relative_path(path)} is a stale leftover of an interrupted "
-                        "write; removing it",
-                        lambda p=path: _remove(p),
-                    )
+            inside_leftover = any(
+                is_leftover(parent) for parent in path.relative_to(folder).parents if parent.name
+            )
+            if is_leftover(path) and not inside_leftover and _is_stale(path):
+                change(
+                    f"{storage.relative_path(path)} is a stale leftover of an interrupted "
+                    "write; removing it",
+                    lambda p=path: _remove(p),
+                )
         for pair in find_training_pairs(folder):
             relative = storage.relative_path(pair.image_path)
-            if relative not in files and not is_leftover(pair.image_path):
+            if relative not in files and not is_hidden(pair.image_path):
                 report.notes.append(f"{relative}: training data outside a numbered group folder")
     return report
 
@@ -416,8 +427,8 @@ def _data_dir_report(known: set[int]) -> Report:
         )
     if root.is_dir():
         for path in sorted(root.iterdir()):
-            if is_leftover(path):
-                if _is_stale(path):
+            if is_hidden(path):
+                if is_leftover(path) and _is_stale(path):
                     report.changes.append(
                         Change(
                             None,
@@ -531,7 +542,7 @@ def _copy_session_folder(source: Path, target: Path, report: Report) -> int:
         if (
             not path.is_file()
             or path.is_symlink()
-            or any(is_leftover(Path(p)) for p in relative.parts)
+            or any(is_hidden(Path(p)) for p in relative.parts)
         ):
             continue
         destination = target / relative

@@ -183,6 +183,9 @@ def test_verify_reports_mismatches_and_fix_repairs_what_loses_no_data(data_dir):
     make_old(stale)  # a leftover of a write interrupted long ago: fixable
     fresh = folder / "1" / ".0.txt.4567.tmp"
     fresh.write_bytes(b"being written right now")  # may be in use: left alone
+    personal = folder / ".notes"
+    personal.write_text("an operator's hidden file")
+    make_old(personal)  # hidden, but no leftover of ours: left alone
     corrupt = folder / "1" / "0.png"
     corrupt.write_bytes(corrupt.read_bytes()[:40])  # does not decode: needs a person
 
@@ -195,7 +198,7 @@ def test_verify_reports_mismatches_and_fix_repairs_what_loses_no_data(data_dir):
     assert "1 inconsistencies" in str(failure.value)  # only the image that does not decode
     assert TrainingImage.objects.get(file__endswith="/0/0.png").caption == "edited by hand"
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_7.safetensors"]
-    assert not stale.exists() and fresh.exists()
+    assert not stale.exists() and fresh.exists() and personal.exists()
     # Nothing but the stale leftover was removed; the corrupt image and its row stay.
     files_after = snapshot(data_dir)[-1]
     assert set(before_fix[-1]) - set(files_after) == {stale.relative_to(data_dir).as_posix()}
