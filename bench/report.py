@@ -1,6 +1,6 @@
 """Merges one benchmark run's part files into the results JSON and prints the table.
 
-    python bench/report.py bench/results/<run folder>   # writes bench/results/<date>-<card>.json
+python bench/report.py bench/results/<run folder>   # writes bench/results/<date>-<card>.json
 """
 
 import json
@@ -50,24 +50,50 @@ def main() -> None:
     out = folder.parent / f"{summary['date']}-{slug}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     rows = [
-        ("generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s",
-         f"{summary['gen_p50_s']} / {summary['gen_p95_s']}",
-         f"{summary['gen_baseline_p50_s']} / {summary['gen_baseline_p95_s']}",
-         f"{summary['gen_baseline_p50_s'] / summary['gen_p50_s']:.2f}x"),
-        ("generation batch 4: p50 s", summary["gen_b4_p50_s"], summary["gen_b4_baseline_p50_s"],
-         f"{summary['gen_b4_baseline_p50_s'] / summary['gen_b4_p50_s']:.2f}x"),
-        ("training 1024², batch 4, rank 4: images/s", summary["train_images_per_s"],
-         summary["train_baseline_images_per_s"],
-         f"{summary['train_images_per_s'] / summary['train_baseline_images_per_s']:.2f}x"),
-        ("training peak VRAM GiB", summary["train_peak_gib"], summary["train_baseline_peak_gib"], ""),
+        (
+            "generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s",
+            f"{summary['gen_p50_s']} / {summary['gen_p95_s']}",
+            f"{summary['gen_baseline_p50_s']} / {summary['gen_baseline_p95_s']}",
+            f"{summary['gen_baseline_p50_s'] / summary['gen_p50_s']:.2f}x",
+        ),
+        (
+            "generation batch 4: p50 s",
+            summary["gen_b4_p50_s"],
+            summary["gen_b4_baseline_p50_s"],
+            f"{summary['gen_b4_baseline_p50_s'] / summary['gen_b4_p50_s']:.2f}x",
+        ),
+        (
+            "training 1024², batch 4, rank 4: images/s",
+            summary["train_images_per_s"],
+            summary["train_baseline_images_per_s"],
+            f"{summary['train_images_per_s'] / summary['train_baseline_images_per_s']:.2f}x",
+        ),
+        (
+            "training peak VRAM GiB",
+            summary["train_peak_gib"],
+            summary["train_baseline_peak_gib"],
+            "",
+        ),
         ("LoRA switch ms", summary["lora_switch_ms"], summary["baseline_lora_load_ms"], ""),
-        ("Base step ms, CFG batch: no LoRA / LoRA applied",
-         f"{summary['base_step_ms_no_lora']} / {summary['base_step_ms_lora_applied']}", "", ""),
-        ("worker start to first image s (warm cache / empty / eager)",
-         f"{summary['cold_start_s']} / {summary['cold_start_empty_cache_s']} / "
-         f"{summary['cold_start_eager_s']}", "", ""),
-        ("final latents, rel. error vs plain diffusers bf16", f"{summary['max_rel_error']:.4f}",
-         "", ""),
+        (
+            "Base step ms, CFG batch: no LoRA / LoRA applied",
+            f"{summary['base_step_ms_no_lora']} / {summary['base_step_ms_lora_applied']}",
+            "",
+            "",
+        ),
+        (
+            "worker start to first image s (warm cache / empty / eager)",
+            f"{summary['cold_start_s']} / {summary['cold_start_empty_cache_s']} / "
+            f"{summary['cold_start_eager_s']}",
+            "",
+            "",
+        ),
+        (
+            "final latents, rel. error vs plain diffusers bf16",
+            f"{summary['max_rel_error']:.4f}",
+            "",
+            "",
+        ),
     ]
     print(f"{'what':60} {'ours':>24} {'plain diffusers':>16} {'ratio':>7}")
     for what, ours, baseline, ratio in rows:

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,6 +29,7 @@ from sdxl_engine.errors import EngineError
 from sdxl_engine.files import fsync_tree
 
 PRESETS = ("tiny", "sdxl")
+BUILD_STEPS = 5  # how many times build_random_pipelines calls on_step
 CONFIG_DIR = Path(__file__).parent / "configs"
 TOKENIZER_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
@@ -40,6 +42,7 @@ def build_random_pipelines(
     seed: int = 0,
     dtype: torch.dtype | None = None,
     device: str = "cpu",
+    on_step: Callable[[str], None] | None = None,
 ) -> tuple[Path, Path]:
     """Write a random-weight Base pipeline to `out_dir/base` and a Refiner to `out_dir/refiner`.
 
@@ -47,6 +50,8 @@ def build_random_pipelines(
     single rename, so an existing one is complete. `dtype` is the saved weights' precision
     (None: float32); `device` is where the weights are initialised (use "cuda" for the
     full-size preset: random init of 3.7 billion parameters is slow on a CPU).
+    `on_step(what)` runs as each of the BUILD_STEPS build steps begins (for a progress bar);
+    it is not called when both folders exist already.
     """
     if preset not in PRESETS:
         raise EngineError(
@@ -60,7 +65,7 @@ def build_random_pipelines(
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".building-", dir=out_dir))
     try:
-        _save_random_pipelines(preset, staging, seed, dtype, device)
+        _save_random_pipelines(preset, staging, seed, dtype, device, on_step or (lambda _: None))
         fsync_tree(staging)
         # Both halves are rebuilt even if one exists (an interrupted earlier build): the
         # same seed gives the same weights, so the shared text encoder and VAE still match.
@@ -135,7 +140,12 @@ def _publish_folder(built: Path, target: Path) -> None:
 
 
 def _save_random_pipelines(
-    preset: str, staging: Path, seed: int, dtype: torch.dtype | None, device: str
+    preset: str,
+    staging: Path,
+    seed: int,
+    dtype: torch.dtype | None,
+    device: str,
+    step: Callable[[str], None],
 ) -> None:
     tokenizer_source = staging / "tokenizer-source"
     write_clip_tokenizer(tokenizer_source)
@@ -146,6 +156,7 @@ def _save_random_pipelines(
     rng_devices = [torch_device.index or 0] if torch_device.type == "cuda" else []
     with torch.random.fork_rng(devices=rng_devices), torch_device:
         torch.manual_seed(seed)
+        step("VAE and text encoders")
         vae = _finish(AutoencoderKL.from_config(load_component_config(preset, "vae")), dtype)
         text_encoder_2 = _finish(
             CLIPTextModelWithProjection(
@@ -153,6 +164,7 @@ def _save_random_pipelines(
             ),
             dtype,
         )
+        step("Base UNet")
         base = StableDiffusionXLPipeline(
             vae=vae,
             text_encoder=_finish(
@@ -168,10 +180,12 @@ def _save_random_pipelines(
             scheduler=scheduler,
             force_zeros_for_empty_prompt=True,
         )
+        step("saving Base")
         base.save_pretrained(staging / "base", safe_serialization=True)
         # Free the Base-only parts before building the Refiner UNet: at full size that
         # halves peak memory.
         del base
+        step("Refiner UNet")
         refiner = StableDiffusionXLImg2ImgPipeline(
             vae=vae,
             text_encoder=None,
@@ -186,6 +200,7 @@ def _save_random_pipelines(
             requires_aesthetics_score=True,
             force_zeros_for_empty_prompt=False,
         )
+        step("saving Refiner")
         refiner.save_pretrained(staging / "refiner", safe_serialization=True)
         del refiner
 

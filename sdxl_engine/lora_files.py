@@ -34,7 +34,7 @@ class LoraInfo:
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header (empty if it has none)."""
-    return _read_header(Path(path)).get("__metadata__", {})
+    return read_lora_header(Path(path)).get("__metadata__", {})
 
 
 def inspect_lora_file(path: Path) -> LoraInfo:
@@ -43,7 +43,7 @@ def inspect_lora_file(path: Path) -> LoraInfo:
     Raises EngineError if the file is missing or not a well-formed safetensors file.
     """
     path = Path(path)
-    header = _read_header(path)
+    header = read_lora_header(path)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     ranks = {
         entry["shape"][0]
@@ -60,7 +60,8 @@ def inspect_lora_file(path: Path) -> LoraInfo:
     )
 
 
-def _read_header(path: Path) -> dict:
+def read_lora_header(path: Path) -> dict:
+    """The checked JSON header: tensor entries by key, plus "__metadata__" if present."""
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:

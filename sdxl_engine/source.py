@@ -11,8 +11,8 @@ DEFAULT_BASE_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 
 # SDXL_MODEL_PRESET value -> the builder preset whose random weights it uses.
-_RANDOM_PRESETS = {"tiny": "tiny", "sdxl-random": "sdxl"}
-PRESETS = ("hub", *_RANDOM_PRESETS)
+RANDOM_PRESETS = {"tiny": "tiny", "sdxl-random": "sdxl"}
+PRESETS = ("hub", *RANDOM_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -36,9 +36,31 @@ def resolve_model_source(
     """
     import torch
 
+    cuda = torch.cuda.is_available()
+    source = plan_model_source(preset, base, refiner, cache_dir, cuda=cuda)
+    if source.preset in RANDOM_PRESETS:
+        from sdxl_engine.builder import build_random_pipelines
+
+        # Half precision halves the full-size build's disk and time; loading casts anyway.
+        build_random_pipelines(
+            RANDOM_PRESETS[source.preset],
+            Path(cache_dir) / source.preset,
+            dtype=torch.bfloat16 if cuda else None,
+            device=source.device,
+        )
+    return source
+
+
+def plan_model_source(
+    preset: str | None, base: str, refiner: str, cache_dir: Path, *, cuda: bool
+) -> ModelSource:
+    """What resolve_model_source picks, without building anything or asking torch.
+
+    Random-weight presets point at `cache_dir/<preset>/base` and `.../refiner`, which
+    may not be built yet.
+    """
     base = base or DEFAULT_BASE_MODEL
     refiner = refiner or DEFAULT_REFINER_MODEL
-    cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
     chosen = (preset or "").strip().lower() or "auto"
 
@@ -59,7 +81,7 @@ def resolve_model_source(
             f"and SDXL_REFINER_MODEL={refiner} on {device}"
         )
         return ModelSource(base=base, refiner=refiner, preset="hub", reason=reason, device=device)
-    elif chosen in _RANDOM_PRESETS:
+    elif chosen in RANDOM_PRESETS:
         reason = (
             f"SDXL_MODEL_PRESET={chosen}: using the {chosen} random-weight model "
             f"(noise images) on {device}"
@@ -69,14 +91,51 @@ def resolve_model_source(
             f"unknown SDXL_MODEL_PRESET {preset!r}: use one of {', '.join(PRESETS)}, "
             "or leave it empty to choose automatically"
         )
-
-    from sdxl_engine.builder import build_random_pipelines
-
-    # Half precision halves the full-size build's disk and time; loading casts anyway.
-    dtype = torch.bfloat16 if cuda else None
-    base_dir, refiner_dir = build_random_pipelines(
-        _RANDOM_PRESETS[chosen], Path(cache_dir) / chosen, dtype=dtype, device=device
-    )
+    folder = Path(cache_dir) / chosen
     return ModelSource(
-        base=str(base_dir), refiner=str(refiner_dir), preset=chosen, reason=reason, device=device
+        base=str(folder / "base"),
+        refiner=str(folder / "refiner"),
+        preset=chosen,
+        reason=reason,
+        device=device,
     )
+
+
+@dataclass(frozen=True)
+class WeightsStatus:
+    present: bool
+    where: str  # the folder they load from, or where they would be downloaded to
+
+
+def weights_status(model: str, hub_cache: Path | None = None) -> WeightsStatus:
+    """Whether a pipeline (local folder or hub id) can load without downloading anything.
+
+    A local folder needs its model_index.json; a hub id needs model_index.json and UNet
+    weights in the Hugging Face cache (`hub_cache`, by default the one huggingface_hub
+    uses). Nothing is downloaded.
+    """
+    folder = Path(model).expanduser()
+    if folder.is_dir() or model.startswith(("/", ".", "~")):
+        return WeightsStatus((folder / "model_index.json").is_file(), str(folder))
+    from huggingface_hub import scan_cache_dir, try_to_load_from_cache
+    from huggingface_hub.constants import HF_HUB_CACHE
+    from huggingface_hub.errors import CacheNotFound
+
+    cache = str(hub_cache or HF_HUB_CACHE)
+    index = try_to_load_from_cache(model, "model_index.json", cache_dir=cache)
+    if not isinstance(index, str):
+        return WeightsStatus(False, cache)
+    try:
+        cached = scan_cache_dir(cache)
+    except CacheNotFound:
+        return WeightsStatus(False, cache)
+    unet_weights = {
+        cached_file.file_name
+        for repo in cached.repos
+        if repo.repo_id == model and repo.repo_type == "model"
+        for revision in repo.revisions
+        for cached_file in revision.files
+        if cached_file.file_path.parent.name == "unet"
+    }
+    present = any(name.endswith((".safetensors", ".bin")) for name in unet_weights)
+    return WeightsStatus(present, str(Path(index).parent))

@@ -69,13 +69,16 @@ def train_lora(
     output_path: Path,
     on_progress: Callable[[int, int, float], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    on_stage: Callable[[str], None] | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections and save it to `output_path`.
 
+    `on_stage(stage)` runs as each stage begins: "caching" (the frozen VAE and text
+    encoders encode every image once), "training" (the optimisation steps), "saving".
     `on_progress(step, total_steps, loss)` runs after every step. `should_stop()` is asked
-    before every step; when it returns True, TrainingCancelled is raised and nothing is
-    written. The adapter is removed from the UNet afterwards, whatever happens, so the
-    loaded pipeline is as it was for the next job.
+    before every step and every caching batch; when it returns True, TrainingCancelled is
+    raised and nothing is written. The adapter is removed from the UNet afterwards,
+    whatever happens, so the loaded pipeline is as it was for the next job.
     """
     if not pairs:
         raise EngineError(
@@ -88,6 +91,7 @@ def train_lora(
     total_steps = params.steps or params.epochs * math.ceil(len(pairs) / params.batch_size)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     stop = should_stop or (lambda: False)
+    enter_stage = on_stage or (lambda stage: None)
     device = torch.device(pipelines.device)
 
     for frozen in (base.unet, base.vae, base.text_encoder, base.text_encoder_2):
@@ -97,6 +101,7 @@ def train_lora(
     with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
+        enter_stage("caching")
         encoded = _encode_images(
             pipelines, pairs, resolution, params.batch_size, noise_generator, stop
         )
@@ -110,6 +115,7 @@ def train_lora(
                 ),
                 adapter_name=ADAPTER_NAME,
             )
+            enter_stage("training")
             final_loss = _optimise(
                 pipelines, encoded, params, total_steps, seed, noise_generator, on_progress, stop
             )
@@ -127,6 +133,7 @@ def train_lora(
                 "final_loss": f"{final_loss:.6g}",
             }
             metadata = {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
+            enter_stage("saving")
             _save_lora(base.unet, Path(output_path), metadata)
         finally:
             base.unet.unload_lora()

@@ -1,6 +1,8 @@
-"""Small helpers the API views share."""
+"""Small helpers the API views share, and what their OpenAPI description shares."""
 
 from django.urls import path
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers
 
 
 def validated(serializer_class, request) -> dict:
@@ -16,3 +18,34 @@ def endpoint(route: str, view):
     API.md: clients POST JSON, and a redirect to the slashed form would lose the body.
     """
     return [path(route, view), path(f"{route}/", view)]
+
+
+class ErrorSerializer(serializers.Serializer):
+    """The one error shape of API.md, whatever went wrong."""
+
+    status = serializers.ChoiceField(choices=["error"])
+    message = serializers.CharField(help_text="what went wrong, for a person")
+
+
+_ERROR_MEANINGS = {
+    400: "bad input (the message names the field)",
+    404: "unknown session or LoRA",
+    409: "conflicting state (already training, name taken, nothing to cancel)",
+    413: "request body larger than the configured limit",
+    500: "the job failed (the message says why)",
+    503: "no generation worker is running",
+    504: "timed out waiting for the image",
+}
+
+
+def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
+    """The documented error answers of an endpoint: 400 and 413 always, plus `codes`."""
+    return {
+        code: OpenApiResponse(ErrorSerializer, description=_ERROR_MEANINGS[code])
+        for code in sorted({400, 413, *codes})
+    }
+
+
+def schema_without_slashed_duplicates(endpoints, **kwargs):
+    """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (see endpoint)."""
+    return [endpoint for endpoint in endpoints if not endpoint[0].endswith("/")]

@@ -4,12 +4,22 @@ import base64
 import binascii
 import re
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
 
 
+@extend_schema_field(
+    {
+        "oneOf": [
+            {"type": "integer", "minimum": 1},
+            {"type": "string", "pattern": "^[0-9]+$"},
+        ],
+        "example": "1",
+    }
+)
 class SessionIdField(serializers.Field):
     """`session_id` arrives as a string ("1") or an integer (1): both are accepted."""
 
@@ -32,6 +42,7 @@ class SessionIdField(serializers.Field):
         return str(value)
 
 
+@extend_schema_field({"type": "string", "format": "byte"})
 class Base64BytesField(serializers.CharField):
     """Base64 text (optionally a `data:...;base64,` URL) decoded to bytes, strictly."""
 

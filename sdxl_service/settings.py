@@ -40,6 +40,8 @@ INSTALLED_APPS = [
     "whitenoise.runserver_nostatic",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "django_q",
     "sessions_app",
     "training_app",
@@ -119,6 +121,40 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "sdxl_service.errors.api_exception_handler",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+}
+
+# The OpenAPI description at /api/schema and its pages at /api/docs and /api/redoc; the
+# pages' scripts are served from here (sidecar), so they work offline.
+SPECTACULAR_SETTINGS = {
+    "TITLE": "SDXL LoRA service",
+    "DESCRIPTION": (
+        "Trains LoRA adapters for Stable Diffusion XL from captioned images and generates "
+        "images with SDXL Base + Refiner. The nine endpoints of the original service keep "
+        "their shapes; responses may carry extra keys. Every error answers "
+        '`{"status": "error", "message": "..."}`. `session_id` is accepted as an integer '
+        "or a string of digits; every path also works with a trailing slash."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "PREPROCESSING_HOOKS": ["sdxl_service.api.schema_without_slashed_duplicates"],
+    # Each response's "status" is one constant; name each enum after it.
+    "ENUM_NAME_OVERRIDES": {
+        f"{name}StatusEnum": [value]
+        for name, value in (
+            ("Success", "success"),
+            ("Deleted", "deleted"),
+            ("Started", "started"),
+            ("InProgress", "in-progress"),
+            ("Completed", "completed"),
+            ("Error", "error"),
+            ("None", "none"),
+            ("Cancelled", "cancelled"),
+        )
+    },
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Models -------------------------------------------------------------------------------

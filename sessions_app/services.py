@@ -1,8 +1,12 @@
 """What can be done to sessions and their training images."""
 
 import logging
+from datetime import datetime, timedelta
 
 from django.db import transaction
+from django.db.models import Max
+from django.db.models.functions import Coalesce, Greatest
+from django.utils import timezone
 
 from sessions_app import storage
 from sessions_app.images import check_image
@@ -67,3 +71,33 @@ def session_delete(session_id: int) -> None:
         moved = storage.move_aside(storage.session_dir(session_id))
         transaction.on_commit(lambda: storage.remove_tree(moved))
     logger.info("deleted session %s", session_id)
+
+
+def sessions_idle_since(cutoff: datetime) -> list[Session]:
+    """Sessions with nothing new (images, LoRAs, training runs) since `cutoff`, oldest first.
+
+    A session with a queued or running training run is never idle.
+    """
+    sessions = (
+        Session.objects.exclude(training_runs__status__in=["queued", "running"])
+        .annotate(
+            last_activity=Greatest(
+                "created_at",
+                Coalesce(Max("image_groups__created_at"), "created_at"),
+                Coalesce(Max("loras__created_at"), "created_at"),
+                Coalesce(Max("training_runs__created_at"), "created_at"),
+            )
+        )
+        .filter(last_activity__lt=cutoff)
+        .order_by("last_activity", "id")
+    )
+    return list(sessions)
+
+
+def sessions_purge(older_than_days: float, dry_run: bool = False) -> list[Session]:
+    """Deletes every session idle for `older_than_days` (only lists them with `dry_run`)."""
+    idle = sessions_idle_since(timezone.now() - timedelta(days=older_than_days))
+    if not dry_run:
+        for session in idle:
+            session_delete(session.pk)
+    return idle

@@ -112,7 +112,9 @@ def service(tmp_path_factory, model_cache_dir):
         try:
             if requests.get(f"{base_url}/list_sessions", timeout=2).status_code == 200:
                 break
-        except requests.ConnectionError:
+        # Not up yet: refused, or accepted but the first request (imports, migrations
+        # check) is still slow on a loaded machine.
+        except (requests.ConnectionError, requests.Timeout):
             pass
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()

@@ -87,6 +87,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "worker",
         "created_at",
         "started_at",
+        "training_started_at",
         "finished_at",
         "heartbeat_at",
     ]

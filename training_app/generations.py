@@ -125,9 +125,48 @@ def _abandon(generation_id: int) -> None:
     )
 
 
-def _png_bytes(image, parameters: dict) -> bytes:
+def infotext(record: dict) -> str:
+    """The parameters as AUTOMATIC1111 writes them into a PNG's `parameters` chunk.
+
+    That layout (the prompt, "Negative prompt: ...", then one line of "Key: value" pairs)
+    is what its PNG Info, ComfyUI, InvokeAI and image sites read back.
+    """
+    pairs = {
+        "Steps": record["steps"],
+        "CFG scale": record["guidance_scale"],
+        "Seed": record["seed"],
+        "Size": f"{record['width']}x{record['height']}",
+        "Model": record["model"],
+        "Refiner": record["refiner"],
+        "Refiner switch at": record["refiner_switch_at"],
+    }
+    if record["lora"]:
+        pairs.update(
+            {
+                "Lora": record["lora"],
+                "Lora weight": record["lora_scale"],
+                "Lora sha256": record["lora_sha256"],
+            }
+        )
+    lines = [record["prompt"]]
+    if record["negative_prompt"]:
+        lines.append(f"Negative prompt: {record['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {_infotext_value(value)}" for key, value in pairs.items()))
+    return "\n".join(lines)
+
+
+def _infotext_value(value) -> str:
+    # AUTOMATIC1111 quotes a value that holds its separators, JSON-style.
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+def _png_bytes(image, record: dict) -> bytes:
+    """The PNG, its parameters in text chunks: `parameters` for SDXL tools (infotext),
+    `sdxl_service` (every field, as JSON) for programs."""
     info = PngInfo()
-    info.add_text("parameters", json.dumps(parameters, sort_keys=True))
+    info.add_text("parameters", infotext(record))
+    info.add_text("sdxl_service", json.dumps(record, sort_keys=True))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -135,7 +174,7 @@ def _png_bytes(image, parameters: dict) -> bytes:
 
 def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker); one already taken is left alone."""
-    from sdxl_engine.generation import generate
+    from sdxl_engine.generation import HANDOVER_FRACTION, generate
     from training_app.runtime import worker_pipelines
 
     claimed = Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
@@ -153,8 +192,9 @@ def generation_execute(generation_id: int) -> None:
             if generation.lora_id is None:
                 raise ServiceError(f"{generation.lora_filename} was deleted before generation")
             lora_path = storage.session_dir(generation.lora.session_id) / generation.lora.filename
+        pipelines = worker_pipelines()
         images = generate(
-            worker_pipelines(),
+            pipelines,
             prompt=generation.prompt,
             negative_prompt=generation.negative_prompt,
             num_images=params["num_images"],
@@ -172,6 +212,9 @@ def generation_execute(generation_id: int) -> None:
             "seed": generation.seed,
             "lora": generation.lora_filename or None,
             "lora_sha256": generation.lora_sha256 or None,
+            "model": pipelines.source.base,
+            "refiner": pipelines.source.refiner,
+            "refiner_switch_at": HANDOVER_FRACTION,
             **params,
         }
         folder = generations_dir(generation_id)

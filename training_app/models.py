@@ -16,6 +16,7 @@ class TrainingRun(models.Model):
     class Stage(models.TextChoices):
         QUEUED = "queued"
         LOADING = "loading"
+        CACHING = "caching"  # encoding the images once with the frozen VAE and text encoders
         TRAINING = "training"
         SAVING = "saving"
         DONE = "done"
@@ -37,6 +38,8 @@ class TrainingRun(models.Model):
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # When the optimisation steps began: the time per step, hence the ETA, counts from here.
+    training_started_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -57,6 +60,7 @@ class LoraArtifact(models.Model):
     class Source(models.TextChoices):
         TRAINED = "trained"
         UPLOADED = "uploaded"
+        FOUND = "found"  # on disk, recorded by import_sessions, rescan or verify --fix
 
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="loras")
     number = models.PositiveIntegerField()  # the iteration `n`

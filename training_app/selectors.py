@@ -57,7 +57,25 @@ def training_status_body(run: TrainingRun | None) -> dict:
         "step": run.step,
         "total_steps": run.total_steps,
         "loss": run.last_loss,
+        "eta_seconds": _eta_seconds(run),
     }
+
+
+def _eta_seconds(run: TrainingRun) -> int | None:
+    """Seconds left, from the time per step so far; None until the first step is done."""
+    if run.stage == TrainingRun.Stage.SAVING:
+        return 0
+    if (
+        run.stage != TrainingRun.Stage.TRAINING
+        or not run.step
+        or not run.total_steps
+        or run.training_started_at is None
+        or run.heartbeat_at is None
+    ):
+        return None
+    per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / run.step
+    since_last_step = (timezone.now() - run.heartbeat_at).total_seconds()
+    return max(0, round(per_step * (run.total_steps - run.step) - since_last_step))
 
 
 def latest_runs(session_ids: list[int]) -> dict[int, TrainingRun]:

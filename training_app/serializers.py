@@ -1,8 +1,11 @@
 from django.conf import settings
+from drf_spectacular.utils import PolymorphicProxySerializer
 from rest_framework import serializers
 
 from sdxl_service.fields import Base64BytesField, SessionIdField
 from training_app.generations import SEED_BITS
+from training_app.models import TrainingRun
+from training_app.services import LORA_FORMATS
 
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
 
@@ -49,6 +52,12 @@ class TrainLoraSerializer(serializers.Serializer):
 class GetLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
     iteration = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    format = serializers.ChoiceField(
+        choices=LORA_FORMATS,
+        default=LORA_FORMATS[0],
+        help_text="diffusers: the stored file; kohya: the same adapter for AUTOMATIC1111, "
+        "ComfyUI and sd-scripts",
+    )
 
 
 class UploadLoraSerializer(serializers.Serializer):
@@ -80,3 +89,101 @@ class Txt2ImgSerializer(serializers.Serializer):
         if attrs["use_lora"] and attrs.get("session_id") is None:
             raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
         return attrs
+
+
+# --- Responses: what the OpenAPI description shows (the views build these bodies) -----
+
+
+class TrainLoraResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["started"])
+    run_id = serializers.IntegerField()
+
+
+class TrainStatusInProgress(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["in-progress"])
+    progress = serializers.IntegerField(min_value=0, max_value=99)
+    queued = serializers.BooleanField(help_text="no worker has started the run yet")
+    stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField(allow_null=True)
+    loss = serializers.FloatField(allow_null=True, help_text="of the last step")
+    eta_seconds = serializers.IntegerField(
+        allow_null=True, help_text="from the time per step so far; null before the first step"
+    )
+
+
+class TrainStatusCompleted(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["completed"])
+    progress = serializers.ChoiceField(choices=[100])
+    lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
+
+
+class TrainStatusError(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["error"])
+    message = serializers.CharField(help_text='"training was cancelled" after /cancel_training')
+
+
+class TrainStatusNone(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["none"])
+    progress = serializers.ChoiceField(choices=[0])
+
+
+def train_status_response(**kwargs) -> PolymorphicProxySerializer:
+    """/train_status answers exactly one of API.md's four shapes."""
+    return PolymorphicProxySerializer(
+        component_name="TrainStatus",
+        serializers=[
+            TrainStatusInProgress,
+            TrainStatusCompleted,
+            TrainStatusError,
+            TrainStatusNone,
+        ],
+        resource_type_field_name=None,
+        **kwargs,
+    )
+
+
+class SessionSummary(serializers.Serializer):
+    session_id = serializers.CharField()
+    latest_lora = serializers.CharField(allow_null=True)
+    image_groups = serializers.IntegerField()
+    training = train_status_response()
+
+
+class ListSessionsResponse(serializers.Serializer):
+    sessions = SessionSummary(many=True)
+
+
+class CancelTrainingResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["cancelled"])
+    session_id = serializers.CharField()
+    run_id = serializers.IntegerField()
+
+
+class GetLoraResponse(serializers.Serializer):
+    session_id = serializers.CharField()
+    lora_filename = serializers.CharField()
+    lora_base64 = serializers.CharField(help_text="the safetensors file, base64")
+    iteration = serializers.IntegerField()
+    format = serializers.ChoiceField(choices=LORA_FORMATS)
+    sha256 = serializers.CharField(help_text="of the bytes in lora_base64")
+
+
+class UploadLoraResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["success"])
+    lora_filename = serializers.CharField()
+    iteration = serializers.IntegerField()
+
+
+class LoraUsed(serializers.Serializer):
+    filename = serializers.CharField()
+    sha256 = serializers.CharField()
+
+
+class Txt2ImgResponse(serializers.Serializer):
+    images_base64 = serializers.ListField(
+        child=serializers.CharField(), help_text="num_images PNGs, parameters in their text chunks"
+    )
+    seed = serializers.IntegerField(help_text="the seed used: the same seed gives the same image")
+    lora = LoraUsed(allow_null=True)
+    duration_ms = serializers.IntegerField(allow_null=True)

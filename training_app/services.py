@@ -18,15 +18,18 @@ from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
-from training_app.models import LoraArtifact, TrainingRun
+from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.queueing import enqueue
 
 logger = logging.getLogger(__name__)
 
 # A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
+# What /get_lora can send: the stored (diffusers) form, or kohya's for other tools.
+LORA_FORMATS = ("diffusers", "kohya")
 # Progress stays below 100 until the file is stored: 100 means the LoRA exists.
 _PROGRESS_BEFORE_SAVE = 99
+CANCELLED_MESSAGE = "training was cancelled"
 
 
 def worker_identity() -> str:
@@ -67,6 +70,30 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     return run
 
 
+def training_run_cancel(session_id: int) -> TrainingRun:
+    """Ends the session's queued or running run as cancelled.
+
+    A queued run is then never claimed; a running one notices at its next step (the
+    worker's progress update finds the row no longer running) and saves nothing.
+    """
+    session_get(session_id)
+    run = TrainingRun.objects.filter(
+        session_id=session_id, status__in=TrainingRun.ACTIVE_STATUSES
+    ).first()
+    cancelled = run is not None and TrainingRun.objects.filter(
+        pk=run.pk, status__in=TrainingRun.ACTIVE_STATUSES
+    ).update(
+        status=TrainingRun.Status.ERROR,
+        error_message=CANCELLED_MESSAGE,
+        finished_at=timezone.now(),
+    )
+    if not cancelled:
+        raise ServiceError(f"session {session_id} has no queued or running training", status=409)
+    logger.info("training run %s of session %s cancelled", run.pk, session_id)
+    run.refresh_from_db()
+    return run
+
+
 # --- Executing a run (in the training worker) --------------------------------------------
 
 
@@ -88,7 +115,7 @@ def training_run_execute(run_id: int) -> None:
     try:
         artifact = _train_and_store(run, output)
     except TrainingCancelled:
-        _finish_with_error(run_id, "training was cancelled")
+        _finish_with_error(run_id, CANCELLED_MESSAGE)
     except EngineError as error:
         _finish_with_error(run_id, str(error))
     except ServiceError as error:
@@ -109,8 +136,11 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
 
     pipelines = worker_pipelines()
     pairs = find_training_pairs(storage.session_dir(run.session_id))
-    _set_stage(run.pk, TrainingRun.Stage.TRAINING)
     still_running = True
+
+    def on_stage(stage: str) -> None:
+        nonlocal still_running
+        still_running = _set_stage(run.pk, stage)
 
     def on_progress(step: int, total_steps: int, loss: float) -> None:
         nonlocal still_running
@@ -131,10 +161,11 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         TrainingParams(**run.parameters),
         output,
         on_progress=on_progress,
-        # The row stops reading "running" when the run is cancelled or its session deleted.
+        # The row stops reading "running" when the run is cancelled or its session deleted;
+        # each stage change and each step reads it, so a cancel lands within one step.
         should_stop=lambda: not still_running,
+        on_stage=on_stage,
     )
-    _set_stage(run.pk, TrainingRun.Stage.SAVING)
     with transaction.atomic():
         artifact = lora_store(
             run.session_id,
@@ -153,13 +184,18 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         if not finished:
             # Cancelled while saving: rolling back removes the row; the file goes too.
             storage.session_dir(run.session_id).joinpath(artifact.filename).unlink(missing_ok=True)
-            raise TrainingCancelled("training was cancelled")
+            raise TrainingCancelled(CANCELLED_MESSAGE)
     return artifact
 
 
-def _set_stage(run_id: int, stage: str) -> None:
-    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
-        stage=stage, heartbeat_at=timezone.now()
+def _set_stage(run_id: int, stage: str) -> bool:
+    """Records the stage the engine entered; False when the run is no longer running."""
+    now = timezone.now()
+    started = {"training_started_at": now} if stage == TrainingRun.Stage.TRAINING else {}
+    return bool(
+        TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+            stage=stage, heartbeat_at=now, **started
+        )
     )
 
 
@@ -232,8 +268,13 @@ def lora_store(
 
 
 def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
-    """Stores an uploaded LoRA after checking it is a readable safetensors file."""
+    """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes.
+
+    diffusers, PEFT and kohya files are accepted; one already canonical is stored byte for
+    byte, any other is converted (alphas folded into the weights, so it computes the same).
+    """
     from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
+    from sdxl_engine.lora_formats import canonical_lora_file, is_canonical
 
     if filename is not None and not _LORA_FILENAME.fullmatch(filename):
         raise ServiceError(
@@ -244,30 +285,91 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
     folder = storage.session_dir(session.pk)
     folder.mkdir(parents=True, exist_ok=True)
     upload = storage.temp_path_for(folder / "upload.safetensors")
+    converted = storage.temp_path_for(folder / "converted.safetensors")
     try:
         storage.atomic_write_bytes(upload, data)
         try:
             inspect_lora_file(upload)
-            metadata = read_lora_metadata(upload)
+            if is_canonical(upload):
+                finished, metadata = upload, read_lora_metadata(upload)
+            else:
+                finished, metadata = converted, canonical_lora_file(upload, converted)
         except EngineError as error:
             raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
         return lora_store(
             session.pk,
-            upload,
+            finished,
             source=LoraArtifact.Source.UPLOADED,
             filename=filename,
             metadata=metadata,
         )
     finally:
         upload.unlink(missing_ok=True)
+        converted.unlink(missing_ok=True)
 
 
-def lora_read(artifact: LoraArtifact) -> bytes:
-    """The whole file in one read: a concurrent replace swaps the name, not these bytes."""
+def lora_read(artifact: LoraArtifact, lora_format: str = LORA_FORMATS[0]) -> bytes:
+    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form.
+
+    Either way the file is read whole in one go: a concurrent replace swaps the name, not
+    these bytes.
+    """
     path = storage.session_dir(artifact.session_id) / artifact.filename
+    missing = ServiceError(
+        f"{artifact.filename} is recorded but missing from the session folder", status=404
+    )
+    if not path.is_file():
+        raise missing
+    if lora_format == "kohya":
+        from sdxl_engine.lora_formats import kohya_lora_bytes
+
+        try:
+            return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
+        except EngineError as error:
+            raise ServiceError(
+                f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
+            ) from None
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ServiceError(
-            f"{artifact.filename} is recorded but missing from the session folder", status=404
-        ) from None
+        raise missing from None
+
+
+def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None) -> list[str]:
+    """Deletes all but the newest `keep` LoRA files of each session (or of one session).
+
+    Numbers are never reused: the session's counter stays where it is. A LoRA that a
+    queued or running generation is about to use is kept. Returns the files deleted (or,
+    with `dry_run`, that would be), as `session_<id>/<file>`.
+    """
+    sessions = LoraArtifact.objects.values_list("session_id", flat=True).distinct()
+    if session_id is not None:
+        sessions = sessions.filter(session_id=session_id)
+    in_use = set(
+        Generation.objects.filter(
+            status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING], lora__isnull=False
+        ).values_list("lora_id", flat=True)
+    )
+    pruned = []
+    for sid in sorted(set(sessions)):
+        with session_lock(sid):
+            doomed = [
+                (pk, name)
+                for pk, name in LoraArtifact.objects.filter(session_id=sid)
+                .order_by("-number")[keep:]
+                .values_list("pk", "filename")
+                if pk not in in_use
+            ]
+            pruned += [f"session_{sid}/{name}" for _, name in doomed]
+            if dry_run or not doomed:
+                continue
+            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed]).delete()
+            # The rows go first, the files once that is committed: a failure keeps both.
+            paths = [storage.session_dir(sid) / name for _, name in doomed]
+            transaction.on_commit(lambda paths=paths: _unlink_all(paths))
+    return pruned
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)

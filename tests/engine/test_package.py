@@ -13,7 +13,8 @@ def test_light_modules_do_not_import_torch() -> None:
     # The web process imports these (errors, model choice, dataset and LoRA file checks);
     # it must not pay for torch or diffusers.
     code = (
-        "import sys, sdxl_engine, sdxl_engine.source, sdxl_engine.dataset, sdxl_engine.lora_files;"
+        "import sys, sdxl_engine, sdxl_engine.source, sdxl_engine.dataset, sdxl_engine.lora_files,"
+        " sdxl_engine.lora_formats;"
         "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); print(heavy)"
     )
     result = subprocess.run(

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.source import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, resolve_model_source
+from sdxl_engine.source import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_REFINER_MODEL,
+    WeightsStatus,
+    plan_model_source,
+    resolve_model_source,
+    weights_status,
+)
 
 
 @pytest.fixture
@@ -67,3 +74,33 @@ def test_tiny_preset_is_built_once(no_cuda: None, tmp_path: Path) -> None:
 def test_unknown_preset_is_an_engine_error(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="unknown SDXL_MODEL_PRESET 'large'.*tiny"):
         resolve_model_source("large", "", "", tmp_path)
+
+
+def test_plan_names_the_folders_without_building_them(tmp_path: Path) -> None:
+    source = plan_model_source("sdxl-random", "", "", tmp_path, cuda=True)
+
+    assert (source.preset, source.device) == ("sdxl-random", "cuda")
+    assert Path(source.base) == tmp_path / "sdxl-random" / "base"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_status_of_local_folders(tmp_path: Path) -> None:
+    assert not weights_status(str(tmp_path / "missing")).present
+    (tmp_path / "model_index.json").write_text("{}")
+    assert weights_status(str(tmp_path)) == WeightsStatus(True, str(tmp_path))
+
+
+def test_weights_status_of_a_hub_id_reads_the_cache_without_downloading(tmp_path: Path) -> None:
+    repo = "someone/sdxl"
+    assert not weights_status(repo, hub_cache=tmp_path).present
+
+    snapshot = tmp_path / "models--someone--sdxl" / "snapshots" / ("a" * 40)
+    (snapshot / "unet").mkdir(parents=True)
+    (tmp_path / "models--someone--sdxl" / "refs").mkdir()
+    (tmp_path / "models--someone--sdxl" / "refs" / "main").write_text("a" * 40)
+    (snapshot / "model_index.json").write_text("{}")
+    assert not weights_status(repo, hub_cache=tmp_path).present  # no UNet weights yet
+
+    (snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
+    status = weights_status(repo, hub_cache=tmp_path)
+    assert status.present and status.where == str(snapshot)

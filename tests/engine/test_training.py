@@ -109,6 +109,23 @@ def test_progress_counts_every_step_up_to_the_total(
     assert result.metadata["sdxl_service.steps"] == "4"
 
 
+def test_stages_are_reported_in_order_around_the_steps(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    events: list[str | int] = []
+
+    train_lora(
+        pipelines,
+        training_pairs,
+        TrainingParams(batch_size=2, steps=2, seed=1),
+        tmp_path / "lora.safetensors",
+        on_progress=lambda step, total, loss: events.append(step),
+        on_stage=events.append,
+    )
+
+    assert events == ["caching", "training", 1, 2, "saving"]
+
+
 def test_same_seed_gives_the_same_lora(
     pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
 ) -> None:

@@ -1,4 +1,6 @@
 import io
+import json
+import re
 
 import pytest
 from django.utils import timezone
@@ -57,7 +59,45 @@ def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
     for png in pngs:
         image = Image.open(io.BytesIO(png))
         assert (image.format, image.size) == ("PNG", (64, 64))
-        assert '"seed": 7' in image.text["parameters"]
+        assert json.loads(image.text["sdxl_service"])["seed"] == 7
+
+
+def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
+    session = session_services.session_create()
+    session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64)), "red")
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    services.training_run_execute(run.pk)
+    generation = generations.generation_request(
+        GenerationRequest(
+            prompt="a red apple, studio light",
+            negative_prompt="blurry",
+            guidance_scale=5.5,
+            seed=123,
+            use_lora=True,
+            session_id=session.pk,
+            lora_scale=0.8,
+            **SMALL,
+        )
+    )
+    generations.generation_execute(generation.pk)
+    finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+
+    text = Image.open(io.BytesIO(pngs[0])).text
+    prompt, negative, settings_line = text["parameters"].split("\n")
+    assert (prompt, negative) == ("a red apple, studio light", "Negative prompt: blurry")
+    # "Key: value" pairs as AUTOMATIC1111 writes them; values holding ", :" are quoted.
+    fields = dict(re.findall(r'([A-Za-z0-9 ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', settings_line))
+    assert fields["Steps"] == "5" and fields["CFG scale"] == "5.5" and fields["Seed"] == "123"
+    assert fields["Size"] == "64x64" and fields["Refiner switch at"] == "0.8"
+    assert fields["Lora"] == "lora_1.safetensors" and fields["Lora weight"] == "0.8"
+    assert fields["Lora sha256"] == finished.lora_sha256
+    assert fields["Model"].endswith("base") and fields["Refiner"].endswith("refiner")
+    record = json.loads(text["sdxl_service"])
+    assert (record["seed"], record["lora"], record["lora_scale"]) == (
+        123,
+        "lora_1.safetensors",
+        0.8,
+    )
 
 
 def test_seed_is_random_and_63_bit_when_absent(generation_worker):

@@ -1,6 +1,7 @@
 import uuid
 
 import pytest
+import torch
 from django_q.brokers import get_broker
 from safetensors import safe_open
 
@@ -55,6 +56,7 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
         "step": 0,
         "total_steps": None,
         "loss": None,
+        "eta_seconds": None,
     }
 
 
@@ -165,3 +167,123 @@ def _trained_lora(session) -> bytes:
     run = services.training_run_start(session.pk, FAST)
     services.training_run_execute(run.pk)
     return (storage.session_dir(session.pk) / "lora_1.safetensors").read_bytes()
+
+
+@pytest.fixture
+def engine_events(monkeypatch):
+    """Runs each function appended to the returned list on every engine callback.
+
+    The worker's own callbacks run first, so a function sees the row as the worker left it.
+    """
+    import sdxl_engine.training as training
+
+    listeners = []
+    real_train_lora = training.train_lora
+
+    def train_lora(*args, on_progress, on_stage, **kwargs):
+        def progress(step, total_steps, loss):
+            on_progress(step, total_steps, loss)
+            for listener in listeners:
+                listener(("step", step))
+
+        def stage(name):
+            on_stage(name)
+            for listener in listeners:
+                listener(("stage", name))
+
+        return real_train_lora(*args, on_progress=progress, on_stage=stage, **kwargs)
+
+    monkeypatch.setattr(training, "train_lora", train_lora)
+    return listeners
+
+
+def test_status_shows_each_stage_step_loss_and_eta(session_with_images, engine_events):
+    seen = []
+    engine_events.append(
+        lambda event: seen.append((event, training_status(session_with_images.pk)))
+    )
+    run = services.training_run_start(session_with_images.pk, {**FAST, "steps": 3})
+    services.training_run_execute(run.pk)
+
+    stages = [status["stage"] for event, status in seen if event[0] == "stage"]
+    assert stages == ["caching", "training", "saving"]
+    steps = [status for event, status in seen if event[0] == "step"]
+    assert [status["step"] for status in steps] == [1, 2, 3]
+    assert all(status["total_steps"] == 3 and status["loss"] is not None for status in steps)
+    assert all(isinstance(status["eta_seconds"], int) for status in steps)
+    assert steps[-1]["eta_seconds"] == 0
+    caching = next(status for event, status in seen if event == ("stage", "caching"))
+    assert caching["eta_seconds"] is None and caching["step"] == 0
+    assert training_status(session_with_images.pk)["status"] == "completed"
+
+
+def test_cancel_of_a_queued_run_means_it_never_runs(session_with_images):
+    run = services.training_run_start(session_with_images.pk, FAST)
+    cancelled = services.training_run_cancel(session_with_images.pk)
+    assert cancelled.pk == run.pk
+    services.training_run_execute(run.pk)  # the queued task arrives anyway
+    assert training_status(session_with_images.pk) == {
+        "status": "error",
+        "message": "training was cancelled",
+    }
+    assert not LoraArtifact.objects.exists()
+    # Nothing active any more: the session can train again.
+    services.training_run_start(session_with_images.pk, FAST)
+
+
+def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, engine_events):
+    steps_done = []
+
+    def cancel_after_step_2(event):
+        if event[0] == "step":
+            steps_done.append(event[1])
+        if event == ("step", 2):
+            services.training_run_cancel(session_with_images.pk)
+
+    engine_events.append(cancel_after_step_2)
+    run = services.training_run_start(session_with_images.pk, {**FAST, "steps": 20})
+    services.training_run_execute(run.pk)
+
+    assert steps_done == [1, 2, 3]  # the step under way when it was cancelled, no more
+    run.refresh_from_db()
+    assert (run.status, run.error_message) == ("error", "training was cancelled")
+    assert not LoraArtifact.objects.exists()
+    folder = storage.session_dir(session_with_images.pk)
+    assert sorted(p.name for p in folder.iterdir()) == ["0", "1", "2"]
+
+
+def test_cancel_without_an_active_run_is_409_and_unknown_session_404(session_with_images):
+    with pytest.raises(ServiceError) as error:
+        services.training_run_cancel(session_with_images.pk)
+    assert error.value.status == 409
+    with pytest.raises(ServiceError) as error:
+        services.training_run_cancel(999_999)
+    assert error.value.status == 404
+
+
+def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
+    from safetensors.torch import load
+
+    from sdxl_engine.lora_formats import kohya_lora_bytes
+
+    trained_path = storage.session_dir(session_with_images.pk) / "lora_1.safetensors"
+    trained = load(_trained_lora(session_with_images))
+    kohya = kohya_lora_bytes(trained_path, base_model="x")
+    assert all(key.startswith("lora_unet_") for key in load(kohya))
+
+    artifact = services.lora_upload(session_with_images.pk, kohya, "from_a1111.safetensors")
+
+    stored_path = storage.session_dir(session_with_images.pk) / "from_a1111.safetensors"
+    stored = load(stored_path.read_bytes())
+    assert stored.keys() == trained.keys()
+    assert all(torch.equal(stored[key], trained[key]) for key in trained)
+    assert artifact.sha256 == sha256_file(stored_path)
+    assert artifact.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    # Read back as kohya, it is the same adapter again.
+    assert load(services.lora_read(artifact, "kohya")).keys() == load(kohya).keys()
+
+
+def test_canonical_upload_is_stored_byte_for_byte(session_with_images):
+    lora = _trained_lora(session_with_images)
+    artifact = services.lora_upload(session_with_images.pk, lora, None)
+    assert services.lora_read(artifact) == lora

@@ -1,7 +1,11 @@
 import base64
+import hashlib
 
 import pytest
+import torch
+from django.conf import settings
 from rest_framework.test import APIClient
+from safetensors.torch import load
 
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes
@@ -124,6 +128,93 @@ def test_get_and_upload_lora(api, session):
         400,
         "lora_base64",
     )
+
+
+def test_get_lora_as_kohya_and_upload_it_back(api, session):
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    services.training_run_execute(run.pk)
+    stored = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
+    body = api.post(
+        "/get_lora", {"session_id": session.pk, "iteration": 1, "format": "kohya"}, format="json"
+    ).json()
+    assert (body["lora_filename"], body["iteration"], body["format"]) == (
+        "lora_1.safetensors",
+        1,
+        "kohya",
+    )
+    kohya = base64.b64decode(body["lora_base64"])
+    assert body["sha256"] == hashlib.sha256(kohya).hexdigest() != stored["sha256"]
+    assert all(key.startswith("lora_unet_") for key in load(kohya))
+
+    response = api.post(
+        "/upload_lora", {"session_id": session.pk, "lora_base64": b64(kohya)}, format="json"
+    )
+    assert response.json()["lora_filename"] == "lora_2.safetensors"
+    again = api.post("/get_lora", {"session_id": session.pk, "iteration": 2}, format="json")
+    # Stored in the trainer's form: the same tensors as the trained file.
+    first = load(base64.b64decode(stored["lora_base64"]))
+    second = load(base64.b64decode(again.json()["lora_base64"]))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    assert_error(
+        api.post("/get_lora", {"session_id": session.pk, "format": "ckpt"}, format="json"),
+        400,
+        "format",
+    )
+
+
+def test_cancel_training(api, session):
+    assert_error(
+        api.post("/cancel_training", {"session_id": session.pk}, format="json"), 409, "no queued"
+    )
+    assert_error(api.post("/cancel_training", {"session_id": 999}, format="json"), 404, "not found")
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    response = api.post("/cancel_training/", {"session_id": str(session.pk)}, format="json")
+    assert response.json() == {
+        "status": "cancelled",
+        "session_id": str(session.pk),
+        "run_id": run.pk,
+    }
+    status = api.post("/train_status", {"session_id": session.pk}, format="json").json()
+    assert status == {"status": "error", "message": "training was cancelled"}
+
+
+def test_txt2img_answers_seed_lora_and_duration(api, session, monkeypatch):
+    from django.utils import timezone
+
+    from training_app import generations, views
+    from training_app.models import LoraArtifact, WorkerHeartbeat
+
+    WorkerHeartbeat.objects.create(
+        queue=settings.GENERATION_QUEUE,
+        host="test",
+        pid=1,
+        started_at=timezone.now(),
+        last_seen=timezone.now(),
+    )
+
+    def execute_then_wait(generation_id, timeout_s):
+        generations.generation_execute(generation_id)  # the worker's part, in-process
+        return generations.generation_wait(generation_id, timeout_s)
+
+    monkeypatch.setattr(views, "generation_wait", execute_then_wait)
+    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    services.training_run_execute(run.pk)
+    small = {"prompt": "x", "height": 64, "width": 64, "steps": 5}
+
+    plain = api.post("/txt2img", {**small, "num_images": 2}, format="json").json()
+    with_lora = api.post(
+        "/txt2img",
+        {**small, "seed": 42, "use_lora": True, "session_id": str(session.pk)},
+        format="json",
+    ).json()
+
+    assert len(plain["images_base64"]) == 2 and plain["lora"] is None
+    assert isinstance(plain["seed"], int) and isinstance(plain["duration_ms"], int)
+    artifact = LoraArtifact.objects.get()
+    assert with_lora["seed"] == 42
+    assert with_lora["lora"] == {"filename": "lora_1.safetensors", "sha256": artifact.sha256}
+    assert with_lora["duration_ms"] >= 0
 
 
 def test_txt2img_without_worker_is_503_json(api):

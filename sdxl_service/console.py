@@ -1,0 +1,23 @@
+"""What the maintenance commands share: progress bars and printing a maintenance report."""
+
+from collections.abc import Callable, Iterable
+
+from django.core.management.base import BaseCommand
+from tqdm import tqdm
+
+
+def progress(description: str, unit: str = "session") -> Callable[[Iterable], Iterable]:
+    """A tqdm bar on stderr around an iterable; silent when stderr is not a terminal."""
+    return lambda items: tqdm(items, desc=description, unit=unit, disable=None)
+
+
+def print_report(command: BaseCommand, report) -> None:
+    """Prints a sessions_app.maintenance.Report: what was fixed, what is wrong, notes."""
+    for change in report.fixed:
+        command.stdout.write(f"fixed     {change.text}")
+    for change in report.changes:
+        command.stdout.write(command.style.WARNING(f"mismatch  {change.text}"))
+    for problem in report.problems:
+        command.stdout.write(command.style.ERROR(f"problem   {problem}"))
+    for note in report.notes:
+        command.stdout.write(f"note      {note}")

@@ -1,0 +1,305 @@
+"""A session as one zip file: its images, captions and LoRA files, and what the rows say.
+
+The archive holds `session.json` (the manifest: counters, groups, images, LoRAs and the
+sha256 of every file) and the session folder's files under `files/`. Importing it makes a
+new session, under a new id, whose rows and files are those of the exported one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import uuid
+import zipfile
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+
+from django.conf import settings
+from django.db import transaction
+
+from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
+from sdxl_service.errors import ServiceError
+from sessions_app import storage
+from sessions_app.locking import session_lock
+from sessions_app.maintenance import is_hidden
+from sessions_app.models import ImageGroup, Session, TrainingImage
+from training_app.models import LoraArtifact
+
+MANIFEST = "session.json"
+FILES_PREFIX = "files/"
+ARCHIVE_FORMAT = "sdxl-service-session"
+ARCHIVE_VERSION = 1
+_COPY_CHUNK = 1 << 20
+
+
+def session_export(session_id: int, target: Path) -> dict:
+    """Writes the session to the zip file `target` (atomically); returns the manifest.
+
+    Runs under the session lock, so no upload or LoRA lands half-way through, and checks
+    every indexed file against its row: an archive never carries a file its row
+    contradicts (run `verify` first if this fails).
+    """
+    target = Path(target)
+    with session_lock(session_id) as session:
+        folder = storage.session_dir(session.pk)
+        files = _session_files(folder)
+        manifest = _manifest(session, folder, files)
+        write_atomically(target, lambda temp: _write_zip(temp, folder, files, manifest))
+    return manifest
+
+
+def _session_files(folder: Path) -> dict[str, str]:
+    """Every file of the session folder (leftovers of interrupted writes aside), by path."""
+    if not folder.is_dir():
+        return {}
+    files = {}
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_symlink() or not path.is_file():
+            continue
+        if any(is_hidden(Path(part)) for part in relative.parts):
+            continue
+        files[relative.as_posix()] = sha256_file(path)
+    return files
+
+
+def _manifest(session: Session, folder: Path, files: dict[str, str]) -> dict:
+    def in_folder(relative_to_data_dir: str) -> str:
+        return storage.absolute_path(relative_to_data_dir).relative_to(folder).as_posix()
+
+    groups = []
+    for group in ImageGroup.objects.filter(session=session).prefetch_related("images"):
+        images = []
+        for image in group.images.all():
+            name = in_folder(image.file)
+            _check_against_row(files, name, image.sha256)
+            images.append(
+                {
+                    "file": name,
+                    "caption": image.caption,
+                    "image_format": image.image_format,
+                    "width": image.width,
+                    "height": image.height,
+                    "size": image.size,
+                    "sha256": image.sha256,
+                }
+            )
+        groups.append({"number": group.number, "images": images})
+    loras = []
+    for artifact in LoraArtifact.objects.filter(session=session).order_by("number"):
+        _check_against_row(files, artifact.filename, artifact.sha256)
+        loras.append(
+            {
+                "filename": artifact.filename,
+                "number": artifact.number,
+                "source": artifact.source,
+                "size": artifact.size,
+                "sha256": artifact.sha256,
+                "metadata": artifact.metadata,
+            }
+        )
+    return {
+        "format": ARCHIVE_FORMAT,
+        "version": ARCHIVE_VERSION,
+        "session_id": session.pk,
+        "created_at": session.created_at.isoformat(),
+        "next_group_number": session.next_group_number,
+        "next_lora_number": session.next_lora_number,
+        "groups": groups,
+        "loras": loras,
+        "files": files,
+    }
+
+
+def _check_against_row(files: dict[str, str], name: str, sha256: str) -> None:
+    if files.get(name) != sha256:
+        problem = "is missing" if name not in files else "differs from its row (sha256)"
+        raise ServiceError(
+            f"{name} {problem}; run `manage.py verify --fix` and export again", status=409
+        )
+
+
+def _write_zip(temp: Path, folder: Path, files: dict[str, str], manifest: dict) -> None:
+    with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+        for name in files:
+            archive.write(folder / name, FILES_PREFIX + name)
+
+
+# --- Import --------------------------------------------------------------------------------
+
+
+def session_import(source: Path) -> Session:
+    """Makes a new session from an archive written by session_export.
+
+    Every member name is checked before anything is written (no absolute paths, no `..`,
+    no links: nothing may land outside the new session folder), every file's sha256 is
+    checked against the manifest, and the folder appears in one rename, with its rows, in
+    one transaction: a failure leaves neither rows nor files behind.
+    """
+    try:
+        archive = zipfile.ZipFile(source)
+    except (OSError, zipfile.BadZipFile) as error:
+        raise ServiceError(f"{source} is not a readable zip file ({error})") from None
+    with archive:
+        manifest = _read_manifest(archive)
+        members = _checked_members(archive, manifest)
+        root = settings.SESSION_DATA_DIR
+        root.mkdir(parents=True, exist_ok=True)
+        staging = root / f".importing-{uuid.uuid4().hex}"
+        try:
+            _extract(archive, members, manifest["files"], staging)
+            return _create_session(manifest, staging)
+        finally:
+            storage.remove_tree(staging if staging.exists() else None)
+
+
+def _read_manifest(archive: zipfile.ZipFile) -> dict:
+    try:
+        manifest = json.loads(archive.read(MANIFEST))
+    except KeyError:
+        raise ServiceError(
+            f"the archive has no {MANIFEST}; export sessions with export_session"
+        ) from None
+    except (ValueError, zipfile.BadZipFile) as error:
+        raise ServiceError(f"the archive's {MANIFEST} is unreadable ({error})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
+        raise ServiceError("the archive is not a session exported by export_session")
+    if manifest.get("version") != ARCHIVE_VERSION:
+        raise ServiceError(
+            f"archive version {manifest.get('version')!r} is not supported (this service "
+            f"reads version {ARCHIVE_VERSION})"
+        )
+    for key, kind in (
+        ("files", dict),
+        ("groups", list),
+        ("loras", list),
+        ("next_group_number", int),
+        ("next_lora_number", int),
+    ):
+        if not isinstance(manifest.get(key), kind):
+            raise ServiceError(f"the archive's {MANIFEST} has no valid {key!r}")
+    return manifest
+
+
+def _safe_name(name: str) -> str | None:
+    """`name` if it is a plain relative path that stays inside the folder, else None."""
+    path = PurePosixPath(name)
+    if (
+        not name
+        or "\\" in name
+        or "\0" in name
+        or path.is_absolute()
+        or ":" in path.parts[0]
+        or any(part in ("", ".", "..") for part in name.split("/"))
+        or any(is_hidden(Path(part)) for part in path.parts)
+    ):
+        return None
+    return name
+
+
+def _checked_members(archive: zipfile.ZipFile, manifest: dict) -> dict[str, zipfile.ZipInfo]:
+    members = {}
+    for info in archive.infolist():
+        if info.filename == MANIFEST or (info.is_dir() and info.filename == FILES_PREFIX):
+            continue
+        name = info.filename.removeprefix(FILES_PREFIX)
+        if not info.filename.startswith(FILES_PREFIX) or _safe_name(name) is None:
+            raise ServiceError(f"the archive holds an unsafe path: {info.filename!r}")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ServiceError(f"the archive holds a link: {info.filename!r}")
+        if not info.is_dir():
+            members[name] = info
+    listed = set(manifest["files"])
+    if listed != set(members):
+        different = sorted(listed ^ set(members))
+        raise ServiceError(f"the archive's files do not match its manifest: {different[:3]}")
+    needed = sum(info.file_size for info in members.values())
+    free = shutil.disk_usage(settings.DATA_DIR).free
+    if needed > free:
+        raise ServiceError(f"the archive needs {needed} bytes; the data dir has {free} free")
+    return members
+
+
+def _extract(
+    archive: zipfile.ZipFile,
+    members: dict[str, zipfile.ZipInfo],
+    sha256s: dict[str, str],
+    staging: Path,
+) -> None:
+    staging.mkdir()
+    inside = staging.resolve()
+    for name, info in members.items():
+        target = staging / name
+        if not target.resolve().is_relative_to(inside):  # belt and braces
+            raise ServiceError(f"the archive holds an unsafe path: {info.filename!r}")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        digest = hashlib.sha256()
+        with archive.open(info) as packed, open(target, "xb") as unpacked:
+            for chunk in iter(lambda: packed.read(_COPY_CHUNK), b""):
+                digest.update(chunk)
+                unpacked.write(chunk)
+        if digest.hexdigest() != sha256s[name]:
+            raise ServiceError(f"{name} in the archive does not match its sha256")
+    fsync_tree(staging)
+
+
+def _create_session(manifest: dict, staging: Path) -> Session:
+    with transaction.atomic():
+        session = Session.objects.create(
+            next_group_number=manifest["next_group_number"],
+            next_lora_number=manifest["next_lora_number"],
+        )
+        if manifest.get("created_at"):
+            created = datetime.fromisoformat(manifest["created_at"])
+            Session.objects.filter(pk=session.pk).update(created_at=created)
+        target = storage.session_dir(session.pk)
+        os.replace(staging, target)
+        try:
+            _create_rows(session, manifest, target)
+        except BaseException:
+            os.replace(target, staging)  # the finally of session_import removes it
+            raise
+    session.refresh_from_db()
+    return session
+
+
+def _create_rows(session: Session, manifest: dict, folder: Path) -> None:
+    try:
+        for group in manifest["groups"]:
+            row = ImageGroup.objects.create(session=session, number=group["number"])
+            for image in group["images"]:
+                _check_file(manifest, image["file"], image["sha256"])
+                TrainingImage.objects.create(
+                    group=row,
+                    file=storage.relative_path(folder / image["file"]),
+                    caption=image["caption"],
+                    image_format=image["image_format"],
+                    width=image["width"],
+                    height=image["height"],
+                    size=image["size"],
+                    sha256=image["sha256"],
+                )
+        for lora in manifest["loras"]:
+            _check_file(manifest, lora["filename"], lora["sha256"])
+            if "/" in lora["filename"]:
+                raise ServiceError(f"LoRA {lora['filename']!r} is not at the session's root")
+            LoraArtifact.objects.create(
+                session=session,
+                number=lora["number"],
+                filename=lora["filename"],
+                size=lora["size"],
+                sha256=lora["sha256"],
+                source=lora["source"],
+                metadata=lora["metadata"],
+            )
+    except (KeyError, TypeError) as error:
+        raise ServiceError(f"the archive's {MANIFEST} is incomplete ({error})") from None
+
+
+def _check_file(manifest: dict, name: str, sha256: str) -> None:
+    if manifest["files"].get(name) != sha256:
+        raise ServiceError(f"the manifest's row for {name} does not match the file")

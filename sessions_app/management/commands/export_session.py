@@ -1,0 +1,30 @@
+"""`manage.py export_session N <file.zip>`: one session, images to LoRAs, as a zip."""
+
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from sdxl_service.errors import ServiceError
+from sessions_app.archive import session_export
+
+
+class Command(BaseCommand):
+    help = (
+        "Writes session N (images, captions, LoRA files and what their rows say) to a zip "
+        "file that import_session reads back."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("session_id", type=int)
+        parser.add_argument("file", type=Path, help="the zip file to write")
+
+    def handle(self, *args, session_id: int, file: Path, **options):
+        try:
+            manifest = session_export(session_id, file)
+        except ServiceError as error:
+            raise CommandError(error.message) from None
+        images = sum(len(group["images"]) for group in manifest["groups"])
+        self.stdout.write(
+            f"exported session {session_id} to {file}: {len(manifest['groups'])} groups, "
+            f"{images} images, {len(manifest['loras'])} LoRA files"
+        )

@@ -1,0 +1,26 @@
+"""`manage.py import_session <file.zip>`: a session exported by export_session, as a new one."""
+
+from pathlib import Path
+
+from django.core.management.base import BaseCommand, CommandError
+
+from sdxl_service.errors import ServiceError
+from sessions_app.archive import session_import
+
+
+class Command(BaseCommand):
+    help = (
+        "Creates a new session (new id) from a zip written by export_session: the same "
+        "groups, images, captions, LoRA files and numbers. Unsafe archive paths are refused "
+        "before anything is written; a failure leaves nothing behind."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("file", type=Path, help="the zip file to read")
+
+    def handle(self, *args, file: Path, **options):
+        try:
+            session = session_import(file)
+        except ServiceError as error:
+            raise CommandError(error.message) from None
+        self.stdout.write(f"imported {file} as session {session.pk}")

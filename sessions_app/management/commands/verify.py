@@ -1,0 +1,36 @@
+"""`manage.py verify [--fix]`: every row against its file, every file against a row."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from sdxl_service.console import print_report, progress
+from sessions_app.maintenance import verify
+from sessions_app.models import Session, TrainingImage
+from training_app.models import LoraArtifact
+
+
+class Command(BaseCommand):
+    help = (
+        "Checks every row against its file (exists, size, sha256, images decode, LoRA "
+        "headers readable) and every file against a row; prints a report and exits 1 on any "
+        "mismatch. --fix repairs what can be repaired without losing data (rows follow the "
+        "files; stale leftovers of interrupted writes go) and reports what is left."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--fix", action="store_true", help="repair what loses no data")
+
+    def handle(self, *args, fix: bool, **options):
+        report = verify(fix=fix, progress=progress("verifying"))
+        print_report(self, report)
+        self.stdout.write(
+            f"verify: {Session.objects.count()} sessions, {TrainingImage.objects.count()} "
+            f"images, {LoraArtifact.objects.count()} LoRA files checked; "
+            f"{len(report.fixed)} fixed, {len(report.changes)} mismatches, "
+            f"{len(report.problems)} problems"
+        )
+        if not report.clean:
+            hint = "" if fix else "; `verify --fix` repairs the mismatches"
+            raise CommandError(
+                f"{len(report.changes) + len(report.problems)} inconsistencies{hint}"
+            )
+        self.stdout.write(self.style.SUCCESS("verify: the rows and files agree"))

@@ -1,0 +1,81 @@
+"""Builders for the maintenance command tests: folders as the original service wrote them."""
+
+import io
+import os
+import time
+from pathlib import Path
+
+import torch
+from django.core.management import call_command
+from safetensors.torch import save
+
+from sessions_app.models import ImageGroup, Session, TrainingImage
+from tests.helpers import image_bytes
+from training_app.models import LoraArtifact
+
+FLASK_IMAGES = [("PNG", "png", "red", "a red apple"), ("JPEG", "jpg", "blue", "a blue cup")]
+
+
+def lora_bytes(seed: int = 0) -> bytes:
+    """A small LoRA in the trainer's (canonical) form."""
+    generator = torch.Generator().manual_seed(seed)
+    module = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
+    return save(
+        {
+            f"{module}.lora.down.weight": torch.randn(4, 32, generator=generator),
+            f"{module}.lora.up.weight": torch.randn(32, 4, generator=generator),
+        },
+        metadata={"made_by": "tests"},
+    )
+
+
+def flask_session_data(root: Path, session_ids=(3, 7)) -> Path:
+    """A session_data/ folder laid out as API.md shows: groups, captions, lora_<n> files."""
+    for session_id in session_ids:
+        folder = root / f"session_{session_id}"
+        for number, (image_format, extension, color, caption) in enumerate(FLASK_IMAGES):
+            group = folder / str(number)
+            group.mkdir(parents=True)
+            (group / f"0.{extension}").write_bytes(image_bytes(image_format, color=color))
+            (group / "0.txt").write_text(caption, encoding="utf-8")
+        for number in (1, 2):
+            (folder / f"lora_{number}.safetensors").write_bytes(lora_bytes(number))
+    return root
+
+
+def run(*args, **options) -> str:
+    """Runs a manage.py command in-process; returns what it printed."""
+    out = io.StringIO()
+    call_command(*args, stdout=out, stderr=io.StringIO(), **options)
+    return out.getvalue()
+
+
+def snapshot(data_dir: Path) -> tuple:
+    """Every row the maintenance commands touch, and every file with its bytes."""
+    files = {
+        path.relative_to(data_dir).as_posix(): path.read_bytes()
+        for path in sorted(data_dir.rglob("*"))
+        if path.is_file() and "session_data" in path.parts
+    }
+    return (
+        list(
+            Session.objects.values_list("pk", "next_group_number", "next_lora_number", "created_at")
+        ),
+        list(ImageGroup.objects.values_list("session_id", "number")),
+        list(
+            TrainingImage.objects.values_list(
+                "group__session_id", "file", "caption", "image_format", "size", "sha256"
+            )
+        ),
+        list(
+            LoraArtifact.objects.values_list(
+                "session_id", "number", "filename", "source", "size", "sha256", "metadata"
+            )
+        ),
+        files,
+    )
+
+
+def make_old(path: Path, seconds: float = 2 * 3600) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))

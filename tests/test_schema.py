@@ -1,0 +1,103 @@
+"""The OpenAPI description: valid, complete, and its documentation pages work offline."""
+
+import io
+
+import pytest
+from django.core.management import call_command
+from drf_spectacular.validation import validate_schema
+from rest_framework.test import APIClient
+
+ENDPOINTS = {
+    "/create_session": "get",
+    "/post_session_image": "post",
+    "/train_lora": "post",
+    "/train_status": "post",
+    "/get_lora": "post",
+    "/upload_lora": "post",
+    "/list_sessions": "get",
+    "/delete_session": "post",
+    "/txt2img": "post",
+}
+ADDITIONS = {"/cancel_training": "post"}
+
+
+@pytest.fixture(scope="module")
+def schema(django_db_blocker) -> dict:
+    with django_db_blocker.unblock():
+        response = APIClient().get("/api/schema", {"format": "json"})
+    assert response.status_code == 200
+    return response.json()
+
+
+def test_schema_is_valid_openapi_3(schema):
+    assert schema["openapi"].startswith("3.")
+    validate_schema(schema)  # raises on any violation of the OpenAPI 3 JSON schema
+
+
+def test_schema_lists_the_nine_endpoints_and_the_additions_once(schema):
+    assert set(schema["paths"]) == set(ENDPOINTS) | set(ADDITIONS)
+    for path, method in {**ENDPOINTS, **ADDITIONS}.items():
+        operation = schema["paths"][path][method]
+        assert operation["operationId"] == path.strip("/")
+        assert "200" in operation["responses"]
+        if method == "post":
+            assert "requestBody" in operation, path
+
+
+def test_errors_are_documented_in_the_json_error_shape(schema):
+    error = schema["components"]["schemas"]["Error"]
+    assert set(error["properties"]) == {"status", "message"}
+    for path, method in {**ENDPOINTS, **ADDITIONS}.items():
+        if method != "post":
+            continue
+        responses = schema["paths"][path][method]["responses"]
+        assert responses["400"]["content"]["application/json"]["schema"] == {
+            "$ref": "#/components/schemas/Error"
+        }
+
+
+def test_request_and_response_bodies_are_described(schema):
+    components = schema["components"]["schemas"]
+    assert {"session_id", "image_base64", "prompt"} <= set(
+        components["PostSessionImage"]["properties"]
+    )
+    assert "format" in components["GetLora"]["properties"]
+    assert {option["$ref"].rsplit("/", 1)[1] for option in components["TrainStatus"]["oneOf"]} == {
+        "TrainStatusInProgress",
+        "TrainStatusCompleted",
+        "TrainStatusError",
+        "TrainStatusNone",
+    }
+    assert {"step", "total_steps", "loss", "eta_seconds", "stage"} <= set(
+        components["TrainStatusInProgress"]["properties"]
+    )
+    assert {"images_base64", "seed", "lora", "duration_ms"} <= set(
+        components["Txt2ImgResponse"]["properties"]
+    )
+
+
+def test_schema_generation_has_no_warnings(tmp_path):
+    call_command(
+        "spectacular",
+        "--validate",
+        "--fail-on-warn",
+        "--file",
+        str(tmp_path / "schema.yaml"),
+        stderr=io.StringIO(),
+    )
+    assert "/cancel_training:" in (tmp_path / "schema.yaml").read_text()
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", ["/api/docs", "/api/redoc"])
+def test_documentation_pages_and_their_scripts_are_served_here(page):
+    client = APIClient()
+    response = client.get(page)
+    assert response.status_code == 200 and b"/api/schema" in response.content
+    html = response.content.decode()
+    script = "swagger-ui-bundle.js" if page == "/api/docs" else "redoc.standalone.js"
+    static = next(
+        part.split('"')[0] for part in html.split('src="')[1:] if script in part.split('"')[0]
+    )
+    assert static.startswith("/static/drf_spectacular_sidecar/")
+    assert client.get(static).status_code == 200

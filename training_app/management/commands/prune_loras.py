@@ -1,0 +1,31 @@
+"""`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files."""
+
+from django.core.management.base import BaseCommand, CommandError
+
+from sdxl_service.errors import ServiceError
+from training_app.services import loras_prune
+
+
+class Command(BaseCommand):
+    help = (
+        "Deletes all but the newest N LoRA files (and rows) of every session. Numbers are "
+        "never reused: the next LoRA still gets the next number. A LoRA a queued or running "
+        "generation is about to use is kept. --dry-run only lists them."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument("--keep", type=int, required=True, metavar="N")
+        parser.add_argument("--session", type=int, help="only this session (default: all)")
+        parser.add_argument("--dry-run", action="store_true", help="list, delete nothing")
+
+    def handle(self, *args, keep: int, session: int | None, dry_run: bool, **options):
+        if keep < 0:
+            raise CommandError("--keep must be 0 or more")
+        try:
+            pruned = loras_prune(keep, dry_run=dry_run, session_id=session)
+        except ServiceError as error:
+            raise CommandError(error.message) from None
+        verb = "would delete" if dry_run else "deleted"
+        for name in pruned:
+            self.stdout.write(f"{verb} {name}")
+        self.stdout.write(f"{verb} {len(pruned)} LoRA files, keeping the newest {keep} per session")
