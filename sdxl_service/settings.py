@@ -7,6 +7,7 @@ README's configuration table lists them all.
 from pathlib import Path
 
 import environ
+from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -166,6 +167,12 @@ SDXL_REFINER_MODEL = env.str(
 # torch.compile the UNets' transformer blocks in the workers (GPU): faster steps, paid for
 # with compile time at start and at each new image size.
 SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
+# Gradient checkpointing in training: "auto" turns it on when the GPU has too little free
+# memory to keep every activation (a 16-24 GB card), "on"/"off" force it.
+SDXL_LOW_MEMORY = env.str("SDXL_LOW_MEMORY", default="auto")
+if SDXL_LOW_MEMORY not in ("auto", "on", "off"):
+    raise ImproperlyConfigured("SDXL_LOW_MEMORY must be auto, on or off")
+SDXL_GPUS = env.list("SDXL_GPUS", default=[])
 
 # --- Limits on what the API accepts --------------------------------------------------
 SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)

@@ -165,6 +165,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         # each stage change and each step reads it, so a cancel lands within one step.
         should_stop=lambda: not still_running,
         on_stage=on_stage,
+        low_memory={"on": True, "off": False}.get(settings.SDXL_LOW_MEMORY),
     )
     with transaction.atomic():
         artifact = lora_store(

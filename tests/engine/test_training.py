@@ -14,7 +14,7 @@ from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
-from sdxl_engine.training import TrainingParams, _load_image, train_lora
+from sdxl_engine.training import TrainingParams, _load_image, needs_low_memory, train_lora
 
 from .conftest import STRONG_LORA_PARAMS
 
@@ -139,6 +139,35 @@ def test_same_seed_gives_the_same_lora(
         assert a.metadata() == b.metadata()
         assert a.keys() == b.keys()
         assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
+
+
+def test_low_memory_mode_trains_the_same_lora_and_is_switched_off_after(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    params = TrainingParams(batch_size=2, steps=2, seed=5)
+    kept, recomputed = tmp_path / "kept.safetensors", tmp_path / "recomputed.safetensors"
+    checkpointing_seen = []
+    train_lora(pipelines, training_pairs, params, kept, low_memory=False)
+    train_lora(
+        pipelines,
+        training_pairs,
+        params,
+        recomputed,
+        low_memory=True,
+        on_progress=lambda *_: checkpointing_seen.append(
+            pipelines.base.unet.is_gradient_checkpointing
+        ),
+    )
+
+    assert checkpointing_seen == [True, True]
+    assert not pipelines.base.unet.is_gradient_checkpointing
+    # Recomputing activations changes memory, not arithmetic.
+    with safe_open(kept, framework="pt") as a, safe_open(recomputed, framework="pt") as b:
+        assert all(torch.allclose(a.get_tensor(k), b.get_tensor(k), atol=1e-6) for k in a.keys())
+
+
+def test_low_memory_is_never_needed_on_the_cpu() -> None:
+    assert not needs_low_memory(torch.device("cpu"))
 
 
 def test_should_stop_cancels_without_writing(

@@ -5,6 +5,7 @@ and generation queues each get their own worker so generation never waits behind
 Ctrl-C or SIGTERM stops all three; if one dies, the others are stopped too.
 """
 
+import os
 import signal
 import subprocess
 import sys
@@ -26,33 +27,19 @@ class Command(BaseCommand):
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument("--web-workers", type=int, default=2)
         parser.add_argument("--threads", type=int, default=8, help="threads per web worker")
+        parser.add_argument(
+            "--gpus",
+            default=",".join(settings.SDXL_GPUS),
+            help="GPU indices, e.g. 0,1: one training and one generation worker per GPU, "
+            "pinned with CUDA_VISIBLE_DEVICES (default: one of each, on whatever is visible)",
+        )
 
-    def handle(self, *args, host: str, port: int, web_workers: int, threads: int, **options):
+    def handle(
+        self, *args, host: str, port: int, web_workers: int, threads: int, gpus: str, **options
+    ):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=1)
-        manage_py = str(Path(settings.BASE_DIR) / "manage.py")
-        commands = {
-            "web": [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "sdxl_service.wsgi:application",
-                "--bind",
-                f"{host}:{port}",
-                "--worker-class",
-                "gthread",
-                "--workers",
-                str(web_workers),
-                "--threads",
-                str(threads),
-                "--graceful-timeout",
-                "10",
-                "--access-logfile",
-                "-",
-            ],
-            "training worker": [sys.executable, manage_py, "worker", "training"],
-            "generation worker": [sys.executable, manage_py, "worker", "generation"],
-        }
+        processes = service_processes(host, port, web_workers, threads, gpus)
         stopping = False
 
         def request_stop(signum, frame):
@@ -63,8 +50,8 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, request_stop)
 
         children = {
-            name: subprocess.Popen(command, cwd=settings.BASE_DIR)
-            for name, command in commands.items()
+            name: subprocess.Popen(command, cwd=settings.BASE_DIR, env=environment)
+            for name, (command, environment) in processes.items()
         }
         self.stdout.write(
             f"SDXL LoRA service on http://{host}:{port}/ (data dir {settings.DATA_DIR}); "
@@ -95,3 +82,27 @@ class Command(BaseCommand):
                 child.kill()
                 child.wait()
         self.stdout.write("stopped")
+
+
+def service_processes(
+    host: str, port: int, web_workers: int, threads: int, gpus: str
+) -> dict[str, tuple[list[str], dict | None]]:
+    """Name -> (command, environment or None to inherit) of every process `serve` starts."""
+    manage_py = str(Path(settings.BASE_DIR) / "manage.py")
+    web = [
+        sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
+        "--bind", f"{host}:{port}",
+        "--worker-class", "gthread",
+        "--workers", str(web_workers),
+        "--threads", str(threads),
+        "--graceful-timeout", "10",
+        "--access-logfile", "-",
+    ]  # fmt: skip
+    processes = {"web": (web, None)}
+    for gpu in [g.strip() for g in gpus.split(",") if g.strip()] or [None]:
+        # All workers serve the same two queues; each GPU adds one of each.
+        environment = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+        for queue in ("training", "generation"):
+            name = f"{queue} worker" + (f" (GPU {gpu})" if gpu is not None else "")
+            processes[name] = ([sys.executable, manage_py, "worker", queue], environment)
+    return processes
