@@ -327,7 +327,14 @@ def part_train(args) -> dict:
 
     reset_peak()
     start = sync_time()
-    train_lora(ours, pairs, params, args.cache / "train_out.safetensors", on_progress=on_progress)
+    train_lora(
+        ours,
+        pairs,
+        params,
+        args.cache / "train_out.safetensors",
+        on_progress=on_progress,
+        low_memory=True if args.low_memory else None,
+    )
     total_s = sync_time() - start
     warm = step_times[2:]
     results = {
@@ -356,6 +363,8 @@ def part_train(args) -> dict:
     del ours, unet
     reset_peak()
 
+    if args.skip_baseline:
+        return results
     results.update(naive_training(source, pairs, args.train_steps, args.size))
     results["baseline_tflops_per_s"] = round(
         step_flops / 1e12 * results["baseline_images_per_s"] / 4, 1
@@ -495,7 +504,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5, help="timed requests at batch 1")
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
-    parser.add_argument("--skip-baseline", action="store_true", help="gen: ours only")
+    parser.add_argument("--skip-baseline", action="store_true", help="ours only")
+    parser.add_argument(
+        "--low-memory", action="store_true", help="train: with gradient checkpointing"
+    )
     parser.add_argument("--preset", default="sdxl-random", help="tiny: a CPU dry run")
     parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args()
@@ -507,6 +519,7 @@ def main() -> None:
         results = {**environment(), "part": name, **parts[name](args)}
         results["part_wall_s"] = round(time.perf_counter() - started, 1)
         suffix = "-compiled" if name in ("gen", "train") and args.compile else ""
+        suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
 

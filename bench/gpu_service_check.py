@@ -40,6 +40,70 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def service_env(data_dir: Path, preset: str = "sdxl-random") -> dict:
+    return {
+        **os.environ,
+        "SDXL_MODEL_PRESET": preset,
+        "SDXL_DATA_DIR": str(data_dir),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def build_model(env: dict, data_dir: Path) -> float:
+    """Builds the full-size pair once before workers start (each would otherwise build it,
+    and only one copy would be kept); returns the seconds it took."""
+    started = time.monotonic()
+    subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
+            f"print(r('{env['SDXL_MODEL_PRESET']}', '', '', Path('{data_dir}/models')))",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+    )
+    return round(time.monotonic() - started, 1)
+
+
+class running_service:  # noqa: N801 - used like a function, as a context manager
+    """`manage.py serve` in the background for a `with` block, then SIGINT (as Ctrl-C);
+    `exit_code` is the code it exited with."""
+
+    def __init__(self, env: dict, log_path: Path, *serve_args: str):
+        self.env, self.log_path, self.serve_args = env, log_path, serve_args
+        self.exit_code: int | str | None = None
+
+    def __enter__(self) -> str:
+        url = f"http://127.0.0.1:{free_port()}"
+        self.log = open(self.log_path, "wb")
+        self.serve = subprocess.Popen(
+            [sys.executable, "manage.py", "serve", "--port", url.rsplit(":", 1)[1],
+             *self.serve_args],
+            cwd=REPO, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        while True:
+            try:
+                if requests.get(f"{url}/list_sessions", timeout=2).ok:
+                    return url
+            except (requests.ConnectionError, requests.Timeout):  # not up yet
+                time.sleep(0.5)
+            if self.serve.poll() is not None:
+                self.__exit__(None, None, None)
+                raise RuntimeError(f"serve exited; see {self.log_path}")
+
+    def __exit__(self, *exc_info) -> None:
+        self.serve.send_signal(signal.SIGINT)
+        try:
+            self.exit_code = self.serve.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.serve.pid, signal.SIGKILL)
+            self.exit_code = "killed"
+        self.log.close()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -52,140 +116,100 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict = {"command": " ".join(sys.argv)}
 
-    env = {
-        **os.environ,
-        "SDXL_MODEL_PRESET": "sdxl-random",
-        "SDXL_DATA_DIR": str(args.data_dir),
-        "PYTHONUNBUFFERED": "1",
-    }
-    # Build the full-size pair once before the two workers start (each would otherwise
-    # build it, and only one copy would be kept).
+    env = service_env(args.data_dir)
+    results["build_random_sdxl_s"] = build_model(env, args.data_dir)
     started = time.monotonic()
-    subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
-            f"print(r('sdxl-random', '', '', Path('{args.data_dir}/models')))",
-        ],
-        cwd=REPO,
-        env=env,
-        check=True,
-    )
-    results["build_random_sdxl_s"] = round(time.monotonic() - started, 1)
-
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    log = open(args.out / "serve.log", "wb")
-    serve = subprocess.Popen(
-        [sys.executable, "manage.py", "serve", "--port", str(port)],
-        cwd=REPO,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
+    service = running_service(env, args.out / "serve.log")
     try:
-        started = time.monotonic()
-        while True:
-            try:
-                if requests.get(f"{url}/list_sessions", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.5)
-            assert serve.poll() is None, "serve exited"
-        results["web_ready_s"] = round(time.monotonic() - started, 1)
+        with service as url:
+            results["web_ready_s"] = round(time.monotonic() - started, 1)
 
-        session_id = requests.get(f"{url}/create_session", timeout=10).json()["session_id"]
-        for index in range(args.images):
+            session_id = requests.get(f"{url}/create_session", timeout=10).json()["session_id"]
+            for index in range(args.images):
+                response = requests.post(
+                    f"{url}/post_session_image",
+                    json={
+                        "session_id": str(session_id),
+                        "image_base64": noise_png(1024, index),
+                        "prompt": f"a photo of sks object number {index}",
+                    },
+                    timeout=60,
+                )
+                assert response.json() == {"status": "success"}, response.text
+
+            # The first txt2img waits for the generation worker to load the pipelines.
+            body = {
+                "prompt": "a photo of sks object",
+                "num_images": 1,
+                "height": 1024,
+                "width": 1024,
+                "guidance_scale": 7.0,
+                "steps": args.gen_steps,
+                "seed": 1,
+            }
+            started = time.monotonic()
+            response = requests.post(f"{url}/txt2img", json=body, timeout=900)
+            assert response.ok, response.text
+            results["first_txt2img_s"] = round(time.monotonic() - started, 1)
+
+            started = time.monotonic()
             response = requests.post(
-                f"{url}/post_session_image",
+                f"{url}/train_lora",
                 json={
-                    "session_id": str(session_id),
-                    "image_base64": noise_png(1024, index),
-                    "prompt": f"a photo of sks object number {index}",
+                    "session_id": session_id,
+                    "steps": args.train_steps,
+                    "batch_size": args.batch_size,
                 },
                 timeout=60,
             )
-            assert response.json() == {"status": "success"}, response.text
+            assert response.json()["status"] == "started", response.text
+            gen_during_training = []
+            while True:
+                status = requests.post(
+                    f"{url}/train_status", json={"session_id": session_id}, timeout=30
+                ).json()
+                if status["status"] != "in-progress":
+                    break
+                if status.get("stage") == "training" and len(gen_during_training) < 2:
+                    t0 = time.monotonic()
+                    response = requests.post(f"{url}/txt2img", json=body, timeout=900)
+                    gen_during_training.append(
+                        round(time.monotonic() - t0, 2) if response.ok else response.text
+                    )
+                time.sleep(0.5)
+            results["train_status"] = status
+            results["train_wall_s"] = round(time.monotonic() - started, 1)
+            results["train_images_seen"] = args.train_steps * args.batch_size
+            results["txt2img_while_training_s"] = gen_during_training
+            assert status["status"] == "completed", status
 
-        # The first txt2img waits for the generation worker to load the pipelines.
-        body = {
-            "prompt": "a photo of sks object",
-            "num_images": 1,
-            "height": 1024,
-            "width": 1024,
-            "guidance_scale": 7.0,
-            "steps": args.gen_steps,
-            "seed": 1,
-        }
-        started = time.monotonic()
-        response = requests.post(f"{url}/txt2img", json=body, timeout=900)
-        assert response.ok, response.text
-        results["first_txt2img_s"] = round(time.monotonic() - started, 1)
-
-        started = time.monotonic()
-        response = requests.post(
-            f"{url}/train_lora",
-            json={
-                "session_id": session_id,
-                "steps": args.train_steps,
-                "batch_size": args.batch_size,
-            },
-            timeout=60,
-        )
-        assert response.json()["status"] == "started", response.text
-        gen_during_training = []
-        while True:
-            status = requests.post(
-                f"{url}/train_status", json={"session_id": session_id}, timeout=30
+            lora = requests.post(
+                f"{url}/get_lora", json={"session_id": session_id}, timeout=60
             ).json()
-            if status["status"] != "in-progress":
-                break
-            if status.get("stage") == "training" and len(gen_during_training) < 2:
-                t0 = time.monotonic()
-                response = requests.post(f"{url}/txt2img", json=body, timeout=900)
-                gen_during_training.append(
-                    round(time.monotonic() - t0, 2) if response.ok else response.text
-                )
-            time.sleep(0.5)
-        results["train_status"] = status
-        results["train_wall_s"] = round(time.monotonic() - started, 1)
-        results["train_images_seen"] = args.train_steps * args.batch_size
-        results["txt2img_while_training_s"] = gen_during_training
-        assert status["status"] == "completed", status
+            results["lora_filename"] = lora["lora_filename"]
+            results["lora_bytes"] = len(base64.b64decode(lora["lora_base64"]))
 
-        lora = requests.post(f"{url}/get_lora", json={"session_id": session_id}, timeout=60).json()
-        results["lora_filename"] = lora["lora_filename"]
-        results["lora_bytes"] = len(base64.b64decode(lora["lora_base64"]))
-
-        timings = {}
-        for label, extra in [
-            ("no_lora", {}),
-            ("lora", {"use_lora": True, "session_id": str(session_id)}),
-        ]:
-            runs = []
-            for _ in range(3):
-                t0 = time.monotonic()
-                response = requests.post(f"{url}/txt2img", json={**body, **extra}, timeout=900)
-                assert response.ok, response.text
-                runs.append(round(time.monotonic() - t0, 2))
-                image = Image.open(
-                    io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))
-                )
-                assert image.size == (1024, 1024)
-            timings[label] = runs
-        results["txt2img_1024_s"] = timings
-        response = requests.post(f"{url}/txt2img", json={**body, "num_images": 2}, timeout=900)
-        results["txt2img_batch2_images"] = len(response.json()["images_base64"])
+            timings = {}
+            for label, extra in [
+                ("no_lora", {}),
+                ("lora", {"use_lora": True, "session_id": str(session_id)}),
+            ]:
+                runs = []
+                for _ in range(3):
+                    t0 = time.monotonic()
+                    response = requests.post(f"{url}/txt2img", json={**body, **extra}, timeout=900)
+                    assert response.ok, response.text
+                    runs.append(round(time.monotonic() - t0, 2))
+                    image = Image.open(
+                        io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))
+                    )
+                    assert image.size == (1024, 1024)
+                timings[label] = runs
+            results["txt2img_1024_s"] = timings
+            response = requests.post(f"{url}/txt2img", json={**body, "num_images": 2}, timeout=900)
+            results["txt2img_batch2_images"] = len(response.json()["images_base64"])
     finally:
-        serve.send_signal(signal.SIGINT)
-        try:
-            results["serve_exit_code"] = serve.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            os.killpg(serve.pid, signal.SIGKILL)
-            results["serve_exit_code"] = "killed"
-        log.close()
+        results["serve_exit_code"] = service.exit_code
         (args.out / "service_check.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2))
 
