@@ -1,4 +1,9 @@
-"""Serializer fields shared by the API's request serializers."""
+"""Serializer fields shared by the API's request serializers.
+
+DRF's own fields are lenient in ways a JSON API should not be: IntegerField takes 5.0 and
+"5.0", FloatField takes true (as 1.0), CharField passes lone surrogates that no file or
+database can store. These fields close those gaps, so a wrong type is a 400 naming the field.
+"""
 
 import base64
 import binascii
@@ -8,6 +13,10 @@ from rest_framework import serializers
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses; 19 digits hold
+# any 64-bit id, and a bound keeps int() away from its 4300-digit limit.
+_SESSION_ID_TEXT = re.compile(r"[0-9]{1,19}")
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
 
 
 class SessionIdField(serializers.Field):
@@ -20,7 +29,7 @@ class SessionIdField(serializers.Field):
             self.fail("invalid")
         if isinstance(data, int):
             value = data
-        elif isinstance(data, str) and data.strip().isdigit():
+        elif isinstance(data, str) and _SESSION_ID_TEXT.fullmatch(data.strip()):
             value = int(data.strip())
         else:
             self.fail("invalid")
@@ -30,6 +39,49 @@ class SessionIdField(serializers.Field):
 
     def to_representation(self, value):
         return str(value)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An integer, or a string of digits; never a boolean or a float (DRF takes 5.0 as 5)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool | float):
+            self.fail("invalid")
+        if isinstance(data, str) and not _INTEGER_TEXT.fullmatch(data.strip()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A finite number (or a string of one); never a boolean (DRF takes true as 1.0)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class PlainTextField(serializers.CharField):
+    """A JSON string (DRF takes numbers too) that can be stored: valid Unicode, no NUL.
+
+    A lone surrogate ("\\ud800" in JSON) parses into a Python str, then fails when written
+    as UTF-8 to a caption file or sent to PostgreSQL.
+    """
+
+    default_error_messages = {
+        "not_a_string": "must be a string",
+        "invalid_text": "must be valid Unicode text",
+    }
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        text = super().to_internal_value(data)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            self.fail("invalid_text")
+        return text
 
 
 class Base64BytesField(serializers.CharField):
