@@ -2,9 +2,12 @@
 
 import base64
 import io
+import json
 import struct
 import zlib
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -38,3 +41,29 @@ def png_bomb(width: int, height: int) -> bytes:
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
     )
+
+
+def tiny_unet_lora_shapes() -> dict[str, tuple[int, int]]:
+    """The attention projections of the tiny test model's Base UNet (what settings use)."""
+    from sdxl_engine.lora_files import unet_lora_target_shapes
+
+    config = Path(__file__).resolve().parent.parent / "sdxl_engine/configs/tiny/unet_base.json"
+    return unet_lora_target_shapes(json.loads(config.read_text()))
+
+
+def lora_bytes(
+    shapes: dict[str, tuple[int, int]] | None = None, rank=2, seed=0, fill=None
+) -> bytes:
+    """A small valid safetensors LoRA (diffusers naming) for the tiny model's UNet."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, (out_features, in_features) in (shapes or tiny_unet_lora_shapes()).items():
+        tensors[f"unet.{module}.lora.down.weight"] = rng.standard_normal(
+            (rank, in_features), dtype=np.float32
+        )
+        tensors[f"unet.{module}.lora.up.weight"] = np.full(
+            (out_features, rank), 0.0 if fill is None else fill, dtype=np.float32
+        )
+    return save(tensors)

@@ -139,6 +139,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         artifact = lora_store(
             run.session_id,
             output,
+            expected_sha256=result.sha256,
             source=LoraArtifact.Source.TRAINED,
             training_run=run,
             metadata=result.metadata,
@@ -196,6 +197,7 @@ def lora_store(
     session_id: int,
     finished_file: Path,
     *,
+    expected_sha256: str,
     source: str,
     filename: str | None = None,
     training_run: TrainingRun | None = None,
@@ -203,21 +205,37 @@ def lora_store(
 ) -> LoraArtifact:
     """Moves a complete, fsynced LoRA file into the session folder and records it.
 
-    The file is renamed into place under the session lock; its row is written after the
-    file is in place, in the same transaction, so a failure leaves neither.
+    Under the session lock the file is renamed into place (a fresh name: no LoRA is ever
+    overwritten), then hashed: only a file whose sha256 is `expected_sha256`, the hash of
+    the bytes its writer meant to write, gets its row, in the same transaction. Any
+    failure removes the file, so no row ever names a missing or truncated LoRA.
     """
-    size = finished_file.stat().st_size
-    sha256 = sha256_file(finished_file)
     with session_lock(session_id) as session:
         number, name = _allocate_lora_name(session, filename)
-        target = storage.session_dir(session.pk) / name
-        replace_with_retry(finished_file, target)
+        folder = storage.session_dir(session.pk)
+        folder.mkdir(parents=True, exist_ok=True)  # under the lock: the session still exists
+        target = folder / name
         try:
+            replace_with_retry(finished_file, target)
+        except OSError as error:
+            raise ServiceError(
+                f"the LoRA could not be moved into place ({error.strerror or error}); "
+                "nothing was stored",
+                status=500,
+            ) from None
+        try:
+            sha256 = sha256_file(target)
+            if sha256 != expected_sha256:
+                raise ServiceError(
+                    f"{name} does not hold the bytes that were written (sha256 mismatch: "
+                    "truncated or altered on disk); nothing was stored",
+                    status=500,
+                )
             artifact = LoraArtifact.objects.create(
                 session=session,
                 number=number,
                 filename=name,
-                size=size,
+                size=target.stat().st_size,
                 sha256=sha256,
                 source=source,
                 training_run=training_run,
@@ -232,8 +250,12 @@ def lora_store(
 
 
 def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
-    """Stores an uploaded LoRA after checking it is a readable safetensors file."""
-    from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
+    """Stores an uploaded LoRA after checking it is an SDXL UNet LoRA for the model.
+
+    The bytes are read as safetensors (a header and raw numbers), never unpickled. They
+    are staged outside the session folder, so a session deleted meanwhile gets no file.
+    """
+    from sdxl_engine.lora_files import read_lora_metadata
 
     if filename is not None and not _LORA_FILENAME.fullmatch(filename):
         raise ServiceError(
@@ -241,25 +263,46 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
             "(letters, digits, '.', '_' and '-')"
         )
     session = session_get(session_id)
-    folder = storage.session_dir(session.pk)
-    folder.mkdir(parents=True, exist_ok=True)
-    upload = storage.temp_path_for(folder / "upload.safetensors")
+    upload = storage.staging_path("upload.safetensors")
     try:
         storage.atomic_write_bytes(upload, data)
         try:
-            inspect_lora_file(upload)
+            _check_lora_fits_the_model(upload)
             metadata = read_lora_metadata(upload)
         except EngineError as error:
             raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
         return lora_store(
             session.pk,
             upload,
+            expected_sha256=storage.sha256_bytes(data),
             source=LoraArtifact.Source.UPLOADED,
             filename=filename,
             metadata=metadata,
         )
     finally:
         upload.unlink(missing_ok=True)
+
+
+def _check_lora_fits_the_model(path: Path) -> None:
+    """Checks the file against each UNet the configured model may be (it fits if it fits
+    one); against the LoRA's own consistency only when the web process cannot know it."""
+    from sdxl_engine.lora_files import check_unet_lora, unet_lora_target_shapes
+    from sdxl_engine.source import base_unet_configs
+
+    shape_sets = []
+    for config in base_unet_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL):
+        try:
+            shape_sets.append(unet_lora_target_shapes(config))
+        except EngineError:
+            shape_sets.append(None)  # a UNet unlike SDXL's: check consistency only
+    first_error = None
+    for shapes in shape_sets or [None]:
+        try:
+            check_unet_lora(path, shapes)
+            return
+        except EngineError as error:
+            first_error = first_error or error
+    raise first_error
 
 
 def lora_read(artifact: LoraArtifact) -> bytes:

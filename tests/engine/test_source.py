@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.source import DEFAULT_BASE_MODEL, DEFAULT_REFINER_MODEL, resolve_model_source
+from sdxl_engine.source import (
+    DEFAULT_BASE_MODEL,
+    DEFAULT_REFINER_MODEL,
+    base_unet_configs,
+    resolve_model_source,
+)
 
 
 @pytest.fixture
@@ -67,3 +72,33 @@ def test_tiny_preset_is_built_once(no_cuda: None, tmp_path: Path) -> None:
 def test_unknown_preset_is_an_engine_error(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="unknown SDXL_MODEL_PRESET 'large'.*tiny"):
         resolve_model_source("large", "", "", tmp_path)
+
+
+# --- The Base UNet config the web process checks uploaded LoRAs against ------------------
+
+
+def _blocks(configs: list[dict]) -> list[list[int]]:
+    return [config["block_out_channels"] for config in configs]
+
+
+TINY, SDXL = [32, 64], [320, 640, 1280]
+
+
+@pytest.mark.parametrize(
+    ("preset", "base", "expected"),
+    [
+        ("tiny", "", [TINY]),
+        ("sdxl-random", "", [SDXL]),
+        ("hub", DEFAULT_BASE_MODEL, [SDXL]),  # its published config ships with the engine
+        ("hub", "someone/not-in-the-cache", []),  # unknown here: consistency checks only
+        ("hub", "/no/such/folder", []),
+        ("", DEFAULT_BASE_MODEL, [SDXL, TINY]),  # auto: GPU or not is the worker's to know
+    ],
+)
+def test_base_unet_configs(preset, base, expected) -> None:
+    assert _blocks(base_unet_configs(preset, base)) == expected
+
+
+def test_base_unet_config_of_a_local_folder_is_read_from_it(tiny_model_dirs) -> None:
+    base, _ = tiny_model_dirs
+    assert _blocks(base_unet_configs("hub", str(base))) == [TINY]
