@@ -145,6 +145,10 @@ TRAINING_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-training"
 GENERATION_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-generation"
 # A worker counts as alive while its heartbeat is younger than this.
 SDXL_WORKER_STALE_AFTER = env.float("SDXL_WORKER_STALE_AFTER", default=15.0)
+# A running training run whose heartbeat is older than this lost its worker (killed, out of
+# memory, machine gone): workers then mark it as an error and remove its temporary files.
+# The job's process beats four times per period, loading a model included.
+SDXL_RUN_STALE_AFTER = env.float("SDXL_RUN_STALE_AFTER", default=60.0)
 SDXL_TRAINING_TIMEOUT = env.int("SDXL_TRAINING_TIMEOUT", default=6 * 3600)
 SDXL_GENERATION_TIMEOUT = env.int("SDXL_GENERATION_TIMEOUT", default=900)
 

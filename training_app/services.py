@@ -4,10 +4,14 @@ import logging
 import os
 import re
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -27,6 +31,12 @@ logger = logging.getLogger(__name__)
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
 # Progress stays below 100 until the file is stored: 100 means the LoRA exists.
 _PROGRESS_BEFORE_SAVE = 99
+# The job's heartbeat thread writes this many times per SDXL_RUN_STALE_AFTER.
+_BEATS_PER_STALE_PERIOD = 4
+WORKER_LOST_MESSAGE = (
+    "the worker running this training was lost (killed or crashed) before it finished; "
+    "no LoRA was saved: train again"
+)
 
 
 def worker_identity() -> str:
@@ -41,6 +51,8 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     from sdxl_engine.dataset import find_training_pairs
 
     with session_lock(session_id) as session:
+        # A run whose worker died must not hold the session's one active slot.
+        training_runs_recover_lost(session_id)
         if not find_training_pairs(storage.session_dir(session.pk)):
             raise ServiceError(
                 f"session {session_id} has no images with captions to train on; "
@@ -84,9 +96,10 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s is not queued any more; nothing to do", run_id)
         return
     run = TrainingRun.objects.get(pk=run_id)
-    output = storage.session_dir(run.session_id) / f".training-run-{run.pk}.safetensors"
+    output = _run_output_path(run.session_id, run.pk)
     try:
-        artifact = _train_and_store(run, output)
+        with _heartbeat(run.pk):
+            artifact = _train_and_store(run, output)
     except TrainingCancelled:
         _finish_with_error(run_id, "training was cancelled")
     except EngineError as error:
@@ -100,6 +113,43 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s stored %s", run_id, artifact.filename)
     finally:
         output.unlink(missing_ok=True)
+
+
+def _run_output_path(session_id: int, run_id: int) -> Path:
+    """Where a run's LoRA is written before it is stored (the engine adds `.tmp` first)."""
+    return storage.session_dir(session_id) / f".training-run-{run_id}.safetensors"
+
+
+@contextmanager
+def _heartbeat(run_id: int) -> Iterator[None]:
+    """Keeps the run's `heartbeat_at` fresh from a thread for as long as the block runs.
+
+    Progress callbacks come only between training steps, and loading a model (or one step
+    of a large one) can take minutes; the thread beats regardless, so a heartbeat goes
+    stale only when the worker process is gone.
+    """
+    stopped = threading.Event()
+    interval = settings.SDXL_RUN_STALE_AFTER / _BEATS_PER_STALE_PERIOD
+
+    def beat() -> None:
+        try:
+            while not stopped.wait(interval):
+                try:
+                    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError:
+                    logger.exception("could not write the heartbeat of training run %s", run_id)
+        finally:
+            connection.close()  # this thread's own connection
+
+    thread = threading.Thread(target=beat, name=f"training-run-{run_id}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
@@ -171,6 +221,37 @@ def _finish_with_error(run_id: int, message: str) -> None:
         finished_at=timezone.now(),
     )
     logger.warning("training run %s ended in error: %s", run_id, message)
+
+
+# --- Recovering runs whose worker died -------------------------------------------------------
+
+
+def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
+    """Ends running runs whose heartbeat is older than SDXL_RUN_STALE_AFTER: their worker
+    died (kill -9, out of memory, machine gone). Each reads `error` with a message saying
+    so, and its temporary files are removed. Returns the ids of the runs it ended.
+
+    Workers call it at start and every few seconds; `manage.py recover_runs` too.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER)
+    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
+    if session_id is not None:
+        stale = stale.filter(session_id=session_id)
+    recovered = []
+    for run_id, run_session_id in stale.values_list("pk", "session_id"):
+        # Conditional, like every status change: a run whose worker beat meanwhile stays.
+        ended = stale.filter(pk=run_id).update(
+            status=TrainingRun.Status.ERROR,
+            error_message=WORKER_LOST_MESSAGE,
+            finished_at=timezone.now(),
+        )
+        if ended:
+            output = _run_output_path(run_session_id, run_id)
+            for temporary in output.parent.glob(f"{output.name}*"):
+                temporary.unlink(missing_ok=True)
+            recovered.append(run_id)
+            logger.warning("training run %s lost its worker; marked as error", run_id)
+    return recovered
 
 
 # --- Storing LoRA files -------------------------------------------------------------------
