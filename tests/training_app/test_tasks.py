@@ -62,9 +62,7 @@ def _assert_trained_once(session, run) -> None:
     run.refresh_from_db()
     assert run.status == "completed"
     assert TrainingRun.objects.count() == 1
-    assert list(LoraArtifact.objects.values_list("filename", flat=True)) == [
-        "lora_1.safetensors"
-    ]
+    assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]
     assert sorted(p.name for p in storage.session_dir(session.pk).iterdir()) == [
         "0",
         "1",
