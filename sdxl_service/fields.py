@@ -1,8 +1,8 @@
 """Serializer fields shared by the API's request serializers.
 
 DRF's own fields are lenient in ways a JSON API should not be: IntegerField takes 5.0 and
-"5.0", FloatField takes true (as 1.0), CharField passes lone surrogates that no file or
-database can store. These fields close those gaps, so a wrong type is a 400 naming the field.
+"5.0", FloatField takes true (as 1.0), CharField takes numbers. These fields close those
+gaps, so a wrong type is a 400 naming the field.
 """
 
 import base64
@@ -61,27 +61,19 @@ class StrictFloatField(serializers.FloatField):
         return super().to_internal_value(data)
 
 
-class PlainTextField(serializers.CharField):
-    """A JSON string (DRF takes numbers too) that can be stored: valid Unicode, no NUL.
+class StringField(serializers.CharField):
+    """A JSON string: DRF's CharField also takes numbers and booleans (7 becomes "7").
 
-    A lone surrogate ("\\ud800" in JSON) parses into a Python str, then fails when written
-    as UTF-8 to a caption file or sent to PostgreSQL.
+    DRF itself refuses NUL and lone surrogates ("\\ud800" in JSON), which no caption
+    file or PostgreSQL column could store.
     """
 
-    default_error_messages = {
-        "not_a_string": "must be a string",
-        "invalid_text": "must be valid Unicode text",
-    }
+    default_error_messages = {"not_a_string": "must be a string"}
 
     def to_internal_value(self, data):
         if not isinstance(data, str):
             self.fail("not_a_string")
-        text = super().to_internal_value(data)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            self.fail("invalid_text")
-        return text
+        return super().to_internal_value(data)
 
 
 class Base64BytesField(serializers.CharField):

@@ -137,7 +137,7 @@ SDXL_API_TOKENS = [token for token in env.list("SDXL_API_TOKENS", default=[]) if
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["sdxl_service.parsers.JSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": ["access_app.authentication.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
     "UNAUTHENTICATED_USER": None,

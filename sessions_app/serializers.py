@@ -1,7 +1,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from sdxl_service.fields import Base64BytesField, PlainTextField, SessionIdField
+from sdxl_service.fields import Base64BytesField, SessionIdField, StringField
 
 
 class SessionRefSerializer(serializers.Serializer):
@@ -11,4 +11,4 @@ class SessionRefSerializer(serializers.Serializer):
 class PostSessionImageSerializer(serializers.Serializer):
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
-    prompt = PlainTextField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)

@@ -3,10 +3,10 @@ from rest_framework import serializers
 
 from sdxl_service.fields import (
     Base64BytesField,
-    PlainTextField,
     SessionIdField,
     StrictFloatField,
     StrictIntegerField,
+    StringField,
 )
 from training_app.generations import SEED_BITS
 
@@ -68,12 +68,12 @@ class GetLoraSerializer(serializers.Serializer):
 class UploadLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
     lora_base64 = Base64BytesField()
-    filename = PlainTextField(max_length=200, required=False, allow_null=True)
+    filename = StringField(max_length=200, required=False, allow_null=True)
 
 
 class Txt2ImgSerializer(serializers.Serializer):
-    prompt = PlainTextField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
-    negative_prompt = PlainTextField(
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+    negative_prompt = StringField(
         max_length=settings.SDXL_MAX_PROMPT_CHARS, required=False, allow_blank=True, default=""
     )
     num_images = StrictIntegerField(min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=1)

@@ -63,3 +63,13 @@ def test_body_at_the_limit_is_parsed(small_body_limit):
     )
     assert response.status_code == 200, response.content
     assert ImageGroup.objects.count() == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000],
+    ids=["list", "object"],
+)
+def test_json_nested_too_deep_is_400_not_500(body):
+    response = APIClient().generic("POST", "/train_status", body, content_type="application/json")
+    assert_error(response, 400, "nested too deeply")

@@ -3,10 +3,10 @@ from rest_framework import serializers
 
 from sdxl_service.fields import (
     Base64BytesField,
-    PlainTextField,
     SessionIdField,
     StrictFloatField,
     StrictIntegerField,
+    StringField,
 )
 
 
@@ -44,12 +44,12 @@ def test_strict_float_takes_numbers(value, expected):
 @pytest.mark.parametrize(
     "value", ["\ud800", "a\udfffb", "nul\x00here", "", "   ", 7, 1.5, True, ["a"]]
 )
-def test_plain_text_refuses_what_cannot_be_stored(value):
-    _refuses(PlainTextField(), value)
+def test_string_field_refuses_what_cannot_be_stored(value):
+    _refuses(StringField(), value)
 
 
-def test_plain_text_takes_any_real_unicode():
-    assert _accepts(PlainTextField(), "un chat 🐱 über 東京") == "un chat 🐱 über 東京"
+def test_string_field_takes_any_real_unicode():
+    assert _accepts(StringField(), "un chat 🐱 über 東京") == "un chat 🐱 über 東京"
 
 
 @pytest.mark.parametrize(

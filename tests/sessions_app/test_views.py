@@ -168,7 +168,7 @@ def _disk_and_rows(data_dir) -> tuple:
         ({"prompt": ""}, "prompt"),
         ({"prompt": "   "}, "prompt"),
         ({"prompt": "x" * 2001}, "prompt: Ensure this field has no more than 2000 characters"),
-        ({"prompt": "bad \ud800 text"}, "prompt: must be valid Unicode text"),
+        ({"prompt": "bad \ud800 text"}, "prompt: Surrogate characters are not allowed"),
         ({"prompt": "nul \x00 char"}, "prompt"),
         ({"prompt": ["a", "list"]}, "prompt"),
         ({"session_id": True}, "session_id"),
