@@ -4,14 +4,13 @@ import threading
 
 import pytest
 from django.db import connection
-from django.utils import timezone
 
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes
 from training_app import services, tasks
 from training_app.generations import GenerationRequest, generation_request, generations_dir
-from training_app.models import Generation, LoraArtifact, TrainingRun, WorkerHeartbeat
+from training_app.models import Generation, LoraArtifact, TrainingRun
 
 FAST = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
 SMALL = {"height": 64, "width": 64, "steps": 5, "num_images": 2, "seed": 3}
@@ -23,17 +22,6 @@ def session():
     for color in ("red", "blue"):
         session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64), color), color)
     return session
-
-
-@pytest.fixture
-def generation_worker(settings):
-    return WorkerHeartbeat.objects.create(
-        queue=settings.GENERATION_QUEUE,
-        host="test",
-        pid=1,
-        started_at=timezone.now(),
-        last_seen=timezone.now(),
-    )
 
 
 def _both_at_once(task, row_id: int) -> None:

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 # Long enough that the run is certainly still training when the test acts on it.
 ENDLESS = {"steps": 100_000, "resolution": 64, "batch_size": 1, "seed": 1}
 SHORT = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
-STALE_AFTER_S = 2.0
+STALE_AFTER_S = 5.0
 RUN_TIMEOUT_S = 120
 
 
