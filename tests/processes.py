@@ -25,7 +25,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_database_url() -> str:
+def suite_database_url() -> str:
     """The URL of the database this test runs on (pytest-django's test database)."""
     from django.db import connection
 
@@ -90,7 +90,7 @@ class ServiceProcesses:
         self.started: list[ServiceProcess] = []
         self.env = {
             **{k: v for k, v in os.environ.items() if not k.startswith(("SDXL_", "DJANGO_"))},
-            "DATABASE_URL": test_database_url(),
+            "DATABASE_URL": suite_database_url(),
             "SDXL_DATA_DIR": str(data_dir),
             "SDXL_MODEL_CACHE_DIR": str(model_cache_dir),
             "SDXL_MODEL_PRESET": "tiny",

@@ -14,6 +14,7 @@ from tests.helpers import image_bytes
 from tests.processes import wait_until
 from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
+from training_app.selectors import training_status
 
 pytestmark = pytest.mark.e2e
 
@@ -77,8 +78,10 @@ def test_kill_9_mid_training_ends_the_run_as_lost_and_a_restart_recovers(
 
     replacement = service_processes.worker(**stale_soon)
     lost = wait_until(lambda: _finished(run.pk), 10 * STALE_AFTER_S, "the run to end")
-    assert lost.status == "error"
-    assert "worker running this training was lost" in lost.error_message
+    assert training_status(session.pk) == {
+        "status": "error",
+        "message": services.WORKER_LOST_MESSAGE,  # "the worker running this training was lost..."
+    }
     assert _session_files(session.pk) == ["0", "1"]  # no LoRA, no temporary file
     assert not LoraArtifact.objects.exists()
 
