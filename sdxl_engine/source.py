@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +14,7 @@ DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 # SDXL_MODEL_PRESET value -> the builder preset whose random weights it uses.
 RANDOM_PRESETS = {"tiny": "tiny", "sdxl-random": "sdxl"}
 PRESETS = ("hub", *RANDOM_PRESETS)
+_PACKAGED_CONFIGS = Path(__file__).parent / "configs"
 
 
 @dataclass(frozen=True)
@@ -139,3 +141,40 @@ def weights_status(model: str, hub_cache: Path | None = None) -> WeightsStatus:
     }
     present = any(name.endswith((".safetensors", ".bin")) for name in unet_weights)
     return WeightsStatus(present, str(Path(index).parent))
+
+
+def base_unet_configs(preset: str | None, base: str) -> list[dict]:
+    """The config of every Base UNet a worker may load for these settings, read without
+    torch or weights (for checks in the web process); empty when none can be known here.
+
+    Auto is two candidates: the web process cannot tell whether the worker has a GPU (real
+    SDXL) or not (the tiny model). A hub id other than SDXL's counts only if the Hugging
+    Face cache already holds its config.
+    """
+    chosen = (preset or "").strip().lower() or "auto"
+    if chosen in RANDOM_PRESETS:
+        return [_packaged_unet_config(RANDOM_PRESETS[chosen])]
+    base = base or DEFAULT_BASE_MODEL
+    configs = [config] if (config := _real_unet_config(base)) is not None else []
+    if chosen == "auto":
+        configs.append(_packaged_unet_config("tiny"))
+    return configs
+
+
+def _packaged_unet_config(builder_preset: str) -> dict:
+    return json.loads((_PACKAGED_CONFIGS / builder_preset / "unet_base.json").read_text("utf-8"))
+
+
+def _real_unet_config(base: str) -> dict | None:
+    local = Path(base) / "unet" / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text(encoding="utf-8"))
+    if base == DEFAULT_BASE_MODEL:
+        return _packaged_unet_config("sdxl")  # SDXL Base's published UNet config
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(base, "unet/config.json")
+    except ValueError:  # not a valid hub id either
+        return None
+    return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None

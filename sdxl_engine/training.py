@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import secrets
 import tempfile
@@ -19,7 +20,7 @@ from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
@@ -52,6 +53,7 @@ class TrainingResult:
     steps: int
     final_loss: float
     metadata: dict[str, str]  # the sdxl_service.* entries written into the file's header
+    sha256: str  # of the bytes meant to be in the file: whoever moves it can verify it
 
 
 @dataclass
@@ -141,12 +143,14 @@ def train_lora(
             }
             metadata = {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
             enter_stage("saving")
-            _save_lora(base.unet, Path(output_path), metadata)
+            sha256 = _save_lora(base.unet, Path(output_path), metadata)
         finally:
             base.unet.disable_gradient_checkpointing()
             base.unet.unload_lora()
             base.unet.eval()
-    return TrainingResult(steps=total_steps, final_loss=final_loss, metadata=metadata)
+    return TrainingResult(
+        steps=total_steps, final_loss=final_loss, metadata=metadata, sha256=sha256
+    )
 
 
 def needs_low_memory(device: torch.device) -> bool:
@@ -344,12 +348,15 @@ def _batches(count: int, batch_size: int, total_steps: int, seed: int) -> Iterat
                 return
 
 
-def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str]) -> None:
-    """Save the adapter with diffusers' own LoRA writer, adding our metadata to its header.
+def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str]) -> str:
+    """Save the adapter with diffusers' own LoRA writer, adding our metadata to its header;
+    returns the sha256 of the file's bytes.
 
     diffusers writes to a fixed file name and fills the header itself (format, adapter
     config) only with its default writer, so it writes to a scratch folder and the
-    result is rewritten atomically to `output_path` with both sets of metadata.
+    result is rewritten atomically to `output_path` with both sets of metadata. The bytes
+    are hashed in memory, before they reach the disk, so a file that comes out truncated
+    or altered does not match.
     """
     layers = convert_state_dict_to_diffusers(
         get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
@@ -371,12 +378,11 @@ def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str
             with safe_open(Path(scratch, "lora.safetensors"), framework="pt") as written:
                 tensors = {key: written.get_tensor(key) for key in written.keys()}
                 header_metadata = {**(written.metadata() or {}), **metadata}
-        write_atomically(
-            output_path,
-            lambda tmp_path: save_file(tensors, str(tmp_path), metadata=header_metadata),
-        )
+        data = safetensors_bytes(tensors, metadata=header_metadata)
+        write_atomically(output_path, lambda tmp_path: tmp_path.write_bytes(data))
     except OSError as error:
         raise EngineError(
             f"the LoRA could not be saved to {output_path} ({error}); "
             "check that the session still exists and the disk has space, then train again"
         ) from error
+    return hashlib.sha256(data).hexdigest()

@@ -6,6 +6,7 @@ API.md: every error answers `{"status": "error", "message": "..."}` with a fitti
 
 import logging
 
+from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.http import JsonResponse
 from rest_framework import exceptions as drf_exceptions
@@ -46,13 +47,20 @@ def api_exception_handler(exc, context):
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.message), status=exc.status)
     if isinstance(exc, RequestDataTooBig):
-        return Response(error_body("request body is larger than the configured limit"), status=413)
+        limit_mb = settings.DATA_UPLOAD_MAX_MEMORY_SIZE / (1024 * 1024)
+        return Response(
+            error_body(f"request body is larger than the limit of {limit_mb:g} MB"), status=413
+        )
     if isinstance(exc, drf_exceptions.ValidationError):
         return Response(error_body(_validation_message(exc.detail)), status=400)
     if isinstance(exc, drf_exceptions.ParseError):
         return Response(error_body(f"request body is not valid JSON: {exc.detail}"), status=400)
     if isinstance(exc, drf_exceptions.APIException):
-        return Response(error_body(str(exc.detail)), status=exc.status_code)
+        response = Response(error_body(str(exc.detail)), status=exc.status_code)
+        # Set by DRF on 401s: says which credentials to send (RFC 9110).
+        if getattr(exc, "auth_header", None):
+            response["WWW-Authenticate"] = exc.auth_header
+        return response
     logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
     return Response(error_body("internal server error"), status=500)
 

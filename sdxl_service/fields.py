@@ -1,4 +1,9 @@
-"""Serializer fields shared by the API's request serializers."""
+"""Serializer fields shared by the API's request serializers.
+
+DRF's own fields are lenient in ways a JSON API should not be: IntegerField takes 5.0 and
+"5.0", FloatField takes true (as 1.0), CharField takes numbers. These fields close those
+gaps, so a wrong type is a 400 naming the field.
+"""
 
 import base64
 import binascii
@@ -9,6 +14,10 @@ from rest_framework import serializers
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
+# ASCII digits only: str.isdigit() also takes "²", which int() refuses; 19 digits hold
+# any 64-bit id, and a bound keeps int() away from its 4300-digit limit.
+_SESSION_ID_TEXT = re.compile(r"[0-9]{1,19}")
+_INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
 
 
 @extend_schema_field(
@@ -30,7 +39,7 @@ class SessionIdField(serializers.Field):
             self.fail("invalid")
         if isinstance(data, int):
             value = data
-        elif isinstance(data, str) and data.strip().isdigit():
+        elif isinstance(data, str) and _SESSION_ID_TEXT.fullmatch(data.strip()):
             value = int(data.strip())
         else:
             self.fail("invalid")
@@ -40,6 +49,41 @@ class SessionIdField(serializers.Field):
 
     def to_representation(self, value):
         return str(value)
+
+
+class StrictIntegerField(serializers.IntegerField):
+    """An integer, or a string of digits; never a boolean or a float (DRF takes 5.0 as 5)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool | float):
+            self.fail("invalid")
+        if isinstance(data, str) and not _INTEGER_TEXT.fullmatch(data.strip()):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StrictFloatField(serializers.FloatField):
+    """A finite number (or a string of one); never a boolean (DRF takes true as 1.0)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, bool):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
+class StringField(serializers.CharField):
+    """A JSON string: DRF's CharField also takes numbers and booleans (7 becomes "7").
+
+    DRF itself refuses NUL and lone surrogates ("\\ud800" in JSON), which no caption
+    file or PostgreSQL column could store.
+    """
+
+    default_error_messages = {"not_a_string": "must be a string"}
+
+    def to_internal_value(self, data):
+        if not isinstance(data, str):
+            self.fail("not_a_string")
+        return super().to_internal_value(data)
 
 
 @extend_schema_field({"type": "string", "format": "byte"})

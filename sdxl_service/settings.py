@@ -27,10 +27,27 @@ MODEL_CACHE_DIR = Path(env.str("SDXL_MODEL_CACHE_DIR", default=str(DATA_DIR / "m
 DEBUG = env.bool("DJANGO_DEBUG", default=False)
 SECRET_KEY = env.str(
     "DJANGO_SECRET_KEY",
-    # Good enough for a loopback-only development server; production sets its own.
-    default="insecure-development-key-set-DJANGO_SECRET_KEY-in-production",
+    # Good enough for a loopback-only development server; production sets its own. The
+    # "django-insecure-" prefix makes `manage.py check --deploy` flag it.
+    default="django-insecure-development-key-set-DJANGO_SECRET_KEY-in-production",
 )
 ALLOWED_HOSTS = env.list("DJANGO_ALLOWED_HOSTS", default=["127.0.0.1", "localhost", "[::1]"])
+
+# --- HTTPS ---------------------------------------------------------------------------------
+# DJANGO_HTTPS says clients reach the service over HTTPS (gunicorn behind a TLS proxy):
+# plain HTTP is redirected, cookies (the admin's) travel only over HTTPS, and browsers are
+# told to keep to HTTPS (HSTS). Off by default: `serve` itself speaks plain HTTP.
+SDXL_HTTPS = env.bool("DJANGO_HTTPS", default=False)
+SECURE_SSL_REDIRECT = SDXL_HTTPS
+SESSION_COOKIE_SECURE = SDXL_HTTPS
+CSRF_COOKIE_SECURE = SDXL_HTTPS
+SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=365 * 24 * 3600 if SDXL_HTTPS else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=SDXL_HTTPS)
+SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=SDXL_HTTPS)
+if env.bool("DJANGO_BEHIND_PROXY", default=False):
+    # The proxy terminates TLS and says so in this header; trust it only behind one.
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -44,6 +61,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_q",
+    "access_app",
     "sessions_app",
     "training_app",
 ]
@@ -111,15 +129,20 @@ STATIC_URL = "static/"
 WHITENOISE_USE_FINDERS = True
 
 # --- Request limits ------------------------------------------------------------------
-# Images and LoRA files travel base64-encoded inside JSON bodies.
+# Images and LoRA files travel base64-encoded inside JSON bodies. DRF (3.17.2 on) parses
+# JSON from `request.body`, where Django enforces this limit: larger bodies answer 413.
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("SDXL_MAX_BODY_MB", default=64) * 1024 * 1024
 
 # --- REST API ----------------------------------------------------------------------------
+# API tokens from the environment (comma-separated), besides those created in the admin.
+# While any token exists, every API endpoint needs `Authorization: Bearer <token>`.
+SDXL_API_TOKENS = [token for token in env.list("SDXL_API_TOKENS", default=[]) if token]
+
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_AUTHENTICATION_CLASSES": [],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.AllowAny"],
+    "DEFAULT_PARSER_CLASSES": ["sdxl_service.parsers.JSONParser"],
+    "DEFAULT_AUTHENTICATION_CLASSES": ["access_app.authentication.BearerTokenAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "sdxl_service.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -191,6 +214,10 @@ TRAINING_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-training"
 GENERATION_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-generation"
 # A worker counts as alive while its heartbeat is younger than this.
 SDXL_WORKER_STALE_AFTER = env.float("SDXL_WORKER_STALE_AFTER", default=15.0)
+# A running training run whose heartbeat is older than this lost its worker (killed, out of
+# memory, machine gone): workers then mark it as an error and remove its temporary files.
+# The job's process beats four times per period, loading a model included.
+SDXL_RUN_STALE_AFTER = env.float("SDXL_RUN_STALE_AFTER", default=60.0)
 SDXL_TRAINING_TIMEOUT = env.int("SDXL_TRAINING_TIMEOUT", default=6 * 3600)
 SDXL_GENERATION_TIMEOUT = env.int("SDXL_GENERATION_TIMEOUT", default=900)
 

@@ -11,6 +11,7 @@ from sdxl_service.errors import ServiceError
 
 # Pillow format name -> file extension written to disk.
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp"}
+NOT_AN_IMAGE = "image_base64 does not hold a PNG, JPEG, WebP or BMP image"
 
 
 @dataclass(frozen=True)
@@ -23,30 +24,32 @@ class CheckedImage:
 
 
 def check_image(data: bytes) -> CheckedImage:
-    """Decodes the whole image once; raises ServiceError (400) if it is not a usable image."""
+    """Decodes the whole image once; raises ServiceError (400) if it is not a usable image.
+
+    Only the four accepted formats' parsers ever see the bytes (Pillow would otherwise try
+    every format it knows, EPS through Ghostscript included), and the pixel count is read
+    from the header and checked before a single pixel is decoded.
+    """
+    too_large = (
+        f"image has more pixels than the limit of {settings.SDXL_MAX_UPLOAD_PIXELS} "
+        "(SDXL_MAX_UPLOAD_PIXELS)"
+    )
     try:
         with warnings.catch_warnings():
-            # Pillow only warns about large images below twice its own limit; any image
-            # over our limit is refused before its pixels are decoded.
+            # Pillow's own bomb check only warns up to twice its limit: make it refuse.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
                 image_format = image.format
                 width, height = image.size
-                if image_format not in ACCEPTED_FORMATS:
-                    raise ServiceError(
-                        f"image format {image_format or 'unknown'} is not accepted; "
-                        "send PNG, JPEG, WebP or BMP"
-                    )
                 if width * height > settings.SDXL_MAX_UPLOAD_PIXELS:
-                    raise ServiceError(
-                        f"image is {width}x{height} pixels, more than the limit of "
-                        f"{settings.SDXL_MAX_UPLOAD_PIXELS} pixels"
-                    )
+                    raise ServiceError(f"{too_large}: it is {width}x{height}")
                 image.load()
     except ServiceError:
         raise
-    except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ServiceError("image_base64 does not hold a PNG, JPEG, WebP or BMP image") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ServiceError(too_large) from None
+    except UnidentifiedImageError:
+        raise ServiceError(NOT_AN_IMAGE) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ServiceError(f"image could not be decoded: {error}") from None
     return CheckedImage(

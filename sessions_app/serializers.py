@@ -1,7 +1,7 @@
 from django.conf import settings
 from rest_framework import serializers
 
-from sdxl_service.fields import Base64BytesField, SessionIdField
+from sdxl_service.fields import Base64BytesField, SessionIdField, StringField
 
 
 class SessionRefSerializer(serializers.Serializer):
@@ -11,7 +11,7 @@ class SessionRefSerializer(serializers.Serializer):
 class PostSessionImageSerializer(serializers.Serializer):
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
-    prompt = serializers.CharField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
 
 
 # --- Responses: what the OpenAPI description shows (the views build these bodies) -----

@@ -32,6 +32,14 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     write_atomically(target, lambda temp: temp.write_bytes(data))
 
 
+def staging_path(name: str) -> Path:
+    """A unique temporary path for an upload being checked, outside every session folder
+    but on the same filesystem, so it can be renamed into one atomically."""
+    folder = settings.SESSION_DATA_DIR / ".staging"
+    folder.mkdir(parents=True, exist_ok=True)
+    return temp_path_for(folder / name)
+
+
 def temp_path_for(target: Path) -> Path:
     """A unique `*.tmp` name beside `target` (same filesystem, so a rename is atomic)."""
     return target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")

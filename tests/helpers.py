@@ -2,7 +2,12 @@
 
 import base64
 import io
+import json
+import struct
+import zlib
+from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 
@@ -14,3 +19,51 @@ def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (48, 40), col
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
+
+
+def png_bomb(width: int, height: int) -> bytes:
+    """A valid 1-bit PNG of `width` x `height` black pixels: a few KB that decode to
+    width x height bytes (Pillow keeps 1-bit images at a byte per pixel)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data)
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
+    compressor = zlib.compressobj(9)
+    rows_per_chunk = 1000
+    idat = b"".join(
+        compressor.compress(row * min(rows_per_chunk, height - start))
+        for start in range(0, height, rows_per_chunk)
+    )
+    idat += compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+
+
+def tiny_unet_lora_shapes() -> dict[str, tuple[int, int]]:
+    """The attention projections of the tiny test model's Base UNet (what settings use)."""
+    from sdxl_engine.lora_files import unet_lora_target_shapes
+
+    config = Path(__file__).resolve().parent.parent / "sdxl_engine/configs/tiny/unet_base.json"
+    return unet_lora_target_shapes(json.loads(config.read_text()))
+
+
+def lora_bytes(
+    shapes: dict[str, tuple[int, int]] | None = None, rank=2, seed=0, fill=None
+) -> bytes:
+    """A small valid safetensors LoRA (diffusers naming) for the tiny model's UNet."""
+    from safetensors.numpy import save
+
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for module, (out_features, in_features) in (shapes or tiny_unet_lora_shapes()).items():
+        tensors[f"unet.{module}.lora.down.weight"] = rng.standard_normal(
+            (rank, in_features), dtype=np.float32
+        )
+        tensors[f"unet.{module}.lora.up.weight"] = np.full(
+            (out_features, rank), 0.0 if fill is None else fill, dtype=np.float32
+        )
+    return save(tensors)

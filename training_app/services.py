@@ -4,10 +4,14 @@ import logging
 import os
 import re
 import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import DatabaseError, IntegrityError, connection, transaction
 from django.db.models import Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -30,6 +34,12 @@ LORA_FORMATS = ("diffusers", "kohya")
 # Progress stays below 100 until the file is stored: 100 means the LoRA exists.
 _PROGRESS_BEFORE_SAVE = 99
 CANCELLED_MESSAGE = "training was cancelled"
+# The job's heartbeat thread writes this many times per SDXL_RUN_STALE_AFTER.
+_BEATS_PER_STALE_PERIOD = 4
+WORKER_LOST_MESSAGE = (
+    "the worker running this training was lost (killed or crashed) before it finished; "
+    "no LoRA was saved: train again"
+)
 
 
 def worker_identity() -> str:
@@ -44,6 +54,8 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     from sdxl_engine.dataset import find_training_pairs
 
     with session_lock(session_id) as session:
+        # A run whose worker died must not hold the session's one active slot.
+        training_runs_recover_lost(session_id)
         if not find_training_pairs(storage.session_dir(session.pk)):
             raise ServiceError(
                 f"session {session_id} has no images with captions to train on; "
@@ -111,9 +123,10 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s is not queued any more; nothing to do", run_id)
         return
     run = TrainingRun.objects.get(pk=run_id)
-    output = storage.session_dir(run.session_id) / f".training-run-{run.pk}.safetensors"
+    output = _run_output_path(run.session_id, run.pk)
     try:
-        artifact = _train_and_store(run, output)
+        with _heartbeat(run.pk):
+            artifact = _train_and_store(run, output)
     except TrainingCancelled:
         _finish_with_error(run_id, CANCELLED_MESSAGE)
     except EngineError as error:
@@ -127,6 +140,43 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s stored %s", run_id, artifact.filename)
     finally:
         output.unlink(missing_ok=True)
+
+
+def _run_output_path(session_id: int, run_id: int) -> Path:
+    """Where a run's LoRA is written before it is stored (the engine adds `.tmp` first)."""
+    return storage.session_dir(session_id) / f".training-run-{run_id}.safetensors"
+
+
+@contextmanager
+def _heartbeat(run_id: int) -> Iterator[None]:
+    """Keeps the run's `heartbeat_at` fresh from a thread for as long as the block runs.
+
+    Progress callbacks come only between training steps, and loading a model (or one step
+    of a large one) can take minutes; the thread beats regardless, so a heartbeat goes
+    stale only when the worker process is gone.
+    """
+    stopped = threading.Event()
+    interval = settings.SDXL_RUN_STALE_AFTER / _BEATS_PER_STALE_PERIOD
+
+    def beat() -> None:
+        try:
+            while not stopped.wait(interval):
+                try:
+                    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
+                        heartbeat_at=timezone.now()
+                    )
+                except DatabaseError:
+                    logger.exception("could not write the heartbeat of training run %s", run_id)
+        finally:
+            connection.close()  # this thread's own connection
+
+    thread = threading.Thread(target=beat, name=f"training-run-{run_id}-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stopped.set()
+        thread.join()
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
@@ -171,6 +221,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         artifact = lora_store(
             run.session_id,
             output,
+            expected_sha256=result.sha256,
             source=LoraArtifact.Source.TRAINED,
             training_run=run,
             metadata=result.metadata,
@@ -209,6 +260,37 @@ def _finish_with_error(run_id: int, message: str) -> None:
     logger.warning("training run %s ended in error: %s", run_id, message)
 
 
+# --- Recovering runs whose worker died -------------------------------------------------------
+
+
+def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
+    """Ends running runs whose heartbeat is older than SDXL_RUN_STALE_AFTER: their worker
+    died (kill -9, out of memory, machine gone). Each reads `error` with a message saying
+    so, and its temporary files are removed. Returns the ids of the runs it ended.
+
+    Workers call it at start and every few seconds; `manage.py recover_runs` too.
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER)
+    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
+    if session_id is not None:
+        stale = stale.filter(session_id=session_id)
+    recovered = []
+    for run_id, run_session_id in stale.values_list("pk", "session_id"):
+        # Conditional, like every status change: a run whose worker beat meanwhile stays.
+        ended = stale.filter(pk=run_id).update(
+            status=TrainingRun.Status.ERROR,
+            error_message=WORKER_LOST_MESSAGE,
+            finished_at=timezone.now(),
+        )
+        if ended:
+            output = _run_output_path(run_session_id, run_id)
+            for temporary in output.parent.glob(f"{output.name}*"):
+                temporary.unlink(missing_ok=True)
+            recovered.append(run_id)
+            logger.warning("training run %s lost its worker; marked as error", run_id)
+    return recovered
+
+
 # --- Storing LoRA files -------------------------------------------------------------------
 
 
@@ -233,6 +315,7 @@ def lora_store(
     session_id: int,
     finished_file: Path,
     *,
+    expected_sha256: str,
     source: str,
     filename: str | None = None,
     training_run: TrainingRun | None = None,
@@ -240,21 +323,37 @@ def lora_store(
 ) -> LoraArtifact:
     """Moves a complete, fsynced LoRA file into the session folder and records it.
 
-    The file is renamed into place under the session lock; its row is written after the
-    file is in place, in the same transaction, so a failure leaves neither.
+    Under the session lock the file is renamed into place (a fresh name: no LoRA is ever
+    overwritten), then hashed: only a file whose sha256 is `expected_sha256`, the hash of
+    the bytes its writer meant to write, gets its row, in the same transaction. Any
+    failure removes the file, so no row ever names a missing or truncated LoRA.
     """
-    size = finished_file.stat().st_size
-    sha256 = sha256_file(finished_file)
     with session_lock(session_id) as session:
         number, name = _allocate_lora_name(session, filename)
-        target = storage.session_dir(session.pk) / name
-        replace_with_retry(finished_file, target)
+        folder = storage.session_dir(session.pk)
+        folder.mkdir(parents=True, exist_ok=True)  # under the lock: the session still exists
+        target = folder / name
         try:
+            replace_with_retry(finished_file, target)
+        except OSError as error:
+            raise ServiceError(
+                f"the LoRA could not be moved into place ({error.strerror or error}); "
+                "nothing was stored",
+                status=500,
+            ) from None
+        try:
+            sha256 = sha256_file(target)
+            if sha256 != expected_sha256:
+                raise ServiceError(
+                    f"{name} does not hold the bytes that were written (sha256 mismatch: "
+                    "truncated or altered on disk); nothing was stored",
+                    status=500,
+                )
             artifact = LoraArtifact.objects.create(
                 session=session,
                 number=number,
                 filename=name,
-                size=size,
+                size=target.stat().st_size,
                 sha256=sha256,
                 source=source,
                 training_run=training_run,
@@ -269,10 +368,13 @@ def lora_store(
 
 
 def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
-    """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes.
+    """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes, after
+    checking it is an SDXL UNet LoRA for the model.
 
     diffusers, PEFT and kohya files are accepted; one already canonical is stored byte for
     byte, any other is converted (alphas folded into the weights, so it computes the same).
+    The bytes are read as safetensors (a header and raw numbers), never unpickled. They
+    are staged outside the session folder, so a session deleted meanwhile gets no file.
     """
     from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
     from sdxl_engine.lora_formats import canonical_lora_file, is_canonical
@@ -283,10 +385,8 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
             "(letters, digits, '.', '_' and '-')"
         )
     session = session_get(session_id)
-    folder = storage.session_dir(session.pk)
-    folder.mkdir(parents=True, exist_ok=True)
-    upload = storage.temp_path_for(folder / "upload.safetensors")
-    converted = storage.temp_path_for(folder / "converted.safetensors")
+    upload = storage.staging_path("upload.safetensors")
+    converted = storage.staging_path("converted.safetensors")
     try:
         storage.atomic_write_bytes(upload, data)
         try:
@@ -295,11 +395,16 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
                 finished, metadata = upload, read_lora_metadata(upload)
             else:
                 finished, metadata = converted, canonical_lora_file(upload, converted)
+            _check_lora_fits_the_model(finished)
         except EngineError as error:
             raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
         return lora_store(
             session.pk,
             finished,
+            # What must land in the session folder: the bytes sent, or our conversion.
+            expected_sha256=(
+                storage.sha256_bytes(data) if finished == upload else sha256_file(finished)
+            ),
             source=LoraArtifact.Source.UPLOADED,
             filename=filename,
             metadata=metadata,
@@ -307,6 +412,28 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
     finally:
         upload.unlink(missing_ok=True)
         converted.unlink(missing_ok=True)
+
+
+def _check_lora_fits_the_model(path: Path) -> None:
+    """Checks the file against each UNet the configured model may be (it fits if it fits
+    one); against the LoRA's own consistency only when the web process cannot know it."""
+    from sdxl_engine.lora_files import check_unet_lora, unet_lora_target_shapes
+    from sdxl_engine.source import base_unet_configs
+
+    shape_sets = []
+    for config in base_unet_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL):
+        try:
+            shape_sets.append(unet_lora_target_shapes(config))
+        except EngineError:
+            shape_sets.append(None)  # a UNet unlike SDXL's: check consistency only
+    first_error = None
+    for shapes in shape_sets or [None]:
+        try:
+            check_unet_lora(path, shapes)
+            return
+        except EngineError as error:
+            first_error = first_error or error
+    raise first_error
 
 
 def lora_read(artifact: LoraArtifact, lora_format: str = LORA_FORMATS[0]) -> bytes:

@@ -1,14 +1,26 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import math
+import os
+import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
+from sdxl_engine.builder import load_component_config
 from sdxl_engine.errors import EngineError
-from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
+from sdxl_engine.lora_files import (
+    check_unet_lora,
+    inspect_lora_file,
+    read_lora_metadata,
+    unet_lora_target_shapes,
+)
 
 
 def test_inspects_a_trained_lora(trained_lora: Path) -> None:
@@ -61,3 +73,171 @@ def test_truncated_file_is_an_engine_error(trained_lora: Path, tmp_path: Path) -
 def test_missing_file_is_an_engine_error(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match="could not be read"):
         read_lora_metadata(tmp_path / "missing.safetensors")
+
+
+# --- Checking that a file is an SDXL UNet LoRA for the model ------------------------------
+
+
+def _unet_config(preset: str) -> dict:
+    return load_component_config(preset, "unet_base")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl"])
+def test_target_shapes_from_the_config_are_the_models_own(preset: str) -> None:
+    """Derived without torch; compared with the modules diffusers actually builds."""
+    config = _unet_config(preset)
+    with torch.device("meta"):  # shapes only: no memory, even at full SDXL size
+        unet = UNet2DConditionModel.from_config(config)
+    actual = {
+        name: tuple(module.weight.shape)
+        for name, module in unet.named_modules()
+        if name.endswith(("to_q", "to_k", "to_v", "to_out.0"))
+    }
+    assert unet_lora_target_shapes(config) == actual
+    assert len(actual) == {"tiny": 64, "sdxl": 560}[preset]
+
+
+def test_target_shapes_refuse_unknown_block_types() -> None:
+    config = {**_unet_config("tiny"), "down_block_types": ["DownBlock2D", "SimpleCrossAttnDown"]}
+    with pytest.raises(EngineError, match="cannot tell the LoRA shapes"):
+        unet_lora_target_shapes(config)
+
+
+def lora_tensors(shapes: dict[str, tuple[int, int]], rank: int = 2, dtype=torch.float32) -> dict:
+    """A small random LoRA in diffusers' naming for the projections in `shapes`."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for module, (out_features, in_features) in shapes.items():
+        down = torch.randn(rank, in_features, generator=generator).to(dtype)
+        tensors[f"unet.{module}.lora.down.weight"] = down
+        tensors[f"unet.{module}.lora.up.weight"] = torch.zeros(out_features, rank, dtype=dtype)
+    return tensors
+
+
+@pytest.fixture
+def tiny_shapes() -> dict[str, tuple[int, int]]:
+    return unet_lora_target_shapes(_unet_config("tiny"))
+
+
+def _saved(tmp_path: Path, tensors: dict, name: str = "lora.safetensors") -> Path:
+    path = tmp_path / name
+    save_file(tensors, str(path))
+    return path
+
+
+def test_a_trained_lora_fits_its_model(trained_lora: Path, tiny_shapes) -> None:
+    assert check_unet_lora(trained_lora, tiny_shapes).rank == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_peft_and_diffusers_naming_in_any_float_dtype_fit(tmp_path, tiny_shapes, dtype) -> None:
+    tensors = lora_tensors(tiny_shapes, dtype=dtype)
+    peft_named = {
+        key.replace("lora.down", "lora_A").replace("lora.up", "lora_B"): value
+        for key, value in tensors.items()
+    }
+    assert check_unet_lora(_saved(tmp_path, tensors), tiny_shapes).rank == 2
+    assert check_unet_lora(_saved(tmp_path, peft_named, "peft.safetensors"), tiny_shapes)
+
+
+def test_a_lora_for_full_size_sdxl_does_not_fit_the_tiny_model(tmp_path, tiny_shapes) -> None:
+    sdxl_shapes = unet_lora_target_shapes(_unet_config("sdxl"))
+    path = _saved(tmp_path, lora_tensors(dict(list(sdxl_shapes.items())[:8])))
+    assert check_unet_lora(path, sdxl_shapes)  # it does fit SDXL
+    with pytest.raises(EngineError, match="maps 640 -> 640 features, but this model's"):
+        check_unet_lora(path, tiny_shapes)  # the same modules, narrower in the tiny model
+    deep = {k: v for k, v in sdxl_shapes.items() if k.startswith("down_blocks.2.")}
+    path = _saved(tmp_path, lora_tensors(deep), "deep.safetensors")
+    with pytest.raises(EngineError, match="is not an attention projection of this model's UNet"):
+        check_unet_lora(path, tiny_shapes)  # the tiny UNet has no third down block
+
+
+def test_wrong_projection_shape_is_named(tmp_path, tiny_shapes) -> None:
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
+    path = _saved(tmp_path, lora_tensors({module: (64, 32)}))
+    with pytest.raises(EngineError, match=rf"{re.escape(module)} maps 32 -> 64 features, but"):
+        check_unet_lora(path, tiny_shapes)
+    assert check_unet_lora(path)  # consistent in itself: fine when the model is unknown
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (lambda t: {"text_encoder.layer.lora.down.weight": torch.zeros(2, 4)}, "is not a LoRA"),
+        (lambda t: {**t, "unet.conv_in.lora.down.weight": torch.zeros(2, 4)}, "is not a LoRA"),
+        (lambda t: {**t, "unet.something.to_q.weight": torch.zeros(4, 4)}, "is not a LoRA"),
+        (lambda t: {k: v for k, v in t.items() if ".up." not in k}, "has no up weight"),
+        (
+            lambda t: {k: (v[:1] if k.endswith("down.weight") else v) for k, v in t.items()},
+            "has down rank 1 but up rank 2",
+        ),
+        (lambda t: {k: v.flatten() for k, v in t.items()}, "not a 2-D matrix"),
+        (lambda t: {k: v.to(torch.int32) for k, v in t.items()}, "not a float type"),
+        (lambda t: {}, "it holds no tensors"),
+    ],
+)
+def test_files_that_are_no_unet_lora_are_refused_naming_why(tmp_path, tiny_shapes, change, problem):
+    tensors = lora_tensors(dict(list(tiny_shapes.items())[:4]))
+    path = _saved(tmp_path, change(tensors))
+    with pytest.raises(EngineError, match=re.escape(problem)):
+        check_unet_lora(path, tiny_shapes)
+
+
+@pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_non_finite_values_are_refused(tmp_path, tiny_shapes, bad_value, dtype) -> None:
+    tensors = lora_tensors(tiny_shapes, dtype=dtype)
+    key = sorted(tensors)[7]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, -1] = bad_value
+    path = _saved(tmp_path, tensors)
+    with pytest.raises(EngineError, match=rf"{re.escape(key)} holds NaN or infinite values"):
+        check_unet_lora(path, tiny_shapes)
+
+
+def test_largest_finite_values_are_fine(tmp_path, tiny_shapes) -> None:
+    tensors = lora_tensors(tiny_shapes, dtype=torch.float16)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], torch.finfo(torch.float16).max)
+    assert check_unet_lora(_saved(tmp_path, tensors), tiny_shapes)
+
+
+def test_byte_range_must_match_the_shape(tmp_path, tiny_shapes) -> None:
+    module = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    header = {
+        f"unet.{module}.lora.down.weight": {
+            "dtype": "F32",
+            "shape": [2, 64],
+            "data_offsets": [0, 8],
+        },
+        f"unet.{module}.lora.up.weight": {
+            "dtype": "F32",
+            "shape": [64, 2],
+            "data_offsets": [8, 16],
+        },
+    }
+    encoded = json.dumps(header).encode()
+    path = tmp_path / "short.safetensors"
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(16))
+    with pytest.raises(EngineError, match="invalid entry"):
+        check_unet_lora(path, tiny_shapes)
+
+
+def test_a_pickle_is_refused_without_being_unpickled(tmp_path) -> None:
+    marker = tmp_path / "unpickled"
+    path = tmp_path / "evil.safetensors"
+    path.write_bytes(pickle.dumps(_CreatesMarkerWhenUnpickled(marker)))
+    torch_file = tmp_path / "torch.safetensors"
+    torch.save({"unet.x.to_q.lora.down.weight": torch.zeros(2, 2)}, torch_file)
+    for candidate in (path, torch_file):
+        with pytest.raises(EngineError, match="is not a readable safetensors file"):
+            check_unet_lora(candidate)
+    assert not marker.exists()
+
+
+class _CreatesMarkerWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.mkdir, (str(self.marker),))

@@ -10,6 +10,7 @@ from sdxl_engine.source import (
     DEFAULT_BASE_MODEL,
     DEFAULT_REFINER_MODEL,
     WeightsStatus,
+    base_unet_configs,
     plan_model_source,
     resolve_model_source,
     weights_status,
@@ -104,3 +105,33 @@ def test_weights_status_of_a_hub_id_reads_the_cache_without_downloading(tmp_path
     (snapshot / "unet" / "diffusion_pytorch_model.fp16.safetensors").write_bytes(b"x")
     status = weights_status(repo, hub_cache=tmp_path)
     assert status.present and status.where == str(snapshot)
+
+
+# --- The Base UNet config the web process checks uploaded LoRAs against ------------------
+
+
+def _blocks(configs: list[dict]) -> list[list[int]]:
+    return [config["block_out_channels"] for config in configs]
+
+
+TINY, SDXL = [32, 64], [320, 640, 1280]
+
+
+@pytest.mark.parametrize(
+    ("preset", "base", "expected"),
+    [
+        ("tiny", "", [TINY]),
+        ("sdxl-random", "", [SDXL]),
+        ("hub", DEFAULT_BASE_MODEL, [SDXL]),  # its published config ships with the engine
+        ("hub", "someone/not-in-the-cache", []),  # unknown here: consistency checks only
+        ("hub", "/no/such/folder", []),
+        ("", DEFAULT_BASE_MODEL, [SDXL, TINY]),  # auto: GPU or not is the worker's to know
+    ],
+)
+def test_base_unet_configs(preset, base, expected) -> None:
+    assert _blocks(base_unet_configs(preset, base)) == expected
+
+
+def test_base_unet_config_of_a_local_folder_is_read_from_it(tiny_model_dirs) -> None:
+    base, _ = tiny_model_dirs
+    assert _blocks(base_unet_configs("hub", str(base))) == [TINY]

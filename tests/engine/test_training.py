@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import re
 from pathlib import Path
 
@@ -239,3 +240,14 @@ def test_time_ids_record_original_size_and_centre_crop(tmp_path: Path) -> None:
     assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
     # Resized to 128x64, so 32 columns are cropped from each side.
     assert time_ids == [100, 200, 0, 32, 64, 64]
+
+
+def test_result_carries_the_sha256_of_the_bytes_written(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    output = tmp_path / "lora.safetensors"
+    result = train_lora(
+        pipelines, training_pairs, TrainingParams(steps=1, resolution=64, seed=1), output
+    )
+    assert result.sha256 == hashlib.sha256(output.read_bytes()).hexdigest()
+    assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]

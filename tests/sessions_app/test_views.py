@@ -1,9 +1,11 @@
+import json
+
 import pytest
 from rest_framework.test import APIClient
 
 from sessions_app import storage
 from sessions_app.models import Session
-from tests.helpers import b64, image_bytes
+from tests.helpers import b64, image_bytes, png_bomb
 
 pytestmark = pytest.mark.django_db
 
@@ -141,3 +143,61 @@ def test_delete_session(api, django_capture_on_commit_callbacks):
     assert_error(
         api.post("/delete_session", {"session_id": session_id}, format="json"), 404, "not found"
     )
+
+
+def _disk_and_rows(data_dir) -> tuple:
+    from sessions_app.models import ImageGroup, TrainingImage
+
+    files = sorted(str(p.relative_to(data_dir)) for p in data_dir.rglob("*"))
+    return files, ImageGroup.objects.count(), TrainingImage.objects.count()
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"image_base64": "not base64 at all!"}, "image_base64: is not valid base64"),
+        ({"image_base64": "iVBORw0KGgo"}, "image_base64: is not valid base64"),  # bad padding
+        ({"image_base64": "data:image/png;base64,@@@@"}, "image_base64: is not valid base64"),
+        ({"image_base64": ""}, "image_base64"),
+        ({"image_base64": 12345}, "image_base64"),
+        ({"image_base64": b64(b"just some text, not an image")}, "PNG, JPEG, WebP or BMP"),
+        ({"image_base64": b64(image_bytes("GIF"))}, "PNG, JPEG, WebP or BMP"),
+        ({"image_base64": b64(image_bytes("TIFF"))}, "PNG, JPEG, WebP or BMP"),
+        ({"image_base64": b64(image_bytes("PNG")[:60])}, "image could not be decoded"),
+        ({"image_base64": b64(png_bomb(30000, 30000))}, "more pixels than the limit"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "   "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt: Ensure this field has no more than 2000 characters"),
+        ({"prompt": "bad \ud800 text"}, "prompt: Surrogate characters are not allowed"),
+        ({"prompt": "nul \x00 char"}, "prompt"),
+        ({"prompt": ["a", "list"]}, "prompt"),
+        ({"session_id": True}, "session_id"),
+        ({"session_id": "²"}, "session_id"),
+        ({"session_id": 0}, "session_id"),
+    ],
+)
+def test_bad_image_uploads_are_400_and_change_nothing(api, data_dir, change, fragment):
+    session_id = api.get("/create_session").json()["session_id"]
+    before = _disk_and_rows(data_dir)
+    good = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "x"}
+    # Encoded here: JSON's "\ud800" escape is valid JSON that no UTF-8 encoder produces.
+    body = json.dumps({**good, **change})
+    assert_error(
+        api.generic("POST", "/post_session_image", body, "application/json"), 400, fragment
+    )
+    assert _disk_and_rows(data_dir) == before
+    assert Session.objects.get(pk=session_id).next_group_number == 0
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "BMP"])
+def test_each_accepted_format_is_stored_as_sent(api, image_format):
+    session_id = api.get("/create_session").json()["session_id"]
+    data = image_bytes(image_format)
+    response = api.post(
+        "/post_session_image",
+        {"session_id": session_id, "image_base64": b64(data), "prompt": "p" * 2000},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    (stored,) = [p for p in (storage.session_dir(session_id) / "0").iterdir() if p.suffix != ".txt"]
+    assert stored.read_bytes() == data

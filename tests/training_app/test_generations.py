@@ -11,23 +11,11 @@ from sessions_app import services as session_services
 from tests.helpers import image_bytes
 from training_app import generations, services
 from training_app.generations import GenerationRequest
-from training_app.models import Generation, WorkerHeartbeat
+from training_app.models import Generation
 
 pytestmark = pytest.mark.django_db
 
 SMALL = {"height": 64, "width": 64, "steps": 5}
-
-
-@pytest.fixture
-def generation_worker(settings):
-    """A heartbeat as the generation worker writes it; the jobs run in-process here."""
-    return WorkerHeartbeat.objects.create(
-        queue=settings.GENERATION_QUEUE,
-        host="test",
-        pid=1,
-        started_at=timezone.now(),
-        last_seen=timezone.now(),
-    )
 
 
 def test_request_without_a_live_worker_is_503_and_records_nothing():

@@ -1,4 +1,20 @@
-from training_app.management.commands.serve import service_processes
+"""`serve`: which processes it starts, and an open API (no token configured) kept on
+loopback unless told --insecure."""
+
+import subprocess
+
+import pytest
+from django.core.management import CommandError, call_command
+
+from access_app import services
+from access_app.models import ApiToken
+from training_app.management.commands.serve import (
+    access_mode,
+    is_loopback,
+    service_processes,
+)
+
+pytestmark = pytest.mark.django_db
 
 
 def test_one_worker_of_each_queue_by_default():
@@ -22,3 +38,46 @@ def test_one_training_and_one_generation_worker_per_gpu_pinned():
     assert workers["generation worker (GPU 0)"]["CUDA_VISIBLE_DEVICES"] == "0"
     command, _ = processes["generation worker (GPU 1)"]
     assert command[-2:] == ["worker", "generation"]
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("localhost", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("192.168.1.20", False),
+        ("example.com", False),
+    ],
+)
+def test_is_loopback(host, loopback):
+    assert is_loopback(host) is loopback
+
+
+def test_without_a_token_only_loopback_is_served():
+    assert "no API token configured" in access_mode("127.0.0.1", insecure=False)
+    assert "loopback" in access_mode("127.0.0.1", insecure=False)
+    with pytest.raises(CommandError, match="refusing to serve the API on 0.0.0.0"):
+        access_mode("0.0.0.0", insecure=False)
+    assert access_mode("0.0.0.0", insecure=True).startswith("access: INSECURE")
+
+
+def test_with_a_token_any_host_is_served(settings):
+    settings.SDXL_API_TOKENS = ["t0ken"]
+    assert "API tokens required" in access_mode("0.0.0.0", insecure=False)
+    settings.SDXL_API_TOKENS = []
+    services.api_token_issue(ApiToken(name="admin-made"))
+    assert "API tokens required" in access_mode("0.0.0.0", insecure=False)
+
+
+def test_serve_refuses_a_public_host_before_starting_anything(monkeypatch):
+    def no_process(*args, **kwargs):
+        raise AssertionError("serve started a process")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    with pytest.raises(CommandError, match="pass --insecure"):
+        call_command("serve", "--host", "0.0.0.0", verbosity=0)

@@ -1,3 +1,4 @@
+import os
 import uuid
 
 import pytest
@@ -9,10 +10,10 @@ from sdxl_engine.files import sha256_file
 from sdxl_service.errors import ServiceError
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, lora_bytes
 from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
-from training_app.selectors import training_status
+from training_app.selectors import lora_get, training_status
 
 pytestmark = pytest.mark.django_db
 
@@ -142,13 +143,36 @@ def test_upload_with_filename_and_name_taken_is_409(session_with_images):
 
 @pytest.mark.parametrize(
     "filename",
-    ["../evil.safetensors", "a/b.safetensors", "/abs.safetensors", "x.bin", "x\0.safetensors"],
+    [
+        "../evil.safetensors",
+        "../../../../tmp/evil.safetensors",
+        "..\\evil.safetensors",
+        "..\\..\\evil.safetensors",
+        "a/b.safetensors",
+        "a\\b.safetensors",
+        "/abs.safetensors",
+        "C:\\abs.safetensors",
+        "~/evil.safetensors",
+        "x.bin",
+        "x.pt",
+        "x.ckpt",
+        "x.safetensors.tmp",
+        "X.SAFETENSORS",
+        "x\0.safetensors",
+        "x.safetensors\0.png",
+        ".hidden.safetensors",
+        ".safetensors",
+        "lora_1.safetensors/",
+        "a" * 130 + ".safetensors",
+    ],
 )
-def test_upload_refuses_unsafe_names_and_writes_nothing(session_with_images, filename):
-    before = sorted(p.name for p in storage.session_dir(session_with_images.pk).iterdir())
-    with pytest.raises(ServiceError):
-        services.lora_upload(session_with_images.pk, b"irrelevant", filename)
-    assert sorted(p.name for p in storage.session_dir(session_with_images.pk).iterdir()) == before
+def test_upload_refuses_unsafe_names_and_writes_nothing(session_with_images, filename, tmp_path):
+    before = _tree(tmp_path)
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, lora_bytes(), filename)
+    assert error.value.status == 400 and "plain file name" in error.value.message
+    assert _tree(tmp_path) == before  # nothing anywhere: not in the session, not beside it
+    assert not LoraArtifact.objects.exists()
 
 
 def test_upload_of_non_safetensors_bytes_is_400_and_leaves_nothing(session_with_images):
@@ -287,3 +311,199 @@ def test_canonical_upload_is_stored_byte_for_byte(session_with_images):
     lora = _trained_lora(session_with_images)
     artifact = services.lora_upload(session_with_images.pk, lora, None)
     assert services.lora_read(artifact) == lora
+
+
+def _tree(root) -> list[str]:
+    return sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def _nothing_stored(session, data_dir, files_before: list[str]) -> None:
+    """No row, no counter moved, no file added (staged uploads cleaned up too)."""
+    assert _tree(data_dir) == files_before or _tree(data_dir) == sorted(
+        [*files_before, "session_data/.staging"]
+    )
+    assert not list((data_dir / "session_data" / ".staging").glob("*"))
+    session.refresh_from_db()
+    assert LoraArtifact.objects.filter(session=session).count() == session.next_lora_number - 1
+
+
+def test_upload_of_a_pickle_is_refused_without_unpickling(session_with_images, data_dir, tmp_path):
+    import pickle
+
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))
+
+    before = _tree(data_dir)
+    for data in (pickle.dumps(Payload()), pickle.dumps({"unet.x.to_q.lora.down.weight": [0.0]})):
+        with pytest.raises(ServiceError) as error:
+            services.lora_upload(session_with_images.pk, data, None)
+        assert error.value.status == 400
+        assert "is not a readable safetensors file" in error.value.message
+    assert not marker.exists()
+    _nothing_stored(session_with_images, data_dir, before)
+
+
+def test_upload_never_calls_an_unpickler(session_with_images, monkeypatch):
+    import pickle
+
+    import torch
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("an uploaded file was unpickled")
+
+    for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads")]:
+        monkeypatch.setattr(module, name, forbidden)
+    with pytest.raises(ServiceError):
+        services.lora_upload(session_with_images.pk, pickle.dumps([1, 2, 3]), None)
+    assert services.lora_upload(session_with_images.pk, lora_bytes(), None).number == 1
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        (os.urandom(4096), "is not a readable safetensors file"),
+        (b"", "is not a readable safetensors file"),
+        (
+            lora_bytes(
+                shapes={"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 32)}
+            ),
+            "maps 32 -> 64 features, but this model's projection maps 64 -> 64",
+        ),
+        (
+            lora_bytes(
+                shapes={"down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}
+            ),
+            "is not an attention projection of this model's UNet",
+        ),
+        (lora_bytes(fill=float("nan")), "holds NaN or infinite values"),
+        (lora_bytes(fill=float("inf")), "holds NaN or infinite values"),
+    ],
+    ids=["random bytes", "empty", "wrong shape", "unknown module", "NaN", "Inf"],
+)
+def test_upload_of_no_lora_for_this_model_is_400_naming_the_problem(
+    session_with_images, data_dir, data, problem
+):
+    before = _tree(data_dir)
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, data, "named.safetensors")
+    assert error.value.status == 400
+    assert error.value.message.startswith("lora_base64 is not a usable LoRA file")
+    assert problem in error.value.message
+    _nothing_stored(session_with_images, data_dir, before)
+
+
+def test_upload_of_a_taken_name_is_409_and_the_old_file_is_untouched(session_with_images):
+    first, second = lora_bytes(seed=1), lora_bytes(seed=2)
+    services.lora_upload(session_with_images.pk, first, "mine.safetensors")
+    path = storage.session_dir(session_with_images.pk) / "mine.safetensors"
+    # Also a file that an operator dropped in by hand, with no row.
+    (path.parent / "by_hand.safetensors").write_bytes(b"operator's")
+    for name in ("mine.safetensors", "by_hand.safetensors"):
+        with pytest.raises(ServiceError) as error:
+            services.lora_upload(session_with_images.pk, second, name)
+        assert error.value.status == 409
+    assert path.read_bytes() == first
+    assert (path.parent / "by_hand.safetensors").read_bytes() == b"operator's"
+    assert LoraArtifact.objects.count() == 1
+
+
+def test_upload_to_a_session_deleted_meanwhile_is_404_and_recreates_nothing(
+    session_with_images, monkeypatch, django_capture_on_commit_callbacks
+):
+    folder = storage.session_dir(session_with_images.pk)
+    real_check = services._check_lora_fits_the_model
+
+    def delete_while_checking(path):
+        real_check(path)
+        session_services.session_delete(session_with_images.pk)
+
+    monkeypatch.setattr(services, "_check_lora_fits_the_model", delete_while_checking)
+    with django_capture_on_commit_callbacks(execute=True):
+        with pytest.raises(ServiceError) as error:
+            services.lora_upload(session_with_images.pk, lora_bytes(), None)
+    assert error.value.status == 404
+    assert not folder.exists()
+    assert [p.name for p in folder.parent.iterdir()] == [".staging"]
+    assert not list((folder.parent / ".staging").iterdir())
+
+
+# --- A crash between the temporary file and the rename, or a truncated file ------------------
+
+
+class DiskFull(OSError):
+    def __init__(self):
+        super().__init__(28, "No space left on device")
+
+
+def _crash_on_replace(source, target):
+    raise DiskFull
+
+
+def _truncate_then_replace(source, target):
+    """What a lost write looks like: the file renamed into place is short."""
+    with open(source, "r+b") as handle:
+        handle.truncate(handle.seek(0, os.SEEK_END) // 2)
+    os.replace(source, target)
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [(_crash_on_replace, "could not be moved into place"), (_truncate_then_replace, "sha256")],
+    ids=["replace fails", "file truncated"],
+)
+def test_upload_store_fault_leaves_the_old_lora_and_no_new_one(
+    session_with_images, data_dir, monkeypatch, fault, message
+):
+    old = services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
+    old_path = storage.session_dir(session_with_images.pk) / old.filename
+    old_bytes = old_path.read_bytes()
+    before = _tree(data_dir)
+    monkeypatch.setattr(services, "replace_with_retry", fault)
+
+    with pytest.raises(ServiceError) as error:
+        services.lora_upload(session_with_images.pk, lora_bytes(seed=2), None)
+    assert error.value.status == 500 and message in error.value.message
+    _nothing_stored(session_with_images, data_dir, before)
+    assert old_path.read_bytes() == old_bytes
+    assert lora_get(session_with_images.pk) == old  # the latest is still the old one
+
+
+@pytest.mark.parametrize(
+    ("fault", "message"),
+    [(_crash_on_replace, "could not be moved into place"), (_truncate_then_replace, "sha256")],
+    ids=["replace fails", "file truncated"],
+)
+def test_training_store_fault_ends_the_run_in_error_with_no_lora(
+    session_with_images, data_dir, monkeypatch, fault, message
+):
+    old = services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
+    before = _tree(data_dir)
+    run = services.training_run_start(session_with_images.pk, FAST)
+    monkeypatch.setattr(services, "replace_with_retry", fault)
+    services.training_run_execute(run.pk)
+
+    run.refresh_from_db()
+    assert run.status == "error" and message in run.error_message
+    _nothing_stored(session_with_images, data_dir, before)  # and no .training-run-* file
+    assert lora_get(session_with_images.pk) == old
+
+
+def test_the_row_is_written_only_once_the_verified_file_is_in_place(
+    session_with_images, monkeypatch
+):
+    data = lora_bytes()
+    real_create = LoraArtifact.objects.create
+    seen = {}
+
+    def create(**fields):
+        path = storage.session_dir(session_with_images.pk) / fields["filename"]
+        seen["bytes"] = path.read_bytes()
+        return real_create(**fields)
+
+    monkeypatch.setattr(LoraArtifact.objects, "create", create)
+    artifact = services.lora_upload(session_with_images.pk, data, None)
+    assert seen["bytes"] == data
+    assert artifact.sha256 == storage.sha256_bytes(data) and artifact.size == len(data)

@@ -11,7 +11,7 @@ from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes
 from tests.sessions_app.test_views import assert_error
 from training_app import services
-from training_app.models import TrainingRun
+from training_app.models import Generation, TrainingRun
 
 pytestmark = pytest.mark.django_db
 
@@ -41,10 +41,32 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
     ("body", "field"),
     [
         ({"steps": 0}, "steps"),
+        ({"steps": 100_001}, "steps"),
+        ({"steps": True}, "steps"),
+        ({"steps": 5.0}, "steps"),
+        ({"steps": "5.5"}, "steps"),
+        ({"steps": [5]}, "steps"),
+        ({"epochs": 0}, "epochs"),
+        ({"epochs": 1001}, "epochs"),
+        ({"rank": 0}, "rank"),
         ({"rank": 1000}, "rank"),
+        ({"rank": 4.0}, "rank"),
         ({"learning_rate": 5}, "learning_rate"),
+        ({"learning_rate": 0}, "learning_rate"),
+        ({"learning_rate": -1e-4}, "learning_rate"),
+        ({"learning_rate": True}, "learning_rate"),
+        ({"learning_rate": "nan"}, "learning_rate"),
+        ({"learning_rate": "fast"}, "learning_rate"),
         ({"batch_size": "many"}, "batch_size"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"batch_size": 65}, "batch_size"),
         ({"resolution": 100}, "resolution"),
+        ({"resolution": 520}, "resolution: must be a multiple of 64"),
+        ({"resolution": 4096}, "resolution"),
+        ({"resolution": 0}, "resolution"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": False}, "seed"),
         ({"steps": 5, "epochs": 1}, "steps or epochs"),
     ],
 )
@@ -226,13 +248,39 @@ def test_txt2img_without_worker_is_503_json(api):
     [
         ({}, "prompt"),
         ({"prompt": ""}, "prompt"),
-        ({"prompt": "x", "height": 100}, "height"),
+        ({"prompt": " "}, "prompt"),
+        ({"prompt": "x" * 2001}, "prompt"),
+        ({"prompt": 7}, "prompt"),  # DRF would take it as "7"; a JSON number is no prompt
+        ({"prompt": "x", "negative_prompt": "x" * 2001}, "negative_prompt"),
+        ({"prompt": "x", "height": 100}, "height: must be a multiple of 8"),
+        ({"prompt": "x", "height": 56}, "height"),
         ({"prompt": "x", "width": 100000}, "width"),
+        ({"prompt": "x", "width": 2056}, "width"),
+        ({"prompt": "x", "width": 512.0}, "width"),
+        ({"prompt": "x", "width": True}, "width"),
         ({"prompt": "x", "num_images": 0}, "num_images"),
+        ({"prompt": "x", "num_images": 9}, "num_images"),
+        ({"prompt": "x", "num_images": 1.5}, "num_images"),
+        ({"prompt": "x", "num_images": True}, "num_images"),
+        ({"prompt": "x", "steps": 4}, "steps"),
         ({"prompt": "x", "steps": 1000}, "steps"),
+        ({"prompt": "x", "steps": 20.0}, "steps"),
         ({"prompt": "x", "guidance_scale": "loud"}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": -0.5}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": 31}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": True}, "guidance_scale"),
+        ({"prompt": "x", "guidance_scale": "Infinity"}, "guidance_scale"),
+        ({"prompt": "x", "lora_scale": 5}, "lora_scale"),
+        ({"prompt": "x", "seed": -5}, "seed"),
+        ({"prompt": "x", "seed": 2**63}, "seed"),
+        ({"prompt": "x", "use_lora": "perhaps"}, "use_lora"),
         ({"prompt": "x", "use_lora": True}, "session_id"),
+        ({"prompt": "x", "use_lora": True, "session_id": "1", "iteration": 2**31}, "iteration"),
+        ({"prompt": "x", "use_lora": True, "session_id": "1", "iteration": 0}, "iteration"),
     ],
 )
 def test_txt2img_validates_before_anything_else(api, body, field):
-    assert_error(api.post("/txt2img", body, format="json"), 400, field)
+    response = api.post("/txt2img", body, format="json")
+    assert_error(response, 400, field)
+    assert response.json()["message"].startswith(field.split(":")[0])
+    assert not Generation.objects.exists()

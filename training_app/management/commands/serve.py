@@ -3,8 +3,12 @@
 The web server is gunicorn (threaded workers: /txt2img waits for its image); the training
 and generation queues each get their own worker so generation never waits behind a run.
 Ctrl-C or SIGTERM stops all three; if one dies, the others are stopped too.
+
+Without an API token configured, the API is open to whoever reaches it, so it is served
+on a loopback address only, unless the operator passes --insecure.
 """
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -14,7 +18,9 @@ from pathlib import Path
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandError
+
+from access_app.selectors import api_tokens_configured
 
 STOP_GRACE_S = 30.0
 
@@ -33,12 +39,26 @@ class Command(BaseCommand):
             help="GPU indices, e.g. 0,1: one training and one generation worker per GPU, "
             "pinned with CUDA_VISIBLE_DEVICES (default: one of each, on whatever is visible)",
         )
+        parser.add_argument(
+            "--insecure",
+            action="store_true",
+            help="serve a non-loopback --host even though no API token is configured",
+        )
 
     def handle(
-        self, *args, host: str, port: int, web_workers: int, threads: int, gpus: str, **options
+        self,
+        *args,
+        host: str,
+        port: int,
+        web_workers: int,
+        threads: int,
+        gpus: str,
+        insecure: bool,
+        **options,
     ):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=1)
+        self.stdout.write(access_mode(host, insecure))
         processes = service_processes(host, port, web_workers, threads, gpus)
         stopping = False
 
@@ -106,3 +126,32 @@ def service_processes(
             name = f"{queue} worker" + (f" (GPU {gpu})" if gpu is not None else "")
             processes[name] = ([sys.executable, manage_py, "worker", queue], environment)
     return processes
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def access_mode(host: str, insecure: bool) -> str:
+    """The start-up line saying who may use the API; refuses an open API on the network."""
+    if api_tokens_configured():
+        return "access: API tokens required (Authorization: Bearer <token>) on every endpoint"
+    if is_loopback(host):
+        return (
+            f"access: no API token configured, so the API is open, served on loopback "
+            f"{host} only; set SDXL_API_TOKENS or create a token in the admin to serve others"
+        )
+    if insecure:
+        return (
+            f"access: INSECURE: no API token configured and serving {host}; anyone who can "
+            "reach it can use the API (--insecure)"
+        )
+    raise CommandError(
+        f"refusing to serve the API on {host} without an API token: set SDXL_API_TOKENS or "
+        "create a token in the admin, or pass --insecure to serve it open anyway"
+    )

@@ -1,7 +1,9 @@
 """`manage.py worker training|generation`: one django-q2 cluster serving one queue.
 
 Besides running the cluster, the worker records a heartbeat row every few seconds, which
-is how the web process knows whether anyone will pick up a /txt2img request.
+is how the web process knows whether anyone will pick up a /txt2img request, and ends
+training runs whose own heartbeat went stale because their worker died (at start, so a
+restart recovers them, and on every beat after).
 """
 
 import os
@@ -38,6 +40,7 @@ class Command(BaseCommand):
         from django_q.tasks import async_task
 
         from training_app.models import WorkerHeartbeat
+        from training_app.services import training_runs_recover_lost
 
         # The cluster forks its processes from here: no database connection may be shared
         # with them, and nothing here touches torch or CUDA.
@@ -56,6 +59,8 @@ class Command(BaseCommand):
                     pid=pid,
                     defaults={"started_at": started, "last_seen": timezone.now()},
                 )
+                for run_id in training_runs_recover_lost():
+                    self.stdout.write(f"training run {run_id} lost its worker; marked as error")
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             WorkerHeartbeat.objects.filter(queue=queue_name, host=host, pid=pid).delete()

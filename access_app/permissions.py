@@ -1,0 +1,16 @@
+from rest_framework import exceptions
+from rest_framework.permissions import BasePermission
+
+from access_app.selectors import api_tokens_configured
+
+
+class ApiTokenWhenConfigured(BasePermission):
+    """Open while no API token exists (`serve` then binds to loopback); else a token is needed."""
+
+    def has_permission(self, request, view):
+        if request.auth is not None or not api_tokens_configured():
+            return True
+        # Raised here rather than returning False: DRF's own 401 would not say what to send.
+        raise exceptions.NotAuthenticated(
+            "this API needs a token: send 'Authorization: Bearer <token>'"
+        )

@@ -1,0 +1,37 @@
+import pytest
+from django.contrib.messages import get_messages
+from django.urls import reverse
+
+from access_app.models import ApiToken
+from access_app.selectors import api_token_owner
+
+pytestmark = pytest.mark.django_db
+
+
+def test_creating_a_token_shows_its_plaintext_once(admin_client):
+    response = admin_client.post(
+        reverse("admin:access_app_apitoken_add"), {"name": "render farm"}, follow=True
+    )
+    assert response.status_code == 200
+    token = ApiToken.objects.get()
+    (shown,) = [str(m) for m in get_messages(response.wsgi_request) if "Copy it now" in str(m)]
+    plaintext = shown.split("<code>")[1].split("</code>")[0]
+    assert api_token_owner(plaintext) == "API token 'render farm'"
+    assert token.sha256 != plaintext and plaintext.startswith(token.prefix)
+
+    change_page = admin_client.get(reverse("admin:access_app_apitoken_change", args=[token.pk]))
+    assert plaintext not in change_page.content.decode()
+    assert token.prefix in change_page.content.decode()
+
+
+def test_renaming_a_token_keeps_its_secret(admin_client):
+    admin_client.post(reverse("admin:access_app_apitoken_add"), {"name": "old"})
+    token = ApiToken.objects.get()
+    admin_client.post(reverse("admin:access_app_apitoken_change", args=[token.pk]), {"name": "new"})
+    renamed = ApiToken.objects.get()
+    assert (renamed.name, renamed.sha256) == ("new", token.sha256)
+
+
+def test_token_list_is_staff_only(client):
+    response = client.get(reverse("admin:access_app_apitoken_changelist"))
+    assert response.status_code == 302

@@ -1,0 +1,159 @@
+"""The service's own processes (gunicorn, workers), started against the test database.
+
+Used with pytest-django's `transactional_db`: rows the test writes are committed, so the
+processes see them, and the processes are stopped before the tables are flushed.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from urllib.parse import quote
+
+import requests
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def suite_database_url() -> str:
+    """The URL of the database this test runs on (pytest-django's test database)."""
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        return f"sqlite:///{db['NAME']}"
+    password = f":{quote(db['PASSWORD'], safe='')}" if db["PASSWORD"] else ""
+    host, port = db["HOST"] or "127.0.0.1", db["PORT"] or 5432
+    return f"postgres://{quote(db['USER'], safe='')}{password}@{host}:{port}/{db['NAME']}"
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, interval=0.1):
+    """Polls `predicate` until it returns something truthy, which it returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+class ServiceProcess:
+    """One process (and its children: its own process group), logging to a file."""
+
+    def __init__(self, name: str, command: list[str], env: dict, log_path: Path):
+        self.name = name
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL to the whole process group: no handler runs, nothing is cleaned up."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
+        self._log.close()
+
+
+class ServiceProcesses:
+    """Starts gunicorn and workers with the test's data dir, database and queues."""
+
+    def __init__(self, data_dir: Path, model_cache_dir: Path, queue_namespace: str):
+        self.data_dir = data_dir
+        self.started: list[ServiceProcess] = []
+        self.env = {
+            **{k: v for k, v in os.environ.items() if not k.startswith(("SDXL_", "DJANGO_"))},
+            "DATABASE_URL": suite_database_url(),
+            "SDXL_DATA_DIR": str(data_dir),
+            "SDXL_MODEL_CACHE_DIR": str(model_cache_dir),
+            "SDXL_MODEL_PRESET": "tiny",
+            "SDXL_QUEUE_NAMESPACE": queue_namespace,
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def _start(self, name: str, command: list[str], env: dict) -> ServiceProcess:
+        log_path = self.data_dir.parent / f"{name}-{len(self.started)}.log"
+        process = ServiceProcess(name, command, {**self.env, **env}, log_path)
+        self.started.append(process)
+        return process
+
+    def gunicorn(self, workers: int = 2, threads: int = 8, **env: str) -> str:
+        """Starts the web server as `serve` runs it; returns its base URL once it answers."""
+        port = free_port()
+        process = self._start(
+            "gunicorn",
+            [
+                sys.executable,
+                "-m",
+                "gunicorn",
+                "sdxl_service.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{port}",
+                "--worker-class",
+                "gthread",
+                "--workers",
+                str(workers),
+                "--threads",
+                str(threads),
+            ],
+            env,
+        )
+        url = f"http://127.0.0.1:{port}"
+
+        def answers() -> bool:
+            assert process.process.poll() is None, process.log()
+            try:
+                return requests.get(f"{url}/list_sessions", timeout=2).status_code in (200, 401)
+            except requests.ConnectionError:
+                return False
+
+        wait_until(answers, 60, "gunicorn to answer", interval=0.2)
+        return url
+
+    def worker(self, queue: str = "training", **env: str) -> ServiceProcess:
+        """Starts `manage.py worker <queue>`; returns once its heartbeat row is written."""
+        from training_app.models import WorkerHeartbeat
+
+        process = self._start(
+            f"worker-{queue}", [sys.executable, "manage.py", "worker", queue], env
+        )
+
+        def beating() -> bool:
+            assert process.process.poll() is None, process.log()
+            return WorkerHeartbeat.objects.filter(pid=process.pid).exists()
+
+        wait_until(beating, 60, f"the {queue} worker's heartbeat", interval=0.2)
+        return process
+
+    def kill_all(self) -> None:
+        # Killed rather than stopped: the test's database is flushed next, so a graceful
+        # stop (seconds per process) would tidy up nothing that matters.
+        for process in self.started:
+            process.kill()
