@@ -5,28 +5,13 @@ import os
 import time
 from pathlib import Path
 
-import torch
 from django.core.management import call_command
-from safetensors.torch import save
 
 from sessions_app.models import ImageGroup, Session, TrainingImage
-from tests.helpers import image_bytes
+from tests.helpers import image_bytes, lora_bytes
 from training_app.models import LoraArtifact
 
 FLASK_IMAGES = [("PNG", "png", "red", "a red apple"), ("JPEG", "jpg", "blue", "a blue cup")]
-
-
-def lora_bytes(seed: int = 0) -> bytes:
-    """A small LoRA in the trainer's (canonical) form."""
-    generator = torch.Generator().manual_seed(seed)
-    module = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q"
-    return save(
-        {
-            f"{module}.lora.down.weight": torch.randn(4, 32, generator=generator),
-            f"{module}.lora.up.weight": torch.randn(32, 4, generator=generator),
-        },
-        metadata={"made_by": "tests"},
-    )
 
 
 def flask_session_data(root: Path, session_ids=(3, 7)) -> Path:
@@ -39,7 +24,7 @@ def flask_session_data(root: Path, session_ids=(3, 7)) -> Path:
             (group / f"0.{extension}").write_bytes(image_bytes(image_format, color=color))
             (group / "0.txt").write_text(caption, encoding="utf-8")
         for number in (1, 2):
-            (folder / f"lora_{number}.safetensors").write_bytes(lora_bytes(number))
+            (folder / f"lora_{number}.safetensors").write_bytes(lora_bytes(seed=number))
     return root
 
 

@@ -23,8 +23,8 @@ def session() -> Session:
     session = services.session_create()
     services.session_image_add(session.pk, image_bytes("PNG", color="red"), "a red apple")
     services.session_image_add(session.pk, image_bytes("JPEG", color="blue"), "ein blauer Becher")
-    training_services.lora_upload(session.pk, lora_bytes(1), None)
-    training_services.lora_upload(session.pk, lora_bytes(2), "style.safetensors")
+    training_services.lora_upload(session.pk, lora_bytes(seed=1), None)
+    training_services.lora_upload(session.pk, lora_bytes(seed=2), "style.safetensors")
     LoraArtifact.objects.filter(number=1).update(source=LoraArtifact.Source.TRAINED)
     # Training data an operator dropped in by hand travels too.
     extra = storage.session_dir(session.pk) / "manual"
@@ -86,7 +86,7 @@ def test_a_session_round_trips_exactly(session, tmp_path):
 
 
 def test_export_refuses_a_session_whose_file_contradicts_its_row(session, tmp_path):
-    (storage.session_dir(session.pk) / "style.safetensors").write_bytes(lora_bytes(3))
+    (storage.session_dir(session.pk) / "style.safetensors").write_bytes(lora_bytes(seed=3))
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(CommandError, match="verify --fix"):
@@ -154,7 +154,11 @@ def test_import_refuses_a_file_that_does_not_match_its_sha256(session, tmp_path)
     with pytest.raises(CommandError, match="sha256"):
         run("import_session", str(tampered))
     assert Session.objects.count() == 1
-    assert [p.name for p in settings.SESSION_DATA_DIR.iterdir()] == [f"session_{session.pk}"]
+    # Hidden entries (the upload staging folder) are the service's own working files.
+    sessions_on_disk = [
+        p.name for p in settings.SESSION_DATA_DIR.iterdir() if not p.name.startswith(".")
+    ]
+    assert sessions_on_disk == [f"session_{session.pk}"]
 
 
 def test_import_of_something_else_fails(tmp_path):

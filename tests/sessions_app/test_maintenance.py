@@ -49,7 +49,7 @@ def test_import_in_place_adopts_everything_and_a_second_run_changes_nothing(data
     assert services.session_create().pk == 8
     services.session_image_add(7, image_bytes(), "new")
     assert (storage.session_dir(7) / "2" / "0.png").is_file()
-    assert training_services.lora_upload(7, lora_bytes(5), None).number == 3
+    assert training_services.lora_upload(7, lora_bytes(seed=5), None).number == 3
 
 
 def test_import_from_elsewhere_without_copy_fails_and_creates_nothing(tmp_path, data_dir):
@@ -112,7 +112,7 @@ def _session_with_two_images() -> Session:
     session = services.session_create()
     services.session_image_add(session.pk, image_bytes(color="red"), "red")
     services.session_image_add(session.pk, image_bytes(color="green"), "green")
-    training_services.lora_upload(session.pk, lora_bytes(1), None)
+    training_services.lora_upload(session.pk, lora_bytes(seed=1), None)
     session.refresh_from_db()
     return session
 
@@ -126,8 +126,8 @@ def test_rescan_follows_files_added_and_removed_by_hand():
     (folder / "5" / "shot.txt").write_text("a blue square")
     (folder / "5" / "uncaptioned.png").write_bytes(image_bytes())
     (folder / "1" / "0.txt").write_text("green, recaptioned")
-    (folder / "lora_9.safetensors").write_bytes(lora_bytes(9))
-    (folder / "style.safetensors").write_bytes(lora_bytes(10))
+    (folder / "lora_9.safetensors").write_bytes(lora_bytes(seed=9))
+    (folder / "style.safetensors").write_bytes(lora_bytes(seed=10))
 
     output = run("rescan", "--session", str(session.pk))
 
@@ -177,7 +177,7 @@ def test_verify_reports_mismatches_and_fix_repairs_what_loses_no_data(data_dir):
     folder = storage.session_dir(session.pk)
     (folder / "0" / "0.txt").write_text("edited by hand")  # row differs: fixable
     (folder / "lora_1.safetensors").unlink()  # row without file: fixable
-    (folder / "lora_7.safetensors").write_bytes(lora_bytes(7))  # file without row: fixable
+    (folder / "lora_7.safetensors").write_bytes(lora_bytes(seed=7))  # file without row: fixable
     stale = folder / "1" / ".0.png.0123.tmp"
     stale.write_bytes(b"half written")
     make_old(stale)  # a leftover of a write interrupted long ago: fixable
@@ -224,7 +224,7 @@ def test_verify_adopts_a_session_folder_without_a_row(data_dir):
 def test_prune_loras_keeps_the_newest_and_numbers_are_never_reused():
     session = services.session_create()
     for seed in range(4):
-        training_services.lora_upload(session.pk, lora_bytes(seed), None)
+        training_services.lora_upload(session.pk, lora_bytes(seed=seed), None)
     folder = storage.session_dir(session.pk)
 
     dry = run("prune_loras", "--keep", "2", "--dry-run")
@@ -240,7 +240,7 @@ def test_prune_loras_keeps_the_newest_and_numbers_are_never_reused():
         "lora_3.safetensors",
         "lora_4.safetensors",
     ]
-    assert training_services.lora_upload(session.pk, lora_bytes(9), None).number == 5
+    assert training_services.lora_upload(session.pk, lora_bytes(seed=9), None).number == 5
     with pytest.raises(CommandError, match="--keep"):
         run("prune_loras", "--keep", "-1")
 
