@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 SEED_BITS = 63
 _POLL_INTERVAL_S = 0.1
 
+WORKER_LOST_MESSAGE = "the generation worker was lost (killed or crashed) during this request"
 NO_WORKER_MESSAGE = (
     "no generation worker is running; start the service with `python manage.py serve` "
     "(or a worker alone with `python manage.py worker generation`)"
@@ -113,6 +114,10 @@ def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, l
             if time.monotonic() > deadline:
                 _abandon(generation_id)
                 raise ServiceError("timed out waiting for a generation worker", status=504)
+        elif not worker_alive(settings.GENERATION_QUEUE):
+            # No generation worker beats any more: the one running this job died with it.
+            _finish_generation_with_error(generation_id, WORKER_LOST_MESSAGE)
+            raise ServiceError(WORKER_LOST_MESSAGE, status=503)
         elif time.monotonic() > deadline:
             raise ServiceError("timed out waiting for the generation to finish", status=504)
         time.sleep(_POLL_INTERVAL_S)

@@ -144,6 +144,18 @@ def test_wait_gives_503_and_abandons_when_the_worker_goes_away(generation_worker
     assert Generation.objects.get(pk=generation.pk).status == "abandoned"
 
 
+def test_a_worker_lost_mid_job_answers_503_at_once_and_records_why(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    # The worker took the job, then died (kill -9): its heartbeat row goes stale.
+    Generation.objects.filter(pk=generation.pk).update(status=Generation.Status.RUNNING)
+    generation_worker.delete()
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=60)
+    assert error.value.status == 503 and "worker was lost" in error.value.message
+    row = Generation.objects.get(pk=generation.pk)
+    assert row.status == "error" and "worker was lost" in row.error_message
+
+
 def test_wait_times_out_with_504(generation_worker):
     generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
     with pytest.raises(ServiceError) as error:
