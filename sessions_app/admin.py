@@ -4,6 +4,8 @@ Rows mirror files, so the admin reads; deleting a session goes through the servi
 which removes its folder too.
 """
 
+from pathlib import Path
+
 from django.contrib import admin
 from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
@@ -20,6 +22,14 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+def file_response(path: Path, missing: str, **options) -> FileResponse:
+    """The file streamed to an admin, or a 404 saying `missing` when it is gone from disk."""
+    try:
+        return FileResponse(open(path, "rb"), **options)
+    except FileNotFoundError:
+        raise Http404(missing) from None
 
 
 def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
@@ -129,7 +139,6 @@ class TrainingImageAdmin(ReadOnlyAdmin):
 
     def image_file(self, request, pk: int):
         image = get_object_or_404(TrainingImage, pk=pk)
-        try:
-            return FileResponse(open(storage.absolute_path(image.file), "rb"))
-        except FileNotFoundError:
-            raise Http404(f"{image.file} is missing from the data dir") from None
+        return file_response(
+            storage.absolute_path(image.file), f"{image.file} is missing from the data dir"
+        )

@@ -1,13 +1,12 @@
 """Admin: LoRA files (download), training runs, generations and live workers."""
 
 from django.contrib import admin
-from django.http import FileResponse, Http404
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from sessions_app import storage
-from sessions_app.admin import ReadOnlyAdmin
+from sessions_app.admin import ReadOnlyAdmin, file_response
 from training_app.generations import generations_dir
 from training_app.models import Generation, LoraArtifact, TrainingRun, WorkerHeartbeat
 
@@ -50,12 +49,12 @@ class LoraArtifactAdmin(ReadOnlyAdmin):
     def download_file(self, request, pk: int):
         artifact = get_object_or_404(LoraArtifact, pk=pk)
         path_on_disk = storage.session_dir(artifact.session_id) / artifact.filename
-        try:
-            return FileResponse(
-                open(path_on_disk, "rb"), as_attachment=True, filename=artifact.filename
-            )
-        except FileNotFoundError:
-            raise Http404(f"{artifact.filename} is missing from the session folder") from None
+        return file_response(
+            path_on_disk,
+            f"{artifact.filename} is missing from the session folder",
+            as_attachment=True,
+            filename=artifact.filename,
+        )
 
 
 @admin.register(TrainingRun)
@@ -150,10 +149,7 @@ class GenerationAdmin(ReadOnlyAdmin):
 
     def image_file(self, request, pk: int, index: int):
         generation = get_object_or_404(Generation, pk=pk)
-        try:
-            return FileResponse(open(generations_dir(generation.pk) / f"{index}.png", "rb"))
-        except FileNotFoundError:
-            raise Http404("image not found") from None
+        return file_response(generations_dir(generation.pk) / f"{index}.png", "image not found")
 
 
 @admin.register(WorkerHeartbeat)
