@@ -18,32 +18,22 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import requests
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_service_check import build_model, noise_png, running_service, service_env  # noqa: E402
+from gpu_service_check import (  # noqa: E402
+    build_model,
+    running_service,
+    service_env,
+    session_with_images,
+    timed_txt2img,
+    train_while_generating,
+    wait_for_generation_worker,
+)
 
 BODY = {"prompt": "a photo of sks object", "height": 1024, "width": 1024, "steps": 30}
 
 
-def txt2img(url: str, seed: int, **extra) -> float:
-    started = time.monotonic()
-    response = requests.post(f"{url}/txt2img", json={**BODY, "seed": seed, **extra}, timeout=900)
-    response.raise_for_status()
-    return time.monotonic() - started
-
-
-def wait_for_generation_worker(url: str, timeout_s: float = 120) -> None:
-    """The web server answers before the workers have started and said so (503 until then)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            txt2img(url, 0)
-            return
-        except requests.HTTPError as error:
-            if error.response.status_code != 503 or time.monotonic() > deadline:
-                raise
-            time.sleep(1)
+def txt2img(url: str, seed: int) -> float:
+    return timed_txt2img(url, {**BODY, "seed": seed})
 
 
 def throughput(url: str, requests_count: int, workers: int) -> dict:
@@ -80,40 +70,19 @@ def main() -> None:
     }
     try:
         with running_service(env, args.out / "serve-1gpu.log", "--gpus", "0") as url:
-            wait_for_generation_worker(url)
+            wait_for_generation_worker(url, BODY)
             results["one_gpu_txt2img_alone_s"] = [round(txt2img(url, s), 2) for s in range(3)]
-            session = requests.get(f"{url}/create_session", timeout=10).json()["session_id"]
-            for index in range(4):
-                requests.post(
-                    f"{url}/post_session_image",
-                    timeout=60,
-                    json={
-                        "session_id": session,
-                        "image_base64": noise_png(1024, index),
-                        "prompt": f"sks object {index}",
-                    },
-                ).raise_for_status()
-            requests.post(
-                f"{url}/train_lora",
-                timeout=60,
-                json={"session_id": session, "steps": args.train_steps},
-            ).raise_for_status()
-            while_training = []
-            while True:
-                status = requests.post(
-                    f"{url}/train_status", json={"session_id": session}, timeout=30
-                ).json()
-                if status["status"] != "in-progress":
-                    break
-                if status.get("stage") == "training":
-                    while_training.append(round(txt2img(url, len(while_training)), 2))
-                else:
-                    time.sleep(0.5)
+            session = session_with_images(url, 4, args.size)
+            status, while_training = train_while_generating(
+                url,
+                {"session_id": session, "steps": args.train_steps, "resolution": args.size},
+                lambda index: txt2img(url, index),
+            )
             results["one_gpu_txt2img_while_training_s"] = while_training
             results["training_status"] = status
             results["one_gpu_throughput"] = throughput(url, args.requests, 1)
         with running_service(env, args.out / "serve-2gpu.log", "--gpus", "0,1") as url:
-            wait_for_generation_worker(url)
+            wait_for_generation_worker(url, BODY)
             results["two_gpu_throughput"] = throughput(url, args.requests, 2)
         results["two_over_one"] = round(
             results["two_gpu_throughput"]["images_per_min"]
