@@ -180,7 +180,7 @@ def _png_bytes(image, record: dict) -> bytes:
 def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker); one already taken is left alone."""
     from sdxl_engine.generation import HANDOVER_FRACTION, generate
-    from training_app.runtime import worker_pipelines
+    from training_app.runtime import generation_pipelines
 
     claimed = Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
         status=Generation.Status.RUNNING, started_at=timezone.now()
@@ -197,7 +197,7 @@ def generation_execute(generation_id: int) -> None:
             if generation.lora_id is None:
                 raise ServiceError(f"{generation.lora_filename} was deleted before generation")
             lora_path = storage.session_dir(generation.lora.session_id) / generation.lora.filename
-        pipelines = worker_pipelines()
+        pipelines = generation_pipelines()
         images = generate(
             pipelines,
             prompt=generation.prompt,

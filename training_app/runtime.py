@@ -40,3 +40,17 @@ def worker_pipelines():
             _loaded[wanted] = load_pipelines(source, compile_unets=settings.SDXL_COMPILE)
             logger.info("model: loaded %s on %s", source.preset, source.device)
         return _loaded[wanted]
+
+
+def generation_pipelines():
+    """worker_pipelines(), with the compiled UNets' graphs captured for the native image
+    size (SDXL_COMPILE): the generation worker pays for compiling once, at its start."""
+    from sdxl_engine.generation import warm_up
+
+    pipelines = worker_pipelines()
+    with _lock:
+        if pipelines.compiled and not pipelines.warmed_up:
+            logger.info("model: compiling the UNets for the native image size")
+            warm_up(pipelines)
+            logger.info("model: compiled")
+    return pipelines

@@ -16,8 +16,12 @@ def generate_task(generation_id: int) -> None:
     generation_execute(generation_id)
 
 
-def warm_up_task() -> None:
-    """Loads the worker's pipelines before the first real job needs them."""
-    from training_app.runtime import worker_pipelines
+def warm_up_task(queue: str = "training") -> None:
+    """Loads the worker's pipelines (and, for generation, compiles them) before the first
+    real job needs them."""
+    from training_app.runtime import generation_pipelines, worker_pipelines
 
-    worker_pipelines()
+    if queue == "generation":
+        generation_pipelines()
+    else:
+        worker_pipelines()

@@ -11,6 +11,7 @@ from PIL import Image
 
 from sdxl_engine.builder import build_random_pipelines
 from sdxl_engine.dataset import TrainingPair, find_training_pairs
+from sdxl_engine.generation import warm_up
 from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 from sdxl_engine.training import TrainingParams, train_lora
@@ -54,6 +55,16 @@ def tiny_source(tiny_model_dirs: tuple[Path, Path]) -> ModelSource:
 @pytest.fixture(scope="session")
 def pipelines(tiny_source: ModelSource) -> Pipelines:
     return load_pipelines(tiny_source)
+
+
+@pytest.fixture(scope="session")
+def compiled_pipelines(tiny_source: ModelSource) -> Pipelines:
+    """The tiny pair as a generation worker with SDXL_COMPILE holds it: both UNets compiled
+    whole and warmed up at the native size (on the CPU inductor has no CUDA graphs to
+    capture, but compiles and guards the same way)."""
+    compiled = load_pipelines(tiny_source, compile_unets=True)
+    warm_up(compiled)
+    return compiled
 
 
 def make_session_folder(root: Path) -> Path:

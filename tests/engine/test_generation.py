@@ -22,6 +22,18 @@ def _same(first: list[Image.Image], second: list[Image.Image]) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(second), strict=True))
 
 
+def _close(first: list[Image.Image], second: list[Image.Image]) -> bool:
+    """Equal up to float rounding: compiled kernels sum in another order than eager ones."""
+    return all(
+        np.abs(a.astype(int) - b.astype(int)).max() <= 2
+        for a, b in zip(_pixels(first), _pixels(second), strict=True)
+    )
+
+
+def _compiled_graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
 def test_base_and_refiner_return_the_asked_images(pipelines: Pipelines) -> None:
     images = generate(
         pipelines, prompt="a red apple", negative_prompt="blurry", num_images=2, seed=1, **SMALL
@@ -119,3 +131,34 @@ def test_invalid_requests_are_engine_errors(
 ) -> None:
     with pytest.raises(EngineError, match=message):
         generate(pipelines, prompt="x", seed=1, **{**SMALL, **overrides})
+
+
+def test_compiled_pipelines_compute_what_eager_ones_do_lora_merged_included(
+    pipelines: Pipelines, compiled_pipelines: Pipelines, trained_lora: Path
+) -> None:
+    assert compiled_pipelines.compiled and compiled_pipelines.warmed_up
+    native = pipelines.base.unet.config.sample_size * pipelines.base.vae_scale_factor
+    request = {"prompt": "a red square", "seed": 3, "height": native, "width": native, "steps": 5}
+    graphs_before = _compiled_graphs()
+
+    compiled_plain = generate(compiled_pipelines, **request)
+    compiled_lora = generate(compiled_pipelines, lora_path=trained_lora, **request)
+
+    assert _close(compiled_plain, generate(pipelines, **request))
+    # The LoRA is merged into the weights the compiled graphs read, in place.
+    assert _close(compiled_lora, generate(pipelines, lora_path=trained_lora, **request))
+    assert not _same(compiled_plain, compiled_lora)
+    assert _compiled_graphs() == graphs_before  # warm_up compiled everything needed
+
+
+def test_compiled_pipelines_run_other_sizes_eagerly_instead_of_compiling(
+    pipelines: Pipelines, compiled_pipelines: Pipelines
+) -> None:
+    graphs_before = _compiled_graphs()
+
+    other_size = generate(compiled_pipelines, prompt="a red square", seed=5, **SMALL)
+    two_images = generate(compiled_pipelines, prompt="a red square", seed=5, num_images=2)
+
+    assert _compiled_graphs() == graphs_before
+    assert _close(other_size, generate(pipelines, prompt="a red square", seed=5, **SMALL))
+    assert len(two_images) == 2

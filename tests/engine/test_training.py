@@ -13,9 +13,16 @@ from safetensors import safe_open
 
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.generation import generate
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
-from sdxl_engine.training import TrainingParams, _load_image, needs_low_memory, train_lora
+from sdxl_engine.training import (
+    TrainingParams,
+    _load_image,
+    _MasterWeights,
+    needs_low_memory,
+    train_lora,
+)
 
 from .conftest import STRONG_LORA_PARAMS
 
@@ -251,3 +258,52 @@ def test_result_carries_the_sha256_of_the_bytes_written(
     )
     assert result.sha256 == hashlib.sha256(output.read_bytes()).hexdigest()
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
+
+
+def test_training_compiled_pipelines_keeps_their_generation_graphs(
+    compiled_pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    unet = compiled_pipelines.base.unet
+    generation_graphs = unet._compiled_call_impl
+    path = tmp_path / "lora.safetensors"
+
+    train_lora(compiled_pipelines, training_pairs, STRONG_LORA_PARAMS, path)
+
+    assert path.is_file() and not _has_lora_layers(unet)
+    assert unet._compiled_call_impl is generation_graphs
+    assert all(module._compiled_call_impl is None for module in list(unet.modules())[1:])
+    # The graphs' guards still hold: a native-size request compiles nothing new, even
+    # when allowed to (warmed_up=False lifts generation's eager-on-recompile stance).
+    native = unet.config.sample_size * compiled_pipelines.base.vae_scale_factor
+    monkeypatch.setattr(compiled_pipelines, "warmed_up", False)
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    generate(compiled_pipelines, prompt="x", seed=1, height=native, width=native, steps=5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_half_precision_lora_weights_are_updated_through_float32_masters() -> None:
+    weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
+    masters = _MasterWeights([weight])
+    optimizer = torch.optim.SGD(masters.parameters, lr=1e-4)
+
+    for _ in range(10):
+        weight.grad = torch.ones(4, dtype=torch.bfloat16)
+        masters.take_gradients()
+        optimizer.step()
+        masters.copy_to_model()
+
+    master = masters.parameters[0]
+    assert master.dtype == torch.float32 and weight.grad is None
+    assert torch.allclose(master, torch.full((4,), 0.999), atol=1e-6)
+    # 1e-3 in total is below bfloat16's resolution at 1.0: updating it directly loses it.
+    assert torch.equal(weight, torch.ones(4, dtype=torch.bfloat16))
+
+
+def test_float32_lora_weights_are_their_own_masters() -> None:
+    weight = torch.nn.Parameter(torch.ones(4))
+    masters = _MasterWeights([weight])
+
+    assert masters.parameters[0] is weight

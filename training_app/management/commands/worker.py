@@ -47,7 +47,9 @@ class Command(BaseCommand):
         connections.close_all()
         cluster = Cluster()
         cluster.start()
-        async_task("training_app.tasks.warm_up_task", cluster=queue_name, task_name="warm-up")
+        async_task(
+            "training_app.tasks.warm_up_task", queue, cluster=queue_name, task_name="warm-up"
+        )
 
         host, pid, started = socket.gethostname(), os.getpid(), timezone.now()
         self.stdout.write(f"{queue} worker {host}:{pid} serving queue {queue_name}")
