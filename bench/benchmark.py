@@ -521,6 +521,8 @@ def part_cold(args) -> dict:
             "warmed_up_s": round(float(warmed), 1),
             "first_image_s": round(float(first_image), 1),
         }
+        # Each worker start takes minutes: what was measured survives a run cut short.
+        (args.out / "cold-partial.json").write_text(json.dumps(results, indent=2))
     return results
 
 

@@ -366,6 +366,7 @@ class _MasterWeights:
                 master.grad = None if parameter.grad is None else parameter.grad.float()
                 parameter.grad = None
 
+    @torch.no_grad()
     def copy_to_model(self) -> None:
         if self._copies:
             torch._foreach_copy_(self._model, self.parameters)
