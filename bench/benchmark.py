@@ -560,6 +560,10 @@ def main() -> None:
         suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
+    if all(any(args.out.glob(f"{part}*.json")) for part in ("gen", "train", "cold")):
+        from report import report  # bench/report.py
+
+        report(args.out, results_dir=args.out)  # the table, last
 
 
 if __name__ == "__main__":

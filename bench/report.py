@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 
-def main() -> None:
-    folder = Path(sys.argv[1])
+def report(folder: Path, results_dir: Path | None = None) -> Path:
+    """Merge the part files under `folder` into `<results_dir>/<date>-<card>.json` (by
+    default beside `folder`), print the table, and return the merged file's path."""
     parts = {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
     gen = parts.get("gen-compiled") or parts["gen"]
     train = parts.get("train-compiled") or parts["train"]
@@ -20,7 +21,8 @@ def main() -> None:
         "torch": gen["torch"],
         "diffusers": gen["diffusers"],
         "date": gen["date"],
-        "command": gen["command"],
+        # The parts may come from separate calls: each one's command.
+        "command": " ; ".join(dict.fromkeys(part["command"] for part in (gen, train, cold))),
         "compiled": gen.get("compile", False),
         "gen_p50_s": gen["ours_b1"]["p50_s"],
         "gen_p95_s": gen["ours_b1"]["p95_s"],
@@ -36,8 +38,10 @@ def main() -> None:
         "train_step_tflop": train["step_tflop"],
         "lora_switch_ms": gen["lora_switch_ms"],
         "baseline_lora_load_ms": gen["baseline_lora_load_ms"],
-        "base_step_ms_no_lora": gen["base_step_ms_no_lora"],
-        "base_step_ms_lora_applied": gen["base_step_ms_lora_applied"],
+        "gen_b1_without_lora_p50_s": gen["ours_b1_without_lora_p50_s"],
+        "lora_cost_per_step_ms": gen["lora_cost_per_step_ms"],
+        "lora_effect_rel": gen["ours_lora_effect_rel"],
+        "warm_up_s": gen["warm_up_s"],
         "cold_start_s": cold["compiled_warm_cache"]["first_image_s"],
         "cold_start_empty_cache_s": cold["compiled_empty_cache"]["first_image_s"],
         "cold_start_eager_s": cold["eager"]["first_image_s"],
@@ -47,7 +51,7 @@ def main() -> None:
         "nan": gen["nan"],
     }
     slug = card.lower().replace("nvidia ", "").replace(" ", "-")
-    out = folder.parent / f"{summary['date']}-{slug}.json"
+    out = (results_dir or folder.parent) / f"{summary['date']}-{slug}.json"
     out.write_text(json.dumps(summary, indent=2) + "\n")
     rows = [
         (
@@ -76,8 +80,8 @@ def main() -> None:
         ),
         ("LoRA switch ms", summary["lora_switch_ms"], summary["baseline_lora_load_ms"], ""),
         (
-            "Base step ms, CFG batch: no LoRA / LoRA applied",
-            f"{summary['base_step_ms_no_lora']} / {summary['base_step_ms_lora_applied']}",
+            "per-step cost of a LoRA applied, ms (batch 1 with minus without)",
+            summary["lora_cost_per_step_ms"],
             "",
             "",
         ),
@@ -99,7 +103,8 @@ def main() -> None:
     for what, ours, baseline, ratio in rows:
         print(f"{what:60} {ours!s:>24} {baseline!s:>16} {ratio:>7}")
     print(f"wrote {out}")
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    report(Path(sys.argv[1]))

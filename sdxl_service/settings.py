@@ -191,8 +191,9 @@ SDXL_BASE_MODEL = env.str("SDXL_BASE_MODEL", default="stabilityai/stable-diffusi
 SDXL_REFINER_MODEL = env.str(
     "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
 )
-# torch.compile the UNets' transformer blocks in the workers (GPU): faster steps, paid for
-# with compile time at start and at each new image size.
+# Compile the UNets whole with CUDA graphs in the workers (GPU): faster steps, paid for with
+# compile time at the generation worker's start (one image of the native size; other
+# shapes run eagerly).
 SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
 # Gradient checkpointing in training: "auto" turns it on when the GPU has too little free
 # memory to keep every activation (a 16-24 GB card), "on"/"off" force it.

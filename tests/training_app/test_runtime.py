@@ -1,3 +1,5 @@
+import os
+
 import pytest
 
 from sessions_app import services as session_services
@@ -10,6 +12,17 @@ pytestmark = pytest.mark.django_db
 
 def test_pipelines_stay_loaded_between_jobs():
     assert worker_pipelines() is worker_pipelines()
+
+
+def test_compiled_pipelines_keep_their_compile_cache_with_the_models(settings, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "")  # restored after the test
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    settings.SDXL_COMPILE = True
+
+    pipelines = worker_pipelines()  # compiles lazily: nothing is compiled yet
+
+    assert pipelines.compiled and not pipelines.warmed_up
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(settings.MODEL_CACHE_DIR / "torch-compile")
 
 
 def test_missing_real_weights_fail_the_job_with_what_to_set(settings, tmp_path):
