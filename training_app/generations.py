@@ -22,7 +22,7 @@ from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.selectors import session_get
 from training_app.models import Generation
-from training_app.queueing import enqueue
+from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import lora_get, worker_alive
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,23 @@ def generation_request(request: GenerationRequest) -> Generation:
             )
         )
     return generation
+
+
+def generations_redeliver() -> list[int]:
+    """Hands queued generations whose task was lost back to the generation queue (see
+    queueing.redeliver_lost); returns their ids. Generation workers call it every few
+    seconds: a caller still waiting gets its images late instead of a timeout."""
+    redelivered = redeliver_lost(
+        "training_app.tasks.generate_task",
+        Generation,
+        settings.GENERATION_QUEUE,
+        "generation",
+        waited_s=settings.SDXL_WORKER_STALE_AFTER,
+        job_timeout_s=settings.SDXL_GENERATION_TIMEOUT,
+    )
+    for generation_id in redelivered:
+        logger.warning("generation %s lost its task in the broker; queued again", generation_id)
+    return redelivered
 
 
 def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, list[bytes]]:

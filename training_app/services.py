@@ -23,7 +23,7 @@ from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
 from training_app.models import Generation, LoraArtifact, TrainingRun
-from training_app.queueing import enqueue
+from training_app.queueing import enqueue, redeliver_lost
 
 logger = logging.getLogger(__name__)
 
@@ -289,6 +289,23 @@ def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
             recovered.append(run_id)
             logger.warning("training run %s lost its worker; marked as error", run_id)
     return recovered
+
+
+def training_runs_redeliver() -> list[int]:
+    """Hands queued runs whose task was lost back to the training queue (see
+    queueing.redeliver_lost); returns their ids. Training workers call it every few
+    seconds, so a run never stays queued, holding its session's one slot, for nothing."""
+    redelivered = redeliver_lost(
+        "training_app.tasks.train_lora_task",
+        TrainingRun,
+        settings.TRAINING_QUEUE,
+        "training-run",
+        waited_s=settings.SDXL_RUN_STALE_AFTER,
+        job_timeout_s=settings.SDXL_TRAINING_TIMEOUT,
+    )
+    for run_id in redelivered:
+        logger.warning("training run %s lost its task in the broker; queued again", run_id)
+    return redelivered
 
 
 # --- Storing LoRA files -------------------------------------------------------------------

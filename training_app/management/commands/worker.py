@@ -3,7 +3,8 @@
 Besides running the cluster, the worker records a heartbeat row every few seconds, which
 is how the web process knows whether anyone will pick up a /txt2img request, and ends
 training runs whose own heartbeat went stale because their worker died (at start, so a
-restart recovers them, and on every beat after).
+restart recovers them, and on every beat after). It also queues again the jobs of its
+queue whose task a dying worker took with it (queueing.redeliver_lost).
 """
 
 import os
@@ -39,8 +40,9 @@ class Command(BaseCommand):
         from django_q.cluster import Cluster
         from django_q.tasks import async_task
 
+        from training_app.generations import generations_redeliver
         from training_app.models import WorkerHeartbeat
-        from training_app.services import training_runs_recover_lost
+        from training_app.services import training_runs_recover_lost, training_runs_redeliver
 
         # The cluster forks its processes from here: no database connection may be shared
         # with them, and nothing here touches torch or CUDA.
@@ -63,6 +65,12 @@ class Command(BaseCommand):
                 )
                 for run_id in training_runs_recover_lost():
                     self.stdout.write(f"training run {run_id} lost its worker; marked as error")
+                if queue == "training":
+                    for run_id in training_runs_redeliver():
+                        self.stdout.write(f"training run {run_id} lost its task; queued again")
+                else:
+                    for generation_id in generations_redeliver():
+                        self.stdout.write(f"generation {generation_id} lost its task; queued again")
                 time.sleep(HEARTBEAT_INTERVAL_S)
         finally:
             WorkerHeartbeat.objects.filter(queue=queue_name, host=host, pid=pid).delete()
