@@ -429,16 +429,24 @@ def _data_dir_report(known: set[int]) -> Report:
         for path in sorted(root.iterdir()):
             if is_hidden(path):
                 if is_leftover(path) and _is_stale(path):
-                    report.changes.append(
-                        Change(
-                            None,
-                            f"{storage.relative_path(path)} is a stale leftover; removing it",
-                            lambda p=path: _remove(p),
-                        )
-                    )
+                    report.changes.append(_leftover_removal(path))
             elif not SESSION_FOLDER.match(path.name):
                 report.notes.append(f"{storage.relative_path(path)}: not a session folder")
+    # Uploads whose process was killed while they were being checked stay in staging.
+    staging = storage.staging_dir()
+    if staging.is_dir():
+        for path in sorted(staging.iterdir()):
+            if is_leftover(path) and _is_stale(path):
+                report.changes.append(_leftover_removal(path))
     return report
+
+
+def _leftover_removal(path: Path) -> Change:
+    return Change(
+        None,
+        f"{storage.relative_path(path)} is a stale leftover; removing it",
+        lambda: _remove(path),
+    )
 
 
 def _session_ids() -> set[int]:

@@ -32,10 +32,16 @@ def atomic_write_bytes(target: Path, data: bytes) -> None:
     write_atomically(target, lambda temp: temp.write_bytes(data))
 
 
+def staging_dir() -> Path:
+    """Where uploads are checked before they enter a session: beside the session folders,
+    on the same filesystem, so one rename moves a checked file into place."""
+    return settings.SESSION_DATA_DIR / ".staging"
+
+
 def staging_path(name: str) -> Path:
     """A unique temporary path for an upload being checked, outside every session folder
     but on the same filesystem, so it can be renamed into one atomically."""
-    folder = settings.SESSION_DATA_DIR / ".staging"
+    folder = staging_dir()
     folder.mkdir(parents=True, exist_ok=True)
     return temp_path_for(folder / name)
 

@@ -209,6 +209,22 @@ def test_verify_reports_mismatches_and_fix_repairs_what_loses_no_data(data_dir):
     assert "the rows and files agree" in output
 
 
+def test_verify_fix_removes_uploads_left_in_staging_by_a_killed_process(data_dir):
+    _session_with_two_images()
+    killed = storage.staging_path("upload.safetensors")
+    killed.write_bytes(b"an upload whose process was killed while checking it")
+    make_old(killed)
+    in_progress = storage.staging_path("upload.safetensors")
+    in_progress.write_bytes(b"an upload being checked right now")
+
+    with pytest.raises(CommandError, match="inconsistencies"):
+        run("verify")
+    assert killed.exists()
+    run("verify", "--fix")
+
+    assert not killed.exists() and in_progress.exists()
+
+
 def test_verify_adopts_a_session_folder_without_a_row(data_dir):
     flask_session_data(settings.SESSION_DATA_DIR, session_ids=(12,))
     with pytest.raises(CommandError):
