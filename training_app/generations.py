@@ -84,33 +84,31 @@ def generation_request(request: GenerationRequest) -> Generation:
             lora_filename=lora.filename if lora else "",
             lora_sha256=lora.sha256 if lora else "",
         )
-        transaction.on_commit(
-            lambda: enqueue(
-                "training_app.tasks.generate_task",
-                Generation,
-                generation.pk,
-                settings.GENERATION_QUEUE,
-                f"generation-{generation.pk}",
-            )
-        )
+        transaction.on_commit(lambda: _enqueue_generation(generation.pk))
     return generation
+
+
+def _enqueue_generation(generation_id: int) -> None:
+    enqueue(
+        "training_app.tasks.generate_task",
+        Generation,
+        generation_id,
+        settings.GENERATION_QUEUE,
+        f"generation-{generation_id}",
+    )
 
 
 def generations_redeliver() -> list[int]:
     """Hands queued generations whose task was lost back to the generation queue (see
     queueing.redeliver_lost); returns their ids. Generation workers call it every few
     seconds: a caller still waiting gets its images late instead of a timeout."""
-    redelivered = redeliver_lost(
-        "training_app.tasks.generate_task",
+    return redeliver_lost(
         Generation,
         settings.GENERATION_QUEUE,
-        "generation",
+        _enqueue_generation,
         waited_s=settings.SDXL_WORKER_STALE_AFTER,
         job_timeout_s=settings.SDXL_GENERATION_TIMEOUT,
     )
-    for generation_id in redelivered:
-        logger.warning("generation %s lost its task in the broker; queued again", generation_id)
-    return redelivered
 
 
 def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, list[bytes]]:

@@ -1,11 +1,15 @@
 """Handing a row's id to a django-q2 queue; the task id is kept on the row."""
 
+import logging
+from collections.abc import Callable
 from datetime import timedelta
 
 from django.db.models import Model
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.tasks import async_task
+
+logger = logging.getLogger(__name__)
 
 
 def enqueue(task: str, row: type[Model], row_id: int, queue: str, name: str) -> None:
@@ -15,10 +19,15 @@ def enqueue(task: str, row: type[Model], row_id: int, queue: str, name: str) -> 
 
 
 def redeliver_lost(
-    task: str, row: type[Model], queue: str, name: str, waited_s: float, job_timeout_s: float
+    row: type[Model],
+    queue: str,
+    enqueue_row: Callable[[int], None],
+    waited_s: float,
+    job_timeout_s: float,
 ) -> list[int]:
-    """Enqueues again the rows of `row` still queued after `waited_s` seconds whose task
-    the broker no longer holds, and returns their ids.
+    """Enqueues again (with `enqueue_row(id)`, as when they were created) the rows of `row`
+    still queued after `waited_s` seconds whose task the broker no longer holds, and
+    returns their ids.
 
     A task is lost when a worker takes it and dies before claiming its row: the Redis
     broker forgets a task once handed out, and the ORM broker hands it out again only
@@ -42,5 +51,6 @@ def redeliver_lost(
     if not waiting or get_broker(queue).queue_size():
         return []
     for row_id in waiting:
-        enqueue(task, row, row_id, queue, f"{name}-{row_id}")
+        enqueue_row(row_id)
+        logger.warning("%s %s lost its task in the broker; queued again", row.__name__, row_id)
     return waiting

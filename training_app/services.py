@@ -70,16 +70,18 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
                 run = TrainingRun.objects.create(session=session, parameters=parameters)
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
-        transaction.on_commit(
-            lambda: enqueue(
-                "training_app.tasks.train_lora_task",
-                TrainingRun,
-                run.pk,
-                settings.TRAINING_QUEUE,
-                f"training-run-{run.pk}",
-            )
-        )
+        transaction.on_commit(lambda: _enqueue_run(run.pk))
     return run
+
+
+def _enqueue_run(run_id: int) -> None:
+    enqueue(
+        "training_app.tasks.train_lora_task",
+        TrainingRun,
+        run_id,
+        settings.TRAINING_QUEUE,
+        f"training-run-{run_id}",
+    )
 
 
 def training_run_cancel(session_id: int) -> TrainingRun:
@@ -295,17 +297,13 @@ def training_runs_redeliver() -> list[int]:
     """Hands queued runs whose task was lost back to the training queue (see
     queueing.redeliver_lost); returns their ids. Training workers call it every few
     seconds, so a run never stays queued, holding its session's one slot, for nothing."""
-    redelivered = redeliver_lost(
-        "training_app.tasks.train_lora_task",
+    return redeliver_lost(
         TrainingRun,
         settings.TRAINING_QUEUE,
-        "training-run",
+        _enqueue_run,
         waited_s=settings.SDXL_RUN_STALE_AFTER,
         job_timeout_s=settings.SDXL_TRAINING_TIMEOUT,
     )
-    for run_id in redelivered:
-        logger.warning("training run %s lost its task in the broker; queued again", run_id)
-    return redelivered
 
 
 # --- Storing LoRA files -------------------------------------------------------------------
