@@ -40,7 +40,7 @@ from sdxl_engine.dataset import TrainingPair  # noqa: E402
 from sdxl_engine.generation import generate, warm_up  # noqa: E402
 from sdxl_engine.pipelines import load_pipelines  # noqa: E402
 from sdxl_engine.source import resolve_model_source  # noqa: E402
-from sdxl_engine.training import TrainingParams, train_lora  # noqa: E402
+from sdxl_engine.training import LORA_TARGET_MODULES, TrainingParams, train_lora  # noqa: E402
 
 PROMPT = "a photo of sks dog on a beach, golden hour"
 GEN = {"height": 1024, "width": 1024, "guidance_scale": 7.0, "steps": 30}
@@ -69,6 +69,10 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     index = min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))
     return ordered[index]
+
+
+def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((value - reference).norm() / reference.norm())
 
 
 def summary(values: list[float]) -> dict:
@@ -283,7 +287,7 @@ def gen_ours(args, source):
     # the LoRA must reach the captured graphs (merged in place, not ignored).
     with_lora = latents_of(ours, seed=1234, lora_path=loras[0])
     without_lora = latents_of(ours, seed=1234)
-    results["ours_lora_effect_rel"] = float((with_lora - without_lora).norm() / without_lora.norm())
+    results["ours_lora_effect_rel"] = relative_error(with_lora, without_lora)
     return results, with_lora, loras, ours.dtype
 
 
@@ -298,7 +302,7 @@ def part_gen(args) -> dict:
     reference = baseline_generate(
         reference_base, reference_refiner, loras[0], 1, 1234, output_type="latent"
     ).float()
-    results["max_rel_error"] = float((fast - reference).norm() / reference.norm())
+    results["max_rel_error"] = relative_error(fast, reference)
     results["nan"] = bool(torch.isnan(fast).any())
     del reference_base, reference_refiner
     reset_peak()
@@ -311,8 +315,8 @@ def part_gen(args) -> dict:
     truth = baseline_generate(
         truth_base, truth_refiner, loras[0], 1, 1234, output_type="latent"
     ).float()
-    results["ours_vs_fp32_rel_error"] = float((fast - truth).norm() / truth.norm())
-    results["diffusers_vs_fp32_rel_error"] = float((reference - truth).norm() / truth.norm())
+    results["ours_vs_fp32_rel_error"] = relative_error(fast, truth)
+    results["diffusers_vs_fp32_rel_error"] = relative_error(reference, truth)
     del truth_base, truth_refiner
     reset_peak()
 
@@ -372,9 +376,7 @@ def part_train(args) -> dict:
     from peft import LoraConfig
 
     unet = ours.base.unet
-    unet.add_adapter(
-        LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"])
-    )
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=LORA_TARGET_MODULES))
     inputs, kwargs = latent_inputs(unet, 4, args.size)
     counter = FlopCounterMode(display=False)
     # Counted eagerly: the counter sees aten operations, which compiled regions hide.
@@ -416,7 +418,7 @@ def naive_training(source, pairs: list[TrainingPair], steps: int, size: int) -> 
             r=4,
             lora_alpha=4,
             init_lora_weights="gaussian",
-            target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+            target_modules=LORA_TARGET_MODULES,
         )
     )
     cast_training_params(pipe.unet, dtype=torch.float32)

@@ -26,6 +26,7 @@ import torch
 from benchmark import DEVICE, environment, latent_inputs, model_source, peak_gib, sync_time
 
 from sdxl_engine.pipelines import load_pipelines
+from sdxl_engine.training import LORA_TARGET_MODULES
 
 
 def timed_calls(function, warmup: int, runs: int) -> tuple[float, float]:
@@ -127,29 +128,13 @@ def part_gen(args, recorder: Recorder) -> None:
     def whole_generation():
         """The engine's `generate` with both UNets compiled whole with CUDA graphs: its
         time, and whether an in-place LoRA merge still reaches the captured graphs."""
-        from sdxl_engine import generation
-        from sdxl_engine.training import TrainingParams, train_lora
-
-        lora = args.cache / "levers_lora.safetensors"
-        pairs = benchmark.training_images(args.cache / "images", args.size)
-        train_lora(pipelines, pairs, TrainingParams(steps=2, seed=1, learning_rate=1e-3), lora)
-        captured = {}
-
-        def capture(_pipelines, latents):
-            captured["latents"] = latents.float().clone()
-            return []
+        lora = benchmark.random_lora(
+            args.cache / "levers_lora.safetensors", base_unet.config, seed=1
+        )
 
         def run(lora_path):
-            generation._decode = capture
-            try:
-                generation.generate(
-                    pipelines, prompt=benchmark.PROMPT, seed=7, lora_path=lora_path, **benchmark.GEN
-                )
-            finally:
-                generation._decode = original_decode
-            return captured["latents"]
+            return benchmark.latents_of(pipelines, seed=7, lora_path=lora_path)
 
-        original_decode = generation._decode
         result = {}
         eager_lora, eager_plain = run(lora), run(None)
         result["eager_first_s"], result["eager_ms"] = timed_calls(
@@ -166,8 +151,8 @@ def part_gen(args, recorder: Recorder) -> None:
             for unet in (base_unet, refiner_unet):
                 uncompile(unet)
 
-        def rel(a, b):
-            return round(float((a - b).norm() / b.norm()), 5)
+        def rel(value, reference):
+            return round(benchmark.relative_error(value, reference), 5)
 
         result["graphs_vs_eager_with_lora"] = rel(graphs_lora, eager_lora)
         result["graphs_vs_eager_without_lora"] = rel(graphs_plain, eager_plain)
@@ -201,7 +186,7 @@ def part_gen(args, recorder: Recorder) -> None:
                 reference = image
             result[label] = {
                 "decode_ms": decode_ms,
-                "rel_error_vs_fp32": round(float((image - reference).norm() / reference.norm()), 5),
+                "rel_error_vs_fp32": round(benchmark.relative_error(image, reference), 5),
                 "max_abs_error_vs_fp32": round(float((image - reference).abs().max()), 4),
             }
         vae.to(dtype=torch.float32, memory_format=torch.contiguous_format)
@@ -243,7 +228,7 @@ def part_train(args, recorder: Recorder) -> None:
                     r=4,
                     lora_alpha=4,
                     init_lora_weights="gaussian",
-                    target_modules=["to_k", "to_q", "to_v", "to_out.0"],
+                    target_modules=LORA_TARGET_MODULES,
                 )
             )
             lora = [p for p in unet.parameters() if p.requires_grad]
