@@ -214,7 +214,7 @@ def part_gen(args, recorder: Recorder) -> None:
 def part_train(args, recorder: Recorder) -> None:
     from peft import LoraConfig
 
-    pipelines = load_pipelines(model_source(args))
+    pipelines = load_pipelines(model_source(args), purpose="training")
     unet = pipelines.base.unet
     unet.requires_grad_(False)
     positional, keywords = latent_inputs(unet, 4, args.size)

@@ -42,6 +42,11 @@ def generate(
     """
     _check_request(pipelines, num_images, height, width, steps)
     base, refiner = pipelines.base, pipelines.refiner
+    if refiner is None:
+        raise EngineError(
+            "these pipelines were loaded for training, without the SDXL Refiner; "
+            "load them with purpose='generation' to generate"
+        )
     generator = torch.Generator(pipelines.device).manual_seed(seed)
     report_step = _step_reporter(steps, on_step)
 
@@ -168,8 +173,8 @@ def _decode(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image
     precision VAE on every call; ours is float32 for good (load_pipelines), so the
     latents are cast to it instead.
     """
-    vae = pipelines.refiner.vae
+    vae = pipelines.base.vae
     decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[
         0
     ]
-    return pipelines.refiner.image_processor.postprocess(decoded, output_type="pil")
+    return pipelines.base.image_processor.postprocess(decoded, output_type="pil")

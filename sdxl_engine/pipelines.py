@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
@@ -11,6 +12,10 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_merge import UNetLoraMerger
 from sdxl_engine.source import ModelSource
+
+Purpose = Literal["generation", "training"]
+# The UNets' and text encoders' precision on CUDA, per purpose (see load_pipelines).
+HALF_PRECISION: dict[str, torch.dtype] = {"generation": torch.float16, "training": torch.bfloat16}
 
 # What a missing, partial or unreachable model raises: huggingface_hub's errors derive
 # from OSError (not found, HTTP, offline) or ValueError (malformed repo id); diffusers
@@ -21,11 +26,13 @@ _LOAD_ERRORS = (OSError, ValueError, KeyError)
 @dataclass
 class Pipelines:
     base: StableDiffusionXLPipeline
-    refiner: StableDiffusionXLImg2ImgPipeline  # shares text_encoder_2 and vae with base
+    # Shares text_encoder_2 and vae with base; None when loaded for training.
+    refiner: StableDiffusionXLImg2ImgPipeline | None
     device: str
     dtype: torch.dtype  # of the UNets and text encoders; the VAE is always float32
     source: ModelSource
-    # Both UNets are compiled whole, with CUDA graphs, for generation (load_pipelines).
+    # torch.compile is on: whole UNets with CUDA graphs for generation (load_pipelines),
+    # the Base UNet's transformer blocks while training (training.train_lora).
     compiled: bool = False
     # The native image size's graphs are captured (generation.warm_up): other shapes then
     # run eagerly instead of stalling a request for a minutes-long compile.
@@ -36,13 +43,22 @@ class Pipelines:
         self.unet_lora = UNetLoraMerger(self.base.unet)
 
 
-def load_pipelines(source: ModelSource, compile_unets: bool = False) -> Pipelines:
-    """Load Base and Refiner from `source`, on its device, ready for training and generation.
+def load_pipelines(
+    source: ModelSource, *, purpose: Purpose = "generation", compile_unets: bool = False
+) -> Pipelines:
+    """Load the SDXL pipelines from `source`, on its device, for `purpose`.
 
-    UNets and text encoders are bfloat16 on CUDA (float32 on CPU, which has no fast half
-    precision): bfloat16 has float32's range, so nothing overflows and training needs no
-    loss scaling. The VAE stays float32 (SDXL's overflows in float16), with TF32 matrix
-    units allowed so its 10 TFLOP decode does not run on the slow float32 path.
+    - "generation": Base and Refiner, UNets and text encoders in float16 on CUDA, SDXL's
+      own release precision. bfloat16 is as fast but keeps 3 fewer mantissa bits: on the
+      full-size model one bfloat16 UNet step differs by 1.1% between two attention
+      kernels, float16 by 0.14% (bench/precision.py), so a LoRA merged into float16
+      weights stays within 0.14% of diffusers' unfused layers.
+    - "training": the Base alone (the Refiner's 2.3 B-parameter UNet would take 4.5 GB
+      that a 16 GB card needs for training), in bfloat16: it has float32's range, so the
+      backward pass needs no loss scaling.
+    On the CPU, which has no fast half precision, both are float32 and "generation"
+    pipelines train as well. The VAE stays float32 (SDXL's overflows in float16), with
+    TF32 matrix units allowed so its 10 TFLOP decode does not run on the slow path.
 
     `compile_unets` compiles each UNet whole with torch.compile and CUDA graphs
     (`mode="reduce-overhead"`): at batch 1 an eager SDXL step on an H100 waits on the CPU
@@ -51,7 +67,9 @@ def load_pipelines(source: ModelSource, compile_unets: bool = False) -> Pipeline
     `generation.warm_up` before serving so that it is paid at worker start. Training
     compiles its own regions (training.train_lora), not these graphs.
     """
-    dtype = torch.bfloat16 if source.device == "cuda" else torch.float32
+    if purpose not in HALF_PRECISION:
+        raise EngineError(f"unknown purpose {purpose!r}; use one of {', '.join(HALF_PRECISION)}")
+    dtype = HALF_PRECISION[purpose] if source.device == "cuda" else torch.float32
     if source.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -72,8 +90,43 @@ def load_pipelines(source: ModelSource, compile_unets: bool = False) -> Pipeline
             "or SDXL_MODEL_PRESET=tiny for the built-in test model."
         ) from error
 
+    refiner = (
+        _load_refiner(source, base, dtype, local_files_only) if purpose == "generation" else None
+    )
+    pipelines = [base] if refiner is None else [base, refiner]
+    for pipeline in pipelines:
+        pipeline.to(source.device)
+    if source.device == "cuda":
+        # cuDNN's channels-last convolutions are faster for the Base UNet, eager and in
+        # training (generation step 84 -> 72 ms, training 5.2 -> 6.9 img/s on an H200,
+        # bench/levers.py); the Refiner measured no gain.
+        base.unet.to(memory_format=torch.channels_last)
+    if compile_unets:
+        # Regional compilation in training compiles the same block code once per block
+        # width and batch size; past the limit dynamo would run a shape eagerly.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    for pipeline in pipelines:
+        pipeline.set_progress_bar_config(disable=True)
+        # Inference weights: graphs compiled now stay valid after training, which freezes
+        # the UNet the same way (a change of requires_grad would force a recompile).
+        pipeline.unet.requires_grad_(False)
+        if compile_unets and purpose == "generation":
+            pipeline.unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    return Pipelines(
+        base=base,
+        refiner=refiner,
+        device=source.device,
+        dtype=dtype,
+        source=source,
+        compiled=compile_unets,
+    )
+
+
+def _load_refiner(
+    source: ModelSource, base: StableDiffusionXLPipeline, dtype: torch.dtype, local_files_only: bool
+) -> StableDiffusionXLImg2ImgPipeline:
     try:
-        refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        return StableDiffusionXLImg2ImgPipeline.from_pretrained(
             source.refiner,
             text_encoder_2=base.text_encoder_2,
             vae=base.vae,
@@ -86,33 +139,6 @@ def load_pipelines(source: ModelSource, compile_unets: bool = False) -> Pipeline
             "Download it or set SDXL_REFINER_MODEL to a local diffusers folder, "
             "or SDXL_MODEL_PRESET=tiny for the built-in test model."
         ) from error
-
-    base.to(source.device)
-    refiner.to(source.device)
-    if source.device == "cuda":
-        # cuDNN's channels-last convolutions are faster for the Base UNet, eager and in
-        # training (generation step 84 -> 72 ms, training 5.2 -> 6.9 img/s on an H200,
-        # bench/levers.py); the Refiner measured no gain.
-        base.unet.to(memory_format=torch.channels_last)
-    if compile_unets:
-        # Regional compilation in training compiles the same block code once per block
-        # width and batch size; past the limit dynamo would run a shape eagerly.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    for pipeline in (base, refiner):
-        pipeline.set_progress_bar_config(disable=True)
-        # Inference weights: graphs compiled now stay valid after training, which freezes
-        # the UNet the same way (a change of requires_grad would force a recompile).
-        pipeline.unet.requires_grad_(False)
-        if compile_unets:
-            pipeline.unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
-    return Pipelines(
-        base=base,
-        refiner=refiner,
-        device=source.device,
-        dtype=dtype,
-        source=source,
-        compiled=compile_unets,
-    )
 
 
 def _env_flag(name: str) -> bool:

@@ -13,15 +13,22 @@ from django.conf import settings
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
-_loaded: dict[tuple, object] = {}  # at most one entry: the model settings -> their pipelines
+# The model settings and purpose -> their pipelines: one entry per purpose at most.
+_loaded: dict[tuple, object] = {}
 
 
-def worker_pipelines():
-    """The Base + Refiner pipelines for the configured models; a failed load is retried."""
+def worker_pipelines(purpose: str):
+    """The pipelines for the configured models and `purpose` (sdxl_engine.pipelines:
+    "generation" loads Base + Refiner in float16, "training" the Base alone in bfloat16);
+    a failed load is retried.
+
+    Each worker serves one queue, so it holds one set; a process that serves both (tests,
+    synchronous runs) holds both.
+    """
     from sdxl_engine.pipelines import load_pipelines
     from sdxl_engine.source import resolve_model_source
 
-    wanted = (
+    models = (
         settings.SDXL_MODEL_PRESET,
         settings.SDXL_BASE_MODEL,
         settings.SDXL_REFINER_MODEL,
@@ -29,8 +36,10 @@ def worker_pipelines():
         settings.SDXL_COMPILE,
     )
     with _lock:
-        if wanted not in _loaded:
-            _loaded.clear()  # release the old pipelines before loading others
+        if (models, purpose) not in _loaded:
+            # Release pipelines of other model settings before loading these.
+            for key in [key for key in _loaded if key[0] != models]:
+                del _loaded[key]
             source = resolve_model_source(
                 settings.SDXL_MODEL_PRESET or None,
                 settings.SDXL_BASE_MODEL,
@@ -44,17 +53,19 @@ def worker_pipelines():
                 os.environ.setdefault(
                     "TORCHINDUCTOR_CACHE_DIR", str(settings.MODEL_CACHE_DIR / "torch-compile")
                 )
-            _loaded[wanted] = load_pipelines(source, compile_unets=settings.SDXL_COMPILE)
-            logger.info("model: loaded %s on %s", source.preset, source.device)
-        return _loaded[wanted]
+            _loaded[models, purpose] = load_pipelines(
+                source, purpose=purpose, compile_unets=settings.SDXL_COMPILE
+            )
+            logger.info("model: loaded %s on %s for %s", source.preset, source.device, purpose)
+        return _loaded[models, purpose]
 
 
 def generation_pipelines():
-    """worker_pipelines(), with the compiled UNets' graphs captured for the native image
-    size (SDXL_COMPILE): the generation worker pays for compiling once, at its start."""
+    """The generation pipelines, with the compiled UNets' graphs captured for the native
+    image size (SDXL_COMPILE): the generation worker pays for compiling once, at its start."""
     from sdxl_engine.generation import warm_up
 
-    pipelines = worker_pipelines()
+    pipelines = worker_pipelines("generation")
     with _lock:
         if pipelines.compiled and not pipelines.warmed_up:
             logger.info("model: compiling the UNets for the native image size")

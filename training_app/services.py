@@ -186,7 +186,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     from sdxl_engine.training import TrainingParams, train_lora
     from training_app.runtime import worker_pipelines
 
-    pipelines = worker_pipelines()
+    pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
     still_running = True
 

@@ -24,4 +24,4 @@ def warm_up_task(queue: str = "training") -> None:
     if queue == "generation":
         generation_pipelines()
     else:
-        worker_pipelines()
+        worker_pipelines("training")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation import generate
 from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 
@@ -20,6 +21,20 @@ def test_refiner_shares_text_encoder_2_and_vae(pipelines: Pipelines) -> None:
     assert pipelines.device == "cpu" and pipelines.dtype == torch.float32
     assert pipelines.base.vae.dtype == torch.float32
     assert pipelines.base.unet.dtype == pipelines.dtype
+
+
+def test_training_pipelines_hold_the_base_alone(tiny_source: ModelSource) -> None:
+    training = load_pipelines(tiny_source, purpose="training")
+
+    assert training.refiner is None
+    assert training.base.unet.dtype == training.dtype == torch.float32  # CPU: no half
+    with pytest.raises(EngineError, match="purpose='generation'"):
+        generate(training, prompt="x", seed=0, height=64, width=64, steps=2)
+
+
+def test_unknown_purpose_is_an_engine_error(tiny_source: ModelSource) -> None:
+    with pytest.raises(EngineError, match="unknown purpose 'inference'"):
+        load_pipelines(tiny_source, purpose="inference")
 
 
 def _load_fails_fast(source: ModelSource, expected_message: str) -> None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -195,6 +196,18 @@ def test_should_stop_cancels_without_writing(
         )
 
     assert reports == [1, 2]
+    assert list(tmp_path.iterdir()) == []
+    assert not _has_lora_layers(pipelines.base.unet)
+
+
+def test_float16_generation_pipelines_refuse_to_train(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    generation_on_cuda = replace(pipelines, dtype=torch.float16)
+
+    with pytest.raises(EngineError, match="purpose='training'"):
+        train_lora(generation_on_cuda, training_pairs, TrainingParams(steps=1), tmp_path / "x")
+
     assert list(tmp_path.iterdir()) == []
     assert not _has_lora_layers(pipelines.base.unet)
 

@@ -114,7 +114,7 @@ def test_the_heartbeat_thread_keeps_a_slow_job_alive(session, settings, monkeypa
     run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     seen_by_a_recovering_worker = []
 
-    def slow_model_load():
+    def slow_model_load(purpose):
         deadline = timezone.now() + timedelta(seconds=3)
         while timezone.now() < deadline:
             seen_by_a_recovering_worker.extend(services.training_runs_recover_lost())

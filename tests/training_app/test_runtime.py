@@ -4,14 +4,29 @@ import pytest
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
-from training_app import services
+from training_app import runtime, services
 from training_app.runtime import worker_pipelines
 
 pytestmark = pytest.mark.django_db
 
 
 def test_pipelines_stay_loaded_between_jobs():
-    assert worker_pipelines() is worker_pipelines()
+    assert worker_pipelines("generation") is worker_pipelines("generation")
+    assert worker_pipelines("training") is worker_pipelines("training")
+
+
+def test_training_workers_load_the_base_alone_and_generation_workers_both():
+    assert worker_pipelines("training").refiner is None
+    assert worker_pipelines("generation").refiner is not None
+
+
+def test_other_model_settings_release_the_loaded_pipelines(settings, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(settings.MODEL_CACHE_DIR / "inductor"))
+    first = worker_pipelines("training")
+    settings.SDXL_COMPILE = True
+
+    assert worker_pipelines("training") is not first
+    assert len(runtime._loaded) == 1  # the first is released, not kept beside it
 
 
 def test_compiled_pipelines_keep_their_compile_cache_with_the_models(settings, monkeypatch):
@@ -19,7 +34,7 @@ def test_compiled_pipelines_keep_their_compile_cache_with_the_models(settings, m
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
     settings.SDXL_COMPILE = True
 
-    pipelines = worker_pipelines()  # compiles lazily: nothing is compiled yet
+    pipelines = worker_pipelines("generation")  # compiles lazily: nothing is compiled yet
 
     assert pipelines.compiled and not pipelines.warmed_up
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(settings.MODEL_CACHE_DIR / "torch-compile")
