@@ -34,8 +34,10 @@ LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
 # throw the weights far.
 MAX_GRAD_NORM = 1.0
 METADATA_PREFIX = "sdxl_service."
-# Below this much free GPU memory, training recomputes activations instead of keeping them.
-LOW_MEMORY_BELOW_FREE_GIB = 28
+# Below this much free GPU memory (with the Base loaded), training recomputes activations
+# instead of keeping them: at 1024², batch 4, keeping them takes 19.1 GiB beyond the Base
+# (H100, bench/results/2026-11-27-h100-fp16/train-compiled.json), plus room to spare.
+LOW_MEMORY_BELOW_FREE_GIB = 22
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def _low_memory_mode(pipelines: Pipelines, enabled: bool) -> Iterator[Callable[[
 
 def needs_low_memory(device: torch.device) -> bool:
     """True when the GPU has too little free memory to train SDXL at 1024², batch 4, with
-    every activation kept (about 22 GiB beyond the loaded pipelines, measured on an H200)."""
+    every activation kept (see LOW_MEMORY_BELOW_FREE_GIB)."""
     if device.type != "cuda":
         return False
     free_bytes, _ = torch.cuda.mem_get_info(device)
