@@ -5,7 +5,7 @@ Full-size SDXL with random weights (SDXL_MODEL_PRESET=sdxl-random), as in
   1. one GPU (`serve --gpus 0`): /txt2img latency alone, then while a training run
      (1024², batch 4) trains on the same GPU;
   2. throughput of concurrent /txt2img requests with one GPU's workers (`--gpus 0`) and
-     with two GPUs' (`--gpus 0,1`), all on the same queues.
+     with two GPUs' (`--gpus 0,1`), all on the same queues (`--one-gpu`: not this part).
 
     python bench/gpu_workers_check.py --out results/
 """
@@ -13,7 +13,9 @@ Full-size SDXL with random weights (SDXL_MODEL_PRESET=sdxl-random), as in
 import argparse
 import json
 import statistics
+import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -52,6 +54,40 @@ def throughput(url: str, requests_count: int, workers: int) -> dict:
     }
 
 
+class GpuMemoryPeak:
+    """Polls nvidia-smi in a thread during a `with` block: the most memory GPU 0 had in use,
+    all processes together (both workers share the card)."""
+
+    def __init__(self, interval_s: float = 0.5):
+        self.interval_s, self.peak_mib, self.total_mib = interval_s, 0, 0
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            used, total = self._query()
+            self.peak_mib, self.total_mib = max(self.peak_mib, used), total
+            self._stop.wait(self.interval_s)
+
+    @staticmethod
+    def _query() -> tuple[int, int]:
+        output = subprocess.run(
+            ["nvidia-smi", "--id=0", "--query-gpu=memory.used,memory.total",
+             "--format=csv,noheader,nounits"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        used, total = (int(value) for value in output.split(","))
+        return used, total
+
+    def __enter__(self) -> "GpuMemoryPeak":
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -60,6 +96,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=40)
     parser.add_argument("--preset", default="sdxl-random", help="tiny: a CPU dry run")
     parser.add_argument("--size", type=int, default=1024)
+    parser.add_argument(
+        "--one-gpu", action="store_true", help="only part 1 (a machine with one GPU)"
+    )
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     BODY["height"] = BODY["width"] = args.size
@@ -73,14 +112,19 @@ def main() -> None:
             wait_for_generation_worker(url, BODY)
             results["one_gpu_txt2img_alone_s"] = [round(txt2img(url, s), 2) for s in range(3)]
             session = session_with_images(url, 4, args.size)
-            status, while_training = train_while_generating(
-                url,
-                {"session_id": session, "steps": args.train_steps, "resolution": args.size},
-                lambda index: txt2img(url, index),
-            )
+            with GpuMemoryPeak() as memory:
+                status, while_training = train_while_generating(
+                    url,
+                    {"session_id": session, "steps": args.train_steps, "resolution": args.size},
+                    lambda index: txt2img(url, index),
+                )
             results["one_gpu_txt2img_while_training_s"] = while_training
             results["training_status"] = status
+            results["gpu_memory_used_peak_mib_while_training"] = memory.peak_mib
+            results["gpu_memory_total_mib"] = memory.total_mib
             results["one_gpu_throughput"] = throughput(url, args.requests, 1)
+        if args.one_gpu:
+            return
         with running_service(env, args.out / "serve-2gpu.log", "--gpus", "0,1") as url:
             wait_for_generation_worker(url, BODY)
             results["two_gpu_throughput"] = throughput(url, args.requests, 2)
