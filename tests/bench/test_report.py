@@ -1,0 +1,106 @@
+"""bench/report.py: merging a benchmark run's part files into the results JSON."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+REPORT_PATH = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+# The keys the GPU-speed issue asks every results file to have.
+REQUIRED_KEYS = {
+    "card",
+    "gen_p50_s",
+    "gen_baseline_p50_s",
+    "gen_b4_p50_s",
+    "train_images_per_s",
+    "train_baseline_images_per_s",
+    "train_peak_gib",
+    "lora_switch_ms",
+    "cold_start_s",
+    "max_rel_error",
+}
+ENVIRONMENT = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "diffusers": "0.42.1"}
+
+
+@pytest.fixture
+def report():
+    spec = importlib.util.spec_from_file_location("bench_report", REPORT_PATH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.report
+
+
+def _write_parts(folder: Path, with_low_memory: bool) -> None:
+    folder.mkdir()
+    common = {**ENVIRONMENT, "date": "2026-11-27", "command": "python bench/benchmark.py"}
+    parts = {
+        "gen-compiled": {
+            **common,
+            "compile": True,
+            "load_s": 7.3,
+            "warm_up_s": 195.5,
+            "ours_b1": {"p50_s": 1.09, "p95_s": 1.1},
+            "ours_b4": {"p50_s": 4.95},
+            "baseline_b1": {"p50_s": 5.91, "p95_s": 7.49},
+            "baseline_b4": {"p50_s": 7.67},
+            "lora_switch_ms": 18.6,
+            "baseline_lora_load_ms": 978.0,
+            "ours_b1_without_lora_p50_s": 1.08,
+            "lora_cost_per_step_ms": 0.25,
+            "ours_lora_effect_rel": 0.05,
+            "max_rel_error": 0.00145,
+            "nan": False,
+        },
+        "train-compiled": {
+            **common,
+            "ours_images_per_s": 12.23,
+            "baseline_images_per_s": 4.28,
+            "ours_peak_gib": 25.18,
+            "baseline_peak_gib": 35.86,
+            "ours_tflops_per_s": 177.2,
+            "step_tflop": 57.95,
+        },
+        "cold": {
+            **common,
+            "compiled_warm_cache": {"first_image_s": 61.0},
+            "eager": {"first_image_s": 22.7},
+        },
+    }
+    if with_low_memory:
+        parts["train-low-memory"] = {
+            **common,
+            "ours_images_per_s": 4.04,
+            "ours_peak_gib": 9.77,
+            "ours_peak_reserved_gib": 11.28,
+            "memory_cap_gib": 15.0,
+        }
+    for name, figures in parts.items():
+        (folder / f"{name}.json").write_text(json.dumps(figures))
+
+
+def test_merged_file_has_the_required_keys_and_is_named_by_date_and_card(report, tmp_path):
+    _write_parts(tmp_path / "run", with_low_memory=False)
+
+    merged_path = report(tmp_path / "run")
+
+    assert merged_path == tmp_path / "2026-11-27-h100-80gb-hbm3.json"
+    merged = json.loads(merged_path.read_text())
+    assert REQUIRED_KEYS <= merged.keys()
+    assert (merged["gen_p50_s"], merged["gen_baseline_p50_s"]) == (1.09, 5.91)
+    assert merged["cold_start_s"] == 61.0
+    # No cold start from an empty cache in this run: the gen part's own compile stands in.
+    assert merged["cold_start_empty_cache_s"] == 202.8
+    assert "train_low_memory_peak_gib" not in merged
+
+
+def test_low_memory_part_is_merged_and_printed(report, tmp_path, capsys):
+    _write_parts(tmp_path / "run", with_low_memory=True)
+
+    merged = json.loads(report(tmp_path / "run", results_dir=tmp_path).read_text())
+
+    assert merged["train_low_memory_peak_gib"] == 9.77
+    assert merged["train_low_memory_cap_gib"] == 15.0
+    assert "4.04, 9.77 / 11.28" in capsys.readouterr().out
