@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -295,6 +296,24 @@ def test_training_compiled_pipelines_keeps_their_generation_graphs(
     graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     generate(compiled_pipelines, prompt="x", seed=1, height=native, width=native, steps=5)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+
+
+def test_low_memory_mode_trains_with_compiled_blocks(
+    compiled_pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    # A 16 GB card with SDXL_COMPILE: checkpointing recomputes the compiled blocks.
+    path = tmp_path / "lora.safetensors"
+
+    result = train_lora(
+        compiled_pipelines,
+        training_pairs,
+        TrainingParams(batch_size=2, steps=2, seed=5),
+        path,
+        low_memory=True,
+    )
+
+    assert path.is_file() and math.isfinite(result.final_loss)
+    assert not compiled_pipelines.base.unet.is_gradient_checkpointing
 
 
 def test_half_precision_lora_weights_are_updated_through_float32_masters() -> None:
