@@ -1,23 +1,38 @@
 """Merges one benchmark run's part files into the results JSON and prints the table.
 
-python bench/report.py bench/results/<run folder>   # writes bench/results/<date>-<card>.json
+    python bench/report.py bench/results/<run>     # writes bench/results/<date>-<card>.json
+    python bench/report.py bench/results/<run> --docs docs/benchmarks.md
+
+With --docs, the table (card, versions, date and command above it) also replaces what
+stands between the `<!-- benchmark-table:begin -->` and `<!-- benchmark-table:end -->`
+lines of that file.
 """
 
+import argparse
 import json
-import sys
+import os
 from pathlib import Path
 
+BEGIN_MARK = "<!-- benchmark-table:begin -->"
+END_MARK = "<!-- benchmark-table:end -->"
+# The GPU-speed issue's targets for one H100.
+GEN_P50_TARGET_S = 0.8
+TRAIN_TARGET_IMAGES_PER_S = 20
+TRAIN_PEAK_TARGET_GIB = 35e9 / 2**30  # 35 GB
+LORA_SWITCH_TARGET_MS = 30
+LORA_STEP_COST_TOLERANCE = 0.02  # a request with a LoRA at most 2% slower: run-to-run noise
+COLD_START_TARGET_S = 30
+REL_ERROR_TARGET = 1e-2
 
-def report(folder: Path, results_dir: Path | None = None) -> Path:
-    """Merge the part files under `folder` into `<results_dir>/<date>-<card>.json` (by
-    default beside `folder`), print the table, and return the merged file's path."""
+
+def merge(folder: Path) -> dict:
+    """The figures of the part files under `folder` (`gen*.json`, `train*.json`, `cold.json`)."""
     parts = {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
     gen = parts.get("gen-compiled") or parts["gen"]
     train = parts.get("train-compiled") or parts["train"]
     cold = parts["cold"]
-    card = gen["card"]
     summary = {
-        "card": card,
+        "card": gen["card"],
         "torch": gen["torch"],
         "diffusers": gen["diffusers"],
         "date": gen["date"],
@@ -35,6 +50,7 @@ def report(folder: Path, results_dir: Path | None = None) -> Path:
         "train_peak_gib": train["ours_peak_gib"],
         "train_baseline_peak_gib": train["baseline_peak_gib"],
         "train_tflops_per_s": train["ours_tflops_per_s"],
+        "train_baseline_tflops_per_s": train.get("baseline_tflops_per_s"),
         "train_step_tflop": train["step_tflop"],
         "lora_switch_ms": gen["lora_switch_ms"],
         "baseline_lora_load_ms": gen["baseline_lora_load_ms"],
@@ -59,72 +75,158 @@ def report(folder: Path, results_dir: Path | None = None) -> Path:
         summary["train_low_memory_peak_gib"] = low_memory["ours_peak_gib"]
         summary["train_low_memory_peak_reserved_gib"] = low_memory.get("ours_peak_reserved_gib")
         summary["train_low_memory_cap_gib"] = low_memory.get("memory_cap_gib")
-    slug = card.lower().replace("nvidia ", "").replace(" ", "-")
-    out = (results_dir or folder.parent) / f"{summary['date']}-{slug}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def table_rows(s: dict) -> list[tuple[str, str, str, str, str, str]]:
+    """(what, ours, plain diffusers, ratio, target, met) for each figure of the summary."""
+
+    def met(condition: bool) -> str:
+        return "yes" if condition else "no"
+
+    lora_slowdown = s["gen_p50_s"] / s["gen_b1_without_lora_p50_s"] - 1
     rows = [
         (
             "generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s",
-            f"{summary['gen_p50_s']} / {summary['gen_p95_s']}",
-            f"{summary['gen_baseline_p50_s']} / {summary['gen_baseline_p95_s']}",
-            f"{summary['gen_baseline_p50_s'] / summary['gen_p50_s']:.2f}x",
+            f"{s['gen_p50_s']} / {s['gen_p95_s']}",
+            f"{s['gen_baseline_p50_s']} / {s['gen_baseline_p95_s']}",
+            f"{s['gen_baseline_p50_s'] / s['gen_p50_s']:.2f}x",
+            f"<= {GEN_P50_TARGET_S} s p50",
+            met(s["gen_p50_s"] <= GEN_P50_TARGET_S),
         ),
         (
             "generation batch 4: p50 s",
-            summary["gen_b4_p50_s"],
-            summary["gen_b4_baseline_p50_s"],
-            f"{summary['gen_b4_baseline_p50_s'] / summary['gen_b4_p50_s']:.2f}x",
+            str(s["gen_b4_p50_s"]),
+            str(s["gen_b4_baseline_p50_s"]),
+            f"{s['gen_b4_baseline_p50_s'] / s['gen_b4_p50_s']:.2f}x",
+            "",
+            "",
         ),
         (
             "training 1024², batch 4, rank 4: images/s",
-            summary["train_images_per_s"],
-            summary["train_baseline_images_per_s"],
-            f"{summary['train_images_per_s'] / summary['train_baseline_images_per_s']:.2f}x",
+            str(s["train_images_per_s"]),
+            str(s["train_baseline_images_per_s"]),
+            f"{s['train_images_per_s'] / s['train_baseline_images_per_s']:.2f}x",
+            f">= {TRAIN_TARGET_IMAGES_PER_S}",
+            met(s["train_images_per_s"] >= TRAIN_TARGET_IMAGES_PER_S),
+        ),
+        (
+            "training: TFLOP/s achieved (torch.utils.flop_counter's count)",
+            str(s["train_tflops_per_s"]),
+            str(s["train_baseline_tflops_per_s"]),
+            "",
+            "",
+            "",
         ),
         (
             "training peak VRAM GiB",
-            summary["train_peak_gib"],
-            summary["train_baseline_peak_gib"],
+            str(s["train_peak_gib"]),
+            str(s["train_baseline_peak_gib"]),
             "",
+            f"<= {TRAIN_PEAK_TARGET_GIB:.1f} (35 GB)",
+            met(s["train_peak_gib"] <= TRAIN_PEAK_TARGET_GIB),
         ),
-        ("LoRA switch ms", summary["lora_switch_ms"], summary["baseline_lora_load_ms"], ""),
+        (
+            "LoRA switch ms",
+            str(s["lora_switch_ms"]),
+            str(s["baseline_lora_load_ms"]),
+            f"{s['baseline_lora_load_ms'] / s['lora_switch_ms']:.0f}x",
+            f"<= {LORA_SWITCH_TARGET_MS}",
+            met(s["lora_switch_ms"] <= LORA_SWITCH_TARGET_MS),
+        ),
         (
             "per-step cost of a LoRA applied, ms (batch 1 with minus without)",
-            summary["lora_cost_per_step_ms"],
+            f"{s['lora_cost_per_step_ms']} ({lora_slowdown:+.1%} per request)",
             "",
             "",
+            f"no slowdown (within {LORA_STEP_COST_TOLERANCE:.0%})",
+            met(lora_slowdown <= LORA_STEP_COST_TOLERANCE),
         ),
         (
             "worker start to first image s (warm cache / empty / eager)",
-            f"{summary['cold_start_s']} / {summary['cold_start_empty_cache_s']} / "
-            f"{summary['cold_start_eager_s']}",
+            f"{s['cold_start_s']} / {s['cold_start_empty_cache_s']} / {s['cold_start_eager_s']}",
             "",
             "",
+            f"<= {COLD_START_TARGET_S} warm",
+            met(s["cold_start_s"] <= COLD_START_TARGET_S),
         ),
         (
             "final latents, rel. error vs plain diffusers, same precision",
-            f"{summary['max_rel_error']:.4f}",
+            f"{s['max_rel_error']:.5f}" + (", NaN" if s["nan"] else ", no NaN"),
             "",
             "",
+            f"< {REL_ERROR_TARGET:g}",
+            met(s["max_rel_error"] < REL_ERROR_TARGET and not s["nan"]),
         ),
     ]
-    if "train_low_memory_peak_gib" in summary:
+    if "train_low_memory_peak_gib" in s:
+        cap = s["train_low_memory_cap_gib"]
         rows.append(
             (
                 "low-memory training: images/s, peak GiB (allocated / reserved)",
-                f"{summary['train_low_memory_images_per_s']}, "
-                f"{summary['train_low_memory_peak_gib']} / "
-                f"{summary['train_low_memory_peak_reserved_gib']}",
+                f"{s['train_low_memory_images_per_s']}, {s['train_low_memory_peak_gib']} / "
+                f"{s['train_low_memory_peak_reserved_gib']}",
                 "",
                 "",
+                f"fits {cap} GiB (16 GB card)" if cap else "",
+                met(s["train_low_memory_peak_reserved_gib"] <= cap) if cap else "",
             )
         )
-    print(f"{'what':60} {'ours':>24} {'plain diffusers':>16} {'ratio':>7}")
-    for what, ours, baseline, ratio in rows:
-        print(f"{what:60} {ours!s:>24} {baseline!s:>16} {ratio:>7}")
+    return rows
+
+
+def markdown(summary: dict) -> str:
+    """The table in Markdown, with what it was measured on and how."""
+    lines = [
+        f"{summary['card']}, torch {summary['torch']}, diffusers {summary['diffusers']}, "
+        f"{summary['date']}: `{summary['command']}`",
+        "",
+        "| what | ours | plain diffusers, same run | ratio | target | met? |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in table_rows(summary)]
+    return "\n".join(lines) + "\n"
+
+
+def replace_docs_block(docs: Path, text: str) -> None:
+    """Put `text` between the begin and end marks of `docs`, atomically."""
+    content = docs.read_text()
+    begin, end = content.find(BEGIN_MARK), content.find(END_MARK)
+    if begin < 0 or end < begin:
+        raise SystemExit(f"{docs} has no {BEGIN_MARK} ... {END_MARK} block")
+    content = content[: begin + len(BEGIN_MARK)] + "\n" + text + content[end:]
+    tmp = docs.with_name(docs.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, docs)
+
+
+def report(folder: Path, results_dir: Path | None = None, docs: Path | None = None) -> Path:
+    """Merge the part files under `folder` into `<results_dir>/<date>-<card>.json` (by
+    default beside `folder`), print the table, put it into `docs` if given, and return
+    the merged file's path."""
+    summary = merge(folder)
+    slug = summary["card"].lower().replace("nvidia ", "").replace(" ", "-")
+    out = (results_dir or folder.parent) / f"{summary['date']}-{slug}.json"
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    widths = (62, 24, 16, 7, 26, 4)
+    header = ("what", "ours", "plain diffusers", "ratio", "target", "met?")
+    for row in [header, *table_rows(summary)]:
+        cells = [f"{row[0]:<{widths[0]}}"]
+        cells += [f"{cell:>{width}}" for cell, width in zip(row[1:], widths[1:], strict=True)]
+        print(" ".join(cells))
     print(f"wrote {out}")
+    if docs is not None:
+        replace_docs_block(docs, markdown(summary))
+        print(f"updated the table in {docs}")
     return out
 
 
 if __name__ == "__main__":
-    report(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder", type=Path, help="a run's part files")
+    parser.add_argument("--docs", type=Path, help="a Markdown file with the table's marks")
+    arguments = parser.parse_args()
+    report(arguments.folder, docs=arguments.docs)

@@ -104,3 +104,39 @@ def test_low_memory_part_is_merged_and_printed(report, tmp_path, capsys):
     assert merged["train_low_memory_peak_gib"] == 9.77
     assert merged["train_low_memory_cap_gib"] == 15.0
     assert "4.04, 9.77 / 11.28" in capsys.readouterr().out
+
+
+def test_docs_table_is_replaced_between_its_marks_with_targets_judged(report, tmp_path):
+    _write_parts(tmp_path / "run", with_low_memory=True)
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(
+        "# Benchmarks\n\nintro\n<!-- benchmark-table:begin -->\nold table\n"
+        "<!-- benchmark-table:end -->\n\nnotes\n"
+    )
+
+    report(tmp_path / "run", docs=docs)
+
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nintro\n<!-- benchmark-table:begin -->\n")
+    assert text.endswith("<!-- benchmark-table:end -->\n\nnotes\n")
+    assert "old table" not in text
+    assert "NVIDIA H100 80GB HBM3, torch 2.11.0, diffusers 0.42.1, 2026-11-27" in text
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "|" in line}
+    assert rows["generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s"].endswith("| no |")
+    assert rows["LoRA switch ms"].endswith("| yes |")
+    assert rows["final latents, rel. error vs plain diffusers, same precision"].endswith("| yes |")
+    assert rows["low-memory training: images/s, peak GiB (allocated / reserved)"].endswith(
+        "| yes |"
+    )
+    assert [path.name for path in tmp_path.iterdir() if path.suffix == ".tmp"] == []
+
+
+def test_docs_without_the_marks_are_left_untouched(report, tmp_path):
+    _write_parts(tmp_path / "run", with_low_memory=False)
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n")
+
+    with pytest.raises(SystemExit, match="benchmark-table:begin"):
+        report(tmp_path / "run", docs=docs)
+
+    assert docs.read_text() == "# Benchmarks\n"
