@@ -31,6 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -83,6 +84,17 @@ def percentile(values: list[float], q: float) -> float:
 
 def relative_error(value: torch.Tensor, reference: torch.Tensor) -> float:
     return float((value - reference).norm() / reference.norm())
+
+
+def timed_requests(request: Callable[[int], object], runs: int) -> tuple[float, list[float]]:
+    """Seconds of a first call of `request(seed)`, which warms up (and may compile), and
+    of each of the `runs` calls after it; call i gets seed i."""
+    times = []
+    for seed in range(runs + 1):
+        start = sync_time()
+        request(seed)
+        times.append(sync_time() - start)
+    return times[0], times[1:]
 
 
 def summary(values: list[float]) -> dict:
@@ -250,22 +262,15 @@ def gen_ours(args, source):
         for name, seed in (("a", 1), ("b", 2))
     ]
 
-    def time_ours(num_images: int, runs: int) -> list[float]:
-        times = []
-        for index in range(runs + 1):  # the first run warms up (and compiles)
-            start = sync_time()
-            generate(
-                ours, prompt=PROMPT, num_images=num_images, seed=index, lora_path=loras[0], **GEN
-            )
-            elapsed = sync_time() - start
-            if index == 0:
-                results[f"ours_b{num_images}_first_s"] = round(elapsed, 2)
-            else:
-                times.append(elapsed)
-        return times
+    def ours_with_lora(num_images: int) -> Callable[[int], object]:
+        return lambda seed: generate(
+            ours, prompt=PROMPT, num_images=num_images, seed=seed, lora_path=loras[0], **GEN
+        )
 
-    results["ours_b1"] = summary(time_ours(1, args.runs))
-    results["ours_b4"] = summary(time_ours(4, max(3, args.runs // 2)))
+    for num_images, runs in ((1, args.runs), (4, max(3, args.runs // 2))):
+        first_s, times = timed_requests(ours_with_lora(num_images), runs)
+        results[f"ours_b{num_images}_first_s"] = round(first_s, 2)
+        results[f"ours_b{num_images}"] = summary(times)
 
     # LoRA switch: session A's LoRA to session B's, as between two requests.
     merger = ours.unet_lora
@@ -279,15 +284,10 @@ def gen_ours(args, source):
     results["lora_switch_ms"] = round(statistics.median(switches[2:]) * 1000, 2)
 
     # Per-step cost of having a LoRA applied: whole requests with and without one.
-    def time_plain(runs: int) -> list[float]:
-        times = []
-        for index in range(runs):
-            start = sync_time()
-            generate(ours, prompt=PROMPT, num_images=1, seed=index, **GEN)
-            times.append(sync_time() - start)
-        return times
-
-    plain = statistics.median(time_plain(args.runs))
+    _, times = timed_requests(
+        lambda seed: generate(ours, prompt=PROMPT, num_images=1, seed=seed, **GEN), args.runs
+    )
+    plain = statistics.median(times)
     results["ours_b1_without_lora_p50_s"] = round(plain, 4)
     results["lora_cost_per_step_ms"] = round(
         (results["ours_b1"]["p50_s"] - plain) / GEN["steps"] * 1000, 2
@@ -337,18 +337,12 @@ def baseline_timings(base, refiner, loras: list[Path], runs: int) -> dict:
     """Plain diffusers' requests at batch 1 and 4 with the first LoRA, and the time
     `load_lora_weights` takes for the second."""
 
-    def time_baseline(num_images: int, count: int) -> list[float]:
-        times = []
-        for index in range(count + 1):  # the first run warms up
-            start = sync_time()
-            baseline_generate(base, refiner, loras[0], num_images, index)
-            if index:
-                times.append(sync_time() - start)
-        return times
+    def baseline_requests(num_images: int) -> Callable[[int], object]:
+        return lambda seed: baseline_generate(base, refiner, loras[0], num_images, seed)
 
     results = {
-        "baseline_b1": summary(time_baseline(1, runs)),
-        "baseline_b4": summary(time_baseline(4, max(3, runs // 2))),
+        f"baseline_b{num_images}": summary(timed_requests(baseline_requests(num_images), count)[1])
+        for num_images, count in ((1, runs), (4, max(3, runs // 2)))
     }
     start = sync_time()
     base.load_lora_weights(str(loras[1]))

@@ -10,8 +10,12 @@ lines of that file.
 
 import argparse
 import json
-import os
+import sys
 from pathlib import Path
+from typing import NamedTuple
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from sdxl_engine.files import write_atomically  # noqa: E402
 
 BEGIN_MARK = "<!-- benchmark-table:begin -->"
 END_MARK = "<!-- benchmark-table:end -->"
@@ -78,98 +82,93 @@ def merge(folder: Path) -> dict:
     return summary
 
 
-def table_rows(s: dict) -> list[tuple[str, str, str, str, str, str]]:
-    """(what, ours, plain diffusers, ratio, target, met) for each figure of the summary."""
+class Row(NamedTuple):
+    what: str
+    ours: str
+    baseline: str = ""  # plain diffusers, same run
+    ratio: str = ""
+    target: str = ""
+    met: str = ""
+
+
+def table_rows(s: dict) -> list[Row]:
+    """A row for each figure of the summary."""
 
     def met(condition: bool) -> str:
         return "yes" if condition else "no"
 
     lora_slowdown = s["gen_p50_s"] / s["gen_b1_without_lora_p50_s"] - 1
     rows = [
-        (
+        Row(
             "generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s",
             f"{s['gen_p50_s']} / {s['gen_p95_s']}",
             f"{s['gen_baseline_p50_s']} / {s['gen_baseline_p95_s']}",
             f"{s['gen_baseline_p50_s'] / s['gen_p50_s']:.2f}x",
-            f"<= {GEN_P50_TARGET_S} s p50",
-            met(s["gen_p50_s"] <= GEN_P50_TARGET_S),
+            target=f"<= {GEN_P50_TARGET_S} s p50",
+            met=met(s["gen_p50_s"] <= GEN_P50_TARGET_S),
         ),
-        (
+        Row(
             "generation batch 4: p50 s",
             str(s["gen_b4_p50_s"]),
             str(s["gen_b4_baseline_p50_s"]),
             f"{s['gen_b4_baseline_p50_s'] / s['gen_b4_p50_s']:.2f}x",
-            "",
-            "",
         ),
-        (
+        Row(
             "training 1024², batch 4, rank 4: images/s",
             str(s["train_images_per_s"]),
             str(s["train_baseline_images_per_s"]),
             f"{s['train_images_per_s'] / s['train_baseline_images_per_s']:.2f}x",
-            f">= {TRAIN_TARGET_IMAGES_PER_S}",
-            met(s["train_images_per_s"] >= TRAIN_TARGET_IMAGES_PER_S),
+            target=f">= {TRAIN_TARGET_IMAGES_PER_S}",
+            met=met(s["train_images_per_s"] >= TRAIN_TARGET_IMAGES_PER_S),
         ),
-        (
+        Row(
             "training: TFLOP/s achieved (torch.utils.flop_counter's count)",
             str(s["train_tflops_per_s"]),
             str(s["train_baseline_tflops_per_s"]),
-            "",
-            "",
-            "",
         ),
-        (
+        Row(
             "training peak VRAM GiB",
             str(s["train_peak_gib"]),
             str(s["train_baseline_peak_gib"]),
-            "",
-            f"<= {TRAIN_PEAK_TARGET_GIB:.1f} (35 GB)",
-            met(s["train_peak_gib"] <= TRAIN_PEAK_TARGET_GIB),
+            target=f"<= {TRAIN_PEAK_TARGET_GIB:.1f} (35 GB)",
+            met=met(s["train_peak_gib"] <= TRAIN_PEAK_TARGET_GIB),
         ),
-        (
+        Row(
             "LoRA switch ms",
             str(s["lora_switch_ms"]),
             str(s["baseline_lora_load_ms"]),
             f"{s['baseline_lora_load_ms'] / s['lora_switch_ms']:.0f}x",
-            f"<= {LORA_SWITCH_TARGET_MS}",
-            met(s["lora_switch_ms"] <= LORA_SWITCH_TARGET_MS),
+            target=f"<= {LORA_SWITCH_TARGET_MS}",
+            met=met(s["lora_switch_ms"] <= LORA_SWITCH_TARGET_MS),
         ),
-        (
+        Row(
             "per-step cost of a LoRA applied, ms (batch 1 with minus without)",
             f"{s['lora_cost_per_step_ms']} ({lora_slowdown:+.1%} per request)",
-            "",
-            "",
-            f"no slowdown (within {LORA_STEP_COST_TOLERANCE:.0%})",
-            met(lora_slowdown <= LORA_STEP_COST_TOLERANCE),
+            target=f"no slowdown (within {LORA_STEP_COST_TOLERANCE:.0%})",
+            met=met(lora_slowdown <= LORA_STEP_COST_TOLERANCE),
         ),
-        (
+        Row(
             "worker start to first image s (warm cache / empty / eager)",
             f"{s['cold_start_s']} / {s['cold_start_empty_cache_s']} / {s['cold_start_eager_s']}",
-            "",
-            "",
-            f"<= {COLD_START_TARGET_S} warm",
-            met(s["cold_start_s"] <= COLD_START_TARGET_S),
+            target=f"<= {COLD_START_TARGET_S} warm",
+            met=met(s["cold_start_s"] <= COLD_START_TARGET_S),
         ),
-        (
+        Row(
             "final latents, rel. error vs plain diffusers, same precision",
             f"{s['max_rel_error']:.5f}" + (", NaN" if s["nan"] else ", no NaN"),
-            "",
-            "",
-            f"< {REL_ERROR_TARGET:g}",
-            met(s["max_rel_error"] < REL_ERROR_TARGET and not s["nan"]),
+            target=f"< {REL_ERROR_TARGET:g}",
+            met=met(s["max_rel_error"] < REL_ERROR_TARGET and not s["nan"]),
         ),
     ]
     if "train_low_memory_peak_gib" in s:
         cap = s["train_low_memory_cap_gib"]
         rows.append(
-            (
+            Row(
                 "low-memory training: images/s, peak GiB (allocated / reserved)",
                 f"{s['train_low_memory_images_per_s']}, {s['train_low_memory_peak_gib']} / "
                 f"{s['train_low_memory_peak_reserved_gib']}",
-                "",
-                "",
-                f"fits {cap} GiB (16 GB card)" if cap else "",
-                met(s["train_low_memory_peak_reserved_gib"] <= cap) if cap else "",
+                target=f"fits {cap} GiB (16 GB card)" if cap else "",
+                met=met(s["train_low_memory_peak_reserved_gib"] <= cap) if cap else "",
             )
         )
     return rows
@@ -195,12 +194,7 @@ def replace_docs_block(docs: Path, text: str) -> None:
     if begin < 0 or end < begin:
         raise SystemExit(f"{docs} has no {BEGIN_MARK} ... {END_MARK} block")
     content = content[: begin + len(BEGIN_MARK)] + "\n" + text + content[end:]
-    tmp = docs.with_name(docs.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(content)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, docs)
+    write_atomically(docs, lambda tmp_path: tmp_path.write_text(content))
 
 
 def report(folder: Path, results_dir: Path | None = None, docs: Path | None = None) -> Path:
@@ -210,7 +204,9 @@ def report(folder: Path, results_dir: Path | None = None, docs: Path | None = No
     summary = merge(folder)
     slug = summary["card"].lower().replace("nvidia ", "").replace(" ", "-")
     out = (results_dir or folder.parent) / f"{summary['date']}-{slug}.json"
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomically(
+        out, lambda tmp_path: tmp_path.write_text(json.dumps(summary, indent=2) + "\n")
+    )
     widths = (62, 24, 16, 7, 26, 4)
     header = ("what", "ours", "plain diffusers", "ratio", "target", "met?")
     for row in [header, *table_rows(summary)]:
