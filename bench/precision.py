@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from benchmark import (
@@ -39,7 +40,7 @@ from benchmark import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sdxl_engine.pipelines import load_pipelines
+from sdxl_engine.pipelines import HALF_PRECISION, load_pipelines
 
 SEED = 1234
 
@@ -92,10 +93,10 @@ def main() -> None:
         del base, refiner
         torch.cuda.empty_cache()
 
-        ours = load_pipelines(source)
-        for module in (ours.base.unet, ours.refiner.unet, ours.base.text_encoder):
-            module.to(dtype)
-        ours.base.text_encoder_2.to(dtype)
+        # The engine's generation pipelines, loaded straight into this precision (as the
+        # reference is) instead of cast from float16 afterwards.
+        with patch.dict(HALF_PRECISION, generation=dtype):
+            ours = load_pipelines(source)
         fast = latents_of(ours, seed=SEED, lora_path=lora)
         ours.unet_lora.merge(lora)
         ours_step = unet_output(ours.base.unet, inputs, kwargs)

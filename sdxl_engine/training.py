@@ -176,7 +176,7 @@ def _low_memory_mode(pipelines: Pipelines, enabled: bool) -> Iterator[Callable[[
     """
     base = pipelines.base
     encoders = (base.text_encoder, base.text_encoder_2, base.vae)
-    offload = enabled and pipelines.device != "cpu"
+    offload = pipelines.device != "cpu"  # on the CPU they are in CPU memory already
 
     def release_encoders() -> None:
         if offload:

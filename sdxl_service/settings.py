@@ -195,8 +195,9 @@ SDXL_REFINER_MODEL = env.str(
 # compile time at the generation worker's start (one image of the native size; other
 # shapes run eagerly).
 SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
-# Gradient checkpointing in training: "auto" turns it on when the GPU has too little free
-# memory to keep every activation (a 16-24 GB card), "on"/"off" force it.
+# Low-memory training (gradient checkpointing; text encoders and VAE in CPU memory while
+# the UNet trains): "auto" turns it on when the GPU has too little free memory to keep
+# every activation (a 16-24 GB card), "on"/"off" force it.
 SDXL_LOW_MEMORY = env.str("SDXL_LOW_MEMORY", default="auto")
 if SDXL_LOW_MEMORY not in ("auto", "on", "off"):
     raise ImproperlyConfigured("SDXL_LOW_MEMORY must be auto, on or off")
