@@ -18,7 +18,8 @@ def generate_task(generation_id: int) -> None:
 
 def warm_up_task(queue: str = "training") -> None:
     """Loads the worker's pipelines (and, for generation, compiles them) before the first
-    real job needs them."""
+    real job needs them. (Without `queue`: a warm-up queued by a training worker of an
+    earlier version, which passed none.)"""
     from training_app.runtime import generation_pipelines, worker_pipelines
 
     if queue == "generation":

@@ -4,7 +4,7 @@ import pytest
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
-from training_app import runtime, services
+from training_app import runtime, services, tasks
 from training_app.runtime import worker_pipelines
 
 pytestmark = pytest.mark.django_db
@@ -18,6 +18,17 @@ def test_pipelines_stay_loaded_between_jobs():
 def test_training_workers_load_the_base_alone_and_generation_workers_both():
     assert worker_pipelines("training").refiner is None
     assert worker_pipelines("generation").refiner is not None
+
+
+@pytest.mark.parametrize(("queue", "has_refiner"), [("training", False), ("generation", True)])
+def test_warm_up_loads_what_the_workers_queue_needs(queue, has_refiner, monkeypatch):
+    monkeypatch.setattr(runtime, "_loaded", {})  # nothing loaded yet, as in a new worker
+
+    tasks.warm_up_task(queue)
+
+    assert [pipelines.refiner is not None for pipelines in runtime._loaded.values()] == [
+        has_refiner
+    ]
 
 
 def test_other_model_settings_release_the_loaded_pipelines(settings, monkeypatch):
