@@ -26,6 +26,7 @@ from safetensors.torch import save as safetensors_bytes
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
+from sdxl_engine.parameters import TrainingParams
 from sdxl_engine.pipelines import Pipelines
 
 ADAPTER_NAME = "sdxl_service_training"
@@ -38,17 +39,6 @@ METADATA_PREFIX = "sdxl_service."
 # instead of keeping them: at 1024², batch 4, keeping them takes 19.1 GiB beyond the Base
 # (H100, bench/results/2026-11-27-h100-fp16/train-compiled.json), plus room to spare.
 LOW_MEMORY_BELOW_FREE_GIB = 22
-
-
-@dataclass(frozen=True)
-class TrainingParams:
-    batch_size: int = 4
-    epochs: int = 1
-    steps: int | None = None  # overrides epochs when set
-    learning_rate: float = 1e-4
-    rank: int = 4
-    resolution: int | None = None  # None: the model's native size (1024 for SDXL)
-    seed: int | None = None  # None: a random seed, recorded in the file's metadata
 
 
 @dataclass(frozen=True)

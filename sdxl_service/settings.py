@@ -64,6 +64,7 @@ INSTALLED_APPS = [
     "access_app",
     "sessions_app",
     "training_app",
+    "datadir_app",
 ]
 
 MIDDLEWARE = [
@@ -144,11 +145,11 @@ SDXL_API_TOKENS = [token for token in env.list("SDXL_API_TOKENS", default=[]) if
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["sdxl_service.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["sdxl_service.api.parsers.JSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": ["access_app.authentication.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
     "UNAUTHENTICATED_USER": None,
-    "EXCEPTION_HANDLER": "sdxl_service.errors.api_exception_handler",
+    "EXCEPTION_HANDLER": "sdxl_service.api.errors.api_exception_handler",
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
 }
 
@@ -165,7 +166,7 @@ SPECTACULAR_SETTINGS = {
     ),
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
-    "PREPROCESSING_HOOKS": ["sdxl_service.api.schema_without_slashed_duplicates"],
+    "PREPROCESSING_HOOKS": ["sdxl_service.api.schema.schema_without_slashed_duplicates"],
     # Each response's "status" is one constant; name each enum after it.
     "ENUM_NAME_OVERRIDES": {
         f"{name}StatusEnum": [value]

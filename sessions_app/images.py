@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from django.conf import settings
 from PIL import Image, UnidentifiedImageError
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 
 # Pillow format name -> file extension written to disk.
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp"}

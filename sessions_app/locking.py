@@ -11,7 +11,7 @@ from contextlib import contextmanager
 
 from django.db import transaction
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from sessions_app.models import Session
 
 

@@ -2,7 +2,7 @@
 
 from django.db.models import Count, QuerySet
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from sessions_app.models import Session
 
 

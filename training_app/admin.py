@@ -7,8 +7,8 @@ from django.utils.html import format_html, format_html_join
 
 from sessions_app import storage
 from sessions_app.admin import ReadOnlyAdmin, file_response
-from training_app.generations import generations_dir
 from training_app.models import Generation, LoraArtifact, TrainingRun, WorkerHeartbeat
+from training_app.services.generations import generations_dir
 
 
 @admin.register(LoraArtifact)

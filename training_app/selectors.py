@@ -6,7 +6,7 @@ from django.conf import settings
 from django.db.models import Max, OuterRef, Subquery
 from django.utils import timezone
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from training_app.models import LoraArtifact, TrainingRun, WorkerHeartbeat
 
 LORA_NOT_FOUND = "Requested LoRA not found"

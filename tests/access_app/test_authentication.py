@@ -6,7 +6,7 @@ from rest_framework.test import APIClient
 from access_app import services
 from access_app.models import ApiToken
 from sessions_app.models import Session
-from tests.sessions_app.test_views import assert_error
+from tests.sdxl_service.api.test_session_views import assert_error
 
 pytestmark = pytest.mark.django_db
 

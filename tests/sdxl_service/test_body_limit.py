@@ -6,7 +6,7 @@ from rest_framework.test import APIClient
 from sessions_app import services as session_services
 from sessions_app.models import ImageGroup, Session
 from tests.helpers import b64, image_bytes
-from tests.sessions_app.test_views import assert_error
+from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, LoraArtifact, TrainingRun
 
 pytestmark = pytest.mark.django_db

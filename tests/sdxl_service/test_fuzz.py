@@ -16,8 +16,8 @@ from rest_framework.test import APIClient
 
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes, lora_bytes, png_bomb
-from training_app import services as training_services
 from training_app.models import WorkerHeartbeat
+from training_app.services import loras as lora_services
 
 pytestmark = pytest.mark.django_db
 
@@ -199,7 +199,7 @@ def sessions(settings) -> list[int]:
     for _ in range(3):
         full = session_services.session_create()
         session_services.session_image_add(full.pk, image_bytes(), "a red square")
-        training_services.lora_upload(full.pk, lora_bytes(), None)
+        lora_services.lora_upload(full.pk, lora_bytes(), None)
         ids.append(full.pk)
     return [*ids, session_services.session_create().pk, 999_999]
 

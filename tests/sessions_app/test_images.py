@@ -7,7 +7,7 @@ import sys
 import pytest
 from PIL import ImageFile
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from sessions_app.images import check_image
 from tests.helpers import image_bytes, png_bomb
 from tests.processes import REPO
@@ -43,7 +43,7 @@ def test_bomb_check_keeps_memory_bounded(bomb, tmp_path):
     code = (
         "import resource, sys, django; django.setup()\n"
         "from sessions_app.images import check_image\n"
-        "from sdxl_service.errors import ServiceError\n"
+        "from core.errors import ServiceError\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "try:\n    check_image(data)\nexcept ServiceError as error:\n    print(error.message)\n"

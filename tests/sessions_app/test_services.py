@@ -1,6 +1,6 @@
 import pytest
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from sessions_app import services, storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from tests.helpers import image_bytes

@@ -4,8 +4,8 @@ from django.urls import reverse
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes
-from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -14,8 +14,8 @@ pytestmark = pytest.mark.django_db
 def trained():
     session = session_services.session_create()
     session_services.session_image_add(session.pk, image_bytes(), "a red square")
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
     return LoraArtifact.objects.get()
 
 

@@ -13,8 +13,8 @@ from sdxl_engine.files import replace_with_retry
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, lora_bytes
-from training_app import services
 from training_app.models import TrainingRun
+from training_app.services import loras as lora_services
 
 SESSIONS = 5
 
@@ -58,15 +58,15 @@ def test_get_lora_while_a_new_one_is_written_returns_a_whole_file(live_server, m
     then the new one, each whole (its bytes hash to the sha256 it is served with)."""
     session = session_services.session_create()
     old, new = lora_bytes(seed=1), lora_bytes(seed=2)
-    services.lora_upload(session.pk, old, None)
+    lora_services.lora_upload(session.pk, old, None)
     expected = {"lora_1.safetensors": old, "lora_2.safetensors": new}
 
     def slow_replace(source, target):
         time.sleep(WRITE_SECONDS)
         replace_with_retry(source, target)
 
-    monkeypatch.setattr(services, "replace_with_retry", slow_replace)
-    writing = threading.Thread(target=services.lora_upload, args=(session.pk, new, None))
+    monkeypatch.setattr(lora_services, "replace_with_retry", slow_replace)
+    writing = threading.Thread(target=lora_services.lora_upload, args=(session.pk, new, None))
     served = []
 
     def read_until_new() -> None:

@@ -6,12 +6,13 @@ import pytest
 from django.utils import timezone
 from PIL import Image
 
-from sdxl_service.errors import ServiceError
+from core.errors import ServiceError
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
-from training_app import generations, services
-from training_app.generations import GenerationRequest
 from training_app.models import Generation
+from training_app.services import generations
+from training_app.services import runs as run_services
+from training_app.services.generations import GenerationRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -53,8 +54,8 @@ def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
 def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
     session = session_services.session_create()
     session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64)), "red")
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
     generation = generations.generation_request(
         GenerationRequest(
             prompt="a red apple, studio light",
@@ -97,10 +98,10 @@ def test_same_seed_same_image_and_lora_changes_it(generation_worker):
     session = session_services.session_create()
     for color in ("red", "blue"):
         session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64), color), color)
-    run = services.training_run_start(
+    run = run_services.training_run_start(
         session.pk, {"steps": 3, "resolution": 64, "learning_rate": 0.05, "seed": 3}
     )
-    services.training_run_execute(run.pk)
+    run_services.training_run_execute(run.pk)
 
     def png(**extra) -> bytes:
         generation = generations.generation_request(

@@ -11,10 +11,14 @@ from django_q.brokers import get_broker
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
-from training_app import services
-from training_app.generations import GenerationRequest, generation_request, generations_redeliver
 from training_app.models import Generation, TrainingRun
-from training_app.services import training_runs_redeliver
+from training_app.services import runs as run_services
+from training_app.services.generations import (
+    GenerationRequest,
+    generation_request,
+    generations_redeliver,
+)
+from training_app.services.runs import training_runs_redeliver
 
 pytestmark = pytest.mark.django_db
 
@@ -35,7 +39,7 @@ def _session():
 
 def _queued_run(django_capture_on_commit_callbacks, waited_s: float) -> TrainingRun:
     with django_capture_on_commit_callbacks(execute=True):
-        run = services.training_run_start(_session().pk, {"steps": 1})
+        run = run_services.training_run_start(_session().pk, {"steps": 1})
     TrainingRun.objects.filter(pk=run.pk).update(
         created_at=timezone.now() - timedelta(seconds=waited_s)
     )

@@ -10,8 +10,8 @@ from sdxl_engine.errors import EngineError
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes
-from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -27,7 +27,7 @@ def session(settings):
 
 
 def _running_run(session, beat_seconds_ago: float) -> TrainingRun:
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     beat = timezone.now() - timedelta(seconds=beat_seconds_ago)
     TrainingRun.objects.filter(pk=run.pk).update(
         status="running", stage="training", started_at=beat, heartbeat_at=beat
@@ -46,19 +46,19 @@ def _temporary_files(session, run) -> list:
 def test_a_run_whose_heartbeat_went_stale_ends_as_lost_and_its_files_go(session):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S + 1)
     temporary = _temporary_files(session, run)
-    assert services.training_runs_recover_lost() == [run.pk]
+    assert run_services.training_runs_recover_lost() == [run.pk]
     run.refresh_from_db()
-    assert run.status == "error" and run.error_message == services.WORKER_LOST_MESSAGE
+    assert run.status == "error" and run.error_message == run_services.WORKER_LOST_MESSAGE
     assert run.finished_at is not None
     assert not any(path.exists() for path in temporary)
     assert sorted(p.name for p in storage.session_dir(session.pk).iterdir()) == ["0"]
-    assert services.training_runs_recover_lost() == []  # once
+    assert run_services.training_runs_recover_lost() == []  # once
 
 
 def test_a_run_with_a_fresh_heartbeat_is_left_alone(session):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S - 5)
     temporary = _temporary_files(session, run)
-    assert services.training_runs_recover_lost() == []
+    assert run_services.training_runs_recover_lost() == []
     run.refresh_from_db()
     assert run.status == "running"
     assert all(path.exists() for path in temporary)
@@ -68,30 +68,30 @@ def test_a_run_with_a_fresh_heartbeat_is_left_alone(session):
 def test_runs_not_running_are_left_alone(session, status):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S * 10)
     TrainingRun.objects.filter(pk=run.pk).update(status=status)
-    assert services.training_runs_recover_lost() == []
+    assert run_services.training_runs_recover_lost() == []
     assert TrainingRun.objects.get(pk=run.pk).status == status
 
 
 def test_starting_again_ends_a_lost_run_of_that_session_first(session):
     lost = _running_run(session, beat_seconds_ago=STALE_AFTER_S + 1)
-    again = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    again = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     assert TrainingRun.objects.get(pk=lost.pk).status == "error"
     assert again.status == "queued"
 
 
 def test_a_live_run_still_blocks_a_second_start(session):
     _running_run(session, beat_seconds_ago=1)
-    with pytest.raises(services.ServiceError) as error:
-        services.training_run_start(session.pk, {})
+    with pytest.raises(run_services.ServiceError) as error:
+        run_services.training_run_start(session.pk, {})
     assert error.value.status == 409
 
 
 def test_a_lost_run_redelivered_does_nothing(session):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S + 1)
-    services.training_runs_recover_lost()
-    services.training_run_execute(run.pk)  # the broker delivers it again
+    run_services.training_runs_recover_lost()
+    run_services.training_run_execute(run.pk)  # the broker delivers it again
     run.refresh_from_db()
-    assert run.status == "error" and run.error_message == services.WORKER_LOST_MESSAGE
+    assert run.status == "error" and run.error_message == run_services.WORKER_LOST_MESSAGE
     assert not LoraArtifact.objects.exists()
     assert sorted(p.name for p in storage.session_dir(session.pk).iterdir()) == ["0"]
 
@@ -111,17 +111,17 @@ def test_the_heartbeat_thread_keeps_a_slow_job_alive(session, settings, monkeypa
     Committed rows (transaction=True): the heartbeat thread writes on a connection of its own.
     """
     settings.SDXL_RUN_STALE_AFTER = 1.2  # a beat every 0.3 s
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     seen_by_a_recovering_worker = []
 
     def slow_model_load(purpose):
         deadline = timezone.now() + timedelta(seconds=3)
         while timezone.now() < deadline:
-            seen_by_a_recovering_worker.extend(services.training_runs_recover_lost())
+            seen_by_a_recovering_worker.extend(run_services.training_runs_recover_lost())
         raise EngineError("stopped after loading, for the test")
 
     monkeypatch.setattr("training_app.runtime.worker_pipelines", slow_model_load)
-    services.training_run_execute(run.pk)
+    run_services.training_run_execute(run.pk)
     run.refresh_from_db()
     assert seen_by_a_recovering_worker == []
     assert run.status == "error" and run.error_message == "stopped after loading, for the test"

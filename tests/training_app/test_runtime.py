@@ -4,8 +4,9 @@ import pytest
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
-from training_app import runtime, services, tasks
+from training_app import runtime, tasks
 from training_app.runtime import worker_pipelines
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -56,8 +57,8 @@ def test_missing_real_weights_fail_the_job_with_what_to_set(settings, tmp_path):
     settings.SDXL_BASE_MODEL = str(tmp_path / "no-such-model")
     session = session_services.session_create()
     session_services.session_image_add(session.pk, image_bytes(), "x")
-    run = services.training_run_start(session.pk, {"steps": 1})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, {"steps": 1})
+    run_services.training_run_execute(run.pk)
     run.refresh_from_db()
     assert run.status == "error"
     assert "SDXL_BASE_MODEL" in run.error_message

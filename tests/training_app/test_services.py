@@ -6,14 +6,15 @@ import torch
 from django_q.brokers import get_broker
 from safetensors import safe_open
 
+from core.errors import ServiceError
 from sdxl_engine.files import sha256_file
-from sdxl_service.errors import ServiceError
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, lora_bytes
-from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import lora_get, training_status
+from training_app.services import loras as lora_services
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -31,7 +32,7 @@ def session_with_images():
 def test_start_needs_captioned_images():
     session = session_services.session_create()
     with pytest.raises(ServiceError, match="no images with captions"):
-        services.training_run_start(session.pk, {})
+        run_services.training_run_start(session.pk, {})
     assert not TrainingRun.objects.exists()
 
 
@@ -42,7 +43,7 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
     broker = get_broker(settings.TRAINING_QUEUE)
     try:
         with django_capture_on_commit_callbacks(execute=True):
-            run = services.training_run_start(session_with_images.pk, {"steps": 3})
+            run = run_services.training_run_start(session_with_images.pk, {"steps": 3})
         assert broker.queue_size() == 1
     finally:
         broker.delete_queue()
@@ -62,16 +63,16 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
 
 
 def test_second_start_while_active_is_409(session_with_images):
-    services.training_run_start(session_with_images.pk, {})
+    run_services.training_run_start(session_with_images.pk, {})
     with pytest.raises(ServiceError) as error:
-        services.training_run_start(session_with_images.pk, {})
+        run_services.training_run_start(session_with_images.pk, {})
     assert error.value.status == 409
     assert TrainingRun.objects.count() == 1
 
 
 def test_execute_trains_and_stores_lora_1(session_with_images):
-    run = services.training_run_start(session_with_images.pk, FAST)
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session_with_images.pk, FAST)
+    run_services.training_run_execute(run.pk)
     run.refresh_from_db()
     assert (run.status, run.progress, run.step, run.total_steps) == ("completed", 100, 2, 2)
     artifact = LoraArtifact.objects.get()
@@ -95,18 +96,18 @@ def test_execute_trains_and_stores_lora_1(session_with_images):
 
 
 def test_execute_twice_trains_once(session_with_images):
-    run = services.training_run_start(session_with_images.pk, FAST)
-    services.training_run_execute(run.pk)
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session_with_images.pk, FAST)
+    run_services.training_run_execute(run.pk)
+    run_services.training_run_execute(run.pk)
     assert LoraArtifact.objects.count() == 1
 
 
 def test_engine_failure_ends_in_error_without_artifact(session_with_images):
-    run = services.training_run_start(session_with_images.pk, FAST)
+    run = run_services.training_run_start(session_with_images.pk, FAST)
     # Captions removed after the run was queued: the engine has nothing to train on.
     for caption in storage.session_dir(session_with_images.pk).glob("*/0.txt"):
         caption.unlink()
-    services.training_run_execute(run.pk)
+    run_services.training_run_execute(run.pk)
     run.refresh_from_db()
     assert run.status == "error" and "no training images" in run.error_message
     assert training_status(session_with_images.pk)["status"] == "error"
@@ -114,27 +115,27 @@ def test_engine_failure_ends_in_error_without_artifact(session_with_images):
     assert not list(storage.session_dir(session_with_images.pk).glob("*.safetensors*"))
     # Once it has captioned images again, the session can train again.
     (storage.session_dir(session_with_images.pk) / "0" / "0.txt").write_text("red")
-    services.training_run_start(session_with_images.pk, FAST)
+    run_services.training_run_start(session_with_images.pk, FAST)
 
 
 def test_lora_numbers_count_up_and_skip_files_dropped_in_by_hand(session_with_images, tmp_path):
     lora = _trained_lora(session_with_images)
     folder = storage.session_dir(session_with_images.pk)
     (folder / "lora_2.safetensors").write_bytes(lora)  # an operator's file
-    artifact = services.lora_upload(session_with_images.pk, lora, None)
+    artifact = lora_services.lora_upload(session_with_images.pk, lora, None)
     assert (artifact.number, artifact.filename) == (3, "lora_3.safetensors")
     assert (folder / "lora_3.safetensors").read_bytes() == lora
 
 
 def test_upload_with_filename_and_name_taken_is_409(session_with_images):
     lora = _trained_lora(session_with_images)
-    artifact = services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
+    artifact = lora_services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
     assert artifact.filename == "my_lora.safetensors" and artifact.number == 2
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, b"other bytes", "my_lora.safetensors")
+        lora_services.lora_upload(session_with_images.pk, b"other bytes", "my_lora.safetensors")
     assert error.value.status in (400, 409)
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
+        lora_services.lora_upload(session_with_images.pk, lora, "my_lora.safetensors")
     assert error.value.status == 409
     path = storage.session_dir(session_with_images.pk) / "my_lora.safetensors"
     assert path.read_bytes() == lora
@@ -169,7 +170,7 @@ def test_upload_with_filename_and_name_taken_is_409(session_with_images):
 def test_upload_refuses_unsafe_names_and_writes_nothing(session_with_images, filename, tmp_path):
     before = _tree(tmp_path)
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, lora_bytes(), filename)
+        lora_services.lora_upload(session_with_images.pk, lora_bytes(), filename)
     assert error.value.status == 400 and "plain file name" in error.value.message
     assert _tree(tmp_path) == before  # nothing anywhere: not in the session, not beside it
     assert not LoraArtifact.objects.exists()
@@ -179,7 +180,7 @@ def test_upload_of_non_safetensors_bytes_is_400_and_leaves_nothing(session_with_
     folder = storage.session_dir(session_with_images.pk)
     before = sorted(p.name for p in folder.iterdir())
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, b"\x80\x04 pickle-ish bytes", None)
+        lora_services.lora_upload(session_with_images.pk, b"\x80\x04 pickle-ish bytes", None)
     assert error.value.status == 400
     assert sorted(p.name for p in folder.iterdir()) == before
     assert not LoraArtifact.objects.exists()
@@ -188,8 +189,8 @@ def test_upload_of_non_safetensors_bytes_is_400_and_leaves_nothing(session_with_
 
 
 def _trained_lora(session) -> bytes:
-    run = services.training_run_start(session.pk, FAST)
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, FAST)
+    run_services.training_run_execute(run.pk)
     return (storage.session_dir(session.pk) / "lora_1.safetensors").read_bytes()
 
 
@@ -226,8 +227,8 @@ def test_status_shows_each_stage_step_loss_and_eta(session_with_images, engine_e
     engine_events.append(
         lambda event: seen.append((event, training_status(session_with_images.pk)))
     )
-    run = services.training_run_start(session_with_images.pk, {**FAST, "steps": 3})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session_with_images.pk, {**FAST, "steps": 3})
+    run_services.training_run_execute(run.pk)
 
     stages = [status["stage"] for event, status in seen if event[0] == "stage"]
     assert stages == ["caching", "training", "saving"]
@@ -242,17 +243,17 @@ def test_status_shows_each_stage_step_loss_and_eta(session_with_images, engine_e
 
 
 def test_cancel_of_a_queued_run_means_it_never_runs(session_with_images):
-    run = services.training_run_start(session_with_images.pk, FAST)
-    cancelled = services.training_run_cancel(session_with_images.pk)
+    run = run_services.training_run_start(session_with_images.pk, FAST)
+    cancelled = run_services.training_run_cancel(session_with_images.pk)
     assert cancelled.pk == run.pk
-    services.training_run_execute(run.pk)  # the queued task arrives anyway
+    run_services.training_run_execute(run.pk)  # the queued task arrives anyway
     assert training_status(session_with_images.pk) == {
         "status": "error",
         "message": "training was cancelled",
     }
     assert not LoraArtifact.objects.exists()
     # Nothing active any more: the session can train again.
-    services.training_run_start(session_with_images.pk, FAST)
+    run_services.training_run_start(session_with_images.pk, FAST)
 
 
 def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, engine_events):
@@ -262,11 +263,11 @@ def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, e
         if event[0] == "step":
             steps_done.append(event[1])
         if event == ("step", 2):
-            services.training_run_cancel(session_with_images.pk)
+            run_services.training_run_cancel(session_with_images.pk)
 
     engine_events.append(cancel_after_step_2)
-    run = services.training_run_start(session_with_images.pk, {**FAST, "steps": 20})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session_with_images.pk, {**FAST, "steps": 20})
+    run_services.training_run_execute(run.pk)
 
     assert steps_done == [1, 2, 3]  # the step under way when it was cancelled, no more
     run.refresh_from_db()
@@ -278,10 +279,10 @@ def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, e
 
 def test_cancel_without_an_active_run_is_409_and_unknown_session_404(session_with_images):
     with pytest.raises(ServiceError) as error:
-        services.training_run_cancel(session_with_images.pk)
+        run_services.training_run_cancel(session_with_images.pk)
     assert error.value.status == 409
     with pytest.raises(ServiceError) as error:
-        services.training_run_cancel(999_999)
+        run_services.training_run_cancel(999_999)
     assert error.value.status == 404
 
 
@@ -295,7 +296,7 @@ def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
     kohya = kohya_lora_bytes(trained_path, base_model="x")
     assert all(key.startswith("lora_unet_") for key in load(kohya))
 
-    artifact = services.lora_upload(session_with_images.pk, kohya, "from_a1111.safetensors")
+    artifact = lora_services.lora_upload(session_with_images.pk, kohya, "from_a1111.safetensors")
 
     stored_path = storage.session_dir(session_with_images.pk) / "from_a1111.safetensors"
     stored = load(stored_path.read_bytes())
@@ -304,13 +305,13 @@ def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
     assert artifact.sha256 == sha256_file(stored_path)
     assert artifact.metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     # Read back as kohya, it is the same adapter again.
-    assert load(services.lora_read(artifact, "kohya")).keys() == load(kohya).keys()
+    assert load(lora_services.lora_read(artifact, "kohya")).keys() == load(kohya).keys()
 
 
 def test_canonical_upload_is_stored_byte_for_byte(session_with_images):
     lora = _trained_lora(session_with_images)
-    artifact = services.lora_upload(session_with_images.pk, lora, None)
-    assert services.lora_read(artifact) == lora
+    artifact = lora_services.lora_upload(session_with_images.pk, lora, None)
+    assert lora_services.lora_read(artifact) == lora
 
 
 def _tree(root) -> list[str]:
@@ -339,7 +340,7 @@ def test_upload_of_a_pickle_is_refused_without_unpickling(session_with_images, d
     before = _tree(data_dir)
     for data in (pickle.dumps(Payload()), pickle.dumps({"unet.x.to_q.lora.down.weight": [0.0]})):
         with pytest.raises(ServiceError) as error:
-            services.lora_upload(session_with_images.pk, data, None)
+            lora_services.lora_upload(session_with_images.pk, data, None)
         assert error.value.status == 400
         assert "is not a readable safetensors file" in error.value.message
     assert not marker.exists()
@@ -357,8 +358,8 @@ def test_upload_never_calls_an_unpickler(session_with_images, monkeypatch):
     for module, name in [(torch, "load"), (pickle, "load"), (pickle, "loads")]:
         monkeypatch.setattr(module, name, forbidden)
     with pytest.raises(ServiceError):
-        services.lora_upload(session_with_images.pk, pickle.dumps([1, 2, 3]), None)
-    assert services.lora_upload(session_with_images.pk, lora_bytes(), None).number == 1
+        lora_services.lora_upload(session_with_images.pk, pickle.dumps([1, 2, 3]), None)
+    assert lora_services.lora_upload(session_with_images.pk, lora_bytes(), None).number == 1
 
 
 @pytest.mark.parametrize(
@@ -388,7 +389,7 @@ def test_upload_of_no_lora_for_this_model_is_400_naming_the_problem(
 ):
     before = _tree(data_dir)
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, data, "named.safetensors")
+        lora_services.lora_upload(session_with_images.pk, data, "named.safetensors")
     assert error.value.status == 400
     assert error.value.message.startswith("lora_base64 is not a usable LoRA file")
     assert problem in error.value.message
@@ -397,13 +398,13 @@ def test_upload_of_no_lora_for_this_model_is_400_naming_the_problem(
 
 def test_upload_of_a_taken_name_is_409_and_the_old_file_is_untouched(session_with_images):
     first, second = lora_bytes(seed=1), lora_bytes(seed=2)
-    services.lora_upload(session_with_images.pk, first, "mine.safetensors")
+    lora_services.lora_upload(session_with_images.pk, first, "mine.safetensors")
     path = storage.session_dir(session_with_images.pk) / "mine.safetensors"
     # Also a file that an operator dropped in by hand, with no row.
     (path.parent / "by_hand.safetensors").write_bytes(b"operator's")
     for name in ("mine.safetensors", "by_hand.safetensors"):
         with pytest.raises(ServiceError) as error:
-            services.lora_upload(session_with_images.pk, second, name)
+            lora_services.lora_upload(session_with_images.pk, second, name)
         assert error.value.status == 409
     assert path.read_bytes() == first
     assert (path.parent / "by_hand.safetensors").read_bytes() == b"operator's"
@@ -414,16 +415,16 @@ def test_upload_to_a_session_deleted_meanwhile_is_404_and_recreates_nothing(
     session_with_images, monkeypatch, django_capture_on_commit_callbacks
 ):
     folder = storage.session_dir(session_with_images.pk)
-    real_check = services._check_lora_fits_the_model
+    real_check = lora_services._check_lora_fits_the_model
 
     def delete_while_checking(path):
         real_check(path)
         session_services.session_delete(session_with_images.pk)
 
-    monkeypatch.setattr(services, "_check_lora_fits_the_model", delete_while_checking)
+    monkeypatch.setattr(lora_services, "_check_lora_fits_the_model", delete_while_checking)
     with django_capture_on_commit_callbacks(execute=True):
         with pytest.raises(ServiceError) as error:
-            services.lora_upload(session_with_images.pk, lora_bytes(), None)
+            lora_services.lora_upload(session_with_images.pk, lora_bytes(), None)
     assert error.value.status == 404
     assert not folder.exists()
     assert [p.name for p in folder.parent.iterdir()] == [".staging"]
@@ -457,14 +458,14 @@ def _truncate_then_replace(source, target):
 def test_upload_store_fault_leaves_the_old_lora_and_no_new_one(
     session_with_images, data_dir, monkeypatch, fault, message
 ):
-    old = services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
+    old = lora_services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
     old_path = storage.session_dir(session_with_images.pk) / old.filename
     old_bytes = old_path.read_bytes()
     before = _tree(data_dir)
-    monkeypatch.setattr(services, "replace_with_retry", fault)
+    monkeypatch.setattr(lora_services, "replace_with_retry", fault)
 
     with pytest.raises(ServiceError) as error:
-        services.lora_upload(session_with_images.pk, lora_bytes(seed=2), None)
+        lora_services.lora_upload(session_with_images.pk, lora_bytes(seed=2), None)
     assert error.value.status == 500 and message in error.value.message
     _nothing_stored(session_with_images, data_dir, before)
     assert old_path.read_bytes() == old_bytes
@@ -479,11 +480,11 @@ def test_upload_store_fault_leaves_the_old_lora_and_no_new_one(
 def test_training_store_fault_ends_the_run_in_error_with_no_lora(
     session_with_images, data_dir, monkeypatch, fault, message
 ):
-    old = services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
+    old = lora_services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
     before = _tree(data_dir)
-    run = services.training_run_start(session_with_images.pk, FAST)
-    monkeypatch.setattr(services, "replace_with_retry", fault)
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session_with_images.pk, FAST)
+    monkeypatch.setattr(lora_services, "replace_with_retry", fault)
+    run_services.training_run_execute(run.pk)
 
     run.refresh_from_db()
     assert run.status == "error" and message in run.error_message
@@ -504,6 +505,6 @@ def test_the_row_is_written_only_once_the_verified_file_is_in_place(
         return real_create(**fields)
 
     monkeypatch.setattr(LoraArtifact.objects, "create", create)
-    artifact = services.lora_upload(session_with_images.pk, data, None)
+    artifact = lora_services.lora_upload(session_with_images.pk, data, None)
     assert seen["bytes"] == data
     assert artifact.sha256 == storage.sha256_bytes(data) and artifact.size == len(data)

@@ -12,9 +12,9 @@ from sessions_app import storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from tests.helpers import image_bytes
 from tests.processes import wait_until
-from training_app import services
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import training_status
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def test_kill_9_mid_training_ends_the_run_as_lost_and_a_restart_recovers(
 ):
     session = _session_with_images()
     worker = service_processes.worker(**stale_soon)
-    run = services.training_run_start(session.pk, ENDLESS)
+    run = run_services.training_run_start(session.pk, ENDLESS)
     wait_until(lambda: _training_steps_done(run.pk, 3), RUN_TIMEOUT_S, "training steps")
 
     worker.kill()  # SIGKILL to the worker and its cluster's processes
@@ -80,7 +80,8 @@ def test_kill_9_mid_training_ends_the_run_as_lost_and_a_restart_recovers(
     lost = wait_until(lambda: _finished(run.pk), 10 * STALE_AFTER_S, "the run to end")
     assert training_status(session.pk) == {
         "status": "error",
-        "message": services.WORKER_LOST_MESSAGE,  # "the worker running this training was lost..."
+        # "the worker running this training was lost..."
+        "message": run_services.WORKER_LOST_MESSAGE,
     }
     assert _session_files(session.pk) == ["0", "1"]  # no LoRA, no temporary file
     assert not LoraArtifact.objects.exists()
@@ -96,7 +97,7 @@ def test_kill_9_mid_training_ends_the_run_as_lost_and_a_restart_recovers(
     assert _run(run.pk).status == "error" and _run(run.pk).step == lost.step
 
     # The session trains again, on the restarted worker.
-    again = services.training_run_start(session.pk, SHORT)
+    again = run_services.training_run_start(session.pk, SHORT)
     finished = wait_until(lambda: _finished(again.pk), RUN_TIMEOUT_S, "the new run")
     assert finished.status == "completed", finished.error_message + replacement.log()
     assert _session_files(session.pk) == ["0", "1", "lora_1.safetensors"]
@@ -106,7 +107,7 @@ def test_kill_9_mid_training_ends_the_run_as_lost_and_a_restart_recovers(
 def test_task_delivered_twice_to_a_worker_trains_once(service_processes, settings):
     session = _session_with_images()
     service_processes.worker()
-    run = services.training_run_start(session.pk, SHORT)  # enqueued once on commit
+    run = run_services.training_run_start(session.pk, SHORT)  # enqueued once on commit
     async_task(
         "training_app.tasks.train_lora_task",
         run.pk,
@@ -130,7 +131,7 @@ def test_delete_session_while_it_trains_stops_the_run_and_nothing_reappears(
     session = _session_with_images()
     folder = storage.session_dir(session.pk)
     service_processes.worker()
-    run = services.training_run_start(session.pk, ENDLESS)
+    run = run_services.training_run_start(session.pk, ENDLESS)
     wait_until(lambda: _training_steps_done(run.pk, 3), RUN_TIMEOUT_S, "training steps")
 
     response = client.post("/delete_session", {"session_id": session.pk}, "application/json")
@@ -139,7 +140,7 @@ def test_delete_session_while_it_trains_stops_the_run_and_nothing_reappears(
     wait_until(lambda: _task_done(f"training-run-{run.pk}"), 60, "the training job to stop")
 
     other = _session_with_images()
-    next_run = services.training_run_start(other.pk, SHORT)
+    next_run = run_services.training_run_start(other.pk, SHORT)
     assert wait_until(lambda: _finished(next_run.pk), RUN_TIMEOUT_S, "the next run").status == (
         "completed"
     )

@@ -2,8 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sdxl_service.errors import ServiceError
-from training_app.services import loras_prune
+from core.errors import ServiceError
+from training_app.services.loras import loras_prune
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ who stopped them all.
 
 from django.core.management.base import BaseCommand
 
-from training_app.services import training_runs_recover_lost
+from training_app.services.runs import training_runs_recover_lost
 
 
 class Command(BaseCommand):

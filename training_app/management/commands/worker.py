@@ -40,9 +40,9 @@ class Command(BaseCommand):
         from django_q.cluster import Cluster
         from django_q.tasks import async_task
 
-        from training_app.generations import generations_redeliver
         from training_app.models import WorkerHeartbeat
-        from training_app.services import training_runs_recover_lost, training_runs_redeliver
+        from training_app.services.generations import generations_redeliver
+        from training_app.services.runs import training_runs_recover_lost, training_runs_redeliver
 
         # The cluster forks its processes from here: no database connection may be shared
         # with them, and nothing here touches torch or CUDA.

@@ -20,11 +20,11 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 from django.db import transaction
 
+from core.errors import ServiceError
+from datadir_app.layout import is_hidden
 from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
-from sdxl_service.errors import ServiceError
 from sessions_app import storage
 from sessions_app.locking import session_lock
-from sessions_app.maintenance import is_hidden
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from training_app.models import LoraArtifact
 

@@ -7,13 +7,13 @@ import pytest
 from django.conf import settings
 from django.core.management.base import CommandError
 
+from datadir_app.archive import session_export
 from sessions_app import services, storage
-from sessions_app.archive import session_export
 from sessions_app.models import Session, TrainingImage
 from tests.helpers import image_bytes
 from tests.maintenance_helpers import lora_bytes, run
-from training_app import services as training_services
 from training_app.models import LoraArtifact
+from training_app.services import loras as lora_services
 
 pytestmark = pytest.mark.django_db
 
@@ -23,8 +23,8 @@ def session() -> Session:
     session = services.session_create()
     services.session_image_add(session.pk, image_bytes("PNG", color="red"), "a red apple")
     services.session_image_add(session.pk, image_bytes("JPEG", color="blue"), "ein blauer Becher")
-    training_services.lora_upload(session.pk, lora_bytes(seed=1), None)
-    training_services.lora_upload(session.pk, lora_bytes(seed=2), "style.safetensors")
+    lora_services.lora_upload(session.pk, lora_bytes(seed=1), None)
+    lora_services.lora_upload(session.pk, lora_bytes(seed=2), "style.safetensors")
     LoraArtifact.objects.filter(number=1).update(source=LoraArtifact.Source.TRAINED)
     # Training data an operator dropped in by hand travels too.
     extra = storage.session_dir(session.pk) / "manual"

@@ -1,6 +1,6 @@
-"""The one domain error type and the one place that turns errors into the API's JSON shape.
+"""The one place that turns errors into the API's JSON shape.
 
-API.md: every error answers `{"status": "error", "message": "..."}` with a fitting
+docs/api.md: every error answers `{"status": "error", "message": "..."}` with a fitting
 4xx/5xx code; never an HTML page, never a stack trace.
 """
 
@@ -12,16 +12,9 @@ from django.http import JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
+from core.errors import ServiceError
+
 logger = logging.getLogger(__name__)
-
-
-class ServiceError(Exception):
-    """A failure the caller can understand and act on; `status` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.message = message
-        self.status = status
 
 
 def error_body(message: str) -> dict:

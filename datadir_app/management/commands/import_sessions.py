@@ -4,9 +4,9 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sdxl_service.console import print_report, progress
-from sdxl_service.errors import ServiceError
-from sessions_app.maintenance import import_sessions
+from core.console import print_report, progress
+from core.errors import ServiceError
+from datadir_app.legacy_import import import_sessions
 
 
 class Command(BaseCommand):

@@ -2,9 +2,9 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sdxl_service.console import print_report, progress
-from sdxl_service.errors import ServiceError
-from sessions_app.maintenance import rescan
+from core.console import print_report, progress
+from core.errors import ServiceError
+from datadir_app.rescan import rescan
 
 
 class Command(BaseCommand):

@@ -1,7 +1,7 @@
 import pytest
 from rest_framework import serializers
 
-from sdxl_service.fields import (
+from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
     StrictFloatField,

@@ -12,7 +12,7 @@ def progress(description: str, unit: str = "session") -> Callable[[Iterable], It
 
 
 def print_report(command: BaseCommand, report) -> None:
-    """Prints a sessions_app.maintenance.Report: what was fixed, what is wrong, notes."""
+    """Prints a datadir_app.report.Report: what was fixed, what is wrong, notes."""
     for change in report.fixed:
         command.stdout.write(f"fixed     {change.text}")
     for change in report.changes:

@@ -2,8 +2,8 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sdxl_service.console import print_report, progress
-from sessions_app.maintenance import verify
+from core.console import print_report, progress
+from datadir_app.verify import verify
 from sessions_app.models import Session, TrainingImage
 from training_app.models import LoraArtifact
 

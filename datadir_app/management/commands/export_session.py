@@ -4,8 +4,8 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sdxl_service.errors import ServiceError
-from sessions_app.archive import session_export
+from core.errors import ServiceError
+from datadir_app.archive import session_export
 
 
 class Command(BaseCommand):

@@ -17,8 +17,9 @@ from django.db import transaction
 from django.utils import timezone
 from PIL.PngImagePlugin import PngInfo
 
+from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
-from sdxl_service.errors import ServiceError
+from sdxl_engine.parameters import GENERATION_DEFAULTS
 from sessions_app import storage
 from sessions_app.selectors import session_get
 from training_app.models import Generation
@@ -40,17 +41,19 @@ NO_WORKER_MESSAGE = (
 
 @dataclass(frozen=True)
 class GenerationRequest:
+    """One /txt2img request; what it leaves out takes the engine's defaults."""
+
     prompt: str
-    negative_prompt: str = ""
-    num_images: int = 1
-    height: int = 1024
-    width: int = 1024
-    guidance_scale: float = 7.0
-    steps: int = 20
+    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
+    num_images: int = GENERATION_DEFAULTS.num_images
+    height: int = GENERATION_DEFAULTS.height
+    width: int = GENERATION_DEFAULTS.width
+    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale
+    steps: int = GENERATION_DEFAULTS.steps
     use_lora: bool = False
     session_id: int | None = None
     iteration: int | None = None
-    lora_scale: float = 1.0
+    lora_scale: float = GENERATION_DEFAULTS.lora_scale
     seed: int | None = None
 
 

@@ -1,27 +1,11 @@
-"""Small helpers the API views share, and what their OpenAPI description shares."""
+"""What the endpoints' OpenAPI descriptions share: the error shape and its meanings."""
 
-from django.urls import path
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
 
-def validated(serializer_class, request) -> dict:
-    """The request body checked by `serializer_class`; a 400 naming the field otherwise."""
-    serializer = serializer_class(data=request.data)
-    serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
-
-
-def endpoint(route: str, view):
-    """`route` with and without a trailing slash, both served directly.
-
-    API.md: clients POST JSON, and a redirect to the slashed form would lose the body.
-    """
-    return [path(route, view), path(f"{route}/", view)]
-
-
 class ErrorSerializer(serializers.Serializer):
-    """The one error shape of API.md, whatever went wrong."""
+    """The one error shape of docs/api.md, whatever went wrong."""
 
     status = serializers.ChoiceField(choices=["error"])
     message = serializers.CharField(help_text="what went wrong, for a person")
@@ -47,5 +31,5 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
 
 
 def schema_without_slashed_duplicates(endpoints, **kwargs):
-    """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (see endpoint)."""
+    """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (api.urls)."""
     return [endpoint for endpoint in endpoints if not endpoint[0].endswith("/")]

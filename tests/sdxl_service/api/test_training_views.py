@@ -9,9 +9,9 @@ from safetensors.torch import load
 
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes
-from tests.sessions_app.test_views import assert_error
-from training_app import services
+from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 
@@ -104,10 +104,10 @@ def test_train_status_shapes(api, session):
         return api.post("/train_status", {"session_id": session.pk}, format="json").json()
 
     assert status() == {"status": "none", "progress": 0}
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     queued = status()
     assert (queued["status"], queued["progress"], queued["queued"]) == ("in-progress", 0, True)
-    services.training_run_execute(run.pk)
+    run_services.training_run_execute(run.pk)
     assert status() == {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
     assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
 
@@ -118,8 +118,8 @@ def test_get_and_upload_lora(api, session):
         404,
         "Requested LoRA not found",
     )
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
     body = api.post("/get_lora", {"session_id": str(session.pk)}, format="json").json()
     assert body["session_id"] == str(session.pk)
     assert body["lora_filename"] == "lora_1.safetensors"
@@ -153,8 +153,8 @@ def test_get_and_upload_lora(api, session):
 
 
 def test_get_lora_as_kohya_and_upload_it_back(api, session):
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
-    services.training_run_execute(run.pk)
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
     stored = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
     body = api.post(
         "/get_lora", {"session_id": session.pk, "iteration": 1, "format": "kohya"}, format="json"
@@ -190,7 +190,7 @@ def test_cancel_training(api, session):
         api.post("/cancel_training", {"session_id": session.pk}, format="json"), 409, "no queued"
     )
     assert_error(api.post("/cancel_training", {"session_id": 999}, format="json"), 404, "not found")
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     response = api.post("/cancel_training/", {"session_id": str(session.pk)}, format="json")
     assert response.json() == {
         "status": "cancelled",
@@ -204,8 +204,8 @@ def test_cancel_training(api, session):
 def test_txt2img_answers_seed_lora_and_duration(api, session, monkeypatch):
     from django.utils import timezone
 
-    from training_app import generations, views
     from training_app.models import LoraArtifact, WorkerHeartbeat
+    from training_app.services import generations
 
     WorkerHeartbeat.objects.create(
         queue=settings.GENERATION_QUEUE,
@@ -215,13 +215,15 @@ def test_txt2img_answers_seed_lora_and_duration(api, session, monkeypatch):
         last_seen=timezone.now(),
     )
 
+    wait = generations.generation_wait
+
     def execute_then_wait(generation_id, timeout_s):
         generations.generation_execute(generation_id)  # the worker's part, in-process
-        return generations.generation_wait(generation_id, timeout_s)
+        return wait(generation_id, timeout_s)
 
-    monkeypatch.setattr(views, "generation_wait", execute_then_wait)
-    run = services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
-    services.training_run_execute(run.pk)
+    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
     small = {"prompt": "x", "height": 64, "width": 64, "steps": 5}
 
     plain = api.post("/txt2img", {**small, "num_images": 2}, format="json").json()

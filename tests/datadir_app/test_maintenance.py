@@ -11,8 +11,8 @@ from sessions_app import services, storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from tests.helpers import image_bytes
 from tests.maintenance_helpers import flask_session_data, lora_bytes, make_old, run, snapshot
-from training_app import services as training_services
 from training_app.models import LoraArtifact
+from training_app.services import loras as lora_services
 
 pytestmark = pytest.mark.django_db(transaction=True, reset_sequences=True)
 
@@ -49,7 +49,7 @@ def test_import_in_place_adopts_everything_and_a_second_run_changes_nothing(data
     assert services.session_create().pk == 8
     services.session_image_add(7, image_bytes(), "new")
     assert (storage.session_dir(7) / "2" / "0.png").is_file()
-    assert training_services.lora_upload(7, lora_bytes(seed=5), None).number == 3
+    assert lora_services.lora_upload(7, lora_bytes(seed=5), None).number == 3
 
 
 def test_import_from_elsewhere_without_copy_fails_and_creates_nothing(tmp_path, data_dir):
@@ -112,7 +112,7 @@ def _session_with_two_images() -> Session:
     session = services.session_create()
     services.session_image_add(session.pk, image_bytes(color="red"), "red")
     services.session_image_add(session.pk, image_bytes(color="green"), "green")
-    training_services.lora_upload(session.pk, lora_bytes(seed=1), None)
+    lora_services.lora_upload(session.pk, lora_bytes(seed=1), None)
     session.refresh_from_db()
     return session
 
@@ -240,7 +240,7 @@ def test_verify_adopts_a_session_folder_without_a_row(data_dir):
 def test_prune_loras_keeps_the_newest_and_numbers_are_never_reused():
     session = services.session_create()
     for seed in range(4):
-        training_services.lora_upload(session.pk, lora_bytes(seed=seed), None)
+        lora_services.lora_upload(session.pk, lora_bytes(seed=seed), None)
     folder = storage.session_dir(session.pk)
 
     dry = run("prune_loras", "--keep", "2", "--dry-run")
@@ -256,7 +256,7 @@ def test_prune_loras_keeps_the_newest_and_numbers_are_never_reused():
         "lora_3.safetensors",
         "lora_4.safetensors",
     ]
-    assert training_services.lora_upload(session.pk, lora_bytes(seed=9), None).number == 5
+    assert lora_services.lora_upload(session.pk, lora_bytes(seed=9), None).number == 5
     with pytest.raises(CommandError, match="--keep"):
         run("prune_loras", "--keep", "-1")
 

@@ -1,19 +1,29 @@
+"""Every request and response body of the API (docs/api.md).
+
+Requests are validated by their serializer; responses are rendered through theirs, so the
+OpenAPI description at /api/schema is built from the same classes that shape the bodies.
+Field names and defaults of training and generation come from sdxl_engine.parameters, the
+definitions the workers run.
+"""
+
 from django.conf import settings
-from drf_spectacular.utils import PolymorphicProxySerializer
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
-from sdxl_service.fields import (
+from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
     StrictFloatField,
     StrictIntegerField,
     StringField,
 )
-from training_app.generations import SEED_BITS
 from training_app.models import TrainingRun
-from training_app.services import LORA_FORMATS
+from training_app.services.generations import SEED_BITS
+from training_app.services.loras import LORA_FORMATS
 
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
+_ITERATION = {"min_value": 1, "max_value": 2**31 - 1, "required": False, "allow_null": True}
 # Training images are cropped to a square of this side; 64 divides by what both the
 # SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
 TRAINING_RESOLUTION_MULTIPLE = 64
@@ -37,9 +47,23 @@ def _image_side(divisor: int = 8, **kwargs) -> serializers.IntegerField:
     )
 
 
+# --- Requests --------------------------------------------------------------------------
+
+
+class SessionRefSerializer(serializers.Serializer):
+    session_id = SessionIdField()
+
+
+class PostSessionImageSerializer(serializers.Serializer):
+    session_id = SessionIdField()
+    image_base64 = Base64BytesField()
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+
+
 class TrainLoraSerializer(serializers.Serializer):
     """`session_id` and the optional training parameters of /train_lora."""
 
+    # One field for each of sdxl_engine's TrainingParams: a test holds them to the same names.
     session_id = SessionIdField()
     steps = StrictIntegerField(
         min_value=1, max_value=settings.SDXL_MAX_TRAINING_STEPS, required=False
@@ -58,14 +82,14 @@ class TrainLoraSerializer(serializers.Serializer):
 
     @staticmethod
     def training_parameters(validated: dict) -> dict:
+        """The parameters the caller gave (what the run records); the rest take
+        TrainingParams' defaults when the worker runs it."""
         return {k: v for k, v in validated.items() if k != "session_id" and v is not None}
 
 
 class GetLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
-    iteration = StrictIntegerField(
-        min_value=1, max_value=2**31 - 1, required=False, allow_null=True
-    )
+    iteration = StrictIntegerField(**_ITERATION)
     format = serializers.ChoiceField(
         choices=LORA_FORMATS,
         default=LORA_FORMATS[0],
@@ -83,20 +107,27 @@ class UploadLoraSerializer(serializers.Serializer):
 class Txt2ImgSerializer(serializers.Serializer):
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
-        max_length=settings.SDXL_MAX_PROMPT_CHARS, required=False, allow_blank=True, default=""
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        required=False,
+        allow_blank=True,
+        default=GENERATION_DEFAULTS.negative_prompt,
     )
-    num_images = StrictIntegerField(min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=1)
-    height = _image_side(default=1024)
-    width = _image_side(default=1024)
-    guidance_scale = StrictFloatField(min_value=0.0, max_value=30.0, default=7.0)
+    num_images = StrictIntegerField(
+        min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=GENERATION_DEFAULTS.num_images
+    )
+    height = _image_side(default=GENERATION_DEFAULTS.height)
+    width = _image_side(default=GENERATION_DEFAULTS.width)
+    guidance_scale = StrictFloatField(
+        min_value=0.0, max_value=30.0, default=GENERATION_DEFAULTS.guidance_scale
+    )
     # Base stops at 0.8 of the schedule and the Refiner takes the rest: each needs a step.
-    steps = StrictIntegerField(min_value=5, max_value=150, default=20)
+    steps = StrictIntegerField(min_value=5, max_value=150, default=GENERATION_DEFAULTS.steps)
     use_lora = serializers.BooleanField(default=False)
     session_id = SessionIdField(required=False, allow_null=True)
-    iteration = StrictIntegerField(
-        min_value=1, max_value=2**31 - 1, required=False, allow_null=True
+    iteration = StrictIntegerField(**_ITERATION)
+    lora_scale = StrictFloatField(
+        min_value=-4.0, max_value=4.0, default=GENERATION_DEFAULTS.lora_scale
     )
-    lora_scale = StrictFloatField(min_value=-4.0, max_value=4.0, default=1.0)
     seed = StrictIntegerField(**_SEED)
 
     def validate(self, attrs):
@@ -105,7 +136,20 @@ class Txt2ImgSerializer(serializers.Serializer):
         return attrs
 
 
-# --- Responses: what the OpenAPI description shows (the views build these bodies) -----
+# --- Responses -------------------------------------------------------------------------
+
+
+class CreateSessionResponse(serializers.Serializer):
+    session_id = serializers.IntegerField()
+
+
+class SuccessResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["success"])
+
+
+class DeleteSessionResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["deleted"])
+    session_id = serializers.CharField()
 
 
 class TrainLoraResponse(serializers.Serializer):
@@ -142,26 +186,40 @@ class TrainStatusNone(serializers.Serializer):
     progress = serializers.ChoiceField(choices=[0])
 
 
-def train_status_response(**kwargs) -> PolymorphicProxySerializer:
-    """/train_status answers exactly one of API.md's four shapes."""
-    return PolymorphicProxySerializer(
-        component_name="TrainStatus",
-        serializers=[
-            TrainStatusInProgress,
-            TrainStatusCompleted,
-            TrainStatusError,
-            TrainStatusNone,
-        ],
-        resource_type_field_name=None,
-        **kwargs,
-    )
+# /train_status answers exactly one of the four shapes, chosen by its "status".
+_TRAIN_STATUS_SHAPES = {
+    "in-progress": TrainStatusInProgress,
+    "completed": TrainStatusCompleted,
+    "error": TrainStatusError,
+    "none": TrainStatusNone,
+}
+TRAIN_STATUS_SCHEMA = PolymorphicProxySerializer(
+    component_name="TrainStatus",
+    serializers=list(_TRAIN_STATUS_SHAPES.values()),
+    resource_type_field_name=None,
+)
+
+
+@extend_schema_field(TRAIN_STATUS_SCHEMA)
+class TrainStatusField(serializers.Field):
+    """A training status body, rendered through the serializer of its shape."""
+
+    def to_representation(self, body: dict) -> dict:
+        return _TRAIN_STATUS_SHAPES[body["status"]](body).data
+
+
+class TrainStatusResponse(serializers.BaseSerializer):
+    """/train_status's body: TrainStatusField's rendering, at the top level."""
+
+    def to_representation(self, body: dict) -> dict:
+        return TrainStatusField().to_representation(body)
 
 
 class SessionSummary(serializers.Serializer):
     session_id = serializers.CharField()
     latest_lora = serializers.CharField(allow_null=True)
     image_groups = serializers.IntegerField()
-    training = train_status_response()
+    training = TrainStatusField()
 
 
 class ListSessionsResponse(serializers.Serializer):

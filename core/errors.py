@@ -1,0 +1,14 @@
+"""The one domain error type of the service.
+
+Services, selectors and commands raise it; the API layer turns it into the JSON error
+shape in one place (sdxl_service.api.errors), commands into a CommandError.
+"""
+
+
+class ServiceError(Exception):
+    """A failure the caller can understand and act on; `status` is the HTTP code."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.message = message
+        self.status = status

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class DatadirAppConfig(AppConfig):
+    name = "datadir_app"
+    verbose_name = "Data dir maintenance"

@@ -1,0 +1,104 @@
+"""What lies where in the data dir, as docs/api.md lays it out, and what is a leftover.
+
+What has a row, per session folder `session_<id>/`:
+- each numbered sub-folder `<n>/` is an ImageGroup;
+- each image in it (`.png .jpg .jpeg .webp .bmp`) with a `.txt` of the same stem beside
+  it is a TrainingImage, the `.txt` its caption;
+- each `*.safetensors` at the session's root is a LoraArtifact; `lora_<n>` is number n.
+Captioned images elsewhere in the folder still train (docs/api.md) but have no row.
+"""
+
+import re
+import shutil
+import time
+from pathlib import Path
+
+from sdxl_engine.dataset import IMAGE_SUFFIXES
+
+SESSION_FOLDER = re.compile(r"^session_([1-9][0-9]{0,18})$")
+LORA_NUMBERED = re.compile(r"^lora_([1-9][0-9]{0,9})\.safetensors$")
+# A leftover younger than this may belong to a write still under way: it is left alone.
+STALE_LEFTOVER_AGE_S = 3600.0
+# What interrupted writes, deletes and imports leave behind (storage.temp_path_for,
+# write_atomically, storage.move_aside, archive imports, training output): the only files
+# maintenance ever removes.
+_LEFTOVER_PREFIXES = (".deleted-", ".importing-", ".training-run-")
+
+
+def is_leftover(path: Path) -> bool:
+    return path.name.endswith(".tmp") or path.name.startswith(_LEFTOVER_PREFIXES)
+
+
+def is_hidden(path: Path) -> bool:
+    """Hidden and temporary files never hold data the service indexes or exports."""
+    return path.name.startswith(".") or path.name.endswith(".tmp")
+
+
+def is_stale(path: Path) -> bool:
+    try:
+        return time.time() - path.lstat().st_mtime > STALE_LEFTOVER_AGE_S
+    except FileNotFoundError:
+        return False
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def session_folders(root: Path) -> dict[int, Path]:
+    """The `session_<id>` folders under `root`, by id."""
+    if not root.is_dir():
+        return {}
+    return {
+        int(match[1]): child
+        for child in sorted(root.iterdir())
+        if child.is_dir() and (match := SESSION_FOLDER.match(child.name))
+    }
+
+
+def group_numbers_on_disk(folder: Path) -> set[int]:
+    if not folder.is_dir():
+        return set()
+    return {
+        int(child.name)
+        for child in folder.iterdir()
+        # "07" is not group 7's folder: the service names folders str(n).
+        if child.is_dir()
+        and child.name.isascii()
+        and child.name.isdigit()
+        and str(int(child.name)) == child.name
+    }
+
+
+def captioned_images(group_dir: Path) -> list[Path]:
+    return sorted(
+        path
+        for path in group_dir.iterdir()
+        if path.is_file()
+        and not is_hidden(path)
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and path.with_suffix(".txt").is_file()
+    )
+
+
+def read_caption(image_path: Path) -> str:
+    return image_path.with_suffix(".txt").read_text(encoding="utf-8", errors="replace")
+
+
+def lora_files_on_disk(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(
+        path
+        for path in folder.iterdir()
+        if path.is_file() and not is_hidden(path) and path.suffix == ".safetensors"
+    )
+
+
+def lora_number(path: Path) -> int | None:
+    """n for a file named `lora_<n>.safetensors`, else None."""
+    match = LORA_NUMBERED.match(path.name)
+    return int(match[1]) if match else None

@@ -1,0 +1,27 @@
+"""The API's routes: the nine endpoints of the original service and this one's additions."""
+
+from django.urls import path
+
+from sdxl_service.api import views
+
+
+def endpoint(route: str, view):
+    """`route` with and without a trailing slash, both served directly.
+
+    docs/api.md: clients POST JSON, and a redirect to the slashed form would lose the body.
+    """
+    return [path(route, view), path(f"{route}/", view)]
+
+
+urlpatterns = [
+    *endpoint("create_session", views.create_session),
+    *endpoint("post_session_image", views.post_session_image),
+    *endpoint("list_sessions", views.list_sessions),
+    *endpoint("delete_session", views.delete_session),
+    *endpoint("train_lora", views.train_lora),
+    *endpoint("train_status", views.train_status),
+    *endpoint("cancel_training", views.cancel_training),
+    *endpoint("get_lora", views.get_lora),
+    *endpoint("upload_lora", views.upload_lora),
+    *endpoint("txt2img", views.txt2img),
+]

@@ -1,0 +1,238 @@
+"""The API's endpoints (docs/api.md): validate the body, call one service, render the answer
+through its response serializer. Errors are raised as ServiceError and shaped in one place
+(sdxl_service.api.errors)."""
+
+import base64
+import hashlib
+
+from django.conf import settings
+from drf_spectacular.utils import extend_schema
+from rest_framework.decorators import api_view
+from rest_framework.response import Response
+
+from sdxl_service.api import serializers as api
+from sdxl_service.api.schema import error_responses
+from sessions_app import selectors as session_selectors
+from sessions_app import services as session_services
+from training_app import selectors as training_selectors
+from training_app.services import generations, loras, runs
+
+SESSIONS, TRAINING, LORAS, GENERATION = ["sessions"], ["training"], ["LoRA files"], ["generation"]
+
+
+def validated(serializer_class, request) -> dict:
+    """The request body checked by `serializer_class`; a 400 naming the field otherwise."""
+    serializer = serializer_class(data=request.data)
+    serializer.is_valid(raise_exception=True)
+    return serializer.validated_data
+
+
+def rendered(serializer_class, body: dict) -> Response:
+    """`body` as `serializer_class` renders it: only what the schema describes goes out."""
+    return Response(serializer_class(body).data)
+
+
+# --- Sessions ----------------------------------------------------------------------------
+
+
+@extend_schema(
+    operation_id="create_session",
+    tags=SESSIONS,
+    summary="Create an empty session",
+    responses={200: api.CreateSessionResponse},
+)
+@api_view(["GET"])
+def create_session(request):
+    session = session_services.session_create()
+    return rendered(api.CreateSessionResponse, {"session_id": session.pk})
+
+
+@extend_schema(
+    operation_id="post_session_image",
+    tags=SESSIONS,
+    summary="Add one captioned training image (a new group folder)",
+    description="PNG, JPEG, WebP or BMP, base64 (a data: URL prefix is accepted). Stored "
+    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`.",
+    request=api.PostSessionImageSerializer,
+    responses={200: api.SuccessResponse, **error_responses(404)},
+)
+@api_view(["POST"])
+def post_session_image(request):
+    data = validated(api.PostSessionImageSerializer, request)
+    session_services.session_image_add(data["session_id"], data["image_base64"], data["prompt"])
+    return rendered(api.SuccessResponse, {"status": "success"})
+
+
+@extend_schema(
+    operation_id="list_sessions",
+    tags=SESSIONS,
+    summary="Every session with its latest LoRA, group count and training status",
+    responses={200: api.ListSessionsResponse},
+)
+@api_view(["GET"])
+def list_sessions(request):
+    sessions = list(session_selectors.session_list())
+    ids = [session.pk for session in sessions]
+    latest_loras = training_selectors.latest_lora_filenames(ids)
+    latest_runs = training_selectors.latest_runs(ids)
+    body = {
+        "sessions": [
+            {
+                "session_id": session.pk,
+                "latest_lora": latest_loras.get(session.pk),
+                "image_groups": session.group_count,
+                "training": training_selectors.training_status_body(latest_runs.get(session.pk)),
+            }
+            for session in sessions
+        ]
+    }
+    return rendered(api.ListSessionsResponse, body)
+
+
+@extend_schema(
+    operation_id="delete_session",
+    tags=SESSIONS,
+    summary="Delete a session, its files and rows (a running training stops)",
+    request=api.SessionRefSerializer,
+    responses={200: api.DeleteSessionResponse, **error_responses(404)},
+)
+@api_view(["POST"])
+def delete_session(request):
+    data = validated(api.SessionRefSerializer, request)
+    session_services.session_delete(data["session_id"])
+    return rendered(
+        api.DeleteSessionResponse, {"status": "deleted", "session_id": data["session_id"]}
+    )
+
+
+# --- Training ----------------------------------------------------------------------------
+
+
+@extend_schema(
+    operation_id="train_lora",
+    tags=TRAINING,
+    summary="Queue a LoRA training run on the session's captioned images",
+    request=api.TrainLoraSerializer,
+    responses={200: api.TrainLoraResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+def train_lora(request):
+    data = validated(api.TrainLoraSerializer, request)
+    run = runs.training_run_start(
+        data["session_id"], api.TrainLoraSerializer.training_parameters(data)
+    )
+    return rendered(api.TrainLoraResponse, {"status": "started", "run_id": run.pk})
+
+
+@extend_schema(
+    operation_id="train_status",
+    tags=TRAINING,
+    summary="The latest run's status: one of four shapes",
+    description="`in-progress` carries extra keys: `queued`, `stage` (queued, loading, "
+    "caching, training, saving), `step`, `total_steps`, `loss`, `eta_seconds`.",
+    request=api.SessionRefSerializer,
+    responses={200: api.TRAIN_STATUS_SCHEMA, **error_responses(404)},
+)
+@api_view(["POST"])
+def train_status(request):
+    data = validated(api.SessionRefSerializer, request)
+    session_selectors.session_get(data["session_id"])
+    return rendered(
+        api.TrainStatusResponse, training_selectors.training_status(data["session_id"])
+    )
+
+
+@extend_schema(
+    operation_id="cancel_training",
+    tags=TRAINING,
+    summary="Stop the session's queued or running training run",
+    description="A running run stops within one step and saves nothing; /train_status "
+    'then answers `{"status": "error", "message": "training was cancelled"}`.',
+    request=api.SessionRefSerializer,
+    responses={200: api.CancelTrainingResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+def cancel_training(request):
+    data = validated(api.SessionRefSerializer, request)
+    run = runs.training_run_cancel(data["session_id"])
+    return rendered(
+        api.CancelTrainingResponse,
+        {"status": "cancelled", "session_id": data["session_id"], "run_id": run.pk},
+    )
+
+
+# --- LoRA files --------------------------------------------------------------------------
+
+
+@extend_schema(
+    operation_id="get_lora",
+    tags=LORAS,
+    summary="Download a LoRA: the latest, or number `iteration`",
+    description='`"format": "kohya"` sends the same adapter with kohya keys '
+    "(`lora_unet_*`, `.alpha`) and the `ss_*` metadata AUTOMATIC1111 and ComfyUI read.",
+    request=api.GetLoraSerializer,
+    responses={200: api.GetLoraResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+def get_lora(request):
+    data = validated(api.GetLoraSerializer, request)
+    artifact = training_selectors.lora_get(data["session_id"], data.get("iteration"))
+    lora = loras.lora_read(artifact, data["format"])
+    body = {
+        "session_id": data["session_id"],
+        "lora_filename": artifact.filename,
+        "lora_base64": base64.b64encode(lora).decode("ascii"),
+        "iteration": artifact.number,
+        "format": data["format"],
+        "sha256": hashlib.sha256(lora).hexdigest(),  # of the bytes sent
+    }
+    return rendered(api.GetLoraResponse, body)
+
+
+@extend_schema(
+    operation_id="upload_lora",
+    tags=LORAS,
+    summary="Store a LoRA file (diffusers, PEFT or kohya) as the session's next LoRA",
+    description="Stored in the trainer's diffusers form (kohya and PEFT files are converted, "
+    "alphas folded into the weights); without `filename` it becomes `lora_<n>.safetensors`.",
+    request=api.UploadLoraSerializer,
+    responses={200: api.UploadLoraResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+def upload_lora(request):
+    data = validated(api.UploadLoraSerializer, request)
+    artifact = loras.lora_upload(data["session_id"], data["lora_base64"], data.get("filename"))
+    return rendered(
+        api.UploadLoraResponse,
+        {"status": "success", "lora_filename": artifact.filename, "iteration": artifact.number},
+    )
+
+
+# --- Generation --------------------------------------------------------------------------
+
+
+@extend_schema(
+    operation_id="txt2img",
+    tags=GENERATION,
+    summary="Generate images with SDXL Base + Refiner, optionally with the session's LoRA",
+    request=api.Txt2ImgSerializer,
+    responses={200: api.Txt2ImgResponse, **error_responses(404, 500, 503, 504)},
+)
+@api_view(["POST"])
+def txt2img(request):
+    data = validated(api.Txt2ImgSerializer, request)
+    generation = generations.generation_request(generations.GenerationRequest(**data))
+    generation, images = generations.generation_wait(
+        generation.pk, settings.SDXL_TXT2IMG_TIMEOUT
+    )
+    body = {
+        "images_base64": [base64.b64encode(png).decode("ascii") for png in images],
+        "seed": generation.seed,
+        "lora": (
+            {"filename": generation.lora_filename, "sha256": generation.lora_sha256}
+            if generation.lora_filename
+            else None
+        ),
+        "duration_ms": generation.duration_ms,
+    }
+    return rendered(api.Txt2ImgResponse, body)

@@ -1,0 +1,1 @@
+"""What can be done to training runs (runs), LoRA files (loras) and generations."""

@@ -1,0 +1,229 @@
+"""LoRA files of a session: storing (trained or uploaded), reading, pruning."""
+
+import re
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from core.errors import ServiceError
+from sdxl_engine.errors import EngineError
+from sdxl_engine.files import replace_with_retry, sha256_file
+from sessions_app import storage
+from sessions_app.locking import session_lock
+from sessions_app.selectors import session_get
+from training_app.models import Generation, LoraArtifact, TrainingRun
+
+# A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
+_LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
+# What /get_lora can send: the stored (diffusers) form, or kohya's for other tools.
+LORA_FORMATS = ("diffusers", "kohya")
+
+
+def _allocate_lora_name(session, requested: str | None) -> tuple[int, str]:
+    """The next iteration number (never reused) and the file name to store under."""
+    folder = storage.session_dir(session.pk)
+    taken = set(LoraArtifact.objects.filter(session=session).values_list("filename", flat=True))
+    number = session.next_lora_number
+    if requested is not None:
+        if requested in taken or (folder / requested).exists():
+            raise ServiceError(
+                f"a LoRA named {requested} already exists in session {session.pk}", status=409
+            )
+        return number, requested
+    # Files an operator dropped in by hand keep their names: skip past them.
+    while f"lora_{number}.safetensors" in taken or (folder / f"lora_{number}.safetensors").exists():
+        number += 1
+    return number, f"lora_{number}.safetensors"
+
+
+def lora_store(
+    session_id: int,
+    finished_file: Path,
+    *,
+    expected_sha256: str,
+    source: str,
+    filename: str | None = None,
+    training_run: TrainingRun | None = None,
+    metadata: dict | None = None,
+) -> LoraArtifact:
+    """Moves a complete, fsynced LoRA file into the session folder and records it.
+
+    Under the session lock the file is renamed into place (a fresh name: no LoRA is ever
+    overwritten), then hashed: only a file whose sha256 is `expected_sha256`, the hash of
+    the bytes its writer meant to write, gets its row, in the same transaction. Any
+    failure removes the file, so no row ever names a missing or truncated LoRA.
+    """
+    with session_lock(session_id) as session:
+        number, name = _allocate_lora_name(session, filename)
+        folder = storage.session_dir(session.pk)
+        folder.mkdir(parents=True, exist_ok=True)  # under the lock: the session still exists
+        target = folder / name
+        try:
+            replace_with_retry(finished_file, target)
+        except OSError as error:
+            raise ServiceError(
+                f"the LoRA could not be moved into place ({error.strerror or error}); "
+                "nothing was stored",
+                status=500,
+            ) from None
+        try:
+            sha256 = sha256_file(target)
+            if sha256 != expected_sha256:
+                raise ServiceError(
+                    f"{name} does not hold the bytes that were written (sha256 mismatch: "
+                    "truncated or altered on disk); nothing was stored",
+                    status=500,
+                )
+            artifact = LoraArtifact.objects.create(
+                session=session,
+                number=number,
+                filename=name,
+                size=target.stat().st_size,
+                sha256=sha256,
+                source=source,
+                training_run=training_run,
+                metadata=metadata or {},
+            )
+            session.next_lora_number = number + 1
+            session.save(update_fields=["next_lora_number"])
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+    return artifact
+
+
+def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
+    """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes, after
+    checking it is an SDXL UNet LoRA for the model.
+
+    diffusers, PEFT and kohya files are accepted; one already canonical is stored byte for
+    byte, any other is converted (alphas folded into the weights, so it computes the same).
+    The bytes are read as safetensors (a header and raw numbers), never unpickled. They
+    are staged outside the session folder, so a session deleted meanwhile gets no file.
+    """
+    from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
+    from sdxl_engine.lora_formats import canonical_lora_file, is_canonical
+
+    if filename is not None and not _LORA_FILENAME.fullmatch(filename):
+        raise ServiceError(
+            "filename must be a plain file name ending in .safetensors "
+            "(letters, digits, '.', '_' and '-')"
+        )
+    session = session_get(session_id)
+    upload = storage.staging_path("upload.safetensors")
+    converted = storage.staging_path("converted.safetensors")
+    try:
+        storage.atomic_write_bytes(upload, data)
+        try:
+            inspect_lora_file(upload)
+            if is_canonical(upload):
+                finished, metadata = upload, read_lora_metadata(upload)
+            else:
+                finished, metadata = converted, canonical_lora_file(upload, converted)
+            _check_lora_fits_the_model(finished)
+        except EngineError as error:
+            raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
+        return lora_store(
+            session.pk,
+            finished,
+            # What must land in the session folder: the bytes sent, or our conversion.
+            expected_sha256=(
+                storage.sha256_bytes(data) if finished == upload else sha256_file(finished)
+            ),
+            source=LoraArtifact.Source.UPLOADED,
+            filename=filename,
+            metadata=metadata,
+        )
+    finally:
+        upload.unlink(missing_ok=True)
+        converted.unlink(missing_ok=True)
+
+
+def _check_lora_fits_the_model(path: Path) -> None:
+    """Checks the file against each UNet the configured model may be (it fits if it fits
+    one); against the LoRA's own consistency only when the web process cannot know it."""
+    from sdxl_engine.lora_files import check_unet_lora, unet_lora_target_shapes
+    from sdxl_engine.source import base_unet_configs
+
+    shape_sets = []
+    for config in base_unet_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL):
+        try:
+            shape_sets.append(unet_lora_target_shapes(config))
+        except EngineError:
+            shape_sets.append(None)  # a UNet unlike SDXL's: check consistency only
+    first_error = None
+    for shapes in shape_sets or [None]:
+        try:
+            check_unet_lora(path, shapes)
+            return
+        except EngineError as error:
+            first_error = first_error or error
+    raise first_error
+
+
+def lora_read(artifact: LoraArtifact, lora_format: str = LORA_FORMATS[0]) -> bytes:
+    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form.
+
+    Either way the file is read whole in one go: a concurrent replace swaps the name, not
+    these bytes.
+    """
+    path = storage.session_dir(artifact.session_id) / artifact.filename
+    missing = ServiceError(
+        f"{artifact.filename} is recorded but missing from the session folder", status=404
+    )
+    if not path.is_file():
+        raise missing
+    if lora_format == "kohya":
+        from sdxl_engine.lora_formats import kohya_lora_bytes
+
+        try:
+            return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
+        except EngineError as error:
+            raise ServiceError(
+                f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
+            ) from None
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise missing from None
+
+
+def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None) -> list[str]:
+    """Deletes all but the newest `keep` LoRA files of each session (or of one session).
+
+    Numbers are never reused: the session's counter stays where it is. A LoRA that a
+    queued or running generation is about to use is kept. Returns the files deleted (or,
+    with `dry_run`, that would be), as `session_<id>/<file>`.
+    """
+    sessions = LoraArtifact.objects.values_list("session_id", flat=True).distinct()
+    if session_id is not None:
+        sessions = sessions.filter(session_id=session_id)
+    in_use = set(
+        Generation.objects.filter(
+            status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING], lora__isnull=False
+        ).values_list("lora_id", flat=True)
+    )
+    pruned = []
+    for sid in sorted(set(sessions)):
+        with session_lock(sid):
+            doomed = [
+                (pk, name)
+                for pk, name in LoraArtifact.objects.filter(session_id=sid)
+                .order_by("-number")[keep:]
+                .values_list("pk", "filename")
+                if pk not in in_use
+            ]
+            pruned += [f"session_{sid}/{name}" for _, name in doomed]
+            if dry_run or not doomed:
+                continue
+            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed]).delete()
+            # The rows go first, the files once that is committed: a failure keeps both.
+            paths = [storage.session_dir(sid) / name for _, name in doomed]
+            transaction.on_commit(lambda paths=paths: _unlink_all(paths))
+    return pruned
+
+
+def _unlink_all(paths: list[Path]) -> None:
+    for path in paths:
+        path.unlink(missing_ok=True)
