@@ -15,7 +15,7 @@ env = environ.Env()
 env.read_env(BASE_DIR / ".env")  # optional; real environment variables win
 
 # --- Storage ---------------------------------------------------------------------------
-# The data dir holds the session folders (the storage layout of API.md), the SQLite
+# The data dir holds the session folders (the storage layout of docs/api.md), the SQLite
 # database by default, generated images and the cached random-weight test models.
 DATA_DIR = Path(env.str("SDXL_DATA_DIR", default=str(BASE_DIR / "media"))).resolve()
 SESSION_DATA_DIR = DATA_DIR / "session_data"

@@ -1,6 +1,6 @@
 """The index of what lies in the data dir.
 
-The folder layout of API.md is the storage, byte for byte; these rows say what is there
+The folder layout of docs/api.md is the storage, byte for byte; these rows say what is there
 and hold the counters that must never go backwards.
 """
 

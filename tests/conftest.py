@@ -75,3 +75,24 @@ def service_processes(transactional_db, data_dir, model_cache_dir, queue_namespa
     processes = ServiceProcesses(data_dir, model_cache_dir, queue_namespace)
     yield processes
     processes.kill_all()
+
+
+@pytest.fixture
+def generation_worker(settings):
+    """A heartbeat as the generation worker writes it; the jobs run in-process here.
+
+    Written once, so it must count as fresh for the whole test, however slow the machine
+    (a test that trains and generates can take 15 s, the default staleness, on a busy one).
+    """
+    from django.utils import timezone
+
+    from training_app.models import WorkerHeartbeat
+
+    settings.SDXL_WORKER_STALE_AFTER = 3600
+    return WorkerHeartbeat.objects.create(
+        queue=settings.GENERATION_QUEUE,
+        host="test",
+        pid=1,
+        started_at=timezone.now(),
+        last_seen=timezone.now(),
+    )

@@ -15,7 +15,7 @@ FLASK_IMAGES = [("PNG", "png", "red", "a red apple"), ("JPEG", "jpg", "blue", "a
 
 
 def flask_session_data(root: Path, session_ids=(3, 7)) -> Path:
-    """A session_data/ folder laid out as API.md shows: groups, captions, lora_<n> files."""
+    """A session_data/ folder laid out as docs/api.md shows: groups, captions, lora_<n> files."""
     for session_id in session_ids:
         folder = root / f"session_{session_id}"
         for number, (image_format, extension, color, caption) in enumerate(FLASK_IMAGES):

@@ -1,5 +1,5 @@
 """End to end: `manage.py serve` as a real process (gunicorn + both django-q2 workers),
-driven over HTTP through all nine endpoints exactly as API.md shows.
+driven over HTTP through all nine endpoints exactly as docs/api.md shows.
 
 Runs on whatever database and broker the suite runs on: SQLite + ORM broker by default,
 PostgreSQL + Redis when DATABASE_URL / REDIS_URL are set (a fresh database is made for it).

@@ -37,7 +37,7 @@ def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
 
 
 def training_status_body(run: TrainingRun | None) -> dict:
-    """The /train_status answer (API.md's four shapes) plus extra keys about the run."""
+    """The /train_status answer (docs/api.md's four shapes) plus extra keys about the run."""
     if run is None:
         return {"status": "none", "progress": 0}
     if run.status == TrainingRun.Status.ERROR:

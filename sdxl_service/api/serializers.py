@@ -247,6 +247,21 @@ class UploadLoraResponse(serializers.Serializer):
     iteration = serializers.IntegerField()
 
 
+# Inline rather than a nullable reference: OpenAPI 3.0.3 ignores `nullable` beside a bare
+# `allOf: [$ref]` (it applies only with a `type`), so strict validators and client
+# generators would refuse the null a request without a LoRA answers.
+@extend_schema_field(
+    {
+        "type": "object",
+        "nullable": True,
+        "properties": {
+            "filename": {"type": "string", "description": "the LoRA file the Base used"},
+            "sha256": {"type": "string", "description": "of that file"},
+        },
+        "required": ["filename", "sha256"],
+        "description": "the LoRA applied, or null without one",
+    }
+)
 class LoraUsed(serializers.Serializer):
     filename = serializers.CharField()
     sha256 = serializers.CharField()

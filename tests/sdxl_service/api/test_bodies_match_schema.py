@@ -1,0 +1,141 @@
+"""Every body the API answers validates against the OpenAPI description at /api/schema.
+
+The schema is fetched the way a client generator fetches it; the bodies are real answers
+of every endpoint, in every shape (the four /train_status shapes, LoRA or none, both LoRA
+formats, the error shape of each documented code).
+"""
+
+import pytest
+from openapi_schema_validator import OAS30Validator
+from rest_framework.test import APIClient
+
+from tests.helpers import b64, image_bytes, lora_bytes
+from training_app.services import generations
+from training_app.services import runs as run_services
+
+pytestmark = pytest.mark.django_db
+TRAIN = {"steps": 1, "resolution": 64, "batch_size": 1, "seed": 1}
+TXT2IMG = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5, "seed": 3}
+
+
+class SchemaChecker:
+    """Checks answers against the response schemas of the fetched OpenAPI document."""
+
+    def __init__(self, document: dict):
+        self.document = document
+        self.checked: set[tuple[str, int]] = set()
+
+    def response_schema(self, path: str, status: int) -> dict:
+        (operation,) = self.document["paths"][path].values()
+        documented = operation["responses"]
+        assert str(status) in documented, f"{path} answered {status}, which it does not document"
+        schema = documented[str(status)]["content"]["application/json"]["schema"]
+        # References ("#/components/...") resolve against the document's components.
+        return {**schema, "components": self.document["components"]}
+
+    def errors(self, path: str, status: int, body) -> list[str]:
+        validator = OAS30Validator(self.response_schema(path, status))
+        return [error.message for error in validator.iter_errors(body)]
+
+    def check(self, path: str, response) -> dict:
+        body = response.json()
+        assert self.errors(path, response.status_code, body) == [], (path, body)
+        self.checked.add((path, response.status_code))
+        return body
+
+
+@pytest.fixture(scope="module")
+def document(django_db_blocker) -> dict:
+    with django_db_blocker.unblock():
+        response = APIClient().get("/api/schema", {"format": "json"})
+    assert response.status_code == 200
+    return response.json()
+
+
+@pytest.fixture
+def schema(document) -> SchemaChecker:
+    return SchemaChecker(document)
+
+
+@pytest.fixture
+def api(schema):
+    """POSTs (or GETs) a body and checks the answer against the schema."""
+    client = APIClient()
+
+    def call(path: str, body: dict | None = None, expect: int = 200) -> dict:
+        if body is None:
+            response = client.get(path)
+        else:
+            response = client.post(path, body, format="json")
+        assert response.status_code == expect, response.content
+        return schema.check(path, response)
+
+    return call
+
+
+@pytest.fixture
+def generations_in_process(monkeypatch, generation_worker):
+    """/txt2img's job runs in this process as soon as the request waits for it."""
+    wait = generations.generation_wait
+
+    def execute_then_wait(generation_id, timeout_s):
+        generations.generation_execute(generation_id)
+        return wait(generation_id, timeout_s)
+
+    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)
+
+
+def test_the_checker_catches_a_body_that_drifted_from_the_schema(schema):
+    assert schema.errors("/create_session", 200, {"session_id": 1}) == []
+    assert schema.errors("/create_session", 200, {"session_id": "1"})  # a string, not an int
+    assert schema.errors("/train_status", 200, {"status": "none", "progress": 0}) == []
+    assert schema.errors("/train_status", 200, {"status": "completed", "progress": 0})
+    assert schema.errors("/txt2img", 200, {"images_base64": [], "seed": 1, "lora": None})
+
+
+def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generations_in_process):
+    session_id = api("/create_session")["session_id"]
+    ref = {"session_id": str(session_id)}
+    for color in ("red", "blue"):
+        image = {"image_base64": b64(image_bytes(color=color)), "prompt": color}
+        api("/post_session_image", {**ref, **image})
+    assert api("/train_status", ref)["status"] == "none"
+    assert api("/list_sessions")["sessions"][0]["training"]["status"] == "none"
+
+    api("/train_lora", {**ref, **TRAIN})
+    assert api("/train_status", ref)["status"] == "in-progress"
+    assert api("/list_sessions")["sessions"][0]["training"]["status"] == "in-progress"
+    api("/cancel_training", ref)
+    assert api("/train_status", ref)["status"] == "error"
+    assert api("/list_sessions")["sessions"][0]["training"]["status"] == "error"
+
+    run_id = api("/train_lora", {**ref, **TRAIN})["run_id"]
+    run_services.training_run_execute(run_id)  # the training worker's part, in-process
+    assert api("/train_status", ref)["status"] == "completed"
+    assert api("/list_sessions")["sessions"][0]["latest_lora"] == "lora_1.safetensors"
+
+    for lora_format in ("diffusers", "kohya"):
+        assert api("/get_lora", {**ref, "format": lora_format})["format"] == lora_format
+    uploaded = api("/upload_lora", {**ref, "lora_base64": b64(lora_bytes())})
+    assert api("/get_lora", {**ref, "iteration": uploaded["iteration"]})["iteration"] == 2
+
+    assert api("/txt2img", TXT2IMG)["lora"] is None
+    with_lora = api("/txt2img", {**TXT2IMG, "use_lora": True, **ref})
+    assert with_lora["lora"]["filename"] == "lora_2.safetensors"
+
+    assert api("/delete_session", ref)["status"] == "deleted"
+    assert {path for path, _ in schema.checked} == set(schema.document["paths"])
+
+
+def test_error_bodies_match_the_error_shape_of_each_documented_code(api, settings):
+    unknown = {"session_id": "999"}
+    api("/train_status", {"session_id": "x"}, expect=400)
+    api("/train_status", unknown, expect=404)
+    api("/get_lora", unknown, expect=404)
+    api("/delete_session", unknown, expect=404)
+    session_id = api("/create_session")["session_id"]
+    api("/cancel_training", {"session_id": session_id}, expect=409)
+    api("/txt2img", TXT2IMG, expect=503)  # no generation worker
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1024
+    big = {"session_id": session_id, "image_base64": "A" * 4096, "prompt": "x"}
+    api("/post_session_image", big, expect=413)
