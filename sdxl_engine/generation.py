@@ -11,6 +11,7 @@ import torch
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_merge import is_unet_only
+from sdxl_engine.parameters import GENERATION_DEFAULTS
 from sdxl_engine.pipelines import Pipelines
 
 # The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
@@ -23,15 +24,15 @@ def generate(
     pipelines: Pipelines,
     *,
     prompt: str,
-    negative_prompt: str = "",
-    num_images: int = 1,
-    height: int = 1024,
-    width: int = 1024,
-    guidance_scale: float = 7.0,
-    steps: int = 20,
+    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt,
+    num_images: int = GENERATION_DEFAULTS.num_images,
+    height: int = GENERATION_DEFAULTS.height,
+    width: int = GENERATION_DEFAULTS.width,
+    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
+    steps: int = GENERATION_DEFAULTS.steps,
     seed: int,
     lora_path: Path | None = None,
-    lora_scale: float = 1.0,
+    lora_scale: float = GENERATION_DEFAULTS.lora_scale,
     on_step: Callable[[int, int], None] | None = None,
 ) -> list[PIL.Image.Image]:
     """`num_images` images of `width`×`height` for `prompt`, the same for the same seed.

@@ -36,6 +36,13 @@ def test_start_needs_captioned_images():
     assert not TrainingRun.objects.exists()
 
 
+def test_start_refuses_a_parameter_the_engine_does_not_have(session_with_images):
+    with pytest.raises(ServiceError, match="unknown training parameters: stepz") as error:
+        run_services.training_run_start(session_with_images.pk, {"stepz": 3})
+    assert error.value.status == 400
+    assert not TrainingRun.objects.exists()
+
+
 def test_start_records_a_queued_run_and_enqueues_it_on_commit(
     session_with_images, settings, django_capture_on_commit_callbacks
 ):

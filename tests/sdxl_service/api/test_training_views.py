@@ -1,5 +1,6 @@
 import base64
 import hashlib
+import inspect
 
 import pytest
 import torch
@@ -7,11 +8,20 @@ from django.conf import settings
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
+from sdxl_engine.generation import generate
+from sdxl_engine.parameters import (
+    GENERATION_DEFAULTS,
+    GenerationParams,
+    TrainingParams,
+    field_names,
+)
+from sdxl_service.api import serializers as api_serializers
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
+from training_app.services.generations import GenerationRequest
 
 pytestmark = pytest.mark.django_db
 
@@ -286,3 +296,17 @@ def test_txt2img_validates_before_anything_else(api, body, field):
     assert_error(response, 400, field)
     assert response.json()["message"].startswith(field.split(":")[0])
     assert not Generation.objects.exists()
+
+
+def test_train_lora_fields_are_the_engines_training_params():
+    fields = set(api_serializers.TrainLoraSerializer().fields)
+    assert fields - {"session_id"} == field_names(TrainingParams)
+
+
+def test_txt2img_defaults_are_the_engines_and_the_services():
+    fields = api_serializers.Txt2ImgSerializer().fields
+    request = GenerationRequest(prompt="x")
+    engine = inspect.signature(generate).parameters
+    for name in field_names(GenerationParams):
+        default = getattr(GENERATION_DEFAULTS, name)
+        assert fields[name].default == getattr(request, name) == engine[name].default == default
