@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,22 +22,18 @@ import numpy as np
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import sha256_file
+from sdxl_engine.lora_keys import (
+    DOWN,
+    TARGET_PROJECTIONS,
+    UP,
+    factor_of,
+    is_target_projection,
+    split_lora_key,
+)
 
 _HEADER_LENGTH_BYTES = 8
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
 _MAX_HEADER_BYTES = 100_000_000
-# The down-projection of each LoRA pair, in PEFT, diffusers and kohya naming; its first
-# dimension is the rank.
-_DOWN_WEIGHT_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight")
-
-# The projections LoRA training targets (sdxl_engine.training.LORA_TARGET_MODULES).
-_TARGET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
-# A UNet LoRA weight as diffusers writes it (lora.down/lora.up) or PEFT does (lora_A/lora_B).
-_UNET_LORA_KEY = re.compile(
-    r"unet\.(?P<module>[\w.]+\.(?:to_q|to_k|to_v|to_out\.0))"
-    r"\.(?P<part>lora\.down|lora\.up|lora_A|lora_B)\.weight"
-)
-_DOWN_PARTS = {"lora.down", "lora_A"}
 # Float dtypes a LoRA may hold -> (bytes per value, mask of the exponent bits). A value is
 # NaN or infinite exactly when all its exponent bits are set, whatever its width.
 _FLOAT_DTYPES = {
@@ -74,10 +69,11 @@ def inspect_lora_file(path: Path) -> LoraInfo:
     path = Path(path)
     header = read_lora_header(path)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    # A down-weight's first dimension is its module's rank, in every form.
     ranks = {
         entry["shape"][0]
         for key, entry in tensors.items()
-        if key.endswith(_DOWN_WEIGHT_SUFFIXES) and entry["shape"]
+        if factor_of(key) == DOWN and entry["shape"]
     }
     return LoraInfo(
         path=path,
@@ -200,11 +196,15 @@ def check_unet_lora(
     problems: list[str] = []
     pairs: dict[str, dict[str, list[int]]] = {}
     for key, entry in sorted(tensors.items()):
-        match = _UNET_LORA_KEY.fullmatch(key)
-        if match is None:
+        lora_key = split_lora_key(key)
+        if not (
+            lora_key is not None
+            and lora_key.is_unet_factor
+            and is_target_projection(lora_key.module)
+        ):
             problems.append(
                 f"{key!r} is not a LoRA weight of a UNet attention projection "
-                f"({', '.join(_TARGET_PROJECTIONS)})"
+                f"({', '.join(TARGET_PROJECTIONS)})"
             )
             continue
         if entry["dtype"] not in _FLOAT_DTYPES:
@@ -213,16 +213,16 @@ def check_unet_lora(
         if len(entry["shape"]) != 2 or 0 in entry["shape"]:
             problems.append(f"{key} has shape {entry['shape']}, not a 2-D matrix")
             continue
-        part = "down" if match["part"] in _DOWN_PARTS else "up"
-        if part in pairs.setdefault(match["module"], {}):
-            problems.append(f"{match['module']} has two {part} weights")
-        pairs[match["module"]][part] = entry["shape"]
+        module, factor = lora_key.module, lora_key.factor
+        if factor in pairs.setdefault(module, {}):
+            problems.append(f"{module} has two {factor} weights")
+        pairs[module][factor] = entry["shape"]
     for module, parts in sorted(pairs.items()):
-        if set(parts) != {"down", "up"}:
-            missing = ({"down", "up"} - set(parts)).pop()
+        if set(parts) != {DOWN, UP}:
+            missing = ({DOWN, UP} - set(parts)).pop()
             problems.append(f"{module} has no {missing} weight")
             continue
-        (rank, in_features), (out_features, up_rank) = parts["down"], parts["up"]
+        (rank, in_features), (out_features, up_rank) = parts[DOWN], parts[UP]
         if rank != up_rank:
             problems.append(f"{module} has down rank {rank} but up rank {up_rank}")
         elif target_shapes is not None:

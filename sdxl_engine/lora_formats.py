@@ -6,7 +6,9 @@ as `text_encoder[_2].<module path>.lora_linear_layer.down.weight` / `.up.weight`
 diffusers spells them, and every module at scale 1 (alpha equal to its rank), so the
 file needs no alphas. Uploads in other forms (PEFT `lora_A`/`lora_B`, diffusers' older
 attention-processor keys, kohya) are rewritten into it with their alphas folded into the
-up-weights: the adapter computes exactly what it did.
+up-weights: the adapter computes exactly what it did. Every form's keys and each module's
+alpha are read through sdxl_engine.lora_keys, as the upload check and the in-place merge
+read them.
 
 Kohya's form (sd-scripts; read by AUTOMATIC1111, ComfyUI, diffusers) is
 `lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` /
@@ -17,8 +19,6 @@ Checking whether a file is canonical reads only its header; converting imports t
 
 from __future__ import annotations
 
-import json
-import math
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -27,20 +27,26 @@ from typing import Any
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_files import read_lora_header
+from sdxl_engine.lora_keys import (
+    ADAPTER_METADATA_KEY,
+    ALPHA,
+    DIFFUSERS,
+    DIFFUSERS_SUFFIXES,
+    DOWN,
+    KOHYA,
+    KOHYA_PREFIXES,
+    PEFT,
+    PEFT_MODEL_PREFIX,
+    PEFT_SUFFIXES,
+    UNET,
+    UP,
+    LoraKey,
+    component_of,
+    factor_of,
+    lora_scales,
+    split_lora_key,
+)
 
-UNET = "unet"
-TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
-_CANONICAL_SUFFIXES = {
-    UNET: (".lora.down.weight", ".lora.up.weight"),
-    "text_encoder": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-    "text_encoder_2": (".lora_linear_layer.down.weight", ".lora_linear_layer.up.weight"),
-}
-_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
-_KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-# PEFT's own save_pretrained puts this before every key.
-_PEFT_MODEL_PREFIX = "base_model.model."
-# diffusers keeps the PEFT adapter config of each component in this header entry.
-ADAPTER_METADATA_KEY = "lora_adapter_metadata"
 # SDXL's UNet has two resnets per down block: what sd-scripts' SDXL block numbers assume.
 SDXL_LAYERS_PER_BLOCK = 2
 KOHYA_BASE_MODEL_VERSION = "sdxl_base_v1-0"
@@ -49,21 +55,34 @@ MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
 
 def is_kohya(keys) -> bool:
-    return any(key.startswith(_KOHYA_PREFIXES) for key in keys)
+    return any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys)
 
 
 def is_canonical(path: Path) -> bool:
     """Whether the file is already in canonical form; reads the header only (no torch)."""
     header = read_lora_header(Path(path))
-    metadata = header.get("__metadata__", {})
-    keys = [key for key in header if key != "__metadata__"]
-    if not keys:
+    scales = lora_scales(header.get("__metadata__", {}))
+    entries = {key: entry for key, entry in header.items() if key != "__metadata__"}
+    if not entries or scales.has_module_patterns:
         return False
-    for key in keys:
-        component = key.split(".", 1)[0]
-        if component not in _CANONICAL_SUFFIXES or not key.endswith(_CANONICAL_SUFFIXES[component]):
+    for key, entry in entries.items():
+        lora_key = split_lora_key(key)
+        if not _is_canonical_key(lora_key):
             return False
-    return all(scale == 1.0 for scale in _adapter_scales(metadata).values())
+        if lora_key.factor == DOWN and (
+            not entry["shape"] or scales.scale(*lora_key.module_id, rank=entry["shape"][0]) != 1.0
+        ):
+            return False
+    return True
+
+
+def _is_canonical_key(lora_key: LoraKey | None) -> bool:
+    return (
+        lora_key is not None
+        and lora_key.form == DIFFUSERS
+        and lora_key.component is not None
+        and lora_key.factor != ALPHA
+    )
 
 
 def canonical_lora_file(
@@ -96,9 +115,7 @@ def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
 
     tensors, metadata = _read(path)
     kohya = to_kohya(to_canonical(tensors, metadata))
-    ranks = Counter(
-        int(tensor.shape[0]) for key, tensor in kohya.items() if key.endswith(".lora_down.weight")
-    )
+    ranks = Counter(int(tensor.shape[0]) for key, tensor in kohya.items() if factor_of(key) == DOWN)
     rank = ranks.most_common(1)[0][0]
     kohya_metadata = {
         **{k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY},
@@ -125,18 +142,14 @@ def to_kohya(tensors: dict[str, Any]) -> dict[str, Any]:
 
     peft = {}
     for key, tensor in tensors.items():
-        component = key.split(".", 1)[0]
-        down, up = _CANONICAL_SUFFIXES.get(component, (None, None))
-        if down and key.endswith(down):
-            peft[key[: -len(down)] + _PEFT_SUFFIXES[0]] = tensor
-        elif up and key.endswith(up):
-            peft[key[: -len(up)] + _PEFT_SUFFIXES[1]] = tensor
-        else:
+        lora_key = split_lora_key(key)
+        if not _is_canonical_key(lora_key):
             raise EngineError(f"{key} is not a canonical LoRA key; store the file through upload")
+        peft[lora_key.in_form(PEFT)] = tensor
     kohya = convert_state_dict_to_kohya(peft)
     # diffusers writes each alpha as an integer tensor; sd-scripts writes floats.
     return {
-        key: tensor.to(torch.float32) if key.endswith(".alpha") else tensor
+        key: tensor.to(torch.float32) if factor_of(key) == ALPHA else tensor
         for key, tensor in kohya.items()
     }
 
@@ -150,18 +163,12 @@ def to_canonical(
     if not tensors:
         raise EngineError("the file holds no tensors; upload a LoRA .safetensors file")
     if is_kohya(tensors):
-        peft = _kohya_to_peft(dict(tensors), layers_per_block)
+        peft = _kohya_to_peft(_with_scales_folded(tensors, metadata, KOHYA), layers_per_block)
     else:
-        peft = _diffusers_to_peft(dict(tensors), _adapter_scales(metadata))
-    canonical = {}
-    for key, tensor in peft.items():
-        component = key.split(".", 1)[0]
-        for peft_suffix, canonical_suffix in zip(
-            _PEFT_SUFFIXES, _CANONICAL_SUFFIXES[component], strict=True
-        ):
-            if key.endswith(peft_suffix):
-                canonical[key[: -len(peft_suffix)] + canonical_suffix] = tensor.contiguous()
-    return canonical
+        peft = _with_scales_folded(_diffusers_to_peft(tensors), metadata, PEFT)
+    return {
+        split_lora_key(key).in_form(DIFFUSERS): tensor.contiguous() for key, tensor in peft.items()
+    }
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -176,7 +183,63 @@ def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
         raise EngineError(f"{path.name} could not be read as safetensors ({error})") from error
 
 
+def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form: str) -> dict:
+    """The down/up pairs of `tensors`, all spelt in `form`, each up-weight multiplied by its
+    module's scale (lora_keys.lora_scales) and the alphas dropped: the pairs alone then
+    compute what the file did.
+
+    Raises EngineError for anything but plain pairs (DoRA, LoHa, biases...), for half
+    pairs and alphas without a pair, and for per-module alphas or ranks in the adapter
+    config: uploads have always refused those, as their patterns are regexes over module
+    paths, which kohya's form spells otherwise.
+    """
+    keys = {key: split_lora_key(key) for key in tensors}
+    others = sorted(
+        key
+        for key, lora_key in keys.items()
+        if lora_key is None or (lora_key.factor != ALPHA and lora_key.form != form)
+    )
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise EngineError(
+            f"unsupported LoRA entries ({shown}); upload a plain LoRA (no DoRA, LoHa or biases)"
+        )
+    modules = {factor: {} for factor in (DOWN, UP, ALPHA)}
+    for key, lora_key in keys.items():
+        modules[lora_key.factor][lora_key.module_id] = tensors[key]
+    # Each half needs the other; an alpha needs the pair it scales.
+    partner = {DOWN: UP, UP: DOWN, ALPHA: DOWN}
+    unmatched = sorted(
+        key
+        for key, lora_key in keys.items()
+        if lora_key.module_id not in modules[partner[lora_key.factor]]
+    )
+    if unmatched:
+        raise EngineError(
+            f"LoRA entries without their module's down/up pair: {unmatched[0]}"
+            + (f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else "")
+        )
+    scales = lora_scales(
+        metadata,
+        {module: float(alpha.float().item()) for module, alpha in modules[ALPHA].items()},
+    )
+    if scales.has_module_patterns:
+        raise EngineError(
+            "LoRA uses per-module alphas or ranks (alpha_pattern, rank_pattern); "
+            "upload a plain LoRA"
+        )
+    folded = {}
+    for key, lora_key in keys.items():
+        if lora_key.factor == UP:
+            rank = modules[DOWN][lora_key.module_id].shape[0]
+            folded[key] = _scaled(tensors[key], scales.scale(*lora_key.module_id, rank=rank))
+        elif lora_key.factor == DOWN:
+            folded[key] = tensors[key]
+    return folded
+
+
 def _kohya_to_peft(tensors: dict[str, Any], layers_per_block: int) -> dict[str, Any]:
+    """Kohya pairs (scales already folded in) in PEFT's form, through diffusers' converters."""
     from diffusers.loaders.lora_conversion_utils import (
         _convert_non_diffusers_lora_to_diffusers,
         _maybe_map_sgm_blocks_to_diffusers,
@@ -187,16 +250,6 @@ def _kohya_to_peft(tensors: dict[str, Any], layers_per_block: int) -> dict[str, 
         convert_unet_state_dict_to_peft,
     )
 
-    # Fold each module's alpha / rank into its up-weight first: the converted file then
-    # needs no alphas, and diffusers' converter sees only down/up pairs.
-    for alpha_key in [key for key in tensors if key.endswith(".alpha")]:
-        module = alpha_key[: -len(".alpha")]
-        down, up = f"{module}.lora_down.weight", f"{module}.lora_up.weight"
-        if down not in tensors or up not in tensors:
-            raise EngineError(f"kohya LoRA has {alpha_key} without its lora_down/lora_up pair")
-        alpha = float(tensors.pop(alpha_key).float().item())
-        tensors[up] = _scaled(tensors[up], alpha / tensors[down].shape[0])
-    _refuse_unsupported(tensors, {".lora_down.weight", ".lora_up.weight"})
     try:
         tensors = _maybe_map_sgm_blocks_to_diffusers(
             tensors, SimpleNamespace(layers_per_block=layers_per_block)
@@ -214,7 +267,9 @@ def _kohya_to_peft(tensors: dict[str, Any], layers_per_block: int) -> dict[str, 
     }
 
 
-def _diffusers_to_peft(tensors: dict[str, Any], scales: dict[str, float]) -> dict[str, Any]:
+def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A diffusers or PEFT LoRA, in any of diffusers' spellings, keyed in PEFT's form under
+    its component; alphas keep their keys."""
     from diffusers.utils.state_dict_utils import (
         DIFFUSERS_OLD_TO_PEFT,
         convert_state_dict,
@@ -223,80 +278,25 @@ def _diffusers_to_peft(tensors: dict[str, Any], scales: dict[str, float]) -> dic
 
     by_component: dict[str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
-        key = key.removeprefix(_PEFT_MODEL_PREFIX)
-        component = key.split(".", 1)[0]
-        if component not in _CANONICAL_SUFFIXES:
+        key = key.removeprefix(PEFT_MODEL_PREFIX)
+        component = component_of(key)
+        if component is None:
             # A bare UNet adapter, as PEFT's get_peft_model_state_dict(unet) writes it.
             component, key = UNET, f"{UNET}.{key}"
         by_component.setdefault(component, {})[key] = tensor
-    text_mapping = {**DIFFUSERS_OLD_TO_PEFT, ".lora.down": ".lora_A", ".lora.up": ".lora_B"}
+    # diffusers' text-encoder map lacks the UNet's spelling, which some text-encoder LoRAs use.
+    text_mapping = {
+        **DIFFUSERS_OLD_TO_PEFT,
+        **{DIFFUSERS_SUFFIXES[UNET][factor]: PEFT_SUFFIXES[factor] for factor in (DOWN, UP)},
+    }
     peft = {}
     for component, part in by_component.items():
-        converted = (
+        peft.update(
             convert_unet_state_dict_to_peft(part)
             if component == UNET
             else convert_state_dict(part, text_mapping)
         )
-        scale = scales.get(component, 1.0)
-        alphas = {k[: -len(".alpha")]: v for k, v in converted.items() if k.endswith(".alpha")}
-        for key, tensor in converted.items():
-            if key.endswith(_PEFT_SUFFIXES[1]):
-                module = key[: -len(_PEFT_SUFFIXES[1])]
-                if module in alphas:
-                    rank = converted[module + _PEFT_SUFFIXES[0]].shape[0]
-                    tensor = _scaled(tensor, float(alphas.pop(module).float().item()) / rank)
-                elif scale != 1.0:
-                    tensor = _scaled(tensor, scale)
-            if not key.endswith(".alpha"):
-                peft[key] = tensor
-        if alphas:
-            raise EngineError(f"LoRA has alphas without weights: {', '.join(sorted(alphas))}")
-    _refuse_unsupported(peft, set(_PEFT_SUFFIXES))
     return peft
-
-
-def _refuse_unsupported(tensors: dict[str, Any], suffixes: set[str]) -> None:
-    """Only plain LoRA pairs convert exactly; DoRA, biases and the like do not."""
-    others = sorted(key for key in tensors if not key.endswith(tuple(suffixes)))
-    if others:
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
-        raise EngineError(
-            f"unsupported LoRA entries ({shown}); upload a plain LoRA (no DoRA, LoHa or biases)"
-        )
-    halves = Counter(
-        key[: -len(suffix)] for key in tensors for suffix in suffixes if key.endswith(suffix)
-    )
-    unpaired = sorted(module for module, count in halves.items() if count != 2)
-    if unpaired:
-        raise EngineError(f"LoRA modules without both down and up weights: {unpaired[0]} ...")
-
-
-def _adapter_scales(metadata: dict[str, str]) -> dict[str, float]:
-    """Each component's LoRA scale (alpha / r) from diffusers' adapter-config header entry."""
-    raw = metadata.get(ADAPTER_METADATA_KEY)
-    if not raw:
-        return {}
-    try:
-        config = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise EngineError(f"the header's {ADAPTER_METADATA_KEY} is not JSON") from error
-    scales = {}
-    for component in (UNET, *TEXT_ENCODERS):
-        rank, alpha = config.get(f"{component}.r"), config.get(f"{component}.lora_alpha")
-        if rank is None or alpha is None:
-            continue
-        if (
-            config.get(f"{component}.alpha_pattern")
-            or config.get(f"{component}.rank_pattern")
-            or config.get(f"{component}.use_dora")
-        ):
-            raise EngineError(
-                f"LoRA uses per-module alphas or ranks, or DoRA, for its {component}; "
-                "upload a plain LoRA"
-            )
-        root = math.sqrt(rank) if config.get(f"{component}.use_rslora") else rank
-        scales[component] = alpha / root
-    return scales
 
 
 def _scaled(tensor, factor: float):

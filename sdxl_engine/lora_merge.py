@@ -11,9 +11,7 @@ them (a compiled graph, a CUDA graph) stays valid.
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,15 +19,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.lora_keys import DOWN, UNET, UP, LoraKey, lora_scales, split_lora_key
 
-# Down/up factor suffixes in diffusers (old "lora.down"/"lora.up") and PEFT naming.
-_FACTOR_SUFFIXES = {
-    ".lora.down.weight": "down",
-    ".lora.up.weight": "up",
-    ".lora_A.weight": "down",
-    ".lora_B.weight": "up",
-}
-_UNET_PREFIX = "unet."
 # LoRA files kept on the device between requests (a worker serves many sessions).
 _CACHED_LORAS = 8
 # Weights merged per batched product: bounds the float32 temporary (64 SDXL 1280x1280
@@ -56,9 +47,11 @@ def is_unet_only(path: Path) -> bool:
             keys = list(handle.keys())
     except (OSError, SafetensorError):
         return False
-    return bool(keys) and all(
-        key.startswith(_UNET_PREFIX) and key.endswith(tuple(_FACTOR_SUFFIXES)) for key in keys
-    )
+    return bool(keys) and all(_is_unet_factor(split_lora_key(key)) for key in keys)
+
+
+def _is_unet_factor(lora_key: LoraKey | None) -> bool:
+    return lora_key is not None and lora_key.is_unet_factor
 
 
 class UNetLoraMerger:
@@ -128,22 +121,24 @@ class UNetLoraMerger:
         device = next(self._unet.parameters()).device
         halves: dict[str, dict[str, torch.Tensor]] = {}
         with safe_open(str(path), framework="pt", device="cpu") as handle:
-            alpha_for = _alpha_lookup(handle.metadata() or {})
+            scales = lora_scales(handle.metadata() or {})
             for key in handle.keys():
-                suffix = next(s for s in _FACTOR_SUFFIXES if key.endswith(s))
-                name = key[len(_UNET_PREFIX) : -len(suffix)]
+                lora_key = split_lora_key(key)
+                if not _is_unet_factor(lora_key):
+                    raise EngineError(f"LoRA {path.name} has {key}, which is no UNet LoRA weight")
+                name = lora_key.module
                 if name not in self._modules or not hasattr(self._modules[name], "weight"):
                     raise EngineError(
                         f"LoRA {path.name} names {name}, which this SDXL base model does not "
                         "have; it was made for another model"
                     )
                 tensor = handle.get_tensor(key).to(device, torch.float32)
-                halves.setdefault(name, {})[_FACTOR_SUFFIXES[suffix]] = tensor.flatten(1)
+                halves.setdefault(name, {})[lora_key.factor] = tensor.flatten(1)
         by_shape: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
         for name, pair in sorted(halves.items()):
-            if set(pair) != {"down", "up"}:
+            if set(pair) != {DOWN, UP}:
                 raise EngineError(f"LoRA {path.name} has only half of the pair for {name}")
-            up, down = pair["up"], pair["down"]
+            up, down = pair[UP], pair[DOWN]
             shape = tuple(self._weight(name).shape)
             rank = down.shape[0]
             if up.shape[1] != rank or (up.shape[0], down.shape[1]) != shape:
@@ -151,7 +146,7 @@ class UNetLoraMerger:
                     f"LoRA {path.name}: the factors of {name} ({tuple(up.shape)} x "
                     f"{tuple(down.shape)}) do not fit its weight of shape {shape}"
                 )
-            up = up * (alpha_for(name, rank) / rank)
+            up = up * scales.scale(UNET, name, rank)
             by_shape.setdefault((shape, rank), []).append((name, up, down))
         return [
             _Group(
@@ -161,24 +156,3 @@ class UNetLoraMerger:
             )
             for members in by_shape.values()
         ]
-
-
-def _alpha_lookup(metadata: dict[str, str]) -> Callable[[str, int], float]:
-    """alpha for a module, from the PEFT adapter config diffusers writes into the header.
-
-    Without one, alpha equals the rank (scale 1), as diffusers itself assumes.
-    """
-    try:
-        config = json.loads(metadata.get("lora_adapter_metadata") or "{}")
-    except json.JSONDecodeError:
-        config = {}
-    alpha = config.get("lora_alpha")
-    patterns = config.get("alpha_pattern") or {}
-
-    def alpha_for(name: str, rank: int) -> float:
-        for pattern, value in patterns.items():
-            if name.endswith(pattern):
-                return float(value)
-        return float(alpha if alpha is not None else rank)
-
-    return alpha_for

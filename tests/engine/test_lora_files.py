@@ -47,6 +47,27 @@ def test_detects_rank_of_kohya_style_files(tmp_path: Path) -> None:
     assert (info.rank, info.key_count, info.metadata) == (8, 2, {})
 
 
+@pytest.mark.parametrize(("text_encoder_rank", "rank"), [(8, 8), (4, None)])
+def test_rank_counts_the_down_weights_of_every_component(
+    tmp_path: Path, text_encoder_rank: int, rank: int | None
+) -> None:
+    path = tmp_path / "with_text_encoder.safetensors"
+    save_file(
+        {
+            "unet.mid_block.attentions.0.proj_in.lora.down.weight": torch.zeros(8, 16),
+            "unet.mid_block.attentions.0.proj_in.lora.up.weight": torch.zeros(16, 8),
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.down.weight": (
+                torch.zeros(text_encoder_rank, 16)
+            ),
+            "text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_linear_layer.up.weight": (
+                torch.zeros(16, text_encoder_rank)
+            ),
+        },
+        str(path),
+    )
+    assert inspect_lora_file(path).rank == rank
+
+
 @pytest.mark.parametrize(
     "content",
     [

@@ -7,9 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load, load_file, save_file
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation import generate
 from sdxl_engine.lora_files import read_lora_metadata
 from sdxl_engine.lora_formats import (
     ADAPTER_METADATA_KEY,
@@ -19,7 +21,12 @@ from sdxl_engine.lora_formats import (
     to_canonical,
     to_kohya,
 )
+from sdxl_engine.lora_merge import is_unet_only
 from sdxl_engine.pipelines import Pipelines
+
+from .conftest import STRONG_LORA_PARAMS
+from .test_generation import SMALL, _close
+from .test_lora_merge import write_diffusers_lora_with_alpha_twice_rank
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -137,6 +144,74 @@ def test_kohya_with_sd_scripts_block_numbers_converts_for_the_unet_layout(
     )
 
 
+def write_kohya_lora_with_alpha_twice_rank(trained_lora: Path, path: Path) -> Path:
+    """The trained adapter in kohya's form as sd-scripts writes one trained with
+    network_alpha = 2 x network_dim: each alpha twice its rank, up-weights halved (so it
+    computes the same)."""
+    rewritten = {}
+    for key, tensor in to_kohya(load_file(trained_lora)).items():
+        if key.endswith(".alpha"):
+            assert tensor.item() == STRONG_LORA_PARAMS.rank  # to_kohya writes alpha = rank
+            tensor = tensor * 2
+        elif key.endswith(".lora_up.weight"):
+            tensor = tensor / 2
+        rewritten[key] = tensor
+    save_file(rewritten, str(path))
+    return path
+
+
+def test_kohya_with_alpha_twice_rank_converts_to_the_same_adapter(
+    trained_lora: Path, tmp_path: Path
+) -> None:
+    kohya = write_kohya_lora_with_alpha_twice_rank(trained_lora, tmp_path / "kohya.safetensors")
+    converted = tmp_path / "converted.safetensors"
+
+    canonical_lora_file(kohya, converted)
+
+    original, back = load_file(trained_lora), load_file(converted)
+    assert back.keys() == original.keys()
+    assert all(torch.equal(back[key], original[key]) for key in original)
+    assert is_canonical(converted)
+
+
+def _generated_with_stock_lora(pipelines: Pipelines, lora: Path, **request) -> list[Image.Image]:
+    """generate's images with `lora` loaded into the Base beforehand by stock diffusers'
+    `load_lora_weights` (generate itself is given no LoRA): the reference for ours."""
+    pipelines.base.load_lora_weights(str(lora))
+    try:
+        return generate(pipelines, **request)
+    finally:
+        pipelines.base.unload_lora_weights()
+
+
+@pytest.mark.parametrize("stored_as", ["diffusers", "kohya", "kohya converted"])
+def test_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
+    pipelines: Pipelines, trained_lora: Path, tmp_path: Path, stored_as: str
+) -> None:
+    """The trained adapter rewritten with alpha = 2 x rank and halved up-weights, as a
+    session may hold it: diffusers' file found on disk (merged in place), kohya's found on
+    disk (loaded through PEFT), kohya's stored by upload (converted, then merged)."""
+    if stored_as == "diffusers":
+        source = write_diffusers_lora_with_alpha_twice_rank(trained_lora, tmp_path)
+    else:
+        source = write_kohya_lora_with_alpha_twice_rank(trained_lora, tmp_path / "k.safetensors")
+    lora = source
+    if stored_as == "kohya converted":
+        lora = tmp_path / "converted.safetensors"
+        canonical_lora_file(source, lora)
+    # generate merges what the trainer's form allows in place; kohya's goes through PEFT.
+    assert is_unet_only(lora) == (stored_as != "kohya")
+    request = {"prompt": "a red square", "seed": 9, **SMALL}
+
+    stock = _generated_with_stock_lora(pipelines, source, **request)
+    ours = generate(pipelines, lora_path=lora, **request)
+    # Reading alpha as the rank would leave the halved up-weights: the adapter at half scale.
+    alpha_ignored = generate(pipelines, lora_path=trained_lora, lora_scale=0.5, **request)
+
+    assert _close(ours, stock)
+    assert not _close(alpha_ignored, stock)
+
+
 def test_kohya_alpha_is_folded_into_the_up_weights() -> None:
     down, up = torch.randn(4, 16), torch.randn(16, 4)
     kohya = {
@@ -193,6 +268,45 @@ def test_peft_file_with_its_adapter_config_converts_with_the_same_effect(
     np.testing.assert_allclose(
         _base_image(pipelines, peft_file), _base_image(pipelines, converted_file), atol=1e-5
     )
+
+
+def test_an_unprefixed_config_scales_a_bare_peft_adapter() -> None:
+    """As PEFT's get_peft_model_state_dict(unet) and its LoraConfig write one model's adapter:
+    no component before the keys or the config's fields."""
+    down, up = torch.randn(4, 16), torch.randn(16, 4)
+    bare = {
+        "mid_block.attentions.0.proj_in.lora_A.weight": down,
+        "mid_block.attentions.0.proj_in.lora_B.weight": up,
+    }
+    config = json.dumps({"r": 4, "lora_alpha": 8})
+
+    canonical = to_canonical(bare, {ADAPTER_METADATA_KEY: config})
+
+    assert canonical.keys() == {
+        "unet.mid_block.attentions.0.proj_in.lora.down.weight",
+        "unet.mid_block.attentions.0.proj_in.lora.up.weight",
+    }
+    assert torch.equal(canonical["unet.mid_block.attentions.0.proj_in.lora.up.weight"], up * 2)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"unet.r": 4, "unet.lora_alpha": 4, "unet.alpha_pattern": {"to_q": 8}},
+        {"unet.r": 4, "unet.lora_alpha": 4, "unet.rank_pattern": {"to_q": 2}},
+        {"unet.r": 4, "unet.lora_alpha": 4, "unet.use_dora": True},
+    ],
+    ids=["alpha-pattern", "rank-pattern", "dora"],
+)
+def test_per_module_alphas_or_ranks_and_dora_in_the_config_are_refused(
+    trained_lora: Path, tmp_path: Path, config: dict
+) -> None:
+    source, target = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    metadata = {ADAPTER_METADATA_KEY: json.dumps(config)}
+    save_file(load_file(trained_lora), str(source), metadata=metadata)
+    with pytest.raises(EngineError, match="per-module alphas or ranks|DoRA"):
+        canonical_lora_file(source, target)
+    assert not target.exists()
 
 
 @pytest.mark.parametrize(

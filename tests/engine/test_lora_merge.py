@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,8 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.lora_files import read_lora_metadata
+from sdxl_engine.lora_keys import ADAPTER_METADATA_KEY
 from sdxl_engine.lora_merge import UNetLoraMerger, is_unet_only
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
@@ -28,24 +31,86 @@ def _unet_output(unet: torch.nn.Module, seed: int = 0) -> torch.Tensor:
         return unet(latents, 500, encoder_hidden_states=text, added_cond_kwargs=added).sample
 
 
+def _relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def _stock_output(pipeline: StableDiffusionXLPipeline, lora: Path) -> torch.Tensor:
+    """The UNet's output with `lora` loaded by stock diffusers (PEFT layers), unloaded after."""
+    pipeline.load_lora_weights(str(lora))
+    try:
+        return _unet_output(pipeline.unet)
+    finally:
+        pipeline.unload_lora_weights()
+
+
+def _merged_output(unet: torch.nn.Module, lora: Path) -> torch.Tensor:
+    """The UNet's output with `lora` merged into its weights in place, restored after."""
+    merger = UNetLoraMerger(unet)
+    merger.merge(lora)
+    try:
+        return _unet_output(unet)
+    finally:
+        merger.restore()
+
+
+def write_diffusers_lora_with_alpha_twice_rank(trained_lora: Path, folder: Path) -> Path:
+    """The trained adapter as diffusers' `save_lora_weights` writes one trained with
+    lora_alpha = 2 x r: up-weights halved (so it computes the same), and the adapter config,
+    prefixed with its component (`unet.lora_alpha`, `unet.r`), in the header."""
+    config = json.loads(read_lora_metadata(trained_lora)[ADAPTER_METADATA_KEY])
+    unet_config = {
+        key.removeprefix("unet."): value for key, value in config.items() if key.startswith("unet.")
+    }
+    unet_config["lora_alpha"] = 2 * unet_config["r"]
+    layers = {
+        key.removeprefix("unet."): (tensor / 2 if key.endswith(".up.weight") else tensor)
+        for key, tensor in load_file(trained_lora).items()
+    }
+    StableDiffusionXLPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=layers,
+        unet_lora_adapter_metadata=unet_config,
+        weight_name="alpha_twice_rank.safetensors",
+    )
+    return folder / "alpha_twice_rank.safetensors"
+
+
+@pytest.fixture(scope="module")
+def stock_pipeline(tiny_source: ModelSource) -> StableDiffusionXLPipeline:
+    return StableDiffusionXLPipeline.from_pretrained(tiny_source.base)
+
+
 def test_merged_lora_computes_what_stock_diffusers_computes(
-    tiny_source: ModelSource, trained_lora: Path
+    stock_pipeline: StableDiffusionXLPipeline, trained_lora: Path
 ) -> None:
-    stock = StableDiffusionXLPipeline.from_pretrained(tiny_source.base)
-    plain = _unet_output(stock.unet)
-    stock.load_lora_weights(str(trained_lora))
-    with_peft_layers = _unet_output(stock.unet)
-    stock.unload_lora_weights()
+    plain = _unet_output(stock_pipeline.unet)
+    with_peft_layers = _stock_output(stock_pipeline, trained_lora)
+    merged = _merged_output(stock_pipeline.unet, trained_lora)
 
-    merger = UNetLoraMerger(stock.unet)
-    merger.merge(trained_lora)
-    merged = _unet_output(stock.unet)
-    merger.restore()
-
-    relative_error = (merged - with_peft_layers).norm() / with_peft_layers.norm()
-    assert relative_error < 1e-5
+    assert _relative_error(merged, with_peft_layers) < 1e-5
     assert (with_peft_layers - plain).abs().max() > 1e-3  # the LoRA does change the output
-    assert torch.equal(_unet_output(stock.unet), plain)
+    assert torch.equal(_unet_output(stock_pipeline.unet), plain)
+
+
+def test_alpha_in_diffusers_adapter_metadata_is_merged_at_stock_strength(
+    stock_pipeline: StableDiffusionXLPipeline, trained_lora: Path, tmp_path: Path
+) -> None:
+    lora = write_diffusers_lora_with_alpha_twice_rank(trained_lora, tmp_path)
+    config = json.loads(read_lora_metadata(lora)[ADAPTER_METADATA_KEY])
+    assert (config["unet.r"], config["unet.lora_alpha"]) == (4, 8)
+    # The same factors read as if alpha were the rank, as happens when the metadata is missed.
+    alpha_missed = tmp_path / "alpha_missed.safetensors"
+    save_file(load_file(lora), str(alpha_missed))
+
+    stock = _stock_output(stock_pipeline, lora)
+    merged = _merged_output(stock_pipeline.unet, lora)
+    merged_without_alpha = _merged_output(stock_pipeline.unet, alpha_missed)
+
+    assert _relative_error(merged, stock) < 1e-5
+    assert _relative_error(merged_without_alpha, stock) > 0.1
+    # Alpha 8 on halved up-weights is the trained adapter itself.
+    assert _relative_error(stock, _stock_output(stock_pipeline, trained_lora)) < 1e-5
 
 
 def test_restore_gives_back_the_exact_weights_and_scale_applies(

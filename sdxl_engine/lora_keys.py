@@ -1,0 +1,264 @@
+"""The one table of LoRA key spellings, and the one reader of each module's LoRA scale.
+
+A LoRA file names each module's factors in one of these forms:
+
+- diffusers (what the service stores): `unet.<module>.lora.down.weight` / `.lora.up.weight`,
+  and for the text encoders `text_encoder[_2].<module>.lora_linear_layer.down.weight` /
+  `.up.weight`;
+- PEFT: `<component>.<module>.lora_A.weight` / `.lora_B.weight`, or without the component
+  for one model's adapter (PEFT's `get_peft_model_state_dict`, diffusers'
+  `save_lora_adapter`), or behind `base_model.model.` (PEFT's `save_pretrained`);
+- kohya (sd-scripts): `lora_unet_` / `lora_te1_` / `lora_te2_` / `lora_te_` and the module
+  path with underscores for dots, then `.lora_down.weight` / `.lora_up.weight` / `.alpha`.
+
+A module's LoRA adds `alpha / rank * up @ down` to its weight (`alpha / sqrt(rank)` with
+rsLoRA). alpha comes from a kohya-style `.alpha` tensor, or from the PEFT adapter config
+diffusers keeps in the header, or, with neither, equals the rank (scale 1), as diffusers
+assumes. Reading tensors needs torch, so callers pass the alpha tensors' values in.
+
+Neither torch nor diffusers is imported here: the web process checks uploads with this table.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sdxl_engine.errors import EngineError
+
+UNET = "unet"
+TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
+COMPONENTS = (UNET, *TEXT_ENCODERS)
+
+# The forms a key may be spelt in (see the module docstring).
+DIFFUSERS = "diffusers"
+PEFT = "peft"
+PEFT_MODEL = "peft_model"  # PEFT behind `base_model.model.`
+KOHYA = "kohya"
+
+# The factors of a module's LoRA: down (rank x in), up (out x rank) and its alpha.
+DOWN = "down"
+UP = "up"
+ALPHA = "alpha"
+
+_DIFFUSERS_UNET_SUFFIXES = {DOWN: ".lora.down.weight", UP: ".lora.up.weight"}
+_DIFFUSERS_TEXT_ENCODER_SUFFIXES = {
+    DOWN: ".lora_linear_layer.down.weight",
+    UP: ".lora_linear_layer.up.weight",
+}
+# Keys without a component are one model's adapter, which conversion reads as the UNet's
+# (sdxl_engine.lora_formats): they take the UNet's spelling.
+DIFFUSERS_SUFFIXES = {
+    None: _DIFFUSERS_UNET_SUFFIXES,
+    UNET: _DIFFUSERS_UNET_SUFFIXES,
+    **{component: _DIFFUSERS_TEXT_ENCODER_SUFFIXES for component in TEXT_ENCODERS},
+}
+PEFT_SUFFIXES = {DOWN: ".lora_A.weight", UP: ".lora_B.weight"}
+KOHYA_SUFFIXES = {DOWN: ".lora_down.weight", UP: ".lora_up.weight", ALPHA: ".alpha"}
+# diffusers spells the alphas it reads from kohya files (its "network alphas") this way.
+ALPHA_SUFFIX = KOHYA_SUFFIXES[ALPHA]
+# sd-scripts' prefixes; `lora_te_` is the one text encoder of SD 1.x files.
+KOHYA_PREFIXES = {
+    "lora_unet_": UNET,
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "lora_te_": "text_encoder",
+}
+PEFT_MODEL_PREFIX = "base_model.model."
+
+# The projections LoRA training targets (sdxl_engine.training.LORA_TARGET_MODULES).
+TARGET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+_TARGET_MODULE = re.compile(
+    r"[\w.]+\.(?:" + "|".join(re.escape(name) for name in TARGET_PROJECTIONS) + ")"
+)
+
+# diffusers keeps the PEFT adapter config of each component in this header entry, its
+# fields prefixed with the component (`unet.lora_alpha`); PEFT and diffusers'
+# `save_lora_adapter` write one model's config there unprefixed (`lora_alpha`).
+ADAPTER_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass(frozen=True)
+class LoraKey:
+    """One tensor key of a LoRA file, split into what it names."""
+
+    form: str  # DIFFUSERS, PEFT, PEFT_MODEL or KOHYA
+    component: str | None  # None: a single model's adapter, keyed without a component
+    module: str  # the module path; in kohya's form, with underscores for dots
+    factor: str  # DOWN, UP or ALPHA
+
+    @property
+    def module_id(self) -> tuple[str | None, str]:
+        """What the down, up and alpha keys of one module have in common."""
+        return self.component, self.module
+
+    @property
+    def is_unet_factor(self) -> bool:
+        """A down or up weight of a UNet module in diffusers' or PEFT's spelling under
+        `unet.`: what the service stores, checks and merges into the UNet."""
+        return self.component == UNET and self.factor != ALPHA and self.form in (DIFFUSERS, PEFT)
+
+    def in_form(self, form: str) -> str:
+        """This down or up key spelt in diffusers' form (DIFFUSERS) or PEFT's (PEFT)."""
+        suffixes = DIFFUSERS_SUFFIXES[self.component] if form == DIFFUSERS else PEFT_SUFFIXES
+        head = f"{self.component}." if self.component else ""
+        return head + self.module + suffixes[self.factor]
+
+
+def component_of(key: str) -> str | None:
+    """The component a (non-kohya) key starts with, or None for one model's adapter."""
+    first = key.split(".", 1)[0]
+    return first if first in COMPONENTS else None
+
+
+def split_lora_key(key: str) -> LoraKey | None:
+    """What `key` names, or None when it is no LoRA factor in a form above (diffusers'
+    older attention-processor keys, DoRA magnitudes, LoHa factors, biases...)."""
+    for prefix, component in KOHYA_PREFIXES.items():
+        if key.startswith(prefix):
+            return _split_suffix(key, KOHYA, component, len(prefix), KOHYA_SUFFIXES)
+    form = PEFT_MODEL if key.startswith(PEFT_MODEL_PREFIX) else None
+    rest = key.removeprefix(PEFT_MODEL_PREFIX)
+    component = component_of(rest)
+    start = len(key) - len(rest) + (len(component) + 1 if component else 0)
+    if rest.endswith(ALPHA_SUFFIX):
+        return _split_suffix(key, form or DIFFUSERS, component, start, {ALPHA: ALPHA_SUFFIX})
+    peft = _split_suffix(key, form or PEFT, component, start, PEFT_SUFFIXES)
+    if peft is not None or form is not None:
+        return peft
+    return _split_suffix(key, DIFFUSERS, component, start, DIFFUSERS_SUFFIXES[component])
+
+
+def _split_suffix(
+    key: str, form: str, component: str | None, start: int, suffixes: Mapping[str, str]
+) -> LoraKey | None:
+    for factor, suffix in suffixes.items():
+        if key.endswith(suffix) and len(key) - len(suffix) > start:
+            return LoraKey(form, component, key[start : -len(suffix)], factor)
+    return None
+
+
+def factor_of(key: str) -> str | None:
+    """DOWN, UP or ALPHA for a LoRA factor's key in any form; None for any other key."""
+    lora_key = split_lora_key(key)
+    return lora_key.factor if lora_key is not None else None
+
+
+def is_target_projection(module: str) -> bool:
+    """Whether the module path ends in an attention projection LoRA training targets."""
+    return _TARGET_MODULE.fullmatch(module) is not None
+
+
+@dataclass(frozen=True)
+class _AdapterConfig:
+    """The fields of a PEFT LoraConfig that set a module's scale."""
+
+    lora_alpha: float | None
+    alpha_pattern: tuple[tuple[re.Pattern, float], ...]
+    has_rank_pattern: bool
+    use_rslora: bool
+
+    def alpha(self, module: str, rank: int) -> float:
+        """The module's alpha the way PEFT picks it (peft.utils.other.get_pattern_key): the
+        first pattern that matches the end of the module path, whole dotted names only."""
+        for pattern, alpha in self.alpha_pattern:
+            if pattern.match(module):
+                return alpha
+        return self.lora_alpha if self.lora_alpha is not None else float(rank)
+
+
+@dataclass(frozen=True)
+class LoraScales:
+    """The scale (alpha / rank) of each module of one LoRA file: see lora_scales."""
+
+    alphas: Mapping[tuple[str | None, str], float]
+    configs: Mapping[str | None, _AdapterConfig]  # by component; None: unprefixed
+
+    @property
+    def has_module_patterns(self) -> bool:
+        """Whether an adapter config sets alphas or ranks per module (alpha_pattern,
+        rank_pattern)."""
+        return any(
+            config.alpha_pattern or config.has_rank_pattern for config in self.configs.values()
+        )
+
+    def scale(self, component: str | None, module: str, rank: int) -> float:
+        """The factor `up @ down` of the module is multiplied by; `rank` is its down-weight's
+        first dimension."""
+        alpha = self.alphas.get((component, module))
+        if alpha is not None:
+            return alpha / rank
+        config = self.configs.get(component) or self.configs.get(None)
+        if config is None:
+            return 1.0
+        return config.alpha(module, rank) / (math.sqrt(rank) if config.use_rslora else rank)
+
+
+def lora_scales(
+    metadata: Mapping[str, str], alphas: Mapping[tuple[str | None, str], float] | None = None
+) -> LoraScales:
+    """Each module's scale in a LoRA file, from wherever the file keeps its alphas.
+
+    `metadata` is the file's header metadata; `alphas` maps the module_id of each `.alpha`
+    tensor to its value (kohya's form, and diffusers' spelling of it). A module's own alpha
+    tensor wins; then its component's adapter config (`unet.lora_alpha`, `unet.r`,
+    `unet.alpha_pattern`, `unet.use_rslora`...); then an unprefixed config (`lora_alpha`...),
+    a single model's, which applies to every module; with none, alpha is the rank.
+
+    Raises EngineError for a config that is not one, or one that uses DoRA: a DoRA module's
+    effect is no scaled `up @ down`.
+    """
+    raw = metadata.get(ADAPTER_METADATA_KEY)
+    try:
+        config = json.loads(raw) if raw else {}
+    except json.JSONDecodeError as error:
+        raise EngineError(f"the header's {ADAPTER_METADATA_KEY} is not JSON") from error
+    if not isinstance(config, dict):
+        raise _not_a_config("it is not a JSON object")
+    fields: dict[str | None, dict] = {}
+    for key, value in config.items():
+        component = component_of(key)
+        name = key.removeprefix(f"{component}.") if component else key
+        fields.setdefault(component, {})[name] = value
+    return LoraScales(
+        alphas=dict(alphas or {}),
+        configs={component: _adapter_config(component, own) for component, own in fields.items()},
+    )
+
+
+def _adapter_config(component: str | None, fields: dict) -> _AdapterConfig:
+    if fields.get("use_dora"):
+        raise EngineError(
+            f"LoRA uses DoRA for its {component or 'model'}, which this service cannot apply; "
+            "upload a plain LoRA"
+        )
+    alpha_pattern = fields.get("alpha_pattern") or {}
+    if not isinstance(alpha_pattern, dict):
+        raise _not_a_config("its alpha_pattern is not a map")
+    try:
+        patterns = tuple(
+            (re.compile(rf"(.*\.)?({pattern})$"), _number(alpha, f"alpha_pattern[{pattern!r}]"))
+            for pattern, alpha in alpha_pattern.items()
+        )
+    except re.error as error:
+        raise _not_a_config(f"its alpha_pattern holds an invalid pattern ({error})") from error
+    alpha = fields.get("lora_alpha")
+    return _AdapterConfig(
+        lora_alpha=None if alpha is None else _number(alpha, "lora_alpha"),
+        alpha_pattern=patterns,
+        has_rank_pattern=bool(fields.get("rank_pattern")),
+        use_rslora=bool(fields.get("use_rslora")),
+    )
+
+
+def _number(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise _not_a_config(f"its {name} is not a number")
+    return float(value)
+
+
+def _not_a_config(detail: str) -> EngineError:
+    return EngineError(f"the header's {ADAPTER_METADATA_KEY} is no LoRA adapter config: {detail}")
