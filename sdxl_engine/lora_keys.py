@@ -69,7 +69,7 @@ KOHYA_PREFIXES = {
 }
 PEFT_MODEL_PREFIX = "base_model.model."
 
-# The projections LoRA training targets (sdxl_engine.training.LORA_TARGET_MODULES).
+# The projections LoRA training targets (sdxl_engine.training uses this list).
 TARGET_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 _TARGET_MODULE = re.compile(
     r"[\w.]+\.(?:" + "|".join(re.escape(name) for name in TARGET_PROJECTIONS) + ")"

@@ -26,11 +26,13 @@ from safetensors.torch import save as safetensors_bytes
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
+from sdxl_engine.lora_keys import TARGET_PROJECTIONS
 from sdxl_engine.parameters import TrainingParams
 from sdxl_engine.pipelines import Pipelines
 
 ADAPTER_NAME = "sdxl_service_training"
-LORA_TARGET_MODULES = ["to_k", "to_q", "to_v", "to_out.0"]
+# The attention projections of the key table: what uploads are checked against.
+LORA_TARGET_MODULES = list(TARGET_PROJECTIONS)
 # Clip LoRA gradients like diffusers' SDXL LoRA training script: one bad batch cannot
 # throw the weights far.
 MAX_GRAD_NORM = 1.0

@@ -10,11 +10,11 @@ PACKAGE_DIR = Path(sdxl_engine.__file__).parent
 
 
 def test_light_modules_do_not_import_torch() -> None:
-    # The web process imports these (errors, model choice, dataset and LoRA file checks);
-    # it must not pay for torch or diffusers.
+    # The web process imports these (errors, model choice, dataset and LoRA file checks, the
+    # LoRA key table, request parameters): it must not pay for torch or diffusers.
     code = (
         "import sys, sdxl_engine, sdxl_engine.source, sdxl_engine.dataset, sdxl_engine.lora_files,"
-        " sdxl_engine.lora_formats;"
+        " sdxl_engine.lora_formats, sdxl_engine.lora_keys, sdxl_engine.parameters;"
         "heavy = sorted({'torch', 'diffusers', 'transformers'} & set(sys.modules)); print(heavy)"
     )
     result = subprocess.run(
