@@ -10,6 +10,7 @@ from PIL import Image
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import generate
 from sdxl_engine.pipelines import Pipelines
+from tests.helpers import images_close
 
 SMALL = {"height": 48, "width": 64, "steps": 5}
 
@@ -20,14 +21,6 @@ def _pixels(images: list[Image.Image]) -> list[np.ndarray]:
 
 def _same(first: list[Image.Image], second: list[Image.Image]) -> bool:
     return all(np.array_equal(a, b) for a, b in zip(_pixels(first), _pixels(second), strict=True))
-
-
-def _close(first: list[Image.Image], second: list[Image.Image]) -> bool:
-    """Equal up to float rounding: compiled kernels sum in another order than eager ones."""
-    return all(
-        np.abs(a.astype(int) - b.astype(int)).max() <= 2
-        for a, b in zip(_pixels(first), _pixels(second), strict=True)
-    )
 
 
 def _compiled_graphs() -> int:
@@ -144,9 +137,9 @@ def test_compiled_pipelines_compute_what_eager_ones_do_lora_merged_included(
     compiled_plain = generate(compiled_pipelines, **request)
     compiled_lora = generate(compiled_pipelines, lora_path=trained_lora, **request)
 
-    assert _close(compiled_plain, generate(pipelines, **request))
+    assert images_close(compiled_plain, generate(pipelines, **request))
     # The LoRA is merged into the weights the compiled graphs read, in place.
-    assert _close(compiled_lora, generate(pipelines, lora_path=trained_lora, **request))
+    assert images_close(compiled_lora, generate(pipelines, lora_path=trained_lora, **request))
     assert not _same(compiled_plain, compiled_lora)
     assert _compiled_graphs() == graphs_before  # warm_up compiled everything needed
 
@@ -165,5 +158,5 @@ def test_compiled_pipelines_run_other_sizes_eagerly_instead_of_compiling(
     )
 
     assert _compiled_graphs() == graphs_before
-    assert _close(other_size, generate(pipelines, prompt="a red square", seed=5, **SMALL))
+    assert images_close(other_size, generate(pipelines, prompt="a red square", seed=5, **SMALL))
     assert len(two_images) == 2

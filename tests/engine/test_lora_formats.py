@@ -23,10 +23,13 @@ from sdxl_engine.lora_formats import (
 )
 from sdxl_engine.lora_merge import is_unet_only
 from sdxl_engine.pipelines import Pipelines
+from tests.helpers import images_close
+from tests.lora_variants import (
+    write_diffusers_lora_with_alpha_twice_rank,
+    write_kohya_lora_with_alpha_twice_rank,
+)
 
-from .conftest import STRONG_LORA_PARAMS
-from .test_generation import SMALL, _close
-from .test_lora_merge import write_diffusers_lora_with_alpha_twice_rank
+from .test_generation import SMALL
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
 
@@ -144,22 +147,6 @@ def test_kohya_with_sd_scripts_block_numbers_converts_for_the_unet_layout(
     )
 
 
-def write_kohya_lora_with_alpha_twice_rank(trained_lora: Path, path: Path) -> Path:
-    """The trained adapter in kohya's form as sd-scripts writes one trained with
-    network_alpha = 2 x network_dim: each alpha twice its rank, up-weights halved (so it
-    computes the same)."""
-    rewritten = {}
-    for key, tensor in to_kohya(load_file(trained_lora)).items():
-        if key.endswith(".alpha"):
-            assert tensor.item() == STRONG_LORA_PARAMS.rank  # to_kohya writes alpha = rank
-            tensor = tensor * 2
-        elif key.endswith(".lora_up.weight"):
-            tensor = tensor / 2
-        rewritten[key] = tensor
-    save_file(rewritten, str(path))
-    return path
-
-
 def test_kohya_with_alpha_twice_rank_converts_to_the_same_adapter(
     trained_lora: Path, tmp_path: Path
 ) -> None:
@@ -208,8 +195,8 @@ def test_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
     # Reading alpha as the rank would leave the halved up-weights: the adapter at half scale.
     alpha_ignored = generate(pipelines, lora_path=trained_lora, lora_scale=0.5, **request)
 
-    assert _close(ours, stock)
-    assert not _close(alpha_ignored, stock)
+    assert images_close(ours, stock)
+    assert not images_close(alpha_ignored, stock)
 
 
 def test_kohya_alpha_is_folded_into_the_up_weights() -> None:

@@ -14,6 +14,7 @@ from sdxl_engine.lora_keys import ADAPTER_METADATA_KEY
 from sdxl_engine.lora_merge import UNetLoraMerger, is_unet_only
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
+from tests.lora_variants import write_diffusers_lora_with_alpha_twice_rank
 
 
 def _unet_output(unet: torch.nn.Module, seed: int = 0) -> torch.Tensor:
@@ -52,28 +53,6 @@ def _merged_output(unet: torch.nn.Module, lora: Path) -> torch.Tensor:
         return _unet_output(unet)
     finally:
         merger.restore()
-
-
-def write_diffusers_lora_with_alpha_twice_rank(trained_lora: Path, folder: Path) -> Path:
-    """The trained adapter as diffusers' `save_lora_weights` writes one trained with
-    lora_alpha = 2 x r: up-weights halved (so it computes the same), and the adapter config,
-    prefixed with its component (`unet.lora_alpha`, `unet.r`), in the header."""
-    config = json.loads(read_lora_metadata(trained_lora)[ADAPTER_METADATA_KEY])
-    unet_config = {
-        key.removeprefix("unet."): value for key, value in config.items() if key.startswith("unet.")
-    }
-    unet_config["lora_alpha"] = 2 * unet_config["r"]
-    layers = {
-        key.removeprefix("unet."): (tensor / 2 if key.endswith(".up.weight") else tensor)
-        for key, tensor in load_file(trained_lora).items()
-    }
-    StableDiffusionXLPipeline.save_lora_weights(
-        folder,
-        unet_lora_layers=layers,
-        unet_lora_adapter_metadata=unet_config,
-        weight_name="alpha_twice_rank.safetensors",
-    )
-    return folder / "alpha_twice_rank.safetensors"
 
 
 @pytest.fixture(scope="module")

@@ -1,16 +1,21 @@
 import io
 import json
 import re
+import shutil
 
 import pytest
 from django.utils import timezone
 from PIL import Image
 
 from core.errors import ServiceError
+from datadir_app.rescan import rescan_session
+from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
-from tests.helpers import image_bytes
-from training_app.models import Generation
+from sessions_app import storage
+from tests.helpers import image_bytes, images_close
+from training_app.models import Generation, LoraArtifact
 from training_app.services import generations
+from training_app.services import loras as lora_services
 from training_app.services import runs as run_services
 from training_app.services.generations import GenerationRequest
 
@@ -162,3 +167,69 @@ def test_wait_times_out_with_504(generation_worker):
     with pytest.raises(ServiceError) as error:
         generations.generation_wait(generation.pk, timeout_s=0.3)
     assert error.value.status == 504
+
+
+# A LoRA strong enough that its strength shows in a 64x64 image after 5 steps.
+STRONG_TRAINING = {
+    "steps": 4,
+    "batch_size": 2,
+    "learning_rate": 5e-2,
+    "rank": 4,
+    "resolution": 64,
+    "seed": 7,
+}
+
+
+@pytest.mark.parametrize(
+    "arrives_as", ["diffusers file found by rescan", "kohya file found by rescan", "kohya upload"]
+)
+def test_a_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
+    generation_worker, tmp_path, arrives_as
+):
+    """A session's LoRA written by another trainer with alpha = 2 x rank, reaching the
+    session without conversion (rescan, verify --fix and import_sessions record found files
+    as they are) or through /upload_lora (converted), gives the image stock diffusers'
+    load_lora_weights gives for the same file and seed: neither half nor double strength."""
+    from sdxl_engine.generation import generate
+    from tests.lora_variants import (
+        write_diffusers_lora_with_alpha_twice_rank,
+        write_kohya_lora_with_alpha_twice_rank,
+    )
+    from training_app.runtime import generation_pipelines
+
+    session = session_services.session_create()
+    for color in ("red", "blue"):
+        session_services.session_image_add(session.pk, image_bytes(color=color), color)
+    run_services.training_run_execute(
+        run_services.training_run_start(session.pk, STRONG_TRAINING).pk
+    )
+    folder = storage.session_dir(session.pk)
+    trained = folder / "lora_1.safetensors"
+    if arrives_as.startswith("diffusers"):
+        written = write_diffusers_lora_with_alpha_twice_rank(trained, tmp_path)
+    else:
+        written = write_kohya_lora_with_alpha_twice_rank(trained, tmp_path / "kohya.safetensors")
+    if arrives_as.endswith("rescan"):
+        shutil.copyfile(written, folder / "from_another_trainer.safetensors")
+        rescan_session(session.pk)
+        artifact = LoraArtifact.objects.get(filename="from_another_trainer.safetensors")
+        assert artifact.source == "found" and artifact.sha256 == sha256_file(written)
+    else:
+        artifact = lora_services.lora_upload(session.pk, written.read_bytes(), None)
+    request = {"prompt": "a red square", "seed": 3, **SMALL}
+
+    lora = {"use_lora": True, "session_id": session.pk, "iteration": artifact.number}
+    generation = generations.generation_request(GenerationRequest(**lora, **request))
+    generations.generation_execute(generation.pk)
+    _, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+    ours = [Image.open(io.BytesIO(png)) for png in pngs]
+
+    pipelines = generation_pipelines()
+    pipelines.base.load_lora_weights(str(written))
+    try:
+        stock = generate(pipelines, **request)
+    finally:
+        pipelines.base.unload_lora_weights()
+    without_lora = generate(pipelines, **request)
+    assert images_close(ours, stock)
+    assert not images_close(ours, without_lora, tolerance=8)  # the LoRA shows
