@@ -13,12 +13,14 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from core.errors import ServiceError
+from sdxl_service.api.schema import ErrorSerializer
 
 logger = logging.getLogger(__name__)
 
 
 def error_body(message: str) -> dict:
-    return {"status": "error", "message": message}
+    """The error shape, rendered through the serializer the OpenAPI description shows."""
+    return ErrorSerializer({"status": "error", "message": message}).data
 
 
 def _validation_message(detail, prefix: str = "") -> str:
