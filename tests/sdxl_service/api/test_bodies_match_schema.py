@@ -44,17 +44,9 @@ class SchemaChecker:
         return body
 
 
-@pytest.fixture(scope="module")
-def document(django_db_blocker) -> dict:
-    with django_db_blocker.unblock():
-        response = APIClient().get("/api/schema", {"format": "json"})
-    assert response.status_code == 200
-    return response.json()
-
-
 @pytest.fixture
-def schema(document) -> SchemaChecker:
-    return SchemaChecker(document)
+def schema(schema_document) -> SchemaChecker:
+    return SchemaChecker(schema_document)
 
 
 @pytest.fixture
