@@ -10,6 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+# A training run that takes seconds on the tiny model.
+FAST_TRAINING = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
+
 
 def image_bytes(image_format: str = "PNG", size: tuple[int, int] = (48, 40), color="red") -> bytes:
     buffer = io.BytesIO()

@@ -7,13 +7,12 @@ from django.db import connection
 
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import image_bytes
+from tests.helpers import FAST_TRAINING, image_bytes
 from training_app import tasks
 from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.services import runs as run_services
 from training_app.services.generations import GenerationRequest, generation_request, generations_dir
 
-FAST = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
 SMALL = {"height": 64, "width": 64, "steps": 5, "num_images": 2, "seed": 3}
 
 
@@ -71,7 +70,7 @@ def _assert_generated_once(generation: Generation, started_at=None) -> None:
 
 @pytest.mark.django_db
 def test_training_task_run_twice_trains_once(session):
-    run = run_services.training_run_start(session.pk, FAST)
+    run = run_services.training_run_start(session.pk, FAST_TRAINING)
     tasks.train_lora_task(run.pk)
     first = LoraArtifact.objects.get()
     tasks.train_lora_task(run.pk)
@@ -81,7 +80,7 @@ def test_training_task_run_twice_trains_once(session):
 
 @pytest.mark.django_db(transaction=True)
 def test_training_task_delivered_twice_at_once_trains_once(session):
-    run = run_services.training_run_start(session.pk, FAST)
+    run = run_services.training_run_start(session.pk, FAST_TRAINING)
     _both_at_once(tasks.train_lora_task, run.pk)
     _assert_trained_once(session, run)
 

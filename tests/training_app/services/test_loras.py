@@ -1,128 +1,22 @@
+"""training_app.services.loras: storing, uploading and reading LoRA files, and what a fault
+while storing one leaves (nothing)."""
+
 import os
-import uuid
 
 import pytest
 import torch
-from django_q.brokers import get_broker
-from safetensors import safe_open
 
 from core.errors import ServiceError
 from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import image_bytes, lora_bytes
-from training_app.models import LoraArtifact, TrainingRun
-from training_app.selectors import lora_get, training_status
+from tests.helpers import FAST_TRAINING, lora_bytes
+from training_app.models import LoraArtifact
+from training_app.selectors import lora_get
 from training_app.services import loras as lora_services
 from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
-
-FAST = {"steps": 2, "resolution": 64, "batch_size": 2, "seed": 1}
-
-
-@pytest.fixture
-def session_with_images():
-    session = session_services.session_create()
-    for color in ("red", "green", "blue"):
-        session_services.session_image_add(session.pk, image_bytes("PNG", (80, 64), color), color)
-    return session
-
-
-def test_start_needs_captioned_images():
-    session = session_services.session_create()
-    with pytest.raises(ServiceError, match="no images with captions"):
-        run_services.training_run_start(session.pk, {})
-    assert not TrainingRun.objects.exists()
-
-
-def test_start_refuses_a_parameter_the_engine_does_not_have(session_with_images):
-    with pytest.raises(ServiceError, match="unknown training parameters: stepz") as error:
-        run_services.training_run_start(session_with_images.pk, {"stepz": 3})
-    assert error.value.status == 400
-    assert not TrainingRun.objects.exists()
-
-
-def test_start_records_a_queued_run_and_enqueues_it_on_commit(
-    session_with_images, settings, django_capture_on_commit_callbacks
-):
-    settings.TRAINING_QUEUE = f"test-training-{uuid.uuid4().hex}"  # a queue of its own
-    broker = get_broker(settings.TRAINING_QUEUE)
-    try:
-        with django_capture_on_commit_callbacks(execute=True):
-            run = run_services.training_run_start(session_with_images.pk, {"steps": 3})
-        assert broker.queue_size() == 1
-    finally:
-        broker.delete_queue()
-    run.refresh_from_db()
-    assert (run.status, run.progress, run.parameters) == ("queued", 0, {"steps": 3})
-    assert run.task_id
-    assert training_status(session_with_images.pk) == {
-        "status": "in-progress",
-        "progress": 0,
-        "queued": True,
-        "stage": "queued",
-        "step": 0,
-        "total_steps": None,
-        "loss": None,
-        "eta_seconds": None,
-    }
-
-
-def test_second_start_while_active_is_409(session_with_images):
-    run_services.training_run_start(session_with_images.pk, {})
-    with pytest.raises(ServiceError) as error:
-        run_services.training_run_start(session_with_images.pk, {})
-    assert error.value.status == 409
-    assert TrainingRun.objects.count() == 1
-
-
-def test_execute_trains_and_stores_lora_1(session_with_images):
-    run = run_services.training_run_start(session_with_images.pk, FAST)
-    run_services.training_run_execute(run.pk)
-    run.refresh_from_db()
-    assert (run.status, run.progress, run.step, run.total_steps) == ("completed", 100, 2, 2)
-    artifact = LoraArtifact.objects.get()
-    assert (artifact.number, artifact.filename, artifact.source) == (
-        1,
-        "lora_1.safetensors",
-        "trained",
-    )
-    path = storage.session_dir(session_with_images.pk) / "lora_1.safetensors"
-    assert artifact.sha256 == sha256_file(path) and artifact.size == path.stat().st_size
-    assert artifact.metadata["sdxl_service.rank"] == "4"
-    with safe_open(path, framework="pt") as lora:
-        assert all(key.startswith("unet.") for key in lora.keys())
-    assert training_status(session_with_images.pk) == {
-        "status": "completed",
-        "progress": 100,
-        "lora": "lora_1.safetensors",
-    }
-    # No temporary file is left behind.
-    assert sorted(p.name for p in path.parent.iterdir()) == ["0", "1", "2", "lora_1.safetensors"]
-
-
-def test_execute_twice_trains_once(session_with_images):
-    run = run_services.training_run_start(session_with_images.pk, FAST)
-    run_services.training_run_execute(run.pk)
-    run_services.training_run_execute(run.pk)
-    assert LoraArtifact.objects.count() == 1
-
-
-def test_engine_failure_ends_in_error_without_artifact(session_with_images):
-    run = run_services.training_run_start(session_with_images.pk, FAST)
-    # Captions removed after the run was queued: the engine has nothing to train on.
-    for caption in storage.session_dir(session_with_images.pk).glob("*/0.txt"):
-        caption.unlink()
-    run_services.training_run_execute(run.pk)
-    run.refresh_from_db()
-    assert run.status == "error" and "no training images" in run.error_message
-    assert training_status(session_with_images.pk)["status"] == "error"
-    assert not LoraArtifact.objects.exists()
-    assert not list(storage.session_dir(session_with_images.pk).glob("*.safetensors*"))
-    # Once it has captioned images again, the session can train again.
-    (storage.session_dir(session_with_images.pk) / "0" / "0.txt").write_text("red")
-    run_services.training_run_start(session_with_images.pk, FAST)
 
 
 def test_lora_numbers_count_up_and_skip_files_dropped_in_by_hand(session_with_images, tmp_path):
@@ -196,102 +90,9 @@ def test_upload_of_non_safetensors_bytes_is_400_and_leaves_nothing(session_with_
 
 
 def _trained_lora(session) -> bytes:
-    run = run_services.training_run_start(session.pk, FAST)
+    run = run_services.training_run_start(session.pk, FAST_TRAINING)
     run_services.training_run_execute(run.pk)
     return (storage.session_dir(session.pk) / "lora_1.safetensors").read_bytes()
-
-
-@pytest.fixture
-def engine_events(monkeypatch):
-    """Runs each function appended to the returned list on every engine callback.
-
-    The worker's own callbacks run first, so a function sees the row as the worker left it.
-    """
-    import sdxl_engine.training as training
-
-    listeners = []
-    real_train_lora = training.train_lora
-
-    def train_lora(*args, on_progress, on_stage, **kwargs):
-        def progress(step, total_steps, loss):
-            on_progress(step, total_steps, loss)
-            for listener in listeners:
-                listener(("step", step))
-
-        def stage(name):
-            on_stage(name)
-            for listener in listeners:
-                listener(("stage", name))
-
-        return real_train_lora(*args, on_progress=progress, on_stage=stage, **kwargs)
-
-    monkeypatch.setattr(training, "train_lora", train_lora)
-    return listeners
-
-
-def test_status_shows_each_stage_step_loss_and_eta(session_with_images, engine_events):
-    seen = []
-    engine_events.append(
-        lambda event: seen.append((event, training_status(session_with_images.pk)))
-    )
-    run = run_services.training_run_start(session_with_images.pk, {**FAST, "steps": 3})
-    run_services.training_run_execute(run.pk)
-
-    stages = [status["stage"] for event, status in seen if event[0] == "stage"]
-    assert stages == ["caching", "training", "saving"]
-    steps = [status for event, status in seen if event[0] == "step"]
-    assert [status["step"] for status in steps] == [1, 2, 3]
-    assert all(status["total_steps"] == 3 and status["loss"] is not None for status in steps)
-    assert all(isinstance(status["eta_seconds"], int) for status in steps)
-    assert steps[-1]["eta_seconds"] == 0
-    caching = next(status for event, status in seen if event == ("stage", "caching"))
-    assert caching["eta_seconds"] is None and caching["step"] == 0
-    assert training_status(session_with_images.pk)["status"] == "completed"
-
-
-def test_cancel_of_a_queued_run_means_it_never_runs(session_with_images):
-    run = run_services.training_run_start(session_with_images.pk, FAST)
-    cancelled = run_services.training_run_cancel(session_with_images.pk)
-    assert cancelled.pk == run.pk
-    run_services.training_run_execute(run.pk)  # the queued task arrives anyway
-    assert training_status(session_with_images.pk) == {
-        "status": "error",
-        "message": "training was cancelled",
-    }
-    assert not LoraArtifact.objects.exists()
-    # Nothing active any more: the session can train again.
-    run_services.training_run_start(session_with_images.pk, FAST)
-
-
-def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, engine_events):
-    steps_done = []
-
-    def cancel_after_step_2(event):
-        if event[0] == "step":
-            steps_done.append(event[1])
-        if event == ("step", 2):
-            run_services.training_run_cancel(session_with_images.pk)
-
-    engine_events.append(cancel_after_step_2)
-    run = run_services.training_run_start(session_with_images.pk, {**FAST, "steps": 20})
-    run_services.training_run_execute(run.pk)
-
-    assert steps_done == [1, 2, 3]  # the step under way when it was cancelled, no more
-    run.refresh_from_db()
-    assert (run.status, run.error_message) == ("error", "training was cancelled")
-    assert not LoraArtifact.objects.exists()
-    folder = storage.session_dir(session_with_images.pk)
-    assert sorted(p.name for p in folder.iterdir()) == ["0", "1", "2"]
-
-
-def test_cancel_without_an_active_run_is_409_and_unknown_session_404(session_with_images):
-    with pytest.raises(ServiceError) as error:
-        run_services.training_run_cancel(session_with_images.pk)
-    assert error.value.status == 409
-    with pytest.raises(ServiceError) as error:
-        run_services.training_run_cancel(999_999)
-    assert error.value.status == 404
-
 
 def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
     from safetensors.torch import load
@@ -489,7 +290,7 @@ def test_training_store_fault_ends_the_run_in_error_with_no_lora(
 ):
     old = lora_services.lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
     before = _tree(data_dir)
-    run = run_services.training_run_start(session_with_images.pk, FAST)
+    run = run_services.training_run_start(session_with_images.pk, FAST_TRAINING)
     monkeypatch.setattr(lora_services, "replace_with_retry", fault)
     run_services.training_run_execute(run.pk)
 
