@@ -10,9 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+# Learning-rate schedules, by the names kohya's sd-scripts and diffusers' scripts use.
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
+
 
 @dataclass(frozen=True)
 class TrainingParams:
+    """A training run's settings. The loss and schedule default to the plain recipe (constant
+    rate, unweighted MSE): each option below is the one kohya's sd-scripts names alike."""
+
     batch_size: int = 4
     epochs: int = 1
     steps: int | None = None  # overrides epochs when set
@@ -20,6 +26,15 @@ class TrainingParams:
     rank: int = 4
     resolution: int | None = None  # None: the model's native size (1024 for SDXL)
     seed: int | None = None  # None: a random seed, recorded in the file's metadata
+    lr_scheduler: str = "constant"  # one of LR_SCHEDULERS
+    lr_warmup_steps: int = 0  # steps of linear warm-up from 0 (with_warmup and cosine)
+    # Min-SNR loss weighting (Hang et al. 2023): each step's loss is weighted by
+    # min(SNR, gamma) / SNR of its timestep, so the easy low-noise steps stop dominating.
+    # 0 turns it off.
+    min_snr_gamma: float = 0.0
+    # Per-image, per-channel offset added to the noise, times this: lets the LoRA learn
+    # overall brightness (very dark or light images). 0 turns it off.
+    noise_offset: float = 0.0
 
 
 @dataclass(frozen=True)

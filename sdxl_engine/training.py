@@ -15,7 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionXLPipeline
-from diffusers.training_utils import cast_training_params
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -27,7 +28,7 @@ from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_keys import TARGET_PROJECTIONS
-from sdxl_engine.parameters import TrainingParams
+from sdxl_engine.parameters import LR_SCHEDULERS, TrainingParams
 from sdxl_engine.pipelines import Pipelines
 
 ADAPTER_NAME = "sdxl_service_training"
@@ -139,6 +140,10 @@ def train_lora(
                 "steps": total_steps,
                 "resolution": resolution,
                 "learning_rate": params.learning_rate,
+                "lr_scheduler": params.lr_scheduler,
+                "lr_warmup_steps": params.lr_warmup_steps,
+                "min_snr_gamma": params.min_snr_gamma,
+                "noise_offset": params.noise_offset,
                 "batch_size": params.batch_size,
                 "seed": seed,
                 "num_images": len(pairs),
@@ -210,6 +215,19 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append("learning_rate must be a positive number")
     if params.rank < 1:
         problems.append("rank must be at least 1")
+    if params.lr_scheduler not in LR_SCHEDULERS:
+        problems.append(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
+    if params.lr_warmup_steps < 0:
+        problems.append("lr_warmup_steps must be 0 or more")
+    elif params.lr_warmup_steps and params.lr_scheduler == "constant":
+        problems.append(
+            "lr_warmup_steps needs lr_scheduler constant_with_warmup or cosine (constant "
+            "has no warm-up)"
+        )
+    for name in ("min_snr_gamma", "noise_offset"):
+        value = getattr(params, name)
+        if not (value >= 0 and math.isfinite(value)):
+            problems.append(f"{name} must be 0 (off) or a positive number")
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:
@@ -317,6 +335,7 @@ def _optimise(
     optimizer = torch.optim.AdamW(
         masters.parameters, lr=params.learning_rate, fused=torch.device(device).type == "cuda"
     )
+    learning_rates = learning_rate_schedule(optimizer, params, total_steps)
     # The DDPM forward process with SDXL's betas: what SDXL was trained with.
     noise_scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
     prediction_type = noise_scheduler.config.prediction_type
@@ -334,7 +353,7 @@ def _optimise(
                 raise TrainingCancelled("training was cancelled; no LoRA was saved")
             indices = indices.to(device)
             latents = encoded.latents[indices]
-            noise = torch.randn(latents.shape, generator=noise_generator, device=device)
+            noise = _noise(latents, params.noise_offset, noise_generator)
             timesteps = torch.randint(
                 0,
                 noise_scheduler.config.num_train_timesteps,
@@ -360,13 +379,14 @@ def _optimise(
                 },
                 return_dict=False,
             )[0]
-            loss = F.mse_loss(prediction.float(), target.float())
+            loss = _loss(prediction, target, timesteps, noise_scheduler, params.min_snr_gamma)
             optimizer.zero_grad(set_to_none=True)
             # bfloat16 shares float32's exponent range: gradients need no loss scaling.
             loss.backward()
             masters.take_gradients()
             torch.nn.utils.clip_grad_norm_(masters.parameters, MAX_GRAD_NORM)
             optimizer.step()
+            learning_rates.step()
             masters.copy_to_model()
 
             loss_value = loss.item()
@@ -383,6 +403,58 @@ def _optimise(
     cast_training_params(unet, dtype=torch.float32)
     masters.copy_to_model()
     return loss_value
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, params: TrainingParams, total_steps: int
+) -> torch.optim.lr_scheduler.LRScheduler:
+    """params.lr_scheduler over the run, stepped once per optimisation step: diffusers'
+    schedules, which kohya's sd-scripts and diffusers' training scripts share by name."""
+    return get_scheduler(
+        params.lr_scheduler,
+        optimizer,
+        num_warmup_steps=params.lr_warmup_steps,
+        num_training_steps=total_steps,
+    )
+
+
+def _noise(latents: torch.Tensor, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise for `latents`, plus `offset` times one draw per image and channel
+    (noise offset); without an offset, the same draws as plain noise."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if offset:
+        per_channel = (latents.shape[0], latents.shape[1], 1, 1)
+        shift = torch.randn(per_channel, generator=generator, device=latents.device)
+        noise = noise + offset * shift
+    return noise
+
+
+def min_snr_loss_weights(
+    noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Each sample's Min-SNR-gamma weight: min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction (whose target's scale differs), as in
+    diffusers' SDXL LoRA training script."""
+    snr = compute_snr(noise_scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return clipped / (snr + 1)
+    return clipped / snr
+
+
+def _loss(
+    prediction: torch.Tensor,
+    target: torch.Tensor,
+    timesteps: torch.Tensor,
+    noise_scheduler: DDPMScheduler,
+    min_snr_gamma: float,
+) -> torch.Tensor:
+    """The batch's MSE, each sample weighted by Min-SNR when `min_snr_gamma` is set."""
+    if not min_snr_gamma:
+        return F.mse_loss(prediction.float(), target.float())
+    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    return (per_sample * min_snr_loss_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()
 
 
 class _MasterWeights:

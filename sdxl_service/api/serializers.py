@@ -10,7 +10,7 @@ from django.conf import settings
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
-from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_engine.parameters import GENERATION_DEFAULTS, LR_SCHEDULERS, TRAINING_DEFAULTS
 from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
@@ -74,10 +74,40 @@ class TrainLoraSerializer(serializers.Serializer):
     rank = StrictIntegerField(min_value=1, max_value=128, required=False)
     resolution = _image_side(TRAINING_RESOLUTION_MULTIPLE, required=False)
     seed = StrictIntegerField(**_SEED)
+    lr_scheduler = serializers.ChoiceField(
+        choices=LR_SCHEDULERS,
+        required=False,
+        help_text=f"learning-rate schedule (default {TRAINING_DEFAULTS.lr_scheduler})",
+    )
+    lr_warmup_steps = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="steps of linear warm-up from 0; needs constant_with_warmup or cosine",
+    )
+    min_snr_gamma = StrictFloatField(
+        min_value=0.0,
+        max_value=100.0,
+        required=False,
+        help_text="Min-SNR loss weighting: min(SNR, gamma) / SNR per step (the Min-SNR paper "
+        "uses 5); 0: off",
+    )
+    noise_offset = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        help_text="noise offset: adds this times a per-image, per-channel draw to the noise, "
+        "so the LoRA can learn overall brightness (e.g. 0.05); 0: off",
+    )
 
     def validate(self, attrs):
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
+        scheduler = attrs.get("lr_scheduler", TRAINING_DEFAULTS.lr_scheduler)
+        if attrs.get("lr_warmup_steps") and scheduler == "constant":
+            raise serializers.ValidationError(
+                {"lr_warmup_steps": "needs lr_scheduler constant_with_warmup or cosine"}
+            )
         return attrs
 
     @staticmethod

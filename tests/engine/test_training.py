@@ -22,6 +22,9 @@ from sdxl_engine.training import (
     TrainingParams,
     _load_image,
     _MasterWeights,
+    _noise,
+    learning_rate_schedule,
+    min_snr_loss_weights,
     needs_low_memory,
     train_lora,
 )
@@ -225,6 +228,11 @@ def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> N
         (TrainingParams(learning_rate=0.0), "learning_rate"),
         (TrainingParams(rank=0), "rank"),
         (TrainingParams(resolution=40), "multiple of 16"),
+        (TrainingParams(lr_scheduler="linear"), "lr_scheduler must be one of"),
+        (TrainingParams(lr_warmup_steps=-1), "lr_warmup_steps"),
+        (TrainingParams(lr_warmup_steps=5), "needs lr_scheduler constant_with_warmup or"),
+        (TrainingParams(min_snr_gamma=-1.0), "min_snr_gamma"),
+        (TrainingParams(noise_offset=math.nan), "noise_offset"),
     ],
 )
 def test_invalid_parameters_are_engine_errors(
@@ -339,3 +347,86 @@ def test_float32_lora_weights_are_their_own_masters() -> None:
     masters = _MasterWeights([weight])
 
     assert masters.parameters[0] is weight
+
+
+def _learning_rates(params: TrainingParams, total_steps: int) -> list[float]:
+    """The rate each optimisation step runs at, stepping the schedule as training does."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=params.learning_rate)
+    schedule = learning_rate_schedule(optimizer, params, total_steps)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    return rates
+
+
+def test_learning_rate_schedules_at_chosen_steps() -> None:
+    rate = 1e-3
+    assert _learning_rates(TrainingParams(learning_rate=rate), 10) == [rate] * 10
+    warm = _learning_rates(
+        TrainingParams(learning_rate=rate, lr_scheduler="constant_with_warmup", lr_warmup_steps=4),
+        10,
+    )
+    assert warm[:5] == pytest.approx([0.0, rate / 4, rate / 2, 3 * rate / 4, rate])
+    assert warm[5:] == [rate] * 5
+    cosine = _learning_rates(
+        TrainingParams(learning_rate=rate, lr_scheduler="cosine", lr_warmup_steps=2), 12
+    )
+    assert cosine[:3] == pytest.approx([0.0, rate / 2, rate])
+    # Half-way through the decay the rate is half; it approaches 0 at the end.
+    assert cosine[7] == pytest.approx(rate / 2)
+    assert all(earlier > later for earlier, later in zip(cosine[2:], cosine[3:], strict=False))
+    assert cosine[-1] < rate * 0.03
+
+
+def test_min_snr_weights_match_the_formula(pipelines: Pipelines) -> None:
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
+    timesteps = torch.tensor([0, 10, 100, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps].double()
+    snr = alphas / (1 - alphas)
+    gamma = 5.0
+
+    weights = min_snr_loss_weights(scheduler, timesteps, gamma)
+
+    expected = torch.minimum(snr, torch.full_like(snr, gamma)) / snr
+    assert torch.allclose(weights.double(), expected, rtol=1e-5)
+    assert weights[0] < 0.01 and weights[-1] == pytest.approx(1.0)  # easy steps count less
+    v_scheduler = DDPMScheduler.from_config(scheduler.config, prediction_type="v_prediction")
+    v_expected = torch.minimum(snr, torch.full_like(snr, gamma)) / (snr + 1)
+    v_weights = min_snr_loss_weights(v_scheduler, timesteps, gamma)
+    assert torch.allclose(v_weights.double(), v_expected, rtol=1e-5)
+
+
+def test_noise_offset_shifts_each_image_and_channel_and_zero_keeps_plain_noise() -> None:
+    latents = torch.zeros(64, 4, 16, 16)
+
+    plain = _noise(latents, 0.0, torch.Generator().manual_seed(1))
+    offset = _noise(latents, 0.5, torch.Generator().manual_seed(1))
+
+    same_draws = torch.randn(latents.shape, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain, same_draws)
+    shift = (offset - plain).flatten(2)
+    assert torch.allclose(shift, shift[..., :1].expand_as(shift))  # constant over each plane
+    assert shift[..., 0].std().item() == pytest.approx(0.5, rel=0.2)
+
+
+def test_the_recipe_options_train_and_are_recorded_in_the_header(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    base = TrainingParams(batch_size=2, steps=3, learning_rate=5e-2, seed=11)
+    recipe = replace(
+        base, lr_scheduler="cosine", lr_warmup_steps=1, min_snr_gamma=5.0, noise_offset=0.05
+    )
+    plain = train_lora(pipelines, training_pairs, base, tmp_path / "plain.safetensors")
+    tuned = train_lora(pipelines, training_pairs, recipe, tmp_path / "tuned.safetensors")
+
+    assert math.isfinite(tuned.final_loss) and tuned.final_loss != plain.final_loss
+    assert tuned.metadata["sdxl_service.lr_scheduler"] == "cosine"
+    assert tuned.metadata["sdxl_service.lr_warmup_steps"] == "1"
+    assert tuned.metadata["sdxl_service.min_snr_gamma"] == "5.0"
+    assert tuned.metadata["sdxl_service.noise_offset"] == "0.05"
+    assert plain.metadata["sdxl_service.lr_scheduler"] == "constant"
+    assert plain.metadata["sdxl_service.min_snr_gamma"] == "0.0"

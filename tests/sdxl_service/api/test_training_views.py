@@ -78,6 +78,17 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"seed": 2**63}, "seed"),
         ({"seed": False}, "seed"),
         ({"steps": 5, "epochs": 1}, "steps or epochs"),
+        ({"lr_scheduler": "warp"}, "lr_scheduler"),
+        ({"lr_scheduler": 1}, "lr_scheduler"),
+        ({"lr_warmup_steps": -1}, "lr_warmup_steps"),
+        ({"lr_warmup_steps": 1.5}, "lr_warmup_steps"),
+        ({"lr_warmup_steps": 10}, "lr_warmup_steps: needs lr_scheduler"),
+        ({"lr_warmup_steps": 10, "lr_scheduler": "constant"}, "lr_warmup_steps: needs"),
+        ({"min_snr_gamma": -1}, "min_snr_gamma"),
+        ({"min_snr_gamma": True}, "min_snr_gamma"),
+        ({"min_snr_gamma": 101}, "min_snr_gamma"),
+        ({"noise_offset": 1.5}, "noise_offset"),
+        ({"noise_offset": "dark"}, "noise_offset"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -85,6 +96,18 @@ def test_train_lora_validates_parameters(api, session, body, field):
         api.post("/train_lora", {"session_id": session.pk, **body}, format="json"), 400, field
     )
     assert not TrainingRun.objects.exists()
+
+
+def test_train_lora_passes_the_loss_and_schedule_options_to_the_run(api, session):
+    recipe = {
+        "lr_scheduler": "cosine",
+        "lr_warmup_steps": 10,
+        "min_snr_gamma": 5,
+        "noise_offset": 0.05,
+    }
+    response = api.post("/train_lora", {"session_id": session.pk, **recipe}, format="json")
+    assert response.status_code == 200
+    assert TrainingRun.objects.get().parameters == {**recipe, "min_snr_gamma": 5.0}
 
 
 def test_train_lora_passes_parameters_to_the_run(api, session):
