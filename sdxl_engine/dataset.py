@@ -1,10 +1,12 @@
-"""Finding a session's training images and their captions."""
+"""Finding a session's training images and their captions, and the captions they train with."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from sdxl_engine.errors import EngineError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
@@ -51,3 +53,34 @@ def _natural_key(path: Path) -> tuple[list[list[tuple[int, int | str]]], str]:
         for part in path.parts
     ]
     return pieces, path.as_posix()
+
+
+def training_captions(pairs: list[TrainingPair], trigger: str | None) -> list[str]:
+    """The caption each pair trains with: `trigger` first where the caption lacks it (as
+    ai-toolkit and cog-sdxl put their trigger word or caption prefix), the trigger alone for
+    an empty caption.
+
+    Raises EngineError when an image has an empty caption and there is no trigger: it would
+    train the LoRA on nothing in particular.
+    """
+    if trigger is None:
+        # "3/0.png": uploads all name their image 0.png, in their group's folder.
+        empty = [
+            Path(pair.image_path.parent.name, pair.image_path.name).as_posix()
+            for pair in pairs
+            if not pair.caption
+        ]
+        if empty:
+            shown = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+            raise EngineError(
+                f"training images with an empty caption: {shown}; caption them, or train "
+                "with a trigger"
+            )
+        return [pair.caption for pair in pairs]
+    return [_with_trigger(pair.caption, trigger) for pair in pairs]
+
+
+def _with_trigger(caption: str, trigger: str) -> str:
+    if not caption:
+        return trigger
+    return caption if trigger in caption else f"{trigger}, {caption}"

@@ -35,6 +35,12 @@ class TrainingParams:
     # Per-image, per-channel offset added to the noise, times this: lets the LoRA learn
     # overall brightness (very dark or light images). 0 turns it off.
     noise_offset: float = 0.0
+    # An identity token ("sks", "ohwx woman"): put before every caption that lacks it, and
+    # the whole caption of an image uploaded without one.
+    trigger: str | None = None
+    # The probability that a sample trains with an empty caption, so the LoRA also learns
+    # the subject without being prompted for it. 0 turns it off.
+    caption_dropout: float = 0.0
 
 
 @dataclass(frozen=True)

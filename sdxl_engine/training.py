@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
-from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.dataset import TrainingPair, training_captions
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_keys import TARGET_PROJECTIONS
@@ -60,6 +60,10 @@ class _EncodedImages:
     prompt_embeds: torch.Tensor  # (n, 77, te1 hidden + te2 hidden)
     pooled_prompt_embeds: torch.Tensor  # (n, te2 projection)
     time_ids: torch.Tensor  # (n, 6): original h, w, crop top, left, target h, w
+    # The empty caption's embeddings, (1, ...) each: what a dropped caption trains with.
+    # None without caption dropout.
+    empty_prompt_embeds: torch.Tensor | None = None
+    empty_pooled_prompt_embeds: torch.Tensor | None = None
 
 
 def train_lora(
@@ -96,6 +100,7 @@ def train_lora(
     base = pipelines.base
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
     _check_params(params, resolution, _resolution_multiple(base))
+    captions = training_captions(pairs, params.trigger)
     total_steps = params.steps or params.epochs * math.ceil(len(pairs) / params.batch_size)
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     stop = should_stop or (lambda: False)
@@ -115,7 +120,14 @@ def train_lora(
         noise_generator = torch.Generator(device).manual_seed(seed)
         enter_stage("caching")
         encoded = _encode_images(
-            pipelines, pairs, resolution, params.batch_size, noise_generator, stop
+            pipelines,
+            pairs,
+            captions,
+            resolution,
+            params.batch_size,
+            noise_generator,
+            stop,
+            with_empty_caption=params.caption_dropout > 0,
         )
         release_encoders()
         try:
@@ -144,6 +156,8 @@ def train_lora(
                 "lr_warmup_steps": params.lr_warmup_steps,
                 "min_snr_gamma": params.min_snr_gamma,
                 "noise_offset": params.noise_offset,
+                "caption_dropout": params.caption_dropout,
+                **({"trigger": params.trigger} if params.trigger is not None else {}),
                 "batch_size": params.batch_size,
                 "seed": seed,
                 "num_images": len(pairs),
@@ -228,6 +242,10 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         value = getattr(params, name)
         if not (value >= 0 and math.isfinite(value)):
             problems.append(f"{name} must be 0 (off) or a positive number")
+    if not 0 <= params.caption_dropout <= 1:
+        problems.append("caption_dropout must be a probability, from 0 to 1")
+    if params.trigger is not None and not params.trigger.strip():
+        problems.append("trigger must not be blank")
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:
@@ -243,11 +261,16 @@ def _resolution_multiple(base: StableDiffusionXLPipeline) -> int:
 def _encode_images(
     pipelines: Pipelines,
     pairs: list[TrainingPair],
+    captions: list[str],
     resolution: int,
     batch_size: int,
     generator: torch.Generator,
     stop: Callable[[], bool],
+    with_empty_caption: bool,
 ) -> _EncodedImages:
+    """Each image's latents and its caption's embeddings (and, `with_empty_caption`, the
+    empty caption's, encoded through the text encoders like any caption, as diffusers'
+    SDXL training script does for its empty prompts)."""
     base, device = pipelines.base, pipelines.device
     parts: dict[str, list[torch.Tensor]] = {
         "latents": [],
@@ -272,7 +295,7 @@ def _encode_images(
                     distribution.sample(generator) * base.vae.config.scaling_factor
                 )
             prompt_embeds, _, pooled, _ = base.encode_prompt(
-                prompt=[pair.caption for pair in batch],
+                prompt=captions[start : start + batch_size],
                 device=device,
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
@@ -280,12 +303,22 @@ def _encode_images(
         parts["prompt_embeds"].append(prompt_embeds)
         parts["pooled"].append(pooled)
         parts["time_ids"].append(torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype))
-    return _EncodedImages(
+    encoded = _EncodedImages(
         latents=torch.cat(parts["latents"]),
         prompt_embeds=torch.cat(parts["prompt_embeds"]),
         pooled_prompt_embeds=torch.cat(parts["pooled"]),
         time_ids=torch.cat(parts["time_ids"]),
     )
+    if with_empty_caption:
+        with torch.no_grad():
+            empty, _, empty_pooled, _ = base.encode_prompt(
+                prompt=[""],
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds = empty, empty_pooled
+    return encoded
 
 
 def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, list[int]]:
@@ -367,14 +400,17 @@ def _optimise(
                 if prediction_type == "epsilon"
                 else noise_scheduler.get_velocity(latents, noise, timesteps)
             )
+            prompt_embeds, pooled_prompt_embeds = caption_conditioning(
+                encoded, indices, params.caption_dropout, noise_generator
+            )
             # No autocast: the UNet's weights are already bfloat16, and autocast would run
             # its norms and softmax in float32 for nothing but memory traffic.
             prediction = unet(
                 noisy_latents.to(dtype),
                 timesteps,
-                encoder_hidden_states=encoded.prompt_embeds[indices],
+                encoder_hidden_states=prompt_embeds,
                 added_cond_kwargs={
-                    "text_embeds": encoded.pooled_prompt_embeds[indices],
+                    "text_embeds": pooled_prompt_embeds,
                     "time_ids": encoded.time_ids[indices],
                 },
                 return_dict=False,
@@ -427,6 +463,26 @@ def _noise(latents: torch.Tensor, offset: float, generator: torch.Generator) -> 
         shift = torch.randn(per_channel, generator=generator, device=latents.device)
         noise = noise + offset * shift
     return noise
+
+
+def caption_conditioning(
+    encoded: _EncodedImages,
+    indices: torch.Tensor,
+    caption_dropout: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's caption embeddings and pooled embeddings, each sample's replaced by the
+    empty caption's with probability `caption_dropout` (no random draw without it)."""
+    prompt_embeds = encoded.prompt_embeds[indices]
+    pooled = encoded.pooled_prompt_embeds[indices]
+    if not caption_dropout:
+        return prompt_embeds, pooled
+    draws = torch.rand(len(indices), generator=generator, device=indices.device)
+    dropped = draws < caption_dropout
+    return (
+        torch.where(dropped[:, None, None], encoded.empty_prompt_embeds, prompt_embeds),
+        torch.where(dropped[:, None], encoded.empty_pooled_prompt_embeds, pooled),
+    )
 
 
 def min_snr_loss_weights(

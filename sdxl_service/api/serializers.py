@@ -57,7 +57,8 @@ class SessionRefSerializer(serializers.Serializer):
 class PostSessionImageSerializer(serializers.Serializer):
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
-    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+    # May be empty: such an image trains with /train_lora's trigger as its whole caption.
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
 
 
 class TrainLoraSerializer(serializers.Serializer):
@@ -98,6 +99,20 @@ class TrainLoraSerializer(serializers.Serializer):
         required=False,
         help_text="noise offset: adds this times a per-image, per-channel draw to the noise, "
         "so the LoRA can learn overall brightness (e.g. 0.05); 0: off",
+    )
+
+    trigger = StringField(
+        max_length=100,
+        required=False,
+        allow_null=True,
+        help_text="identity token, e.g. \"sks\" or \"ohwx woman\": put before every caption "
+        "that lacks it; an image uploaded with an empty caption trains with it alone",
+    )
+    caption_dropout = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        help_text="probability that a sample trains with an empty caption (e.g. 0.05); 0: off",
     )
 
     def validate(self, attrs):

@@ -2,9 +2,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
-from sdxl_engine.dataset import find_training_pairs
+from sdxl_engine.dataset import TrainingPair, find_training_pairs, training_captions
+from sdxl_engine.errors import EngineError
 
 
 def _image(path: Path, caption: str | None) -> None:
@@ -43,3 +45,24 @@ def test_finds_captioned_images_in_nested_folders(tmp_path: Path) -> None:
 def test_missing_or_empty_folder_has_no_pairs(tmp_path: Path) -> None:
     assert find_training_pairs(tmp_path) == []
     assert find_training_pairs(tmp_path / "missing") == []
+
+
+def _pairs(*captions: str) -> list[TrainingPair]:
+    return [TrainingPair(Path(f"{index}/0.png"), caption) for index, caption in enumerate(captions)]
+
+
+def test_a_trigger_goes_before_each_caption_that_lacks_it_and_fills_an_empty_one() -> None:
+    pairs = _pairs("a photo of a dog", "ohwx dog on a beach", "")
+
+    assert training_captions(pairs, "ohwx") == [
+        "ohwx, a photo of a dog",
+        "ohwx dog on a beach",  # already there: left as written
+        "ohwx",
+    ]
+    assert training_captions(pairs[:2], None) == ["a photo of a dog", "ohwx dog on a beach"]
+
+
+def test_an_empty_caption_without_a_trigger_is_refused() -> None:
+    refused = "empty caption: 2/0.png; caption them, or train with a trigger"
+    with pytest.raises(EngineError, match=refused):
+        training_captions(_pairs("a dog", "a cat", ""), None)

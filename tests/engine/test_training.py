@@ -20,9 +20,11 @@ from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
 from sdxl_engine.training import (
     TrainingParams,
+    _EncodedImages,
     _load_image,
     _MasterWeights,
     _noise,
+    caption_conditioning,
     learning_rate_schedule,
     min_snr_loss_weights,
     needs_low_memory,
@@ -233,6 +235,8 @@ def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> N
         (TrainingParams(lr_warmup_steps=5), "needs lr_scheduler constant_with_warmup or"),
         (TrainingParams(min_snr_gamma=-1.0), "min_snr_gamma"),
         (TrainingParams(noise_offset=math.nan), "noise_offset"),
+        (TrainingParams(caption_dropout=1.5), "caption_dropout"),
+        (TrainingParams(trigger="  "), "trigger must not be blank"),
     ],
 )
 def test_invalid_parameters_are_engine_errors(
@@ -430,3 +434,52 @@ def test_the_recipe_options_train_and_are_recorded_in_the_header(
     assert tuned.metadata["sdxl_service.noise_offset"] == "0.05"
     assert plain.metadata["sdxl_service.lr_scheduler"] == "constant"
     assert plain.metadata["sdxl_service.min_snr_gamma"] == "0.0"
+
+
+def test_the_trigger_is_in_every_encoded_caption_and_recorded(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path, monkeypatch
+) -> None:
+    encoded_prompts = []
+    encode_prompt = pipelines.base.encode_prompt
+
+    def recording_encode_prompt(*args, prompt, **kwargs):
+        encoded_prompts.extend(prompt)
+        return encode_prompt(*args, prompt=prompt, **kwargs)
+
+    monkeypatch.setattr(pipelines.base, "encode_prompt", recording_encode_prompt)
+    params = TrainingParams(batch_size=2, steps=1, seed=3, trigger="ohwx", caption_dropout=0.1)
+    result = train_lora(pipelines, training_pairs, params, tmp_path / "lora.safetensors")
+
+    captions, empty = encoded_prompts[:-1], encoded_prompts[-1]
+    assert len(captions) == len(training_pairs)
+    assert all(caption.startswith("ohwx, ") for caption in captions), captions
+    assert empty == ""  # encoded once, for the dropped captions
+    assert result.metadata["sdxl_service.trigger"] == "ohwx"
+    assert result.metadata["sdxl_service.caption_dropout"] == "0.1"
+
+
+def _encoded_with_empty_caption(count: int) -> _EncodedImages:
+    return _EncodedImages(
+        latents=torch.zeros(count, 4, 8, 8),
+        prompt_embeds=torch.ones(count, 77, 8),
+        pooled_prompt_embeds=torch.ones(count, 6),
+        time_ids=torch.zeros(count, 6),
+        empty_prompt_embeds=torch.zeros(1, 77, 8),
+        empty_pooled_prompt_embeds=torch.zeros(1, 6),
+    )
+
+
+def test_caption_dropout_swaps_in_the_empty_caption_at_its_rate() -> None:
+    encoded = _encoded_with_empty_caption(4000)
+    indices = torch.arange(4000)
+
+    def dropped(rate: float) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(0)
+        prompt, pooled = caption_conditioning(encoded, indices, rate, generator)
+        by_prompt, by_pooled = prompt.flatten(1).sum(1) == 0, pooled.sum(1) == 0
+        assert torch.equal(by_prompt, by_pooled)  # a sample drops both, or neither
+        return by_prompt
+
+    assert not dropped(0.0).any()
+    assert dropped(1.0).all()
+    assert dropped(0.25).float().mean().item() == pytest.approx(0.25, abs=0.03)

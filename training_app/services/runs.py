@@ -51,7 +51,7 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     `parameters` are the TrainingParams the caller gave (the others keep their defaults);
     a name TrainingParams does not have fails here, not in the worker.
     """
-    from sdxl_engine.dataset import find_training_pairs
+    from sdxl_engine.dataset import find_training_pairs, training_captions
 
     unknown = sorted(set(parameters) - field_names(TrainingParams))
     if unknown:
@@ -59,11 +59,16 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     with session_lock(session_id) as session:
         # A run whose worker died must not hold the session's one active slot.
         training_runs_recover_lost(session_id)
-        if not find_training_pairs(storage.session_dir(session.pk)):
+        pairs = find_training_pairs(storage.session_dir(session.pk))
+        if not pairs:
             raise ServiceError(
                 f"session {session_id} has no images with captions to train on; "
                 "upload some with /post_session_image first"
             )
+        try:
+            training_captions(pairs, parameters.get("trigger"))
+        except EngineError as error:
+            raise ServiceError(f"session {session_id}: {error}") from None
         if TrainingRun.objects.filter(
             session=session, status__in=TrainingRun.ACTIVE_STATUSES
         ).exists():

@@ -4,7 +4,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from sessions_app import storage
-from sessions_app.models import Session
+from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, png_bomb
 
 pytestmark = pytest.mark.django_db
@@ -89,7 +89,7 @@ def test_post_session_image_errors_are_json_and_name_the_field(api):
         "session_id",
     )
     assert_error(
-        api.post("/post_session_image", {**good, "prompt": ""}, format="json"), 400, "prompt"
+        api.post("/post_session_image", {**good, "prompt": None}, format="json"), 400, "prompt"
     )
     assert_error(
         api.post("/post_session_image", {**good, "session_id": 999}, format="json"),
@@ -165,8 +165,7 @@ def _disk_and_rows(data_dir) -> tuple:
         ({"image_base64": b64(image_bytes("TIFF"))}, "PNG, JPEG, WebP or BMP"),
         ({"image_base64": b64(image_bytes("PNG")[:60])}, "image could not be decoded"),
         ({"image_base64": b64(png_bomb(30000, 30000))}, "more pixels than the limit"),
-        ({"prompt": ""}, "prompt"),
-        ({"prompt": "   "}, "prompt"),
+        ({"prompt": None}, "prompt"),
         ({"prompt": "x" * 2001}, "prompt: Ensure this field has no more than 2000 characters"),
         ({"prompt": "bad \ud800 text"}, "prompt: Surrogate characters are not allowed"),
         ({"prompt": "nul \x00 char"}, "prompt"),
@@ -187,6 +186,15 @@ def test_bad_image_uploads_are_400_and_change_nothing(api, data_dir, change, fra
     )
     assert _disk_and_rows(data_dir) == before
     assert Session.objects.get(pk=session_id).next_group_number == 0
+
+
+@pytest.mark.parametrize("prompt", ["", "   "])
+def test_an_empty_caption_is_stored_empty_for_a_trigger_to_fill(api, data_dir, prompt):
+    session_id = api.get("/create_session").json()["session_id"]
+    body = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": prompt}
+    assert api.post("/post_session_image", body, format="json").status_code == 200
+    assert (data_dir / f"session_data/session_{session_id}/0/0.txt").read_text() == ""
+    assert TrainingImage.objects.get().caption == ""
 
 
 @pytest.mark.parametrize("image_format", ["PNG", "JPEG", "WEBP", "BMP"])

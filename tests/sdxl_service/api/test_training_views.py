@@ -89,6 +89,13 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"min_snr_gamma": 101}, "min_snr_gamma"),
         ({"noise_offset": 1.5}, "noise_offset"),
         ({"noise_offset": "dark"}, "noise_offset"),
+        ({"trigger": ""}, "trigger"),
+        ({"trigger": "   "}, "trigger"),
+        ({"trigger": 7}, "trigger"),
+        ({"trigger": "x" * 101}, "trigger"),
+        ({"caption_dropout": 1.01}, "caption_dropout"),
+        ({"caption_dropout": -0.1}, "caption_dropout"),
+        ({"caption_dropout": False}, "caption_dropout"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -98,12 +105,14 @@ def test_train_lora_validates_parameters(api, session, body, field):
     assert not TrainingRun.objects.exists()
 
 
-def test_train_lora_passes_the_loss_and_schedule_options_to_the_run(api, session):
+def test_train_lora_passes_the_recipe_options_to_the_run(api, session):
     recipe = {
         "lr_scheduler": "cosine",
         "lr_warmup_steps": 10,
         "min_snr_gamma": 5,
         "noise_offset": 0.05,
+        "trigger": "ohwx woman",
+        "caption_dropout": 0.05,
     }
     response = api.post("/train_lora", {"session_id": session.pk, **recipe}, format="json")
     assert response.status_code == 200

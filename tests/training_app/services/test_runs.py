@@ -10,7 +10,7 @@ from core.errors import ServiceError
 from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import FAST_TRAINING
+from tests.helpers import FAST_TRAINING, image_bytes
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import training_status
 from training_app.services import runs as run_services
@@ -23,6 +23,21 @@ def test_start_needs_captioned_images():
     with pytest.raises(ServiceError, match="no images with captions"):
         run_services.training_run_start(session.pk, {})
     assert not TrainingRun.objects.exists()
+
+
+def test_an_empty_caption_trains_only_with_a_trigger(session_with_images):
+    session_services.session_image_add(session_with_images.pk, image_bytes(), "")
+    with pytest.raises(ServiceError, match="empty caption: 3/0.png; caption them") as error:
+        run_services.training_run_start(session_with_images.pk, FAST_TRAINING)
+    assert error.value.status == 400
+    assert not TrainingRun.objects.exists()
+
+    with_trigger = {**FAST_TRAINING, "trigger": "sks"}
+    run = run_services.training_run_start(session_with_images.pk, with_trigger)
+    run_services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "completed"
+    assert run.artifact.metadata["sdxl_service.trigger"] == "sks"
 
 
 def test_start_refuses_a_parameter_the_engine_does_not_have(session_with_images):
