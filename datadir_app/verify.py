@@ -1,11 +1,10 @@
 """`verify`: every row against its file and every file against a row, read in full."""
 
-from django.conf import settings
-
 from datadir_app.reconcile import data_dir_report, reconcile_session, session_ids
 from datadir_app.report import Progress, Report, no_progress
 from sessions_app.locking import session_lock
 from training_app.models import Generation
+from training_app.services.generations import generations_dir
 
 
 def verify(fix: bool = False, progress: Progress = no_progress) -> Report:
@@ -35,7 +34,7 @@ def _generation_problems() -> list[str]:
     problems = []
     finished = Generation.objects.filter(status=Generation.Status.COMPLETED, image_count__gt=0)
     for generation_id, count in finished.values_list("pk", "image_count"):
-        folder = settings.GENERATIONS_DIR / str(generation_id)
+        folder = generations_dir(generation_id)
         missing = [i for i in range(count) if not (folder / f"{i}.png").is_file()]
         if missing:
             problems.append(f"generation {generation_id}: images {missing} are missing")

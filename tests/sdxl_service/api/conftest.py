@@ -9,3 +9,18 @@ def schema_document(django_db_blocker) -> dict:
         response = APIClient().get("/api/schema", {"format": "json"})
     assert response.status_code == 200
     return response.json()
+
+
+@pytest.fixture
+def generations_in_process(monkeypatch, generation_worker):
+    """/txt2img's job runs in this process (the worker's part) as soon as the request
+    waits for it."""
+    from training_app.services import generations
+
+    wait = generations.generation_wait
+
+    def execute_then_wait(generation_id, timeout_s):
+        generations.generation_execute(generation_id)
+        return wait(generation_id, timeout_s)
+
+    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)

@@ -10,7 +10,6 @@ from openapi_schema_validator import OAS30Validator
 from rest_framework.test import APIClient
 
 from tests.helpers import b64, image_bytes, lora_bytes
-from training_app.services import generations
 from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
@@ -63,18 +62,6 @@ def api(schema):
         return schema.check(path, response)
 
     return call
-
-
-@pytest.fixture
-def generations_in_process(monkeypatch, generation_worker):
-    """/txt2img's job runs in this process as soon as the request waits for it."""
-    wait = generations.generation_wait
-
-    def execute_then_wait(generation_id, timeout_s):
-        generations.generation_execute(generation_id)
-        return wait(generation_id, timeout_s)
-
-    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)
 
 
 def test_the_checker_catches_a_body_that_drifted_from_the_schema(schema):

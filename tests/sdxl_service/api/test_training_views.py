@@ -4,7 +4,6 @@ import inspect
 
 import pytest
 import torch
-from django.conf import settings
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
@@ -243,27 +242,9 @@ def test_cancel_training(api, session):
     assert status == {"status": "error", "message": "training was cancelled"}
 
 
-def test_txt2img_answers_seed_lora_and_duration(api, session, monkeypatch):
-    from django.utils import timezone
+def test_txt2img_answers_seed_lora_and_duration(api, session, generations_in_process):
+    from training_app.models import LoraArtifact
 
-    from training_app.models import LoraArtifact, WorkerHeartbeat
-    from training_app.services import generations
-
-    WorkerHeartbeat.objects.create(
-        queue=settings.GENERATION_QUEUE,
-        host="test",
-        pid=1,
-        started_at=timezone.now(),
-        last_seen=timezone.now(),
-    )
-
-    wait = generations.generation_wait
-
-    def execute_then_wait(generation_id, timeout_s):
-        generations.generation_execute(generation_id)  # the worker's part, in-process
-        return wait(generation_id, timeout_s)
-
-    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)
     run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     run_services.training_run_execute(run.pk)
     small = {"prompt": "x", "height": 64, "width": 64, "steps": 5}
