@@ -56,6 +56,13 @@ class GenerationParams:
     lora_scale: float = 1.0
 
 
+def lr_warmup_problem(lr_scheduler: str, lr_warmup_steps: int) -> str | None:
+    """Why `lr_warmup_steps` cannot run under `lr_scheduler`, or None when it can."""
+    if lr_warmup_steps and lr_scheduler == "constant":
+        return "needs lr_scheduler constant_with_warmup or cosine (constant has no warm-up)"
+    return None
+
+
 TRAINING_DEFAULTS = TrainingParams()
 GENERATION_DEFAULTS = GenerationParams()
 

@@ -28,7 +28,7 @@ from sdxl_engine.dataset import TrainingPair, training_captions
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_keys import TARGET_PROJECTIONS
-from sdxl_engine.parameters import LR_SCHEDULERS, TrainingParams
+from sdxl_engine.parameters import LR_SCHEDULERS, TrainingParams, lr_warmup_problem
 from sdxl_engine.pipelines import Pipelines
 
 ADAPTER_NAME = "sdxl_service_training"
@@ -233,11 +233,8 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}")
     if params.lr_warmup_steps < 0:
         problems.append("lr_warmup_steps must be 0 or more")
-    elif params.lr_warmup_steps and params.lr_scheduler == "constant":
-        problems.append(
-            "lr_warmup_steps needs lr_scheduler constant_with_warmup or cosine (constant "
-            "has no warm-up)"
-        )
+    elif warmup_problem := lr_warmup_problem(params.lr_scheduler, params.lr_warmup_steps):
+        problems.append(f"lr_warmup_steps {warmup_problem}")
     for name in ("min_snr_gamma", "noise_offset"):
         value = getattr(params, name)
         if not (value >= 0 and math.isfinite(value)):

@@ -10,7 +10,12 @@ from django.conf import settings
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
-from sdxl_engine.parameters import GENERATION_DEFAULTS, LR_SCHEDULERS, TRAINING_DEFAULTS
+from sdxl_engine.parameters import (
+    GENERATION_DEFAULTS,
+    LR_SCHEDULERS,
+    TRAINING_DEFAULTS,
+    lr_warmup_problem,
+)
 from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
@@ -118,11 +123,12 @@ class TrainLoraSerializer(serializers.Serializer):
     def validate(self, attrs):
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
-        scheduler = attrs.get("lr_scheduler", TRAINING_DEFAULTS.lr_scheduler)
-        if attrs.get("lr_warmup_steps") and scheduler == "constant":
-            raise serializers.ValidationError(
-                {"lr_warmup_steps": "needs lr_scheduler constant_with_warmup or cosine"}
-            )
+        warmup_problem = lr_warmup_problem(
+            attrs.get("lr_scheduler", TRAINING_DEFAULTS.lr_scheduler),
+            attrs.get("lr_warmup_steps", TRAINING_DEFAULTS.lr_warmup_steps),
+        )
+        if warmup_problem:
+            raise serializers.ValidationError({"lr_warmup_steps": warmup_problem})
         return attrs
 
     @staticmethod
