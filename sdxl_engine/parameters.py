@@ -8,19 +8,33 @@ worker will run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 
 # Learning-rate schedules, by the names kohya's sd-scripts and diffusers' scripts use.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
+# "service": this service's recipe for teaching a subject (SERVICE_RECIPE); "original":
+# the original service's (TrainingParams' own defaults: one epoch, rank 4, square crops).
+RECIPES = ("service", "original")
+
+# How long the service recipe trains, counted in image-views (steps x batch_size): 150 per
+# image, as kohya's guides count repeats x epochs for a subject, never fewer than 1500
+# and never more than cog-sdxl's 1000 steps x batch 4.
+RECIPE_VIEWS_PER_IMAGE = 150
+RECIPE_MIN_VIEWS = 1500
+RECIPE_MAX_VIEWS = 4000
+# cog-sdxl's warm-up (lr_warmup_steps 100), shortened to a tenth of a shorter run.
+RECIPE_MAX_WARMUP_STEPS = 100
 
 
 @dataclass(frozen=True)
 class TrainingParams:
-    """A training run's settings. The loss and schedule default to the plain recipe (constant
-    rate, unweighted MSE): each option below is the one kohya's sd-scripts names alike."""
+    """A training run's settings. Its own defaults are the original service's recipe (one
+    epoch at batch 4, rank 4, a constant rate, unweighted MSE, square crops); each option
+    below is the one kohya's sd-scripts names alike."""
 
     batch_size: int = 4
-    epochs: int = 1
+    epochs: int | None = 1  # unused when steps is set
     steps: int | None = None  # overrides epochs when set
     learning_rate: float = 1e-4
     rank: int = 4
@@ -41,6 +55,70 @@ class TrainingParams:
     # The probability that a sample trains with an empty caption, so the LoRA also learns
     # the subject without being prompted for it. 0 turns it off.
     caption_dropout: float = 0.0
+    # Aspect-ratio buckets (kohya's --enable_bucket): each image trains at the SDXL size
+    # nearest its aspect ratio (sdxl_engine.buckets) instead of a centred square.
+    enable_bucket: bool = False
+    recipe: str = "original"  # one of RECIPES: where the defaults above came from
+
+
+# This service's recipe: cog-sdxl's LoRA trainer (rank 32, learning rate 1e-4, batch 4,
+# warm-up) for length, rank and rate; Min-SNR gamma 5 (the Min-SNR paper's value) and
+# caption dropout 0.05 (ai-toolkit's default); aspect buckets as kohya and ai-toolkit.
+# Its steps (and warm-up) follow the number of images: see training_params.
+SERVICE_RECIPE = TrainingParams(
+    batch_size=4,
+    epochs=None,
+    learning_rate=1e-4,
+    rank=32,
+    lr_scheduler="constant_with_warmup",
+    lr_warmup_steps=RECIPE_MAX_WARMUP_STEPS,
+    min_snr_gamma=5.0,
+    caption_dropout=0.05,
+    enable_bucket=True,
+    recipe="service",
+)
+ORIGINAL_RECIPE = TrainingParams()
+_RECIPE_DEFAULTS = {"service": SERVICE_RECIPE, "original": ORIGINAL_RECIPE}
+
+
+def recipe_of(given: Mapping[str, object]) -> str:
+    """The recipe a request's unspecified fields come from: the one it names, else the
+    original's when it sets the run's length itself (steps or epochs), else the service's."""
+    named = given.get("recipe")
+    if named is not None:
+        return str(named)
+    return "original" if given.get("steps") or given.get("epochs") else "service"
+
+
+def recipe_defaults(recipe: str) -> TrainingParams:
+    return _RECIPE_DEFAULTS[recipe]
+
+
+def recipe_views(image_count: int) -> int:
+    """How many image-views the service recipe trains `image_count` images for."""
+    return min(RECIPE_MAX_VIEWS, max(RECIPE_MIN_VIEWS, RECIPE_VIEWS_PER_IMAGE * image_count))
+
+
+def training_params(given: Mapping[str, object], image_count: int) -> TrainingParams:
+    """The whole recipe of a run: the fields the caller gave, the rest from its recipe
+    (recipe_of). The service recipe trains recipe_views(image_count) image-views and warms
+    up for a tenth of them, at most RECIPE_MAX_WARMUP_STEPS, unless the caller says
+    otherwise. Exactly one of steps and epochs is set in the result."""
+    recipe = recipe_of(given)
+    defaults = recipe_defaults(recipe)
+    chosen = {**asdict(defaults), **given, "recipe": recipe}
+    if chosen.get("steps"):
+        chosen["epochs"] = None
+    elif not chosen.get("epochs"):
+        views = recipe_views(image_count)
+        chosen["steps"] = -(-views // chosen["batch_size"])
+    if "lr_warmup_steps" not in given:
+        if chosen["lr_scheduler"] == "constant":
+            chosen["lr_warmup_steps"] = 0
+        elif recipe == "service":
+            steps = chosen["steps"] or chosen["epochs"] * -(-image_count // chosen["batch_size"])
+            chosen["lr_warmup_steps"] = min(RECIPE_MAX_WARMUP_STEPS, steps // 10)
+    return TrainingParams(**chosen)
 
 
 @dataclass(frozen=True)
@@ -63,7 +141,6 @@ def lr_warmup_problem(lr_scheduler: str, lr_warmup_steps: int) -> str | None:
     return None
 
 
-TRAINING_DEFAULTS = TrainingParams()
 GENERATION_DEFAULTS = GenerationParams()
 
 

@@ -6,6 +6,7 @@ import hashlib
 import math
 import secrets
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,11 +25,19 @@ from PIL import Image, ImageOps
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
 
+from sdxl_engine.buckets import (
+    MAX_UPSCALE,
+    Placement,
+    bucket_sizes,
+    bucket_summary,
+    bucketed_batches,
+    place,
+)
 from sdxl_engine.dataset import TrainingPair, training_captions
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_keys import TARGET_PROJECTIONS
-from sdxl_engine.parameters import LR_SCHEDULERS, TrainingParams, lr_warmup_problem
+from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
 from sdxl_engine.pipelines import Pipelines
 
 ADAPTER_NAME = "sdxl_service_training"
@@ -56,7 +65,10 @@ class TrainingResult:
 class _EncodedImages:
     """Per-image training inputs, computed once: VAE and text encoders are frozen."""
 
-    latents: torch.Tensor  # (n, 4, h/8, w/8), float32, already multiplied by the VAE scaling factor
+    # One (4, h/8, w/8) float32 tensor per image, at its bucket's size, already multiplied
+    # by the VAE scaling factor.
+    latents: list[torch.Tensor]
+    placements: list[Placement]  # how each image was resized and cropped
     prompt_embeds: torch.Tensor  # (n, 77, te1 hidden + te2 hidden)
     pooled_prompt_embeds: torch.Tensor  # (n, te2 projection)
     time_ids: torch.Tensor  # (n, 6): original h, w, crop top, left, target h, w
@@ -99,9 +111,10 @@ def train_lora(
         )
     base = pipelines.base
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
-    _check_params(params, resolution, _resolution_multiple(base))
+    multiple = _resolution_multiple(base)
+    _check_params(params, resolution, multiple)
     captions = training_captions(pairs, params.trigger)
-    total_steps = params.steps or params.epochs * math.ceil(len(pairs) / params.batch_size)
+    buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
     seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
     stop = should_stop or (lambda: False)
     enter_stage = on_stage or (lambda stage: None)
@@ -123,13 +136,16 @@ def train_lora(
             pipelines,
             pairs,
             captions,
-            resolution,
+            _Sizing(buckets, multiple, MAX_UPSCALE if params.enable_bucket else math.inf),
             params.batch_size,
             noise_generator,
             stop,
             with_empty_caption=params.caption_dropout > 0,
         )
         release_encoders()
+        total_steps = params.steps or params.epochs * _batches_per_epoch(
+            encoded.placements, params.batch_size
+        )
         try:
             base.unet.add_adapter(
                 LoraConfig(
@@ -147,10 +163,14 @@ def train_lora(
             metadata = {
                 "base_model": pipelines.source.base,
                 "model_preset": pipelines.source.preset,
+                "recipe": params.recipe,
                 "rank": params.rank,
                 "alpha": params.rank,
+                **({"epochs": params.epochs} if not params.steps else {}),
                 "steps": total_steps,
                 "resolution": resolution,
+                "enable_bucket": params.enable_bucket,
+                "buckets": bucket_summary(encoded.placements),
                 "learning_rate": params.learning_rate,
                 "lr_scheduler": params.lr_scheduler,
                 "lr_warmup_steps": params.lr_warmup_steps,
@@ -221,7 +241,9 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
     problems = []
     if params.batch_size < 1:
         problems.append("batch_size must be at least 1")
-    if params.epochs < 1:
+    if params.steps is None and params.epochs is None:
+        problems.append("give steps or epochs (training_params fills them from the recipe)")
+    if params.epochs is not None and params.epochs < 1:
         problems.append("epochs must be at least 1")
     if params.steps is not None and params.steps < 1:
         problems.append("steps must be at least 1")
@@ -241,6 +263,8 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
             problems.append(f"{name} must be 0 (off) or a positive number")
     if not 0 <= params.caption_dropout <= 1:
         problems.append("caption_dropout must be a probability, from 0 to 1")
+    if params.recipe not in RECIPES:
+        problems.append(f"recipe must be one of {', '.join(RECIPES)}")
     if params.trigger is not None and not params.trigger.strip():
         problems.append("trigger must not be blank")
     if resolution < multiple or resolution % multiple:
@@ -255,42 +279,46 @@ def _resolution_multiple(base: StableDiffusionXLPipeline) -> int:
     return base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
 
 
+@dataclass(frozen=True)
+class _Sizing:
+    """The sizes images may train at, what their sides divide by, and how far a small
+    image may be enlarged (sdxl_engine.buckets.place)."""
+
+    buckets: list[tuple[int, int]]
+    multiple: int
+    max_upscale: float
+
+
 def _encode_images(
     pipelines: Pipelines,
     pairs: list[TrainingPair],
     captions: list[str],
-    resolution: int,
+    sizing: _Sizing,
     batch_size: int,
     generator: torch.Generator,
     stop: Callable[[], bool],
     with_empty_caption: bool,
 ) -> _EncodedImages:
-    """Each image's latents and its caption's embeddings (and, `with_empty_caption`, the
-    empty caption's, encoded through the text encoders like any caption, as diffusers'
-    SDXL training script does for its empty prompts)."""
+    """Each image's latents at its bucket's size, and its caption's embeddings (and,
+    `with_empty_caption`, the empty caption's, encoded through the text encoders like any
+    caption, as diffusers' SDXL training script does for its empty prompts)."""
     base, device = pipelines.base, pipelines.device
-    parts: dict[str, list[torch.Tensor]] = {
-        "latents": [],
-        "prompt_embeds": [],
-        "pooled": [],
-        "time_ids": [],
-    }
+    latents, placements, time_ids = [], [], []
+    parts: dict[str, list[torch.Tensor]] = {"prompt_embeds": [], "pooled": []}
     for start in range(0, len(pairs), batch_size):
         if stop():
             raise TrainingCancelled("training was cancelled; no LoRA was saved")
-        batch = pairs[start : start + batch_size]
-        loaded = [_load_image(pair.image_path, resolution) for pair in batch]
-        pixels = torch.stack([image for image, _ in loaded])
-        time_ids = [ids for _, ids in loaded]
         with torch.no_grad():
             # The VAE is float32 (see load_pipelines); SDXL's overflows in float16. One
-            # image at a time: its activations at 1024² take about 2 GB per image, while
-            # encoding four at once saves nothing worth having in a step done once.
-            for image in pixels.split(1):
-                distribution = base.vae.encode(image.to(device, torch.float32)).latent_dist
-                parts["latents"].append(
-                    distribution.sample(generator) * base.vae.config.scaling_factor
-                )
+            # image at a time: each has its own size, and its activations at 1024² take
+            # about 2 GB, while encoding four at once saves nothing worth having in a step
+            # done once.
+            for pair in pairs[start : start + batch_size]:
+                pixels, placement = _load_image(pair.image_path, sizing)
+                distribution = base.vae.encode(pixels[None].to(device, torch.float32)).latent_dist
+                latents.append(distribution.sample(generator)[0] * base.vae.config.scaling_factor)
+                placements.append(placement)
+                time_ids.append(placement.time_ids)
             prompt_embeds, _, pooled, _ = base.encode_prompt(
                 prompt=captions[start : start + batch_size],
                 device=device,
@@ -299,12 +327,13 @@ def _encode_images(
             )
         parts["prompt_embeds"].append(prompt_embeds)
         parts["pooled"].append(pooled)
-        parts["time_ids"].append(torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype))
+    prompt_embeds = torch.cat(parts["prompt_embeds"])
     encoded = _EncodedImages(
-        latents=torch.cat(parts["latents"]),
-        prompt_embeds=torch.cat(parts["prompt_embeds"]),
+        latents=latents,
+        placements=placements,
+        prompt_embeds=prompt_embeds,
         pooled_prompt_embeds=torch.cat(parts["pooled"]),
-        time_ids=torch.cat(parts["time_ids"]),
+        time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
     )
     if with_empty_caption:
         with torch.no_grad():
@@ -318,12 +347,11 @@ def _encode_images(
     return encoded
 
 
-def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, list[int]]:
-    """The image as a (3, resolution, resolution) tensor in [-1, 1], and its SDXL time ids.
-
-    The shorter side is resized to `resolution` and the longer one centre-cropped; the
-    time ids tell the UNet the original size and the crop, as in SDXL's own training.
-    """
+def _load_image(path: Path, sizing: _Sizing) -> tuple[torch.Tensor, Placement]:
+    """The image as a (3, height, width) tensor in [-1, 1] at the size of its bucket, and
+    how it was placed there (sdxl_engine.buckets: resized to cover the bucket, the excess
+    cropped, centred; the time ids tell the UNet the original size and the crop, as in
+    SDXL's own training)."""
     try:
         with Image.open(path) as opened:
             image = ImageOps.exif_transpose(opened).convert("RGB")
@@ -332,15 +360,15 @@ def _load_image(path: Path, resolution: int) -> tuple[torch.Tensor, list[int]]:
             f"training image {path.name} could not be read ({error}); "
             "replace or delete it and train again"
         ) from error
-    original_width, original_height = image.size
-    scale = resolution / min(original_width, original_height)
-    width = max(resolution, round(original_width * scale))
-    height = max(resolution, round(original_height * scale))
-    image = image.resize((width, height), Image.Resampling.BICUBIC)
-    top, left = (height - resolution) // 2, (width - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    placement = place(image.size, sizing.buckets, sizing.multiple, sizing.max_upscale)
+    image = placement.apply(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
-    return pixels, [original_height, original_width, top, left, resolution, resolution]
+    return pixels, placement
+
+
+def _batches_per_epoch(placements: list[Placement], batch_size: int) -> int:
+    counts = Counter(placement.size for placement in placements)
+    return sum(math.ceil(count / batch_size) for count in counts.values())
 
 
 def _optimise(
@@ -376,13 +404,19 @@ def _optimise(
 
     unet.train()
     loss_value = math.nan
-    batches = _batches(len(encoded.latents), params.batch_size, total_steps, seed)
+    batches = bucketed_batches(
+        [placement.size for placement in encoded.placements],
+        params.batch_size,
+        total_steps,
+        torch.Generator().manual_seed(seed),
+        torch.Generator().manual_seed(seed + 1),
+    )
     with _training_compilation(unet, pipelines.compiled):
         for step, indices in enumerate(batches, start=1):
             if stop():
                 raise TrainingCancelled("training was cancelled; no LoRA was saved")
-            indices = indices.to(device)
-            latents = encoded.latents[indices]
+            latents = torch.stack([encoded.latents[index] for index in indices])
+            indices = torch.tensor(indices, device=device)
             noise = _noise(latents, params.noise_offset, noise_generator)
             timesteps = torch.randint(
                 0,
@@ -558,19 +592,6 @@ def _training_compilation(unet: torch.nn.Module, compiled: bool) -> Iterator[Non
         for module in unet.modules():
             module._compiled_call_impl = None
         unet._compiled_call_impl = generation_graphs
-
-
-def _batches(count: int, batch_size: int, total_steps: int, seed: int) -> Iterator[torch.Tensor]:
-    """`total_steps` batches of image indices: a fresh shuffle each epoch, the last batch
-    of an epoch possibly smaller."""
-    order_generator = torch.Generator().manual_seed(seed)
-    produced = 0
-    while True:
-        for batch in torch.randperm(count, generator=order_generator).split(batch_size):
-            yield batch
-            produced += 1
-            if produced == total_steps:
-                return
 
 
 def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str]) -> str:

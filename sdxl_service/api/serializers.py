@@ -13,8 +13,11 @@ from rest_framework import serializers
 from sdxl_engine.parameters import (
     GENERATION_DEFAULTS,
     LR_SCHEDULERS,
-    TRAINING_DEFAULTS,
+    RECIPES,
+    SERVICE_RECIPE,
     lr_warmup_problem,
+    recipe_defaults,
+    recipe_of,
 )
 from sdxl_service.api.fields import (
     Base64BytesField,
@@ -29,7 +32,7 @@ from training_app.services.loras import LORA_FORMATS
 
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
 _ITERATION = {"min_value": 1, "max_value": 2**31 - 1, "required": False, "allow_null": True}
-# Training images are cropped to a square of this side; 64 divides by what both the
+# Training images train at buckets of about this side squared; 64 divides by what both the
 # SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
 TRAINING_RESOLUTION_MULTIPLE = 64
 
@@ -67,10 +70,22 @@ class PostSessionImageSerializer(serializers.Serializer):
 
 
 class TrainLoraSerializer(serializers.Serializer):
-    """`session_id` and the optional training parameters of /train_lora."""
+    """`session_id` and the optional training parameters of /train_lora.
+
+    A field left out comes from the run's recipe: the service's (SERVICE_RECIPE) unless
+    the body sets `steps` or `epochs`, which keeps the original's defaults.
+    """
 
     # One field for each of sdxl_engine's TrainingParams: a test holds them to the same names.
     session_id = SessionIdField()
+    recipe = serializers.ChoiceField(
+        choices=RECIPES,
+        required=False,
+        help_text="where the fields left out come from: service (default without steps or "
+        "epochs: rank 32, lr 1e-4, batch 4, warm-up, Min-SNR 5, caption dropout 0.05, "
+        "aspect buckets, 1500-4000 image-views by image count) or original (default with "
+        "steps or epochs: rank 4, lr 1e-4, batch 4, one epoch, square crops)",
+    )
     steps = StrictIntegerField(
         min_value=1, max_value=settings.SDXL_MAX_TRAINING_STEPS, required=False
     )
@@ -83,7 +98,8 @@ class TrainLoraSerializer(serializers.Serializer):
     lr_scheduler = serializers.ChoiceField(
         choices=LR_SCHEDULERS,
         required=False,
-        help_text=f"learning-rate schedule (default {TRAINING_DEFAULTS.lr_scheduler})",
+        help_text=f"learning-rate schedule (service recipe: {SERVICE_RECIPE.lr_scheduler}; "
+        "original: constant)",
     )
     lr_warmup_steps = StrictIntegerField(
         min_value=0,
@@ -110,7 +126,7 @@ class TrainLoraSerializer(serializers.Serializer):
         max_length=100,
         required=False,
         allow_null=True,
-        help_text="identity token, e.g. \"sks\" or \"ohwx woman\": put before every caption "
+        help_text='identity token, e.g. "sks" or "ohwx woman": put before every caption '
         "that lacks it; an image uploaded with an empty caption trains with it alone",
     )
     caption_dropout = StrictFloatField(
@@ -119,13 +135,19 @@ class TrainLoraSerializer(serializers.Serializer):
         required=False,
         help_text="probability that a sample trains with an empty caption (e.g. 0.05); 0: off",
     )
+    enable_bucket = serializers.BooleanField(
+        required=False,
+        help_text="aspect-ratio buckets: each image trains at the SDXL size nearest its aspect "
+        "ratio (service recipe: true); false: a centred square crop (original)",
+    )
 
     def validate(self, attrs):
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
+        # Only a warm-up the caller gave can clash: the recipes fit theirs to the schedule.
+        defaults = recipe_defaults(recipe_of(attrs))
         warmup_problem = lr_warmup_problem(
-            attrs.get("lr_scheduler", TRAINING_DEFAULTS.lr_scheduler),
-            attrs.get("lr_warmup_steps", TRAINING_DEFAULTS.lr_warmup_steps),
+            attrs.get("lr_scheduler", defaults.lr_scheduler), attrs.get("lr_warmup_steps", 0)
         )
         if warmup_problem:
             raise serializers.ValidationError({"lr_warmup_steps": warmup_problem})
@@ -133,8 +155,7 @@ class TrainLoraSerializer(serializers.Serializer):
 
     @staticmethod
     def training_parameters(validated: dict) -> dict:
-        """The parameters the caller gave (what the run records); the rest take
-        TrainingParams' defaults when the worker runs it."""
+        """The parameters the caller gave; the run fills the rest from its recipe."""
         return {k: v for k, v in validated.items() if k != "session_id" and v is not None}
 
 

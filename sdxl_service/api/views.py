@@ -137,9 +137,7 @@ def train_lora(request):
 def train_status(request):
     data = validated(api.SessionRefSerializer, request)
     session_selectors.session_get(data["session_id"])
-    return rendered(
-        api.TrainStatusResponse, training_selectors.training_status(data["session_id"])
-    )
+    return rendered(api.TrainStatusResponse, training_selectors.training_status(data["session_id"]))
 
 
 @extend_schema(
@@ -222,9 +220,7 @@ def upload_lora(request):
 def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
     generation = generations.generation_request(generations.GenerationRequest(**data))
-    generation, images = generations.generation_wait(
-        generation.pk, settings.SDXL_TXT2IMG_TIMEOUT
-    )
+    generation, images = generations.generation_wait(generation.pk, settings.SDXL_TXT2IMG_TIMEOUT)
     body = {
         "images_base64": [base64.b64encode(png).decode("ascii") for png in images],
         "seed": generation.seed,

@@ -22,6 +22,7 @@ from sdxl_engine.training import (
     TrainingParams,
     _EncodedImages,
     _load_image,
+    _Sizing,
     _MasterWeights,
     _noise,
     caption_conditioning,
@@ -267,12 +268,12 @@ def test_time_ids_record_original_size_and_centre_crop(tmp_path: Path) -> None:
     wide = tmp_path / "wide.png"
     Image.new("RGB", (200, 100)).save(wide)  # width 200, height 100
 
-    pixels, time_ids = _load_image(wide, 64)
+    pixels, placement = _load_image(wide, _Sizing([(64, 64)], 16, math.inf))
 
     assert pixels.shape == (3, 64, 64)
     assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
     # Resized to 128x64, so 32 columns are cropped from each side.
-    assert time_ids == [100, 200, 0, 32, 64, 64]
+    assert placement.time_ids == [100, 200, 0, 32, 64, 64]
 
 
 def test_result_carries_the_sha256_of_the_bytes_written(
@@ -460,7 +461,8 @@ def test_the_trigger_is_in_every_encoded_caption_and_recorded(
 
 def _encoded_with_empty_caption(count: int) -> _EncodedImages:
     return _EncodedImages(
-        latents=torch.zeros(count, 4, 8, 8),
+        latents=[torch.zeros(4, 8, 8)] * count,
+        placements=[],
         prompt_embeds=torch.ones(count, 77, 8),
         pooled_prompt_embeds=torch.ones(count, 6),
         time_ids=torch.zeros(count, 6),
@@ -483,3 +485,58 @@ def test_caption_dropout_swaps_in_the_empty_caption_at_its_rate() -> None:
     assert not dropped(0.0).any()
     assert dropped(1.0).all()
     assert dropped(0.25).float().mean().item() == pytest.approx(0.25, abs=0.03)
+
+
+def _record_unet_inputs(pipelines: Pipelines) -> tuple[list[tuple], object]:
+    """(latent shape, time ids) of every UNet call, through a forward pre-hook."""
+    seen: list[tuple] = []
+
+    def record(module, args, kwargs):
+        time_ids = kwargs["added_cond_kwargs"]["time_ids"]
+        seen.append((tuple(args[0].shape), [row.int().tolist() for row in time_ids]))
+
+    return seen, pipelines.base.unet.register_forward_pre_hook(record, with_kwargs=True)
+
+
+def test_bucketed_batches_have_their_buckets_shape_and_time_ids(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    # The session's images: 80x64 (landscape), 64x96 (portrait), 72x72 (square).
+    seen, hook = _record_unet_inputs(pipelines)
+    try:
+        result = train_lora(
+            pipelines,
+            training_pairs,
+            TrainingParams(batch_size=2, epochs=2, seed=5, enable_bucket=True),
+            tmp_path / "lora.safetensors",
+        )
+    finally:
+        hook.remove()
+
+    # Three buckets of one image each: three single-image batches per epoch.
+    assert result.steps == 6 and len(seen) == 6
+    expected = {
+        (1, 4, 8, 10): [64, 80, 0, 0, 64, 80],  # 80x64 fills 80x64 exactly
+        (1, 4, 10, 6): [96, 64, 0, 2, 80, 48],  # 64x96 resized to 53x80, cropped to 48x80
+        (1, 4, 8, 8): [72, 72, 0, 0, 64, 64],  # 72x72 resized to 64x64
+    }
+    assert {shape: ids[0] for shape, ids in seen} == expected
+    assert result.metadata["sdxl_service.buckets"] == "48x80:1,80x64:1,64x64:1"
+    assert result.metadata["sdxl_service.enable_bucket"] == "True"
+
+
+def test_without_buckets_every_image_trains_as_a_centred_square(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    seen, hook = _record_unet_inputs(pipelines)
+    try:
+        result = train_lora(
+            pipelines, training_pairs, TrainingParams(seed=5), tmp_path / "lora.safetensors"
+        )
+    finally:
+        hook.remove()
+
+    # The original's recipe: one epoch of 3 images at batch 4 is one step, all 64x64.
+    assert result.steps == 1 and [shape for shape, _ in seen] == [(3, 4, 8, 8)]
+    assert result.metadata["sdxl_service.buckets"] == "64x64:3"
+    assert result.metadata["sdxl_service.recipe"] == "original"

@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from django.utils import timezone
 
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
-from sdxl_engine.parameters import TrainingParams, field_names
+from sdxl_engine.parameters import TrainingParams, field_names, training_params
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
@@ -48,8 +49,10 @@ def worker_identity() -> str:
 def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     """Records a queued run and hands it to the training queue once the row is committed.
 
-    `parameters` are the TrainingParams the caller gave (the others keep their defaults);
-    a name TrainingParams does not have fails here, not in the worker.
+    `parameters` are the TrainingParams the caller gave; the run records the whole recipe
+    (sdxl_engine.parameters.training_params: the rest from the recipe, its length from
+    the number of images now). A name TrainingParams does not have fails here, not in
+    the worker.
     """
     from sdxl_engine.dataset import find_training_pairs, training_captions
 
@@ -75,7 +78,10 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
             raise ServiceError(f"session {session_id} is already training", status=409)
         try:
             with transaction.atomic():
-                run = TrainingRun.objects.create(session=session, parameters=parameters)
+                run = TrainingRun.objects.create(
+                    session=session,
+                    parameters=asdict(training_params(parameters, image_count=len(pairs))),
+                )
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
         transaction.on_commit(lambda: _enqueue_run(run.pk))

@@ -1,6 +1,7 @@
 import base64
 import hashlib
 import inspect
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from sdxl_engine.parameters import (
     GenerationParams,
     TrainingParams,
     field_names,
+    training_params,
 )
 from sdxl_service.api import serializers as api_serializers
 from sessions_app import services as session_services
@@ -81,7 +83,9 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"lr_scheduler": 1}, "lr_scheduler"),
         ({"lr_warmup_steps": -1}, "lr_warmup_steps"),
         ({"lr_warmup_steps": 1.5}, "lr_warmup_steps"),
-        ({"lr_warmup_steps": 10}, "lr_warmup_steps: needs lr_scheduler"),
+        # With epochs the original recipe's constant rate applies: no warm-up.
+        ({"lr_warmup_steps": 10, "epochs": 2}, "lr_warmup_steps: needs lr_scheduler"),
+        ({"lr_warmup_steps": 10, "recipe": "original"}, "lr_warmup_steps: needs lr_scheduler"),
         ({"lr_warmup_steps": 10, "lr_scheduler": "constant"}, "lr_warmup_steps: needs"),
         ({"min_snr_gamma": -1}, "min_snr_gamma"),
         ({"min_snr_gamma": True}, "min_snr_gamma"),
@@ -95,6 +99,10 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"caption_dropout": 1.01}, "caption_dropout"),
         ({"caption_dropout": -0.1}, "caption_dropout"),
         ({"caption_dropout": False}, "caption_dropout"),
+        ({"recipe": "fast"}, "recipe"),
+        ({"recipe": None}, "recipe"),
+        ({"enable_bucket": "maybe"}, "enable_bucket"),
+        ({"enable_bucket": 2}, "enable_bucket"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -115,7 +123,27 @@ def test_train_lora_passes_the_recipe_options_to_the_run(api, session):
     }
     response = api.post("/train_lora", {"session_id": session.pk, **recipe}, format="json")
     assert response.status_code == 200
-    assert TrainingRun.objects.get().parameters == {**recipe, "min_snr_gamma": 5.0}
+    recorded = TrainingRun.objects.get().parameters
+    assert recorded == {**recorded, **recipe, "min_snr_gamma": 5.0}
+    assert recorded["recipe"] == "service"
+
+
+def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, session):
+    for number in range(9):  # ten images in all
+        session_services.session_image_add(session.pk, image_bytes(), f"photo {number}")
+
+    response = api.post("/train_lora", {"session_id": session.pk}, format="json")
+
+    assert response.status_code == 200
+    assert TrainingRun.objects.get().parameters == asdict(training_params({}, 10))
+    recorded = TrainingParams(**TrainingRun.objects.get().parameters)
+    assert recorded.steps * recorded.batch_size >= 1000
+    assert (recorded.rank, recorded.enable_bucket, recorded.recipe) == (32, True, "service")
+
+
+def test_an_explicit_epochs_1_records_the_original_recipe(api, session):
+    api.post("/train_lora", {"session_id": session.pk, "epochs": 1}, format="json")
+    assert TrainingRun.objects.get().parameters == asdict(TrainingParams(recipe="original"))
 
 
 def test_train_lora_passes_parameters_to_the_run(api, session):
@@ -131,13 +159,17 @@ def test_train_lora_passes_parameters_to_the_run(api, session):
         },
         format="json",
     )
-    assert TrainingRun.objects.get().parameters == {
-        "steps": 7,
-        "rank": 8,
-        "learning_rate": 0.001,
-        "resolution": 512,
-        "seed": 3,
-    }
+    assert TrainingRun.objects.get().parameters == asdict(
+        TrainingParams(
+            steps=7,
+            epochs=None,
+            rank=8,
+            learning_rate=0.001,
+            resolution=512,
+            seed=3,
+            recipe="original",
+        )
+    )
 
 
 def test_train_status_shapes(api, session):

@@ -1,6 +1,7 @@
 """training_app.services.runs: starting, executing, watching and cancelling runs."""
 
 import uuid
+from dataclasses import asdict
 
 import pytest
 from django_q.brokers import get_broker
@@ -8,6 +9,7 @@ from safetensors import safe_open
 
 from core.errors import ServiceError
 from sdxl_engine.files import sha256_file
+from sdxl_engine.parameters import TrainingParams
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import FAST_TRAINING, image_bytes
@@ -59,7 +61,9 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
     finally:
         broker.delete_queue()
     run.refresh_from_db()
-    assert (run.status, run.progress, run.parameters) == ("queued", 0, {"steps": 3})
+    assert (run.status, run.progress) == ("queued", 0)
+    # The whole recipe is recorded: steps given, the rest the original's.
+    assert run.parameters == asdict(TrainingParams(steps=3, epochs=None, recipe="original"))
     assert run.task_id
     assert training_status(session_with_images.pk) == {
         "status": "in-progress",

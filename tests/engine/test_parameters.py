@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+
+from sdxl_engine.parameters import (
+    RECIPE_MAX_VIEWS,
+    SERVICE_RECIPE,
+    TrainingParams,
+    recipe_of,
+    recipe_views,
+    training_params,
+)
+
+
+@pytest.mark.parametrize(
+    ("images", "views"), [(1, 1500), (10, 1500), (20, 3000), (26, 3900), (30, 4000), (500, 4000)]
+)
+def test_the_service_recipe_trains_at_least_1000_image_views_growing_to_the_cap(
+    images: int, views: int
+) -> None:
+    assert recipe_views(images) == views
+    params = training_params({}, images)
+    assert params.steps * params.batch_size >= max(views, 1000)
+    assert params.steps * params.batch_size < views + params.batch_size
+    assert recipe_views(images) <= RECIPE_MAX_VIEWS
+
+
+def test_a_body_with_only_a_session_gets_the_service_recipe() -> None:
+    params = training_params({}, 10)
+
+    assert params.recipe == "service"
+    assert (params.rank, params.learning_rate, params.batch_size) == (32, 1e-4, 4)
+    assert params.steps == 375 and params.epochs is None  # 1500 views at batch 4
+    assert params.lr_scheduler == "constant_with_warmup"
+    assert params.lr_warmup_steps == 37  # a tenth of the run, at most 100
+    assert params.min_snr_gamma == 5.0 and params.caption_dropout == 0.05
+    assert params.enable_bucket is True
+    assert training_params({}, 30).lr_warmup_steps == 100
+
+
+def test_an_explicit_epochs_1_is_exactly_the_original_recipe() -> None:
+    params = training_params({"epochs": 1}, 10)
+
+    assert params == TrainingParams(epochs=1, recipe="original")
+    assert (params.rank, params.batch_size, params.learning_rate) == (4, 4, 1e-4)
+    assert params.lr_scheduler == "constant" and params.lr_warmup_steps == 0
+    assert params.min_snr_gamma == 0.0 and params.caption_dropout == 0.0
+    assert params.enable_bucket is False
+
+
+def test_steps_alone_also_follow_the_original_recipe_and_leave_epochs_unset() -> None:
+    params = training_params({"steps": 500}, 10)
+    assert params.recipe == "original" and params.steps == 500 and params.epochs is None
+    assert params.rank == 4
+
+
+def test_a_named_recipe_wins_and_the_callers_fields_win_over_it() -> None:
+    params = training_params({"recipe": "service", "steps": 200, "rank": 8}, 10)
+
+    assert params.recipe == "service" and params.steps == 200 and params.rank == 8
+    assert params.lr_warmup_steps == 20
+    assert training_params({"recipe": "original"}, 10) == TrainingParams(recipe="original")
+
+
+def test_the_service_recipe_with_a_constant_rate_has_no_warm_up() -> None:
+    assert training_params({"lr_scheduler": "constant"}, 10).lr_warmup_steps == 0
+    given = training_params({"lr_scheduler": "cosine", "lr_warmup_steps": 5}, 10)
+    assert given.lr_warmup_steps == 5
+
+
+def test_epochs_with_the_service_recipe_warm_up_for_a_tenth_of_them() -> None:
+    params = training_params({"recipe": "service", "epochs": 40}, 10)
+    assert params.epochs == 40 and params.steps is None
+    assert params.lr_warmup_steps == 12  # a tenth of 40 epochs x 3 batches of 4
+
+
+def test_recipe_of_reads_the_request() -> None:
+    assert recipe_of({}) == "service"
+    assert recipe_of({"epochs": 2}) == "original"
+    assert recipe_of({"steps": 9, "recipe": "service"}) == "service"
+
+
+def test_resolved_params_survive_a_round_trip_through_json_fields() -> None:
+    # The run records asdict(params) in a JSON field; the worker rebuilds them from it.
+    params = training_params({"trigger": "sks"}, 12)
+    assert TrainingParams(**asdict(params)) == params
+    assert SERVICE_RECIPE.recipe == "service"
