@@ -58,6 +58,12 @@ class TrainingParams:
     # Aspect-ratio buckets (kohya's --enable_bucket): each image trains at the SDXL size
     # nearest its aspect ratio (sdxl_engine.buckets) instead of a centred square.
     enable_bucket: bool = False
+    # A LoRA on both text encoders' attention too (kohya's default for its LoRAs; off
+    # here, as in cog-sdxl and diffusers' script), learning at text_encoder_lr (None:
+    # learning_rate, as kohya's --text_encoder_lr). The encoders then run every step
+    # instead of once per caption.
+    train_text_encoder: bool = False
+    text_encoder_lr: float | None = None
     recipe: str = "original"  # one of RECIPES: where the defaults above came from
 
 

@@ -19,7 +19,8 @@ from diffusers import DDPMScheduler, StableDiffusionXLPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 from diffusers.utils import convert_state_dict_to_diffusers
-from peft import LoraConfig
+from diffusers.utils.peft_utils import recurse_remove_peft_layers
+from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from PIL import Image, ImageOps
 from safetensors import safe_open
@@ -43,6 +44,8 @@ from sdxl_engine.pipelines import Pipelines
 ADAPTER_NAME = "sdxl_service_training"
 # The attention projections of the key table: what uploads are checked against.
 LORA_TARGET_MODULES = list(TARGET_PROJECTIONS)
+# The CLIP text encoders' attention projections, as diffusers' SDXL LoRA script targets.
+TEXT_ENCODER_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # Clip LoRA gradients like diffusers' SDXL LoRA training script: one bad batch cannot
 # throw the weights far.
 MAX_GRAD_NORM = 1.0
@@ -71,6 +74,7 @@ class _EncodedImages:
     placements: list[Placement]  # how each image was resized and cropped
     prompt_embeds: torch.Tensor  # (n, 77, te1 hidden + te2 hidden)
     pooled_prompt_embeds: torch.Tensor  # (n, te2 projection)
+    captions: list[str]  # what each image trains with: encoded every step with a text encoder LoRA
     time_ids: torch.Tensor  # (n, 6): original h, w, crop top, left, target h, w
     # The empty caption's embeddings, (1, ...) each: what a dropped caption trains with.
     # None without caption dropout.
@@ -127,7 +131,9 @@ def train_lora(
     # from them, and the worker's own random state stays untouched.
     with (
         torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []),
-        _low_memory_mode(pipelines, low_memory) as release_encoders,
+        _low_memory_mode(
+            pipelines, low_memory, keep_text_encoders=params.train_text_encoder
+        ) as release_encoders,
     ):
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
@@ -146,16 +152,13 @@ def train_lora(
         total_steps = params.steps or params.epochs * _batches_per_epoch(
             encoded.placements, params.batch_size
         )
+        text_encoders = (
+            [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
+        )
         try:
-            base.unet.add_adapter(
-                LoraConfig(
-                    r=params.rank,
-                    lora_alpha=params.rank,
-                    init_lora_weights="gaussian",
-                    target_modules=LORA_TARGET_MODULES,
-                ),
-                adapter_name=ADAPTER_NAME,
-            )
+            base.unet.add_adapter(_lora_config(params.rank, LORA_TARGET_MODULES), ADAPTER_NAME)
+            for text_encoder in text_encoders:
+                _add_text_encoder_adapter(text_encoder, params.rank)
             enter_stage("training")
             final_loss = _optimise(
                 pipelines, encoded, params, total_steps, seed, noise_generator, on_progress, stop
@@ -178,6 +181,12 @@ def train_lora(
                 "noise_offset": params.noise_offset,
                 "caption_dropout": params.caption_dropout,
                 **({"trigger": params.trigger} if params.trigger is not None else {}),
+                "train_text_encoder": params.train_text_encoder,
+                **(
+                    {"text_encoder_lr": params.text_encoder_lr or params.learning_rate}
+                    if params.train_text_encoder
+                    else {}
+                ),
                 "batch_size": params.batch_size,
                 "seed": seed,
                 "num_images": len(pairs),
@@ -185,28 +194,58 @@ def train_lora(
             }
             metadata = {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
             enter_stage("saving")
-            sha256 = _save_lora(base.unet, Path(output_path), metadata)
+            sha256 = _save_lora(base, bool(text_encoders), Path(output_path), metadata)
         finally:
             base.unet.unload_lora()
             base.unet.eval()
+            for text_encoder in text_encoders:
+                _remove_adapters(text_encoder)
     return TrainingResult(
         steps=total_steps, final_loss=final_loss, metadata=metadata, sha256=sha256
     )
 
 
+def _lora_config(rank: int, target_modules: list[str]) -> LoraConfig:
+    return LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=target_modules
+    )
+
+
+def _add_text_encoder_adapter(text_encoder: torch.nn.Module, rank: int) -> None:
+    """PEFT's own injection, recording the config where diffusers keeps a model's adapter
+    configs (transformers' add_adapter would need a newer PEFT than is published)."""
+    config = _lora_config(rank, TEXT_ENCODER_TARGET_MODULES)
+    inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
+    text_encoder.peft_config = {ADAPTER_NAME: config}
+
+
+def _remove_adapters(text_encoder: torch.nn.Module) -> None:
+    """Puts a text encoder's plain layers back in place of its LoRA layers, as diffusers'
+    unload_lora_weights does for text encoders."""
+    recurse_remove_peft_layers(text_encoder)
+    if getattr(text_encoder, "peft_config", None) is not None:
+        del text_encoder.peft_config
+        text_encoder._hf_peft_config_loaded = None
+
+
 @contextmanager
-def _low_memory_mode(pipelines: Pipelines, enabled: bool) -> Iterator[Callable[[], None]]:
+def _low_memory_mode(
+    pipelines: Pipelines, enabled: bool, keep_text_encoders: bool
+) -> Iterator[Callable[[], None]]:
     """What lets SDXL train at 1024², batch 4, on a 16 GB card, when `enabled`:
 
-    - the text encoders and the VAE (2 GB) wait in CPU memory while the UNet trains, once
-      the images are cached (call the function this yields): they are not needed then;
+    - the text encoders (unless `keep_text_encoders`: they train too) and the VAE (2 GB)
+      wait in CPU memory while the UNet trains, once the images are cached (call the
+      function this yields): they are not needed then;
     - gradient checkpointing: the UNet keeps each block's input and recomputes the rest
       in the backward pass, about a third more compute for a fraction of the memory.
 
     Everything is put back as it was afterwards, whatever happens.
     """
     base = pipelines.base
-    encoders = (base.text_encoder, base.text_encoder_2, base.vae)
+    encoders = (
+        (base.vae,) if keep_text_encoders else (base.text_encoder, base.text_encoder_2, base.vae)
+    )
     offload = pipelines.device != "cpu"  # on the CPU they are in CPU memory already
 
     def release_encoders() -> None:
@@ -247,8 +286,10 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append("epochs must be at least 1")
     if params.steps is not None and params.steps < 1:
         problems.append("steps must be at least 1")
-    if not (params.learning_rate > 0 and math.isfinite(params.learning_rate)):
-        problems.append("learning_rate must be a positive number")
+    for name in ("learning_rate", "text_encoder_lr"):
+        value = getattr(params, name)
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            problems.append(f"{name} must be a positive number")
     if params.rank < 1:
         problems.append("rank must be at least 1")
     if params.lr_scheduler not in LR_SCHEDULERS:
@@ -331,6 +372,7 @@ def _encode_images(
     encoded = _EncodedImages(
         latents=latents,
         placements=placements,
+        captions=captions,
         prompt_embeds=prompt_embeds,
         pooled_prompt_embeds=torch.cat(parts["pooled"]),
         time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
@@ -386,13 +428,25 @@ def _optimise(
     # every attention input up and back in each of 560 projections (training 6.9 -> 9.3
     # img/s in bfloat16 on an H200, bench/levers.py). Adam updates float32 master copies
     # instead, since half-precision updates of small weights round to zero.
-    cast_training_params(unet, dtype=dtype)
-    lora_parameters = [parameter for parameter in unet.parameters() if parameter.requires_grad]
-    masters = _MasterWeights(lora_parameters)
-    # The fused CUDA kernel updates all LoRA tensors in one launch instead of several each.
-    optimizer = torch.optim.AdamW(
-        masters.parameters, lr=params.learning_rate, fused=torch.device(device).type == "cuda"
+    base = pipelines.base
+    trained_text_encoders = (
+        [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
     )
+    for model in (unet, *trained_text_encoders):
+        cast_training_params(model, dtype=dtype)
+    unet_parameters = _trainable(unet)
+    text_encoder_parameters = [p for model in trained_text_encoders for p in _trainable(model)]
+    masters = _MasterWeights(unet_parameters + text_encoder_parameters)
+    groups = [{"params": masters.parameters[: len(unet_parameters)], "lr": params.learning_rate}]
+    if text_encoder_parameters:
+        groups.append(
+            {
+                "params": masters.parameters[len(unet_parameters) :],
+                "lr": params.text_encoder_lr or params.learning_rate,
+            }
+        )
+    # The fused CUDA kernel updates all LoRA tensors in one launch instead of several each.
+    optimizer = torch.optim.AdamW(groups, fused=torch.device(device).type == "cuda")
     learning_rates = learning_rate_schedule(optimizer, params, total_steps)
     # The DDPM forward process with SDXL's betas: what SDXL was trained with.
     noise_scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
@@ -431,9 +485,14 @@ def _optimise(
                 if prediction_type == "epsilon"
                 else noise_scheduler.get_velocity(latents, noise, timesteps)
             )
-            prompt_embeds, pooled_prompt_embeds = caption_conditioning(
-                encoded, indices, params.caption_dropout, noise_generator
-            )
+            if trained_text_encoders:
+                prompt_embeds, pooled_prompt_embeds = encoded_caption_conditioning(
+                    pipelines, encoded.captions, indices, params.caption_dropout, noise_generator
+                )
+            else:
+                prompt_embeds, pooled_prompt_embeds = caption_conditioning(
+                    encoded, indices, params.caption_dropout, noise_generator
+                )
             # No autocast: the UNet's weights are already bfloat16, and autocast would run
             # its norms and softmax in float32 for nothing but memory traffic.
             prediction = unet(
@@ -467,7 +526,8 @@ def _optimise(
     if stop():
         raise TrainingCancelled("training was cancelled; no LoRA was saved")
     # The file keeps the full-precision weights the optimiser arrived at.
-    cast_training_params(unet, dtype=torch.float32)
+    for model in (unet, *trained_text_encoders):
+        cast_training_params(model, dtype=torch.float32)
     masters.copy_to_model()
     return loss_value
 
@@ -514,6 +574,36 @@ def caption_conditioning(
         torch.where(dropped[:, None, None], encoded.empty_prompt_embeds, prompt_embeds),
         torch.where(dropped[:, None], encoded.empty_pooled_prompt_embeds, pooled),
     )
+
+
+def encoded_caption_conditioning(
+    pipelines: Pipelines,
+    captions: list[str],
+    indices: torch.Tensor,
+    caption_dropout: float,
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's captions through the text encoders, with their LoRA and gradients, each
+    replaced by the empty caption with probability `caption_dropout` (the same draws as
+    caption_conditioning)."""
+    batch = [captions[index] for index in indices.tolist()]
+    if caption_dropout:
+        draws = torch.rand(len(indices), generator=generator, device=indices.device)
+        batch = [
+            "" if dropped else caption
+            for caption, dropped in zip(batch, draws < caption_dropout, strict=True)
+        ]
+    prompt_embeds, _, pooled, _ = pipelines.base.encode_prompt(
+        prompt=batch,
+        device=pipelines.device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=False,
+    )
+    return prompt_embeds, pooled
+
+
+def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
 def min_snr_loss_weights(
@@ -594,9 +684,15 @@ def _training_compilation(unet: torch.nn.Module, compiled: bool) -> Iterator[Non
         unet._compiled_call_impl = generation_graphs
 
 
-def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str]) -> str:
-    """Save the adapter with diffusers' own LoRA writer, adding our metadata to its header;
-    returns the sha256 of the file's bytes.
+def _save_lora(
+    base: StableDiffusionXLPipeline,
+    with_text_encoders: bool,
+    output_path: Path,
+    metadata: dict[str, str],
+) -> str:
+    """Save the adapters (the UNet's, and the text encoders' `with_text_encoders`) with
+    diffusers' own LoRA writer, adding our metadata to its header; returns the sha256 of
+    the file's bytes.
 
     diffusers writes to a fixed file name and fills the header itself (format, adapter
     config) only with its default writer, so it writes to a scratch folder and the
@@ -604,22 +700,24 @@ def _save_lora(unet: torch.nn.Module, output_path: Path, metadata: dict[str, str
     are hashed in memory, before they reach the disk, so a file that comes out truncated
     or altered does not match.
     """
-    layers = convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(unet, adapter_name=ADAPTER_NAME)
-    )
-    adapter_config = {
-        # Sets become lists in the header; sorted, so the same training gives the same metadata.
-        key: sorted(value) if isinstance(value, set) else value
-        for key, value in unet.peft_config[ADAPTER_NAME].to_dict().items()
-    }
+    components = {"unet": base.unet}
+    if with_text_encoders:
+        components.update(text_encoder=base.text_encoder, text_encoder_2=base.text_encoder_2)
+    layers = {}
+    for name, model in components.items():
+        layers[f"{name}_lora_layers"] = convert_state_dict_to_diffusers(
+            get_peft_model_state_dict(model, adapter_name=ADAPTER_NAME)
+        )
+        layers[f"{name}_lora_adapter_metadata"] = {
+            # Sets become lists in the header; sorted, so the same training gives the same
+            # metadata.
+            key: sorted(value) if isinstance(value, set) else value
+            for key, value in model.peft_config[ADAPTER_NAME].to_dict().items()
+        }
     try:
         with tempfile.TemporaryDirectory(prefix="sdxl-lora-") as scratch:
             StableDiffusionXLPipeline.save_lora_weights(
-                scratch,
-                unet_lora_layers=layers,
-                unet_lora_adapter_metadata=adapter_config,
-                weight_name="lora.safetensors",
-                safe_serialization=True,
+                scratch, weight_name="lora.safetensors", safe_serialization=True, **layers
             )
             with safe_open(Path(scratch, "lora.safetensors"), framework="pt") as written:
                 tensors = {key: written.get_tensor(key) for key in written.keys()}

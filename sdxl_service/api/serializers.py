@@ -135,6 +135,18 @@ class TrainLoraSerializer(serializers.Serializer):
         required=False,
         help_text="probability that a sample trains with an empty caption (e.g. 0.05); 0: off",
     )
+    train_text_encoder = serializers.BooleanField(
+        required=False,
+        help_text="also train a LoRA on both text encoders' attention (default false); "
+        "stock diffusers' load_lora_weights, the kohya export and /txt2img all apply it",
+    )
+    text_encoder_lr = StrictFloatField(
+        min_value=1e-7,
+        max_value=0.1,
+        required=False,
+        help_text="the text encoders' learning rate with train_text_encoder (default: "
+        "learning_rate, as kohya's --text_encoder_lr; their guides use about 1e-5 to 5e-5)",
+    )
     enable_bucket = serializers.BooleanField(
         required=False,
         help_text="aspect-ratio buckets: each image trains at the SDXL size nearest its aspect "
@@ -144,6 +156,13 @@ class TrainLoraSerializer(serializers.Serializer):
     def validate(self, attrs):
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
+        if "text_encoder_lr" in attrs and not attrs.get("train_text_encoder"):
+            raise serializers.ValidationError(
+                {
+                    "text_encoder_lr": "needs train_text_encoder true (the text encoders train "
+                    "only then)"
+                }
+            )
         # Only a warm-up the caller gave can clash: the recipes fit theirs to the schedule.
         defaults = recipe_defaults(recipe_of(attrs))
         warmup_problem = lr_warmup_problem(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def training_pairs(tmp_path_factory: pytest.TempPathFactory) -> list[TrainingPai
 
 # Few steps with a high learning rate, so the LoRA visibly changes the Base's output.
 STRONG_LORA_PARAMS = TrainingParams(batch_size=2, steps=4, learning_rate=5e-2, rank=4, seed=7)
+
+
+@pytest.fixture(scope="session")
+def text_encoder_lora(
+    pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Path:
+    """A LoRA of the UNet and both text encoders, trained like STRONG_LORA_PARAMS."""
+    path = tmp_path_factory.mktemp("text-encoder-lora") / "lora.safetensors"
+    params = replace(STRONG_LORA_PARAMS, train_text_encoder=True, text_encoder_lr=5e-2)
+    train_lora(pipelines, training_pairs, params, path)
+    return path
 
 
 @pytest.fixture(scope="session")

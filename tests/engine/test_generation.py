@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import generate
@@ -160,3 +161,21 @@ def test_compiled_pipelines_run_other_sizes_eagerly_instead_of_compiling(
     assert _compiled_graphs() == graphs_before
     assert images_close(other_size, generate(pipelines, prompt="a red square", seed=5, **SMALL))
     assert len(two_images) == 2
+
+
+def test_a_text_encoder_lora_applies_to_this_call_only(
+    pipelines: Pipelines, text_encoder_lora: Path, tmp_path: Path
+) -> None:
+    unet_part = tmp_path / "unet-part.safetensors"
+    save_file(
+        {k: v for k, v in load_file(text_encoder_lora).items() if k.startswith("unet.")},
+        str(unet_part),
+    )
+    before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+
+    whole = generate(pipelines, prompt="a red square", seed=9, lora_path=text_encoder_lora, **SMALL)
+    unet_only = generate(pipelines, prompt="a red square", seed=9, lora_path=unet_part, **SMALL)
+    after = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+
+    assert not _same(whole, unet_only)  # the text encoders' part is applied too
+    assert _same(before, after)

@@ -315,3 +315,25 @@ def test_what_cannot_convert_exactly_is_refused(tensors: dict, tmp_path: Path) -
     with pytest.raises(EngineError):
         canonical_lora_file(source, target)
     assert not target.exists()
+
+
+def test_kohya_export_carries_both_text_encoders_and_gives_the_same_image(
+    pipelines: Pipelines, text_encoder_lora: Path, tmp_path: Path
+) -> None:
+    kohya_file = tmp_path / "kohya.safetensors"
+    kohya_file.write_bytes(kohya_lora_bytes(text_encoder_lora, base_model="x"))
+
+    prefixes = {key.split("_")[1] for key in load_file(kohya_file)}
+    assert prefixes == {"unet", "te1", "te2"}
+    assert is_canonical(text_encoder_lora) and not is_unet_only(text_encoder_lora)
+    original = _base_image(pipelines, text_encoder_lora)
+    unet_part_only = tmp_path / "unet-only.safetensors"
+    save_file(
+        {k: v for k, v in load_file(text_encoder_lora).items() if k.startswith("unet.")},
+        str(unet_part_only),
+    )
+    # The text encoders' part does change the image; kohya's form changes it alike.
+    assert np.abs(original - _base_image(pipelines, unet_part_only)).max() > 1e-3
+    np.testing.assert_allclose(_base_image(pipelines, kohya_file), original, rtol=0, atol=1e-5)
+    back = to_canonical(load(kohya_file.read_bytes()), {})
+    assert back.keys() == load_file(text_encoder_lora).keys()

@@ -22,9 +22,9 @@ from sdxl_engine.training import (
     TrainingParams,
     _EncodedImages,
     _load_image,
-    _Sizing,
     _MasterWeights,
     _noise,
+    _Sizing,
     caption_conditioning,
     learning_rate_schedule,
     min_snr_loss_weights,
@@ -540,3 +540,65 @@ def test_without_buckets_every_image_trains_as_a_centred_square(
     assert result.steps == 1 and [shape for shape, _ in seen] == [(3, 4, 8, 8)]
     assert result.metadata["sdxl_service.buckets"] == "64x64:3"
     assert result.metadata["sdxl_service.recipe"] == "original"
+
+
+def _prompt_embeds(pipeline: StableDiffusionXLPipeline, prompt: str) -> torch.Tensor:
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompt=[prompt],
+            device="cpu",
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+    return torch.cat([embeds.flatten(), pooled.flatten()])
+
+
+def test_a_text_encoder_lora_is_saved_loaded_by_stock_diffusers_and_removed_after(
+    pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tiny_source: ModelSource,
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "lora.safetensors"
+    before = _prompt_embeds(pipelines.base, "a red square")
+    params = replace(STRONG_LORA_PARAMS, train_text_encoder=True, text_encoder_lr=1e-2)
+
+    result = train_lora(pipelines, training_pairs, params, path)
+
+    with safe_open(path, framework="pt") as lora:
+        components = {key.split(".")[0] for key in lora.keys()}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    assert result.metadata["sdxl_service.train_text_encoder"] == "True"
+    assert result.metadata["sdxl_service.text_encoder_lr"] == "0.01"
+    # The training pipeline's encoders are plain again and encode as before.
+    assert not _has_lora_layers(pipelines.base.text_encoder)
+    assert not _has_lora_layers(pipelines.base.text_encoder_2)
+    assert torch.equal(_prompt_embeds(pipelines.base, "a red square"), before)
+    # Stock diffusers applies the text encoders' part: the prompt encodes differently.
+    stock = StableDiffusionXLPipeline.from_pretrained(tiny_source.base)
+    plain = _prompt_embeds(stock, "a red square")
+    stock.load_lora_weights(str(path))
+    assert not torch.allclose(_prompt_embeds(stock, "a red square"), plain, atol=1e-4)
+
+
+def test_the_text_encoders_learn_at_their_own_rate(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    def text_encoder_up_weights(text_encoder_lr: float) -> torch.Tensor:
+        path = tmp_path / f"lora-{text_encoder_lr}.safetensors"
+        params = replace(
+            STRONG_LORA_PARAMS, train_text_encoder=True, text_encoder_lr=text_encoder_lr
+        )
+        train_lora(pipelines, training_pairs, params, path)
+        with safe_open(path, framework="pt") as lora:
+            return torch.cat(
+                [
+                    lora.get_tensor(key).flatten()
+                    for key in sorted(lora.keys())
+                    if key.startswith("text_encoder") and ".up." in key
+                ]
+            )
+
+    # Up-weights start at zero: how far they move follows the rate.
+    slow, fast = text_encoder_up_weights(1e-5), text_encoder_up_weights(1e-2)
+    assert 0 < slow.abs().max() < fast.abs().max() / 10

@@ -103,6 +103,10 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"recipe": None}, "recipe"),
         ({"enable_bucket": "maybe"}, "enable_bucket"),
         ({"enable_bucket": 2}, "enable_bucket"),
+        ({"train_text_encoder": "yes please"}, "train_text_encoder"),
+        ({"text_encoder_lr": 1e-5}, "text_encoder_lr: needs train_text_encoder"),
+        ({"text_encoder_lr": 0, "train_text_encoder": True}, "text_encoder_lr"),
+        ({"text_encoder_lr": 1, "train_text_encoder": True}, "text_encoder_lr"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -139,6 +143,13 @@ def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, sess
     recorded = TrainingParams(**TrainingRun.objects.get().parameters)
     assert recorded.steps * recorded.batch_size >= 1000
     assert (recorded.rank, recorded.enable_bucket, recorded.recipe) == (32, True, "service")
+
+
+def test_text_encoder_training_is_recorded_with_its_rate(api, session):
+    body = {"session_id": session.pk, "train_text_encoder": True, "text_encoder_lr": 1e-5}
+    assert api.post("/train_lora", body, format="json").status_code == 200
+    recorded = TrainingRun.objects.get().parameters
+    assert (recorded["train_text_encoder"], recorded["text_encoder_lr"]) == (True, 1e-5)
 
 
 def test_an_explicit_epochs_1_records_the_original_recipe(api, session):

@@ -94,6 +94,7 @@ def _trained_lora(session) -> bytes:
     run_services.training_run_execute(run.pk)
     return (storage.session_dir(session.pk) / "lora_1.safetensors").read_bytes()
 
+
 def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
     from safetensors.torch import load
 

@@ -132,6 +132,7 @@ def test_engine_failure_ends_in_error_without_artifact(session_with_images):
     (storage.session_dir(session_with_images.pk) / "0" / "0.txt").write_text("red")
     run_services.training_run_start(session_with_images.pk, FAST_TRAINING)
 
+
 @pytest.fixture
 def engine_events(monkeypatch):
     """Runs each function appended to the returned list on every engine callback.
