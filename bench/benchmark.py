@@ -13,7 +13,10 @@ Parts (all three fit one device call of under 10 minutes on an H100: ~9 minutes)
          place) against plain diffusers (half precision, SDPA, `load_lora_weights` before
          and `unload_lora_weights` after each request); LoRA switch; correctness
   train  LoRA training at 1024², batch 4, rank 4: ours (engine `train_lora`) against the
-         original's naive loop; peak VRAM; TFLOP/s from torch.utils.flop_counter
+         original's naive loop; peak VRAM; TFLOP/s from torch.utils.flop_counter; and the
+         same training on a mixed set (portrait, landscape, square) with aspect buckets
+  recipe the service's default recipe (a /train_lora body with only session_id) on 10
+         and 30 photos of mixed aspect ratios, start to saved file: its wall time
   cold   worker start to first image, in fresh processes: with the compile cache the gen
          part filled, and without compiling (the gen part times compiling from an empty
          cache: its warm_up_s)
@@ -23,6 +26,7 @@ Each part writes `<part>.json` under --out; `bench/report.py` merges them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import math
@@ -41,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from sdxl_engine.dataset import TrainingPair  # noqa: E402
 from sdxl_engine.generation import generate, warm_up  # noqa: E402
+from sdxl_engine.parameters import training_params  # noqa: E402
 from sdxl_engine.pipelines import load_pipelines  # noqa: E402
 from sdxl_engine.source import resolve_model_source  # noqa: E402
 from sdxl_engine.training import LORA_TARGET_MODULES, TrainingParams, train_lora  # noqa: E402
@@ -146,20 +151,39 @@ def latent_inputs(unet, batch: int, size: int) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def training_images(folder: Path, size: int, count: int = 4) -> list[TrainingPair]:
-    """Random 1024² photos-to-be with captions (their content does not change timings)."""
+def training_images(
+    folder: Path, size: int, count: int = 4, shapes: list[tuple[int, int]] | None = None
+) -> list[TrainingPair]:
+    """Random photos-to-be with captions (their content does not change timings): `size`
+    squares, or (width, height) `shapes` taken in turn."""
     import numpy as np
     from PIL import Image
 
+    shapes = shapes or [(size, size)]
     folder.mkdir(parents=True, exist_ok=True)
     pairs = []
     for index in range(count):
-        path = folder / f"{index}.png"
+        width, height = shapes[index % len(shapes)]
+        path = folder / f"{index}-{width}x{height}.png"
         if not path.exists():
-            pixels = np.random.default_rng(index).integers(0, 256, (size, size, 3), np.uint8)
+            pixels = np.random.default_rng(index).integers(0, 256, (height, width, 3), np.uint8)
             Image.fromarray(pixels).save(path)
         pairs.append(TrainingPair(path, f"a photo of sks dog, view {index}"))
     return pairs
+
+
+# Photos whose aspect ratios land in three SDXL buckets, four of each: 896x1152 (a 3:4
+# portrait, resized to 896x1195 and cropped), 1216x832 and 1024x1024, so every batch of 4
+# is full, as the square set's are.
+MIXED_SHAPES = [(896, 1195), (1216, 832), (1024, 1024)]
+# A phone's portrait and landscape, a square crop and a 16:9 frame: the recipe part's photos.
+PHOTO_SHAPES = [(1200, 1600), (1600, 1200), (1280, 1280), (1920, 1080)]
+
+
+def images_per_s(step_times: list[float], batch_size: int, skip: int) -> float:
+    """Images per second over the steps after the first `skip` (compiling, warming up)."""
+    timed = step_times[skip:]
+    return round(batch_size * (len(timed) - 1) / (timed[-1] - timed[0]), 2)
 
 
 # --- plain diffusers, as the original service does it ------------------------------------
@@ -357,6 +381,8 @@ def part_train(args) -> dict:
     source = model_source(args)
     pairs = training_images(args.cache / "images", args.size)
     params = TrainingParams(batch_size=4, rank=4, steps=args.train_steps, seed=0)
+    # A third of the steps warm up: compiling, and with buckets a shape's first batches.
+    skip = max(2, args.train_steps // 3)
     # As the training worker loads them: the Base alone.
     ours = load_pipelines(source, purpose="training", compile_unets=args.compile)
     step_times: list[float] = []
@@ -380,9 +406,8 @@ def part_train(args) -> dict:
         low_memory=True if args.low_memory else None,
     )
     total_s = sync_time() - start
-    warm = step_times[2:]
     results = {
-        "ours_images_per_s": round(4 * (len(warm) - 1) / (warm[-1] - warm[0]), 2),
+        "ours_images_per_s": images_per_s(step_times, 4, skip),
         "ours_run_s": round(total_s, 2),
         "ours_loaded_gib": loaded_gib,
         "ours_peak_gib": peak_gib(),
@@ -392,6 +417,27 @@ def part_train(args) -> dict:
     if args.low_memory and DEVICE == "cuda":
         torch.cuda.set_per_process_memory_fraction(1.0)
         results["memory_cap_gib"] = SIXTEEN_GB_CARD_GIB
+
+    # The same training on portrait, landscape and square photos, each at its bucket.
+    mixed = training_images(
+        args.cache / "mixed", args.size, 12, scaled_shapes(MIXED_SHAPES, args.size)
+    )
+    step_times.clear()
+    reset_peak()
+    result = train_lora(
+        ours,
+        mixed,
+        dataclasses.replace(params, enable_bucket=True, resolution=args.size),
+        args.cache / "train_mixed.safetensors",
+        on_progress=on_progress,
+        low_memory=True if args.low_memory else None,
+    )
+    results["mixed_buckets"] = result.metadata["sdxl_service.buckets"]
+    results["mixed_images_per_s"] = images_per_s(step_times, 4, skip)
+    results["mixed_peak_gib"] = peak_gib()
+    results["mixed_vs_square"] = round(
+        results["mixed_images_per_s"] / results["ours_images_per_s"], 3
+    )
 
     # FLOPs of one training step (UNet forward + backward at batch 4, 1024², LoRA rank 4).
     from peft import LoraConfig
@@ -416,6 +462,48 @@ def part_train(args) -> dict:
     results["baseline_tflops_per_s"] = round(
         step_flops / 1e12 * results["baseline_images_per_s"] / 4, 1
     )
+    return results
+
+
+def scaled_shapes(shapes: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """`shapes` (for SDXL's 1024) scaled to the benchmark's `size` (64 for a CPU dry run)."""
+    return [(round(w * size / 1024), round(h * size / 1024)) for w, h in shapes]
+
+
+def part_recipe(args) -> dict:
+    """The default recipe, as a /train_lora body with only session_id gets it, on 10 and 30
+    photos: wall time from the call to the saved file (the pipelines already loaded, as in
+    a training worker), split into its stages."""
+    source = model_source(args)
+    ours = load_pipelines(source, purpose="training", compile_unets=args.compile)
+    results = {}
+    for count in (int(n) for n in args.recipe_images.split(",")):
+        shapes = scaled_shapes(PHOTO_SHAPES, args.size)
+        pairs = training_images(args.cache / f"photos-{count}", args.size, count, shapes)
+        params = dataclasses.replace(training_params({}, count), seed=0)
+        stages: dict[str, float] = {}
+        reset_peak()
+        start = sync_time()
+        result = train_lora(
+            ours,
+            pairs,
+            params,
+            args.cache / f"recipe-{count}.safetensors",
+            on_stage=lambda stage, stages=stages: stages.setdefault(stage, sync_time()),
+        )
+        end = sync_time()
+        results[f"images_{count}"] = {
+            "steps": result.steps,
+            "batch_size": params.batch_size,
+            "image_views": result.steps * params.batch_size,
+            "rank": params.rank,
+            "buckets": result.metadata["sdxl_service.buckets"],
+            "wall_s": round(end - start, 1),
+            "caching_s": round(stages["training"] - stages["caching"], 1),
+            "training_s": round(stages["saving"] - stages["training"], 1),
+            "saving_s": round(end - stages["saving"], 1),
+            "peak_gib": peak_gib(),
+        }
     return results
 
 
@@ -556,6 +644,9 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdxl-bench"))
     parser.add_argument("--runs", type=int, default=5, help="timed requests at batch 1")
     parser.add_argument("--train-steps", type=int, default=12)
+    parser.add_argument(
+        "--recipe-images", default="10,30", help="recipe: the numbers of photos to train on"
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     parser.add_argument("--skip-baseline", action="store_true", help="ours only")
     parser.add_argument(
@@ -582,12 +673,12 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # One compile cache for every part and worker start of the run, as a worker keeps it.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.cache / "inductor"))
-    parts = {"gen": part_gen, "train": part_train, "cold": part_cold}
+    parts = {"gen": part_gen, "train": part_train, "cold": part_cold, "recipe": part_recipe}
     for name in args.parts.split(","):
         started = time.perf_counter()
         results = {**environment(), "part": name, **parts[name](args)}
         results["part_wall_s"] = round(time.perf_counter() - started, 1)
-        suffix = "-compiled" if name in ("gen", "train") and args.compile else ""
+        suffix = "-compiled" if name in ("gen", "train", "recipe") and args.compile else ""
         suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)

@@ -107,8 +107,10 @@ def recipe_views(image_count: int) -> int:
 
 def training_params(given: Mapping[str, object], image_count: int) -> TrainingParams:
     """The whole recipe of a run: the fields the caller gave, the rest from its recipe
-    (recipe_of). The service recipe trains recipe_views(image_count) image-views and warms
-    up for a tenth of them, at most RECIPE_MAX_WARMUP_STEPS, unless the caller says
+    (recipe_of). The service recipe trains whole epochs until every image has been seen
+    enough for recipe_views(image_count) image-views in all (counted in epochs, because
+    with aspect buckets a batch may hold fewer than batch_size images), and warms up for
+    a tenth of the steps, at most RECIPE_MAX_WARMUP_STEPS, unless the caller says
     otherwise. Exactly one of steps and epochs is set in the result."""
     recipe = recipe_of(given)
     defaults = recipe_defaults(recipe)
@@ -116,12 +118,12 @@ def training_params(given: Mapping[str, object], image_count: int) -> TrainingPa
     if chosen.get("steps"):
         chosen["epochs"] = None
     elif not chosen.get("epochs"):
-        views = recipe_views(image_count)
-        chosen["steps"] = -(-views // chosen["batch_size"])
+        chosen["epochs"] = -(-recipe_views(image_count) // max(image_count, 1))
     if "lr_warmup_steps" not in given:
         if chosen["lr_scheduler"] == "constant":
             chosen["lr_warmup_steps"] = 0
         elif recipe == "service":
+            # With buckets an epoch may take more batches than this: a tenth at least.
             steps = chosen["steps"] or chosen["epochs"] * -(-image_count // chosen["batch_size"])
             chosen["lr_warmup_steps"] = min(RECIPE_MAX_WARMUP_STEPS, steps // 10)
     return TrainingParams(**chosen)

@@ -22,8 +22,9 @@ def test_the_service_recipe_trains_at_least_1000_image_views_growing_to_the_cap(
 ) -> None:
     assert recipe_views(images) == views
     params = training_params({}, images)
-    assert params.steps * params.batch_size >= max(views, 1000)
-    assert params.steps * params.batch_size < views + params.batch_size
+    # Whole epochs: every image is seen equally often, at least views in all.
+    assert params.steps is None
+    assert max(views, 1000) <= params.epochs * images < views + images
     assert recipe_views(images) <= RECIPE_MAX_VIEWS
 
 
@@ -32,9 +33,10 @@ def test_a_body_with_only_a_session_gets_the_service_recipe() -> None:
 
     assert params.recipe == "service"
     assert (params.rank, params.learning_rate, params.batch_size) == (32, 1e-4, 4)
-    assert params.steps == 375 and params.epochs is None  # 1500 views at batch 4
+    assert params.epochs == 150 and params.steps is None  # 1500 image-views
     assert params.lr_scheduler == "constant_with_warmup"
-    assert params.lr_warmup_steps == 37  # a tenth of the run, at most 100
+    # A tenth of the run (150 epochs of 3 batches), at most 100.
+    assert params.lr_warmup_steps == 45
     assert params.min_snr_gamma == 5.0 and params.caption_dropout == 0.05
     assert params.enable_bucket is True
     assert training_params({}, 30).lr_warmup_steps == 100

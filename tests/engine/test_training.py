@@ -463,6 +463,7 @@ def _encoded_with_empty_caption(count: int) -> _EncodedImages:
     return _EncodedImages(
         latents=[torch.zeros(4, 8, 8)] * count,
         placements=[],
+        captions=["a caption"] * count,
         prompt_embeds=torch.ones(count, 77, 8),
         pooled_prompt_embeds=torch.ones(count, 6),
         time_ids=torch.zeros(count, 6),

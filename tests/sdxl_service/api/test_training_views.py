@@ -9,6 +9,7 @@ from rest_framework.test import APIClient
 from safetensors.torch import load
 
 from sdxl_engine.generation import generate
+from sdxl_engine.lora_files import read_lora_metadata
 from sdxl_engine.parameters import (
     GENERATION_DEFAULTS,
     GenerationParams,
@@ -141,8 +142,37 @@ def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, sess
     assert response.status_code == 200
     assert TrainingRun.objects.get().parameters == asdict(training_params({}, 10))
     recorded = TrainingParams(**TrainingRun.objects.get().parameters)
-    assert recorded.steps * recorded.batch_size >= 1000
+    assert recorded.epochs * 10 >= 1000  # image-views: every image, every epoch
     assert (recorded.rank, recorded.enable_bucket, recorded.recipe) == (32, True, "service")
+
+
+def test_only_a_session_id_after_portraits_and_landscapes_trains_1000_views_in_buckets(
+    api, tmp_path
+):
+    """What a new client gets: photos of two shapes, /train_lora with only session_id."""
+    session_id = api.get("/create_session").json()["session_id"]
+    for number, size in enumerate([(64, 96)] * 4 + [(96, 64)] * 4):
+        body = {
+            "session_id": session_id,
+            "image_base64": b64(image_bytes(size=size)),
+            "prompt": f"photo {number}",
+        }
+        assert api.post("/post_session_image", body, format="json").status_code == 200
+
+    assert api.post("/train_lora", {"session_id": session_id}, format="json").status_code == 200
+    run_services.training_run_execute(TrainingRun.objects.get().pk)
+
+    status = api.post("/train_status", {"session_id": session_id}, format="json").json()
+    assert status["status"] == "completed", status
+    lora = api.post("/get_lora", {"session_id": session_id}, format="json").json()
+    (tmp_path / "lora.safetensors").write_bytes(base64.b64decode(lora["lora_base64"]))
+    header = read_lora_metadata(tmp_path / "lora.safetensors")
+    assert header["sdxl_service.recipe"] == "service"
+    # 8 images x 188 epochs: 1504 image-views, in 376 steps of one bucket's 4 images.
+    assert int(header["sdxl_service.epochs"]) * 8 >= 1000
+    assert header["sdxl_service.steps"] == "376"
+    assert header["sdxl_service.buckets"] == "48x80:4,80x48:4"  # portraits, landscapes
+    assert header["sdxl_service.rank"] == "32"
 
 
 def test_text_encoder_training_is_recorded_with_its_rate(api, session):
