@@ -495,7 +495,9 @@ def part_recipe(args) -> dict:
         results[f"images_{count}"] = {
             "steps": result.steps,
             "batch_size": params.batch_size,
-            "image_views": result.steps * params.batch_size,
+            "epochs": params.epochs,
+            # Every image once an epoch (with buckets a batch may hold fewer than batch_size).
+            "image_views": params.epochs * count,
             "rank": params.rank,
             "buckets": result.metadata["sdxl_service.buckets"],
             "wall_s": round(end - start, 1),
