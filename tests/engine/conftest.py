@@ -68,6 +68,18 @@ def compiled_pipelines(tiny_source: ModelSource) -> Pipelines:
     return compiled
 
 
+def encoded_prompt(pipeline, prompt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompt`'s embeddings and pooled embeddings through `pipeline`'s text encoders."""
+    with torch.no_grad():
+        embeds, _, pooled, _ = pipeline.encode_prompt(
+            prompt=[prompt],
+            device="cpu",
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+    return embeds, pooled
+
+
 def make_session_folder(root: Path) -> Path:
     """A session laid out like the service writes it, plus an operator's nested drop-in."""
     images = [

@@ -45,6 +45,8 @@ from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 from sdxl_engine.training import train_lora
 
+from .conftest import encoded_prompt
+
 # Latents of 4x4, attention at 2x2: the smallest size the tiny UNet runs at (at 16 its
 # inner blocks are 1x1, which their group norms refuse).
 RESOLUTION = 32
@@ -93,13 +95,7 @@ def image_latents(pipelines: Pipelines, images: list[Image.Image]) -> torch.Tens
 
 
 def _conditioning(base: StableDiffusionXLPipeline, prompt: str, count: int) -> dict:
-    with torch.no_grad():
-        prompt_embeds, _, pooled, _ = base.encode_prompt(
-            prompt=[prompt],
-            device="cpu",
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+    prompt_embeds, pooled = encoded_prompt(base, prompt)
     time_ids = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]] * count)
     return {
         "encoder_hidden_states": prompt_embeds.expand(count, -1, -1),

@@ -3,6 +3,8 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,7 +34,7 @@ from sdxl_engine.training import (
     train_lora,
 )
 
-from .conftest import STRONG_LORA_PARAMS
+from .conftest import STRONG_LORA_PARAMS, encoded_prompt
 
 LORA_KEY = re.compile(r"^unet\..+\.(to_q|to_k|to_v|to_out\.0)\.lora\.(down|up)\.weight$")
 
@@ -488,31 +490,33 @@ def test_caption_dropout_swaps_in_the_empty_caption_at_its_rate() -> None:
     assert dropped(0.25).float().mean().item() == pytest.approx(0.25, abs=0.03)
 
 
-def _record_unet_inputs(pipelines: Pipelines) -> tuple[list[tuple], object]:
-    """(latent shape, time ids) of every UNet call, through a forward pre-hook."""
+@contextmanager
+def _recorded_unet_inputs(pipelines: Pipelines) -> Iterator[list[tuple]]:
+    """(latent shape, time ids) of every Base UNet call inside the block."""
     seen: list[tuple] = []
 
     def record(module, args, kwargs):
         time_ids = kwargs["added_cond_kwargs"]["time_ids"]
         seen.append((tuple(args[0].shape), [row.int().tolist() for row in time_ids]))
 
-    return seen, pipelines.base.unet.register_forward_pre_hook(record, with_kwargs=True)
+    hook = pipelines.base.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 def test_bucketed_batches_have_their_buckets_shape_and_time_ids(
     pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
 ) -> None:
     # The session's images: 80x64 (landscape), 64x96 (portrait), 72x72 (square).
-    seen, hook = _record_unet_inputs(pipelines)
-    try:
+    with _recorded_unet_inputs(pipelines) as seen:
         result = train_lora(
             pipelines,
             training_pairs,
             TrainingParams(batch_size=2, epochs=2, seed=5, enable_bucket=True),
             tmp_path / "lora.safetensors",
         )
-    finally:
-        hook.remove()
 
     # Three buckets of one image each: three single-image batches per epoch.
     assert result.steps == 6 and len(seen) == 6
@@ -529,13 +533,10 @@ def test_bucketed_batches_have_their_buckets_shape_and_time_ids(
 def test_without_buckets_every_image_trains_as_a_centred_square(
     pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
 ) -> None:
-    seen, hook = _record_unet_inputs(pipelines)
-    try:
+    with _recorded_unet_inputs(pipelines) as seen:
         result = train_lora(
             pipelines, training_pairs, TrainingParams(seed=5), tmp_path / "lora.safetensors"
         )
-    finally:
-        hook.remove()
 
     # The original's recipe: one epoch of 3 images at batch 4 is one step, all 64x64.
     assert result.steps == 1 and [shape for shape, _ in seen] == [(3, 4, 8, 8)]
@@ -544,13 +545,7 @@ def test_without_buckets_every_image_trains_as_a_centred_square(
 
 
 def _prompt_embeds(pipeline: StableDiffusionXLPipeline, prompt: str) -> torch.Tensor:
-    with torch.no_grad():
-        embeds, _, pooled, _ = pipeline.encode_prompt(
-            prompt=[prompt],
-            device="cpu",
-            num_images_per_prompt=1,
-            do_classifier_free_guidance=False,
-        )
+    embeds, pooled = encoded_prompt(pipeline, prompt)
     return torch.cat([embeds.flatten(), pooled.flatten()])
 
 
