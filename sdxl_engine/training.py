@@ -1,4 +1,5 @@
-"""LoRA training on the SDXL Base UNet, saved in diffusers' own LoRA format."""
+"""LoRA training on the SDXL Base UNet (and, optionally, its text encoders), saved in
+diffusers' own LoRA format."""
 
 from __future__ import annotations
 
@@ -92,13 +93,14 @@ def train_lora(
     on_stage: Callable[[str], None] | None = None,
     low_memory: bool | None = None,
 ) -> TrainingResult:
-    """Train a LoRA on the Base UNet's attention projections and save it to `output_path`.
+    """Train a LoRA on the Base UNet's attention projections (and both text encoders'
+    with `params.train_text_encoder`) and save it to `output_path`.
 
     `on_stage(stage)` runs as each stage begins: "caching" (the frozen VAE and text
     encoders encode every image once), "training" (the optimisation steps), "saving".
     `on_progress(step, total_steps, loss)` runs after every step. `should_stop()` is asked
     before every step and every caching batch; when it returns True, TrainingCancelled is
-    raised and nothing is written. The adapter is removed from the UNet afterwards,
+    raised and nothing is written. The adapters are removed from the models afterwards,
     whatever happens, so the loaded pipeline is as it was for the next job.
     `low_memory` trades speed for memory (see _low_memory_mode); None decides from the
     GPU's free memory.
