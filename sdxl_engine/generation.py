@@ -97,7 +97,7 @@ def generate(
                 output_type="latent",
                 callback_on_step_end=report_step,
             ).images
-            images = _decode(pipelines, refined)
+            images = decode_latents(pipelines, refined)
     finally:
         if merged:
             pipelines.unet_lora.restore()
@@ -167,7 +167,7 @@ def _load_lora(pipelines: Pipelines, lora_path: Path, lora_scale: float) -> None
         ) from error
 
 
-def _decode(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image]:
+def decode_latents(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image]:
     """Decode with the float32 VAE.
 
     The pipelines' own decoding casts the VAE to the latents' dtype or upcasts a half

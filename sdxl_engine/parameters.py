@@ -25,6 +25,8 @@ RECIPE_MIN_VIEWS = 1500
 RECIPE_MAX_VIEWS = 4000
 # cog-sdxl's warm-up (lr_warmup_steps 100), shortened to a tenth of a shorter run.
 RECIPE_MAX_WARMUP_STEPS = 100
+# sample_every and checkpoint_every of None: this many times a run.
+WATCHES_PER_RUN = 4
 
 
 @dataclass(frozen=True)
@@ -64,12 +66,21 @@ class TrainingParams:
     # instead of once per caption.
     train_text_encoder: bool = False
     text_encoder_lr: float | None = None
+    # Watching and keeping a run (kohya's sample_every_n_steps and save_every_n_steps):
+    # every this many steps, sample images of sample_prompts (None: the trigger, then the
+    # first captions) from sample_seed (None: the run's seed), and a checkpoint, a LoRA
+    # file the run can also resume from. 0: never; None: four times a run.
+    sample_every: int | None = 0
+    sample_prompts: list[str] | None = None
+    sample_seed: int | None = None
+    checkpoint_every: int | None = 0
     recipe: str = "original"  # one of RECIPES: where the defaults above came from
 
 
 # This service's recipe: cog-sdxl's LoRA trainer (rank 32, learning rate 1e-4, batch 4,
 # warm-up) for length, rank and rate; Min-SNR gamma 5 (the Min-SNR paper's value) and
-# caption dropout 0.05 (ai-toolkit's default); aspect buckets as kohya and ai-toolkit.
+# caption dropout 0.05 (ai-toolkit's default); aspect buckets as kohya and ai-toolkit;
+# samples and checkpoints four times a run.
 # Its steps (and warm-up) follow the number of images: see training_params.
 SERVICE_RECIPE = TrainingParams(
     batch_size=4,
@@ -81,10 +92,19 @@ SERVICE_RECIPE = TrainingParams(
     min_snr_gamma=5.0,
     caption_dropout=0.05,
     enable_bucket=True,
+    sample_every=None,
+    checkpoint_every=None,
     recipe="service",
 )
 ORIGINAL_RECIPE = TrainingParams()
 _RECIPE_DEFAULTS = {"service": SERVICE_RECIPE, "original": ORIGINAL_RECIPE}
+
+
+def every_steps(every: int | None, total_steps: int) -> int:
+    """sample_every or checkpoint_every for a run of `total_steps`: 0 for never."""
+    if every is None:
+        return max(1, -(-total_steps // WATCHES_PER_RUN))
+    return every
 
 
 def recipe_of(given: Mapping[str, object]) -> str:

@@ -35,12 +35,25 @@ from sdxl_engine.buckets import (
     bucketed_batches,
     place,
 )
+from sdxl_engine.checkpoints import (
+    ResumeState,
+    load_resume_state,
+    run_fingerprint,
+    save_resume_state,
+)
 from sdxl_engine.dataset import TrainingPair, training_captions
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import write_atomically
 from sdxl_engine.lora_keys import TARGET_PROJECTIONS
-from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
+from sdxl_engine.parameters import (
+    LR_SCHEDULERS,
+    RECIPES,
+    TrainingParams,
+    every_steps,
+    lr_warmup_problem,
+)
 from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.samples import default_sample_prompts, render_samples
 
 ADAPTER_NAME = "sdxl_service_training"
 # The attention projections of the key table: what uploads are checked against.
@@ -63,6 +76,7 @@ class TrainingResult:
     final_loss: float
     metadata: dict[str, str]  # the sdxl_service.* entries written into the file's header
     sha256: str  # of the bytes meant to be in the file: whoever moves it can verify it
+    resumed_from_step: int = 0  # the checkpoint's step this run continued from
 
 
 @dataclass
@@ -92,6 +106,9 @@ def train_lora(
     should_stop: Callable[[], bool] | None = None,
     on_stage: Callable[[str], None] | None = None,
     low_memory: bool | None = None,
+    state_dir: Path | None = None,
+    on_checkpoint: Callable[[int, Path, str], None] | None = None,
+    on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -104,6 +121,13 @@ def train_lora(
     whatever happens, so the loaded pipeline is as it was for the next job.
     `low_memory` trades speed for memory (see _low_memory_mode); None decides from the
     GPU's free memory.
+
+    Every `params.checkpoint_every` steps (but the last) with a `state_dir`, the LoRA as it
+    stands is written there and handed to `on_checkpoint(step, path, sha256)`, which may
+    move it, and the state to resume from is saved there (sdxl_engine.checkpoints). A run
+    that finds a state of its own settings and images in `state_dir` continues from it.
+    Every `params.sample_every` steps, `on_samples(step, [(prompt, image), ...])` gets
+    sample images (sdxl_engine.samples).
     """
     if not pairs:
         raise EngineError(
@@ -121,7 +145,15 @@ def train_lora(
     _check_params(params, resolution, multiple)
     captions = training_captions(pairs, params.trigger)
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
-    seed = params.seed if params.seed is not None else secrets.randbelow(2**31)
+    fingerprint = run_fingerprint(params, pairs, captions)
+    resume = load_resume_state(state_dir, fingerprint) if state_dir is not None else None
+    seed = (
+        resume.seed
+        if resume is not None
+        else params.seed
+        if params.seed is not None
+        else secrets.randbelow(2**31)
+    )
     stop = should_stop or (lambda: False)
     enter_stage = on_stage or (lambda stage: None)
     device = torch.device(pipelines.device)
@@ -135,7 +167,7 @@ def train_lora(
         torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []),
         _low_memory_mode(
             pipelines, low_memory, keep_text_encoders=params.train_text_encoder
-        ) as release_encoders,
+        ) as encoders,
     ):
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
@@ -150,9 +182,28 @@ def train_lora(
             stop,
             with_empty_caption=params.caption_dropout > 0,
         )
-        release_encoders()
+        encoders.release()
         total_steps = params.steps or params.epochs * _batches_per_epoch(
             encoded.placements, params.batch_size
+        )
+        run = _Run(
+            pipelines=pipelines,
+            params=params,
+            encoded=encoded,
+            total_steps=total_steps,
+            seed=seed,
+            resolution=resolution,
+            image_count=len(pairs),
+            fingerprint=fingerprint,
+        )
+        watch = _Watch(
+            run,
+            state_dir=Path(state_dir) if state_dir is not None else None,
+            on_checkpoint=on_checkpoint,
+            on_samples=on_samples,
+            sample_prompts=params.sample_prompts
+            or default_sample_prompts(params.trigger, captions),
+            encoders=encoders,
         )
         text_encoders = (
             [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
@@ -162,39 +213,10 @@ def train_lora(
             for text_encoder in text_encoders:
                 _add_text_encoder_adapter(text_encoder, params.rank)
             enter_stage("training")
-            final_loss = _optimise(
-                pipelines, encoded, params, total_steps, seed, noise_generator, on_progress, stop
+            final_loss, resumed_from_step = _optimise(
+                run, noise_generator, on_progress, stop, watch, resume
             )
-            metadata = {
-                "base_model": pipelines.source.base,
-                "model_preset": pipelines.source.preset,
-                "recipe": params.recipe,
-                "rank": params.rank,
-                "alpha": params.rank,
-                **({"epochs": params.epochs} if not params.steps else {}),
-                "steps": total_steps,
-                "resolution": resolution,
-                "enable_bucket": params.enable_bucket,
-                "buckets": bucket_summary(encoded.placements),
-                "learning_rate": params.learning_rate,
-                "lr_scheduler": params.lr_scheduler,
-                "lr_warmup_steps": params.lr_warmup_steps,
-                "min_snr_gamma": params.min_snr_gamma,
-                "noise_offset": params.noise_offset,
-                "caption_dropout": params.caption_dropout,
-                **({"trigger": params.trigger} if params.trigger is not None else {}),
-                "train_text_encoder": params.train_text_encoder,
-                **(
-                    {"text_encoder_lr": params.text_encoder_lr or params.learning_rate}
-                    if params.train_text_encoder
-                    else {}
-                ),
-                "batch_size": params.batch_size,
-                "seed": seed,
-                "num_images": len(pairs),
-                "final_loss": f"{final_loss:.6g}",
-            }
-            metadata = {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
+            metadata = run.metadata(final_loss)
             enter_stage("saving")
             sha256 = _save_lora(base, bool(text_encoders), Path(output_path), metadata)
         finally:
@@ -203,8 +225,66 @@ def train_lora(
             for text_encoder in text_encoders:
                 _remove_adapters(text_encoder)
     return TrainingResult(
-        steps=total_steps, final_loss=final_loss, metadata=metadata, sha256=sha256
+        steps=total_steps,
+        final_loss=final_loss,
+        metadata=metadata,
+        sha256=sha256,
+        resumed_from_step=resumed_from_step,
     )
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A run's settings as they were resolved, and its images as encoded."""
+
+    pipelines: Pipelines
+    params: TrainingParams
+    encoded: _EncodedImages
+    total_steps: int
+    seed: int
+    resolution: int
+    image_count: int
+    fingerprint: str
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        base = self.pipelines.base
+        return [base.text_encoder, base.text_encoder_2] if self.params.train_text_encoder else []
+
+    def metadata(self, loss: float, **extra) -> dict[str, str]:
+        """The sdxl_service.* header entries of a LoRA file of this run."""
+        params = self.params
+        metadata = {
+            "base_model": self.pipelines.source.base,
+            "model_preset": self.pipelines.source.preset,
+            "recipe": params.recipe,
+            "rank": params.rank,
+            "alpha": params.rank,
+            **({"epochs": params.epochs} if not params.steps else {}),
+            "steps": self.total_steps,
+            "resolution": self.resolution,
+            "enable_bucket": params.enable_bucket,
+            "buckets": bucket_summary(self.encoded.placements),
+            "learning_rate": params.learning_rate,
+            "lr_scheduler": params.lr_scheduler,
+            "lr_warmup_steps": params.lr_warmup_steps,
+            "min_snr_gamma": params.min_snr_gamma,
+            "noise_offset": params.noise_offset,
+            "caption_dropout": params.caption_dropout,
+            **({"trigger": params.trigger} if params.trigger is not None else {}),
+            "train_text_encoder": params.train_text_encoder,
+            **(
+                {"text_encoder_lr": params.text_encoder_lr or params.learning_rate}
+                if params.train_text_encoder
+                else {}
+            ),
+            "batch_size": params.batch_size,
+            "seed": self.seed,
+            "num_images": self.image_count,
+            "final_loss": f"{loss:.6g}",
+            **extra,
+        }
+        return {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
 
 
 def _lora_config(rank: int, target_modules: list[str]) -> LoraConfig:
@@ -233,40 +313,64 @@ def _remove_adapters(text_encoder: torch.nn.Module) -> None:
 @contextmanager
 def _low_memory_mode(
     pipelines: Pipelines, enabled: bool, keep_text_encoders: bool
-) -> Iterator[Callable[[], None]]:
+) -> Iterator[_Encoders]:
     """What lets SDXL train at 1024², batch 4, on a 16 GB card, when `enabled`:
 
     - the text encoders (unless `keep_text_encoders`: they train too) and the VAE (2 GB)
-      wait in CPU memory while the UNet trains, once the images are cached (call the
-      function this yields): they are not needed then;
+      wait in CPU memory while the UNet trains, once the images are cached (the yielded
+      object's release()): they are not needed then, but for sample images;
     - gradient checkpointing: the UNet keeps each block's input and recomputes the rest
       in the backward pass, about a third more compute for a fraction of the memory.
 
     Everything is put back as it was afterwards, whatever happens.
     """
     base = pipelines.base
-    encoders = (
+    models = (
         (base.vae,) if keep_text_encoders else (base.text_encoder, base.text_encoder_2, base.vae)
     )
-    offload = pipelines.device != "cpu"  # on the CPU they are in CPU memory already
-
-    def release_encoders() -> None:
-        if offload:
-            for encoder in encoders:
-                encoder.to("cpu")
-            torch.cuda.empty_cache()
-
+    # On the CPU they are in CPU memory already.
+    encoders = _Encoders(models, pipelines.device, offload=enabled and pipelines.device != "cpu")
     if not enabled:
-        yield lambda: None
+        yield encoders
         return
     base.unet.enable_gradient_checkpointing()
     try:
-        yield release_encoders
+        yield encoders
     finally:
         base.unet.disable_gradient_checkpointing()
-        if offload:
-            for encoder in encoders:
-                encoder.to(pipelines.device)
+        encoders.restore()
+
+
+class _Encoders:
+    """The frozen encoders low-memory mode keeps in CPU memory while the UNet trains."""
+
+    def __init__(self, models: tuple[torch.nn.Module, ...], device: str, offload: bool):
+        self._models, self._device, self._offload = models, device, offload
+        self._released = False
+
+    def release(self) -> None:
+        if self._offload:
+            for model in self._models:
+                model.to("cpu")
+            torch.cuda.empty_cache()
+            self._released = True
+
+    def restore(self) -> None:
+        if self._released:
+            for model in self._models:
+                model.to(self._device)
+            self._released = False
+
+    @contextmanager
+    def borrowed(self) -> Iterator[None]:
+        """The encoders on the device for the block (sample images need them)."""
+        released = self._released
+        self.restore()
+        try:
+            yield
+        finally:
+            if released:
+                self.release()
 
 
 def needs_low_memory(device: torch.device) -> bool:
@@ -306,6 +410,14 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
             problems.append(f"{name} must be 0 (off) or a positive number")
     if not 0 <= params.caption_dropout <= 1:
         problems.append("caption_dropout must be a probability, from 0 to 1")
+    for name in ("sample_every", "checkpoint_every"):
+        value = getattr(params, name)
+        if value is not None and value < 0:
+            problems.append(f"{name} must be 0 (never) or more")
+    if params.sample_prompts is not None and not all(
+        isinstance(prompt, str) and prompt.strip() for prompt in params.sample_prompts
+    ):
+        problems.append("sample_prompts must be non-blank strings")
     if params.recipe not in RECIPES:
         problems.append(f"recipe must be one of {', '.join(RECIPES)}")
     if params.trigger is not None and not params.trigger.strip():
@@ -416,24 +528,27 @@ def _batches_per_epoch(placements: list[Placement], batch_size: int) -> int:
 
 
 def _optimise(
-    pipelines: Pipelines,
-    encoded: _EncodedImages,
-    params: TrainingParams,
-    total_steps: int,
-    seed: int,
+    run: _Run,
     noise_generator: torch.Generator,
     on_progress: Callable[[int, int, float], None] | None,
     stop: Callable[[], bool],
-) -> float:
+    watch: _Watch,
+    resume: ResumeState | None,
+) -> tuple[float, int]:
+    """Runs the optimisation steps, from `resume`'s step when given; returns the last
+    loss and the step the run resumed from (0 for a run from the start)."""
+    pipelines, encoded, params, total_steps = (
+        run.pipelines,
+        run.encoded,
+        run.params,
+        run.total_steps,
+    )
     unet, device, dtype = pipelines.base.unet, pipelines.device, pipelines.dtype
     # The LoRA factors run in the UNet's precision: float32 factors would make PEFT cast
     # every attention input up and back in each of 560 projections (training 6.9 -> 9.3
     # img/s in bfloat16 on an H200, bench/levers.py). Adam updates float32 master copies
     # instead, since half-precision updates of small weights round to zero.
-    base = pipelines.base
-    trained_text_encoders = (
-        [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
-    )
+    trained_text_encoders = run.text_encoders
     for model in (unet, *trained_text_encoders):
         cast_training_params(model, dtype=dtype)
     unet_parameters = _trainable(unet)
@@ -459,16 +574,24 @@ def _optimise(
         )
 
     unet.train()
-    loss_value = math.nan
+    loss_value, resumed_from_step = math.nan, 0
+    if resume is not None and resume.total_steps == total_steps:
+        masters.load(resume.masters)
+        optimizer.load_state_dict(resume.optimizer)
+        learning_rates.load_state_dict(resume.lr_scheduler)
+        noise_generator.set_state(resume.noise_generator)
+        loss_value, resumed_from_step = resume.loss, resume.step
     batches = bucketed_batches(
         [placement.size for placement in encoded.placements],
         params.batch_size,
         total_steps,
-        torch.Generator().manual_seed(seed),
-        torch.Generator().manual_seed(seed + 1),
+        torch.Generator().manual_seed(run.seed),
+        torch.Generator().manual_seed(run.seed + 1),
     )
     with _training_compilation(unet, pipelines.compiled):
         for step, indices in enumerate(batches, start=1):
+            if step <= resumed_from_step:
+                continue  # replays the batch order up to where the run stopped
             if stop():
                 raise TrainingCancelled("training was cancelled; no LoRA was saved")
             latents = torch.stack([encoded.latents[index] for index in indices])
@@ -525,13 +648,110 @@ def _optimise(
                 )
             if on_progress is not None:
                 on_progress(step, total_steps, loss_value)
+            watch.after_step(
+                step,
+                loss_value,
+                _Optimisation(masters, optimizer, learning_rates, noise_generator),
+            )
     if stop():
         raise TrainingCancelled("training was cancelled; no LoRA was saved")
     # The file keeps the full-precision weights the optimiser arrived at.
     for model in (unet, *trained_text_encoders):
         cast_training_params(model, dtype=torch.float32)
     masters.copy_to_model()
-    return loss_value
+    return loss_value, resumed_from_step
+
+
+@dataclass(frozen=True)
+class _Optimisation:
+    """What the loop changes from step to step: what a checkpoint saves to resume from."""
+
+    masters: _MasterWeights
+    optimizer: torch.optim.Optimizer
+    learning_rates: torch.optim.lr_scheduler.LRScheduler
+    noise_generator: torch.Generator
+
+
+class _Watch:
+    """Sample images and checkpoints along a run (see train_lora)."""
+
+    def __init__(
+        self,
+        run: _Run,
+        state_dir: Path | None,
+        on_checkpoint: Callable[[int, Path, str], None] | None,
+        on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None,
+        sample_prompts: list[str],
+        encoders: _Encoders,
+    ):
+        params = run.params
+        self._run, self._state_dir, self._encoders = run, state_dir, encoders
+        self._on_checkpoint, self._on_samples = on_checkpoint, on_samples
+        self._sample_prompts = sample_prompts
+        self._sample_seed = params.sample_seed if params.sample_seed is not None else run.seed
+        self.sample_every = every_steps(params.sample_every, run.total_steps)
+        self.checkpoint_every = every_steps(params.checkpoint_every, run.total_steps)
+
+    def after_step(self, step: int, loss: float, optimisation: _Optimisation) -> None:
+        if (
+            self._on_samples is not None
+            and self._sample_prompts
+            and self.sample_every
+            and step % self.sample_every == 0
+        ):
+            self._samples(step)
+        if (
+            self._state_dir is not None
+            and self.checkpoint_every
+            and step % self.checkpoint_every == 0
+            and step < self._run.total_steps  # the last step's file is the LoRA itself
+        ):
+            self._checkpoint(step, loss, optimisation)
+
+    def _samples(self, step: int) -> None:
+        run = self._run
+        with self._encoders.borrowed():
+            images = render_samples(
+                run.pipelines, self._sample_prompts, self._sample_seed, run.resolution
+            )
+        self._on_samples(step, list(zip(self._sample_prompts, images, strict=True)))
+
+    def _checkpoint(self, step: int, loss: float, optimisation: _Optimisation) -> None:
+        run, masters = self._run, optimisation.masters
+        models = (run.pipelines.base.unet, *run.text_encoders)
+        self._state_dir.mkdir(parents=True, exist_ok=True)
+        path = self._state_dir / f"checkpoint-{step}.safetensors"
+        # The file holds the float32 weights the optimiser has reached, as the final one.
+        for model in models:
+            cast_training_params(model, dtype=torch.float32)
+        masters.copy_to_model()
+        try:
+            sha256 = _save_lora(
+                run.pipelines.base,
+                bool(run.text_encoders),
+                path,
+                run.metadata(loss, checkpoint_step=step),
+            )
+        finally:
+            for model in models:
+                cast_training_params(model, dtype=run.pipelines.dtype)
+            masters.copy_to_model()
+        save_resume_state(
+            self._state_dir,
+            ResumeState(
+                fingerprint=run.fingerprint,
+                step=step,
+                total_steps=run.total_steps,
+                seed=run.seed,
+                loss=loss,
+                masters=masters.parameters,
+                optimizer=optimisation.optimizer.state_dict(),
+                lr_scheduler=optimisation.learning_rates.state_dict(),
+                noise_generator=optimisation.noise_generator.get_state(),
+            ),
+        )
+        if self._on_checkpoint is not None:
+            self._on_checkpoint(step, path, sha256)
 
 
 def learning_rate_schedule(
@@ -656,6 +876,14 @@ class _MasterWeights:
             for master, parameter in zip(self.parameters, self._model, strict=True):
                 master.grad = None if parameter.grad is None else parameter.grad.float()
                 parameter.grad = None
+
+    @torch.no_grad()
+    def load(self, saved: list[torch.Tensor]) -> None:
+        """Takes the values of masters saved from a run of the same adapters."""
+        torch._foreach_copy_(
+            self.parameters, [tensor.to(self.parameters[0].device) for tensor in saved]
+        )
+        self.copy_to_model()
 
     @torch.no_grad()
     def copy_to_model(self) -> None:

@@ -30,6 +30,8 @@ from training_app.models import TrainingRun
 from training_app.services.generations import SEED_BITS
 from training_app.services.loras import LORA_FORMATS
 
+# At most this many sample prompts: each is rendered at every sample step.
+MAX_SAMPLE_PROMPTS = 8
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
 _ITERATION = {"min_value": 1, "max_value": 2**31 - 1, "required": False, "allow_null": True}
 # Training images train at buckets of about this side squared; 64 divides by what both the
@@ -146,6 +148,31 @@ class TrainLoraSerializer(serializers.Serializer):
         required=False,
         help_text="the text encoders' learning rate with train_text_encoder (default: "
         "learning_rate, as kohya's --text_encoder_lr; their guides use about 1e-5 to 5e-5)",
+    )
+    sample_every = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="render sample images every this many steps, listed by /train_status "
+        "(service recipe: four times a run; original: 0, never)",
+    )
+    sample_prompts = serializers.ListField(
+        child=StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS),
+        min_length=1,
+        max_length=MAX_SAMPLE_PROMPTS,
+        required=False,
+        help_text="the samples' prompts (default: the trigger alone, then the first captions)",
+    )
+    sample_seed = StrictIntegerField(
+        **_SEED, help_text="the samples' seed, the same at every sample step (default: the run's)"
+    )
+    checkpoint_every = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="save a checkpoint every this many steps: a LoRA file of the session, and "
+        "what a run whose worker was lost resumes from (service recipe: four times a run; "
+        "original: 0, never)",
     )
     enable_bucket = serializers.BooleanField(
         required=False,
