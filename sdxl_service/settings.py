@@ -222,9 +222,12 @@ GENERATION_QUEUE = f"{SDXL_QUEUE_NAMESPACE}-generation"
 # A worker counts as alive while its heartbeat is younger than this.
 SDXL_WORKER_STALE_AFTER = env.float("SDXL_WORKER_STALE_AFTER", default=15.0)
 # A running training run whose heartbeat is older than this lost its worker (killed, out of
-# memory, machine gone): workers then mark it as an error and remove its temporary files.
+# memory, machine gone): workers then queue it again to resume (SDXL_TRAINING_MAX_RESUMES).
 # The job's process beats four times per period, loading a model included.
 SDXL_RUN_STALE_AFTER = env.float("SDXL_RUN_STALE_AFTER", default=60.0)
+# A run whose worker was lost is queued again, to resume from its last checkpoint, at most
+# this many times; then it ends in error.
+SDXL_TRAINING_MAX_RESUMES = env.int("SDXL_TRAINING_MAX_RESUMES", default=3)
 SDXL_TRAINING_TIMEOUT = env.int("SDXL_TRAINING_TIMEOUT", default=6 * 3600)
 SDXL_GENERATION_TIMEOUT = env.int("SDXL_GENERATION_TIMEOUT", default=900)
 

@@ -40,6 +40,10 @@ class TrainingRun(models.Model):
     heartbeat_at = models.DateTimeField(null=True, blank=True)
     # When the optimisation steps began: the time per step, hence the ETA, counts from here.
     training_started_at = models.DateTimeField(null=True, blank=True)
+    # Times the run's worker was lost and the run queued again (SDXL_TRAINING_MAX_RESUMES).
+    attempts = models.PositiveSmallIntegerField(default=0)
+    # The checkpoint's step the current attempt continued from; null for a first attempt.
+    resumed_from_step = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -85,6 +89,53 @@ class LoraArtifact(models.Model):
         return f"{self.session}/{self.filename}"
 
 
+class TrainingCheckpoint(models.Model):
+    """A LoRA file a run saved part-way (checkpoint_every), in the session's `checkpoints/`
+    folder: a user may pick it over the final one. It takes no `lora_<n>` number and is
+    never the session's latest LoRA."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="checkpoints")
+    session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="checkpoints")
+    step = models.PositiveIntegerField()
+    filename = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField()
+    sha256 = models.CharField(max_length=64)
+    metadata = models.JSONField(default=dict, blank=True)  # the safetensors header metadata
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run_id", "step"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step"], name="one_checkpoint_per_step"),
+            models.UniqueConstraint(
+                fields=["session", "filename"], name="unique_checkpoint_filename"
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.session}/checkpoints/{self.filename}"
+
+
+class TrainingSample(models.Model):
+    """A sample image a run rendered at a step (sample_every), in `samples/run_<id>/`."""
+
+    run = models.ForeignKey(TrainingRun, on_delete=models.CASCADE, related_name="samples")
+    step = models.PositiveIntegerField()
+    index = models.PositiveSmallIntegerField()  # the prompt's place in the run's sample prompts
+    prompt = models.TextField()
+    filename = models.CharField(max_length=255)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["run_id", "step", "index"]
+        constraints = [
+            models.UniqueConstraint(fields=["run", "step", "index"], name="one_sample_per_prompt")
+        ]
+
+    def __str__(self) -> str:
+        return f"sample {self.index} of {self.run} at step {self.step}"
+
+
 class Generation(models.Model):
     """One /txt2img request: what was asked, what was used, how long it took."""
 
@@ -105,6 +156,14 @@ class Generation(models.Model):
     )
     lora = models.ForeignKey(
         LoraArtifact, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
+    )
+    # Or, when the LoRA asked for by lora_filename is a run's checkpoint, that checkpoint.
+    checkpoint = models.ForeignKey(
+        "TrainingCheckpoint",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="generations",
     )
     lora_filename = models.CharField(max_length=255, blank=True)
     lora_sha256 = models.CharField(max_length=64, blank=True)

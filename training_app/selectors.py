@@ -4,10 +4,17 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import Max, OuterRef, Subquery
+from django.urls import reverse
 from django.utils import timezone
 
 from core.errors import ServiceError
-from training_app.models import LoraArtifact, TrainingRun, WorkerHeartbeat
+from training_app.models import (
+    LoraArtifact,
+    TrainingCheckpoint,
+    TrainingRun,
+    TrainingSample,
+    WorkerHeartbeat,
+)
 
 LORA_NOT_FOUND = "Requested LoRA not found"
 
@@ -21,6 +28,22 @@ def lora_get(session_id: int, iteration: int | None = None) -> LoraArtifact:
     if artifact is None:
         raise ServiceError(LORA_NOT_FOUND, status=404)
     return artifact
+
+
+def lora_file_get(
+    session_id: int, iteration: int | None = None, lora_filename: str | None = None
+) -> LoraArtifact | TrainingCheckpoint:
+    """Any LoRA file of the session by its name (a numbered LoRA or a run's checkpoint),
+    else as lora_get finds one."""
+    if lora_filename is None:
+        return lora_get(session_id, iteration)
+    found = (
+        LoraArtifact.objects.filter(session_id=session_id, filename=lora_filename).first()
+        or TrainingCheckpoint.objects.filter(session_id=session_id, filename=lora_filename).first()
+    )
+    if found is None:
+        raise ServiceError(f"{LORA_NOT_FOUND}: {lora_filename}", status=404)
+    return found
 
 
 def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
@@ -48,6 +71,7 @@ def training_status_body(run: TrainingRun | None) -> dict:
             "status": "completed",
             "progress": 100,
             "lora": artifact.filename if artifact else None,
+            **_kept_along_the_way(run),
         }
     return {
         "status": "in-progress",
@@ -58,6 +82,26 @@ def training_status_body(run: TrainingRun | None) -> dict:
         "total_steps": run.total_steps,
         "loss": run.last_loss,
         "eta_seconds": _eta_seconds(run),
+        **_kept_along_the_way(run),
+    }
+
+
+def _kept_along_the_way(run: TrainingRun) -> dict:
+    """The run's sample images and checkpoints so far, and the step it resumed from."""
+    return {
+        "samples": [
+            {
+                "step": sample.step,
+                "prompt": sample.prompt,
+                "url": reverse("training-sample", args=[sample.pk]),
+            }
+            for sample in run.samples.all()
+        ],
+        "checkpoints": [
+            {"step": checkpoint.step, "lora_filename": checkpoint.filename}
+            for checkpoint in run.checkpoints.all()
+        ],
+        "resumed_from_step": run.resumed_from_step,
     }
 
 
@@ -85,8 +129,19 @@ def latest_runs(session_ids: list[int]) -> dict[int, TrainingRun]:
         .annotate(newest=Max("id"))
         .values("newest")
     )
-    runs = TrainingRun.objects.filter(id__in=newest_ids).select_related("artifact")
+    runs = (
+        TrainingRun.objects.filter(id__in=newest_ids)
+        .select_related("artifact")
+        .prefetch_related("samples", "checkpoints")
+    )
     return {run.session_id: run for run in runs}
+
+
+def training_sample_get(sample_id: int) -> TrainingSample:
+    sample = TrainingSample.objects.select_related("run").filter(pk=sample_id).first()
+    if sample is None:
+        raise ServiceError(f"sample {sample_id} not found", status=404)
+    return sample
 
 
 def training_status(session_id: int) -> dict:

@@ -205,15 +205,35 @@ class TrainLoraSerializer(serializers.Serializer):
         return {k: v for k, v in validated.items() if k != "session_id" and v is not None}
 
 
+def _lora_filename_field() -> serializers.CharField:
+    return StringField(
+        max_length=255,
+        required=False,
+        allow_null=True,
+        help_text="any LoRA file of the session by name, a run's checkpoint "
+        "(lora_run<run>_step<step>.safetensors) included; instead of iteration",
+    )
+
+
+def _one_way_to_name_a_lora(attrs: dict) -> dict:
+    if attrs.get("iteration") is not None and attrs.get("lora_filename") is not None:
+        raise serializers.ValidationError("give iteration or lora_filename, not both")
+    return attrs
+
+
 class GetLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
     iteration = StrictIntegerField(**_ITERATION)
+    lora_filename = _lora_filename_field()
     format = serializers.ChoiceField(
         choices=LORA_FORMATS,
         default=LORA_FORMATS[0],
         help_text="diffusers: the stored file; kohya: the same adapter for AUTOMATIC1111, "
         "ComfyUI and sd-scripts",
     )
+
+    def validate(self, attrs):
+        return _one_way_to_name_a_lora(attrs)
 
 
 class UploadLoraSerializer(serializers.Serializer):
@@ -243,6 +263,7 @@ class Txt2ImgSerializer(serializers.Serializer):
     use_lora = serializers.BooleanField(default=False)
     session_id = SessionIdField(required=False, allow_null=True)
     iteration = StrictIntegerField(**_ITERATION)
+    lora_filename = _lora_filename_field()
     lora_scale = StrictFloatField(
         min_value=-4.0, max_value=4.0, default=GENERATION_DEFAULTS.lora_scale
     )
@@ -251,7 +272,7 @@ class Txt2ImgSerializer(serializers.Serializer):
     def validate(self, attrs):
         if attrs["use_lora"] and attrs.get("session_id") is None:
             raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
-        return attrs
+        return _one_way_to_name_a_lora(attrs)
 
 
 # --- Responses -------------------------------------------------------------------------
@@ -275,7 +296,29 @@ class TrainLoraResponse(serializers.Serializer):
     run_id = serializers.IntegerField()
 
 
-class TrainStatusInProgress(serializers.Serializer):
+class TrainingSampleItem(serializers.Serializer):
+    step = serializers.IntegerField()
+    prompt = serializers.CharField()
+    url = serializers.CharField(help_text="the PNG, with the API's access rules")
+
+
+class TrainingCheckpointItem(serializers.Serializer):
+    step = serializers.IntegerField()
+    lora_filename = serializers.CharField(help_text="for /get_lora and /txt2img's lora_filename")
+
+
+class KeptAlongTheWay(serializers.Serializer):
+    """What in-progress and completed runs list (sample_every, checkpoint_every)."""
+
+    samples = TrainingSampleItem(many=True)
+    checkpoints = TrainingCheckpointItem(many=True)
+    resumed_from_step = serializers.IntegerField(
+        allow_null=True,
+        help_text="the checkpoint's step this run continued from after its worker was lost",
+    )
+
+
+class TrainStatusInProgress(KeptAlongTheWay):
     status = serializers.ChoiceField(choices=["in-progress"])
     progress = serializers.IntegerField(min_value=0, max_value=99)
     queued = serializers.BooleanField(help_text="no worker has started the run yet")
@@ -288,7 +331,7 @@ class TrainStatusInProgress(serializers.Serializer):
     )
 
 
-class TrainStatusCompleted(serializers.Serializer):
+class TrainStatusCompleted(KeptAlongTheWay):
     status = serializers.ChoiceField(choices=["completed"])
     progress = serializers.ChoiceField(choices=[100])
     lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
@@ -354,7 +397,7 @@ class GetLoraResponse(serializers.Serializer):
     session_id = serializers.CharField()
     lora_filename = serializers.CharField()
     lora_base64 = serializers.CharField(help_text="the safetensors file, base64")
-    iteration = serializers.IntegerField()
+    iteration = serializers.IntegerField(allow_null=True, help_text="null for a checkpoint")
     format = serializers.ChoiceField(choices=LORA_FORMATS)
     sha256 = serializers.CharField(help_text="of the bytes in lora_base64")
 

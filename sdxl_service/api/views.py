@@ -6,16 +6,18 @@ import base64
 import hashlib
 
 from django.conf import settings
+from django.http import FileResponse
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 
+from core.errors import ServiceError
 from sdxl_service.api import serializers as api
 from sdxl_service.api.schema import error_responses
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
 from training_app import selectors as training_selectors
-from training_app.services import generations, loras, runs
+from training_app.services import generations, loras, runs, watch
 
 SESSIONS, TRAINING, LORAS, GENERATION = ["sessions"], ["training"], ["LoRA files"], ["generation"]
 
@@ -165,7 +167,7 @@ def cancel_training(request):
 @extend_schema(
     operation_id="get_lora",
     tags=LORAS,
-    summary="Download a LoRA: the latest, or number `iteration`",
+    summary="Download a LoRA: the latest, number `iteration`, or any by `lora_filename`",
     description='`"format": "kohya"` sends the same adapter with kohya keys '
     "(`lora_unet_*`, `.alpha`) and the `ss_*` metadata AUTOMATIC1111 and ComfyUI read.",
     request=api.GetLoraSerializer,
@@ -174,13 +176,15 @@ def cancel_training(request):
 @api_view(["POST"])
 def get_lora(request):
     data = validated(api.GetLoraSerializer, request)
-    artifact = training_selectors.lora_get(data["session_id"], data.get("iteration"))
+    artifact = training_selectors.lora_file_get(
+        data["session_id"], data.get("iteration"), data.get("lora_filename")
+    )
     lora = loras.lora_read(artifact, data["format"])
     body = {
         "session_id": data["session_id"],
         "lora_filename": artifact.filename,
         "lora_base64": base64.b64encode(lora).decode("ascii"),
-        "iteration": artifact.number,
+        "iteration": getattr(artifact, "number", None),
         "format": data["format"],
         "sha256": hashlib.sha256(lora).hexdigest(),  # of the bytes sent
     }
@@ -232,3 +236,18 @@ def txt2img(request):
         "duration_ms": generation.duration_ms,
     }
     return rendered(api.Txt2ImgResponse, body)
+
+
+@extend_schema(
+    operation_id="training_sample",
+    tags=TRAINING,
+    summary="A sample image a run rendered (its URL is listed by /train_status)",
+    responses={(200, "image/png"): bytes, **error_responses(404)},
+)
+@api_view(["GET"])
+def training_sample(request, sample_id: int):
+    sample = training_selectors.training_sample_get(sample_id)
+    path = watch.sample_path(sample)
+    if not path.is_file():
+        raise ServiceError(f"sample {sample_id} is recorded but its image is missing", status=404)
+    return FileResponse(path.open("rb"), content_type="image/png")

@@ -84,3 +84,9 @@ def test_the_admin_keeps_djangos_login(env_token, client, admin_client):
     assert admin_client.get("/admin/").status_code == 200
     # A staff login is no API token.
     assert admin_client.get("/create_session").status_code == 401
+
+
+def test_sample_images_have_the_apis_access_rules(env_token):
+    assert_error(_call("GET", "/training_samples/1.png"), 401, "token")
+    # With the token it gets as far as the lookup: no such sample.
+    assert_error(_call("GET", "/training_samples/1.png", f"Bearer {ENV_TOKEN}"), 404, "sample 1")

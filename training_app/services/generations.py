@@ -22,9 +22,10 @@ from sdxl_engine.errors import EngineError
 from sdxl_engine.parameters import GENERATION_DEFAULTS
 from sessions_app import storage
 from sessions_app.selectors import session_get
-from training_app.models import Generation
+from training_app.models import Generation, LoraArtifact, TrainingCheckpoint
 from training_app.queueing import enqueue, redeliver_lost
-from training_app.selectors import lora_get, worker_alive
+from training_app.selectors import lora_file_get, worker_alive
+from training_app.services.loras import lora_file_path
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,7 @@ class GenerationRequest:
     use_lora: bool = False
     session_id: int | None = None
     iteration: int | None = None
+    lora_filename: str | None = None  # any LoRA file of the session, checkpoints included
     lora_scale: float = GENERATION_DEFAULTS.lora_scale
     seed: int | None = None
 
@@ -68,7 +70,7 @@ def generation_request(request: GenerationRequest) -> Generation:
     lora = None
     if request.use_lora:
         session_get(request.session_id)
-        lora = lora_get(request.session_id, request.iteration)
+        lora = lora_file_get(request.session_id, request.iteration, request.lora_filename)
     with transaction.atomic():
         generation = Generation.objects.create(
             prompt=request.prompt,
@@ -83,7 +85,8 @@ def generation_request(request: GenerationRequest) -> Generation:
             },
             seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
             session_id=request.session_id if request.use_lora else None,
-            lora=lora,
+            lora=lora if isinstance(lora, LoraArtifact) else None,
+            checkpoint=lora if isinstance(lora, TrainingCheckpoint) else None,
             lora_filename=lora.filename if lora else "",
             lora_sha256=lora.sha256 if lora else "",
         )
@@ -212,9 +215,10 @@ def generation_execute(generation_id: int) -> None:
     try:
         lora_path = None
         if generation.lora_filename:
-            if generation.lora_id is None:
+            lora = generation.lora or generation.checkpoint
+            if lora is None:
                 raise ServiceError(f"{generation.lora_filename} was deleted before generation")
-            lora_path = storage.session_dir(generation.lora.session_id) / generation.lora.filename
+            lora_path = lora_file_path(lora)
         pipelines = generation_pipelines()
         images = generate(
             pipelines,

@@ -12,7 +12,8 @@ from sdxl_engine.files import replace_with_retry, sha256_file
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
-from training_app.models import Generation, LoraArtifact, TrainingRun
+from training_app.models import Generation, LoraArtifact, TrainingCheckpoint, TrainingRun
+from training_app.services.watch import checkpoint_path
 
 # A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
@@ -162,13 +163,22 @@ def _check_lora_fits_the_model(path: Path) -> None:
     raise first_error
 
 
-def lora_read(artifact: LoraArtifact, lora_format: str = LORA_FORMATS[0]) -> bytes:
+def lora_file_path(lora: LoraArtifact | TrainingCheckpoint) -> Path:
+    """Where a LoRA file of the session lies: the folder's root, or checkpoints/."""
+    if isinstance(lora, TrainingCheckpoint):
+        return checkpoint_path(lora)
+    return storage.session_dir(lora.session_id) / lora.filename
+
+
+def lora_read(
+    artifact: LoraArtifact | TrainingCheckpoint, lora_format: str = LORA_FORMATS[0]
+) -> bytes:
     """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form.
 
     Either way the file is read whole in one go: a concurrent replace swaps the name, not
     these bytes.
     """
-    path = storage.session_dir(artifact.session_id) / artifact.filename
+    path = lora_file_path(artifact)
     missing = ServiceError(
         f"{artifact.filename} is recorded but missing from the session folder", status=404
     )

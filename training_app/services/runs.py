@@ -25,6 +25,12 @@ from sessions_app.selectors import session_get
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.queueing import enqueue, redeliver_lost
 from training_app.services.loras import lora_store
+from training_app.services.watch import (
+    checkpoint_store,
+    resume_state_dir,
+    resume_state_remove,
+    samples_store,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -117,6 +123,9 @@ def training_run_cancel(session_id: int) -> TrainingRun:
     )
     if not cancelled:
         raise ServiceError(f"session {session_id} has no queued or running training", status=409)
+    if run.status == TrainingRun.Status.QUEUED:
+        # No worker holds it (a running one removes the state itself when it stops).
+        resume_state_remove(session_id, run.pk)
     logger.info("training run %s of session %s cancelled", run.pk, session_id)
     run.refresh_from_db()
     return run
@@ -156,6 +165,9 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s stored %s", run_id, artifact.filename)
     finally:
         output.unlink(missing_ok=True)
+    # Whatever the outcome, the run has ended: nothing will resume it. (A worker killed
+    # mid-run never gets here, and its state stays for the run's next attempt.)
+    resume_state_remove(run.session_id, run.pk)
 
 
 def _run_output_path(session_id: int, run_id: int) -> Path:
@@ -196,12 +208,17 @@ def _heartbeat(run_id: int) -> Iterator[None]:
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
+    from sdxl_engine.checkpoints import saved_step
     from sdxl_engine.dataset import find_training_pairs
     from sdxl_engine.training import train_lora
     from training_app.runtime import worker_pipelines
 
     pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
+    state_dir = resume_state_dir(run.session_id, run.pk)
+    resumes_at = saved_step(state_dir)
+    if resumes_at is not None:
+        TrainingRun.objects.filter(pk=run.pk).update(resumed_from_step=resumes_at)
     still_running = True
 
     def on_stage(stage: str) -> None:
@@ -232,6 +249,9 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         should_stop=lambda: not still_running,
         on_stage=on_stage,
         low_memory={"on": True, "off": False}.get(settings.SDXL_LOW_MEMORY),
+        state_dir=state_dir,
+        on_checkpoint=lambda step, path, sha256: checkpoint_store(run, step, path, sha256),
+        on_samples=lambda step, samples: samples_store(run, step, samples),
     )
     with transaction.atomic():
         artifact = lora_store(
@@ -245,6 +265,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         finished = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
             status=TrainingRun.Status.COMPLETED,
             stage=TrainingRun.Stage.DONE,
+            resumed_from_step=result.resumed_from_step or None,
             progress=100,
             finished_at=timezone.now(),
             heartbeat_at=timezone.now(),
@@ -280,9 +301,11 @@ def _finish_with_error(run_id: int, message: str) -> None:
 
 
 def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
-    """Ends running runs whose heartbeat is older than SDXL_RUN_STALE_AFTER: their worker
-    died (kill -9, out of memory, machine gone). Each reads `error` with a message saying
-    so, and its temporary files are removed. Returns the ids of the runs it ended.
+    """Runs whose heartbeat is older than SDXL_RUN_STALE_AFTER lost their worker (kill -9,
+    out of memory, machine gone). Each is queued again, to resume from its last checkpoint
+    (from the start without one), at most SDXL_TRAINING_MAX_RESUMES times; after that it
+    ends in error with a message saying so. Its temporary output is removed either way.
+    Returns the ids of the runs it handled.
 
     Workers call it at start and every few seconds; `manage.py recover_runs` too.
     """
@@ -291,19 +314,39 @@ def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
     if session_id is not None:
         stale = stale.filter(session_id=session_id)
     recovered = []
-    for run_id, run_session_id in stale.values_list("pk", "session_id"):
+    for run_id, run_session_id, attempts in stale.values_list("pk", "session_id", "attempts"):
         # Conditional, like every status change: a run whose worker beat meanwhile stays.
-        ended = stale.filter(pk=run_id).update(
-            status=TrainingRun.Status.ERROR,
-            error_message=WORKER_LOST_MESSAGE,
-            finished_at=timezone.now(),
-        )
-        if ended:
+        if attempts < settings.SDXL_TRAINING_MAX_RESUMES:
+            with transaction.atomic():
+                requeued = stale.filter(pk=run_id).update(
+                    status=TrainingRun.Status.QUEUED,
+                    stage=TrainingRun.Stage.QUEUED,
+                    attempts=attempts + 1,
+                    worker="",
+                    heartbeat_at=None,
+                )
+                if requeued:
+                    transaction.on_commit(lambda pk=run_id: _enqueue_run(pk))
+            handled = requeued
+            outcome = "queued again to resume"
+        else:
+            handled = stale.filter(pk=run_id).update(
+                status=TrainingRun.Status.ERROR,
+                error_message=(
+                    f"{WORKER_LOST_MESSAGE} (the run was resumed {attempts} times, the most "
+                    "SDXL_TRAINING_MAX_RESUMES allows)"
+                ),
+                finished_at=timezone.now(),
+            )
+            if handled:
+                resume_state_remove(run_session_id, run_id)
+            outcome = "marked as error"
+        if handled:
             output = _run_output_path(run_session_id, run_id)
             for temporary in output.parent.glob(f"{output.name}*"):
                 temporary.unlink(missing_ok=True)
             recovered.append(run_id)
-            logger.warning("training run %s lost its worker; marked as error", run_id)
+            logger.warning("training run %s lost its worker; %s", run_id, outcome)
     return recovered
 
 

@@ -14,6 +14,8 @@ from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
 TRAIN = {"steps": 1, "resolution": 64, "batch_size": 1, "seed": 1}
+# Two steps that keep a sample of each step and a checkpoint at step 1.
+WATCHED = {**TRAIN, "steps": 2, "sample_every": 1, "checkpoint_every": 1}
 TXT2IMG = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5, "seed": 3}
 
 
@@ -35,6 +37,14 @@ class SchemaChecker:
     def errors(self, path: str, status: int, body) -> list[str]:
         validator = OAS30Validator(self.response_schema(path, status))
         return [error.message for error in validator.iter_errors(body)]
+
+    def check_png(self, path: str, response) -> None:
+        """An image answer: the documented status and content type, and a real PNG."""
+        (operation,) = self.document["paths"][path].values()
+        assert "image/png" in operation["responses"][str(response.status_code)]["content"]
+        assert response["Content-Type"] == "image/png"
+        assert b"".join(response.streaming_content).startswith(b"\x89PNG\r\n\x1a\n")
+        self.checked.add((path, response.status_code))
 
     def check(self, path: str, response) -> dict:
         body = response.json()
@@ -88,10 +98,18 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert api("/train_status", ref)["status"] == "error"
     assert api("/list_sessions")["sessions"][0]["training"]["status"] == "error"
 
-    run_id = api("/train_lora", {**ref, **TRAIN})["run_id"]
+    run_id = api("/train_lora", {**ref, **WATCHED})["run_id"]
     run_services.training_run_execute(run_id)  # the training worker's part, in-process
-    assert api("/train_status", ref)["status"] == "completed"
+    completed = api("/train_status", ref)
+    assert completed["status"] == "completed"
+    assert [sample["step"] for sample in completed["samples"]] == [1, 1, 2, 2]  # 2 prompts
+    assert [checkpoint["step"] for checkpoint in completed["checkpoints"]] == [1]
     assert api("/list_sessions")["sessions"][0]["latest_lora"] == "lora_1.safetensors"
+    schema.check_png(
+        "/training_samples/{sample_id}.png", APIClient().get(completed["samples"][0]["url"])
+    )
+    checkpoint = {**ref, "lora_filename": completed["checkpoints"][0]["lora_filename"]}
+    assert api("/get_lora", checkpoint)["iteration"] is None
 
     for lora_format in ("diffusers", "kohya"):
         assert api("/get_lora", {**ref, "format": lora_format})["format"] == lora_format
@@ -101,6 +119,8 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert api("/txt2img", TXT2IMG)["lora"] is None
     with_lora = api("/txt2img", {**TXT2IMG, "use_lora": True, **ref})
     assert with_lora["lora"]["filename"] == "lora_2.safetensors"
+    from_checkpoint = api("/txt2img", {**TXT2IMG, "use_lora": True, **checkpoint})
+    assert from_checkpoint["lora"]["filename"] == checkpoint["lora_filename"]
 
     assert api("/delete_session", ref)["status"] == "deleted"
     assert {path for path, _ in schema.checked} == set(schema.document["paths"])

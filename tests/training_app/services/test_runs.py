@@ -223,3 +223,33 @@ def test_cancel_without_an_active_run_is_409_and_unknown_session_404(session_wit
     with pytest.raises(ServiceError) as error:
         run_services.training_run_cancel(999_999)
     assert error.value.status == 404
+
+
+def test_samples_and_checkpoints_are_listed_while_the_run_trains(
+    session_with_images, engine_events
+):
+    seen = []
+    engine_events.append(
+        lambda event: seen.append((event, training_status(session_with_images.pk)))
+    )
+    watched = {**FAST_TRAINING, "steps": 4, "sample_every": 2, "checkpoint_every": 2}
+    run = run_services.training_run_start(session_with_images.pk, watched)
+    run_services.training_run_execute(run.pk)
+
+    at_step_3 = next(status for event, status in seen if event == ("step", 3))
+    assert at_step_3["status"] == "in-progress"
+    assert {sample["step"] for sample in at_step_3["samples"]} == {2}
+    assert at_step_3["checkpoints"] == [
+        {"step": 2, "lora_filename": f"lora_run{run.pk}_step2.safetensors"}
+    ]
+    final = training_status(session_with_images.pk)
+    assert final["status"] == "completed" and final["resumed_from_step"] is None
+    assert sorted({sample["step"] for sample in final["samples"]}) == [2, 4]
+    folder = storage.session_dir(session_with_images.pk)
+    assert (folder / "checkpoints" / f"lora_run{run.pk}_step2.safetensors").is_file()
+    assert len(list((folder / "samples" / f"run_{run.pk}").glob("*.png"))) == len(
+        final["samples"]
+    )
+    # The run ended: no state to resume from is left, and the checkpoint took no number.
+    assert not (folder / f".resume-run-{run.pk}").exists()
+    assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]
