@@ -247,9 +247,7 @@ def test_samples_and_checkpoints_are_listed_while_the_run_trains(
     assert sorted({sample["step"] for sample in final["samples"]}) == [2, 4]
     folder = storage.session_dir(session_with_images.pk)
     assert (folder / "checkpoints" / f"lora_run{run.pk}_step2.safetensors").is_file()
-    assert len(list((folder / "samples" / f"run_{run.pk}").glob("*.png"))) == len(
-        final["samples"]
-    )
+    assert len(list((folder / "samples" / f"run_{run.pk}").glob("*.png"))) == len(final["samples"])
     # The run ended: no state to resume from is left, and the checkpoint took no number.
     assert not (folder / f".resume-run-{run.pk}").exists()
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]
