@@ -117,7 +117,11 @@ def _eta_seconds(run: TrainingRun) -> int | None:
         or run.heartbeat_at is None
     ):
         return None
-    per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / run.step
+    # A resumed run's clock started at its resume step.
+    steps_timed = run.step - (run.resumed_from_step or 0)
+    if steps_timed < 1:
+        return None
+    per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / steps_timed
     since_last_step = (timezone.now() - run.heartbeat_at).total_seconds()
     return max(0, round(per_step * (run.total_steps - run.step) - since_last_step))
 

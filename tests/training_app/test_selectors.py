@@ -1,0 +1,39 @@
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from sessions_app import services as session_services
+from training_app.models import TrainingRun
+from training_app.selectors import training_status
+
+pytestmark = pytest.mark.django_db
+
+
+def _training_run(**fields) -> TrainingRun:
+    session = session_services.session_create()
+    now = timezone.now()
+    return TrainingRun.objects.create(
+        session=session,
+        status=TrainingRun.Status.RUNNING,
+        stage=TrainingRun.Stage.TRAINING,
+        total_steps=200,
+        heartbeat_at=now,
+        training_started_at=now - timedelta(seconds=10),
+        **fields,
+    )
+
+
+def test_eta_counts_the_time_per_step_of_this_attempt_only():
+    fresh = _training_run(step=10)
+    resumed = _training_run(step=110, resumed_from_step=100)
+
+    # 10 steps in 10 s either way: 190 and 90 steps left.
+    assert training_status(fresh.session_id)["eta_seconds"] == pytest.approx(190, abs=1)
+    assert training_status(resumed.session_id)["eta_seconds"] == pytest.approx(90, abs=1)
+    assert training_status(resumed.session_id)["resumed_from_step"] == 100
+
+
+def test_eta_is_unknown_until_a_step_after_the_resume_is_done():
+    resumed = _training_run(step=100, resumed_from_step=100)
+    assert training_status(resumed.session_id)["eta_seconds"] is None
