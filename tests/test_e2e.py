@@ -194,7 +194,14 @@ def test_all_nine_endpoints(service, model_cache_dir):
             break
         assert time.monotonic() < deadline, service["log"].read_text(errors="replace")
         time.sleep(0.3)
-    assert status == {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+    assert status == {
+        "status": "completed",
+        "progress": 100,
+        "lora": "lora_1.safetensors",
+        "samples": [],  # the original recipe (steps given) keeps none
+        "checkpoints": [],
+        "resumed_from_step": None,
+    }
     assert seen_progress == sorted(seen_progress)
 
     # get_lora: decodes, and stock diffusers loads it
@@ -230,7 +237,7 @@ def test_all_nine_endpoints(service, model_cache_dir):
         "session_id": sid,
         "latest_lora": "lora_2.safetensors",
         "image_groups": 3,
-        "training": {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"},
+        "training": status,  # as /train_status answered it
     } in listed
 
     # txt2img with the session's latest LoRA: N PNGs of the asked size

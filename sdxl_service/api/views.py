@@ -239,7 +239,7 @@ def txt2img(request):
 
 
 @extend_schema(
-    operation_id="training_sample",
+    operation_id="training_samples",
     tags=TRAINING,
     summary="A sample image a run rendered (its URL is listed by /train_status)",
     responses={(200, "image/png"): bytes, **error_responses(404)},

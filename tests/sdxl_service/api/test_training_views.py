@@ -222,7 +222,14 @@ def test_train_status_shapes(api, session):
     queued = status()
     assert (queued["status"], queued["progress"], queued["queued"]) == ("in-progress", 0, True)
     run_services.training_run_execute(run.pk)
-    assert status() == {"status": "completed", "progress": 100, "lora": "lora_1.safetensors"}
+    assert status() == {
+        "status": "completed",
+        "progress": 100,
+        "lora": "lora_1.safetensors",
+        "samples": [],
+        "checkpoints": [],
+        "resumed_from_step": None,
+    }
     assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
 
 

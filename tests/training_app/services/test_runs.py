@@ -74,6 +74,9 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
         "total_steps": None,
         "loss": None,
         "eta_seconds": None,
+        "samples": [],
+        "checkpoints": [],
+        "resumed_from_step": None,
     }
 
 
@@ -105,6 +108,9 @@ def test_execute_trains_and_stores_lora_1(session_with_images):
         "status": "completed",
         "progress": 100,
         "lora": "lora_1.safetensors",
+        "samples": [],
+        "checkpoints": [],
+        "resumed_from_step": None,
     }
     # No temporary file is left behind.
     assert sorted(p.name for p in path.parent.iterdir()) == ["0", "1", "2", "lora_1.safetensors"]
