@@ -65,9 +65,11 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     unknown = sorted(set(parameters) - field_names(TrainingParams))
     if unknown:
         raise ServiceError(f"unknown training parameters: {', '.join(unknown)}")
+    # A run whose worker died is queued again (it then holds the session's one active slot,
+    # and this start answers 409) or, past SDXL_TRAINING_MAX_RESUMES, ended. Outside the
+    # lock's transaction, which a 409 rolls back: the requeue and its enqueue must stay.
+    training_runs_recover_lost(session_id)
     with session_lock(session_id) as session:
-        # A run whose worker died must not hold the session's one active slot.
-        training_runs_recover_lost(session_id)
         pairs = find_training_pairs(storage.session_dir(session.pk))
         if not pairs:
             raise ServiceError(
