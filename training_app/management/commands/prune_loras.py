@@ -1,4 +1,5 @@
-"""`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files."""
+"""`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files;
+checkpoints of runs that have ended go."""
 
 from django.core.management.base import BaseCommand, CommandError
 
@@ -9,8 +10,10 @@ from training_app.services.loras import loras_prune
 class Command(BaseCommand):
     help = (
         "Deletes all but the newest N LoRA files (and rows) of every session. Numbers are "
-        "never reused: the next LoRA still gets the next number. A LoRA a queued or running "
-        "generation is about to use is kept. --dry-run only lists them."
+        "never reused: the next LoRA still gets the next number. Checkpoints of runs that "
+        "have ended (completed or error) go too, whatever N is; sample images stay. A LoRA or "
+        "checkpoint a queued or running generation is about to use is kept. --dry-run only "
+        "lists them."
     )
 
     def add_arguments(self, parser):

@@ -1,4 +1,5 @@
-"""`manage.py recover_runs`: end training runs whose worker died, now.
+"""`manage.py recover_runs`: queue again (to resume) or end training runs whose worker died,
+now.
 
 Workers do this by themselves (at start and every few seconds); this is for an operator
 who stopped them all.
@@ -11,15 +12,17 @@ from training_app.services.runs import training_runs_recover_lost
 
 class Command(BaseCommand):
     help = (
-        "Marks running training runs whose heartbeat is older than SDXL_RUN_STALE_AFTER as "
-        "lost (error) and removes their temporary files."
+        "Queues running training runs whose heartbeat is older than SDXL_RUN_STALE_AFTER "
+        "again, to resume from their last checkpoint (past SDXL_TRAINING_MAX_RESUMES: ends "
+        "them as errors), and removes their temporary files."
     )
 
     def handle(self, *args, **options):
         recovered = training_runs_recover_lost()
         if recovered:
             self.stdout.write(
-                f"{len(recovered)} training run(s) lost their worker, now marked as error: "
+                f"{len(recovered)} training run(s) lost their worker, queued again to resume "
+                "(or ended, past SDXL_TRAINING_MAX_RESUMES): "
                 + ", ".join(str(run_id) for run_id in recovered)
             )
         else:

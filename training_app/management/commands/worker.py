@@ -64,7 +64,10 @@ class Command(BaseCommand):
                     defaults={"started_at": started, "last_seen": timezone.now()},
                 )
                 for run_id in training_runs_recover_lost():
-                    self.stdout.write(f"training run {run_id} lost its worker; marked as error")
+                    self.stdout.write(
+                        f"training run {run_id} lost its worker; queued again to resume "
+                        "(or ended, past SDXL_TRAINING_MAX_RESUMES)"
+                    )
                 if queue == "training":
                     for run_id in training_runs_redeliver():
                         self.stdout.write(f"training run {run_id} lost its task; queued again")
