@@ -167,9 +167,10 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s stored %s", run_id, artifact.filename)
     finally:
         output.unlink(missing_ok=True)
-    # Whatever the outcome, the run has ended: nothing will resume it. (A worker killed
-    # mid-run never gets here, and its state stays for the run's next attempt.)
-    resume_state_remove(run.session_id, run.pk)
+    # The run has ended, unless it was judged lost and queued again meanwhile: then its
+    # next attempt resumes from the state. (A worker killed mid-run never gets here.)
+    if not TrainingRun.objects.filter(pk=run.pk, status__in=TrainingRun.ACTIVE_STATUSES).exists():
+        resume_state_remove(run.session_id, run.pk)
 
 
 def _run_output_path(session_id: int, run_id: int) -> Path:
@@ -192,9 +193,7 @@ def _heartbeat(run_id: int) -> Iterator[None]:
         try:
             while not stopped.wait(interval):
                 try:
-                    TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
-                        heartbeat_at=timezone.now()
-                    )
+                    _held_here(run_id).update(heartbeat_at=timezone.now())
                 except DatabaseError:
                     logger.exception("could not write the heartbeat of training run %s", run_id)
         finally:
@@ -231,7 +230,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         nonlocal still_running
         percent = min(_PROGRESS_BEFORE_SAVE, step * 100 // max(total_steps, 1))
         still_running = bool(
-            TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+            _held_here(run.pk).update(
                 step=step,
                 total_steps=total_steps,
                 last_loss=loss,
@@ -264,7 +263,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
             training_run=run,
             metadata=result.metadata,
         )
-        finished = TrainingRun.objects.filter(pk=run.pk, status=TrainingRun.Status.RUNNING).update(
+        finished = _held_here(run.pk).update(
             status=TrainingRun.Status.COMPLETED,
             stage=TrainingRun.Stage.DONE,
             resumed_from_step=result.resumed_from_step or None,
@@ -283,15 +282,20 @@ def _set_stage(run_id: int, stage: str) -> bool:
     """Records the stage the engine entered; False when the run is no longer running."""
     now = timezone.now()
     started = {"training_started_at": now} if stage == TrainingRun.Stage.TRAINING else {}
-    return bool(
-        TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.RUNNING).update(
-            stage=stage, heartbeat_at=now, **started
-        )
+    return bool(_held_here(run_id).update(stage=stage, heartbeat_at=now, **started))
+
+
+def _held_here(run_id: int):
+    """The run's row while this worker holds it: running, claimed by this process. A run
+    judged lost meanwhile (queued again, or taken by another worker) is no longer ours to
+    update, end or clean up after."""
+    return TrainingRun.objects.filter(
+        pk=run_id, status=TrainingRun.Status.RUNNING, worker=worker_identity()
     )
 
 
 def _finish_with_error(run_id: int, message: str) -> None:
-    TrainingRun.objects.filter(pk=run_id, status__in=TrainingRun.ACTIVE_STATUSES).update(
+    _held_here(run_id).update(
         status=TrainingRun.Status.ERROR,
         error_message=message,
         finished_at=timezone.now(),

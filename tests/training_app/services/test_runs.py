@@ -2,8 +2,10 @@
 
 import uuid
 from dataclasses import asdict
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 from django_q.brokers import get_broker
 from safetensors import safe_open
 
@@ -257,3 +259,28 @@ def test_samples_and_checkpoints_are_listed_while_the_run_trains(
     # The run ended: no state to resume from is left, and the checkpoint took no number.
     assert not (folder / f".resume-run-{run.pk}").exists()
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]
+
+
+def test_a_live_run_judged_lost_stops_and_leaves_its_requeue_and_state_alone(
+    session_with_images, engine_events, settings
+):
+    """Its heartbeat fell behind (a database locked for a minute, say): recovery queued it
+    again. The worker still training it must stop without ending it as cancelled."""
+    watched = {**FAST_TRAINING, "steps": 4, "checkpoint_every": 1}
+    run = run_services.training_run_start(session_with_images.pk, watched)
+
+    def judged_lost(event):
+        if event == ("step", 2):
+            TrainingRun.objects.filter(pk=run.pk).update(
+                heartbeat_at=timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER + 1)
+            )
+            assert run_services.training_runs_recover_lost() == [run.pk]
+
+    engine_events.append(judged_lost)
+    run_services.training_run_execute(run.pk)
+
+    run.refresh_from_db()
+    assert (run.status, run.attempts, run.error_message) == ("queued", 1, "")
+    state = storage.session_dir(session_with_images.pk) / f".resume-run-{run.pk}"
+    assert (state / "resume.pt").is_file()  # the next attempt resumes from it
+    assert not LoraArtifact.objects.exists()
