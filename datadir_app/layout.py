@@ -4,7 +4,11 @@ What has a row, per session folder `session_<id>/`:
 - each numbered sub-folder `<n>/` is an ImageGroup;
 - each image in it (`.png .jpg .jpeg .webp .bmp`) with a `.txt` of the same stem beside
   it is a TrainingImage, the `.txt` its caption;
-- each `*.safetensors` at the session's root is a LoraArtifact; `lora_<n>` is number n.
+- each `*.safetensors` at the session's root is a LoraArtifact; `lora_<n>` is number n;
+- each `checkpoints/*.safetensors` is a run's TrainingCheckpoint (no number: never a
+  LoraArtifact), each `samples/run_<id>/*.png` a TrainingSample of run <id>;
+- `.resume-run-<id>/` is run <id>'s resume state: no row, kept while the run is queued or
+  running; once the run has ended (or has no row), a stale one is a leftover.
 Captioned images elsewhere in the folder still train (docs/api.md) but have no row.
 """
 
@@ -23,10 +27,27 @@ STALE_LEFTOVER_AGE_S = 3600.0
 # write_atomically, storage.move_aside, archive imports, training output): the only files
 # maintenance ever removes.
 _LEFTOVER_PREFIXES = (".deleted-", ".importing-", ".training-run-")
+# training_app.services.watch.resume_state_dir: what a run resumes from after a lost worker.
+RESUME_STATE = re.compile(r"^\.resume-run-([1-9][0-9]{0,18})$")
 
 
 def is_leftover(path: Path) -> bool:
     return path.name.endswith(".tmp") or path.name.startswith(_LEFTOVER_PREFIXES)
+
+
+def resume_state_run_id(path: Path) -> int | None:
+    """The run whose resume state `path` is (`.resume-run-<id>`), else None."""
+    match = RESUME_STATE.match(path.name)
+    return int(match[1]) if match else None
+
+
+def is_stale_resume_state(path: Path, active_run_ids: set[int]) -> bool:
+    """A resume state no run will resume from: its run is not among `active_run_ids` (the
+    queued and running ones: ended, or no row at all), and it has not changed for as long
+    as any leftover is given. Its run's status decides, never its age alone: a running run
+    may save its state less often than that."""
+    run_id = resume_state_run_id(path)
+    return run_id is not None and run_id not in active_run_ids and is_stale(path)
 
 
 def is_hidden(path: Path) -> bool:

@@ -5,12 +5,14 @@ that should have a row gets one; a row whose file is gone goes. Nothing here del
 rewrites a person's file: a file that cannot be read (an image that does not decode, a
 LoRA whose header is broken) is reported for a person to look at, and its row, if any,
 is left as it is. The only files removed are stale leftovers of interrupted writes and
-deletes (`*.tmp`, `.deleted-*`), which never held anything a reader could see. What has a
-row is in datadir_app.layout.
+deletes (`*.tmp`, `.deleted-*`), which never held anything a reader could see, and the
+resume state of a run that has ended (`.resume-run-<id>/`). What has a row is in
+datadir_app.layout.
 
 `reconcile_session` walks one session in parts: its folder, group folders, captioned
-images, LoRA files, counters, then leftovers and training data without a row. The whole
-data dir (session folders without a row, leftovers beside them) is `data_dir_report`.
+images, LoRA files, runs' checkpoints and sample images, counters, then leftovers and
+training data without a row. The whole data dir (session folders without a row, leftovers
+beside them) is `data_dir_report`.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from sdxl_engine.lora_files import inspect_lora_file
 from sessions_app import storage
 from sessions_app.images import check_image
 from sessions_app.models import ImageGroup, Session, TrainingImage
-from training_app.models import LoraArtifact
+from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, TrainingSample
+from training_app.services.watch import CHECKPOINTS_FOLDER, SAMPLES_FOLDER, sample_path
 
 
 @dataclass
@@ -63,6 +66,8 @@ def reconcile_session(session: Session, *, deep: bool) -> Report:
     group_numbers = _reconcile_groups(walk)
     indexed_images = _reconcile_images(walk, group_numbers)
     lora_numbers = _reconcile_loras(walk)
+    _reconcile_checkpoints(walk)
+    _reconcile_samples(walk)
     _reconcile_counters(walk, group_numbers, lora_numbers)
     _reconcile_leftovers(walk)
     _note_unindexed_training_data(walk, indexed_images)
@@ -244,6 +249,76 @@ def _reconcile_loras(walk: _Walk) -> set[int]:
     return taken_numbers
 
 
+def _reconcile_checkpoints(walk: _Walk) -> None:
+    """Checkpoint rows follow the `*.safetensors` files in the session's `checkpoints/`.
+
+    A row whose file is gone goes; a row that differs from its (readable) file follows it,
+    as a LoRA's does. A file without a row is only a note: it is never a LoRA of the
+    session (those lie at its root) and never gets a number.
+    """
+    session = walk.session
+    rows = {row.filename: row for row in TrainingCheckpoint.objects.filter(session=session)}
+    on_disk = {
+        path.name: path for path in layout.lora_files_on_disk(walk.folder / CHECKPOINTS_FOLDER)
+    }
+    for name, path in on_disk.items():
+        relative = storage.relative_path(path)
+        row = rows.get(name)
+        if row is None:
+            walk.report.notes.append(
+                f"{relative}: no checkpoint row (not a LoRA of the session); left as it is"
+            )
+            continue
+        if not walk.deep and row.size == path.stat().st_size and row.sha256 == sha256_file(path):
+            continue
+        try:
+            info = inspect_lora_file(path)
+        except EngineError as error:
+            walk.report.problems.append(f"{relative}: not a readable LoRA file ({error})")
+            continue
+        if (row.size, row.sha256) != (info.size_bytes, info.sha256):
+            walk.change(
+                f"{relative}: the row of run {row.run_id}'s checkpoint at step {row.step} "
+                "differs from the file (size or sha256); updating the row",
+                lambda pk=row.pk, i=info: TrainingCheckpoint.objects.filter(pk=pk).update(
+                    size=i.size_bytes, sha256=i.sha256, metadata=i.metadata
+                ),
+            )
+    for name, row in rows.items():
+        if name not in on_disk:
+            relative = storage.relative_path(walk.folder / CHECKPOINTS_FOLDER / name)
+            walk.change(
+                f"{relative}: checkpoint of run {row.run_id} at step {row.step} is missing; "
+                "removing the row",
+                lambda pk=row.pk: TrainingCheckpoint.objects.filter(pk=pk).delete(),
+            )
+
+
+def _reconcile_samples(walk: _Walk) -> None:
+    """A sample image row whose PNG is gone goes; a file in `samples/` without a row is a
+    note."""
+    recorded = set()
+    samples = TrainingSample.objects.filter(run__session=walk.session).select_related("run")
+    for sample in samples:
+        path = sample_path(sample)
+        recorded.add(path)
+        if not path.is_file():
+            walk.change(
+                f"{storage.relative_path(path)}: sample image of run {sample.run_id} (step "
+                f"{sample.step}) is missing; removing the row",
+                lambda pk=sample.pk: TrainingSample.objects.filter(pk=pk).delete(),
+            )
+    folder = walk.folder / SAMPLES_FOLDER
+    if folder.is_dir():
+        for path in sorted(folder.rglob("*")):
+            relative_parts = path.relative_to(folder).parts
+            if path.is_file() and path not in recorded:
+                if not any(layout.is_hidden(Path(part)) for part in relative_parts):
+                    walk.report.notes.append(
+                        f"{storage.relative_path(path)}: no sample image row; left as it is"
+                    )
+
+
 def _reconcile_counters(walk: _Walk, group_numbers: set[int], lora_numbers: set[int]) -> None:
     """Numbers are never reused, so the counters only ever move past what exists."""
     session = walk.session
@@ -259,18 +334,36 @@ def _reconcile_counters(walk: _Walk, group_numbers: set[int], lora_numbers: set[
 
 
 def _reconcile_leftovers(walk: _Walk) -> None:
-    """Stale leftovers of interrupted writes go (not what lies inside one: it goes whole)."""
+    """Stale leftovers of interrupted writes go (not what lies inside one: it goes whole),
+    and so does the stale resume state of a run that is no longer queued or running. The
+    state of a queued or running run is left alone, whatever its age, with all inside it."""
     folder = walk.folder
     if not folder.is_dir():
         return
+    active_runs = set(
+        TrainingRun.objects.filter(
+            session=walk.session, status__in=TrainingRun.ACTIVE_STATUSES
+        ).values_list("pk", flat=True)
+    )
     for path in sorted(folder.rglob("*")):
-        inside_leftover = any(
-            layout.is_leftover(parent) for parent in path.relative_to(folder).parents if parent.name
+        inside = any(
+            layout.is_leftover(parent) or layout.resume_state_run_id(parent) is not None
+            for parent in path.relative_to(folder).parents
+            if parent.name
         )
-        if layout.is_leftover(path) and not inside_leftover and layout.is_stale(path):
+        if inside:
+            continue
+        if layout.is_leftover(path) and layout.is_stale(path):
             walk.change(
                 f"{storage.relative_path(path)} is a stale leftover of an interrupted "
                 "write; removing it",
+                lambda p=path: layout.remove(p),
+            )
+        elif layout.is_stale_resume_state(path, active_runs):
+            walk.change(
+                f"{storage.relative_path(path)} is the resume state of run "
+                f"{layout.resume_state_run_id(path)}, which is not queued or running; "
+                "removing it",
                 lambda p=path: layout.remove(p),
             )
 

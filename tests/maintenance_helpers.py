@@ -6,10 +6,13 @@ import time
 from pathlib import Path
 
 from django.core.management import call_command
+from PIL import Image
 
+from sessions_app import storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from tests.helpers import image_bytes, lora_bytes
-from training_app.models import LoraArtifact
+from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, TrainingSample
+from training_app.services.watch import checkpoint_store, samples_store
 
 FLASK_IMAGES = [("PNG", "png", "red", "a red apple"), ("JPEG", "jpg", "blue", "a blue cup")]
 
@@ -64,3 +67,18 @@ def snapshot(data_dir: Path) -> tuple:
 def make_old(path: Path, seconds: float = 2 * 3600) -> None:
     then = time.time() - seconds
     os.utime(path, (then, then))
+
+
+def stored_checkpoint(run: TrainingRun, step: int, seed: int = 0) -> TrainingCheckpoint:
+    """A checkpoint of `run` at `step`, stored as the worker stores one (file, then row)."""
+    data = lora_bytes(seed=seed)
+    written = storage.staging_path("checkpoint.safetensors")
+    written.write_bytes(data)
+    checkpoint_store(run, step, written, storage.sha256_bytes(data))
+    return TrainingCheckpoint.objects.get(run=run, step=step)
+
+
+def stored_samples(run: TrainingRun, step: int, prompts=("a red square",)) -> list[TrainingSample]:
+    """Sample images of `run` at `step`, stored as the worker stores them."""
+    samples_store(run, step, [(prompt, Image.new("RGB", (16, 16), "red")) for prompt in prompts])
+    return list(TrainingSample.objects.filter(run=run, step=step))

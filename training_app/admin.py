@@ -1,4 +1,5 @@
-"""Admin: LoRA files (download), training runs, generations and live workers."""
+"""Admin: LoRA files and checkpoints (download), training runs with their sample images and
+checkpoints, generations and live workers."""
 
 from django.contrib import admin
 from django.shortcuts import get_object_or_404
@@ -7,8 +8,16 @@ from django.utils.html import format_html, format_html_join
 
 from sessions_app import storage
 from sessions_app.admin import ReadOnlyAdmin, file_response
-from training_app.models import Generation, LoraArtifact, TrainingRun, WorkerHeartbeat
+from training_app.models import (
+    Generation,
+    LoraArtifact,
+    TrainingCheckpoint,
+    TrainingRun,
+    TrainingSample,
+    WorkerHeartbeat,
+)
 from training_app.services.generations import generations_dir
+from training_app.services.watch import checkpoint_path, sample_path
 
 
 @admin.register(LoraArtifact)
@@ -57,6 +66,49 @@ class LoraArtifactAdmin(ReadOnlyAdmin):
         )
 
 
+@admin.register(TrainingCheckpoint)
+class TrainingCheckpointAdmin(ReadOnlyAdmin):
+    list_display = ["__str__", "run", "step", "size", "sha256", "created_at", "download"]
+    readonly_fields = [
+        "run",
+        "session",
+        "step",
+        "filename",
+        "size",
+        "sha256",
+        "metadata",
+        "created_at",
+        "download",
+    ]
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # rows mirror files: prune_loras, or the session's deletion, removes both
+
+    @admin.display(description="file")
+    def download(self, checkpoint: TrainingCheckpoint) -> str:
+        url = reverse("admin:training_app_trainingcheckpoint_download", args=[checkpoint.pk])
+        return format_html('<a href="{}">download</a>', url)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/download/",
+                self.admin_site.admin_view(self.download_file),
+                name="training_app_trainingcheckpoint_download",
+            ),
+            *super().get_urls(),
+        ]
+
+    def download_file(self, request, pk: int):
+        checkpoint = get_object_or_404(TrainingCheckpoint, pk=pk)
+        return file_response(
+            checkpoint_path(checkpoint),
+            f"{checkpoint.filename} is missing from the session's checkpoints folder",
+            as_attachment=True,
+            filename=checkpoint.filename,
+        )
+
+
 @admin.register(TrainingRun)
 class TrainingRunAdmin(ReadOnlyAdmin):
     list_display = [
@@ -68,6 +120,8 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "step",
         "total_steps",
         "last_loss",
+        "attempts",
+        "resumed_from_step",
         "created_at",
         "finished_at",
     ]
@@ -84,12 +138,82 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "error_message",
         "task_id",
         "worker",
+        "attempts",
+        "resumed_from_step",
         "created_at",
         "started_at",
         "training_started_at",
         "finished_at",
         "heartbeat_at",
+        "sample_images",
+        "checkpoint_files",
     ]
+
+    @admin.display(description="sample images")
+    def sample_images(self, run: TrainingRun) -> str:
+        samples = run.samples.all()
+        if not samples:
+            return "-"
+        return format_html_join(
+            "",
+            '<figure style="display:inline-block;margin:0 8px 8px 0;max-width:256px">'
+            '<a href="{0}"><img src="{0}" style="max-width:256px;max-height:256px" alt="{2}">'
+            "</a><figcaption>step {1}: {2}</figcaption></figure>",
+            (
+                (
+                    reverse("admin:training_app_trainingrun_sample", args=[run.pk, sample.pk]),
+                    sample.step,
+                    sample.prompt,
+                )
+                for sample in samples
+            ),
+        )
+
+    @admin.display(description="checkpoints")
+    def checkpoint_files(self, run: TrainingRun) -> str:
+        checkpoints = run.checkpoints.all()
+        if not checkpoints:
+            return "-"
+        return format_html(
+            "<table><tr><th>step</th><th>file</th><th>size</th><th></th></tr>{}</table>",
+            format_html_join(
+                "",
+                '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td>'
+                '<td><a href="{}">download</a></td></tr>',
+                (
+                    (
+                        checkpoint.step,
+                        reverse(
+                            "admin:training_app_trainingcheckpoint_change", args=[checkpoint.pk]
+                        ),
+                        checkpoint.filename,
+                        checkpoint.size,
+                        reverse(
+                            "admin:training_app_trainingcheckpoint_download", args=[checkpoint.pk]
+                        ),
+                    )
+                    for checkpoint in checkpoints
+                ),
+            ),
+        )
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/sample/<int:sample_id>/",
+                self.admin_site.admin_view(self.sample_file),
+                name="training_app_trainingrun_sample",
+            ),
+            *super().get_urls(),
+        ]
+
+    def sample_file(self, request, pk: int, sample_id: int):
+        sample = get_object_or_404(
+            TrainingSample.objects.select_related("run"), pk=sample_id, run=pk
+        )
+        return file_response(
+            sample_path(sample), f"{sample.filename} is missing", content_type="image/png"
+        )
 
 
 @admin.register(Generation)
@@ -114,6 +238,7 @@ class GenerationAdmin(ReadOnlyAdmin):
         "seed",
         "session",
         "lora",
+        "checkpoint",
         "lora_filename",
         "lora_sha256",
         "image_count",

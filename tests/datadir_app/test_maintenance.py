@@ -168,7 +168,7 @@ def test_rescan_of_an_unknown_session_fails():
 def test_verify_passes_on_what_the_service_wrote():
     _session_with_two_images()
     output = run("verify")
-    assert "1 sessions, 2 images, 1 LoRA files checked" in output
+    assert "1 sessions, 2 images, 1 LoRA files, 0 checkpoints, 0 sample images checked" in output
     assert "the rows and files agree" in output
 
 

@@ -95,6 +95,31 @@ def test_session_delete_removes_folder_and_rows(django_capture_on_commit_callbac
     assert not Session.objects.exists() and not TrainingImage.objects.exists()
 
 
+def test_session_delete_leaves_nothing_of_its_runs(django_capture_on_commit_callbacks):
+    from tests.maintenance_helpers import stored_checkpoint, stored_samples
+    from training_app.models import TrainingCheckpoint, TrainingRun, TrainingSample
+    from training_app.services.watch import resume_state_dir
+
+    session = services.session_create()
+    services.session_image_add(session.pk, image_bytes(), "caption")
+    ended = TrainingRun.objects.create(session=session, status="completed")
+    stored_checkpoint(ended, 2)
+    stored_samples(ended, 2, prompts=("a", "b"))
+    (resume_state_dir(session.pk, ended.pk)).mkdir()
+    (resume_state_dir(session.pk, ended.pk) / "resume.pt").write_bytes(b"state")
+    folder = storage.session_dir(session.pk)
+    assert (folder / "checkpoints").is_dir() and (folder / "samples").is_dir()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.session_delete(session.pk)
+
+    # The folder went whole (its checkpoints/, samples/ and resume state), renamed copy too.
+    assert [path.name for path in folder.parent.iterdir()] == [".staging"]
+    assert not any(folder.parent.joinpath(".staging").iterdir())
+    assert not TrainingRun.objects.exists()
+    assert not TrainingCheckpoint.objects.exists() and not TrainingSample.objects.exists()
+
+
 def test_session_delete_unknown_is_404():
     with pytest.raises(ServiceError) as error:
         services.session_delete(12345)

@@ -13,7 +13,7 @@ from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
 from training_app.models import Generation, LoraArtifact, TrainingCheckpoint, TrainingRun
-from training_app.services.watch import checkpoint_path
+from training_app.services.watch import CHECKPOINTS_FOLDER, checkpoint_path
 
 # A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
@@ -200,38 +200,68 @@ def lora_read(
 
 
 def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None) -> list[str]:
-    """Deletes all but the newest `keep` LoRA files of each session (or of one session).
+    """Deletes all but the newest `keep` LoRA files of each session (or of one session), and
+    every checkpoint of the runs that have ended.
 
-    Numbers are never reused: the session's counter stays where it is. A LoRA that a
-    queued or running generation is about to use is kept. Returns the files deleted (or,
-    with `dry_run`, that would be), as `session_<id>/<file>`.
+    Numbers are never reused: the session's counter stays where it is. A checkpoint is kept
+    only while its run may still need it: while the run is queued or running (a resumed
+    run continues from its checkpoints), `keep` does not count them. A run's sample images
+    stay: they are small, and show how each run went. A LoRA or checkpoint that a queued or
+    running generation is about to use is kept. The rows go first, the files once that is
+    committed. Returns the files deleted (or, with `dry_run`, that would be), as
+    `session_<id>/<file>` and `session_<id>/checkpoints/<file>`.
     """
-    sessions = LoraArtifact.objects.values_list("session_id", flat=True).distinct()
-    if session_id is not None:
-        sessions = sessions.filter(session_id=session_id)
-    in_use = set(
-        Generation.objects.filter(
-            status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING], lora__isnull=False
-        ).values_list("lora_id", flat=True)
+    sessions = set(LoraArtifact.objects.values_list("session_id", flat=True)) | set(
+        TrainingCheckpoint.objects.values_list("session_id", flat=True)
     )
+    if session_id is not None:
+        sessions &= {session_id}
     pruned = []
-    for sid in sorted(set(sessions)):
+    for sid in sorted(sessions):
         with session_lock(sid):
-            doomed = [
-                (pk, name)
-                for pk, name in LoraArtifact.objects.filter(session_id=sid)
-                .order_by("-number")[keep:]
-                .values_list("pk", "filename")
-                if pk not in in_use
+            doomed_loras, doomed_checkpoints = _prunable(sid, keep)
+            pruned += [f"session_{sid}/{name}" for _, name in doomed_loras]
+            pruned += [
+                f"session_{sid}/{CHECKPOINTS_FOLDER}/{name}" for _, name in doomed_checkpoints
             ]
-            pruned += [f"session_{sid}/{name}" for _, name in doomed]
-            if dry_run or not doomed:
+            if dry_run or not (doomed_loras or doomed_checkpoints):
                 continue
-            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed]).delete()
+            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed_loras]).delete()
+            TrainingCheckpoint.objects.filter(pk__in=[pk for pk, _ in doomed_checkpoints]).delete()
             # The rows go first, the files once that is committed: a failure keeps both.
-            paths = [storage.session_dir(sid) / name for _, name in doomed]
+            folder = storage.session_dir(sid)
+            paths = [folder / name for _, name in doomed_loras] + [
+                folder / CHECKPOINTS_FOLDER / name for _, name in doomed_checkpoints
+            ]
             transaction.on_commit(lambda paths=paths: _unlink_all(paths))
     return pruned
+
+
+def _prunable(session_id: int, keep: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+    """(pk, filename) of the session's LoRAs and checkpoints that prune_loras removes."""
+    waiting = Generation.objects.filter(
+        status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING]
+    )
+    loras_in_use = set(waiting.filter(lora__isnull=False).values_list("lora_id", flat=True))
+    checkpoints_in_use = set(
+        waiting.filter(checkpoint__isnull=False).values_list("checkpoint_id", flat=True)
+    )
+    loras = [
+        (pk, name)
+        for pk, name in LoraArtifact.objects.filter(session_id=session_id)
+        .order_by("-number")[keep:]
+        .values_list("pk", "filename")
+        if pk not in loras_in_use
+    ]
+    checkpoints = [
+        (pk, name)
+        for pk, name in TrainingCheckpoint.objects.filter(session_id=session_id)
+        .filter(run__status__in=[TrainingRun.Status.COMPLETED, TrainingRun.Status.ERROR])
+        .order_by("run_id", "step")
+        .values_list("pk", "filename")
+        if pk not in checkpoints_in_use
+    ]
+    return loras, checkpoints
 
 
 def _unlink_all(paths: list[Path]) -> None:

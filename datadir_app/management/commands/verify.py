@@ -5,15 +5,16 @@ from django.core.management.base import BaseCommand, CommandError
 from core.console import print_report, progress
 from datadir_app.verify import verify
 from sessions_app.models import Session, TrainingImage
-from training_app.models import LoraArtifact
+from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingSample
 
 
 class Command(BaseCommand):
     help = (
-        "Checks every row against its file (exists, size, sha256, images decode, LoRA "
-        "headers readable) and every file against a row; prints a report and exits 1 on any "
-        "mismatch. --fix repairs what can be repaired without losing data (rows follow the "
-        "files; stale leftovers of interrupted writes go) and reports what is left."
+        "Checks every row against its file (exists, size, sha256, images decode, LoRA and "
+        "checkpoint headers readable, sample images present) and every file against a row; "
+        "prints a report and exits 1 on any mismatch. --fix repairs what can be repaired "
+        "without losing data (rows follow the files; stale leftovers of interrupted writes "
+        "and the resume state of runs that have ended go) and reports what is left."
     )
 
     def add_arguments(self, parser):
@@ -24,7 +25,9 @@ class Command(BaseCommand):
         print_report(self, report)
         self.stdout.write(
             f"verify: {Session.objects.count()} sessions, {TrainingImage.objects.count()} "
-            f"images, {LoraArtifact.objects.count()} LoRA files checked; "
+            f"images, {LoraArtifact.objects.count()} LoRA files, "
+            f"{TrainingCheckpoint.objects.count()} checkpoints, "
+            f"{TrainingSample.objects.count()} sample images checked; "
             f"{len(report.fixed)} fixed, {len(report.changes)} mismatches, "
             f"{len(report.problems)} problems"
         )

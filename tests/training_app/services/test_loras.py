@@ -11,10 +11,19 @@ from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import FAST_TRAINING, lora_bytes
-from training_app.models import LoraArtifact
+from tests.maintenance_helpers import run as run_command
+from tests.maintenance_helpers import stored_checkpoint, stored_samples
+from training_app.models import (
+    Generation,
+    LoraArtifact,
+    TrainingCheckpoint,
+    TrainingRun,
+    TrainingSample,
+)
 from training_app.selectors import lora_get
 from training_app.services import loras as lora_services
 from training_app.services import runs as run_services
+from training_app.services.watch import checkpoint_path, sample_path
 
 pytestmark = pytest.mark.django_db
 
@@ -317,3 +326,121 @@ def test_the_row_is_written_only_once_the_verified_file_is_in_place(
     artifact = lora_services.lora_upload(session_with_images.pk, data, None)
     assert seen["bytes"] == data
     assert artifact.sha256 == storage.sha256_bytes(data) and artifact.size == len(data)
+
+
+# --- prune_loras: checkpoints ----------------------------------------------------------------
+
+
+@pytest.fixture
+def runs_with_checkpoints():
+    """A session with two uploaded LoRAs and runs in every state, each with checkpoints; the
+    completed run has sample images too."""
+    session = session_services.session_create()
+    for seed in (1, 2):
+        lora_services.lora_upload(session.pk, lora_bytes(seed=seed), None)
+    completed = TrainingRun.objects.create(session=session, status="completed")
+    failed = TrainingRun.objects.create(session=session, status="error")
+    running = TrainingRun.objects.create(session=session, status="running")
+    checkpoints = {
+        "completed": [stored_checkpoint(completed, 2, seed=3), stored_checkpoint(completed, 4)],
+        "error": [stored_checkpoint(failed, 2, seed=5)],
+        "running": [stored_checkpoint(running, 2, seed=6)],
+    }
+    samples = stored_samples(completed, 2, prompts=("a red square", "a cat"))
+    return session, checkpoints, samples
+
+
+def _names(session, checkpoints) -> list[str]:
+    return [f"session_{session.pk}/checkpoints/{c.filename}" for c in checkpoints]
+
+
+def test_prune_removes_the_checkpoints_of_ended_runs_whatever_keep_is(
+    runs_with_checkpoints, django_capture_on_commit_callbacks
+):
+    session, checkpoints, samples = runs_with_checkpoints
+    ended = checkpoints["completed"] + checkpoints["error"]
+    kept = checkpoints["running"][0]
+    folder = storage.session_dir(session.pk)
+    before = _tree(folder)
+
+    dry = lora_services.loras_prune(keep=10, dry_run=True)
+
+    assert dry == _names(session, ended)
+    assert _tree(folder) == before and TrainingCheckpoint.objects.count() == 4
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pruned = lora_services.loras_prune(keep=10)
+
+    assert pruned == dry
+    assert list(TrainingCheckpoint.objects.all()) == [kept]
+    for checkpoint in ended:
+        assert not checkpoint_path(checkpoint).exists()
+    assert checkpoint_path(kept).is_file()
+    # keep=10 keeps both LoRAs, and the ended run's sample images stay, rows and files.
+    assert LoraArtifact.objects.count() == 2
+    assert list(TrainingSample.objects.all()) == samples
+    assert all(sample_path(sample).is_file() for sample in samples)
+    assert lora_services.loras_prune(keep=10) == []
+
+
+def test_prune_with_keep_names_loras_and_checkpoints_and_honours_the_session(
+    runs_with_checkpoints, django_capture_on_commit_callbacks
+):
+    session, checkpoints, _ = runs_with_checkpoints
+    other = session_services.session_create()
+    other_run = TrainingRun.objects.create(session=other, status="completed")
+    other_checkpoint = stored_checkpoint(other_run, 2, seed=9)
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pruned = lora_services.loras_prune(keep=1, session_id=session.pk)
+
+    assert pruned == [f"session_{session.pk}/lora_1.safetensors"] + _names(
+        session, checkpoints["completed"] + checkpoints["error"]
+    )
+    assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_2.safetensors"]
+    assert not (storage.session_dir(session.pk) / "lora_1.safetensors").exists()
+    # Another session's checkpoint is not touched when one session is pruned.
+    assert TrainingCheckpoint.objects.filter(pk=other_checkpoint.pk).exists()
+    assert checkpoint_path(other_checkpoint).is_file()
+
+
+def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
+    runs_with_checkpoints, django_capture_on_commit_callbacks
+):
+    session, checkpoints, _ = runs_with_checkpoints
+    in_use = checkpoints["completed"][0]
+    generation = Generation.objects.create(
+        status="queued",
+        prompt="a cat",
+        parameters={},
+        seed=1,
+        session=session,
+        checkpoint=in_use,
+        lora_filename=in_use.filename,
+        lora_sha256=in_use.sha256,
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pruned = lora_services.loras_prune(keep=10)
+
+    assert pruned == _names(session, checkpoints["completed"][1:] + checkpoints["error"])
+    assert set(TrainingCheckpoint.objects.all()) == {in_use, checkpoints["running"][0]}
+    assert checkpoint_path(in_use).read_bytes()  # still there, whole
+    assert sha256_file(checkpoint_path(in_use)) == in_use.sha256
+
+    # Once the generation is done with it, the next prune removes it.
+    Generation.objects.filter(pk=generation.pk).update(status="completed")
+    with django_capture_on_commit_callbacks(execute=True):
+        assert lora_services.loras_prune(keep=10) == _names(session, [in_use])
+    assert not checkpoint_path(in_use).exists()
+    generation.refresh_from_db()
+    assert generation.checkpoint is None and generation.lora_filename == in_use.filename
+
+
+def test_prune_command_lists_checkpoints(runs_with_checkpoints):
+    session, checkpoints, _ = runs_with_checkpoints
+    output = run_command("prune_loras", "--keep", "5", "--dry-run")
+    for name in _names(session, checkpoints["completed"] + checkpoints["error"]):
+        assert f"would delete {name}" in output
+    assert "would delete 3 LoRA files" in output
+    assert TrainingCheckpoint.objects.count() == 4
