@@ -6,7 +6,6 @@ from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
-from sessions_app import storage
 from sessions_app.admin import ReadOnlyAdmin, file_response
 from training_app.models import (
     Generation,
@@ -17,11 +16,43 @@ from training_app.models import (
     WorkerHeartbeat,
 )
 from training_app.services.generations import generations_dir
-from training_app.services.watch import checkpoint_path, sample_path
+from training_app.services.loras import lora_file_path
+from training_app.services.watch import sample_path
+
+
+class LoraFileAdmin(ReadOnlyAdmin):
+    """A LoRA file's row (a numbered LoRA or a run's checkpoint) with a download link."""
+
+    def _download_url_name(self) -> str:
+        return f"{self.model._meta.app_label}_{self.model._meta.model_name}_download"
+
+    @admin.display(description="file")
+    def download(self, lora) -> str:
+        url = reverse(f"admin:{self._download_url_name()}", args=[lora.pk])
+        return format_html('<a href="{}">download</a>', url)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/download/",
+                self.admin_site.admin_view(self.download_file),
+                name=self._download_url_name(),
+            ),
+            *super().get_urls(),
+        ]
+
+    def download_file(self, request, pk: int):
+        lora = get_object_or_404(self.model, pk=pk)
+        return file_response(
+            lora_file_path(lora),
+            f"{lora.filename} is missing from the session folder",
+            as_attachment=True,
+            filename=lora.filename,
+        )
 
 
 @admin.register(LoraArtifact)
-class LoraArtifactAdmin(ReadOnlyAdmin):
+class LoraArtifactAdmin(LoraFileAdmin):
     list_display = ["__str__", "number", "source", "size", "sha256", "created_at", "download"]
     list_filter = ["source"]
     readonly_fields = [
@@ -40,34 +71,9 @@ class LoraArtifactAdmin(ReadOnlyAdmin):
     def has_delete_permission(self, request, obj=None):
         return False  # numbers are never reused; files leave with their session
 
-    @admin.display(description="file")
-    def download(self, artifact: LoraArtifact) -> str:
-        url = reverse("admin:training_app_loraartifact_download", args=[artifact.pk])
-        return format_html('<a href="{}">download</a>', url)
-
-    def get_urls(self):
-        return [
-            path(
-                "<int:pk>/download/",
-                self.admin_site.admin_view(self.download_file),
-                name="training_app_loraartifact_download",
-            ),
-            *super().get_urls(),
-        ]
-
-    def download_file(self, request, pk: int):
-        artifact = get_object_or_404(LoraArtifact, pk=pk)
-        path_on_disk = storage.session_dir(artifact.session_id) / artifact.filename
-        return file_response(
-            path_on_disk,
-            f"{artifact.filename} is missing from the session folder",
-            as_attachment=True,
-            filename=artifact.filename,
-        )
-
 
 @admin.register(TrainingCheckpoint)
-class TrainingCheckpointAdmin(ReadOnlyAdmin):
+class TrainingCheckpointAdmin(LoraFileAdmin):
     list_display = ["__str__", "run", "step", "size", "sha256", "created_at", "download"]
     readonly_fields = [
         "run",
@@ -83,30 +89,6 @@ class TrainingCheckpointAdmin(ReadOnlyAdmin):
 
     def has_delete_permission(self, request, obj=None):
         return False  # rows mirror files: prune_loras, or the session's deletion, removes both
-
-    @admin.display(description="file")
-    def download(self, checkpoint: TrainingCheckpoint) -> str:
-        url = reverse("admin:training_app_trainingcheckpoint_download", args=[checkpoint.pk])
-        return format_html('<a href="{}">download</a>', url)
-
-    def get_urls(self):
-        return [
-            path(
-                "<int:pk>/download/",
-                self.admin_site.admin_view(self.download_file),
-                name="training_app_trainingcheckpoint_download",
-            ),
-            *super().get_urls(),
-        ]
-
-    def download_file(self, request, pk: int):
-        checkpoint = get_object_or_404(TrainingCheckpoint, pk=pk)
-        return file_response(
-            checkpoint_path(checkpoint),
-            f"{checkpoint.filename} is missing from the session's checkpoints folder",
-            as_attachment=True,
-            filename=checkpoint.filename,
-        )
 
 
 @admin.register(TrainingRun)
