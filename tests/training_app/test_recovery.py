@@ -103,7 +103,7 @@ def test_a_run_whose_heartbeat_went_stale_is_queued_again_to_resume(
     # What the next attempt resumes from stays.
     assert (state / RESUME_STATE_NAME).read_bytes() == b"a saved state"
     assert sorted(p.name for p in storage.session_dir(session.pk).iterdir()) == [
-        ".resume-run-1",
+        f".resume-run-{run.pk}",
         "0",
     ]
     with django_capture_on_commit_callbacks(execute=True) as enqueued_again:
