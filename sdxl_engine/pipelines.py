@@ -23,6 +23,13 @@ HALF_PRECISION: dict[str, torch.dtype] = {"generation": torch.float16, "training
 _LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
+def forked_rng(device: str | torch.device):
+    """torch's global generators (the CPU's, and `device`'s on CUDA) as they are now,
+    given back when the block ends: what runs inside draws without disturbing them."""
+    device = torch.device(device)
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
 @dataclass
 class Pipelines:
     base: StableDiffusionXLPipeline

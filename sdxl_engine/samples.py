@@ -14,7 +14,7 @@ from PIL import Image
 
 from sdxl_engine.generation import decode_latents
 from sdxl_engine.parameters import GENERATION_DEFAULTS
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.pipelines import Pipelines, forked_rng
 
 # Enough steps for Euler to give a recognisable image; the generation default.
 SAMPLE_STEPS = GENERATION_DEFAULTS.steps
@@ -42,7 +42,7 @@ def render_samples(
     was_training = base.unet.training
     base.unet.eval()
     try:
-        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        with forked_rng(device):
             latents = base(
                 prompt=prompts,
                 height=size,

@@ -52,7 +52,7 @@ from sdxl_engine.parameters import (
     every_steps,
     lr_warmup_problem,
 )
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.pipelines import Pipelines, forked_rng
 from sdxl_engine.samples import default_sample_prompts, render_samples
 
 ADAPTER_NAME = "sdxl_service_training"
@@ -164,7 +164,7 @@ def train_lora(
     # Seed a private copy of the global generators: PEFT draws the LoRA's initial weights
     # from them, and the worker's own random state stays untouched.
     with (
-        torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []),
+        forked_rng(device),
         _low_memory_mode(
             pipelines, low_memory, keep_text_encoders=params.train_text_encoder
         ) as encoders,
