@@ -92,18 +92,6 @@ def load_resume_state(state_dir: Path, fingerprint: str) -> ResumeState | None:
     return state
 
 
-def saved_step(state_dir: Path) -> int | None:
-    """The step of the state saved in `state_dir`, or None without a readable one (the
-    engine still checks it belongs to the run before resuming)."""
-    path = state_dir / RESUME_STATE_NAME
-    if not path.is_file():
-        return None
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True)["step"])
-    except (OSError, RuntimeError, KeyError, ValueError, EOFError):
-        return None
-
-
 def _to_cpu(value):
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()

@@ -109,6 +109,7 @@ def train_lora(
     state_dir: Path | None = None,
     on_checkpoint: Callable[[int, Path, str], None] | None = None,
     on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None,
+    on_resume: Callable[[int], None] | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -125,7 +126,8 @@ def train_lora(
     Every `params.checkpoint_every` steps (but the last) with a `state_dir`, the LoRA as it
     stands is written there and handed to `on_checkpoint(step, path, sha256)`, which may
     move it, and the state to resume from is saved there (sdxl_engine.checkpoints). A run
-    that finds a state of its own settings and images in `state_dir` continues from it.
+    that finds a state of its own settings and images in `state_dir` continues from it,
+    and tells `on_resume(step)` which step it continues from before the first step.
     Every `params.sample_every` steps, `on_samples(step, [(prompt, image), ...])` gets
     sample images (sdxl_engine.samples).
     """
@@ -201,6 +203,7 @@ def train_lora(
             state_dir=Path(state_dir) if state_dir is not None else None,
             on_checkpoint=on_checkpoint,
             on_samples=on_samples,
+            on_resume=on_resume,
             sample_prompts=params.sample_prompts
             or default_sample_prompts(params.trigger, captions),
             encoders=encoders,
@@ -581,6 +584,7 @@ def _optimise(
         learning_rates.load_state_dict(resume.lr_scheduler)
         noise_generator.set_state(resume.noise_generator)
         loss_value, resumed_from_step = resume.loss, resume.step
+        watch.resumed(resumed_from_step)
     batches = bucketed_batches(
         [placement.size for placement in encoded.placements],
         params.batch_size,
@@ -683,14 +687,20 @@ class _Watch:
         on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None,
         sample_prompts: list[str],
         encoders: _Encoders,
+        on_resume: Callable[[int], None] | None,
     ):
         params = run.params
         self._run, self._state_dir, self._encoders = run, state_dir, encoders
         self._on_checkpoint, self._on_samples = on_checkpoint, on_samples
+        self._on_resume = on_resume
         self._sample_prompts = sample_prompts
         self._sample_seed = params.sample_seed if params.sample_seed is not None else run.seed
         self.sample_every = every_steps(params.sample_every, run.total_steps)
         self.checkpoint_every = every_steps(params.checkpoint_every, run.total_steps)
+
+    def resumed(self, step: int) -> None:
+        if self._on_resume is not None:
+            self._on_resume(step)
 
     def after_step(self, step: int, loss: float, optimisation: _Optimisation) -> None:
         if (

@@ -53,7 +53,7 @@ def test_a_resumed_run_ends_with_the_lora_of_an_uninterrupted_one(
 ) -> None:
     whole = train_lora(pipelines, training_pairs, PARAMS, tmp_path / "whole.safetensors")
     _interrupted_after(5, pipelines, training_pairs, tmp_path / "state", tmp_path)
-    steps_after_resume: list[int] = []
+    events: list[tuple[str, int]] = []
 
     resumed = train_lora(
         pipelines,
@@ -61,11 +61,13 @@ def test_a_resumed_run_ends_with_the_lora_of_an_uninterrupted_one(
         PARAMS,
         tmp_path / "resumed.safetensors",
         state_dir=tmp_path / "state",
-        on_progress=lambda step, total, loss: steps_after_resume.append(step),
+        on_progress=lambda step, total, loss: events.append(("step", step)),
+        on_resume=lambda step: events.append(("resumed", step)),
     )
 
     assert resumed.resumed_from_step == 3  # the last checkpoint before the stop at 5
-    assert steps_after_resume == [4, 5, 6, 7, 8]
+    # Told before the first step, then steps 4 to 8.
+    assert events == [("resumed", 3), *(("step", step) for step in range(4, 9))]
     assert resumed.final_loss == pytest.approx(whole.final_loss, rel=1e-5)
     expected, actual = (
         load_file(tmp_path / "whole.safetensors"),
@@ -129,6 +131,8 @@ def test_a_state_of_other_settings_is_ignored_and_the_run_starts_over(
     other = replace(PARAMS, learning_rate=1e-2)
     steps: list[int] = []
 
+    resumes: list[int] = []
+
     result = train_lora(
         pipelines,
         training_pairs,
@@ -136,6 +140,8 @@ def test_a_state_of_other_settings_is_ignored_and_the_run_starts_over(
         tmp_path / "other.safetensors",
         state_dir=tmp_path / "state",
         on_progress=lambda step, total, loss: steps.append(step),
+        on_resume=resumes.append,
     )
 
     assert result.resumed_from_step == 0 and steps[0] == 1
+    assert resumes == []  # not told of a resume that did not happen

@@ -209,17 +209,12 @@ def _heartbeat(run_id: int) -> Iterator[None]:
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
-    from sdxl_engine.checkpoints import saved_step
     from sdxl_engine.dataset import find_training_pairs
     from sdxl_engine.training import train_lora
     from training_app.runtime import worker_pipelines
 
     pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
-    state_dir = resume_state_dir(run.session_id, run.pk)
-    resumes_at = saved_step(state_dir)
-    if resumes_at is not None:
-        TrainingRun.objects.filter(pk=run.pk).update(resumed_from_step=resumes_at)
     still_running = True
 
     def on_stage(stage: str) -> None:
@@ -250,9 +245,11 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         should_stop=lambda: not still_running,
         on_stage=on_stage,
         low_memory={"on": True, "off": False}.get(settings.SDXL_LOW_MEMORY),
-        state_dir=state_dir,
+        state_dir=resume_state_dir(run.session_id, run.pk),
         on_checkpoint=lambda step, path, sha256: checkpoint_store(run, step, path, sha256),
         on_samples=lambda step, samples: samples_store(run, step, samples),
+        # Shown while it runs; the engine calls it only for a state it really resumes from.
+        on_resume=lambda step: _held_here(run.pk).update(resumed_from_step=step),
     )
     with transaction.atomic():
         artifact = lora_store(
