@@ -1,13 +1,17 @@
-"""Text-to-image with SDXL Base + Refiner as an ensemble of experts, optionally with a LoRA."""
+"""Text-to-image with SDXL Base + Refiner as an ensemble of experts, optionally with a LoRA,
+one request or several batched together."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_merge import is_unet_only
@@ -20,62 +24,83 @@ HANDOVER_FRACTION = 0.8
 LORA_ADAPTER_NAME = "sdxl_service_generation"
 
 
+@dataclass(frozen=True)
+class GenerationJob:
+    """What differs between requests that can share one batch: each has its prompts, its
+    image count and its seed, and gets the images it would get alone (the same starting
+    noise; the arithmetic of a larger batch may differ in the last bits of float16)."""
+
+    prompt: str
+    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
+    num_images: int = GENERATION_DEFAULTS.num_images
+    seed: int = 0
+
+
 def generate(
     pipelines: Pipelines,
     *,
     prompt: str,
     negative_prompt: str = GENERATION_DEFAULTS.negative_prompt,
     num_images: int = GENERATION_DEFAULTS.num_images,
+    seed: int,
+    **shared: Any,
+) -> list[PIL.Image.Image]:
+    """`num_images` images for `prompt`, the same for the same seed; the other arguments
+    are generate_batch's."""
+    job = GenerationJob(prompt, negative_prompt, num_images, seed)
+    return generate_batch(pipelines, [job], **shared)[0]
+
+
+def generate_batch(
+    pipelines: Pipelines,
+    jobs: list[GenerationJob],
+    *,
     height: int = GENERATION_DEFAULTS.height,
     width: int = GENERATION_DEFAULTS.width,
     guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
     steps: int = GENERATION_DEFAULTS.steps,
-    seed: int,
     lora_path: Path | None = None,
     lora_scale: float = GENERATION_DEFAULTS.lora_scale,
     on_step: Callable[[int, int], None] | None = None,
-) -> list[PIL.Image.Image]:
-    """`num_images` images of `width`×`height` for `prompt`, the same for the same seed.
+) -> list[list[PIL.Image.Image]]:
+    """The images of each job, `width`×`height`, made together in one batch: Base and
+    Refiner run once for all of them, which costs less per image than one run per job.
 
     A LoRA, if given, applies to the Base only and to this call only: it is unloaded
     afterwards, so the next call without it matches a freshly loaded pipeline.
     `on_step(done, steps)` runs after each denoising step of Base and Refiner together.
     """
-    _check_request(pipelines, num_images, height, width, steps)
+    _check_request(pipelines, jobs, height, width, steps)
     base, refiner = pipelines.base, pipelines.refiner
     if refiner is None:
         raise EngineError(
             "these pipelines were loaded for training, without the SDXL Refiner; "
             "load them with purpose='generation' to generate"
         )
-    generator = torch.Generator(pipelines.device).manual_seed(seed)
     report_step = _step_reporter(steps, on_step)
 
     # A UNet-only LoRA (what the trainer writes) is merged into the weights for the
     # request; anything else (text-encoder LoRAs) goes through diffusers' PEFT layers.
     merged = lora_path is not None and is_unet_only(Path(lora_path))
-    # Once the native size's graphs are captured, a shape without compiled code (another
-    # size or image count, a PEFT-layered LoRA) runs eagerly: seconds slower, instead of
-    # a compile that would hold the request for minutes.
+    # Once the native size's graphs are compiled, a call the compiled code has not seen
+    # (a PEFT-layered LoRA) runs eagerly: seconds slower, instead of a compile that would
+    # hold the request for minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
     stance = "eager_on_recompile" if pipelines.warmed_up else "default"
     try:
         if merged:
             pipelines.unet_lora.merge(Path(lora_path), lora_scale)
         elif lora_path is not None:
             _load_lora(pipelines, Path(lora_path), lora_scale)
-        with torch.no_grad(), torch.compiler.set_stance(stance):
+        graphs_off = pipelines.graphs_paused() if lora_path and not merged else nullcontext()
+        with torch.no_grad(), torch.compiler.set_stance(stance), graphs_off:
+            base_inputs = _base_inputs(pipelines, jobs, height, width, guidance_scale)
             latents = base(
-                prompt=prompt,
-                # SDXL's Base is meant to see zeros for an empty negative prompt
-                # (force_zeros_for_empty_prompt); diffusers applies that only to None.
-                negative_prompt=negative_prompt or None,
-                num_images_per_prompt=num_images,
+                **base_inputs,
                 height=height,
                 width=width,
                 guidance_scale=guidance_scale,
                 num_inference_steps=steps,
                 denoising_end=HANDOVER_FRACTION,
-                generator=generator,
                 output_type="latent",
                 callback_on_step_end=report_step,
             ).images
@@ -83,21 +108,33 @@ def generate(
                 # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
                 # must not reach the Refiner's prompt encoding.
                 base.disable_lora()
-            # The Refiner receives one latent per image, so it encodes the prompt once
-            # per image too (num_images_per_prompt) and, without CFG (guidance 1.0),
-            # its batch matches the latents'.
+            # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
+            # matching the latents' batch.
+            prompt_embeds, pooled = _concatenated(
+                refiner.encode_prompt(
+                    job.prompt,
+                    device=pipelines.device,
+                    num_images_per_prompt=job.num_images,
+                    do_classifier_free_guidance=False,
+                )
+                for job in jobs
+            )[::2]
             refined = refiner(
-                prompt=prompt,
+                prompt_embeds=prompt_embeds,
+                pooled_prompt_embeds=pooled,
                 image=latents,
-                num_images_per_prompt=num_images,
                 num_inference_steps=steps,
                 denoising_start=HANDOVER_FRACTION,
                 guidance_scale=1.0,
-                generator=generator,
                 output_type="latent",
                 callback_on_step_end=report_step,
             ).images
-            images = decode_latents(pipelines, refined)
+            # One decode per job: the VAE's memory grows with its batch, and a batch of
+            # several requests must not need more than the largest of them alone.
+            images = [
+                decode_latents(pipelines, part)
+                for part in refined.split([job.num_images for job in jobs])
+            ]
     finally:
         if merged:
             pipelines.unet_lora.restore()
@@ -106,28 +143,90 @@ def generate(
     return images
 
 
+def _base_inputs(
+    pipelines: Pipelines,
+    jobs: list[GenerationJob],
+    height: int,
+    width: int,
+    guidance_scale: float,
+) -> dict[str, Any]:
+    """The Base's prompt embeddings and starting noise for every job, concatenated.
+
+    Each job's noise comes from its own seed, drawn exactly as the pipeline draws it for
+    one request (randn_tensor on the device, in the UNet's dtype), so a job's images do
+    not depend on the other jobs of its batch.
+    """
+    base, device = pipelines.base, pipelines.device
+    encodings = [
+        base.encode_prompt(
+            job.prompt,
+            device=device,
+            num_images_per_prompt=job.num_images,
+            do_classifier_free_guidance=guidance_scale > 1.0,
+            # SDXL's Base is meant to see zeros for an empty negative prompt
+            # (force_zeros_for_empty_prompt); diffusers applies that only to None.
+            negative_prompt=job.negative_prompt or None,
+        )
+        for job in jobs
+    ]
+    prompt_embeds, negative_embeds, pooled, negative_pooled = _concatenated(encodings)
+    latent_shape = (
+        base.unet.config.in_channels,
+        height // base.vae_scale_factor,
+        width // base.vae_scale_factor,
+    )
+    latents = torch.cat(
+        [
+            randn_tensor(
+                (job.num_images, *latent_shape),
+                generator=torch.Generator(device).manual_seed(job.seed),
+                device=torch.device(device),
+                dtype=prompt_embeds.dtype,
+            )
+            for job in jobs
+        ]
+    )
+    return {
+        "prompt_embeds": prompt_embeds,
+        "negative_prompt_embeds": negative_embeds,
+        "pooled_prompt_embeds": pooled,
+        "negative_pooled_prompt_embeds": negative_pooled,
+        "latents": latents,
+    }
+
+
+def _concatenated(encodings) -> list[torch.Tensor | None]:
+    """encode_prompt's tuples of several jobs, concatenated field by field (None stays)."""
+    fields = list(zip(*encodings, strict=True))
+    return [None if parts[0] is None else torch.cat(parts) for parts in fields]
+
+
 def warm_up(pipelines: Pipelines) -> None:
     """Compile the UNets and capture their CUDA graphs for one image of the model's native
     size (1024² for SDXL), so that the first request does not pay for it.
 
-    Does nothing for pipelines loaded without compile_unets. Afterwards generation runs
-    other shapes eagerly (see generate).
+    Does nothing for pipelines loaded without compile_unets. Afterwards other shapes and
+    batch sizes replay CUDA graphs of the eager UNets, captured on their first request
+    (graphs.UNetGraphs), or run eagerly where there are none (CPU, cuda_graphs off).
     """
     if not pipelines.compiled or pipelines.warmed_up:
         return
     size = pipelines.base.unet.config.sample_size * pipelines.base.vae_scale_factor
     # CUDA graph trees record a shape on its second or third call: 20 steps give the Base
     # 16 calls and the Refiner 4.
-    generate(pipelines, prompt="warm-up", height=size, width=size, steps=20, seed=0)
+    with pipelines.recording_compiled_shapes():
+        generate(pipelines, prompt="warm-up", height=size, width=size, steps=20, seed=0)
     pipelines.warmed_up = True
 
 
 def _check_request(
-    pipelines: Pipelines, num_images: int, height: int, width: int, steps: int
+    pipelines: Pipelines, jobs: list[GenerationJob], height: int, width: int, steps: int
 ) -> None:
     multiple = pipelines.base.vae_scale_factor
     problems = []
-    if num_images < 1:
+    if not jobs:
+        problems.append("at least one job is needed")
+    if any(job.num_images < 1 for job in jobs):
         problems.append("num_images must be at least 1")
     if steps < 1:
         problems.append("steps must be at least 1")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -10,6 +12,7 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.graphs import UNetGraphs
 from sdxl_engine.lora_merge import UNetLoraMerger
 from sdxl_engine.source import ModelSource
 
@@ -44,14 +47,37 @@ class Pipelines:
     # The native image size's graphs are captured (generation.warm_up): other shapes then
     # run eagerly instead of stalling a request for a minutes-long compile.
     warmed_up: bool = False
+    # Per-shape CUDA graphs of the eager UNets (graphs.UNetGraphs), Base first; empty
+    # where they are off (CPU, training, cuda_graphs=False).
+    unet_graphs: tuple[UNetGraphs, ...] = ()
     unet_lora: UNetLoraMerger = field(init=False)  # merges a request's LoRA into the Base
 
     def __post_init__(self) -> None:
         self.unet_lora = UNetLoraMerger(self.base.unet)
 
+    @contextlib.contextmanager
+    def graphs_paused(self) -> Iterator[None]:
+        """The UNets run without the per-shape CUDA graphs (a PEFT-layered LoRA is loaded)."""
+        with contextlib.ExitStack() as stack:
+            for graphs in self.unet_graphs:
+                stack.enter_context(graphs.paused())
+            yield
+
+    @contextlib.contextmanager
+    def recording_compiled_shapes(self) -> Iterator[None]:
+        """Calls within go to the compiled UNets, whose shapes keep going there after."""
+        with contextlib.ExitStack() as stack:
+            for graphs in self.unet_graphs:
+                stack.enter_context(graphs.recording_compiled_shapes())
+            yield
+
 
 def load_pipelines(
-    source: ModelSource, *, purpose: Purpose = "generation", compile_unets: bool = False
+    source: ModelSource,
+    *,
+    purpose: Purpose = "generation",
+    compile_unets: bool = False,
+    cuda_graphs: bool = True,
 ) -> Pipelines:
     """Load the SDXL pipelines from `source`, on its device, for `purpose`.
 
@@ -73,6 +99,11 @@ def load_pipelines(
     `bench/levers.py`). Compiling happens on first use, per image shape: call
     `generation.warm_up` before serving so that it is paid at worker start. Training
     compiles its own regions (training.train_lora), not these graphs.
+
+    `cuda_graphs` (generation on CUDA): every shape the compiled code was not warmed up
+    for (other sizes, batch sizes; all of them without `compile_unets`) replays a CUDA
+    graph of the eager UNet, captured in well under a second on its first call
+    (graphs.UNetGraphs) instead of launching each kernel from Python.
     """
     if purpose not in HALF_PRECISION:
         raise EngineError(f"unknown purpose {purpose!r}; use one of {', '.join(HALF_PRECISION)}")
@@ -119,6 +150,12 @@ def load_pipelines(
         pipeline.unet.requires_grad_(False)
         if compile_unets and purpose == "generation":
             pipeline.unet.compile(fullgraph=True, dynamic=False, mode="reduce-overhead")
+    unet_graphs = []
+    if cuda_graphs and purpose == "generation" and source.device == "cuda":
+        for pipeline in pipelines:
+            graphs = UNetGraphs(pipeline.unet)
+            graphs.install()
+            unet_graphs.append(graphs)
     return Pipelines(
         base=base,
         refiner=refiner,
@@ -126,6 +163,7 @@ def load_pipelines(
         dtype=dtype,
         source=source,
         compiled=compile_unets,
+        unet_graphs=tuple(unet_graphs),
     )
 
 

@@ -196,6 +196,13 @@ SDXL_REFINER_MODEL = env.str(
 # compile time at the generation worker's start (one image of the native size; other
 # shapes run eagerly).
 SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
+# Replay each UNet step of the shapes nothing compiled (every shape without SDXL_COMPILE)
+# from a CUDA graph of the eager UNet, captured on the shape's first request (GPU).
+SDXL_CUDA_GRAPHS = env.bool("SDXL_CUDA_GRAPHS", default=True)
+# The generation worker runs queued requests that differ only in prompts, seed and image
+# count (same size, steps, guidance, LoRA and scale) as one batch of up to this many
+# images: more images per minute when several clients wait. 1 turns batching off.
+SDXL_GENERATION_BATCH_IMAGES = env.int("SDXL_GENERATION_BATCH_IMAGES", default=4)
 # Low-memory training (gradient checkpointing; text encoders and VAE in CPU memory while
 # the UNet trains): "auto" turns it on when the GPU has too little free memory to keep
 # every activation (a 16-24 GB card), "on"/"off" force it.

@@ -34,6 +34,7 @@ def worker_pipelines(purpose: str):
         settings.SDXL_REFINER_MODEL,
         str(settings.MODEL_CACHE_DIR),
         settings.SDXL_COMPILE,
+        settings.SDXL_CUDA_GRAPHS,
     )
     with _lock:
         if (models, purpose) not in _loaded:
@@ -54,7 +55,10 @@ def worker_pipelines(purpose: str):
                     "TORCHINDUCTOR_CACHE_DIR", str(settings.MODEL_CACHE_DIR / "torch-compile")
                 )
             _loaded[models, purpose] = load_pipelines(
-                source, purpose=purpose, compile_unets=settings.SDXL_COMPILE
+                source,
+                purpose=purpose,
+                compile_unets=settings.SDXL_COMPILE,
+                cuda_graphs=settings.SDXL_CUDA_GRAPHS,
             )
             logger.info("model: loaded %s on %s for %s", source.preset, source.device, purpose)
         return _loaded[models, purpose]

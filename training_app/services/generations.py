@@ -199,72 +199,134 @@ def _png_bytes(image, record: dict) -> bytes:
 
 
 def generation_execute(generation_id: int) -> None:
-    """Runs a queued generation (in the generation worker); one already taken is left alone."""
-    from sdxl_engine.generation import HANDOVER_FRACTION, generate
+    """Runs a queued generation (in the generation worker), together with the queued
+    requests that can share its batch (`_claim_companions`); one already taken is left
+    alone, so the tasks of requests that ran in an earlier batch do nothing."""
+    from sdxl_engine.generation import HANDOVER_FRACTION, GenerationJob, generate_batch
     from training_app.runtime import generation_pipelines
 
-    claimed = Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
-        status=Generation.Status.RUNNING, started_at=timezone.now()
-    )
-    if not claimed:
+    if not _claim(generation_id):
         logger.info("generation %s is not queued any more; nothing to do", generation_id)
         return
-    generation = Generation.objects.get(pk=generation_id)
-    params = generation.parameters
+    lead = Generation.objects.get(pk=generation_id)
+    batch = [lead, *_claim_companions(lead)]
+    ids = [generation.pk for generation in batch]
+    if len(batch) > 1:
+        logger.info("generations %s run as one batch", ids)
+    params = lead.parameters
     started = time.monotonic()
     try:
         lora_path = None
-        if generation.lora_filename:
-            lora = generation.lora or generation.checkpoint
+        if lead.lora_filename:
+            lora = lead.lora or lead.checkpoint
             if lora is None:
-                raise ServiceError(f"{generation.lora_filename} was deleted before generation")
+                raise ServiceError(f"{lead.lora_filename} was deleted before generation")
             lora_path = lora_file_path(lora)
         pipelines = generation_pipelines()
-        images = generate(
+        images_per_job = generate_batch(
             pipelines,
-            prompt=generation.prompt,
-            negative_prompt=generation.negative_prompt,
-            num_images=params["num_images"],
+            [
+                GenerationJob(
+                    prompt=generation.prompt,
+                    negative_prompt=generation.negative_prompt,
+                    num_images=generation.parameters["num_images"],
+                    seed=generation.seed,
+                )
+                for generation in batch
+            ],
             height=params["height"],
             width=params["width"],
             guidance_scale=params["guidance_scale"],
             steps=params["steps"],
-            seed=generation.seed,
             lora_path=lora_path,
             lora_scale=params["lora_scale"],
         )
-        record = {
-            "prompt": generation.prompt,
-            "negative_prompt": generation.negative_prompt,
-            "seed": generation.seed,
-            "lora": generation.lora_filename or None,
-            "lora_sha256": generation.lora_sha256 or None,
-            "model": pipelines.source.base,
-            "refiner": pipelines.source.refiner,
-            "refiner_switch_at": HANDOVER_FRACTION,
-            **params,
-        }
-        folder = generations_dir(generation_id)
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, image in enumerate(images):
-            storage.atomic_write_bytes(folder / f"{index}.png", _png_bytes(image, record))
+        for generation, images in zip(batch, images_per_job, strict=True):
+            record = {
+                "prompt": generation.prompt,
+                "negative_prompt": generation.negative_prompt,
+                "seed": generation.seed,
+                "lora": generation.lora_filename or None,
+                "lora_sha256": generation.lora_sha256 or None,
+                "model": pipelines.source.base,
+                "refiner": pipelines.source.refiner,
+                "refiner_switch_at": HANDOVER_FRACTION,
+                **generation.parameters,
+            }
+            folder = generations_dir(generation.pk)
+            folder.mkdir(parents=True, exist_ok=True)
+            for index, image in enumerate(images):
+                storage.atomic_write_bytes(folder / f"{index}.png", _png_bytes(image, record))
     except (EngineError, ServiceError) as error:
-        _finish_generation_with_error(generation_id, getattr(error, "message", str(error)))
+        _finish_generations_with_error(ids, getattr(error, "message", str(error)))
         return
     except Exception as error:
-        logger.exception("generation %s failed", generation_id)
-        _finish_generation_with_error(generation_id, f"{type(error).__name__}: {error}")
+        logger.exception("generations %s failed", ids)
+        _finish_generations_with_error(ids, f"{type(error).__name__}: {error}")
         return
-    Generation.objects.filter(pk=generation_id).update(
-        status=Generation.Status.COMPLETED,
-        image_count=len(images),
-        duration_ms=int((time.monotonic() - started) * 1000),
-        finished_at=timezone.now(),
+    duration_ms = int((time.monotonic() - started) * 1000)
+    for generation, images in zip(batch, images_per_job, strict=True):
+        Generation.objects.filter(pk=generation.pk).update(
+            status=Generation.Status.COMPLETED,
+            image_count=len(images),
+            duration_ms=duration_ms,
+            finished_at=timezone.now(),
+        )
+
+
+def _claim(generation_id: int) -> bool:
+    """Takes a queued generation for this worker; False when it is not queued (any more)."""
+    return bool(
+        Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
+            status=Generation.Status.RUNNING, started_at=timezone.now()
+        )
     )
+
+
+# What requests must share to run in one batch: one size, schedule and guidance for the
+# pipelines' call, one LoRA file (by content) at one scale merged into the Base.
+_BATCH_PARAMETERS = ("height", "width", "steps", "guidance_scale", "lora_scale")
+
+
+def _claim_companions(lead: Generation) -> list[Generation]:
+    """Claims the oldest queued generations that can run in `lead`'s batch, while the
+    batch holds at most SDXL_GENERATION_BATCH_IMAGES images; returns them in that order.
+
+    Their own tasks, delivered later, find them taken and do nothing; a worker lost
+    meanwhile leaves them running, which generation_wait reports like any lost job.
+    """
+    room = settings.SDXL_GENERATION_BATCH_IMAGES - lead.parameters["num_images"]
+    if room <= 0:
+        return []
+    candidates = (
+        Generation.objects.filter(
+            status=Generation.Status.QUEUED,
+            lora_filename=lead.lora_filename,
+            lora_sha256=lead.lora_sha256,
+        )
+        .exclude(pk=lead.pk)
+        .order_by("pk")
+    )
+    companions = []
+    for candidate in candidates[: 4 * settings.SDXL_GENERATION_BATCH_IMAGES]:
+        images = candidate.parameters["num_images"]
+        if images > room or any(
+            candidate.parameters[name] != lead.parameters[name] for name in _BATCH_PARAMETERS
+        ):
+            continue
+        if _claim(candidate.pk):
+            candidate.refresh_from_db()
+            companions.append(candidate)
+            room -= images
+    return companions
 
 
 def _finish_generation_with_error(generation_id: int, message: str) -> None:
-    Generation.objects.filter(pk=generation_id).update(
+    _finish_generations_with_error([generation_id], message)
+
+
+def _finish_generations_with_error(generation_ids: list[int], message: str) -> None:
+    Generation.objects.filter(pk__in=generation_ids).update(
         status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now()
     )
-    logger.warning("generation %s ended in error: %s", generation_id, message)
+    logger.warning("generations %s ended in error: %s", generation_ids, message)

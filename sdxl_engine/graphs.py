@@ -1,0 +1,152 @@
+"""CUDA graphs of the eager UNets, one per input shape, for the shapes nothing compiled.
+
+At batch 1 an eager SDXL UNet step spends more time launching its ~2,000 kernels from
+Python than the GPU spends running them. torch.compile's CUDA graphs remove that for the
+shape it compiled (the native 1024², `generation.warm_up`), but compiling another shape
+takes minutes, and one graph for every shape (dynamic shapes) did not finish compiling in
+8.5 minutes on an H200 (docs/benchmarks.md). Capturing the *eager* kernels of one UNet
+call in a CUDA graph takes a fraction of a second instead, so every other image size and
+batch gets its launches replayed from a graph on its first request.
+
+A LoRA merged in place (lora_merge.UNetLoraMerger) reaches the graphs: they read the
+weights' memory, which the merge overwrites. PEFT-layered LoRAs change the modules, so
+generation turns the graphs off while one is loaded (`UNetGraphs.paused`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+# Calls run eagerly on a side stream before a capture: cuBLAS and cuDNN set up their
+# handles and workspaces on first use, which must not happen inside a capture.
+_WARMUP_CALLS = 2
+
+
+class _Graph:
+    """One captured UNet call: inputs are copied into its static tensors, then replayed."""
+
+    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+    def replay(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        for static, tensor in zip(self.inputs, tensors, strict=True):
+            static.copy_(tensor)
+        self.graph.replay()
+        # Every graph shares one memory pool: the next replay may reuse this output's memory.
+        return self.output.clone()
+
+
+class UNetGraphs:
+    """Calls of `unet` (a diffusers UNet2DConditionModel) replayed from CUDA graphs, one
+    captured per distinct set of input shapes on its first call.
+
+    `install` puts it in front of the UNet's call (and of its torch.compile'd call, if
+    any): shapes in `compiled_shapes` go to the compiled code, all others to the graphs.
+    """
+
+    def __init__(self, unet: torch.nn.Module):
+        self.unet = unet
+        self.graphs: dict[tuple, _Graph] = {}
+        self.compiled_shapes: set[tuple] = set()
+        self._compiled_call: Callable | None = None
+        self._recording_compiled = False
+        self._paused = 0
+        # One pool for every graph: they replay one at a time, on one stream.
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def install(self) -> None:
+        self._compiled_call = self.unet._compiled_call_impl
+        self.unet._compiled_call_impl = self
+
+    @contextlib.contextmanager
+    def recording_compiled_shapes(self) -> Iterator[None]:
+        """Within the block every call goes to the compiled code, and its shapes are
+        remembered as compiled (generation.warm_up)."""
+        self._recording_compiled = True
+        try:
+            yield
+        finally:
+            self._recording_compiled = False
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Within the block every call runs as if no graphs were installed."""
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+
+    def __call__(self, sample, timestep, encoder_hidden_states, **kwargs) -> Any:
+        if self._paused or not _capturable(sample, timestep, encoder_hidden_states, kwargs):
+            return self._plain_call(sample, timestep, encoder_hidden_states, **kwargs)
+        added = kwargs.get("added_cond_kwargs") or {}
+        added_keys = tuple(sorted(added))
+        tensors = [sample, timestep, encoder_hidden_states, *(added[k] for k in added_keys)]
+        key = (added_keys, *((tuple(t.shape), t.dtype) for t in tensors))
+        if self._compiled_call is not None:
+            if self._recording_compiled:
+                self.compiled_shapes.add(key)
+            if key in self.compiled_shapes:
+                return self._compiled_call(sample, timestep, encoder_hidden_states, **kwargs)
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self.graphs[key] = self._capture(tensors, added_keys)
+            logger.info("captured a CUDA graph of the UNet for inputs %s", _shapes(key))
+        output = graph.replay(tensors)
+        return (output,) if not kwargs.get("return_dict", True) else _output(output)
+
+    def _plain_call(self, *args, **kwargs) -> Any:
+        call = self._compiled_call if self._compiled_call is not None else self.unet._call_impl
+        return call(*args, **kwargs)
+
+    def _capture(self, tensors: list[torch.Tensor], added_keys: tuple[str, ...]) -> _Graph:
+        inputs = [tensor.clone() for tensor in tensors]
+        sample, timestep, hidden, *added = inputs
+        added_cond_kwargs = dict(zip(added_keys, added, strict=True)) if added_keys else None
+
+        def run() -> torch.Tensor:
+            # The UNet's own forward, eager: neither the compiled code nor this object.
+            return self.unet._call_impl(
+                sample, timestep, hidden, added_cond_kwargs=added_cond_kwargs, return_dict=False
+            )[0]
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(_WARMUP_CALLS):
+                run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            output = run()
+        return _Graph(graph, inputs, output)
+
+
+def _capturable(sample, timestep, encoder_hidden_states, kwargs: dict) -> bool:
+    """The SDXL pipelines' calls: CUDA tensors for the latents, timestep and conditioning,
+    and no other argument (timestep_cond, attention masks, cross-attention or ControlNet
+    arguments run as they are)."""
+    added = kwargs.get("added_cond_kwargs") or {}
+    tensors = [sample, timestep, encoder_hidden_states, *added.values()]
+    given = {name for name, value in kwargs.items() if value is not None}
+    return given <= {"added_cond_kwargs", "return_dict"} and all(
+        isinstance(t, torch.Tensor) and t.is_cuda for t in tensors
+    )
+
+
+def _output(sample: torch.Tensor):
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+    return UNet2DConditionOutput(sample=sample)
+
+
+def _shapes(key: tuple) -> str:
+    return ", ".join("x".join(map(str, shape)) or "scalar" for shape, _dtype in key[1:])
