@@ -180,6 +180,13 @@ MIXED_SHAPES = [(896, 1195), (1216, 832), (1024, 1024)]
 PHOTO_SHAPES = [(1200, 1600), (1600, 1200), (1280, 1280), (1920, 1080)]
 
 
+def bucket_shapes(size: int) -> list[tuple[int, int]]:
+    """SDXL's eight non-square buckets (width, height), scaled to `size` as the native side."""
+    from sdxl_engine.buckets import bucket_sizes
+
+    return [(w, h) for w, h in bucket_sizes(size, 8) if w != h]
+
+
 def images_per_s(step_times: list[float], batch_size: int, skip: int) -> float:
     """Images per second over the steps after the first `skip` (compiling, warming up)."""
     timed = step_times[skip:]
@@ -201,15 +208,17 @@ def baseline_pipelines(source, dtype=torch.float16):
     return base, refiner
 
 
-def baseline_generate(base, refiner, lora: Path, num_images: int, seed: int, output_type="pil"):
+def baseline_generate(
+    base, refiner, lora: Path, num_images: int, seed: int, output_type="pil", **size
+):
     base.load_lora_weights(str(lora))
     try:
         generator = torch.Generator(DEVICE).manual_seed(seed)
         latents = base(
             prompt=PROMPT,
             num_images_per_prompt=num_images,
-            height=GEN["height"],
-            width=GEN["width"],
+            height=size.get("height", GEN["height"]),
+            width=size.get("width", GEN["width"]),
             guidance_scale=GEN["guidance_scale"],
             num_inference_steps=GEN["steps"],
             denoising_end=HANDOVER,
@@ -264,12 +273,12 @@ def latents_of(pipelines, **request) -> torch.Tensor:
         captured["latents"] = latents.float().clone()
         return []
 
-    original = generation._decode
-    generation._decode = capture
+    original = generation.decode_latents
+    generation.decode_latents = capture
     try:
-        generate(pipelines, prompt=PROMPT, num_images=1, **request, **GEN)
+        generate(pipelines, prompt=PROMPT, num_images=1, **{**GEN, **request})
     finally:
-        generation._decode = original
+        generation.decode_latents = original
     return captured["latents"]
 
 
@@ -295,6 +304,21 @@ def gen_ours(args, source):
         first_s, times = timed_requests(ours_with_lora(num_images), runs)
         results[f"ours_b{num_images}_first_s"] = round(first_s, 2)
         results[f"ours_b{num_images}"] = summary(times)
+
+    # SDXL's other buckets at batch 1: the first request of each shape (which captures its
+    # CUDA graphs) and the ones after it.
+    results["ours_bucket_first_s"], results["ours_bucket"] = {}, {}
+    for width, height in bucket_shapes(args.size):
+        shape = {**GEN, "width": width, "height": height}
+        first_s, times = timed_requests(
+            lambda seed, shape=shape: generate(
+                ours, prompt=PROMPT, seed=seed, lora_path=loras[0], **shape
+            ),
+            args.bucket_runs,
+        )
+        results["ours_bucket_first_s"][f"{width}x{height}"] = round(first_s, 2)
+        results["ours_bucket"][f"{width}x{height}"] = summary(times)
+        print("bucket", width, height, results["ours_bucket"][f"{width}x{height}"], flush=True)
 
     # LoRA switch: session A's LoRA to session B's, as between two requests.
     merger = ours.unet_lora
@@ -322,12 +346,24 @@ def gen_ours(args, source):
     with_lora = latents_of(ours, seed=1234, lora_path=loras[0])
     without_lora = latents_of(ours, seed=1234)
     results["ours_lora_effect_rel"] = relative_error(with_lora, without_lora)
-    return results, with_lora, loras, ours.dtype
+    # What ran from per-shape CUDA graphs, and any shape that could not be captured.
+    results["unet_graphs"] = {
+        name: {
+            "captured": len(graphs.graphs),
+            "compiled_shapes": len(graphs.compiled_shapes),
+            "uncapturable": len(graphs.uncapturable),
+        }
+        for name, graphs in zip(("base", "refiner"), ours.unet_graphs, strict=False)
+    }
+    width, height = bucket_shapes(args.size)[3]  # a portrait, run from a CUDA graph
+    bucket = latents_of(ours, seed=1234, lora_path=loras[0], width=width, height=height)
+    return results, {"native": with_lora, (width, height): bucket}, loras, ours.dtype
 
 
 def part_gen(args) -> dict:
     source = model_source(args)
-    results, fast, loras, dtype = gen_ours(args, source)
+    results, fast_by_shape, loras, dtype = gen_ours(args, source)
+    fast = fast_by_shape.pop("native")
     reset_peak()  # ours is gone: the baselines get the card to themselves
 
     # Plain diffusers in the precision ours runs in: float16 on CUDA, the precision the
@@ -337,8 +373,18 @@ def part_gen(args) -> dict:
     # Correctness: same seed, same weights, same LoRA; final latents of ours (LoRA merged)
     # against plain diffusers' (PEFT layers, unfused).
     reference = baseline_generate(base, refiner, loras[0], 1, 1234, output_type="latent").float()
-    results["max_rel_error"] = relative_error(fast, reference)
+    results["max_rel_error_native"] = relative_error(fast, reference)
     results["nan"] = bool(torch.isnan(fast).any())
+    # The same at another bucket, which ours runs from CUDA graphs of the eager UNets.
+    for (width, height), latents in fast_by_shape.items():
+        reference = baseline_generate(
+            base, refiner, loras[0], 1, 1234, output_type="latent", width=width, height=height
+        ).float()
+        results[f"max_rel_error_{width}x{height}"] = relative_error(latents, reference)
+        results["nan"] |= bool(torch.isnan(latents).any())
+    results["max_rel_error"] = max(
+        value for key, value in results.items() if key.startswith("max_rel_error_")
+    )
     if args.skip_baseline:
         return results
     results.update(baseline_timings(base, refiner, loras, args.runs))
@@ -645,6 +691,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/sdxl-bench"))
     parser.add_argument("--runs", type=int, default=5, help="timed requests at batch 1")
+    parser.add_argument(
+        "--bucket-runs", type=int, default=3, help="timed requests at each other bucket"
+    )
     parser.add_argument("--train-steps", type=int, default=12)
     parser.add_argument(
         "--recipe-images", default="10,30", help="recipe: the numbers of photos to train on"

@@ -211,6 +211,117 @@ def part_gen(args, recorder: Recorder) -> None:
     recorder.variant("text_encoding", text_encoding)
 
 
+def part_shapes(args, recorder: Recorder) -> None:
+    """The Base UNet at SDXL's buckets and batch sizes: static graphs per shape against one
+    dynamic-shape graph, fused QKV and Inductor's convolution/tuning flags; the VAE decode
+    in float32 and bfloat16, eager and compiled. Compile times are what a worker's start
+    would pay."""
+    import torch._inductor.config as inductor_config
+    import torch.fx.experimental._config as fx_config
+    from torch._dynamo.utils import counters
+
+    from sdxl_engine.buckets import SDXL_BUCKETS
+
+    pipelines = load_pipelines(model_source(args))
+    unet = pipelines.base.unet
+    shapes = [(args.size, args.size), *[(w, h) for w, h in SDXL_BUCKETS if w != h]]
+
+    def inputs_for(batch, width, height):
+        positional, keywords = latent_inputs(unet, batch, args.size)
+        positional = (
+            torch.randn(batch, 4, height // 8, width // 8, device=DEVICE, dtype=unet.dtype),
+            positional[1],
+        )
+        return positional, keywords
+
+    def call_for(inputs):
+        positional, keywords = inputs
+
+        def call():
+            with torch.no_grad():
+                unet(*positional, **keywords)
+
+        return call
+
+    def variant(dynamic, fused=False, flags=False, batches=(2, 8), all_shapes=True):
+        def measure():
+            saved = {
+                "duck": fx_config.use_duck_shape,
+                "conv_1x1_as_mm": inductor_config.conv_1x1_as_mm,
+                "coordinate_descent_tuning": inductor_config.coordinate_descent_tuning,
+            }
+            # Each bucket's height and width get their own symbol, whatever sizes the first
+            # call has (a square would otherwise tie them together).
+            fx_config.use_duck_shape = not dynamic
+            if flags:
+                inductor_config.conv_1x1_as_mm = True
+                inductor_config.coordinate_descent_tuning = True
+            if fused:
+                unet.fuse_qkv_projections()
+            counters.clear()
+            unet.compile(fullgraph=True, dynamic=dynamic, mode="reduce-overhead")
+            result = {}
+            try:
+                for batch in batches:
+                    for width, height in shapes if (all_shapes and batch == 2) else shapes[:1]:
+                        first_s, step_ms = timed_calls(
+                            call_for(inputs_for(batch, width, height)), warmup=3, runs=10
+                        )
+                        result[f"b{batch}_{width}x{height}"] = {
+                            "first_call_s": first_s,
+                            "step_ms": step_ms,
+                            "graphs": counters["stats"]["unique_graphs"],
+                        }
+                        print(result, flush=True)
+            finally:
+                uncompile(unet)
+                if fused:
+                    unet.unfuse_qkv_projections()
+                fx_config.use_duck_shape = saved["duck"]
+                inductor_config.conv_1x1_as_mm = saved["conv_1x1_as_mm"]
+                inductor_config.coordinate_descent_tuning = saved["coordinate_descent_tuning"]
+            return result
+
+        return measure
+
+    recorder.variant("dynamic", variant(dynamic=True))
+    recorder.variant("static", variant(dynamic=False, all_shapes=False))
+    recorder.variant("dynamic_fused_qkv", variant(dynamic=True, fused=True, all_shapes=False))
+
+    def vae_decode():
+        vae = pipelines.base.vae
+        latents = torch.randn(1, 4, args.size // 8, args.size // 8, device=DEVICE) * 0.5
+        result, reference = {}, None
+        for label, dtype, compiled in (
+            ("fp32", torch.float32, False),
+            ("bf16", torch.bfloat16, False),
+            ("bf16_compiled", torch.bfloat16, True),
+        ):
+            vae.to(dtype=dtype)
+            if compiled:
+                vae.decoder.compile(fullgraph=True, dynamic=True)
+            x = latents.to(dtype)
+
+            def call(x=x):
+                with torch.no_grad():
+                    return vae.decode(x, return_dict=False)[0]
+
+            first_s, decode_ms = timed_calls(call, warmup=2, runs=5)
+            image = call().float()
+            reference = image if reference is None else reference
+            result[label] = {
+                "first_call_s": first_s,
+                "decode_ms": decode_ms,
+                "rel_error_vs_fp32": round(benchmark.relative_error(image, reference), 5),
+            }
+            uncompile(vae)
+        vae.to(dtype=torch.float32)
+        return result
+
+    recorder.variant("vae_decode", vae_decode)
+    recorder.variant("dynamic_inductor_flags", variant(dynamic=True, flags=True, all_shapes=False))
+
+
 def part_train(args, recorder: Recorder) -> None:
     from peft import LoraConfig
 
@@ -292,7 +403,7 @@ def main() -> None:
     args = parser.parse_args()
     benchmark.GEN["height"] = benchmark.GEN["width"] = args.size
     args.out.mkdir(parents=True, exist_ok=True)
-    parts = {"gen": part_gen, "train": part_train}
+    parts = {"gen": part_gen, "train": part_train, "shapes": part_shapes}
     torch._dynamo.config.recompile_limit = 64
     for name in args.parts.split(","):
         recorder = Recorder(args.out / f"levers-{name}.json", {**environment(), "part": name})

@@ -55,6 +55,7 @@ class UNetGraphs:
         self.unet = unet
         self.graphs: dict[tuple, _Graph] = {}
         self.compiled_shapes: set[tuple] = set()
+        self.uncapturable: set[tuple] = set()
         self._compiled_call: Callable | None = None
         self._recording_compiled = False
         self._paused = 0
@@ -96,9 +97,17 @@ class UNetGraphs:
                 self.compiled_shapes.add(key)
             if key in self.compiled_shapes:
                 return self._compiled_call(sample, timestep, encoder_hidden_states, **kwargs)
+        if key in self.uncapturable:
+            return self._plain_call(sample, timestep, encoder_hidden_states, **kwargs)
         graph = self.graphs.get(key)
         if graph is None:
-            graph = self.graphs[key] = self._capture(tensors, added_keys)
+            try:
+                graph = self.graphs[key] = self._capture(tensors, added_keys)
+            except RuntimeError:
+                # A request is never failed for want of a graph: this shape runs as before.
+                logger.exception("no CUDA graph for UNet inputs %s; running eagerly", _shapes(key))
+                self.uncapturable.add(key)
+                return self._plain_call(sample, timestep, encoder_hidden_states, **kwargs)
             logger.info("captured a CUDA graph of the UNet for inputs %s", _shapes(key))
         output = graph.replay(tensors)
         return (output,) if not kwargs.get("return_dict", True) else _output(output)
