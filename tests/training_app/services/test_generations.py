@@ -3,12 +3,14 @@ import json
 import re
 import shutil
 
+import numpy as np
 import pytest
 from django.utils import timezone
 from PIL import Image
 
 from core.errors import ServiceError
 from datadir_app.rescan import rescan_session
+from sdxl_engine.errors import EngineError
 from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
@@ -233,3 +235,219 @@ def test_a_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
     without_lora = generate(pipelines, **request)
     assert images_close(ours, stock)
     assert not images_close(ours, without_lora, tolerance=8)  # the LoRA shows
+
+
+# Batching: the worker runs queued requests that share size, steps, guidance and LoRA as
+# one batch (generate_batch). 64x64, 4 steps.
+BATCHED = {"height": 64, "width": 64, "steps": 4}
+
+
+def _queue(prompt: str, num_images: int = 1, seed: int = 1, **extra) -> Generation:
+    return generations.generation_request(
+        GenerationRequest(prompt=prompt, num_images=num_images, seed=seed, **{**BATCHED, **extra})
+    )
+
+
+def _statuses(*queued: Generation) -> list[str]:
+    return [Generation.objects.get(pk=generation.pk).status for generation in queued]
+
+
+def _files(generation: Generation) -> dict[str, bytes]:
+    """The files in the generation's folder, by name (none when it has no folder)."""
+    folder = generations.generations_dir(generation.pk)
+    return {path.name: path.read_bytes() for path in folder.iterdir()} if folder.exists() else {}
+
+
+def _images(generation: Generation) -> list[Image.Image]:
+    files = _files(generation)
+    return [Image.open(io.BytesIO(files[f"{i}.png"])) for i in range(len(files))]
+
+
+def _alone(generation: Generation) -> list[Image.Image]:
+    """What the engine gives the generation's request run alone, with its seed."""
+    from sdxl_engine.generation import generate
+    from training_app.runtime import generation_pipelines
+
+    params = generation.parameters
+    return generate(
+        generation_pipelines(),
+        prompt=generation.prompt,
+        negative_prompt=generation.negative_prompt,
+        num_images=params["num_images"],
+        seed=generation.seed,
+        height=params["height"],
+        width=params["width"],
+        steps=params["steps"],
+        guidance_scale=params["guidance_scale"],
+    )
+
+
+def test_one_call_completes_the_compatible_queued_requests_and_their_tasks_do_nothing(
+    generation_worker, settings
+):
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    lead = _queue("a red apple", seed=1)
+    taller = _queue("a tall tree", seed=2, height=48)  # another size: never in this batch
+    two = _queue("a blue car", num_images=2, seed=3, negative_prompt="blurry")
+    last = _queue("a cat", seed=4)
+
+    generations.generation_execute(lead.pk)
+
+    batch = [lead, two, last]
+    assert _statuses(*batch, taller) == ["completed", "completed", "completed", "queued"]
+    rows = {row.pk: row for row in Generation.objects.filter(pk__in=[g.pk for g in batch])}
+    for generation, count in zip(batch, [1, 2, 1], strict=True):
+        row = rows[generation.pk]
+        assert row.image_count == count and row.duration_ms is not None
+        assert sorted(_files(generation)) == [f"{i}.png" for i in range(count)]
+        for image in _images(generation):
+            assert (image.format, image.size) == ("PNG", (64, 64))
+            record = json.loads(image.text["sdxl_service"])
+            assert (record["prompt"], record["seed"]) == (generation.prompt, generation.seed)
+    assert _files(taller) == {}
+    written = {generation.pk: _files(generation) for generation in batch}
+    finished = {pk: row.finished_at for pk, row in rows.items()}
+
+    # The tasks of the rows that ran in the batch arrive later and do nothing.
+    for generation in (two, last, lead):
+        generations.generation_execute(generation.pk)
+    generations.generation_execute(taller.pk)
+
+    for generation in batch:
+        row = Generation.objects.get(pk=generation.pk)
+        assert (row.status, row.finished_at) == ("completed", finished[generation.pk])
+        assert _files(generation) == written[generation.pk]
+    row = Generation.objects.get(pk=taller.pk)
+    assert (row.status, row.image_count) == ("completed", 1)
+    assert _images(taller)[0].size == (64, 48)
+
+
+def test_a_batch_takes_the_oldest_requests_that_fit_its_image_cap(generation_worker, settings):
+    settings.SDXL_GENERATION_BATCH_IMAGES = 3
+    lead = _queue("a red apple", num_images=2, seed=1)
+    too_many = _queue("a blue car", num_images=2, seed=2)  # 2 + 2 > 3: left for later
+    fits = _queue("a cat", num_images=1, seed=3)
+
+    generations.generation_execute(lead.pk)
+
+    assert _statuses(lead, too_many, fits) == ["completed", "queued", "completed"]
+    assert [len(_files(g)) for g in (lead, too_many, fits)] == [2, 0, 1]
+    generations.generation_execute(too_many.pk)
+    assert _statuses(too_many) == ["completed"] and len(_files(too_many)) == 2
+
+
+def test_a_batch_cap_of_one_image_turns_batching_off(generation_worker, settings):
+    settings.SDXL_GENERATION_BATCH_IMAGES = 1
+    lead = _queue("a red apple", num_images=2, seed=1)  # more than the cap: runs, alone
+    other = _queue("a blue car", seed=2)
+
+    generations.generation_execute(lead.pk)
+
+    assert _statuses(lead, other) == ["completed", "queued"]
+    assert Generation.objects.get(pk=lead.pk).image_count == 2
+    assert _files(other) == {}
+
+
+def test_requests_of_another_lora_or_of_none_are_never_batched_together(
+    generation_worker, settings
+):
+    """Two sessions' lora_1.safetensors (the same name, other contents) and no LoRA: three
+    batches, however the rows interleave in the queue."""
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    sessions = []
+    for seed in (1, 2):
+        session = session_services.session_create()
+        session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64)), "red")
+        run = run_services.training_run_start(
+            session.pk, {"steps": 1, "resolution": 64, "seed": seed}
+        )
+        run_services.training_run_execute(run.pk)
+        sessions.append(session)
+    first_lora, second_lora = (
+        LoraArtifact.objects.get(session=session, filename="lora_1.safetensors")
+        for session in sessions
+    )
+    assert first_lora.sha256 != second_lora.sha256
+
+    def with_lora(session, seed):
+        return _queue("a red square", seed=seed, use_lora=True, session_id=session.pk)
+
+    plain = _queue("a red square", seed=1)
+    first_a = with_lora(sessions[0], 2)
+    second = with_lora(sessions[1], 3)
+    first_b = with_lora(sessions[0], 4)
+    plain_b = _queue("a red square", seed=5)
+    rows = (plain, first_a, second, first_b, plain_b)
+
+    generations.generation_execute(first_a.pk)
+    assert _statuses(*rows) == ["queued", "completed", "queued", "completed", "queued"]
+    generations.generation_execute(plain.pk)
+    assert _statuses(*rows) == ["completed", "completed", "queued", "completed", "completed"]
+    generations.generation_execute(second.pk)
+    assert _statuses(second) == ["completed"]
+    for generation, lora in ((first_b, first_lora), (second, second_lora), (plain_b, None)):
+        record = json.loads(_images(generation)[0].text["sdxl_service"])
+        assert record["lora_sha256"] == (lora.sha256 if lora else None)
+
+
+@pytest.mark.parametrize(
+    ("error", "message"),
+    [
+        (EngineError("the model ran out of memory"), "the model ran out of memory"),
+        (RuntimeError("CUDA error: an illegal memory access"), "RuntimeError: CUDA error"),
+    ],
+    ids=["engine error", "unexpected error"],
+)
+def test_an_error_in_a_batch_ends_every_request_of_it_in_error(
+    generation_worker, settings, monkeypatch, error, message
+):
+    import sdxl_engine.generation
+
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    lead = _queue("a red apple", seed=1)
+    companion = _queue("a blue car", num_images=2, seed=2)
+    other_size = _queue("a cat", seed=3, height=48)
+    batches = []
+
+    def failing_generate_batch(pipelines, jobs, **shared):
+        batches.append([(job.prompt, job.num_images, job.seed) for job in jobs])
+        raise error
+
+    monkeypatch.setattr(sdxl_engine.generation, "generate_batch", failing_generate_batch)
+
+    generations.generation_execute(lead.pk)
+
+    assert batches == [[("a red apple", 1, 1), ("a blue car", 2, 2)]]
+    for generation in (lead, companion):
+        row = Generation.objects.get(pk=generation.pk)
+        assert row.status == "error" and row.error_message.startswith(message)
+        assert row.finished_at is not None and row.image_count == 0
+        assert _files(generation) == {}
+        with pytest.raises(ServiceError) as failed:
+            generations.generation_wait(generation.pk, timeout_s=1)
+        assert failed.value.status == 500 and message in failed.value.message
+    assert _statuses(other_size) == ["queued"]
+
+
+def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker, settings):
+    """The PNGs of every request of a batch match the engine's images for that request
+    alone (its prompts and seed): within 2 of 255 per value (1 at most measured on the
+    CPU); the requests' images differ far more than that from each other's."""
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    batch = [
+        _queue("a red apple", seed=3, negative_prompt="blurry"),
+        _queue("a blue car", num_images=2, seed=4),
+        _queue("a cat on grass", seed=5, negative_prompt="dark"),
+    ]
+
+    generations.generation_execute(batch[0].pk)
+
+    assert _statuses(*batch) == ["completed"] * 3
+    pixels = []
+    for generation in batch:
+        ours = _images(generation)
+        assert images_close(ours, _alone(Generation.objects.get(pk=generation.pk)))
+        pixels += [np.asarray(image).astype(int) for image in ours]
+    for i, first in enumerate(pixels):
+        for second in pixels[i + 1 :]:
+            assert np.abs(first - second).mean() > 10
