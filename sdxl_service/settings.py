@@ -201,8 +201,13 @@ SDXL_COMPILE = env.bool("SDXL_COMPILE", default=False)
 SDXL_CUDA_GRAPHS = env.bool("SDXL_CUDA_GRAPHS", default=True)
 # The generation worker runs queued requests that differ only in prompts, seed and image
 # count (same size, steps, guidance, LoRA and scale) as one batch of up to this many
-# images: more images per minute when several clients wait. 1 turns batching off.
-SDXL_GENERATION_BATCH_IMAGES = env.int("SDXL_GENERATION_BATCH_IMAGES", default=4)
+# images; 1 turns batching off. It pays where a batch costs less per image than one image
+# does: with CUDA graphs alone (H200, 1024²: 1.17 s per image at batch 4 against about
+# 1.4 s alone), not with SDXL_COMPILE, whose compiled single image (1.06 s) beats both
+# (docs/benchmarks.md).
+SDXL_GENERATION_BATCH_IMAGES = env.int(
+    "SDXL_GENERATION_BATCH_IMAGES", default=1 if SDXL_COMPILE else 4
+)
 # Low-memory training (gradient checkpointing; text encoders and VAE in CPU memory while
 # the UNet trains): "auto" turns it on when the GPU has too little free memory to keep
 # every activation (a 16-24 GB card), "on"/"off" force it.

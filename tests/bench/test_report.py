@@ -21,6 +21,9 @@ REQUIRED_KEYS = {
     "lora_switch_ms",
     "cold_start_s",
     "max_rel_error",
+    "gen_bucket_p50_s",
+    "gen_concurrent_images_per_min",
+    "gen_single_client_images_per_min",
 }
 ENVIRONMENT = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "diffusers": "0.42.1"}
 
@@ -33,7 +36,7 @@ def report():
     return module.report
 
 
-def _write_parts(folder: Path, with_low_memory: bool) -> None:
+def _write_parts(folder: Path, with_low_memory: bool, with_load: bool = True) -> None:
     folder.mkdir()
     common = {**ENVIRONMENT, "date": "2026-11-27", "command": "python bench/benchmark.py"}
     parts = {
@@ -53,6 +56,8 @@ def _write_parts(folder: Path, with_low_memory: bool) -> None:
             "ours_lora_effect_rel": 0.05,
             "max_rel_error": 0.00145,
             "nan": False,
+            "ours_bucket": {"832x1216": {"p50_s": 1.43}, "1216x832": {"p50_s": 1.18}},
+            "ours_bucket_first_s": {"832x1216": 2.13, "1216x832": 2.76},
         },
         "train-compiled": {
             **common,
@@ -69,6 +74,13 @@ def _write_parts(folder: Path, with_low_memory: bool) -> None:
             "eager": {"first_image_s": 22.7},
         },
     }
+    if with_load:
+        parts["serve-load"] = {
+            **common,
+            "command": "python bench/serve_load.py",
+            "single_client": {"clients": 1, "images_per_min": 41.58},
+            "concurrent": {"clients": 8, "images_per_min": 38.48},
+        }
     if with_low_memory:
         parts["train-low-memory"] = {
             **common,
@@ -93,7 +105,24 @@ def test_merged_file_has_the_required_keys_and_is_named_by_date_and_card(report,
     assert merged["cold_start_s"] == 61.0
     # No cold start from an empty cache in this run: the gen part's own compile stands in.
     assert merged["cold_start_empty_cache_s"] == 202.8
+    assert merged["gen_bucket_p50_s"] == {"832x1216": 1.43, "1216x832": 1.18}
+    assert merged["gen_concurrent_images_per_min"] == 38.48
+    assert merged["command"] == "python bench/benchmark.py ; python bench/serve_load.py"
     assert "train_low_memory_peak_gib" not in merged
+
+
+def test_a_run_without_buckets_or_load_merges_with_those_figures_empty(report, tmp_path):
+    """Runs made before the bucket and HTTP-load figures existed still merge and print."""
+    _write_parts(tmp_path / "run", with_low_memory=False, with_load=False)
+    folder = tmp_path / "run"
+    gen = json.loads((folder / "gen-compiled.json").read_text())
+    del gen["ours_bucket"], gen["ours_bucket_first_s"]
+    (folder / "gen-compiled.json").write_text(json.dumps(gen))
+
+    merged = json.loads(report(folder).read_text())
+
+    assert merged["gen_bucket_p50_s"] is None
+    assert merged["gen_concurrent_images_per_min"] is None
 
 
 def test_low_memory_part_is_merged_and_printed(report, tmp_path, capsys):
@@ -124,6 +153,12 @@ def test_docs_table_is_replaced_between_its_marks_with_targets_judged(report, tm
     rows = {line.split(" | ")[0].lstrip("| "): line for line in text.splitlines() if "|" in line}
     assert rows["generation 1024², 30 steps, batch 1, LoRA: p50 / p95 s"].endswith("| no |")
     assert rows["LoRA switch ms"].endswith("| yes |")
+    # 1.43 s is over 1.1 x 1.09 s; the slowest first request of a new shape is 2.76 s.
+    bucket_row = rows["generation, each other SDXL bucket, batch 1, LoRA: p50 s (slowest)"]
+    assert "1.18-1.43 (832x1216)" in bucket_row and bucket_row.endswith("| no |")
+    assert rows["a shape never seen before: its first request s (slowest)"].endswith("| yes |")
+    load_row = next(row for name, row in rows.items() if name.startswith("images/min over HTTP"))
+    assert "38.48 / 41.58" in load_row and "0.93x" in load_row and load_row.endswith("| no |")
     assert rows["final latents, rel. error vs plain diffusers, same precision"].endswith("| yes |")
     assert rows["low-memory training: images/s, peak GiB (allocated / reserved)"].endswith(
         "| yes |"

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import secrets
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -326,6 +327,10 @@ def _finish_generation_with_error(generation_id: int, message: str) -> None:
 
 
 def _finish_generations_with_error(generation_ids: list[int], message: str) -> None:
+    # A batch that failed while writing may have written some of its requests' images:
+    # a request in error keeps none.
+    for generation_id in generation_ids:
+        shutil.rmtree(generations_dir(generation_id), ignore_errors=True)
     Generation.objects.filter(pk__in=generation_ids).update(
         status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now()
     )

@@ -429,6 +429,33 @@ def test_an_error_in_a_batch_ends_every_request_of_it_in_error(
     assert _statuses(other_size) == ["queued"]
 
 
+def test_a_batch_that_fails_while_writing_keeps_no_image_of_any_request(
+    generation_worker, settings, monkeypatch
+):
+    """The first request's PNG is written, the second's write fails: both requests end
+    in error, and neither keeps a file (nothing is served for a request in error)."""
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    first = _queue("a red apple", seed=1)
+    second = _queue("a blue car", seed=2)
+    write = storage.atomic_write_bytes
+    writes = []
+
+    def second_write_fails(path, data):
+        writes.append(path)
+        if len(writes) == 2:
+            raise OSError(28, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(storage, "atomic_write_bytes", second_write_fails)
+
+    generations.generation_execute(first.pk)
+
+    assert len(writes) == 2 and writes[0].parent == generations.generations_dir(first.pk)
+    assert _statuses(first, second) == ["error", "error"]
+    for generation in (first, second):
+        assert not generations.generations_dir(generation.pk).exists()
+
+
 def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker, settings):
     """The PNGs of every request of a batch match the engine's images for that request
     alone (its prompts and seed): within 2 of 255 per value (1 at most measured on the
