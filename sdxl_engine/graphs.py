@@ -5,8 +5,9 @@ Python than the GPU spends running them. torch.compile's CUDA graphs remove that
 shape it compiled (the native 1024², `generation.warm_up`), but compiling another shape
 takes minutes, and one graph for every shape (dynamic shapes) did not finish compiling in
 8.5 minutes on an H200 (docs/benchmarks.md). Capturing the *eager* kernels of one UNet
-call in a CUDA graph takes a fraction of a second instead, so every other image size and
-batch gets its launches replayed from a graph on its first request.
+call in a CUDA graph costs about a second instead (0.6-1.6 s more for the first request of
+a shape, both UNets, on an H200), so every other image size and batch gets its launches
+replayed from a graph from its first request on.
 
 A LoRA merged in place (lora_merge.UNetLoraMerger) reaches the graphs: they read the
 weights' memory, which the merge overwrites. PEFT-layered LoRAs change the modules, so
