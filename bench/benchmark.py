@@ -685,6 +685,16 @@ def part_cold(args) -> dict:
     return results
 
 
+def part_serve(args) -> dict:
+    """Images per minute over HTTP, one client and eight (bench/serve_load.py), with the
+    service's models in --cache."""
+    from serve_load import run_load
+
+    os.environ["SDXL_MODEL_CACHE_DIR"] = str(args.cache)
+    preset = args.preset
+    return run_load(args.out, args.cache.parent / "service-data", preset)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="gen,train,cold")
@@ -724,7 +734,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     # One compile cache for every part and worker start of the run, as a worker keeps it.
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(args.cache / "inductor"))
-    parts = {"gen": part_gen, "train": part_train, "cold": part_cold, "recipe": part_recipe}
+    parts = {
+        "gen": part_gen,
+        "train": part_train,
+        "cold": part_cold,
+        "recipe": part_recipe,
+        "serve": part_serve,
+    }
     for name in args.parts.split(","):
         started = time.perf_counter()
         results = {**environment(), "part": name, **parts[name](args)}

@@ -50,16 +50,16 @@ def service_env(data_dir: Path, preset: str = "sdxl-random") -> dict:
     }
 
 
-def build_model(env: dict, data_dir: Path) -> float:
-    """Builds the full-size pair once before workers start (each would otherwise build it,
-    and only one copy would be kept); returns the seconds it took."""
+def build_model(env: dict, models_dir: Path) -> float:
+    """Builds the full-size pair in `models_dir` once before workers start (each would
+    otherwise build it, and only one copy would be kept); returns the seconds it took."""
     started = time.monotonic()
     subprocess.run(
         [
             sys.executable,
             "-c",
             "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
-            f"print(r('{env['SDXL_MODEL_PRESET']}', '', '', Path('{data_dir}/models')))",
+            f"print(r('{env['SDXL_MODEL_PRESET']}', '', '', Path('{models_dir}')))",
         ],
         cwd=REPO,
         env=env,
@@ -172,7 +172,7 @@ def main() -> None:
     results: dict = {"command": " ".join(sys.argv)}
 
     env = service_env(args.data_dir)
-    results["build_random_sdxl_s"] = build_model(env, args.data_dir)
+    results["build_random_sdxl_s"] = build_model(env, args.data_dir / "models")
     started = time.monotonic()
     service = running_service(env, args.out / "serve.log")
     try:

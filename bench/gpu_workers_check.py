@@ -105,7 +105,7 @@ def main() -> None:
     env = service_env(args.data_dir, args.preset)
     results: dict = {
         "command": " ".join(sys.argv),
-        "build_random_sdxl_s": build_model(env, args.data_dir),
+        "build_random_sdxl_s": build_model(env, args.data_dir / "models"),
     }
     try:
         with running_service(env, args.out / "serve-1gpu.log", "--gpus", "0") as url:

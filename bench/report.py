@@ -36,12 +36,13 @@ REL_ERROR_TARGET = 1e-2
 
 def merge(folder: Path) -> dict:
     """The figures of the part files under `folder` (`gen*.json`, `train*.json`, `cold.json`,
-    and `serve-load.json` where bench/serve_load.py ran)."""
+    and `serve.json` or `serve-load.json` where the HTTP load ran)."""
     parts = {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))}
     gen = parts.get("gen-compiled") or parts["gen"]
     train = parts.get("train-compiled") or parts["train"]
     cold = parts["cold"]
-    serve = parts.get("serve-load", {})
+    # benchmark.py --parts serve writes serve.json; serve_load.py alone, serve-load.json.
+    serve = parts.get("serve") or parts.get("serve-load", {})
     summary = {
         "card": gen["card"],
         "torch": gen["torch"],

@@ -109,6 +109,54 @@ def images_per_minute(url: str, clients: int, requests_each: int, lora_sessions:
     }
 
 
+def run_load(
+    out: Path,
+    data_dir: Path,
+    preset: str = "sdxl-random",
+    clients: int = 8,
+    requests_each: int = 4,
+    single_requests: int = 9,
+) -> dict:
+    """Starts the service on `data_dir` (its model files under `data_dir`/models, or
+    SDXL_MODEL_CACHE_DIR), measures one client and `clients` clients; writes serve.log
+    under `out` and returns the figures."""
+    results: dict = {}
+    data_dir.mkdir(parents=True, exist_ok=True)
+    env = service_env(data_dir, preset=preset)
+    models = Path(env.get("SDXL_MODEL_CACHE_DIR") or data_dir / "models")
+    results["build_model_s"] = build_model(env, models)
+    source = resolve_model_source(preset, "", "", models)
+    unet_config = json.loads((Path(source.base) / "unet" / "config.json").read_text())
+    loras = [
+        random_lora(data_dir / f"load_lora_{name}.safetensors", unet_config, seed)
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+    if preset == "tiny":
+        BODY.update(height=64, width=64, steps=5)
+    started = time.monotonic()
+    service = running_service(env, out / "serve.log")
+    try:
+        with service as url:
+            wait_for_generation_worker(url, {**BODY, "seed": 0}, timeout_s=600)
+            # From `serve` started to the first image answered: the worker's load and compile.
+            results["first_image_s"] = round(time.monotonic() - started, 1)
+            lora_sessions = [upload_lora(url, path) for path in loras]
+            # Each LoRA once before timing: its file is read and cached by the worker.
+            for index in range(len(lora_sessions) + 1):
+                requests.post(
+                    f"{url}/txt2img", json=request_body(index, lora_sessions, 1), timeout=900
+                ).raise_for_status()
+            results["single_client"] = images_per_minute(url, 1, single_requests, lora_sessions)
+            print(json.dumps(results, indent=2), flush=True)
+            results["concurrent"] = images_per_minute(url, clients, requests_each, lora_sessions)
+    finally:
+        results["serve_exit_code"] = service.exit_code
+        results["cuda_in_this_process"] = torch.cuda.is_initialized()
+        log = (out / "serve.log").read_text(errors="replace").splitlines()
+        results["batches_logged"] = [line for line in log if "run as one batch" in line][-20:]
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -119,44 +167,19 @@ def main() -> None:
     parser.add_argument("--preset", default="sdxl-random", help="tiny: a CPU dry run")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    results: dict = {**environment(), "part": "serve"}
-    env = service_env(args.data_dir, preset=args.preset)
-    results["build_model_s"] = build_model(env, args.data_dir)
-    source = resolve_model_source(args.preset, "", "", args.data_dir / "models")
-    unet_config = json.loads((Path(source.base) / "unet" / "config.json").read_text())
-    loras = [
-        random_lora(args.data_dir / f"load_lora_{name}.safetensors", unet_config, seed)
-        for name, seed in (("a", 1), ("b", 2))
-    ]
-    if args.preset == "tiny":
-        BODY.update(height=64, width=64, steps=5)
-    started = time.monotonic()
-    service = running_service(env, args.out / "serve.log")
+    results = {**environment(), "part": "serve"}
     try:
-        with service as url:
-            body = {**BODY, "seed": 0}
-            results["first_image_s"] = round(
-                wait_for_generation_worker(url, body, timeout_s=600) + (time.monotonic() - started),
-                1,
+        results.update(
+            run_load(
+                args.out,
+                args.data_dir,
+                args.preset,
+                args.clients,
+                args.requests_each,
+                args.single_requests,
             )
-            lora_sessions = [upload_lora(url, path) for path in loras]
-            # Each LoRA once before timing: its file is read and cached by the worker.
-            for index in range(len(lora_sessions) + 1):
-                requests.post(
-                    f"{url}/txt2img", json=request_body(index, lora_sessions, 1), timeout=900
-                ).raise_for_status()
-            results["single_client"] = images_per_minute(
-                url, 1, args.single_requests, lora_sessions
-            )
-            print(json.dumps(results, indent=2), flush=True)
-            results["concurrent"] = images_per_minute(
-                url, args.clients, args.requests_each, lora_sessions
-            )
+        )
     finally:
-        results["serve_exit_code"] = service.exit_code
-        results["cuda_in_this_process"] = torch.cuda.is_initialized()
-        log = (args.out / "serve.log").read_text(errors="replace").splitlines()
-        results["batches_logged"] = [line for line in log if "run as one batch" in line][-20:]
         (args.out / "serve-load.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
 
