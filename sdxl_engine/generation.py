@@ -17,6 +17,7 @@ from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_merge import is_unet_only
 from sdxl_engine.parameters import GENERATION_DEFAULTS
 from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.schedulers import build_scheduler, scheduler_spec
 
 # The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
 # rest, as in SDXL's ensemble-of-experts setup.
@@ -62,6 +63,7 @@ def generate_batch(
     lora_path: Path | None = None,
     lora_scale: float = GENERATION_DEFAULTS.lora_scale,
     on_step: Callable[[int, int], None] | None = None,
+    scheduler: str | None = None,
 ) -> list[list[PIL.Image.Image]]:
     """The images of each job, `width`×`height`, made together in one batch: Base and
     Refiner run once for all of them, which costs less per image than one run per job.
@@ -69,8 +71,13 @@ def generate_batch(
     A LoRA, if given, applies to the Base only and to this call only: it is unloaded
     afterwards, so the next call without it matches a freshly loaded pipeline.
     `on_step(done, steps)` runs after each denoising step of Base and Refiner together.
+
+    `scheduler` (a name of schedulers.SCHEDULERS) drives Base and Refiner for this call
+    only; None keeps the pipelines' own (the model folder's: Euler for SDXL), untouched.
     """
     _check_request(pipelines, jobs, height, width, steps)
+    if scheduler is not None:
+        scheduler_spec(scheduler)  # an unknown name fails before anything changes
     base, refiner = pipelines.base, pipelines.refiner
     if refiner is None:
         raise EngineError(
@@ -86,14 +93,23 @@ def generate_batch(
     # (a PEFT-layered LoRA) runs eagerly: seconds slower, instead of a compile that would
     # hold the request for minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
     stance = "eager_on_recompile" if pipelines.warmed_up else "default"
+    own_schedulers = base.scheduler, refiner.scheduler
     try:
+        if scheduler is not None:
+            seeds = _noise_seeds(jobs)
+            base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
+            refiner.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
         if merged:
             pipelines.unet_lora.merge(Path(lora_path), lora_scale)
         elif lora_path is not None:
             _load_lora(pipelines, Path(lora_path), lora_scale)
         graphs_off = pipelines.graphs_paused() if lora_path and not merged else nullcontext()
         with torch.no_grad(), torch.compiler.set_stance(stance), graphs_off:
-            base_inputs = _base_inputs(pipelines, jobs, height, width, guidance_scale)
+            base_inputs, generators = _base_inputs(pipelines, jobs, height, width, guidance_scale)
+            # A scheduler that draws noise in its steps (euler_a) draws each image's from
+            # its job's generator, which drew its starting noise: a job's images do not
+            # depend on its batch. Without a scheduler the pipelines get none, as before.
+            step_noise = {"generator": generators} if scheduler is not None else {}
             latents = base(
                 **base_inputs,
                 height=height,
@@ -103,6 +119,7 @@ def generate_batch(
                 denoising_end=HANDOVER_FRACTION,
                 output_type="latent",
                 callback_on_step_end=report_step,
+                **step_noise,
             ).images
             if lora_path is not None and not merged:
                 # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
@@ -128,6 +145,7 @@ def generate_batch(
                 guidance_scale=1.0,
                 output_type="latent",
                 callback_on_step_end=report_step,
+                **step_noise,
             ).images
             # One decode per job: the VAE's memory grows with its batch, and a batch of
             # several requests must not need more than the largest of them alone.
@@ -136,6 +154,9 @@ def generate_batch(
                 for part in refined.split([job.num_images for job in jobs])
             ]
     finally:
+        # The pipelines are shared by every request: the next one without a scheduler
+        # must find the model's own.
+        base.scheduler, refiner.scheduler = own_schedulers
         if merged:
             pipelines.unet_lora.restore()
         elif lora_path is not None:
@@ -149,8 +170,9 @@ def _base_inputs(
     height: int,
     width: int,
     guidance_scale: float,
-) -> dict[str, Any]:
-    """The Base's prompt embeddings and starting noise for every job, concatenated.
+) -> tuple[dict[str, Any], list[torch.Generator]]:
+    """The Base's prompt embeddings and starting noise for every job, concatenated, and
+    one generator per image: its job's, after drawing the job's starting noise.
 
     Each job's noise comes from its own seed, drawn exactly as the pipeline draws it for
     one request (randn_tensor on the device, in the UNet's dtype), so a job's images do
@@ -175,24 +197,42 @@ def _base_inputs(
         height // base.vae_scale_factor,
         width // base.vae_scale_factor,
     )
+    job_generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]
     latents = torch.cat(
         [
             randn_tensor(
                 (job.num_images, *latent_shape),
-                generator=torch.Generator(device).manual_seed(job.seed),
+                generator=generator,
                 device=torch.device(device),
                 dtype=prompt_embeds.dtype,
             )
-            for job in jobs
+            for job, generator in zip(jobs, job_generators, strict=True)
         ]
     )
+    generators = [
+        generator
+        for job, generator in zip(jobs, job_generators, strict=True)
+        for _ in range(job.num_images)
+    ]
     return {
         "prompt_embeds": prompt_embeds,
         "negative_prompt_embeds": negative_embeds,
         "pooled_prompt_embeds": pooled,
         "negative_pooled_prompt_embeds": negative_pooled,
         "latents": latents,
-    }
+    }, generators
+
+
+def _noise_seeds(jobs: list[GenerationJob]) -> list[int]:
+    """One Brownian-tree seed per image (DPMSolverSDEScheduler's noise), drawn from its
+    job's seed: the images of a job differ, and do not depend on the other jobs."""
+    return [
+        int(seed)
+        for job in jobs
+        for seed in torch.randint(
+            0, 2**63 - 1, (job.num_images,), generator=torch.Generator().manual_seed(job.seed)
+        )
+    ]
 
 
 def _concatenated(encodings) -> list[torch.Tensor | None]:

@@ -19,6 +19,7 @@ from sdxl_engine.parameters import (
     recipe_defaults,
     recipe_of,
 )
+from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
 from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
@@ -268,6 +269,17 @@ class Txt2ImgSerializer(serializers.Serializer):
         min_value=-4.0, max_value=4.0, default=GENERATION_DEFAULTS.lora_scale
     )
     seed = StrictIntegerField(**_SEED)
+    scheduler = serializers.ChoiceField(
+        # Labelled with AUTOMATIC1111's names: the schema lists each as "`name` - label".
+        choices=[
+            (name, f"{spec.a1111_name} in AUTOMATIC1111") for name, spec in SCHEDULERS.items()
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": f"must be one of: {', '.join(SCHEDULER_NAMES)}"},
+        help_text="the sampler of both Base and Refiner; left out (or null): the model's own "
+        "(Euler for SDXL)",
+    )
 
     def validate(self, attrs):
         if attrs["use_lora"] and attrs.get("session_id") is None:

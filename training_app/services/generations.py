@@ -21,6 +21,7 @@ from PIL.PngImagePlugin import PngInfo
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
 from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_engine.schedulers import SCHEDULERS, unknown_scheduler_message
 from sessions_app import storage
 from sessions_app.selectors import session_get
 from training_app.models import Generation, LoraArtifact, TrainingCheckpoint
@@ -58,6 +59,7 @@ class GenerationRequest:
     lora_filename: str | None = None  # any LoRA file of the session, checkpoints included
     lora_scale: float = GENERATION_DEFAULTS.lora_scale
     seed: int | None = None
+    scheduler: str | None = None  # a name of SCHEDULERS; None: the model's own (Euler)
 
 
 def generations_dir(generation_id: int) -> Path:
@@ -68,6 +70,8 @@ def generation_request(request: GenerationRequest) -> Generation:
     """Records the request and enqueues it; 503 when no generation worker is alive."""
     if not worker_alive(settings.GENERATION_QUEUE):
         raise ServiceError(NO_WORKER_MESSAGE, status=503)
+    if request.scheduler is not None and request.scheduler not in SCHEDULERS:
+        raise ServiceError(unknown_scheduler_message())
     lora = None
     if request.use_lora:
         session_get(request.session_id)
@@ -83,6 +87,8 @@ def generation_request(request: GenerationRequest) -> Generation:
                 "guidance_scale": request.guidance_scale,
                 "steps": request.steps,
                 "lora_scale": request.lora_scale,
+                # Only when given: a request without it runs exactly as before the field.
+                **({"scheduler": request.scheduler} if request.scheduler is not None else {}),
             },
             seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
             session_id=request.session_id if request.use_lora else None,
@@ -158,8 +164,14 @@ def infotext(record: dict) -> str:
     That layout (the prompt, "Negative prompt: ...", then one line of "Key: value" pairs)
     is what its PNG Info, ComfyUI, InvokeAI and image sites read back.
     """
-    pairs = {
-        "Steps": record["steps"],
+    pairs = {"Steps": record["steps"]}
+    # A1111 writes the sampler after the steps. Before 1.9 it names the schedule inside the
+    # sampler ("DPM++ 2M Karras"); 1.9+ writes "DPM++ 2M" plus "Schedule type: Karras". The
+    # older single name is written: every version of A1111 and the tools that copy its
+    # layout read it back.
+    if record.get("scheduler"):
+        pairs["Sampler"] = SCHEDULERS[record["scheduler"]].a1111_name
+    pairs |= {
         "CFG scale": record["guidance_scale"],
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
@@ -241,6 +253,7 @@ def generation_execute(generation_id: int) -> None:
             steps=params["steps"],
             lora_path=lora_path,
             lora_scale=params["lora_scale"],
+            scheduler=params.get("scheduler"),
         )
         for generation, images in zip(batch, images_per_job, strict=True):
             record = {
@@ -284,9 +297,10 @@ def _claim(generation_id: int) -> bool:
     )
 
 
-# What requests must share to run in one batch: one size, schedule and guidance for the
-# pipelines' call, one LoRA file (by content) at one scale merged into the Base.
-_BATCH_PARAMETERS = ("height", "width", "steps", "guidance_scale", "lora_scale")
+# What requests must share to run in one batch: one size, schedule, sampler and guidance for
+# the pipelines' call, one LoRA file (by content) at one scale merged into the Base. Rows
+# recorded before the scheduler field have no "scheduler": compared with .get (None).
+_BATCH_PARAMETERS = ("height", "width", "steps", "guidance_scale", "lora_scale", "scheduler")
 
 
 def _claim_companions(lead: Generation) -> list[Generation]:
@@ -312,7 +326,8 @@ def _claim_companions(lead: Generation) -> list[Generation]:
     for candidate in candidates[: 4 * settings.SDXL_GENERATION_BATCH_IMAGES]:
         images = candidate.parameters["num_images"]
         if images > room or any(
-            candidate.parameters[name] != lead.parameters[name] for name in _BATCH_PARAMETERS
+            candidate.parameters.get(name) != lead.parameters.get(name)
+            for name in _BATCH_PARAMETERS
         ):
             continue
         if _claim(candidate.pk):

@@ -68,6 +68,28 @@ def test_request_and_response_bodies_are_described(schema_document):
     )
 
 
+def test_txt2img_scheduler_is_optional_with_its_names_as_enum(schema_document):
+    body = schema_document["paths"]["/txt2img"]["post"]["requestBody"]["content"]
+    ref = body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    request = schema_document["components"]["schemas"][ref]
+    scheduler = request["properties"]["scheduler"]
+    assert "scheduler" not in request.get("required", [])
+    enum = scheduler.get("enum") or next(
+        schema_document["components"]["schemas"][option["$ref"].rsplit("/", 1)[1]]["enum"]
+        for option in scheduler["oneOf"]
+        if "$ref" in option
+    )
+    assert [name for name in enum if name] == [
+        "euler",
+        "euler_a",
+        "dpmpp_2m",
+        "dpmpp_2m_karras",
+        "dpmpp_sde_karras",
+        "ddim",
+        "unipc",
+    ]
+
+
 def test_schema_generation_has_no_warnings(tmp_path):
     call_command(
         "spectacular",

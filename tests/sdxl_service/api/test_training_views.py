@@ -1,10 +1,13 @@
 import base64
 import hashlib
 import inspect
+import io
+import json
 from dataclasses import asdict
 
 import pytest
 import torch
+from PIL import Image
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
@@ -389,6 +392,38 @@ def test_txt2img_validates_before_anything_else(api, body, field):
     assert_error(response, 400, field)
     assert response.json()["message"].startswith(field.split(":")[0])
     assert not Generation.objects.exists()
+
+
+@pytest.mark.parametrize("name", ["heun", "Euler", "", 1, True])
+def test_txt2img_unknown_scheduler_is_400_listing_the_valid_ones(api, name):
+    response = api.post("/txt2img", {"prompt": "x", "scheduler": name}, format="json")
+
+    assert_error(response, 400, "scheduler")
+    assert response.json()["message"] == (
+        "scheduler: must be one of: "
+        "euler, euler_a, dpmpp_2m, dpmpp_2m_karras, dpmpp_sde_karras, ddim, unipc"
+    )
+    assert not Generation.objects.exists()
+
+
+def test_txt2img_with_a_scheduler_names_its_sampler_in_the_pngs(api, generations_in_process):
+    small = {"prompt": "x", "height": 64, "width": 64, "steps": 5, "seed": 9}
+
+    chosen = api.post("/txt2img", {**small, "scheduler": "dpmpp_2m_karras"}, format="json")
+    plain = api.post("/txt2img", {**small, "scheduler": None}, format="json")
+
+    assert chosen.status_code == plain.status_code == 200
+    texts = [
+        Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))).text
+        for response in (chosen, plain)
+    ]
+    assert "Steps: 5, Sampler: DPM++ 2M Karras, CFG scale: " in texts[0]["parameters"]
+    assert json.loads(texts[0]["sdxl_service"])["scheduler"] == "dpmpp_2m_karras"
+    assert "Sampler" not in texts[1]["parameters"]
+    assert "scheduler" not in json.loads(texts[1]["sdxl_service"])
+    first, second = Generation.objects.order_by("pk")
+    assert first.parameters["scheduler"] == "dpmpp_2m_karras"
+    assert "scheduler" not in second.parameters
 
 
 def test_train_lora_fields_are_the_engines_training_params():

@@ -390,6 +390,47 @@ def test_requests_of_another_lora_or_of_none_are_never_batched_together(
         assert record["lora_sha256"] == (lora.sha256 if lora else None)
 
 
+def test_requests_of_another_scheduler_are_never_batched_together(generation_worker, settings):
+    """Requests that differ only in their scheduler run in separate batches; requests
+    without one (like rows recorded before the field: no "scheduler" key) batch together."""
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    plain = _queue("a red apple", seed=1)
+    euler_a = _queue("a red apple", seed=1, scheduler="euler_a")
+    ddim = _queue("a red apple", seed=1, scheduler="ddim")
+    euler_a_b = _queue("a red apple", seed=2, scheduler="euler_a")
+    plain_b = _queue("a red apple", seed=2)
+    rows = (plain, euler_a, ddim, euler_a_b, plain_b)
+    assert "scheduler" not in plain.parameters and euler_a.parameters["scheduler"] == "euler_a"
+
+    generations.generation_execute(euler_a.pk)
+    assert _statuses(*rows) == ["queued", "completed", "queued", "completed", "queued"]
+    generations.generation_execute(plain.pk)
+    assert _statuses(*rows) == ["completed", "completed", "queued", "completed", "completed"]
+    generations.generation_execute(ddim.pk)
+    assert _statuses(ddim) == ["completed"]
+
+    for generation, scheduler, sampler in (
+        (plain, None, None),
+        (plain_b, None, None),
+        (euler_a_b, "euler_a", "Euler a"),
+        (ddim, "ddim", "DDIM"),
+    ):
+        text = _images(generation)[0].text
+        assert json.loads(text["sdxl_service"]).get("scheduler") == scheduler
+        assert (f", Sampler: {sampler}, " in text["parameters"]) == (sampler is not None)
+        assert ("Sampler" in text["parameters"]) == (sampler is not None)
+    # The same prompt and seed: the scheduler reached the engine.
+    assert not np.array_equal(np.asarray(_images(plain)[0]), np.asarray(_images(euler_a)[0]))
+
+
+def test_an_unknown_scheduler_is_400_and_records_nothing(generation_worker):
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(GenerationRequest(prompt="x", scheduler="heun"))
+    assert error.value.status == 400
+    assert error.value.message.startswith("scheduler must be one of: euler, euler_a, ")
+    assert not Generation.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("error", "message"),
     [
