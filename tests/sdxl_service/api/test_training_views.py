@@ -11,7 +11,7 @@ from PIL import Image
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
-from sdxl_engine.generation import generate
+from sdxl_engine.generation import generate, generate_batch
 from sdxl_engine.lora_files import read_lora_metadata
 from sdxl_engine.parameters import (
     GENERATION_DEFAULTS,
@@ -434,7 +434,11 @@ def test_train_lora_fields_are_the_engines_training_params():
 def test_txt2img_defaults_are_the_engines_and_the_services():
     fields = api_serializers.Txt2ImgSerializer().fields
     request = GenerationRequest(prompt="x")
-    engine = inspect.signature(generate).parameters
+    # generate() takes the per-request fields and passes the rest on to generate_batch().
+    engine = {
+        **inspect.signature(generate_batch).parameters,
+        **inspect.signature(generate).parameters,
+    }
     for name in field_names(GenerationParams):
         default = getattr(GENERATION_DEFAULTS, name)
         assert fields[name].default == getattr(request, name) == engine[name].default == default
