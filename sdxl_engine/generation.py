@@ -15,13 +15,20 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_merge import is_unet_only
-from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_engine.parameters import (
+    DEFAULT_REFINER_POLICY,
+    DEFAULT_REFINER_SWITCH,
+    GENERATION_DEFAULTS,
+    REFINER_POLICIES,
+    REFINER_SWITCH_MAX,
+    REFINER_SWITCH_MIN,
+)
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.schedulers import build_scheduler, scheduler_spec
 
-# The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
-# rest, as in SDXL's ensemble-of-experts setup.
-HANDOVER_FRACTION = 0.8
+# By default the Base denoises the first 80% of the schedule (the high-noise steps), the
+# Refiner the rest, as in SDXL's ensemble-of-experts setup (refiner_switch).
+HANDOVER_FRACTION = DEFAULT_REFINER_SWITCH
 LORA_ADAPTER_NAME = "sdxl_service_generation"
 
 
@@ -64,6 +71,8 @@ def generate_batch(
     lora_scale: float = GENERATION_DEFAULTS.lora_scale,
     on_step: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
+    refiner: str = DEFAULT_REFINER_POLICY,
+    refiner_switch: float = HANDOVER_FRACTION,
 ) -> list[list[PIL.Image.Image]]:
     """The images of each job, `width`×`height`, made together in one batch: Base and
     Refiner run once for all of them, which costs less per image than one run per job.
@@ -74,12 +83,19 @@ def generate_batch(
 
     `scheduler` (a name of schedulers.SCHEDULERS) drives Base and Refiner for this call
     only; None keeps the pipelines' own (the model folder's: Euler for SDXL), untouched.
+
+    `refiner` "ensemble": the Base denoises the first `refiner_switch` of the schedule and
+    the Refiner the rest; "none": the Base alone runs every step and its latents are
+    decoded (`refiner_switch` does not apply), the Refiner is not called.
     """
     _check_request(pipelines, jobs, height, width, steps)
+    _check_refiner(refiner, refiner_switch)
+    ensemble = refiner == "ensemble"
+    refiner_switch = float(refiner_switch)  # diffusers ignores a denoising_start not float
     if scheduler is not None:
         scheduler_spec(scheduler)  # an unknown name fails before anything changes
-    base, refiner = pipelines.base, pipelines.refiner
-    if refiner is None:
+    base, refiner_pipe = pipelines.base, pipelines.refiner
+    if refiner_pipe is None:
         raise EngineError(
             "these pipelines were loaded for training, without the SDXL Refiner; "
             "load them with purpose='generation' to generate"
@@ -93,12 +109,12 @@ def generate_batch(
     # (a PEFT-layered LoRA) runs eagerly: seconds slower, instead of a compile that would
     # hold the request for minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
     stance = "eager_on_recompile" if pipelines.warmed_up else "default"
-    own_schedulers = base.scheduler, refiner.scheduler
+    own_schedulers = base.scheduler, refiner_pipe.scheduler
     try:
         if scheduler is not None:
             seeds = _noise_seeds(jobs)
             base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
-            refiner.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
+            refiner_pipe.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
         if merged:
             pipelines.unet_lora.merge(Path(lora_path), lora_scale)
         elif lora_path is not None:
@@ -116,7 +132,8 @@ def generate_batch(
                 width=width,
                 guidance_scale=guidance_scale,
                 num_inference_steps=steps,
-                denoising_end=HANDOVER_FRACTION,
+                # None: the whole schedule (stock diffusers' Base alone).
+                denoising_end=refiner_switch if ensemble else None,
                 output_type="latent",
                 callback_on_step_end=report_step,
                 **step_noise,
@@ -125,28 +142,31 @@ def generate_batch(
                 # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
                 # must not reach the Refiner's prompt encoding.
                 base.disable_lora()
-            # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
-            # matching the latents' batch.
-            prompt_embeds, pooled = _concatenated(
-                refiner.encode_prompt(
-                    job.prompt,
-                    device=pipelines.device,
-                    num_images_per_prompt=job.num_images,
-                    do_classifier_free_guidance=False,
-                )
-                for job in jobs
-            )[::2]
-            refined = refiner(
-                prompt_embeds=prompt_embeds,
-                pooled_prompt_embeds=pooled,
-                image=latents,
-                num_inference_steps=steps,
-                denoising_start=HANDOVER_FRACTION,
-                guidance_scale=1.0,
-                output_type="latent",
-                callback_on_step_end=report_step,
-                **step_noise,
-            ).images
+            if ensemble:
+                # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
+                # matching the latents' batch.
+                prompt_embeds, pooled = _concatenated(
+                    refiner_pipe.encode_prompt(
+                        job.prompt,
+                        device=pipelines.device,
+                        num_images_per_prompt=job.num_images,
+                        do_classifier_free_guidance=False,
+                    )
+                    for job in jobs
+                )[::2]
+                refined = refiner_pipe(
+                    prompt_embeds=prompt_embeds,
+                    pooled_prompt_embeds=pooled,
+                    image=latents,
+                    num_inference_steps=steps,
+                    denoising_start=refiner_switch,
+                    guidance_scale=1.0,
+                    output_type="latent",
+                    callback_on_step_end=report_step,
+                    **step_noise,
+                ).images
+            else:
+                refined = latents
             # One decode per job: the VAE's memory grows with its batch, and a batch of
             # several requests must not need more than the largest of them alone.
             images = [
@@ -156,7 +176,7 @@ def generate_batch(
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
         # must find the model's own.
-        base.scheduler, refiner.scheduler = own_schedulers
+        base.scheduler, refiner_pipe.scheduler = own_schedulers
         if merged:
             pipelines.unet_lora.restore()
         elif lora_path is not None:
@@ -276,10 +296,20 @@ def _check_request(
         raise EngineError("invalid generation parameters: " + "; ".join(problems))
 
 
+def _check_refiner(refiner: str, refiner_switch: float) -> None:
+    if refiner not in REFINER_POLICIES:
+        raise EngineError(f"refiner must be one of: {', '.join(REFINER_POLICIES)}")
+    if refiner == "ensemble" and not REFINER_SWITCH_MIN <= refiner_switch <= REFINER_SWITCH_MAX:
+        raise EngineError(
+            f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
+        )
+
+
 def _step_reporter(
     steps: int, on_step: Callable[[int, int], None] | None
 ) -> Callable[[Any, int, Any, dict], dict]:
-    """A diffusers step-end callback counting the steps of both pipelines together."""
+    """A diffusers step-end callback counting the steps of both pipelines together (of
+    the Base alone when the Refiner does not run: then it runs all `steps`)."""
     done = 0
 
     def report(_pipeline: Any, _step_index: int, _timestep: Any, callback_kwargs: dict) -> dict:

@@ -171,6 +171,16 @@ def lr_warmup_problem(lr_scheduler: str, lr_warmup_steps: int) -> str | None:
 
 GENERATION_DEFAULTS = GenerationParams()
 
+# How the Refiner takes part in a generation: "ensemble" (SDXL's ensemble of experts: the
+# Base denoises the first `refiner_switch` of the schedule, the Refiner the rest) or "none"
+# (the Base alone runs the whole schedule; the Refiner is not called).
+REFINER_POLICIES = ("ensemble", "none")
+DEFAULT_REFINER_POLICY = "ensemble"
+DEFAULT_REFINER_SWITCH = 0.8
+# Under 1.0: diffusers treats denoising_start=1.0 as unset and has the Refiner redo the last
+# 30% of the schedule (its img2img strength) on finished latents. The Base alone is "none".
+REFINER_SWITCH_MIN, REFINER_SWITCH_MAX = 0.5, 0.99
+
 
 def field_names(params_class: type) -> frozenset[str]:
     return frozenset(field.name for field in fields(params_class))

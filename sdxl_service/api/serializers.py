@@ -11,9 +11,13 @@ from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_fiel
 from rest_framework import serializers
 
 from sdxl_engine.parameters import (
+    DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
     LR_SCHEDULERS,
     RECIPES,
+    REFINER_POLICIES,
+    REFINER_SWITCH_MAX,
+    REFINER_SWITCH_MIN,
     SERVICE_RECIPE,
     lr_warmup_problem,
     recipe_defaults,
@@ -259,7 +263,8 @@ class Txt2ImgSerializer(serializers.Serializer):
     guidance_scale = StrictFloatField(
         min_value=0.0, max_value=30.0, default=GENERATION_DEFAULTS.guidance_scale
     )
-    # Base stops at 0.8 of the schedule and the Refiner takes the rest: each needs a step.
+    # Base stops at refiner_switch (0.5 to 0.99) of the schedule and the Refiner takes the
+    # rest: each needs a step.
     steps = StrictIntegerField(min_value=5, max_value=150, default=GENERATION_DEFAULTS.steps)
     use_lora = serializers.BooleanField(default=False)
     session_id = SessionIdField(required=False, allow_null=True)
@@ -280,10 +285,36 @@ class Txt2ImgSerializer(serializers.Serializer):
         help_text="the sampler of both Base and Refiner; left out (or null): the model's own "
         "(Euler for SDXL)",
     )
+    refiner = serializers.ChoiceField(
+        choices=[
+            (
+                "ensemble",
+                "the Base denoises the first refiner_switch of the schedule, the "
+                "Refiner the rest (SDXL's ensemble of experts)",
+            ),
+            ("none", "the Base alone runs the whole schedule; the Refiner is not used"),
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": f"must be one of: {', '.join(REFINER_POLICIES)}"},
+        help_text="how the Refiner takes part; left out (or null): ensemble",
+    )
+    refiner_switch = StrictFloatField(
+        min_value=REFINER_SWITCH_MIN,
+        max_value=REFINER_SWITCH_MAX,
+        required=False,
+        allow_null=True,
+        help_text=f"the fraction of the schedule the Base denoises under refiner ensemble; left "
+        f"out (or null): {DEFAULT_REFINER_SWITCH}. Not with refiner none",
+    )
 
     def validate(self, attrs):
         if attrs["use_lora"] and attrs.get("session_id") is None:
             raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
+        if attrs.get("refiner") == "none" and attrs.get("refiner_switch") is not None:
+            raise serializers.ValidationError(
+                {"refiner_switch": 'applies only when refiner is "ensemble"'}
+            )
         return _one_way_to_name_a_lora(attrs)
 
 

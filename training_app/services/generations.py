@@ -20,7 +20,14 @@ from PIL.PngImagePlugin import PngInfo
 
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
-from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_engine.parameters import (
+    DEFAULT_REFINER_POLICY,
+    DEFAULT_REFINER_SWITCH,
+    GENERATION_DEFAULTS,
+    REFINER_POLICIES,
+    REFINER_SWITCH_MAX,
+    REFINER_SWITCH_MIN,
+)
 from sdxl_engine.schedulers import SCHEDULERS, unknown_scheduler_message
 from sessions_app import storage
 from sessions_app.selectors import session_get
@@ -60,6 +67,8 @@ class GenerationRequest:
     lora_scale: float = GENERATION_DEFAULTS.lora_scale
     seed: int | None = None
     scheduler: str | None = None  # a name of SCHEDULERS; None: the model's own (Euler)
+    refiner: str | None = None  # "ensemble" or "none"; None: "ensemble"
+    refiner_switch: float | None = None  # the Base's share under "ensemble"; None: 0.8
 
 
 def generations_dir(generation_id: int) -> Path:
@@ -72,6 +81,7 @@ def generation_request(request: GenerationRequest) -> Generation:
         raise ServiceError(NO_WORKER_MESSAGE, status=503)
     if request.scheduler is not None and request.scheduler not in SCHEDULERS:
         raise ServiceError(unknown_scheduler_message())
+    _check_refiner(request)
     lora = None
     if request.use_lora:
         session_get(request.session_id)
@@ -89,6 +99,12 @@ def generation_request(request: GenerationRequest) -> Generation:
                 "lora_scale": request.lora_scale,
                 # Only when given: a request without it runs exactly as before the field.
                 **({"scheduler": request.scheduler} if request.scheduler is not None else {}),
+                **({"refiner": request.refiner} if request.refiner is not None else {}),
+                **(
+                    {"refiner_switch": request.refiner_switch}
+                    if request.refiner_switch is not None
+                    else {}
+                ),
             },
             seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
             session_id=request.session_id if request.use_lora else None,
@@ -99,6 +115,25 @@ def generation_request(request: GenerationRequest) -> Generation:
         )
         transaction.on_commit(lambda: _enqueue_generation(generation.pk))
     return generation
+
+
+def _check_refiner(request: GenerationRequest) -> None:
+    if request.refiner is not None and request.refiner not in REFINER_POLICIES:
+        raise ServiceError(f"refiner must be one of: {', '.join(REFINER_POLICIES)}")
+    if request.refiner_switch is None:
+        return
+    if request.refiner == "none":
+        raise ServiceError(REFINER_SWITCH_WITHOUT_REFINER)
+    if not REFINER_SWITCH_MIN <= request.refiner_switch <= REFINER_SWITCH_MAX:
+        raise ServiceError(
+            f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
+        )
+
+
+REFINER_SWITCH_WITHOUT_REFINER = (
+    'refiner_switch applies only when refiner is "ensemble": with "none" the Base runs the '
+    "whole schedule"
+)
 
 
 def _enqueue_generation(generation_id: int) -> None:
@@ -176,9 +211,11 @@ def infotext(record: dict) -> str:
         "Seed": record["seed"],
         "Size": f"{record['width']}x{record['height']}",
         "Model": record["model"],
-        "Refiner": record["refiner"],
-        "Refiner switch at": record["refiner_switch_at"],
     }
+    # Without the Refiner (refiner "none") A1111 writes no Refiner keys either.
+    if record["refiner"]:
+        pairs["Refiner"] = record["refiner"]
+        pairs["Refiner switch at"] = record["refiner_switch_at"]
     if record["lora"]:
         pairs.update(
             {
@@ -215,7 +252,7 @@ def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker), together with the queued
     requests that can share its batch (`_claim_companions`); one already taken is left
     alone, so the tasks of requests that ran in an earlier batch do nothing."""
-    from sdxl_engine.generation import HANDOVER_FRACTION, GenerationJob, generate_batch
+    from sdxl_engine.generation import GenerationJob, generate_batch
     from training_app.runtime import generation_pipelines
 
     if not _claim(generation_id):
@@ -227,6 +264,9 @@ def generation_execute(generation_id: int) -> None:
     if len(batch) > 1:
         logger.info("generations %s run as one batch", ids)
     params = lead.parameters
+    refiner = _batch_value(params, "refiner")
+    refiner_switch = _batch_value(params, "refiner_switch")
+    ensemble = refiner == "ensemble"
     started = time.monotonic()
     try:
         lora_path = None
@@ -254,6 +294,8 @@ def generation_execute(generation_id: int) -> None:
             lora_path=lora_path,
             lora_scale=params["lora_scale"],
             scheduler=params.get("scheduler"),
+            refiner=refiner,
+            refiner_switch=refiner_switch,
         )
         for generation, images in zip(batch, images_per_job, strict=True):
             record = {
@@ -263,9 +305,14 @@ def generation_execute(generation_id: int) -> None:
                 "lora": generation.lora_filename or None,
                 "lora_sha256": generation.lora_sha256 or None,
                 "model": pipelines.source.base,
-                "refiner": pipelines.source.refiner,
-                "refiner_switch_at": HANDOVER_FRACTION,
-                **generation.parameters,
+                # The Refiner model and the switch used; both null when it did not run.
+                "refiner": pipelines.source.refiner if ensemble else None,
+                "refiner_switch_at": refiner_switch if ensemble else None,
+                **{
+                    name: value
+                    for name, value in generation.parameters.items()
+                    if name not in ("refiner", "refiner_switch")
+                },
             }
             folder = generations_dir(generation.pk)
             folder.mkdir(parents=True, exist_ok=True)
@@ -297,10 +344,26 @@ def _claim(generation_id: int) -> bool:
     )
 
 
-# What requests must share to run in one batch: one size, schedule, sampler and guidance for
-# the pipelines' call, one LoRA file (by content) at one scale merged into the Base. Rows
-# recorded before the scheduler field have no "scheduler": compared with .get (None).
-_BATCH_PARAMETERS = ("height", "width", "steps", "guidance_scale", "lora_scale", "scheduler")
+# What requests must share to run in one batch: one size, schedule, sampler, guidance and
+# refiner policy and switch for the pipelines' call, one LoRA file (by content) at one scale
+# merged into the Base. Rows recorded before a field, or whose request left it out, have no
+# key: compared with their default (_BATCH_DEFAULTS, else None), so a row without "refiner"
+# batches with one that gave "ensemble".
+_BATCH_PARAMETERS = (
+    "height",
+    "width",
+    "steps",
+    "guidance_scale",
+    "lora_scale",
+    "scheduler",
+    "refiner",
+    "refiner_switch",
+)
+_BATCH_DEFAULTS = {"refiner": DEFAULT_REFINER_POLICY, "refiner_switch": DEFAULT_REFINER_SWITCH}
+
+
+def _batch_value(parameters: dict, name: str):
+    return parameters.get(name, _BATCH_DEFAULTS.get(name))
 
 
 def _claim_companions(lead: Generation) -> list[Generation]:
@@ -326,7 +389,7 @@ def _claim_companions(lead: Generation) -> list[Generation]:
     for candidate in candidates[: 4 * settings.SDXL_GENERATION_BATCH_IMAGES]:
         images = candidate.parameters["num_images"]
         if images > room or any(
-            candidate.parameters.get(name) != lead.parameters.get(name)
+            _batch_value(candidate.parameters, name) != _batch_value(lead.parameters, name)
             for name in _BATCH_PARAMETERS
         ):
             continue

@@ -90,6 +90,22 @@ def test_txt2img_scheduler_is_optional_with_its_names_as_enum(schema_document):
     ]
 
 
+def test_txt2img_refiner_policy_and_switch_are_optional_with_enum_and_range(schema_document):
+    body = schema_document["paths"]["/txt2img"]["post"]["requestBody"]["content"]
+    ref = body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]
+    request = schema_document["components"]["schemas"][ref]
+    refiner, switch = request["properties"]["refiner"], request["properties"]["refiner_switch"]
+    assert not {"refiner", "refiner_switch"} & set(request.get("required", []))
+    enum = refiner.get("enum") or next(
+        schema_document["components"]["schemas"][option["$ref"].rsplit("/", 1)[1]]["enum"]
+        for option in refiner["oneOf"]
+        if "$ref" in option
+    )
+    assert [name for name in enum if name] == ["ensemble", "none"]
+    assert switch["type"] == "number" and switch.get("nullable") is True
+    assert (switch["minimum"], switch["maximum"]) == (0.5, 0.99)
+
+
 def test_schema_generation_has_no_warnings(tmp_path):
     call_command(
         "spectacular",

@@ -426,6 +426,55 @@ def test_txt2img_with_a_scheduler_names_its_sampler_in_the_pngs(api, generations
     assert "scheduler" not in second.parameters
 
 
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"refiner": "both"}, "refiner: must be one of: ensemble, none"),
+        ({"refiner": 1}, "refiner: must be one of: ensemble, none"),
+        ({"refiner_switch": 0.4}, "refiner_switch: "),
+        ({"refiner_switch": 1.0}, "refiner_switch: "),
+        ({"refiner_switch": 1.5}, "refiner_switch: "),
+        ({"refiner_switch": "high"}, "refiner_switch: "),
+        ({"refiner_switch": True}, "refiner_switch: "),
+        (
+            {"refiner": "none", "refiner_switch": 0.8},
+            'refiner_switch: applies only when refiner is "ensemble"',
+        ),
+    ],
+)
+def test_txt2img_bad_refiner_policy_is_400(api, fields, message):
+    response = api.post("/txt2img", {"prompt": "x", **fields}, format="json")
+
+    assert_error(response, 400, "refiner")
+    assert response.json()["message"].startswith(message)
+    assert not Generation.objects.exists()
+
+
+def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_in_process):
+    small = {"prompt": "x", "height": 64, "width": 64, "steps": 5, "seed": 9}
+
+    alone = api.post("/txt2img", {**small, "refiner": "none"}, format="json")
+    plain = api.post("/txt2img", small, format="json")
+
+    assert alone.status_code == plain.status_code == 200
+    assert (
+        set(alone.json()) == set(plain.json()) == {"images_base64", "seed", "lora", "duration_ms"}
+    )
+    texts = [
+        Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))).text
+        for response in (alone, plain)
+    ]
+    assert "Refiner" not in texts[0]["parameters"]
+    record = json.loads(texts[0]["sdxl_service"])
+    assert record["refiner"] is None and record["refiner_switch_at"] is None
+    assert ", Refiner: " in texts[1]["parameters"]
+    assert ", Refiner switch at: 0.8" in texts[1]["parameters"]
+    assert json.loads(texts[1]["sdxl_service"])["refiner_switch_at"] == 0.8
+    first, second = Generation.objects.order_by("pk")
+    assert first.parameters["refiner"] == "none" and "refiner_switch" not in first.parameters
+    assert "refiner" not in second.parameters and "refiner_switch" not in second.parameters
+
+
 def test_train_lora_fields_are_the_engines_training_params():
     fields = set(api_serializers.TrainLoraSerializer().fields)
     assert fields - {"session_id"} == field_names(TrainingParams)

@@ -431,6 +431,58 @@ def test_an_unknown_scheduler_is_400_and_records_nothing(generation_worker):
     assert not Generation.objects.exists()
 
 
+def test_requests_of_another_refiner_policy_or_switch_are_never_batched_together(
+    generation_worker, settings
+):
+    """Requests that differ only in refiner or refiner_switch run in separate batches; a
+    row without the keys is ensemble at 0.8, and batches with one that gave those."""
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    plain = _queue("a red apple", seed=1)
+    alone = _queue("a red apple", seed=1, refiner="none")
+    switched = _queue("a red apple", seed=1, refiner_switch=0.5)
+    explicit = _queue("a red apple", seed=2, refiner="ensemble", refiner_switch=0.8)
+    rows = (plain, alone, switched, explicit)
+    assert "refiner" not in plain.parameters and "refiner_switch" not in plain.parameters
+    assert alone.parameters["refiner"] == "none" and "refiner_switch" not in alone.parameters
+
+    generations.generation_execute(alone.pk)
+    assert _statuses(*rows) == ["queued", "completed", "queued", "queued"]
+    generations.generation_execute(plain.pk)
+    assert _statuses(*rows) == ["completed", "completed", "queued", "completed"]
+    generations.generation_execute(switched.pk)
+    assert _statuses(switched) == ["completed"]
+
+    for generation, refiner_at in ((plain, 0.8), (explicit, 0.8), (switched, 0.5), (alone, None)):
+        text = _images(generation)[0].text
+        record = json.loads(text["sdxl_service"])
+        assert record["refiner_switch_at"] == refiner_at
+        assert (record["refiner"] is None) == (refiner_at is None)
+        assert "refiner_switch" not in record
+        if refiner_at is None:
+            assert "Refiner" not in text["parameters"]
+        else:
+            assert f", Refiner switch at: {refiner_at}" in text["parameters"]
+    # The same prompt and seed: the policy reached the engine.
+    assert not np.array_equal(np.asarray(_images(plain)[0]), np.asarray(_images(alone)[0]))
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"refiner": "both"}, "refiner must be one of: ensemble, none"),
+        ({"refiner_switch": 0.4}, "refiner_switch must be from 0.5 to 0.99"),
+        ({"refiner_switch": 1.0}, "refiner_switch must be from 0.5 to 0.99"),
+        ({"refiner": "none", "refiner_switch": 0.8}, "refiner_switch applies only when"),
+    ],
+)
+def test_a_bad_refiner_policy_is_400_and_records_nothing(generation_worker, fields, message):
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(GenerationRequest(prompt="x", **fields))
+    assert error.value.status == 400
+    assert error.value.message.startswith(message)
+    assert not Generation.objects.exists()
+
+
 @pytest.mark.parametrize(
     ("error", "message"),
     [
