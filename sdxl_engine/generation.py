@@ -19,9 +19,7 @@ from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
-    REFINER_POLICIES,
-    REFINER_SWITCH_MAX,
-    REFINER_SWITCH_MIN,
+    refiner_problem,
 )
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.schedulers import build_scheduler, scheduler_spec
@@ -297,12 +295,9 @@ def _check_request(
 
 
 def _check_refiner(refiner: str, refiner_switch: float) -> None:
-    if refiner not in REFINER_POLICIES:
-        raise EngineError(f"refiner must be one of: {', '.join(REFINER_POLICIES)}")
-    if refiner == "ensemble" and not REFINER_SWITCH_MIN <= refiner_switch <= REFINER_SWITCH_MAX:
-        raise EngineError(
-            f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
-        )
+    problem = refiner_problem(refiner, refiner_switch)
+    if problem:
+        raise EngineError(problem)
 
 
 def _step_reporter(

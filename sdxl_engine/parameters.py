@@ -182,5 +182,14 @@ DEFAULT_REFINER_SWITCH = 0.8
 REFINER_SWITCH_MIN, REFINER_SWITCH_MAX = 0.5, 0.99
 
 
+def refiner_problem(refiner: str, refiner_switch: float) -> str | None:
+    """Why `refiner` with `refiner_switch` cannot run, or None when it can."""
+    if refiner not in REFINER_POLICIES:
+        return f"refiner must be one of: {', '.join(REFINER_POLICIES)}"
+    if refiner == "ensemble" and not REFINER_SWITCH_MIN <= refiner_switch <= REFINER_SWITCH_MAX:
+        return f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
+    return None
+
+
 def field_names(params_class: type) -> frozenset[str]:
     return frozenset(field.name for field in fields(params_class))

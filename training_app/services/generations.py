@@ -24,9 +24,7 @@ from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
-    REFINER_POLICIES,
-    REFINER_SWITCH_MAX,
-    REFINER_SWITCH_MIN,
+    refiner_problem,
 )
 from sdxl_engine.schedulers import SCHEDULERS, unknown_scheduler_message
 from sessions_app import storage
@@ -118,16 +116,14 @@ def generation_request(request: GenerationRequest) -> Generation:
 
 
 def _check_refiner(request: GenerationRequest) -> None:
-    if request.refiner is not None and request.refiner not in REFINER_POLICIES:
-        raise ServiceError(f"refiner must be one of: {', '.join(REFINER_POLICIES)}")
-    if request.refiner_switch is None:
-        return
-    if request.refiner == "none":
+    if request.refiner == "none" and request.refiner_switch is not None:
         raise ServiceError(REFINER_SWITCH_WITHOUT_REFINER)
-    if not REFINER_SWITCH_MIN <= request.refiner_switch <= REFINER_SWITCH_MAX:
-        raise ServiceError(
-            f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
-        )
+    problem = refiner_problem(
+        request.refiner or DEFAULT_REFINER_POLICY,
+        DEFAULT_REFINER_SWITCH if request.refiner_switch is None else request.refiner_switch,
+    )
+    if problem:
+        raise ServiceError(problem)
 
 
 REFINER_SWITCH_WITHOUT_REFINER = (
