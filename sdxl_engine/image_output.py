@@ -1,0 +1,350 @@
+"""Generated images as files, their parameters written where AUTOMATIC1111 writes them.
+
+The text is A1111's "infotext" (stable-diffusion-webui 1.10), which its PNG Info tab,
+ComfyUI, InvokeAI and image sites read back:
+
+    a cat <lora:lora_3:0.8> <lora:mine:-0.5>
+    Negative prompt: blurry
+    Steps: 30, Sampler: Euler a, CFG scale: 7.5, Seed: 123, Size: 1024x1024, Model: ...,
+    Lora hashes: "lora_3: abcdef012345, mine: 0123456789ab", Refiner: ..., Refiner switch at: 0.8
+
+(the last line is one line). Layout, as A1111 builds it (modules/processing.py,
+`create_infotext`):
+
+- the prompt, then "Negative prompt: ..." only when there is one, then the "Key: value"
+  pairs joined by ", "; the whole text stripped of surrounding whitespace. Prompts are
+  written as they are, newlines included: the reader (modules/infotext_utils.py,
+  `parse_generation_parameters`) takes every line before "Negative prompt:" as the prompt
+  and only the last line as the pairs.
+- A value holding ",", ":" or a newline is written as a JSON string (infotext_utils.py,
+  `quote`, with non-ASCII kept); any other value as it is.
+- Key order: A1111's fixed keys first (Steps, Sampler, CFG scale, Seed, Size, Model,
+  Denoising strength), then its `extra_generation_params` in the order they were set
+  during the run: "Lora hashes" is set when the networks activate, before sampling
+  (extensions-builtin/Lora/extra_networks_lora.py), "Refiner" and "Refiner switch at"
+  when the Refiner takes over during sampling (modules/sd_samplers_common.py,
+  `apply_refiner`). So "Lora hashes" comes before the Refiner keys.
+- LoRAs live in the prompt as `<lora:NAME:MULTIPLIER>` (A1111's extra-network syntax).
+  "Lora hashes" maps each NAME (":" and "," removed) to its short hash, the first 12
+  hex digits of the file's hash (network.py, `set_hash`); for a safetensors file that is
+  the "addnet" hash, sha256 of the bytes after the header (modules/hashes.py,
+  `addnet_hash_safetensors`), unless the file's metadata carries `sshs_model_hash`,
+  which A1111 takes first (network.py, `NetworkOnDisk.__init__`). On paste A1111's Lora
+  script (`infotext_pasted`) looks each hash up among its own LoRAs and rewrites the
+  prompt's `<lora:NAME:` to the name of the file it found: our LoRAs apply by hash even
+  when A1111 keeps them under other names.
+- Numbers are written as A1111's UI writes the JSON numbers it receives: 7.0 as "7",
+  7.5 as "7.5" (the shortest text that reads back as the same float).
+
+JPEG and WebP carry the same text in the EXIF UserComment (tag 0x9286 of the Exif IFD
+0x8769), "UNICODE\\0" then UTF-16 big-endian, as A1111 writes it with piexif
+(modules/images.py, `save_image_with_geninfo`: `piexif.helper.UserComment.dump(geninfo,
+encoding="unicode")`) and reads it back (`read_info_from_image`:
+`piexif.helper.UserComment.load`, which always decodes the body as utf_16_be). The
+EXIF is written here with `struct`, big-endian ("MM") as piexif writes it, the comment
+typed UNDEFINED as piexif types it (Pillow's Image.Exif would type it BYTE, see
+`_exif_bytes`), so no EXIF library is needed at runtime; Pillow puts it into the file.
+The JSON record for programs goes into the EXIF ImageDescription (0x010E, IFD0),
+ASCII-only JSON; PNG keeps it in its `sdxl_service` text chunk.
+
+Quality (JPEG and WebP): A1111's `jpeg_quality` option, default 80, is used for both
+formats; its WebP stays lossy unless the separate `webp_lossless` option (default off)
+is set. So here: quality 1-100, default 80, WebP always lossy (quality 100 is the best
+lossy WebP, not lossless).
+
+Imports only the standard library, Pillow and sdxl_engine.schedulers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import struct
+from pathlib import Path
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdxl_engine.schedulers import SCHEDULERS
+
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
+FILE_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
+# A1111's `jpeg_quality` default (modules/shared_options.py), used for JPEG and WebP.
+DEFAULT_QUALITY = 80
+QUALITY_FORMATS = ("jpeg", "webp")
+
+PNG_PARAMETERS_KEY = "parameters"  # A1111's text chunk
+PNG_RECORD_KEY = "sdxl_service"  # every field of the record, as JSON
+
+EXIF_IFD = 0x8769
+EXIF_USER_COMMENT = 0x9286
+EXIF_IMAGE_DESCRIPTION = 0x010E
+# The 8-byte character-code prefixes of a UserComment (EXIF 2.3, Table 9), and the codec
+# piexif's UserComment helper decodes each body with.
+_USER_COMMENT_CODECS = {
+    b"UNICODE\x00": "utf_16_be",
+    b"ASCII\x00\x00\x00": "ascii",
+    b"JIS\x00\x00\x00\x00\x00": "shift_jis",
+}
+UNICODE_PREFIX = b"UNICODE\x00"
+# A JPEG APP1 segment holds at most 65533 bytes of EXIF (Pillow refuses more).
+_JPEG_EXIF_LIMIT = 65533
+_SAFETENSORS = ".safetensors"
+
+
+def quality_problem(output_format: str, quality: object) -> str | None:
+    """What is wrong with asking for `output_format` at `quality`; None when nothing is.
+
+    quality is None (the format's default) or an integer from 1 to 100, and only for
+    jpeg and webp: PNG is lossless.
+    """
+    if output_format not in OUTPUT_FORMATS:
+        return f"output_format must be one of: {', '.join(OUTPUT_FORMATS)}"
+    if quality is None:
+        return None
+    if output_format not in QUALITY_FORMATS:
+        return f"quality applies only to {' and '.join(QUALITY_FORMATS)}, not {output_format}"
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        return "quality must be an integer from 1 to 100"
+    return None
+
+
+def lora_short_hash(path: str | Path) -> str:
+    """The hash A1111 writes for this LoRA file in "Lora hashes" and looks it up by.
+
+    For a .safetensors file: its metadata's `sshs_model_hash` when it has one (A1111 takes
+    that first), else the "addnet" hash (kohya-ss sd-scripts'), sha256 of everything after
+    the 8-byte header length and the JSON header, i.e. of the tensor bytes, so that
+    rewriting metadata does not change it. Any other file: sha256 of the whole file, as
+    A1111 hashes non-safetensors networks. First 12 hex digits either way.
+    """
+    path = Path(path)
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        if path.suffix.lower() == _SAFETENSORS:
+            header_length = int.from_bytes(file.read(8), "little")
+            header = file.read(header_length)
+            metadata = _safetensors_metadata(header)
+            if metadata.get("sshs_model_hash"):
+                return str(metadata["sshs_model_hash"])[:12]
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()[:12]
+
+
+def _safetensors_metadata(header: bytes) -> dict:
+    try:
+        metadata = json.loads(header).get("__metadata__")
+    except (ValueError, AttributeError):
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
+def lora_prompt_name(lora: dict) -> str:
+    """The name a LoRA goes by in `<lora:NAME:...>`: its file name without .safetensors."""
+    filename = lora.get("filename") or lora["name"]
+    return filename.removesuffix(_SAFETENSORS)
+
+
+def infotext(record: dict) -> str:
+    """The record's parameters as AUTOMATIC1111 1.10 writes them (see the module's doc)."""
+    loras = record.get("loras") or []
+    prompt = " ".join(
+        part
+        for part in [
+            record["prompt"],
+            *(f"<lora:{lora_prompt_name(lora)}:{_number(lora['scale'])}>" for lora in loras),
+        ]
+        if part
+    )
+    pairs: dict[str, object] = {"Steps": record["steps"]}
+    # Without a scheduler the pipeline's own (Euler) runs; no Sampler is written then,
+    # as before, and A1111 keeps whatever sampler its UI holds.
+    if record.get("scheduler"):
+        pairs["Sampler"] = SCHEDULERS[record["scheduler"]].a1111_name
+    pairs["CFG scale"] = record["guidance_scale"]
+    pairs["Seed"] = record["seed"]
+    pairs["Size"] = f"{record['width']}x{record['height']}"
+    pairs["Model"] = record["model"]
+    if record.get("strength") is not None:
+        pairs["Denoising strength"] = record["strength"]
+    hashes = [
+        f"{_hash_key(lora_prompt_name(lora))}: {lora['short_hash']}"
+        for lora in loras
+        if lora.get("short_hash")
+    ]
+    if hashes:
+        pairs["Lora hashes"] = ", ".join(hashes)
+    # Without the Refiner A1111 writes no Refiner keys either.
+    if record.get("refiner"):
+        pairs["Refiner"] = record["refiner"]
+        if record.get("refiner_switch_at") is not None:
+            pairs["Refiner switch at"] = record["refiner_switch_at"]
+    text = ", ".join(
+        key if key == value else f"{key}: {_quote(_number(value))}" for key, value in pairs.items()
+    )
+    negative = record.get("negative_prompt") or ""
+    negative_line = f"\nNegative prompt: {negative}" if negative else ""
+    return f"{prompt}{negative_line}\n{text}".strip()
+
+
+def _hash_key(name: str) -> str:
+    # A1111 removes ":" and "," from the names in "Lora hashes", its separators.
+    return name.replace(":", "").replace(",", "")
+
+
+def _number(value: object) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return str(int(value))
+    return repr(value)
+
+
+def _quote(text: str) -> str:
+    if any(separator in text for separator in ",:\n"):
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def encode_image(
+    image: Image.Image,
+    record: dict,
+    output_format: str = "png",
+    quality: int | None = None,
+) -> bytes:
+    """The image as a PNG, JPEG or WebP file carrying the record's parameters.
+
+    PNG: text chunks `parameters` (the infotext) and `sdxl_service` (the record as JSON).
+    JPEG/WebP at `quality` (None: DEFAULT_QUALITY): the infotext in the EXIF UserComment
+    as A1111 writes it, the record as ASCII JSON in the EXIF ImageDescription. An RGBA
+    image loses its alpha for JPEG/WebP, as in A1111. ValueError for a bad format or
+    quality (quality_problem's message).
+    """
+    problem = quality_problem(output_format, quality)
+    if problem:
+        raise ValueError(problem)
+    text = infotext(record)
+    record_json = json.dumps(record, sort_keys=True)
+    buffer = io.BytesIO()
+    if output_format == "png":
+        info = PngInfo()
+        info.add_text(PNG_PARAMETERS_KEY, text)
+        info.add_text(PNG_RECORD_KEY, record_json)
+        image.save(buffer, format="PNG", pnginfo=info)
+        return buffer.getvalue()
+
+    if image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    exif = _exif_bytes(text, record_json)
+    if output_format == "jpeg" and len(exif) > _JPEG_EXIF_LIMIT:
+        # The parameters matter more than the JSON copy of them.
+        exif = _exif_bytes(text, None)
+        if len(exif) > _JPEG_EXIF_LIMIT:
+            raise ValueError("the parameters are too long for a JPEG's EXIF; ask for png")
+    quality = DEFAULT_QUALITY if quality is None else quality
+    if output_format == "jpeg":
+        image.save(buffer, format="JPEG", quality=quality, exif=exif)
+    else:
+        image.save(buffer, format="WEBP", quality=quality, lossless=False, exif=exif)
+    return buffer.getvalue()
+
+
+def _exif_bytes(text: str, record_json: str | None) -> bytes:
+    """An APP1/EXIF-chunk payload: "Exif\\0\\0", then a big-endian TIFF structure (as
+    piexif.dump writes it) holding IFD0 [ImageDescription (ASCII), ExifIFD pointer] and
+    the Exif IFD [UserComment (UNDEFINED)].
+
+    Written by hand because Pillow's Image.Exif gives a bytes value it has no type for
+    (UserComment is one) the type BYTE, not UNDEFINED: piexif then loads it as a tuple
+    of ints and A1111's read_info_from_image fails on it.
+    """
+    comment = UNICODE_PREFIX + text.encode("utf_16_be")
+    ifd0 = []  # (tag, type, count, value bytes)
+    if record_json is not None:
+        description = record_json.encode("ascii") + b"\x00"  # json.dumps escapes non-ASCII
+        ifd0.append((EXIF_IMAGE_DESCRIPTION, _TIFF_ASCII, len(description), description))
+    ifd0.append((EXIF_IFD, _TIFF_LONG, 1, None))  # the Exif IFD's offset, known below
+    exif_ifd = [(EXIF_USER_COMMENT, _TIFF_UNDEFINED, len(comment), comment)]
+
+    ifd0_offset = 8
+    ifd0_data_offset = ifd0_offset + _ifd_size(ifd0)
+    exif_ifd_offset = ifd0_data_offset + _data_size(ifd0)
+    exif_data_offset = exif_ifd_offset + _ifd_size(exif_ifd)
+    ifd0 = [
+        (tag, kind, count, struct.pack(">I", exif_ifd_offset) if value is None else value)
+        for tag, kind, count, value in ifd0
+    ]
+    tiff = b"MM\x00\x2a" + struct.pack(">I", ifd0_offset)
+    tiff += _ifd_bytes(ifd0, ifd0_data_offset)
+    tiff += _ifd_bytes(exif_ifd, exif_data_offset)
+    return b"Exif\x00\x00" + tiff
+
+
+_TIFF_ASCII, _TIFF_LONG, _TIFF_UNDEFINED = 2, 4, 7
+
+
+def _ifd_size(entries: list) -> int:
+    return 2 + 12 * len(entries) + 4
+
+
+def _padded(value: bytes) -> bytes:
+    return value + b"\x00" * (len(value) % 2)  # TIFF keeps offsets on word boundaries
+
+
+def _data_size(entries: list) -> int:
+    return sum(len(_padded(value)) for *_, value in entries if value is not None and len(value) > 4)
+
+
+def _ifd_bytes(entries: list, data_offset: int) -> bytes:
+    """The IFD (entries in ascending tag order, no next IFD), then the values that do not
+    fit in an entry's 4 bytes, starting at data_offset."""
+    table = struct.pack(">H", len(entries))
+    data = b""
+    for tag, kind, count, value in entries:
+        if len(value) <= 4:
+            field = value.ljust(4, b"\x00")
+        else:
+            field = struct.pack(">I", data_offset + len(data))
+            data += _padded(value)
+        table += struct.pack(">HHI", tag, kind, count) + field
+    return table + struct.pack(">I", 0) + data
+
+
+def decode_user_comment(value: bytes) -> str:
+    """An EXIF UserComment as A1111 reads it: by its character-code prefix as piexif's
+    UserComment.load does, and as UTF-8 (errors ignored) when the prefix is unknown."""
+    codec = _USER_COMMENT_CODECS.get(value[:8])
+    if codec is None:
+        return value.decode("utf8", errors="ignore")
+    return value[8:].decode(codec, errors="replace")
+
+
+def read_infotext(data: bytes) -> str | None:
+    """The infotext of an image file's bytes: the PNG `parameters` chunk, else the EXIF
+    UserComment (JPEG, WebP); None when it has neither."""
+    with Image.open(io.BytesIO(data)) as image:
+        text = image.info.get(PNG_PARAMETERS_KEY)
+        comment = image.getexif().get_ifd(EXIF_IFD).get(EXIF_USER_COMMENT)
+    if comment:
+        decoded = decode_user_comment(comment) if isinstance(comment, bytes) else str(comment)
+        if decoded:
+            return decoded
+    return text
+
+
+def read_record(data: bytes) -> dict | None:
+    """The JSON record of an image file's bytes (PNG `sdxl_service` chunk, or the EXIF
+    ImageDescription of a JPEG/WebP); None when there is none."""
+    with Image.open(io.BytesIO(data)) as image:
+        raw = image.info.get(PNG_RECORD_KEY) or image.getexif().get(EXIF_IMAGE_DESCRIPTION)
+    if not raw:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
