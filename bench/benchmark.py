@@ -45,6 +45,7 @@ sys.path.insert(0, str(REPO))
 
 from sdxl_engine.dataset import TrainingPair  # noqa: E402
 from sdxl_engine.generation import generate, warm_up  # noqa: E402
+from sdxl_engine.lora_merge import AppliedLora  # noqa: E402
 from sdxl_engine.parameters import training_params  # noqa: E402
 from sdxl_engine.pipelines import load_pipelines  # noqa: E402
 from sdxl_engine.source import resolve_model_source  # noqa: E402
@@ -297,7 +298,12 @@ def gen_ours(args, source):
 
     def ours_with_lora(num_images: int) -> Callable[[int], object]:
         return lambda seed: generate(
-            ours, prompt=PROMPT, num_images=num_images, seed=seed, lora_path=loras[0], **GEN
+            ours,
+            prompt=PROMPT,
+            num_images=num_images,
+            seed=seed,
+            loras=[AppliedLora(loras[0])],
+            **GEN,
         )
 
     for num_images, runs in ((1, args.runs), (4, max(3, args.runs // 2))):
@@ -312,7 +318,7 @@ def gen_ours(args, source):
         shape = {**GEN, "width": width, "height": height}
         first_s, times = timed_requests(
             lambda seed, shape=shape: generate(
-                ours, prompt=PROMPT, seed=seed, lora_path=loras[0], **shape
+                ours, prompt=PROMPT, seed=seed, loras=[AppliedLora(loras[0])], **shape
             ),
             args.bucket_runs,
         )
@@ -320,16 +326,33 @@ def gen_ours(args, source):
         results["ours_bucket"][f"{width}x{height}"] = summary(times)
         print("bucket", width, height, results["ours_bucket"][f"{width}x{height}"], flush=True)
 
-    # LoRA switch: session A's LoRA to session B's, as between two requests.
-    merger = ours.unet_lora
-    switches = []
-    for index in range(10):
-        merger.merge(loras[index % 2])
-        start = sync_time()
-        merger.merge(loras[(index + 1) % 2])
-        switches.append(sync_time() - start)
-    merger.restore()
-    results["lora_switch_ms"] = round(statistics.median(switches[2:]) * 1000, 2)
+    # Two LoRAs in one request (loras: a at 0.8, b at 0.5) against one: merged into the
+    # same weights, so the steps cost the same and only the merge takes longer.
+    two_loras = [AppliedLora(loras[0], 0.8), AppliedLora(loras[1], 0.5)]
+    _, times = timed_requests(
+        lambda seed: generate(ours, prompt=PROMPT, seed=seed, loras=two_loras, **GEN), args.runs
+    )
+    results["ours_b1_two_loras"] = summary(times)
+
+    # LoRA switch: session A's LoRA to session B's, as between two requests; and from one
+    # LoRA to a request with two.
+    merger = ours.loras
+    for key, before, after in (
+        (
+            "lora_switch_ms",
+            lambda i: [AppliedLora(loras[i % 2])],
+            lambda i: [AppliedLora(loras[(i + 1) % 2])],
+        ),
+        ("lora_switch_two_ms", lambda i: [AppliedLora(loras[i % 2])], lambda i: two_loras),
+    ):
+        switches = []
+        for index in range(10):
+            merger.merge(before(index))
+            start = sync_time()
+            merger.merge(after(index))
+            switches.append(sync_time() - start)
+        merger.restore()
+        results[key] = round(statistics.median(switches[2:]) * 1000, 2)
 
     # Per-step cost of having a LoRA applied: whole requests with and without one.
     _, times = timed_requests(
@@ -343,7 +366,7 @@ def gen_ours(args, source):
 
     # Correctness: same seed, same weights, same LoRA as the plain-diffusers reference; and
     # the LoRA must reach the captured graphs (merged in place, not ignored).
-    with_lora = latents_of(ours, seed=1234, lora_path=loras[0])
+    with_lora = latents_of(ours, seed=1234, loras=[AppliedLora(loras[0])])
     without_lora = latents_of(ours, seed=1234)
     results["ours_lora_effect_rel"] = relative_error(with_lora, without_lora)
     # What ran from per-shape CUDA graphs, and any shape that could not be captured.
@@ -356,7 +379,7 @@ def gen_ours(args, source):
         for name, graphs in zip(("base", "refiner"), ours.unet_graphs, strict=False)
     }
     width, height = bucket_shapes(args.size)[3]  # a portrait, run from a CUDA graph
-    bucket = latents_of(ours, seed=1234, lora_path=loras[0], width=width, height=height)
+    bucket = latents_of(ours, seed=1234, loras=[AppliedLora(loras[0])], width=width, height=height)
     return results, {"native": with_lora, (width, height): bucket}, loras, ours.dtype
 
 

@@ -25,6 +25,7 @@ import benchmark  # bench/benchmark.py: same model source, inputs and environmen
 import torch
 from benchmark import DEVICE, environment, latent_inputs, model_source, peak_gib, sync_time
 
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.pipelines import load_pipelines
 from sdxl_engine.training import LORA_TARGET_MODULES
 
@@ -133,7 +134,8 @@ def part_gen(args, recorder: Recorder) -> None:
         )
 
         def run(lora_path):
-            return benchmark.latents_of(pipelines, seed=7, lora_path=lora_path)
+            loras = [AppliedLora(lora_path)] if lora_path else []
+            return benchmark.latents_of(pipelines, seed=7, loras=loras)
 
         result = {}
         eager_lora, eager_plain = run(lora), run(None)

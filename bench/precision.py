@@ -40,6 +40,7 @@ from benchmark import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.pipelines import HALF_PRECISION, load_pipelines
 
 SEED = 1234
@@ -97,10 +98,10 @@ def main() -> None:
         # reference is) instead of cast from float16 afterwards.
         with patch.dict(HALF_PRECISION, generation=dtype):
             ours = load_pipelines(source)
-        fast = latents_of(ours, seed=SEED, lora_path=lora)
-        ours.unet_lora.merge(lora)
+        fast = latents_of(ours, seed=SEED, loras=[AppliedLora(lora)])
+        ours.loras.merge([AppliedLora(lora)])
         ours_step = unet_output(ours.base.unet, inputs, kwargs)
-        ours.unet_lora.restore()
+        ours.loras.restore()
         del ours
         torch.cuda.empty_cache()
 

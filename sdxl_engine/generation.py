@@ -1,25 +1,30 @@
-"""Text-to-image with SDXL Base + Refiner as an ensemble of experts, optionally with a LoRA,
-one request or several batched together."""
+"""Text-to-image and image-to-image with SDXL Base + Refiner as an ensemble of experts,
+optionally with LoRAs, one request or several batched together."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import PIL.Image
 import torch
+from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    retrieve_latents,
+)
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.lora_merge import is_unet_only
+from sdxl_engine.lora_keys import TEXT_ENCODERS
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
+    image_seeds,
     refiner_problem,
+    strength_problem,
 )
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.schedulers import build_scheduler, scheduler_spec
@@ -27,19 +32,26 @@ from sdxl_engine.schedulers import build_scheduler, scheduler_spec
 # By default the Base denoises the first 80% of the schedule (the high-noise steps), the
 # Refiner the rest, as in SDXL's ensemble-of-experts setup (refiner_switch).
 HANDOVER_FRACTION = DEFAULT_REFINER_SWITCH
-LORA_ADAPTER_NAME = "sdxl_service_generation"
 
 
 @dataclass(frozen=True)
 class GenerationJob:
     """What differs between requests that can share one batch: each has its prompts, its
-    image count and its seed, and gets the images it would get alone (the same starting
-    noise; the arithmetic of a larger batch may differ in the last bits of float16)."""
+    image count, its seed and, for img2img, its starting image, and gets the images it
+    would get alone (the same starting noise; the arithmetic of a larger batch may differ
+    in the last bits of float16)."""
 
     prompt: str
     negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
     num_images: int = GENERATION_DEFAULTS.num_images
     seed: int = 0
+    # img2img: the image to start from, resized to the request's width x height.
+    init_image: PIL.Image.Image | None = None
+
+    @property
+    def seeds(self) -> list[int]:
+        """Each image's own seed (parameters.image_seeds)."""
+        return image_seeds(self.seed, self.num_images)
 
 
 def generate(
@@ -49,11 +61,12 @@ def generate(
     negative_prompt: str = GENERATION_DEFAULTS.negative_prompt,
     num_images: int = GENERATION_DEFAULTS.num_images,
     seed: int,
+    init_image: PIL.Image.Image | None = None,
     **shared: Any,
 ) -> list[PIL.Image.Image]:
     """`num_images` images for `prompt`, the same for the same seed; the other arguments
     are generate_batch's."""
-    job = GenerationJob(prompt, negative_prompt, num_images, seed)
+    job = GenerationJob(prompt, negative_prompt, num_images, seed, init_image)
     return generate_batch(pipelines, [job], **shared)[0]
 
 
@@ -65,18 +78,21 @@ def generate_batch(
     width: int = GENERATION_DEFAULTS.width,
     guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
     steps: int = GENERATION_DEFAULTS.steps,
-    lora_path: Path | None = None,
-    lora_scale: float = GENERATION_DEFAULTS.lora_scale,
+    loras: Sequence[AppliedLora] = (),
     on_step: Callable[[int, int], None] | None = None,
     scheduler: str | None = None,
     refiner: str = DEFAULT_REFINER_POLICY,
     refiner_switch: float = HANDOVER_FRACTION,
+    strength: float | None = None,
 ) -> list[list[PIL.Image.Image]]:
     """The images of each job, `width`×`height`, made together in one batch: Base and
     Refiner run once for all of them, which costs less per image than one run per job.
+    Image i of a job starts from noise of its own seed (GenerationJob.seeds), drawn the
+    way stock diffusers draws it for a list of generators.
 
-    A LoRA, if given, applies to the Base only and to this call only: it is unloaded
-    afterwards, so the next call without it matches a freshly loaded pipeline.
+    `loras` apply to the Base (UNet and text encoders) for this call only, added together
+    at their scales: merged into the weights and restored afterwards, so the next call
+    without them matches a freshly loaded pipeline. The Refiner never sees them.
     `on_step(done, steps)` runs after each denoising step of Base and Refiner together.
 
     `scheduler` (a name of schedulers.SCHEDULERS) drives Base and Refiner for this call
@@ -85,11 +101,21 @@ def generate_batch(
     `refiner` "ensemble": the Base denoises the first `refiner_switch` of the schedule and
     the Refiner the rest; "none": the Base alone runs every step and its latents are
     decoded (`refiner_switch` does not apply), the Refiner is not called.
+
+    `strength` (img2img, every job has an init_image): the fraction of the schedule run
+    on each job's image after noising it, as diffusers' StableDiffusionXLImg2ImgPipeline
+    does; under "ensemble" the Base runs the first `refiner_switch` of those steps and the
+    Refiner the rest, as AUTOMATIC1111 splits them. At 1 the image is not used at all:
+    the result is the text-to-image one for the seed.
     """
     _check_request(pipelines, jobs, height, width, steps)
     _check_refiner(refiner, refiner_switch)
+    _check_strength(jobs, strength)
     ensemble = refiner == "ensemble"
-    refiner_switch = float(refiner_switch)  # diffusers ignores a denoising_start not float
+    img2img = strength is not None and strength < 1.0
+    # Where the Base hands over, as a fraction of the whole schedule; diffusers ignores a
+    # denoising_start that is not a float.
+    handover = float(refiner_switch if not img2img else 1 - strength * (1 - refiner_switch))
     if scheduler is not None:
         scheduler_spec(scheduler)  # an unknown name fails before anything changes
     base, refiner_pipe = pipelines.base, pipelines.refiner
@@ -99,13 +125,9 @@ def generate_batch(
             "load them with purpose='generation' to generate"
         )
     report_step = _step_reporter(steps, on_step)
-
-    # A UNet-only LoRA (what the trainer writes) is merged into the weights for the
-    # request; anything else (text-encoder LoRAs) goes through diffusers' PEFT layers.
-    merged = lora_path is not None and is_unet_only(Path(lora_path))
     # Once the native size's graphs are compiled, a call the compiled code has not seen
-    # (a PEFT-layered LoRA) runs eagerly: seconds slower, instead of a compile that would
-    # hold the request for minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
+    # runs eagerly: seconds slower, instead of a compile that would hold the request for
+    # minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
     stance = "eager_on_recompile" if pipelines.warmed_up else "default"
     own_schedulers = base.scheduler, refiner_pipe.scheduler
     try:
@@ -113,33 +135,44 @@ def generate_batch(
             seeds = _noise_seeds(jobs)
             base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
             refiner_pipe.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
-        if merged:
-            pipelines.unet_lora.merge(Path(lora_path), lora_scale)
-        elif lora_path is not None:
-            _load_lora(pipelines, Path(lora_path), lora_scale)
-        graphs_off = pipelines.graphs_paused() if lora_path and not merged else nullcontext()
-        with torch.no_grad(), torch.compiler.set_stance(stance), graphs_off:
-            base_inputs, generators = _base_inputs(pipelines, jobs, height, width, guidance_scale)
+        # The text encoders carry the LoRAs only while the Base's prompts are encoded:
+        # text_encoder_2 is shared with the Refiner, which must not see them.
+        pipelines.loras.merge(loras)
+        with torch.no_grad(), torch.compiler.set_stance(stance):
+            embeddings = _base_embeddings(pipelines, jobs, guidance_scale)
+            pipelines.loras.restore(TEXT_ENCODERS)
+            generators = [
+                torch.Generator(pipelines.device).manual_seed(seed)
+                for job in jobs
+                for seed in job.seeds
+            ]
             # A scheduler that draws noise in its steps (euler_a) draws each image's from
-            # its job's generator, which drew its starting noise: a job's images do not
-            # depend on its batch. Without a scheduler the pipelines get none, as before.
-            step_noise = {"generator": generators} if scheduler is not None else {}
-            latents = base(
-                **base_inputs,
-                height=height,
-                width=width,
+            # its generator, which drew its starting noise: an image does not depend on
+            # its batch. Without a scheduler txt2img gets none, as before the field.
+            step_noise = {"generator": generators} if scheduler is not None or img2img else {}
+            base_stage = dict(
+                **embeddings,
                 guidance_scale=guidance_scale,
                 num_inference_steps=steps,
                 # None: the whole schedule (stock diffusers' Base alone).
-                denoising_end=refiner_switch if ensemble else None,
+                denoising_end=handover if ensemble else None,
                 output_type="latent",
                 callback_on_step_end=report_step,
                 **step_noise,
-            ).images
-            if lora_path is not None and not merged:
-                # text_encoder_2 is shared with the Refiner; a LoRA that also trained it
-                # must not reach the Refiner's prompt encoding.
-                base.disable_lora()
+            )
+            if img2img:
+                latents = _img2img_of(base)(
+                    image=_init_latents(pipelines, jobs, height, width, generators),
+                    strength=strength,
+                    **base_stage,
+                ).images
+            else:
+                latents = base(
+                    latents=_starting_noise(pipelines, height, width, generators),
+                    height=height,
+                    width=width,
+                    **base_stage,
+                ).images
             if ensemble:
                 # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
                 # matching the latents' batch.
@@ -157,7 +190,7 @@ def generate_batch(
                     pooled_prompt_embeds=pooled,
                     image=latents,
                     num_inference_steps=steps,
-                    denoising_start=refiner_switch,
+                    denoising_start=handover,
                     guidance_scale=1.0,
                     output_type="latent",
                     callback_on_step_end=report_step,
@@ -173,34 +206,28 @@ def generate_batch(
             ]
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
-        # must find the model's own.
+        # must find the model's own, the next without LoRAs the model's own weights.
         base.scheduler, refiner_pipe.scheduler = own_schedulers
-        if merged:
-            pipelines.unet_lora.restore()
-        elif lora_path is not None:
-            base.unload_lora_weights()
+        pipelines.loras.restore()
     return images
 
 
-def _base_inputs(
-    pipelines: Pipelines,
-    jobs: list[GenerationJob],
-    height: int,
-    width: int,
-    guidance_scale: float,
-) -> tuple[dict[str, Any], list[torch.Generator]]:
-    """The Base's prompt embeddings and starting noise for every job, concatenated, and
-    one generator per image: its job's, after drawing the job's starting noise.
+def _img2img_of(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipeline:
+    """diffusers' img2img pipeline over the Base's own modules and its current scheduler.
+    (Not `from_pipe`, which casts the modules to one dtype: the VAE stays float32.)"""
+    pipeline = StableDiffusionXLImg2ImgPipeline(**base.components)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
-    Each job's noise comes from its own seed, drawn exactly as the pipeline draws it for
-    one request (randn_tensor on the device, in the UNet's dtype), so a job's images do
-    not depend on the other jobs of its batch.
-    """
-    base, device = pipelines.base, pipelines.device
+
+def _base_embeddings(
+    pipelines: Pipelines, jobs: list[GenerationJob], guidance_scale: float
+) -> dict[str, torch.Tensor | None]:
+    """The Base's prompt embeddings of every job, one per image, concatenated."""
     encodings = [
-        base.encode_prompt(
+        pipelines.base.encode_prompt(
             job.prompt,
-            device=device,
+            device=pipelines.device,
             num_images_per_prompt=job.num_images,
             do_classifier_free_guidance=guidance_scale > 1.0,
             # SDXL's Base is meant to see zeros for an empty negative prompt
@@ -210,46 +237,60 @@ def _base_inputs(
         for job in jobs
     ]
     prompt_embeds, negative_embeds, pooled, negative_pooled = _concatenated(encodings)
-    latent_shape = (
-        base.unet.config.in_channels,
-        height // base.vae_scale_factor,
-        width // base.vae_scale_factor,
-    )
-    job_generators = [torch.Generator(device).manual_seed(job.seed) for job in jobs]
-    latents = torch.cat(
-        [
-            randn_tensor(
-                (job.num_images, *latent_shape),
-                generator=generator,
-                device=torch.device(device),
-                dtype=prompt_embeds.dtype,
-            )
-            for job, generator in zip(jobs, job_generators, strict=True)
-        ]
-    )
-    generators = [
-        generator
-        for job, generator in zip(jobs, job_generators, strict=True)
-        for _ in range(job.num_images)
-    ]
     return {
         "prompt_embeds": prompt_embeds,
         "negative_prompt_embeds": negative_embeds,
         "pooled_prompt_embeds": pooled,
         "negative_pooled_prompt_embeds": negative_pooled,
-        "latents": latents,
-    }, generators
+    }
+
+
+def _starting_noise(
+    pipelines: Pipelines, height: int, width: int, generators: list[torch.Generator]
+) -> torch.Tensor:
+    """Text-to-image's starting noise, each image's from its own generator, drawn exactly
+    as the pipeline draws it for a list of generators (on the device, in the UNet's dtype)."""
+    base = pipelines.base
+    shape = (
+        len(generators),
+        base.unet.config.in_channels,
+        height // base.vae_scale_factor,
+        width // base.vae_scale_factor,
+    )
+    device = torch.device(pipelines.device)
+    return randn_tensor(shape, generator=generators, device=device, dtype=pipelines.dtype)
+
+
+def _init_latents(
+    pipelines: Pipelines,
+    jobs: list[GenerationJob],
+    height: int,
+    width: int,
+    generators: list[torch.Generator],
+) -> torch.Tensor:
+    """Each image's starting image in latent space, ready for the img2img pipeline to
+    noise: encoded with the float32 VAE and sampled with the image's generator, as
+    StableDiffusionXLImg2ImgPipeline encodes an image for a list of generators (its own
+    encoding would cast the shared VAE to float16 afterwards)."""
+    vae, device = pipelines.base.vae, pipelines.device
+    latents = []
+    images = iter(generators)
+    for job in jobs:
+        pixels = pipelines.base.image_processor.preprocess(
+            job.init_image.convert("RGB"), height=height, width=width
+        ).to(device, torch.float32)
+        for _ in range(job.num_images):
+            latents.append(retrieve_latents(vae.encode(pixels), generator=next(images)))
+    return (torch.cat(latents) * vae.config.scaling_factor).to(pipelines.dtype)
 
 
 def _noise_seeds(jobs: list[GenerationJob]) -> list[int]:
-    """One Brownian-tree seed per image (DPMSolverSDEScheduler's noise), drawn from its
-    job's seed: the images of a job differ, and do not depend on the other jobs."""
+    """One Brownian-tree seed per image (DPMSolverSDEScheduler's noise), drawn from the
+    image's own seed: an image does not depend on the others of its request or batch."""
     return [
-        int(seed)
+        int(torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(seed)))
         for job in jobs
-        for seed in torch.randint(
-            0, 2**63 - 1, (job.num_images,), generator=torch.Generator().manual_seed(job.seed)
-        )
+        for seed in job.seeds
     ]
 
 
@@ -294,6 +335,18 @@ def _check_request(
         raise EngineError("invalid generation parameters: " + "; ".join(problems))
 
 
+def _check_strength(jobs: list[GenerationJob], strength: float | None) -> None:
+    with_image = [job.init_image is not None for job in jobs]
+    if strength is None and any(with_image):
+        raise EngineError("img2img needs a strength")
+    if strength is not None:
+        if not all(with_image):
+            raise EngineError("strength applies to img2img: every job needs an init_image")
+        problem = strength_problem(strength)
+        if problem:
+            raise EngineError(problem)
+
+
 def _check_refiner(refiner: str, refiner_switch: float) -> None:
     problem = refiner_problem(refiner, refiner_switch)
     if problem:
@@ -315,20 +368,6 @@ def _step_reporter(
         return callback_kwargs
 
     return report
-
-
-def _load_lora(pipelines: Pipelines, lora_path: Path, lora_scale: float) -> None:
-    base = pipelines.base
-    try:
-        base.load_lora_weights(str(lora_path), adapter_name=LORA_ADAPTER_NAME)
-        base.set_adapters([LORA_ADAPTER_NAME], adapter_weights=[lora_scale])
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        # A partly loaded LoRA must not linger in the cached pipeline.
-        base.unload_lora_weights()
-        raise EngineError(
-            f"LoRA {lora_path.name} could not be applied to the SDXL base model ({error}); "
-            "train it again or upload an SDXL LoRA in diffusers or kohya format"
-        ) from error
 
 
 def decode_latents(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Image.Image]:

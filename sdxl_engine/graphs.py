@@ -59,7 +59,6 @@ class UNetGraphs:
         self.uncapturable: set[tuple] = set()
         self._compiled_call: Callable | None = None
         self._recording_compiled = False
-        self._paused = 0
         # One pool for every graph: they replay one at a time, on one stream.
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -77,17 +76,8 @@ class UNetGraphs:
         finally:
             self._recording_compiled = False
 
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Within the block every call runs as if no graphs were installed."""
-        self._paused += 1
-        try:
-            yield
-        finally:
-            self._paused -= 1
-
     def __call__(self, sample, timestep, encoder_hidden_states, **kwargs) -> Any:
-        if self._paused or not _capturable(sample, timestep, encoder_hidden_states, kwargs):
+        if not _capturable(sample, timestep, encoder_hidden_states, kwargs):
             return self._plain_call(sample, timestep, encoder_hidden_states, **kwargs)
         added = kwargs.get("added_cond_kwargs") or {}
         added_keys = tuple(sorted(added))

@@ -191,5 +191,25 @@ def refiner_problem(refiner: str, refiner_switch: float) -> str | None:
     return None
 
 
+# Seeds fit a signed 64-bit column (PostgreSQL bigint) and torch.Generator alike.
+SEED_BITS = 63
+# LoRAs one generation may apply together.
+MAX_LORAS = 4
+
+
+def image_seeds(seed: int, count: int) -> list[int]:
+    """The seed of each of a request's `count` images: `seed`, `seed + 1`, ... as
+    AUTOMATIC1111 numbers them (wrapping within SEED_BITS); each image is made from its
+    own seed alone, so a request for one image with seed `seed + i` gives image i again."""
+    return [(seed + index) % 2**SEED_BITS for index in range(count)]
+
+
+def strength_problem(strength: float) -> str | None:
+    """Why an img2img `strength` cannot run, or None when it can."""
+    if not 0.0 < strength <= 1.0:
+        return "strength must be greater than 0 and at most 1"
+    return None
+
+
 def field_names(params_class: type) -> frozenset[str]:
     return frozenset(field.name for field in fields(params_class))

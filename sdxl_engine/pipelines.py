@@ -13,7 +13,8 @@ from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipelin
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.graphs import UNetGraphs
-from sdxl_engine.lora_merge import UNetLoraMerger
+from sdxl_engine.lora_keys import COMPONENTS
+from sdxl_engine.lora_merge import LoraMerger
 from sdxl_engine.source import ModelSource
 
 Purpose = Literal["generation", "training"]
@@ -50,18 +51,13 @@ class Pipelines:
     # Per-shape CUDA graphs of the eager UNets (graphs.UNetGraphs), Base first; empty
     # where they are off (CPU, training, cuda_graphs=False).
     unet_graphs: tuple[UNetGraphs, ...] = ()
-    unet_lora: UNetLoraMerger = field(init=False)  # merges a request's LoRA into the Base
+    # Merges a request's LoRAs into the Base's UNet and text encoders.
+    loras: LoraMerger = field(init=False)
 
     def __post_init__(self) -> None:
-        self.unet_lora = UNetLoraMerger(self.base.unet)
-
-    @contextlib.contextmanager
-    def graphs_paused(self) -> Iterator[None]:
-        """The UNets run without the per-shape CUDA graphs (a PEFT-layered LoRA is loaded)."""
-        with contextlib.ExitStack() as stack:
-            for graphs in self.unet_graphs:
-                stack.enter_context(graphs.paused())
-            yield
+        self.loras = LoraMerger(
+            {component: getattr(self.base, component) for component in COMPONENTS}
+        )
 
     @contextlib.contextmanager
     def recording_compiled_shapes(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.pipelines import Pipelines
 from tests.helpers import images_close
 
@@ -90,7 +91,12 @@ def test_lora_applies_to_this_call_and_the_base_only(
             )
 
     with_lora = generate(
-        pipelines, prompt="a red square", seed=9, lora_path=trained_lora, on_step=watch, **SMALL
+        pipelines,
+        prompt="a red square",
+        seed=9,
+        loras=[AppliedLora(trained_lora)],
+        on_step=watch,
+        **SMALL,
     )
     after = generate(pipelines, prompt="a red square", seed=9, **SMALL)
 
@@ -103,7 +109,7 @@ def test_lora_applies_to_this_call_and_the_base_only(
 def test_lora_scale_zero_matches_no_lora(pipelines: Pipelines, trained_lora: Path) -> None:
     plain = generate(pipelines, prompt="a red square", seed=4, **SMALL)
     scaled_off = generate(
-        pipelines, prompt="a red square", seed=4, lora_path=trained_lora, lora_scale=0.0, **SMALL
+        pipelines, prompt="a red square", seed=4, loras=[AppliedLora(trained_lora, 0.0)], **SMALL
     )
 
     assert _same(plain, scaled_off)
@@ -116,8 +122,8 @@ def test_unusable_lora_is_an_engine_error_and_leaves_no_trace(
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"garbage")
 
-    with pytest.raises(EngineError, match="broken.safetensors could not be applied"):
-        generate(pipelines, prompt="x", seed=2, lora_path=broken, **SMALL)
+    with pytest.raises(EngineError, match="broken.safetensors could not be read"):
+        generate(pipelines, prompt="x", seed=2, loras=[AppliedLora(broken)], **SMALL)
 
     assert _same(before, generate(pipelines, prompt="x", seed=2, **SMALL))
 
@@ -146,11 +152,13 @@ def test_compiled_pipelines_compute_what_eager_ones_do_lora_merged_included(
     graphs_before = _compiled_graphs()
 
     compiled_plain = generate(compiled_pipelines, **request)
-    compiled_lora = generate(compiled_pipelines, lora_path=trained_lora, **request)
+    compiled_lora = generate(compiled_pipelines, loras=[AppliedLora(trained_lora)], **request)
 
     assert images_close(compiled_plain, generate(pipelines, **request))
     # The LoRA is merged into the weights the compiled graphs read, in place.
-    assert images_close(compiled_lora, generate(pipelines, lora_path=trained_lora, **request))
+    assert images_close(
+        compiled_lora, generate(pipelines, loras=[AppliedLora(trained_lora)], **request)
+    )
     assert not _same(compiled_plain, compiled_lora)
     assert _compiled_graphs() == graphs_before  # warm_up compiled everything needed
 
@@ -183,8 +191,12 @@ def test_a_text_encoder_lora_applies_to_this_call_only(
     )
     before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
 
-    whole = generate(pipelines, prompt="a red square", seed=9, lora_path=text_encoder_lora, **SMALL)
-    unet_only = generate(pipelines, prompt="a red square", seed=9, lora_path=unet_part, **SMALL)
+    whole = generate(
+        pipelines, prompt="a red square", seed=9, loras=[AppliedLora(text_encoder_lora)], **SMALL
+    )
+    unet_only = generate(
+        pipelines, prompt="a red square", seed=9, loras=[AppliedLora(unet_part)], **SMALL
+    )
     after = generate(pipelines, prompt="a red square", seed=9, **SMALL)
 
     assert not _same(whole, unet_only)  # the text encoders' part is applied too
@@ -209,7 +221,7 @@ def test_a_one_job_batch_is_stock_diffusers_request_exactly(pipelines: Pipelines
             negative_prompt=None,
             guidance_scale=BATCHED["guidance_scale"],
             denoising_end=0.8,
-            generator=torch.Generator("cpu").manual_seed(seed),
+            generator=[torch.Generator("cpu").manual_seed(s) for s in (seed, seed + 1)],
             **shared,
         ).images
         refined = pipelines.refiner(
@@ -276,3 +288,58 @@ def test_a_batch_without_jobs_or_with_an_empty_job_is_an_engine_error(
 ) -> None:
     with pytest.raises(EngineError, match=message):
         generate_batch(pipelines, jobs, **BATCHED)
+
+
+def test_each_image_is_reproduced_alone_by_its_own_seed(pipelines: Pipelines) -> None:
+    job = GenerationJob("a red apple", "blurry", num_images=3, seed=2**63 - 2)
+    assert job.seeds == [2**63 - 2, 2**63 - 1, 0]  # A1111's seed + i, wrapped
+
+    together = generate_batch(pipelines, [job], **BATCHED)[0]
+    alone = [
+        generate(pipelines, prompt="a red apple", negative_prompt="blurry", seed=seed, **BATCHED)[0]
+        for seed in job.seeds
+    ]
+
+    # Equal up to the last bits a batch of 3 sums in another order than a batch of 1.
+    assert images_close(together, alone)
+    assert _max_difference(together[:1], together[1:2]) > 8
+
+
+def test_two_loras_give_stock_diffusers_image_with_both_adapters(
+    pipelines: Pipelines, trained_lora: Path, text_encoder_lora: Path
+) -> None:
+    """Two LoRAs at scales 0.8 and -0.5, one with text-encoder pairs, merged for the call:
+    the pixels of stock diffusers with both adapters loaded at those weights."""
+    seed, prompt = 6, "a red apple"
+    loras = [AppliedLora(trained_lora, 0.8), AppliedLora(text_encoder_lora, -0.5)]
+    ours = generate(pipelines, prompt=prompt, seed=seed, loras=loras, **BATCHED)
+    one = generate(pipelines, prompt=prompt, seed=seed, loras=loras[:1], **BATCHED)
+    plain = generate(pipelines, prompt=prompt, seed=seed, **BATCHED)
+
+    base = pipelines.base
+    base.load_lora_weights(str(trained_lora), adapter_name="first")
+    base.load_lora_weights(str(text_encoder_lora), adapter_name="second")
+    try:
+        base.set_adapters(["first", "second"], adapter_weights=[0.8, -0.5])
+        shared = {"num_inference_steps": BATCHED["steps"], "output_type": "latent"}
+        with torch.no_grad():
+            latents = base(
+                prompt=prompt,
+                height=BATCHED["height"],
+                width=BATCHED["width"],
+                guidance_scale=BATCHED["guidance_scale"],
+                denoising_end=0.8,
+                generator=torch.Generator("cpu").manual_seed(seed),
+                **shared,
+            ).images
+            base.disable_lora()  # text_encoder_2 is the Refiner's too: it must not see them
+            refined = pipelines.refiner(
+                prompt=prompt, image=latents, denoising_start=0.8, guidance_scale=1.0, **shared
+            ).images
+            stock = decode_latents(pipelines, refined)
+    finally:
+        base.unload_lora_weights()
+
+    assert images_close(ours, stock)
+    assert _max_difference(ours, one) > 8 and _max_difference(one, plain) > 8
+    assert _same(plain, generate(pipelines, prompt=prompt, seed=seed, **BATCHED))

@@ -108,10 +108,8 @@ def test_compiled_shapes_go_to_the_compiled_code_and_the_rest_to_graphs(pipeline
             unet(*native[0], **native[1], return_dict=False)
         unet(*native[0], **native[1], return_dict=False)
         unet(*other[0], **other[1], return_dict=False)
-        with graphs.paused():
-            unet(*other[0], **other[1], return_dict=False)
 
-    assert compiled_calls == [(2, 4, 8, 8)] * 2 + [(2, 4, 10, 6)]
+    assert compiled_calls == [(2, 4, 8, 8)] * 2
     assert [shapes[0] for shapes in captures] == [(2, 4, 10, 6)]
 
 

@@ -40,6 +40,7 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from PIL import Image, ImageDraw
 
 from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.parameters import TrainingParams
 from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
@@ -179,11 +180,11 @@ def train_on_one_image(pipelines: Pipelines, image_path: Path, seed: int, output
 @contextmanager
 def lora_applied(pipelines: Pipelines, lora: Path) -> Iterator[None]:
     """As generate applies a trainer's LoRA: merged into the Base UNet, then restored."""
-    pipelines.unet_lora.merge(lora)
+    pipelines.loras.merge([AppliedLora(lora)])
     try:
         yield
     finally:
-        pipelines.unet_lora.restore()
+        pipelines.loras.restore()
 
 
 def generate_latents(pipelines: Pipelines, prompt: str) -> torch.Tensor:

@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_files import read_lora_metadata
-from sdxl_engine.lora_keys import ADAPTER_METADATA_KEY
-from sdxl_engine.lora_merge import UNetLoraMerger, is_unet_only
+from sdxl_engine.lora_keys import ADAPTER_METADATA_KEY, COMPONENTS, TEXT_ENCODERS
+from sdxl_engine.lora_merge import AppliedLora, LoraMerger
 from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
 from tests.lora_variants import write_diffusers_lora_with_alpha_twice_rank
@@ -47,8 +47,8 @@ def _stock_output(pipeline: StableDiffusionXLPipeline, lora: Path) -> torch.Tens
 
 def _merged_output(unet: torch.nn.Module, lora: Path) -> torch.Tensor:
     """The UNet's output with `lora` merged into its weights in place, restored after."""
-    merger = UNetLoraMerger(unet)
-    merger.merge(lora)
+    merger = LoraMerger({"unet": unet})
+    merger.merge([AppliedLora(lora)])
     try:
         return _unet_output(unet)
     finally:
@@ -97,10 +97,10 @@ def test_restore_gives_back_the_exact_weights_and_scale_applies(
 ) -> None:
     unet = pipelines.base.unet
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    merger = UNetLoraMerger(unet)
-    merger.merge(trained_lora, scale=0.5)
+    merger = LoraMerger({"unet": unet})
+    merger.merge([AppliedLora(trained_lora, scale=0.5)])
     half = {k: v.clone() for k, v in unet.state_dict().items()}
-    merger.merge(trained_lora, scale=1.0)  # a switch: restores first, then merges
+    merger.merge([AppliedLora(trained_lora, scale=1.0)])  # a switch: restores, then merges
     full = unet.state_dict()
     changed = [k for k in before if not torch.equal(before[k], full[k])]
     assert changed and all(".to_" in k for k in changed)
@@ -115,19 +115,91 @@ def test_a_lora_for_another_model_is_refused(pipelines: Pipelines, trained_lora:
     renamed = {k.replace("down_blocks.1", "down_blocks.7"): v for k, v in tensors.items()}
     foreign = tmp_path / "foreign.safetensors"
     save_file(renamed, str(foreign))
-    merger = UNetLoraMerger(pipelines.base.unet)
+    merger = LoraMerger({"unet": pipelines.base.unet})
     with pytest.raises(EngineError, match="does not have"):
-        merger.merge(foreign)
+        merger.merge([AppliedLora(foreign)])
 
 
-def test_only_unet_factor_files_take_the_merge_path(trained_lora: Path, tmp_path) -> None:
-    assert is_unet_only(trained_lora)
-    with_text_encoder = tmp_path / "te.safetensors"
-    save_file(
-        {**load_file(trained_lora), "text_encoder.x.lora.down.weight": torch.zeros(1, 1)},
-        str(with_text_encoder),
-    )
-    assert not is_unet_only(with_text_encoder)
-    garbage = tmp_path / "garbage.safetensors"
-    garbage.write_bytes(b"not a safetensors file")
-    assert not is_unet_only(garbage)
+@pytest.fixture(scope="module")
+def other_lora(trained_lora: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A second LoRA on the same modules, unlike the first: its factors shuffled."""
+    generator = torch.Generator().manual_seed(3)
+    tensors = {
+        key: tensor.flatten()[torch.randperm(tensor.numel(), generator=generator)].view_as(tensor)
+        for key, tensor in load_file(trained_lora).items()
+    }
+    path = tmp_path_factory.mktemp("other-lora") / "other.safetensors"
+    save_file(tensors, str(path), metadata=read_lora_metadata(trained_lora))
+    return path
+
+
+def test_two_loras_merged_compute_what_stock_diffusers_computes_with_both_adapters(
+    stock_pipeline: StableDiffusionXLPipeline, trained_lora: Path, other_lora: Path
+) -> None:
+    stock_pipeline.load_lora_weights(str(trained_lora), adapter_name="first")
+    stock_pipeline.load_lora_weights(str(other_lora), adapter_name="second")
+    try:
+        stock_pipeline.set_adapters(["first", "second"], adapter_weights=[0.7, -0.4])
+        both = _unet_output(stock_pipeline.unet)
+        stock_pipeline.set_adapters(["first"], adapter_weights=[0.7])
+        first_alone = _unet_output(stock_pipeline.unet)
+    finally:
+        stock_pipeline.unload_lora_weights()
+    merger = LoraMerger({"unet": stock_pipeline.unet})
+    merger.merge([AppliedLora(trained_lora, 0.7), AppliedLora(other_lora, -0.4)])
+    try:
+        merged = _unet_output(stock_pipeline.unet)
+    finally:
+        merger.restore()
+
+    assert _relative_error(merged, both) < 1e-5
+    assert _relative_error(first_alone, both) > 1e-3  # the second LoRA does count
+
+
+def test_text_encoder_pairs_merge_into_the_text_encoders_and_restore_exactly(
+    stock_pipeline: StableDiffusionXLPipeline, text_encoder_lora: Path
+) -> None:
+    prompt = "a red square"
+
+    def encoded() -> torch.Tensor:
+        with torch.no_grad():
+            embeds, _, pooled, _ = stock_pipeline.encode_prompt(
+                prompt, device="cpu", do_classifier_free_guidance=False
+            )
+        return torch.cat([embeds.flatten(), pooled.flatten()])
+
+    plain = encoded()
+    stock_pipeline.load_lora_weights(str(text_encoder_lora))
+    try:
+        stock = encoded()
+    finally:
+        stock_pipeline.unload_lora_weights()
+    models = {name: getattr(stock_pipeline, name) for name in COMPONENTS}
+    merger = LoraMerger(models)
+    merger.merge([AppliedLora(text_encoder_lora)], components=TEXT_ENCODERS)
+    merged = encoded()
+    merger.restore()
+
+    assert _relative_error(merged, stock) < 1e-5
+    assert _relative_error(stock, plain) > 1e-3
+    assert torch.equal(encoded(), plain)
+
+
+def test_a_convolution_lora_merges_into_a_channels_last_kernel(tmp_path: Path) -> None:
+    """A LoCon pair (down: rank x in x 3 x 3, up: out x rank x 1 x 1) changes the kernel by
+    up @ down, written back in the weight's own memory format."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 6, 3)).to(memory_format=torch.channels_last)
+    weight = model[0].weight
+    original = weight.detach().clone()
+    down, up = torch.randn(2, 4, 3, 3), torch.randn(6, 2, 1, 1)
+    lora = tmp_path / "locon.safetensors"
+    save_file({"unet.0.lora.down.weight": down, "unet.0.lora.up.weight": up}, str(lora))
+    merger = LoraMerger({"unet": model})
+
+    merger.merge([AppliedLora(lora, 0.5)])
+
+    expected = original + 0.5 * (up.flatten(1) @ down.flatten(1)).view_as(original)
+    assert weight.is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(weight, expected, atol=1e-6)
+    merger.restore()
+    assert torch.equal(weight, original)

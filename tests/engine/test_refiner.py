@@ -62,7 +62,10 @@ def test_none_never_calls_the_refiner_and_gives_stock_base_alone(
             width=BATCHED["width"],
             num_inference_steps=BATCHED["steps"],
             num_images_per_prompt=2,
-            generator=torch.Generator("cpu").manual_seed(REQUEST["seed"]),
+            generator=[
+                torch.Generator("cpu").manual_seed(seed)
+                for seed in (REQUEST["seed"], REQUEST["seed"] + 1)
+            ],
             output_type="latent",
         ).images
         stock = decode_latents(pipelines, latents)
