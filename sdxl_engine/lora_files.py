@@ -4,14 +4,18 @@ A safetensors file is an 8-byte little-endian header length, a JSON header namin
 tensor's dtype, shape and byte range (plus an optional "__metadata__" map of strings),
 then the tensor bytes.
 
-`check_unet_lora` decides whether a file is a LoRA this service can apply: diffusers/PEFT
-LoRA weights on the SDXL UNet's attention projections, finite, and shaped for the model.
-The model's projection shapes come from its UNet config (`unet_lora_target_shapes`), so
-the web process checks an upload without loading any weights.
+`check_lora` decides whether a file is a LoRA this service can apply: diffusers/PEFT
+LoRA (Linear) or LoCon (Conv2d) pairs on any Linear or Conv2d module of the SDXL UNet and
+its two text encoders, finite, and shaped for the model. The model's module shapes come
+from its configs (`lora_target_shapes`, which builds the models on torch's meta device:
+no weights, no memory), so the web process checks an upload without loading any weights.
+`unet_lora_target_shapes` lists the attention projections training targets, from the
+UNet config alone.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -23,13 +27,24 @@ import numpy as np
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import sha256_file
 from sdxl_engine.lora_keys import (
+    ALPHA,
+    COMPONENTS,
+    DIFFUSERS,
     DOWN,
-    TARGET_PROJECTIONS,
+    PEFT,
+    TEXT_ENCODERS,
+    UNET,
     UP,
     factor_of,
-    is_target_projection,
     split_lora_key,
+    unsupported_message,
 )
+
+# A module's weight shape: (out, in) for Linear, (out, in, kh, kw) for Conv2d.
+Shape = tuple[int, ...]
+# Component -> module path -> weight shape; a component mapped to None is one whose
+# modules cannot be known (its LoRA pairs are then checked for consistency only).
+TargetShapes = Mapping[str, Mapping[str, Shape] | None]
 
 _HEADER_LENGTH_BYTES = 8
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
@@ -177,69 +192,151 @@ def _layer_count(spec, layer: int) -> int:
     return spec[layer] if isinstance(spec, list | tuple) else spec
 
 
-def check_unet_lora(
-    path: Path, target_shapes: Mapping[str, tuple[int, int]] | None = None
-) -> LoraInfo:
-    """Checks that `path` is a LoRA for the SDXL UNet's attention projections.
+def lora_target_shapes(
+    unet_config: dict | None,
+    text_encoder_config: dict | None = None,
+    text_encoder_2_config: dict | None = None,
+) -> dict[str, dict[str, Shape] | None]:
+    """The weight shape of every Linear and Conv2d module of the Base UNet and the two text
+    encoders built from these configs (diffusers' UNet2DConditionModel, transformers'
+    CLIPTextModel and CLIPTextModelWithProjection), by component and module path; None for
+    a component whose config is None or cannot be built. Imports torch; cached per config.
+    """
+    configs = zip(
+        COMPONENTS, (unet_config, text_encoder_config, text_encoder_2_config), strict=True
+    )
+    return {
+        component: None
+        if config is None
+        else _module_shapes(component, json.dumps(config, sort_keys=True))
+        for component, config in configs
+    }
 
-    Every tensor must be the down or up weight of a `to_q`/`to_k`/`to_v`/`to_out.0`
-    projection under `unet.`, in a float dtype, with each pair present and of one rank
-    (down: rank x in, up: out x rank), and every value finite. With `target_shapes` (from
-    `unet_lora_target_shapes`), each projection must also exist in the model with that
-    (out, in) shape. Raises EngineError naming the problems; returns the file's LoraInfo.
+
+@functools.lru_cache(maxsize=32)
+def _module_shapes(component: str, config_json: str) -> dict[str, Shape] | None:
+    import torch
+
+    config = json.loads(config_json)
+    try:
+        with torch.device("meta"):
+            if component == UNET:
+                from diffusers import UNet2DConditionModel
+
+                model = UNet2DConditionModel.from_config(config)
+            else:
+                from transformers import (
+                    CLIPTextConfig,
+                    CLIPTextModel,
+                    CLIPTextModelWithProjection,
+                )
+
+                model_class = (
+                    CLIPTextModel if component == TEXT_ENCODERS[0] else CLIPTextModelWithProjection
+                )
+                model = model_class(CLIPTextConfig.from_dict(config))
+    except Exception:  # noqa: BLE001 - a config we cannot build: its modules are unknown
+        return None
+    return {
+        name: tuple(module.weight.shape)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+    }
+
+
+def check_lora(path: Path, target_shapes: TargetShapes | None = None) -> LoraInfo:
+    """Checks that `path` is a LoRA or LoCon this service can apply to SDXL.
+
+    Every tensor must be the down or up weight of a module under `unet.`, `text_encoder.` or
+    `text_encoder_2.` (diffusers' or PEFT's spelling), in a float dtype, with each pair
+    present and of one rank: a Linear module's down rank x in and up out x rank, a Conv2d
+    module's down rank x in x kh x kw and up out x rank x 1 x 1; and every value finite.
+    With `target_shapes` (from `lora_target_shapes`), each module must also exist in the
+    model's component and the pair fit its weight. Raises EngineError naming the problems;
+    returns the file's LoraInfo.
     """
     path = Path(path)
     header = read_lora_header(path)
     tensors = {key: entry for key, entry in header.items() if key != "__metadata__"}
     if not tensors:
-        raise _not_a_unet_lora(path, ["it holds no tensors"])
+        raise _not_a_lora(path, ["it holds no tensors"])
     problems: list[str] = []
-    pairs: dict[str, dict[str, list[int]]] = {}
+    pairs: dict[tuple[str, str], dict[str, list[int]]] = {}
     for key, entry in sorted(tensors.items()):
         lora_key = split_lora_key(key)
+        if lora_key is None:
+            problems.append(unsupported_message(key))
+            continue
         if not (
-            lora_key is not None
-            and lora_key.is_unet_factor
-            and is_target_projection(lora_key.module)
+            lora_key.component is not None
+            and lora_key.factor != ALPHA
+            and lora_key.form in (DIFFUSERS, PEFT)
         ):
             problems.append(
-                f"{key!r} is not a LoRA weight of a UNet attention projection "
-                f"({', '.join(TARGET_PROJECTIONS)})"
+                f"{key!r} is not a LoRA down/up weight under unet., text_encoder. or "
+                "text_encoder_2. in diffusers' or PEFT's spelling"
             )
             continue
         if entry["dtype"] not in _FLOAT_DTYPES:
             problems.append(f"{key} has dtype {entry['dtype']}, not a float type")
             continue
-        if len(entry["shape"]) != 2 or 0 in entry["shape"]:
-            problems.append(f"{key} has shape {entry['shape']}, not a 2-D matrix")
+        if len(entry["shape"]) not in (2, 4) or 0 in entry["shape"]:
+            problems.append(
+                f"{key} has shape {entry['shape']}, neither a Linear (2-D) nor a Conv2d "
+                "(4-D) factor"
+            )
             continue
-        module, factor = lora_key.module, lora_key.factor
-        if factor in pairs.setdefault(module, {}):
-            problems.append(f"{module} has two {factor} weights")
-        pairs[module][factor] = entry["shape"]
-    for module, parts in sorted(pairs.items()):
+        module_id, factor = lora_key.module_id, lora_key.factor
+        if factor in pairs.setdefault(module_id, {}):
+            problems.append(f"{_named(module_id)} has two {factor} weights")
+        pairs[module_id][factor] = entry["shape"]
+    for module_id, parts in sorted(pairs.items()):
         if set(parts) != {DOWN, UP}:
             missing = ({DOWN, UP} - set(parts)).pop()
-            problems.append(f"{module} has no {missing} weight")
+            problems.append(f"{_named(module_id)} has no {missing} weight")
             continue
-        (rank, in_features), (out_features, up_rank) = parts[DOWN], parts[UP]
-        if rank != up_rank:
-            problems.append(f"{module} has down rank {rank} but up rank {up_rank}")
-        elif target_shapes is not None:
-            expected = target_shapes.get(module)
-            if expected is None:
-                problems.append(f"{module} is not an attention projection of this model's UNet")
-            elif (out_features, in_features) != expected:
-                problems.append(
-                    f"{module} maps {in_features} -> {out_features} features, but this "
-                    f"model's projection maps {expected[1]} -> {expected[0]}"
-                )
+        problem = _pair_problem(module_id, parts[DOWN], parts[UP], target_shapes)
+        if problem:
+            problems.append(problem)
     if problems:
-        raise _not_a_unet_lora(path, problems)
+        raise _not_a_lora(path, problems)
     non_finite = _tensors_with_non_finite_values(path, header)
     if non_finite:
-        raise _not_a_unet_lora(path, [f"{key} holds NaN or infinite values" for key in non_finite])
+        raise _not_a_lora(path, [f"{key} holds NaN or infinite values" for key in non_finite])
     return inspect_lora_file(path)
+
+
+def _pair_problem(
+    module_id: tuple[str, str], down: list[int], up: list[int], target_shapes
+) -> str | None:
+    named = _named(module_id)
+    if len(down) != len(up):
+        return f"{named} has a {len(down)}-D down weight but a {len(up)}-D up weight"
+    if down[0] != up[1]:
+        return f"{named} has down rank {down[0]} but up rank {up[1]}"
+    if len(up) == 4 and up[2:] != [1, 1]:
+        return f"{named} has a {up[2]}x{up[3]} up kernel; a LoCon's up weight is 1x1"
+    component, module = module_id
+    shapes = None if target_shapes is None else target_shapes.get(component)
+    if shapes is None:
+        return None  # the model's modules are unknown here: consistency only
+    expected = shapes.get(module)
+    if expected is None:
+        return f"{named} is no Linear or Conv2d module of this model's {component}"
+    # The weight the pair adds to: up @ down, (out, in) then the down weight's kernel.
+    found = (up[0], *down[1:])
+    if tuple(found) == tuple(expected):
+        return None
+    kind = "Linear" if len(expected) == 2 else "Conv2d"
+    return f"{named} adds a {_shape(found)} weight, but this model's {kind} is {_shape(expected)}"
+
+
+def _named(module_id: tuple[str, str]) -> str:
+    return ".".join(module_id)
+
+
+def _shape(shape) -> str:
+    return " x ".join(str(dim) for dim in shape)
 
 
 def _tensors_with_non_finite_values(path: Path, header: dict) -> list[str]:
@@ -258,11 +355,11 @@ def _tensors_with_non_finite_values(path: Path, header: dict) -> list[str]:
     return found
 
 
-def _not_a_unet_lora(path: Path, problems: list[str]) -> EngineError:
+def _not_a_lora(path: Path, problems: list[str]) -> EngineError:
     named = "; ".join(problems[:_MAX_PROBLEMS_NAMED])
     more = len(problems) - _MAX_PROBLEMS_NAMED
     return EngineError(
-        f"{path.name} is not an SDXL UNet LoRA this service can use: {named}"
+        f"{path.name} is not an SDXL LoRA this service can use: {named}"
         + (f" (and {more} more problems)" if more > 0 else "")
     )
 

@@ -1,8 +1,9 @@
 """LoRA file formats: the one canonical form the service stores, and kohya's, for other tools.
 
 Canonical is what the trainer writes through diffusers' own serialisation: UNet pairs as
-`unet.<module path>.lora.down.weight` / `.lora.up.weight`, text-encoder pairs (uploads only)
-as `text_encoder[_2].<module path>.lora_linear_layer.down.weight` / `.up.weight`, the way
+`unet.<module path>.lora.down.weight` / `.lora.up.weight` (4-D for a Conv2d module: down
+rank x in x kh x kw, up out x rank x 1 x 1), text-encoder pairs as
+`text_encoder[_2].<module path>.lora_linear_layer.down.weight` / `.up.weight`, the way
 diffusers spells them, and every module at scale 1 (alpha equal to its rank), so the
 file needs no alphas. Uploads in other forms (PEFT `lora_A`/`lora_B`, diffusers' older
 attention-processor keys, kohya) are rewritten into it with their alphas folded into the
@@ -11,8 +12,14 @@ alpha are read through sdxl_engine.lora_keys, as the upload check and the in-pla
 read them.
 
 Kohya's form (sd-scripts; read by AUTOMATIC1111, ComfyUI, diffusers) is
-`lora_unet_<module path, dots as underscores>.lora_down.weight` / `.lora_up.weight` /
-`.alpha`, with `ss_*` metadata that tells those tools it is an SDXL LoRA.
+`lora_unet_` / `lora_te1_` / `lora_te2_` + `<module path, dots as underscores>` +
+`.lora_down.weight` / `.lora_up.weight` / `.alpha`, with `ss_*` metadata that tells those
+tools it is an SDXL LoRA. Reading it, module names in sd-scripts' own SDXL UNet layout
+(`input_blocks_4_1_...`) and in diffusers' (`down_blocks_1_attentions_0_...`) are both mapped
+onto diffusers' module paths by sdxl_engine.lora_keys.kohya_module_path, key by key: a key
+that maps nowhere is an error, never dropped. (diffusers' own kohya converter is not used
+for reading: it drops sd-scripts' block names silently when a file mixes both layouts, and
+mis-maps `add_embedding_linear_1` in diffusers' layout.)
 
 Checking whether a file is canonical reads only its header; converting imports torch.
 """
@@ -21,7 +28,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 from sdxl_engine.errors import EngineError
@@ -35,16 +41,23 @@ from sdxl_engine.lora_keys import (
     DOWN,
     KOHYA,
     KOHYA_PREFIXES,
+    KOHYA_SUFFIXES,
     PEFT,
     PEFT_MODEL_PREFIX,
     PEFT_SUFFIXES,
+    TEXT_ENCODERS,
     UNET,
     UP,
     LoraKey,
+    community_module_path,
     component_of,
     factor_of,
+    installed_module_path,
+    kohya_module_name,
+    kohya_module_path,
     lora_scales,
     split_lora_key,
+    unsupported_message,
 )
 
 # SDXL's UNet has two resnets per down block: what sd-scripts' SDXL block numbers assume.
@@ -82,6 +95,7 @@ def _is_canonical_key(lora_key: LoraKey | None) -> bool:
         and lora_key.form == DIFFUSERS
         and lora_key.component is not None
         and lora_key.factor != ALPHA
+        and installed_module_path(lora_key.component, lora_key.module) == lora_key.module
     )
 
 
@@ -132,26 +146,24 @@ def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
 
 
 def to_kohya(tensors: dict[str, Any]) -> dict[str, Any]:
-    """Canonical tensors in kohya's form, through diffusers' own PEFT-to-kohya converter.
-
-    diffusers spells the block names the diffusers way (`lora_unet_down_blocks_1_...`);
-    AUTOMATIC1111 and ComfyUI map those onto SDXL's blocks, and diffusers reads them back.
-    """
+    """Canonical tensors in kohya's form: `lora_unet_` / `lora_te1_` / `lora_te2_` and the
+    module path with underscores for dots (diffusers' block names, `down_blocks_1_...`,
+    which AUTOMATIC1111, ComfyUI and diffusers map onto SDXL's blocks), each module's alpha
+    a float32 scalar equal to its rank (canonical modules run at scale 1)."""
     import torch
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
 
-    peft = {}
+    prefixes = {UNET: "lora_unet_", TEXT_ENCODERS[0]: "lora_te1_", TEXT_ENCODERS[1]: "lora_te2_"}
+    kohya = {}
     for key, tensor in tensors.items():
         lora_key = split_lora_key(key)
         if not _is_canonical_key(lora_key):
             raise EngineError(f"{key} is not a canonical LoRA key; store the file through upload")
-        peft[lora_key.in_form(PEFT)] = tensor
-    kohya = convert_state_dict_to_kohya(peft)
-    # diffusers writes each alpha as an integer tensor; sd-scripts writes floats.
-    return {
-        key: tensor.to(torch.float32) if factor_of(key) == ALPHA else tensor
-        for key, tensor in kohya.items()
-    }
+        module = community_module_path(lora_key.component, lora_key.module)
+        name = prefixes[lora_key.component] + kohya_module_name(module)
+        kohya[name + KOHYA_SUFFIXES[lora_key.factor]] = tensor
+        if lora_key.factor == DOWN:
+            kohya[name + KOHYA_SUFFIXES[ALPHA]] = torch.tensor(float(tensor.shape[0]))
+    return kohya
 
 
 def to_canonical(
@@ -163,12 +175,33 @@ def to_canonical(
     if not tensors:
         raise EngineError("the file holds no tensors; upload a LoRA .safetensors file")
     if is_kohya(tensors):
-        peft = _kohya_to_peft(_with_scales_folded(tensors, metadata, KOHYA), layers_per_block)
+        folded = _with_scales_folded(tensors, metadata, KOHYA)
+        canonical = {}
+        for key, tensor in folded.items():
+            lora_key = split_lora_key(key)
+            module = kohya_module_path(lora_key.component, lora_key.module, layers_per_block)
+            canonical[_canonical_key(lora_key, module)] = tensor.contiguous()
     else:
         peft = _with_scales_folded(_diffusers_to_peft(tensors), metadata, PEFT)
-    return {
-        split_lora_key(key).in_form(DIFFUSERS): tensor.contiguous() for key, tensor in peft.items()
-    }
+        canonical = {}
+        for key, tensor in peft.items():
+            lora_key = split_lora_key(key)
+            canonical[_canonical_key(lora_key, lora_key.module)] = tensor.contiguous()
+    # Every pair must land on its own module: two spellings of one module, or a rename
+    # that merged keys, would lose a pair.
+    pairs = sum(factor_of(key) in (DOWN, UP) for key in tensors)
+    if len(canonical) != pairs:
+        raise EngineError(
+            f"the file's {pairs} LoRA weights name only {len(canonical)} distinct module "
+            "weights (one module spelt twice?); upload a LoRA with one pair per module"
+        )
+    return canonical
+
+
+def _canonical_key(lora_key: LoraKey, module: str) -> str:
+    """The canonical key of a factor of `module` (its diffusers path in either spelling)."""
+    module = installed_module_path(lora_key.component, module)
+    return LoraKey(DIFFUSERS, lora_key.component, module, lora_key.factor).in_form(DIFFUSERS)
 
 
 def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -188,10 +221,11 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
     module's scale (lora_keys.lora_scales) and the alphas dropped: the pairs alone then
     compute what the file did.
 
-    Raises EngineError for anything but plain pairs (DoRA, LoHa, biases...), for half
-    pairs and alphas without a pair, and for per-module alphas or ranks in the adapter
-    config: uploads have always refused those, as their patterns are regexes over module
-    paths, which kohya's form spells otherwise.
+    Raises EngineError for anything but plain pairs (LoHa, LoKr, DoRA, IA3, biases...,
+    named by lora_keys.unsupported_message), for half pairs and alphas without a pair,
+    and for per-module alphas or ranks in the adapter config: uploads have always refused
+    those, as their patterns are regexes over module paths, which kohya's form spells
+    otherwise. A kohya alpha of 0 means no scaling, as in sd-scripts and LyCORIS.
     """
     keys = {key: split_lora_key(key) for key in tensors}
     others = sorted(
@@ -200,10 +234,8 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
         if lora_key is None or (lora_key.factor != ALPHA and lora_key.form != form)
     )
     if others:
-        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
-        raise EngineError(
-            f"unsupported LoRA entries ({shown}); upload a plain LoRA (no DoRA, LoHa or biases)"
-        )
+        more = f" (and {len(others) - 1} more unsupported entries)" if len(others) > 1 else ""
+        raise EngineError(unsupported_message(others[0]) + more)
     modules = {factor: {} for factor in (DOWN, UP, ALPHA)}
     for key, lora_key in keys.items():
         modules[lora_key.factor][lora_key.module_id] = tensors[key]
@@ -219,10 +251,11 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
             f"LoRA entries without their module's down/up pair: {unmatched[0]}"
             + (f" and {len(unmatched) - 1} more" if len(unmatched) > 1 else "")
         )
-    scales = lora_scales(
-        metadata,
-        {module: float(alpha.float().item()) for module, alpha in modules[ALPHA].items()},
-    )
+    alphas = {module: float(alpha.float().item()) for module, alpha in modules[ALPHA].items()}
+    if form == KOHYA:
+        # sd-scripts and LyCORIS read an alpha of 0 as "no scaling" (alpha = rank).
+        alphas = {module: alpha for module, alpha in alphas.items() if alpha != 0.0}
+    scales = lora_scales(metadata, alphas)
     if scales.has_module_patterns:
         raise EngineError(
             "LoRA uses per-module alphas or ranks (alpha_pattern, rank_pattern); "
@@ -236,35 +269,6 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
         elif lora_key.factor == DOWN:
             folded[key] = tensors[key]
     return folded
-
-
-def _kohya_to_peft(tensors: dict[str, Any], layers_per_block: int) -> dict[str, Any]:
-    """Kohya pairs (scales already folded in) in PEFT's form, through diffusers' converters."""
-    from diffusers.loaders.lora_conversion_utils import (
-        _convert_non_diffusers_lora_to_diffusers,
-        _maybe_map_sgm_blocks_to_diffusers,
-    )
-    from diffusers.utils.state_dict_utils import (
-        DIFFUSERS_OLD_TO_PEFT,
-        convert_state_dict,
-        convert_unet_state_dict_to_peft,
-    )
-
-    try:
-        tensors = _maybe_map_sgm_blocks_to_diffusers(
-            tensors, SimpleNamespace(layers_per_block=layers_per_block)
-        )
-        converted, _alphas = _convert_non_diffusers_lora_to_diffusers(tensors)
-    except (KeyError, ValueError, IndexError) as error:
-        raise EngineError(f"kohya LoRA could not be converted ({error})") from error
-    unet = {k: v for k, v in converted.items() if k.startswith(f"{UNET}.")}
-    text = {k: v for k, v in converted.items() if not k.startswith(f"{UNET}.")}
-    # diffusers' converter gives its older attention-processor spelling; its own maps take
-    # that to PEFT's (the UNet's and the text encoders' differ).
-    return {
-        **convert_unet_state_dict_to_peft(unet),
-        **convert_state_dict(text, DIFFUSERS_OLD_TO_PEFT),
-    }
 
 
 def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:

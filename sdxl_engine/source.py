@@ -161,20 +161,63 @@ def base_unet_configs(preset: str | None, base: str) -> list[dict]:
     return configs
 
 
+# The components a LoRA may touch -> the packaged config file of each (configs/<preset>/).
+_LORA_COMPONENT_CONFIGS = {
+    "unet": "unet_base.json",
+    "text_encoder": "text_encoder.json",
+    "text_encoder_2": "text_encoder_2.json",
+}
+
+
+def base_lora_configs(preset: str | None, base: str) -> list[dict[str, dict | None]]:
+    """Like base_unet_configs, for every component a LoRA may touch: for each Base
+    pipeline a worker may load, the configs of its "unet", "text_encoder" and
+    "text_encoder_2" (None for one that cannot be known here), read without torch."""
+    chosen = (preset or "").strip().lower() or "auto"
+    if chosen in RANDOM_PRESETS:
+        return [_packaged_configs(RANDOM_PRESETS[chosen])]
+    base = base or DEFAULT_BASE_MODEL
+    real = {
+        component: _real_config(base, component, file)
+        for component, file in _LORA_COMPONENT_CONFIGS.items()
+    }
+    configs = [real] if real["unet"] is not None else []
+    if chosen == "auto":
+        configs.append(_packaged_configs("tiny"))
+    return configs
+
+
+def _packaged_configs(builder_preset: str) -> dict[str, dict]:
+    return {
+        component: _packaged_config(builder_preset, file)
+        for component, file in _LORA_COMPONENT_CONFIGS.items()
+    }
+
+
+def _packaged_config(builder_preset: str, file: str) -> dict:
+    return json.loads((_PACKAGED_CONFIGS / builder_preset / file).read_text("utf-8"))
+
+
 def _packaged_unet_config(builder_preset: str) -> dict:
-    return json.loads((_PACKAGED_CONFIGS / builder_preset / "unet_base.json").read_text("utf-8"))
+    return _packaged_config(builder_preset, _LORA_COMPONENT_CONFIGS["unet"])
 
 
 def _real_unet_config(base: str) -> dict | None:
-    local = Path(base) / "unet" / "config.json"
+    return _real_config(base, "unet", _LORA_COMPONENT_CONFIGS["unet"])
+
+
+def _real_config(base: str, component: str, packaged_file: str) -> dict | None:
+    """A component's config: the local folder's, SDXL Base's published one (packaged), or
+    the Hugging Face cache's; None when none of them has it."""
+    local = Path(base) / component / "config.json"
     if local.is_file():
         return json.loads(local.read_text(encoding="utf-8"))
     if base == DEFAULT_BASE_MODEL:
-        return _packaged_unet_config("sdxl")  # SDXL Base's published UNet config
+        return _packaged_config("sdxl", packaged_file)  # SDXL Base's published config
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        cached = try_to_load_from_cache(base, "unet/config.json")
+        cached = try_to_load_from_cache(base, f"{component}/config.json")
     except ValueError:  # not a valid hub id either
         return None
     return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None

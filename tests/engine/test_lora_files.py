@@ -16,8 +16,9 @@ from safetensors.torch import save_file
 from sdxl_engine.builder import load_component_config
 from sdxl_engine.errors import EngineError
 from sdxl_engine.lora_files import (
-    check_unet_lora,
+    check_lora,
     inspect_lora_file,
+    lora_target_shapes,
     read_lora_metadata,
     unet_lora_target_shapes,
 )
@@ -96,7 +97,7 @@ def test_missing_file_is_an_engine_error(tmp_path: Path) -> None:
         read_lora_metadata(tmp_path / "missing.safetensors")
 
 
-# --- Checking that a file is an SDXL UNet LoRA for the model ------------------------------
+# --- Checking that a file is an SDXL LoRA for the model -----------------------------------
 
 
 def _unet_config(preset: str) -> dict:
@@ -135,9 +136,51 @@ def lora_tensors(shapes: dict[str, tuple[int, int]], rank: int = 2, dtype=torch.
     return tensors
 
 
+def _model_shapes(preset: str) -> dict:
+    return lora_target_shapes(
+        _unet_config(preset),
+        load_component_config(preset, "text_encoder"),
+        load_component_config(preset, "text_encoder_2"),
+    )
+
+
 @pytest.fixture
-def tiny_shapes() -> dict[str, tuple[int, int]]:
+def tiny_projections() -> dict[str, tuple[int, int]]:
+    """The tiny UNet's attention projections, which training targets."""
     return unet_lora_target_shapes(_unet_config("tiny"))
+
+
+@pytest.fixture
+def tiny_shapes() -> dict:
+    """Every Linear and Conv2d module of the tiny UNet and text encoders."""
+    return _model_shapes("tiny")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl"])
+def test_model_shapes_are_every_linear_and_conv_of_the_three_components(preset: str) -> None:
+    shapes = _model_shapes(preset)
+    counts = {component: len(modules) for component, modules in shapes.items()}
+    expected = {
+        "tiny": {"unet": 125, "text_encoder": 12, "text_encoder_2": 13},
+        "sdxl": {"unet": 794, "text_encoder": 72, "text_encoder_2": 193},
+    }
+    assert counts == expected[preset]
+    unet = shapes["unet"]
+    width = {"tiny": 32, "sdxl": 320}[preset]
+    assert unet["conv_in"] == (width, 4, 3, 3)
+    assert unet["down_blocks.0.resnets.0.time_emb_proj"] == (width, 4 * width)
+    assert unet["down_blocks.0.downsamplers.0.conv"] == (width, width, 3, 3)
+    assert unet["up_blocks.1.resnets.0.conv_shortcut"][2:] == (1, 1)
+    assert "up_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj" in unet
+    # As the installed transformers names them (5: CLIPTextModel without `text_model.`).
+    assert "encoder.layers.1.mlp.fc2" in shapes["text_encoder"]
+    assert "text_model.encoder.layers.1.mlp.fc2" in shapes["text_encoder_2"]
+    assert "text_projection" in shapes["text_encoder_2"]
+    assert "text_projection" not in shapes["text_encoder"]
+
+
+def test_a_component_without_config_is_unknown() -> None:
+    assert lora_target_shapes(_unet_config("tiny"), None, None)["text_encoder"] is None
 
 
 def _saved(tmp_path: Path, tensors: dict, name: str = "lora.safetensors") -> Path:
@@ -147,80 +190,121 @@ def _saved(tmp_path: Path, tensors: dict, name: str = "lora.safetensors") -> Pat
 
 
 def test_a_trained_lora_fits_its_model(trained_lora: Path, tiny_shapes) -> None:
-    assert check_unet_lora(trained_lora, tiny_shapes).rank == 4
+    assert check_lora(trained_lora, tiny_shapes).rank == 4
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_peft_and_diffusers_naming_in_any_float_dtype_fit(tmp_path, tiny_shapes, dtype) -> None:
-    tensors = lora_tensors(tiny_shapes, dtype=dtype)
+def test_peft_and_diffusers_naming_in_any_float_dtype_fit(
+    tmp_path, tiny_shapes, tiny_projections, dtype
+) -> None:
+    tensors = lora_tensors(tiny_projections, dtype=dtype)
     peft_named = {
         key.replace("lora.down", "lora_A").replace("lora.up", "lora_B"): value
         for key, value in tensors.items()
     }
-    assert check_unet_lora(_saved(tmp_path, tensors), tiny_shapes).rank == 2
-    assert check_unet_lora(_saved(tmp_path, peft_named, "peft.safetensors"), tiny_shapes)
+    assert check_lora(_saved(tmp_path, tensors), tiny_shapes).rank == 2
+    assert check_lora(_saved(tmp_path, peft_named, "peft.safetensors"), tiny_shapes)
 
 
 def test_a_lora_for_full_size_sdxl_does_not_fit_the_tiny_model(tmp_path, tiny_shapes) -> None:
-    sdxl_shapes = unet_lora_target_shapes(_unet_config("sdxl"))
-    path = _saved(tmp_path, lora_tensors(dict(list(sdxl_shapes.items())[:8])))
-    assert check_unet_lora(path, sdxl_shapes)  # it does fit SDXL
-    with pytest.raises(EngineError, match="maps 640 -> 640 features, but this model's"):
-        check_unet_lora(path, tiny_shapes)  # the same modules, narrower in the tiny model
-    deep = {k: v for k, v in sdxl_shapes.items() if k.startswith("down_blocks.2.")}
+    projections = unet_lora_target_shapes(_unet_config("sdxl"))
+    path = _saved(tmp_path, lora_tensors(dict(list(projections.items())[:8])))
+    assert check_lora(path, _model_shapes("sdxl"))  # it does fit SDXL
+    with pytest.raises(EngineError, match="adds a 640 x 640 weight, but this model's Linear is"):
+        check_lora(path, tiny_shapes)  # the same modules, narrower in the tiny model
+    deep = {k: v for k, v in projections.items() if k.startswith("down_blocks.2.")}
     path = _saved(tmp_path, lora_tensors(deep), "deep.safetensors")
-    with pytest.raises(EngineError, match="is not an attention projection of this model's UNet"):
-        check_unet_lora(path, tiny_shapes)  # the tiny UNet has no third down block
+    with pytest.raises(EngineError, match="is no Linear or Conv2d module of this model's unet"):
+        check_lora(path, tiny_shapes)  # the tiny UNet has no third down block
 
 
 def test_wrong_projection_shape_is_named(tmp_path, tiny_shapes) -> None:
     module = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"
     path = _saved(tmp_path, lora_tensors({module: (64, 32)}))
-    with pytest.raises(EngineError, match=rf"{re.escape(module)} maps 32 -> 64 features, but"):
-        check_unet_lora(path, tiny_shapes)
-    assert check_unet_lora(path)  # consistent in itself: fine when the model is unknown
+    with pytest.raises(EngineError, match=rf"{re.escape(module)} adds a 64 x 32 weight, but"):
+        check_lora(path, tiny_shapes)
+    assert check_lora(path)  # consistent in itself: fine when the model is unknown
 
 
 @pytest.mark.parametrize(
     ("change", "problem"),
     [
-        (lambda t: {"text_encoder.layer.lora.down.weight": torch.zeros(2, 4)}, "is not a LoRA"),
-        (lambda t: {**t, "unet.conv_in.lora.down.weight": torch.zeros(2, 4)}, "is not a LoRA"),
-        (lambda t: {**t, "unet.something.to_q.weight": torch.zeros(4, 4)}, "is not a LoRA"),
+        (lambda t: {"text_encoder.layer.lora.down.weight": torch.zeros(2, 4)}, "is no LoRA"),
+        (lambda t: {**t, "unet.conv_in.lora.down.weight": torch.zeros(2, 4)}, "has no up weight"),
+        (lambda t: {**t, "unet.something.to_q.weight": torch.zeros(4, 4)}, "is no LoRA"),
+        (lambda t: {**t, "unet.conv_in.hada_w1_a": torch.zeros(4, 4)}, "LoHa is not supported"),
+        (lambda t: {**t, "unet.conv_in.lora_A.bias": torch.zeros(4)}, "LoRA bias is not sup"),
+        (lambda t: {**t, "unet.conv_in.alpha": torch.tensor(2.0)}, "is not a LoRA down/up"),
+        (
+            lambda t: {
+                **t,
+                "text_encoder.text_model.mlp.fc1.lora_linear_layer.down.weight": torch.zeros(2, 32),
+                "text_encoder.text_model.mlp.fc1.lora_linear_layer.up.weight": torch.zeros(37, 2),
+            },
+            "text_encoder.text_model.mlp.fc1 is no Linear or Conv2d module of this model's text",
+        ),
+        (
+            lambda t: {
+                **t,
+                "unet.conv_in.lora.down.weight": torch.zeros(2, 4),
+                "unet.conv_in.lora.up.weight": torch.zeros(32, 2),
+            },
+            "unet.conv_in adds a 32 x 4 weight, but this model's Conv2d is 32 x 4 x 3 x 3",
+        ),
+        (
+            lambda t: {
+                **t,
+                "unet.conv_in.lora.down.weight": torch.zeros(2, 4, 3, 3),
+                "unet.conv_in.lora.up.weight": torch.zeros(32, 2, 3, 3),
+            },
+            "unet.conv_in has a 3x3 up kernel",
+        ),
+        (
+            lambda t: {
+                **t,
+                "unet.conv_in.lora.down.weight": torch.zeros(2, 4, 3, 3),
+                "unet.conv_in.lora.up.weight": torch.zeros(32, 2),
+            },
+            "unet.conv_in has a 4-D down weight but a 2-D up weight",
+        ),
         (lambda t: {k: v for k, v in t.items() if ".up." not in k}, "has no up weight"),
         (
             lambda t: {k: (v[:1] if k.endswith("down.weight") else v) for k, v in t.items()},
             "has down rank 1 but up rank 2",
         ),
-        (lambda t: {k: v.flatten() for k, v in t.items()}, "not a 2-D matrix"),
+        (lambda t: {k: v.flatten() for k, v in t.items()}, "neither a Linear (2-D) nor a Conv2d"),
         (lambda t: {k: v.to(torch.int32) for k, v in t.items()}, "not a float type"),
         (lambda t: {}, "it holds no tensors"),
     ],
 )
-def test_files_that_are_no_unet_lora_are_refused_naming_why(tmp_path, tiny_shapes, change, problem):
-    tensors = lora_tensors(dict(list(tiny_shapes.items())[:4]))
+def test_files_that_are_no_lora_are_refused_naming_why(
+    tmp_path, tiny_shapes, tiny_projections, change, problem
+):
+    tensors = lora_tensors(dict(list(tiny_projections.items())[:4]))
     path = _saved(tmp_path, change(tensors))
     with pytest.raises(EngineError, match=re.escape(problem)):
-        check_unet_lora(path, tiny_shapes)
+        check_lora(path, tiny_shapes)
 
 
 @pytest.mark.parametrize("bad_value", [math.nan, math.inf, -math.inf])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
-def test_non_finite_values_are_refused(tmp_path, tiny_shapes, bad_value, dtype) -> None:
-    tensors = lora_tensors(tiny_shapes, dtype=dtype)
+def test_non_finite_values_are_refused(
+    tmp_path, tiny_shapes, tiny_projections, bad_value, dtype
+) -> None:
+    tensors = lora_tensors(tiny_projections, dtype=dtype)
     key = sorted(tensors)[7]
     tensors[key] = tensors[key].clone()
     tensors[key][0, -1] = bad_value
     path = _saved(tmp_path, tensors)
     with pytest.raises(EngineError, match=rf"{re.escape(key)} holds NaN or infinite values"):
-        check_unet_lora(path, tiny_shapes)
+        check_lora(path, tiny_shapes)
 
 
-def test_largest_finite_values_are_fine(tmp_path, tiny_shapes) -> None:
-    tensors = lora_tensors(tiny_shapes, dtype=torch.float16)
+def test_largest_finite_values_are_fine(tmp_path, tiny_shapes, tiny_projections) -> None:
+    tensors = lora_tensors(tiny_projections, dtype=torch.float16)
     key = sorted(tensors)[0]
     tensors[key] = torch.full_like(tensors[key], torch.finfo(torch.float16).max)
-    assert check_unet_lora(_saved(tmp_path, tensors), tiny_shapes)
+    assert check_lora(_saved(tmp_path, tensors), tiny_shapes)
 
 
 def test_byte_range_must_match_the_shape(tmp_path, tiny_shapes) -> None:
@@ -241,7 +325,7 @@ def test_byte_range_must_match_the_shape(tmp_path, tiny_shapes) -> None:
     path = tmp_path / "short.safetensors"
     path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + bytes(16))
     with pytest.raises(EngineError, match="invalid entry"):
-        check_unet_lora(path, tiny_shapes)
+        check_lora(path, tiny_shapes)
 
 
 def test_a_pickle_is_refused_without_being_unpickled(tmp_path) -> None:
@@ -252,7 +336,7 @@ def test_a_pickle_is_refused_without_being_unpickled(tmp_path) -> None:
     torch.save({"unet.x.to_q.lora.down.weight": torch.zeros(2, 2)}, torch_file)
     for candidate in (path, torch_file):
         with pytest.raises(EngineError, match="is not a readable safetensors file"):
-            check_unet_lora(candidate)
+            check_lora(candidate)
     assert not marker.exists()
 
 

@@ -21,7 +21,6 @@ from sdxl_engine.lora_formats import (
     to_canonical,
     to_kohya,
 )
-from sdxl_engine.lora_merge import is_unet_only
 from sdxl_engine.pipelines import Pipelines
 from tests.helpers import images_close
 from tests.lora_variants import (
@@ -32,6 +31,11 @@ from tests.lora_variants import (
 from .test_generation import SMALL
 
 KOHYA_SUFFIXES = (".lora_down.weight", ".lora_up.weight", ".alpha")
+
+
+def _has_unet_pairs_only(path: Path) -> bool:
+    """Whether every key of the file is a canonical UNet factor (`unet.<module>.lora...`)."""
+    return all(key.startswith("unet.") for key in load_file(path))
 
 
 def _base_image(pipelines: Pipelines, lora: Path | None) -> np.ndarray:
@@ -186,8 +190,7 @@ def test_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
     if stored_as == "kohya converted":
         lora = tmp_path / "converted.safetensors"
         canonical_lora_file(source, lora)
-    # generate merges what the trainer's form allows in place; kohya's goes through PEFT.
-    assert is_unet_only(lora) == (stored_as != "kohya")
+    assert _has_unet_pairs_only(lora) == (stored_as != "kohya")
     request = {"prompt": "a red square", "seed": 9, **SMALL}
 
     stock = _generated_with_stock_lora(pipelines, source, **request)
@@ -218,9 +221,10 @@ def test_text_encoder_pairs_take_diffusers_text_encoder_form() -> None:
         "lora_te2_text_model_encoder_layers_1_mlp_fc1.lora_down.weight": torch.ones(2, 8),
         "lora_te2_text_model_encoder_layers_1_mlp_fc1.lora_up.weight": torch.ones(8, 2),
     }
+    # As the installed transformers names the modules: CLIPTextModel's without `text_model.`.
     assert sorted(to_canonical(kohya, {})) == [
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight",
-        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
+        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.down.weight",
+        "text_encoder.encoder.layers.0.self_attn.q_proj.lora_linear_layer.up.weight",
         "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.down.weight",
         "text_encoder_2.text_model.encoder.layers.1.mlp.fc1.lora_linear_layer.up.weight",
     ]
@@ -325,7 +329,7 @@ def test_kohya_export_carries_both_text_encoders_and_gives_the_same_image(
 
     prefixes = {key.split("_")[1] for key in load_file(kohya_file)}
     assert prefixes == {"unet", "te1", "te2"}
-    assert is_canonical(text_encoder_lora) and not is_unet_only(text_encoder_lora)
+    assert is_canonical(text_encoder_lora) and not _has_unet_pairs_only(text_encoder_lora)
     original = _base_image(pipelines, text_encoder_lora)
     unet_part_only = tmp_path / "unet-only.safetensors"
     save_file(

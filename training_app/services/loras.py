@@ -96,15 +96,16 @@ def lora_store(
 
 def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
     """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes, after
-    checking it is an SDXL UNet LoRA for the model.
+    checking it is an SDXL LoRA (or LoCon) for the model.
 
-    diffusers, PEFT and kohya files are accepted; one already canonical is stored byte for
-    byte, any other is converted (alphas folded into the weights, so it computes the same).
-    The bytes are read as safetensors (a header and raw numbers), never unpickled. They
-    are staged outside the session folder, so a session deleted meanwhile gets no file.
+    diffusers, PEFT and kohya (sd-scripts, LyCORIS LoCon) files are accepted, on any Linear
+    or Conv2d module of the Base UNet and both text encoders; one already canonical is
+    stored byte for byte, any other is converted (alphas folded into the weights, so it
+    computes the same). LoHa, LoKr, DoRA, IA3 and other adapters are refused by name. The
+    bytes are read as safetensors (a header and raw numbers), never unpickled. They are
+    staged outside the session folder, so a session deleted meanwhile gets no file.
     """
-    from sdxl_engine.lora_files import inspect_lora_file, read_lora_metadata
-    from sdxl_engine.lora_formats import canonical_lora_file, is_canonical
+    from sdxl_engine.lora_files import inspect_lora_file
 
     if filename is not None and not _LORA_FILENAME.fullmatch(filename):
         raise ServiceError(
@@ -118,11 +119,7 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
         storage.atomic_write_bytes(upload, data)
         try:
             inspect_lora_file(upload)
-            if is_canonical(upload):
-                finished, metadata = upload, read_lora_metadata(upload)
-            else:
-                finished, metadata = converted, canonical_lora_file(upload, converted)
-            _check_lora_fits_the_model(finished)
+            finished, metadata = _canonical_lora_for_the_model(upload, converted)
         except EngineError as error:
             raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
         return lora_store(
@@ -141,26 +138,56 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
         converted.unlink(missing_ok=True)
 
 
-def _check_lora_fits_the_model(path: Path) -> None:
-    """Checks the file against each UNet the configured model may be (it fits if it fits
-    one); against the LoRA's own consistency only when the web process cannot know it."""
-    from sdxl_engine.lora_files import check_unet_lora, unet_lora_target_shapes
-    from sdxl_engine.source import base_unet_configs
+def _canonical_lora_for_the_model(upload: Path, converted: Path) -> tuple[Path, dict]:
+    """The upload in canonical form (itself, or converted into `converted`) and its
+    metadata, checked against each Base model the configured worker may load (it fits if
+    it fits one); against the LoRA's own consistency only when the web process cannot
+    know the model. Raises the first model's EngineError when it fits none.
 
-    shape_sets = []
-    for config in base_unet_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL):
+    A kohya file in sd-scripts' SDXL block numbering converts according to the UNet's
+    layers per block, so it is converted for each model in turn.
+    """
+    from sdxl_engine.lora_files import check_lora, lora_target_shapes, read_lora_metadata
+    from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_lora_file, is_canonical
+    from sdxl_engine.source import base_lora_configs
+
+    canonical = is_canonical(upload)
+    candidates = [
+        (_layers_per_block(configs["unet"]), lora_target_shapes(**_by_argument(configs)))
+        for configs in base_lora_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL)
+    ] or [(SDXL_LAYERS_PER_BLOCK, None)]
+    first_error, converted_for = None, object()
+    for layers_per_block, shapes in candidates:
         try:
-            shape_sets.append(unet_lora_target_shapes(config))
-        except EngineError:
-            shape_sets.append(None)  # a UNet unlike SDXL's: check consistency only
-    first_error = None
-    for shapes in shape_sets or [None]:
-        try:
-            check_unet_lora(path, shapes)
-            return
+            if canonical:
+                finished, metadata = upload, read_lora_metadata(upload)
+            else:
+                if converted_for != layers_per_block:
+                    converted_for = None  # until the conversion below succeeds
+                    metadata = canonical_lora_file(upload, converted, layers_per_block)
+                    converted_for = layers_per_block
+                finished = converted
+            check_lora(finished, shapes)
+            return finished, metadata
         except EngineError as error:
             first_error = first_error or error
     raise first_error
+
+
+def _by_argument(configs: dict) -> dict:
+    return {
+        "unet_config": configs["unet"],
+        "text_encoder_config": configs["text_encoder"],
+        "text_encoder_2_config": configs["text_encoder_2"],
+    }
+
+
+def _layers_per_block(unet_config: dict) -> int | None:
+    """The UNet's resnets per down block when every block has as many (None otherwise)."""
+    value = unet_config.get("layers_per_block", 2)
+    if isinstance(value, list | tuple):
+        return value[0] if len(set(value)) == 1 else None
+    return value
 
 
 def lora_file_path(lora: LoraArtifact | TrainingCheckpoint) -> Path:

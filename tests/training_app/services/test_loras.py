@@ -10,6 +10,7 @@ from core.errors import ServiceError
 from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
+from tests import community_loras
 from tests.helpers import FAST_TRAINING, lora_bytes
 from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint, stored_samples
@@ -126,6 +127,159 @@ def test_kohya_upload_is_stored_in_the_trainers_form(session_with_images):
     assert load(lora_services.lora_read(artifact, "kohya")).keys() == load(kohya).keys()
 
 
+@pytest.fixture
+def tiny_folder(tmp_path):
+    """The tiny model's configs laid out as its Base folder (what settings use in tests)."""
+    return community_loras.packaged_model_folder("tiny", tmp_path / "tiny-base")
+
+
+@pytest.mark.parametrize(
+    "writer",
+    [
+        community_loras.write_kohya_locon,
+        community_loras.write_lycoris_locon,
+        community_loras.write_peft_lora,
+    ],
+    ids=["sd-scripts LoCon", "LyCORIS LoCon", "PEFT"],
+)
+def test_community_uploads_are_stored_converted_with_every_module(
+    session_with_images, tiny_folder, tmp_path, writer
+):
+    """sd-scripts' SGM block names are numbered for the tiny UNet (one resnet per block):
+    the upload converts for the configured model."""
+    from safetensors.torch import load, load_file
+
+    from sdxl_engine.lora_formats import is_canonical, to_canonical
+
+    source = writer(tmp_path / "community.safetensors", tiny_folder)
+    original = load_file(source)
+
+    artifact = lora_services.lora_upload(
+        session_with_images.pk, source.read_bytes(), "community.safetensors"
+    )
+
+    stored_path = storage.session_dir(session_with_images.pk) / "community.safetensors"
+    assert is_canonical(stored_path)
+    stored = load(stored_path.read_bytes())
+    layers = community_loras.model_configs(tiny_folder)["unet"]["layers_per_block"]
+    expected = to_canonical(original, _metadata(source), layers_per_block=layers)
+    assert stored.keys() == expected.keys()
+    assert all(torch.equal(stored[key], expected[key]) for key in expected)
+    # Every pair of the file is there: none dropped on the way.
+    pairs = sum(key.endswith(("down.weight", "lora_A.weight")) for key in original)
+    assert sum(key.endswith(".down.weight") for key in stored) == pairs
+    components = {key.split(".")[0] for key in stored}
+    assert components == {"unet", "text_encoder", "text_encoder_2"}
+    assert any(stored[key].ndim == 4 for key in stored)  # conv (LoCon) pairs
+    # And it goes out as kohya and comes back as the same canonical file.
+    kohya = lora_services.lora_read(artifact, "kohya")
+    back = to_canonical(load(kohya), {})
+    assert back.keys() == stored.keys()
+    assert all(torch.equal(back[key], stored[key]) for key in stored)
+
+
+def _metadata(path) -> dict:
+    from sdxl_engine.lora_files import read_lora_metadata
+
+    return read_lora_metadata(path)
+
+
+def test_sd_scripts_metadata_is_kept(session_with_images, tiny_folder, tmp_path):
+    source = community_loras.write_kohya_locon(tmp_path / "k.safetensors", tiny_folder)
+    artifact = lora_services.lora_upload(session_with_images.pk, source.read_bytes(), None)
+    assert artifact.metadata["ss_network_module"] == "networks.lora"
+    assert "conv_dim" in artifact.metadata["ss_network_args"]
+
+
+def test_diffusers_form_with_conv_and_text_encoder_pairs_is_accepted(
+    session_with_images, tiny_folder, tmp_path
+):
+    from safetensors.torch import load_file
+
+    source = community_loras.write_diffusers_lora(tmp_path / "d.safetensors", tiny_folder)
+    artifact = lora_services.lora_upload(session_with_images.pk, source.read_bytes(), None)
+    stored = load_file(lora_services.lora_file_path(artifact))
+    assert len(stored) == len(load_file(source))
+    assert "unet.conv_in.lora.down.weight" in stored
+
+
+@pytest.mark.parametrize(
+    ("writer", "kind"),
+    [
+        (community_loras.write_loha, "LoHa is not supported"),
+        (community_loras.write_lokr, "LoKr is not supported"),
+    ],
+    ids=["LoHa", "LoKr"],
+)
+def test_loha_and_lokr_uploads_are_refused_by_name_and_store_nothing(
+    session_with_images, data_dir, tiny_folder, tmp_path, writer, kind
+):
+    source = writer(tmp_path / "lycoris.safetensors", tiny_folder)
+    before = _tree(data_dir)
+    with pytest.raises(ServiceError) as error:
+        lora_services.lora_upload(session_with_images.pk, source.read_bytes(), "x.safetensors")
+    assert error.value.status == 400
+    assert kind in error.value.message
+    assert "upload a plain LoRA or LoCon" in error.value.message
+    _nothing_stored(session_with_images, data_dir, before)
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda t: {**t, "lora_unet_input_blocks_3_1_proj_in.dora_scale": torch.ones(1, 64)},
+            "DoRA is not supported",
+        ),
+        (
+            lambda t: {
+                **t,
+                "lora_unet_input_blocks_1_0_in_layers_2.lora_mid.weight": torch.ones(2, 2, 3, 3),
+            },
+            "Tucker-decomposed LoCon (lora_mid) is not supported",
+        ),
+        (
+            lambda t: {
+                **t,
+                "lora_unet_input_blocks_9_1_proj_in.lora_down.weight": torch.ones(2, 64),
+                "lora_unet_input_blocks_9_1_proj_in.lora_up.weight": torch.ones(64, 2),
+            },
+            "is no Linear or Conv2d module of this model's unet",
+        ),
+        (
+            lambda t: {
+                **t,
+                "lora_unet_middle_block_1_nonsense.lora_down.weight": torch.ones(2, 64),
+                "lora_unet_middle_block_1_nonsense.lora_up.weight": torch.ones(64, 2),
+            },
+            "unet.mid_block.attentions.0.nonsense is no Linear or Conv2d module",
+        ),
+        (
+            lambda t: {
+                key: (value[:, :, :1, :1].contiguous() if "in_layers_2.lora_down" in key else value)
+                for key, value in t.items()
+            },
+            "but this model's Conv2d is",
+        ),
+    ],
+    ids=["DoRA", "lora_mid", "no such block", "no such module", "wrong kernel"],
+)
+def test_kohya_uploads_that_do_not_fit_are_refused_naming_why(
+    session_with_images, data_dir, tiny_folder, tmp_path, change, problem
+):
+    from safetensors.torch import load_file, save_file
+
+    source = community_loras.write_kohya_locon(tmp_path / "k.safetensors", tiny_folder)
+    changed = tmp_path / "changed.safetensors"
+    save_file(change(load_file(source)), str(changed))
+    before = _tree(data_dir)
+    with pytest.raises(ServiceError) as error:
+        lora_services.lora_upload(session_with_images.pk, changed.read_bytes(), None)
+    assert error.value.status == 400
+    assert problem in error.value.message
+    _nothing_stored(session_with_images, data_dir, before)
+
+
 def test_canonical_upload_is_stored_byte_for_byte(session_with_images):
     lora = _trained_lora(session_with_images)
     artifact = lora_services.lora_upload(session_with_images.pk, lora, None)
@@ -189,13 +343,13 @@ def test_upload_never_calls_an_unpickler(session_with_images, monkeypatch):
             lora_bytes(
                 shapes={"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 32)}
             ),
-            "maps 32 -> 64 features, but this model's projection maps 64 -> 64",
+            "adds a 64 x 32 weight, but this model's Linear is 64 x 64",
         ),
         (
             lora_bytes(
                 shapes={"down_blocks.2.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}
             ),
-            "is not an attention projection of this model's UNet",
+            "is no Linear or Conv2d module of this model's unet",
         ),
         (lora_bytes(fill=float("nan")), "holds NaN or infinite values"),
         (lora_bytes(fill=float("inf")), "holds NaN or infinite values"),
@@ -233,13 +387,14 @@ def test_upload_to_a_session_deleted_meanwhile_is_404_and_recreates_nothing(
     session_with_images, monkeypatch, django_capture_on_commit_callbacks
 ):
     folder = storage.session_dir(session_with_images.pk)
-    real_check = lora_services._check_lora_fits_the_model
+    real_check = lora_services._canonical_lora_for_the_model
 
-    def delete_while_checking(path):
-        real_check(path)
+    def delete_while_checking(upload, converted):
+        checked = real_check(upload, converted)
         session_services.session_delete(session_with_images.pk)
+        return checked
 
-    monkeypatch.setattr(lora_services, "_check_lora_fits_the_model", delete_while_checking)
+    monkeypatch.setattr(lora_services, "_canonical_lora_for_the_model", delete_while_checking)
     with django_capture_on_commit_callbacks(execute=True):
         with pytest.raises(ServiceError) as error:
             lora_services.lora_upload(session_with_images.pk, lora_bytes(), None)
