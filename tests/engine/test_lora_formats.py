@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from PIL import Image
 from safetensors.torch import load, load_file, save_file
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import generate
-from sdxl_engine.lora_files import read_lora_metadata
+from sdxl_engine.lora_files import check_lora, read_lora_metadata
 from sdxl_engine.lora_formats import (
     ADAPTER_METADATA_KEY,
     canonical_lora_file,
@@ -21,7 +22,10 @@ from sdxl_engine.lora_formats import (
     to_canonical,
     to_kohya,
 )
+from sdxl_engine.lora_keys import split_lora_key
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.pipelines import Pipelines
+from tests import community_loras
 from tests.helpers import images_close
 from tests.lora_variants import (
     write_diffusers_lora_with_alpha_twice_rank,
@@ -194,9 +198,9 @@ def test_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
     request = {"prompt": "a red square", "seed": 9, **SMALL}
 
     stock = _generated_with_stock_lora(pipelines, source, **request)
-    ours = generate(pipelines, lora_path=lora, **request)
+    ours = generate(pipelines, loras=[AppliedLora(lora)], **request)
     # Reading alpha as the rank would leave the halved up-weights: the adapter at half scale.
-    alpha_ignored = generate(pipelines, lora_path=trained_lora, lora_scale=0.5, **request)
+    alpha_ignored = generate(pipelines, loras=[AppliedLora(trained_lora, 0.5)], **request)
 
     assert images_close(ours, stock)
     assert not images_close(alpha_ignored, stock)
@@ -341,3 +345,267 @@ def test_kohya_export_carries_both_text_encoders_and_gives_the_same_image(
     np.testing.assert_allclose(_base_image(pipelines, kohya_file), original, rtol=0, atol=1e-5)
     back = to_canonical(load(kohya_file.read_bytes()), {})
     assert back.keys() == load_file(text_encoder_lora).keys()
+
+
+# --- Community LoRA and LoCon files (tests/community_loras.py) -----------------------------
+
+
+@pytest.fixture(scope="module")
+def stock_base(tiny_model_dirs) -> StableDiffusionXLPipeline:
+    """The tiny Base as stock diffusers loads it: the reference for every form."""
+    return StableDiffusionXLPipeline.from_pretrained(str(tiny_model_dirs[0]))
+
+
+def _component_outputs(pipe: StableDiffusionXLPipeline, lora: Path | None) -> list[torch.Tensor]:
+    """Both text encoders' penultimate hidden states and pooled output, and the UNet's
+    prediction on them, for fixed inputs, with `lora` loaded by stock diffusers."""
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    try:
+        generator = torch.Generator().manual_seed(0)
+        latents = torch.randn(1, 4, 8, 8, generator=generator)
+        ids = torch.randint(0, 500, (1, 77), generator=generator)
+        with torch.no_grad():
+            first = pipe.text_encoder(ids, output_hidden_states=True).hidden_states[-2]
+            second = pipe.text_encoder_2(ids, output_hidden_states=True)
+            states = torch.cat([first, second.hidden_states[-2]], dim=-1)
+            conditions = {
+                "text_embeds": second.text_embeds,
+                "time_ids": torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]]),
+            }
+            unet = pipe.unet(latents, 10, states, added_cond_kwargs=conditions).sample
+        return [first, second.hidden_states[-2], second.text_embeds, unet]
+    finally:
+        if lora is not None:
+            pipe.unload_lora_weights()
+
+
+WRITERS = {
+    "sd-scripts LoCon": community_loras.write_kohya_locon,
+    "LyCORIS LoCon": community_loras.write_lycoris_locon,
+    "PEFT": community_loras.write_peft_lora,
+    "diffusers": community_loras.write_diffusers_lora,
+}
+
+
+@pytest.mark.parametrize("form", list(WRITERS))
+def test_community_file_converted_computes_what_stock_diffusers_makes_of_the_original(
+    stock_base, tiny_model_dirs, tmp_path: Path, form: str
+) -> None:
+    """The canonical file, loaded by stock diffusers, changes both text encoders and the
+    UNet exactly as stock diffusers loading the original file does."""
+    original = WRITERS[form](tmp_path / "original.safetensors", tiny_model_dirs)
+    converted = tmp_path / "canonical.safetensors"
+    layers = stock_base.unet.config.layers_per_block
+    canonical_lora_file(original, converted, layers_per_block=layers)
+    assert is_canonical(converted)
+    check_lora(converted, community_loras.model_shapes(tiny_model_dirs[0]))
+
+    without = _component_outputs(stock_base, None)
+    stock = _component_outputs(stock_base, original)
+    ours = _component_outputs(stock_base, converted)
+
+    for name, plain, expected, actual in zip(
+        ["text_encoder", "text_encoder_2", "pooled", "unet"], without, stock, ours, strict=True
+    ):
+        assert (expected - plain).abs().max() > 1e-2, f"the LoRA does not change {name}"
+        torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5, msg=name)
+
+
+def test_kohya_locon_keeps_every_pair_and_spells_each_module_as_diffusers(
+    tiny_model_dirs, tmp_path: Path
+) -> None:
+    path = community_loras.write_kohya_locon(tmp_path / "k.safetensors", tiny_model_dirs)
+    tensors = load_file(path)
+    assert any(key.startswith("lora_unet_input_blocks_") for key in tensors)
+    assert any("_in_layers_2." in key for key in tensors)
+    assert any(key.startswith("lora_te1_text_model_encoder_") for key in tensors)
+
+    canonical = to_canonical(tensors, read_lora_metadata(path), layers_per_block=1)
+
+    assert len(canonical) == 2 * sum(key.endswith(".alpha") for key in tensors)
+    shapes = community_loras.model_shapes(tiny_model_dirs[0])
+    modules = {}
+    for key in canonical:
+        lora_key = split_lora_key(key)
+        modules.setdefault(lora_key.component, set()).add(lora_key.module)
+    unet = shapes["unet"]
+    assert modules["unet"] == set(community_loras.sd_scripts_unet_modules(unet))
+    for component in ("text_encoder", "text_encoder_2"):
+        expected = community_loras.sd_scripts_text_encoder_modules(shapes[component])
+        assert modules[component] == set(expected)
+    # A 3x3 conv's pair: down (rank, in, 3, 3), up (out, rank, 1, 1), alpha folded in.
+    down = canonical["unet.down_blocks.0.resnets.0.conv1.lora.down.weight"]
+    up = canonical["unet.down_blocks.0.resnets.0.conv1.lora.up.weight"]
+    assert down.shape == (2, 32, 3, 3) and up.shape == (32, 2, 1, 1)
+    original_up = tensors["lora_unet_input_blocks_1_0_in_layers_2.lora_up.weight"]
+    torch.testing.assert_close(up, original_up * (1.0 / 2))  # conv_alpha 1 / conv rank 2
+
+
+@pytest.mark.parametrize("form", list(WRITERS))
+def test_canonical_community_file_goes_to_kohya_and_back_unchanged(
+    tiny_model_dirs, tmp_path: Path, form: str
+) -> None:
+    original = WRITERS[form](tmp_path / "original.safetensors", tiny_model_dirs)
+    canonical_file = tmp_path / "canonical.safetensors"
+    canonical_lora_file(original, canonical_file, layers_per_block=1)
+    canonical = load_file(canonical_file)
+
+    kohya = load(kohya_lora_bytes(canonical_file, base_model="x"))
+    # Text encoders' layers as sd-scripts, AUTOMATIC1111 and ComfyUI spell them.
+    assert any(key.startswith("lora_te1_text_model_encoder_layers_0_") for key in kohya)
+    assert any(key.startswith("lora_te2_text_model_encoder_layers_0_") for key in kohya)
+    back = to_canonical(kohya, {})
+
+    assert back.keys() == canonical.keys()
+    assert all(torch.equal(back[key], canonical[key]) for key in canonical)
+
+
+@pytest.mark.parametrize(
+    ("writer", "kind"),
+    [(community_loras.write_loha, "LoHa"), (community_loras.write_lokr, "LoKr")],
+)
+def test_loha_and_lokr_are_refused_by_name(tiny_model_dirs, tmp_path: Path, writer, kind) -> None:
+    source, target = writer(tmp_path / "in.safetensors", tiny_model_dirs), tmp_path / "out"
+    with pytest.raises(EngineError, match=f"^{kind} is not supported .*upload a plain LoRA or"):
+        canonical_lora_file(source, target)
+    assert not target.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"lora_unet_x.dora_scale": torch.ones(1, 4)}, "DoRA is not supported"),
+        ({"lora_unet_x.lora_mid.weight": torch.ones(2, 2, 3, 3)}, "lora_mid"),
+        ({"lora_unet_x.on_input": torch.ones(4)}, "(IA)3 is not supported"),
+        ({"lora_unet_x.weight": torch.ones(4)}, "(IA)3 is not supported"),
+        ({"lora_unet_x.a1.weight": torch.ones(2, 4)}, "GLoRA is not supported"),
+        ({"lora_unet_x.oft_blocks": torch.ones(2, 2, 2)}, "OFT/BOFT is not supported"),
+        ({"lora_unet_x.diff": torch.ones(4, 4)}, "full weight difference"),
+        ({"lora_unet_x.w_norm": torch.ones(4)}, "Norm-layer training is not supported"),
+        ({"lora_unet_x.scalar": torch.ones(())}, "use_scalar is not supported"),
+        ({"lora_unet_x.lora_up.bias": torch.ones(4)}, "LoRA bias is not supported"),
+        ({"lora_unet_x.hada_w1_a": torch.ones(4, 2)}, "LoHa is not supported"),
+        ({"lora_unet_x.lokr_w1": torch.ones(2, 2)}, "LoKr is not supported"),
+        ({"lora_unet_x.something": torch.ones(2)}, "'lora_unet_x.something' is no LoRA/LoCon"),
+    ],
+)
+def test_other_adapter_kinds_in_a_kohya_file_are_refused_by_name(extra: dict, message) -> None:
+    pair = {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(2, 8),
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": torch.zeros(8, 2),
+    }
+    with pytest.raises(EngineError, match=re.escape(message)):
+        to_canonical({**pair, **extra}, {})
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "unet.mid_block.attentions.0.proj_in.lora_magnitude_vector",
+        "unet.mid_block.attentions.0.proj_in.lora_A.bias",
+        "text_encoder.text_model.encoder.layers.0.mlp.fc1.hada_w1_a",
+    ],
+)
+def test_other_adapter_kinds_in_a_peft_file_are_refused_by_name(key: str) -> None:
+    pair = {
+        "unet.mid_block.attentions.0.proj_in.lora_A.weight": torch.zeros(2, 8),
+        "unet.mid_block.attentions.0.proj_in.lora_B.weight": torch.zeros(8, 2),
+    }
+    with pytest.raises(EngineError, match="is not supported .*upload a plain LoRA or LoCon"):
+        to_canonical({**pair, key: torch.zeros(8)}, {})
+
+
+def test_one_module_spelt_twice_is_an_error_not_a_lost_pair() -> None:
+    """sd-scripts' and diffusers' block names for the same module: diffusers' converter
+    drops one layout silently; ours refuses the file."""
+    tensors = {}
+    for name in ("middle_block_1_proj_in", "mid_block_attentions_0_proj_in"):
+        tensors[f"lora_unet_{name}.lora_down.weight"] = torch.zeros(2, 8)
+        tensors[f"lora_unet_{name}.lora_up.weight"] = torch.zeros(8, 2)
+    with pytest.raises(EngineError, match="name only 2 distinct module weights"):
+        to_canonical(tensors, {})
+
+
+def test_a_kohya_alpha_of_zero_means_no_scaling_as_in_sd_scripts() -> None:
+    down, up = torch.randn(4, 16), torch.randn(16, 4)
+    kohya = {
+        "lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": down,
+        "lora_unet_mid_block_attentions_0_proj_in.lora_up.weight": up,
+        "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.tensor(0.0),
+    }
+    assert torch.equal(
+        to_canonical(kohya, {})["unet.mid_block.attentions.0.proj_in.lora.up.weight"], up
+    )
+
+
+def test_full_size_sdxl_kohya_locon_fits_sdxl_and_a_wrong_shape_is_named(tmp_path: Path) -> None:
+    """A LoCon laid out as sd-scripts writes one for SDXL Base (its SGM block names), rank
+    1 on one module of every kind and place, checked against the full-size model's
+    meta-device shapes after conversion."""
+    folder = community_loras.packaged_model_folder("sdxl", tmp_path / "sdxl")
+    shapes = community_loras.model_shapes(folder)
+    modules = [
+        "conv_in",
+        "conv_out",
+        "time_embedding.linear_1",
+        "time_embedding.linear_2",
+        "add_embedding.linear_1",
+        "add_embedding.linear_2",
+        "down_blocks.0.resnets.0.conv1",
+        "down_blocks.0.resnets.1.time_emb_proj",
+        "down_blocks.0.downsamplers.0.conv",
+        "down_blocks.1.resnets.0.conv_shortcut",
+        "down_blocks.1.attentions.1.proj_in",
+        "down_blocks.2.attentions.1.transformer_blocks.9.attn2.to_k",
+        "down_blocks.2.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        "mid_block.resnets.0.conv2",
+        "mid_block.attentions.0.transformer_blocks.5.ff.net.2",
+        "mid_block.resnets.1.time_emb_proj",
+        "up_blocks.0.resnets.2.conv_shortcut",
+        "up_blocks.0.attentions.2.proj_out",
+        "up_blocks.0.upsamplers.0.conv",
+        "up_blocks.1.attentions.0.transformer_blocks.1.attn1.to_out.0",
+        "up_blocks.1.upsamplers.0.conv",
+        "up_blocks.2.resnets.2.conv2",
+    ]
+    tensors = community_loras.kohya_locon_tensors(
+        shapes, 2, rank=1, conv_rank=1, unet_modules=modules, text_encoders=True
+    )
+    # sd-scripts' names, checked against library/sdxl_model_util.py's conversion map.
+    names = {key.split(".")[0] for key in tensors}
+    for expected in (
+        "lora_unet_input_blocks_0_0",
+        "lora_unet_out_2",
+        "lora_unet_time_embed_0",
+        "lora_unet_label_emb_0_2",
+        "lora_unet_input_blocks_1_0_in_layers_2",
+        "lora_unet_input_blocks_2_0_emb_layers_1",
+        "lora_unet_input_blocks_3_0_op",
+        "lora_unet_input_blocks_4_0_skip_connection",
+        "lora_unet_input_blocks_5_1_proj_in",
+        "lora_unet_input_blocks_8_1_transformer_blocks_9_attn2_to_k",
+        "lora_unet_middle_block_0_out_layers_3",
+        "lora_unet_middle_block_1_transformer_blocks_5_ff_net_2",
+        "lora_unet_output_blocks_2_0_skip_connection",
+        "lora_unet_output_blocks_2_1_proj_out",
+        "lora_unet_output_blocks_2_2_conv",
+        "lora_unet_output_blocks_5_2_conv",
+        "lora_unet_output_blocks_8_0_out_layers_3",
+        "lora_te1_text_model_encoder_layers_11_mlp_fc2",
+        "lora_te2_text_model_encoder_layers_31_self_attn_out_proj",
+    ):
+        assert expected in names
+    canonical = to_canonical(tensors, {}, layers_per_block=2)
+    path = tmp_path / "sdxl.safetensors"
+    save_file(canonical, str(path))
+    assert check_lora(path, shapes).rank == 1
+    assert {split_lora_key(k).module for k in canonical if k.startswith("unet.")} == set(modules)
+
+    key = "unet.down_blocks.1.resnets.0.conv_shortcut.lora.down.weight"
+    save_file({**canonical, key: torch.zeros(1, 640, 1, 1)}, str(path))
+    with pytest.raises(EngineError, match="conv_shortcut adds a 640 x 640 x 1 x 1 weight, but"):
+        check_lora(path, shapes)
+    tiny = community_loras.packaged_model_folder("tiny", tmp_path / "tiny")
+    with pytest.raises(EngineError, match="fc1 adds a 3072 x 768 weight, but this model's Linear"):
+        check_lora(path, community_loras.model_shapes(tiny))  # the same names, narrower
