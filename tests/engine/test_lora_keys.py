@@ -18,10 +18,16 @@ from sdxl_engine.lora_keys import (
     PEFT_MODEL,
     UP,
     LoraKey,
+    community_module_path,
     factor_of,
+    installed_module_path,
+    is_sgm_module,
     is_target_projection,
+    kohya_module_name,
+    kohya_module_path,
     lora_scales,
     split_lora_key,
+    unsupported_kind,
 )
 
 MODULE = "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
@@ -240,3 +246,123 @@ def test_scales_are_the_ones_peft_gives_its_layers(config: dict) -> None:
 def test_what_is_no_plain_lora_config_is_refused(metadata: dict, message: str) -> None:
     with pytest.raises(EngineError, match=message):
         lora_scales(metadata)
+
+
+# --- kohya module names: sd-scripts' SDXL UNet layout and diffusers' -----------------------
+
+
+def _model_shapes(preset: str) -> dict:
+    from sdxl_engine.builder import load_component_config
+    from sdxl_engine.lora_files import lora_target_shapes
+
+    return lora_target_shapes(
+        load_component_config(preset, "unet_base"),
+        load_component_config(preset, "text_encoder"),
+        load_component_config(preset, "text_encoder_2"),
+    )
+
+
+@pytest.mark.parametrize("preset", ["tiny", "sdxl"])
+def test_every_module_spelt_the_kohya_way_maps_back_to_itself(preset: str) -> None:
+    """Underscores for dots lose nothing for any Linear or Conv2d of the three components,
+    in diffusers' layout and (UNet) in sd-scripts' own."""
+    from tests.community_loras import sgm_module_name
+
+    layers = {"tiny": 1, "sdxl": 2}[preset]
+    for component, shapes in _model_shapes(preset).items():
+        for module in shapes:
+            community = community_module_path(component, module)
+            assert kohya_module_path(component, kohya_module_name(community), layers) == community
+            assert installed_module_path(component, community) == module
+            if component == "unet":
+                sgm = sgm_module_name(module, layers, shapes)
+                assert is_sgm_module(sgm)
+                assert kohya_module_path(component, sgm, layers) == module
+
+
+@pytest.mark.parametrize(
+    ("sgm", "module"),
+    [
+        # sd-scripts' library/sdxl_model_util.py conversion map, for SDXL Base.
+        ("input_blocks_0_0", "conv_in"),
+        ("out_2", "conv_out"),
+        ("time_embed_0", "time_embedding.linear_1"),
+        ("time_embed_2", "time_embedding.linear_2"),
+        ("label_emb_0_0", "add_embedding.linear_1"),
+        ("label_emb_0_2", "add_embedding.linear_2"),
+        ("input_blocks_1_0_in_layers_2", "down_blocks.0.resnets.0.conv1"),
+        ("input_blocks_2_0_out_layers_3", "down_blocks.0.resnets.1.conv2"),
+        ("input_blocks_3_0_op", "down_blocks.0.downsamplers.0.conv"),
+        ("input_blocks_4_0_skip_connection", "down_blocks.1.resnets.0.conv_shortcut"),
+        ("input_blocks_4_0_emb_layers_1", "down_blocks.1.resnets.0.time_emb_proj"),
+        (
+            "input_blocks_4_1_transformer_blocks_0_ff_net_0_proj",
+            "down_blocks.1.attentions.0.transformer_blocks.0.ff.net.0.proj",
+        ),
+        ("input_blocks_8_1_proj_out", "down_blocks.2.attentions.1.proj_out"),
+        ("middle_block_0_in_layers_2", "mid_block.resnets.0.conv1"),
+        (
+            "middle_block_1_transformer_blocks_9_attn2_to_out_0",
+            "mid_block.attentions.0.transformer_blocks.9.attn2.to_out.0",
+        ),
+        ("middle_block_2_emb_layers_1", "mid_block.resnets.1.time_emb_proj"),
+        ("output_blocks_0_0_skip_connection", "up_blocks.0.resnets.0.conv_shortcut"),
+        ("output_blocks_2_1_proj_in", "up_blocks.0.attentions.2.proj_in"),
+        ("output_blocks_2_2_conv", "up_blocks.0.upsamplers.0.conv"),
+        ("output_blocks_5_2_conv", "up_blocks.1.upsamplers.0.conv"),
+        ("output_blocks_8_0_out_layers_3", "up_blocks.2.resnets.2.conv2"),
+    ],
+)
+def test_sd_scripts_sdxl_names_map_onto_diffusers_modules(sgm: str, module: str) -> None:
+    assert kohya_module_path("unet", sgm, 2) == module
+    assert module in _model_shapes("sdxl")["unet"]
+
+
+@pytest.mark.parametrize(
+    "sgm",
+    [
+        "input_blocks_3_1_proj_in",  # a downsampler's place holds no attention
+        "input_blocks_1_0_norm1",
+        "input_blocks_1_2_proj_in",
+        "middle_block_3_in_layers_2",
+        "middle_block_0_in_layers_0",
+        "output_blocks_1_2_conv_x",
+        "input_blocks_x",
+    ],
+)
+def test_sd_scripts_names_of_no_linear_or_conv_are_errors(sgm: str) -> None:
+    with pytest.raises(EngineError, match="names no Linear or Conv2d module of SDXL's UNet"):
+        kohya_module_path("unet", sgm, 2)
+
+
+def test_sd_scripts_names_need_one_layer_count_for_every_block() -> None:
+    with pytest.raises(EngineError, match="block numbers"):
+        kohya_module_path("unet", "input_blocks_1_0_in_layers_2", None)
+    # Names outside the numbered blocks, and diffusers' layout, need none.
+    assert kohya_module_path("unet", "out_2", None) == "conv_out"
+    assert kohya_module_path("unet", "down_blocks_0_resnets_1_conv_shortcut", None) == (
+        "down_blocks.0.resnets.1.conv_shortcut"
+    )
+
+
+@pytest.mark.parametrize(
+    ("key", "kind"),
+    [
+        ("lora_unet_x.hada_w1_a", "LoHa"),
+        ("lora_unet_x.hada_t2", "LoHa"),
+        ("lora_te1_x.lokr_w2_b", "LoKr"),
+        ("lora_unet_x.dora_scale", "DoRA"),
+        ("unet.x.lora_magnitude_vector", "DoRA"),
+        ("lora_unet_x.on_input", "(IA)3"),
+        ("lora_unet_x.weight", "(IA)3"),
+        ("lora_unet_x.b2.weight", "GLoRA"),
+        ("lora_unet_x.oft_blocks", "OFT/BOFT"),
+        ("lora_unet_x.lora_mid.weight", "Tucker-decomposed LoCon (lora_mid)"),
+        ("unet.x.lora_B.bias", "LoRA bias"),
+        ("unet.x.lora.up.bias", "LoRA bias"),
+        ("lora_unet_x.lora_down.weight", None),
+        ("model.layer.weight", None),
+    ],
+)
+def test_other_adapter_kinds_are_named(key: str, kind: str | None) -> None:
+    assert unsupported_kind(key) == kind
