@@ -276,6 +276,61 @@ def test_get_and_upload_lora(api, session):
     )
 
 
+def test_upload_of_an_sd_scripts_locon_with_text_encoders_is_stored_and_listed(
+    api, session, tmp_path
+):
+    from tests import community_loras
+
+    folder = community_loras.packaged_model_folder("tiny", tmp_path / "tiny")
+    locon = community_loras.write_kohya_locon(tmp_path / "locon.safetensors", folder)
+    response = api.post(
+        "/upload_lora",
+        {"session_id": session.pk, "lora_base64": b64(locon.read_bytes())},
+        format="json",
+    )
+    assert response.status_code == 200, response.json()
+    assert response.json()["lora_filename"] == "lora_1.safetensors"
+    body = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
+    stored = load(base64.b64decode(body["lora_base64"]))
+    assert {key.split(".")[0] for key in stored} == {"unet", "text_encoder", "text_encoder_2"}
+    assert "unet.down_blocks.0.resnets.0.conv1.lora.down.weight" in stored
+    # And out again as kohya, text encoders included.
+    kohya = api.post(
+        "/get_lora", {"session_id": session.pk, "format": "kohya"}, format="json"
+    ).json()
+    keys = load(base64.b64decode(kohya["lora_base64"])).keys()
+    assert {key.split("_")[1] for key in keys} == {"unet", "te1", "te2"}
+
+
+@pytest.mark.parametrize(
+    ("writer", "kind"), [("write_loha", "LoHa"), ("write_lokr", "LoKr")], ids=["LoHa", "LoKr"]
+)
+def test_upload_of_a_loha_or_lokr_is_400_naming_it_and_stores_nothing(
+    api, session, tmp_path, writer, kind
+):
+    from tests import community_loras
+
+    folder = community_loras.packaged_model_folder("tiny", tmp_path / "tiny")
+    path = getattr(community_loras, writer)(tmp_path / "x.safetensors", folder)
+    assert_error(
+        api.post(
+            "/upload_lora",
+            {"session_id": session.pk, "lora_base64": b64(path.read_bytes())},
+            format="json",
+        ),
+        400,
+        f"{kind} is not supported",
+    )
+    assert_error(
+        api.post("/get_lora", {"session_id": session.pk}, format="json"),
+        404,
+        "Requested LoRA not found",
+    )
+    from sessions_app import storage
+
+    assert not list(storage.session_dir(session.pk).glob("*.safetensors"))
+
+
 def test_get_lora_as_kohya_and_upload_it_back(api, session):
     run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     run_services.training_run_execute(run.pk)
