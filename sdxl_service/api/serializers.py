@@ -243,7 +243,11 @@ class GetLoraSerializer(serializers.Serializer):
 
 class UploadLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
-    lora_base64 = Base64BytesField()
+    lora_base64 = Base64BytesField(
+        help_text="a .safetensors LoRA or LoCon (any Linear or Conv2d module of the Base UNet "
+        "and both text encoders) in diffusers, PEFT or kohya/LyCORIS form; LoHa, LoKr, DoRA "
+        "and other adapter kinds are refused"
+    )
     filename = StringField(max_length=200, required=False, allow_null=True)
 
 

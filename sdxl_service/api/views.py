@@ -195,8 +195,11 @@ def get_lora(request):
     operation_id="upload_lora",
     tags=LORAS,
     summary="Store a LoRA file (diffusers, PEFT or kohya) as the session's next LoRA",
-    description="Stored in the trainer's diffusers form (kohya and PEFT files are converted, "
-    "alphas folded into the weights); without `filename` it becomes `lora_<n>.safetensors`.",
+    description="A LoRA or LoCon on any Linear or Conv2d module of the Base UNet and both text "
+    "encoders, in diffusers, PEFT or kohya form (sd-scripts' SDXL block names or diffusers', "
+    "LyCORIS LoCon). Stored in the trainer's diffusers form (other forms are converted, alphas "
+    "folded into the weights); without `filename` it becomes `lora_<n>.safetensors`. LoHa, "
+    "LoKr, DoRA, (IA)3, GLoRA, OFT, `lora_mid` and biases are refused by name.",
     request=api.UploadLoraSerializer,
     responses={200: api.UploadLoraResponse, **error_responses(404, 409)},
 )
