@@ -346,3 +346,28 @@ class _CreatesMarkerWhenUnpickled:
 
     def __reduce__(self):
         return (os.mkdir, (str(self.marker),))
+
+
+def test_lora_configs_of_each_base_the_worker_may_load(tmp_path: Path) -> None:
+    from sdxl_engine.source import base_lora_configs
+
+    tiny = {name: load_component_config("tiny", name) for name in ("unet_base", "text_encoder")}
+    (config,) = base_lora_configs("tiny", "")
+    assert config["unet"] == tiny["unet_base"]
+    assert config["text_encoder"] == tiny["text_encoder"]
+    assert config["text_encoder_2"] == load_component_config("tiny", "text_encoder_2")
+    # Auto: real SDXL (the default hub id's published configs) or the tiny model.
+    sdxl, tiny_again = base_lora_configs(None, "")
+    assert sdxl["text_encoder_2"] == load_component_config("sdxl", "text_encoder_2")
+    assert tiny_again == config
+    # A local folder's own configs; a component it lacks is unknown.
+    folder = tmp_path / "base"
+    for component in ("unet", "text_encoder"):
+        (folder / component).mkdir(parents=True)
+        (folder / component / "config.json").write_text(json.dumps({"marker": component}))
+    (local,) = base_lora_configs("hub", str(folder))
+    assert local == {
+        "unet": {"marker": "unet"},
+        "text_encoder": {"marker": "text_encoder"},
+        "text_encoder_2": None,
+    }

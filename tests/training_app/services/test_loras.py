@@ -599,3 +599,22 @@ def test_prune_command_lists_checkpoints(runs_with_checkpoints):
         assert f"would delete {name}" in output
     assert "would delete 3 LoRA files" in output
     assert TrainingCheckpoint.objects.count() == 4
+
+
+def test_auto_preset_converts_sd_scripts_block_names_for_the_model_they_fit(
+    session_with_images, settings, tiny_folder, tmp_path
+):
+    """With the automatic preset the model is real SDXL (two resnets per block) or the tiny
+    one (one): sd-scripts' numbering is read for each, and the tiny one fits."""
+    from safetensors.torch import load_file
+
+    settings.SDXL_MODEL_PRESET = ""
+    settings.SDXL_BASE_MODEL = ""
+    source = community_loras.write_kohya_locon(tmp_path / "k.safetensors", tiny_folder)
+    artifact = lora_services.lora_upload(session_with_images.pk, source.read_bytes(), None)
+    stored = load_file(lora_services.lora_file_path(artifact))
+    assert "unet.down_blocks.0.downsamplers.0.conv.lora.down.weight" in stored
+    # A file for neither is refused with the first model's (real SDXL's) problem.
+    settings.SDXL_MODEL_PRESET = "sdxl-random"
+    with pytest.raises(ServiceError, match="names no Linear or Conv2d module of SDXL's UNet"):
+        lora_services.lora_upload(session_with_images.pk, source.read_bytes(), None)
