@@ -33,9 +33,13 @@ def verify(fix: bool = False, progress: Progress = no_progress) -> Report:
 def _generation_problems() -> list[str]:
     problems = []
     finished = Generation.objects.filter(status=Generation.Status.COMPLETED, image_count__gt=0)
-    for generation_id, count in finished.values_list("pk", "image_count"):
-        folder = generations_dir(generation_id)
-        missing = [i for i in range(count) if not (folder / f"{i}.png").is_file()]
+    for generation in finished.only("pk", "image_count", "parameters"):
+        folder = generations_dir(generation.pk)
+        missing = [
+            i
+            for i in range(generation.image_count)
+            if not (folder / generation.image_filename(i)).is_file()
+        ]
         if missing:
-            problems.append(f"generation {generation_id}: images {missing} are missing")
+            problems.append(f"generation {generation.pk}: images {missing} are missing")
     return problems

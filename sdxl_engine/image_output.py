@@ -144,9 +144,11 @@ def _safetensors_metadata(header: bytes) -> dict:
 
 
 def lora_prompt_name(lora: dict) -> str:
-    """The name a LoRA goes by in `<lora:NAME:...>`: its file name without .safetensors."""
-    filename = lora.get("filename") or lora["name"]
-    return filename.removesuffix(_SAFETENSORS)
+    """The name a LoRA goes by in `<lora:NAME:...>`: its "name" when the record gives one
+    (two files of one name in a request), else its file name without .safetensors."""
+    if lora.get("name"):
+        return lora["name"]
+    return lora["filename"].removesuffix(_SAFETENSORS)
 
 
 def infotext(record: dict) -> str:

@@ -11,7 +11,7 @@ from core.errors import ServiceError
 
 # Pillow format name -> file extension written to disk.
 ACCEPTED_FORMATS = {"PNG": "png", "JPEG": "jpg", "WEBP": "webp", "BMP": "bmp"}
-NOT_AN_IMAGE = "image_base64 does not hold a PNG, JPEG, WebP or BMP image"
+NOT_AN_IMAGE = "{field} does not hold a PNG, JPEG, WebP or BMP image"
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,7 @@ class CheckedImage:
     height: int
 
 
-def check_image(data: bytes) -> CheckedImage:
+def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
     """Decodes the whole image once; raises ServiceError (400) if it is not a usable image.
 
     Only the four accepted formats' parsers ever see the bytes (Pillow would otherwise try
@@ -31,7 +31,7 @@ def check_image(data: bytes) -> CheckedImage:
     from the header and checked before a single pixel is decoded.
     """
     too_large = (
-        f"image has more pixels than the limit of {settings.SDXL_MAX_UPLOAD_PIXELS} "
+        f"{field}: the image has more pixels than the limit of {settings.SDXL_MAX_UPLOAD_PIXELS} "
         "(SDXL_MAX_UPLOAD_PIXELS)"
     )
     try:
@@ -49,9 +49,9 @@ def check_image(data: bytes) -> CheckedImage:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ServiceError(too_large) from None
     except UnidentifiedImageError:
-        raise ServiceError(NOT_AN_IMAGE) from None
+        raise ServiceError(NOT_AN_IMAGE.format(field=field)) from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise ServiceError(f"image could not be decoded: {error}") from None
+        raise ServiceError(f"{field}: the image could not be decoded: {error}") from None
     return CheckedImage(
         data=data,
         image_format=image_format,

@@ -9,6 +9,7 @@ from django.utils.html import format_html, format_html_join
 from sessions_app.admin import ReadOnlyAdmin, file_response
 from training_app.models import (
     Generation,
+    GenerationLora,
     LoraArtifact,
     TrainingCheckpoint,
     TrainingRun,
@@ -198,14 +199,28 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         )
 
 
+class GenerationLoraInline(admin.TabularInline):
+    """The LoRAs a generation applied, in order, with their scales."""
+
+    model = GenerationLora
+    fields = ["position", "source_session_id", "filename", "scale", "sha256", "lora", "checkpoint"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+
 @admin.register(Generation)
 class GenerationAdmin(ReadOnlyAdmin):
+    inlines = [GenerationLoraInline]
     list_display = [
         "__str__",
         "status",
         "prompt",
         "seed",
-        "lora_filename",
+        "loras",
         "image_count",
         "duration_ms",
         "created_at",
@@ -219,10 +234,6 @@ class GenerationAdmin(ReadOnlyAdmin):
         "parameters",
         "seed",
         "session",
-        "lora",
-        "checkpoint",
-        "lora_filename",
-        "lora_sha256",
         "image_count",
         "images",
         "duration_ms",
@@ -232,6 +243,15 @@ class GenerationAdmin(ReadOnlyAdmin):
         "started_at",
         "finished_at",
     ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("applied_loras")
+
+    @admin.display(description="LoRAs")
+    def loras(self, generation: Generation) -> str:
+        return ", ".join(
+            f"{lora.filename} ({lora.scale:g})" for lora in generation.applied_loras.all()
+        )
 
     @admin.display(description="images")
     def images(self, generation: Generation) -> str:
@@ -256,7 +276,9 @@ class GenerationAdmin(ReadOnlyAdmin):
 
     def image_file(self, request, pk: int, index: int):
         generation = get_object_or_404(Generation, pk=pk)
-        return file_response(generations_dir(generation.pk) / f"{index}.png", "image not found")
+        return file_response(
+            generations_dir(generation.pk) / generation.image_filename(index), "image not found"
+        )
 
 
 @admin.register(WorkerHeartbeat)

@@ -3,7 +3,10 @@
 from django.db import models
 from django.db.models import Q
 
+from sdxl_engine.image_output import FILE_EXTENSIONS, OUTPUT_FORMATS
 from sessions_app.models import Session
+
+DEFAULT_OUTPUT_FORMAT = OUTPUT_FORMATS[0]  # png
 
 
 class TrainingRun(models.Model):
@@ -137,7 +140,8 @@ class TrainingSample(models.Model):
 
 
 class Generation(models.Model):
-    """One /txt2img request: what was asked, what was used, how long it took."""
+    """One /txt2img request: what was asked, what was used, how long it took. The LoRAs it
+    applies are its applied_loras (GenerationLora), in order."""
 
     class Status(models.TextChoices):
         QUEUED = "queued"
@@ -151,22 +155,10 @@ class Generation(models.Model):
     negative_prompt = models.TextField(blank=True)
     parameters = models.JSONField(default=dict)
     seed = models.PositiveBigIntegerField()
+    # The session of its first LoRA (use_lora's session), for browsing; None without one.
     session = models.ForeignKey(
         Session, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
-    lora = models.ForeignKey(
-        LoraArtifact, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
-    )
-    # Or, when the LoRA asked for by lora_filename is a run's checkpoint, that checkpoint.
-    checkpoint = models.ForeignKey(
-        "TrainingCheckpoint",
-        on_delete=models.SET_NULL,
-        null=True,
-        blank=True,
-        related_name="generations",
-    )
-    lora_filename = models.CharField(max_length=255, blank=True)
-    lora_sha256 = models.CharField(max_length=64, blank=True)
     image_count = models.PositiveSmallIntegerField(default=0)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
     error_message = models.TextField(blank=True)
@@ -180,6 +172,53 @@ class Generation(models.Model):
 
     def __str__(self) -> str:
         return f"generation {self.pk} ({self.status})"
+
+    @property
+    def output_format(self) -> str:
+        return self.parameters.get("output_format", DEFAULT_OUTPUT_FORMAT)
+
+    def image_filename(self, index: int) -> str:
+        """Image `index`'s file in the generation's folder (`0.png`, `1.jpg`...)."""
+        return f"{index}{FILE_EXTENSIONS[self.output_format]}"
+
+
+class GenerationLora(models.Model):
+    """A LoRA a generation applies at a scale, in the order the request gave them. The
+    file is named and hashed as it was when asked for: the row keeps saying what was used
+    after the file is deleted."""
+
+    generation = models.ForeignKey(
+        Generation, on_delete=models.CASCADE, related_name="applied_loras"
+    )
+    position = models.PositiveSmallIntegerField()
+    lora = models.ForeignKey(
+        LoraArtifact,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="generation_uses",
+    )
+    # Or, when the file asked for is a run's checkpoint, that checkpoint.
+    checkpoint = models.ForeignKey(
+        "TrainingCheckpoint",
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="generation_uses",
+    )
+    source_session_id = models.PositiveBigIntegerField(help_text="the session the LoRA came from")
+    filename = models.CharField(max_length=255)
+    sha256 = models.CharField(max_length=64)
+    scale = models.FloatField()
+
+    class Meta:
+        ordering = ["generation_id", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["generation", "position"], name="one_lora_per_position")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.filename} of session {self.source_session_id} at {self.scale:g}"
 
 
 class WorkerHeartbeat(models.Model):

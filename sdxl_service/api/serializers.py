@@ -10,14 +10,17 @@ from django.conf import settings
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 
+from sdxl_engine.image_output import DEFAULT_QUALITY, OUTPUT_FORMATS, quality_problem
 from sdxl_engine.parameters import (
     DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
     LR_SCHEDULERS,
+    MAX_LORAS,
     RECIPES,
     REFINER_POLICIES,
     REFINER_SWITCH_MAX,
     REFINER_SWITCH_MIN,
+    SEED_BITS,
     SERVICE_RECIPE,
     lr_warmup_problem,
     recipe_defaults,
@@ -32,7 +35,6 @@ from sdxl_service.api.fields import (
     StringField,
 )
 from training_app.models import TrainingRun
-from training_app.services.generations import SEED_BITS
 from training_app.services.loras import LORA_FORMATS
 
 # At most this many sample prompts: each is rendered at every sample step.
@@ -251,6 +253,23 @@ class UploadLoraSerializer(serializers.Serializer):
     filename = StringField(max_length=200, required=False, allow_null=True)
 
 
+class LoraChoiceSerializer(serializers.Serializer):
+    """One entry of /txt2img's `loras`."""
+
+    session_id = SessionIdField(help_text="the session whose LoRA this is (any session)")
+    iteration = StrictIntegerField(**_ITERATION)
+    lora_filename = _lora_filename_field()
+    scale = StrictFloatField(
+        min_value=-4.0,
+        max_value=4.0,
+        default=GENERATION_DEFAULTS.lora_scale,
+        help_text="its strength, as in AUTOMATIC1111's <lora:name:scale>",
+    )
+
+    def validate(self, attrs):
+        return _one_way_to_name_a_lora(attrs)
+
+
 class Txt2ImgSerializer(serializers.Serializer):
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
@@ -312,9 +331,62 @@ class Txt2ImgSerializer(serializers.Serializer):
         f"out (or null): {DEFAULT_REFINER_SWITCH}. Not with refiner none",
     )
 
+    loras = LoraChoiceSerializer(
+        many=True,
+        required=False,
+        max_length=MAX_LORAS,
+        help_text=f"up to {MAX_LORAS} LoRAs of any sessions, applied together to the Base "
+        "(UNet and text encoders) at their scales for this request; each names its LoRA by "
+        "iteration or lora_filename, else the session's latest. Not with use_lora",
+    )
+    init_image_base64 = Base64BytesField(
+        required=False,
+        allow_null=True,
+        help_text="img2img: a PNG, JPEG, WebP or BMP image to start from (checked as uploads "
+        "are), resized to width x height",
+    )
+    strength = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        allow_null=True,
+        help_text="img2img's denoising strength: the part of the schedule run on the noised "
+        "image, above 0 up to 1 (at 1 the image is not used: text-to-image). Left out: 0.75. "
+        "Only with init_image_base64",
+    )
+    output_format = serializers.ChoiceField(
+        choices=OUTPUT_FORMATS,
+        required=False,
+        allow_null=True,
+        help_text="the images' format; left out: png. JPEG and WebP carry the parameters in "
+        "EXIF UserComment as AUTOMATIC1111 writes them, PNG in its 'parameters' text chunk",
+    )
+    quality = StrictIntegerField(
+        min_value=1,
+        max_value=100,
+        required=False,
+        allow_null=True,
+        help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
+    )
+
     def validate(self, attrs):
         if attrs["use_lora"] and attrs.get("session_id") is None:
             raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
+        if attrs["use_lora"] and attrs.get("loras"):
+            raise serializers.ValidationError(
+                {"loras": "give use_lora (one LoRA) or loras, not both"}
+            )
+        if attrs.get("strength") is not None:
+            if attrs.get("init_image_base64") is None:
+                raise serializers.ValidationError(
+                    {"strength": "applies only with init_image_base64 (img2img)"}
+                )
+            if attrs["strength"] == 0.0:
+                raise serializers.ValidationError({"strength": "must be greater than 0"})
+        output_format = attrs.get("output_format") or OUTPUT_FORMATS[0]
+        problem = quality_problem(output_format, attrs.get("quality"))
+        if problem:
+            raise serializers.ValidationError({"quality": problem})
         if attrs.get("refiner") == "none" and attrs.get("refiner_switch") is not None:
             raise serializers.ValidationError(
                 {"refiner_switch": 'applies only when refiner is "ensemble"'}
@@ -475,10 +547,32 @@ class LoraUsed(serializers.Serializer):
     sha256 = serializers.CharField()
 
 
+class AppliedLoraItem(serializers.Serializer):
+    session_id = serializers.CharField()
+    filename = serializers.CharField()
+    sha256 = serializers.CharField()
+    scale = serializers.FloatField()
+
+
 class Txt2ImgResponse(serializers.Serializer):
     images_base64 = serializers.ListField(
-        child=serializers.CharField(), help_text="num_images PNGs, parameters in their text chunks"
+        child=serializers.CharField(),
+        help_text="num_images images in output_format (PNG by default), the parameters in them "
+        "as AUTOMATIC1111 writes them",
     )
     seed = serializers.IntegerField(help_text="the seed used: the same seed gives the same image")
-    lora = LoraUsed(allow_null=True)
+    seeds = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="each image's own seed (seed, seed + 1, ...): a request for one image with "
+        "seeds[i] gives image i again",
+    )
+    lora = LoraUsed(allow_null=True, help_text="the first (or only) LoRA applied")
+    loras = AppliedLoraItem(many=True, help_text="every LoRA applied, in order")
+    scheduler = serializers.CharField(allow_null=True, help_text="null: the model's own (Euler)")
+    refiner = serializers.ChoiceField(choices=REFINER_POLICIES)
+    refiner_switch = serializers.FloatField(
+        allow_null=True, help_text="where the Refiner took over; null under refiner none"
+    )
+    strength = serializers.FloatField(allow_null=True, help_text="img2img's; null for txt2img")
+    output_format = serializers.ChoiceField(choices=OUTPUT_FORMATS)
     duration_ms = serializers.IntegerField(allow_null=True)

@@ -226,17 +226,13 @@ def upload_lora(request):
 @api_view(["POST"])
 def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
+    data["loras"] = tuple(generations.LoraChoice(**choice) for choice in data.get("loras", ()))
+    data["init_image"] = data.pop("init_image_base64", None)
     generation = generations.generation_request(generations.GenerationRequest(**data))
     generation, images = generations.generation_wait(generation.pk, settings.SDXL_TXT2IMG_TIMEOUT)
     body = {
-        "images_base64": [base64.b64encode(png).decode("ascii") for png in images],
-        "seed": generation.seed,
-        "lora": (
-            {"filename": generation.lora_filename, "sha256": generation.lora_sha256}
-            if generation.lora_filename
-            else None
-        ),
-        "duration_ms": generation.duration_ms,
+        "images_base64": [base64.b64encode(image).decode("ascii") for image in images],
+        **generations.generation_summary(generation),
     }
     return rendered(api.Txt2ImgResponse, body)
 

@@ -100,8 +100,8 @@ def test_infotext_with_two_loras_refiner_and_sampler():
 
 def test_infotext_lora_name_is_the_file_name_and_unhashed_loras_stay_out_of_hashes():
     loras = [
-        {"name": "x", "filename": "style v2.safetensors", "short_hash": "", "scale": 1.0},
-        {"name": "y", "filename": "a:b,c.safetensors", "short_hash": "00aa11bb22cc", "scale": 1},
+        {"filename": "style v2.safetensors", "short_hash": "", "scale": 1.0},
+        {"filename": "a:b,c.safetensors", "short_hash": "00aa11bb22cc", "scale": 1},
     ]
     text = infotext(make_record(prompt="", loras=loras))
     assert text == (
@@ -270,3 +270,10 @@ def test_lora_short_hash_takes_sshs_model_hash_first_as_a1111_does(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"sshs_model_hash": "9" * 64})
     assert lora_short_hash(path) == "9" * 12
+
+
+def test_infotext_lora_name_given_by_the_record_wins_over_the_file_name():
+    loras = [{"name": "lora_1_s4", "filename": "lora_1.safetensors", "short_hash": "00aa11bb22cc"}]
+    text = infotext(make_record(prompt="a", loras=[{**loras[0], "scale": 0.5}]))
+    assert text.startswith("a <lora:lora_1_s4:0.5>\n")
+    assert text.endswith('Lora hashes: "lora_1_s4: 00aa11bb22cc"')

@@ -4,8 +4,6 @@ The web process records a Generation, enqueues its id once committed, and waits 
 row; the worker claims the row, generates, writes the PNGs and marks the row finished.
 """
 
-import io
-import json
 import logging
 import secrets
 import shutil
@@ -16,29 +14,42 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
-from PIL.PngImagePlugin import PngInfo
 
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
+from sdxl_engine.image_output import lora_prompt_name, lora_short_hash, quality_problem
 from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     GENERATION_DEFAULTS,
+    MAX_LORAS,
+    SEED_BITS,
+    image_seeds,
     refiner_problem,
+    strength_problem,
 )
 from sdxl_engine.schedulers import SCHEDULERS, unknown_scheduler_message
 from sessions_app import storage
+from sessions_app.images import check_image
 from sessions_app.selectors import session_get
-from training_app.models import Generation, LoraArtifact, TrainingCheckpoint
+from training_app.models import (
+    DEFAULT_OUTPUT_FORMAT,
+    Generation,
+    GenerationLora,
+    LoraArtifact,
+    TrainingCheckpoint,
+)
 from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import lora_file_get, worker_alive
 from training_app.services.loras import lora_file_path
 
 logger = logging.getLogger(__name__)
 
-# Seeds fit a signed 64-bit column (PostgreSQL bigint) and torch.Generator alike.
-SEED_BITS = 63
 _POLL_INTERVAL_S = 0.1
+# img2img's starting image, kept in the generation's folder as it was sent.
+INIT_IMAGE_NAME = "init_image"
+# AUTOMATIC1111's default img2img denoising strength.
+DEFAULT_STRENGTH = 0.75
 
 WORKER_LOST_MESSAGE = "the generation worker was lost (killed or crashed) during this request"
 NO_WORKER_MESSAGE = (
@@ -48,8 +59,21 @@ NO_WORKER_MESSAGE = (
 
 
 @dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA a request applies: any session's, by iteration or file name (a checkpoint's
+    included), else the session's latest; at `scale`."""
+
+    session_id: int
+    iteration: int | None = None
+    lora_filename: str | None = None
+    scale: float = GENERATION_DEFAULTS.lora_scale
+
+
+@dataclass(frozen=True)
 class GenerationRequest:
-    """One /txt2img request; what it leaves out takes the engine's defaults."""
+    """One /txt2img request; what it leaves out takes the engine's defaults. `use_lora`
+    with `session_id` (and iteration, lora_filename, lora_scale) is the shorthand for one
+    LoRA; `loras` names up to MAX_LORAS, not together with it."""
 
     prompt: str
     negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
@@ -67,6 +91,20 @@ class GenerationRequest:
     scheduler: str | None = None  # a name of SCHEDULERS; None: the model's own (Euler)
     refiner: str | None = None  # "ensemble" or "none"; None: "ensemble"
     refiner_switch: float | None = None  # the Base's share under "ensemble"; None: 0.8
+    loras: tuple[LoraChoice, ...] = ()
+    init_image: bytes | None = None  # img2img: the image to start from, as sent
+    strength: float | None = None  # img2img only; None: DEFAULT_STRENGTH
+    output_format: str | None = None  # png, jpeg or webp; None: png
+    quality: int | None = None  # jpeg and webp only; None: image_output.DEFAULT_QUALITY
+
+    @property
+    def lora_choices(self) -> tuple[LoraChoice, ...]:
+        if self.use_lora:
+            shorthand = LoraChoice(
+                self.session_id, self.iteration, self.lora_filename, self.lora_scale
+            )
+            return (shorthand, *self.loras)
+        return self.loras
 
 
 def generations_dir(generation_id: int) -> Path:
@@ -80,39 +118,105 @@ def generation_request(request: GenerationRequest) -> Generation:
     if request.scheduler is not None and request.scheduler not in SCHEDULERS:
         raise ServiceError(unknown_scheduler_message())
     _check_refiner(request)
-    lora = None
-    if request.use_lora:
-        session_get(request.session_id)
-        lora = lora_file_get(request.session_id, request.iteration, request.lora_filename)
-    with transaction.atomic():
-        generation = Generation.objects.create(
-            prompt=request.prompt,
-            negative_prompt=request.negative_prompt,
-            parameters={
-                "num_images": request.num_images,
-                "height": request.height,
-                "width": request.width,
-                "guidance_scale": request.guidance_scale,
-                "steps": request.steps,
-                "lora_scale": request.lora_scale,
-                # Only when given: a request without it runs exactly as before the field.
-                **({"scheduler": request.scheduler} if request.scheduler is not None else {}),
-                **({"refiner": request.refiner} if request.refiner is not None else {}),
-                **(
-                    {"refiner_switch": request.refiner_switch}
-                    if request.refiner_switch is not None
-                    else {}
-                ),
-            },
-            seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
-            session_id=request.session_id if request.use_lora else None,
+    _check_output(request)
+    choices = request.lora_choices
+    if len(choices) > MAX_LORAS:
+        raise ServiceError(f"at most {MAX_LORAS} LoRAs apply to one generation")
+    if request.init_image is None and request.strength is not None:
+        raise ServiceError("strength applies only to img2img (with init_image_base64)")
+    strength = None
+    if request.init_image is not None:
+        check_image(request.init_image, field="init_image_base64")
+        strength = DEFAULT_STRENGTH if request.strength is None else request.strength
+        if problem := strength_problem(strength):
+            raise ServiceError(problem)
+    loras = [
+        # use_lora answers the original API's 404 message unchanged.
+        (choice, _lora_of(choice, named=not (request.use_lora and position == 0)))
+        for position, choice in enumerate(choices)
+    ]
+    written: list[Path] = []
+    try:
+        with transaction.atomic():
+            generation = _generation_create(request, strength, loras, written)
+    except BaseException:
+        # The row was rolled back: so is the starting image written for it.
+        for folder in written:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return generation
+
+
+def _generation_create(
+    request: GenerationRequest,
+    strength: float | None,
+    loras: list[tuple[LoraChoice, LoraArtifact | TrainingCheckpoint]],
+    written: list[Path],
+) -> Generation:
+    optional = {
+        "scheduler": request.scheduler,
+        "refiner": request.refiner,
+        "refiner_switch": request.refiner_switch,
+        "strength": strength,
+        "output_format": request.output_format,
+        "quality": request.quality,
+    }
+    generation = Generation.objects.create(
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        parameters={
+            "num_images": request.num_images,
+            "height": request.height,
+            "width": request.width,
+            "guidance_scale": request.guidance_scale,
+            "steps": request.steps,
+            # Only when given: a request without them runs exactly as before the fields.
+            **{name: value for name, value in optional.items() if value is not None},
+        },
+        seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
+        session_id=loras[0][0].session_id if loras else None,
+    )
+    GenerationLora.objects.bulk_create(
+        GenerationLora(
+            generation=generation,
+            position=position,
             lora=lora if isinstance(lora, LoraArtifact) else None,
             checkpoint=lora if isinstance(lora, TrainingCheckpoint) else None,
-            lora_filename=lora.filename if lora else "",
-            lora_sha256=lora.sha256 if lora else "",
+            source_session_id=choice.session_id,
+            filename=lora.filename,
+            sha256=lora.sha256,
+            scale=choice.scale,
         )
-        transaction.on_commit(lambda: _enqueue_generation(generation.pk))
+        for position, (choice, lora) in enumerate(loras)
+    )
+    if request.init_image is not None:
+        folder = generations_dir(generation.pk)
+        written.append(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, request.init_image)
+    transaction.on_commit(lambda: _enqueue_generation(generation.pk))
     return generation
+
+
+def _lora_of(choice: LoraChoice, named: bool) -> LoraArtifact | TrainingCheckpoint:
+    """The LoRA file a choice names; 404 naming the session, the file or (when `named`)
+    the iteration when missing."""
+    session_get(choice.session_id)
+    if choice.lora_filename is not None or not named:
+        return lora_file_get(choice.session_id, choice.iteration, choice.lora_filename)
+    try:
+        return lora_file_get(choice.session_id, choice.iteration)
+    except ServiceError as error:
+        wanted = "its latest" if choice.iteration is None else f"iteration {choice.iteration}"
+        raise ServiceError(
+            f"{error.message}: {wanted} of session {choice.session_id}", status=error.status
+        ) from None
+
+
+def _check_output(request: GenerationRequest) -> None:
+    problem = quality_problem(request.output_format or DEFAULT_OUTPUT_FORMAT, request.quality)
+    if problem:
+        raise ServiceError(problem)
 
 
 def _check_refiner(request: GenerationRequest) -> None:
@@ -162,7 +266,10 @@ def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, l
         generation = Generation.objects.get(pk=generation_id)
         if generation.status == Generation.Status.COMPLETED:
             folder = generations_dir(generation_id)
-            images = [(folder / f"{i}.png").read_bytes() for i in range(generation.image_count)]
+            images = [
+                (folder / generation.image_filename(i)).read_bytes()
+                for i in range(generation.image_count)
+            ]
             return generation, images
         if generation.status == Generation.Status.ERROR:
             raise ServiceError(f"generation failed: {generation.error_message}", status=500)
@@ -182,6 +289,33 @@ def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, l
         time.sleep(_POLL_INTERVAL_S)
 
 
+def generation_summary(generation: Generation) -> dict:
+    """What a finished generation used, as /txt2img answers it beside the images."""
+    params = generation.parameters
+    refiner = _batch_value(params, "refiner")
+    loras = [
+        {
+            "session_id": str(lora.source_session_id),
+            "filename": lora.filename,
+            "sha256": lora.sha256,
+            "scale": lora.scale,
+        }
+        for lora in generation.applied_loras.all()
+    ]
+    return {
+        "seed": generation.seed,
+        "seeds": image_seeds(generation.seed, generation.image_count),
+        "lora": {key: loras[0][key] for key in ("filename", "sha256")} if loras else None,
+        "loras": loras,
+        "scheduler": params.get("scheduler"),
+        "refiner": refiner,
+        "refiner_switch": _batch_value(params, "refiner_switch") if refiner == "ensemble" else None,
+        "strength": params.get("strength"),
+        "output_format": generation.output_format,
+        "duration_ms": generation.duration_ms,
+    }
+
+
 def _abandon(generation_id: int) -> None:
     """A request nobody waits for any more is not worth a worker's time."""
     Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
@@ -189,72 +323,21 @@ def _abandon(generation_id: int) -> None:
     )
 
 
-def infotext(record: dict) -> str:
-    """The parameters as AUTOMATIC1111 writes them into a PNG's `parameters` chunk.
-
-    That layout (the prompt, "Negative prompt: ...", then one line of "Key: value" pairs)
-    is what its PNG Info, ComfyUI, InvokeAI and image sites read back.
-    """
-    pairs = {"Steps": record["steps"]}
-    # A1111 writes the sampler after the steps. Before 1.9 it names the schedule inside the
-    # sampler ("DPM++ 2M Karras"); 1.9+ writes "DPM++ 2M" plus "Schedule type: Karras". The
-    # older single name is written: every version of A1111 and the tools that copy its
-    # layout read it back.
-    if record.get("scheduler"):
-        pairs["Sampler"] = SCHEDULERS[record["scheduler"]].a1111_name
-    pairs |= {
-        "CFG scale": record["guidance_scale"],
-        "Seed": record["seed"],
-        "Size": f"{record['width']}x{record['height']}",
-        "Model": record["model"],
-    }
-    # Without the Refiner (refiner "none") A1111 writes no Refiner keys either.
-    if record["refiner"]:
-        pairs["Refiner"] = record["refiner"]
-        pairs["Refiner switch at"] = record["refiner_switch_at"]
-    if record["lora"]:
-        pairs.update(
-            {
-                "Lora": record["lora"],
-                "Lora weight": record["lora_scale"],
-                "Lora sha256": record["lora_sha256"],
-            }
-        )
-    lines = [record["prompt"]]
-    if record["negative_prompt"]:
-        lines.append(f"Negative prompt: {record['negative_prompt']}")
-    lines.append(", ".join(f"{key}: {_infotext_value(value)}" for key, value in pairs.items()))
-    return "\n".join(lines)
-
-
-def _infotext_value(value) -> str:
-    # AUTOMATIC1111 quotes a value that holds its separators, JSON-style.
-    text = str(value)
-    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
-
-
-def _png_bytes(image, record: dict) -> bytes:
-    """The PNG, its parameters in text chunks: `parameters` for SDXL tools (infotext),
-    `sdxl_service` (every field, as JSON) for programs."""
-    info = PngInfo()
-    info.add_text("parameters", infotext(record))
-    info.add_text("sdxl_service", json.dumps(record, sort_keys=True))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=info)
-    return buffer.getvalue()
-
-
 def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker), together with the queued
     requests that can share its batch (`_claim_companions`); one already taken is left
     alone, so the tasks of requests that ran in an earlier batch do nothing."""
+    from PIL import Image
+
     from sdxl_engine.generation import GenerationJob, generate_batch
+    from sdxl_engine.image_output import encode_image
+    from sdxl_engine.lora_merge import AppliedLora
     from training_app.runtime import generation_pipelines
 
     if not _claim(generation_id):
         logger.info("generation %s is not queued any more; nothing to do", generation_id)
         return
-    lead = Generation.objects.get(pk=generation_id)
+    lead = Generation.objects.prefetch_related("applied_loras").get(pk=generation_id)
     batch = [lead, *_claim_companions(lead)]
     ids = [generation.pk for generation in batch]
     if len(batch) > 1:
@@ -262,15 +345,24 @@ def generation_execute(generation_id: int) -> None:
     params = lead.parameters
     refiner = _batch_value(params, "refiner")
     refiner_switch = _batch_value(params, "refiner_switch")
+    strength = params.get("strength")
     ensemble = refiner == "ensemble"
     started = time.monotonic()
     try:
-        lora_path = None
-        if lead.lora_filename:
-            lora = lead.lora or lead.checkpoint
-            if lora is None:
-                raise ServiceError(f"{lead.lora_filename} was deleted before generation")
-            lora_path = lora_file_path(lora)
+        applied = list(lead.applied_loras.all())
+        paths = [_lora_path(lora) for lora in applied]
+        names = _prompt_names(applied)
+        loras_used = [
+            {
+                "name": names[position],
+                "filename": lora.filename,
+                "session_id": lora.source_session_id,
+                "sha256": lora.sha256,
+                "short_hash": lora_short_hash(path),
+                "scale": lora.scale,
+            }
+            for position, (lora, path) in enumerate(zip(applied, paths, strict=True))
+        ]
         pipelines = generation_pipelines()
         images_per_job = generate_batch(
             pipelines,
@@ -280,6 +372,11 @@ def generation_execute(generation_id: int) -> None:
                     negative_prompt=generation.negative_prompt,
                     num_images=generation.parameters["num_images"],
                     seed=generation.seed,
+                    init_image=(
+                        Image.open(generations_dir(generation.pk) / INIT_IMAGE_NAME)
+                        if strength is not None
+                        else None
+                    ),
                 )
                 for generation in batch
             ],
@@ -287,33 +384,48 @@ def generation_execute(generation_id: int) -> None:
             width=params["width"],
             guidance_scale=params["guidance_scale"],
             steps=params["steps"],
-            lora_path=lora_path,
-            lora_scale=params["lora_scale"],
+            loras=[
+                AppliedLora(path, lora.scale) for lora, path in zip(applied, paths, strict=True)
+            ],
             scheduler=params.get("scheduler"),
             refiner=refiner,
             refiner_switch=refiner_switch,
+            strength=strength,
         )
         for generation, images in zip(batch, images_per_job, strict=True):
             record = {
                 "prompt": generation.prompt,
                 "negative_prompt": generation.negative_prompt,
-                "seed": generation.seed,
-                "lora": generation.lora_filename or None,
-                "lora_sha256": generation.lora_sha256 or None,
+                "loras": loras_used,
+                # The first LoRA under the names the record had before `loras`.
+                "lora": loras_used[0]["filename"] if loras_used else None,
+                "lora_sha256": loras_used[0]["sha256"] if loras_used else None,
+                "lora_scale": loras_used[0]["scale"] if loras_used else None,
                 "model": pipelines.source.base,
                 # The Refiner model and the switch used; both null when it did not run.
                 "refiner": pipelines.source.refiner if ensemble else None,
                 "refiner_switch_at": refiner_switch if ensemble else None,
+                "scheduler": generation.parameters.get("scheduler"),
+                "strength": strength,
                 **{
                     name: value
                     for name, value in generation.parameters.items()
-                    if name not in ("refiner", "refiner_switch")
+                    if name not in ("refiner", "refiner_switch", "quality")
                 },
             }
             folder = generations_dir(generation.pk)
             folder.mkdir(parents=True, exist_ok=True)
-            for index, image in enumerate(images):
-                storage.atomic_write_bytes(folder / f"{index}.png", _png_bytes(image, record))
+            seeds = image_seeds(generation.seed, len(images))
+            for index, (image, seed) in enumerate(zip(images, seeds, strict=True)):
+                storage.atomic_write_bytes(
+                    folder / generation.image_filename(index),
+                    encode_image(
+                        image,
+                        {**record, "seed": seed},
+                        generation.output_format,
+                        generation.parameters.get("quality"),
+                    ),
+                )
     except (EngineError, ServiceError) as error:
         _finish_generations_with_error(ids, getattr(error, "message", str(error)))
         return
@@ -331,6 +443,24 @@ def generation_execute(generation_id: int) -> None:
         )
 
 
+def _prompt_names(loras: list[GenerationLora]) -> list[str]:
+    """Each LoRA's name in the infotext (`<lora:NAME:scale>`): its file name without
+    .safetensors, and the session (`lora_1_s12`) where files of one name meet."""
+    stems = [lora_prompt_name({"filename": lora.filename}) for lora in loras]
+    return [
+        f"{stem}_s{lora.source_session_id}" if stems.count(stem) > 1 else stem
+        for stem, lora in zip(stems, loras, strict=True)
+    ]
+
+
+def _lora_path(lora: GenerationLora) -> Path:
+    """The file a generation's LoRA row names, still holding the bytes it was asked for."""
+    artifact = lora.lora or lora.checkpoint
+    if artifact is None or artifact.sha256 != lora.sha256:
+        raise ServiceError(f"{lora.filename} was deleted before generation")
+    return lora_file_path(artifact)
+
+
 def _claim(generation_id: int) -> bool:
     """Takes a queued generation for this worker; False when it is not queued (any more)."""
     return bool(
@@ -340,26 +470,32 @@ def _claim(generation_id: int) -> bool:
     )
 
 
-# What requests must share to run in one batch: one size, schedule, sampler, guidance and
-# refiner policy and switch for the pipelines' call, one LoRA file (by content) at one scale
-# merged into the Base. Rows recorded before a field, or whose request left it out, have no
-# key: compared with their default (_BATCH_DEFAULTS, else None), so a row without "refiner"
-# batches with one that gave "ensemble".
+# What requests must share to run in one batch: one size, schedule, sampler, guidance,
+# refiner policy and switch and img2img strength for the pipelines' call, and the same
+# LoRA files (by content) at the same scales merged into the Base (_loras_key). Rows
+# recorded before a field, or whose request left it out, have no key: compared with their
+# default (_BATCH_DEFAULTS, else None), so a row without "refiner" batches with one that
+# gave "ensemble". Output format and quality are each request's own.
 _BATCH_PARAMETERS = (
     "height",
     "width",
     "steps",
     "guidance_scale",
-    "lora_scale",
     "scheduler",
     "refiner",
     "refiner_switch",
+    "strength",
 )
 _BATCH_DEFAULTS = {"refiner": DEFAULT_REFINER_POLICY, "refiner_switch": DEFAULT_REFINER_SWITCH}
 
 
 def _batch_value(parameters: dict, name: str):
     return parameters.get(name, _BATCH_DEFAULTS.get(name))
+
+
+def _loras_key(generation: Generation) -> list[tuple[str, float]]:
+    """The generation's LoRAs as the Base gets them: each file's content and scale, in order."""
+    return [(lora.sha256, lora.scale) for lora in generation.applied_loras.all()]
 
 
 def _claim_companions(lead: Generation) -> list[Generation]:
@@ -373,20 +509,22 @@ def _claim_companions(lead: Generation) -> list[Generation]:
     if room <= 0:
         return []
     candidates = (
-        Generation.objects.filter(
-            status=Generation.Status.QUEUED,
-            lora_filename=lead.lora_filename,
-            lora_sha256=lead.lora_sha256,
-        )
+        Generation.objects.filter(status=Generation.Status.QUEUED)
         .exclude(pk=lead.pk)
+        .prefetch_related("applied_loras")
         .order_by("pk")
     )
+    loras = _loras_key(lead)
     companions = []
     for candidate in candidates[: 4 * settings.SDXL_GENERATION_BATCH_IMAGES]:
         images = candidate.parameters["num_images"]
-        if images > room or any(
-            _batch_value(candidate.parameters, name) != _batch_value(lead.parameters, name)
-            for name in _BATCH_PARAMETERS
+        if (
+            images > room
+            or any(
+                _batch_value(candidate.parameters, name) != _batch_value(lead.parameters, name)
+                for name in _BATCH_PARAMETERS
+            )
+            or _loras_key(candidate) != loras
         ):
             continue
         if _claim(candidate.pk):

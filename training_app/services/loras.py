@@ -12,7 +12,13 @@ from sdxl_engine.files import replace_with_retry, sha256_file
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
-from training_app.models import Generation, LoraArtifact, TrainingCheckpoint, TrainingRun
+from training_app.models import (
+    Generation,
+    GenerationLora,
+    LoraArtifact,
+    TrainingCheckpoint,
+    TrainingRun,
+)
 from training_app.services.watch import CHECKPOINTS_FOLDER, checkpoint_path
 
 # A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
@@ -266,12 +272,12 @@ def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None)
 
 def _prunable(session_id: int, keep: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
     """(pk, filename) of the session's LoRAs and checkpoints that prune_loras removes."""
-    waiting = Generation.objects.filter(
-        status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING]
+    in_use = GenerationLora.objects.filter(
+        generation__status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING]
     )
-    loras_in_use = set(waiting.filter(lora__isnull=False).values_list("lora_id", flat=True))
+    loras_in_use = set(in_use.filter(lora__isnull=False).values_list("lora_id", flat=True))
     checkpoints_in_use = set(
-        waiting.filter(checkpoint__isnull=False).values_list("checkpoint_id", flat=True)
+        in_use.filter(checkpoint__isnull=False).values_list("checkpoint_id", flat=True)
     )
     loras = [
         (pk, name)

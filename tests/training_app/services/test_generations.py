@@ -12,6 +12,7 @@ from core.errors import ServiceError
 from datadir_app.rescan import rescan_session
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import sha256_file
+from sdxl_engine.image_output import lora_short_hash, read_infotext
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, images_close
@@ -52,10 +53,10 @@ def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
     finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
     assert finished.status == "completed" and finished.image_count == 2
     assert finished.duration_ms is not None
-    for png in pngs:
+    for index, png in enumerate(pngs):
         image = Image.open(io.BytesIO(png))
         assert (image.format, image.size) == ("PNG", (64, 64))
-        assert json.loads(image.text["sdxl_service"])["seed"] == 7
+        assert json.loads(image.text["sdxl_service"])["seed"] == 7 + index  # its own seed
 
 
 def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
@@ -80,13 +81,15 @@ def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
 
     text = Image.open(io.BytesIO(pngs[0])).text
     prompt, negative, settings_line = text["parameters"].split("\n")
-    assert (prompt, negative) == ("a red apple, studio light", "Negative prompt: blurry")
+    # The LoRA in the prompt as AUTOMATIC1111 writes it, so its PNG Info re-applies it.
+    assert prompt == "a red apple, studio light <lora:lora_1:0.8>"
+    assert negative == "Negative prompt: blurry"
     # "Key: value" pairs as AUTOMATIC1111 writes them; values holding ", :" are quoted.
     fields = dict(re.findall(r'([A-Za-z0-9 ]+): ("(?:[^"\\]|\\.)*"|[^,]*)(?:, |$)', settings_line))
     assert fields["Steps"] == "5" and fields["CFG scale"] == "5.5" and fields["Seed"] == "123"
     assert fields["Size"] == "64x64" and fields["Refiner switch at"] == "0.8"
-    assert fields["Lora"] == "lora_1.safetensors" and fields["Lora weight"] == "0.8"
-    assert fields["Lora sha256"] == finished.lora_sha256
+    lora_file = storage.session_dir(session.pk) / "lora_1.safetensors"
+    assert fields["Lora hashes"] == f'"lora_1: {lora_short_hash(lora_file)}"'
     assert fields["Model"].endswith("base") and fields["Refiner"].endswith("refiner")
     record = json.loads(text["sdxl_service"])
     assert (record["seed"], record["lora"], record["lora_scale"]) == (
@@ -121,7 +124,7 @@ def test_same_seed_same_image_and_lora_changes_it(generation_worker):
     with_lora = png(use_lora=True, session_id=session.pk)
     assert png() == plain  # the LoRA was applied for its request only
     assert with_lora != plain
-    assert Generation.objects.filter(lora__filename="lora_1.safetensors").count() == 1
+    assert Generation.objects.filter(applied_loras__filename="lora_1.safetensors").count() == 1
 
 
 def test_use_lora_without_any_lora_is_404(generation_worker):
@@ -300,10 +303,13 @@ def test_one_call_completes_the_compatible_queued_requests_and_their_tasks_do_no
         row = rows[generation.pk]
         assert row.image_count == count and row.duration_ms is not None
         assert sorted(_files(generation)) == [f"{i}.png" for i in range(count)]
-        for image in _images(generation):
+        for index, image in enumerate(_images(generation)):
             assert (image.format, image.size) == ("PNG", (64, 64))
             record = json.loads(image.text["sdxl_service"])
-            assert (record["prompt"], record["seed"]) == (generation.prompt, generation.seed)
+            assert (record["prompt"], record["seed"]) == (
+                generation.prompt,
+                generation.seed + index,
+            )
     assert _files(taller) == {}
     written = {generation.pk: _files(generation) for generation in batch}
     finished = {pk: row.finished_at for pk, row in rows.items()}
@@ -557,7 +563,8 @@ def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker
     batch = [
         _queue("a red apple", seed=3, negative_prompt="blurry"),
         _queue("a blue car", num_images=2, seed=4),
-        _queue("a cat on grass", seed=5, negative_prompt="dark"),
+        # Not 5: the car's second image has seed 5 (seed + 1).
+        _queue("a cat on grass", seed=6, negative_prompt="dark"),
     ]
 
     generations.generation_execute(batch[0].pk)
@@ -571,3 +578,192 @@ def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker
     for i, first in enumerate(pixels):
         for second in pixels[i + 1 :]:
             assert np.abs(first - second).mean() > 10
+
+
+@pytest.fixture
+def two_sessions_with_loras(generation_worker) -> list[LoraArtifact]:
+    """Two sessions, each with a trained lora_1.safetensors of other contents."""
+    loras = []
+    for seed in (1, 2):
+        session = session_services.session_create()
+        session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64)), "red")
+        run = run_services.training_run_start(
+            session.pk, {"steps": 1, "resolution": 64, "learning_rate": 0.05, "seed": seed}
+        )
+        run_services.training_run_execute(run.pk)
+        loras.append(LoraArtifact.objects.get(session=session))
+    return loras
+
+
+def _finished(**fields) -> tuple[Generation, list[bytes]]:
+    generation = generations.generation_request(GenerationRequest(**{**SMALL, **fields}))
+    generations.generation_execute(generation.pk)
+    return generations.generation_wait(generation.pk, timeout_s=5)
+
+
+def test_loras_of_two_sessions_apply_together_and_are_recorded_in_order(
+    two_sessions_with_loras,
+):
+    first, second = two_sessions_with_loras
+    both = (
+        generations.LoraChoice(first.session_id, scale=0.8),
+        generations.LoraChoice(second.session_id, lora_filename="lora_1.safetensors", scale=-0.5),
+    )
+    request = {"prompt": "a red square", "seed": 4}
+
+    generation, images = _finished(loras=both, **request)
+    _, first_alone = _finished(loras=both[:1], **request)
+    _, shorthand = _finished(use_lora=True, session_id=first.session_id, lora_scale=0.8, **request)
+
+    assert first_alone == shorthand  # use_lora is the one-LoRA form of loras
+    assert images != first_alone
+    rows = list(generation.applied_loras.all())
+    assert [(row.position, row.source_session_id, row.scale) for row in rows] == [
+        (0, first.session_id, 0.8),
+        (1, second.session_id, -0.5),
+    ]
+    assert [row.sha256 for row in rows] == [first.sha256, second.sha256]
+    assert (rows[0].lora, rows[1].lora) == (first, second)
+    summary = generations.generation_summary(generation)
+    assert summary["lora"] == {"filename": "lora_1.safetensors", "sha256": first.sha256}
+    assert [lora["scale"] for lora in summary["loras"]] == [0.8, -0.5]
+    # Two files of one name: told apart by their sessions in the prompt and the hashes.
+    lines = read_infotext(images[0]).split("\n")
+    prompt, settings_line = lines[0], lines[-1]
+    names = [f"lora_1_s{first.session_id}", f"lora_1_s{second.session_id}"]
+    assert prompt == f"a red square <lora:{names[0]}:0.8> <lora:{names[1]}:-0.5>"
+    hashes = [
+        lora_short_hash(storage.session_dir(lora.session_id) / lora.filename)
+        for lora in (first, second)
+    ]
+    assert f'Lora hashes: "{names[0]}: {hashes[0]}, {names[1]}: {hashes[1]}"' in settings_line
+
+
+@pytest.mark.parametrize(
+    ("choice", "missing"),
+    [
+        ({"lora_filename": "lora_9.safetensors"}, "lora_9.safetensors"),
+        ({"iteration": 9}, "9"),
+        ({"session_id": 987654}, "987654"),
+    ],
+)
+def test_a_missing_lora_is_404_naming_it_and_records_nothing(
+    two_sessions_with_loras, choice, missing
+):
+    first, second = two_sessions_with_loras
+    loras = (
+        generations.LoraChoice(first.session_id),
+        generations.LoraChoice(**{"session_id": second.session_id, **choice}),
+    )
+    before = Generation.objects.count()
+
+    with pytest.raises(ServiceError) as error:
+        generations.generation_request(GenerationRequest(prompt="x", loras=loras))
+
+    assert error.value.status == 404 and missing in error.value.message
+    assert Generation.objects.count() == before
+
+
+def test_more_than_four_loras_are_refused(two_sessions_with_loras):
+    lora = generations.LoraChoice(two_sessions_with_loras[0].session_id)
+    with pytest.raises(ServiceError, match="at most 4 LoRAs"):
+        generations.generation_request(GenerationRequest(prompt="x", loras=(lora,) * 5))
+    assert not Generation.objects.exists()
+
+
+def test_requests_with_other_loras_scales_or_order_are_never_batched_together(
+    two_sessions_with_loras, settings
+):
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    first, second = (generations.LoraChoice(lora.session_id) for lora in two_sessions_with_loras)
+    lead = _queue("a", loras=(first, second))
+    same = _queue("b", loras=(first, second))
+    swapped = _queue("c", loras=(second, first))
+    rescaled = _queue("d", loras=(first, generations.LoraChoice(second.session_id, scale=0.5)))
+    fewer = _queue("e", loras=(first,))
+
+    generations.generation_execute(lead.pk)
+
+    assert (
+        _statuses(lead, same, swapped, rescaled, fewer)
+        == ["completed", "completed"] + ["queued"] * 3
+    )
+
+
+def test_a_lora_replaced_before_its_generation_ran_ends_it_in_error(two_sessions_with_loras):
+    lora = two_sessions_with_loras[0]
+    generation = _queue("x", loras=(generations.LoraChoice(lora.session_id),))
+    LoraArtifact.objects.filter(pk=lora.pk).update(sha256="0" * 64)
+
+    generations.generation_execute(generation.pk)
+
+    generation.refresh_from_db()
+    assert generation.status == "error"
+    assert generation.error_message == "lora_1.safetensors was deleted before generation"
+    assert _files(generation) == {}
+
+
+def test_img2img_starts_from_the_image_and_records_its_strength(generation_worker):
+    from sdxl_engine.generation import generate
+    from training_app.runtime import generation_pipelines
+
+    init = image_bytes("PNG", (80, 48), "red")
+    generation, images = _finished(prompt="a red square", seed=3, init_image=init, strength=0.4)
+
+    assert generation.parameters["strength"] == 0.4
+    assert (generations.generations_dir(generation.pk) / "init_image").read_bytes() == init
+    alone = generate(
+        generation_pipelines(),
+        prompt="a red square",
+        seed=3,
+        init_image=Image.open(io.BytesIO(init)),
+        strength=0.4,
+        **SMALL,
+    )
+    assert images_close([Image.open(io.BytesIO(images[0]))], alone, tolerance=0)
+    assert "Denoising strength: 0.4" in read_infotext(images[0])
+    assert generations.generation_summary(generation)["strength"] == 0.4
+    # Without a strength, img2img takes AUTOMATIC1111's default.
+    default, _ = _finished(prompt="x", init_image=init)
+    assert default.parameters["strength"] == 0.75
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"init_image": b"not an image"}, "init_image_base64 does not hold a PNG"),
+        ({"init_image": image_bytes("PNG", (64, 64)), "strength": 0.0}, "greater than 0"),
+        ({"strength": 0.5}, "strength applies only to img2img"),
+        ({"output_format": "png", "quality": 90}, "quality applies only to jpeg and webp"),
+        ({"output_format": "gif"}, "output_format must be one of"),
+    ],
+)
+def test_bad_img2img_or_output_fields_are_400_and_record_nothing(
+    generation_worker, fields, message
+):
+    with pytest.raises(ServiceError, match=message) as error:
+        generations.generation_request(GenerationRequest(prompt="x", **fields))
+    assert error.value.status == 400
+    assert not Generation.objects.exists()
+    assert not generations.generations_dir(1).exists()
+
+
+@pytest.mark.parametrize(("output_format", "pillow_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])
+def test_jpeg_and_webp_carry_the_parameters_in_exif_as_automatic1111_writes_them(
+    generation_worker, output_format, pillow_format
+):
+    generation, images = _finished(
+        prompt="a cat", seed=9, num_images=2, output_format=output_format, quality=90
+    )
+    _, png = _finished(prompt="a cat", seed=9, num_images=2)
+
+    extension = {"jpeg": "jpg", "webp": "webp"}[output_format]
+    assert sorted(_files(generation)) == [f"0.{extension}", f"1.{extension}"]
+    for index, data in enumerate(images):
+        image = Image.open(io.BytesIO(data))
+        assert (image.format, image.size) == (pillow_format, (64, 64))
+        assert f"Seed: {9 + index}," in read_infotext(data)
+        assert read_infotext(data) == read_infotext(png[index])
+    _, lower = _finished(prompt="a cat", seed=9, output_format=output_format, quality=20)
+    assert len(lower[0]) < len(images[0])
+    assert generations.generation_summary(generation)["seeds"] == [9, 10]

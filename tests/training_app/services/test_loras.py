@@ -16,6 +16,7 @@ from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint, stored_samples
 from training_app.models import (
     Generation,
+    GenerationLora,
     LoraArtifact,
     TrainingCheckpoint,
     TrainingRun,
@@ -565,14 +566,16 @@ def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
     session, checkpoints, _ = runs_with_checkpoints
     in_use = checkpoints["completed"][0]
     generation = Generation.objects.create(
-        status="queued",
-        prompt="a cat",
-        parameters={},
-        seed=1,
-        session=session,
+        status="queued", prompt="a cat", parameters={}, seed=1, session=session
+    )
+    GenerationLora.objects.create(
+        generation=generation,
+        position=0,
         checkpoint=in_use,
-        lora_filename=in_use.filename,
-        lora_sha256=in_use.sha256,
+        source_session_id=session.pk,
+        filename=in_use.filename,
+        sha256=in_use.sha256,
+        scale=1.0,
     )
 
     with django_capture_on_commit_callbacks(execute=True):
@@ -588,8 +591,8 @@ def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
     with django_capture_on_commit_callbacks(execute=True):
         assert lora_services.loras_prune(keep=10) == _names(session, [in_use])
     assert not checkpoint_path(in_use).exists()
-    generation.refresh_from_db()
-    assert generation.checkpoint is None and generation.lora_filename == in_use.filename
+    applied = generation.applied_loras.get()
+    assert applied.checkpoint is None and applied.filename == in_use.filename
 
 
 def test_prune_command_lists_checkpoints(runs_with_checkpoints):
