@@ -17,6 +17,10 @@ Parts (all three fit one device call of under 10 minutes on an H100: ~9 minutes)
          same training on a mixed set (portrait, landscape, square) with aspect buckets
   recipe the service's default recipe (a /train_lora body with only session_id) on 10
          and 30 photos of mixed aspect ratios, start to saved file: its wall time
+  loras  generation 1024², 30 steps, batch 1 with no LoRA, one and two (a at 0.8 + b at
+         0.5): ours compiled (merged in place) and its switch times one->one, one->two,
+         two->none; plain diffusers loading one or two named adapters per request
+         (`set_adapters`); the second LoRA's effect on the latents
   cold   worker start to first image, in fresh processes: with the compile cache the gen
          part filled, and without compiling (the gen part times compiling from an empty
          cache: its warm_up_s)
@@ -26,8 +30,10 @@ Each part writes `<part>.json` under --out; `bench/report.py` merges them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
+import gc
 import json
 import math
 import os
@@ -35,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
@@ -209,11 +215,45 @@ def baseline_pipelines(source, dtype=torch.float16):
     return base, refiner
 
 
-def baseline_generate(
-    base, refiner, lora: Path, num_images: int, seed: int, output_type="pil", **size
-):
-    base.load_lora_weights(str(lora))
+@contextlib.contextmanager
+def baseline_loras(
+    base, lora: Path | Sequence[AppliedLora], lora_times: dict | None = None
+) -> Iterator[None]:
+    """Plain diffusers' LoRA handling around one request: `load_lora_weights` before and
+    `unload_lora_weights` after. A path: the original service's one unnamed LoRA. A list
+    of AppliedLora: each loaded as a named adapter ("a", "b", ...), then `set_adapters`
+    with their scales, as the original would do for several. `lora_times` gets the
+    seconds of the loading (with set_adapters) under "load" and of the unloading under
+    "unload"."""
+    times = lora_times if lora_times is not None else {}
+    start = sync_time()
+    if isinstance(lora, Path):
+        base.load_lora_weights(str(lora))
+    else:
+        names = [chr(ord("a") + index) for index in range(len(lora))]
+        for name, applied in zip(names, lora, strict=True):
+            base.load_lora_weights(str(applied.path), adapter_name=name)
+        base.set_adapters(names, [applied.scale for applied in lora])
+    times.setdefault("load", []).append(sync_time() - start)
     try:
+        yield
+    finally:
+        start = sync_time()
+        base.unload_lora_weights()
+        times.setdefault("unload", []).append(sync_time() - start)
+
+
+def baseline_generate(
+    base,
+    refiner,
+    lora: Path | Sequence[AppliedLora],
+    num_images: int,
+    seed: int,
+    output_type="pil",
+    lora_times: dict | None = None,
+    **size,
+):
+    with baseline_loras(base, lora, lora_times):
         generator = torch.Generator(DEVICE).manual_seed(seed)
         latents = base(
             prompt=PROMPT,
@@ -236,8 +276,6 @@ def baseline_generate(
             generator=generator,
             output_type=output_type,
         ).images
-    finally:
-        base.unload_lora_weights()
 
 
 # --- parts ----------------------------------------------------------------------------------
@@ -262,6 +300,31 @@ def random_lora(path: Path, unet_config: dict, seed: int, rank: int = 4) -> Path
         )
     save_file(tensors, str(path))
     return path
+
+
+def make_loras(cache: Path, unet_config: dict) -> list[Path]:
+    """The two random LoRAs, a and b, of the gen and loras parts."""
+    return [
+        random_lora(cache / f"lora_{name}.safetensors", unet_config, seed)
+        for name, seed in (("a", 1), ("b", 2))
+    ]
+
+
+def switch_ms(
+    merger,
+    before: Callable[[int], list[AppliedLora]],
+    after: Callable[[int], list[AppliedLora]],
+) -> float:
+    """Milliseconds `merger` takes from `before(i)`'s LoRAs merged to `after(i)`'s, as
+    between two requests: the median of 10 switches, the first two left out."""
+    switches = []
+    for index in range(10):
+        merger.merge(before(index))
+        start = sync_time()
+        merger.merge(after(index))
+        switches.append(sync_time() - start)
+    merger.restore()
+    return round(statistics.median(switches[2:]) * 1000, 2)
 
 
 def latents_of(pipelines, **request) -> torch.Tensor:
@@ -291,10 +354,7 @@ def gen_ours(args, source):
     started = time.perf_counter()
     warm_up(ours)  # what the generation worker does at start: compile, capture graphs
     results["warm_up_s"] = round(time.perf_counter() - started, 1)
-    loras = [
-        random_lora(args.cache / f"lora_{name}.safetensors", ours.base.unet.config, seed)
-        for name, seed in (("a", 1), ("b", 2))
-    ]
+    loras = make_loras(args.cache, ours.base.unet.config)
 
     def ours_with_lora(num_images: int) -> Callable[[int], object]:
         return lambda seed: generate(
@@ -345,14 +405,7 @@ def gen_ours(args, source):
         ),
         ("lora_switch_two_ms", lambda i: [AppliedLora(loras[i % 2])], lambda i: two_loras),
     ):
-        switches = []
-        for index in range(10):
-            merger.merge(before(index))
-            start = sync_time()
-            merger.merge(after(index))
-            switches.append(sync_time() - start)
-        merger.restore()
-        results[key] = round(statistics.median(switches[2:]) * 1000, 2)
+        results[key] = switch_ms(merger, before, after)
 
     # Per-step cost of having a LoRA applied: whole requests with and without one.
     _, times = timed_requests(
@@ -423,6 +476,96 @@ def part_gen(args) -> dict:
         ).float()
         results["ours_vs_fp32_rel_error"] = relative_error(fast, truth)
         results["diffusers_vs_fp32_rel_error"] = relative_error(reference, truth)
+    return results
+
+
+def part_loras(args) -> dict:
+    """Two LoRAs in one request against one and none, 1024², 30 steps, batch 1: ours
+    (merged in place: a step costs the same, only the merge is longer) and plain diffusers
+    (named adapters loaded per request, `set_adapters`), in the same run."""
+    source = model_source(args)
+    reset_peak()
+    started = time.perf_counter()
+    ours = load_pipelines(source, compile_unets=args.compile)
+    results: dict = {"compile": args.compile, "load_s": round(time.perf_counter() - started, 1)}
+    started = time.perf_counter()
+    warm_up(ours)  # as the generation worker does at start
+    results["warm_up_s"] = round(time.perf_counter() - started, 1)
+    a, b = make_loras(args.cache, ours.base.unet.config)
+    one = [AppliedLora(a)]
+    two = [AppliedLora(a, 0.8), AppliedLora(b, 0.5)]
+    for label, loras in (("none", []), ("one", one), ("two", two)):
+        first_s, times = timed_requests(
+            lambda seed, loras=loras, ours=ours: generate(
+                ours, prompt=PROMPT, seed=seed, loras=loras, **GEN
+            ),
+            args.runs,
+        )
+        results[f"ours_{label}_first_s"] = round(first_s, 2)
+        results[f"ours_{label}"] = summary(times)
+        print("ours", label, results[f"ours_{label}"], flush=True)
+    results["ours_two_vs_one_p50"] = round(
+        results["ours_two"]["p50_s"] / results["ours_one"]["p50_s"], 3
+    )
+    results["ours_two_minus_one_p50_ms"] = round(
+        (results["ours_two"]["p50_s"] - results["ours_one"]["p50_s"]) * 1000, 1
+    )
+    # Switches between requests: session A's LoRA to session B's; one LoRA to the pair;
+    # the pair to a request without LoRAs.
+    results["switch_one_to_one_ms"] = switch_ms(
+        ours.loras, lambda i: [AppliedLora((a, b)[i % 2])], lambda i: [AppliedLora((b, a)[i % 2])]
+    )
+    results["switch_one_to_two_ms"] = switch_ms(ours.loras, lambda i: one, lambda i: two)
+    results["switch_two_to_none_ms"] = switch_ms(ours.loras, lambda i: two, lambda i: [])
+    # The second LoRA reaches the weights: a + b's final latents differ from a's alone
+    # (and a's from none's, for scale).
+    with_one = latents_of(ours, seed=1234, loras=one)
+    with_two = latents_of(ours, seed=1234, loras=two)
+    without = latents_of(ours, seed=1234)
+    results["two_vs_one_latents_rel"] = relative_error(with_two, with_one)
+    results["one_vs_none_latents_rel"] = relative_error(with_one, without)
+    results["nan"] = bool(torch.isnan(with_two).any())
+    results["ours_peak_gib"] = peak_gib()
+    dtype = ours.dtype
+    with_two = with_two.cpu()
+    del ours, with_one, without
+    gc.collect()
+    reset_peak()  # ours is gone: the baseline gets the card to itself
+    # What was measured survives a run cut short in the baseline.
+    (args.out / "loras-partial.json").write_text(json.dumps(results, indent=2))
+    if args.skip_baseline:
+        return results
+
+    # Plain diffusers as the original service would do it, in float16 on CUDA.
+    base, refiner = baseline_pipelines(source, dtype=dtype)
+    # The baseline applies both adapters too: its a + b latents against ours.
+    reference = baseline_generate(base, refiner, two, 1, 1234, output_type="latent").float()
+    results["two_ours_vs_baseline_rel"] = relative_error(with_two, reference.cpu())
+    runs = args.baseline_runs or args.runs
+    for label, loras in (("one", [AppliedLora(a)]), ("two", two)):
+        lora_times: dict = {}
+        first_s, times = timed_requests(
+            lambda seed, loras=loras, lora_times=lora_times, pipes=(base, refiner): (
+                baseline_generate(*pipes, loras, 1, seed, lora_times=lora_times)
+            ),
+            runs,
+        )
+        results[f"baseline_{label}_first_s"] = round(first_s, 2)
+        results[f"baseline_{label}"] = summary(times)
+        # Per request, the timed ones: loading the adapters (with set_adapters), unloading.
+        for phase in ("load", "unload"):
+            results[f"baseline_{label}_lora_{phase}_ms"] = round(
+                statistics.median(lora_times[phase][1:]) * 1000, 1
+            )
+        print("baseline", label, results[f"baseline_{label}"], flush=True)
+    results["baseline_two_vs_one_p50"] = round(
+        results["baseline_two"]["p50_s"] / results["baseline_one"]["p50_s"], 3
+    )
+    results["baseline_runs"] = runs
+    results["baseline_peak_gib"] = peak_gib()
+    del base, refiner
+    gc.collect()
+    reset_peak()
     return results
 
 
@@ -734,6 +877,12 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNets")
     parser.add_argument("--skip-baseline", action="store_true", help="ours only")
     parser.add_argument(
+        "--baseline-runs",
+        type=int,
+        default=0,
+        help="loras: timed plain-diffusers requests of each kind (default: --runs)",
+    )
+    parser.add_argument(
         "--fp32-truth",
         action="store_true",
         help="gen: also compare both paths with plain diffusers in float32 (~30 s more)",
@@ -763,12 +912,13 @@ def main() -> None:
         "cold": part_cold,
         "recipe": part_recipe,
         "serve": part_serve,
+        "loras": part_loras,
     }
     for name in args.parts.split(","):
         started = time.perf_counter()
         results = {**environment(), "part": name, **parts[name](args)}
         results["part_wall_s"] = round(time.perf_counter() - started, 1)
-        suffix = "-compiled" if name in ("gen", "train", "recipe") and args.compile else ""
+        suffix = "-compiled" if name in ("gen", "train", "recipe", "loras") and args.compile else ""
         suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
