@@ -28,7 +28,13 @@ def _validation_message(detail, prefix: str = "") -> str:
     if isinstance(detail, dict):
         parts = []
         for field, value in detail.items():
-            name = "" if field == "non_field_errors" else f"{prefix}{field}"
+            if field == "non_field_errors":
+                # A nested serializer's own errors belong to the field that holds it.
+                name = prefix.rstrip(".")
+            elif isinstance(field, int):  # an item of a list field: loras[1]
+                name = f"{prefix.rstrip('.')}[{field}]"
+            else:
+                name = f"{prefix}{field}"
             parts.append(_validation_message(value, f"{name}." if name else ""))
         return "; ".join(parts)
     if isinstance(detail, list):

@@ -331,8 +331,8 @@ class Txt2ImgSerializer(serializers.Serializer):
         f"out (or null): {DEFAULT_REFINER_SWITCH}. Not with refiner none",
     )
 
-    loras = LoraChoiceSerializer(
-        many=True,
+    loras = serializers.ListField(
+        child=LoraChoiceSerializer(),
         required=False,
         max_length=MAX_LORAS,
         help_text=f"up to {MAX_LORAS} LoRAs of any sessions, applied together to the Base "

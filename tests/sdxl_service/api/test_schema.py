@@ -106,6 +106,28 @@ def test_txt2img_refiner_policy_and_switch_are_optional_with_enum_and_range(sche
     assert (switch["minimum"], switch["maximum"]) == (0.5, 0.99)
 
 
+def test_txt2img_describes_loras_img2img_and_outputs(schema_document):
+    schemas = schema_document["components"]["schemas"]
+    body = schema_document["paths"]["/txt2img"]["post"]["requestBody"]["content"]
+    request = schemas[body["application/json"]["schema"]["$ref"].rsplit("/", 1)[1]]
+    properties = request["properties"]
+    assert not {"loras", "init_image_base64", "strength", "output_format", "quality"} & set(
+        request.get("required", [])
+    )
+    loras = properties["loras"]
+    assert loras["type"] == "array" and loras["maxItems"] == 4
+    item = schemas[loras["items"]["$ref"].rsplit("/", 1)[1]]
+    assert set(item["properties"]) == {"session_id", "iteration", "lora_filename", "scale"}
+    assert item["required"] == ["session_id"]
+    assert (properties["strength"]["minimum"], properties["strength"]["maximum"]) == (0, 1)
+    assert (properties["quality"]["minimum"], properties["quality"]["maximum"]) == (1, 100)
+    for name in ("loras", "init_image_base64", "strength", "output_format", "quality"):
+        assert properties[name].get("description"), name
+    response = schemas["Txt2ImgResponse"]["properties"]
+    assert {"seeds", "loras", "scheduler", "refiner", "refiner_switch", "strength"} <= set(response)
+    assert response["seeds"]["items"]["type"] == "integer"
+
+
 def test_schema_generation_has_no_warnings(tmp_path):
     call_command(
         "spectacular",

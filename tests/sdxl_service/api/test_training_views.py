@@ -13,6 +13,7 @@ from safetensors.torch import load
 
 from sdxl_engine.generation import generate, generate_batch
 from sdxl_engine.lora_files import read_lora_metadata
+from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.parameters import (
     GENERATION_DEFAULTS,
     GenerationParams,
@@ -22,7 +23,7 @@ from sdxl_engine.parameters import (
 )
 from sdxl_service.api import serializers as api_serializers
 from sessions_app import services as session_services
-from tests.helpers import b64, image_bytes
+from tests.helpers import b64, image_bytes, images_close
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
@@ -449,6 +450,124 @@ def test_txt2img_validates_before_anything_else(api, body, field):
     assert not Generation.objects.exists()
 
 
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"loras": {"session_id": "1"}}, "loras"),
+        ({"loras": [{"session_id": "1"}] * 5}, "loras"),
+        ({"loras": [{"iteration": 1}]}, "loras"),
+        ({"loras": [{"session_id": "1", "scale": 5}]}, "loras"),
+        (
+            {"loras": [{"session_id": "1", "iteration": 1, "lora_filename": "a.safetensors"}]},
+            "loras",
+        ),
+        ({"loras": [{"session_id": "1"}], "use_lora": True, "session_id": "1"}, "loras"),
+        ({"init_image_base64": "not base64!"}, "init_image_base64"),
+        ({"init_image_base64": b64(b"not an image")}, "init_image_base64"),
+        ({"strength": 0.5}, "strength"),
+        ({"init_image_base64": b64(image_bytes("PNG", (64, 64))), "strength": 0}, "strength"),
+        ({"init_image_base64": b64(image_bytes("PNG", (64, 64))), "strength": 1.5}, "strength"),
+        ({"output_format": "gif"}, "output_format"),
+        ({"output_format": "png", "quality": 80}, "quality"),
+        ({"output_format": "jpeg", "quality": 0}, "quality"),
+        ({"quality": 90}, "quality"),
+    ],
+)
+def test_txt2img_new_fields_are_checked_before_anything_is_recorded(
+    api, generations_in_process, body, field
+):
+    response = api.post("/txt2img", {"prompt": "x", **body}, format="json")
+    assert_error(response, 400, field)
+    assert response.json()["message"].startswith(field)
+    assert not Generation.objects.exists()
+
+
+def test_txt2img_a_missing_lora_in_loras_is_404_naming_it(api, session, generations_in_process):
+    run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
+    run_services.training_run_execute(run.pk)
+    loras = [{"session_id": str(session.pk)}, {"session_id": str(session.pk), "iteration": 7}]
+
+    response = api.post("/txt2img", {"prompt": "x", "loras": loras}, format="json")
+
+    assert_error(response, 404, f"iteration 7 of session {session.pk}")
+    assert not Generation.objects.exists()
+
+
+def test_txt2img_with_two_loras_img2img_and_jpeg_answers_what_it_used(
+    api, session, generations_in_process
+):
+    from sdxl_engine.image_output import read_infotext
+    from training_app.models import LoraArtifact
+
+    for seed in (1, 2):
+        run = run_services.training_run_start(
+            session.pk, {"steps": 1, "resolution": 64, "learning_rate": 0.05, "seed": seed}
+        )
+        run_services.training_run_execute(run.pk)
+    first, second = LoraArtifact.objects.order_by("number")
+    body = {
+        "prompt": "a red square",
+        "height": 64,
+        "width": 64,
+        "steps": 5,
+        "seed": 3,
+        "num_images": 2,
+        "loras": [
+            {"session_id": str(session.pk), "iteration": 1, "scale": 0.7},
+            {"session_id": str(session.pk), "lora_filename": "lora_2.safetensors", "scale": -0.3},
+        ],
+        "init_image_base64": b64(image_bytes("PNG", (64, 64), "red")),
+        "strength": 0.6,
+        "refiner": "none",
+        "output_format": "jpeg",
+        "quality": 85,
+    }
+
+    answer = api.post("/txt2img", body, format="json").json()
+
+    assert answer["seeds"] == [3, 4] and answer["seed"] == 3
+    assert answer["loras"] == [
+        {
+            "session_id": str(session.pk),
+            "filename": first.filename,
+            "sha256": first.sha256,
+            "scale": 0.7,
+        },
+        {
+            "session_id": str(session.pk),
+            "filename": second.filename,
+            "sha256": second.sha256,
+            "scale": -0.3,
+        },
+    ]
+    assert answer["lora"] == {"filename": first.filename, "sha256": first.sha256}
+    assert (answer["refiner"], answer["refiner_switch"], answer["strength"]) == ("none", None, 0.6)
+    assert (answer["output_format"], answer["scheduler"]) == ("jpeg", None)
+    images = [base64.b64decode(image) for image in answer["images_base64"]]
+    assert [Image.open(io.BytesIO(image)).format for image in images] == ["JPEG", "JPEG"]
+    text = read_infotext(images[1])
+    assert text.startswith("a red square <lora:lora_1:0.7> <lora:lora_2:-0.3>\n")
+    assert "Seed: 4," in text and "Denoising strength: 0.6" in text and "Refiner" not in text
+    # Image 1 alone, by its own seed.
+    alone = api.post(
+        "/txt2img", {**body, "num_images": 1, "seed": answer["seeds"][1]}, format="json"
+    ).json()
+    again = base64.b64decode(alone["images_base64"][0])
+    assert read_infotext(again) == text
+    # The same pixels up to the last bits a batch of 2 sums in another order than one.
+    assert images_close([Image.open(io.BytesIO(again))], [Image.open(io.BytesIO(images[1]))])
+
+
+def test_txt2img_answers_the_refiner_policy_and_switch(api, generations_in_process):
+    small = {"prompt": "x", "height": 64, "width": 64, "steps": 5}
+    default = api.post("/txt2img", small, format="json").json()
+    chosen = api.post("/txt2img", {**small, "refiner_switch": 0.6}, format="json").json()
+    assert (default["refiner"], default["refiner_switch"]) == ("ensemble", 0.8)
+    assert (chosen["refiner"], chosen["refiner_switch"]) == ("ensemble", 0.6)
+    assert default["loras"] == [] and default["strength"] is None
+    assert default["output_format"] == "png"
+
+
 @pytest.mark.parametrize("name", ["heun", "Euler", "", 1, True])
 def test_txt2img_unknown_scheduler_is_400_listing_the_valid_ones(api, name):
     response = api.post("/txt2img", {"prompt": "x", "scheduler": name}, format="json")
@@ -475,7 +594,7 @@ def test_txt2img_with_a_scheduler_names_its_sampler_in_the_pngs(api, generations
     assert "Steps: 5, Sampler: DPM++ 2M Karras, CFG scale: " in texts[0]["parameters"]
     assert json.loads(texts[0]["sdxl_service"])["scheduler"] == "dpmpp_2m_karras"
     assert "Sampler" not in texts[1]["parameters"]
-    assert "scheduler" not in json.loads(texts[1]["sdxl_service"])
+    assert json.loads(texts[1]["sdxl_service"])["scheduler"] is None
     first, second = Generation.objects.order_by("pk")
     assert first.parameters["scheduler"] == "dpmpp_2m_karras"
     assert "scheduler" not in second.parameters
@@ -513,7 +632,7 @@ def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_
 
     assert alone.status_code == plain.status_code == 200
     assert (
-        set(alone.json()) == set(plain.json()) == {"images_base64", "seed", "lora", "duration_ms"}
+        set(alone.json()) == set(plain.json()) == TXT2IMG_RESPONSE_KEYS
     )
     texts = [
         Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))).text
@@ -535,13 +654,30 @@ def test_train_lora_fields_are_the_engines_training_params():
     assert fields - {"session_id"} == field_names(TrainingParams)
 
 
+TXT2IMG_RESPONSE_KEYS = {
+    "images_base64",
+    "seed",
+    "seeds",
+    "lora",
+    "loras",
+    "scheduler",
+    "refiner",
+    "refiner_switch",
+    "strength",
+    "output_format",
+    "duration_ms",
+}
+
+
 def test_txt2img_defaults_are_the_engines_and_the_services():
     fields = api_serializers.Txt2ImgSerializer().fields
     request = GenerationRequest(prompt="x")
     # generate() takes the per-request fields and passes the rest on to generate_batch().
+    # A LoRA's scale is its AppliedLora's.
     engine = {
         **inspect.signature(generate_batch).parameters,
         **inspect.signature(generate).parameters,
+        "lora_scale": inspect.signature(AppliedLora).parameters["scale"],
     }
     for name in field_names(GenerationParams):
         default = getattr(GENERATION_DEFAULTS, name)

@@ -2,6 +2,7 @@ import io
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -767,3 +768,72 @@ def test_jpeg_and_webp_carry_the_parameters_in_exif_as_automatic1111_writes_them
     _, lower = _finished(prompt="a cat", seed=9, output_format=output_format, quality=20)
     assert len(lower[0]) < len(images[0])
     assert generations.generation_summary(generation)["seeds"] == [9, 10]
+
+
+def test_an_uploaded_kohya_locon_with_ff_conv_and_text_encoder_keys_generates_as_stock_diffusers(
+    generation_worker, tmp_path
+):
+    """An sd-scripts LoCon (SGM block names, feed-forward, 3x3 convolutions, both text
+    encoders, alphas unlike the ranks) uploaded, then applied at 0.7: the image stock
+    diffusers makes loading the original file into its pipeline at that weight."""
+    import torch
+    from safetensors.torch import load_file
+
+    from sdxl_engine.generation import decode_latents
+    from tests.community_loras import write_kohya_locon
+    from training_app.runtime import generation_pipelines
+
+    pipelines = generation_pipelines()
+    original = write_kohya_locon(tmp_path / "locon.safetensors", Path(pipelines.source.base))
+    keys = load_file(original)
+    assert any("ff_net" in key for key in keys) and any("in_layers_2" in key for key in keys)
+    assert any(key.startswith("lora_te1_") for key in keys)
+    assert any(key.startswith("lora_te2_") for key in keys)
+    assert any(tensor.dim() == 4 and tensor.shape[-1] == 3 for tensor in keys.values())
+    session = session_services.session_create()
+    lora_services.lora_upload(session.pk, original.read_bytes(), "community.safetensors")
+    request = {"prompt": "a red square", "seed": 5, **SMALL}
+
+    _, ours = _finished(
+        use_lora=True,
+        session_id=session.pk,
+        lora_filename="community.safetensors",
+        lora_scale=0.7,
+        **request,
+    )
+    _, plain = _finished(**request)
+
+    base = pipelines.base
+    base.load_lora_weights(str(original), adapter_name="community")
+    try:
+        base.set_adapters(["community"], adapter_weights=[0.7])
+        shared = {"num_inference_steps": SMALL["steps"], "output_type": "latent"}
+        with torch.no_grad():
+            latents = base(
+                prompt=request["prompt"],
+                height=SMALL["height"],
+                width=SMALL["width"],
+                guidance_scale=7.0,  # /txt2img's default (diffusers' is 5.0)
+                denoising_end=0.8,
+                generator=torch.Generator("cpu").manual_seed(request["seed"]),
+                **shared,
+            ).images
+            base.disable_lora()  # text_encoder_2 is the Refiner's too
+            refined = pipelines.refiner(
+                prompt=request["prompt"],
+                image=latents,
+                denoising_start=0.8,
+                guidance_scale=1.0,
+                **shared,
+            ).images
+            stock = decode_latents(pipelines, refined)
+    finally:
+        base.unload_lora_weights()
+
+    ours_image = Image.open(io.BytesIO(ours[0]))
+    assert images_close([ours_image], stock)
+    difference = np.abs(
+        np.asarray(ours_image).astype(int)
+        - np.asarray(Image.open(io.BytesIO(plain[0]))).astype(int)
+    )
+    assert difference.max() > 8  # the LoCon does change the image
