@@ -631,9 +631,7 @@ def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_
     plain = api.post("/txt2img", small, format="json")
 
     assert alone.status_code == plain.status_code == 200
-    assert (
-        set(alone.json()) == set(plain.json()) == TXT2IMG_RESPONSE_KEYS
-    )
+    assert set(alone.json()) == set(plain.json()) == TXT2IMG_RESPONSE_KEYS
     texts = [
         Image.open(io.BytesIO(base64.b64decode(response.json()["images_base64"][0]))).text
         for response in (alone, plain)
