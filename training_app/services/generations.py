@@ -327,8 +327,6 @@ def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker), together with the queued
     requests that can share its batch (`_claim_companions`); one already taken is left
     alone, so the tasks of requests that ran in an earlier batch do nothing."""
-    from PIL import Image
-
     from sdxl_engine.generation import GenerationJob, generate_batch
     from sdxl_engine.image_output import encode_image
     from sdxl_engine.lora_merge import AppliedLora
@@ -372,11 +370,7 @@ def generation_execute(generation_id: int) -> None:
                     negative_prompt=generation.negative_prompt,
                     num_images=generation.parameters["num_images"],
                     seed=generation.seed,
-                    init_image=(
-                        Image.open(generations_dir(generation.pk) / INIT_IMAGE_NAME)
-                        if strength is not None
-                        else None
-                    ),
+                    init_image=_init_image(generation.pk) if strength is not None else None,
                 )
                 for generation in batch
             ],
@@ -441,6 +435,14 @@ def generation_execute(generation_id: int) -> None:
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
+
+
+def _init_image(generation_id: int):
+    """The img2img image the request sent (checked when it was recorded), decoded."""
+    from PIL import Image
+
+    with Image.open(generations_dir(generation_id) / INIT_IMAGE_NAME) as image:
+        return image.convert("RGB")
 
 
 def _prompt_names(loras: list[GenerationLora]) -> list[str]:
