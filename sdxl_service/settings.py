@@ -169,17 +169,20 @@ SPECTACULAR_SETTINGS = {
     "PREPROCESSING_HOOKS": ["sdxl_service.api.schema.schema_without_slashed_duplicates"],
     # Each response's "status" is one constant; name each enum after it.
     "ENUM_NAME_OVERRIDES": {
-        f"{name}StatusEnum": [value]
-        for name, value in (
-            ("Success", "success"),
-            ("Deleted", "deleted"),
-            ("Started", "started"),
-            ("InProgress", "in-progress"),
-            ("Completed", "completed"),
-            ("Error", "error"),
-            ("None", "none"),
-            ("Cancelled", "cancelled"),
-        )
+        "RefinerPolicyEnum": "sdxl_engine.parameters.REFINER_POLICIES",
+        **{
+            f"{name}StatusEnum": [value]
+            for name, value in (
+                ("Success", "success"),
+                ("Deleted", "deleted"),
+                ("Started", "started"),
+                ("InProgress", "in-progress"),
+                ("Completed", "completed"),
+                ("Error", "error"),
+                ("None", "none"),
+                ("Cancelled", "cancelled"),
+            )
+        },
     },
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",

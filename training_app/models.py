@@ -160,6 +160,9 @@ class Generation(models.Model):
         Session, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
     image_count = models.PositiveSmallIntegerField(default=0)
+    # Denoising steps done, of Base and Refiner together, while running (GET /generations/<id>).
+    step = models.PositiveSmallIntegerField(default=0)
+    total_steps = models.PositiveSmallIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
     error_message = models.TextField(blank=True)
     task_id = models.CharField(max_length=64, blank=True)

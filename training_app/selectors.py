@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from core.errors import ServiceError
 from training_app.models import (
+    Generation,
     LoraArtifact,
     TrainingCheckpoint,
     TrainingRun,
@@ -17,6 +18,15 @@ from training_app.models import (
 )
 
 LORA_NOT_FOUND = "Requested LoRA not found"
+
+
+def generation_get(generation_id: int) -> Generation:
+    generation = (
+        Generation.objects.prefetch_related("applied_loras").filter(pk=generation_id).first()
+    )
+    if generation is None:
+        raise ServiceError(f"generation {generation_id} not found", status=404)
+    return generation
 
 
 def lora_get(session_id: int, iteration: int | None = None) -> LoraArtifact:

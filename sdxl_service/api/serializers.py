@@ -270,6 +270,10 @@ class LoraChoiceSerializer(serializers.Serializer):
         return _one_way_to_name_a_lora(attrs)
 
 
+# How /txt2img answers its images: inline (the original) or as URLs to GET.
+RESPONSE_FORMATS = ("base64", "url")
+
+
 class Txt2ImgSerializer(serializers.Serializer):
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
@@ -368,6 +372,23 @@ class Txt2ImgSerializer(serializers.Serializer):
         allow_null=True,
         help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
     )
+
+    response_format = serializers.ChoiceField(
+        choices=RESPONSE_FORMATS,
+        default=RESPONSE_FORMATS[0],
+        help_text="base64: the images in images_base64 (the original answer); url: only their "
+        "image_urls, to GET (smaller answers)",
+    )
+
+    def get_fields(self):
+        fields = super().get_fields()
+        # "async" is a Python keyword: it cannot be declared in the class body.
+        fields["async"] = serializers.BooleanField(
+            default=False,
+            help_text="true: answer 202 at once with the generation's id and status_url "
+            "instead of waiting for the images",
+        )
+        return fields
 
     def validate(self, attrs):
         if attrs["use_lora"] and attrs.get("session_id") is None:
@@ -554,11 +575,13 @@ class AppliedLoraItem(serializers.Serializer):
     scale = serializers.FloatField()
 
 
-class Txt2ImgResponse(serializers.Serializer):
-    images_base64 = serializers.ListField(
+class GenerationUsed(serializers.Serializer):
+    """What a generation used and made, in /txt2img's answer and GET /generations/<id>."""
+
+    image_urls = serializers.ListField(
         child=serializers.CharField(),
-        help_text="num_images images in output_format (PNG by default), the parameters in them "
-        "as AUTOMATIC1111 writes them",
+        help_text="each image's URL (GET /generations/<id>/<i>.<ext>), with the API's access "
+        "rules; empty until the generation is completed",
     )
     seed = serializers.IntegerField(help_text="the seed used: the same seed gives the same image")
     seeds = serializers.ListField(
@@ -576,3 +599,36 @@ class Txt2ImgResponse(serializers.Serializer):
     strength = serializers.FloatField(allow_null=True, help_text="img2img's; null for txt2img")
     output_format = serializers.ChoiceField(choices=OUTPUT_FORMATS)
     duration_ms = serializers.IntegerField(allow_null=True)
+
+
+class Txt2ImgResponse(GenerationUsed):
+    images_base64 = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="num_images images in output_format (PNG by default), the parameters in them "
+        'as AUTOMATIC1111 writes them; left out with response_format "url"',
+    )
+    generation_id = serializers.IntegerField(help_text="for GET /generations/<id>")
+
+
+class Txt2ImgQueuedResponse(serializers.Serializer):
+    generation_id = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=["queued"])
+    status_url = serializers.CharField(help_text="GET it for the status, then the image_urls")
+
+
+class GenerationStatusResponse(GenerationUsed):
+    generation_id = serializers.IntegerField()
+    status = serializers.ChoiceField(
+        choices=["queued", "running", "completed", "error", "abandoned"],
+        help_text="abandoned: a synchronous caller stopped waiting before a worker took it",
+    )
+    message = serializers.CharField(allow_null=True, help_text="why, under error")
+    step = serializers.IntegerField(help_text="denoising steps done, Base and Refiner together")
+    total_steps = serializers.IntegerField(allow_null=True)
+    prompt = serializers.CharField()
+    negative_prompt = serializers.CharField(allow_blank=True)
+    parameters = serializers.DictField(help_text="the request's generation parameters")
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)

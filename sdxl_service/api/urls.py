@@ -24,5 +24,12 @@ urlpatterns = [
     *endpoint("get_lora", views.get_lora),
     *endpoint("upload_lora", views.upload_lora),
     *endpoint("txt2img", views.txt2img),
+    path("generations/<int:generation_id>", views.generation_status, name="generation"),
+    path("generations/<int:generation_id>/", views.generation_status),
+    path(
+        "generations/<int:generation_id>/<int:index>.<str:extension>",
+        views.generation_image,
+        name="generation-image",
+    ),
     path("training_samples/<int:sample_id>.png", views.training_sample, name="training-sample"),
 ]

@@ -7,11 +7,13 @@ import hashlib
 
 from django.conf import settings
 from django.http import FileResponse
-from drf_spectacular.utils import extend_schema
+from django.urls import reverse
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view
 from rest_framework.response import Response
 
 from core.errors import ServiceError
+from sdxl_engine.image_output import MEDIA_TYPES
 from sdxl_service.api import serializers as api
 from sdxl_service.api.schema import error_responses
 from sessions_app import selectors as session_selectors
@@ -219,22 +221,68 @@ def upload_lora(request):
 @extend_schema(
     operation_id="txt2img",
     tags=GENERATION,
-    summary="Generate images with SDXL Base + Refiner, optionally with the session's LoRA",
+    summary="Generate images with SDXL Base + Refiner, optionally with LoRAs or from an image",
     request=api.Txt2ImgSerializer,
-    responses={200: api.Txt2ImgResponse, **error_responses(404, 500, 503, 504)},
+    responses={
+        200: api.Txt2ImgResponse,
+        202: OpenApiResponse(api.Txt2ImgQueuedResponse, description='with "async": true'),
+        **error_responses(404, 500, 503, 504),
+    },
 )
 @api_view(["POST"])
 def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
+    wait = not data.pop("async")
+    response_format = data.pop("response_format")
     data["loras"] = tuple(generations.LoraChoice(**choice) for choice in data.get("loras", ()))
     data["init_image"] = data.pop("init_image_base64", None)
     generation = generations.generation_request(generations.GenerationRequest(**data))
+    if not wait:
+        body = {
+            "generation_id": generation.pk,
+            "status": generation.status,
+            "status_url": reverse("generation", args=[generation.pk]),
+        }
+        return Response(api.Txt2ImgQueuedResponse(body).data, status=202)
     generation, images = generations.generation_wait(generation.pk, settings.SDXL_TXT2IMG_TIMEOUT)
     body = {
-        "images_base64": [base64.b64encode(image).decode("ascii") for image in images],
+        "generation_id": generation.pk,
         **generations.generation_summary(generation),
+        "image_urls": generations.generation_image_urls(generation),
     }
+    if response_format == "base64":
+        body["images_base64"] = [base64.b64encode(image).decode("ascii") for image in images]
     return rendered(api.Txt2ImgResponse, body)
+
+
+@extend_schema(
+    operation_id="generation_status",
+    tags=GENERATION,
+    summary="A generation's status, parameters, seeds and image URLs",
+    responses={200: api.GenerationStatusResponse, **error_responses(404)},
+)
+@api_view(["GET"])
+def generation_status(request, generation_id: int):
+    generation = training_selectors.generation_get(generation_id)
+    return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
+
+
+@extend_schema(
+    operation_id="generation_image",
+    tags=GENERATION,
+    summary="An image of a completed generation (its URL is in image_urls)",
+    responses={
+        (200, "image/png"): bytes,
+        (200, "image/jpeg"): bytes,
+        (200, "image/webp"): bytes,
+        **error_responses(404),
+    },
+)
+@api_view(["GET"])
+def generation_image(request, generation_id: int, index: int, extension: str):
+    generation = training_selectors.generation_get(generation_id)
+    path = generations.generation_image_path(generation, index, extension)
+    return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.output_format])
 
 
 @extend_schema(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.urls import reverse
 from django.utils import timezone
 
 from core.errors import ServiceError
@@ -316,6 +317,55 @@ def generation_summary(generation: Generation) -> dict:
     }
 
 
+def generation_image_path(generation: Generation, index: int, extension: str) -> Path:
+    """Image `index` of a completed generation, asked for as `<index>.<extension>`; 404
+    for any image the generation does not have (another extension included)."""
+    filename = f"{index}.{extension}"
+    path = generations_dir(generation.pk) / filename
+    if (
+        generation.status != Generation.Status.COMPLETED
+        or not 0 <= index < generation.image_count
+        or generation.image_filename(index) != filename
+        or not path.is_file()
+    ):
+        raise ServiceError(f"generation {generation.pk} has no image {filename}", status=404)
+    return path
+
+
+def generation_image_urls(generation: Generation) -> list[str]:
+    return [
+        reverse(
+            "generation-image",
+            args=[generation.pk, index, generation.image_filename(index).rsplit(".", 1)[1]],
+        )
+        for index in range(generation.image_count)
+    ]
+
+
+def generation_status_body(generation: Generation) -> dict:
+    """GET /generations/<id>: where the job is, what it asked for and, once completed, what
+    it used and where its images are."""
+    status = generation.status
+    params = generation.parameters
+    body = {
+        "generation_id": generation.pk,
+        "status": status,
+        "prompt": generation.prompt,
+        "negative_prompt": generation.negative_prompt,
+        "parameters": params,
+        "step": generation.step,
+        "total_steps": generation.total_steps,
+        "created_at": generation.created_at,
+        "started_at": generation.started_at,
+        "finished_at": generation.finished_at,
+        "message": generation.error_message if status == Generation.Status.ERROR else None,
+        **generation_summary(generation),
+        "seeds": image_seeds(generation.seed, params["num_images"]),
+        "image_urls": generation_image_urls(generation),
+    }
+    return body
+
+
 def _abandon(generation_id: int) -> None:
     """A request nobody waits for any more is not worth a worker's time."""
     Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
@@ -385,6 +435,7 @@ def generation_execute(generation_id: int) -> None:
             refiner=refiner,
             refiner_switch=refiner_switch,
             strength=strength,
+            on_step=_progress_recorder(ids),
         )
         for generation, images in zip(batch, images_per_job, strict=True):
             record = {
@@ -435,6 +486,26 @@ def generation_execute(generation_id: int) -> None:
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
+
+
+# Progress is written at most this often (and at the last step): a database write per
+# denoising step would cost more than the step on a fast GPU.
+_PROGRESS_INTERVAL_S = 0.25
+
+
+def _progress_recorder(generation_ids: list[int]):
+    """An on_step callback recording each batch request's steps done (GET /generations)."""
+    last_written = 0.0
+
+    def record(done: int, total: int) -> None:
+        nonlocal last_written
+        now = time.monotonic()
+        if done < total and now - last_written < _PROGRESS_INTERVAL_S:
+            return
+        last_written = now
+        Generation.objects.filter(pk__in=generation_ids).update(step=done, total_steps=total)
+
+    return record
 
 
 def _init_image(generation_id: int):
