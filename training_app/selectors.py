@@ -165,3 +165,85 @@ def training_status(session_id: int) -> dict:
 def worker_alive(queue: str) -> bool:
     fresh_since = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
     return WorkerHeartbeat.objects.filter(queue=queue, last_seen__gte=fresh_since).exists()
+
+
+# GET /sessions/<id> lists this many of the session's newest generations.
+RECENT_GENERATIONS = 20
+
+
+def session_detail(session_id: int) -> dict:
+    """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
+    from sessions_app.selectors import session_get, session_images
+
+    session = session_get(session_id)
+    runs = TrainingRun.objects.filter(session=session).order_by("id")
+    checkpoints = TrainingCheckpoint.objects.filter(session=session).order_by("run_id", "step")
+    # Those that applied one of the session's LoRAs.
+    recent = (
+        Generation.objects.filter(applied_loras__source_session_id=session.pk)
+        .distinct()
+        .order_by("-id")[:RECENT_GENERATIONS]
+    )
+    return {
+        "session_id": session.pk,
+        "created_at": session.created_at,
+        "images": [
+            {
+                "image_id": image.pk,
+                "group": image.group.number,
+                "url": reverse("session-image", args=[session.pk, image.pk]),
+                "caption": image.caption,
+                "format": image.image_format,
+                "width": image.width,
+                "height": image.height,
+                "size": image.size,
+            }
+            for image in session_images(session.pk)
+        ],
+        "loras": [
+            {
+                "lora_filename": lora.filename,
+                "iteration": lora.number,
+                "sha256": lora.sha256,
+                "size": lora.size,
+                "source": lora.source,
+                "run_id": lora.training_run_id,
+                "created_at": lora.created_at,
+            }
+            for lora in LoraArtifact.objects.filter(session=session).order_by("number")
+        ],
+        "checkpoints": [
+            {
+                "lora_filename": checkpoint.filename,
+                "run_id": checkpoint.run_id,
+                "step": checkpoint.step,
+                "sha256": checkpoint.sha256,
+            }
+            for checkpoint in checkpoints
+        ],
+        "runs": [
+            {
+                "run_id": run.pk,
+                "status": run.status,
+                "stage": run.stage,
+                "step": run.step,
+                "total_steps": run.total_steps,
+                "parameters": run.parameters,
+                "message": run.error_message or None,
+                "created_at": run.created_at,
+                "started_at": run.started_at,
+                "finished_at": run.finished_at,
+            }
+            for run in runs
+        ],
+        "recent_generations": [
+            {
+                "generation_id": generation.pk,
+                "status": generation.status,
+                "prompt": generation.prompt,
+                "created_at": generation.created_at,
+                "status_url": reverse("generation", args=[generation.pk]),
+            }
+            for generation in recent
+        ],
+    }

@@ -9,6 +9,7 @@ definitions the workers run.
 from django.conf import settings
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
+from rest_framework.fields import SkipField
 
 from sdxl_engine.image_output import DEFAULT_QUALITY, OUTPUT_FORMATS, quality_problem
 from sdxl_engine.parameters import (
@@ -523,8 +524,99 @@ class SessionSummary(serializers.Serializer):
     training = TrainStatusField()
 
 
+class ListSessionsQuery(serializers.Serializer):
+    limit = StrictIntegerField(
+        min_value=1,
+        max_value=1000,
+        required=False,
+        help_text="at most this many sessions (oldest first); left out: every session",
+    )
+    offset = StrictIntegerField(
+        min_value=0, required=False, help_text="skip this many sessions first (default 0)"
+    )
+
+
+class _OnlyWhenPaging(serializers.IntegerField):
+    """A nullable key that is left out, not null, when the body lacks it: DRF would render
+    a missing nullable field as null."""
+
+    def get_attribute(self, instance):
+        if self.field_name not in instance:
+            raise SkipField()
+        return super().get_attribute(instance)
+
+
 class ListSessionsResponse(serializers.Serializer):
     sessions = SessionSummary(many=True)
+    count = serializers.IntegerField(
+        required=False, help_text="with limit or offset: how many sessions there are in all"
+    )
+    next_offset = _OnlyWhenPaging(
+        required=False,
+        allow_null=True,
+        help_text="with limit or offset: the offset of the next page; null after the last",
+    )
+
+
+class SessionImageItem(serializers.Serializer):
+    image_id = serializers.IntegerField()
+    group = serializers.IntegerField(help_text="the upload group's number (its folder)")
+    url = serializers.CharField(help_text="the image file, with the API's access rules")
+    caption = serializers.CharField(allow_blank=True)
+    format = serializers.CharField()
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+    size = serializers.IntegerField(help_text="bytes")
+
+
+class SessionLoraItem(serializers.Serializer):
+    lora_filename = serializers.CharField()
+    iteration = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    size = serializers.IntegerField(help_text="bytes")
+    source = serializers.ChoiceField(choices=["trained", "uploaded", "found"])
+    run_id = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class SessionCheckpointItem(serializers.Serializer):
+    lora_filename = serializers.CharField()
+    run_id = serializers.IntegerField()
+    step = serializers.IntegerField()
+    sha256 = serializers.CharField()
+
+
+class SessionRunItem(serializers.Serializer):
+    run_id = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=TrainingRun.Status.values)
+    stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField(allow_null=True)
+    parameters = serializers.DictField()
+    message = serializers.CharField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class SessionGenerationItem(serializers.Serializer):
+    generation_id = serializers.IntegerField()
+    status = serializers.CharField()
+    prompt = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    status_url = serializers.CharField()
+
+
+class SessionDetailResponse(serializers.Serializer):
+    session_id = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    images = SessionImageItem(many=True)
+    loras = SessionLoraItem(many=True)
+    checkpoints = SessionCheckpointItem(many=True)
+    runs = SessionRunItem(many=True, help_text="oldest first")
+    recent_generations = SessionGenerationItem(
+        many=True, help_text="the newest 20 that applied one of the session's LoRAs"
+    )
 
 
 class CancelTrainingResponse(serializers.Serializer):

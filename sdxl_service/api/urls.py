@@ -24,6 +24,13 @@ urlpatterns = [
     *endpoint("get_lora", views.get_lora),
     *endpoint("upload_lora", views.upload_lora),
     *endpoint("txt2img", views.txt2img),
+    path("sessions/<int:session_id>", views.session_detail, name="session"),
+    path("sessions/<int:session_id>/", views.session_detail),
+    path(
+        "sessions/<int:session_id>/images/<int:image_id>",
+        views.session_image,
+        name="session-image",
+    ),
     path("generations/<int:generation_id>", views.generation_status, name="generation"),
     path("generations/<int:generation_id>/", views.generation_status),
     path(

@@ -18,6 +18,7 @@ from sdxl_service.api import serializers as api
 from sdxl_service.api.schema import error_responses
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
+from sessions_app import storage as session_storage
 from training_app import selectors as training_selectors
 from training_app.services import generations, loras, runs, watch
 
@@ -71,11 +72,17 @@ def post_session_image(request):
     operation_id="list_sessions",
     tags=SESSIONS,
     summary="Every session with its latest LoRA, group count and training status",
-    responses={200: api.ListSessionsResponse},
+    parameters=[api.ListSessionsQuery],
+    responses={200: api.ListSessionsResponse, **error_responses()},
 )
 @api_view(["GET"])
 def list_sessions(request):
-    sessions = list(session_selectors.session_list())
+    query = api.ListSessionsQuery(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    page = query.validated_data
+    everything = session_selectors.session_list()
+    offset, limit = page.get("offset", 0), page.get("limit")
+    sessions = list(everything[offset : None if limit is None else offset + limit])
     ids = [session.pk for session in sessions]
     latest_loras = training_selectors.latest_lora_filenames(ids)
     latest_runs = training_selectors.latest_runs(ids)
@@ -90,7 +97,43 @@ def list_sessions(request):
             for session in sessions
         ]
     }
+    if page:  # without limit and offset, exactly the original answer
+        count = everything.count()
+        end = offset + len(sessions)
+        body |= {"count": count, "next_offset": end if end < count else None}
     return rendered(api.ListSessionsResponse, body)
+
+
+@extend_schema(
+    operation_id="session_detail",
+    tags=SESSIONS,
+    summary="A session: its images, LoRA files, checkpoints, runs and recent generations",
+    responses={200: api.SessionDetailResponse, **error_responses(404)},
+)
+@api_view(["GET"])
+def session_detail(request, session_id: int):
+    return rendered(api.SessionDetailResponse, training_selectors.session_detail(session_id))
+
+
+@extend_schema(
+    operation_id="session_image",
+    tags=SESSIONS,
+    summary="A training image of the session, as uploaded",
+    responses={
+        (200, "image/png"): bytes,
+        (200, "image/jpeg"): bytes,
+        (200, "image/webp"): bytes,
+        (200, "image/bmp"): bytes,
+        **error_responses(404),
+    },
+)
+@api_view(["GET"])
+def session_image(request, session_id: int, image_id: int):
+    image = session_selectors.training_image_get(session_id, image_id)
+    path = session_storage.absolute_path(image.file)
+    if not path.is_file():
+        raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
+    return FileResponse(path.open("rb"), content_type=f"image/{image.image_format.lower()}")
 
 
 @extend_schema(

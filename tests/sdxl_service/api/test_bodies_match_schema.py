@@ -38,12 +38,15 @@ class SchemaChecker:
         validator = OAS30Validator(self.response_schema(path, status))
         return [error.message for error in validator.iter_errors(body)]
 
-    def check_png(self, path: str, response) -> None:
-        """An image answer: the documented status and content type, and a real PNG."""
+    def check_image(self, path: str, response, media_type: str = "image/png") -> None:
+        """An image answer: the documented status and content type, and a real image."""
         (operation,) = self.document["paths"][path].values()
-        assert "image/png" in operation["responses"][str(response.status_code)]["content"]
-        assert response["Content-Type"] == "image/png"
-        assert b"".join(response.streaming_content).startswith(b"\x89PNG\r\n\x1a\n")
+        assert media_type in operation["responses"][str(response.status_code)]["content"]
+        assert response["Content-Type"] == media_type
+        data = b"".join(response.streaming_content)
+        assert data.startswith(
+            {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8"}[media_type]
+        )
         self.checked.add((path, response.status_code))
 
     def check(self, path: str, response) -> dict:
@@ -63,13 +66,16 @@ def api(schema):
     """POSTs (or GETs) a body and checks the answer against the schema."""
     client = APIClient()
 
-    def call(path: str, body: dict | None = None, expect: int = 200) -> dict:
+    def call(
+        path: str, body: dict | None = None, expect: int = 200, template: str | None = None
+    ) -> dict:
+        """`template`: the schema's path for a path with parameters (`/sessions/{session_id}`)."""
         if body is None:
             response = client.get(path)
         else:
             response = client.post(path, body, format="json")
         assert response.status_code == expect, response.content
-        return schema.check(path, response)
+        return schema.check(template or path, response)
 
     return call
 
@@ -105,7 +111,7 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert [sample["step"] for sample in completed["samples"]] == [1, 1, 2, 2]  # 2 prompts
     assert [checkpoint["step"] for checkpoint in completed["checkpoints"]] == [1]
     assert api("/list_sessions")["sessions"][0]["latest_lora"] == "lora_1.safetensors"
-    schema.check_png(
+    schema.check_image(
         "/training_samples/{sample_id}.png", APIClient().get(completed["samples"][0]["url"])
     )
     checkpoint = {**ref, "lora_filename": completed["checkpoints"][0]["lora_filename"]}
@@ -121,6 +127,23 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert with_lora["lora"]["filename"] == "lora_2.safetensors"
     from_checkpoint = api("/txt2img", {**TXT2IMG, "use_lora": True, **checkpoint})
     assert from_checkpoint["lora"]["filename"] == checkpoint["lora_filename"]
+
+    queued = api("/txt2img", {**TXT2IMG, "async": True}, expect=202)
+    status = api(queued["status_url"], template="/generations/{generation_id}")
+    assert status["status"] == "queued"
+    jpeg = api("/txt2img", {**TXT2IMG, "response_format": "url", "output_format": "jpeg"})
+    schema.check_image(
+        "/generations/{generation_id}/{index}.{extension}",
+        APIClient().get(jpeg["image_urls"][0]),
+        "image/jpeg",
+    )
+    detail = api(f"/sessions/{session_id}", template="/sessions/{session_id}")
+    assert len(detail["images"]) == 2 and detail["loras"] and detail["runs"]
+    schema.check_image(
+        "/sessions/{session_id}/images/{image_id}", APIClient().get(detail["images"][0]["url"])
+    )
+    paged = api("/list_sessions?limit=1", template="/list_sessions")
+    assert paged["count"] == 1 and paged["next_offset"] is None
 
     assert api("/delete_session", ref)["status"] == "deleted"
     assert {path for path, _ in schema.checked} == set(schema.document["paths"])

@@ -134,6 +134,94 @@ def test_list_sessions_shape(api):
     assert len(body["sessions"]) == 2
 
 
+def test_list_sessions_pages_with_limit_and_offset_and_answers_as_before_without(api):
+    ids = [api.get("/create_session").json()["session_id"] for _ in range(5)]
+
+    whole = api.get("/list_sessions").json()
+    first = api.get("/list_sessions?limit=2").json()
+    middle = api.get("/list_sessions", {"limit": 2, "offset": 2}).json()
+    last = api.get("/list_sessions", {"limit": 2, "offset": 4}).json()
+    beyond = api.get("/list_sessions", {"offset": 9}).json()
+
+    assert set(whole) == {"sessions"} and len(whole["sessions"]) == 5
+    pages = [first, middle, last]
+    assert [[item["session_id"] for item in page["sessions"]] for page in pages] == [
+        [str(i) for i in ids[:2]],
+        [str(i) for i in ids[2:4]],
+        [str(ids[4])],
+    ]
+    assert [(page["count"], page["next_offset"]) for page in pages] == [(5, 2), (5, 4), (5, None)]
+    assert beyond == {"sessions": [], "count": 5, "next_offset": None}
+    for query, field in (("limit=0", "limit"), ("limit=x", "limit"), ("offset=-1", "offset")):
+        assert_error(api.get(f"/list_sessions?{query}"), 400, field)
+
+
+def test_session_detail_lists_images_loras_runs_and_generations(api, generation_worker):
+    from training_app.models import LoraArtifact, TrainingRun
+    from training_app.services import generations, runs
+
+    session_id = api.get("/create_session").json()["session_id"]
+    photo = image_bytes("JPEG", (80, 48))
+    for caption in ("a red apple", "a green apple"):
+        api.post(
+            "/post_session_image",
+            {"session_id": session_id, "image_base64": b64(photo), "prompt": caption},
+            format="json",
+        )
+    run = runs.training_run_start(session_id, {"steps": 1, "resolution": 64})
+    runs.training_run_execute(run.pk)
+    generation = generations.generation_request(
+        generations.GenerationRequest(prompt="x", use_lora=True, session_id=session_id)
+    )
+
+    body = api.get(f"/sessions/{session_id}").json()
+
+    assert body["session_id"] == str(session_id)
+    assert [(image["group"], image["caption"]) for image in body["images"]] == [
+        (0, "a red apple"),
+        (1, "a green apple"),
+    ]
+    image = body["images"][0]
+    assert (image["format"], image["width"], image["height"]) == ("JPEG", 80, 48)
+    served = api.get(image["url"])
+    assert served["Content-Type"] == "image/jpeg"
+    assert b"".join(served.streaming_content) == photo
+    lora = LoraArtifact.objects.get(session_id=session_id)
+    assert body["loras"] == [
+        {
+            "lora_filename": "lora_1.safetensors",
+            "iteration": 1,
+            "sha256": lora.sha256,
+            "size": lora.size,
+            "source": "trained",
+            "run_id": run.pk,
+            "created_at": body["loras"][0]["created_at"],
+        }
+    ]
+    (listed_run,) = body["runs"]
+    assert (listed_run["run_id"], listed_run["status"]) == (run.pk, TrainingRun.Status.COMPLETED)
+    assert listed_run["parameters"]["steps"] == 1 and listed_run["message"] is None
+    assert [item["generation_id"] for item in body["recent_generations"]] == [generation.pk]
+    assert body["recent_generations"][0]["status_url"] == f"/generations/{generation.pk}"
+
+
+def test_session_detail_and_images_of_what_does_not_exist_are_404(api):
+    assert_error(api.get("/sessions/987654"), 404, "session 987654 not found")
+    other = api.get("/create_session").json()["session_id"]
+    mine = api.get("/create_session").json()["session_id"]
+    api.post(
+        "/post_session_image",
+        {"session_id": other, "image_base64": b64(image_bytes()), "prompt": "x"},
+        format="json",
+    )
+    image_id = TrainingImage.objects.get().pk
+    # Another session's image is not this one's.
+    assert_error(
+        api.get(f"/sessions/{mine}/images/{image_id}"), 404, f"session {mine} has no image"
+    )
+    assert api.get(f"/sessions/{other}/images/{image_id}").status_code == 200
+
+
 def test_delete_session(api, django_capture_on_commit_callbacks):
     session_id = api.get("/create_session").json()["session_id"]
     with django_capture_on_commit_callbacks(execute=True):
