@@ -225,6 +225,14 @@ SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
 SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)
 SDXL_MAX_PROMPT_CHARS = env.int("SDXL_MAX_PROMPT_CHARS", default=2000)
 SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=64 * 1024 * 1024)
+# Multipart uploads (images, zips, LoRA files): at most this many MB of files per request,
+# and of what a zip unpacks to.
+SDXL_MAX_UPLOAD_MB = env.int("SDXL_MAX_UPLOAD_MB", default=512)
+FILE_UPLOAD_HANDLERS = [
+    "sdxl_service.api.parsers.UploadLimitHandler",
+    "django.core.files.uploadhandler.MemoryFileUploadHandler",
+    "django.core.files.uploadhandler.TemporaryFileUploadHandler",
+]
 # How long /txt2img waits for its image before answering 504.
 SDXL_TXT2IMG_TIMEOUT = env.float("SDXL_TXT2IMG_TIMEOUT", default=600.0)
 

@@ -8,10 +8,12 @@ from django.db.models import Max
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from core.errors import ServiceError
 from sessions_app import storage
-from sessions_app.images import check_image
+from sessions_app.images import CheckedImage, check_image
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
+from sessions_app.uploads import UploadedImage, images_from_zip
 
 logger = logging.getLogger(__name__)
 
@@ -35,33 +37,76 @@ def _free_group_number(session: Session) -> int:
 
 def session_image_add(session_id: int, image_bytes: bytes, caption: str) -> TrainingImage:
     """Stores one image and its caption as a new group folder `<n>/0.<ext>` + `<n>/0.txt`."""
-    checked = check_image(image_bytes)  # before anything is written or locked
+    (image,) = session_images_add(session_id, [UploadedImage("image_base64", image_bytes, caption)])
+    return image
+
+
+def session_images_add(session_id: int, uploads: list[UploadedImage]) -> list[TrainingImage]:
+    """Stores each image with its caption as a new group folder, in order: all of them or,
+    if any fails, none (every image is checked before anything is written or locked)."""
+    checked = [(check_image(upload.data, field=upload.name), upload.caption) for upload in uploads]
+    images = []
     with session_lock(session_id) as session:
         number = _free_group_number(session)
-        group_dir = storage.session_dir(session.pk) / str(number)
-        group_dir.mkdir(parents=True)
+        written = []
         try:
-            image_path = group_dir / f"0.{checked.extension}"
-            storage.atomic_write_bytes(image_path, checked.data)
-            storage.atomic_write_bytes(group_dir / "0.txt", caption.encode("utf-8"))
-            group = ImageGroup.objects.create(session=session, number=number)
-            image = TrainingImage.objects.create(
-                group=group,
-                file=storage.relative_path(image_path),
-                caption=caption,
-                image_format=checked.image_format,
-                width=checked.width,
-                height=checked.height,
-                size=len(checked.data),
-                sha256=storage.sha256_bytes(checked.data),
-            )
-            session.next_group_number = number + 1
+            for image, caption in checked:
+                group_dir = storage.session_dir(session.pk) / str(number)
+                group_dir.mkdir(parents=True)
+                written.append(group_dir)
+                images.append(_group_create(session, number, group_dir, image, caption))
+                number += 1
+            session.next_group_number = number
             session.save(update_fields=["next_group_number"])
         except BaseException:
-            # The transaction rolls the rows back; the folder goes with them.
-            storage.remove_tree(group_dir)
+            # The transaction rolls the rows back; the folders go with them.
+            for group_dir in written:
+                storage.remove_tree(group_dir)
             raise
-    return image
+    return images
+
+
+def session_images_upload(
+    session_id: int,
+    files: list[tuple[str, bytes]],
+    captions: list[str],
+    archive: tuple[str, bytes] | None = None,
+) -> list[TrainingImage]:
+    """Images sent as files: `files` (name, bytes) with one caption each, in order (no
+    captions: every caption empty), then the images of a zip `archive` with the `.txt`
+    beside each (uploads.images_from_zip). All stored, or none."""
+    if captions and len(captions) != len(files):
+        raise ServiceError(
+            f"send one caption per image ({len(files)} images, {len(captions)} captions), or none"
+        )
+    uploads = [
+        UploadedImage(name, data, captions[index] if captions else "")
+        for index, (name, data) in enumerate(files)
+    ]
+    if archive is not None:
+        uploads += images_from_zip(archive[1], archive[0])
+    if not uploads:
+        raise ServiceError("send at least one image (image) or a zip of images (archive)")
+    return session_images_add(session_id, uploads)
+
+
+def _group_create(
+    session: Session, number: int, group_dir, checked: CheckedImage, caption: str
+) -> TrainingImage:
+    image_path = group_dir / f"0.{checked.extension}"
+    storage.atomic_write_bytes(image_path, checked.data)
+    storage.atomic_write_bytes(group_dir / "0.txt", caption.encode("utf-8"))
+    group = ImageGroup.objects.create(session=session, number=number)
+    return TrainingImage.objects.create(
+        group=group,
+        file=storage.relative_path(image_path),
+        caption=caption,
+        image_format=checked.image_format,
+        width=checked.width,
+        height=checked.height,
+        size=len(checked.data),
+        sha256=storage.sha256_bytes(checked.data),
+    )
 
 
 def session_delete(session_id: int) -> None:

@@ -187,19 +187,7 @@ def session_detail(session_id: int) -> dict:
     return {
         "session_id": session.pk,
         "created_at": session.created_at,
-        "images": [
-            {
-                "image_id": image.pk,
-                "group": image.group.number,
-                "url": reverse("session-image", args=[session.pk, image.pk]),
-                "caption": image.caption,
-                "format": image.image_format,
-                "width": image.width,
-                "height": image.height,
-                "size": image.size,
-            }
-            for image in session_images(session.pk)
-        ],
+        "images": [session_image_item(image) for image in session_images(session.pk)],
         "loras": [
             {
                 "lora_filename": lora.filename,
@@ -246,4 +234,18 @@ def session_detail(session_id: int) -> dict:
             }
             for generation in recent
         ],
+    }
+
+
+def session_image_item(image) -> dict:
+    """A training image as the API lists it (GET /sessions/<id>, uploads' answers)."""
+    return {
+        "image_id": image.pk,
+        "group": image.group.number,
+        "url": reverse("session-image", args=[image.group.session_id, image.pk]),
+        "caption": image.caption,
+        "format": image.image_format,
+        "width": image.width,
+        "height": image.height,
+        "size": image.size,
     }

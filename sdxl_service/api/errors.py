@@ -13,6 +13,7 @@ from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
 from core.errors import ServiceError
+from sdxl_service.api.parsers import UploadTooBig
 from sdxl_service.api.schema import ErrorSerializer
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ def api_exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.message), status=exc.status)
+    if isinstance(exc, UploadTooBig):
+        return Response(error_body(str(exc)), status=413)
     if isinstance(exc, RequestDataTooBig):
         limit_mb = settings.DATA_UPLOAD_MAX_MEMORY_SIZE / (1024 * 1024)
         return Response(
@@ -55,6 +58,9 @@ def api_exception_handler(exc, context):
     if isinstance(exc, drf_exceptions.ValidationError):
         return Response(error_body(_validation_message(exc.detail)), status=400)
     if isinstance(exc, drf_exceptions.ParseError):
+        request = context.get("request")
+        if request is not None and request.content_type.startswith("multipart/"):
+            return Response(error_body(f"request body could not be read: {exc.detail}"), 400)
         return Response(error_body(f"request body is not valid JSON: {exc.detail}"), status=400)
     if isinstance(exc, drf_exceptions.APIException):
         response = Response(error_body(str(exc.detail)), status=exc.status_code)

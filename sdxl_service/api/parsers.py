@@ -1,5 +1,8 @@
-"""The API's request parser."""
+"""The API's request parsers, and the limit on uploaded files."""
 
+from django.conf import settings
+from django.core.exceptions import RequestDataTooBig
+from django.core.files.uploadhandler import FileUploadHandler
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError
 
@@ -16,3 +19,41 @@ class JSONParser(parsers.JSONParser):
             return super().parse(stream, media_type, parser_context)
         except RecursionError:
             raise ParseError("JSON parse error - nested too deeply") from None
+
+
+class UploadLimitHandler(FileUploadHandler):
+    """Refuses a multipart body larger than SDXL_MAX_UPLOAD_MB (413) before its files are
+    stored: by its Content-Length, and by counting for a body sent without one (chunked).
+
+    Django's DATA_UPLOAD_MAX_MEMORY_SIZE (SDXL_MAX_BODY_MB) leaves file parts out; this is
+    the limit for them. It passes every chunk on to the handlers after it.
+    """
+
+    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+        self.received = 0
+        if content_length and content_length > self._limit():
+            raise self._too_big()
+
+    def receive_data_chunk(self, raw_data, start):
+        self.received = max(self.received, start + len(raw_data))
+        if self.received > self._limit():
+            raise self._too_big()
+        return raw_data
+
+    def file_complete(self, file_size):
+        return None
+
+    @staticmethod
+    def _limit() -> int:
+        return settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+
+    @staticmethod
+    def _too_big() -> "UploadTooBig":
+        return UploadTooBig(
+            f"uploaded files are larger than the limit of {settings.SDXL_MAX_UPLOAD_MB} MB "
+            "(SDXL_MAX_UPLOAD_MB)"
+        )
+
+
+class UploadTooBig(RequestDataTooBig):
+    """A multipart body over SDXL_MAX_UPLOAD_MB; its message says so (413)."""

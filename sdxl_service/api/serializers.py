@@ -244,6 +244,38 @@ class GetLoraSerializer(serializers.Serializer):
         return _one_way_to_name_a_lora(attrs)
 
 
+class SessionImagesUploadSerializer(serializers.Serializer):
+    """POST /sessions/<id>/images, multipart/form-data."""
+
+    image = serializers.ListField(
+        child=serializers.FileField(),
+        required=False,
+        help_text="image files (PNG, JPEG, WebP, BMP), as many as you like: `-F image=@a.jpg "
+        "-F image=@b.jpg`",
+    )
+    caption = serializers.ListField(
+        child=serializers.CharField(
+            max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True, trim_whitespace=False
+        ),
+        required=False,
+        help_text="one caption per image, in the same order; none: every caption empty (the "
+        "training trigger alone)",
+    )
+    archive = serializers.FileField(
+        required=False,
+        help_text="a zip of images, each with its caption in a .txt of the same name beside it "
+        "(kohya's dataset layout); an image without one has an empty caption",
+    )
+
+
+class UploadLoraFileSerializer(serializers.Serializer):
+    """/upload_lora as multipart/form-data: the file itself instead of base64."""
+
+    session_id = SessionIdField()
+    lora = serializers.FileField(help_text="the .safetensors file: `-F lora=@my_lora.safetensors`")
+    filename = StringField(max_length=200, required=False, allow_null=True)
+
+
 class UploadLoraSerializer(serializers.Serializer):
     session_id = SessionIdField()
     lora_base64 = Base64BytesField(
@@ -605,6 +637,11 @@ class SessionGenerationItem(serializers.Serializer):
     prompt = serializers.CharField()
     created_at = serializers.DateTimeField()
     status_url = serializers.CharField()
+
+
+class SessionImagesUploadResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["success"])
+    images = SessionImageItem(many=True, help_text="what was stored, in order")
 
 
 class SessionDetailResponse(serializers.Serializer):

@@ -26,6 +26,7 @@ urlpatterns = [
     *endpoint("txt2img", views.txt2img),
     path("sessions/<int:session_id>", views.session_detail, name="session"),
     path("sessions/<int:session_id>/", views.session_detail),
+    *endpoint("sessions/<int:session_id>/images", views.session_images_upload),
     path(
         "sessions/<int:session_id>/images/<int:image_id>",
         views.session_image,

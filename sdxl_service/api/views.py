@@ -9,17 +9,20 @@ from django.conf import settings
 from django.http import FileResponse
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework.decorators import api_view
+from rest_framework.decorators import api_view, parser_classes
+from rest_framework.parsers import MultiPartParser
 from rest_framework.response import Response
 
 from core.errors import ServiceError
 from sdxl_engine.image_output import MEDIA_TYPES
 from sdxl_service.api import serializers as api
+from sdxl_service.api.parsers import JSONParser
 from sdxl_service.api.schema import error_responses
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
 from sessions_app import storage as session_storage
 from training_app import selectors as training_selectors
+from training_app.selectors import session_image_item
 from training_app.services import generations, loras, runs, watch
 
 SESSIONS, TRAINING, LORAS, GENERATION = ["sessions"], ["training"], ["LoRA files"], ["generation"]
@@ -113,6 +116,33 @@ def list_sessions(request):
 @api_view(["GET"])
 def session_detail(request, session_id: int):
     return rendered(api.SessionDetailResponse, training_selectors.session_detail(session_id))
+
+
+@extend_schema(
+    operation_id="session_images_upload",
+    tags=SESSIONS,
+    summary="Add training images as files: several with their captions, or a zip",
+    description="multipart/form-data: `image` files with one `caption` each, in order, and/or "
+    "an `archive` zip of images with a .txt caption beside each. Every image is checked as "
+    "/post_session_image checks one, and each becomes its own group; all are stored or none. "
+    "Zips are refused whole for unsafe paths, links, more than 2000 files or more than "
+    "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files.",
+    request={"multipart/form-data": api.SessionImagesUploadSerializer},
+    responses={200: api.SessionImagesUploadResponse, **error_responses(404)},
+)
+@api_view(["POST"])
+@parser_classes([MultiPartParser])
+def session_images_upload(request, session_id: int):
+    data = validated(api.SessionImagesUploadSerializer, request)
+    archive = data.get("archive")
+    images = session_services.session_images_upload(
+        session_id,
+        [(upload.name, upload.read()) for upload in data.get("image", [])],
+        data.get("caption", []),
+        (archive.name, archive.read()) if archive is not None else None,
+    )
+    body = {"status": "success", "images": [session_image_item(image) for image in images]}
+    return rendered(api.SessionImagesUploadResponse, body)
 
 
 @extend_schema(
@@ -245,13 +275,23 @@ def get_lora(request):
     "LyCORIS LoCon). Stored in the trainer's diffusers form (other forms are converted, alphas "
     "folded into the weights); without `filename` it becomes `lora_<n>.safetensors`. LoHa, "
     "LoKr, DoRA, (IA)3, GLoRA, OFT, `lora_mid` and biases are refused by name.",
-    request=api.UploadLoraSerializer,
+    request={
+        "application/json": api.UploadLoraSerializer,
+        "multipart/form-data": api.UploadLoraFileSerializer,
+    },
     responses={200: api.UploadLoraResponse, **error_responses(404, 409)},
 )
 @api_view(["POST"])
+@parser_classes([JSONParser, MultiPartParser])
 def upload_lora(request):
-    data = validated(api.UploadLoraSerializer, request)
-    artifact = loras.lora_upload(data["session_id"], data["lora_base64"], data.get("filename"))
+    if request.content_type.startswith("multipart/"):
+        data = validated(api.UploadLoraFileSerializer, request)
+        artifact = loras.lora_upload(
+            data["session_id"], data["lora"].read(), data.get("filename"), field="lora"
+        )
+    else:
+        data = validated(api.UploadLoraSerializer, request)
+        artifact = loras.lora_upload(data["session_id"], data["lora_base64"], data.get("filename"))
     return rendered(
         api.UploadLoraResponse,
         {"status": "success", "lora_filename": artifact.filename, "iteration": artifact.number},

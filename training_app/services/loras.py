@@ -100,7 +100,9 @@ def lora_store(
     return artifact
 
 
-def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtifact:
+def lora_upload(
+    session_id: int, data: bytes, filename: str | None, field: str = "lora_base64"
+) -> LoraArtifact:
     """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes, after
     checking it is an SDXL LoRA (or LoCon) for the model.
 
@@ -127,7 +129,7 @@ def lora_upload(session_id: int, data: bytes, filename: str | None) -> LoraArtif
             inspect_lora_file(upload)
             finished, metadata = _canonical_lora_for_the_model(upload, converted)
         except EngineError as error:
-            raise ServiceError(f"lora_base64 is not a usable LoRA file: {error}") from None
+            raise ServiceError(f"{field} is not a usable LoRA file: {error}") from None
         return lora_store(
             session.pk,
             finished,

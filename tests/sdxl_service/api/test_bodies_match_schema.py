@@ -142,6 +142,14 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     schema.check_image(
         "/sessions/{session_id}/images/{image_id}", APIClient().get(detail["images"][0]["url"])
     )
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    uploaded = APIClient().post(
+        f"/sessions/{session_id}/images",
+        {"image": [SimpleUploadedFile("a.png", image_bytes())], "caption": ["a"]},
+        format="multipart",
+    )
+    assert schema.check("/sessions/{session_id}/images", uploaded)["status"] == "success"
     paged = api("/list_sessions?limit=1", template="/list_sessions")
     assert paged["count"] == 1 and paged["next_offset"] is None
 

@@ -25,6 +25,7 @@ ADDITIONS = {
     "/generations/{generation_id}/{index}.{extension}": "get",
     "/sessions/{session_id}": "get",
     "/sessions/{session_id}/images/{image_id}": "get",
+    "/sessions/{session_id}/images": "post",
 }
 # Operation ids that are not the path's first segment.
 OPERATION_IDS = {
@@ -32,6 +33,7 @@ OPERATION_IDS = {
     "/generations/{generation_id}/{index}.{extension}": "generation_image",
     "/sessions/{session_id}": "session_detail",
     "/sessions/{session_id}/images/{image_id}": "session_image",
+    "/sessions/{session_id}/images": "session_images_upload",
 }
 
 

@@ -222,6 +222,94 @@ def test_session_detail_and_images_of_what_does_not_exist_are_404(api):
     assert api.get(f"/sessions/{other}/images/{image_id}").status_code == 200
 
 
+def _file(name: str, data: bytes, content_type: str = "application/octet-stream"):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    return SimpleUploadedFile(name, data, content_type=content_type)
+
+
+def test_multipart_images_with_captions_and_a_zip_are_stored_in_order(api):
+    from tests.sessions_app.test_uploads import zip_of
+
+    session_id = api.get("/create_session").json()["session_id"]
+    photo = image_bytes("JPEG", (80, 48), "blue")
+    archive = zip_of({"x/1.png": image_bytes(), "x/1.txt": b"ohwx from the zip"})
+
+    response = api.post(
+        f"/sessions/{session_id}/images",
+        {
+            "image": [_file("a.jpg", photo), _file("b.png", image_bytes())],
+            "caption": ["ohwx, a photo", ""],
+            "archive": _file("set.zip", archive),
+        },
+        format="multipart",
+    )
+
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert body["status"] == "success"
+    assert [(item["group"], item["caption"], item["format"]) for item in body["images"]] == [
+        (0, "ohwx, a photo", "JPEG"),
+        (1, "", "PNG"),
+        (2, "ohwx from the zip", "PNG"),
+    ]
+    folder = storage.session_dir(session_id)
+    assert (folder / "0" / "0.jpg").read_bytes() == photo
+    assert (folder / "0" / "0.txt").read_text() == "ohwx, a photo"
+    assert (folder / "2" / "0.txt").read_text() == "ohwx from the zip"
+    assert b"".join(api.get(body["images"][0]["url"]).streaming_content) == photo
+    listed = api.get("/list_sessions").json()["sessions"][0]
+    assert listed["image_groups"] == 3
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({}, 400, "send at least one image"),
+        ({"caption": ["only a caption"]}, 400, "one caption per image"),
+        ({"image": "good,bad"}, 400, "bad.png does not hold a PNG, JPEG, WebP or BMP image"),
+        ({"image": "good", "caption": ["a", "b"]}, 400, "one caption per image"),
+        ({"archive": "../evil.png"}, 400, "set.zip holds an unsafe path"),
+    ],
+)
+def test_multipart_uploads_that_fail_store_nothing(api, fields, status, message):
+    from tests.sessions_app.test_uploads import zip_of
+
+    session_id = api.get("/create_session").json()["session_id"]
+    files = {"good": _file("good.png", image_bytes()), "bad": _file("bad.png", b"not an image")}
+    form = {}
+    if "image" in fields:
+        form["image"] = [files[name] for name in fields["image"].split(",")]
+    if "caption" in fields:
+        form["caption"] = fields["caption"]
+    if "archive" in fields:
+        form["archive"] = _file("set.zip", zip_of({fields["archive"]: image_bytes()}))
+
+    response = api.post(f"/sessions/{session_id}/images", form, format="multipart")
+
+    assert_error(response, status, message)
+    assert not TrainingImage.objects.exists()
+    assert list(storage.session_dir(session_id).iterdir()) == []
+
+
+def test_multipart_uploads_over_the_upload_limit_are_413(api, settings):
+    settings.SDXL_MAX_UPLOAD_MB = 1
+    session_id = api.get("/create_session").json()["session_id"]
+    big = _file("big.png", b"\0" * (1024 * 1024 + 1))
+
+    response = api.post(f"/sessions/{session_id}/images", {"image": [big]}, format="multipart")
+
+    assert_error(response, 413, "larger than the limit of 1 MB (SDXL_MAX_UPLOAD_MB)")
+    assert not TrainingImage.objects.exists()
+
+
+def test_multipart_images_for_a_missing_session_are_404(api):
+    response = api.post(
+        "/sessions/987654/images", {"image": [_file("a.png", image_bytes())]}, format="multipart"
+    )
+    assert_error(response, 404, "session 987654 not found")
+
+
 def test_delete_session(api, django_capture_on_commit_callbacks):
     session_id = api.get("/create_session").json()["session_id"]
     with django_capture_on_commit_callbacks(execute=True):

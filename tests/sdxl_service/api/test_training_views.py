@@ -23,7 +23,7 @@ from sdxl_engine.parameters import (
 )
 from sdxl_service.api import serializers as api_serializers
 from sessions_app import services as session_services
-from tests.helpers import b64, image_bytes, images_close
+from tests.helpers import b64, image_bytes, images_close, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
@@ -235,6 +235,46 @@ def test_train_status_shapes(api, session):
         "resumed_from_step": None,
     }
     assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
+
+
+def test_upload_lora_as_a_multipart_file_stores_the_same_as_base64(api, session):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    from training_app.models import LoraArtifact
+
+    data = lora_bytes(fill=0.01)
+    response = api.post(
+        "/upload_lora",
+        {"session_id": str(session.pk), "lora": SimpleUploadedFile("x.safetensors", data)},
+        format="multipart",
+    )
+    assert response.json() == {
+        "status": "success",
+        "lora_filename": "lora_1.safetensors",
+        "iteration": 1,
+    }
+    named = api.post(
+        "/upload_lora",
+        {
+            "session_id": str(session.pk),
+            "lora": SimpleUploadedFile("x.safetensors", data),
+            "filename": "mine.safetensors",
+        },
+        format="multipart",
+    ).json()
+    assert named["lora_filename"] == "mine.safetensors"
+    assert {lora.sha256 for lora in LoraArtifact.objects.all()} == {
+        hashlib.sha256(data).hexdigest()
+    }
+    refused = api.post(
+        "/upload_lora",
+        {"session_id": str(session.pk), "lora": SimpleUploadedFile("x.safetensors", b"junk")},
+        format="multipart",
+    )
+    assert_error(refused, 400, "lora is not a usable LoRA file")
+    missing = api.post("/upload_lora", {"session_id": str(session.pk)}, format="multipart")
+    assert_error(missing, 400, "lora")
+    assert LoraArtifact.objects.count() == 2
 
 
 def test_get_and_upload_lora(api, session):

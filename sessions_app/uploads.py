@@ -1,0 +1,151 @@
+"""Training images sent as files (multipart/form-data): several at once with their
+captions, or a zip of images with a `.txt` caption beside each, as kohya-style datasets are
+laid out.
+
+A zip is read in memory, never extracted: member names only pair images with captions, and
+the files are written under the service's own names (`<group>/0.<ext>`). Every member is
+still checked, so an archive that would be dangerous to unpack anywhere is refused whole.
+"""
+
+import io
+import stat
+import zipfile
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+from django.conf import settings
+
+from core.errors import ServiceError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+CAPTION_EXTENSION = ".txt"
+# Members one zip may hold; more is no training set this service can use.
+MAX_ZIP_MEMBERS = 2000
+# Folders and files zip tools add beside the content (macOS resource forks, Finder data).
+_TOOL_LITTER = ("__MACOSX/",)
+
+
+@dataclass(frozen=True)
+class UploadedImage:
+    name: str  # as sent: the form's file name, or the path inside the zip
+    data: bytes
+    caption: str
+
+
+def max_upload_bytes() -> int:
+    return settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+
+
+def images_from_zip(data: bytes, archive_name: str = "archive") -> list[UploadedImage]:
+    """The zip's images, each with the caption of the `.txt` of the same name beside it
+    (an empty caption without one), ordered by name.
+
+    Refused (400), before anything is written: a file that is no zip, absolute paths,
+    `..`, links, more than MAX_ZIP_MEMBERS members, more uncompressed bytes than
+    SDXL_MAX_UPLOAD_MB (declared or found while reading: a zip bomb), files that are no
+    image or caption, and a caption without its image.
+    """
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(data))
+    except zipfile.BadZipFile:
+        raise ServiceError(f"{archive_name} is not a zip file") from None
+    with archive:
+        members = _checked_members(archive, archive_name)
+        limit = max_upload_bytes()
+        if sum(info.file_size for info in members) > limit:
+            raise _too_large(archive_name, limit)
+        images: dict[str, bytes] = {}
+        captions: dict[str, str] = {}
+        read = 0
+        for info in members:
+            content = _read_member(archive, info, archive_name)
+            read += len(content)
+            if read > limit:
+                raise _too_large(archive_name, limit)
+            stem, extension = _split(info.filename)
+            if extension in IMAGE_EXTENSIONS:
+                images[info.filename] = content
+            elif extension == CAPTION_EXTENSION:
+                captions[stem] = _caption(content, f"{archive_name}: {info.filename}")
+            else:
+                raise ServiceError(
+                    f"{archive_name} holds {info.filename!r}, which is no image "
+                    f"({', '.join(IMAGE_EXTENSIONS)}) or caption (.txt)"
+                )
+    stems = {_split(name)[0] for name in images}
+    orphans = sorted(stem + CAPTION_EXTENSION for stem in captions if stem not in stems)
+    if orphans:
+        raise ServiceError(f"{archive_name} holds captions without their image: {orphans[:3]}")
+    if not images:
+        raise ServiceError(f"{archive_name} holds no image")
+    return [
+        UploadedImage(name, content, captions.get(_split(name)[0], ""))
+        for name, content in sorted(images.items())
+    ]
+
+
+def _checked_members(archive: zipfile.ZipFile, archive_name: str) -> list[zipfile.ZipInfo]:
+    infos = archive.infolist()
+    if len(infos) > MAX_ZIP_MEMBERS:
+        raise ServiceError(f"{archive_name} holds more than {MAX_ZIP_MEMBERS} files")
+    members = []
+    for info in infos:
+        name = info.filename
+        if not _plain_relative(name):
+            raise ServiceError(f"{archive_name} holds an unsafe path: {name!r}")
+        if stat.S_ISLNK(info.external_attr >> 16):
+            raise ServiceError(f"{archive_name} holds a link: {name!r}")
+        if info.is_dir() or name.startswith(_TOOL_LITTER) or _hidden(name):
+            continue
+        members.append(info)
+    return members
+
+
+def _plain_relative(name: str) -> bool:
+    """A relative path with no `..`, no drive, no backslash, no NUL: nothing that could
+    name a place outside a folder it were unpacked into."""
+    path = PurePosixPath(name)
+    return bool(
+        name
+        and "\\" not in name
+        and "\0" not in name
+        and not path.is_absolute()
+        and ":" not in path.parts[0]
+        and ".." not in path.parts
+    )
+
+
+def _hidden(name: str) -> bool:
+    return any(part.startswith(".") for part in PurePosixPath(name).parts)
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, archive_name: str) -> bytes:
+    """The member's bytes, never more than its header declares (a lying header is a bomb)."""
+    try:
+        with archive.open(info) as member:
+            content = member.read(info.file_size + 1)
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, OSError) as error:
+        raise ServiceError(f"{archive_name}: {info.filename} cannot be read ({error})") from None
+    if len(content) > info.file_size:
+        raise ServiceError(f"{archive_name}: {info.filename} is larger than its header says")
+    return content
+
+
+def _split(name: str) -> tuple[str, str]:
+    path = PurePosixPath(name)
+    return str(path.with_suffix("")), path.suffix.lower()
+
+
+def _caption(content: bytes, name: str) -> str:
+    try:
+        return content.decode("utf-8-sig").strip()
+    except UnicodeDecodeError:
+        raise ServiceError(f"{name} is not UTF-8 text") from None
+
+
+def _too_large(archive_name: str, limit: int) -> ServiceError:
+    return ServiceError(
+        f"{archive_name} unpacks to more than the limit of {limit // (1024 * 1024)} MB "
+        "(SDXL_MAX_UPLOAD_MB)",
+        status=413,
+    )
