@@ -24,5 +24,6 @@ urlpatterns = [
     *endpoint("get_lora", views.get_lora),
     *endpoint("upload_lora", views.upload_lora),
     *endpoint("txt2img", views.txt2img),
+    *endpoint("healthz", views.healthz),
     path("training_samples/<int:sample_id>.png", views.training_sample, name="training-sample"),
 ]
