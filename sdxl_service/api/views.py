@@ -275,7 +275,7 @@ def training_sample(request, sample_id: int):
         ),
     },
 )
-@api_view(["GET"])
+@api_view(["GET", "HEAD"])  # load balancers probe with either
 @authentication_classes([])
 @permission_classes([AllowAny])
 def healthz(request):
