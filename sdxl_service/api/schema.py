@@ -33,3 +33,99 @@ def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
 def schema_without_slashed_duplicates(endpoints, **kwargs):
     """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (api.urls)."""
     return [endpoint for endpoint in endpoints if not endpoint[0].endswith("/")]
+
+
+# JavaScript numbers hold integers exactly only up to 2**53: Swagger UI would turn an example
+# of 2**63 - 1 into 9223372036854775808, which the API refuses.
+JS_SAFE_INTEGER = 2**53 - 1
+
+
+def safe_integer_example(schema: dict) -> int:
+    """A small example inside the schema's range: its minimum when that is safe, else 0
+    (moved to the maximum when 0 is above it)."""
+    minimum, maximum = schema.get("minimum"), schema.get("maximum")
+    if minimum is not None and abs(minimum) <= JS_SAFE_INTEGER:
+        return minimum
+    if maximum is not None and maximum < 0:
+        return maximum
+    return 0
+
+
+def _with_safe_integer_examples(node) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _with_safe_integer_examples(item)
+        return
+    if not isinstance(node, dict):
+        return
+    if node.get("type") == "integer" and "example" not in node:
+        bounds = [node.get(key) for key in ("minimum", "maximum")]
+        if any(bound is not None and abs(bound) > JS_SAFE_INTEGER for bound in bounds):
+            node["example"] = safe_integer_example(node)
+    for value in node.values():
+        _with_safe_integer_examples(value)
+
+
+def _referenced(node, found: set[str]) -> None:
+    """The component names `node` refers to ("#/components/schemas/<name>")."""
+    if isinstance(node, list):
+        for item in node:
+            _referenced(item, found)
+    elif isinstance(node, dict):
+        ref = node.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/components/schemas/"):
+            found.add(ref.rsplit("/", 1)[1])
+        for value in node.values():
+            _referenced(value, found)
+
+
+def _request_components(result: dict) -> set[str]:
+    """Every component a request body uses, directly or through another component."""
+    schemas = result.get("components", {}).get("schemas", {})
+    bodies = [
+        operation.get("requestBody", {})
+        for methods in result.get("paths", {}).values()
+        for operation in methods.values()
+        if isinstance(operation, dict)
+    ]
+    found: set[str] = set()
+    _referenced(bodies, found)
+    pending = set(found)
+    while pending:
+        more: set[str] = set()
+        _referenced(schemas.get(pending.pop(), {}), more)
+        pending |= more - found
+        found |= more
+    return found
+
+
+def _with_left_out_examples(component: dict) -> None:
+    """An optional request property with no default means "left out": its example is null
+    when null means the same (nullable), an empty list for a list. Swagger UI otherwise
+    fills every property, e.g. an image "string" and its strength 1 for a plain txt2img."""
+    required = set(component.get("required", []))
+    for name, prop in component.get("properties", {}).items():
+        if name in required or "example" in prop or "default" in prop:
+            continue
+        if prop.get("nullable"):
+            prop["example"] = None
+        elif prop.get("type") == "array":
+            prop["example"] = []
+
+
+def schema_with_safe_integer_examples(result, generator, request, public):
+    """drf-spectacular postprocessing hook: the example bodies Swagger UI builds from the
+    schema are valid requests.
+
+    - every integer whose range reaches past 2**53 (seeds: 0 to 2**63 - 1) gets an
+      `example` JavaScript holds exactly (safe_integer_example), else Swagger UI takes the
+      maximum and rounds it;
+    - in request bodies, an optional property with no default gets the example that means
+      "left out" (_with_left_out_examples).
+    """
+    _with_safe_integer_examples(result.get("components", {}))
+    _with_safe_integer_examples(result.get("paths", {}))
+    schemas = result.get("components", {}).get("schemas", {})
+    for name in _request_components(result):
+        _with_left_out_examples(schemas.get(name, {}))
+    return result

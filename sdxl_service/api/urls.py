@@ -39,5 +39,6 @@ urlpatterns = [
         views.generation_image,
         name="generation-image",
     ),
+    *endpoint("healthz", views.healthz),
     path("training_samples/<int:sample_id>.png", views.training_sample, name="training-sample"),
 ]

@@ -9,12 +9,19 @@ from django.conf import settings
 from django.http import FileResponse
 from django.urls import reverse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework.decorators import api_view, parser_classes
+from rest_framework.decorators import (
+    api_view,
+    authentication_classes,
+    parser_classes,
+    permission_classes,
+)
 from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
 from core.errors import ServiceError
 from sdxl_engine.image_output import MEDIA_TYPES
+from sdxl_service import health
 from sdxl_service.api import serializers as api
 from sdxl_service.api.parsers import JSONParser
 from sdxl_service.api.schema import error_responses
@@ -381,3 +388,34 @@ def training_sample(request, sample_id: int):
     if not path.is_file():
         raise ServiceError(f"sample {sample_id} is recorded but its image is missing", status=404)
     return FileResponse(path.open("rb"), content_type="image/png")
+
+
+# --- Health ------------------------------------------------------------------------------
+
+
+@extend_schema(
+    operation_id="healthz",
+    tags=["health"],
+    summary="Health for load balancers: database, broker, workers (no token needed)",
+    description="Needs no token, even with API tokens configured, and reveals nothing "
+    "secret (no host, path or URL). `down` (503): the database cannot be queried or the "
+    "broker is unreachable: this process cannot serve the API. `degraded` (200): database "
+    "and broker are fine but a generation or training worker has no fresh heartbeat (the "
+    "web process is healthy; /txt2img answers 503 until a generation worker runs). `ok` "
+    "(200): everything is fine.",
+    auth=[],
+    responses={
+        200: OpenApiResponse(api.HealthResponse, description="ok or degraded"),
+        503: OpenApiResponse(
+            api.HealthResponse, description="down: the database or the broker fails"
+        ),
+    },
+)
+@api_view(["GET", "HEAD"])  # load balancers probe with either
+@authentication_classes([])
+@permission_classes([AllowAny])
+def healthz(request):
+    report = health.service_health()
+    response = Response(api.HealthResponse(report.as_dict()).data, status=report.http_status)
+    response["Cache-Control"] = "no-store"
+    return response

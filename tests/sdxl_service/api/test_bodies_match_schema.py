@@ -154,6 +154,7 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert paged["count"] == 1 and paged["next_offset"] is None
 
     assert api("/delete_session", ref)["status"] == "deleted"
+    assert api("/healthz")["checks"]["generation_worker"]["ok"] is True
     assert {path for path, _ in schema.checked} == set(schema.document["paths"])
 
 

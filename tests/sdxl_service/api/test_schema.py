@@ -1,6 +1,7 @@
 """The OpenAPI description: valid, complete, and its documentation pages work offline."""
 
 import io
+import re
 
 import pytest
 from django.core.management import call_command
@@ -26,6 +27,7 @@ ADDITIONS = {
     "/sessions/{session_id}": "get",
     "/sessions/{session_id}/images/{image_id}": "get",
     "/sessions/{session_id}/images": "post",
+    "/healthz": "get",
 }
 # Operation ids that are not the path's first segment.
 OPERATION_IDS = {
@@ -169,3 +171,40 @@ def test_documentation_pages_and_their_scripts_are_served_here(page):
     )
     assert static.startswith("/static/drf_spectacular_sidecar/")
     assert client.get(static).status_code == 200
+
+
+EXTERNAL_URL = re.compile(r"""(?:https?:)?//[^\s"'<>)]+""", re.IGNORECASE)
+
+
+def _referenced_urls(html: str) -> list[str]:
+    """Every URL the page loads or links: src= and href= attributes, plus any absolute URL
+    written anywhere (inline scripts, styles, settings)."""
+    attributes = re.findall(r"""(?:src|href)\s*=\s*["']([^"']+)["']""", html, re.IGNORECASE)
+    return attributes + EXTERNAL_URL.findall(html)
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize("page", ["/api/docs", "/api/redoc"])
+def test_documentation_pages_load_nothing_from_outside_the_service(page):
+    client = APIClient()
+    html = client.get(page).content.decode()
+    urls = _referenced_urls(html)
+    assert urls, "the page references its scripts"
+    for url in urls:
+        if url.startswith("//") or "://" in url:
+            # Only the service's own origin (the test client's) may be written out in full.
+            assert url.lower().startswith(("http://testserver/", "https://testserver/")), url
+            continue
+        if url.startswith("/"):
+            assert client.get(url).status_code == 200, url  # served here, offline
+    assert "fonts.googleapis.com" not in html and "fonts.gstatic.com" not in html
+
+
+@pytest.mark.django_db
+def test_swagger_ui_validator_badge_is_off_and_redoc_uses_system_fonts():
+    client = APIClient()
+    swagger = client.get("/api/docs").content.decode()
+    # Swagger UI's default validatorUrl loads a badge from validator.swagger.io.
+    assert '"validatorUrl": null' in swagger
+    redoc = client.get("/api/redoc").content.decode()
+    assert "system-ui" in redoc and "Montserrat" not in redoc
