@@ -246,6 +246,12 @@ SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
 SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)
 SDXL_MAX_PROMPT_CHARS = env.int("SDXL_MAX_PROMPT_CHARS", default=2000)
 SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=64 * 1024 * 1024)
+# Webhooks (training_app.services.webhooks): off unless both are set. Hosts as Django's
+# ALLOWED_HOSTS lists them ("hooks.example.com", ".example.com" for its subdomains).
+SDXL_WEBHOOK_ALLOWED_HOSTS = env.list("SDXL_WEBHOOK_ALLOWED_HOSTS", default=[])
+SDXL_WEBHOOK_SECRET = env.str("SDXL_WEBHOOK_SECRET", default="")
+SDXL_WEBHOOK_MAX_ATTEMPTS = env.int("SDXL_WEBHOOK_MAX_ATTEMPTS", default=6)
+SDXL_WEBHOOK_RETRY_BASE_S = env.float("SDXL_WEBHOOK_RETRY_BASE_S", default=5.0)
 # Multipart uploads (images, zips, LoRA files): at most this many MB of files per request,
 # and of what a zip unpacks to.
 SDXL_MAX_UPLOAD_MB = env.int("SDXL_MAX_UPLOAD_MB", default=512)

@@ -14,6 +14,7 @@ from training_app.models import (
     TrainingCheckpoint,
     TrainingRun,
     TrainingSample,
+    WebhookDelivery,
     WorkerHeartbeat,
 )
 from training_app.services.generations import generations_dir
@@ -279,6 +280,41 @@ class GenerationAdmin(ReadOnlyAdmin):
         return file_response(
             generations_dir(generation.pk) / generation.image_filename(index), "image not found"
         )
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(ReadOnlyAdmin):
+    """Every webhook event and what its receiver answered (services.webhooks)."""
+
+    list_display = [
+        "__str__",
+        "event",
+        "status",
+        "attempts",
+        "last_status_code",
+        "url",
+        "run",
+        "generation",
+        "created_at",
+        "delivered_at",
+    ]
+    list_filter = ["status", "event"]
+    search_fields = ["url", "last_error"]
+    readonly_fields = [
+        "event",
+        "url",
+        "run",
+        "generation",
+        "payload",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "claimed_at",
+        "last_status_code",
+        "last_error",
+        "created_at",
+        "delivered_at",
+    ]
 
 
 @admin.register(WorkerHeartbeat)

@@ -47,6 +47,9 @@ class TrainingRun(models.Model):
     attempts = models.PositiveSmallIntegerField(default=0)
     # The checkpoint's step the current attempt continued from; null for a first attempt.
     resumed_from_step = models.PositiveIntegerField(null=True, blank=True)
+    # Where to post this run's events (webhooks), and which: see services.webhooks.
+    webhook_url = models.CharField(max_length=2000, blank=True)
+    webhook_events = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -160,6 +163,9 @@ class Generation(models.Model):
         Session, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
     image_count = models.PositiveSmallIntegerField(default=0)
+    # Where to post this generation's events (webhooks), and which: see services.webhooks.
+    webhook_url = models.CharField(max_length=2000, blank=True)
+    webhook_events = models.JSONField(default=list, blank=True)
     # Denoising steps done, of Base and Refiner together, while running (GET /generations/<id>).
     step = models.PositiveSmallIntegerField(default=0)
     total_steps = models.PositiveSmallIntegerField(null=True, blank=True)
@@ -241,3 +247,39 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"{self.queue} worker {self.host}:{self.pid}"
+
+
+class WebhookDelivery(models.Model):
+    """One event of a run or generation to post to its webhook_url: the outbox a worker's
+    delivery thread sends from, retrying with back-off; every attempt's outcome is kept."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        SENDING = "sending"
+        DELIVERED = "delivered"
+        FAILED = "failed"  # every attempt was refused or went unanswered
+
+    event = models.CharField(max_length=32)
+    url = models.CharField(max_length=2000)
+    run = models.ForeignKey(
+        TrainingRun, on_delete=models.SET_NULL, null=True, blank=True, related_name="webhooks"
+    )
+    generation = models.ForeignKey(
+        Generation, on_delete=models.SET_NULL, null=True, blank=True, related_name="webhooks"
+    )
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveSmallIntegerField(default=0)
+    next_attempt_at = models.DateTimeField()
+    claimed_at = models.DateTimeField(null=True, blank=True)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["status", "next_attempt_at"], name="webhook_due")]
+
+    def __str__(self) -> str:
+        return f"webhook {self.event} #{self.pk} ({self.status})"

@@ -37,6 +37,7 @@ from sdxl_service.api.fields import (
 )
 from training_app.models import TrainingRun
 from training_app.services.loras import LORA_FORMATS
+from training_app.services.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
 
 # At most this many sample prompts: each is rendered at every sample step.
 MAX_SAMPLE_PROMPTS = 8
@@ -79,7 +80,32 @@ class PostSessionImageSerializer(serializers.Serializer):
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
 
 
-class TrainLoraSerializer(serializers.Serializer):
+class WebhookFields(serializers.Serializer):
+    """Where a job posts its events (docs/api.md: Webhooks)."""
+
+    webhook_url = StringField(
+        max_length=2000,
+        required=False,
+        allow_null=True,
+        help_text="an http(s) URL on a host the operator allows (SDXL_WEBHOOK_ALLOWED_HOSTS) "
+        "that gets each event as a signed JSON POST",
+    )
+    webhook_events = serializers.ListField(
+        child=serializers.ChoiceField(choices=WEBHOOK_EVENTS),
+        required=False,
+        allow_empty=False,
+        help_text=f"which events to post; left out: {', '.join(DEFAULT_WEBHOOK_EVENTS)}",
+    )
+
+    @staticmethod
+    def webhook(validated: dict) -> dict:
+        return {
+            "webhook_url": validated.get("webhook_url"),
+            "webhook_events": validated.get("webhook_events"),
+        }
+
+
+class TrainLoraSerializer(WebhookFields):
     """`session_id` and the optional training parameters of /train_lora.
 
     A field left out comes from the run's recipe: the service's (SERVICE_RECIPE) unless
@@ -210,7 +236,11 @@ class TrainLoraSerializer(serializers.Serializer):
     @staticmethod
     def training_parameters(validated: dict) -> dict:
         """The parameters the caller gave; the run fills the rest from its recipe."""
-        return {k: v for k, v in validated.items() if k != "session_id" and v is not None}
+        return {
+            k: v
+            for k, v in validated.items()
+            if k not in ("session_id", "webhook_url", "webhook_events") and v is not None
+        }
 
 
 def _lora_filename_field() -> serializers.CharField:
@@ -307,7 +337,7 @@ class LoraChoiceSerializer(serializers.Serializer):
 RESPONSE_FORMATS = ("base64", "url")
 
 
-class Txt2ImgSerializer(serializers.Serializer):
+class Txt2ImgSerializer(WebhookFields):
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
         max_length=settings.SDXL_MAX_PROMPT_CHARS,

@@ -203,7 +203,9 @@ def delete_session(request):
 def train_lora(request):
     data = validated(api.TrainLoraSerializer, request)
     run = runs.training_run_start(
-        data["session_id"], api.TrainLoraSerializer.training_parameters(data)
+        data["session_id"],
+        api.TrainLoraSerializer.training_parameters(data),
+        **api.TrainLoraSerializer.webhook(data),
     )
     return rendered(api.TrainLoraResponse, {"status": "started", "run_id": run.pk})
 
@@ -326,6 +328,7 @@ def txt2img(request):
     response_format = data.pop("response_format")
     data["loras"] = tuple(generations.LoraChoice(**choice) for choice in data.get("loras", ()))
     data["init_image"] = data.pop("init_image_base64", None)
+    data["webhook_events"] = tuple(data.get("webhook_events") or ())
     generation = generations.generation_request(generations.GenerationRequest(**data))
     if not wait:
         body = {

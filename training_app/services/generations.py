@@ -43,6 +43,7 @@ from training_app.models import (
 from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import lora_file_get, worker_alive
 from training_app.services.loras import lora_file_path
+from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +98,8 @@ class GenerationRequest:
     strength: float | None = None  # img2img only; None: DEFAULT_STRENGTH
     output_format: str | None = None  # png, jpeg or webp; None: png
     quality: int | None = None  # jpeg and webp only; None: image_output.DEFAULT_QUALITY
+    webhook_url: str | None = None  # where to post its events (services.webhooks)
+    webhook_events: tuple[str, ...] = ()  # which; none given: the default ones
 
     @property
     def lora_choices(self) -> tuple[LoraChoice, ...]:
@@ -131,6 +134,9 @@ def generation_request(request: GenerationRequest) -> Generation:
         strength = DEFAULT_STRENGTH if request.strength is None else request.strength
         if problem := strength_problem(strength):
             raise ServiceError(problem)
+    webhook_url, webhook_events = webhook_target_check(
+        request.webhook_url, list(request.webhook_events)
+    )
     loras = [
         # use_lora answers the original API's 404 message unchanged.
         (choice, _lora_of(choice, named=not (request.use_lora and position == 0)))
@@ -140,6 +146,9 @@ def generation_request(request: GenerationRequest) -> Generation:
     try:
         with transaction.atomic():
             generation = _generation_create(request, strength, loras, written)
+            if webhook_url:
+                generation.webhook_url, generation.webhook_events = webhook_url, webhook_events
+                generation.save(update_fields=["webhook_url", "webhook_events"])
     except BaseException:
         # The row was rolled back: so is the starting image written for it.
         for folder in written:
@@ -388,6 +397,7 @@ def generation_execute(generation_id: int) -> None:
     lead = Generation.objects.prefetch_related("applied_loras").get(pk=generation_id)
     batch = [lead, *_claim_companions(lead)]
     ids = [generation.pk for generation in batch]
+    generations_event(ids, "started")
     if len(batch) > 1:
         logger.info("generations %s run as one batch", ids)
     params = lead.parameters
@@ -486,6 +496,16 @@ def generation_execute(generation_id: int) -> None:
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
+    generations_event(ids, "completed")
+
+
+def generations_event(generation_ids: list[int], event: str) -> None:
+    """Records a webhook event of each generation (if its request asked for it): its
+    GET /generations/<id> answer as it is now."""
+    for generation in Generation.objects.filter(pk__in=generation_ids).prefetch_related(
+        "applied_loras"
+    ):
+        webhook_emit(generation, event, generation_status_body(generation))
 
 
 # Progress is written at most this often (and at the last step): a database write per
@@ -499,11 +519,15 @@ def _progress_recorder(generation_ids: list[int]):
 
     def record(done: int, total: int) -> None:
         nonlocal last_written
+        # A tenth of the steps passed: a progress webhook event, with the row up to date.
+        crossed = progress_tenth(done, total) > progress_tenth(done - 1, total)
         now = time.monotonic()
-        if done < total and now - last_written < _PROGRESS_INTERVAL_S:
+        if done < total and not crossed and now - last_written < _PROGRESS_INTERVAL_S:
             return
         last_written = now
         Generation.objects.filter(pk__in=generation_ids).update(step=done, total_steps=total)
+        if crossed:
+            generations_event(generation_ids, "progress")
 
     return record
 
@@ -619,4 +643,5 @@ def _finish_generations_with_error(generation_ids: list[int], message: str) -> N
     Generation.objects.filter(pk__in=generation_ids).update(
         status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now()
     )
+    generations_event(generation_ids, "failed")
     logger.warning("generations %s ended in error: %s", generation_ids, message)

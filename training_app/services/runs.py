@@ -24,6 +24,7 @@ from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.queueing import enqueue, redeliver_lost
+from training_app.selectors import training_status_body
 from training_app.services.loras import lora_store
 from training_app.services.watch import (
     checkpoint_store,
@@ -31,6 +32,7 @@ from training_app.services.watch import (
     resume_state_remove,
     samples_store,
 )
+from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +54,12 @@ def worker_identity() -> str:
 # --- Starting a run ------------------------------------------------------------------
 
 
-def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
+def training_run_start(
+    session_id: int,
+    parameters: dict,
+    webhook_url: str | None = None,
+    webhook_events: list[str] | None = None,
+) -> TrainingRun:
     """Records a queued run and hands it to the training queue once the row is committed.
 
     `parameters` are the TrainingParams the caller gave; the run records the whole recipe
@@ -65,6 +72,7 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
     unknown = sorted(set(parameters) - field_names(TrainingParams))
     if unknown:
         raise ServiceError(f"unknown training parameters: {', '.join(unknown)}")
+    webhook_url, webhook_events = webhook_target_check(webhook_url, webhook_events)
     # A run whose worker died is queued again (it then holds the session's one active slot,
     # and this start answers 409) or, past SDXL_TRAINING_MAX_RESUMES, ended. Outside the
     # lock's transaction, which a 409 rolls back: the requeue and its enqueue must stay.
@@ -89,6 +97,8 @@ def training_run_start(session_id: int, parameters: dict) -> TrainingRun:
                 run = TrainingRun.objects.create(
                     session=session,
                     parameters=asdict(training_params(parameters, image_count=len(pairs))),
+                    webhook_url=webhook_url,
+                    webhook_events=webhook_events,
                 )
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
@@ -129,6 +139,7 @@ def training_run_cancel(session_id: int) -> TrainingRun:
         # No worker holds it (a running one removes the state itself when it stops).
         resume_state_remove(session_id, run.pk)
     logger.info("training run %s of session %s cancelled", run.pk, session_id)
+    run_event(run.pk, "failed")
     run.refresh_from_db()
     return run
 
@@ -150,6 +161,7 @@ def training_run_execute(run_id: int) -> None:
         logger.info("training run %s is not queued any more; nothing to do", run_id)
         return
     run = TrainingRun.objects.get(pk=run_id)
+    run_event(run_id, "started")
     output = _run_output_path(run.session_id, run.pk)
     try:
         with _heartbeat(run.pk):
@@ -233,6 +245,16 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
                 heartbeat_at=timezone.now(),
             )
         )
+        if progress_tenth(step, total_steps) > progress_tenth(step - 1, total_steps):
+            run_event(run.pk, "progress")
+
+    def on_checkpoint(step: int, path: Path, sha256: str) -> None:
+        checkpoint_store(run, step, path, sha256)
+        run_event(run.pk, "checkpoint", step=step)
+
+    def on_samples(step: int, samples) -> None:
+        samples_store(run, step, samples)
+        run_event(run.pk, "sample", step=step)
 
     result = train_lora(
         pipelines,
@@ -246,8 +268,8 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         on_stage=on_stage,
         low_memory={"on": True, "off": False}.get(settings.SDXL_LOW_MEMORY),
         state_dir=resume_state_dir(run.session_id, run.pk),
-        on_checkpoint=lambda step, path, sha256: checkpoint_store(run, step, path, sha256),
-        on_samples=lambda step, samples: samples_store(run, step, samples),
+        on_checkpoint=on_checkpoint,
+        on_samples=on_samples,
         # Shown while it runs; the engine calls it only for a state it really resumes from.
         on_resume=lambda step: _held_here(run.pk).update(resumed_from_step=step),
     )
@@ -272,7 +294,20 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
             # Cancelled while saving: rolling back removes the row; the file goes too.
             storage.session_dir(run.session_id).joinpath(artifact.filename).unlink(missing_ok=True)
             raise TrainingCancelled(CANCELLED_MESSAGE)
+    run_event(run.pk, "completed")
     return artifact
+
+
+def run_event(run_id: int, event: str, **extra) -> None:
+    """Records a webhook event of the run (if its request asked for it): the run's
+    /train_status answer as it is now, its ids, and `extra`."""
+    run = (
+        TrainingRun.objects.select_related("artifact")
+        .prefetch_related("samples", "checkpoints")
+        .get(pk=run_id)
+    )
+    data = {"run_id": run.pk, "session_id": run.session_id, **training_status_body(run), **extra}
+    webhook_emit(run, event, data)
 
 
 def _set_stage(run_id: int, stage: str) -> bool:
@@ -292,12 +327,14 @@ def _held_here(run_id: int):
 
 
 def _finish_with_error(run_id: int, message: str) -> None:
-    _held_here(run_id).update(
+    ended = _held_here(run_id).update(
         status=TrainingRun.Status.ERROR,
         error_message=message,
         finished_at=timezone.now(),
     )
     logger.warning("training run %s ended in error: %s", run_id, message)
+    if ended:
+        run_event(run_id, "failed")
 
 
 # --- Recovering runs whose worker died -------------------------------------------------------
@@ -343,6 +380,7 @@ def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
             )
             if handled:
                 resume_state_remove(run_session_id, run_id)
+                run_event(run_id, "failed")
             outcome = "marked as error"
         if handled:
             output = _run_output_path(run_session_id, run_id)

@@ -689,7 +689,7 @@ def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_
 
 def test_train_lora_fields_are_the_engines_training_params():
     fields = set(api_serializers.TrainLoraSerializer().fields)
-    assert fields - {"session_id"} == field_names(TrainingParams)
+    assert fields - {"session_id", "webhook_url", "webhook_events"} == field_names(TrainingParams)
 
 
 TXT2IMG_RESPONSE_KEYS = {
@@ -720,3 +720,40 @@ def test_txt2img_defaults_are_the_engines_and_the_services():
     for name in field_names(GenerationParams):
         default = getattr(GENERATION_DEFAULTS, name)
         assert fields[name].default == getattr(request, name) == engine[name].default == default
+
+
+@pytest.mark.parametrize("path", ["/train_lora", "/txt2img"])
+def test_a_webhook_to_a_host_not_allowed_is_400_and_records_nothing(
+    api, session, generation_worker, settings, path
+):
+    settings.SDXL_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
+    settings.SDXL_WEBHOOK_SECRET = "s"
+    session_services.session_image_add(session.pk, image_bytes(), "red")
+    body = {"session_id": str(session.pk), "prompt": "x", "webhook_url": "http://10.0.0.1/x"}
+
+    response = api.post(path, body, format="json")
+
+    assert_error(response, 400, "webhook_url host 10.0.0.1 is not in SDXL_WEBHOOK_ALLOWED_HOSTS")
+    assert not TrainingRun.objects.exists() and not Generation.objects.exists()
+    unknown = api.post(path, {**body, "webhook_events": ["done"]}, format="json")
+    assert_error(unknown, 400, "webhook_events")
+
+
+def test_webhook_fields_are_recorded_on_the_run_and_the_generation(
+    api, session, generation_worker, settings
+):
+    settings.SDXL_WEBHOOK_ALLOWED_HOSTS = [".example.com"]
+    settings.SDXL_WEBHOOK_SECRET = "s"
+    session_services.session_image_add(session.pk, image_bytes(), "red")
+    hook = {"webhook_url": "https://ci.example.com/hook", "webhook_events": ["progress"]}
+
+    api.post("/train_lora", {"session_id": str(session.pk), "steps": 1, **hook}, format="json")
+    api.post("/txt2img", {"prompt": "x", "async": True, **hook}, format="json")
+
+    run, generation = TrainingRun.objects.get(), Generation.objects.get()
+    assert (run.webhook_url, run.webhook_events) == (hook["webhook_url"], ["progress"])
+    assert (generation.webhook_url, generation.webhook_events) == (
+        hook["webhook_url"],
+        ["progress"],
+    )
+    assert "webhook_url" not in run.parameters

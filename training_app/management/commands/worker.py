@@ -7,9 +7,11 @@ restart recovers them, and on every beat after). It also queues again the jobs o
 queue whose task a dying worker took with it (queueing.redeliver_lost).
 """
 
+import logging
 import os
 import socket
 import sys
+import threading
 import time
 
 from django.conf import settings
@@ -18,6 +20,8 @@ from django.db import connections
 from django.utils import timezone
 
 HEARTBEAT_INTERVAL_S = 2.0
+WEBHOOK_POLL_INTERVAL_S = 1.0
+logger = logging.getLogger(__name__)
 
 
 class Command(BaseCommand):
@@ -53,6 +57,12 @@ class Command(BaseCommand):
             "training_app.tasks.warm_up_task", queue, cluster=queue_name, task_name="warm-up"
         )
 
+        # Webhooks go out from a thread of this process (no torch here), never from a web
+        # request's: a slow receiver delays its own deliveries only.
+        threading.Thread(
+            target=_deliver_webhooks, args=(cluster,), name="webhooks", daemon=True
+        ).start()
+
         host, pid, started = socket.gethostname(), os.getpid(), timezone.now()
         self.stdout.write(f"{queue} worker {host}:{pid} serving queue {queue_name}")
         try:
@@ -78,3 +88,16 @@ class Command(BaseCommand):
         finally:
             WorkerHeartbeat.objects.filter(queue=queue_name, host=host, pid=pid).delete()
         self.stdout.write(f"{queue} worker {host}:{pid} stopped")
+
+
+def _deliver_webhooks(cluster) -> None:
+    """Sends due webhook deliveries (services.webhooks) while the cluster runs."""
+    from training_app.services.webhooks import webhooks_deliver_due
+
+    while cluster.sentinel.is_alive():
+        try:
+            webhooks_deliver_due()
+        except Exception:  # the database away for a moment: try again on the next round
+            logger.exception("webhook delivery round failed")
+            connections.close_all()
+        time.sleep(WEBHOOK_POLL_INTERVAL_S)
