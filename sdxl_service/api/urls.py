@@ -5,12 +5,13 @@ from django.urls import path
 from sdxl_service.api import views
 
 
-def endpoint(route: str, view):
-    """`route` with and without a trailing slash, both served directly.
+def endpoint(route: str, view, name: str | None = None):
+    """`route` with and without a trailing slash, both served directly; `name` (for
+    reverse) is the unslashed one's.
 
     docs/api.md: clients POST JSON, and a redirect to the slashed form would lose the body.
     """
-    return [path(route, view), path(f"{route}/", view)]
+    return [path(route, view, name=name), path(f"{route}/", view)]
 
 
 urlpatterns = [
@@ -24,16 +25,14 @@ urlpatterns = [
     *endpoint("get_lora", views.get_lora),
     *endpoint("upload_lora", views.upload_lora),
     *endpoint("txt2img", views.txt2img),
-    path("sessions/<int:session_id>", views.session_detail, name="session"),
-    path("sessions/<int:session_id>/", views.session_detail),
+    *endpoint("sessions/<int:session_id>", views.session_detail, name="session"),
     *endpoint("sessions/<int:session_id>/images", views.session_images_upload),
     path(
         "sessions/<int:session_id>/images/<int:image_id>",
         views.session_image,
         name="session-image",
     ),
-    path("generations/<int:generation_id>", views.generation_status, name="generation"),
-    path("generations/<int:generation_id>/", views.generation_status),
+    *endpoint("generations/<int:generation_id>", views.generation_status, name="generation"),
     path(
         "generations/<int:generation_id>/<int:index>.<str:extension>",
         views.generation_image,
