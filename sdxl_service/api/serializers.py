@@ -93,8 +93,7 @@ class WebhookFields(serializers.Serializer):
     webhook_events = serializers.ListField(
         child=serializers.ChoiceField(choices=WEBHOOK_EVENTS),
         required=False,
-        allow_empty=False,
-        help_text=f"which events to post; left out: {', '.join(DEFAULT_WEBHOOK_EVENTS)}",
+        help_text=f"which events to post; left out (or empty): {', '.join(DEFAULT_WEBHOOK_EVENTS)}",
     )
 
     @staticmethod

@@ -694,6 +694,8 @@ def test_train_lora_fields_are_the_engines_training_params():
 
 TXT2IMG_RESPONSE_KEYS = {
     "images_base64",
+    "generation_id",
+    "image_urls",
     "seed",
     "seeds",
     "lora",
