@@ -1,6 +1,6 @@
 """Admin: LoRA files and checkpoints (download), training runs with their sample images and
 checkpoints, generations and live workers. A session's page, which starts and cancels its
-training, is training_app.session_admin's."""
+training, is sdxl_service.admin's."""
 
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
@@ -386,7 +386,3 @@ class WebhookDeliveryAdmin(ReadOnlyAdmin):
 @admin.register(WorkerHeartbeat)
 class WorkerHeartbeatAdmin(ReadOnlyAdmin):
     list_display = ["queue", "host", "pid", "started_at", "last_seen"]
-
-
-# The session's page, with its training actions, replaces sessions_app's registration.
-from training_app import session_admin  # noqa: E402, F401

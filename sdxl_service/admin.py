@@ -2,7 +2,9 @@
 its LoRAs (diffusers or kohya), and see its LoRAs, runs, sample images and generations.
 
 The page is the shell: the start form's fields are /train_lora's (TrainLoraSerializer), so
-the admin accepts exactly what the API accepts, and the actions call the same services.
+the admin accepts exactly what the API accepts, and the actions call the same services. It
+lives beside the API, above both apps, and replaces sessions_app's registration of Session;
+sdxl_service.urls imports it before it reads the admin's URLs.
 """
 
 from django.contrib import admin, messages
@@ -169,7 +171,7 @@ admin.site.unregister(Session)
 
 @admin.register(Session)
 class SessionTrainingAdmin(SessionAdmin):
-    change_form_template = "admin/training_app/session_change_form.html"
+    change_form_template = "admin/session/change_form.html"
     inlines = [*SessionAdmin.inlines, LoraInline, TrainingRunInline, GenerationInline]
     readonly_fields = [*SessionAdmin.readonly_fields, "sample_images"]
 

@@ -7,6 +7,7 @@ from django.contrib.messages import get_messages
 from django.urls import reverse
 from safetensors.torch import load as load_safetensors
 
+from sdxl_service.admin import NOT_IN_THE_FORM, training_form_fields
 from sdxl_service.api.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
 from sessions_app import storage
@@ -14,7 +15,6 @@ from tests.helpers import image_bytes
 from tests.maintenance_helpers import stored_samples
 from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.services import runs as run_services
-from training_app.session_admin import NOT_IN_THE_FORM, training_form_fields
 
 pytestmark = pytest.mark.django_db
 
