@@ -6,6 +6,7 @@ from drf_spectacular.views import (
     SpectacularSwaggerView,
 )
 
+from sdxl_service import admin as session_admin  # noqa: F401 (registers the session page)
 from sdxl_service.views import front_door
 
 urlpatterns = [

@@ -1,11 +1,16 @@
 """Admin: LoRA files and checkpoints (download), training runs with their sample images and
-checkpoints, generations and live workers."""
+checkpoints, generations and live workers. A session's page, which starts and cancels its
+training, is sdxl_service.admin's."""
 
-from django.contrib import admin
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
 from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
+from django.utils.http import content_disposition_header
 
+from core.errors import ServiceError
 from sessions_app.admin import ReadOnlyAdmin, file_response
 from training_app.models import (
     Generation,
@@ -18,8 +23,42 @@ from training_app.models import (
     WorkerHeartbeat,
 )
 from training_app.services.generations import generations_dir
-from training_app.services.loras import lora_file_path
+from training_app.services.loras import LORA_FORMATS, lora_file_path, lora_read
 from training_app.services.watch import sample_path
+
+
+def sample_figures(samples) -> str:
+    """Sample images as linked thumbnails, each captioned with its run, step and prompt."""
+    samples = list(samples)
+    if not samples:
+        return "-"
+    return format_html_join(
+        "",
+        '<figure style="display:inline-block;margin:0 8px 8px 0;max-width:256px">'
+        '<a href="{0}"><img src="{0}" style="max-width:256px;max-height:256px" alt="{3}">'
+        "</a><figcaption>run {1}, step {2}: {3}</figcaption></figure>",
+        (
+            (
+                reverse("admin:training_app_trainingrun_sample", args=[sample.run_id, sample.pk]),
+                sample.run_id,
+                sample.step,
+                sample.prompt,
+            )
+            for sample in samples
+        ),
+    )
+
+
+def lora_download_links(lora: LoraArtifact) -> str:
+    """One download link per form a LoRA is served in (services.loras.lora_read)."""
+    return format_html_join(
+        " | ",
+        '<a href="{}" download>{}</a>',
+        (
+            (reverse("admin:training_app_loraartifact_download_as", args=[lora.pk, form]), form)
+            for form in LORA_FORMATS
+        ),
+    )
 
 
 class LoraFileAdmin(ReadOnlyAdmin):
@@ -55,8 +94,10 @@ class LoraFileAdmin(ReadOnlyAdmin):
 
 @admin.register(LoraArtifact)
 class LoraArtifactAdmin(LoraFileAdmin):
-    list_display = ["__str__", "number", "source", "size", "sha256", "created_at", "download"]
+    list_display = ["__str__", "number", "source", "size", "sha256", "created_at", "downloads"]
     list_filter = ["source"]
+    search_fields = ["filename", "sha256", "=session__id"]
+    search_help_text = "filename, sha256 (or a part of either), or a session id"
     readonly_fields = [
         "session",
         "number",
@@ -67,11 +108,50 @@ class LoraArtifactAdmin(LoraFileAdmin):
         "training_run",
         "metadata",
         "created_at",
-        "download",
+        "downloads",
     ]
 
     def has_delete_permission(self, request, obj=None):
         return False  # numbers are never reused; files leave with their session
+
+    @admin.display(description="download")
+    def downloads(self, lora: LoraArtifact) -> str:
+        return lora_download_links(lora)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/download/<str:lora_format>/",
+                self.admin_site.admin_view(self.download_as),
+                name="training_app_loraartifact_download_as",
+            ),
+            *super().get_urls(),
+        ]
+
+    def download_as(self, request, pk: int, lora_format: str):
+        """The LoRA's bytes in `lora_format` (diffusers: the file; kohya: converted)."""
+        lora = get_object_or_404(LoraArtifact, pk=pk)
+        if not self.has_view_permission(request, lora):
+            raise PermissionDenied
+        if lora_format not in LORA_FORMATS:
+            raise Http404(f"no LoRA format {lora_format!r}")
+        try:
+            body = lora_read(lora, lora_format)
+        except ServiceError as error:
+            if error.status == 404:
+                raise Http404(error.message) from None
+            self.message_user(request, error.message, messages.ERROR)
+            return HttpResponseRedirect(
+                reverse("admin:sessions_app_session_change", args=[lora.session_id])
+            )
+        filename = lora.filename
+        if lora_format != LORA_FORMATS[0]:
+            filename = filename.removesuffix(".safetensors") + f".{lora_format}.safetensors"
+        return HttpResponse(
+            body,
+            content_type="application/octet-stream",
+            headers={"Content-Disposition": content_disposition_header(True, filename)},
+        )
 
 
 @admin.register(TrainingCheckpoint)
@@ -110,6 +190,8 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "finished_at",
     ]
     list_filter = ["status", "stage"]
+    search_fields = ["status", "error_message", "=session__id"]
+    search_help_text = "status, error message (or a part), or a session id"
     readonly_fields = [
         "session",
         "status",
@@ -135,23 +217,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
 
     @admin.display(description="sample images")
     def sample_images(self, run: TrainingRun) -> str:
-        samples = run.samples.all()
-        if not samples:
-            return "-"
-        return format_html_join(
-            "",
-            '<figure style="display:inline-block;margin:0 8px 8px 0;max-width:256px">'
-            '<a href="{0}"><img src="{0}" style="max-width:256px;max-height:256px" alt="{2}">'
-            "</a><figcaption>step {1}: {2}</figcaption></figure>",
-            (
-                (
-                    reverse("admin:training_app_trainingrun_sample", args=[run.pk, sample.pk]),
-                    sample.step,
-                    sample.prompt,
-                )
-                for sample in samples
-            ),
-        )
+        return sample_figures(run.samples.all())
 
     @admin.display(description="checkpoints")
     def checkpoint_files(self, run: TrainingRun) -> str:

@@ -1,0 +1,275 @@
+"""A session's admin page that acts: start a training run, cancel the active one, download
+its LoRAs (diffusers or kohya), and see its LoRAs, runs, sample images and generations.
+
+The page is the shell: the start form's fields are /train_lora's (TrainLoraSerializer), so
+the admin accepts exactly what the API accepts, and the actions call the same services. It
+lives beside the API, above both apps, and replaces sessions_app's registration of Session;
+sdxl_service.urls imports it before it reads the admin's URLs.
+"""
+
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import HttpResponseRedirect
+from django.shortcuts import get_object_or_404
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.http import require_POST
+from rest_framework import serializers
+
+from core.errors import ServiceError
+from sdxl_service.api.serializers import TrainLoraSerializer
+from sessions_app.admin import SessionAdmin
+from sessions_app.models import Session
+from training_app.admin import lora_download_links, sample_figures
+from training_app.models import Generation, LoraArtifact, TrainingRun, TrainingSample
+from training_app.services import runs
+
+# /train_lora's fields that are not training parameters: the page names the session, and
+# webhooks are for API callers.
+NOT_IN_THE_FORM = ("session_id", "webhook_url", "webhook_events")
+# Shown at once; the others wait behind "More parameters".
+MAIN_FIELDS = (
+    "recipe",
+    "steps",
+    "epochs",
+    "rank",
+    "learning_rate",
+    "batch_size",
+    "resolution",
+    "trigger",
+)
+# The most sample images the session's page shows (the newest); a run's page shows all.
+SAMPLES_SHOWN = 24
+
+
+def training_form_fields() -> dict[str, serializers.Field]:
+    """The start form's fields: every training parameter /train_lora takes, by name."""
+    fields = TrainLoraSerializer().fields
+    return {name: field for name, field in fields.items() if name not in NOT_IN_THE_FORM}
+
+
+def _widget(name: str, field: serializers.Field) -> dict:
+    if isinstance(field, serializers.BooleanField):
+        kind, choices = "choice", ["true", "false"]
+    elif isinstance(field, serializers.ChoiceField):
+        kind, choices = "choice", list(field.choices)
+    elif isinstance(field, serializers.ListField):
+        kind, choices = "lines", []
+    else:
+        kind, choices = "text", []
+    limits = [
+        f"{word} {value}"
+        for word, value in (
+            ("min", getattr(field, "min_value", None)),
+            ("max", getattr(field, "max_value", None)),
+        )
+        if value is not None
+    ]
+    help_text = str(field.help_text or "")
+    if kind == "lines":
+        help_text = f"one per line; {help_text}"
+    return {
+        "name": name,
+        "kind": kind,
+        "choices": choices,
+        "help": "; ".join(part for part in (help_text, ", ".join(limits)) if part),
+    }
+
+
+def training_request(post, session_id: int) -> dict:
+    """The form's answers as a /train_lora body: empty fields are left out (the recipe
+    fills them), list fields take one value per line."""
+    data = {"session_id": session_id}
+    for name, field in training_form_fields().items():
+        if isinstance(field, serializers.ListField):
+            lines = [line.strip() for line in post.get(name, "").splitlines() if line.strip()]
+            if lines:
+                data[name] = lines
+        elif value := post.get(name, "").strip():
+            data[name] = value
+    return data
+
+
+def _error_lines(errors, prefix: str = "") -> list[str]:
+    if isinstance(errors, dict):
+        return [
+            line
+            for name, nested in errors.items()
+            for line in _error_lines(
+                nested, "" if name == "non_field_errors" else f"{prefix}{name}: "
+            )
+        ]
+    if isinstance(errors, list):
+        return [line for nested in errors for line in _error_lines(nested, prefix)]
+    return [f"{prefix}{errors}"]
+
+
+class ReadOnlyInline(admin.TabularInline):
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+
+class LoraInline(ReadOnlyInline):
+    model = LoraArtifact
+    fields = ["number", "filename", "source", "size", "sha256", "created_at", "downloads"]
+    readonly_fields = fields
+    verbose_name_plural = "LoRAs"
+
+    @admin.display(description="download")
+    def downloads(self, lora: LoraArtifact) -> str:
+        return lora_download_links(lora)
+
+
+class TrainingRunInline(ReadOnlyInline):
+    model = TrainingRun
+    fields = [
+        "status",
+        "stage",
+        "progress",
+        "steps_done",
+        "last_loss",
+        "error_message",
+        "created_at",
+        "finished_at",
+    ]
+    readonly_fields = fields
+    ordering = ["-id"]
+
+    @admin.display(description="steps")
+    def steps_done(self, run: TrainingRun) -> str:
+        return f"{run.step} / {run.total_steps or '?'}"
+
+
+class GenerationInline(ReadOnlyInline):
+    model = Generation
+    fields = ["status", "prompt", "seed", "thumbnails", "duration_ms", "created_at"]
+    readonly_fields = fields
+
+    @admin.display(description="images")
+    def thumbnails(self, generation: Generation) -> str:
+        if not generation.image_count:
+            return "-"
+        return format_html_join(
+            " ",
+            '<a href="{0}"><img src="{0}" style="max-width:96px;max-height:96px"></a>',
+            (
+                (reverse("admin:training_app_generation_image", args=[generation.pk, index]),)
+                for index in range(generation.image_count)
+            ),
+        )
+
+
+admin.site.unregister(Session)
+
+
+@admin.register(Session)
+class SessionTrainingAdmin(SessionAdmin):
+    change_form_template = "admin/session/change_form.html"
+    inlines = [*SessionAdmin.inlines, LoraInline, TrainingRunInline, GenerationInline]
+    readonly_fields = [*SessionAdmin.readonly_fields, "sample_images"]
+
+    @admin.display(description="sample images")
+    def sample_images(self, session: Session) -> str:
+        newest = TrainingSample.objects.filter(run__session=session).order_by(
+            "-run_id", "-step", "index"
+        )[:SAMPLES_SHOWN]
+        return sample_figures(newest)
+
+    def may_act(self, request) -> bool:
+        """Staff (the admin site checks that) with permission to change sessions."""
+        opts = self.model._meta
+        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        context = dict(extra_context or {})
+        session = self.get_object(request, object_id)
+        if session is not None and self.may_act(request):
+            fields = [_widget(name, field) for name, field in training_form_fields().items()]
+            context.update(
+                training_fields=[field for field in fields if field["name"] in MAIN_FIELDS],
+                more_training_fields=[
+                    field for field in fields if field["name"] not in MAIN_FIELDS
+                ],
+                start_training_url=reverse(
+                    "admin:sessions_app_session_start_training", args=[session.pk]
+                ),
+                cancel_training_url=reverse(
+                    "admin:sessions_app_session_cancel_training", args=[session.pk]
+                ),
+                active_run=session.training_runs.filter(
+                    status__in=TrainingRun.ACTIVE_STATUSES
+                ).first(),
+            )
+        return super().change_view(request, object_id, form_url, context)
+
+    def get_urls(self):
+        return [
+            path(
+                "<int:pk>/start-training/",
+                self.admin_site.admin_view(require_POST(self.start_training)),
+                name="sessions_app_session_start_training",
+            ),
+            path(
+                "<int:pk>/cancel-training/",
+                self.admin_site.admin_view(require_POST(self.cancel_training)),
+                name="sessions_app_session_cancel_training",
+            ),
+            *super().get_urls(),
+        ]
+
+    def _acted_on(self, request, pk: int) -> Session:
+        if not self.may_act(request):
+            raise PermissionDenied
+        return get_object_or_404(Session, pk=pk)
+
+    def _back(self, session: Session) -> HttpResponseRedirect:
+        return HttpResponseRedirect(reverse("admin:sessions_app_session_change", args=[session.pk]))
+
+    def start_training(self, request, pk: int):
+        """Validated as /train_lora validates, started by the same service."""
+        session = self._acted_on(request, pk)
+        serializer = TrainLoraSerializer(data=training_request(request.POST, session.pk))
+        if not serializer.is_valid():
+            for line in _error_lines(serializer.errors):
+                self.message_user(request, f"Training not started: {line}", messages.ERROR)
+            return self._back(session)
+        try:
+            run = runs.training_run_start(
+                session.pk, TrainLoraSerializer.training_parameters(serializer.validated_data)
+            )
+        except ServiceError as error:
+            self.message_user(request, f"Training not started: {error.message}", messages.ERROR)
+            return self._back(session)
+        length = run.parameters.get("steps") or run.parameters.get("epochs")
+        unit = "step" if run.parameters.get("steps") else "epoch"
+        unit += "s" if length != 1 else ""
+        self.message_user(
+            request,
+            format_html(
+                'Training run <a href="{}">{}</a> queued: {} {}, rank {}.',
+                reverse("admin:training_app_trainingrun_change", args=[run.pk]),
+                run.pk,
+                length,
+                unit,
+                run.parameters.get("rank"),
+            ),
+            messages.SUCCESS,
+        )
+        return self._back(session)
+
+    def cancel_training(self, request, pk: int):
+        session = self._acted_on(request, pk)
+        try:
+            run = runs.training_run_cancel(session.pk)
+        except ServiceError as error:
+            self.message_user(request, error.message, messages.ERROR)
+        else:
+            self.message_user(request, f"Training run {run.pk} cancelled.", messages.SUCCESS)
+        return self._back(session)
