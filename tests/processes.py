@@ -104,27 +104,22 @@ class ServiceProcesses:
         self.started.append(process)
         return process
 
-    def gunicorn(self, workers: int = 2, threads: int = 8, **env: str) -> str:
-        """Starts the web server as `serve` runs it; returns its base URL once it answers."""
-        port = free_port()
-        process = self._start(
-            "gunicorn",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "sdxl_service.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--worker-class",
-                "gthread",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-            ],
-            env,
+    def gunicorn(self, workers: int | None = None, threads: int | None = None, **env: str) -> str:
+        """Starts the web server as `serve` runs it (its worker and thread counts unless
+        given); returns its base URL once it answers."""
+        from training_app.management.commands.serve import (
+            WEB_THREADS,
+            WEB_WORKERS,
+            gunicorn_command,
         )
+
+        port = free_port()
+        command = gunicorn_command(
+            f"127.0.0.1:{port}",
+            WEB_WORKERS if workers is None else workers,
+            WEB_THREADS if threads is None else threads,
+        )
+        process = self._start("gunicorn", command, env)
         url = f"http://127.0.0.1:{port}"
 
         def answers() -> bool:
