@@ -10,9 +10,10 @@ Stopping: each process `serve` starts runs in a process group of its own, so a C
 GUNICORN_GRACEFUL_S, a worker lets its cluster finish its current job), then, once
 --stop-grace seconds have passed, SIGKILL to every process still left in each group (a
 training run cut short resumes from its last checkpoint on the next start). A second
-Ctrl-C kills them at once. Signalled together, as they were when they shared serve's group,
-django-q2's sentinel (which ignores SIGINT, dies on SIGTERM) and its cluster's processes
-could each stop on their own and leave pool workers orphaned.
+Ctrl-C kills them at once. When they shared serve's group, a Ctrl-C signalled them all at
+once, racing serve's own orderly stop (a probe found orphaned django-q2 processes after 2
+of 5 Ctrl-Cs), and a worker killed after the grace lost only its main process, not its
+cluster's sentinel, pusher, monitor and pool processes.
 
 Without an API token configured, the API is open to whoever reaches it, so it is served
 on a loopback address only, unless the operator passes --insecure.
@@ -34,17 +35,18 @@ from access_app.selectors import api_tokens_configured
 
 # How long the processes get to stop on their own before they are killed.
 STOP_GRACE_S = 30.0
-# gunicorn's own grace for requests in flight: a /txt2img waiting on a generation is cut
-# short after it (the client sees the connection close; the generation itself goes on).
+# gunicorn's own grace for requests in flight: a /txt2img still waiting on its generation
+# after it is cut off (its client sees the connection close).
 GUNICORN_GRACEFUL_S = 10
 
 # The web server's thread model. A synchronous /txt2img holds one web thread for as long as
 # its generation takes (sleeping on a 0.1 s database poll, holding one database
 # connection), so the threads must outnumber the clients that wait, or every other
 # endpoint queues behind them. 2 processes x 32 threads: 64 requests at once, 32 waiting
-# /txt2img clients leave at least 32 threads for the rest. Threads rather than processes:
-# a waiting thread costs little memory and no CPU; more processes would each cost a
-# Django import (~100 MB). The database bounds it: Django opens a connection per busy
+# /txt2img clients leave 32 threads for the rest (however unevenly the two processes took
+# the 32, neither is full unless it took them all). Threads rather than processes:
+# a waiting thread costs little memory and no CPU; each process is another full copy of
+# Django and the app. The database bounds it: Django opens a connection per busy
 # thread (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections
 # plus about 5 per worker cluster, within PostgreSQL's default max_connections of 100;
 # raising --web-workers x --threads past ~85 needs a larger max_connections (or a pooler).
