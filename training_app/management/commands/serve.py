@@ -43,8 +43,8 @@ GUNICORN_GRACEFUL_S = 10
 # its generation takes (sleeping on a 0.1 s database poll, holding one database
 # connection), so the threads must outnumber the clients that wait, or every other
 # endpoint queues behind them. 2 processes x 32 threads: 64 requests at once, 32 waiting
-# /txt2img clients leave 32 threads for the rest (however unevenly the two processes took
-# the 32, neither is full unless it took them all). Threads rather than processes:
+# /txt2img clients leave 32 threads for the rest (and a process whose threads are all
+# taken accepts no more connections: see gunicorn_command). Threads rather than processes:
 # a waiting thread costs little memory and no CPU; each process is another full copy of
 # Django and the app. The database bounds it: Django opens a connection per busy
 # thread (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections
@@ -227,13 +227,21 @@ def service_processes(
 
 
 def gunicorn_command(bind: str, web_workers: int = WEB_WORKERS, threads: int = WEB_THREADS):
-    """The web server's command line (the tests start it with serve's defaults too)."""
+    """The web server's command line (the tests start it with serve's defaults too).
+
+    A process takes no more connections than it has threads (--worker-connections), so one
+    whose threads all wait on /txt2img leaves new requests to a process with a thread free
+    instead of queueing them behind the waits. No keep-alive then: an idle kept-alive
+    connection would count against that limit (a request costs a new TCP connection).
+    """
     return [
         sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
         "--bind", bind,
         "--worker-class", "gthread",
         "--workers", str(web_workers),
         "--threads", str(threads),
+        "--worker-connections", str(threads),
+        "--keep-alive", "0",
     ]  # fmt: skip
 
 
