@@ -104,27 +104,22 @@ class ServiceProcesses:
         self.started.append(process)
         return process
 
-    def gunicorn(self, workers: int = 2, threads: int = 8, **env: str) -> str:
-        """Starts the web server as `serve` runs it; returns its base URL once it answers."""
-        port = free_port()
-        process = self._start(
-            "gunicorn",
-            [
-                sys.executable,
-                "-m",
-                "gunicorn",
-                "sdxl_service.wsgi:application",
-                "--bind",
-                f"127.0.0.1:{port}",
-                "--worker-class",
-                "gthread",
-                "--workers",
-                str(workers),
-                "--threads",
-                str(threads),
-            ],
-            env,
+    def gunicorn(self, workers: int | None = None, threads: int | None = None, **env: str) -> str:
+        """Starts the web server as `serve` runs it (its worker and thread counts unless
+        given); returns its base URL once it answers."""
+        from training_app.management.commands.serve import (
+            WEB_THREADS,
+            WEB_WORKERS,
+            gunicorn_command,
         )
+
+        port = free_port()
+        command = gunicorn_command(
+            f"127.0.0.1:{port}",
+            WEB_WORKERS if workers is None else workers,
+            WEB_THREADS if threads is None else threads,
+        )
+        process = self._start("gunicorn", command, env)
         url = f"http://127.0.0.1:{port}"
 
         def answers() -> bool:
@@ -157,3 +152,55 @@ class ServiceProcesses:
         # stop (seconds per process) would tidy up nothing that matters.
         for process in self.started:
             process.kill()
+
+
+def _proc_stat(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat from the state on (state, ppid, pgrp, ...), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """pid -> start time (to tell a reused pid apart) of `root` and all its descendants."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _proc_stat(int(entry.name))):
+            parents[int(entry.name)] = int(fields[1])
+    tree, frontier = {root}, [root]
+    while frontier:
+        parent = frontier.pop()
+        children = [pid for pid, ppid in parents.items() if ppid == parent and pid not in tree]
+        tree.update(children)
+        frontier.extend(children)
+    return {pid: fields[19] for pid in tree if (fields := _proc_stat(pid))}
+
+
+def still_running(tree: dict[int, str]) -> list[int]:
+    """The processes of `tree` (from process_tree) that still run: zombies count as ended."""
+    running = []
+    for pid, started in tree.items():
+        fields = _proc_stat(pid)
+        if fields and fields[19] == started and fields[0] != "Z":
+            running.append(pid)
+    return running
+
+
+def processes_with_env(name: str, value: str) -> list[int]:
+    """The running processes (zombies aside) whose environment has name=value: all that a
+    process started with it started in turn, orphans included."""
+    wanted = f"{name}={value}".encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        fields = _proc_stat(int(entry.name))
+        if wanted in environ.split(b"\0") and fields and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found

@@ -9,6 +9,7 @@ from django.core.management import CommandError, call_command
 from access_app import services
 from access_app.models import ApiToken
 from training_app.management.commands.serve import (
+    Command,
     access_mode,
     is_loopback,
     service_processes,
@@ -23,6 +24,16 @@ def test_one_worker_of_each_queue_by_default():
     assert all(environment is None for _, environment in processes.values())
     web, _ = processes["web"]
     assert web[web.index("--bind") + 1] == "127.0.0.1:8000"
+
+
+def test_web_server_defaults_many_threads_one_connection_each():
+    defaults = Command().create_parser("manage.py", "serve").parse_args([])
+    assert (defaults.web_workers, defaults.threads) == (2, 32)
+    web, _ = service_processes("127.0.0.1", 8000, 2, 32, "")["web"]
+    assert web[web.index("--workers") + 1] == "2"
+    assert web[web.index("--threads") + 1] == "32"
+    assert web[web.index("--worker-connections") + 1] == "32"
+    assert web[web.index("--keep-alive") + 1] == "0"
 
 
 def test_one_training_and_one_generation_worker_per_gpu_pinned():

@@ -4,6 +4,17 @@ The web server is gunicorn (threaded workers: /txt2img waits for its image); the
 and generation queues each get their own worker so generation never waits behind a run.
 Ctrl-C or SIGTERM stops all three; if one dies, the others are stopped too.
 
+Stopping: each process `serve` starts runs in a process group of its own, so a Ctrl-C
+(SIGINT to the terminal's whole foreground group) or a SIGTERM reaches `serve` alone and
+`serve` stops the rest in order: SIGTERM to each (gunicorn finishes its requests for up to
+GUNICORN_GRACEFUL_S, a worker lets its cluster finish its current job), then, once
+--stop-grace seconds have passed, SIGKILL to every process still left in each group (a
+training run cut short resumes from its last checkpoint on the next start). A second
+Ctrl-C kills them at once. When they shared serve's group, a Ctrl-C signalled them all at
+once, racing serve's own orderly stop (a probe found orphaned django-q2 processes after 2
+of 5 Ctrl-Cs), and a worker killed after the grace lost only its main process, not its
+cluster's sentinel, pusher, monitor and pool processes.
+
 Without an API token configured, the API is open to whoever reaches it, so it is served
 on a loopback address only, unless the operator passes --insecure.
 """
@@ -22,7 +33,26 @@ from django.core.management.base import BaseCommand, CommandError
 
 from access_app.selectors import api_tokens_configured
 
+# How long the processes get to stop on their own before they are killed.
 STOP_GRACE_S = 30.0
+# gunicorn's own grace for requests in flight: a /txt2img still waiting on its generation
+# after it is cut off (its client sees the connection close).
+GUNICORN_GRACEFUL_S = 10
+
+# The web server's thread model. A synchronous /txt2img holds one web thread for as long as
+# its generation takes (sleeping on a 0.1 s database poll, holding one database
+# connection), so the threads must outnumber the clients that wait, or every other
+# endpoint queues behind them. 2 processes x 32 threads: 64 requests at once, 32 waiting
+# /txt2img clients leave 32 threads for the rest (and a process whose threads are all
+# taken accepts no more connections: see gunicorn_command). Threads rather than processes:
+# a waiting thread costs little memory and no CPU; each process is another full copy of
+# Django and the app. The database bounds it: Django opens a connection per busy
+# thread (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections
+# plus about 5 per worker cluster, within PostgreSQL's default max_connections of 100;
+# raising --web-workers x --threads past ~85 needs a larger max_connections (or a pooler).
+# SQLite: readers never block in WAL mode; writers queue on its lock (30 s timeout).
+WEB_WORKERS = 2
+WEB_THREADS = 32
 
 
 class Command(BaseCommand):
@@ -31,8 +61,21 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
-        parser.add_argument("--web-workers", type=int, default=2)
-        parser.add_argument("--threads", type=int, default=8, help="threads per web worker")
+        parser.add_argument(
+            "--web-workers", type=int, default=WEB_WORKERS, help="gunicorn worker processes"
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            default=WEB_THREADS,
+            help="threads per web worker: each synchronous /txt2img holds one while it waits",
+        )
+        parser.add_argument(
+            "--stop-grace",
+            type=float,
+            default=STOP_GRACE_S,
+            help="seconds the processes get to stop on Ctrl-C/SIGTERM before they are killed",
+        )
         parser.add_argument(
             "--gpus",
             default=",".join(settings.SDXL_GPUS),
@@ -54,54 +97,113 @@ class Command(BaseCommand):
         threads: int,
         gpus: str,
         insecure: bool,
+        stop_grace: float = STOP_GRACE_S,
         **options,
     ):
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=1)
         self.stdout.write(access_mode(host, insecure))
         processes = service_processes(host, port, web_workers, threads, gpus)
-        stopping = False
+        signals = []
 
         def request_stop(signum, frame):
-            nonlocal stopping
-            stopping = True
+            signals.append(signum)
 
         signal.signal(signal.SIGINT, request_stop)
         signal.signal(signal.SIGTERM, request_stop)
 
-        children = {
-            name: subprocess.Popen(command, cwd=settings.BASE_DIR, env=environment)
-            for name, (command, environment) in processes.items()
-        }
-        self.stdout.write(
-            f"SDXL LoRA service on http://{host}:{port}/ (data dir {settings.DATA_DIR}); "
-            "press Ctrl-C to stop"
-        )
+        children: dict[str, subprocess.Popen] = {}
+        for name, (command, environment) in processes.items():
+            if signals:
+                break
+            # A process group of its own (the group's id is the child's pid): a Ctrl-C
+            # reaches serve alone, and the group is what is killed if it outstays the grace.
+            children[name] = subprocess.Popen(
+                command,
+                cwd=settings.BASE_DIR,
+                env=environment,
+                stdin=subprocess.DEVNULL,
+                process_group=0,
+            )
+        if not signals:
+            self.stdout.write(
+                f"SDXL LoRA service on http://{host}:{port}/ (data dir {settings.DATA_DIR}); "
+                f"press Ctrl-C to stop (the processes get {stop_grace:g}s to finish)"
+            )
         exit_code = 0
-        while not stopping:
+        while not signals:
             crashed = [name for name, child in children.items() if child.poll() is not None]
             if crashed:
                 self.stderr.write(f"{', '.join(crashed)} exited; stopping the service")
                 exit_code = 1
                 break
-            time.sleep(0.5)
-        self._stop(children)
+            time.sleep(0.2)
+        self._stop(children, stop_grace, signals)
         if exit_code:
             sys.exit(exit_code)
 
-    def _stop(self, children: dict[str, subprocess.Popen]) -> None:
+    def _stop(self, children: dict[str, subprocess.Popen], grace_s: float, signals: list) -> None:
+        """SIGTERM to each child; SIGKILL to what is left of its group after `grace_s`, or at
+        once on another signal. Returns when no process of any child's group is left."""
+        asked = len(signals)
         for child in children.values():
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE_S
-        for name, child in children.items():
-            try:
-                child.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                self.stderr.write(f"{name} did not stop in {STOP_GRACE_S:.0f}s; killing it")
-                child.kill()
-                child.wait()
+        deadline = time.monotonic() + grace_s
+        while True:
+            left = [name for name, child in children.items() if _group_alive(child)]
+            if not left:
+                break
+            if len(signals) > asked or time.monotonic() > deadline:
+                why = "on a second signal" if len(signals) > asked else f"after {grace_s:g}s"
+                self.stderr.write(f"{', '.join(left)} still running {why}; killing them")
+                for name in left:
+                    _kill_group(children[name])
+                break
+            time.sleep(0.1)
+        for child in children.values():
+            child.wait()
         self.stdout.write("stopped")
+
+
+def _group_alive(child: subprocess.Popen) -> bool:
+    """Whether the child, or any process left in its process group, still runs."""
+    if child.poll() is None:
+        return True
+    try:
+        os.killpg(child.pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _only_zombies(child.pid)
+
+
+def _only_zombies(pgid: int) -> bool:
+    """Whether every process of the group has exited and waits to be reaped (by init, for
+    orphans): nothing left to stop. False where /proc cannot tell."""
+    try:
+        states = []
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = Path(entry.path, "stat").read_text()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if int(fields[2]) == pgid:
+                states.append(fields[0])
+        return all(state == "Z" for state in states)
+    except OSError:
+        return False
+
+
+def _kill_group(child: subprocess.Popen) -> None:
+    try:
+        os.killpg(child.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def service_processes(
@@ -110,12 +212,8 @@ def service_processes(
     """Name -> (command, environment or None to inherit) of every process `serve` starts."""
     manage_py = str(Path(settings.BASE_DIR) / "manage.py")
     web = [
-        sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
-        "--bind", f"{host}:{port}",
-        "--worker-class", "gthread",
-        "--workers", str(web_workers),
-        "--threads", str(threads),
-        "--graceful-timeout", "10",
+        *gunicorn_command(f"{host}:{port}", web_workers, threads),
+        "--graceful-timeout", str(GUNICORN_GRACEFUL_S),
         "--access-logfile", "-",
     ]  # fmt: skip
     processes = {"web": (web, None)}
@@ -126,6 +224,25 @@ def service_processes(
             name = f"{queue} worker" + (f" (GPU {gpu})" if gpu is not None else "")
             processes[name] = ([sys.executable, manage_py, "worker", queue], environment)
     return processes
+
+
+def gunicorn_command(bind: str, web_workers: int = WEB_WORKERS, threads: int = WEB_THREADS):
+    """The web server's command line (the tests start it with serve's defaults too).
+
+    A process takes no more connections than it has threads (--worker-connections), so one
+    whose threads all wait on /txt2img leaves new requests to a process with a thread free
+    instead of queueing them behind the waits. No keep-alive then: an idle kept-alive
+    connection would count against that limit (a request costs a new TCP connection).
+    """
+    return [
+        sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
+        "--bind", bind,
+        "--worker-class", "gthread",
+        "--workers", str(web_workers),
+        "--threads", str(threads),
+        "--worker-connections", str(threads),
+        "--keep-alive", "0",
+    ]  # fmt: skip
 
 
 def is_loopback(host: str) -> bool:
