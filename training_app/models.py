@@ -280,6 +280,7 @@ class WebhookDelivery(models.Model):
     class Meta:
         ordering = ["-id"]
         indexes = [models.Index(fields=["status", "next_attempt_at"], name="webhook_due")]
+        verbose_name_plural = "webhook deliveries"
 
     def __str__(self) -> str:
         return f"webhook {self.event} #{self.pk} ({self.status})"
