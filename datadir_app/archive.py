@@ -187,15 +187,11 @@ def _read_manifest(archive: zipfile.ZipFile) -> dict:
 
 def _safe_name(name: str) -> str | None:
     """`name` if it is a plain relative path that stays inside the folder, else None."""
-    path = PurePosixPath(name)
     if (
-        not name
-        or "\\" in name
-        or "\0" in name
-        or path.is_absolute()
-        or ":" in path.parts[0]
-        or any(part in ("", ".", "..") for part in name.split("/"))
-        or any(is_hidden(Path(part)) for part in path.parts)
+        not storage.is_plain_relative_name(name)
+        # Stricter than a zip of uploads: the manifest names files only, never "." or "".
+        or any(part in ("", ".") for part in name.split("/"))
+        or any(is_hidden(Path(part)) for part in PurePosixPath(name).parts)
     ):
         return None
     return name

@@ -8,7 +8,7 @@ import hashlib
 import os
 import shutil
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
@@ -70,3 +70,17 @@ def move_aside(folder: Path) -> Path | None:
 def remove_tree(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def is_plain_relative_name(name: str) -> bool:
+    """A relative `/`-separated path with no `..`, no drive, no backslash, no NUL: nothing
+    that could name a place outside a folder it were unpacked into (zip members)."""
+    path = PurePosixPath(name)
+    return bool(
+        name
+        and "\\" not in name
+        and "\0" not in name
+        and not path.is_absolute()
+        and ":" not in path.parts[0]
+        and ".." not in path.parts
+    )

@@ -16,6 +16,7 @@ from pathlib import PurePosixPath
 from django.conf import settings
 
 from core.errors import ServiceError
+from sessions_app import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 CAPTION_EXTENSION = ".txt"
@@ -91,7 +92,7 @@ def _checked_members(archive: zipfile.ZipFile, archive_name: str) -> list[zipfil
     members = []
     for info in infos:
         name = info.filename
-        if not _plain_relative(name):
+        if not storage.is_plain_relative_name(name):
             raise ServiceError(f"{archive_name} holds an unsafe path: {name!r}")
         if stat.S_ISLNK(info.external_attr >> 16):
             raise ServiceError(f"{archive_name} holds a link: {name!r}")
@@ -99,20 +100,6 @@ def _checked_members(archive: zipfile.ZipFile, archive_name: str) -> list[zipfil
             continue
         members.append(info)
     return members
-
-
-def _plain_relative(name: str) -> bool:
-    """A relative path with no `..`, no drive, no backslash, no NUL: nothing that could
-    name a place outside a folder it were unpacked into."""
-    path = PurePosixPath(name)
-    return bool(
-        name
-        and "\\" not in name
-        and "\0" not in name
-        and not path.is_absolute()
-        and ":" not in path.parts[0]
-        and ".." not in path.parts
-    )
 
 
 def _hidden(name: str) -> bool:

@@ -145,10 +145,9 @@ def generation_request(request: GenerationRequest) -> Generation:
     written: list[Path] = []
     try:
         with transaction.atomic():
-            generation = _generation_create(request, strength, loras, written)
-            if webhook_url:
-                generation.webhook_url, generation.webhook_events = webhook_url, webhook_events
-                generation.save(update_fields=["webhook_url", "webhook_events"])
+            generation = _generation_create(
+                request, strength, loras, (webhook_url, webhook_events), written
+            )
     except BaseException:
         # The row was rolled back: so is the starting image written for it.
         for folder in written:
@@ -161,6 +160,7 @@ def _generation_create(
     request: GenerationRequest,
     strength: float | None,
     loras: list[tuple[LoraChoice, LoraArtifact | TrainingCheckpoint]],
+    webhook: tuple[str, list[str]],
     written: list[Path],
 ) -> Generation:
     optional = {
@@ -185,6 +185,8 @@ def _generation_create(
         },
         seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
         session_id=loras[0][0].session_id if loras else None,
+        webhook_url=webhook[0],
+        webhook_events=webhook[1],
     )
     GenerationLora.objects.bulk_create(
         GenerationLora(
@@ -502,9 +504,9 @@ def generation_execute(generation_id: int) -> None:
 def generations_event(generation_ids: list[int], event: str) -> None:
     """Records a webhook event of each generation (if its request asked for it): its
     GET /generations/<id> answer as it is now."""
-    for generation in Generation.objects.filter(pk__in=generation_ids).prefetch_related(
-        "applied_loras"
-    ):
+    # Only requests with a webhook: the body is built on the hot path (each tenth of steps).
+    subscribed = Generation.objects.filter(pk__in=generation_ids).exclude(webhook_url="")
+    for generation in subscribed.prefetch_related("applied_loras"):
         webhook_emit(generation, event, generation_status_body(generation))
 
 

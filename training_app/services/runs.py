@@ -301,11 +301,16 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
 def run_event(run_id: int, event: str, **extra) -> None:
     """Records a webhook event of the run (if its request asked for it): the run's
     /train_status answer as it is now, its ids, and `extra`."""
+    # Only a run with a webhook: the body is built on the hot path (each tenth of steps).
     run = (
-        TrainingRun.objects.select_related("artifact")
+        TrainingRun.objects.exclude(webhook_url="")
+        .select_related("artifact")
         .prefetch_related("samples", "checkpoints")
-        .get(pk=run_id)
+        .filter(pk=run_id)
+        .first()
     )
+    if run is None:
+        return
     data = {"run_id": run.pk, "session_id": run.session_id, **training_status_body(run), **extra}
     webhook_emit(run, event, data)
 
