@@ -110,7 +110,8 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # lock (a write transaction) serialises web and worker processes instead of
             # failing late with "database is locked"; WAL lets readers run meanwhile.
             "transaction_mode": "IMMEDIATE",
-            "timeout": 30,
+            # How long a write waits for SQLite's lock before "database is locked".
+            "timeout": env.float("SDXL_SQLITE_TIMEOUT", default=30.0),
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )

@@ -77,6 +77,24 @@ def service_processes(transactional_db, data_dir, model_cache_dir, queue_namespa
     processes.kill_all()
 
 
+def _worker_heartbeat(queue: str):
+    from django.utils import timezone
+
+    from training_app.models import WorkerHeartbeat
+
+    return WorkerHeartbeat.objects.create(
+        queue=queue, host="test", pid=1, started_at=timezone.now(), last_seen=timezone.now()
+    )
+
+
+@pytest.fixture
+def training_worker(settings):
+    """A heartbeat as the training worker writes it (fresh for the whole test); the jobs
+    run in-process here."""
+    settings.SDXL_WORKER_STALE_AFTER = 3600
+    return _worker_heartbeat(settings.TRAINING_QUEUE)
+
+
 @pytest.fixture
 def generation_worker(settings):
     """A heartbeat as the generation worker writes it; the jobs run in-process here.
@@ -84,15 +102,5 @@ def generation_worker(settings):
     Written once, so it must count as fresh for the whole test, however slow the machine
     (a test that trains and generates can take 15 s, the default staleness, on a busy one).
     """
-    from django.utils import timezone
-
-    from training_app.models import WorkerHeartbeat
-
     settings.SDXL_WORKER_STALE_AFTER = 3600
-    return WorkerHeartbeat.objects.create(
-        queue=settings.GENERATION_QUEUE,
-        host="test",
-        pid=1,
-        started_at=timezone.now(),
-        last_seen=timezone.now(),
-    )
+    return _worker_heartbeat(settings.GENERATION_QUEUE)

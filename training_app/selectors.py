@@ -116,7 +116,9 @@ def _kept_along_the_way(run: TrainingRun) -> dict:
 
 
 def _eta_seconds(run: TrainingRun) -> int | None:
-    """Seconds left, from the time per step so far; None until the first step is done."""
+    """Seconds left, from the time per step so far; None until the first step is done, and
+    None once the run is not being trained: no training worker beats (it died), or the run's
+    own heartbeat missed two beats (its job's process died), until it is resumed or ended."""
     if run.stage == TrainingRun.Stage.SAVING:
         return 0
     if (
@@ -133,6 +135,10 @@ def _eta_seconds(run: TrainingRun) -> int | None:
         return None
     per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / steps_timed
     since_last_step = (timezone.now() - run.heartbeat_at).total_seconds()
+    if since_last_step > settings.SDXL_RUN_STALE_AFTER / 2 or not worker_alive(
+        settings.TRAINING_QUEUE
+    ):
+        return None
     return max(0, round(per_step * (run.total_steps - run.step) - since_last_step))
 
 

@@ -24,7 +24,7 @@ def _training_run(**fields) -> TrainingRun:
     )
 
 
-def test_eta_counts_the_time_per_step_of_this_attempt_only():
+def test_eta_counts_the_time_per_step_of_this_attempt_only(training_worker):
     fresh = _training_run(step=10)
     resumed = _training_run(step=110, resumed_from_step=100)
 
@@ -34,6 +34,27 @@ def test_eta_counts_the_time_per_step_of_this_attempt_only():
     assert training_status(resumed.session_id)["resumed_from_step"] == 100
 
 
-def test_eta_is_unknown_until_a_step_after_the_resume_is_done():
+def test_eta_is_unknown_until_a_step_after_the_resume_is_done(training_worker):
     resumed = _training_run(step=100, resumed_from_step=100)
     assert training_status(resumed.session_id)["eta_seconds"] is None
+
+
+def test_eta_is_unknown_once_no_training_worker_beats(training_worker, settings):
+    run = _training_run(step=10)
+    assert training_status(run.session_id)["eta_seconds"] == pytest.approx(190, abs=1)
+
+    training_worker.last_seen = timezone.now() - timedelta(
+        seconds=settings.SDXL_WORKER_STALE_AFTER + 1
+    )
+    training_worker.save()
+    status = training_status(run.session_id)
+    assert status["eta_seconds"] is None
+    assert (status["status"], status["step"]) == ("in-progress", 10)  # the rest as it was
+
+
+def test_eta_is_unknown_once_the_runs_own_heartbeat_missed_its_beats(training_worker, settings):
+    run = _training_run(step=10)
+    TrainingRun.objects.filter(pk=run.pk).update(
+        heartbeat_at=timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER / 2 + 1)
+    )
+    assert training_status(run.session_id)["eta_seconds"] is None

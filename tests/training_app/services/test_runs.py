@@ -169,7 +169,9 @@ def engine_events(monkeypatch):
     return listeners
 
 
-def test_status_shows_each_stage_step_loss_and_eta(session_with_images, engine_events):
+def test_status_shows_each_stage_step_loss_and_eta(
+    session_with_images, engine_events, training_worker
+):
     seen = []
     engine_events.append(
         lambda event: seen.append((event, training_status(session_with_images.pk)))

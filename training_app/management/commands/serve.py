@@ -2,7 +2,14 @@
 
 The web server is gunicorn (threaded workers: /txt2img waits for its image); the training
 and generation queues each get their own worker so generation never waits behind a run.
-Ctrl-C or SIGTERM stops all three; if one dies, the others are stopped too.
+Ctrl-C or SIGTERM stops all three.
+
+Supervision: a process that exits (a worker whose database stayed away, whose cluster died,
+or that was killed) is started again, after what is left of its process group is killed,
+with a back-off of RESTART_BACKOFF_S that grows while it keeps dying soon after its start.
+The others carry on meanwhile: the web server is never stopped because a worker died, and
+is itself started again should it die. Each child also dies with serve (Linux), so a serve
+killed with SIGKILL leaves none of them behind.
 
 Stopping: each process `serve` starts runs in a process group of its own, so a Ctrl-C
 (SIGINT to the terminal's whole foreground group) or a SIGTERM reaches `serve` alone and
@@ -19,6 +26,7 @@ Without an API token configured, the API is open to whoever reaches it, so it is
 on a loopback address only, unless the operator passes --insecure.
 """
 
+import functools
 import ipaddress
 import os
 import signal
@@ -32,9 +40,14 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from access_app.selectors import api_tokens_configured
+from core.processes import die_with_parent
 
 # How long the processes get to stop on their own before they are killed.
 STOP_GRACE_S = 30.0
+# A child that exits is started again after a back-off: the first, doubled on each exit
+# within RESTART_STABLE_S of its start, up to the last; back to the first once it stays up.
+RESTART_BACKOFF_S = (1.0, 30.0)
+RESTART_STABLE_S = 60.0
 # gunicorn's own grace for requests in flight: a /txt2img still waiting on its generation
 # after it is cut off (its client sees the connection close).
 GUNICORN_GRACEFUL_S = 10
@@ -113,34 +126,48 @@ class Command(BaseCommand):
         signal.signal(signal.SIGTERM, request_stop)
 
         children: dict[str, subprocess.Popen] = {}
-        for name, (command, environment) in processes.items():
+        for name in processes:
             if signals:
                 break
-            # A process group of its own (the group's id is the child's pid): a Ctrl-C
-            # reaches serve alone, and the group is what is killed if it outstays the grace.
-            children[name] = subprocess.Popen(
-                command,
-                cwd=settings.BASE_DIR,
-                env=environment,
-                stdin=subprocess.DEVNULL,
-                process_group=0,
-            )
+            children[name] = _start(processes[name])
         if not signals:
             self.stdout.write(
                 f"SDXL LoRA service on http://{host}:{port}/ (data dir {settings.DATA_DIR}); "
                 f"press Ctrl-C to stop (the processes get {stop_grace:g}s to finish)"
             )
-        exit_code = 0
-        while not signals:
-            crashed = [name for name, child in children.items() if child.poll() is not None]
-            if crashed:
-                self.stderr.write(f"{', '.join(crashed)} exited; stopping the service")
-                exit_code = 1
-                break
-            time.sleep(0.2)
+        self._supervise(children, processes, signals)
         self._stop(children, stop_grace, signals)
-        if exit_code:
-            sys.exit(exit_code)
+
+    def _supervise(self, children: dict, processes: dict, signals: list) -> None:
+        """Until a signal comes: a child that exits has what is left of its process group
+        killed and is started again, after a back-off that doubles while it keeps dying
+        within RESTART_STABLE_S of its start."""
+        started_at = {name: time.monotonic() for name in children}
+        backoff_s = dict.fromkeys(children, 0.0)
+        restart_at: dict[str, float] = {}
+        while not signals:
+            now = time.monotonic()
+            for name, child in children.items():
+                if name in restart_at or child.poll() is None:
+                    continue
+                _kill_group(child)  # its own children, if any outlived it
+                lived_s = now - started_at[name]
+                backoff_s[name] = (
+                    min(max(2 * backoff_s[name], RESTART_BACKOFF_S[0]), RESTART_BACKOFF_S[1])
+                    if lived_s < RESTART_STABLE_S
+                    else RESTART_BACKOFF_S[0]
+                )
+                restart_at[name] = now + backoff_s[name]
+                self.stderr.write(
+                    f"{name} exited with code {child.returncode} after {lived_s:.0f}s; "
+                    f"starting it again in {backoff_s[name]:g}s"
+                )
+            for name in [name for name, due in restart_at.items() if due <= now]:
+                del restart_at[name]
+                children[name] = _start(processes[name])
+                started_at[name] = time.monotonic()
+                self.stdout.write(f"{name} started again (pid {children[name].pid})")
+            time.sleep(0.2)
 
     def _stop(self, children: dict[str, subprocess.Popen], grace_s: float, signals: list) -> None:
         """SIGTERM to each child; SIGKILL to what is left of its group after `grace_s`, or at
@@ -164,6 +191,21 @@ class Command(BaseCommand):
         for child in children.values():
             child.wait()
         self.stdout.write("stopped")
+
+
+def _start(process: tuple[list[str], dict | None]) -> subprocess.Popen:
+    """A process group of its own (the group's id is the child's pid): a Ctrl-C reaches
+    serve alone, and the group is what is killed if it outstays the grace. It dies with
+    serve, should serve itself be killed (Linux: core.processes)."""
+    command, environment = process
+    return subprocess.Popen(
+        command,
+        cwd=settings.BASE_DIR,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        process_group=0,
+        preexec_fn=functools.partial(die_with_parent, os.getpid()),
+    )
 
 
 def _group_alive(child: subprocess.Popen) -> bool:
