@@ -7,10 +7,12 @@ processes see them, and the processes are stopped before the tables are flushed.
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import quote
 
@@ -125,8 +127,8 @@ class ServiceProcesses:
         def answers() -> bool:
             assert process.process.poll() is None, process.log()
             try:
-                return requests.get(f"{url}/list_sessions", timeout=2).status_code in (200, 401)
-            except requests.ConnectionError:
+                return requests.get(f"{url}/list_sessions", timeout=5).status_code in (200, 401)
+            except requests.RequestException:  # not listening yet, or a slow first answer
                 return False
 
         wait_until(answers, 60, "gunicorn to answer", interval=0.2)
@@ -146,6 +148,32 @@ class ServiceProcesses:
 
         wait_until(beating, 60, f"the {queue} worker's heartbeat", interval=0.2)
         return process
+
+    def serve(self, *args: str, **env: str) -> tuple[ServiceProcess, str]:
+        """Starts `manage.py serve` (one web worker unless told); returns it and its base URL
+        once it answers and both workers beat."""
+        from django.conf import settings
+
+        from training_app.models import WorkerHeartbeat
+
+        port = free_port()
+        command = [sys.executable, "manage.py", "serve", "--port", str(port), *args]
+        if "--web-workers" not in args:
+            command += ["--web-workers", "1"]
+        process = self._start("serve", command, env)
+        url = f"http://127.0.0.1:{port}"
+
+        def up() -> bool:
+            assert process.process.poll() is None, process.log()
+            try:
+                requests.get(f"{url}/list_sessions", timeout=2)
+            except requests.RequestException:
+                return False
+            queues = set(WorkerHeartbeat.objects.values_list("queue", flat=True))
+            return queues == {settings.TRAINING_QUEUE, settings.GENERATION_QUEUE}
+
+        wait_until(up, 90, "serve to answer and both workers to beat", interval=0.3)
+        return process, url
 
     def kill_all(self) -> None:
         # Killed rather than stopped: the test's database is flushed next, so a graceful
@@ -204,3 +232,47 @@ def processes_with_env(name: str, value: str) -> list[int]:
         if wanted in environ.split(b"\0") and fields and fields[0] != "Z":
             found.append(int(entry.name))
     return found
+
+
+def children_of(pid: int) -> list[int]:
+    """The running processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        fields = _proc_stat(int(entry.name)) if entry.name.isdigit() else None
+        if fields and int(fields[1]) == pid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def database_away():
+    """The suite's database refuses the service's writes while the block runs.
+
+    SQLite: an outside connection holds the write lock (BEGIN IMMEDIATE), so every write
+    waits its timeout, then fails "database is locked" (reads go on, WAL). PostgreSQL: the
+    database takes no new connections and every other connection to it is ended, as when
+    the server restarts; the test's own connection is kept.
+    """
+    from django.db import connection
+
+    db = connection.settings_dict
+    if db["ENGINE"] == "django.db.backends.sqlite3":
+        holder = sqlite3.connect(db["NAME"], timeout=60, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        return
+    name = connection.ops.quote_name(db["NAME"])
+    with connection.cursor() as cursor:
+        cursor.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+        try:
+            cursor.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+            yield
+        finally:
+            cursor.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
