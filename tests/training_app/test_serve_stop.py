@@ -1,7 +1,7 @@
 """`manage.py serve` as a real process stops every process it started (gunicorn and its
 workers, both django-q2 clusters and their sentinel, pusher, monitor and pool processes)
 within its grace period: on Ctrl-C, which signals the terminal's whole process group at
-once, and on a SIGTERM to serve alone."""
+once, and on a SIGTERM to serve alone, also while a training run outlasts the grace."""
 
 import os
 import signal
@@ -12,6 +12,8 @@ import pytest
 import requests
 from django.conf import settings
 
+from sessions_app import services as session_services
+from tests.helpers import image_bytes
 from tests.processes import (
     free_port,
     process_tree,
@@ -20,11 +22,13 @@ from tests.processes import (
     wait_until,
 )
 from training_app.management.commands.serve import STOP_GRACE_S
-from training_app.models import WorkerHeartbeat
+from training_app.models import TrainingRun, WorkerHeartbeat
+from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.e2e
 
 MARGIN_S = 5
+ENDLESS = {"steps": 100_000, "resolution": 64, "batch_size": 1, "seed": 1}
 
 
 @pytest.mark.parametrize(
@@ -70,3 +74,39 @@ def test_serve_stops_every_process_it_started(service_processes, signum, whole_g
     # Nor any process started after the snapshot: all carry this test's queue namespace.
     assert processes_with_env("SDXL_QUEUE_NAMESPACE", settings.SDXL_QUEUE_NAMESPACE) == []
     print(f"{len(tree)} processes stopped in {took:.1f}s; killed any: {'killing' in serve.log()}")
+
+
+@pytest.mark.faults
+def test_sigterm_during_a_training_longer_than_the_grace_stops_every_process(service_processes):
+    grace_s = 5
+    serve, url = service_processes.serve("--stop-grace", str(grace_s))
+    session = session_services.session_create()
+    for color in ("red", "green"):
+        session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64), color), color)
+    run = run_services.training_run_start(session.pk, ENDLESS)
+
+    def training() -> bool:
+        row = TrainingRun.objects.get(pk=run.pk)
+        assert row.status in ("queued", "running"), row.error_message
+        return row.step >= 2
+
+    wait_until(training, 180, "training steps")
+    tree = process_tree(serve.pid)
+
+    sent = time.monotonic()
+    serve.process.send_signal(signal.SIGTERM)
+    deadline = sent + grace_s + MARGIN_S
+    while still_running(tree) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    took = time.monotonic() - sent
+    assert still_running(tree) == [], f"still running {took:.1f}s after SIGTERM"
+    assert serve.process.wait(timeout=5) == 0, serve.log()
+    assert "killing them" in serve.log()  # the run outlasted the grace
+    assert processes_with_env("SDXL_QUEUE_NAMESPACE", settings.SDXL_QUEUE_NAMESPACE) == []
+    # Cut short, not ended: the next start resumes it (from its last checkpoint, if any).
+    stopped = TrainingRun.objects.get(pk=run.pk)
+    assert stopped.status == "running" and stopped.step < ENDLESS["steps"]
+    steps_then = stopped.step
+    time.sleep(3)
+    assert TrainingRun.objects.get(pk=run.pk).step == steps_then  # nobody trains it on
+    print(f"{len(tree)} processes stopped {took:.1f}s after SIGTERM (grace {grace_s}s)")
