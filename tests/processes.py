@@ -265,14 +265,28 @@ def database_away():
             holder.execute("ROLLBACK")
             holder.close()
         return
+    import psycopg
+
+    # From the maintenance database: PostgreSQL refuses this for the one connected to.
+    admin = psycopg.connect(
+        dbname="postgres",
+        user=db["USER"],
+        password=db["PASSWORD"] or None,
+        host=db["HOST"] or "127.0.0.1",
+        port=db["PORT"] or 5432,
+        autocommit=True,
+    )
     name = connection.ops.quote_name(db["NAME"])
-    with connection.cursor() as cursor:
-        cursor.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
+    try:
+        admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS false")
         try:
-            cursor.execute(
+            admin.execute(
                 "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                "WHERE datname = %s AND pid <> %s",
+                [db["NAME"], connection.cursor().connection.info.backend_pid],
             )
             yield
         finally:
-            cursor.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+            admin.execute(f"ALTER DATABASE {name} WITH ALLOW_CONNECTIONS true")
+    finally:
+        admin.close()
