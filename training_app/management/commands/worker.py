@@ -45,7 +45,7 @@ class Command(BaseCommand):
         from django_q.tasks import async_task
 
         from training_app.models import WorkerHeartbeat
-        from training_app.services.generations import generations_redeliver
+        from training_app.services.generations import generations_end_lost, generations_redeliver
         from training_app.services.runs import training_runs_recover_lost, training_runs_redeliver
 
         # The cluster forks its processes from here: no database connection may be shared
@@ -82,6 +82,8 @@ class Command(BaseCommand):
                     for run_id in training_runs_redeliver():
                         self.stdout.write(f"training run {run_id} lost its task; queued again")
                 else:
+                    for generation_id in generations_end_lost():
+                        self.stdout.write(f"generation {generation_id} lost its process; ended")
                     for generation_id in generations_redeliver():
                         self.stdout.write(f"generation {generation_id} lost its task; queued again")
                 time.sleep(HEARTBEAT_INTERVAL_S)
