@@ -110,9 +110,14 @@ def _no_image_files(generation_id: int) -> bool:
     return not folder.exists() or not any(folder.iterdir())
 
 
+def _service_processes_left() -> list[int]:
+    return processes_with_env("SDXL_QUEUE_NAMESPACE", settings.SDXL_QUEUE_NAMESPACE)
+
+
 def _stop_and_assert_nothing_left(service_processes) -> None:
     service_processes.kill_all()
-    assert processes_with_env("SDXL_QUEUE_NAMESPACE", settings.SDXL_QUEUE_NAMESPACE) == []
+    # SIGKILL reaches a group's processes at once, but each takes a moment to be gone.
+    wait_until(lambda: not _service_processes_left(), 10, "every process of the service to end")
     assert not Generation.objects.filter(status="running").exists()
 
 
