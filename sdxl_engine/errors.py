@@ -7,3 +7,8 @@ class EngineError(Exception):
 
 class TrainingCancelled(EngineError):
     """Training stopped because the caller asked it to; no LoRA file was written."""
+
+
+class GenerationCancelled(EngineError):
+    """Generation stopped between denoising steps because the caller asked it to (its
+    on_step callback raised this); no image was made, and the pipelines are as before."""

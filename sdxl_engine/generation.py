@@ -93,7 +93,9 @@ def generate_batch(
     `loras` apply to the Base (UNet and text encoders) for this call only, added together
     at their scales: merged into the weights and restored afterwards, so the next call
     without them matches a freshly loaded pipeline. The Refiner never sees them.
-    `on_step(done, steps)` runs after each denoising step of Base and Refiner together.
+    `on_step(done, steps)` runs after each denoising step of Base and Refiner together; it
+    stops the call between steps by raising GenerationCancelled (any exception does: the
+    schedulers and weights are restored either way, ready for the next call).
 
     `scheduler` (a name of schedulers.SCHEDULERS) drives Base and Refiner for this call
     only; None keeps the pipelines' own (the model folder's: Euler for SDXL), untouched.

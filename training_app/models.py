@@ -152,6 +152,11 @@ class Generation(models.Model):
         COMPLETED = "completed"
         ERROR = "error"
         ABANDONED = "abandoned"  # the caller stopped waiting before a worker took it
+        # Stopped between denoising steps, or before it started, because nobody wants it
+        # any more: its client went away or was answered 504, or POST .../cancel.
+        CANCELLED = "cancelled"
+
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     prompt = models.TextField()
@@ -170,11 +175,15 @@ class Generation(models.Model):
     step = models.PositiveSmallIntegerField(default=0)
     total_steps = models.PositiveSmallIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
-    error_message = models.TextField(blank=True)
+    error_message = models.TextField(blank=True)  # why, under error or cancelled
     task_id = models.CharField(max_length=64, blank=True)
+    worker = models.CharField(max_length=200, blank=True)  # host:pid of the process running it
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
+    # Written by the running job's process every SDXL_WORKER_STALE_AFTER / 4: older than
+    # SDXL_WORKER_STALE_AFTER, the process is gone (services.generations.generations_end_lost).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

@@ -778,10 +778,12 @@ class Txt2ImgQueuedResponse(serializers.Serializer):
 class GenerationStatusResponse(GenerationUsed):
     generation_id = serializers.IntegerField()
     status = serializers.ChoiceField(
-        choices=["queued", "running", "completed", "error", "abandoned"],
-        help_text="abandoned: a synchronous caller stopped waiting before a worker took it",
+        choices=["queued", "running", "completed", "error", "abandoned", "cancelled"],
+        help_text="abandoned: a synchronous caller stopped waiting before a worker took it; "
+        "cancelled: stopped before it finished (POST /generations/<id>/cancel, or its "
+        "synchronous caller disconnected or was answered 504), no images",
     )
-    message = serializers.CharField(allow_null=True, help_text="why, under error")
+    message = serializers.CharField(allow_null=True, help_text="why, under error or cancelled")
     step = serializers.IntegerField(help_text="denoising steps done, Base and Refiner together")
     total_steps = serializers.IntegerField(allow_null=True)
     prompt = serializers.CharField()

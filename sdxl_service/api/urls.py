@@ -33,6 +33,11 @@ urlpatterns = [
         name="session-image",
     ),
     *endpoint("generations/<int:generation_id>", views.generation_status, name="generation"),
+    *endpoint(
+        "generations/<int:generation_id>/cancel",
+        views.generation_cancel,
+        name="generation-cancel",
+    ),
     path(
         "generations/<int:generation_id>/<int:index>.<str:extension>",
         views.generation_image,

@@ -4,6 +4,8 @@ through its response serializer. Errors are raised as ServiceError and shaped in
 
 import base64
 import hashlib
+import socket
+from collections.abc import Callable
 
 from django.conf import settings
 from django.http import FileResponse
@@ -318,7 +320,7 @@ def upload_lora(request):
     responses={
         200: api.Txt2ImgResponse,
         202: OpenApiResponse(api.Txt2ImgQueuedResponse, description='with "async": true'),
-        **error_responses(404, 500, 503, 504),
+        **error_responses(404, 409, 500, 503, 504),
     },
 )
 @api_view(["POST"])
@@ -337,7 +339,9 @@ def txt2img(request):
             "status_url": reverse("generation", args=[generation.pk]),
         }
         return Response(api.Txt2ImgQueuedResponse(body).data, status=202)
-    generation, images = generations.generation_wait(generation.pk, settings.SDXL_TXT2IMG_TIMEOUT)
+    generation, images = generations.generation_wait(
+        generation.pk, settings.SDXL_TXT2IMG_TIMEOUT, client_gone=_client_gone_check(request)
+    )
     body = {
         "generation_id": generation.pk,
         **generations.generation_summary(generation),
@@ -358,6 +362,43 @@ def txt2img(request):
 def generation_status(request, generation_id: int):
     generation = training_selectors.generation_get(generation_id)
     return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
+
+
+@extend_schema(
+    operation_id="generation_cancel",
+    tags=GENERATION,
+    summary="Cancel a queued or running generation (a finished one is answered unchanged)",
+    description="Replicate's POST /predictions/{id}/cancel. A queued generation is cancelled "
+    "at once; a running one stops between denoising steps and writes no image. Answers the "
+    "generation's status (`cancelled`, with a message saying why); one that has already ended "
+    "is answered as it is, unchanged.",
+    request=None,
+    responses={200: api.GenerationStatusResponse, **error_responses(404)},
+)
+@api_view(["POST"])
+def generation_cancel(request, generation_id: int):
+    generation = generations.generation_cancel(generation_id)
+    return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
+
+
+def _client_gone_check(request) -> Callable[[], bool] | None:
+    """Under gunicorn, a check whether the client closed its connection (a peek at the
+    socket that reads nothing: end of stream); None elsewhere (test client, runserver)."""
+    sock = request.META.get("gunicorn.socket")
+    if sock is None:
+        return None
+
+    def gone() -> bool:
+        try:
+            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:  # nothing to read: still connected, waiting for us
+            return False
+        except ValueError:  # a TLS socket takes no flags: cannot tell, so assume present
+            return False
+        except OSError:  # reset by the peer
+            return True
+
+    return gone
 
 
 @extend_schema(

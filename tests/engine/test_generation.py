@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from sdxl_engine.errors import EngineError
+from sdxl_engine.errors import EngineError, GenerationCancelled
 from sdxl_engine.generation import GenerationJob, decode_latents, generate, generate_batch
 from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.pipelines import Pipelines
@@ -104,6 +104,37 @@ def test_lora_applies_to_this_call_and_the_base_only(
     assert not _same(before, with_lora)
     assert _same(before, after)
     assert all(torch.equal(weights["base"][k], originals["base"][k]) for k in weights["base"])
+
+
+def test_on_step_raising_cancelled_stops_between_steps_and_leaves_the_pipelines_as_before(
+    pipelines: Pipelines, trained_lora: Path
+) -> None:
+    before = generate(pipelines, prompt="a red square", seed=9, **SMALL)
+    weights = pipelines.base.unet.state_dict()
+    originals = {k: v.clone() for k, v in weights.items()}
+    own_schedulers = pipelines.base.scheduler, pipelines.refiner.scheduler
+    steps_seen = []
+
+    def cancel_at_step_two(done: int, total: int) -> None:
+        steps_seen.append(done)
+        if done == 2:
+            raise GenerationCancelled("cancelled")
+
+    with pytest.raises(GenerationCancelled):
+        generate(
+            pipelines,
+            prompt="a red square",
+            seed=9,
+            loras=[AppliedLora(trained_lora)],
+            scheduler="euler_a",
+            on_step=cancel_at_step_two,
+            **SMALL,
+        )
+
+    assert steps_seen == [1, 2]  # no step ran after the cancel
+    assert all(torch.equal(weights[k], originals[k]) for k in weights)  # the LoRA is unmerged
+    assert (pipelines.base.scheduler, pipelines.refiner.scheduler) == own_schedulers
+    assert _same(before, generate(pipelines, prompt="a red square", seed=9, **SMALL))
 
 
 def test_lora_scale_zero_matches_no_lora(pipelines: Pipelines, trained_lora: Path) -> None:

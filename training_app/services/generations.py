@@ -2,22 +2,29 @@
 
 The web process records a Generation, enqueues its id once committed, and waits on the
 row; the worker claims the row, generates, writes the PNGs and marks the row finished.
+While it runs, the job's process keeps the row's heartbeat fresh: a running row whose
+heartbeat went stale lost its process and is ended as an error (generations_end_lost). A
+generation nobody wants any more (its client went away or was answered 504, or POST
+/generations/<id>/cancel) is cancelled: the worker stops between denoising steps.
 """
 
 import logging
 import secrets
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
+from django.db.models import Q, QuerySet
 from django.urls import reverse
 from django.utils import timezone
 
 from core.errors import ServiceError
-from sdxl_engine.errors import EngineError
+from sdxl_engine.errors import EngineError, GenerationCancelled
 from sdxl_engine.image_output import lora_prompt_name, lora_short_hash, quality_problem
 from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
@@ -41,7 +48,8 @@ from training_app.models import (
     TrainingCheckpoint,
 )
 from training_app.queueing import enqueue, redeliver_lost
-from training_app.selectors import lora_file_get, worker_alive
+from training_app.selectors import generation_get, lora_file_get, worker_alive
+from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_file_path
 from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
 
@@ -54,6 +62,10 @@ INIT_IMAGE_NAME = "init_image"
 DEFAULT_STRENGTH = 0.75
 
 WORKER_LOST_MESSAGE = "the generation worker was lost (killed or crashed) during this request"
+# Why a generation was cancelled (its message, GET /generations/<id>).
+CANCELLED_BY_REQUEST = "cancelled by POST /generations/<id>/cancel"
+CANCELLED_CLIENT_GONE = "cancelled: the client disconnected before it finished"
+CANCELLED_TIMED_OUT = "cancelled: its client was answered 504 (SDXL_TXT2IMG_TIMEOUT) first"
 NO_WORKER_MESSAGE = (
     "no generation worker is running; start the service with `python manage.py serve` "
     "(or a worker alone with `python manage.py worker generation`)"
@@ -271,34 +283,103 @@ def generations_redeliver() -> list[int]:
     )
 
 
-def generation_wait(generation_id: int, timeout_s: float) -> tuple[Generation, list[bytes]]:
-    """Waits for the worker to finish the generation; returns the row and its PNG bytes."""
+def generation_wait(
+    generation_id: int, timeout_s: float, client_gone: Callable[[], bool] | None = None
+) -> tuple[Generation, list[bytes]]:
+    """Waits for the worker to finish the generation; returns the row and its image bytes.
+
+    503 at once when no worker is alive for a queued one, or when the process running it
+    was lost (its heartbeat went stale: the row is ended as an error). `client_gone()`
+    true: the caller went away, so the generation is given up (abandoned if still queued,
+    cancelled between steps if running). After `timeout_s`: 504, and the same.
+    """
     deadline = time.monotonic() + timeout_s
     while True:
         generation = Generation.objects.get(pk=generation_id)
-        if generation.status == Generation.Status.COMPLETED:
+        status = generation.status
+        if status == Generation.Status.COMPLETED:
             folder = generations_dir(generation_id)
             images = [
                 (folder / generation.image_filename(i)).read_bytes()
                 for i in range(generation.image_count)
             ]
             return generation, images
-        if generation.status == Generation.Status.ERROR:
+        if status == Generation.Status.ERROR:
+            if generation.error_message == WORKER_LOST_MESSAGE:
+                raise ServiceError(WORKER_LOST_MESSAGE, status=503)
             raise ServiceError(f"generation failed: {generation.error_message}", status=500)
-        if generation.status == Generation.Status.QUEUED:
-            if not worker_alive(settings.GENERATION_QUEUE):
-                _abandon(generation_id)
-                raise ServiceError(NO_WORKER_MESSAGE, status=503)
-            if time.monotonic() > deadline:
-                _abandon(generation_id)
+        if status not in Generation.ACTIVE_STATUSES:  # cancelled (or abandoned) meanwhile
+            raise ServiceError(f"generation {generation_id} was {status}", status=409)
+        if status == Generation.Status.QUEUED and not worker_alive(settings.GENERATION_QUEUE):
+            _abandon(generation_id)
+            raise ServiceError(NO_WORKER_MESSAGE, status=503)
+        if status == Generation.Status.RUNNING and _heartbeat_stale(generation):
+            generations_end_lost()
+            continue  # read again: ended as lost, unless it beat in the meantime
+        if client_gone is not None and client_gone():
+            _give_up(generation_id, CANCELLED_CLIENT_GONE)
+            # Nobody reads this answer; 499 (nginx's "client closed request") in the logs.
+            raise ServiceError("the client disconnected; the generation was cancelled", status=499)
+        if time.monotonic() > deadline:
+            _give_up(generation_id, CANCELLED_TIMED_OUT)
+            if status == Generation.Status.QUEUED:
                 raise ServiceError("timed out waiting for a generation worker", status=504)
-        elif not worker_alive(settings.GENERATION_QUEUE):
-            # No generation worker beats any more: the one running this job died with it.
-            _finish_generation_with_error(generation_id, WORKER_LOST_MESSAGE)
-            raise ServiceError(WORKER_LOST_MESSAGE, status=503)
-        elif time.monotonic() > deadline:
             raise ServiceError("timed out waiting for the generation to finish", status=504)
         time.sleep(_POLL_INTERVAL_S)
+
+
+def _heartbeat_stale(generation: Generation) -> bool:
+    """Whether the process running the generation is gone (rows claimed before heartbeats
+    existed count from their start)."""
+    last_beat = generation.heartbeat_at or generation.started_at
+    stale_after = timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
+    return last_beat is not None and last_beat < timezone.now() - stale_after
+
+
+def generations_end_lost() -> list[int]:
+    """Ends as an error (WORKER_LOST_MESSAGE) the running generations whose heartbeat is
+    older than SDXL_WORKER_STALE_AFTER: the process running them died (kill -9, out of
+    memory), whatever its worker's main process still says. Returns their ids.
+
+    The web thread waiting on one calls it, and generation workers every few seconds: a
+    lost generation is never left running, and no longer holds back the redelivery of the
+    queued ones (generations_redeliver).
+    """
+    cutoff = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
+    lost = Generation.objects.filter(status=Generation.Status.RUNNING).filter(
+        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
+    )
+    ended = []
+    for generation_id in lost.values_list("pk", flat=True):
+        # Conditional, like every status change: a generation that beat meanwhile stays.
+        if _finish_generations_with_error([generation_id], WORKER_LOST_MESSAGE, among=lost):
+            ended.append(generation_id)
+    return ended
+
+
+def generation_cancel(generation_id: int, reason: str = CANCELLED_BY_REQUEST) -> Generation:
+    """Cancels a queued or running generation (404 unknown); returns it as it is now.
+
+    A queued one is then never run; a running one stops at its worker's next look at the
+    row, between denoising steps (at most SDXL's progress interval later), and writes no
+    image. One that has already ended is returned unchanged, as Replicate's cancel does.
+    """
+    generation_get(generation_id)
+    cancelled = Generation.objects.filter(
+        pk=generation_id, status__in=Generation.ACTIVE_STATUSES
+    ).update(status=Generation.Status.CANCELLED, error_message=reason, finished_at=timezone.now())
+    if cancelled:
+        logger.info("generation %s %s", generation_id, reason)
+        # The "failed" event, as for a cancelled training run: the body says "cancelled".
+        generations_event([generation_id], "failed")
+    return generation_get(generation_id)
+
+
+def _give_up(generation_id: int, reason: str) -> None:
+    """The caller stops waiting: a queued generation is abandoned, a running one cancelled."""
+    _abandon(generation_id)
+    if Generation.objects.filter(pk=generation_id, status=Generation.Status.RUNNING).exists():
+        generation_cancel(generation_id, reason)
 
 
 def generation_summary(generation: Generation) -> dict:
@@ -369,12 +450,15 @@ def generation_status_body(generation: Generation) -> dict:
         "created_at": generation.created_at,
         "started_at": generation.started_at,
         "finished_at": generation.finished_at,
-        "message": generation.error_message if status == Generation.Status.ERROR else None,
+        "message": generation.error_message or None if status in _WITH_MESSAGE else None,
         **generation_summary(generation),
         "seeds": image_seeds(generation.seed, params["num_images"]),
         "image_urls": generation_image_urls(generation),
     }
     return body
+
+
+_WITH_MESSAGE = (Generation.Status.ERROR, Generation.Status.CANCELLED)
 
 
 def _abandon(generation_id: int) -> None:
@@ -388,16 +472,28 @@ def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker), together with the queued
     requests that can share its batch (`_claim_companions`); one already taken is left
     alone, so the tasks of requests that ran in an earlier batch do nothing."""
-    from sdxl_engine.generation import GenerationJob, generate_batch
-    from sdxl_engine.image_output import encode_image
-    from sdxl_engine.lora_merge import AppliedLora
-    from training_app.runtime import generation_pipelines
-
     if not _claim(generation_id):
         logger.info("generation %s is not queued any more; nothing to do", generation_id)
         return
     lead = Generation.objects.prefetch_related("applied_loras").get(pk=generation_id)
     batch = [lead, *_claim_companions(lead)]
+    ids = [generation.pk for generation in batch]
+    with heartbeat(
+        lambda: _held_here(ids).update(heartbeat_at=timezone.now()),
+        settings.SDXL_WORKER_STALE_AFTER,
+        f"generations {ids}",
+    ):
+        _execute_batch(lead, batch)
+
+
+def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
+    """Generates the claimed batch and writes the images of the requests still wanted;
+    ends them completed, or in error, or leaves those cancelled meanwhile cancelled."""
+    from sdxl_engine.generation import GenerationJob, generate_batch
+    from sdxl_engine.image_output import encode_image
+    from sdxl_engine.lora_merge import AppliedLora
+    from training_app.runtime import generation_pipelines
+
     ids = [generation.pk for generation in batch]
     generations_event(ids, "started")
     if len(batch) > 1:
@@ -449,7 +545,10 @@ def generation_execute(generation_id: int) -> None:
             strength=strength,
             on_step=_progress_recorder(ids),
         )
+        wanted = set(_held_here(ids).values_list("pk", flat=True))
         for generation, images in zip(batch, images_per_job, strict=True):
+            if generation.pk not in wanted:
+                continue  # cancelled (or judged lost) while the batch ran: no images
             record = {
                 "prompt": generation.prompt,
                 "negative_prompt": generation.negative_prompt,
@@ -483,22 +582,30 @@ def generation_execute(generation_id: int) -> None:
                         generation.parameters.get("quality"),
                     ),
                 )
+    except GenerationCancelled:
+        logger.info("generations %s cancelled between steps", ids)
+        return
     except (EngineError, ServiceError) as error:
-        _finish_generations_with_error(ids, getattr(error, "message", str(error)))
+        _finish_generations_with_error(ids, getattr(error, "message", str(error)), _held_here(ids))
         return
     except Exception as error:
         logger.exception("generations %s failed", ids)
-        _finish_generations_with_error(ids, f"{type(error).__name__}: {error}")
+        _finish_generations_with_error(ids, f"{type(error).__name__}: {error}", _held_here(ids))
         return
     duration_ms = int((time.monotonic() - started) * 1000)
+    completed = []
     for generation, images in zip(batch, images_per_job, strict=True):
-        Generation.objects.filter(pk=generation.pk).update(
+        finished = _held_here([generation.pk]).update(
             status=Generation.Status.COMPLETED,
             image_count=len(images),
             duration_ms=duration_ms,
             finished_at=timezone.now(),
         )
-    generations_event(ids, "completed")
+        if finished:
+            completed.append(generation.pk)
+        else:  # cancelled while its images were written: it keeps none
+            shutil.rmtree(generations_dir(generation.pk), ignore_errors=True)
+    generations_event(completed, "completed")
 
 
 def generations_event(generation_ids: list[int], event: str) -> None:
@@ -516,7 +623,9 @@ _PROGRESS_INTERVAL_S = 0.25
 
 
 def _progress_recorder(generation_ids: list[int]):
-    """An on_step callback recording each batch request's steps done (GET /generations)."""
+    """An on_step callback recording each batch request's steps done (GET /generations).
+    Writing only to the rows still running here, it learns which are wanted: when none
+    is (all cancelled, or judged lost), it stops the batch between steps."""
     last_written = 0.0
 
     def record(done: int, total: int) -> None:
@@ -527,7 +636,8 @@ def _progress_recorder(generation_ids: list[int]):
         if done < total and not crossed and now - last_written < _PROGRESS_INTERVAL_S:
             return
         last_written = now
-        Generation.objects.filter(pk__in=generation_ids).update(step=done, total_steps=total)
+        if not _held_here(generation_ids).update(step=done, total_steps=total):
+            raise GenerationCancelled(f"generations {generation_ids} are no longer wanted")
         if crossed:
             generations_event(generation_ids, "progress")
 
@@ -561,11 +671,23 @@ def _lora_path(lora: GenerationLora) -> Path:
 
 
 def _claim(generation_id: int) -> bool:
-    """Takes a queued generation for this worker; False when it is not queued (any more)."""
+    """Takes a queued generation for this process; False when it is not queued (any more)."""
+    now = timezone.now()
     return bool(
         Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
-            status=Generation.Status.RUNNING, started_at=timezone.now()
+            status=Generation.Status.RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker_identity(),
         )
+    )
+
+
+def _held_here(generation_ids: list[int]):
+    """The generations' rows while this process holds them: running, claimed by it. One
+    cancelled, or judged lost, meanwhile is no longer ours to update or end."""
+    return Generation.objects.filter(
+        pk__in=generation_ids, status=Generation.Status.RUNNING, worker=worker_identity()
     )
 
 
@@ -633,17 +755,23 @@ def _claim_companions(lead: Generation) -> list[Generation]:
     return companions
 
 
-def _finish_generation_with_error(generation_id: int, message: str) -> None:
-    _finish_generations_with_error([generation_id], message)
-
-
-def _finish_generations_with_error(generation_ids: list[int], message: str) -> None:
-    # A batch that failed while writing may have written some of its requests' images:
-    # a request in error keeps none.
-    for generation_id in generation_ids:
+def _finish_generations_with_error(
+    generation_ids: list[int], message: str, among: QuerySet | None = None
+) -> list[int]:
+    """Ends those of the generations still running (in `among`, else any running one) as an
+    error; returns their ids. A request in error keeps no images: a batch that failed while
+    writing may have written some."""
+    running = Generation.objects.filter(status=Generation.Status.RUNNING)
+    ended = [
+        generation_id
+        for generation_id in generation_ids
+        if (among if among is not None else running)
+        .filter(pk=generation_id)
+        .update(status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now())
+    ]
+    for generation_id in ended:
         shutil.rmtree(generations_dir(generation_id), ignore_errors=True)
-    Generation.objects.filter(pk__in=generation_ids).update(
-        status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now()
-    )
-    generations_event(generation_ids, "failed")
-    logger.warning("generations %s ended in error: %s", generation_ids, message)
+    if ended:
+        generations_event(ended, "failed")
+        logger.warning("generations %s ended in error: %s", ended, message)
+    return ended

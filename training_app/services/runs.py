@@ -1,17 +1,12 @@
 """LoRA training runs: starting, cancelling, executing in the worker, recovering lost ones."""
 
 import logging
-import os
-import socket
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.db import IntegrityError, transaction
 from django.db.models import Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
@@ -25,6 +20,7 @@ from sessions_app.selectors import session_get
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import training_status_body
+from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_store
 from training_app.services.watch import (
     checkpoint_store,
@@ -39,16 +35,10 @@ logger = logging.getLogger(__name__)
 # Progress stays below 100 until the file is stored: 100 means the LoRA exists.
 _PROGRESS_BEFORE_SAVE = 99
 CANCELLED_MESSAGE = "training was cancelled"
-# The job's heartbeat thread writes this many times per SDXL_RUN_STALE_AFTER.
-_BEATS_PER_STALE_PERIOD = 4
 WORKER_LOST_MESSAGE = (
     "the worker running this training was lost (killed or crashed) before it finished; "
     "no LoRA was saved: train again"
 )
-
-
-def worker_identity() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 # --- Starting a run ------------------------------------------------------------------
@@ -164,7 +154,11 @@ def training_run_execute(run_id: int) -> None:
     run_event(run_id, "started")
     output = _run_output_path(run.session_id, run.pk)
     try:
-        with _heartbeat(run.pk):
+        with heartbeat(
+            lambda: _held_here(run.pk).update(heartbeat_at=timezone.now()),
+            settings.SDXL_RUN_STALE_AFTER,
+            f"training run {run.pk}",
+        ):
             artifact = _train_and_store(run, output)
     except TrainingCancelled:
         _finish_with_error(run_id, CANCELLED_MESSAGE)
@@ -188,36 +182,6 @@ def training_run_execute(run_id: int) -> None:
 def _run_output_path(session_id: int, run_id: int) -> Path:
     """Where a run's LoRA is written before it is stored (the engine adds `.tmp` first)."""
     return storage.session_dir(session_id) / f".training-run-{run_id}.safetensors"
-
-
-@contextmanager
-def _heartbeat(run_id: int) -> Iterator[None]:
-    """Keeps the run's `heartbeat_at` fresh from a thread for as long as the block runs.
-
-    Progress callbacks come only between training steps, and loading a model (or one step
-    of a large one) can take minutes; the thread beats regardless, so a heartbeat goes
-    stale only when the worker process is gone.
-    """
-    stopped = threading.Event()
-    interval = settings.SDXL_RUN_STALE_AFTER / _BEATS_PER_STALE_PERIOD
-
-    def beat() -> None:
-        try:
-            while not stopped.wait(interval):
-                try:
-                    _held_here(run_id).update(heartbeat_at=timezone.now())
-                except DatabaseError:
-                    logger.exception("could not write the heartbeat of training run %s", run_id)
-        finally:
-            connection.close()  # this thread's own connection
-
-    thread = threading.Thread(target=beat, name=f"training-run-{run_id}-heartbeat", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stopped.set()
-        thread.join()
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:

@@ -19,8 +19,8 @@ def generations_in_process(monkeypatch, generation_worker):
 
     wait = generations.generation_wait
 
-    def execute_then_wait(generation_id, timeout_s):
+    def execute_then_wait(generation_id, timeout_s, client_gone=None):
         generations.generation_execute(generation_id)
-        return wait(generation_id, timeout_s)
+        return wait(generation_id, timeout_s, client_gone)
 
     monkeypatch.setattr(generations, "generation_wait", execute_then_wait)

@@ -131,6 +131,9 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     queued = api("/txt2img", {**TXT2IMG, "async": True}, expect=202)
     status = api(queued["status_url"], template="/generations/{generation_id}")
     assert status["status"] == "queued"
+    cancel = f"/generations/{queued['generation_id']}/cancel"
+    cancelled = api(cancel, {}, template="/generations/{generation_id}/cancel")
+    assert cancelled["status"] == "cancelled"
     jpeg = api("/txt2img", {**TXT2IMG, "response_format": "url", "output_format": "jpeg"})
     schema.check_image(
         "/generations/{generation_id}/{index}.{extension}",

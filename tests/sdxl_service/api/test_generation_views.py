@@ -138,3 +138,27 @@ def test_async_txt2img_refuses_bad_bodies_as_the_waiting_form_does(api, generati
         "response_format",
     )
     assert not Generation.objects.exists()
+
+
+def test_cancel_answers_the_generation_cancelled_and_an_ended_one_unchanged(api, generation_worker):
+    queued = api.post("/txt2img", {**SMALL, "async": True}, format="json").json()
+    url = f"/generations/{queued['generation_id']}/cancel"
+
+    answer = api.post(url)
+
+    assert answer.status_code == 200
+    body = answer.json()
+    assert (body["generation_id"], body["status"], body["image_urls"]) == (
+        queued["generation_id"],
+        "cancelled",
+        [],
+    )
+    assert body["message"] == generations.CANCELLED_BY_REQUEST
+    assert api.post(url + "/").json() == body  # ended: unchanged
+    assert api.get(queued["status_url"]).json() == body
+    assert Generation.objects.get(pk=queued["generation_id"]).status == "cancelled"
+
+
+def test_cancel_of_an_unknown_generation_is_a_json_404_and_get_is_405(api):
+    assert_error(api.post("/generations/999/cancel"), 404, "generation 999 not found")
+    assert api.get("/generations/999/cancel").status_code == 405

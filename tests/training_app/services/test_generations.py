@@ -1,7 +1,9 @@
 import io
 import json
+import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -156,16 +158,225 @@ def test_wait_gives_503_and_abandons_when_the_worker_goes_away(generation_worker
     assert Generation.objects.get(pk=generation.pk).status == "abandoned"
 
 
-def test_a_worker_lost_mid_job_answers_503_at_once_and_records_why(generation_worker):
+def _stale(settings) -> timezone.datetime:
+    return timezone.now() - timezone.timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER + 1)
+
+
+def test_a_job_process_lost_mid_job_answers_503_at_once_and_records_why(
+    generation_worker, settings
+):
     generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    # The worker took the job, then died (kill -9): its heartbeat row goes stale.
-    Generation.objects.filter(pk=generation.pk).update(status=Generation.Status.RUNNING)
-    generation_worker.delete()
+    # The job's process took it, then died (kill -9): the row's own heartbeat goes stale,
+    # while the worker's main process (generation_worker) still beats.
+    Generation.objects.filter(pk=generation.pk).update(
+        status=Generation.Status.RUNNING, started_at=_stale(settings), heartbeat_at=_stale(settings)
+    )
+    started = time.monotonic()
     with pytest.raises(ServiceError) as error:
         generations.generation_wait(generation.pk, timeout_s=60)
-    assert error.value.status == 503 and "worker was lost" in error.value.message
+    assert time.monotonic() - started < 5
+    assert error.value.status == 503 and error.value.message == generations.WORKER_LOST_MESSAGE
     row = Generation.objects.get(pk=generation.pk)
-    assert row.status == "error" and "worker was lost" in row.error_message
+    assert row.status == "error" and row.error_message == generations.WORKER_LOST_MESSAGE
+    assert row.finished_at is not None
+
+
+def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees_redelivery(
+    generation_worker, settings, monkeypatch
+):
+    settings.SDXL_WORKER_STALE_AFTER = 30  # the worker's own heartbeat is fresh
+    lost, alive, old_row, waiting = (
+        generations.generation_request(GenerationRequest(prompt=p, **SMALL))
+        for p in ("lost", "alive", "old row", "waiting")
+    )
+    running = {"status": Generation.Status.RUNNING, "started_at": _stale(settings)}
+    Generation.objects.filter(pk=lost.pk).update(**running, heartbeat_at=_stale(settings))
+    Generation.objects.filter(pk=alive.pk).update(**running, heartbeat_at=timezone.now())
+    # Claimed before heartbeats existed: its start counts as its last beat.
+    Generation.objects.filter(pk=old_row.pk).update(**running, heartbeat_at=None)
+    Generation.objects.filter(pk=waiting.pk).update(created_at=_stale(settings))
+    redelivered = []
+    monkeypatch.setattr(generations, "_enqueue_generation", redelivered.append)
+    assert generations.generations_redeliver() == []  # running rows hold it back
+
+    assert sorted(generations.generations_end_lost()) == sorted([lost.pk, old_row.pk])
+
+    assert _statuses(lost, alive, old_row, waiting) == ["error", "running", "error", "queued"]
+    assert generations.generations_end_lost() == []  # nothing twice
+    assert generations.generations_redeliver() == []  # the live one may yet batch it
+    Generation.objects.filter(pk=alive.pk).update(status=Generation.Status.COMPLETED)
+    assert generations.generations_redeliver() == [waiting.pk] == redelivered
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_job_process_beats_its_rows_while_the_engine_runs(
+    generation_worker, settings, monkeypatch
+):
+    import sdxl_engine.generation
+
+    settings.SDXL_WORKER_STALE_AFTER = 0.4  # a beat every 0.1 s
+    real_generate_batch = sdxl_engine.generation.generate_batch
+    beats = []
+
+    def slow_generate_batch(*args, **kwargs):
+        for _ in range(5):
+            time.sleep(0.2)
+            beats.append(Generation.objects.get(pk=generation.pk).heartbeat_at)
+        return real_generate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(sdxl_engine.generation, "generate_batch", slow_generate_batch)
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generations.generation_execute(generation.pk)
+
+    assert len(set(beats)) >= 3, beats  # fresh beats while the engine worked
+    row = Generation.objects.get(pk=generation.pk)
+    assert row.status == "completed" and row.worker.endswith(f":{os.getpid()}")
+
+
+def test_cancel_a_queued_generation_at_once_and_it_never_runs(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    cancelled = generations.generation_cancel(generation.pk)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    assert cancelled.error_message == generations.CANCELLED_BY_REQUEST
+    generations.generation_execute(generation.pk)  # its task, delivered late
+    assert _statuses(generation) == ["cancelled"] and _files(generation) == {}
+
+
+def test_cancel_of_an_ended_generation_answers_it_unchanged_and_unknown_is_404(
+    generation_worker,
+):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generations.generation_execute(generation.pk)
+    before = Generation.objects.get(pk=generation.pk)
+    after = generations.generation_cancel(generation.pk)
+    assert (after.status, after.finished_at, after.image_count) == (
+        "completed",
+        before.finished_at,
+        1,
+    )
+    with pytest.raises(ServiceError) as error:
+        generations.generation_cancel(generation.pk + 1000)
+    assert error.value.status == 404
+    assert Generation.objects.count() == 1
+
+
+LONG = {"height": 64, "width": 64, "steps": 12}
+
+
+def _cancel_at_step(monkeypatch, step: int, cancelled: list[int]) -> list[int]:
+    """Makes the worker cancel `cancelled` when its batch reaches `step` (as a client's
+    POST .../cancel would, from outside), with progress written at every step; returns the
+    steps the engine reported."""
+    monkeypatch.setattr(generations, "_PROGRESS_INTERVAL_S", 0)
+    real_recorder = generations._progress_recorder
+    steps = []
+
+    def recorder(generation_ids):
+        record = real_recorder(generation_ids)
+
+        def on_step(done, total):
+            steps.append(done)
+            if done == step:
+                for generation_id in cancelled:
+                    generations.generation_cancel(generation_id)
+            record(done, total)
+
+        return on_step
+
+    monkeypatch.setattr(generations, "_progress_recorder", recorder)
+    return steps
+
+
+def test_a_running_generation_cancelled_stops_between_steps_and_writes_nothing(
+    generation_worker, monkeypatch
+):
+    generation = generations.generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
+    steps = _cancel_at_step(monkeypatch, 3, [generation.pk])
+
+    generations.generation_execute(generation.pk)
+
+    assert steps == [1, 2, 3]  # not one step more
+    row = Generation.objects.get(pk=generation.pk)
+    assert (row.status, row.image_count, row.error_message) == (
+        "cancelled",
+        0,
+        generations.CANCELLED_BY_REQUEST,
+    )
+    assert row.step == 2 and row.step < row.total_steps == 12
+    assert _files(generation) == {}
+    # The pipelines serve the next request as if nothing had happened.
+    monkeypatch.undo()
+    again = generations.generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
+    generations.generation_execute(again.pk)
+    assert _statuses(again) == ["completed"]
+
+
+def test_in_a_batch_a_cancelled_request_gets_no_images_and_the_others_complete(
+    generation_worker, settings, monkeypatch
+):
+    settings.SDXL_GENERATION_BATCH_IMAGES = 4
+    lead, companion = (
+        generations.generation_request(GenerationRequest(prompt=p, **LONG))
+        for p in ("a red apple", "a blue car")
+    )
+    steps = _cancel_at_step(monkeypatch, 3, [companion.pk])
+
+    generations.generation_execute(lead.pk)
+
+    assert steps[-1] == 12  # the batch went on for the request still wanted
+    assert _statuses(lead, companion) == ["completed", "cancelled"]
+    assert _files(companion) == {} and list(_files(lead)) == ["0.png"]
+    assert Generation.objects.get(pk=companion.pk).image_count == 0
+
+
+def test_a_waiting_client_that_goes_away_cancels_its_running_generation(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    Generation.objects.filter(pk=generation.pk).update(
+        status=Generation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
+    )
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
+    assert error.value.status == 499
+    row = Generation.objects.get(pk=generation.pk)
+    assert (row.status, row.error_message) == ("cancelled", generations.CANCELLED_CLIENT_GONE)
+
+
+def test_a_waiting_client_that_goes_away_abandons_its_queued_generation(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
+    assert error.value.status == 499 and _statuses(generation) == ["abandoned"]
+
+
+def test_a_504_cancels_the_running_generation(generation_worker):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    Generation.objects.filter(pk=generation.pk).update(
+        status=Generation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
+    )
+    with pytest.raises(ServiceError) as error:
+        generations.generation_wait(generation.pk, timeout_s=0.3, client_gone=lambda: False)
+    assert error.value.status == 504
+    row = Generation.objects.get(pk=generation.pk)
+    assert (row.status, row.error_message) == ("cancelled", generations.CANCELLED_TIMED_OUT)
+
+
+def test_a_generation_judged_lost_is_not_completed_by_its_late_worker(
+    generation_worker, settings, monkeypatch
+):
+    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    real_claim = generations._claim
+
+    def claim_then_judged_lost(generation_id):
+        claimed = real_claim(generation_id)
+        Generation.objects.filter(pk=generation_id).update(heartbeat_at=_stale(settings))
+        assert generations.generations_end_lost() == [generation_id]
+        return claimed
+
+    monkeypatch.setattr(generations, "_claim", claim_then_judged_lost)
+    generations.generation_execute(generation.pk)
+    row = Generation.objects.get(pk=generation.pk)
+    assert (row.status, row.error_message) == ("error", generations.WORKER_LOST_MESSAGE)
+    assert _files(generation) == {}
 
 
 def test_wait_times_out_with_504(generation_worker):

@@ -208,7 +208,19 @@ def test_a_generation_that_fails_posts_failed(receiver, generation_worker):
         GenerationRequest(prompt="x", webhook_url=receiver.url)
     )
     Generation.objects.filter(pk=generation.pk).update(status="running")
-    generations._finish_generation_with_error(generation.pk, "the worker was lost")
+    generations._finish_generations_with_error([generation.pk], "the worker was lost")
     webhooks.webhooks_deliver_due()
     assert receiver.events() == ["failed"]
     assert json.loads(receiver.received[0]["body"])["data"]["message"] == "the worker was lost"
+
+
+def test_a_cancelled_generation_posts_failed_with_status_cancelled(receiver, generation_worker):
+    generation = generations.generation_request(
+        GenerationRequest(prompt="x", webhook_url=receiver.url)
+    )
+    generations.generation_cancel(generation.pk)
+    generations.generation_cancel(generation.pk)  # already ended: no second event
+    webhooks.webhooks_deliver_due()
+    assert receiver.events() == ["failed"]
+    data = json.loads(receiver.received[0]["body"])["data"]
+    assert (data["status"], data["message"]) == ("cancelled", generations.CANCELLED_BY_REQUEST)

@@ -117,7 +117,7 @@ class Command(BaseCommand):
 
     def _beat(self, queue: str, queue_name: str, host: str, pid: int, started) -> None:
         """One heartbeat, and the recovery of what dead workers left behind."""
-        from training_app.services.generations import generations_redeliver
+        from training_app.services.generations import generations_end_lost, generations_redeliver
         from training_app.services.runs import training_runs_recover_lost, training_runs_redeliver
         from training_app.services.workers import worker_heartbeat_beat, worker_heartbeats_prune
 
@@ -132,6 +132,8 @@ class Command(BaseCommand):
             for run_id in training_runs_redeliver():
                 self.stdout.write(f"training run {run_id} lost its task; queued again")
         else:
+            for generation_id in generations_end_lost():
+                self.stdout.write(f"generation {generation_id} lost its process; ended")
             for generation_id in generations_redeliver():
                 self.stdout.write(f"generation {generation_id} lost its task; queued again")
 
