@@ -122,10 +122,13 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 # How long a request of the web server waits for a database lock another connection holds
 # (SQLite's busy timeout, PostgreSQL's lock_timeout) before it answers 503 "the database is
 # busy" with Retry-After: a client waiting 30 s for a generic error learns nothing, and
-# every waiting request holds one of the web server's threads. Normal writes hold their
-# locks for milliseconds, so a few seconds only ever runs out for a database held by
-# something else (a backup, a migration, an outside `BEGIN IMMEDIATE`).
-SDXL_WEB_DB_LOCK_TIMEOUT = env.float("SDXL_WEB_DB_LOCK_TIMEOUT", default=5.0)
+# every waiting request holds one of the web server's threads. A write holds the lock for
+# milliseconds (an upload: its two files written and fsynced), so even a burst of 64
+# uploads at once (every web thread) queues for a few seconds on a slow disk; 10 s leaves
+# room for that and runs out only for a database held by something else (a backup, a
+# migration, an outside `BEGIN IMMEDIATE`). SQLite's waiters retry rather than queue in
+# order, so a much shorter wait would refuse some writes of a legitimate burst.
+SDXL_WEB_DB_LOCK_TIMEOUT = env.float("SDXL_WEB_DB_LOCK_TIMEOUT", default=10.0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 

@@ -26,7 +26,7 @@ from tests.processes import processes_with_env, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
-# The web server's wait for a lock in these tests (SDXL_WEB_DB_LOCK_TIMEOUT; 5 s by default).
+# The web server's wait for a lock in these tests (SDXL_WEB_DB_LOCK_TIMEOUT; 10 s by default).
 LOCK_WAIT_S = 2
 # Longer than that, and long enough to see that a write is not kept waiting.
 HELD_S = 8
