@@ -117,7 +117,7 @@ def test_database_held_by_another_writer_answers_503_then_works_again(
         assert BUSY_MESSAGE in response.json()["message"]
         assert int(response.headers["Retry-After"]) >= 1
         # Answered after the web server's wait, not after the workers' 30 s.
-        assert LOCK_WAIT_S - 0.5 <= seconds < LOCK_WAIT_S + 5, seconds
+        assert LOCK_WAIT_S - 0.5 <= seconds < LOCK_WAIT_S + 10, seconds
     print(f"\nheld: create_session 503 after {create_s:.2f}s, post_session_image {post_s:.2f}s")
 
     # Held for HELD_S in all (longer on a slow machine), then released: writes are accepted
