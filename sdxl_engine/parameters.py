@@ -27,6 +27,9 @@ RECIPE_MAX_VIEWS = 4000
 RECIPE_MAX_WARMUP_STEPS = 100
 # sample_every and checkpoint_every of None: this many times a run.
 WATCHES_PER_RUN = 4
+# Training images train at buckets of about this side squared; 64 divides by what both the
+# SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
+TRAINING_RESOLUTION_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -125,20 +128,38 @@ def recipe_views(image_count: int) -> int:
     return min(RECIPE_MAX_VIEWS, max(RECIPE_MIN_VIEWS, RECIPE_VIEWS_PER_IMAGE * image_count))
 
 
-def training_params(given: Mapping[str, object], image_count: int) -> TrainingParams:
+def fewest_steps(epochs: int, image_count: int, batch_size: int) -> int:
+    """The steps `epochs` epochs take at the least: full batches of one size. Aspect
+    buckets add a batch for each size's remainder, one image per batch at the most."""
+    return epochs * -(-image_count // batch_size)
+
+
+def training_params(
+    given: Mapping[str, object], image_count: int, max_steps: int | None = None
+) -> TrainingParams:
     """The whole recipe of a run: the fields the caller gave, the rest from its recipe
     (recipe_of). The service recipe trains whole epochs until every image has been seen
     enough for recipe_views(image_count) image-views in all (counted in epochs, because
     with aspect buckets a batch may hold fewer than batch_size images), and warms up for
     a tenth of the steps, at most RECIPE_MAX_WARMUP_STEPS, unless the caller says
-    otherwise. Exactly one of steps and epochs is set in the result."""
+    otherwise. Exactly one of steps and epochs is set in the result.
+
+    A length the caller left out keeps to `max_steps` (the service's limit on steps): when
+    its epochs could take more steps than that (one image per batch), it becomes that many
+    steps instead, or fewer (the epochs' fewest_steps). A length the caller gave is theirs
+    to keep within the limit (the service refuses it otherwise)."""
     recipe = recipe_of(given)
     defaults = recipe_defaults(recipe)
     chosen = {**asdict(defaults), **given, "recipe": recipe}
     if chosen.get("steps"):
         chosen["epochs"] = None
-    elif not chosen.get("epochs"):
-        chosen["epochs"] = -(-recipe_views(image_count) // max(image_count, 1))
+    else:
+        if not chosen.get("epochs"):
+            chosen["epochs"] = -(-recipe_views(image_count) // max(image_count, 1))
+        most_steps = chosen["epochs"] * image_count
+        if "epochs" not in given and max_steps is not None and most_steps > max_steps:
+            fewest = fewest_steps(chosen["epochs"], image_count, chosen["batch_size"])
+            chosen["steps"], chosen["epochs"] = min(max_steps, fewest), None
     if "lr_warmup_steps" not in given:
         if chosen["lr_scheduler"] == "constant":
             chosen["lr_warmup_steps"] = 0

@@ -76,6 +76,7 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "sdxl_service.api.errors.UnavailableErrorsMiddleware",
 ]
 
 ROOT_URLCONF = "sdxl_service.urls"
@@ -110,11 +111,24 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
             # lock (a write transaction) serialises web and worker processes instead of
             # failing late with "database is locked"; WAL lets readers run meanwhile.
             "transaction_mode": "IMMEDIATE",
-            # How long a write waits for SQLite's lock before "database is locked".
+            # How long a write waits for another's lock before "database is locked". Workers
+            # wait long: their writes (progress, results) must not be lost to a slow
+            # neighbour. The web server waits SDXL_WEB_DB_LOCK_TIMEOUT instead (sdxl_service.wsgi).
             "timeout": env.float("SDXL_SQLITE_TIMEOUT", default=30.0),
             "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
         }
     )
+
+# How long a request of the web server waits for a database lock another connection holds
+# (SQLite's busy timeout, PostgreSQL's lock_timeout) before it answers 503 "the database is
+# busy" with Retry-After: a client waiting 30 s for a generic error learns nothing, and
+# every waiting request holds one of the web server's threads. A write holds the lock for
+# milliseconds (an upload: its two files written and fsynced), so even a burst of 64
+# uploads at once (every web thread) queues for a few seconds on a slow disk; 10 s leaves
+# room for that and runs out only for a database held by something else (a backup, a
+# migration, an outside `BEGIN IMMEDIATE`). SQLite's waiters retry rather than queue in
+# order, so a much shorter wait would refuse some writes of a legitimate burst.
+SDXL_WEB_DB_LOCK_TIMEOUT = env.float("SDXL_WEB_DB_LOCK_TIMEOUT", default=10.0)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -152,7 +166,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
     "UNAUTHENTICATED_USER": None,
     "EXCEPTION_HANDLER": "sdxl_service.api.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "sdxl_service.api.schema.AutoSchema",
 }
 
 # The OpenAPI description at /api/schema and its pages at /api/docs and /api/redoc; the
@@ -208,6 +222,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "sdxl_service.api.schema.schema_with_safe_integer_examples",
+        "sdxl_service.api.schema.schema_with_common_errors",
     ],
 }
 
@@ -247,6 +262,19 @@ SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
 SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)
 SDXL_MAX_PROMPT_CHARS = env.int("SDXL_MAX_PROMPT_CHARS", default=2000)
 SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=64 * 1024 * 1024)
+# Defaults obey these limits as given values do: a request that leaves a value out gets
+# the default capped at the limit (height and width: min(1024, SDXL_MAX_IMAGE_SIDE) rounded
+# down to a multiple of 8; a training run's length: at most SDXL_MAX_TRAINING_STEPS steps).
+# A limit below the smallest value the API takes would refuse every request: refused here.
+for _name, _smallest in (
+    ("SDXL_MAX_IMAGE_SIDE", 64),
+    ("SDXL_MAX_NUM_IMAGES", 1),
+    ("SDXL_MAX_TRAINING_STEPS", 1),
+    ("SDXL_MAX_PROMPT_CHARS", 1),
+    ("SDXL_MAX_UPLOAD_PIXELS", 1),
+):
+    if globals()[_name] < _smallest:
+        raise ImproperlyConfigured(f"{_name} must be at least {_smallest}")
 # Webhooks (training_app.services.webhooks): off unless both are set. Hosts as Django's
 # ALLOWED_HOSTS lists them ("hooks.example.com", ".example.com" for its subdomains).
 SDXL_WEBHOOK_ALLOWED_HOSTS = env.list("SDXL_WEBHOOK_ALLOWED_HOSTS", default=[])

@@ -19,8 +19,10 @@ logger = logging.getLogger(__name__)
 
 
 def session_create() -> Session:
-    session = Session.objects.create()
-    storage.session_dir(session.pk).mkdir(parents=True, exist_ok=True)
+    # One transaction: a folder that cannot be made (no space left) leaves no row behind.
+    with transaction.atomic():
+        session = Session.objects.create()
+        storage.session_dir(session.pk).mkdir(parents=True, exist_ok=True)
     return session
 
 

@@ -4,10 +4,14 @@ docs/api.md: every error answers `{"status": "error", "message": "..."}` with a 
 4xx/5xx code; never an HTML page, never a stack trace.
 """
 
+import errno
 import logging
+import math
+from pathlib import Path
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
+from django.db import DatabaseError
 from django.http import JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
@@ -44,8 +48,91 @@ def _validation_message(detail, prefix: str = "") -> str:
     return f"{field}: {detail}" if field else str(detail)
 
 
+# PostgreSQL's SQLSTATEs for a database that is busy rather than broken: a lock not granted
+# within lock_timeout, a statement cancelled by statement_timeout, a deadlock, no
+# connection slot left; and for a full disk.
+_POSTGRES_BUSY = {"55P03", "57014", "40P01", "53300", "53400"}
+_POSTGRES_FULL = {"53100"}
+# What SQLite and PostgreSQL say where they give no code (a refused connection has none).
+_BUSY_MESSAGES = ("database is locked", "database table is locked", "too many clients")
+_FULL_MESSAGES = ("database or disk is full",)
+_NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+
+
+def _causes(exc: BaseException):
+    """`exc` and the exceptions it was raised from (Django wraps the driver's errors)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _database_state(exc: BaseException) -> str | None:
+    """ "busy" or "full" for a database error that is one of those, else None."""
+    if not isinstance(exc, DatabaseError):
+        return None
+    for cause in _causes(exc):
+        sqlstate = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+        if sqlstate in _POSTGRES_BUSY:
+            return "busy"
+        if sqlstate in _POSTGRES_FULL:
+            return "full"
+        text = str(cause).lower()
+        if any(message in text for message in _BUSY_MESSAGES):
+            return "busy"
+        if any(message in text for message in _FULL_MESSAGES):
+            return "full"
+    return None
+
+
+def _no_space_where(exc: BaseException) -> str | None:
+    """Where a write found no space left (a file error ENOSPC or a full database), for the
+    message; None when `exc` is not such an error. Names no host path."""
+    if _database_state(exc) == "full":
+        return "the database"
+    for cause in _causes(exc):
+        if isinstance(cause, OSError) and cause.errno in _NO_SPACE_ERRNOS:
+            filename = cause.filename
+            if filename is None or Path(filename).resolve().is_relative_to(settings.DATA_DIR):
+                return "the data dir (SDXL_DATA_DIR)"
+            return "the temporary files' folder"
+    return None
+
+
+def unavailable_response(exc: BaseException, response_class=Response):
+    """503 for a busy database, 507 for no space left; None for any other error.
+
+    The service's writes are transactions (or a single statement) and its files are
+    written atomically, so a write that failed here left nothing half-made behind: the
+    client may simply retry.
+    """
+    if _database_state(exc) == "busy":
+        logger.warning("database busy: %s", exc)
+        response = response_class(
+            error_body(
+                "the database is busy (another writer holds its lock, or every connection is "
+                "in use): retry after Retry-After seconds"
+            ),
+            status=503,
+        )
+        response["Retry-After"] = str(max(1, math.ceil(settings.SDXL_WEB_DB_LOCK_TIMEOUT)))
+        return response
+    where = _no_space_where(exc)
+    if where is not None:
+        logger.error("no space left in %s: %s", where, exc)
+        return response_class(
+            error_body(f"no space left on the device of {where}: free some space and retry"),
+            status=507,
+        )
+    return None
+
+
 def api_exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
+    unavailable = unavailable_response(exc)
+    if unavailable is not None:
+        return unavailable
     if isinstance(exc, ServiceError):
         return Response(error_body(exc.message), status=exc.status)
     if isinstance(exc, UploadTooBig):
@@ -82,3 +169,17 @@ def json_server_error(request):
 
 def json_bad_request(request, exception=None):
     return JsonResponse(error_body("bad request"), status=400)
+
+
+class UnavailableErrorsMiddleware:
+    """The same 503 and 507 answers for views outside DRF (the admin, the front door),
+    whose errors would otherwise end in handler500's generic 500."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        return unavailable_response(exception, response_class=JsonResponse)

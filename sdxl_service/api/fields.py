@@ -23,8 +23,9 @@ _INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
 @extend_schema_field(
     {
         "oneOf": [
-            {"type": "integer", "minimum": 1},
-            {"type": "string", "pattern": "^[0-9]+$"},
+            {"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+            # Ids start at 1: "0" (or "000") is refused like 0.
+            {"type": "string", "pattern": "^0*[1-9][0-9]*$", "minLength": 1, "maxLength": 19},
         ],
         "example": "1",
     }

@@ -1,5 +1,8 @@
-"""What the endpoints' OpenAPI descriptions share: the error shape and its meanings."""
+"""What the endpoints' OpenAPI descriptions share: the error shape and its meanings, and
+the rules the serializers enforce that drf-spectacular would leave out."""
 
+from django.core.validators import StepValueValidator
+from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
@@ -17,17 +20,61 @@ _ERROR_MEANINGS = {
     409: "conflicting state (already training, name taken, nothing to cancel)",
     413: "request body larger than the configured limit",
     500: "the job failed (the message says why)",
-    503: "no generation worker is running",
+    503: "no generation worker is running, or the database is busy (with Retry-After)",
     504: "timed out waiting for the image",
 }
+# What any endpoint may answer, added to every operation by schema_with_common_errors.
+_COMMON_ERRORS = {
+    401: "an API token exists and the request has no valid `Authorization: Bearer <token>` "
+    "(with WWW-Authenticate)",
+    405: "the endpoint does not take this HTTP method",
+    503: "the database is busy (locked by another writer, or out of connections) for longer "
+    "than SDXL_WEB_DB_LOCK_TIMEOUT: retry after the Retry-After header's seconds",
+}
+# ... to every operation that takes a request body,
+_BODY_ERRORS = {415: "the request body's Content-Type is not one the endpoint takes"}
+# ... and to every operation that writes.
+_WRITE_ERRORS = {
+    507: "no space left on the device that holds the data dir or the database",
+}
+_WRITING_GETS = {"create_session"}
 
 
 def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
-    """The documented error answers of an endpoint: 400 and 413 always, plus `codes`."""
+    """The documented error answers of an endpoint: 400 and 413 always, plus `codes`
+    (schema_with_common_errors adds the answers every endpoint may give)."""
     return {
         code: OpenApiResponse(ErrorSerializer, description=_ERROR_MEANINGS[code])
         for code in sorted({400, 413, *codes})
     }
+
+
+class AutoSchema(SpectacularAutoSchema):
+    """drf-spectacular's AutoSchema, showing two rules the serializers enforce:
+
+    - `multipleOf` from a StepValueValidator (image sides: multiples of 8, training
+      resolution: of 64);
+    - `minLength: 1` on request strings that may not be blank (DRF's CharField refuses ""
+      unless allow_blank, but drf-spectacular leaves that out).
+    """
+
+    def _map_serializer_field(self, field, direction, bypass_extensions=False):
+        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+        if (
+            direction == "request"
+            and isinstance(field, serializers.CharField)
+            and not field.allow_blank
+            and isinstance(schema, dict)
+            and schema.get("type") == "string"
+        ):
+            schema.setdefault("minLength", 1)
+        return schema
+
+    def _insert_field_validators(self, field, schema):
+        super()._insert_field_validators(field, schema)
+        for validator in field.validators:
+            if isinstance(validator, StepValueValidator) and schema.get("type") == "integer":
+                schema["multipleOf"] = validator.limit_value
 
 
 def schema_without_slashed_duplicates(endpoints, **kwargs):
@@ -128,4 +175,36 @@ def schema_with_safe_integer_examples(result, generator, request, public):
     schemas = result.get("components", {}).get("schemas", {})
     for name in _request_components(result):
         _with_left_out_examples(schemas.get(name, {}))
+    return result
+
+
+def _error_response(description: str) -> dict:
+    return {
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        "description": description,
+    }
+
+
+def schema_with_common_errors(result, generator, request, public):
+    """drf-spectacular postprocessing hook: every operation lists the answers any endpoint
+    may give (401 where it needs a token, 405 and 503; 415 with a request body; 507 where
+    it writes), and an id in a path starts at 1, as the ids the database gives do."""
+    for methods in result.get("paths", {}).values():
+        for method, operation in methods.items():
+            if not isinstance(operation, dict) or "responses" not in operation:
+                continue
+            responses = operation["responses"]
+            common = dict(_COMMON_ERRORS)
+            if not operation.get("security") or operation["security"] == [{}]:
+                del common[401]  # open to everyone (healthz)
+            if "requestBody" in operation:
+                common.update(_BODY_ERRORS)
+            if method == "post" or operation.get("operationId") in _WRITING_GETS:
+                common.update(_WRITE_ERRORS)
+            for code, description in common.items():
+                responses.setdefault(str(code), _error_response(description))
+            operation["responses"] = dict(sorted(responses.items()))
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"].endswith("_id"):
+                    parameter["schema"]["minimum"] = 1
     return result

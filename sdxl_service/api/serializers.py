@@ -7,6 +7,7 @@ definitions the workers run.
 """
 
 from django.conf import settings
+from django.core.validators import StepValueValidator
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
 from rest_framework.fields import SkipField
@@ -23,6 +24,7 @@ from sdxl_engine.parameters import (
     REFINER_SWITCH_MIN,
     SEED_BITS,
     SERVICE_RECIPE,
+    TRAINING_RESOLUTION_MULTIPLE,
     lr_warmup_problem,
     recipe_defaults,
     recipe_of,
@@ -43,27 +45,36 @@ from training_app.services.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENT
 MAX_SAMPLE_PROMPTS = 8
 _SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
 _ITERATION = {"min_value": 1, "max_value": 2**31 - 1, "required": False, "allow_null": True}
-# Training images train at buckets of about this side squared; 64 divides by what both the
-# SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
-TRAINING_RESOLUTION_MULTIPLE = 64
 
 
-def _multiple_of(divisor: int):
-    def check(value: int) -> int:
-        if value % divisor:
-            raise serializers.ValidationError(f"must be a multiple of {divisor}")
-        return value
+class MultipleOf(StepValueValidator):
+    """Django's StepValueValidator with the API's message; the schema shows it as
+    `multipleOf` (schema.AutoSchema)."""
 
-    return check
+    message = "must be a multiple of %(limit_value)s"
+
+
+def largest_image_side(divisor: int) -> int:
+    """The largest side a request may give: SDXL_MAX_IMAGE_SIDE rounded down to a multiple
+    of `divisor` (with SDXL_MAX_IMAGE_SIDE 100, height 100 is refused: 96 is the largest)."""
+    return settings.SDXL_MAX_IMAGE_SIDE // divisor * divisor
 
 
 def _image_side(divisor: int = 8, **kwargs) -> serializers.IntegerField:
     return StrictIntegerField(
         min_value=64,
-        max_value=settings.SDXL_MAX_IMAGE_SIDE,
-        validators=[_multiple_of(divisor)],
+        max_value=largest_image_side(divisor),
+        validators=[MultipleOf(divisor)],
         **kwargs,
     )
+
+
+def default_image_side(side: int) -> int:
+    """A generation's height or width when the request leaves it out: SDXL's native `side`
+    (1024), capped at the largest side the service allows. Capped rather than refused: the
+    operator set the limit, and a user who asks for "an image" expects the largest one the
+    service makes, not an error about a field they never sent."""
+    return min(side, largest_image_side(8))
 
 
 # --- Requests --------------------------------------------------------------------------
@@ -347,8 +358,8 @@ class Txt2ImgSerializer(WebhookFields):
     num_images = StrictIntegerField(
         min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=GENERATION_DEFAULTS.num_images
     )
-    height = _image_side(default=GENERATION_DEFAULTS.height)
-    width = _image_side(default=GENERATION_DEFAULTS.width)
+    height = _image_side(default=default_image_side(GENERATION_DEFAULTS.height))
+    width = _image_side(default=default_image_side(GENERATION_DEFAULTS.width))
     guidance_scale = StrictFloatField(
         min_value=0.0, max_value=30.0, default=GENERATION_DEFAULTS.guidance_scale
     )

@@ -8,6 +8,7 @@ from sdxl_engine.parameters import (
     RECIPE_MAX_VIEWS,
     SERVICE_RECIPE,
     TrainingParams,
+    fewest_steps,
     recipe_of,
     recipe_views,
     training_params,
@@ -89,3 +90,26 @@ def test_resolved_params_survive_a_round_trip_through_json_fields() -> None:
     params = training_params({"trigger": "sks"}, 12)
     assert TrainingParams(**asdict(params)) == params
     assert SERVICE_RECIPE.recipe == "service"
+
+
+def test_a_left_out_length_keeps_to_max_steps_in_steps() -> None:
+    # The service recipe: 150 epochs of 10 images, 3 batches each (450 steps at the least,
+    # 1500 at the most): with a limit of 100 steps, exactly 100 steps.
+    capped = training_params({}, 10, max_steps=100)
+    assert (capped.steps, capped.epochs) == (100, None)
+    assert capped.lr_warmup_steps == 10  # a tenth of the capped run
+    # Under a limit it cannot reach, the recipe stays in epochs.
+    assert training_params({}, 10, max_steps=1500) == training_params({}, 10)
+    # Above the fewest steps, below the most: the fewest, in steps.
+    assert training_params({}, 10, max_steps=1000).steps == 450
+    # The original recipe's one epoch of 100 images (25 batches of 4) under a limit of 20.
+    assert training_params({"recipe": "original"}, 100, max_steps=20).steps == 20
+
+
+def test_a_given_length_is_never_capped() -> None:
+    assert training_params({"epochs": 50}, 10, max_steps=10).epochs == 50
+    assert training_params({"steps": 500}, 10, max_steps=10).steps == 500
+
+
+def test_fewest_steps_counts_full_batches() -> None:
+    assert fewest_steps(3, 10, 4) == 9

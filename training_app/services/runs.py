@@ -1,7 +1,7 @@
 """LoRA training runs: starting, cancelling, executing in the worker, recovering lost ones."""
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -13,7 +13,15 @@ from django.utils import timezone
 
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
-from sdxl_engine.parameters import TrainingParams, field_names, training_params
+from sdxl_engine.parameters import (
+    TRAINING_RESOLUTION_MULTIPLE,
+    TrainingParams,
+    fewest_steps,
+    field_names,
+    recipe_defaults,
+    recipe_of,
+    training_params,
+)
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
@@ -78,6 +86,7 @@ def training_run_start(
             training_captions(pairs, parameters.get("trigger"))
         except EngineError as error:
             raise ServiceError(f"session {session_id}: {error}") from None
+        _epochs_within_step_limit(parameters, image_count=len(pairs))
         if TrainingRun.objects.filter(
             session=session, status__in=TrainingRun.ACTIVE_STATUSES
         ).exists():
@@ -86,7 +95,13 @@ def training_run_start(
             with transaction.atomic():
                 run = TrainingRun.objects.create(
                     session=session,
-                    parameters=asdict(training_params(parameters, image_count=len(pairs))),
+                    parameters=asdict(
+                        training_params(
+                            parameters,
+                            image_count=len(pairs),
+                            max_steps=settings.SDXL_MAX_TRAINING_STEPS,
+                        )
+                    ),
                     webhook_url=webhook_url,
                     webhook_events=webhook_events,
                 )
@@ -94,6 +109,22 @@ def training_run_start(
             raise ServiceError(f"session {session_id} is already training", status=409) from None
         transaction.on_commit(lambda: _enqueue_run(run.pk))
     return run
+
+
+def _epochs_within_step_limit(parameters: dict, image_count: int) -> None:
+    """Given epochs are refused, as given steps are, when they surely take more steps than
+    SDXL_MAX_TRAINING_STEPS (a left-out length is capped instead: training_params)."""
+    epochs = parameters.get("epochs")
+    if not epochs:
+        return
+    batch_size = parameters.get("batch_size", recipe_defaults(recipe_of(parameters)).batch_size)
+    steps = fewest_steps(epochs, image_count, batch_size)
+    if steps > settings.SDXL_MAX_TRAINING_STEPS:
+        raise ServiceError(
+            f"epochs: {epochs} epochs of {image_count} images at batch_size {batch_size} take "
+            f"at least {steps} steps, more than the limit of {settings.SDXL_MAX_TRAINING_STEPS} "
+            "(SDXL_MAX_TRAINING_STEPS)"
+        )
 
 
 def _enqueue_run(run_id: int) -> None:
@@ -184,6 +215,18 @@ def _run_output_path(session_id: int, run_id: int) -> Path:
     return storage.session_dir(session_id) / f".training-run-{run_id}.safetensors"
 
 
+def _within_image_side_limit(params: TrainingParams, base) -> TrainingParams:
+    """A run that left its resolution out trains at the model's native size (1024 for
+    SDXL), capped as a given resolution is: at SDXL_MAX_IMAGE_SIDE rounded down to the
+    resolution's multiple of 64 (the serializer's rule). Known only here, with the model."""
+    if params.resolution is not None:
+        return params
+    native = base.unet.config.sample_size * base.vae_scale_factor
+    multiple = TRAINING_RESOLUTION_MULTIPLE
+    largest = settings.SDXL_MAX_IMAGE_SIDE // multiple * multiple
+    return params if native <= largest else replace(params, resolution=largest)
+
+
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     from sdxl_engine.dataset import find_training_pairs
     from sdxl_engine.training import train_lora
@@ -223,7 +266,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     result = train_lora(
         pipelines,
         pairs,
-        TrainingParams(**run.parameters),
+        _within_image_side_limit(TrainingParams(**run.parameters), pipelines.base),
         output,
         on_progress=on_progress,
         # The row stops reading "running" when the run is cancelled or its session deleted;
