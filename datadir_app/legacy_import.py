@@ -23,8 +23,12 @@ class ImportResult:
     copied: int = 0
 
 
-def import_sessions(source: Path, copy: bool, progress: Progress = no_progress) -> ImportResult:
+def import_sessions(
+    source: Path, copy: bool, progress: Progress = no_progress, owner_id: int | None = None
+) -> ImportResult:
     """Adopts a `session_data/` folder (or a data dir holding one) written by the original.
+    Sessions it adopts belong to `owner_id` (default: the default owner); those already
+    adopted keep theirs.
 
     Without `copy`, the folder must be this service's own session_data (its files stay
     where they are); with `copy`, its files are copied in, never over a different file.
@@ -50,7 +54,7 @@ def import_sessions(source: Path, copy: bool, progress: Progress = no_progress) 
             )
         if not Session.objects.filter(pk=session_id).exists():
             adopt = Change(session_id, f"session {session_id}: adopted, id kept", lambda: None)
-            adopt_session_folder(session_id, folder)
+            adopt_session_folder(session_id, folder, owner_id)
             result.report.fixed.append(adopt)
         result.report.extend(rescan_session(session_id))
         result.sessions.append(session_id)

@@ -47,7 +47,10 @@ def _validation_message(detail, prefix: str = "") -> str:
 def api_exception_handler(exc, context):
     """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
     if isinstance(exc, ServiceError):
-        return Response(error_body(exc.message), status=exc.status)
+        response = Response(error_body(exc.message), status=exc.status)
+        if exc.retry_after is not None:
+            response["Retry-After"] = str(exc.retry_after)
+        return response
     if isinstance(exc, UploadTooBig):
         return Response(error_body(str(exc)), status=413)
     if isinstance(exc, RequestDataTooBig):

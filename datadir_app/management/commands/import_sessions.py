@@ -4,6 +4,7 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from access_app.services import owner_named
 from core.console import print_report, progress
 from core.errors import ServiceError
 from datadir_app.legacy_import import import_sessions
@@ -27,9 +28,15 @@ class Command(BaseCommand):
             "overwritten)",
         )
 
-    def handle(self, *args, folder: Path, copy: bool, **options):
+        parser.add_argument(
+            "--owner",
+            help="the owner adopted sessions belong to, created if new (default: default); "
+            "sessions adopted before keep theirs",
+        )
+
+    def handle(self, *args, folder: Path, copy: bool, owner: str | None, **options):
         try:
-            result = import_sessions(folder, copy, progress("importing"))
+            result = import_sessions(folder, copy, progress("importing"), owner_named(owner).pk)
         except ServiceError as error:
             raise CommandError(error.message) from None
         print_report(self, result.report)
