@@ -157,7 +157,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
     "UNAUTHENTICATED_USER": "access_app.callers.open_caller",
     "EXCEPTION_HANDLER": "sdxl_service.api.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "sdxl_service.api.schema.ScopedAutoSchema",
 }
 
 # The OpenAPI description at /api/schema and its pages at /api/docs and /api/redoc; the

@@ -126,7 +126,9 @@ class ServiceProcesses:
             assert process.process.poll() is None, process.log()
             try:
                 return requests.get(f"{url}/list_sessions", timeout=2).status_code in (200, 401)
-            except requests.ConnectionError:
+            # A worker still booting on a loaded machine accepts (the listening socket is
+            # open) but answers late: not an error yet.
+            except (requests.ConnectionError, requests.Timeout):
                 return False
 
         wait_until(answers, 60, "gunicorn to answer", interval=0.2)

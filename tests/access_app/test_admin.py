@@ -51,3 +51,24 @@ def test_renaming_a_token_keeps_its_secret(admin_client, owner):
 def test_token_list_is_staff_only(client):
     response = client.get(reverse("admin:access_app_apitoken_changelist"))
     assert response.status_code == 302
+
+
+def test_the_owners_page_shows_tokens_by_prefix_scopes_quotas_and_usage(admin_client, settings):
+    from access_app.services import api_token_create
+    from sessions_app import services as session_services
+    from tests.helpers import image_bytes
+
+    settings.SDXL_QUOTA_SESSIONS = 10
+    token, plaintext = api_token_create("team a", "ci", ["read", "train"])
+    Owner.objects.filter(pk=token.owner_id).update(max_concurrent_trainings=2)
+    session = session_services.session_create(owner_id=token.owner_id)
+    session_services.session_image_add(session.pk, image_bytes(), "a cat")
+
+    listing = admin_client.get(reverse("admin:access_app_owner_changelist")).content.decode()
+    assert "team a" in listing
+    assert "sessions 10" in listing and "concurrent trainings 2" in listing
+    assert "0.0" in listing  # stored MB of one small image
+    page = admin_client.get(reverse("admin:access_app_owner_change", args=[token.owner_id]))
+    content = page.content.decode()
+    assert token.prefix in content and plaintext not in content
+    assert "read" in content and "train" in content

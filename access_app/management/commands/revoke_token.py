@@ -17,4 +17,6 @@ class Command(BaseCommand):
             revoked = api_token_revoke(token.rstrip("…"))
         except ServiceError as error:
             raise CommandError(error.message) from None
-        self.stdout.write(f"revoked API token {revoked.pk} ({revoked.prefix}…) of {revoked.owner}")
+        self.stdout.write(
+            f"revoked API token {revoked.prefix}… ({revoked.name}) of {revoked.owner}"
+        )

@@ -525,6 +525,7 @@ def _race_to_train(url: str, token: str, session_ids: list[int]) -> list[request
 
 
 @pytest.mark.e2e
+@pytest.mark.django_db(transaction=True)  # the server's processes see what the test writes
 def test_two_trainings_of_one_owner_at_once_take_one_slot_of_its_quota(service_processes):
     """Two gunicorn processes, two threads each: an owner with a quota of one concurrent
     training starts two sessions' trainings at the same moment, in 5 rounds (a fresh owner
@@ -542,3 +543,26 @@ def test_two_trainings_of_one_owner_at_once_take_one_slot_of_its_quota(service_p
         assert [r.status_code for r in responses] == [200, 429], [r.text for r in responses]
         assert "concurrent trainings" in responses[1].json()["message"]
         assert TrainingRun.objects.filter(session__owner=racer.owner).count() == 1
+
+
+# --- The description ---------------------------------------------------------------------
+
+
+def test_the_api_schema_names_each_operations_scope_and_its_403_and_429(schema_document):
+    scopes = {}
+    for path, methods in schema_document["paths"].items():
+        for method, operation in methods.items():
+            if path == "/healthz":
+                assert "403" not in operation["responses"]
+                continue
+            found = re.search(r"Token scope: `(\w+)`", operation["description"])
+            assert found, (method, path)
+            scopes[f"{method.upper()} {path}"] = found.group(1)
+            assert {"401", "403", "429"} <= set(operation["responses"]), path
+    assert scopes["GET /create_session"] == "upload"
+    assert scopes["POST /train_lora"] == "train"
+    assert scopes["POST /txt2img"] == "generate"
+    assert scopes["POST /delete_session"] == "delete"
+    assert scopes["GET /generations/{generation_id}/{index}.{extension}"] == "read"
+    bearer = schema_document["components"]["securitySchemes"]["bearerToken"]["description"]
+    assert "owner" in bearer and "403" in bearer and "429" in bearer
