@@ -20,7 +20,7 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 from django.db import transaction
 
-from access_app.selectors import default_owner
+from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app.layout import is_hidden
 from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
@@ -133,9 +133,9 @@ def _write_zip(temp: Path, folder: Path, files: dict[str, str], manifest: dict) 
 # --- Import --------------------------------------------------------------------------------
 
 
-def session_import(source: Path, owner_id: int | None = None) -> Session:
-    """Makes a new session of `owner_id` (default: the default owner) from an archive
-    written by session_export.
+def session_import(source: Path, owner: str | None = None) -> Session:
+    """Makes a new session of the owner named `owner` (created if new; default: the
+    default owner) from an archive written by session_export.
 
     Every member name is checked before anything is written (no absolute paths, no `..`,
     no links: nothing may land outside the new session folder), every file's sha256 is
@@ -154,7 +154,7 @@ def session_import(source: Path, owner_id: int | None = None) -> Session:
         staging = root / f".importing-{uuid.uuid4().hex}"
         try:
             _extract(archive, members, manifest["files"], staging)
-            return _create_session(manifest, staging, owner_id or default_owner().pk)
+            return _create_session(manifest, staging, owner_named(owner).pk)
         finally:
             storage.remove_tree(staging if staging.exists() else None)
 

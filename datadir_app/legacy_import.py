@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app import layout
 from datadir_app.reconcile import adopt_session_folder
@@ -24,11 +25,11 @@ class ImportResult:
 
 
 def import_sessions(
-    source: Path, copy: bool, progress: Progress = no_progress, owner_id: int | None = None
+    source: Path, copy: bool, progress: Progress = no_progress, owner: str | None = None
 ) -> ImportResult:
     """Adopts a `session_data/` folder (or a data dir holding one) written by the original.
-    Sessions it adopts belong to `owner_id` (default: the default owner); those already
-    adopted keep theirs.
+    Sessions it adopts belong to the owner named `owner` (created if new; default: the
+    default owner); those already adopted keep theirs.
 
     Without `copy`, the folder must be this service's own session_data (its files stay
     where they are); with `copy`, its files are copied in, never over a different file.
@@ -46,6 +47,7 @@ def import_sessions(
             f"{source} is not this service's session data folder ({own}); pass --copy to "
             f"copy it in, or set SDXL_DATA_DIR to {source.parent} to use it where it is"
         )
+    owner_id = owner_named(owner).pk
     result = ImportResult()
     for session_id, folder in progress(sorted(folders.items())):
         if copy:

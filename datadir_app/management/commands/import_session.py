@@ -4,7 +4,6 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app.archive import session_import
 
@@ -24,7 +23,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, file: Path, owner: str | None, **options):
         try:
-            session = session_import(file, owner_named(owner).pk)
+            session = session_import(file, owner)
         except ServiceError as error:
             raise CommandError(error.message) from None
         self.stdout.write(f"imported {file} as session {session.pk}")

@@ -4,7 +4,6 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from access_app.services import owner_named
 from core.console import print_report, progress
 from core.errors import ServiceError
 from datadir_app.legacy_import import import_sessions
@@ -36,7 +35,7 @@ class Command(BaseCommand):
 
     def handle(self, *args, folder: Path, copy: bool, owner: str | None, **options):
         try:
-            result = import_sessions(folder, copy, progress("importing"), owner_named(owner).pk)
+            result = import_sessions(folder, copy, progress("importing"), owner)
         except ServiceError as error:
             raise CommandError(error.message) from None
         print_report(self, result.report)
