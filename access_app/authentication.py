@@ -1,18 +1,8 @@
 """`Authorization: Bearer <token>` for the API (the admin keeps Django's own login)."""
 
-from dataclasses import dataclass
-
 from rest_framework import authentication, exceptions
 
-from access_app.selectors import api_token_owner, api_tokens_configured
-
-
-@dataclass(frozen=True)
-class ApiCaller:
-    """The `request.user` of an API request that presented a valid token."""
-
-    name: str
-    is_authenticated: bool = True
+from access_app.selectors import api_token_caller, api_tokens_configured
 
 
 class BearerTokenAuthentication(authentication.BaseAuthentication):
@@ -28,10 +18,10 @@ class BearerTokenAuthentication(authentication.BaseAuthentication):
             raise exceptions.AuthenticationFailed(
                 "the Authorization header must read 'Bearer <token>'"
             )
-        owner = api_token_owner(token)
-        if owner is None:
+        caller = api_token_caller(token)
+        if caller is None:
             raise exceptions.AuthenticationFailed("the API token is not valid")
-        return ApiCaller(owner), token
+        return caller, token
 
     def authenticate_header(self, request):
         # Makes DRF answer 401 (with this challenge) rather than 403.

@@ -14,3 +14,20 @@ class ApiTokenWhenConfigured(BasePermission):
         raise exceptions.NotAuthenticated(
             "this API needs a token: send 'Authorization: Bearer <token>'"
         )
+
+
+def scope_required(scope: str) -> list[type[BasePermission]]:
+    """A view's permission classes: a token (when configured) holding `scope` (or admin)."""
+
+    class HoldsScope(BasePermission):
+        required_scope = scope  # read by the OpenAPI description (access_app.schema)
+
+        def has_permission(self, request, view):
+            if request.user.may(scope):
+                return True
+            raise exceptions.PermissionDenied(
+                f"this API token lacks the '{scope}' scope this endpoint needs"
+            )
+
+    HoldsScope.__name__ = HoldsScope.__qualname__ = f"Holds{scope.title()}Scope"
+    return [ApiTokenWhenConfigured, HoldsScope]

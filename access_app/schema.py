@@ -12,5 +12,10 @@ class BearerTokenScheme(OpenApiAuthenticationExtension):
             "type": "http",
             "scheme": "bearer",
             "description": "Required on every endpoint once any API token exists "
-            "(SDXL_API_TOKENS or the admin); without one the API is open on loopback only.",
+            "(SDXL_API_TOKENS, create_token or the admin); without one the API is open on "
+            "loopback only. A token belongs to an owner and sees only the owner's sessions, "
+            "LoRAs and generations (another owner's answer 404, as if missing); its scopes "
+            "(read, upload, train, generate, delete, admin) decide which endpoints it may "
+            "call (403 otherwise; each operation names its scope); `admin` holds every "
+            "scope and sees every owner's. Owners' quotas answer 429.",
         }

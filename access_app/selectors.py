@@ -1,11 +1,12 @@
-"""Whether API tokens are in force, and whom a token belongs to."""
+"""Whether API tokens are in force, whom a token belongs to, and owners' quotas."""
 
 import hashlib
 import hmac
 
 from django.conf import settings
 
-from access_app.models import ApiToken
+from access_app.callers import Caller
+from access_app.models import DEFAULT_OWNER_NAME, SCOPES, ApiToken, Owner
 
 
 def token_sha256(token: str) -> str:
@@ -16,12 +17,43 @@ def api_tokens_configured() -> bool:
     return bool(settings.SDXL_API_TOKENS) or ApiToken.objects.exists()
 
 
-def api_token_owner(token: str) -> str | None:
-    """The name of whoever holds `token`, or None when it is no valid token."""
+def api_token_caller(token: str) -> Caller | None:
+    """Whoever holds `token`, or None when it is no valid token. The environment's tokens
+    are admin tokens of the default owner."""
     digest = token_sha256(token)
     for index, configured in enumerate(settings.SDXL_API_TOKENS):
         # Comparing digests in constant time: the environment's tokens are plaintext.
         if hmac.compare_digest(digest, token_sha256(configured)):
-            return f"SDXL_API_TOKENS[{index}]"
-    stored = ApiToken.objects.filter(sha256=digest).values_list("name", flat=True).first()
-    return f"API token {stored!r}" if stored is not None else None
+            return Caller(f"SDXL_API_TOKENS[{index}]", None, frozenset(SCOPES))
+    stored = ApiToken.objects.filter(sha256=digest).first()
+    if stored is None:
+        return None
+    return Caller(f"API token {stored.name!r}", stored.owner_id, frozenset(stored.scopes))
+
+
+def default_owner() -> Owner:
+    owner, _ = Owner.objects.get_or_create(name=DEFAULT_OWNER_NAME)
+    return owner
+
+
+def caller_owner_id(caller: Caller) -> int:
+    """The owner of what `caller` creates."""
+    return caller.owner_id if caller.owner_id is not None else default_owner().pk
+
+
+# Owner field -> the setting holding its default.
+QUOTA_SETTINGS = {
+    "max_sessions": "SDXL_QUOTA_SESSIONS",
+    "max_images_per_session": "SDXL_QUOTA_IMAGES_PER_SESSION",
+    "max_stored_mb": "SDXL_QUOTA_STORED_MB",
+    "max_concurrent_trainings": "SDXL_QUOTA_CONCURRENT_TRAININGS",
+    "max_generations_per_minute": "SDXL_QUOTA_GENERATIONS_PER_MINUTE",
+}
+
+
+def owner_quota(owner: Owner, field: str) -> int | None:
+    """The owner's limit named by `field` (its own, else the setting's); None: no limit."""
+    limit = getattr(owner, field)
+    if limit is None:
+        limit = getattr(settings, QUOTA_SETTINGS[field])
+    return limit or None

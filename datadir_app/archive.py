@@ -20,6 +20,7 @@ from pathlib import Path, PurePosixPath
 from django.conf import settings
 from django.db import transaction
 
+from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app.layout import is_hidden
 from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
@@ -132,8 +133,9 @@ def _write_zip(temp: Path, folder: Path, files: dict[str, str], manifest: dict) 
 # --- Import --------------------------------------------------------------------------------
 
 
-def session_import(source: Path) -> Session:
-    """Makes a new session from an archive written by session_export.
+def session_import(source: Path, owner: str | None = None) -> Session:
+    """Makes a new session of the owner named `owner` (created if new; default: the
+    default owner) from an archive written by session_export.
 
     Every member name is checked before anything is written (no absolute paths, no `..`,
     no links: nothing may land outside the new session folder), every file's sha256 is
@@ -152,7 +154,7 @@ def session_import(source: Path) -> Session:
         staging = root / f".importing-{uuid.uuid4().hex}"
         try:
             _extract(archive, members, manifest["files"], staging)
-            return _create_session(manifest, staging)
+            return _create_session(manifest, staging, owner_named(owner).pk)
         finally:
             storage.remove_tree(staging if staging.exists() else None)
 
@@ -243,9 +245,10 @@ def _extract(
     fsync_tree(staging)
 
 
-def _create_session(manifest: dict, staging: Path) -> Session:
+def _create_session(manifest: dict, staging: Path, owner_id: int) -> Session:
     with transaction.atomic():
         session = Session.objects.create(
+            owner_id=owner_id,
             next_group_number=manifest["next_group_number"],
             next_lora_number=manifest["next_lora_number"],
         )

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app import layout
 from datadir_app.reconcile import adopt_session_folder
@@ -23,8 +24,12 @@ class ImportResult:
     copied: int = 0
 
 
-def import_sessions(source: Path, copy: bool, progress: Progress = no_progress) -> ImportResult:
+def import_sessions(
+    source: Path, copy: bool, progress: Progress = no_progress, owner: str | None = None
+) -> ImportResult:
     """Adopts a `session_data/` folder (or a data dir holding one) written by the original.
+    Sessions it adopts belong to the owner named `owner` (created if new; default: the
+    default owner); those already adopted keep theirs.
 
     Without `copy`, the folder must be this service's own session_data (its files stay
     where they are); with `copy`, its files are copied in, never over a different file.
@@ -42,6 +47,7 @@ def import_sessions(source: Path, copy: bool, progress: Progress = no_progress) 
             f"{source} is not this service's session data folder ({own}); pass --copy to "
             f"copy it in, or set SDXL_DATA_DIR to {source.parent} to use it where it is"
         )
+    owner_id = owner_named(owner).pk
     result = ImportResult()
     for session_id, folder in progress(sorted(folders.items())):
         if copy:
@@ -50,7 +56,7 @@ def import_sessions(source: Path, copy: bool, progress: Progress = no_progress) 
             )
         if not Session.objects.filter(pk=session_id).exists():
             adopt = Change(session_id, f"session {session_id}: adopted, id kept", lambda: None)
-            adopt_session_folder(session_id, folder)
+            adopt_session_folder(session_id, folder, owner_id)
             result.report.fixed.append(adopt)
         result.report.extend(rescan_session(session_id))
         result.sessions.append(session_id)

@@ -26,6 +26,7 @@ from django.conf import settings
 from django.core.management.color import no_style
 from django.db import connection, transaction
 
+from access_app.selectors import default_owner
 from core.errors import ServiceError
 from datadir_app import layout
 from datadir_app.report import Change, Report
@@ -381,11 +382,12 @@ def _note_unindexed_training_data(walk: _Walk, indexed_images: set[str]) -> None
 # --- The whole data dir -------------------------------------------------------------------
 
 
-def adopt_session_folder(session_id: int, folder: Path) -> None:
-    """A Session row for a folder that has none, keeping its id and, roughly, its age."""
+def adopt_session_folder(session_id: int, folder: Path, owner_id: int | None = None) -> None:
+    """A Session row for a folder that has none, keeping its id and, roughly, its age;
+    it belongs to `owner_id`, else to the default owner."""
     created = datetime.fromtimestamp(folder.stat().st_mtime, tz=UTC)
     with transaction.atomic():
-        Session.objects.create(pk=session_id)
+        Session.objects.create(pk=session_id, owner_id=owner_id or default_owner().pk)
         # auto_now_add ignores a given value; an update does not.
         Session.objects.filter(pk=session_id).update(created_at=created)
     reset_session_id_sequence()

@@ -158,15 +158,21 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("SDXL_MAX_BODY_MB", default=64) * 1024 * 1
 # API tokens from the environment (comma-separated), besides those created in the admin.
 # While any token exists, every API endpoint needs `Authorization: Bearer <token>`.
 SDXL_API_TOKENS = [token for token in env.list("SDXL_API_TOKENS", default=[]) if token]
+# Owners' quotas (README, Security), each overridable per owner in the admin; 0: no limit.
+SDXL_QUOTA_SESSIONS = env.int("SDXL_QUOTA_SESSIONS", default=0)
+SDXL_QUOTA_IMAGES_PER_SESSION = env.int("SDXL_QUOTA_IMAGES_PER_SESSION", default=0)
+SDXL_QUOTA_STORED_MB = env.int("SDXL_QUOTA_STORED_MB", default=0)
+SDXL_QUOTA_CONCURRENT_TRAININGS = env.int("SDXL_QUOTA_CONCURRENT_TRAININGS", default=0)
+SDXL_QUOTA_GENERATIONS_PER_MINUTE = env.int("SDXL_QUOTA_GENERATIONS_PER_MINUTE", default=0)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["sdxl_service.api.parsers.JSONParser"],
     "DEFAULT_AUTHENTICATION_CLASSES": ["access_app.authentication.BearerTokenAuthentication"],
     "DEFAULT_PERMISSION_CLASSES": ["access_app.permissions.ApiTokenWhenConfigured"],
-    "UNAUTHENTICATED_USER": None,
+    "UNAUTHENTICATED_USER": "access_app.callers.open_caller",
     "EXCEPTION_HANDLER": "sdxl_service.api.errors.api_exception_handler",
-    "DEFAULT_SCHEMA_CLASS": "sdxl_service.api.schema.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "sdxl_service.api.schema.ScopedAutoSchema",
 }
 
 # The OpenAPI description at /api/schema and its pages at /api/docs and /api/redoc; the

@@ -68,8 +68,16 @@ class ImageGroupInline(admin.TabularInline):
 
 @admin.register(Session)
 class SessionAdmin(ReadOnlyAdmin):
-    list_display = ["__str__", "created_at", "group_count", "lora_count", "next_lora_number"]
-    readonly_fields = ["created_at", "next_group_number", "next_lora_number", "folder"]
+    list_display = [
+        "__str__",
+        "owner",
+        "created_at",
+        "group_count",
+        "lora_count",
+        "next_lora_number",
+    ]
+    list_filter = ["owner"]
+    readonly_fields = ["owner", "created_at", "next_group_number", "next_lora_number", "folder"]
     inlines = [ImageGroupInline]
     search_fields = ["=id", "image_groups__images__caption"]
     search_help_text = "a session id, or words of a caption"

@@ -6,9 +6,16 @@ and hold the counters that must never go backwards.
 
 from django.db import models
 
+from access_app.models import Owner
+
 
 class Session(models.Model):
     created_at = models.DateTimeField(auto_now_add=True)
+    # Whose it is: only the owner's tokens (and admin tokens) see it. Empty only for rows
+    # made outside the API and its commands; admin tokens see those.
+    owner = models.ForeignKey(
+        Owner, on_delete=models.PROTECT, null=True, blank=True, related_name="sessions"
+    )
     # Counters bumped under the session lock. `lora_<n>` numbers are never reused, so
     # the counter lives here rather than being derived from the files that remain.
     next_group_number = models.PositiveIntegerField(default=0)

@@ -1,24 +1,44 @@
-"""Reads of sessions for the API and the admin."""
+"""Reads of sessions for the API and the admin.
 
-from django.db.models import Count, QuerySet
+The API passes its caller: a session of another owner then reads exactly as a missing one
+(a 404 with the same message), so ids cannot be probed. `caller=None` (admin, commands)
+sees everything.
+"""
 
+from django.db.models import Count, QuerySet, Sum
+
+from access_app.callers import Caller
 from core.errors import ServiceError
 from sessions_app.models import Session, TrainingImage
 
 
-def session_get(session_id: int) -> Session:
+def sessions_visible(caller: Caller | None) -> QuerySet[Session]:
+    """The one place that decides whose sessions a caller sees: its owner's, or every
+    session for admin tokens (and the open API)."""
+    if caller is None or caller.is_admin:
+        return Session.objects.all()
+    return Session.objects.filter(owner_id=caller.owner_id)
+
+
+def session_get(session_id: int, caller: Caller | None = None) -> Session:
     try:
-        return Session.objects.get(pk=session_id)
+        return sessions_visible(caller).get(pk=session_id)
     except Session.DoesNotExist:
         raise ServiceError(f"session {session_id} not found", status=404) from None
 
 
-def session_list() -> QuerySet[Session]:
-    return Session.objects.annotate(group_count=Count("image_groups")).order_by("id")
+def session_list(caller: Caller | None = None) -> QuerySet[Session]:
+    return sessions_visible(caller).annotate(group_count=Count("image_groups")).order_by("id")
 
 
-def training_image_get(session_id: int, image_id: int) -> TrainingImage:
-    image = TrainingImage.objects.filter(pk=image_id, group__session_id=session_id).first()
+def training_image_get(
+    session_id: int, image_id: int, caller: Caller | None = None
+) -> TrainingImage:
+    image = TrainingImage.objects.filter(
+        pk=image_id,
+        group__session_id=session_id,
+        group__session__in=sessions_visible(caller),
+    ).first()
     if image is None:
         raise ServiceError(f"session {session_id} has no image {image_id}", status=404)
     return image
@@ -30,3 +50,16 @@ def session_images(session_id: int) -> QuerySet[TrainingImage]:
         .select_related("group")
         .order_by("group__number", "id")
     )
+
+
+def owner_stored_bytes(owner_id: int) -> int:
+    """What the owner's sessions hold: training images and LoRA files (two sums: one
+    query joining both would count each image once per LoRA)."""
+    sessions = Session.objects.filter(owner_id=owner_id)
+    images = sessions.aggregate(total=Sum("image_groups__images__size"))["total"] or 0
+    loras = sessions.aggregate(total=Sum("loras__size"))["total"] or 0
+    return images + loras
+
+
+def session_image_count(session_id: int) -> int:
+    return TrainingImage.objects.filter(group__session_id=session_id).count()

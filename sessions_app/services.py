@@ -8,20 +8,31 @@ from django.db.models import Max
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
+from access_app.callers import OPEN_CALLER, Caller
+from access_app.quotas import MB, owner_locked, quota_check
+from access_app.selectors import caller_owner_id
 from core.errors import ServiceError
 from sessions_app import storage
 from sessions_app.images import CheckedImage, check_image
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
+from sessions_app.selectors import owner_stored_bytes, session_get, session_image_count
 from sessions_app.uploads import UploadedImage, images_from_zip
 
 logger = logging.getLogger(__name__)
 
 
-def session_create() -> Session:
-    # One transaction: a folder that cannot be made (no space left) leaves no row behind.
+def session_create(caller: Caller | None = None, owner_id: int | None = None) -> Session:
+    """A new empty session of `owner_id`, else of the caller's owner (the default owner
+    without either). An API caller is held to its owner's session quota."""
     with transaction.atomic():
-        session = Session.objects.create()
+        if owner_id is None:
+            owner_id = caller_owner_id(caller or OPEN_CALLER)
+        if caller is not None:
+            owner = owner_locked(owner_id)
+            quota_check(owner, "max_sessions", Session.objects.filter(owner=owner).count())
+        session = Session.objects.create(owner_id=owner_id)
+        # In the transaction: a folder that cannot be made (no space left) leaves no row.
         storage.session_dir(session.pk).mkdir(parents=True, exist_ok=True)
     return session
 
@@ -37,18 +48,28 @@ def _free_group_number(session: Session) -> int:
     return max([session.next_group_number, *(n + 1 for n in numbers_on_disk)])
 
 
-def session_image_add(session_id: int, image_bytes: bytes, caption: str) -> TrainingImage:
+def session_image_add(
+    session_id: int, image_bytes: bytes, caption: str, caller: Caller | None = None
+) -> TrainingImage:
     """Stores one image and its caption as a new group folder `<n>/0.<ext>` + `<n>/0.txt`."""
-    (image,) = session_images_add(session_id, [UploadedImage("image_base64", image_bytes, caption)])
+    upload = UploadedImage("image_base64", image_bytes, caption)
+    (image,) = session_images_add(session_id, [upload], caller)
     return image
 
 
-def session_images_add(session_id: int, uploads: list[UploadedImage]) -> list[TrainingImage]:
+def session_images_add(
+    session_id: int, uploads: list[UploadedImage], caller: Caller | None = None
+) -> list[TrainingImage]:
     """Stores each image with its caption as a new group folder, in order: all of them or,
-    if any fails, none (every image is checked before anything is written or locked)."""
+    if any fails, none (every image is checked before anything is written or locked).
+    An API caller must see the session, and its owner's quotas must hold the images."""
+    if caller is not None:
+        session_get(session_id, caller)
     checked = [(check_image(upload.data, field=upload.name), upload.caption) for upload in uploads]
     images = []
     with session_lock(session_id) as session:
+        if caller is not None and session.owner_id is not None:
+            _check_image_quotas(session, [image for image, _ in checked])
         number = _free_group_number(session)
         written = []
         try:
@@ -68,11 +89,19 @@ def session_images_add(session_id: int, uploads: list[UploadedImage]) -> list[Tr
     return images
 
 
+def _check_image_quotas(session: Session, images: list[CheckedImage]) -> None:
+    owner = owner_locked(session.owner_id)
+    quota_check(owner, "max_images_per_session", session_image_count(session.pk), len(images))
+    adding = sum(len(image.data) for image in images)
+    quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), adding, unit=MB)
+
+
 def session_images_upload(
     session_id: int,
     files: list[tuple[str, bytes]],
     captions: list[str],
     archive: tuple[str, bytes] | None = None,
+    caller: Caller | None = None,
 ) -> list[TrainingImage]:
     """Images sent as files: `files` (name, bytes) with one caption each, in order (no
     captions: every caption empty), then the images of a zip `archive` with the `.txt`
@@ -89,7 +118,7 @@ def session_images_upload(
         uploads += images_from_zip(archive[1], archive[0])
     if not uploads:
         raise ServiceError("send at least one image (image) or a zip of images (archive)")
-    return session_images_add(session_id, uploads)
+    return session_images_add(session_id, uploads, caller)
 
 
 def _group_create(
@@ -111,8 +140,10 @@ def _group_create(
     )
 
 
-def session_delete(session_id: int) -> None:
+def session_delete(session_id: int, caller: Caller | None = None) -> None:
     """Removes the session's rows and folder; the folder is renamed away first, atomically."""
+    if caller is not None:
+        session_get(session_id, caller)
     with session_lock(session_id) as session:
         session.delete()
         moved = storage.move_aside(storage.session_dir(session_id))

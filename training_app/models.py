@@ -3,6 +3,7 @@
 from django.db import models
 from django.db.models import Q
 
+from access_app.models import Owner
 from sdxl_engine.image_output import FILE_EXTENSIONS, OUTPUT_FORMATS
 from sessions_app.models import Session
 
@@ -166,6 +167,10 @@ class Generation(models.Model):
     # The session of its first LoRA (use_lora's session), for browsing; None without one.
     session = models.ForeignKey(
         Session, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
+    )
+    # Who asked for it: only the owner's tokens (and admin tokens) see it.
+    owner = models.ForeignKey(
+        Owner, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
     image_count = models.PositiveSmallIntegerField(default=0)
     # Where to post this generation's events (webhooks), and which: see services.webhooks.

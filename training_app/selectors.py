@@ -3,11 +3,13 @@
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Max, OuterRef, Subquery
+from django.db.models import Max, OuterRef, QuerySet, Subquery
 from django.urls import reverse
 from django.utils import timezone
 
+from access_app.callers import Caller
 from core.errors import ServiceError
+from sessions_app.selectors import session_get, session_images, sessions_visible
 from training_app.models import (
     Generation,
     LoraArtifact,
@@ -20,18 +22,33 @@ from training_app.models import (
 LORA_NOT_FOUND = "Requested LoRA not found"
 
 
-def generation_get(generation_id: int) -> Generation:
+def generations_visible(caller: Caller | None) -> QuerySet[Generation]:
+    """Whose generations a caller sees: its owner's, or all for admin tokens (and the open
+    API); `caller=None` (admin, commands, workers) sees all."""
+    if caller is None or caller.is_admin:
+        return Generation.objects.all()
+    return Generation.objects.filter(owner_id=caller.owner_id)
+
+
+def generation_get(generation_id: int, caller: Caller | None = None) -> Generation:
+    """The one read of a generation by id: another owner's is a 404 like a missing one."""
     generation = (
-        Generation.objects.prefetch_related("applied_loras").filter(pk=generation_id).first()
+        generations_visible(caller)
+        .prefetch_related("applied_loras")
+        .filter(pk=generation_id)
+        .first()
     )
     if generation is None:
         raise ServiceError(f"generation {generation_id} not found", status=404)
     return generation
 
 
-def lora_get(session_id: int, iteration: int | None = None) -> LoraArtifact:
-    """The session's LoRA number `iteration`, or its latest (the one created last)."""
-    loras = LoraArtifact.objects.filter(session_id=session_id)
+def lora_get(
+    session_id: int, iteration: int | None = None, caller: Caller | None = None
+) -> LoraArtifact:
+    """The session's LoRA number `iteration`, or its latest (the one created last); one of
+    another owner's sessions has none."""
+    loras = LoraArtifact.objects.filter(session_id=session_id, session__in=sessions_visible(caller))
     if iteration is not None:
         loras = loras.filter(number=iteration)
     artifact = loras.order_by("-number").first()
@@ -41,15 +58,23 @@ def lora_get(session_id: int, iteration: int | None = None) -> LoraArtifact:
 
 
 def lora_file_get(
-    session_id: int, iteration: int | None = None, lora_filename: str | None = None
+    session_id: int,
+    iteration: int | None = None,
+    lora_filename: str | None = None,
+    caller: Caller | None = None,
 ) -> LoraArtifact | TrainingCheckpoint:
     """Any LoRA file of the session by its name (a numbered LoRA or a run's checkpoint),
     else as lora_get finds one."""
     if lora_filename is None:
-        return lora_get(session_id, iteration)
+        return lora_get(session_id, iteration, caller)
+    named = {
+        "session_id": session_id,
+        "session__in": sessions_visible(caller),
+        "filename": lora_filename,
+    }
     found = (
-        LoraArtifact.objects.filter(session_id=session_id, filename=lora_filename).first()
-        or TrainingCheckpoint.objects.filter(session_id=session_id, filename=lora_filename).first()
+        LoraArtifact.objects.filter(**named).first()
+        or TrainingCheckpoint.objects.filter(**named).first()
     )
     if found is None:
         raise ServiceError(f"{LORA_NOT_FOUND}: {lora_filename}", status=404)
@@ -157,8 +182,12 @@ def latest_runs(session_ids: list[int]) -> dict[int, TrainingRun]:
     return {run.session_id: run for run in runs}
 
 
-def training_sample_get(sample_id: int) -> TrainingSample:
-    sample = TrainingSample.objects.select_related("run").filter(pk=sample_id).first()
+def training_sample_get(sample_id: int, caller: Caller | None = None) -> TrainingSample:
+    sample = (
+        TrainingSample.objects.select_related("run")
+        .filter(pk=sample_id, run__session__in=sessions_visible(caller))
+        .first()
+    )
     if sample is None:
         raise ServiceError(f"sample {sample_id} not found", status=404)
     return sample
@@ -177,16 +206,15 @@ def worker_alive(queue: str) -> bool:
 RECENT_GENERATIONS = 20
 
 
-def session_detail(session_id: int) -> dict:
+def session_detail(session_id: int, caller: Caller | None = None) -> dict:
     """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
-    from sessions_app.selectors import session_get, session_images
-
-    session = session_get(session_id)
+    session = session_get(session_id, caller)
     runs = TrainingRun.objects.filter(session=session).order_by("id")
     checkpoints = TrainingCheckpoint.objects.filter(session=session).order_by("run_id", "step")
     # Those that applied one of the session's LoRAs.
     recent = (
-        Generation.objects.filter(applied_loras__source_session_id=session.pk)
+        generations_visible(caller)
+        .filter(applied_loras__source_session_id=session.pk)
         .distinct()
         .order_by("-id")[:RECENT_GENERATIONS]
     )

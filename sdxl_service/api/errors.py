@@ -134,7 +134,10 @@ def api_exception_handler(exc, context):
     if unavailable is not None:
         return unavailable
     if isinstance(exc, ServiceError):
-        return Response(error_body(exc.message), status=exc.status)
+        response = Response(error_body(exc.message), status=exc.status)
+        if exc.retry_after is not None:
+            response["Retry-After"] = str(exc.retry_after)
+        return response
     if isinstance(exc, UploadTooBig):
         return Response(error_body(str(exc)), status=413)
     if isinstance(exc, RequestDataTooBig):

@@ -77,6 +77,48 @@ class AutoSchema(SpectacularAutoSchema):
                 schema["multipleOf"] = validator.limit_value
 
 
+class ScopedAutoSchema(AutoSchema):
+    """Each operation that needs a token scope (access_app.permissions.scope_required)
+    says which, and documents the 401, 403 and 429 it may answer."""
+
+    def _required_scope(self) -> str | None:
+        for permission in self.view.get_permissions():
+            scope = getattr(permission, "required_scope", None)
+            if scope is not None:
+                return scope
+        return None
+
+    def get_operation(self, *args, **kwargs):
+        # Here rather than in get_description, which @extend_schema(description=) replaces.
+        operation = super().get_operation(*args, **kwargs)
+        scope = self._required_scope()
+        if operation is None or scope is None:
+            return operation
+        needs = (
+            f"Token scope: `{scope}` (or `admin`) once API tokens are configured. Answers "
+            "only for the caller's own sessions and generations (another owner's is a 404)."
+        )
+        description = operation.get("description")
+        operation["description"] = f"{description}\n\n{needs}" if description else needs
+        return operation
+
+    def _get_response_bodies(self, direction="response"):
+        # Here rather than in get_response_serializers, which @extend_schema replaces.
+        responses = super()._get_response_bodies(direction)
+        if self._required_scope() is None:
+            return responses
+        access = {
+            "401": "no valid API token (tokens are configured)",
+            "403": "the token lacks this endpoint's scope (the message names it)",
+            "429": "an owner's quota is used up (the message names it; Retry-After when "
+            "waiting helps); nothing was written",
+        }
+        for code, meaning in access.items():
+            error = OpenApiResponse(ErrorSerializer, description=meaning)
+            responses.setdefault(code, self._get_response_for_code(error, code))
+        return dict(sorted(responses.items()))
+
+
 def schema_without_slashed_duplicates(endpoints, **kwargs):
     """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (api.urls)."""
     return [endpoint for endpoint in endpoints if not endpoint[0].endswith("/")]

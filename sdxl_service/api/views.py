@@ -21,6 +21,7 @@ from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import AllowAny
 from rest_framework.response import Response
 
+from access_app.permissions import scope_required
 from core.errors import ServiceError
 from sdxl_engine.image_output import MEDIA_TYPES
 from sdxl_service import health
@@ -59,8 +60,9 @@ def rendered(serializer_class, body: dict) -> Response:
     responses={200: api.CreateSessionResponse},
 )
 @api_view(["GET"])
+@permission_classes(scope_required("upload"))
 def create_session(request):
-    session = session_services.session_create()
+    session = session_services.session_create(caller=request.user)
     return rendered(api.CreateSessionResponse, {"session_id": session.pk})
 
 
@@ -74,9 +76,12 @@ def create_session(request):
     responses={200: api.SuccessResponse, **error_responses(404)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("upload"))
 def post_session_image(request):
     data = validated(api.PostSessionImageSerializer, request)
-    session_services.session_image_add(data["session_id"], data["image_base64"], data["prompt"])
+    session_services.session_image_add(
+        data["session_id"], data["image_base64"], data["prompt"], caller=request.user
+    )
     return rendered(api.SuccessResponse, {"status": "success"})
 
 
@@ -88,11 +93,12 @@ def post_session_image(request):
     responses={200: api.ListSessionsResponse, **error_responses()},
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def list_sessions(request):
     query = api.ListSessionsQuery(data=request.query_params)
     query.is_valid(raise_exception=True)
     page = query.validated_data
-    everything = session_selectors.session_list()
+    everything = session_selectors.session_list(request.user)
     offset, limit = page.get("offset", 0), page.get("limit")
     sessions = list(everything[offset : None if limit is None else offset + limit])
     ids = [session.pk for session in sessions]
@@ -123,8 +129,10 @@ def list_sessions(request):
     responses={200: api.SessionDetailResponse, **error_responses(404)},
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def session_detail(request, session_id: int):
-    return rendered(api.SessionDetailResponse, training_selectors.session_detail(session_id))
+    detail = training_selectors.session_detail(session_id, request.user)
+    return rendered(api.SessionDetailResponse, detail)
 
 
 @extend_schema(
@@ -140,6 +148,7 @@ def session_detail(request, session_id: int):
     responses={200: api.SessionImagesUploadResponse, **error_responses(404)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("upload"))
 @parser_classes([MultiPartParser])
 def session_images_upload(request, session_id: int):
     data = validated(api.SessionImagesUploadSerializer, request)
@@ -149,6 +158,7 @@ def session_images_upload(request, session_id: int):
         [(upload.name, upload.read()) for upload in data.get("image", [])],
         data.get("caption", []),
         (archive.name, archive.read()) if archive is not None else None,
+        caller=request.user,
     )
     body = {"status": "success", "images": [session_image_item(image) for image in images]}
     return rendered(api.SessionImagesUploadResponse, body)
@@ -167,8 +177,9 @@ def session_images_upload(request, session_id: int):
     },
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def session_image(request, session_id: int, image_id: int):
-    image = session_selectors.training_image_get(session_id, image_id)
+    image = session_selectors.training_image_get(session_id, image_id, request.user)
     path = session_storage.absolute_path(image.file)
     if not path.is_file():
         raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
@@ -183,9 +194,10 @@ def session_image(request, session_id: int, image_id: int):
     responses={200: api.DeleteSessionResponse, **error_responses(404)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("delete"))
 def delete_session(request):
     data = validated(api.SessionRefSerializer, request)
-    session_services.session_delete(data["session_id"])
+    session_services.session_delete(data["session_id"], caller=request.user)
     return rendered(
         api.DeleteSessionResponse, {"status": "deleted", "session_id": data["session_id"]}
     )
@@ -202,12 +214,14 @@ def delete_session(request):
     responses={200: api.TrainLoraResponse, **error_responses(404, 409)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("train"))
 def train_lora(request):
     data = validated(api.TrainLoraSerializer, request)
     run = runs.training_run_start(
         data["session_id"],
         api.TrainLoraSerializer.training_parameters(data),
         **api.TrainLoraSerializer.webhook(data),
+        caller=request.user,
     )
     return rendered(api.TrainLoraResponse, {"status": "started", "run_id": run.pk})
 
@@ -222,9 +236,10 @@ def train_lora(request):
     responses={200: api.TRAIN_STATUS_SCHEMA, **error_responses(404)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("read"))
 def train_status(request):
     data = validated(api.SessionRefSerializer, request)
-    session_selectors.session_get(data["session_id"])
+    session_selectors.session_get(data["session_id"], request.user)
     return rendered(api.TrainStatusResponse, training_selectors.training_status(data["session_id"]))
 
 
@@ -238,9 +253,10 @@ def train_status(request):
     responses={200: api.CancelTrainingResponse, **error_responses(404, 409)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("train"))
 def cancel_training(request):
     data = validated(api.SessionRefSerializer, request)
-    run = runs.training_run_cancel(data["session_id"])
+    run = runs.training_run_cancel(data["session_id"], request.user)
     return rendered(
         api.CancelTrainingResponse,
         {"status": "cancelled", "session_id": data["session_id"], "run_id": run.pk},
@@ -260,10 +276,11 @@ def cancel_training(request):
     responses={200: api.GetLoraResponse, **error_responses(404, 409)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("read"))
 def get_lora(request):
     data = validated(api.GetLoraSerializer, request)
     artifact = training_selectors.lora_file_get(
-        data["session_id"], data.get("iteration"), data.get("lora_filename")
+        data["session_id"], data.get("iteration"), data.get("lora_filename"), request.user
     )
     lora = loras.lora_read(artifact, data["format"])
     body = {
@@ -293,16 +310,23 @@ def get_lora(request):
     responses={200: api.UploadLoraResponse, **error_responses(404, 409)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("upload"))
 @parser_classes([JSONParser, MultiPartParser])
 def upload_lora(request):
     if request.content_type.startswith("multipart/"):
         data = validated(api.UploadLoraFileSerializer, request)
         artifact = loras.lora_upload(
-            data["session_id"], data["lora"].read(), data.get("filename"), field="lora"
+            data["session_id"],
+            data["lora"].read(),
+            data.get("filename"),
+            field="lora",
+            caller=request.user,
         )
     else:
         data = validated(api.UploadLoraSerializer, request)
-        artifact = loras.lora_upload(data["session_id"], data["lora_base64"], data.get("filename"))
+        artifact = loras.lora_upload(
+            data["session_id"], data["lora_base64"], data.get("filename"), caller=request.user
+        )
     return rendered(
         api.UploadLoraResponse,
         {"status": "success", "lora_filename": artifact.filename, "iteration": artifact.number},
@@ -324,6 +348,7 @@ def upload_lora(request):
     },
 )
 @api_view(["POST"])
+@permission_classes(scope_required("generate"))
 def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
     wait = not data.pop("async")
@@ -331,6 +356,7 @@ def txt2img(request):
     data["loras"] = tuple(generations.LoraChoice(**choice) for choice in data.get("loras", ()))
     data["init_image"] = data.pop("init_image_base64", None)
     data["webhook_events"] = tuple(data.get("webhook_events") or ())
+    data["caller"] = request.user
     generation = generations.generation_request(generations.GenerationRequest(**data))
     if not wait:
         body = {
@@ -359,8 +385,9 @@ def txt2img(request):
     responses={200: api.GenerationStatusResponse, **error_responses(404)},
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def generation_status(request, generation_id: int):
-    generation = training_selectors.generation_get(generation_id)
+    generation = training_selectors.generation_get(generation_id, request.user)
     return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
 
 
@@ -376,8 +403,9 @@ def generation_status(request, generation_id: int):
     responses={200: api.GenerationStatusResponse, **error_responses(404)},
 )
 @api_view(["POST"])
+@permission_classes(scope_required("generate"))
 def generation_cancel(request, generation_id: int):
-    generation = generations.generation_cancel(generation_id)
+    generation = generations.generation_cancel(generation_id, caller=request.user)
     return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
 
 
@@ -413,8 +441,9 @@ def _client_gone_check(request) -> Callable[[], bool] | None:
     },
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def generation_image(request, generation_id: int, index: int, extension: str):
-    generation = training_selectors.generation_get(generation_id)
+    generation = training_selectors.generation_get(generation_id, request.user)
     path = generations.generation_image_path(generation, index, extension)
     return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.output_format])
 
@@ -426,8 +455,9 @@ def generation_image(request, generation_id: int, index: int, extension: str):
     responses={(200, "image/png"): bytes, **error_responses(404)},
 )
 @api_view(["GET"])
+@permission_classes(scope_required("read"))
 def training_sample(request, sample_id: int):
-    sample = training_selectors.training_sample_get(sample_id)
+    sample = training_selectors.training_sample_get(sample_id, request.user)
     path = watch.sample_path(sample)
     if not path.is_file():
         raise ServiceError(f"sample {sample_id} is recorded but its image is missing", status=404)

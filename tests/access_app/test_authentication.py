@@ -4,7 +4,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from access_app import services
-from access_app.models import ApiToken
+from access_app.models import ApiToken, Owner
 from sessions_app.models import Session
 from tests.sdxl_service.api.test_session_views import assert_error
 
@@ -59,7 +59,7 @@ def test_every_endpoint_takes_a_token_from_the_environment(env_token, method, pa
 
 
 def test_an_admin_token_works_and_only_its_hash_is_stored():
-    plaintext = services.api_token_issue(ApiToken(name="ci"))
+    plaintext = services.api_token_issue(ApiToken(name="ci", owner=Owner.objects.create(name="ci")))
     token = ApiToken.objects.get()
     assert plaintext not in {token.name, token.prefix, token.sha256}
     assert len(token.sha256) == 64 and plaintext.startswith(token.prefix)

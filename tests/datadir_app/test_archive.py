@@ -85,6 +85,17 @@ def test_a_session_round_trips_exactly(session, tmp_path):
     assert "the rows and files agree" in run("verify")
 
 
+def test_import_gives_the_session_to_the_owner_named_by_owner_else_to_default(session, tmp_path):
+    archive = tmp_path / "session.zip"
+    run("export_session", str(session.pk), str(archive))
+
+    run("import_session", str(archive), "--owner", "team a")
+    run("import_session", str(archive))
+
+    owners = Session.objects.exclude(pk=session.pk).order_by("pk").values_list("owner__name")
+    assert list(owners) == [("team a",), ("default",)]
+
+
 def test_export_refuses_a_session_whose_file_contradicts_its_row(session, tmp_path):
     (storage.session_dir(session.pk) / "style.safetensors").write_bytes(lora_bytes(seed=3))
     out = tmp_path / "out"

@@ -52,6 +52,15 @@ def test_import_in_place_adopts_everything_and_a_second_run_changes_nothing(data
     assert lora_services.lora_upload(7, lora_bytes(seed=5), None).number == 3
 
 
+def test_import_gives_adopted_sessions_to_the_owner_and_a_rerun_keeps_their_owner(data_dir):
+    flask_session_data(settings.SESSION_DATA_DIR)
+
+    run("import_sessions", str(settings.SESSION_DATA_DIR), "--owner", "team a")
+    run("import_sessions", str(settings.SESSION_DATA_DIR), "--owner", "team b")
+
+    assert list(Session.objects.values_list("pk", "owner__name")) == [(3, "team a"), (7, "team a")]
+
+
 def test_import_from_elsewhere_without_copy_fails_and_creates_nothing(tmp_path, data_dir):
     source = flask_session_data(tmp_path / "old" / "session_data")
     with pytest.raises(CommandError, match="--copy"):

@@ -7,7 +7,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from access_app import services
-from access_app.models import ApiToken
+from access_app.models import ApiToken, Owner
 from training_app.management.commands.serve import (
     Command,
     access_mode,
@@ -81,7 +81,7 @@ def test_with_a_token_any_host_is_served(settings):
     settings.SDXL_API_TOKENS = ["t0ken"]
     assert "API tokens required" in access_mode("0.0.0.0", insecure=False)
     settings.SDXL_API_TOKENS = []
-    services.api_token_issue(ApiToken(name="admin-made"))
+    services.api_token_issue(ApiToken(name="admin-made", owner=Owner.objects.create(name="a")))
     assert "API tokens required" in access_mode("0.0.0.0", insecure=False)
 
 

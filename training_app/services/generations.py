@@ -23,6 +23,7 @@ from django.db.models import Q, QuerySet
 from django.urls import reverse
 from django.utils import timezone
 
+from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, GenerationCancelled
 from sdxl_engine.image_output import lora_prompt_name, lora_short_hash, quality_problem
@@ -51,6 +52,7 @@ from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import generation_get, lora_file_get, worker_alive
 from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_file_path
+from training_app.services.owner_quotas import generation_owner
 from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,8 @@ class GenerationRequest:
     quality: int | None = None  # jpeg and webp only; None: image_output.DEFAULT_QUALITY
     webhook_url: str | None = None  # where to post its events (services.webhooks)
     webhook_events: tuple[str, ...] = ()  # which; none given: the default ones
+    # Who asks (the API's caller): sees only its owner's LoRAs, owns the generation.
+    caller: Caller | None = None
 
     @property
     def lora_choices(self) -> tuple[LoraChoice, ...]:
@@ -151,14 +155,15 @@ def generation_request(request: GenerationRequest) -> Generation:
     )
     loras = [
         # use_lora answers the original API's 404 message unchanged.
-        (choice, _lora_of(choice, named=not (request.use_lora and position == 0)))
+        (choice, _lora_of(choice, request.caller, named=not (request.use_lora and position == 0)))
         for position, choice in enumerate(choices)
     ]
     written: list[Path] = []
     try:
         with transaction.atomic():
+            owner_id = generation_owner(request.caller)
             generation = _generation_create(
-                request, strength, loras, (webhook_url, webhook_events), written
+                request, strength, loras, (webhook_url, webhook_events), written, owner_id
             )
     except BaseException:
         # The row was rolled back: so is the starting image written for it.
@@ -174,6 +179,7 @@ def _generation_create(
     loras: list[tuple[LoraChoice, LoraArtifact | TrainingCheckpoint]],
     webhook: tuple[str, list[str]],
     written: list[Path],
+    owner_id: int,
 ) -> Generation:
     optional = {
         "scheduler": request.scheduler,
@@ -196,6 +202,7 @@ def _generation_create(
             **{name: value for name, value in optional.items() if value is not None},
         },
         seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
+        owner_id=owner_id,
         session_id=loras[0][0].session_id if loras else None,
         webhook_url=webhook[0],
         webhook_events=webhook[1],
@@ -222,10 +229,12 @@ def _generation_create(
     return generation
 
 
-def _lora_of(choice: LoraChoice, named: bool) -> LoraArtifact | TrainingCheckpoint:
+def _lora_of(
+    choice: LoraChoice, caller: Caller | None, named: bool
+) -> LoraArtifact | TrainingCheckpoint:
     """The LoRA file a choice names; 404 naming the session, the file or (when `named`)
-    the iteration when missing."""
-    session_get(choice.session_id)
+    the iteration when missing (or the caller's owner's not)."""
+    session_get(choice.session_id, caller)
     if choice.lora_filename is not None or not named:
         return lora_file_get(choice.session_id, choice.iteration, choice.lora_filename)
     try:
@@ -357,14 +366,17 @@ def generations_end_lost() -> list[int]:
     return ended
 
 
-def generation_cancel(generation_id: int, reason: str = CANCELLED_BY_REQUEST) -> Generation:
-    """Cancels a queued or running generation (404 unknown); returns it as it is now.
+def generation_cancel(
+    generation_id: int, reason: str = CANCELLED_BY_REQUEST, caller: Caller | None = None
+) -> Generation:
+    """Cancels a queued or running generation (404 unknown or the `caller`'s owner's not);
+    returns it as it is now.
 
     A queued one is then never run; a running one stops at its worker's next look at the
     row, between denoising steps (at most SDXL's progress interval later), and writes no
     image. One that has already ended is returned unchanged, as Replicate's cancel does.
     """
-    generation_get(generation_id)
+    generation_get(generation_id, caller)
     cancelled = Generation.objects.filter(
         pk=generation_id, status__in=Generation.ACTIVE_STATUSES
     ).update(status=Generation.Status.CANCELLED, error_message=reason, finished_at=timezone.now())

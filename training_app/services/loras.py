@@ -6,12 +6,15 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 
+from access_app.callers import Caller
+from access_app.models import Owner
+from access_app.quotas import MB, quota_check
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import replace_with_retry, sha256_file
 from sessions_app import storage
 from sessions_app.locking import session_lock
-from sessions_app.selectors import session_get
+from sessions_app.selectors import owner_stored_bytes, session_get
 from training_app.models import (
     Generation,
     GenerationLora,
@@ -101,7 +104,11 @@ def lora_store(
 
 
 def lora_upload(
-    session_id: int, data: bytes, filename: str | None, field: str = "lora_base64"
+    session_id: int,
+    data: bytes,
+    filename: str | None,
+    field: str = "lora_base64",
+    caller: Caller | None = None,
 ) -> LoraArtifact:
     """Stores an uploaded LoRA in the canonical (diffusers) form the trainer writes, after
     checking it is an SDXL LoRA (or LoCon) for the model.
@@ -120,7 +127,12 @@ def lora_upload(
             "filename must be a plain file name ending in .safetensors "
             "(letters, digits, '.', '_' and '-')"
         )
-    session = session_get(session_id)
+    session = session_get(session_id, caller)
+    if caller is not None and session.owner_id is not None:
+        # Checked before anything is written; concurrent uploads of one owner may each
+        # pass it (an image upload, which holds the owner's lock, cannot).
+        owner = Owner.objects.get(pk=session.owner_id)
+        quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), len(data), unit=MB)
     upload = storage.staging_path("upload.safetensors")
     converted = storage.staging_path("converted.safetensors")
     try:

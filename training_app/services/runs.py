@@ -11,6 +11,7 @@ from django.db.models import Value
 from django.db.models.functions import Greatest
 from django.utils import timezone
 
+from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.parameters import (
@@ -30,6 +31,7 @@ from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import training_status_body
 from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_store
+from training_app.services.owner_quotas import training_slot_check
 from training_app.services.watch import (
     checkpoint_store,
     resume_state_dir,
@@ -57,8 +59,11 @@ def training_run_start(
     parameters: dict,
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
+    caller: Caller | None = None,
 ) -> TrainingRun:
     """Records a queued run and hands it to the training queue once the row is committed.
+    An API `caller` must see the session, and its owner's concurrent trainings quota must
+    have room (counted under the owner's lock, so two starts cannot both take the last).
 
     `parameters` are the TrainingParams the caller gave; the run records the whole recipe
     (sdxl_engine.parameters.training_params: the rest from the recipe, its length from
@@ -67,6 +72,8 @@ def training_run_start(
     """
     from sdxl_engine.dataset import find_training_pairs, training_captions
 
+    if caller is not None:
+        session_get(session_id, caller)
     unknown = sorted(set(parameters) - field_names(TrainingParams))
     if unknown:
         raise ServiceError(f"unknown training parameters: {', '.join(unknown)}")
@@ -91,6 +98,8 @@ def training_run_start(
             session=session, status__in=TrainingRun.ACTIVE_STATUSES
         ).exists():
             raise ServiceError(f"session {session_id} is already training", status=409)
+        if caller is not None:
+            training_slot_check(session)
         try:
             with transaction.atomic():
                 run = TrainingRun.objects.create(
@@ -137,13 +146,13 @@ def _enqueue_run(run_id: int) -> None:
     )
 
 
-def training_run_cancel(session_id: int) -> TrainingRun:
+def training_run_cancel(session_id: int, caller: Caller | None = None) -> TrainingRun:
     """Ends the session's queued or running run as cancelled.
 
     A queued run is then never claimed; a running one notices at its next step (the
     worker's progress update finds the row no longer running) and saves nothing.
     """
-    session_get(session_id)
+    session_get(session_id, caller)
     run = TrainingRun.objects.filter(
         session_id=session_id, status__in=TrainingRun.ACTIVE_STATUSES
     ).first()

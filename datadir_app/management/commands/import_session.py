@@ -17,10 +17,13 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser):
         parser.add_argument("file", type=Path, help="the zip file to read")
+        parser.add_argument(
+            "--owner", help="the owner the session belongs to, created if new (default: default)"
+        )
 
-    def handle(self, *args, file: Path, **options):
+    def handle(self, *args, file: Path, owner: str | None, **options):
         try:
-            session = session_import(file)
+            session = session_import(file, owner)
         except ServiceError as error:
             raise CommandError(error.message) from None
         self.stdout.write(f"imported {file} as session {session.pk}")

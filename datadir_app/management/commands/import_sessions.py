@@ -27,9 +27,15 @@ class Command(BaseCommand):
             "overwritten)",
         )
 
-    def handle(self, *args, folder: Path, copy: bool, **options):
+        parser.add_argument(
+            "--owner",
+            help="the owner adopted sessions belong to, created if new (default: default); "
+            "sessions adopted before keep theirs",
+        )
+
+    def handle(self, *args, folder: Path, copy: bool, owner: str | None, **options):
         try:
-            result = import_sessions(folder, copy, progress("importing"))
+            result = import_sessions(folder, copy, progress("importing"), owner)
         except ServiceError as error:
             raise CommandError(error.message) from None
         print_report(self, result.report)
