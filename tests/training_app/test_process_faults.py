@@ -26,6 +26,7 @@ from tests.processes import (
     still_running,
     wait_until,
 )
+from tests.training_app.test_worker_faults import CHECKPOINT, ENDLESS, RESUMABLE, STEPS
 from training_app.models import TrainingRun, WorkerHeartbeat
 from training_app.services import runs as run_services
 
@@ -38,17 +39,6 @@ SQLITE_TIMEOUT_S = 1.0
 AWAY_S = 8.0
 TXT2IMG = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5}
 RUN_TIMEOUT_S = 180
-# Long enough that the run still trains when the test acts on it.
-ENDLESS = {"steps": 100_000, "resolution": 64, "batch_size": 1, "seed": 1}
-STEPS, CHECKPOINT = 40, 20
-RESUMABLE = {
-    "steps": STEPS,
-    "checkpoint_every": CHECKPOINT,
-    "resolution": 64,
-    "batch_size": 2,
-    "seed": 1,
-    "sample_every": 0,
-}
 
 
 @pytest.fixture

@@ -5,24 +5,21 @@ once, and on a SIGTERM to serve alone, also while a training run outlasts the gr
 
 import os
 import signal
-import sys
 import time
 
 import pytest
-import requests
 from django.conf import settings
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
 from tests.processes import (
-    free_port,
     process_tree,
     processes_with_env,
     still_running,
     wait_until,
 )
 from training_app.management.commands.serve import STOP_GRACE_S
-from training_app.models import TrainingRun, WorkerHeartbeat
+from training_app.models import TrainingRun
 from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.e2e
@@ -37,23 +34,7 @@ ENDLESS = {"steps": 100_000, "resolution": 64, "batch_size": 1, "seed": 1}
     ids=["ctrl-c-to-the-process-group", "sigterm-to-serve-alone"],
 )
 def test_serve_stops_every_process_it_started(service_processes, signum, whole_group):
-    port = free_port()
-    serve = service_processes._start(
-        "serve",
-        [sys.executable, "manage.py", "serve", "--port", str(port), "--web-workers", "1"],
-        {},
-    )
-
-    def up() -> bool:
-        assert serve.process.poll() is None, serve.log()
-        try:
-            requests.get(f"http://127.0.0.1:{port}/list_sessions", timeout=2)
-        except requests.RequestException:
-            return False
-        queues = set(WorkerHeartbeat.objects.values_list("queue", flat=True))
-        return queues == {settings.TRAINING_QUEUE, settings.GENERATION_QUEUE}
-
-    wait_until(up, 60, "serve to answer and both workers to beat", interval=0.3)
+    serve, _ = service_processes.serve()
     tree = process_tree(serve.pid)
     # serve, gunicorn's arbiter and worker, and per queue the worker command, its sentinel,
     # pusher, monitor and pool worker.
