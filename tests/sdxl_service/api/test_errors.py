@@ -30,7 +30,7 @@ def wrapped(driver_error: Exception) -> db_utils.DatabaseError:
 def failing(monkeypatch, error: Exception) -> None:
     """/create_session raises `error` from its service."""
 
-    def session_create():
+    def session_create(caller=None):
         raise error
 
     monkeypatch.setattr(session_services, "session_create", session_create)
