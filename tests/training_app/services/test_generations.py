@@ -182,8 +182,10 @@ def test_a_job_process_lost_mid_job_answers_503_at_once_and_records_why(
 
 
 def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees_redelivery(
-    generation_worker, settings, monkeypatch
+    queue_namespace, generation_worker, settings, monkeypatch
 ):
+    # A queue of its own: redelivery waits while the broker holds any task, and on Redis
+    # the shared queue may hold tasks other tests enqueued.
     settings.SDXL_WORKER_STALE_AFTER = 30  # the worker's own heartbeat is fresh
     lost, alive, old_row, waiting = (
         generations.generation_request(GenerationRequest(prompt=p, **SMALL))
