@@ -96,6 +96,7 @@ def test_import_of_a_folder_without_sessions_fails(tmp_path):
     assert not Session.objects.exists()
 
 
+@pytest.mark.one_pass
 def test_commands_exit_non_zero_and_have_help(tmp_path):
     failed = subprocess.run(
         [sys.executable, MANAGE_PY, "import_sessions", str(tmp_path / "missing")],

@@ -253,6 +253,7 @@ def test_chunked_json_and_multipart_bodies_are_read_and_limited(service_processe
     assert_no_service_process_left(service_processes, queue_namespace)
 
 
+@pytest.mark.one_pass
 def test_defaults_keep_to_a_small_max_image_side(service_processes, queue_namespace):
     limit = {"SDXL_MAX_IMAGE_SIDE": "100"}  # 96 is the largest multiple of 8 within it
     server = service_processes.gunicorn(SDXL_TXT2IMG_TIMEOUT="300", **limit)

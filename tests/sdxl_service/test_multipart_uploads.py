@@ -40,6 +40,7 @@ def _photo(size_mb: float) -> bytes:
     return buffer.getvalue()
 
 
+@pytest.mark.one_pass
 def test_readme_curl_uploads_of_a_5_mb_photo_and_a_23_mb_lora(server, tmp_path):
     session_id = requests.get(f"{server}/create_session", timeout=10).json()["session_id"]
     photo = tmp_path / "photo.png"

@@ -36,6 +36,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 # longer than its timeout (SQLite) but, in the first test, shorter than this bound.
 STALE_AFTER_S = 20.0
 SQLITE_TIMEOUT_S = 1.0
+ETA_STALE_AFTER_S = 6.0  # three of the workers' 2 s beats
 AWAY_S = 8.0
 TXT2IMG = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5}
 RUN_TIMEOUT_S = 180
@@ -166,9 +167,15 @@ def test_a_worker_whose_sentinel_dies_exits_1_and_leaves_nothing(service_process
     assert not WorkerHeartbeat.objects.exists()
 
 
-def test_eta_is_null_once_the_training_worker_died(service_processes, fast_faults, client):
+def test_eta_is_null_once_the_training_worker_died(
+    service_processes, fast_faults, client, settings
+):
+    # A bound of its own, shorter: nothing here keeps the database away.
+    settings.SDXL_WORKER_STALE_AFTER = ETA_STALE_AFTER_S
     session = _session_with_images()
-    worker = service_processes.worker("training", **fast_faults)
+    worker = service_processes.worker(
+        "training", **fast_faults | {"SDXL_WORKER_STALE_AFTER": str(ETA_STALE_AFTER_S)}
+    )
     run = run_services.training_run_start(session.pk, ENDLESS)
     wait_until(lambda: _training_steps_done(run.pk, 3), RUN_TIMEOUT_S, "training steps")
 
@@ -181,7 +188,7 @@ def test_eta_is_null_once_the_training_worker_died(service_processes, fast_fault
     # Within the heartbeat bound, not SDXL_RUN_STALE_AFTER (60 s) later.
     seen = wait_until(
         lambda: (answer := status())["eta_seconds"] is None and answer,
-        STALE_AFTER_S + 10,
+        ETA_STALE_AFTER_S + 10,
         "eta_seconds to become null",
     )
     assert seen["status"] == "in-progress"  # nobody has resumed or ended it yet

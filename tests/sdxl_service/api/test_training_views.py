@@ -150,6 +150,7 @@ def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, sess
     assert (recorded.rank, recorded.enable_bucket, recorded.recipe) == (32, True, "service")
 
 
+@pytest.mark.one_pass
 def test_only_a_session_id_after_portraits_and_landscapes_trains_1000_views_in_buckets(
     api, tmp_path
 ):
