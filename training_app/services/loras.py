@@ -8,7 +8,7 @@ from django.db import transaction
 
 from access_app.callers import Caller
 from access_app.models import Owner
-from access_app.quotas import MB, quota_check
+from access_app.quotas import MB, owner_locked, quota_check
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import replace_with_retry, sha256_file
@@ -56,6 +56,7 @@ def lora_store(
     filename: str | None = None,
     training_run: TrainingRun | None = None,
     metadata: dict | None = None,
+    held_to_quota: bool = False,
 ) -> LoraArtifact:
     """Moves a complete, fsynced LoRA file into the session folder and records it.
 
@@ -63,8 +64,15 @@ def lora_store(
     overwritten), then hashed: only a file whose sha256 is `expected_sha256`, the hash of
     the bytes its writer meant to write, gets its row, in the same transaction. Any
     failure removes the file, so no row ever names a missing or truncated LoRA.
+    `held_to_quota`: the file must fit the session owner's stored-MB quota, checked under
+    the owner's lock (taken after the session's, as image uploads take them), so that
+    uploads at the same moment cannot pass it together.
     """
     with session_lock(session_id) as session:
+        if held_to_quota and session.owner_id is not None:
+            owner = owner_locked(session.owner_id)
+            adding = finished_file.stat().st_size
+            quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), adding, unit=MB)
         number, name = _allocate_lora_name(session, filename)
         folder = storage.session_dir(session.pk)
         folder.mkdir(parents=True, exist_ok=True)  # under the lock: the session still exists
@@ -128,9 +136,10 @@ def lora_upload(
             "(letters, digits, '.', '_' and '-')"
         )
     session = session_get(session_id, caller)
-    if caller is not None and session.owner_id is not None:
-        # Checked before anything is written; concurrent uploads of one owner may each
-        # pass it (an image upload, which holds the owner's lock, cannot).
+    held_to_quota = caller is not None and session.owner_id is not None
+    if held_to_quota:
+        # Refused before the conversion's work when it cannot fit; lora_store checks again
+        # under the owner's lock, for uploads at the same moment.
         owner = Owner.objects.get(pk=session.owner_id)
         quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), len(data), unit=MB)
     upload = storage.staging_path("upload.safetensors")
@@ -152,6 +161,7 @@ def lora_upload(
             source=LoraArtifact.Source.UPLOADED,
             filename=filename,
             metadata=metadata,
+            held_to_quota=held_to_quota,
         )
     finally:
         upload.unlink(missing_ok=True)

@@ -446,6 +446,41 @@ def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessio
     assert LoraArtifact.objects.count() == 1
 
 
+def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(alice, monkeypatch):
+    from training_app.services import loras
+
+    _limit(alice, max_stored_mb=1)
+    session_id = alice.api.get("/create_session").json()["session_id"]
+    lora = lora_bytes()
+    # Room for one more LoRA, not for two.
+    taken = 1024 * 1024 - len(lora) * 3 // 2
+    LoraArtifact.objects.create(
+        session_id=session_id, number=99, filename="big.safetensors", size=taken, sha256="0" * 64
+    )
+    body = {"session_id": session_id, "lora_base64": b64(lora)}
+    converting = loras._canonical_lora_for_the_model
+    second = []
+
+    def the_other_upload_lands_meanwhile(upload, converted):
+        # The first upload has passed the early check and is converting: the second one,
+        # sent at the same moment, passes that check too and is stored first.
+        if not second:
+            second.append(None)
+            second[0] = alice.api.post("/upload_lora", body, format="json")
+        return converting(upload, converted)
+
+    monkeypatch.setattr(loras, "_canonical_lora_for_the_model", the_other_upload_lands_meanwhile)
+    first = alice.api.post("/upload_lora", body, format="json")
+
+    assert second[0].status_code == 200, second[0].json()
+    assert_error(first, 429, "quota exceeded: stored MB")
+    stored = LoraArtifact.objects.exclude(filename="big.safetensors")
+    assert [artifact.filename for artifact in stored] == ["lora_1.safetensors"]
+    assert sorted(p.name for p in storage.session_dir(session_id).iterdir()) == [
+        "lora_1.safetensors"
+    ]
+
+
 def test_the_generations_per_minute_quota_answers_429_with_retry_after(
     alice, bob, generation_worker
 ):
