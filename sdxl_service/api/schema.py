@@ -19,6 +19,8 @@ _ERROR_MEANINGS = {
     404: "unknown session or LoRA",
     409: "conflicting state (already training, name taken, nothing to cancel)",
     413: "request body larger than the configured limit",
+    429: "an owner's quota is used up (the message names it; Retry-After when waiting "
+    "helps); nothing was written",
     500: "the job failed (the message says why)",
     503: "no generation worker is running, or the database is busy (with Retry-After)",
     504: "timed out waiting for the image",
@@ -40,12 +42,14 @@ _WRITE_ERRORS = {
 _WRITING_GETS = {"create_session"}
 
 
-def error_responses(*codes: int) -> dict[int, OpenApiResponse]:
-    """The documented error answers of an endpoint: 400 and 413 always, plus `codes`
-    (schema_with_common_errors adds the answers every endpoint may give)."""
+def error_responses(*codes: int, with_body: bool = True) -> dict[int, OpenApiResponse]:
+    """The documented error answers of an endpoint: 400 and 413 for one that reads a
+    request (`with_body`), plus `codes` (schema_with_common_errors adds the answers every
+    endpoint may give)."""
+    always = {400, 413} if with_body else set()
     return {
         code: OpenApiResponse(ErrorSerializer, description=_ERROR_MEANINGS[code])
-        for code in sorted({400, 413, *codes})
+        for code in sorted({*always, *codes})
     }
 
 
@@ -79,7 +83,8 @@ class AutoSchema(SpectacularAutoSchema):
 
 class ScopedAutoSchema(AutoSchema):
     """Each operation that needs a token scope (access_app.permissions.scope_required)
-    says which, and documents the 401, 403 and 429 it may answer."""
+    says which, and documents the 401 and 403 it may answer (the 429 of a quota only the
+    endpoints that create something list, with their other errors)."""
 
     def _required_scope(self) -> str | None:
         for permission in self.view.get_permissions():
@@ -110,8 +115,6 @@ class ScopedAutoSchema(AutoSchema):
         access = {
             "401": "no valid API token (tokens are configured)",
             "403": "the token lacks this endpoint's scope (the message names it)",
-            "429": "an owner's quota is used up (the message names it; Retry-After when "
-            "waiting helps); nothing was written",
         }
         for code, meaning in access.items():
             error = OpenApiResponse(ErrorSerializer, description=meaning)

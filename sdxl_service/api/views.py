@@ -57,7 +57,7 @@ def rendered(serializer_class, body: dict) -> Response:
     operation_id="create_session",
     tags=SESSIONS,
     summary="Create an empty session",
-    responses={200: api.CreateSessionResponse},
+    responses={200: api.CreateSessionResponse, **error_responses(429, with_body=False)},
 )
 @api_view(["GET"])
 @permission_classes(scope_required("upload"))
@@ -73,7 +73,7 @@ def create_session(request):
     description="PNG, JPEG, WebP or BMP, base64 (a data: URL prefix is accepted). Stored "
     "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`.",
     request=api.PostSessionImageSerializer,
-    responses={200: api.SuccessResponse, **error_responses(404)},
+    responses={200: api.SuccessResponse, **error_responses(404, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
@@ -145,7 +145,7 @@ def session_detail(request, session_id: int):
     "Zips are refused whole for unsafe paths, links, more than 2000 files or more than "
     "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files.",
     request={"multipart/form-data": api.SessionImagesUploadSerializer},
-    responses={200: api.SessionImagesUploadResponse, **error_responses(404)},
+    responses={200: api.SessionImagesUploadResponse, **error_responses(404, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
@@ -211,7 +211,7 @@ def delete_session(request):
     tags=TRAINING,
     summary="Queue a LoRA training run on the session's captioned images",
     request=api.TrainLoraSerializer,
-    responses={200: api.TrainLoraResponse, **error_responses(404, 409)},
+    responses={200: api.TrainLoraResponse, **error_responses(404, 409, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("train"))
@@ -307,7 +307,7 @@ def get_lora(request):
         "application/json": api.UploadLoraSerializer,
         "multipart/form-data": api.UploadLoraFileSerializer,
     },
-    responses={200: api.UploadLoraResponse, **error_responses(404, 409)},
+    responses={200: api.UploadLoraResponse, **error_responses(404, 409, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
@@ -344,7 +344,7 @@ def upload_lora(request):
     responses={
         200: api.Txt2ImgResponse,
         202: OpenApiResponse(api.Txt2ImgQueuedResponse, description='with "async": true'),
-        **error_responses(404, 409, 500, 503, 504),
+        **error_responses(404, 409, 429, 500, 503, 504),
     },
 )
 @api_view(["POST"])
