@@ -37,6 +37,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 STALE_AFTER_S = 20.0
 SQLITE_TIMEOUT_S = 1.0
 ETA_STALE_AFTER_S = 6.0  # three of the workers' 2 s beats
+EXIT_STALE_AFTER_S = 4.0
 AWAY_S = 8.0
 TXT2IMG = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5}
 RUN_TIMEOUT_S = 180
@@ -165,6 +166,30 @@ def test_a_worker_whose_sentinel_dies_exits_1_and_leaves_nothing(service_process
     wait_until(lambda: not still_running(tree), 10, "the cluster's processes to end")
     assert _service_processes() == []
     assert not WorkerHeartbeat.objects.exists()
+
+
+def test_a_worker_that_cannot_beat_for_its_bound_exits_1_and_leaves_nothing(
+    service_processes, fast_faults, settings
+):
+    """The database away for longer than the heartbeat bound: the worker gives up (exit 1,
+    which `serve` answers by starting it again, test_serve_supervises) rather than run on
+    while the web side counts it as gone."""
+    bound = {"SDXL_WORKER_STALE_AFTER": str(EXIT_STALE_AFTER_S)}
+    settings.SDXL_WORKER_STALE_AFTER = EXIT_STALE_AFTER_S
+    worker = service_processes.worker("generation", **fast_faults | bound)
+    tree = process_tree(worker.pid)
+
+    with database_away():
+        away_at = time.monotonic()
+        exit_code = worker.process.wait(timeout=EXIT_STALE_AFTER_S + 30)
+        exited_after_s = time.monotonic() - away_at
+
+    assert exit_code == 1, worker.log()
+    assert "no heartbeat written" in worker.log()
+    assert exited_after_s >= EXIT_STALE_AFTER_S - 1  # it retried until the bound first
+    wait_until(lambda: not still_running(tree), 10, "the cluster's processes to end")
+    assert _service_processes() == []
+    print(f"database away: the worker exited 1 after {exited_after_s:.1f}s")
 
 
 def test_eta_is_null_once_the_training_worker_died(
