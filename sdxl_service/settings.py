@@ -76,7 +76,6 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
-    "sdxl_service.api.errors.UnavailableErrorsMiddleware",
 ]
 
 ROOT_URLCONF = "sdxl_service.urls"

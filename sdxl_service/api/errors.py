@@ -7,6 +7,7 @@ docs/api.md: every error answers `{"status": "error", "message": "..."}` with a 
 import errno
 import logging
 import math
+import sys
 from pathlib import Path
 
 from django.conf import settings
@@ -167,22 +168,13 @@ def json_not_found(request, exception=None):
 
 
 def json_server_error(request):
-    return JsonResponse(error_body("internal server error"), status=500)
+    """handler500, for what no DRF view handled: a view outside DRF (the admin, the front
+    door) or a middleware before any view (the session or user loaded from a database
+    with no free connection). Django calls it inside its `except`, so the error is at hand:
+    a busy database or a full disk answer as in the API, 503 or 507."""
+    unavailable = unavailable_response(sys.exception(), response_class=JsonResponse)
+    return unavailable or JsonResponse(error_body("internal server error"), status=500)
 
 
 def json_bad_request(request, exception=None):
     return JsonResponse(error_body("bad request"), status=400)
-
-
-class UnavailableErrorsMiddleware:
-    """The same 503 and 507 answers for views outside DRF (the admin, the front door),
-    whose errors would otherwise end in handler500's generic 500."""
-
-    def __init__(self, get_response):
-        self.get_response = get_response
-
-    def __call__(self, request):
-        return self.get_response(request)
-
-    def process_exception(self, request, exception):
-        return unavailable_response(exception, response_class=JsonResponse)

@@ -1,5 +1,5 @@
 """A busy database answers 503 with Retry-After, no space left 507, each naming why: in
-DRF's exception handler and, for views outside DRF, in the middleware."""
+DRF's exception handler and, for views outside DRF or a middleware's failure, in handler500."""
 
 import errno
 import sqlite3
@@ -7,11 +7,8 @@ import sqlite3
 import psycopg.errors
 import pytest
 from django.db import utils as db_utils
-from django.http import HttpResponse
-from django.test import RequestFactory
 from rest_framework.test import APIClient
 
-from sdxl_service.api.errors import UnavailableErrorsMiddleware
 from sessions_app import services as session_services
 
 pytestmark = pytest.mark.django_db
@@ -97,14 +94,51 @@ def test_other_failures_stay_a_generic_500(monkeypatch, error):
     assert response.json() == {"status": "error", "message": "internal server error"}
 
 
-def test_views_outside_drf_answer_503_and_507_too(settings):
+@pytest.mark.parametrize(
+    "error, status",
+    [
+        (wrapped(psycopg.errors.TooManyConnections("sorry, too many clients already")), 503),
+        (wrapped(sqlite3.OperationalError("database is locked")), 503),
+        (wrapped(sqlite3.OperationalError("database or disk is full")), 507),
+        (ValueError("a bug"), 500),
+    ],
+)
+def test_a_middleware_failing_after_the_view_answers_as_the_api_does(
+    monkeypatch, settings, client, django_user_model, error, status
+):
+    """An admin login: SessionMiddleware saves the new session after the view, outside it
+    and outside DRF, on a database with no connection free (or full)."""
+    from django.contrib.sessions.backends.db import SessionStore
+
     settings.SDXL_WEB_DB_LOCK_TIMEOUT = 5
-    middleware = UnavailableErrorsMiddleware(lambda request: HttpResponse())
-    request = RequestFactory().get("/admin/")
-    busy = middleware.process_exception(
-        request, wrapped(sqlite3.OperationalError("database is locked"))
-    )
-    assert (busy.status_code, busy["Retry-After"]) == (503, "5")
-    full = middleware.process_exception(request, OSError(errno.ENOSPC, "No space left"))
-    assert full.status_code == 507
-    assert middleware.process_exception(request, ValueError("a bug")) is None
+    django_user_model.objects.create_superuser("admin", password="a-password")
+    save_in_view = SessionStore.save
+
+    def save(self, must_create=False):
+        if must_create:  # the login view's own save (a new session key)
+            return save_in_view(self, must_create=True)
+        raise error  # SessionMiddleware.process_response's
+
+    monkeypatch.setattr(SessionStore, "save", save)
+    client.raise_request_exception = False
+    response = client.post("/admin/login/", {"username": "admin", "password": "a-password"})
+    assert response.status_code == status
+    assert response["Content-Type"] == "application/json"
+    if status == 503:
+        assert response.json()["message"].startswith(BUSY)
+        assert response["Retry-After"] == "5"
+    if status == 500:
+        assert response.json() == {"status": "error", "message": "internal server error"}
+
+
+def test_a_view_outside_drf_answers_503_too(monkeypatch, settings, admin_client):
+    from sessions_app.models import Session
+
+    def count(self):
+        raise wrapped(sqlite3.OperationalError("database is locked"))
+
+    monkeypatch.setattr(type(Session.objects.all()), "count", count)
+    admin_client.raise_request_exception = False
+    response = admin_client.get("/admin/sessions_app/session/")
+    assert response.status_code == 503, response.content[:300]
+    assert response.json()["message"].startswith(BUSY)
