@@ -331,11 +331,17 @@ def test_in_a_batch_a_cancelled_request_gets_no_images_and_the_others_complete(
     assert Generation.objects.get(pk=companion.pk).image_count == 0
 
 
-def test_a_waiting_client_that_goes_away_cancels_its_running_generation(generation_worker):
+def _running_generation() -> Generation:
+    """A generation a live worker runs (just claimed, beating)."""
     generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
     Generation.objects.filter(pk=generation.pk).update(
         status=Generation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
     )
+    return generation
+
+
+def test_a_waiting_client_that_goes_away_cancels_its_running_generation(generation_worker):
+    generation = _running_generation()
     with pytest.raises(ServiceError) as error:
         generations.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
     assert error.value.status == 499
@@ -351,10 +357,7 @@ def test_a_waiting_client_that_goes_away_abandons_its_queued_generation(generati
 
 
 def test_a_504_cancels_the_running_generation(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    Generation.objects.filter(pk=generation.pk).update(
-        status=Generation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
-    )
+    generation = _running_generation()
     with pytest.raises(ServiceError) as error:
         generations.generation_wait(generation.pk, timeout_s=0.3, client_gone=lambda: False)
     assert error.value.status == 504
