@@ -143,6 +143,8 @@ class _Client(threading.Thread):
 def test_kill_9_of_the_job_process_mid_generation_answers_the_waiting_client_at_once(
     service_processes,
 ):
+    """... and the worker serves on: the generation queued behind it, then (its new pool
+    process killed while idle, holding the model, as the OOM killer picks) the next one."""
     url, worker = _start(service_processes)
     client = _Client(url, LONG)
     client.start()
@@ -174,6 +176,16 @@ def test_kill_9_of_the_job_process_mid_generation_answers_the_waiting_client_at_
     )
     assert done.image_count == 1
     print(f"queued behind it: completed {time.monotonic() - killed_at:.1f}s after the kill")
+
+    # Idle, it dies holding the lock of django-q2's task queue: the worker starts a new
+    # cluster (before, every later request waited for its timeout, a 504).
+    os.kill(_job_process(worker, behind["generation_id"]), signal.SIGKILL)
+    killed_at = time.monotonic()
+    response = requests.post(f"{url}/txt2img", json=SHORT, timeout=WAIT_S + 10)
+    assert response.status_code == 200, response.text
+    print(f"idle pool process killed: next /txt2img 200 after {time.monotonic() - killed_at:.1f}s")
+    assert "starting a new cluster" in worker.log()
+    assert worker.process.poll() is None  # the same worker process, beating all along
     _stop_and_assert_nothing_left(service_processes)
 
 
@@ -181,10 +193,8 @@ def test_kill_9_while_the_job_process_loads_the_model_never_leaves_it_running(
     service_processes,
 ):
     url, worker = _start(service_processes)
-    # The pool process that loaded the model is killed mid-job: its replacement loads the
-    # model (imports included: seconds) when it claims its first job. (An idle pool process
-    # is not killed: it dies holding the lock of django-q2's task queue, and no process of
-    # the cluster can take a job afterwards.)
+    # The pool process that loaded the model is killed mid-job: its replacement (in a new
+    # cluster) loads the model (imports included: seconds) when it claims its first job.
     first = requests.post(f"{url}/txt2img", json={**LONG, "async": True}, timeout=30).json()
     wait_until(lambda: _running_at_step(first["generation_id"], 2), WAIT_S, "the first job")
     os.kill(_job_process(worker, first["generation_id"]), signal.SIGKILL)

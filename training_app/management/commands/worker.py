@@ -13,10 +13,14 @@ SDXL_WORKER_STALE_AFTER (by then the web process counts the worker as gone anywa
 cluster's sentinel dies, the worker kills its cluster and exits with status 1, for its
 supervisor (`serve`, systemd) to start it again. Every process of the cluster dies with the
 process that forked it (core.processes), so a worker killed with SIGKILL leaves none behind
-to take jobs. SIGTERM/SIGINT stop it cleanly: the cluster finishes its current job first.
+to take jobs. A pool process killed while it waits for a job leaves the cluster's task
+queue locked for good: the worker then starts a new cluster in its place, as the same
+process, beating all along (one killed mid-job django-q2 replaces by itself). SIGTERM and
+SIGINT stop it cleanly: the cluster finishes its current job first.
 """
 
 import logging
+import multiprocessing
 import os
 import signal
 import socket
@@ -55,29 +59,20 @@ class Command(BaseCommand):
             os.environ["Q_CLUSTER_NAME"] = queue_name
             os.execv(sys.executable, [sys.executable, *sys.argv])
 
-        from django_q.cluster import Cluster
-        from django_q.tasks import async_task
+        from django_q.signals import post_spawn
 
         from training_app.services.workers import worker_heartbeat_remove
 
-        # The cluster forks its processes from here: no database connection may be shared
-        # with them, and nothing here touches torch or CUDA.
-        connections.close_all()
         forked_children_die_with_parent()
-        cluster = Cluster()
-        # Replaces the cluster's own handlers, which stop it from inside the signal handler.
+        post_spawn.connect(_check_task_queue_free, dispatch_uid="sdxl-worker-task-queue-check")
         stop_requested = threading.Event()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda signum, frame: stop_requested.set())
-        cluster.start()
-        async_task(
-            "training_app.tasks.warm_up_task", queue, cluster=queue_name, task_name="warm-up"
-        )
+        cluster = _cluster_start(queue, queue_name, stop_requested)
 
         # Webhooks go out from a thread of this process (no torch here), never from a web
         # request's: a slow receiver delays its own deliveries only.
+        stopped = threading.Event()
         threading.Thread(
-            target=_deliver_webhooks, args=(cluster,), name="webhooks", daemon=True
+            target=_deliver_webhooks, args=(stopped,), name="webhooks", daemon=True
         ).start()
 
         host, pid, started = socket.gethostname(), os.getpid(), timezone.now()
@@ -89,6 +84,15 @@ class Command(BaseCommand):
                 if not cluster.sentinel.is_alive():
                     fault = f"its cluster's sentinel died (exit code {cluster.sentinel.exitcode})"
                     break
+                if _task_queue_locked.value:
+                    message = (
+                        "a pool process of the cluster died while waiting for a job (killed, "
+                        "out of memory) and holds its task queue's lock; starting a new cluster"
+                    )
+                    logger.error(message)
+                    self.stdout.write(f"{queue} worker: {message}")
+                    _kill_cluster(cluster)
+                    cluster = _cluster_start(queue, queue_name, stop_requested)
                 try:
                     self._beat(queue, queue_name, host, pid, started)
                     last_beat, failures, pause = time.monotonic(), 0, HEARTBEAT_INTERVAL_S
@@ -107,6 +111,7 @@ class Command(BaseCommand):
                 cluster.stop()  # lets the current job finish
             else:
                 _kill_cluster(cluster)
+            stopped.set()
             try:
                 worker_heartbeat_remove(queue_name, host, pid)
             except Exception:  # the database still away: the row is pruned later
@@ -138,6 +143,57 @@ class Command(BaseCommand):
                 self.stdout.write(f"generation {generation_id} lost its task; queued again")
 
 
+# Set by a new pool process of the running cluster that finds the cluster's task queue
+# locked for good (_check_task_queue_free): shared memory its forked processes inherit.
+_task_queue_locked = None
+# How long a new pool process waits for the task queue's lock before it counts as held by
+# a dead process: no live process holds it for longer than a put or a get takes.
+TASK_QUEUE_LOCK_WAIT_S = 1.0
+
+
+def _cluster_start(queue: str, queue_name: str, stop_requested: threading.Event):
+    """Starts a django-q2 cluster for the queue and has it load the model (warm-up)."""
+    global _task_queue_locked
+    from django_q.cluster import Cluster
+    from django_q.tasks import async_task
+
+    _task_queue_locked = multiprocessing.get_context("fork").Value("b", 0)
+    # The cluster forks its processes from here: no database connection may be shared
+    # with them, and nothing here touches torch or CUDA.
+    connections.close_all()
+    cluster = Cluster()
+    # Replaces the cluster's own handlers, which stop it from inside the signal handler.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, frame: stop_requested.set())
+    cluster.start()
+    async_task("training_app.tasks.warm_up_task", queue, cluster=queue_name, task_name="warm-up")
+    return cluster
+
+
+def _check_task_queue_free(sender, **kwargs) -> None:
+    """django-q2's post_spawn, in each pool process it starts, before its first job.
+
+    A pool process waits for a job inside multiprocessing's Queue.get, holding the task
+    queue's read lock. Killed there (kill -9, or the OOM killer, whose pick is the idle
+    generation process that holds the model), it never releases the lock: the process
+    started in its place, and every later one, would wait on it forever while the worker
+    still beats. The cluster has one pool process (Q_CLUSTER workers = 1), so when this
+    one starts no live process holds the lock: held, it is a dead one's, and the worker
+    starts a new cluster. Reads django-q2's arguments to the pool process (the task queue
+    first) and the queue's lock: implementation details, checked by
+    tests/training_app/test_generation_faults.py."""
+    from django_q.conf import Conf
+
+    if Conf.WORKERS != 1:
+        return  # other pool processes hold the lock as they wait: it tells nothing
+    task_queue = multiprocessing.current_process()._args[0]
+    if task_queue._rlock.acquire(timeout=TASK_QUEUE_LOCK_WAIT_S):
+        task_queue._rlock.release()
+        return
+    logger.error("the task queue's lock is held by a pool process that died waiting for a job")
+    _task_queue_locked.value = 1
+
+
 def _kill_cluster(cluster) -> None:
     """SIGKILL to the sentinel; its pusher, monitor and pool processes die with it
     (core.processes). A training run cut short resumes from its last checkpoint."""
@@ -146,14 +202,15 @@ def _kill_cluster(cluster) -> None:
     cluster.sentinel.join()
 
 
-def _deliver_webhooks(cluster) -> None:
-    """Sends due webhook deliveries (services.webhooks) while the cluster runs."""
+def _deliver_webhooks(stopped: threading.Event) -> None:
+    """Sends due webhook deliveries (services.webhooks) until the worker's cluster stopped
+    (the job it finishes on SIGTERM included)."""
     from training_app.services.webhooks import webhooks_deliver_due
 
-    while cluster.sentinel.is_alive():
+    while not stopped.is_set():
         try:
             webhooks_deliver_due()
         except Exception:  # the database away for a moment: try again on the next round
             logger.exception("webhook delivery round failed")
             connections.close_all()
-        time.sleep(WEBHOOK_POLL_INTERVAL_S)
+        stopped.wait(WEBHOOK_POLL_INTERVAL_S)
