@@ -22,7 +22,8 @@ from tests.helpers import image_bytes
 from tests.maintenance_helpers import stored_samples
 from training_app.models import TrainingRun
 
-pytestmark = pytest.mark.browser
+# The admin on PostgreSQL is tested without a browser (tests/*/test_admin.py), in both passes.
+pytestmark = [pytest.mark.browser, pytest.mark.one_pass]
 
 CHROMIUM = os.environ.get("SDXL_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SDXL_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")

@@ -286,7 +286,7 @@ def test_a_client_that_disconnects_mid_generation_cancels_it_between_steps(servi
 
 
 def test_a_504_cancels_the_running_generation(service_processes):
-    timeout_s = 8
+    timeout_s = 5
     url, _ = _start(service_processes, txt2img_timeout_s=timeout_s)
 
     response = requests.post(f"{url}/txt2img", json=LONG, timeout=WAIT_S)
