@@ -26,6 +26,7 @@ from tests.processes import (
     still_running,
     wait_until,
 )
+from tests.sdxl_service.test_api_faults import assert_no_service_process_left
 from tests.training_app.test_worker_faults import CHECKPOINT, ENDLESS, RESUMABLE, STEPS
 from training_app.models import TrainingRun, WorkerHeartbeat
 from training_app.services import runs as run_services
@@ -112,9 +113,7 @@ def test_database_away_past_its_timeout_the_generation_worker_beats_again_by_its
 
     assert _stop(worker) == 0, worker.log()
     assert not WorkerHeartbeat.objects.exists()  # its row is removed on a clean exit
-    service_processes.kill_all()
-    # SIGKILLed processes (gunicorn's) may take a moment to end (their parent reaps them).
-    wait_until(lambda: not _service_processes(), 10, "the service's processes to end")
+    assert_no_service_process_left(service_processes, settings.SDXL_QUEUE_NAMESPACE)
     print(
         f"database away {AWAY_S:g}s: beating again {beating_after_s:.1f}s and /txt2img "
         f"answered 200 {accepted_after_s:.1f}s after it came back"
