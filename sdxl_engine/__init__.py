@@ -1,7 +1,13 @@
 """SDXL LoRA training and generation engine.
 
-A plain library: no Django, and importing this package does not import torch. The heavy
-modules (builder, pipelines, training, generation) import torch and diffusers themselves.
+A plain library with two faces. Its top-level modules (errors, parameters, source,
+dataset, files, buckets, schedulers, image_output, lora_keys, lora_files, lora_formats)
+import without torch: the web process uses them to check requests, files and folders.
+The torch side lives in two sub-packages, each split by stage: `training` (the training
+worker) and `generation` (the generation worker). ruff's TID253 bans module-level imports
+of torch, diffusers, transformers, peft and those two sub-packages everywhere else, so a
+light module or a web module imports them only inside the function that needs them.
+No Django anywhere.
 """
 
 from sdxl_engine.errors import EngineError, TrainingCancelled

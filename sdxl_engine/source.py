@@ -26,37 +26,11 @@ class ModelSource:
     device: str  # "cuda" or "cpu"
 
 
-def resolve_model_source(
-    preset: str | None, base: str, refiner: str, cache_dir: Path
-) -> ModelSource:
-    """Pick the models from SDXL_MODEL_PRESET (`preset`; None or "" means auto).
-
-    Auto uses the real SDXL weights when a CUDA device is present and the tiny random
-    model otherwise. Random-weight presets are built once under `cache_dir/<preset>/`.
-    Checks CUDA, so call it only in the process that will run the models (a process that
-    initialises CUDA cannot fork safely).
-    """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    source = plan_model_source(preset, base, refiner, cache_dir, cuda=cuda)
-    if source.preset in RANDOM_PRESETS:
-        from sdxl_engine.builder import build_random_pipelines
-
-        # Half precision halves the full-size build's disk and time; loading casts anyway.
-        build_random_pipelines(
-            RANDOM_PRESETS[source.preset],
-            Path(cache_dir) / source.preset,
-            dtype=torch.bfloat16 if cuda else None,
-            device=source.device,
-        )
-    return source
-
-
 def plan_model_source(
     preset: str | None, base: str, refiner: str, cache_dir: Path, *, cuda: bool
 ) -> ModelSource:
-    """What resolve_model_source picks, without building anything or asking torch.
+    """What resolve_model_source (generation.builder) picks, without building anything or
+    asking torch.
 
     Random-weight presets point at `cache_dir/<preset>/base` and `.../refiner`, which
     may not be built yet.

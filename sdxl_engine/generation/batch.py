@@ -16,8 +16,9 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation.merge import AppliedLora
+from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_keys import TEXT_ENCODERS
-from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.parameters import (
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
@@ -26,7 +27,6 @@ from sdxl_engine.parameters import (
     refiner_problem,
     strength_problem,
 )
-from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.schedulers import build_scheduler, scheduler_spec
 
 # By default the Base denoises the first 80% of the schedule (the high-noise steps), the

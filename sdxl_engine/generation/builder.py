@@ -3,7 +3,8 @@
 They let the service run without downloading SDXL: "tiny" is a miniature of SDXL's
 structure for CPU tests; "sdxl" has the published shapes (random weights), so timings and
 memory on a GPU are those of the real model. Both are loaded back with the same
-`from_pretrained` calls as real weights.
+`from_pretrained` calls as real weights. resolve_model_source builds them when the worker's
+model choice (sdxl_engine.source) names one.
 """
 
 from __future__ import annotations
@@ -27,13 +28,37 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import fsync_tree
+from sdxl_engine.source import RANDOM_PRESETS, ModelSource, plan_model_source
 
 PRESETS = ("tiny", "sdxl")
 BUILD_STEPS = 5  # how many times build_random_pipelines calls on_step
-CONFIG_DIR = Path(__file__).parent / "configs"
+CONFIG_DIR = Path(__file__).parent.parent / "configs"  # sdxl_engine/configs
 TOKENIZER_MAX_LENGTH = 77
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
+
+
+def resolve_model_source(
+    preset: str | None, base: str, refiner: str, cache_dir: Path
+) -> ModelSource:
+    """Pick the models from SDXL_MODEL_PRESET (`preset`; None or "" means auto).
+
+    Auto uses the real SDXL weights when a CUDA device is present and the tiny random
+    model otherwise. Random-weight presets are built once under `cache_dir/<preset>/`.
+    Checks CUDA, so call it only in the process that will run the models (a process that
+    initialises CUDA cannot fork safely).
+    """
+    cuda = torch.cuda.is_available()
+    source = plan_model_source(preset, base, refiner, cache_dir, cuda=cuda)
+    if source.preset in RANDOM_PRESETS:
+        # Half precision halves the full-size build's disk and time; loading casts anyway.
+        build_random_pipelines(
+            RANDOM_PRESETS[source.preset],
+            Path(cache_dir) / source.preset,
+            dtype=torch.bfloat16 if cuda else None,
+            device=source.device,
+        )
+    return source
 
 
 def build_random_pipelines(

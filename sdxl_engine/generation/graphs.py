@@ -9,7 +9,7 @@ call in a CUDA graph costs about a second instead (0.6-1.6 s more for the first 
 a shape, both UNets, on an H200), so every other image size and batch gets its launches
 replayed from a graph from its first request on.
 
-A LoRA merged in place (lora_merge.UNetLoraMerger) reaches the graphs: they read the
+A LoRA merged in place (merge.LoraMerger) reaches the graphs: they read the
 weights' memory, which the merge overwrites. PEFT-layered LoRAs change the modules, so
 generation turns the graphs off while one is loaded (`UNetGraphs.paused`).
 """

@@ -12,9 +12,9 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.graphs import UNetGraphs
+from sdxl_engine.generation.graphs import UNetGraphs
+from sdxl_engine.generation.merge import LoraMerger
 from sdxl_engine.lora_keys import COMPONENTS
-from sdxl_engine.lora_merge import LoraMerger
 from sdxl_engine.source import ModelSource
 
 Purpose = Literal["generation", "training"]

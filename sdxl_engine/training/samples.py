@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from sdxl_engine.generation import decode_latents
+from sdxl_engine.generation.batch import decode_latents
+from sdxl_engine.generation.pipelines import Pipelines, forked_rng
 from sdxl_engine.parameters import GENERATION_DEFAULTS
-from sdxl_engine.pipelines import Pipelines, forked_rng
 
 # Enough steps for Euler to give a recognisable image; the generation default.
 SAMPLE_STEPS = GENERATION_DEFAULTS.steps

@@ -1,0 +1,27 @@
+"""Image generation with SDXL Base + Refiner: the engine's torch side for the generation
+worker, by stage.
+
+- builder: random-weight pipelines, and which weights a worker loads (resolve_model_source)
+- pipelines: loading the Base and Refiner a worker keeps between jobs
+- graphs: CUDA graphs of the eager UNets, per input shape
+- merge: a request's LoRAs merged into the weights in place, and taken out again
+- batch: text-to-image and image-to-image for one request or several batched together
+
+Importing it imports torch and diffusers: web code imports it only inside functions that
+run in a worker (ruff's TID253 holds that).
+"""
+
+from sdxl_engine.generation.batch import GenerationJob, generate, generate_batch, warm_up
+from sdxl_engine.generation.builder import resolve_model_source
+from sdxl_engine.generation.merge import AppliedLora
+from sdxl_engine.generation.pipelines import load_pipelines
+
+__all__ = [
+    "AppliedLora",
+    "GenerationJob",
+    "generate",
+    "generate_batch",
+    "load_pipelines",
+    "resolve_model_source",
+    "warm_up",
+]

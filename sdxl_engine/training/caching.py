@@ -1,0 +1,266 @@
+"""What a run trains on, computed once before its first step: each image's latents and
+its caption's embeddings from the frozen VAE and text encoders (encode_images), and the
+run as resolved from them (Run); and the low-memory mode that sets the frozen encoders
+aside once they are cached."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+from sdxl_engine.buckets import Placement, bucket_summary, place
+from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import TrainingParams
+
+METADATA_PREFIX = "sdxl_service."
+# Below this much free GPU memory (with the Base loaded), training recomputes activations
+# instead of keeping them: at 1024², batch 4, keeping them takes 19.1 GiB beyond the Base
+# (H100, bench/results/2026-11-27-h100-fp16/train-compiled.json), plus room to spare.
+LOW_MEMORY_BELOW_FREE_GIB = 22
+
+
+@dataclass
+class EncodedImages:
+    """Per-image training inputs, computed once: VAE and text encoders are frozen."""
+
+    # One (4, h/8, w/8) float32 tensor per image, at its bucket's size, already multiplied
+    # by the VAE scaling factor.
+    latents: list[torch.Tensor]
+    placements: list[Placement]  # how each image was resized and cropped
+    prompt_embeds: torch.Tensor  # (n, 77, te1 hidden + te2 hidden)
+    pooled_prompt_embeds: torch.Tensor  # (n, te2 projection)
+    captions: list[str]  # what each image trains with: encoded every step with a text encoder LoRA
+    time_ids: torch.Tensor  # (n, 6): original h, w, crop top, left, target h, w
+    # The empty caption's embeddings, (1, ...) each: what a dropped caption trains with.
+    # None without caption dropout.
+    empty_prompt_embeds: torch.Tensor | None = None
+    empty_pooled_prompt_embeds: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Sizing:
+    """The sizes images may train at, what their sides divide by, and how far a small
+    image may be enlarged (sdxl_engine.buckets.place)."""
+
+    buckets: list[tuple[int, int]]
+    multiple: int
+    max_upscale: float
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run's settings as they were resolved, and its images as encoded."""
+
+    pipelines: Pipelines
+    params: TrainingParams
+    encoded: EncodedImages
+    total_steps: int
+    seed: int
+    resolution: int
+    image_count: int
+    fingerprint: str
+
+    @property
+    def text_encoders(self) -> list[torch.nn.Module]:
+        base = self.pipelines.base
+        return [base.text_encoder, base.text_encoder_2] if self.params.train_text_encoder else []
+
+    def metadata(self, loss: float, **extra) -> dict[str, str]:
+        """The sdxl_service.* header entries of a LoRA file of this run."""
+        params = self.params
+        metadata = {
+            "base_model": self.pipelines.source.base,
+            "model_preset": self.pipelines.source.preset,
+            "recipe": params.recipe,
+            "rank": params.rank,
+            "alpha": params.rank,
+            **({"epochs": params.epochs} if not params.steps else {}),
+            "steps": self.total_steps,
+            "resolution": self.resolution,
+            "enable_bucket": params.enable_bucket,
+            "buckets": bucket_summary(self.encoded.placements),
+            "learning_rate": params.learning_rate,
+            "lr_scheduler": params.lr_scheduler,
+            "lr_warmup_steps": params.lr_warmup_steps,
+            "min_snr_gamma": params.min_snr_gamma,
+            "noise_offset": params.noise_offset,
+            "caption_dropout": params.caption_dropout,
+            **({"trigger": params.trigger} if params.trigger is not None else {}),
+            "train_text_encoder": params.train_text_encoder,
+            **(
+                {"text_encoder_lr": params.text_encoder_lr or params.learning_rate}
+                if params.train_text_encoder
+                else {}
+            ),
+            "batch_size": params.batch_size,
+            "seed": self.seed,
+            "num_images": self.image_count,
+            "final_loss": f"{loss:.6g}",
+            **extra,
+        }
+        return {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
+
+
+def encode_images(
+    pipelines: Pipelines,
+    pairs: list[TrainingPair],
+    captions: list[str],
+    sizing: Sizing,
+    batch_size: int,
+    generator: torch.Generator,
+    stop: Callable[[], bool],
+    with_empty_caption: bool,
+) -> EncodedImages:
+    """Each image's latents at its bucket's size, and its caption's embeddings (and,
+    `with_empty_caption`, the empty caption's, encoded through the text encoders like any
+    caption, as diffusers' SDXL training script does for its empty prompts)."""
+    base, device = pipelines.base, pipelines.device
+    latents, placements, time_ids = [], [], []
+    parts: dict[str, list[torch.Tensor]] = {"prompt_embeds": [], "pooled": []}
+    for start in range(0, len(pairs), batch_size):
+        if stop():
+            raise TrainingCancelled("training was cancelled; no LoRA was saved")
+        with torch.no_grad():
+            # The VAE is float32 (see load_pipelines); SDXL's overflows in float16. One
+            # image at a time: each has its own size, and its activations at 1024² take
+            # about 2 GB, while encoding four at once saves nothing worth having in a step
+            # done once.
+            for pair in pairs[start : start + batch_size]:
+                pixels, placement = _load_image(pair.image_path, sizing)
+                distribution = base.vae.encode(pixels[None].to(device, torch.float32)).latent_dist
+                latents.append(distribution.sample(generator)[0] * base.vae.config.scaling_factor)
+                placements.append(placement)
+                time_ids.append(placement.time_ids)
+            prompt_embeds, _, pooled, _ = base.encode_prompt(
+                prompt=captions[start : start + batch_size],
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        parts["prompt_embeds"].append(prompt_embeds)
+        parts["pooled"].append(pooled)
+    prompt_embeds = torch.cat(parts["prompt_embeds"])
+    encoded = EncodedImages(
+        latents=latents,
+        placements=placements,
+        captions=captions,
+        prompt_embeds=prompt_embeds,
+        pooled_prompt_embeds=torch.cat(parts["pooled"]),
+        time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
+    )
+    if with_empty_caption:
+        with torch.no_grad():
+            empty, _, empty_pooled, _ = base.encode_prompt(
+                prompt=[""],
+                device=device,
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+        encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds = empty, empty_pooled
+    return encoded
+
+
+def _load_image(path: Path, sizing: Sizing) -> tuple[torch.Tensor, Placement]:
+    """The image as a (3, height, width) tensor in [-1, 1] at the size of its bucket, and
+    how it was placed there (sdxl_engine.buckets: resized to cover the bucket, the excess
+    cropped, centred; the time ids tell the UNet the original size and the crop, as in
+    SDXL's own training)."""
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened).convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise EngineError(
+            f"training image {path.name} could not be read ({error}); "
+            "replace or delete it and train again"
+        ) from error
+    placement = place(image.size, sizing.buckets, sizing.multiple, sizing.max_upscale)
+    image = placement.apply(image)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    return pixels, placement
+
+
+def batches_per_epoch(placements: list[Placement], batch_size: int) -> int:
+    counts = Counter(placement.size for placement in placements)
+    return sum(math.ceil(count / batch_size) for count in counts.values())
+
+
+@contextmanager
+def low_memory_mode(
+    pipelines: Pipelines, enabled: bool, keep_text_encoders: bool
+) -> Iterator[Encoders]:
+    """What lets SDXL train at 1024², batch 4, on a 16 GB card, when `enabled`:
+
+    - the text encoders (unless `keep_text_encoders`: they train too) and the VAE (2 GB)
+      wait in CPU memory while the UNet trains, once the images are cached (the yielded
+      object's release()): they are not needed then, but for sample images;
+    - gradient checkpointing: the UNet keeps each block's input and recomputes the rest
+      in the backward pass, about a third more compute for a fraction of the memory.
+
+    Everything is put back as it was afterwards, whatever happens.
+    """
+    base = pipelines.base
+    models = (
+        (base.vae,) if keep_text_encoders else (base.text_encoder, base.text_encoder_2, base.vae)
+    )
+    # On the CPU they are in CPU memory already.
+    encoders = Encoders(models, pipelines.device, offload=enabled and pipelines.device != "cpu")
+    if not enabled:
+        yield encoders
+        return
+    base.unet.enable_gradient_checkpointing()
+    try:
+        yield encoders
+    finally:
+        base.unet.disable_gradient_checkpointing()
+        encoders.restore()
+
+
+class Encoders:
+    """The frozen encoders low-memory mode keeps in CPU memory while the UNet trains."""
+
+    def __init__(self, models: tuple[torch.nn.Module, ...], device: str, offload: bool):
+        self._models, self._device, self._offload = models, device, offload
+        self._released = False
+
+    def release(self) -> None:
+        if self._offload:
+            for model in self._models:
+                model.to("cpu")
+            torch.cuda.empty_cache()
+            self._released = True
+
+    def restore(self) -> None:
+        if self._released:
+            for model in self._models:
+                model.to(self._device)
+            self._released = False
+
+    @contextmanager
+    def borrowed(self) -> Iterator[None]:
+        """The encoders on the device for the block (sample images need them)."""
+        released = self._released
+        self.restore()
+        try:
+            yield
+        finally:
+            if released:
+                self.release()
+
+
+def needs_low_memory(device: torch.device) -> bool:
+    """True when the GPU has too little free memory to train SDXL at 1024², batch 4, with
+    every activation kept (see LOW_MEMORY_BELOW_FREE_GIB)."""
+    if device.type != "cuda":
+        return False
+    free_bytes, _ = torch.cuda.mem_get_info(device)
+    return free_bytes < LOW_MEMORY_BELOW_FREE_GIB * 2**30
