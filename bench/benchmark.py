@@ -50,12 +50,16 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from sdxl_engine.dataset import TrainingPair  # noqa: E402
-from sdxl_engine.generation import generate, warm_up  # noqa: E402
-from sdxl_engine.lora_merge import AppliedLora  # noqa: E402
-from sdxl_engine.parameters import training_params  # noqa: E402
-from sdxl_engine.pipelines import load_pipelines  # noqa: E402
-from sdxl_engine.source import resolve_model_source  # noqa: E402
-from sdxl_engine.training import LORA_TARGET_MODULES, TrainingParams, train_lora  # noqa: E402
+from sdxl_engine.generation import (  # noqa: E402
+    AppliedLora,
+    generate,
+    load_pipelines,
+    resolve_model_source,
+    warm_up,
+)
+from sdxl_engine.parameters import TrainingParams, training_params  # noqa: E402
+from sdxl_engine.training import train_lora  # noqa: E402
+from sdxl_engine.training.adapters import LORA_TARGET_MODULES  # noqa: E402
 
 PROMPT = "a photo of sks dog on a beach, golden hour"
 GEN = {"height": 1024, "width": 1024, "guidance_scale": 7.0, "steps": 30}
@@ -329,7 +333,7 @@ def switch_ms(
 
 def latents_of(pipelines, **request) -> torch.Tensor:
     """The final latents `generate` would decode, for the correctness checks."""
-    from sdxl_engine import generation
+    from sdxl_engine.generation import batch as generation
 
     captured = {}
 
@@ -798,9 +802,7 @@ import sys, time
 start = time.perf_counter()
 sys.path.insert(0, {repo!r})
 import torch
-from sdxl_engine.source import resolve_model_source
-from sdxl_engine.pipelines import load_pipelines
-from sdxl_engine.generation import generate, warm_up
+from sdxl_engine.generation import generate, load_pipelines, resolve_model_source, warm_up
 from pathlib import Path
 pipelines = load_pipelines(resolve_model_source({preset!r}, "", "", Path({cache!r})),
                            compile_unets={compile})

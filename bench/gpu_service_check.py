@@ -58,7 +58,8 @@ def build_model(env: dict, models_dir: Path) -> float:
         [
             sys.executable,
             "-c",
-            "from pathlib import Path; from sdxl_engine.source import resolve_model_source as r; "
+            "from pathlib import Path; "
+            "from sdxl_engine.generation import resolve_model_source as r; "
             f"print(r('{env['SDXL_MODEL_PRESET']}', '', '', Path('{models_dir}')))",
         ],
         cwd=REPO,

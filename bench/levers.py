@@ -25,9 +25,8 @@ import benchmark  # bench/benchmark.py: same model source, inputs and environmen
 import torch
 from benchmark import DEVICE, environment, latent_inputs, model_source, peak_gib, sync_time
 
-from sdxl_engine.lora_merge import AppliedLora
-from sdxl_engine.pipelines import load_pipelines
-from sdxl_engine.training import LORA_TARGET_MODULES
+from sdxl_engine.generation import AppliedLora, load_pipelines
+from sdxl_engine.training.adapters import LORA_TARGET_MODULES
 
 
 def timed_calls(function, warmup: int, runs: int) -> tuple[float, float]:

@@ -40,8 +40,8 @@ from benchmark import (
 )
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sdxl_engine.lora_merge import AppliedLora
-from sdxl_engine.pipelines import HALF_PRECISION, load_pipelines
+from sdxl_engine.generation import AppliedLora, load_pipelines
+from sdxl_engine.generation.pipelines import HALF_PRECISION
 
 SEED = 1234
 

@@ -32,7 +32,7 @@ import torch
 from benchmark import environment, random_lora
 from gpu_service_check import build_model, running_service, service_env, wait_for_generation_worker
 
-from sdxl_engine.source import resolve_model_source
+from sdxl_engine.generation import resolve_model_source
 
 BODY = {
     "prompt": "a photo of sks dog on a beach, golden hour",

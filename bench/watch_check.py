@@ -36,8 +36,9 @@ from benchmark import (  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from sdxl_engine.errors import TrainingCancelled  # noqa: E402
-from sdxl_engine.pipelines import load_pipelines  # noqa: E402
-from sdxl_engine.training import TrainingParams, train_lora  # noqa: E402
+from sdxl_engine.generation import load_pipelines  # noqa: E402
+from sdxl_engine.parameters import TrainingParams  # noqa: E402
+from sdxl_engine.training import train_lora  # noqa: E402
 
 
 def main() -> None:

@@ -57,7 +57,7 @@ def packaged_model_folder(preset: str, folder: Path) -> Path:
     """A folder laid out like a Base pipeline's, holding only the UNet's and text encoders'
     configs of a packaged preset ("tiny", "sdxl"): what the writers below need, without
     building the model."""
-    from sdxl_engine.builder import load_component_config
+    from sdxl_engine.generation.builder import load_component_config
 
     names = {
         "unet": "unet_base",

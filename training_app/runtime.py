@@ -18,15 +18,14 @@ _loaded: dict[tuple, object] = {}
 
 
 def worker_pipelines(purpose: str):
-    """The pipelines for the configured models and `purpose` (sdxl_engine.pipelines:
+    """The pipelines for the configured models and `purpose` (sdxl_engine.generation.pipelines:
     "generation" loads Base + Refiner in float16, "training" the Base alone in bfloat16);
     a failed load is retried.
 
     Each worker serves one queue, so it holds one set; a process that serves both (tests,
     synchronous runs) holds both.
     """
-    from sdxl_engine.pipelines import load_pipelines
-    from sdxl_engine.source import resolve_model_source
+    from sdxl_engine.generation import load_pipelines, resolve_model_source
 
     models = (
         settings.SDXL_MODEL_PRESET,

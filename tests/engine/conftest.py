@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sdxl_engine.builder import build_random_pipelines
 from sdxl_engine.dataset import TrainingPair, find_training_pairs
 from sdxl_engine.generation import warm_up
-from sdxl_engine.pipelines import Pipelines, load_pipelines
+from sdxl_engine.generation.builder import build_random_pipelines
+from sdxl_engine.generation.pipelines import Pipelines, load_pipelines
+from sdxl_engine.parameters import TrainingParams
 from sdxl_engine.source import ModelSource
-from sdxl_engine.training import TrainingParams, train_lora
+from sdxl_engine.training import train_lora
 
 
 @pytest.fixture(scope="session", autouse=True)

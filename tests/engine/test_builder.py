@@ -10,9 +10,9 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.attention_processor import Attention
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdxl_engine.builder import build_random_pipelines, load_component_config
 from sdxl_engine.errors import EngineError
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation.builder import build_random_pipelines, load_component_config
+from sdxl_engine.generation.pipelines import Pipelines
 
 
 def _sha256(path: Path) -> str:

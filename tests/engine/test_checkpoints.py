@@ -7,12 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sdxl_engine.checkpoints import RESUME_STATE_NAME
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import TrainingCancelled
+from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_files import read_lora_metadata
-from sdxl_engine.pipelines import Pipelines
-from sdxl_engine.training import TrainingParams, train_lora
+from sdxl_engine.parameters import TrainingParams
+from sdxl_engine.training import train_lora
+from sdxl_engine.training.checkpoints import RESUME_STATE_NAME
 
 # Every random stream in play: buckets, caption dropout, Min-SNR, a warm-up and cosine.
 PARAMS = TrainingParams(

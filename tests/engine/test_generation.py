@@ -9,9 +9,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError, GenerationCancelled
-from sdxl_engine.generation import GenerationJob, decode_latents, generate, generate_batch
-from sdxl_engine.lora_merge import AppliedLora
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.merge import AppliedLora
+from sdxl_engine.generation.pipelines import Pipelines
 from tests.helpers import images_close
 
 SMALL = {"height": 48, "width": 64, "steps": 5}

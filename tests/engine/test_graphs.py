@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sdxl_engine import graphs as graphs_module
-from sdxl_engine.graphs import UNetGraphs
-from sdxl_engine.pipelines import load_pipelines
+from sdxl_engine.generation import graphs as graphs_module
+from sdxl_engine.generation.graphs import UNetGraphs
+from sdxl_engine.generation.pipelines import load_pipelines
 
 
 class _EagerGraph:

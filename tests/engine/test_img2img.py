@@ -12,10 +12,10 @@ import torch
 from diffusers import StableDiffusionXLImg2ImgPipeline
 from PIL import Image
 
-from sdxl_engine import generation
 from sdxl_engine.errors import EngineError
-from sdxl_engine.generation import GenerationJob, decode_latents, generate, generate_batch
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation import batch as generation
+from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.pipelines import Pipelines
 
 REQUEST = {"prompt": "a red square", "seed": 3, "height": 64, "width": 64, "steps": 10}
 

@@ -40,9 +40,9 @@ from diffusers import DDPMScheduler, EulerDiscreteScheduler, StableDiffusionXLPi
 from PIL import Image, ImageDraw
 
 from sdxl_engine.dataset import TrainingPair
-from sdxl_engine.lora_merge import AppliedLora
+from sdxl_engine.generation.merge import AppliedLora
+from sdxl_engine.generation.pipelines import Pipelines, load_pipelines
 from sdxl_engine.parameters import TrainingParams
-from sdxl_engine.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 from sdxl_engine.training import train_lora
 

@@ -13,8 +13,8 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
-from sdxl_engine.builder import load_component_config
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation.builder import load_component_config
 from sdxl_engine.lora_files import (
     check_lora,
     inspect_lora_file,

@@ -13,6 +13,8 @@ from safetensors.torch import load, load_file, save_file
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import generate
+from sdxl_engine.generation.merge import AppliedLora
+from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_files import check_lora, read_lora_metadata
 from sdxl_engine.lora_formats import (
     ADAPTER_METADATA_KEY,
@@ -23,8 +25,6 @@ from sdxl_engine.lora_formats import (
     to_kohya,
 )
 from sdxl_engine.lora_keys import split_lora_key
-from sdxl_engine.lora_merge import AppliedLora
-from sdxl_engine.pipelines import Pipelines
 from tests import community_loras
 from tests.helpers import images_close
 from tests.lora_variants import (

@@ -252,7 +252,7 @@ def test_what_is_no_plain_lora_config_is_refused(metadata: dict, message: str) -
 
 
 def _model_shapes(preset: str) -> dict:
-    from sdxl_engine.builder import load_component_config
+    from sdxl_engine.generation.builder import load_component_config
     from sdxl_engine.lora_files import lora_target_shapes
 
     return lora_target_shapes(

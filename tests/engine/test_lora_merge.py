@@ -9,10 +9,10 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation.merge import AppliedLora, LoraMerger
+from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_files import read_lora_metadata
 from sdxl_engine.lora_keys import ADAPTER_METADATA_KEY, COMPONENTS, TEXT_ENCODERS
-from sdxl_engine.lora_merge import AppliedLora, LoraMerger
-from sdxl_engine.pipelines import Pipelines
 from sdxl_engine.source import ModelSource
 from tests.lora_variants import write_diffusers_lora_with_alpha_twice_rank
 

@@ -9,7 +9,7 @@ import torch
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import generate
-from sdxl_engine.pipelines import Pipelines, load_pipelines
+from sdxl_engine.generation.pipelines import Pipelines, load_pipelines
 from sdxl_engine.source import ModelSource
 
 FAST_FAILURE_SECONDS = 5.0

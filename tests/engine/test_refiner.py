@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.generation import GenerationJob, decode_latents, generate, generate_batch
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.pipelines import Pipelines
 from tests.engine.test_generation import BATCHED, _max_difference, _same
 
 REQUEST = {"prompt": "a red apple", "seed": 3, **BATCHED}

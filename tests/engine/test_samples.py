@@ -8,9 +8,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from sdxl_engine.dataset import TrainingPair
-from sdxl_engine.pipelines import Pipelines
-from sdxl_engine.samples import default_sample_prompts
-from sdxl_engine.training import TrainingParams, train_lora
+from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import TrainingParams
+from sdxl_engine.training import train_lora
+from sdxl_engine.training.samples import default_sample_prompts
 
 PARAMS = TrainingParams(
     batch_size=2, steps=4, learning_rate=5e-2, rank=4, seed=3, caption_dropout=0.3

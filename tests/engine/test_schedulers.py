@@ -9,7 +9,7 @@ from PIL import Image
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import GenerationJob, generate, generate_batch
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
 from tests.engine.test_generation import BATCHED, _max_difference, _same
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation.builder import resolve_model_source
 from sdxl_engine.source import (
     DEFAULT_BASE_MODEL,
     DEFAULT_REFINER_MODEL,
     WeightsStatus,
     base_unet_configs,
     plan_model_source,
-    resolve_model_source,
     weights_status,
 )
 

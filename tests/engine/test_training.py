@@ -18,20 +18,17 @@ from safetensors import safe_open
 from sdxl_engine.dataset import TrainingPair
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.generation import generate
-from sdxl_engine.pipelines import Pipelines
+from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import TrainingParams
 from sdxl_engine.source import ModelSource
-from sdxl_engine.training import (
-    TrainingParams,
-    _EncodedImages,
-    _load_image,
-    _MasterWeights,
+from sdxl_engine.training import train_lora
+from sdxl_engine.training.adapters import MasterWeights
+from sdxl_engine.training.caching import EncodedImages, Sizing, _load_image, needs_low_memory
+from sdxl_engine.training.loop import (
     _noise,
-    _Sizing,
     caption_conditioning,
     learning_rate_schedule,
     min_snr_loss_weights,
-    needs_low_memory,
-    train_lora,
 )
 
 from .conftest import STRONG_LORA_PARAMS, encoded_prompt
@@ -270,7 +267,7 @@ def test_time_ids_record_original_size_and_centre_crop(tmp_path: Path) -> None:
     wide = tmp_path / "wide.png"
     Image.new("RGB", (200, 100)).save(wide)  # width 200, height 100
 
-    pixels, placement = _load_image(wide, _Sizing([(64, 64)], 16, math.inf))
+    pixels, placement = _load_image(wide, Sizing([(64, 64)], 16, math.inf))
 
     assert pixels.shape == (3, 64, 64)
     assert float(pixels.min()) >= -1.0 and float(pixels.max()) <= 1.0
@@ -333,7 +330,7 @@ def test_low_memory_mode_trains_with_compiled_blocks(
 
 def test_half_precision_lora_weights_are_updated_through_float32_masters() -> None:
     weight = torch.nn.Parameter(torch.ones(4, dtype=torch.bfloat16))
-    masters = _MasterWeights([weight])
+    masters = MasterWeights([weight])
     optimizer = torch.optim.SGD(masters.parameters, lr=1e-4)
 
     for _ in range(10):
@@ -351,7 +348,7 @@ def test_half_precision_lora_weights_are_updated_through_float32_masters() -> No
 
 def test_float32_lora_weights_are_their_own_masters() -> None:
     weight = torch.nn.Parameter(torch.ones(4))
-    masters = _MasterWeights([weight])
+    masters = MasterWeights([weight])
 
     assert masters.parameters[0] is weight
 
@@ -461,8 +458,8 @@ def test_the_trigger_is_in_every_encoded_caption_and_recorded(
     assert result.metadata["sdxl_service.caption_dropout"] == "0.1"
 
 
-def _encoded_with_empty_caption(count: int) -> _EncodedImages:
-    return _EncodedImages(
+def _encoded_with_empty_caption(count: int) -> EncodedImages:
+    return EncodedImages(
         latents=[torch.zeros(4, 8, 8)] * count,
         placements=[],
         captions=["a caption"] * count,

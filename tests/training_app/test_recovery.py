@@ -12,8 +12,8 @@ from django_q.brokers import get_broker
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from sdxl_engine.checkpoints import RESUME_STATE_NAME
 from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.training.checkpoints import RESUME_STATE_NAME
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes

@@ -13,7 +13,7 @@ from django_q.tasks import async_task
 from safetensors.torch import load_file
 from torch.testing import assert_close
 
-from sdxl_engine.checkpoints import RESUME_STATE_NAME
+from sdxl_engine.training.checkpoints import RESUME_STATE_NAME
 from sessions_app import services as session_services
 from sessions_app import storage
 from sessions_app.models import ImageGroup, Session, TrainingImage

@@ -501,9 +501,8 @@ def generation_execute(generation_id: int) -> None:
 def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     """Generates the claimed batch and writes the images of the requests still wanted;
     ends them completed, or in error, or leaves those cancelled meanwhile cancelled."""
-    from sdxl_engine.generation import GenerationJob, generate_batch
+    from sdxl_engine.generation import AppliedLora, GenerationJob, generate_batch
     from sdxl_engine.image_output import encode_image
-    from sdxl_engine.lora_merge import AppliedLora
     from training_app.runtime import generation_pipelines
 
     ids = [generation.pk for generation in batch]

@@ -12,8 +12,8 @@ from rest_framework.test import APIClient
 from safetensors.torch import load
 
 from sdxl_engine.generation import generate, generate_batch
+from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.lora_files import read_lora_metadata
-from sdxl_engine.lora_merge import AppliedLora
 from sdxl_engine.parameters import (
     GENERATION_DEFAULTS,
     GenerationParams,

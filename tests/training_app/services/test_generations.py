@@ -995,7 +995,7 @@ def test_an_uploaded_kohya_locon_with_ff_conv_and_text_encoder_keys_generates_as
     import torch
     from safetensors.torch import load_file
 
-    from sdxl_engine.generation import decode_latents
+    from sdxl_engine.generation.batch import decode_latents
     from tests.community_loras import write_kohya_locon
     from training_app.runtime import generation_pipelines
 

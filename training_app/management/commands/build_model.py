@@ -33,7 +33,7 @@ class Command(BaseCommand):
     def handle(self, *args, preset: str, out: Path | None, device: str, seed: int, **options):
         import torch
 
-        from sdxl_engine.builder import BUILD_STEPS, build_random_pipelines
+        from sdxl_engine.generation.builder import BUILD_STEPS, build_random_pipelines
 
         if device == "cuda" and not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA GPU here")
