@@ -1,5 +1,5 @@
-"""sdxl_engine.graphs: which UNet calls go to the compiled code, to a per-shape graph, or
-run as they are.
+"""sdxl_engine.generation.graphs: which UNet calls go to the compiled code, to a per-shape
+graph, or run as they are.
 
 Capturing a CUDA graph needs a GPU (bench/benchmark.py checks the captured graphs' latents
 against plain diffusers there); here the capture is replaced by a recording of the eager
