@@ -133,9 +133,7 @@ class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
         "created_at",
     ]
 
-    def has_delete_permission(
-        self, request: HttpRequest, obj: TrainingImage | None = None
-    ) -> bool:
+    def has_delete_permission(self, request: HttpRequest, obj: TrainingImage | None = None) -> bool:
         return False  # a session is deleted whole, through its own page
 
     @admin.display(description="image")

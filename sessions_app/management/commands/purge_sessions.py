@@ -15,9 +15,7 @@ class Command(BaseCommand):
         parser.add_argument("--older-than", type=float, required=True, metavar="DAYS")
         parser.add_argument("--dry-run", action="store_true", help="list, delete nothing")
 
-    def handle(
-        self, *args: object, older_than: float, dry_run: bool, **options: object
-    ) -> None:
+    def handle(self, *args: object, older_than: float, dry_run: bool, **options: object) -> None:
         if older_than < 0:
             raise CommandError("--older-than must be 0 or more days")
         sessions = sessions_purge(older_than, dry_run=dry_run)
