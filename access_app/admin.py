@@ -1,11 +1,15 @@
 """Admin: owners with their quotas and usage; API tokens (created here, the plaintext shown
 once; revoked by deleting), listed by prefix only."""
 
+from __future__ import annotations
+
 from datetime import timedelta
+from typing import TYPE_CHECKING, TypedDict
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Count, Sum
+from django.db.models import Count, QuerySet, Sum
+from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
@@ -13,8 +17,11 @@ from access_app import services
 from access_app.models import DEFAULT_SCOPES, SCOPES, ApiToken, Owner
 from access_app.selectors import QUOTA_SETTINGS, owner_quota
 
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
 
-class ApiTokenForm(forms.ModelForm):
+
+class ApiTokenForm(forms.ModelForm[ApiToken]):
     scopes = forms.MultipleChoiceField(
         choices=[(scope, scope) for scope in SCOPES],
         initial=list(DEFAULT_SCOPES),
@@ -28,21 +35,23 @@ class ApiTokenForm(forms.ModelForm):
 
 
 @admin.register(ApiToken)
-class ApiTokenAdmin(admin.ModelAdmin):
+class ApiTokenAdmin(admin.ModelAdmin[ApiToken]):
     form = ApiTokenForm
     list_display = ["name", "owner", "prefix", "scope_list", "created_at"]
     list_filter = ["owner"]
     readonly_fields = ["prefix", "created_at"]
 
-    def get_fields(self, request, obj=None):
-        editable = ["name", "owner", "scopes"]
-        return editable if obj is None else [*editable, "prefix", "created_at"]
+    def get_fields(self, request: HttpRequest, obj: ApiToken | None = None) -> tuple[str, ...]:
+        editable = ("name", "owner", "scopes")
+        return editable if obj is None else (*editable, "prefix", "created_at")
 
     @admin.display(description="scopes")
     def scope_list(self, token: ApiToken) -> str:
         return ", ".join(token.scopes)
 
-    def save_model(self, request, obj: ApiToken, form, change: bool) -> None:
+    def save_model(
+        self, request: HttpRequest, obj: ApiToken, form: ApiTokenForm, change: bool
+    ) -> None:
         if change:
             obj.scopes = services.scopes_checked(obj.scopes)
             obj.save(update_fields=["name", "owner", "scopes"])
@@ -59,20 +68,25 @@ class ApiTokenAdmin(admin.ModelAdmin):
         )
 
 
-class ApiTokenInline(admin.TabularInline):
+class ApiTokenInline(admin.TabularInline[ApiToken, Owner]):
     model = ApiToken
-    fields = ["name", "prefix", "scopes", "created_at"]
-    readonly_fields = fields
+    readonly_fields = ("name", "prefix", "scopes", "created_at")
+    fields = readonly_fields
     extra = 0
     can_delete = True
     show_change_link = True
 
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Owner | None = None) -> bool:
         return False  # a token is made on its own page, which shows the plaintext once
 
 
+class _Counts(TypedDict):
+    token_total: int
+    session_total: int
+
+
 @admin.register(Owner)
-class OwnerAdmin(admin.ModelAdmin):
+class OwnerAdmin(admin.ModelAdmin[Owner]):
     list_display = [
         "name",
         "token_count",
@@ -85,7 +99,7 @@ class OwnerAdmin(admin.ModelAdmin):
     fields = ["name", *QUOTA_SETTINGS]
     inlines = [ApiTokenInline]
 
-    def get_queryset(self, request):
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Owner]:
         return (
             super()
             .get_queryset(request)
@@ -96,11 +110,11 @@ class OwnerAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="tokens", ordering="token_total")
-    def token_count(self, owner: Owner) -> int:
+    def token_count(self, owner: WithAnnotations[Owner, _Counts]) -> int:
         return owner.token_total
 
     @admin.display(description="sessions", ordering="session_total")
-    def session_count(self, owner: Owner) -> int:
+    def session_count(self, owner: WithAnnotations[Owner, _Counts]) -> int:
         return owner.session_total
 
     @admin.display(description="stored MB")

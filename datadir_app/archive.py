@@ -16,6 +16,7 @@ import uuid
 import zipfile
 from datetime import datetime
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from django.conf import settings
 from django.db import transaction
@@ -34,9 +35,11 @@ FILES_PREFIX = "files/"
 ARCHIVE_FORMAT = "sdxl-service-session"
 ARCHIVE_VERSION = 1
 _COPY_CHUNK = 1 << 20
+# session.json, as written and as read back: JSON, checked field by field on import.
+Manifest = dict[str, Any]
 
 
-def session_export(session_id: int, target: Path) -> dict:
+def session_export(session_id: int, target: Path) -> Manifest:
     """Writes the session to the zip file `target` (atomically); returns the manifest.
 
     Runs under the session lock, so no upload or LoRA lands half-way through, and checks
@@ -67,7 +70,7 @@ def _session_files(folder: Path) -> dict[str, str]:
     return files
 
 
-def _manifest(session: Session, folder: Path, files: dict[str, str]) -> dict:
+def _manifest(session: Session, folder: Path, files: dict[str, str]) -> Manifest:
     def in_folder(relative_to_data_dir: str) -> str:
         return storage.absolute_path(relative_to_data_dir).relative_to(folder).as_posix()
 
@@ -123,7 +126,7 @@ def _check_against_row(files: dict[str, str], name: str, sha256: str) -> None:
         )
 
 
-def _write_zip(temp: Path, folder: Path, files: dict[str, str], manifest: dict) -> None:
+def _write_zip(temp: Path, folder: Path, files: dict[str, str], manifest: Manifest) -> None:
     with zipfile.ZipFile(temp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
         archive.writestr(MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
         for name in files:
@@ -159,7 +162,7 @@ def session_import(source: Path, owner: str | None = None) -> Session:
             storage.remove_tree(staging if staging.exists() else None)
 
 
-def _read_manifest(archive: zipfile.ZipFile) -> dict:
+def _read_manifest(archive: zipfile.ZipFile) -> Manifest:
     try:
         manifest = json.loads(archive.read(MANIFEST))
     except KeyError:
@@ -199,7 +202,7 @@ def _safe_name(name: str) -> str | None:
     return name
 
 
-def _checked_members(archive: zipfile.ZipFile, manifest: dict) -> dict[str, zipfile.ZipInfo]:
+def _checked_members(archive: zipfile.ZipFile, manifest: Manifest) -> dict[str, zipfile.ZipInfo]:
     members = {}
     for info in archive.infolist():
         if info.filename == MANIFEST or (info.is_dir() and info.filename == FILES_PREFIX):
@@ -245,7 +248,7 @@ def _extract(
     fsync_tree(staging)
 
 
-def _create_session(manifest: dict, staging: Path, owner_id: int) -> Session:
+def _create_session(manifest: Manifest, staging: Path, owner_id: int) -> Session:
     with transaction.atomic():
         session = Session.objects.create(
             owner_id=owner_id,
@@ -266,7 +269,7 @@ def _create_session(manifest: dict, staging: Path, owner_id: int) -> Session:
     return session
 
 
-def _create_rows(session: Session, manifest: dict, folder: Path) -> None:
+def _create_rows(session: Session, manifest: Manifest, folder: Path) -> None:
     try:
         for group in manifest["groups"]:
             row = ImageGroup.objects.create(session=session, number=group["number"])
@@ -299,6 +302,6 @@ def _create_rows(session: Session, manifest: dict, folder: Path) -> None:
         raise ServiceError(f"the archive's {MANIFEST} is incomplete ({error})") from None
 
 
-def _check_file(manifest: dict, name: str, sha256: str) -> None:
+def _check_file(manifest: Manifest, name: str, sha256: str) -> None:
     if manifest["files"].get(name) != sha256:
         raise ServiceError(f"the manifest's row for {name} does not match the file")

@@ -2,6 +2,7 @@
 
 import shutil
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from django.conf import settings
@@ -83,6 +84,10 @@ def _copy_session_folder(source: Path, target: Path, report: Report) -> int:
                 )
             continue
         destination.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(destination, lambda temp, p=path: shutil.copyfile(p, temp))
+        write_atomically(destination, partial(_copy_file, path))
         copied += 1
     return copied
+
+
+def _copy_file(source: Path, target: Path) -> None:
+    shutil.copyfile(source, target)

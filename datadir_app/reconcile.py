@@ -20,7 +20,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.management.color import no_style
@@ -50,7 +52,7 @@ class _Walk:
     deep: bool
     report: Report
 
-    def change(self, text: str, apply: Callable[[], None]) -> None:
+    def change(self, text: str, apply: Callable[[], object]) -> None:
         sid = self.session.pk
         self.report.changes.append(Change(sid, f"session {sid}: {text}", apply))
 
@@ -92,17 +94,17 @@ def _reconcile_groups(walk: _Walk) -> set[int]:
     for number in sorted(on_disk - groups):
         walk.change(
             f"group folder {number}/ has no row; adding it",
-            lambda n=number: ImageGroup.objects.create(session=session, number=n),
+            partial(ImageGroup.objects.create, session=session, number=number),
         )
     for number in sorted(groups - on_disk):
         walk.change(
             f"group {number} has no folder; removing its row and its images' rows",
-            lambda n=number: ImageGroup.objects.filter(session=session, number=n).delete(),
+            ImageGroup.objects.filter(session=session, number=number).delete,
         )
     return on_disk
 
 
-def _image_facts(path: Path) -> dict:
+def _image_facts(path: Path) -> dict[str, str | int]:
     """What a TrainingImage row records about `path`; ServiceError if it does not decode."""
     data = path.read_bytes()
     checked = check_image(data)
@@ -144,11 +146,8 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
         if row is None:
             walk.change(
                 f"{relative} has no row; adding it",
-                lambda n=number, r=relative, f=facts, c=caption: TrainingImage.objects.create(
-                    group=ImageGroup.objects.get(session=session, number=n),
-                    file=r,
-                    caption=c,
-                    **f,
+                partial(
+                    _image_row_create, session, number, file=relative, caption=caption, **facts
                 ),
             )
             continue
@@ -158,9 +157,7 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
         if differing:
             walk.change(
                 f"{relative}: row differs from the file ({', '.join(differing)}); updating the row",
-                lambda pk=row.pk, f=facts, c=caption: TrainingImage.objects.filter(pk=pk).update(
-                    caption=c, **f
-                ),
+                partial(TrainingImage.objects.filter(pk=row.pk).update, caption=caption, **facts),
             )
     for relative, row in rows.items():
         if relative in files:
@@ -171,9 +168,16 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
             continue  # its group's row goes, and takes this one with it
         walk.change(
             f"{relative}: {missing} is missing; removing the row",
-            lambda pk=row.pk: TrainingImage.objects.filter(pk=pk).delete(),
+            TrainingImage.objects.filter(pk=row.pk).delete,
         )
     return set(files)
+
+
+def _image_row_create(session: Session, number: int, **values: Any) -> None:
+    """The row of an image of group `number`, whose row may be added by an earlier change."""
+    TrainingImage.objects.create(
+        group=ImageGroup.objects.get(session=session, number=number), **values
+    )
 
 
 def _reconcile_loras(walk: _Walk) -> set[int]:
@@ -202,8 +206,11 @@ def _reconcile_loras(walk: _Walk) -> set[int]:
         elif (row.size, row.sha256) != (info.size_bytes, info.sha256):
             walk.change(
                 f"{relative}: row differs from the file (size or sha256); updating the row",
-                lambda pk=row.pk, i=info: LoraArtifact.objects.filter(pk=pk).update(
-                    size=i.size_bytes, sha256=i.sha256, metadata=i.metadata
+                partial(
+                    LoraArtifact.objects.filter(pk=row.pk).update,
+                    size=info.size_bytes,
+                    sha256=info.sha256,
+                    metadata=info.metadata,
                 ),
             )
     # Files named lora_<n> keep their n when it is free; the others follow, oldest first.
@@ -230,14 +237,15 @@ def _reconcile_loras(walk: _Walk) -> set[int]:
         taken_numbers.add(number)
         walk.change(
             f"{storage.relative_path(path)} has no row; adding it as LoRA number {number}",
-            lambda p=path, i=info, n=number: LoraArtifact.objects.create(
+            partial(
+                LoraArtifact.objects.create,
                 session=session,
-                number=n,
-                filename=p.name,
-                size=i.size_bytes,
-                sha256=i.sha256,
+                number=number,
+                filename=path.name,
+                size=info.size_bytes,
+                sha256=info.sha256,
                 source=LoraArtifact.Source.FOUND,
-                metadata=i.metadata,
+                metadata=info.metadata,
             ),
         )
     present = {path.name for path in on_disk}
@@ -245,7 +253,7 @@ def _reconcile_loras(walk: _Walk) -> set[int]:
         if name not in present:
             walk.change(
                 f"LoRA {name} (number {row.number}) is missing; removing the row",
-                lambda pk=row.pk: LoraArtifact.objects.filter(pk=pk).delete(),
+                LoraArtifact.objects.filter(pk=row.pk).delete,
             )
     return taken_numbers
 
@@ -281,8 +289,11 @@ def _reconcile_checkpoints(walk: _Walk) -> None:
             walk.change(
                 f"{relative}: the row of run {row.run_id}'s checkpoint at step {row.step} "
                 "differs from the file (size or sha256); updating the row",
-                lambda pk=row.pk, i=info: TrainingCheckpoint.objects.filter(pk=pk).update(
-                    size=i.size_bytes, sha256=i.sha256, metadata=i.metadata
+                partial(
+                    TrainingCheckpoint.objects.filter(pk=row.pk).update,
+                    size=info.size_bytes,
+                    sha256=info.sha256,
+                    metadata=info.metadata,
                 ),
             )
     for name, row in rows.items():
@@ -291,7 +302,7 @@ def _reconcile_checkpoints(walk: _Walk) -> None:
             walk.change(
                 f"{relative}: checkpoint of run {row.run_id} at step {row.step} is missing; "
                 "removing the row",
-                lambda pk=row.pk: TrainingCheckpoint.objects.filter(pk=pk).delete(),
+                TrainingCheckpoint.objects.filter(pk=row.pk).delete,
             )
 
 
@@ -307,7 +318,7 @@ def _reconcile_samples(walk: _Walk) -> None:
             walk.change(
                 f"{storage.relative_path(path)}: sample image of run {sample.run_id} (step "
                 f"{sample.step}) is missing; removing the row",
-                lambda pk=sample.pk: TrainingSample.objects.filter(pk=pk).delete(),
+                TrainingSample.objects.filter(pk=sample.pk).delete,
             )
     folder = walk.folder / SAMPLES_FOLDER
     if folder.is_dir():
@@ -358,14 +369,14 @@ def _reconcile_leftovers(walk: _Walk) -> None:
             walk.change(
                 f"{storage.relative_path(path)} is a stale leftover of an interrupted "
                 "write; removing it",
-                lambda p=path: layout.remove(p),
+                partial(layout.remove, path),
             )
         elif layout.is_stale_resume_state(path, active_runs):
             walk.change(
                 f"{storage.relative_path(path)} is the resume state of run "
                 f"{layout.resume_state_run_id(path)}, which is not queued or running; "
                 "removing it",
-                lambda p=path: layout.remove(p),
+                partial(layout.remove, path),
             )
 
 
@@ -419,7 +430,7 @@ def data_dir_report(known: set[int]) -> Report:
             Change(
                 sid,
                 f"session folder {folders[sid].name} has no row; adopting it",
-                lambda s=sid: adopt_session_folder(s, folders[s]),
+                partial(adopt_session_folder, sid, folders[sid]),
             )
         )
     if root.is_dir():

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
 
-Progress = Callable[[Iterable], Iterable]
+Item = TypeVar("Item")
 
 
-def no_progress(items: Iterable, **_kwargs) -> Iterable:
+class Progress(Protocol):
+    """Hands the items on while it shows how far they have got (core.console.progress)."""
+
+    def __call__(self, items: Iterable[Item], /) -> Iterable[Item]: ...
+
+
+def no_progress(items: Iterable[Item]) -> Iterable[Item]:
     return items
 
 
@@ -19,7 +26,7 @@ class Change:
 
     session_id: int | None
     text: str
-    apply: Callable[[], None] = field(repr=False, compare=False)
+    apply: Callable[[], object] = field(repr=False, compare=False)  # what it returns is unused
 
 
 @dataclass

@@ -6,8 +6,13 @@ README's configuration table lists them all.
 
 from pathlib import Path
 
+import django_stubs_ext
 import environ
 from django.core.exceptions import ImproperlyConfigured
+
+# Lets the classes django-stubs types as generic (ModelAdmin[Owner], ModelForm[ApiToken]) be
+# subscripted at run time too, before any app module is imported.
+django_stubs_ext.monkeypatch()
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 

@@ -4,27 +4,32 @@ Rows mirror files, so the admin reads; deleting a session goes through the servi
 which removes its folder too.
 """
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
 
 from django.contrib import admin
-from django.http import FileResponse, Http404
+from django.db.models import Model, QuerySet
+from django.http import FileResponse, Http404, HttpRequest
 from django.shortcuts import get_object_or_404
-from django.urls import path, reverse
+from django.urls import URLPattern, path, reverse
 from django.utils.html import format_html
 
 from sessions_app import services, storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
 
+AdminModel = TypeVar("AdminModel", bound=Model)
 
-class ReadOnlyAdmin(admin.ModelAdmin):
-    def has_add_permission(self, request, obj=None):
+
+class ReadOnlyAdmin(admin.ModelAdmin[AdminModel]):
+    def has_add_permission(self, request: HttpRequest, obj: AdminModel | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None):
+    def has_change_permission(self, request: HttpRequest, obj: AdminModel | None = None) -> bool:
         return False
 
 
-def file_response(path: Path, missing: str, **options) -> FileResponse:
+def file_response(path: Path, missing: str, **options: Any) -> FileResponse:
     """The file streamed to an admin, or a 404 saying `missing` when it is gone from disk."""
     try:
         return FileResponse(open(path, "rb"), **options)
@@ -46,14 +51,14 @@ def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
     )
 
 
-class ImageGroupInline(admin.TabularInline):
+class ImageGroupInline(admin.TabularInline[ImageGroup, Session]):
     model = ImageGroup
-    fields = ["number", "preview", "caption", "created_at"]
-    readonly_fields = fields
+    readonly_fields = ("number", "preview", "caption", "created_at")
+    fields = readonly_fields
     extra = 0
     can_delete = False
 
-    def has_add_permission(self, request, obj=None):
+    def has_add_permission(self, request: HttpRequest, obj: Session | None = None) -> bool:
         return False
 
     @admin.display(description="image")
@@ -67,7 +72,7 @@ class ImageGroupInline(admin.TabularInline):
 
 
 @admin.register(Session)
-class SessionAdmin(ReadOnlyAdmin):
+class SessionAdmin(ReadOnlyAdmin[Session]):
     list_display = [
         "__str__",
         "owner",
@@ -94,22 +99,24 @@ class SessionAdmin(ReadOnlyAdmin):
     def folder(self, session: Session) -> str:
         return str(storage.session_dir(session.pk))
 
-    def get_deleted_objects(self, objs, request):
+    def get_deleted_objects(
+        self, objs: Sequence[Session] | QuerySet[Session], request: HttpRequest
+    ) -> tuple[list[str], dict[str, int], set[str], list[str]]:
         # Images and LoRA files cannot be deleted one by one (rows mirror files), but a
         # session goes whole, through its service: that is permission enough for them.
         deleted, model_count, _, protected = super().get_deleted_objects(objs, request)
         return deleted, model_count, set(), protected
 
-    def delete_model(self, request, obj: Session) -> None:
+    def delete_model(self, request: HttpRequest, obj: Session) -> None:
         services.session_delete(obj.pk)
 
-    def delete_queryset(self, request, queryset) -> None:
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Session]) -> None:
         for session_id in list(queryset.values_list("pk", flat=True)):
             services.session_delete(session_id)
 
 
 @admin.register(TrainingImage)
-class TrainingImageAdmin(ReadOnlyAdmin):
+class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
     list_display = ["file", "preview", "caption", "image_format", "width", "height", "size"]
     list_filter = ["image_format"]
     search_fields = ["caption", "file"]
@@ -126,7 +133,7 @@ class TrainingImageAdmin(ReadOnlyAdmin):
         "created_at",
     ]
 
-    def has_delete_permission(self, request, obj=None):
+    def has_delete_permission(self, request: HttpRequest, obj: TrainingImage | None = None) -> bool:
         return False  # a session is deleted whole, through its own page
 
     @admin.display(description="image")
@@ -137,7 +144,7 @@ class TrainingImageAdmin(ReadOnlyAdmin):
     def preview_large(self, image: TrainingImage) -> str:
         return thumbnail(image, size=512)
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         return [
             path(
                 "<int:pk>/file/",
@@ -147,7 +154,7 @@ class TrainingImageAdmin(ReadOnlyAdmin):
             *super().get_urls(),
         ]
 
-    def image_file(self, request, pk: int):
+    def image_file(self, request: HttpRequest, pk: int) -> FileResponse:
         image = get_object_or_404(TrainingImage, pk=pk)
         return file_response(
             storage.absolute_path(image.file), f"{image.file} is missing from the data dir"

@@ -40,6 +40,8 @@ def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
                 image_format = image.format
+                if image_format not in ACCEPTED_FORMATS:  # only their parsers may open it
+                    raise ServiceError(NOT_AN_IMAGE.format(field=field))
                 width, height = image.size
                 if width * height > settings.SDXL_MAX_UPLOAD_PIXELS:
                     raise ServiceError(f"{too_large}: it is {width}x{height}")

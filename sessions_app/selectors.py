@@ -8,6 +8,7 @@ sees everything.
 from django.db.models import Count, QuerySet, Sum
 
 from access_app.callers import Caller
+from access_app.selectors import caller_owner_id
 from core.errors import ServiceError
 from sessions_app.models import Session, TrainingImage
 
@@ -17,7 +18,7 @@ def sessions_visible(caller: Caller | None) -> QuerySet[Session]:
     session for admin tokens (and the open API)."""
     if caller is None or caller.is_admin:
         return Session.objects.all()
-    return Session.objects.filter(owner_id=caller.owner_id)
+    return Session.objects.filter(owner_id=caller_owner_id(caller))
 
 
 def session_get(session_id: int, caller: Caller | None = None) -> Session:

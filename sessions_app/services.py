@@ -1,7 +1,11 @@
 """What can be done to sessions and their training images."""
 
+from __future__ import annotations
+
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, TypedDict
 
 from django.db import transaction
 from django.db.models import Max
@@ -18,6 +22,9 @@ from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from sessions_app.selectors import owner_stored_bytes, session_get, session_image_count
 from sessions_app.uploads import UploadedImage, images_from_zip
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ def session_images_add(
     images = []
     with session_lock(session_id) as session:
         if caller is not None and session.owner_id is not None:
-            _check_image_quotas(session, [image for image, _ in checked])
+            _check_image_quotas(session.owner_id, session.pk, [image for image, _ in checked])
         number = _free_group_number(session)
         written = []
         try:
@@ -89,9 +96,9 @@ def session_images_add(
     return images
 
 
-def _check_image_quotas(session: Session, images: list[CheckedImage]) -> None:
-    owner = owner_locked(session.owner_id)
-    quota_check(owner, "max_images_per_session", session_image_count(session.pk), len(images))
+def _check_image_quotas(owner_id: int, session_id: int, images: list[CheckedImage]) -> None:
+    owner = owner_locked(owner_id)
+    quota_check(owner, "max_images_per_session", session_image_count(session_id), len(images))
     adding = sum(len(image.data) for image in images)
     quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), adding, unit=MB)
 
@@ -122,7 +129,7 @@ def session_images_upload(
 
 
 def _group_create(
-    session: Session, number: int, group_dir, checked: CheckedImage, caption: str
+    session: Session, number: int, group_dir: Path, checked: CheckedImage, caption: str
 ) -> TrainingImage:
     image_path = group_dir / f"0.{checked.extension}"
     storage.atomic_write_bytes(image_path, checked.data)
@@ -151,7 +158,11 @@ def session_delete(session_id: int, caller: Caller | None = None) -> None:
     logger.info("deleted session %s", session_id)
 
 
-def sessions_idle_since(cutoff: datetime) -> list[Session]:
+class _LastActivity(TypedDict):
+    last_activity: datetime
+
+
+def sessions_idle_since(cutoff: datetime) -> list[WithAnnotations[Session, _LastActivity]]:
     """Sessions with nothing new (images, LoRAs, training runs) since `cutoff`, oldest first.
 
     A session with a queued or running training run is never idle.
@@ -172,7 +183,9 @@ def sessions_idle_since(cutoff: datetime) -> list[Session]:
     return list(sessions)
 
 
-def sessions_purge(older_than_days: float, dry_run: bool = False) -> list[Session]:
+def sessions_purge(
+    older_than_days: float, dry_run: bool = False
+) -> list[WithAnnotations[Session, _LastActivity]]:
     """Deletes every session idle for `older_than_days` (only lists them with `dry_run`)."""
     idle = sessions_idle_since(timezone.now() - timedelta(days=older_than_days))
     if not dry_run:

@@ -29,7 +29,10 @@ def absolute_path(relative: str) -> Path:
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    write_atomically(target, lambda temp: temp.write_bytes(data))
+    def write(temp: Path) -> None:
+        temp.write_bytes(data)
+
+    write_atomically(target, write)
 
 
 def staging_dir() -> Path:

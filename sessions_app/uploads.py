@@ -34,7 +34,8 @@ class UploadedImage:
 
 
 def max_upload_bytes() -> int:
-    return settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+    megabytes: int = settings.SDXL_MAX_UPLOAD_MB
+    return megabytes * 1024 * 1024
 
 
 def images_from_zip(data: bytes, archive_name: str = "archive") -> list[UploadedImage]:

@@ -1,6 +1,6 @@
 """`manage.py create_token --owner NAME [--scopes read,generate] [--name LABEL]`."""
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from access_app.models import DEFAULT_SCOPES, SCOPES
 from access_app.services import api_token_create
@@ -15,14 +15,16 @@ class Command(BaseCommand):
         f"(default: {','.join(DEFAULT_SCOPES)})."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--owner", required=True, help="the owner (tenant) it belongs to")
         parser.add_argument(
             "--scopes", help=f"comma-separated, of {','.join(SCOPES)} (default: all but admin)"
         )
         parser.add_argument("--name", default="", help="a label for it (default: the owner)")
 
-    def handle(self, *args, owner: str, scopes: str | None, name: str, **options):
+    def handle(
+        self, *args: object, owner: str, scopes: str | None, name: str, **options: object
+    ) -> None:
         wanted = None if scopes is None else [s.strip() for s in scopes.split(",") if s.strip()]
         try:
             token, plaintext = api_token_create(owner, name, wanted)

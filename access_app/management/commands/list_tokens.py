@@ -1,6 +1,6 @@
 """`manage.py list_tokens [--owner NAME]`: every API token, by prefix (never the secret)."""
 
-from django.core.management.base import BaseCommand
+from django.core.management.base import BaseCommand, CommandParser
 
 from access_app.models import ApiToken
 
@@ -8,10 +8,10 @@ from access_app.models import ApiToken
 class Command(BaseCommand):
     help = "Lists the API tokens: id, prefix, owner, name, scopes and creation time."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--owner", help="only this owner's tokens")
 
-    def handle(self, *args, owner: str | None, **options):
+    def handle(self, *args: object, owner: str | None, **options: object) -> None:
         tokens = ApiToken.objects.select_related("owner").order_by("owner__name", "id")
         if owner is not None:
             tokens = tokens.filter(owner__name=owner)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.errors import ServiceError
 from datadir_app.archive import session_export
@@ -14,11 +14,11 @@ class Command(BaseCommand):
         "file that import_session reads back."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("session_id", type=int)
         parser.add_argument("file", type=Path, help="the zip file to write")
 
-    def handle(self, *args, session_id: int, file: Path, **options):
+    def handle(self, *args: object, session_id: int, file: Path, **options: object) -> None:
         try:
             manifest = session_export(session_id, file)
         except ServiceError as error:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.errors import ServiceError
 from datadir_app.archive import session_import
@@ -15,13 +15,13 @@ class Command(BaseCommand):
         "before anything is written; a failure leaves nothing behind."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("file", type=Path, help="the zip file to read")
         parser.add_argument(
             "--owner", help="the owner the session belongs to, created if new (default: default)"
         )
 
-    def handle(self, *args, file: Path, owner: str | None, **options):
+    def handle(self, *args: object, file: Path, owner: str | None, **options: object) -> None:
         try:
             session = session_import(file, owner)
         except ServiceError as error:

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.console import print_report, progress
 from core.errors import ServiceError
@@ -18,7 +18,7 @@ class Command(BaseCommand):
         "again changes nothing."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("folder", type=Path, help="the session_data/ folder to adopt")
         parser.add_argument(
             "--copy",
@@ -33,7 +33,9 @@ class Command(BaseCommand):
             "sessions adopted before keep theirs",
         )
 
-    def handle(self, *args, folder: Path, copy: bool, owner: str | None, **options):
+    def handle(
+        self, *args: object, folder: Path, copy: bool, owner: str | None, **options: object
+    ) -> None:
         try:
             result = import_sessions(folder, copy, progress("importing"), owner)
         except ServiceError as error:

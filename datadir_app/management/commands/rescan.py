@@ -1,6 +1,6 @@
 """`manage.py rescan [--session N]`: rows follow files added or removed by hand."""
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.console import print_report, progress
 from core.errors import ServiceError
@@ -15,10 +15,10 @@ class Command(BaseCommand):
         "changed."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--session", type=int, help="only this session (default: all)")
 
-    def handle(self, *args, session: int | None, **options):
+    def handle(self, *args: object, session: int | None, **options: object) -> None:
         try:
             report = rescan(session, progress("rescanning"))
         except ServiceError as error:

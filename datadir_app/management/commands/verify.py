@@ -1,6 +1,6 @@
 """`manage.py verify [--fix]`: every row against its file, every file against a row."""
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.console import print_report, progress
 from datadir_app.verify import verify
@@ -17,10 +17,10 @@ class Command(BaseCommand):
         "and the resume state of runs that have ended go) and reports what is left."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--fix", action="store_true", help="repair what loses no data")
 
-    def handle(self, *args, fix: bool, **options):
+    def handle(self, *args: object, fix: bool, **options: object) -> None:
         report = verify(fix=fix, progress=progress("verifying"))
         print_report(self, report)
         self.stdout.write(
