@@ -47,10 +47,14 @@ def _final_latents() -> Iterator[list[torch.Tensor]]:
         generation.decode_latents = original
 
 
-def _encoded(pipelines: Pipelines, image: Image.Image) -> torch.Tensor:
+def _decoded(image: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(image))
+
+
+def _encoded(pipelines: Pipelines, image: bytes) -> torch.Tensor:
     """The image in latent space (the VAE's mean: no sampling noise)."""
     vae = pipelines.base.vae
-    pixels = pipelines.base.image_processor.preprocess(image, height=64, width=64)
+    pixels = pipelines.base.image_processor.preprocess(_decoded(image), height=64, width=64)
     with torch.no_grad():
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
@@ -70,7 +74,7 @@ def test_img2img_is_stock_diffusers_img2img_base_then_refiner(pipelines: Pipelin
     shared = {"prompt": REQUEST["prompt"], "num_inference_steps": REQUEST["steps"]}
     with torch.no_grad():
         latents = stock_img2img(
-            image=init,
+            image=_decoded(init),
             strength=0.5,
             guidance_scale=7.0,
             denoising_end=0.9,
