@@ -259,8 +259,8 @@ class GenerationParams:
     strength: float | None = None  # img2img's; None: DEFAULT_STRENGTH with an init_image
     output_format: str | None = None  # one of OUTPUT_FORMATS; None: DEFAULT_OUTPUT_FORMAT
     quality: int | None = None  # jpeg and webp only; None: DEFAULT_QUALITY
-    # The LoRAs applied to the Base, in order (the row keeps the files they named instead:
-    # GenerationLora).
+    # The LoRAs applied to the Base, in order. The row keeps the files they named instead
+    # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
     loras: tuple[LoraChoice, ...] = ()
 
     def problems(self) -> dict[str, str]:
@@ -341,22 +341,21 @@ class GenerationParams:
         )
 
     def record(self) -> dict:
-        """The Generation row's `parameters` JSON: every field but the prompts, seed, image
-        and LoRAs (kept in columns, a file and rows of their own); those defaulting to None
-        only when given, so a request without them runs as it did before they existed."""
-        always = ("num_images", "height", "width", "guidance_scale", "steps")
-        optional = ("scheduler", "refiner", "refiner_switch", "strength", "output_format")
-        given = {
-            name: getattr(self, name)
-            for name in (*optional, "quality")
-            if getattr(self, name) is not None
+        """The Generation row's `parameters` JSON: every field but those it keeps apart
+        (RECORDED_APART); one whose default is None only when given, so a request without
+        it runs as it did before the field existed."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in fields(self)
+            if field.name not in RECORDED_APART
+            and (field.default is not None or getattr(self, field.name) is not None)
         }
-        return {**{name: getattr(self, name) for name in always}, **given}
 
 
-GENERATION_DEFAULTS = GenerationParams()
-# The fields a Generation row keeps outside its `parameters` JSON.
+# What a Generation row keeps outside its `parameters` JSON: the prompts and seed in
+# columns, the starting image in a file, the LoRAs' files in rows of their own.
 RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras")
+GENERATION_DEFAULTS = GenerationParams()
 
 
 def output_problems(output_format: str | None, quality: object) -> dict[str, str]:

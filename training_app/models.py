@@ -203,14 +203,21 @@ class Generation(models.Model):
     def params(self) -> GenerationParams:
         """What the request asked for (GenerationParams.record), less its init_image (a file
         in its folder) and LoRAs (its applied_loras)."""
-        recorded = {k: v for k, v in self.parameters.items() if k in _PARAMS_FIELDS}
         return GenerationParams(
-            prompt=self.prompt, negative_prompt=self.negative_prompt, seed=self.seed, **recorded
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            **self._recorded_params(),
         )
 
     def image_filename(self, index: int) -> str:
         """Image `index`'s file in the generation's folder (`0.png`, `1.jpg`...)."""
-        return f"{index}{FILE_EXTENSIONS[self.params.file_format]}"
+        # From `parameters` alone: callers may have loaded nothing else (datadir_app.verify).
+        file_format = GenerationParams(**self._recorded_params()).file_format
+        return f"{index}{FILE_EXTENSIONS[file_format]}"
+
+    def _recorded_params(self) -> dict:
+        return {name: value for name, value in self.parameters.items() if name in _PARAMS_FIELDS}
 
 
 class GenerationLora(models.Model):

@@ -369,6 +369,7 @@ TXT2IMG_REQUEST_FIELDS = (
     "webhook_events",
 )
 TXT2IMG_RENAMED = {"init_image_base64": "init_image"}
+_TXT2IMG_FIELD = {param: field for field, param in TXT2IMG_RENAMED.items()}
 
 
 class Txt2ImgSerializer(WebhookFields):
@@ -509,10 +510,6 @@ class Txt2ImgSerializer(WebhookFields):
             name, problem = next(iter(problems.items()))
             raise serializers.ValidationError({_TXT2IMG_FIELD.get(name, name): problem})
         return _one_way_to_name_a_lora(attrs)
-
-
-# The body's field of each GenerationParams field it does not name alike.
-_TXT2IMG_FIELD = {param: field for field, param in TXT2IMG_RENAMED.items()}
 
 
 # --- Responses -------------------------------------------------------------------------
