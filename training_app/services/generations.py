@@ -64,7 +64,8 @@ NO_WORKER_MESSAGE = (
 class GenerationRequest(GenerationParams):
     """One /txt2img request as the service takes it: its GenerationParams, checked by the
     caller (the API's serializer maps their problems() to 400s; the engine refuses what
-    slips through), and what is not a rendering knob, so not a param:
+    slips through), and the fields that are not params because they do not change the
+    images (a param is what the engine renders and the row's JSON records):
 
     - `use_lora` with `session_id` (and iteration, lora_filename, lora_scale): the original
       API's shorthand for one LoRA, which `params` puts first in `loras` (not together

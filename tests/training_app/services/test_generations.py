@@ -902,7 +902,7 @@ def test_img2img_starts_from_the_image_and_records_its_strength(generation_worke
         generation_pipelines(),
         prompt="a red square",
         seed=3,
-        init_image=Image.open(io.BytesIO(init)),
+        init_image=init,
         strength=0.4,
         **SMALL,
     )
