@@ -52,7 +52,7 @@ formats; its WebP stays lossy unless the separate `webp_lossless` option (defaul
 is set. So here: quality 1-100, default 80, WebP always lossy (quality 100 is the best
 lossy WebP, not lossless).
 
-Imports only the standard library, Pillow and sdxl_engine.schedulers.
+Imports only the standard library, Pillow, sdxl_engine.parameters and sdxl_engine.schedulers.
 """
 
 from __future__ import annotations
@@ -67,14 +67,11 @@ from pathlib import Path
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from sdxl_engine.parameters import DEFAULT_QUALITY, output_problems, problems_text
 from sdxl_engine.schedulers import SCHEDULERS
 
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FILE_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
-# A1111's `jpeg_quality` default (modules/shared_options.py), used for JPEG and WebP.
-DEFAULT_QUALITY = 80
-QUALITY_FORMATS = ("jpeg", "webp")
 
 PNG_PARAMETERS_KEY = "parameters"  # A1111's text chunk
 PNG_RECORD_KEY = "sdxl_service"  # every field of the record, as JSON
@@ -93,23 +90,6 @@ UNICODE_PREFIX = b"UNICODE\x00"
 # A JPEG APP1 segment holds at most 65533 bytes of EXIF (Pillow refuses more).
 _JPEG_EXIF_LIMIT = 65533
 _SAFETENSORS = ".safetensors"
-
-
-def quality_problem(output_format: str, quality: object) -> str | None:
-    """What is wrong with asking for `output_format` at `quality`; None when nothing is.
-
-    quality is None (the format's default) or an integer from 1 to 100, and only for
-    jpeg and webp: PNG is lossless.
-    """
-    if output_format not in OUTPUT_FORMATS:
-        return f"output_format must be one of: {', '.join(OUTPUT_FORMATS)}"
-    if quality is None:
-        return None
-    if output_format not in QUALITY_FORMATS:
-        return f"quality applies only to {' and '.join(QUALITY_FORMATS)}, not {output_format}"
-    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
-        return "quality must be an integer from 1 to 100"
-    return None
 
 
 def lora_short_hash(path: str | Path) -> str:
@@ -224,11 +204,11 @@ def encode_image(
     JPEG/WebP at `quality` (None: DEFAULT_QUALITY): the infotext in the EXIF UserComment
     as A1111 writes it, the record as ASCII JSON in the EXIF ImageDescription. An RGBA
     image loses its alpha for JPEG/WebP, as in A1111. ValueError for a bad format or
-    quality (quality_problem's message).
+    quality (parameters.output_problems).
     """
-    problem = quality_problem(output_format, quality)
-    if problem:
-        raise ValueError(problem)
+    problems = output_problems(output_format, quality)
+    if problems:
+        raise ValueError(problems_text(problems))
     text = infotext(record)
     record_json = json.dumps(record, sort_keys=True)
     buffer = io.BytesIO()

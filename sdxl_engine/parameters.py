@@ -8,8 +8,11 @@ worker will run.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from sdxl_engine.schedulers import SCHEDULER_NAMES
 
 # Learning-rate schedules, by the names kohya's sd-scripts and diffusers' scripts use.
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine")
@@ -170,19 +173,6 @@ def training_params(
     return TrainingParams(**chosen)
 
 
-@dataclass(frozen=True)
-class GenerationParams:
-    """How to render a prompt; every field has the default /txt2img applies."""
-
-    negative_prompt: str = ""
-    num_images: int = 1
-    height: int = 1024
-    width: int = 1024
-    guidance_scale: float = 7.0
-    steps: int = 20
-    lora_scale: float = 1.0
-
-
 def lr_warmup_problem(lr_scheduler: str, lr_warmup_steps: int) -> str | None:
     """Why `lr_warmup_steps` cannot run under `lr_scheduler`, or None when it can."""
     if lr_warmup_steps and lr_scheduler == "constant":
@@ -190,32 +180,203 @@ def lr_warmup_problem(lr_scheduler: str, lr_warmup_steps: int) -> str | None:
     return None
 
 
-GENERATION_DEFAULTS = GenerationParams()
+def field_names(params_class: type) -> frozenset[str]:
+    return frozenset(field.name for field in fields(params_class))
+
+
+# --- Generation --------------------------------------------------------------------------
 
 # How the Refiner takes part in a generation: "ensemble" (SDXL's ensemble of experts: the
 # Base denoises the first `refiner_switch` of the schedule, the Refiner the rest) or "none"
 # (the Base alone runs the whole schedule; the Refiner is not called).
 REFINER_POLICIES = ("ensemble", "none")
 DEFAULT_REFINER_POLICY = "ensemble"
+# The Base denoises the first 80% of the schedule (the high-noise steps), the Refiner the
+# rest, as in SDXL's ensemble-of-experts setup.
 DEFAULT_REFINER_SWITCH = 0.8
 # Under 1.0: diffusers treats denoising_start=1.0 as unset and has the Refiner redo the last
 # 30% of the schedule (its img2img strength) on finished latents. The Base alone is "none".
 REFINER_SWITCH_MIN, REFINER_SWITCH_MAX = 0.5, 0.99
-
-
-def refiner_problem(refiner: str, refiner_switch: float) -> str | None:
-    """Why `refiner` with `refiner_switch` cannot run, or None when it can."""
-    if refiner not in REFINER_POLICIES:
-        return f"refiner must be one of: {', '.join(REFINER_POLICIES)}"
-    if refiner == "ensemble" and not REFINER_SWITCH_MIN <= refiner_switch <= REFINER_SWITCH_MAX:
-        return f"refiner_switch must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
-    return None
-
-
+# AUTOMATIC1111's default img2img denoising strength.
+DEFAULT_STRENGTH = 0.75
+# The images' file formats; quality (A1111's `jpeg_quality`, default 80) for the lossy ones.
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+DEFAULT_OUTPUT_FORMAT = OUTPUT_FORMATS[0]
+QUALITY_FORMATS = ("jpeg", "webp")
+DEFAULT_QUALITY = 80
+# A LoRA's strength when a request gives none (A1111's <lora:name:1>).
+DEFAULT_LORA_SCALE = 1.0
 # Seeds fit a signed 64-bit column (PostgreSQL bigint) and torch.Generator alike.
 SEED_BITS = 63
 # LoRAs one generation may apply together.
 MAX_LORAS = 4
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """The message for a name outside `choices` (the API's field errors use it too)."""
+    return f"must be one of: {', '.join(choices)}"
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """A LoRA a request applies: any session's, by iteration or file name (a checkpoint's
+    included), else the session's latest; at `scale`. Which file that is, the service
+    finds in the database when it records the request."""
+
+    session_id: int
+    iteration: int | None = None
+    lora_filename: str | None = None
+    scale: float = DEFAULT_LORA_SCALE
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """Every knob of one /txt2img request, with the default it takes when left out.
+
+    The API's serializer declares one field for each (a test holds them equal), the
+    service records them on the Generation row (`record`, and the prompt, negative prompt
+    and seed columns), and the engine renders them (sdxl_engine.generation). `problems()`
+    is the one check of their rules. A field whose default is None is recorded only when
+    given, so a row tells what its request asked for: None means the default named beside
+    it. `filled()` gives what the engine runs: a seed and img2img's strength chosen.
+    """
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    num_images: int = 1
+    height: int = 1024
+    width: int = 1024
+    guidance_scale: float = 7.0
+    steps: int = 20
+    seed: int | None = None  # None: a random seed (filled), recorded
+    scheduler: str | None = None  # a name of schedulers.SCHEDULERS; None: the model's own
+    refiner: str | None = None  # one of REFINER_POLICIES; None: DEFAULT_REFINER_POLICY
+    # The Base's share of the schedule under "ensemble"; None: DEFAULT_REFINER_SWITCH.
+    refiner_switch: float | None = None
+    # img2img: the image to start from, the file's bytes as sent (kept beside the row, not
+    # in its JSON), resized to width x height; None: text-to-image.
+    init_image: bytes | None = field(default=None, repr=False)
+    strength: float | None = None  # img2img's; None: DEFAULT_STRENGTH with an init_image
+    output_format: str | None = None  # one of OUTPUT_FORMATS; None: DEFAULT_OUTPUT_FORMAT
+    quality: int | None = None  # jpeg and webp only; None: DEFAULT_QUALITY
+    # The LoRAs applied to the Base, in order. The row keeps the files they named instead
+    # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
+    loras: tuple[LoraChoice, ...] = ()
+
+    def problems(self) -> dict[str, str]:
+        """What keeps these params from running, by field; empty when nothing does. The
+        API answers each as `field: message`, the engine as `field message`."""
+        problems = {}
+        if self.strength is not None:
+            if self.init_image is None:
+                problems["strength"] = "applies only with init_image_base64 (img2img)"
+            elif self.strength <= 0.0:
+                problems["strength"] = "must be greater than 0"
+            elif self.strength > 1.0:
+                problems["strength"] = "must be at most 1"
+        problems.update(output_problems(self.output_format, self.quality))
+        if self.refiner is not None and self.refiner not in REFINER_POLICIES:
+            problems["refiner"] = one_of(REFINER_POLICIES)
+        elif self.refiner_switch is not None:
+            if self.refiner == "none":
+                problems["refiner_switch"] = 'applies only when refiner is "ensemble"'
+            elif not REFINER_SWITCH_MIN <= self.refiner_switch <= REFINER_SWITCH_MAX:
+                problems["refiner_switch"] = (
+                    f"must be from {REFINER_SWITCH_MIN} to {REFINER_SWITCH_MAX}"
+                )
+        if self.scheduler is not None and self.scheduler not in SCHEDULER_NAMES:
+            problems["scheduler"] = one_of(SCHEDULER_NAMES)
+        for name in ("num_images", "steps"):
+            if getattr(self, name) < 1:
+                problems[name] = "must be at least 1"
+        if len(self.loras) > MAX_LORAS:
+            problems["loras"] = f"may name at most {MAX_LORAS} LoRAs"
+        return problems
+
+    def filled(self) -> GenerationParams:
+        """These params as they run and are recorded: a random seed when none was given,
+        and img2img's DEFAULT_STRENGTH when an init_image came without a strength."""
+        seed = secrets.randbits(SEED_BITS) if self.seed is None else self.seed
+        strength = self.strength
+        if self.init_image is not None and strength is None:
+            strength = DEFAULT_STRENGTH
+        return replace(self, seed=seed, strength=strength)
+
+    @property
+    def refiner_policy(self) -> str:
+        return self.refiner or DEFAULT_REFINER_POLICY
+
+    @property
+    def refiner_switch_at(self) -> float | None:
+        """Where the Refiner takes over; None when it does not run."""
+        if self.refiner_policy != "ensemble":
+            return None
+        return DEFAULT_REFINER_SWITCH if self.refiner_switch is None else self.refiner_switch
+
+    @property
+    def file_format(self) -> str:
+        return self.output_format or DEFAULT_OUTPUT_FORMAT
+
+    @property
+    def seeds(self) -> list[int]:
+        """Each image's own seed (image_seeds); the params must be filled."""
+        assert self.seed is not None, "unfilled GenerationParams have no seeds"
+        return image_seeds(self.seed, self.num_images)
+
+    def batch_key(self) -> tuple:
+        """What requests must share to render in one batch (one call of the pipelines): size,
+        schedule, sampler, guidance, the Refiner's part and img2img's strength. Prompts,
+        image counts, seeds and starting images are each request's own, and so is the
+        output format. (The LoRAs must be the same files at the same scales too: the
+        service compares those, by content.)"""
+        return (
+            self.height,
+            self.width,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.refiner_policy,
+            self.refiner_switch_at,
+            self.strength,
+        )
+
+    def record(self) -> dict:
+        """The Generation row's `parameters` JSON: every field but those it keeps apart
+        (RECORDED_APART); one whose default is None only when given, so a request without
+        it runs as it did before the field existed."""
+        return {
+            field.name: getattr(self, field.name)
+            for field in fields(self)
+            if field.name not in RECORDED_APART
+            and (field.default is not None or getattr(self, field.name) is not None)
+        }
+
+
+# What a Generation row keeps outside its `parameters` JSON: the prompts and seed in
+# columns, the starting image in a file, the LoRAs' files in rows of their own.
+RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras")
+GENERATION_DEFAULTS = GenerationParams()
+
+
+def output_problems(output_format: str | None, quality: object) -> dict[str, str]:
+    """What is wrong with asking for `output_format` (None: DEFAULT_OUTPUT_FORMAT) at
+    `quality` (None: the format's default, else an integer from 1 to 100, and only for jpeg
+    and webp: PNG is lossless)."""
+    output_format = output_format or DEFAULT_OUTPUT_FORMAT
+    if output_format not in OUTPUT_FORMATS:
+        return {"output_format": one_of(OUTPUT_FORMATS)}
+    if quality is None:
+        return {}
+    if output_format not in QUALITY_FORMATS:
+        return {"quality": f"applies only to {' and '.join(QUALITY_FORMATS)}, not {output_format}"}
+    if isinstance(quality, bool) or not isinstance(quality, int) or not 1 <= quality <= 100:
+        return {"quality": "must be an integer from 1 to 100"}
+    return {}
+
+
+def problems_text(problems: Mapping[str, str]) -> str:
+    """Problems as one sentence for a log or an exception: `field message; ...`."""
+    return "; ".join(f"{name} {message}" for name, message in problems.items())
 
 
 def image_seeds(seed: int, count: int) -> list[int]:
@@ -223,14 +384,3 @@ def image_seeds(seed: int, count: int) -> list[int]:
     AUTOMATIC1111 numbers them (wrapping within SEED_BITS); each image is made from its
     own seed alone, so a request for one image with seed `seed + i` gives image i again."""
     return [(seed + index) % 2**SEED_BITS for index in range(count)]
-
-
-def strength_problem(strength: float) -> str | None:
-    """Why an img2img `strength` cannot run, or None when it can."""
-    if not 0.0 < strength <= 1.0:
-        return "strength must be greater than 0 and at most 1"
-    return None
-
-
-def field_names(params_class: type) -> frozenset[str]:
-    return frozenset(field.name for field in fields(params_class))

@@ -7,15 +7,14 @@ deterministic solver, while A1111's sampler is k-diffusion's sample_dpmpp_sde, s
 with Brownian-tree noise, which diffusers ported as DPMSolverSDEScheduler (needs torchsde).
 
 Importing this module does not import torch or diffusers: the web process validates a
-request's name against SCHEDULER_NAMES; build_scheduler imports diffusers when it runs.
+request's name against SCHEDULER_NAMES (parameters.GenerationParams.problems);
+build_scheduler imports diffusers when it runs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
-
-from sdxl_engine.errors import EngineError
 
 
 @dataclass(frozen=True)
@@ -41,18 +40,6 @@ SCHEDULERS: dict[str, SchedulerSpec] = {
 SCHEDULER_NAMES = tuple(SCHEDULERS)
 
 
-def unknown_scheduler_message() -> str:
-    return f"scheduler must be one of: {', '.join(SCHEDULER_NAMES)}"
-
-
-def scheduler_spec(name: str) -> SchedulerSpec:
-    """The entry of `name`; an EngineError listing the valid names for any other."""
-    try:
-        return SCHEDULERS[name]
-    except KeyError:
-        raise EngineError(unknown_scheduler_message()) from None
-
-
 def build_scheduler(name: str, config: Any, noise_seeds: list[int] | None = None) -> Any:
     """A fresh scheduler `name` from `config` (the pipeline's loaded scheduler config, so
     the model's own timestep and beta settings stay), with `name`'s options.
@@ -63,7 +50,7 @@ def build_scheduler(name: str, config: Any, noise_seeds: list[int] | None = None
     """
     import diffusers
 
-    spec = scheduler_spec(name)
+    spec = SCHEDULERS[name]  # a name GenerationParams.problems() let through
     options = dict(spec.options)
     if spec.diffusers_class == "DPMSolverSDEScheduler":
         options["noise_sampler_seed"] = noise_seeds

@@ -4,10 +4,13 @@ from django.db import models
 from django.db.models import Q
 
 from access_app.models import Owner
-from sdxl_engine.image_output import FILE_EXTENSIONS, OUTPUT_FORMATS
+from sdxl_engine.image_output import FILE_EXTENSIONS
+from sdxl_engine.parameters import GenerationParams, field_names
 from sessions_app.models import Session
 
-DEFAULT_OUTPUT_FORMAT = OUTPUT_FORMATS[0]  # png
+# The keys of a Generation's `parameters` that are GenerationParams fields: rows recorded
+# before the one LoRA became applied_loras also hold "lora_scale".
+_PARAMS_FIELDS = field_names(GenerationParams)
 
 
 class TrainingRun(models.Model):
@@ -197,12 +200,24 @@ class Generation(models.Model):
         return f"generation {self.pk} ({self.status})"
 
     @property
-    def output_format(self) -> str:
-        return self.parameters.get("output_format", DEFAULT_OUTPUT_FORMAT)
+    def params(self) -> GenerationParams:
+        """What the request asked for (GenerationParams.record), less its init_image (a file
+        in its folder) and LoRAs (its applied_loras)."""
+        return GenerationParams(
+            prompt=self.prompt,
+            negative_prompt=self.negative_prompt,
+            seed=self.seed,
+            **self._recorded_params(),
+        )
 
     def image_filename(self, index: int) -> str:
         """Image `index`'s file in the generation's folder (`0.png`, `1.jpg`...)."""
-        return f"{index}{FILE_EXTENSIONS[self.output_format]}"
+        # From `parameters` alone: callers may have loaded nothing else (datadir_app.verify).
+        file_format = GenerationParams(**self._recorded_params()).file_format
+        return f"{index}{FILE_EXTENSIONS[file_format]}"
+
+    def _recorded_params(self) -> dict:
+        return {name: value for name, value in self.parameters.items() if name in _PARAMS_FIELDS}
 
 
 class GenerationLora(models.Model):

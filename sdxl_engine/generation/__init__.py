@@ -11,14 +11,13 @@ Importing it imports torch and diffusers: web code imports it only inside functi
 run in a worker (ruff's TID253 holds that).
 """
 
-from sdxl_engine.generation.batch import GenerationJob, generate, generate_batch, warm_up
+from sdxl_engine.generation.batch import generate, generate_batch, warm_up
 from sdxl_engine.generation.builder import resolve_model_source
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import load_pipelines
 
 __all__ = [
     "AppliedLora",
-    "GenerationJob",
     "generate",
     "generate_batch",
     "load_pipelines",

@@ -3,8 +3,8 @@ optionally with LoRAs, one request or several batched together."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import PIL.Image
@@ -19,76 +19,38 @@ from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_keys import TEXT_ENCODERS
-from sdxl_engine.parameters import (
-    DEFAULT_REFINER_POLICY,
-    DEFAULT_REFINER_SWITCH,
-    GENERATION_DEFAULTS,
-    image_seeds,
-    refiner_problem,
-    strength_problem,
-)
-from sdxl_engine.schedulers import build_scheduler, scheduler_spec
-
-# By default the Base denoises the first 80% of the schedule (the high-noise steps), the
-# Refiner the rest, as in SDXL's ensemble-of-experts setup (refiner_switch).
-HANDOVER_FRACTION = DEFAULT_REFINER_SWITCH
-
-
-@dataclass(frozen=True)
-class GenerationJob:
-    """What differs between requests that can share one batch: each has its prompts, its
-    image count, its seed and, for img2img, its starting image, and gets the images it
-    would get alone (the same starting noise; the arithmetic of a larger batch may differ
-    in the last bits of float16)."""
-
-    prompt: str
-    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
-    num_images: int = GENERATION_DEFAULTS.num_images
-    seed: int = 0
-    # img2img: the image to start from, resized to the request's width x height.
-    init_image: PIL.Image.Image | None = None
-
-    @property
-    def seeds(self) -> list[int]:
-        """Each image's own seed (parameters.image_seeds)."""
-        return image_seeds(self.seed, self.num_images)
+from sdxl_engine.parameters import DEFAULT_REFINER_SWITCH, GenerationParams, problems_text
+from sdxl_engine.schedulers import build_scheduler
 
 
 def generate(
     pipelines: Pipelines,
     *,
-    prompt: str,
-    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt,
-    num_images: int = GENERATION_DEFAULTS.num_images,
-    seed: int,
-    init_image: PIL.Image.Image | None = None,
-    **shared: Any,
+    loras: Sequence[AppliedLora] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    **params: Any,
 ) -> list[PIL.Image.Image]:
-    """`num_images` images for `prompt`, the same for the same seed; the other arguments
-    are generate_batch's."""
-    job = GenerationJob(prompt, negative_prompt, num_images, seed, init_image)
-    return generate_batch(pipelines, [job], **shared)[0]
+    """The images of one request, GenerationParams(**params) (its seed given), the same for
+    the same seed; `loras` and `on_step` are generate_batch's."""
+    return generate_batch(pipelines, [GenerationParams(**params)], loras=loras, on_step=on_step)[0]
 
 
 def generate_batch(
     pipelines: Pipelines,
-    jobs: list[GenerationJob],
+    requests: Sequence[GenerationParams],
     *,
-    height: int = GENERATION_DEFAULTS.height,
-    width: int = GENERATION_DEFAULTS.width,
-    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale,
-    steps: int = GENERATION_DEFAULTS.steps,
     loras: Sequence[AppliedLora] = (),
     on_step: Callable[[int, int], None] | None = None,
-    scheduler: str | None = None,
-    refiner: str = DEFAULT_REFINER_POLICY,
-    refiner_switch: float = HANDOVER_FRACTION,
-    strength: float | None = None,
 ) -> list[list[PIL.Image.Image]]:
-    """The images of each job, `width`×`height`, made together in one batch: Base and
-    Refiner run once for all of them, which costs less per image than one run per job.
-    Image i of a job starts from noise of its own seed (GenerationJob.seeds), drawn the
-    way stock diffusers draws it for a list of generators.
+    """The images of each request, made together in one batch: Base and Refiner run once
+    for all of them, which costs less per image than one run per request. The requests
+    share their batch_key (size, schedule, sampler, guidance, Refiner, strength); each has
+    its prompts, image count, seed and, for img2img, starting image, and gets the images it
+    would get alone (the same starting noise; the arithmetic of a larger batch may differ
+    in the last bits of float16). Image i of a request starts from noise of its own seed
+    (GenerationParams.seeds), drawn the way stock diffusers draws it for a list of
+    generators. The requests are checked first (check_inputs): they must be filled
+    (GenerationParams.filled). Their output format and quality do not apply here.
 
     `loras` apply to the Base (UNet and text encoders) for this call only, added together
     at their scales: merged into the weights and restored afterwards, so the next call
@@ -102,24 +64,25 @@ def generate_batch(
 
     `refiner` "ensemble": the Base denoises the first `refiner_switch` of the schedule and
     the Refiner the rest; "none": the Base alone runs every step and its latents are
-    decoded (`refiner_switch` does not apply), the Refiner is not called.
+    decoded, the Refiner is not called.
 
-    `strength` (img2img, every job has an init_image): the fraction of the schedule run
-    on each job's image after noising it, as diffusers' StableDiffusionXLImg2ImgPipeline
-    does; under "ensemble" the Base runs the first `refiner_switch` of those steps and the
-    Refiner the rest, as AUTOMATIC1111 splits them. At 1 the image is not used at all:
-    the result is the text-to-image one for the seed.
+    `strength` (img2img, every request has an init_image): the fraction of the schedule
+    run on each request's image after noising it, as diffusers'
+    StableDiffusionXLImg2ImgPipeline does; under "ensemble" the Base runs the first
+    `refiner_switch` of those steps and the Refiner the rest, as AUTOMATIC1111 splits
+    them. At 1 the image is not used at all: the result is the text-to-image one for the
+    seed.
     """
-    _check_request(pipelines, jobs, height, width, steps)
-    _check_refiner(refiner, refiner_switch)
-    _check_strength(jobs, strength)
-    ensemble = refiner == "ensemble"
+    check_inputs(pipelines, requests)
+    shared = requests[0]
+    height, width, steps = shared.height, shared.width, shared.steps
+    guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
+    ensemble = shared.refiner_policy == "ensemble"
     img2img = strength is not None and strength < 1.0
     # Where the Base hands over, as a fraction of the whole schedule; diffusers ignores a
     # denoising_start that is not a float.
+    refiner_switch = shared.refiner_switch_at or DEFAULT_REFINER_SWITCH
     handover = float(refiner_switch if not img2img else 1 - strength * (1 - refiner_switch))
-    if scheduler is not None:
-        scheduler_spec(scheduler)  # an unknown name fails before anything changes
     base, refiner_pipe = pipelines.base, pipelines.refiner
     if refiner_pipe is None:
         raise EngineError(
@@ -134,19 +97,19 @@ def generate_batch(
     own_schedulers = base.scheduler, refiner_pipe.scheduler
     try:
         if scheduler is not None:
-            seeds = _noise_seeds(jobs)
+            seeds = _noise_seeds(requests)
             base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
             refiner_pipe.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
         # The text encoders carry the LoRAs only while the Base's prompts are encoded:
         # text_encoder_2 is shared with the Refiner, which must not see them.
         pipelines.loras.merge(loras)
         with torch.no_grad(), torch.compiler.set_stance(stance):
-            embeddings = _base_embeddings(pipelines, jobs, guidance_scale)
+            embeddings = _base_embeddings(pipelines, requests, guidance_scale)
             pipelines.loras.restore(TEXT_ENCODERS)
             generators = [
                 torch.Generator(pipelines.device).manual_seed(seed)
-                for job in jobs
-                for seed in job.seeds
+                for request in requests
+                for seed in request.seeds
             ]
             # A scheduler that draws noise in its steps (euler_a) draws each image's from
             # its generator, which drew its starting noise: an image does not depend on
@@ -164,7 +127,7 @@ def generate_batch(
             )
             if img2img:
                 latents = _img2img_of(base)(
-                    image=_init_latents(pipelines, jobs, height, width, generators),
+                    image=_init_latents(pipelines, requests, height, width, generators),
                     strength=strength,
                     **base_stage,
                 ).images
@@ -180,12 +143,12 @@ def generate_batch(
                 # matching the latents' batch.
                 prompt_embeds, pooled = _concatenated(
                     refiner_pipe.encode_prompt(
-                        job.prompt,
+                        request.prompt,
                         device=pipelines.device,
-                        num_images_per_prompt=job.num_images,
+                        num_images_per_prompt=request.num_images,
                         do_classifier_free_guidance=False,
                     )
-                    for job in jobs
+                    for request in requests
                 )[::2]
                 refined = refiner_pipe(
                     prompt_embeds=prompt_embeds,
@@ -200,11 +163,11 @@ def generate_batch(
                 ).images
             else:
                 refined = latents
-            # One decode per job: the VAE's memory grows with its batch, and a batch of
+            # One decode per request: the VAE's memory grows with its batch, and a batch of
             # several requests must not need more than the largest of them alone.
             images = [
                 decode_latents(pipelines, part)
-                for part in refined.split([job.num_images for job in jobs])
+                for part in refined.split([request.num_images for request in requests])
             ]
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
@@ -223,20 +186,20 @@ def _img2img_of(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipe
 
 
 def _base_embeddings(
-    pipelines: Pipelines, jobs: list[GenerationJob], guidance_scale: float
+    pipelines: Pipelines, requests: Sequence[GenerationParams], guidance_scale: float
 ) -> dict[str, torch.Tensor | None]:
-    """The Base's prompt embeddings of every job, one per image, concatenated."""
+    """The Base's prompt embeddings of every request, one per image, concatenated."""
     encodings = [
         pipelines.base.encode_prompt(
-            job.prompt,
+            request.prompt,
             device=pipelines.device,
-            num_images_per_prompt=job.num_images,
+            num_images_per_prompt=request.num_images,
             do_classifier_free_guidance=guidance_scale > 1.0,
             # SDXL's Base is meant to see zeros for an empty negative prompt
             # (force_zeros_for_empty_prompt); diffusers applies that only to None.
-            negative_prompt=job.negative_prompt or None,
+            negative_prompt=request.negative_prompt or None,
         )
-        for job in jobs
+        for request in requests
     ]
     prompt_embeds, negative_embeds, pooled, negative_pooled = _concatenated(encodings)
     return {
@@ -265,7 +228,7 @@ def _starting_noise(
 
 def _init_latents(
     pipelines: Pipelines,
-    jobs: list[GenerationJob],
+    requests: Sequence[GenerationParams],
     height: int,
     width: int,
     generators: list[torch.Generator],
@@ -277,27 +240,28 @@ def _init_latents(
     vae, device = pipelines.base.vae, pipelines.device
     latents = []
     images = iter(generators)
-    for job in jobs:
-        pixels = pipelines.base.image_processor.preprocess(
-            job.init_image.convert("RGB"), height=height, width=width
-        ).to(device, torch.float32)
-        for _ in range(job.num_images):
+    for request in requests:
+        with PIL.Image.open(io.BytesIO(request.init_image)) as image:
+            pixels = pipelines.base.image_processor.preprocess(
+                image.convert("RGB"), height=height, width=width
+            ).to(device, torch.float32)
+        for _ in range(request.num_images):
             latents.append(retrieve_latents(vae.encode(pixels), generator=next(images)))
     return (torch.cat(latents) * vae.config.scaling_factor).to(pipelines.dtype)
 
 
-def _noise_seeds(jobs: list[GenerationJob]) -> list[int]:
+def _noise_seeds(requests: Sequence[GenerationParams]) -> list[int]:
     """One Brownian-tree seed per image (DPMSolverSDEScheduler's noise), drawn from the
     image's own seed: an image does not depend on the others of its request or batch."""
     return [
         int(torch.randint(0, 2**63 - 1, (1,), generator=torch.Generator().manual_seed(seed)))
-        for job in jobs
-        for seed in job.seeds
+        for request in requests
+        for seed in request.seeds
     ]
 
 
 def _concatenated(encodings) -> list[torch.Tensor | None]:
-    """encode_prompt's tuples of several jobs, concatenated field by field (None stays)."""
+    """encode_prompt's tuples of several requests, concatenated field by field (None stays)."""
     fields = list(zip(*encodings, strict=True))
     return [None if parts[0] is None else torch.cat(parts) for parts in fields]
 
@@ -320,39 +284,27 @@ def warm_up(pipelines: Pipelines) -> None:
     pipelines.warmed_up = True
 
 
-def _check_request(
-    pipelines: Pipelines, jobs: list[GenerationJob], height: int, width: int, steps: int
-) -> None:
+def check_inputs(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> None:
+    """Every reason the requests cannot render together, as one EngineError, before
+    anything changes (as diffusers' pipelines' check_inputs): each request's problems(),
+    then what the engine needs beyond a valid request."""
+    if not requests:
+        raise EngineError("at least one job is needed")
+    problems: dict[str, str] = {}
+    for request in requests:
+        problems = {**request.problems(), **problems}
+    shared = requests[0]
     multiple = pipelines.base.vae_scale_factor
-    problems = []
-    if not jobs:
-        problems.append("at least one job is needed")
-    if any(job.num_images < 1 for job in jobs):
-        problems.append("num_images must be at least 1")
-    if steps < 1:
-        problems.append("steps must be at least 1")
-    if height < multiple or width < multiple or height % multiple or width % multiple:
-        problems.append(f"height and width must be positive multiples of {multiple}")
+    if any(side < multiple or side % multiple for side in (shared.height, shared.width)):
+        problems["height and width"] = f"must be positive multiples of {multiple}"
+    if any(request.seed is None for request in requests):
+        problems["seed"] = "is needed (GenerationParams.filled draws one)"
+    if any(request.init_image is not None and request.strength is None for request in requests):
+        problems["img2img"] = "needs a strength (GenerationParams.filled gives the default)"
+    if any(request.batch_key() != shared.batch_key() for request in requests):
+        problems["batch"] = "requests must share their batch_key to render together"
     if problems:
-        raise EngineError("invalid generation parameters: " + "; ".join(problems))
-
-
-def _check_strength(jobs: list[GenerationJob], strength: float | None) -> None:
-    with_image = [job.init_image is not None for job in jobs]
-    if strength is None and any(with_image):
-        raise EngineError("img2img needs a strength")
-    if strength is not None:
-        if not all(with_image):
-            raise EngineError("strength applies to img2img: every job needs an init_image")
-        problem = strength_problem(strength)
-        if problem:
-            raise EngineError(problem)
-
-
-def _check_refiner(refiner: str, refiner_switch: float) -> None:
-    problem = refiner_problem(refiner, refiner_switch)
-    if problem:
-        raise EngineError(problem)
+        raise EngineError(problems_text(problems))
 
 
 def _step_reporter(

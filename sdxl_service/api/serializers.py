@@ -12,12 +12,17 @@ from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_fiel
 from rest_framework import serializers
 from rest_framework.fields import SkipField
 
-from sdxl_engine.image_output import DEFAULT_QUALITY, OUTPUT_FORMATS, quality_problem
 from sdxl_engine.parameters import (
+    DEFAULT_LORA_SCALE,
+    DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_QUALITY,
+    DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
+    DEFAULT_STRENGTH,
     GENERATION_DEFAULTS,
     LR_SCHEDULERS,
     MAX_LORAS,
+    OUTPUT_FORMATS,
     RECIPES,
     REFINER_POLICIES,
     REFINER_SWITCH_MAX,
@@ -25,7 +30,11 @@ from sdxl_engine.parameters import (
     SEED_BITS,
     SERVICE_RECIPE,
     TRAINING_RESOLUTION_MULTIPLE,
+    GenerationParams,
+    LoraChoice,
+    field_names,
     lr_warmup_problem,
+    one_of,
     recipe_defaults,
     recipe_of,
 )
@@ -335,7 +344,7 @@ class LoraChoiceSerializer(serializers.Serializer):
     scale = StrictFloatField(
         min_value=-4.0,
         max_value=4.0,
-        default=GENERATION_DEFAULTS.lora_scale,
+        default=DEFAULT_LORA_SCALE,
         help_text="its strength, as in AUTOMATIC1111's <lora:name:scale>",
     )
 
@@ -345,9 +354,28 @@ class LoraChoiceSerializer(serializers.Serializer):
 
 # How /txt2img answers its images: inline (the original) or as URLs to GET.
 RESPONSE_FORMATS = ("base64", "url")
+# The fields of /txt2img that are not GenerationParams, and why: the use_lora shorthand
+# for one LoRA (GenerationRequest.params puts it into loras), how to answer, and where to
+# post the events; init_image_base64 is the params' init_image, base64-encoded.
+TXT2IMG_REQUEST_FIELDS = (
+    "use_lora",
+    "session_id",
+    "iteration",
+    "lora_filename",
+    "lora_scale",
+    "response_format",
+    "async",
+    "webhook_url",
+    "webhook_events",
+)
+TXT2IMG_RENAMED = {"init_image_base64": "init_image"}
+_TXT2IMG_FIELD = {param: field for field, param in TXT2IMG_RENAMED.items()}
 
 
 class Txt2ImgSerializer(WebhookFields):
+    """/txt2img's body: one field for each of sdxl_engine's GenerationParams (a test holds
+    them to the same names), their defaults and limits, and TXT2IMG_REQUEST_FIELDS."""
+
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
         max_length=settings.SDXL_MAX_PROMPT_CHARS,
@@ -370,9 +398,7 @@ class Txt2ImgSerializer(WebhookFields):
     session_id = SessionIdField(required=False, allow_null=True)
     iteration = StrictIntegerField(**_ITERATION)
     lora_filename = _lora_filename_field()
-    lora_scale = StrictFloatField(
-        min_value=-4.0, max_value=4.0, default=GENERATION_DEFAULTS.lora_scale
-    )
+    lora_scale = StrictFloatField(min_value=-4.0, max_value=4.0, default=DEFAULT_LORA_SCALE)
     seed = StrictIntegerField(**_SEED)
     scheduler = serializers.ChoiceField(
         # Labelled with AUTOMATIC1111's names: the schema lists each as "`name` - label".
@@ -381,7 +407,7 @@ class Txt2ImgSerializer(WebhookFields):
         ],
         required=False,
         allow_null=True,
-        error_messages={"invalid_choice": f"must be one of: {', '.join(SCHEDULER_NAMES)}"},
+        error_messages={"invalid_choice": one_of(SCHEDULER_NAMES)},
         help_text="the sampler of both Base and Refiner; left out (or null): the model's own "
         "(Euler for SDXL)",
     )
@@ -396,8 +422,8 @@ class Txt2ImgSerializer(WebhookFields):
         ],
         required=False,
         allow_null=True,
-        error_messages={"invalid_choice": f"must be one of: {', '.join(REFINER_POLICIES)}"},
-        help_text="how the Refiner takes part; left out (or null): ensemble",
+        error_messages={"invalid_choice": one_of(REFINER_POLICIES)},
+        help_text=f"how the Refiner takes part; left out (or null): {DEFAULT_REFINER_POLICY}",
     )
     refiner_switch = StrictFloatField(
         min_value=REFINER_SWITCH_MIN,
@@ -428,15 +454,16 @@ class Txt2ImgSerializer(WebhookFields):
         required=False,
         allow_null=True,
         help_text="img2img's denoising strength: the part of the schedule run on the noised "
-        "image, above 0 up to 1 (at 1 the image is not used: text-to-image). Left out: 0.75. "
-        "Only with init_image_base64",
+        "image, above 0 up to 1 (at 1 the image is not used: text-to-image). Left out: "
+        f"{DEFAULT_STRENGTH}. Only with init_image_base64",
     )
     output_format = serializers.ChoiceField(
         choices=OUTPUT_FORMATS,
         required=False,
         allow_null=True,
-        help_text="the images' format; left out: png. JPEG and WebP carry the parameters in "
-        "EXIF UserComment as AUTOMATIC1111 writes them, PNG in its 'parameters' text chunk",
+        help_text=f"the images' format; left out: {DEFAULT_OUTPUT_FORMAT}. JPEG and WebP carry "
+        "the parameters in EXIF UserComment as AUTOMATIC1111 writes them, PNG in its "
+        "'parameters' text chunk",
     )
     quality = StrictIntegerField(
         min_value=1,
@@ -464,27 +491,24 @@ class Txt2ImgSerializer(WebhookFields):
         return fields
 
     def validate(self, attrs):
+        """The body as a GenerationRequest's fields (LoRA choices, the image's bytes as
+        init_image), once the request's shape and its params' problems() allow it. Only
+        the first problem is answered."""
         if attrs["use_lora"] and attrs.get("session_id") is None:
             raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
         if attrs["use_lora"] and attrs.get("loras"):
             raise serializers.ValidationError(
                 {"loras": "give use_lora (one LoRA) or loras, not both"}
             )
-        if attrs.get("strength") is not None:
-            if attrs.get("init_image_base64") is None:
-                raise serializers.ValidationError(
-                    {"strength": "applies only with init_image_base64 (img2img)"}
-                )
-            if attrs["strength"] == 0.0:
-                raise serializers.ValidationError({"strength": "must be greater than 0"})
-        output_format = attrs.get("output_format") or OUTPUT_FORMATS[0]
-        problem = quality_problem(output_format, attrs.get("quality"))
-        if problem:
-            raise serializers.ValidationError({"quality": problem})
-        if attrs.get("refiner") == "none" and attrs.get("refiner_switch") is not None:
-            raise serializers.ValidationError(
-                {"refiner_switch": 'applies only when refiner is "ensemble"'}
-            )
+        attrs["loras"] = tuple(LoraChoice(**choice) for choice in attrs.get("loras", ()))
+        attrs["init_image"] = attrs.pop("init_image_base64", None)
+        attrs["webhook_events"] = tuple(attrs.get("webhook_events") or ())
+        param_names = field_names(GenerationParams)
+        params = GenerationParams(**{k: v for k, v in attrs.items() if k in param_names})
+        problems = params.problems()
+        if problems:
+            name, problem = next(iter(problems.items()))
+            raise serializers.ValidationError({_TXT2IMG_FIELD.get(name, name): problem})
         return _one_way_to_name_a_lora(attrs)
 
 

@@ -353,11 +353,9 @@ def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
     wait = not data.pop("async")
     response_format = data.pop("response_format")
-    data["loras"] = tuple(generations.LoraChoice(**choice) for choice in data.get("loras", ()))
-    data["init_image"] = data.pop("init_image_base64", None)
-    data["webhook_events"] = tuple(data.get("webhook_events") or ())
-    data["caller"] = request.user
-    generation = generations.generation_request(generations.GenerationRequest(**data))
+    generation = generations.generation_request(
+        generations.GenerationRequest(**data, caller=request.user)
+    )
     if not wait:
         body = {
             "generation_id": generation.pk,
@@ -445,7 +443,7 @@ def _client_gone_check(request) -> Callable[[], bool] | None:
 def generation_image(request, generation_id: int, index: int, extension: str):
     generation = training_selectors.generation_get(generation_id, request.user)
     path = generations.generation_image_path(generation, index, extension)
-    return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.output_format])
+    return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.params.file_format])
 
 
 @extend_schema(

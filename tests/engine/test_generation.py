@@ -9,9 +9,10 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from sdxl_engine.errors import EngineError, GenerationCancelled
-from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.batch import decode_latents, generate, generate_batch
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import GenerationParams
 from tests.helpers import images_close
 
 SMALL = {"height": 48, "width": 64, "steps": 5}
@@ -276,10 +277,10 @@ def test_a_batch_gives_each_job_the_images_it_gets_alone(pipelines: Pipelines) -
     one batch: each gets its own images, as when run alone (up to the last bit of float
     arithmetic in a larger batch: at most 1 of 255 measured on the CPU; a prompt or seed of
     the other job changes them by 30 to 255)."""
-    apple = GenerationJob("a red apple", "blurry", num_images=1, seed=3)
-    car = GenerationJob("a blue car", "", num_images=2, seed=4)
+    apple = GenerationParams("a red apple", "blurry", num_images=1, seed=3, **BATCHED)
+    car = GenerationParams("a blue car", "", num_images=2, seed=4, **BATCHED)
 
-    batched = generate_batch(pipelines, [apple, car], **BATCHED)
+    batched = generate_batch(pipelines, [apple, car])
 
     alone = [
         generate(
@@ -308,24 +309,27 @@ def test_a_batch_gives_each_job_the_images_it_gets_alone(pipelines: Pipelines) -
     [
         ([], "at least one job"),
         (
-            [GenerationJob("x", num_images=1, seed=1), GenerationJob("y", num_images=0, seed=2)],
+            [
+                GenerationParams("x", num_images=1, seed=1, **BATCHED),
+                GenerationParams("y", num_images=0, seed=2, **BATCHED),
+            ],
             "num_images must be at least 1",
         ),
     ],
     ids=["no job", "a job of no image"],
 )
 def test_a_batch_without_jobs_or_with_an_empty_job_is_an_engine_error(
-    pipelines: Pipelines, jobs: list[GenerationJob], message: str
+    pipelines: Pipelines, jobs: list[GenerationParams], message: str
 ) -> None:
     with pytest.raises(EngineError, match=message):
-        generate_batch(pipelines, jobs, **BATCHED)
+        generate_batch(pipelines, jobs)
 
 
 def test_each_image_is_reproduced_alone_by_its_own_seed(pipelines: Pipelines) -> None:
-    job = GenerationJob("a red apple", "blurry", num_images=3, seed=2**63 - 2)
+    job = GenerationParams("a red apple", "blurry", num_images=3, seed=2**63 - 2, **BATCHED)
     assert job.seeds == [2**63 - 2, 2**63 - 1, 0]  # A1111's seed + i, wrapped
 
-    together = generate_batch(pipelines, [job], **BATCHED)[0]
+    together = generate_batch(pipelines, [job])[0]
     alone = [
         generate(pipelines, prompt="a red apple", negative_prompt="blurry", seed=seed, **BATCHED)[0]
         for seed in job.seeds

@@ -19,17 +19,15 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from sdxl_engine.image_output import (
-    DEFAULT_QUALITY,
     FILE_EXTENSIONS,
     MEDIA_TYPES,
-    OUTPUT_FORMATS,
     encode_image,
     infotext,
     lora_short_hash,
-    quality_problem,
     read_infotext,
     read_record,
 )
+from sdxl_engine.parameters import DEFAULT_QUALITY, OUTPUT_FORMATS, output_problems, problems_text
 
 BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -211,6 +209,10 @@ def test_quality_changes_the_size(output_format):
     assert sizes[0] < sizes[1]
     default = encode_image(image(), make_record(), output_format)
     assert default == encode_image(image(), make_record(), output_format, DEFAULT_QUALITY)
+
+
+def quality_problem(output_format: str, quality: object) -> str | None:
+    return problems_text(output_problems(output_format, quality)) or None
 
 
 def test_quality_problem():

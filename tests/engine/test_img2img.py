@@ -3,6 +3,7 @@ the Base (and the Refiner, per policy), as diffusers' img2img pipelines do."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -14,15 +15,19 @@ from PIL import Image
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import batch as generation
-from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.batch import decode_latents, generate, generate_batch
 from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import GenerationParams
 
 REQUEST = {"prompt": "a red square", "seed": 3, "height": 64, "width": 64, "steps": 10}
 
 
-def _picture(seed: int, size: tuple[int, int] = (64, 64)) -> Image.Image:
+def _picture(seed: int, size: tuple[int, int] = (64, 64)) -> bytes:
+    """A PNG of random pixels, as a request sends its init_image."""
     pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+    file = io.BytesIO()
+    Image.fromarray(pixels).save(file, format="PNG")
+    return file.getvalue()
 
 
 @contextmanager
@@ -42,10 +47,14 @@ def _final_latents() -> Iterator[list[torch.Tensor]]:
         generation.decode_latents = original
 
 
-def _encoded(pipelines: Pipelines, image: Image.Image) -> torch.Tensor:
+def _decoded(image: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(image))
+
+
+def _encoded(pipelines: Pipelines, image: bytes) -> torch.Tensor:
     """The image in latent space (the VAE's mean: no sampling noise)."""
     vae = pipelines.base.vae
-    pixels = pipelines.base.image_processor.preprocess(image, height=64, width=64)
+    pixels = pipelines.base.image_processor.preprocess(_decoded(image), height=64, width=64)
     with torch.no_grad():
         return vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
 
@@ -65,7 +74,7 @@ def test_img2img_is_stock_diffusers_img2img_base_then_refiner(pipelines: Pipelin
     shared = {"prompt": REQUEST["prompt"], "num_inference_steps": REQUEST["steps"]}
     with torch.no_grad():
         latents = stock_img2img(
-            image=init,
+            image=_decoded(init),
             strength=0.5,
             guidance_scale=7.0,
             denoising_end=0.9,
@@ -118,12 +127,12 @@ def test_an_image_of_another_size_is_resized_to_the_request(pipelines: Pipelines
 
 
 def test_each_img2img_job_of_a_batch_gets_the_images_it_gets_alone(pipelines: Pipelines) -> None:
-    first = GenerationJob("a red apple", num_images=2, seed=4, init_image=_picture(3))
-    second = GenerationJob("a blue car", num_images=1, seed=9, init_image=_picture(4))
-    shared = {key: REQUEST[key] for key in ("height", "width", "steps")}
+    shared = {key: REQUEST[key] for key in ("height", "width", "steps")} | {"strength": 0.7}
+    first = GenerationParams("a red apple", num_images=2, seed=4, init_image=_picture(3), **shared)
+    second = GenerationParams("a blue car", num_images=1, seed=9, init_image=_picture(4), **shared)
 
-    together = generate_batch(pipelines, [first, second], strength=0.7, **shared)
-    alone = [generate_batch(pipelines, [job], strength=0.7, **shared)[0] for job in (first, second)]
+    together = generate_batch(pipelines, [first, second])
+    alone = [generate_batch(pipelines, [job])[0] for job in (first, second)]
 
     for batched, single in zip(together, alone, strict=True):
         for a, b in zip(batched, single, strict=True):
@@ -131,16 +140,19 @@ def test_each_img2img_job_of_a_batch_gets_the_images_it_gets_alone(pipelines: Pi
 
 
 @pytest.mark.parametrize(
-    ("jobs", "strength", "problem"),
+    ("init_image", "strength", "problem"),
     [
-        ([GenerationJob("x", init_image=_picture(0))], None, "needs a strength"),
-        ([GenerationJob("x")], 0.5, "every job needs an init_image"),
-        ([GenerationJob("x", init_image=_picture(0))], 0.0, "greater than 0"),
-        ([GenerationJob("x", init_image=_picture(0))], 1.5, "at most 1"),
+        (_picture(0), None, "needs a strength"),
+        (None, 0.5, "applies only with init_image"),
+        (_picture(0), 0.0, "greater than 0"),
+        (_picture(0), 1.5, "at most 1"),
     ],
 )
 def test_inconsistent_img2img_requests_are_engine_errors(
-    pipelines: Pipelines, jobs, strength, problem
+    pipelines: Pipelines, init_image, strength, problem
 ) -> None:
+    request = GenerationParams(
+        "x", init_image=init_image, strength=strength, seed=0, height=64, width=64, steps=4
+    )
     with pytest.raises(EngineError, match=problem):
-        generate_batch(pipelines, jobs, strength=strength, height=64, width=64, steps=4)
+        generate_batch(pipelines, [request])

@@ -1,18 +1,23 @@
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 
 from sdxl_engine.parameters import (
+    DEFAULT_STRENGTH,
     RECIPE_MAX_VIEWS,
     SERVICE_RECIPE,
+    GenerationParams,
+    LoraChoice,
     TrainingParams,
     fewest_steps,
+    problems_text,
     recipe_of,
     recipe_views,
     training_params,
 )
+from sdxl_engine.schedulers import SCHEDULER_NAMES
 
 
 @pytest.mark.parametrize(
@@ -113,3 +118,111 @@ def test_a_given_length_is_never_capped() -> None:
 
 def test_fewest_steps_counts_full_batches() -> None:
     assert fewest_steps(3, 10, 4) == 9
+
+
+IMAGE = b"the bytes of an image"
+
+
+@pytest.mark.parametrize(
+    ("fields", "problems"),
+    [
+        ({"scheduler": "heun"}, {"scheduler": "must be one of: " + ", ".join(SCHEDULER_NAMES)}),
+        ({"refiner": "both"}, {"refiner": "must be one of: ensemble, none"}),
+        ({"refiner_switch": 0.4}, {"refiner_switch": "must be from 0.5 to 0.99"}),
+        ({"refiner_switch": 1.0}, {"refiner_switch": "must be from 0.5 to 0.99"}),
+        (
+            {"refiner": "none", "refiner_switch": 0.8},
+            {"refiner_switch": 'applies only when refiner is "ensemble"'},
+        ),
+        ({"strength": 0.5}, {"strength": "applies only with init_image_base64 (img2img)"}),
+        ({"init_image": IMAGE, "strength": 0.0}, {"strength": "must be greater than 0"}),
+        ({"init_image": IMAGE, "strength": 1.5}, {"strength": "must be at most 1"}),
+        (
+            {"output_format": "png", "quality": 90},
+            {"quality": "applies only to jpeg and webp, not png"},
+        ),
+        ({"quality": 90}, {"quality": "applies only to jpeg and webp, not png"}),
+        ({"output_format": "jpeg", "quality": 0}, {"quality": "must be an integer from 1 to 100"}),
+        ({"output_format": "gif"}, {"output_format": "must be one of: png, jpeg, webp"}),
+        (
+            {"num_images": 0, "steps": 0},
+            {"num_images": "must be at least 1", "steps": "must be at least 1"},
+        ),
+        ({"loras": (LoraChoice(1),) * 5}, {"loras": "may name at most 4 LoRAs"}),
+    ],
+)
+def test_problems_name_each_field_that_cannot_run(fields: dict, problems: dict) -> None:
+    assert GenerationParams(prompt="x", **fields).problems() == problems
+
+
+def test_problems_text_is_how_the_engine_and_logs_say_them() -> None:
+    params = GenerationParams(refiner="none", refiner_switch=0.8, scheduler="heun")
+    assert problems_text(params.problems()) == (
+        'refiner_switch applies only when refiner is "ensemble"; scheduler must be one of: '
+        + ", ".join(SCHEDULER_NAMES)
+    )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"init_image": IMAGE},
+        {"init_image": IMAGE, "strength": 1.0},
+        {"refiner": "none", "scheduler": "euler_a"},
+        {"refiner_switch": 0.5, "output_format": "webp", "quality": 100},
+        {"loras": (LoraChoice(1),) * 4},
+    ],
+)
+def test_the_defaults_and_valid_requests_have_no_problems(fields: dict) -> None:
+    assert GenerationParams(prompt="x", **fields).problems() == {}
+
+
+def test_filled_draws_a_seed_and_gives_img2img_its_default_strength() -> None:
+    assert GenerationParams(seed=5).filled() == GenerationParams(seed=5)
+    assert GenerationParams().filled().seed is not None
+    assert GenerationParams(init_image=IMAGE, seed=1).filled().strength == DEFAULT_STRENGTH == 0.75
+    assert GenerationParams(init_image=IMAGE, seed=1, strength=0.3).filled().strength == 0.3
+    assert GenerationParams(seed=1).filled().strength is None
+
+
+def test_a_record_keeps_the_fields_left_out_out() -> None:
+    assert GenerationParams(prompt="x", seed=3).record() == {
+        "num_images": 1,
+        "height": 1024,
+        "width": 1024,
+        "guidance_scale": 7.0,
+        "steps": 20,
+    }
+    given = GenerationParams(refiner="none", init_image=IMAGE, strength=0.5, quality=90)
+    assert given.record() == {
+        **GenerationParams().record(),
+        "refiner": "none",
+        "strength": 0.5,
+        "quality": 90,
+    }
+
+
+def test_the_batch_key_compares_what_was_left_out_with_its_default() -> None:
+    plain = GenerationParams(prompt="a", seed=1)
+    explicit = GenerationParams(
+        prompt="b", seed=2, num_images=3, refiner="ensemble", refiner_switch=0.8
+    )
+    assert plain.batch_key() == explicit.batch_key()
+    assert (plain.refiner_policy, plain.refiner_switch_at, plain.file_format) == (
+        "ensemble",
+        0.8,
+        "png",
+    )
+    for other in (
+        {"refiner": "none"},
+        {"refiner_switch": 0.5},
+        {"scheduler": "ddim"},
+        {"height": 512},
+        {"guidance_scale": 5.0},
+        {"steps": 30},
+        {"init_image": IMAGE, "strength": 0.5},
+    ):
+        assert replace(plain, **other).batch_key() != plain.batch_key()
+    assert replace(plain, output_format="jpeg", quality=90).batch_key() == plain.batch_key()
+    assert GenerationParams(refiner="none").refiner_switch_at is None

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.generation.batch import GenerationJob, decode_latents, generate, generate_batch
+from sdxl_engine.generation.batch import decode_latents, generate, generate_batch
 from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import GenerationParams
 from tests.engine.test_generation import BATCHED, _max_difference, _same
 
 REQUEST = {"prompt": "a red apple", "seed": 3, **BATCHED}
@@ -87,11 +88,11 @@ def test_another_switch_gives_another_image(pipelines: Pipelines) -> None:
 
 
 def test_a_batch_under_none_gives_each_job_its_images_alone(pipelines: Pipelines) -> None:
-    apple = GenerationJob("a red apple", num_images=1, seed=1)
-    car = GenerationJob("a blue car", num_images=2, seed=2)
+    apple = GenerationParams("a red apple", num_images=1, seed=1, refiner="none", **BATCHED)
+    car = GenerationParams("a blue car", num_images=2, seed=2, refiner="none", **BATCHED)
 
-    batched = generate_batch(pipelines, [apple, car], refiner="none", **BATCHED)
-    alone = [generate_batch(pipelines, [job], refiner="none", **BATCHED)[0] for job in (apple, car)]
+    batched = generate_batch(pipelines, [apple, car])
+    alone = [generate_batch(pipelines, [job])[0] for job in (apple, car)]
 
     assert _max_difference(batched[0], alone[0]) <= 2
     assert _max_difference(batched[1], alone[1]) <= 2

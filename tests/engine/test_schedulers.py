@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.generation import GenerationJob, generate, generate_batch
+from sdxl_engine.generation import generate, generate_batch
 from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.parameters import GenerationParams
 from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
 from tests.engine.test_generation import BATCHED, _max_difference, _same
 
@@ -92,11 +93,11 @@ def test_a_noisy_scheduler_gives_each_job_of_a_batch_the_images_it_gets_alone(
 ) -> None:
     """As test_generation's batch test, with step noise: each job's comes from its own
     seed, so the batch changes its images only in the last bits of float arithmetic."""
-    apple = GenerationJob("a red apple", num_images=1, seed=1)
-    car = GenerationJob("a blue car", num_images=2, seed=2)
+    apple = GenerationParams("a red apple", num_images=1, seed=1, scheduler=name, **BATCHED)
+    car = GenerationParams("a blue car", num_images=2, seed=2, scheduler=name, **BATCHED)
 
-    batched = generate_batch(pipelines, [apple, car], scheduler=name, **BATCHED)
-    alone = [generate_batch(pipelines, [job], scheduler=name, **BATCHED)[0] for job in (apple, car)]
+    batched = generate_batch(pipelines, [apple, car])
+    alone = [generate_batch(pipelines, [job])[0] for job in (apple, car)]
 
     assert _max_difference(batched[0], alone[0]) <= 2
     assert _max_difference(batched[1], alone[1]) <= 2

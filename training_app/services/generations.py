@@ -9,11 +9,10 @@ generation nobody wants any more (its client went away or was answered 504, or P
 """
 
 import logging
-import secrets
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -26,23 +25,12 @@ from django.utils import timezone
 from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, GenerationCancelled
-from sdxl_engine.image_output import lora_prompt_name, lora_short_hash, quality_problem
-from sdxl_engine.parameters import (
-    DEFAULT_REFINER_POLICY,
-    DEFAULT_REFINER_SWITCH,
-    GENERATION_DEFAULTS,
-    MAX_LORAS,
-    SEED_BITS,
-    image_seeds,
-    refiner_problem,
-    strength_problem,
-)
-from sdxl_engine.schedulers import SCHEDULERS, unknown_scheduler_message
+from sdxl_engine.image_output import lora_prompt_name, lora_short_hash
+from sdxl_engine.parameters import DEFAULT_LORA_SCALE, GenerationParams, LoraChoice, image_seeds
 from sessions_app import storage
 from sessions_app.images import check_image
 from sessions_app.selectors import session_get
 from training_app.models import (
-    DEFAULT_OUTPUT_FORMAT,
     Generation,
     GenerationLora,
     LoraArtifact,
@@ -60,8 +48,6 @@ logger = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 0.1
 # img2img's starting image, kept in the generation's folder as it was sent.
 INIT_IMAGE_NAME = "init_image"
-# AUTOMATIC1111's default img2img denoising strength.
-DEFAULT_STRENGTH = 0.75
 
 WORKER_LOST_MESSAGE = "the generation worker was lost (killed or crashed) during this request"
 # Why a generation was cancelled (its message, GET /generations/<id>).
@@ -75,56 +61,37 @@ NO_WORKER_MESSAGE = (
 
 
 @dataclass(frozen=True)
-class LoraChoice:
-    """A LoRA a request applies: any session's, by iteration or file name (a checkpoint's
-    included), else the session's latest; at `scale`."""
+class GenerationRequest(GenerationParams):
+    """One /txt2img request as the service takes it: its GenerationParams, checked by the
+    caller (the API's serializer maps their problems() to 400s; the engine refuses what
+    slips through), and the fields that are not params because they do not change the
+    images (a param is what the engine renders and the row's JSON records):
 
-    session_id: int
-    iteration: int | None = None
-    lora_filename: str | None = None
-    scale: float = GENERATION_DEFAULTS.lora_scale
+    - `use_lora` with `session_id` (and iteration, lora_filename, lora_scale): the original
+      API's shorthand for one LoRA, which `params` puts first in `loras` (not together
+      with them: the serializer refuses both);
+    - where to post its events and which (services.webhooks);
+    - who asks (the API's caller): sees only its owner's LoRAs, owns the generation.
+    """
 
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One /txt2img request; what it leaves out takes the engine's defaults. `use_lora`
-    with `session_id` (and iteration, lora_filename, lora_scale) is the shorthand for one
-    LoRA; `loras` names up to MAX_LORAS, not together with it."""
-
-    prompt: str
-    negative_prompt: str = GENERATION_DEFAULTS.negative_prompt
-    num_images: int = GENERATION_DEFAULTS.num_images
-    height: int = GENERATION_DEFAULTS.height
-    width: int = GENERATION_DEFAULTS.width
-    guidance_scale: float = GENERATION_DEFAULTS.guidance_scale
-    steps: int = GENERATION_DEFAULTS.steps
     use_lora: bool = False
     session_id: int | None = None
     iteration: int | None = None
     lora_filename: str | None = None  # any LoRA file of the session, checkpoints included
-    lora_scale: float = GENERATION_DEFAULTS.lora_scale
-    seed: int | None = None
-    scheduler: str | None = None  # a name of SCHEDULERS; None: the model's own (Euler)
-    refiner: str | None = None  # "ensemble" or "none"; None: "ensemble"
-    refiner_switch: float | None = None  # the Base's share under "ensemble"; None: 0.8
-    loras: tuple[LoraChoice, ...] = ()
-    init_image: bytes | None = None  # img2img: the image to start from, as sent
-    strength: float | None = None  # img2img only; None: DEFAULT_STRENGTH
-    output_format: str | None = None  # png, jpeg or webp; None: png
-    quality: int | None = None  # jpeg and webp only; None: image_output.DEFAULT_QUALITY
-    webhook_url: str | None = None  # where to post its events (services.webhooks)
-    webhook_events: tuple[str, ...] = ()  # which; none given: the default ones
-    # Who asks (the API's caller): sees only its owner's LoRAs, owns the generation.
+    lora_scale: float = DEFAULT_LORA_SCALE
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()  # none given: the default ones
     caller: Caller | None = None
 
     @property
-    def lora_choices(self) -> tuple[LoraChoice, ...]:
-        if self.use_lora:
-            shorthand = LoraChoice(
-                self.session_id, self.iteration, self.lora_filename, self.lora_scale
-            )
-            return (shorthand, *self.loras)
-        return self.loras
+    def params(self) -> GenerationParams:
+        """The request's params, the use_lora shorthand as its first LoRA."""
+        given = {field.name: getattr(self, field.name) for field in fields(GenerationParams)}
+        params = GenerationParams(**given)
+        if not self.use_lora:
+            return params
+        shorthand = LoraChoice(self.session_id, self.iteration, self.lora_filename, self.lora_scale)
+        return replace(params, loras=(shorthand, *self.loras))
 
 
 def generations_dir(generation_id: int) -> Path:
@@ -132,38 +99,28 @@ def generations_dir(generation_id: int) -> Path:
 
 
 def generation_request(request: GenerationRequest) -> Generation:
-    """Records the request and enqueues it; 503 when no generation worker is alive."""
+    """Records the request and enqueues it; 503 when no generation worker is alive, 404 for
+    a LoRA that is not there (or not the caller's owner's), 400 for an init_image that is
+    not an image. The params themselves are the caller's to have checked (problems())."""
     if not worker_alive(settings.GENERATION_QUEUE):
         raise ServiceError(NO_WORKER_MESSAGE, status=503)
-    if request.scheduler is not None and request.scheduler not in SCHEDULERS:
-        raise ServiceError(unknown_scheduler_message())
-    _check_refiner(request)
-    _check_output(request)
-    choices = request.lora_choices
-    if len(choices) > MAX_LORAS:
-        raise ServiceError(f"at most {MAX_LORAS} LoRAs apply to one generation")
-    if request.init_image is None and request.strength is not None:
-        raise ServiceError("strength applies only to img2img (with init_image_base64)")
-    strength = None
-    if request.init_image is not None:
-        check_image(request.init_image, field="init_image_base64")
-        strength = DEFAULT_STRENGTH if request.strength is None else request.strength
-        if problem := strength_problem(strength):
-            raise ServiceError(problem)
+    params = request.params.filled()
+    if params.init_image is not None:
+        check_image(params.init_image, field="init_image_base64")
     webhook_url, webhook_events = webhook_target_check(
         request.webhook_url, list(request.webhook_events)
     )
     loras = [
         # use_lora answers the original API's 404 message unchanged.
         (choice, _lora_of(choice, request.caller, named=not (request.use_lora and position == 0)))
-        for position, choice in enumerate(choices)
+        for position, choice in enumerate(params.loras)
     ]
     written: list[Path] = []
     try:
         with transaction.atomic():
             owner_id = generation_owner(request.caller)
             generation = _generation_create(
-                request, strength, loras, (webhook_url, webhook_events), written, owner_id
+                params, loras, (webhook_url, webhook_events), written, owner_id
             )
     except BaseException:
         # The row was rolled back: so is the starting image written for it.
@@ -174,34 +131,17 @@ def generation_request(request: GenerationRequest) -> Generation:
 
 
 def _generation_create(
-    request: GenerationRequest,
-    strength: float | None,
+    params: GenerationParams,
     loras: list[tuple[LoraChoice, LoraArtifact | TrainingCheckpoint]],
     webhook: tuple[str, list[str]],
     written: list[Path],
     owner_id: int,
 ) -> Generation:
-    optional = {
-        "scheduler": request.scheduler,
-        "refiner": request.refiner,
-        "refiner_switch": request.refiner_switch,
-        "strength": strength,
-        "output_format": request.output_format,
-        "quality": request.quality,
-    }
     generation = Generation.objects.create(
-        prompt=request.prompt,
-        negative_prompt=request.negative_prompt,
-        parameters={
-            "num_images": request.num_images,
-            "height": request.height,
-            "width": request.width,
-            "guidance_scale": request.guidance_scale,
-            "steps": request.steps,
-            # Only when given: a request without them runs exactly as before the fields.
-            **{name: value for name, value in optional.items() if value is not None},
-        },
-        seed=request.seed if request.seed is not None else secrets.randbits(SEED_BITS),
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        parameters=params.record(),
+        seed=params.seed,
         owner_id=owner_id,
         session_id=loras[0][0].session_id if loras else None,
         webhook_url=webhook[0],
@@ -220,11 +160,11 @@ def _generation_create(
         )
         for position, (choice, lora) in enumerate(loras)
     )
-    if request.init_image is not None:
+    if params.init_image is not None:
         folder = generations_dir(generation.pk)
         written.append(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, request.init_image)
+        storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, params.init_image)
     transaction.on_commit(lambda: _enqueue_generation(generation.pk))
     return generation
 
@@ -244,29 +184,6 @@ def _lora_of(
         raise ServiceError(
             f"{error.message}: {wanted} of session {choice.session_id}", status=error.status
         ) from None
-
-
-def _check_output(request: GenerationRequest) -> None:
-    problem = quality_problem(request.output_format or DEFAULT_OUTPUT_FORMAT, request.quality)
-    if problem:
-        raise ServiceError(problem)
-
-
-def _check_refiner(request: GenerationRequest) -> None:
-    if request.refiner == "none" and request.refiner_switch is not None:
-        raise ServiceError(REFINER_SWITCH_WITHOUT_REFINER)
-    problem = refiner_problem(
-        request.refiner or DEFAULT_REFINER_POLICY,
-        DEFAULT_REFINER_SWITCH if request.refiner_switch is None else request.refiner_switch,
-    )
-    if problem:
-        raise ServiceError(problem)
-
-
-REFINER_SWITCH_WITHOUT_REFINER = (
-    'refiner_switch applies only when refiner is "ensemble": with "none" the Base runs the '
-    "whole schedule"
-)
 
 
 def _enqueue_generation(generation_id: int) -> None:
@@ -396,8 +313,7 @@ def _give_up(generation_id: int, reason: str) -> None:
 
 def generation_summary(generation: Generation) -> dict:
     """What a finished generation used, as /txt2img answers it beside the images."""
-    params = generation.parameters
-    refiner = _batch_value(params, "refiner")
+    params = generation.params
     loras = [
         {
             "session_id": str(lora.source_session_id),
@@ -412,11 +328,11 @@ def generation_summary(generation: Generation) -> dict:
         "seeds": image_seeds(generation.seed, generation.image_count),
         "lora": {key: loras[0][key] for key in ("filename", "sha256")} if loras else None,
         "loras": loras,
-        "scheduler": params.get("scheduler"),
-        "refiner": refiner,
-        "refiner_switch": _batch_value(params, "refiner_switch") if refiner == "ensemble" else None,
-        "strength": params.get("strength"),
-        "output_format": generation.output_format,
+        "scheduler": params.scheduler,
+        "refiner": params.refiner_policy,
+        "refiner_switch": params.refiner_switch_at,
+        "strength": params.strength,
+        "output_format": params.file_format,
         "duration_ms": generation.duration_ms,
     }
 
@@ -501,7 +417,7 @@ def generation_execute(generation_id: int) -> None:
 def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     """Generates the claimed batch and writes the images of the requests still wanted;
     ends them completed, or in error, or leaves those cancelled meanwhile cancelled."""
-    from sdxl_engine.generation import AppliedLora, GenerationJob, generate_batch
+    from sdxl_engine.generation import AppliedLora, generate_batch
     from sdxl_engine.image_output import encode_image
     from training_app.runtime import generation_pipelines
 
@@ -509,13 +425,9 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     generations_event(ids, "started")
     if len(batch) > 1:
         logger.info("generations %s run as one batch", ids)
-    params = lead.parameters
-    refiner = _batch_value(params, "refiner")
-    refiner_switch = _batch_value(params, "refiner_switch")
-    strength = params.get("strength")
-    ensemble = refiner == "ensemble"
     started = time.monotonic()
     try:
+        requests = [_params_to_render(generation) for generation in batch]
         applied = list(lead.applied_loras.all())
         paths = [_lora_path(lora) for lora in applied]
         names = _prompt_names(applied)
@@ -533,31 +445,14 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
         pipelines = generation_pipelines()
         images_per_job = generate_batch(
             pipelines,
-            [
-                GenerationJob(
-                    prompt=generation.prompt,
-                    negative_prompt=generation.negative_prompt,
-                    num_images=generation.parameters["num_images"],
-                    seed=generation.seed,
-                    init_image=_init_image(generation.pk) if strength is not None else None,
-                )
-                for generation in batch
-            ],
-            height=params["height"],
-            width=params["width"],
-            guidance_scale=params["guidance_scale"],
-            steps=params["steps"],
+            requests,
             loras=[
                 AppliedLora(path, lora.scale) for lora, path in zip(applied, paths, strict=True)
             ],
-            scheduler=params.get("scheduler"),
-            refiner=refiner,
-            refiner_switch=refiner_switch,
-            strength=strength,
             on_step=_progress_recorder(ids),
         )
         wanted = set(_held_here(ids).values_list("pk", flat=True))
-        for generation, images in zip(batch, images_per_job, strict=True):
+        for generation, params, images in zip(batch, requests, images_per_job, strict=True):
             if generation.pk not in wanted:
                 continue  # cancelled (or judged lost) while the batch ran: no images
             record = {
@@ -570,10 +465,12 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
                 "lora_scale": loras_used[0]["scale"] if loras_used else None,
                 "model": pipelines.source.base,
                 # The Refiner model and the switch used; both null when it did not run.
-                "refiner": pipelines.source.refiner if ensemble else None,
-                "refiner_switch_at": refiner_switch if ensemble else None,
-                "scheduler": generation.parameters.get("scheduler"),
-                "strength": strength,
+                "refiner": (
+                    pipelines.source.refiner if params.refiner_policy == "ensemble" else None
+                ),
+                "refiner_switch_at": params.refiner_switch_at,
+                "scheduler": params.scheduler,
+                "strength": params.strength,
                 **{
                     name: value
                     for name, value in generation.parameters.items()
@@ -589,8 +486,8 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
                     encode_image(
                         image,
                         {**record, "seed": seed},
-                        generation.output_format,
-                        generation.parameters.get("quality"),
+                        params.file_format,
+                        params.quality,
                     ),
                 )
     except GenerationCancelled:
@@ -655,12 +552,14 @@ def _progress_recorder(generation_ids: list[int]):
     return record
 
 
-def _init_image(generation_id: int):
-    """The img2img image the request sent (checked when it was recorded), decoded."""
-    from PIL import Image
-
-    with Image.open(generations_dir(generation_id) / INIT_IMAGE_NAME) as image:
-        return image.convert("RGB")
+def _params_to_render(generation: Generation) -> GenerationParams:
+    """The generation's params with the img2img image its request sent (checked when it
+    was recorded), as the engine renders them."""
+    params = generation.params
+    if params.strength is None:
+        return params
+    init_image = (generations_dir(generation.pk) / INIT_IMAGE_NAME).read_bytes()
+    return replace(params, init_image=init_image)
 
 
 def _prompt_names(loras: list[GenerationLora]) -> list[str]:
@@ -702,29 +601,6 @@ def _held_here(generation_ids: list[int]):
     )
 
 
-# What requests must share to run in one batch: one size, schedule, sampler, guidance,
-# refiner policy and switch and img2img strength for the pipelines' call, and the same
-# LoRA files (by content) at the same scales merged into the Base (_loras_key). Rows
-# recorded before a field, or whose request left it out, have no key: compared with their
-# default (_BATCH_DEFAULTS, else None), so a row without "refiner" batches with one that
-# gave "ensemble". Output format and quality are each request's own.
-_BATCH_PARAMETERS = (
-    "height",
-    "width",
-    "steps",
-    "guidance_scale",
-    "scheduler",
-    "refiner",
-    "refiner_switch",
-    "strength",
-)
-_BATCH_DEFAULTS = {"refiner": DEFAULT_REFINER_POLICY, "refiner_switch": DEFAULT_REFINER_SWITCH}
-
-
-def _batch_value(parameters: dict, name: str):
-    return parameters.get(name, _BATCH_DEFAULTS.get(name))
-
-
 def _loras_key(generation: Generation) -> list[tuple[str, float]]:
     """The generation's LoRAs as the Base gets them: each file's content and scale, in order."""
     return [(lora.sha256, lora.scale) for lora in generation.applied_loras.all()]
@@ -746,16 +622,15 @@ def _claim_companions(lead: Generation) -> list[Generation]:
         .prefetch_related("applied_loras")
         .order_by("pk")
     )
-    loras = _loras_key(lead)
+    loras, batch_key = _loras_key(lead), lead.params.batch_key()
     companions = []
     for candidate in candidates[: 4 * settings.SDXL_GENERATION_BATCH_IMAGES]:
         images = candidate.parameters["num_images"]
+        # The same params' batch_key (GenerationParams.batch_key) and the same LoRA files
+        # at the same scales, merged into the Base: the rest is each request's own.
         if (
             images > room
-            or any(
-                _batch_value(candidate.parameters, name) != _batch_value(lead.parameters, name)
-                for name in _BATCH_PARAMETERS
-            )
+            or candidate.params.batch_key() != batch_key
             or _loras_key(candidate) != loras
         ):
             continue

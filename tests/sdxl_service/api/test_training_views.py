@@ -8,15 +8,17 @@ from dataclasses import asdict
 import pytest
 import torch
 from PIL import Image
+from rest_framework.fields import empty
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
-from sdxl_engine.generation import generate, generate_batch
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.lora_files import read_lora_metadata
 from sdxl_engine.parameters import (
+    DEFAULT_LORA_SCALE,
     GENERATION_DEFAULTS,
     GenerationParams,
+    LoraChoice,
     TrainingParams,
     field_names,
     training_params,
@@ -710,19 +712,43 @@ TXT2IMG_RESPONSE_KEYS = {
 }
 
 
+def test_txt2img_fields_are_the_engines_generation_params():
+    """Adding a generation field touches GenerationParams and this serializer alike."""
+    body = set(api_serializers.Txt2ImgSerializer().fields)
+    renamed = api_serializers.TXT2IMG_RENAMED
+    request_only = set(api_serializers.TXT2IMG_REQUEST_FIELDS)
+    assert {renamed.get(name, name) for name in body - request_only} == field_names(
+        GenerationParams
+    )
+    # The rest is the service's request (but how to answer) or the API's.
+    assert request_only - {"response_format", "async"} == (
+        field_names(GenerationRequest) - field_names(GenerationParams) - {"caller"}
+    )
+
+
 def test_txt2img_defaults_are_the_engines_and_the_services():
+    """The body's defaults are GenerationParams' (what generate() renders), and so are the
+    service's; a field without one is optional and left out as None (or no LoRAs)."""
     fields = api_serializers.Txt2ImgSerializer().fields
-    request = GenerationRequest(prompt="x")
-    # generate() takes the per-request fields and passes the rest on to generate_batch().
-    # A LoRA's scale is its AppliedLora's.
-    engine = {
-        **inspect.signature(generate_batch).parameters,
-        **inspect.signature(generate).parameters,
-        "lora_scale": inspect.signature(AppliedLora).parameters["scale"],
-    }
-    for name in field_names(GenerationParams):
+    body_name = {param: name for name, param in api_serializers.TXT2IMG_RENAMED.items()}
+    request = GenerationRequest()
+    for name in field_names(GenerationParams) - {"prompt"}:
+        field = fields[body_name.get(name, name)]
         default = getattr(GENERATION_DEFAULTS, name)
-        assert fields[name].default == getattr(request, name) == engine[name].default == default
+        assert getattr(request, name) == default
+        if field.default is empty:
+            assert not field.required and default in (None, ())
+        else:
+            assert field.default == default
+    # A LoRA's scale is its AppliedLora's.
+    scales = {
+        fields["lora_scale"].default,
+        api_serializers.LoraChoiceSerializer().fields["scale"].default,
+        request.lora_scale,
+        LoraChoice(1).scale,
+        inspect.signature(AppliedLora).parameters["scale"].default,
+    }
+    assert scales == {DEFAULT_LORA_SCALE}
 
 
 @pytest.mark.parametrize("path", ["/train_lora", "/txt2img"])
