@@ -7,6 +7,7 @@ one run happened to import.
 
 import ast
 import graphlib
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -114,3 +115,17 @@ def test_each_package_imports_only_the_layers_below_it():
         if LAYERS.index(imported) > LAYERS.index(package)
     )
     assert upward == []
+
+
+def test_no_module_imports_a_sibling_by_its_bare_name():
+    """`import benchmark` beside bench/benchmark.py works only with the folder on sys.path,
+    and the graph above cannot see it: every project module is imported by its full name."""
+    bare = sorted(
+        f"{module} imports {name}"
+        for module, path in _modules().items()
+        for name in _imported_names(path)
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and (path.parent / f"{name.split('.')[0]}.py").exists()
+        and path.parent != REPO
+    )
+    assert bare == []
