@@ -130,9 +130,7 @@ def part_gen(args, recorder: Recorder) -> None:
     def whole_generation():
         """The engine's `generate` with both UNets compiled whole with CUDA graphs: its
         time, and whether an in-place LoRA merge still reaches the captured graphs."""
-        lora = random_lora(
-            args.cache / "levers_lora.safetensors", base_unet.config, seed=1
-        )
+        lora = random_lora(args.cache / "levers_lora.safetensors", base_unet.config, seed=1)
 
         def run(lora_path):
             loras = [AppliedLora(lora_path)] if lora_path else []
