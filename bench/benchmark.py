@@ -5,7 +5,7 @@ Base + Refiner pair with random weights from SDXL's published configs
 (`SDXL_MODEL_PRESET=sdxl-random`) and loads it through the same `from_pretrained` path as
 real weights. Timings depend on shapes, not on weight values.
 
-    python bench/benchmark.py --parts gen,train,cold --out results/
+    python -m bench.benchmark --parts gen,train,cold --out results/
 
 Parts (all three fit one device call of under 10 minutes on an H100: ~9 minutes):
   gen    generation 1024², 30 steps, Base to 0.8 with CFG 7, Refiner after without CFG,
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import gc
 import json
 import math
@@ -46,20 +45,22 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from sdxl_engine.dataset import TrainingPair  # noqa: E402
-from sdxl_engine.generation import (  # noqa: E402
+from bench.common import environment, random_lora
+from bench.report import report
+from bench.serve_load import run_load
+from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.generation import (
     AppliedLora,
     generate,
     load_pipelines,
     resolve_model_source,
     warm_up,
 )
-from sdxl_engine.parameters import TrainingParams, training_params  # noqa: E402
-from sdxl_engine.training import train_lora  # noqa: E402
-from sdxl_engine.training.adapters import LORA_TARGET_MODULES  # noqa: E402
+from sdxl_engine.parameters import TrainingParams, training_params
+from sdxl_engine.training import train_lora
+from sdxl_engine.training.adapters import LORA_TARGET_MODULES
+
+REPO = Path(__file__).resolve().parent.parent
 
 PROMPT = "a photo of sks dog on a beach, golden hour"
 GEN = {"height": 1024, "width": 1024, "guidance_scale": 7.0, "steps": 30}
@@ -118,20 +119,6 @@ def summary(values: list[float]) -> dict:
         "p50_s": round(statistics.median(values), 4),
         "p95_s": round(percentile(values, 0.95), 4),
         "runs_s": [round(v, 4) for v in values],
-    }
-
-
-def environment() -> dict:
-    import diffusers
-    import transformers
-
-    return {
-        "card": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (dry run)",
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "transformers": transformers.__version__,
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }
 
 
@@ -283,27 +270,6 @@ def baseline_generate(
 
 
 # --- parts ----------------------------------------------------------------------------------
-
-
-def random_lora(path: Path, unet_config: dict, seed: int, rank: int = 4) -> Path:
-    """A rank-`rank` LoRA on every attention projection, in the diffusers format the
-    trainer writes, with factors of a trained LoRA's size (PEFT's gaussian init for the
-    down factor, a few thousandths for the up factor): training one would only add time."""
-    from safetensors.torch import save_file
-
-    from sdxl_engine.lora_files import unet_lora_target_shapes
-
-    generator = torch.Generator().manual_seed(seed)
-    tensors = {}
-    for module, (out_features, in_features) in unet_lora_target_shapes(unet_config).items():
-        tensors[f"unet.{module}.lora_A.weight"] = (
-            torch.randn(rank, in_features, generator=generator) / rank
-        )
-        tensors[f"unet.{module}.lora_B.weight"] = (
-            torch.randn(out_features, rank, generator=generator) * 2e-3
-        )
-    save_file(tensors, str(path))
-    return path
 
 
 def make_loras(cache: Path, unet_config: dict) -> list[Path]:
@@ -856,8 +822,6 @@ def part_cold(args) -> dict:
 def part_serve(args) -> dict:
     """Images per minute over HTTP, one client and eight (bench/serve_load.py), with the
     service's models in --cache."""
-    from serve_load import run_load
-
     os.environ["SDXL_MODEL_CACHE_DIR"] = str(args.cache)
     preset = args.preset
     return run_load(args.out, args.cache.parent / "service-data", preset)
@@ -925,8 +889,6 @@ def main() -> None:
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
     if all(any(args.out.glob(f"{part}*.json")) for part in ("gen", "train", "cold")):
-        from report import report  # bench/report.py
-
         report(args.out, results_dir=args.out)  # the table, last
 
 

@@ -5,7 +5,7 @@ Base + Refiner built from SDXL's published configs with random weights, written 
 format and loaded through the same `from_pretrained` path real weights take. The images are
 noise; shapes, memory and arithmetic are the real model's.
 
-    python bench/gpu_service_check.py --out results/    # writes service_check.json + serve.log
+    python -m bench.gpu_service_check --out results/    # writes service_check.json + serve.log
 """
 
 import argparse

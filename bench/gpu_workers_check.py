@@ -7,7 +7,7 @@ Full-size SDXL with random weights (SDXL_MODEL_PRESET=sdxl-random), as in
   2. throughput of concurrent /txt2img requests with one GPU's workers (`--gpus 0`) and
      with two GPUs' (`--gpus 0,1`), all on the same queues (`--one-gpu`: not this part).
 
-    python bench/gpu_workers_check.py --out results/
+    python -m bench.gpu_workers_check --out results/
 """
 
 import argparse
@@ -20,8 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_service_check import (  # noqa: E402
+from bench.gpu_service_check import (
     build_model,
     running_service,
     service_env,

@@ -6,8 +6,8 @@ regional or whole-model compilation, CUDA graphs, VAE precision, LoRA factor pre
 so that only those that pay are kept. Each variant records its step time and, where it
 compiles, the compile time it adds to a worker's start.
 
-    python bench/levers.py --parts gen --out results/      # one GPU
-    python bench/levers.py --parts train --out results/    # another, at the same time
+    python -m bench.levers --parts gen --out results/      # one GPU
+    python -m bench.levers --parts train --out results/    # another, at the same time
 
 Writes `levers-<part>.json` under --out after every variant, so a run cut short keeps
 what it measured.
@@ -21,10 +21,11 @@ import time
 import traceback
 from pathlib import Path
 
-import benchmark  # bench/benchmark.py: same model source, inputs and environment record
 import torch
-from benchmark import DEVICE, environment, latent_inputs, model_source, peak_gib, sync_time
 
+from bench import benchmark  # same model source, inputs and timing as the benchmark
+from bench.benchmark import DEVICE, latent_inputs, model_source, peak_gib, sync_time
+from bench.common import environment, random_lora
 from sdxl_engine.generation import AppliedLora, load_pipelines
 from sdxl_engine.training.adapters import LORA_TARGET_MODULES
 
@@ -128,9 +129,7 @@ def part_gen(args, recorder: Recorder) -> None:
     def whole_generation():
         """The engine's `generate` with both UNets compiled whole with CUDA graphs: its
         time, and whether an in-place LoRA merge still reaches the captured graphs."""
-        lora = benchmark.random_lora(
-            args.cache / "levers_lora.safetensors", base_unet.config, seed=1
-        )
+        lora = random_lora(args.cache / "levers_lora.safetensors", base_unet.config, seed=1)
 
         def run(lora_path):
             loras = [AppliedLora(lora_path)] if lora_path else []

@@ -13,7 +13,7 @@ with the same seed, weights and LoRA:
   of sampling amplify its rounding;
 - all of it in bfloat16 and in float16.
 
-    python bench/precision.py --out results/
+    python -m bench.precision --out results/
 
 Writes `precision.json` under --out after every measurement.
 """
@@ -26,20 +26,19 @@ from pathlib import Path
 from unittest.mock import patch
 
 import torch
-from benchmark import (
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from bench.benchmark import (
     DEVICE,
     GEN,
     baseline_generate,
     baseline_pipelines,
-    environment,
     latent_inputs,
     latents_of,
     model_source,
-    random_lora,
     relative_error,
 )
-from torch.nn.attention import SDPBackend, sdpa_kernel
-
+from bench.common import environment, random_lora
 from sdxl_engine.generation import AppliedLora, load_pipelines
 from sdxl_engine.generation.pipelines import HALF_PRECISION
 

@@ -1,7 +1,7 @@
 """Merges one benchmark run's part files into the results JSON and prints the table.
 
-    python bench/report.py bench/results/<run>     # writes bench/results/<date>-<card>.json
-    python bench/report.py bench/results/<run> --docs docs/benchmarks.md
+    python -m bench.report bench/results/<run>     # writes bench/results/<date>-<card>.json
+    python -m bench.report bench/results/<run> --docs docs/benchmarks.md
 
 With --docs, the table (card, versions, date and command above it) also replaces what
 stands between the `<!-- benchmark-table:begin -->` and `<!-- benchmark-table:end -->`
@@ -10,12 +10,10 @@ lines of that file.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import NamedTuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from sdxl_engine.files import write_atomically  # noqa: E402
+from sdxl_engine.files import write_atomically
 
 BEGIN_MARK = "<!-- benchmark-table:begin -->"
 END_MARK = "<!-- benchmark-table:end -->"

@@ -12,7 +12,7 @@ Both figures count images answered per minute of wall time, from the first reque
 the last answer. The generation worker batches queued requests that share size, steps,
 guidance and LoRA (SDXL_GENERATION_BATCH_IMAGES); the worker's log says which ran together.
 
-    python bench/serve_load.py --out results/     # writes serve-load.json and serve.log
+    python -m bench.serve_load --out results/     # writes serve-load.json and serve.log
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from pathlib import Path
 import requests
 import torch
 
-# bench/benchmark.py, which also puts the repository on the path for sdxl_engine
-from benchmark import environment, random_lora
-from gpu_service_check import build_model, running_service, service_env, wait_for_generation_worker
-
+from bench.common import environment, random_lora
+from bench.gpu_service_check import (
+    build_model,
+    running_service,
+    service_env,
+    wait_for_generation_worker,
+)
 from sdxl_engine.generation import resolve_model_source
 
 BODY = {

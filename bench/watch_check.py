@@ -2,7 +2,7 @@
 the full-size SDXL Base with random weights (as bench/benchmark.py builds it), as the
 training worker runs them (bfloat16, compiled blocks, float32 master weights).
 
-    python bench/watch_check.py --out $OUT [--compile]
+    python -m bench.watch_check --out $OUT [--compile]
 
 Three runs of the same settings: one uninterrupted, one stopped after a checkpoint (as a
 lost worker stops), and one resumed from that checkpoint. Writes watch.json: the time
@@ -14,31 +14,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-
-from benchmark import (  # noqa: E402
+from bench.benchmark import (
     MIXED_SHAPES,
-    environment,
     model_source,
     scaled_shapes,
     sync_time,
     training_images,
 )
-from safetensors.torch import load_file  # noqa: E402
-
-from sdxl_engine.errors import TrainingCancelled  # noqa: E402
-from sdxl_engine.generation import load_pipelines  # noqa: E402
-from sdxl_engine.parameters import TrainingParams  # noqa: E402
-from sdxl_engine.training import train_lora  # noqa: E402
+from bench.common import environment
+from sdxl_engine.errors import TrainingCancelled
+from sdxl_engine.generation import load_pipelines
+from sdxl_engine.parameters import TrainingParams
+from sdxl_engine.training import train_lora
 
 
 def main() -> None:

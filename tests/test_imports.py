@@ -7,6 +7,7 @@ one run happened to import.
 
 import ast
 import graphlib
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -40,18 +41,22 @@ def _modules() -> dict[str, Path]:
     }
 
 
-def _imported_names(path: Path) -> set[str]:
-    """Every absolute name `path` imports: modules, and `module.name` for from-imports
-    (which may name a submodule)."""
-    names = set()
+def _imports(path: Path) -> set[tuple[int, str]]:
+    """(line, name) of every absolute name `path` imports: modules, and `module.name` for
+    from-imports (which may name a submodule)."""
+    found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
+            found.update((node.lineno, alias.name) for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             assert node.level == 0, f"{path}: relative import; the project imports absolutely"
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return names
+            found.add((node.lineno, node.module))
+            found.update((node.lineno, f"{node.module}.{alias.name}") for alias in node.names)
+    return found
+
+
+def _imported_names(path: Path) -> set[str]:
+    return {name for _, name in _imports(path)}
 
 
 def _module_graph() -> dict[str, set[str]]:
@@ -107,10 +112,25 @@ def test_no_import_cycle_between_modules():
 
 
 def test_each_package_imports_only_the_layers_below_it():
+    modules = _modules()
     upward = sorted(
-        f"{package} imports {imported}"
-        for package, imports in _package_graph(_module_graph(), 1).items()
-        for imported in imports
-        if LAYERS.index(imported) > LAYERS.index(package)
+        f"{path.relative_to(REPO)}:{line}: {module} imports {name}, a layer above it"
+        for module, path in modules.items()
+        for line, name in _imports(path)
+        if name in modules and LAYERS.index(name.split(".")[0]) > LAYERS.index(module.split(".")[0])
     )
     assert upward == []
+
+
+def test_no_module_imports_a_sibling_by_its_bare_name():
+    """`import benchmark` beside bench/benchmark.py works only with the folder on sys.path,
+    and the graph above cannot see it: every project module is imported by its full name."""
+    bare = sorted(
+        f"{path.relative_to(REPO)}:{line}: {module} imports {name}"
+        for module, path in _modules().items()
+        for line, name in _imports(path)
+        if name.split(".")[0] not in sys.stdlib_module_names
+        and (path.parent / f"{name.split('.')[0]}.py").exists()
+        and path.parent != REPO
+    )
+    assert bare == []

@@ -1,14 +1,14 @@
-"""bench/report.py: merging a benchmark run's part files into the results JSON."""
+"""bench.report: merging a benchmark run's part files into the results JSON."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-REPORT_PATH = Path(__file__).resolve().parents[2] / "bench" / "report.py"
+from bench.report import report
+
 # The keys the GPU-speed issue asks every results file to have.
 REQUIRED_KEYS = {
     "card",
@@ -26,14 +26,6 @@ REQUIRED_KEYS = {
     "gen_single_client_images_per_min",
 }
 ENVIRONMENT = {"card": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "diffusers": "0.42.1"}
-
-
-@pytest.fixture
-def report():
-    spec = importlib.util.spec_from_file_location("bench_report", REPORT_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.report
 
 
 def _write_parts(folder: Path, with_low_memory: bool, with_load: bool = True) -> None:
@@ -93,7 +85,7 @@ def _write_parts(folder: Path, with_low_memory: bool, with_load: bool = True) ->
         (folder / f"{name}.json").write_text(json.dumps(figures))
 
 
-def test_merged_file_has_the_required_keys_and_is_named_by_date_and_card(report, tmp_path):
+def test_merged_file_has_the_required_keys_and_is_named_by_date_and_card(tmp_path):
     _write_parts(tmp_path / "run", with_low_memory=False)
 
     merged_path = report(tmp_path / "run")
@@ -111,7 +103,7 @@ def test_merged_file_has_the_required_keys_and_is_named_by_date_and_card(report,
     assert "train_low_memory_peak_gib" not in merged
 
 
-def test_a_run_without_buckets_or_load_merges_with_those_figures_empty(report, tmp_path):
+def test_a_run_without_buckets_or_load_merges_with_those_figures_empty(tmp_path):
     """Runs made before the bucket and HTTP-load figures existed still merge and print."""
     _write_parts(tmp_path / "run", with_low_memory=False, with_load=False)
     folder = tmp_path / "run"
@@ -125,7 +117,7 @@ def test_a_run_without_buckets_or_load_merges_with_those_figures_empty(report, t
     assert merged["gen_concurrent_images_per_min"] is None
 
 
-def test_low_memory_part_is_merged_and_printed(report, tmp_path, capsys):
+def test_low_memory_part_is_merged_and_printed(tmp_path, capsys):
     _write_parts(tmp_path / "run", with_low_memory=True)
 
     merged = json.loads(report(tmp_path / "run", results_dir=tmp_path).read_text())
@@ -135,7 +127,7 @@ def test_low_memory_part_is_merged_and_printed(report, tmp_path, capsys):
     assert "4.04, 9.77 / 11.28" in capsys.readouterr().out
 
 
-def test_docs_table_is_replaced_between_its_marks_with_targets_judged(report, tmp_path):
+def test_docs_table_is_replaced_between_its_marks_with_targets_judged(tmp_path):
     _write_parts(tmp_path / "run", with_low_memory=True)
     docs = tmp_path / "benchmarks.md"
     docs.write_text(
@@ -166,7 +158,7 @@ def test_docs_table_is_replaced_between_its_marks_with_targets_judged(report, tm
     assert [path.name for path in tmp_path.iterdir() if path.suffix == ".tmp"] == []
 
 
-def test_docs_without_the_marks_are_left_untouched(report, tmp_path):
+def test_docs_without_the_marks_are_left_untouched(tmp_path):
     _write_parts(tmp_path / "run", with_low_memory=False)
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n")

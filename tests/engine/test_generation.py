@@ -175,6 +175,7 @@ def test_invalid_requests_are_engine_errors(
         generate(pipelines, prompt="x", seed=1, **{**SMALL, **overrides})
 
 
+@pytest.mark.slow  # compiles both UNets: minutes on a CPU
 def test_compiled_pipelines_compute_what_eager_ones_do_lora_merged_included(
     pipelines: Pipelines, compiled_pipelines: Pipelines, trained_lora: Path
 ) -> None:

@@ -48,6 +48,8 @@ from sdxl_engine.training import train_lora
 
 from .conftest import encoded_prompt
 
+pytestmark = pytest.mark.slow  # pretrains a tiny model, then trains a LoRA on it
+
 # Latents of 4x4, attention at 2x2: the smallest size the tiny UNet runs at (at 16 its
 # inner blocks are 1x1, which their group norms refuse).
 RESOLUTION = 32

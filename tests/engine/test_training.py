@@ -286,6 +286,7 @@ def test_result_carries_the_sha256_of_the_bytes_written(
     assert [p.name for p in tmp_path.iterdir()] == ["lora.safetensors"]
 
 
+@pytest.mark.slow  # compiles both UNets: minutes on a CPU
 def test_training_compiled_pipelines_keeps_their_generation_graphs(
     compiled_pipelines: Pipelines,
     training_pairs: list[TrainingPair],

@@ -1,54 +1,19 @@
-"""Concurrent requests on one session: one training at a time, and /get_lora never sees a
-LoRA half-written."""
+"""Concurrent requests on one session: /get_lora never sees a LoRA half-written (the
+threads of Django's live server; tests/system/training_app/test_concurrency.py races
+/train_lora through real gunicorn processes)."""
 
 import base64
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import pytest
 import requests
 
 from sdxl_engine.files import replace_with_retry
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import image_bytes, lora_bytes
-from training_app.models import TrainingRun
+from tests.helpers import lora_bytes
 from training_app.services import loras as lora_services
-
-SESSIONS = 5
-
-
-@pytest.mark.e2e
-def test_two_concurrent_train_lora_one_starts_the_other_is_409(service_processes):
-    url = service_processes.gunicorn(workers=2, threads=4)
-    sessions = []
-    for _ in range(SESSIONS):
-        session = session_services.session_create()
-        session_services.session_image_add(session.pk, image_bytes(), "a red square")
-        sessions.append(session)
-
-    def race(session) -> list[requests.Response]:
-        start = threading.Barrier(2)
-
-        def train(_) -> requests.Response:
-            start.wait()
-            body = {"session_id": session.pk, "steps": 1}
-            return requests.post(f"{url}/train_lora", json=body, timeout=60)
-
-        with ThreadPoolExecutor(2) as pool:
-            return list(pool.map(train, range(2)))
-
-    for session in sessions:
-        responses = sorted(race(session), key=lambda r: r.status_code)
-        assert [r.status_code for r in responses] == [200, 409], [r.text for r in responses]
-        assert responses[0].json()["status"] == "started"
-        assert responses[1].json() == {
-            "status": "error",
-            "message": f"session {session.pk} is already training",
-        }
-        assert TrainingRun.objects.filter(session=session).count() == 1
-
 
 WRITE_SECONDS = 0.5
 

@@ -256,7 +256,7 @@ def test_a_run_ended_as_lost_and_delivered_again_does_nothing(session, settings)
 def test_a_run_queued_again_resumes_from_its_checkpoint(session, settings, tmp_path):
     """In-process, the worker's part: the next delivery of a run queued again continues from
     the state its lost attempt saved, and ends with the LoRA of an uninterrupted run.
-    (tests/training_app/test_worker_faults.py does it with a real worker killed -9.)"""
+    (tests/system/training_app/test_worker_faults.py does it with a real worker killed -9.)"""
     from sdxl_engine.dataset import find_training_pairs
     from sdxl_engine.parameters import TrainingParams
     from sdxl_engine.training import train_lora

@@ -4,20 +4,16 @@ token the service behaves as before owners."""
 
 import io
 import re
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
-import requests
 from django.utils import timezone
 from PIL import Image
 from rest_framework.test import APIClient
 
 from access_app.models import Owner
 from access_app.services import api_token_create
-from sessions_app import services as session_services
 from sessions_app import storage
 from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, lora_bytes
@@ -370,12 +366,12 @@ def test_an_admin_scoped_token_sees_every_owners_sessions(bob, bobs):
 # --- Quotas ---------------------------------------------------------------------------------
 
 
-def _limit(tenant: Tenant, **quotas) -> None:
+def set_quotas(tenant: Tenant, **quotas) -> None:
     Owner.objects.filter(pk=tenant.owner.pk).update(**quotas)
 
 
 def test_the_sessions_quota_answers_429_and_creates_nothing(alice, bob):
-    _limit(alice, max_sessions=2)
+    set_quotas(alice, max_sessions=2)
     for _ in range(2):
         assert alice.api.get("/create_session").status_code == 200
     response = alice.api.get("/create_session")
@@ -392,14 +388,14 @@ def test_a_setting_gives_every_owner_its_default_quota_and_an_owner_row_override
     settings, alice, bob
 ):
     settings.SDXL_QUOTA_SESSIONS = 1
-    _limit(bob, max_sessions=0)  # 0: no limit for bob
+    set_quotas(bob, max_sessions=0)  # 0: no limit for bob
     assert alice.api.get("/create_session").status_code == 200
     assert_error(alice.api.get("/create_session"), 429, "sessions")
     assert [bob.api.get("/create_session").status_code for _ in range(3)] == [200] * 3
 
 
 def test_the_images_per_session_quota_counts_every_image_of_an_upload(alice):
-    _limit(alice, max_images_per_session=2)
+    set_quotas(alice, max_images_per_session=2)
     session_id = alice.api.get("/create_session").json()["session_id"]
     body = {"image": [io.BytesIO(image_bytes()) for _ in range(3)], "caption": ["a", "b", "c"]}
     response = alice.api.post(f"/sessions/{session_id}/images", body, format="multipart")
@@ -422,7 +418,7 @@ def _noise_png(side: int) -> bytes:
 
 
 def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessions(alice):
-    _limit(alice, max_stored_mb=1)
+    set_quotas(alice, max_stored_mb=1)
     first = alice.api.get("/create_session").json()["session_id"]
     second = alice.api.get("/create_session").json()["session_id"]
     big = _noise_png(400)  # ~0.5 MB: two fit in 1 MB, three do not
@@ -449,7 +445,7 @@ def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessio
 def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(alice, monkeypatch):
     from training_app.services import loras
 
-    _limit(alice, max_stored_mb=1)
+    set_quotas(alice, max_stored_mb=1)
     session_id = alice.api.get("/create_session").json()["session_id"]
     lora = lora_bytes()
     # Room for one more LoRA, not for two.
@@ -484,7 +480,7 @@ def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(
 def test_the_generations_per_minute_quota_answers_429_with_retry_after(
     alice, bob, generation_worker
 ):
-    _limit(alice, max_generations_per_minute=2)
+    set_quotas(alice, max_generations_per_minute=2)
     body = {"prompt": "a fox", "async": True}
     assert [alice.api.post("/txt2img", body, format="json").status_code for _ in range(2)] == [
         202,
@@ -509,7 +505,7 @@ def _session_with_an_image(tenant: Tenant) -> int:
 
 
 def test_the_concurrent_trainings_quota_counts_the_owners_queued_and_running_runs(alice, bob):
-    _limit(alice, max_concurrent_trainings=1)
+    set_quotas(alice, max_concurrent_trainings=1)
     first, second = _session_with_an_image(alice), _session_with_an_image(alice)
     assert alice.api.post("/train_lora", {"session_id": first}, format="json").status_code == 200
     response = alice.api.post("/train_lora", {"session_id": second}, format="json")
@@ -540,47 +536,6 @@ def test_without_any_token_everything_is_open_and_nothing_shows_owners():
     assert set(listed["sessions"][0]) == {"session_id", "latest_lora", "image_groups", "training"}
     assert api.get(f"/sessions/{old.pk}").status_code == 200
     assert api.post("/delete_session", {"session_id": old.pk}, format="json").status_code == 200
-
-
-# --- Races, on real processes ----------------------------------------------------------------
-
-
-def _race_to_train(url: str, token: str, session_ids: list[int]) -> list[requests.Response]:
-    """/train_lora for each session at the same moment; the answers, 2xx first."""
-    start = threading.Barrier(len(session_ids))
-
-    def train(session_id: int) -> requests.Response:
-        start.wait()
-        return requests.post(
-            f"{url}/train_lora",
-            json={"session_id": session_id, "steps": 1},
-            headers={"Authorization": f"Bearer {token}"},
-            timeout=60,
-        )
-
-    with ThreadPoolExecutor(len(session_ids)) as pool:
-        return sorted(pool.map(train, session_ids), key=lambda r: r.status_code)
-
-
-@pytest.mark.e2e
-@pytest.mark.django_db(transaction=True)  # the server's processes see what the test writes
-def test_two_trainings_of_one_owner_at_once_take_one_slot_of_its_quota(service_processes):
-    """Two gunicorn processes, two threads each: an owner with a quota of one concurrent
-    training starts two sessions' trainings at the same moment, in 5 rounds (a fresh owner
-    each): one starts, the other answers 429, and one run exists."""
-    url = service_processes.gunicorn(workers=2, threads=2)
-    for round_number in range(5):
-        racer = tenant(f"racer {round_number}")
-        _limit(racer, max_concurrent_trainings=1)
-        sessions = []
-        for _ in range(2):
-            session = session_services.session_create(owner_id=racer.owner.pk)
-            session_services.session_image_add(session.pk, image_bytes(), "a red square")
-            sessions.append(session.pk)
-        responses = _race_to_train(url, racer.token, sessions)
-        assert [r.status_code for r in responses] == [200, 429], [r.text for r in responses]
-        assert "concurrent trainings" in responses[1].json()["message"]
-        assert TrainingRun.objects.filter(session__owner=racer.owner).count() == 1
 
 
 # --- The description ---------------------------------------------------------------------

@@ -181,7 +181,7 @@ def _check_task_queue_free(sender, **kwargs) -> None:
     one starts no live process holds the lock: held, it is a dead one's, and the worker
     starts a new cluster. Reads django-q2's arguments to the pool process (the task queue
     first) and the queue's lock: implementation details, checked by
-    tests/training_app/test_generation_faults.py."""
+    tests/system/training_app/test_generation_faults.py."""
     from django_q.conf import Conf
 
     if Conf.WORKERS != 1:

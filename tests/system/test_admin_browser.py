@@ -20,6 +20,7 @@ import pytest
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
 from tests.maintenance_helpers import stored_samples
+from tests.processes import REPO
 from training_app.models import TrainingRun
 
 # The admin on PostgreSQL is tested without a browser (tests/*/test_admin.py), in both passes.
@@ -27,7 +28,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.one_pass]
 
 CHROMIUM = os.environ.get("SDXL_TEST_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("SDXL_TEST_CHROMEDRIVER", "/usr/bin/chromedriver")
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = REPO / "test-artifacts"
 # Flags that keep Chromium off the network (this runs on closed ones too) and out of the
 # user's profile.
 CHROMIUM_FLAGS = (

@@ -26,8 +26,8 @@ from tests.processes import (
     still_running,
     wait_until,
 )
-from tests.sdxl_service.test_api_faults import assert_no_service_process_left
-from tests.training_app.test_worker_faults import CHECKPOINT, ENDLESS, RESUMABLE, STEPS
+from tests.system.sdxl_service.test_api_faults import assert_no_service_process_left
+from tests.system.training_app.test_worker_faults import CHECKPOINT, ENDLESS, RESUMABLE, STEPS
 from training_app.models import TrainingRun, WorkerHeartbeat
 from training_app.services import runs as run_services
 

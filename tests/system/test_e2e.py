@@ -22,11 +22,10 @@ import requests
 from PIL import Image
 
 from tests.helpers import b64, image_bytes
-from tests.processes import process_tree, still_running
+from tests.processes import REPO, process_tree, still_running
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90
 TRAIN_TIMEOUT_S = 240
 
