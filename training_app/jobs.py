@@ -103,11 +103,13 @@ def redeliver(kind: JobKind) -> list[int]:
     """
     now = timezone.now()
     job_timeout = timedelta(seconds=getattr(settings, kind.timeout_setting))
-    if kind.model.objects.filter(status="running", started_at__gt=now - job_timeout).exists():
+    if kind.model.objects.filter(
+        status=Job.Status.RUNNING, started_at__gt=now - job_timeout
+    ).exists():
         return []
     waiting = list(
         kind.model.objects.filter(
-            status="queued", created_at__lt=now - timedelta(seconds=kind.stale_after_s)
+            status=Job.Status.QUEUED, created_at__lt=now - timedelta(seconds=kind.stale_after_s)
         )
         .order_by("pk")
         .values_list("pk", flat=True)
@@ -133,8 +135,12 @@ def claim(kind: JobKind, row_id: int, **fields) -> bool:
     queued (any more)."""
     now = timezone.now()
     return bool(
-        kind.model.objects.filter(pk=row_id, status="queued").update(
-            status="running", started_at=now, heartbeat_at=now, worker=worker_identity(), **fields
+        kind.model.objects.filter(pk=row_id, status=Job.Status.QUEUED).update(
+            status=Job.Status.RUNNING,
+            started_at=now,
+            heartbeat_at=now,
+            worker=worker_identity(),
+            **fields,
         )
     )
 
@@ -143,7 +149,9 @@ def held_here(kind: JobKind, *row_ids: int) -> QuerySet:
     """The rows while this process holds them: running, claimed by it. One cancelled, or
     judged lost (queued again, or taken by another worker), meanwhile is no longer the
     job's to update, end or clean up after."""
-    return kind.model.objects.filter(pk__in=row_ids, status="running", worker=worker_identity())
+    return kind.model.objects.filter(
+        pk__in=row_ids, status=Job.Status.RUNNING, worker=worker_identity()
+    )
 
 
 @contextmanager
@@ -196,7 +204,7 @@ def lost(kind: JobKind) -> QuerySet:
     """The running rows whose heartbeat is older than the kind's stale period (rows claimed
     before heartbeats existed count from their start)."""
     cutoff = _stale_cutoff(kind)
-    return kind.model.objects.filter(status="running").filter(
+    return kind.model.objects.filter(status=Job.Status.RUNNING).filter(
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
     )
 
@@ -204,7 +212,11 @@ def lost(kind: JobKind) -> QuerySet:
 def is_lost(kind: JobKind, row: Job) -> bool:
     """Whether the process running `row`, as read, is gone (`lost`'s rule, on one row)."""
     last_beat = row.heartbeat_at or row.started_at
-    return row.status == "running" and last_beat is not None and last_beat < _stale_cutoff(kind)
+    return (
+        row.status == Job.Status.RUNNING
+        and last_beat is not None
+        and last_beat < _stale_cutoff(kind)
+    )
 
 
 def end_lost(kind: JobKind, **filters) -> list[int]:

@@ -13,9 +13,18 @@ DEFAULT_OUTPUT_FORMAT = OUTPUT_FORMATS[0]  # png
 class Job(models.Model):
     """The columns of a row a worker runs as a job (a training run, a generation): who runs
     it, since when, whether its process is alive, and where its events go. Its lifecycle
-    (queue, claim, heartbeat, finish, lost, redeliver) is training_app.jobs'. Each job keeps
-    its own `status` (a generation has more ends than a run), `step` and `total_steps`."""
+    (queue, claim, heartbeat, finish, lost, redeliver) is training_app.jobs'. A kind with
+    more ends than these statuses (a generation) declares its own Status and `status`."""
 
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        ERROR = "error"
+
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     error_message = models.TextField(blank=True)  # why, when it ended otherwise than completed
     task_id = models.CharField(max_length=64, blank=True)
     worker = models.CharField(max_length=200, blank=True)  # host:pid of the process running it
@@ -34,12 +43,6 @@ class Job(models.Model):
 
 
 class TrainingRun(Job):
-    class Status(models.TextChoices):
-        QUEUED = "queued"
-        RUNNING = "running"
-        COMPLETED = "completed"
-        ERROR = "error"
-
     class Stage(models.TextChoices):
         QUEUED = "queued"
         LOADING = "loading"
@@ -48,10 +51,7 @@ class TrainingRun(Job):
         SAVING = "saving"
         DONE = "done"
 
-    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
-
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="training_runs")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.QUEUED)
     progress = models.PositiveSmallIntegerField(default=0)  # 0-100, never goes backwards
     step = models.PositiveIntegerField(default=0)

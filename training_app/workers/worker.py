@@ -35,6 +35,11 @@ from django.utils import timezone
 
 from core.processes import forked_children_die_with_parent
 from training_app import jobs
+from training_app.workers.heartbeats import (
+    worker_heartbeat_beat,
+    worker_heartbeat_remove,
+    worker_heartbeats_prune,
+)
 
 HEARTBEAT_INTERVAL_S = 2.0
 # Back-off after a failed beat: doubles from the first, up to the last.
@@ -52,8 +57,6 @@ def run_worker(queue: str, write: Callable[[str], object]) -> str | None:
     1). `write` gets what an operator should see. The process must have been started with
     Q_CLUSTER_NAME naming the queue (django-q2 reads it when first imported)."""
     from django_q.signals import post_spawn
-
-    from training_app.workers.heartbeats import worker_heartbeat_remove
 
     queue_name = cluster_name(queue)
     forked_children_die_with_parent()
@@ -126,7 +129,6 @@ def _beat(
     """One heartbeat, and the recovery of what dead workers left behind."""
     from training_app.services.generations import GENERATIONS
     from training_app.services.runs import TRAINING_RUNS
-    from training_app.workers.heartbeats import worker_heartbeat_beat, worker_heartbeats_prune
 
     worker_heartbeat_beat(queue_name, host, pid, started)
     worker_heartbeats_prune(host)
