@@ -183,8 +183,6 @@ def _lora_of(
         ) from None
 
 
-
-
 def generation_wait(
     generation_id: int, timeout_s: float, client_gone: Callable[[], bool] | None = None
 ) -> tuple[Generation, list[bytes]]:
@@ -547,8 +545,6 @@ def _lora_path(lora: GenerationLora) -> Path:
     if artifact is None or artifact.sha256 != lora.sha256:
         raise ServiceError(f"{lora.filename} was deleted before generation")
     return lora_file_path(artifact)
-
-
 
 
 def _loras_key(generation: Generation) -> list[tuple[str, float]]:
