@@ -15,8 +15,12 @@ import math
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from PIL import Image
+
+if TYPE_CHECKING:  # for annotations only: bucketed_batches imports torch when it runs
+    import torch
 
 # (width, height) of SDXL's ~1-megapixel training sizes, at its native 1024.
 SDXL_BUCKETS = (
@@ -118,15 +122,15 @@ def bucketed_batches(
     sizes: Sequence[tuple[int, int]],
     batch_size: int,
     total_steps: int,
-    order_generator,
-    bucket_order_generator,
+    order_generator: torch.Generator,
+    bucket_order_generator: torch.Generator,
 ) -> Iterator[list[int]]:
     """`total_steps` batches of image indices, each from one size: every epoch shuffles
     each size's images and splits them into batches (the last of a size possibly smaller),
     then shuffles the order of the batches. With one size the batches are a plain shuffle
     split into batches, whatever the second generator holds.
 
-    The generators are torch.Generators; the caller seeds them.
+    The caller seeds the generators.
     """
     import torch
 

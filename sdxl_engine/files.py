@@ -37,8 +37,10 @@ def replace_with_retry(source: Path, target: Path) -> None:
             time.sleep(_REPLACE_RETRY_SECONDS)
 
 
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     """Call `write(tmp_path)`, fsync the result and rename it onto `path`.
+
+    What `write` returns is ignored (so `tmp.write_bytes` and friends fit as they are).
 
     The temporary file sits beside `path` (same file system, so the rename is atomic) and
     is removed if writing fails.

@@ -62,13 +62,20 @@ import io
 import json
 import math
 import struct
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
 from sdxl_engine.parameters import DEFAULT_QUALITY, output_problems, problems_text
 from sdxl_engine.schedulers import SCHEDULERS
+
+# A generation's record as JSON: GenerationParams.record() and what the service adds.
+Record = dict[str, Any]
+# A TIFF IFD entry: (tag, type, count, value bytes).
+_IfdEntry = tuple[int, int, int, bytes]
 
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 FILE_EXTENSIONS = {"png": ".png", "jpeg": ".jpg", "webp": ".webp"}
@@ -115,7 +122,7 @@ def lora_short_hash(path: str | Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def _safetensors_metadata(header: bytes) -> dict:
+def _safetensors_metadata(header: bytes) -> dict[str, object]:
     try:
         metadata = json.loads(header).get("__metadata__")
     except (ValueError, AttributeError):
@@ -123,15 +130,14 @@ def _safetensors_metadata(header: bytes) -> dict:
     return metadata if isinstance(metadata, dict) else {}
 
 
-def lora_prompt_name(lora: dict) -> str:
+def lora_prompt_name(lora: Record) -> str:
     """The name a LoRA goes by in `<lora:NAME:...>`: its "name" when the record gives one
     (two files of one name in a request), else its file name without .safetensors."""
-    if lora.get("name"):
-        return lora["name"]
-    return lora["filename"].removesuffix(_SAFETENSORS)
+    name: str = lora.get("name") or lora["filename"].removesuffix(_SAFETENSORS)
+    return name
 
 
-def infotext(record: dict) -> str:
+def infotext(record: Record) -> str:
     """The record's parameters as AUTOMATIC1111 1.10 writes them (see the module's doc)."""
     loras = record.get("loras") or []
     prompt = " ".join(
@@ -194,7 +200,7 @@ def _quote(text: str) -> str:
 
 def encode_image(
     image: Image.Image,
-    record: dict,
+    record: Record,
     output_format: str = "png",
     quality: int | None = None,
 ) -> bytes:
@@ -245,20 +251,21 @@ def _exif_bytes(text: str, record_json: str | None) -> bytes:
     of ints and A1111's read_info_from_image fails on it.
     """
     comment = UNICODE_PREFIX + text.encode("utf_16_be")
-    ifd0 = []  # (tag, type, count, value bytes)
+    # The Exif IFD pointer's value is None until the offset is known.
+    pending: list[tuple[int, int, int, bytes | None]] = []
     if record_json is not None:
         description = record_json.encode("ascii") + b"\x00"  # json.dumps escapes non-ASCII
-        ifd0.append((EXIF_IMAGE_DESCRIPTION, _TIFF_ASCII, len(description), description))
-    ifd0.append((EXIF_IFD, _TIFF_LONG, 1, None))  # the Exif IFD's offset, known below
-    exif_ifd = [(EXIF_USER_COMMENT, _TIFF_UNDEFINED, len(comment), comment)]
+        pending.append((EXIF_IMAGE_DESCRIPTION, _TIFF_ASCII, len(description), description))
+    pending.append((EXIF_IFD, _TIFF_LONG, 1, None))  # the Exif IFD's offset, known below
+    exif_ifd: list[_IfdEntry] = [(EXIF_USER_COMMENT, _TIFF_UNDEFINED, len(comment), comment)]
 
     ifd0_offset = 8
-    ifd0_data_offset = ifd0_offset + _ifd_size(ifd0)
-    exif_ifd_offset = ifd0_data_offset + _data_size(ifd0)
+    ifd0_data_offset = ifd0_offset + _ifd_size(pending)
+    exif_ifd_offset = ifd0_data_offset + _data_size(pending)
     exif_data_offset = exif_ifd_offset + _ifd_size(exif_ifd)
     ifd0 = [
         (tag, kind, count, struct.pack(">I", exif_ifd_offset) if value is None else value)
-        for tag, kind, count, value in ifd0
+        for tag, kind, count, value in pending
     ]
     tiff = b"MM\x00\x2a" + struct.pack(">I", ifd0_offset)
     tiff += _ifd_bytes(ifd0, ifd0_data_offset)
@@ -269,7 +276,7 @@ def _exif_bytes(text: str, record_json: str | None) -> bytes:
 _TIFF_ASCII, _TIFF_LONG, _TIFF_UNDEFINED = 2, 4, 7
 
 
-def _ifd_size(entries: list) -> int:
+def _ifd_size(entries: Sequence[object]) -> int:
     return 2 + 12 * len(entries) + 4
 
 
@@ -277,11 +284,11 @@ def _padded(value: bytes) -> bytes:
     return value + b"\x00" * (len(value) % 2)  # TIFF keeps offsets on word boundaries
 
 
-def _data_size(entries: list) -> int:
+def _data_size(entries: Sequence[tuple[int, int, int, bytes | None]]) -> int:
     return sum(len(_padded(value)) for *_, value in entries if value is not None and len(value) > 4)
 
 
-def _ifd_bytes(entries: list, data_offset: int) -> bytes:
+def _ifd_bytes(entries: Sequence[_IfdEntry], data_offset: int) -> bytes:
     """The IFD (entries in ascending tag order, no next IFD), then the values that do not
     fit in an entry's 4 bytes, starting at data_offset."""
     table = struct.pack(">H", len(entries))
@@ -318,7 +325,7 @@ def read_infotext(data: bytes) -> str | None:
     return text
 
 
-def read_record(data: bytes) -> dict | None:
+def read_record(data: bytes) -> Record | None:
     """The JSON record of an image file's bytes (PNG `sdxl_service` chunk, or the EXIF
     ImageDescription of a JPEG/WebP); None when there is none."""
     with Image.open(io.BytesIO(data)) as image:
@@ -326,7 +333,7 @@ def read_record(data: bytes) -> dict | None:
     if not raw:
         return None
     try:
-        record = json.loads(raw)
+        record: object = json.loads(raw)
     except ValueError:
         return None
     return record if isinstance(record, dict) else None

@@ -18,9 +18,10 @@ from __future__ import annotations
 import functools
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -39,12 +40,16 @@ from sdxl_engine.lora_keys import (
     split_lora_key,
     unsupported_message,
 )
+from sdxl_engine.source import ModelConfig
 
 # A module's weight shape: (out, in) for Linear, (out, in, kh, kw) for Conv2d.
 Shape = tuple[int, ...]
 # Component -> module path -> weight shape; a component mapped to None is one whose
 # modules cannot be known (its LoRA pairs are then checked for consistency only).
 TargetShapes = Mapping[str, Mapping[str, Shape] | None]
+# A safetensors header as JSON: each tensor's entry ({"dtype", "shape", "data_offsets"}) by
+# key, and the string metadata under "__metadata__".
+Header = dict[str, Any]
 
 _HEADER_LENGTH_BYTES = 8
 # The safetensors library refuses headers above 100 MB; so do we, before reading one.
@@ -73,7 +78,8 @@ class LoraInfo:
 
 def read_lora_metadata(path: Path) -> dict[str, str]:
     """The string metadata in a safetensors file's header (empty if it has none)."""
-    return read_lora_header(Path(path)).get("__metadata__", {})
+    metadata: dict[str, str] = read_lora_header(Path(path)).get("__metadata__", {})
+    return metadata
 
 
 def inspect_lora_file(path: Path) -> LoraInfo:
@@ -100,7 +106,7 @@ def inspect_lora_file(path: Path) -> LoraInfo:
     )
 
 
-def unet_lora_target_shapes(unet_config: dict) -> dict[str, tuple[int, int]]:
+def unet_lora_target_shapes(unet_config: ModelConfig) -> dict[str, tuple[int, int]]:
     """Every attention projection a LoRA may target in a UNet2DConditionModel of this
     config, as module path -> (out_features, in_features), derived the way diffusers
     builds the model (SDXL's block types only).
@@ -110,7 +116,7 @@ def unet_lora_target_shapes(unet_config: dict) -> dict[str, tuple[int, int]]:
     channels = list(unet_config["block_out_channels"])
     count = len(channels)
 
-    def per_block(value) -> list:
+    def per_block(value: Any) -> list[Any]:
         return list(value) if isinstance(value, list | tuple) else [value] * count
 
     layers = per_block(unet_config.get("layers_per_block", 2))
@@ -129,7 +135,9 @@ def unet_lora_target_shapes(unet_config: dict) -> dict[str, tuple[int, int]]:
 
     shapes: dict[str, tuple[int, int]] = {}
 
-    def add_attentions(prefix: str, index: int, blocks: int, width: int, cross_dim: int, n_heads):
+    def add_attentions(
+        prefix: str, index: int, blocks: int, width: int, cross_dim: int, n_heads: int
+    ) -> None:
         # Transformer2DModel's inner width: heads x (width // heads).
         inner = n_heads * (width // n_heads)
         for block in range(blocks):
@@ -187,15 +195,15 @@ def _unsupported(feature: str) -> EngineError:
     return EngineError(f"cannot tell the LoRA shapes of a UNet with {feature}")
 
 
-def _layer_count(spec, layer: int) -> int:
+def _layer_count(spec: int | list[int] | tuple[int, ...], layer: int) -> int:
     """Transformer blocks in one attention: an int for all layers, or one per layer."""
     return spec[layer] if isinstance(spec, list | tuple) else spec
 
 
 def lora_target_shapes(
-    unet_config: dict | None,
-    text_encoder_config: dict | None = None,
-    text_encoder_2_config: dict | None = None,
+    unet_config: ModelConfig | None,
+    text_encoder_config: ModelConfig | None = None,
+    text_encoder_2_config: ModelConfig | None = None,
 ) -> dict[str, dict[str, Shape] | None]:
     """The weight shape of every Linear and Conv2d module of the Base UNet and the two text
     encoders built from these configs (diffusers' UNet2DConditionModel, transformers'
@@ -217,11 +225,12 @@ def lora_target_shapes(
 def _module_shapes(component: str, config_json: str) -> dict[str, Shape] | None:
     import torch
 
-    config = json.loads(config_json)
+    config: ModelConfig = json.loads(config_json)
+    model: torch.nn.Module
     try:
         with torch.device("meta"):
             if component == UNET:
-                from diffusers import UNet2DConditionModel
+                from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
                 model = UNet2DConditionModel.from_config(config)
             else:
@@ -286,7 +295,7 @@ def check_lora(path: Path, target_shapes: TargetShapes | None = None) -> LoraInf
                 "(4-D) factor"
             )
             continue
-        module_id, factor = lora_key.module_id, lora_key.factor
+        module_id, factor = (lora_key.component, lora_key.module), lora_key.factor
         if factor in pairs.setdefault(module_id, {}):
             problems.append(f"{_named(module_id)} has two {factor} weights")
         pairs[module_id][factor] = entry["shape"]
@@ -307,7 +316,10 @@ def check_lora(path: Path, target_shapes: TargetShapes | None = None) -> LoraInf
 
 
 def _pair_problem(
-    module_id: tuple[str, str], down: list[int], up: list[int], target_shapes
+    module_id: tuple[str, str],
+    down: list[int],
+    up: list[int],
+    target_shapes: TargetShapes | None,
 ) -> str | None:
     named = _named(module_id)
     if len(down) != len(up):
@@ -335,11 +347,11 @@ def _named(module_id: tuple[str, str]) -> str:
     return ".".join(module_id)
 
 
-def _shape(shape) -> str:
+def _shape(shape: Sequence[int]) -> str:
     return " x ".join(str(dim) for dim in shape)
 
 
-def _tensors_with_non_finite_values(path: Path, header: dict) -> list[str]:
+def _tensors_with_non_finite_values(path: Path, header: Header) -> list[str]:
     found = []
     with open(path, "rb") as handle:
         data_start = _HEADER_LENGTH_BYTES + int.from_bytes(handle.read(8), "little")
@@ -364,7 +376,7 @@ def _not_a_lora(path: Path, problems: list[str]) -> EngineError:
     )
 
 
-def read_lora_header(path: Path) -> dict:
+def read_lora_header(path: Path) -> Header:
     """The checked JSON header: tensor entries by key, plus "__metadata__" if present."""
     try:
         size = path.stat().st_size
@@ -374,7 +386,7 @@ def read_lora_header(path: Path) -> dict:
                 size - _HEADER_LENGTH_BYTES, _MAX_HEADER_BYTES
             ):
                 raise _malformed(path, "the header length does not fit the file")
-            header = json.loads(handle.read(header_length).decode("utf-8"))
+            header: object = json.loads(handle.read(header_length).decode("utf-8"))
     except OSError as error:
         raise EngineError(
             f"LoRA file {path.name} could not be read ({error.strerror or error})."
@@ -387,7 +399,7 @@ def read_lora_header(path: Path) -> dict:
     return header
 
 
-def _check_entries(path: Path, header: dict, data_length: int) -> None:
+def _check_entries(path: Path, header: Header, data_length: int) -> None:
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise _malformed(path, "its metadata is not a map of strings")
@@ -408,13 +420,16 @@ def _check_entries(path: Path, header: dict, data_length: int) -> None:
             raise _malformed(path, f"tensor {key!r} has an invalid entry")
 
 
-def _byte_count_fits(entry: dict) -> bool:
+def _byte_count_fits(entry: dict[str, Any]) -> bool:
     """A float tensor's byte range holds exactly its shape's values (other dtypes: unchecked)."""
     dtype = _FLOAT_DTYPES.get(entry["dtype"])
     if dtype is None:
         return True
+    start: int
+    end: int
     start, end = entry["data_offsets"]
-    return end - start == math.prod(entry["shape"]) * dtype[0]
+    values: int = math.prod(entry["shape"])
+    return end - start == values * dtype[0]
 
 
 def _malformed(path: Path, detail: str) -> EngineError:

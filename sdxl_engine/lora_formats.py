@@ -27,8 +27,9 @@ Checking whether a file is canonical reads only its header; converting imports t
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeGuard
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import write_atomically
@@ -60,6 +61,9 @@ from sdxl_engine.lora_keys import (
     unsupported_message,
 )
 
+if TYPE_CHECKING:  # for annotations only: converting imports torch when it runs
+    import torch
+
 # SDXL's UNet has two resnets per down block: what sd-scripts' SDXL block numbers assume.
 SDXL_LAYERS_PER_BLOCK = 2
 KOHYA_BASE_MODEL_VERSION = "sdxl_base_v1-0"
@@ -67,7 +71,7 @@ KOHYA_NETWORK_MODULE = "networks.lora"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
 
 
-def is_kohya(keys) -> bool:
+def is_kohya(keys: Iterable[str]) -> bool:
     return any(key.startswith(tuple(KOHYA_PREFIXES)) for key in keys)
 
 
@@ -89,7 +93,7 @@ def is_canonical(path: Path) -> bool:
     return True
 
 
-def _is_canonical_key(lora_key: LoraKey | None) -> bool:
+def _is_canonical_key(lora_key: LoraKey | None) -> TypeGuard[LoraKey]:
     return (
         lora_key is not None
         and lora_key.form == DIFFUSERS
@@ -145,14 +149,18 @@ def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
     return save(kohya, metadata=kohya_metadata)
 
 
-def to_kohya(tensors: dict[str, Any]) -> dict[str, Any]:
+def to_kohya(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Canonical tensors in kohya's form: `lora_unet_` / `lora_te1_` / `lora_te2_` and the
     module path with underscores for dots (diffusers' block names, `down_blocks_1_...`,
     which AUTOMATIC1111, ComfyUI and diffusers map onto SDXL's blocks), each module's alpha
     a float32 scalar equal to its rank (canonical modules run at scale 1)."""
     import torch
 
-    prefixes = {UNET: "lora_unet_", TEXT_ENCODERS[0]: "lora_te1_", TEXT_ENCODERS[1]: "lora_te2_"}
+    prefixes: dict[str | None, str] = {
+        UNET: "lora_unet_",
+        TEXT_ENCODERS[0]: "lora_te1_",
+        TEXT_ENCODERS[1]: "lora_te2_",
+    }
     kohya = {}
     for key, tensor in tensors.items():
         lora_key = split_lora_key(key)
@@ -167,10 +175,10 @@ def to_kohya(tensors: dict[str, Any]) -> dict[str, Any]:
 
 
 def to_canonical(
-    tensors: dict[str, Any],
+    tensors: dict[str, torch.Tensor],
     metadata: dict[str, str],
     layers_per_block: int = SDXL_LAYERS_PER_BLOCK,
-) -> dict[str, Any]:
+) -> dict[str, torch.Tensor]:
     """Tensors of a kohya, PEFT or diffusers LoRA in canonical form, alphas folded in."""
     if not tensors:
         raise EngineError("the file holds no tensors; upload a LoRA .safetensors file")
@@ -178,14 +186,14 @@ def to_canonical(
         folded = _with_scales_folded(tensors, metadata, KOHYA)
         canonical = {}
         for key, tensor in folded.items():
-            lora_key = split_lora_key(key)
+            lora_key = _folded_key(key)
             module = kohya_module_path(lora_key.component, lora_key.module, layers_per_block)
             canonical[_canonical_key(lora_key, module)] = tensor.contiguous()
     else:
         peft = _with_scales_folded(_diffusers_to_peft(tensors), metadata, PEFT)
         canonical = {}
         for key, tensor in peft.items():
-            lora_key = split_lora_key(key)
+            lora_key = _folded_key(key)
             canonical[_canonical_key(lora_key, lora_key.module)] = tensor.contiguous()
     # Every pair must land on its own module: two spellings of one module, or a rename
     # that merged keys, would lose a pair.
@@ -198,25 +206,35 @@ def to_canonical(
     return canonical
 
 
+def _folded_key(key: str) -> LoraKey:
+    """What a key _with_scales_folded kept names (a down or up weight, always)."""
+    lora_key = split_lora_key(key)
+    if lora_key is None:
+        raise EngineError(unsupported_message(key))
+    return lora_key
+
+
 def _canonical_key(lora_key: LoraKey, module: str) -> str:
     """The canonical key of a factor of `module` (its diffusers path in either spelling)."""
     module = installed_module_path(lora_key.component, module)
     return LoraKey(DIFFUSERS, lora_key.component, module, lora_key.factor).in_form(DIFFUSERS)
 
 
-def _read(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     path = Path(path)
-    metadata = read_lora_header(path).get("__metadata__", {})
+    metadata: dict[str, str] = read_lora_header(path).get("__metadata__", {})
     try:
         return load_file(str(path)), metadata
     except (SafetensorError, ValueError) as error:
         raise EngineError(f"{path.name} could not be read as safetensors ({error})") from error
 
 
-def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form: str) -> dict:
+def _with_scales_folded(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str], form: str
+) -> dict[str, torch.Tensor]:
     """The down/up pairs of `tensors`, all spelt in `form`, each up-weight multiplied by its
     module's scale (lora_keys.lora_scales) and the alphas dropped: the pairs alone then
     compute what the file did.
@@ -227,16 +245,19 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
     those, as their patterns are regexes over module paths, which kohya's form spells
     otherwise. A kohya alpha of 0 means no scaling, as in sd-scripts and LyCORIS.
     """
-    keys = {key: split_lora_key(key) for key in tensors}
+    split = {key: split_lora_key(key) for key in tensors}
     others = sorted(
         key
-        for key, lora_key in keys.items()
+        for key, lora_key in split.items()
         if lora_key is None or (lora_key.factor != ALPHA and lora_key.form != form)
     )
     if others:
         more = f" (and {len(others) - 1} more unsupported entries)" if len(others) > 1 else ""
         raise EngineError(unsupported_message(others[0]) + more)
-    modules = {factor: {} for factor in (DOWN, UP, ALPHA)}
+    keys = {key: lora_key for key, lora_key in split.items() if lora_key is not None}
+    modules: dict[str, dict[tuple[str | None, str], torch.Tensor]] = {
+        factor: {} for factor in (DOWN, UP, ALPHA)
+    }
     for key, lora_key in keys.items():
         modules[lora_key.factor][lora_key.module_id] = tensors[key]
     # Each half needs the other; an alpha needs the pair it scales.
@@ -271,7 +292,7 @@ def _with_scales_folded(tensors: dict[str, Any], metadata: dict[str, str], form:
     return folded
 
 
-def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
+def _diffusers_to_peft(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A diffusers or PEFT LoRA, in any of diffusers' spellings, keyed in PEFT's form under
     its component; alphas keep their keys."""
     from diffusers.utils.state_dict_utils import (
@@ -280,7 +301,7 @@ def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
         convert_unet_state_dict_to_peft,
     )
 
-    by_component: dict[str, dict[str, Any]] = {}
+    by_component: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         key = key.removeprefix(PEFT_MODEL_PREFIX)
         component = component_of(key)
@@ -293,7 +314,7 @@ def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
         **DIFFUSERS_OLD_TO_PEFT,
         **{DIFFUSERS_SUFFIXES[UNET][factor]: PEFT_SUFFIXES[factor] for factor in (DOWN, UP)},
     }
-    peft = {}
+    peft: dict[str, torch.Tensor] = {}
     for component, part in by_component.items():
         peft.update(
             convert_unet_state_dict_to_peft(part)
@@ -303,7 +324,7 @@ def _diffusers_to_peft(tensors: dict[str, Any]) -> dict[str, Any]:
     return peft
 
 
-def _scaled(tensor, factor: float):
+def _scaled(tensor: torch.Tensor, factor: float) -> torch.Tensor:
     """`tensor * factor`, computed in float32 and kept in the tensor's own precision."""
     if factor == 1.0:
         return tensor

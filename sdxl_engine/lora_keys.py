@@ -60,7 +60,7 @@ _DIFFUSERS_TEXT_ENCODER_SUFFIXES = {
 }
 # Keys without a component are one model's adapter, which conversion reads as the UNet's
 # (sdxl_engine.lora_formats): they take the UNet's spelling.
-DIFFUSERS_SUFFIXES = {
+DIFFUSERS_SUFFIXES: dict[str | None, dict[str, str]] = {
     None: _DIFFUSERS_UNET_SUFFIXES,
     UNET: _DIFFUSERS_UNET_SUFFIXES,
     **{component: _DIFFUSERS_TEXT_ENCODER_SUFFIXES for component in TEXT_ENCODERS},
@@ -126,9 +126,9 @@ def component_of(key: str) -> str | None:
 def split_lora_key(key: str) -> LoraKey | None:
     """What `key` names, or None when it is no LoRA factor in a form above (diffusers'
     older attention-processor keys, DoRA magnitudes, LoHa factors, biases...)."""
-    for prefix, component in KOHYA_PREFIXES.items():
+    for prefix, kohya_component in KOHYA_PREFIXES.items():
         if key.startswith(prefix):
-            return _split_suffix(key, KOHYA, component, len(prefix), KOHYA_SUFFIXES)
+            return _split_suffix(key, KOHYA, kohya_component, len(prefix), KOHYA_SUFFIXES)
     form = PEFT_MODEL if key.startswith(PEFT_MODEL_PREFIX) else None
     rest = key.removeprefix(PEFT_MODEL_PREFIX)
     component = component_of(rest)
@@ -280,7 +280,9 @@ def is_sgm_module(kohya_module: str) -> bool:
     )
 
 
-def kohya_module_path(component: str, kohya_module: str, layers_per_block: int | None) -> str:
+def kohya_module_path(
+    component: str | None, kohya_module: str, layers_per_block: int | None
+) -> str:
     """The diffusers module path a kohya key's module name (after its `lora_unet_` /
     `lora_te1_` / `lora_te2_` prefix) denotes in its component.
 
@@ -384,7 +386,7 @@ class _AdapterConfig:
     """The fields of a PEFT LoraConfig that set a module's scale."""
 
     lora_alpha: float | None
-    alpha_pattern: tuple[tuple[re.Pattern, float], ...]
+    alpha_pattern: tuple[tuple[re.Pattern[str], float], ...]
     has_rank_pattern: bool
     use_rslora: bool
 
@@ -445,7 +447,7 @@ def lora_scales(
         raise EngineError(f"the header's {ADAPTER_METADATA_KEY} is not JSON") from error
     if not isinstance(config, dict):
         raise _not_a_config("it is not a JSON object")
-    fields: dict[str | None, dict] = {}
+    fields: dict[str | None, dict[str, object]] = {}
     for key, value in config.items():
         component = component_of(key)
         name = key.removeprefix(f"{component}.") if component else key
@@ -456,7 +458,7 @@ def lora_scales(
     )
 
 
-def _adapter_config(component: str | None, fields: dict) -> _AdapterConfig:
+def _adapter_config(component: str | None, fields: dict[str, object]) -> _AdapterConfig:
     if fields.get("use_dora"):
         raise EngineError(
             f"LoRA uses DoRA for its {component or 'model'}, which this service cannot apply; "
@@ -481,7 +483,7 @@ def _adapter_config(component: str | None, fields: dict) -> _AdapterConfig:
     )
 
 
-def _number(value, name: str) -> float:
+def _number(value: object, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _not_a_config(f"its {name} is not a number")
     return float(value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 from sdxl_engine.schedulers import SCHEDULER_NAMES
 
@@ -323,7 +324,7 @@ class GenerationParams:
         assert self.seed is not None, "unfilled GenerationParams have no seeds"
         return image_seeds(self.seed, self.num_images)
 
-    def batch_key(self) -> tuple:
+    def batch_key(self) -> tuple[int, int, int, float, str | None, str, float | None, float | None]:
         """What requests must share to render in one batch (one call of the pipelines): size,
         schedule, sampler, guidance, the Refiner's part and img2img's strength. Prompts,
         image counts, seeds and starting images are each request's own, and so is the
@@ -340,7 +341,7 @@ class GenerationParams:
             self.strength,
         )
 
-    def record(self) -> dict:
+    def record(self) -> dict[str, Any]:
         """The Generation row's `parameters` JSON: every field but those it keeps apart
         (RECORDED_APART); one whose default is None only when given, so a request without
         it runs as it did before the field existed."""

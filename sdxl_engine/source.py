@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sdxl_engine.errors import EngineError
 
@@ -15,6 +17,8 @@ DEFAULT_REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
 RANDOM_PRESETS = {"tiny": "tiny", "sdxl-random": "sdxl"}
 PRESETS = ("hub", *RANDOM_PRESETS)
 _PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+# A model component's config.json, as diffusers and transformers write it.
+ModelConfig = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,7 @@ def weights_status(model: str, hub_cache: Path | None = None) -> WeightsStatus:
     return WeightsStatus(present, str(Path(index).parent))
 
 
-def base_unet_configs(preset: str | None, base: str) -> list[dict]:
+def base_unet_configs(preset: str | None, base: str) -> list[ModelConfig]:
     """The config of every Base UNet a worker may load for these settings, read without
     torch or weights (for checks in the web process); empty when none can be known here.
 
@@ -143,7 +147,7 @@ _LORA_COMPONENT_CONFIGS = {
 }
 
 
-def base_lora_configs(preset: str | None, base: str) -> list[dict[str, dict | None]]:
+def base_lora_configs(preset: str | None, base: str) -> list[Mapping[str, ModelConfig | None]]:
     """Like base_unet_configs, for every component a LoRA may touch: for each Base
     pipeline a worker may load, the configs of its "unet", "text_encoder" and
     "text_encoder_2" (None for one that cannot be known here), read without torch."""
@@ -151,41 +155,41 @@ def base_lora_configs(preset: str | None, base: str) -> list[dict[str, dict | No
     if chosen in RANDOM_PRESETS:
         return [_packaged_configs(RANDOM_PRESETS[chosen])]
     base = base or DEFAULT_BASE_MODEL
-    real = {
+    real: dict[str, ModelConfig | None] = {
         component: _real_config(base, component, file)
         for component, file in _LORA_COMPONENT_CONFIGS.items()
     }
-    configs = [real] if real["unet"] is not None else []
+    configs: list[Mapping[str, ModelConfig | None]] = [real] if real["unet"] is not None else []
     if chosen == "auto":
         configs.append(_packaged_configs("tiny"))
     return configs
 
 
-def _packaged_configs(builder_preset: str) -> dict[str, dict]:
+def _packaged_configs(builder_preset: str) -> dict[str, ModelConfig]:
     return {
         component: _packaged_config(builder_preset, file)
         for component, file in _LORA_COMPONENT_CONFIGS.items()
     }
 
 
-def _packaged_config(builder_preset: str, file: str) -> dict:
-    return json.loads((_PACKAGED_CONFIGS / builder_preset / file).read_text("utf-8"))
+def _packaged_config(builder_preset: str, file: str) -> ModelConfig:
+    return _read_config(_PACKAGED_CONFIGS / builder_preset / file)
 
 
-def _packaged_unet_config(builder_preset: str) -> dict:
+def _packaged_unet_config(builder_preset: str) -> ModelConfig:
     return _packaged_config(builder_preset, _LORA_COMPONENT_CONFIGS["unet"])
 
 
-def _real_unet_config(base: str) -> dict | None:
+def _real_unet_config(base: str) -> ModelConfig | None:
     return _real_config(base, "unet", _LORA_COMPONENT_CONFIGS["unet"])
 
 
-def _real_config(base: str, component: str, packaged_file: str) -> dict | None:
+def _real_config(base: str, component: str, packaged_file: str) -> ModelConfig | None:
     """A component's config: the local folder's, SDXL Base's published one (packaged), or
     the Hugging Face cache's; None when none of them has it."""
     local = Path(base) / component / "config.json"
     if local.is_file():
-        return json.loads(local.read_text(encoding="utf-8"))
+        return _read_config(local)
     if base == DEFAULT_BASE_MODEL:
         return _packaged_config("sdxl", packaged_file)  # SDXL Base's published config
     from huggingface_hub import try_to_load_from_cache
@@ -194,4 +198,9 @@ def _real_config(base: str, component: str, packaged_file: str) -> dict | None:
         cached = try_to_load_from_cache(base, f"{component}/config.json")
     except ValueError:  # not a valid hub id either
         return None
-    return json.loads(Path(cached).read_text(encoding="utf-8")) if isinstance(cached, str) else None
+    return _read_config(Path(cached)) if isinstance(cached, str) else None
+
+
+def _read_config(path: Path) -> ModelConfig:
+    config: ModelConfig = json.loads(path.read_text(encoding="utf-8"))
+    return config

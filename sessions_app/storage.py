@@ -29,10 +29,7 @@ def absolute_path(relative: str) -> Path:
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
-    def write(temp: Path) -> None:
-        temp.write_bytes(data)
-
-    write_atomically(target, write)
+    write_atomically(target, lambda temp: temp.write_bytes(data))
 
 
 def staging_dir() -> Path:

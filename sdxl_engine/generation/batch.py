@@ -4,13 +4,16 @@ optionally with LoRAs, one request or several batched together."""
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import PIL.Image
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
     retrieve_latents,
 )
 from diffusers.utils.torch_utils import randn_tensor
@@ -82,7 +85,9 @@ def generate_batch(
     # Where the Base hands over, as a fraction of the whole schedule; diffusers ignores a
     # denoising_start that is not a float.
     refiner_switch = shared.refiner_switch_at or DEFAULT_REFINER_SWITCH
-    handover = float(refiner_switch if not img2img else 1 - strength * (1 - refiner_switch))
+    handover = float(
+        refiner_switch if strength is None or not img2img else 1 - strength * (1 - refiner_switch)
+    )
     base, refiner_pipe = pipelines.base, pipelines.refiner
     if refiner_pipe is None:
         raise EngineError(
@@ -144,7 +149,7 @@ def generate_batch(
                 prompt_embeds, pooled = _concatenated(
                     refiner_pipe.encode_prompt(
                         request.prompt,
-                        device=pipelines.device,
+                        device=torch.device(pipelines.device),
                         num_images_per_prompt=request.num_images,
                         do_classifier_free_guidance=False,
                     )
@@ -192,7 +197,7 @@ def _base_embeddings(
     encodings = [
         pipelines.base.encode_prompt(
             request.prompt,
-            device=pipelines.device,
+            device=torch.device(pipelines.device),
             num_images_per_prompt=request.num_images,
             do_classifier_free_guidance=guidance_scale > 1.0,
             # SDXL's Base is meant to see zeros for an empty negative prompt
@@ -223,7 +228,10 @@ def _starting_noise(
         width // base.vae_scale_factor,
     )
     device = torch.device(pipelines.device)
-    return randn_tensor(shape, generator=generators, device=device, dtype=pipelines.dtype)
+    noise: torch.Tensor = randn_tensor(
+        shape, generator=generators, device=device, dtype=pipelines.dtype
+    )
+    return noise
 
 
 def _init_latents(
@@ -241,13 +249,16 @@ def _init_latents(
     latents = []
     images = iter(generators)
     for request in requests:
+        # check_inputs let these requests through together: each has its starting image.
+        assert request.init_image is not None
         with PIL.Image.open(io.BytesIO(request.init_image)) as image:
             pixels = pipelines.base.image_processor.preprocess(
                 image.convert("RGB"), height=height, width=width
             ).to(device, torch.float32)
         for _ in range(request.num_images):
             latents.append(retrieve_latents(vae.encode(pixels), generator=next(images)))
-    return (torch.cat(latents) * vae.config.scaling_factor).to(pipelines.dtype)
+    scaled: torch.Tensor = (torch.cat(latents) * vae.config.scaling_factor).to(pipelines.dtype)
+    return scaled
 
 
 def _noise_seeds(requests: Sequence[GenerationParams]) -> list[int]:
@@ -260,7 +271,9 @@ def _noise_seeds(requests: Sequence[GenerationParams]) -> list[int]:
     ]
 
 
-def _concatenated(encodings) -> list[torch.Tensor | None]:
+def _concatenated(
+    encodings: Iterable[tuple[torch.Tensor | None, ...]],
+) -> list[torch.Tensor | None]:
     """encode_prompt's tuples of several requests, concatenated field by field (None stays)."""
     fields = list(zip(*encodings, strict=True))
     return [None if parts[0] is None else torch.cat(parts) for parts in fields]
@@ -309,12 +322,14 @@ def check_inputs(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> 
 
 def _step_reporter(
     steps: int, on_step: Callable[[int, int], None] | None
-) -> Callable[[Any, int, Any, dict], dict]:
+) -> Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]:
     """A diffusers step-end callback counting the steps of both pipelines together (of
     the Base alone when the Refiner does not run: then it runs all `steps`)."""
     done = 0
 
-    def report(_pipeline: Any, _step_index: int, _timestep: Any, callback_kwargs: dict) -> dict:
+    def report(
+        _pipeline: Any, _step_index: int, _timestep: Any, callback_kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
         nonlocal done
         done += 1
         if on_step is not None:
@@ -335,4 +350,7 @@ def decode_latents(pipelines: Pipelines, latents: torch.Tensor) -> list[PIL.Imag
     decoded = vae.decode(latents.to(torch.float32) / vae.config.scaling_factor, return_dict=False)[
         0
     ]
-    return pipelines.base.image_processor.postprocess(decoded, output_type="pil")
+    images: list[PIL.Image.Image] = pipelines.base.image_processor.postprocess(
+        decoded, output_type="pil"
+    )
+    return images

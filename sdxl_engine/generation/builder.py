@@ -15,20 +15,25 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    EulerDiscreteScheduler,
-    StableDiffusionXLImg2ImgPipeline,
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
-    UNet2DConditionModel,
 )
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
+from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteScheduler
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import fsync_tree
-from sdxl_engine.source import RANDOM_PRESETS, ModelSource, plan_model_source
+from sdxl_engine.source import RANDOM_PRESETS, ModelConfig, ModelSource, plan_model_source
+
+_Model = TypeVar("_Model", bound=torch.nn.Module)
 
 PRESETS = ("tiny", "sdxl")
 BUILD_STEPS = 5  # how many times build_random_pipelines calls on_step
@@ -101,9 +106,12 @@ def build_random_pipelines(
     return base_dir, refiner_dir
 
 
-def load_component_config(preset: str, name: str) -> dict:
+def load_component_config(preset: str, name: str) -> ModelConfig:
     """One component's config from `configs/<preset>/<name>.json`."""
-    return json.loads((CONFIG_DIR / preset / f"{name}.json").read_text(encoding="utf-8"))
+    config: ModelConfig = json.loads(
+        (CONFIG_DIR / preset / f"{name}.json").read_text(encoding="utf-8")
+    )
+    return config
 
 
 def write_clip_tokenizer(folder: Path) -> None:
@@ -213,9 +221,11 @@ def _save_random_pipelines(
         step("Refiner UNet")
         refiner = StableDiffusionXLImg2ImgPipeline(
             vae=vae,
-            text_encoder=None,
+            # The Refiner has no first text encoder; diffusers annotates these parameters
+            # without None, which its own Refiner checkpoints pass.
+            text_encoder=None,  # type: ignore[arg-type]
             text_encoder_2=text_encoder_2,
-            tokenizer=None,
+            tokenizer=None,  # type: ignore[arg-type]
             tokenizer_2=tokenizer,
             unet=_finish(
                 UNet2DConditionModel.from_config(load_component_config(preset, "unet_refiner")),
@@ -241,7 +251,7 @@ def _save_random_pipelines(
     shutil.rmtree(tokenizer_source)
 
 
-def _finish(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+def _finish(model: _Model, dtype: torch.dtype | None) -> _Model:
     model.requires_grad_(False)
     model.eval()
     return model.to(dtype) if dtype is not None else model

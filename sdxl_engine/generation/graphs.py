@@ -19,11 +19,18 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
 logger = logging.getLogger(__name__)
+
+# What a graph is captured for: the names of the added conditioning, then each input's
+# shape and dtype (sample, timestep, encoder_hidden_states, the added conditioning).
+_InputsKey = tuple[tuple[str, ...], *tuple[tuple[tuple[int, ...], torch.dtype], ...]]
 
 # Calls run eagerly on a side stream before a capture: cuBLAS and cuDNN set up their
 # handles and workspaces on first use, which must not happen inside a capture.
@@ -33,7 +40,9 @@ _WARMUP_CALLS = 2
 class _Graph:
     """One captured UNet call: inputs are copied into its static tensors, then replayed."""
 
-    def __init__(self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output):
+    def __init__(
+        self, graph: torch.cuda.CUDAGraph, inputs: list[torch.Tensor], output: torch.Tensor
+    ) -> None:
         self.graph, self.inputs, self.output = graph, inputs, output
 
     def replay(self, tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -52,12 +61,12 @@ class UNetGraphs:
     any): shapes in `compiled_shapes` go to the compiled code, all others to the graphs.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module) -> None:
         self.unet = unet
-        self.graphs: dict[tuple, _Graph] = {}
-        self.compiled_shapes: set[tuple] = set()
-        self.uncapturable: set[tuple] = set()
-        self._compiled_call: Callable | None = None
+        self.graphs: dict[_InputsKey, _Graph] = {}
+        self.compiled_shapes: set[_InputsKey] = set()
+        self.uncapturable: set[_InputsKey] = set()
+        self._compiled_call: Callable[..., Any] | None = None
         self._recording_compiled = False
         # One pool for every graph: they replay one at a time, on one stream.
         self._pool = torch.cuda.graph_pool_handle()
@@ -76,13 +85,19 @@ class UNetGraphs:
         finally:
             self._recording_compiled = False
 
-    def __call__(self, sample, timestep, encoder_hidden_states, **kwargs) -> Any:
+    def __call__(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor,
+        encoder_hidden_states: torch.Tensor,
+        **kwargs: Any,
+    ) -> Any:
         if not _capturable(sample, timestep, encoder_hidden_states, kwargs):
             return self._plain_call(sample, timestep, encoder_hidden_states, **kwargs)
         added = kwargs.get("added_cond_kwargs") or {}
         added_keys = tuple(sorted(added))
         tensors = [sample, timestep, encoder_hidden_states, *(added[k] for k in added_keys)]
-        key = (added_keys, *((tuple(t.shape), t.dtype) for t in tensors))
+        key: _InputsKey = (added_keys, *((tuple(t.shape), t.dtype) for t in tensors))
         if self._compiled_call is not None:
             if self._recording_compiled:
                 self.compiled_shapes.add(key)
@@ -103,7 +118,7 @@ class UNetGraphs:
         output = graph.replay(tensors)
         return (output,) if not kwargs.get("return_dict", True) else _output(output)
 
-    def _plain_call(self, *args, **kwargs) -> Any:
+    def _plain_call(self, *args: Any, **kwargs: Any) -> Any:
         call = self._compiled_call if self._compiled_call is not None else self.unet._call_impl
         return call(*args, **kwargs)
 
@@ -114,9 +129,10 @@ class UNetGraphs:
 
         def run() -> torch.Tensor:
             # The UNet's own forward, eager: neither the compiled code nor this object.
-            return self.unet._call_impl(
+            output: torch.Tensor = self.unet._call_impl(
                 sample, timestep, hidden, added_cond_kwargs=added_cond_kwargs, return_dict=False
             )[0]
+            return output
 
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -130,7 +146,9 @@ class UNetGraphs:
         return _Graph(graph, inputs, output)
 
 
-def _capturable(sample, timestep, encoder_hidden_states, kwargs: dict) -> bool:
+def _capturable(
+    sample: object, timestep: object, encoder_hidden_states: object, kwargs: dict[str, Any]
+) -> bool:
     """The SDXL pipelines' calls: CUDA tensors for the latents, timestep and conditioning,
     and no other argument (timestep_cond, attention masks, cross-attention or ControlNet
     arguments run as they are)."""
@@ -142,11 +160,11 @@ def _capturable(sample, timestep, encoder_hidden_states, kwargs: dict) -> bool:
     )
 
 
-def _output(sample: torch.Tensor):
+def _output(sample: torch.Tensor) -> UNet2DConditionOutput:
     from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
     return UNet2DConditionOutput(sample=sample)
 
 
-def _shapes(key: tuple) -> str:
+def _shapes(key: _InputsKey) -> str:
     return ", ".join("x".join(map(str, shape)) or "scalar" for shape, _dtype in key[1:])

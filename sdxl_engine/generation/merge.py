@@ -61,7 +61,7 @@ class LoraMerger:
     one LoRA to another is a few dozen kernel launches, not thousands.
     """
 
-    def __init__(self, models: Mapping[str, torch.nn.Module]):
+    def __init__(self, models: Mapping[str, torch.nn.Module]) -> None:
         self._modules = {
             component: dict(model.named_modules()) for component, model in models.items()
         }
@@ -69,7 +69,8 @@ class LoraMerger:
         # (component, module name) -> the untouched weight, saved on its first merge.
         self._originals: dict[tuple[str, str], torch.Tensor] = {}
         self._merged: dict[str, dict[str, None]] = {component: {} for component in models}
-        self._loras: OrderedDict[tuple, dict[str, list[_Group]]] = OrderedDict()
+        # (path, size, mtime) -> the file's groups, least recently used first.
+        self._loras: OrderedDict[tuple[str, int, int], dict[str, list[_Group]]] = OrderedDict()
 
     def merge(self, loras: Sequence[AppliedLora], components: Iterable[str] | None = None) -> None:
         """Adds every LoRA of `loras`, each times its scale, into the weights of
@@ -119,7 +120,8 @@ class LoraMerger:
             self._merged[component].update(dict.fromkeys(names))
 
     def _weight(self, component: str, name: str) -> torch.Tensor:
-        return self._modules[component][name].weight
+        weight: torch.Tensor = self._modules[component][name].weight
+        return weight
 
     def _save_original(self, component: str, name: str) -> None:
         if (component, name) not in self._originals:
@@ -159,6 +161,8 @@ class LoraMerger:
         halves: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         for key, tensor in canonical.items():
             lora_key = split_lora_key(key)
+            # to_canonical's keys all name a component's down or up weight.
+            assert lora_key is not None and lora_key.component is not None, key
             component, name = lora_key.component, lora_key.module
             module = self._modules.get(component, {}).get(name)
             if module is None or not isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
@@ -170,7 +174,10 @@ class LoraMerger:
             halves.setdefault((component, name), {})[lora_key.factor] = tensor.to(
                 self._device, torch.float32
             )
-        by_shape: dict[tuple, list[tuple[str, torch.Tensor, torch.Tensor]]] = {}
+        # (component, weight shape, rank) -> (module name, up, down) of each member
+        by_shape: dict[
+            tuple[str, tuple[int, ...], int], list[tuple[str, torch.Tensor, torch.Tensor]]
+        ] = {}
         for (component, name), pair in sorted(halves.items()):
             if set(pair) != {DOWN, UP}:
                 raise EngineError(f"LoRA {path.name} has only half of the pair for {name}")

@@ -9,7 +9,12 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2img import (
+    StableDiffusionXLImg2ImgPipeline,
+)
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.graphs import UNetGraphs
@@ -27,7 +32,7 @@ HALF_PRECISION: dict[str, torch.dtype] = {"generation": torch.float16, "training
 _LOAD_ERRORS = (OSError, ValueError, KeyError)
 
 
-def forked_rng(device: str | torch.device):
+def forked_rng(device: str | torch.device) -> contextlib.AbstractContextManager[object]:
     """torch's global generators (the CPU's, and `device`'s on CUDA) as they are now,
     given back when the block ends: what runs inside draws without disturbing them."""
     device = torch.device(device)
@@ -112,7 +117,7 @@ def load_pipelines(
     local_files_only = _env_flag("HF_HUB_OFFLINE")
 
     try:
-        base = StableDiffusionXLPipeline.from_pretrained(
+        base: StableDiffusionXLPipeline = StableDiffusionXLPipeline.from_pretrained(
             source.base,
             dtype={"default": dtype, "vae": torch.float32},
             local_files_only=local_files_only,
@@ -167,12 +172,14 @@ def _load_refiner(
     source: ModelSource, base: StableDiffusionXLPipeline, dtype: torch.dtype, local_files_only: bool
 ) -> StableDiffusionXLImg2ImgPipeline:
     try:
-        return StableDiffusionXLImg2ImgPipeline.from_pretrained(
-            source.refiner,
-            text_encoder_2=base.text_encoder_2,
-            vae=base.vae,
-            dtype=dtype,
-            local_files_only=local_files_only,
+        refiner: StableDiffusionXLImg2ImgPipeline = (
+            StableDiffusionXLImg2ImgPipeline.from_pretrained(
+                source.refiner,
+                text_encoder_2=base.text_encoder_2,
+                vae=base.vae,
+                dtype=dtype,
+                local_files_only=local_files_only,
+            )
         )
     except _LOAD_ERRORS as error:
         raise EngineError(
@@ -180,6 +187,7 @@ def _load_refiner(
             "Download it or set SDXL_REFINER_MODEL to a local diffusers folder, "
             "or SDXL_MODEL_PRESET=tiny for the built-in test model."
         ) from error
+    return refiner
 
 
 def _env_flag(name: str) -> bool:

@@ -6,16 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig, inject_adapter_in_model
 from peft.utils import get_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import save as safetensors_bytes
+from transformers import PreTrainedModel
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import write_atomically
@@ -34,21 +38,23 @@ def lora_config(rank: int, target_modules: list[str]) -> LoraConfig:
     )
 
 
-def add_text_encoder_adapter(text_encoder: torch.nn.Module, rank: int) -> None:
+def add_text_encoder_adapter(text_encoder: PreTrainedModel, rank: int) -> None:
     """PEFT's own injection, recording the config where diffusers keeps a model's adapter
     configs (transformers' add_adapter would need a newer PEFT than is published)."""
     config = lora_config(rank, TEXT_ENCODER_TARGET_MODULES)
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
-    text_encoder.peft_config = {ADAPTER_NAME: config}
+    # transformers types this with its own PeftConfigLike protocol, whose fields peft's
+    # LoraConfig annotates differently; it is the config transformers' add_adapter stores.
+    text_encoder.peft_config = {ADAPTER_NAME: config}  # type: ignore[dict-item]
 
 
-def remove_adapters(text_encoder: torch.nn.Module) -> None:
+def remove_adapters(text_encoder: PreTrainedModel) -> None:
     """Puts a text encoder's plain layers back in place of its LoRA layers, as diffusers'
     unload_lora_weights does for text encoders."""
     recurse_remove_peft_layers(text_encoder)
     if getattr(text_encoder, "peft_config", None) is not None:
         del text_encoder.peft_config
-        text_encoder._hf_peft_config_loaded = None
+        text_encoder._hf_peft_config_loaded = False
 
 
 class MasterWeights:
@@ -57,13 +63,13 @@ class MasterWeights:
     For float32 weights (on the CPU) the weights themselves are the masters: no copies.
     """
 
-    def __init__(self, model_parameters: list[torch.nn.Parameter]):
-        self._model = model_parameters
+    def __init__(self, model_parameters: Sequence[torch.Tensor]) -> None:
+        self._model = list(model_parameters)
         self._copies = any(parameter.dtype != torch.float32 for parameter in model_parameters)
         self.parameters = (
             [parameter.detach().float().requires_grad_() for parameter in model_parameters]
             if self._copies
-            else model_parameters
+            else self._model
         )
 
     def take_gradients(self) -> None:

@@ -75,7 +75,7 @@ class Run:
         base = self.pipelines.base
         return [base.text_encoder, base.text_encoder_2] if self.params.train_text_encoder else []
 
-    def metadata(self, loss: float, **extra) -> dict[str, str]:
+    def metadata(self, loss: float, **extra: object) -> dict[str, str]:
         """The sdxl_service.* header entries of a LoRA file of this run."""
         params = self.params
         metadata = {
@@ -142,8 +142,9 @@ def encode_images(
                 placements.append(placement)
                 time_ids.append(placement.time_ids)
             prompt_embeds, _, pooled, _ = base.encode_prompt(
-                prompt=captions[start : start + batch_size],
-                device=device,
+                # diffusers annotates prompt as str; it takes a list too (its docstring).
+                prompt=captions[start : start + batch_size],  # type: ignore[arg-type]
+                device=torch.device(device),
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
             )
@@ -161,8 +162,8 @@ def encode_images(
     if with_empty_caption:
         with torch.no_grad():
             empty, _, empty_pooled, _ = base.encode_prompt(
-                prompt=[""],
-                device=device,
+                prompt=[""],  # type: ignore[arg-type]  # a list, as above
+                device=torch.device(device),
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,
             )

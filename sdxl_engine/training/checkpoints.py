@@ -19,6 +19,7 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,8 +43,8 @@ class ResumeState:
     seed: int
     loss: float
     masters: list[torch.Tensor]
-    optimizer: dict
-    lr_scheduler: dict
+    optimizer: dict[str, Any]  # their state_dict()s
+    lr_scheduler: dict[str, Any]
     noise_generator: torch.Tensor
 
 
@@ -92,7 +93,7 @@ def load_resume_state(state_dir: Path, fingerprint: str) -> ResumeState | None:
     return state
 
 
-def _to_cpu(value):
+def _to_cpu(value: object) -> object:
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, dict):

@@ -8,8 +8,9 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from diffusers.optimization import get_scheduler
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import cast_training_params, compute_snr
 
 from sdxl_engine.buckets import bucketed_batches
@@ -65,8 +66,8 @@ def optimise(
     optimizer = torch.optim.AdamW(groups, fused=torch.device(device).type == "cuda")
     learning_rates = learning_rate_schedule(optimizer, params, total_steps)
     # The DDPM forward process with SDXL's betas: what SDXL was trained with.
-    noise_scheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
+    noise_scheduler: DDPMScheduler = DDPMScheduler.from_config(pipelines.base.scheduler.config)
+    prediction_type = noise_scheduler.config["prediction_type"]
     if prediction_type not in ("epsilon", "v_prediction"):
         raise EngineError(
             f"cannot train a model with prediction_type {prediction_type!r}; use an SDXL model"
@@ -89,26 +90,28 @@ def optimise(
         torch.Generator().manual_seed(run.seed + 1),
     )
     with _training_compilation(unet, pipelines.compiled):
-        for step, indices in enumerate(batches, start=1):
+        for step, batch in enumerate(batches, start=1):
             if step <= resumed_from_step:
                 continue  # replays the batch order up to where the run stopped
             if stop():
                 raise TrainingCancelled("training was cancelled; no LoRA was saved")
-            latents = torch.stack([encoded.latents[index] for index in indices])
-            indices = torch.tensor(indices, device=device)
+            latents = torch.stack([encoded.latents[index] for index in batch])
+            indices = torch.tensor(batch, device=device)
             noise = _noise(latents, params.noise_offset, noise_generator)
             timesteps = torch.randint(
                 0,
-                noise_scheduler.config.num_train_timesteps,
+                noise_scheduler.config["num_train_timesteps"],
                 (len(indices),),
                 generator=noise_generator,
                 device=device,
             )
-            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+            # diffusers annotates timesteps as the legacy torch.IntTensor (int32); its own
+            # training scripts pass randint's int64 tensor, as here.
+            noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)  # type: ignore[arg-type]
             target = (
                 noise
                 if prediction_type == "epsilon"
-                else noise_scheduler.get_velocity(latents, noise, timesteps)
+                else noise_scheduler.get_velocity(latents, noise, timesteps)  # type: ignore[arg-type]
             )
             if trained_text_encoders:
                 prompt_embeds, pooled_prompt_embeds = encoded_caption_conditioning(
@@ -198,11 +201,14 @@ def caption_conditioning(
     pooled = encoded.pooled_prompt_embeds[indices]
     if not caption_dropout:
         return prompt_embeds, pooled
+    empty, empty_pooled = encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds
+    # The run encodes the empty caption whenever captions drop out (encode_images).
+    assert empty is not None and empty_pooled is not None
     draws = torch.rand(len(indices), generator=generator, device=indices.device)
     dropped = draws < caption_dropout
     return (
-        torch.where(dropped[:, None, None], encoded.empty_prompt_embeds, prompt_embeds),
-        torch.where(dropped[:, None], encoded.empty_pooled_prompt_embeds, pooled),
+        torch.where(dropped[:, None, None], empty, prompt_embeds),
+        torch.where(dropped[:, None], empty_pooled, pooled),
     )
 
 
@@ -224,8 +230,9 @@ def encoded_caption_conditioning(
             for caption, dropped in zip(batch, draws < caption_dropout, strict=True)
         ]
     prompt_embeds, _, pooled, _ = pipelines.base.encode_prompt(
-        prompt=batch,
-        device=pipelines.device,
+        # diffusers annotates prompt as str; it takes a list too (its docstring).
+        prompt=batch,  # type: ignore[arg-type]
+        device=torch.device(pipelines.device),
         num_images_per_prompt=1,
         do_classifier_free_guidance=False,
     )
@@ -242,9 +249,9 @@ def min_snr_loss_weights(
     """Each sample's Min-SNR-gamma weight: min(SNR, gamma) / SNR for epsilon prediction,
     min(SNR, gamma) / (SNR + 1) for v-prediction (whose target's scale differs), as in
     diffusers' SDXL LoRA training script."""
-    snr = compute_snr(noise_scheduler, timesteps)
+    snr: torch.Tensor = compute_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
-    if noise_scheduler.config.prediction_type == "v_prediction":
+    if noise_scheduler.config["prediction_type"] == "v_prediction":
         return clipped / (snr + 1)
     return clipped / snr
 
@@ -265,7 +272,7 @@ def _loss(
 
 
 @contextmanager
-def _training_compilation(unet: torch.nn.Module, compiled: bool) -> Iterator[None]:
+def _training_compilation(unet: UNet2DConditionModel, compiled: bool) -> Iterator[None]:
     """Compile the UNet's transformer blocks for training when the pipelines are compiled.
 
     The whole-UNet CUDA graphs compiled for generation do not fit training (LoRA layers

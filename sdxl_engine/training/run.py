@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionXLPipeline
+from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
+    StableDiffusionXLPipeline,
+)
 from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
@@ -137,9 +139,11 @@ def train_lora(
             with_empty_caption=params.caption_dropout > 0,
         )
         encoders.release()
-        total_steps = params.steps or params.epochs * batches_per_epoch(
-            encoded.placements, params.batch_size
-        )
+        if params.steps is not None:
+            total_steps = params.steps
+        else:
+            assert params.epochs is not None  # _check_params: steps or epochs
+            total_steps = params.epochs * batches_per_epoch(encoded.placements, params.batch_size)
         run = Run(
             pipelines=pipelines,
             params=params,
@@ -237,4 +241,5 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
 def _resolution_multiple(base: StableDiffusionXLPipeline) -> int:
     # The VAE divides the image by vae_scale_factor and each UNet down block but the last
     # halves the latent again; both must divide evenly for the skip connections to match.
-    return base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    multiple: int = base.vae_scale_factor * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    return multiple

@@ -40,7 +40,7 @@ class Watch:
         sample_prompts: list[str],
         encoders: Encoders,
         on_resume: Callable[[int], None] | None,
-    ):
+    ) -> None:
         params = run.params
         self._run, self._state_dir, self._encoders = run, state_dir, encoders
         self._on_checkpoint, self._on_samples = on_checkpoint, on_samples
@@ -55,34 +55,39 @@ class Watch:
             self._on_resume(step)
 
     def after_step(self, step: int, loss: float, optimisation: Optimisation) -> None:
+        on_samples, state_dir = self._on_samples, self._state_dir
         if (
-            self._on_samples is not None
+            on_samples is not None
             and self._sample_prompts
             and self.sample_every
             and step % self.sample_every == 0
         ):
-            self._samples(step)
+            self._samples(step, on_samples)
         if (
-            self._state_dir is not None
+            state_dir is not None
             and self.checkpoint_every
             and step % self.checkpoint_every == 0
             and step < self._run.total_steps  # the last step's file is the LoRA itself
         ):
-            self._checkpoint(step, loss, optimisation)
+            self._checkpoint(step, state_dir, loss, optimisation)
 
-    def _samples(self, step: int) -> None:
+    def _samples(
+        self, step: int, on_samples: Callable[[int, list[tuple[str, Image.Image]]], None]
+    ) -> None:
         run = self._run
         with self._encoders.borrowed():
             images = render_samples(
                 run.pipelines, self._sample_prompts, self._sample_seed, run.resolution
             )
-        self._on_samples(step, list(zip(self._sample_prompts, images, strict=True)))
+        on_samples(step, list(zip(self._sample_prompts, images, strict=True)))
 
-    def _checkpoint(self, step: int, loss: float, optimisation: Optimisation) -> None:
+    def _checkpoint(
+        self, step: int, state_dir: Path, loss: float, optimisation: Optimisation
+    ) -> None:
         run, masters = self._run, optimisation.masters
         models = (run.pipelines.base.unet, *run.text_encoders)
-        self._state_dir.mkdir(parents=True, exist_ok=True)
-        path = self._state_dir / f"checkpoint-{step}.safetensors"
+        state_dir.mkdir(parents=True, exist_ok=True)
+        path = state_dir / f"checkpoint-{step}.safetensors"
         # The file holds the float32 weights the optimiser has reached, as the final one.
         for model in models:
             cast_training_params(model, dtype=torch.float32)
@@ -99,7 +104,7 @@ class Watch:
                 cast_training_params(model, dtype=run.pipelines.dtype)
             masters.copy_to_model()
         save_resume_state(
-            self._state_dir,
+            state_dir,
             ResumeState(
                 fingerprint=run.fingerprint,
                 step=step,
