@@ -17,7 +17,7 @@ from django.views.decorators.http import require_POST
 from rest_framework import serializers
 
 from core.errors import ServiceError
-from sdxl_service.api.serializers import TrainLoraSerializer
+from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app.admin import SessionAdmin
 from sessions_app.models import Session
 from training_app.admin import lora_download_links, sample_figures
