@@ -109,7 +109,7 @@ class ServiceProcesses:
     def gunicorn(self, workers: int | None = None, threads: int | None = None, **env: str) -> str:
         """Starts the web server as `serve` runs it (its worker and thread counts unless
         given); returns its base URL once it answers."""
-        from training_app.management.commands.serve import (
+        from training_app.workers.supervisor import (
             WEB_THREADS,
             WEB_WORKERS,
             gunicorn_command,

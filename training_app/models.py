@@ -13,13 +13,39 @@ from sessions_app.models import Session
 _PARAMS_FIELDS = field_names(GenerationParams)
 
 
-class TrainingRun(models.Model):
+class Job(models.Model):
+    """The columns of a row a worker runs as a job (a training run, a generation): who runs
+    it, since when, whether its process is alive, and where its events go. Its lifecycle
+    (queue, claim, heartbeat, finish, lost, redeliver) is training_app.jobs'. A kind with
+    more ends than these statuses (a generation) declares its own Status and `status`."""
+
     class Status(models.TextChoices):
         QUEUED = "queued"
         RUNNING = "running"
         COMPLETED = "completed"
         ERROR = "error"
 
+    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
+    error_message = models.TextField(blank=True)  # why, when it ended otherwise than completed
+    task_id = models.CharField(max_length=64, blank=True)
+    worker = models.CharField(max_length=200, blank=True)  # host:pid of the process running it
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # Written by the running job's process (jobs.heartbeat) BEATS_PER_STALE_PERIOD times per
+    # stale period: older than that, the process is gone (jobs.end_lost).
+    heartbeat_at = models.DateTimeField(null=True, blank=True)
+    # Where to post the job's events (webhooks), and which: see services.webhooks.
+    webhook_url = models.CharField(max_length=2000, blank=True)
+    webhook_events = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        abstract = True
+
+
+class TrainingRun(Job):
     class Stage(models.TextChoices):
         QUEUED = "queued"
         LOADING = "loading"
@@ -28,32 +54,19 @@ class TrainingRun(models.Model):
         SAVING = "saving"
         DONE = "done"
 
-    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
-
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="training_runs")
-    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.QUEUED)
     progress = models.PositiveSmallIntegerField(default=0)  # 0-100, never goes backwards
     step = models.PositiveIntegerField(default=0)
     total_steps = models.PositiveIntegerField(null=True, blank=True)
     last_loss = models.FloatField(null=True, blank=True)
     parameters = models.JSONField(default=dict, blank=True)
-    error_message = models.TextField(blank=True)
-    task_id = models.CharField(max_length=64, blank=True)
-    worker = models.CharField(max_length=200, blank=True)  # host:pid of the worker running it
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
     # When the optimisation steps began: the time per step, hence the ETA, counts from here.
     training_started_at = models.DateTimeField(null=True, blank=True)
     # Times the run's worker was lost and the run queued again (SDXL_TRAINING_MAX_RESUMES).
     attempts = models.PositiveSmallIntegerField(default=0)
     # The checkpoint's step the current attempt continued from; null for a first attempt.
     resumed_from_step = models.PositiveIntegerField(null=True, blank=True)
-    # Where to post this run's events (webhooks), and which: see services.webhooks.
-    webhook_url = models.CharField(max_length=2000, blank=True)
-    webhook_events = models.JSONField(default=list, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -146,7 +159,7 @@ class TrainingSample(models.Model):
         return f"sample {self.index} of {self.run} at step {self.step}"
 
 
-class Generation(models.Model):
+class Generation(Job):
     """One /txt2img request: what was asked, what was used, how long it took. The LoRAs it
     applies are its applied_loras (GenerationLora), in order."""
 
@@ -176,22 +189,10 @@ class Generation(models.Model):
         Owner, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
     image_count = models.PositiveSmallIntegerField(default=0)
-    # Where to post this generation's events (webhooks), and which: see services.webhooks.
-    webhook_url = models.CharField(max_length=2000, blank=True)
-    webhook_events = models.JSONField(default=list, blank=True)
     # Denoising steps done, of Base and Refiner together, while running (GET /generations/<id>).
     step = models.PositiveSmallIntegerField(default=0)
     total_steps = models.PositiveSmallIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
-    error_message = models.TextField(blank=True)  # why, under error or cancelled
-    task_id = models.CharField(max_length=64, blank=True)
-    worker = models.CharField(max_length=200, blank=True)  # host:pid of the process running it
-    created_at = models.DateTimeField(auto_now_add=True)
-    started_at = models.DateTimeField(null=True, blank=True)
-    finished_at = models.DateTimeField(null=True, blank=True)
-    # Written by the running job's process every SDXL_WORKER_STALE_AFTER / 4: older than
-    # SDXL_WORKER_STALE_AFTER, the process is gone (services.generations.generations_end_lost).
-    heartbeat_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

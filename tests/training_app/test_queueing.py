@@ -11,14 +11,11 @@ from django_q.brokers import get_broker
 
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
+from training_app import jobs
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
-from training_app.services.generations import (
-    GenerationRequest,
-    generation_request,
-    generations_redeliver,
-)
-from training_app.services.runs import training_runs_redeliver
+from training_app.services.generations import GENERATIONS, GenerationRequest, generation_request
+from training_app.services.runs import TRAINING_RUNS
 
 pytestmark = pytest.mark.django_db
 
@@ -58,13 +55,13 @@ def test_a_run_whose_task_was_lost_is_queued_again(broker, django_capture_on_com
     run = _queued_run(django_capture_on_commit_callbacks, WAITED_S + 1)
     _lose_the_task(broker)
 
-    assert training_runs_redeliver() == [run.pk]
+    assert jobs.redeliver(TRAINING_RUNS) == [run.pk]
 
     assert broker.queue_size() == 1
     run_after = TrainingRun.objects.get(pk=run.pk)
     assert run_after.status == "queued" and run_after.task_id != run.task_id
     # Its task is in the broker again: nothing more to do on the next beat.
-    assert training_runs_redeliver() == []
+    assert jobs.redeliver(TRAINING_RUNS) == []
     assert broker.queue_size() == 1
 
 
@@ -73,7 +70,7 @@ def test_a_run_whose_task_waits_in_the_broker_is_left_alone(
 ):
     run = _queued_run(django_capture_on_commit_callbacks, WAITED_S + 1)
 
-    assert training_runs_redeliver() == []
+    assert jobs.redeliver(TRAINING_RUNS) == []
     assert broker.queue_size() == 1
     assert TrainingRun.objects.get(pk=run.pk).task_id == run.task_id
 
@@ -82,7 +79,7 @@ def test_a_run_that_just_queued_is_left_alone(broker, django_capture_on_commit_c
     _queued_run(django_capture_on_commit_callbacks, WAITED_S - 5)
     _lose_the_task(broker)
 
-    assert training_runs_redeliver() == []
+    assert jobs.redeliver(TRAINING_RUNS) == []
     assert broker.queue_size() == 0
 
 
@@ -94,7 +91,7 @@ def test_nothing_is_queued_again_while_a_run_is_running(broker, django_capture_o
     broker.dequeue()
     TrainingRun.objects.filter(pk=running.pk).update(status="running", started_at=timezone.now())
 
-    assert training_runs_redeliver() == []
+    assert jobs.redeliver(TRAINING_RUNS) == []
     assert broker.queue_size() == 0
 
 
@@ -108,7 +105,7 @@ def test_a_run_running_past_the_job_timeout_does_not_block_the_queue(
     long_ago = timezone.now() - timedelta(seconds=settings.SDXL_TRAINING_TIMEOUT + 1)
     TrainingRun.objects.filter(pk=killed.pk).update(status="running", started_at=long_ago)
 
-    assert training_runs_redeliver() == [lost.pk]
+    assert jobs.redeliver(TRAINING_RUNS) == [lost.pk]
 
 
 def test_a_generation_whose_task_was_lost_is_queued_again(
@@ -122,5 +119,5 @@ def test_a_generation_whose_task_was_lost_is_queued_again(
     )
     _lose_the_task(broker)
 
-    assert generations_redeliver() == [generation.pk]
+    assert jobs.redeliver(GENERATIONS) == [generation.pk]
     assert broker.queue_size() == 1

@@ -17,6 +17,7 @@ from sdxl_engine.training.checkpoints import RESUME_STATE_NAME
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes
+from training_app import jobs
 from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun
 from training_app.services import runs as run_services
 from training_app.services.watch import checkpoint_store, resume_state_dir
@@ -91,7 +92,7 @@ def test_a_run_whose_heartbeat_went_stale_is_queued_again_to_resume(
     state = _resume_state(session, run)
 
     with django_capture_on_commit_callbacks(execute=True) as enqueued:
-        assert run_services.training_runs_recover_lost() == [run.pk]
+        assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
 
     assert len(enqueued) == 1 and broker.queue_size() == 1
     run.refresh_from_db()
@@ -107,7 +108,7 @@ def test_a_run_whose_heartbeat_went_stale_is_queued_again_to_resume(
         "0",
     ]
     with django_capture_on_commit_callbacks(execute=True) as enqueued_again:
-        assert run_services.training_runs_recover_lost() == []  # once
+        assert jobs.end_lost(run_services.TRAINING_RUNS) == []  # once
     assert enqueued_again == [] and broker.queue_size() == 1
 
 
@@ -119,14 +120,14 @@ def test_a_run_lost_more_often_than_max_resumes_ends_as_lost_and_its_state_goes(
     state = _resume_state(session, run)
     for attempt in (1, 2):
         with django_capture_on_commit_callbacks(execute=True):
-            assert run_services.training_runs_recover_lost() == [run.pk]
+            assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
         assert TrainingRun.objects.get(pk=run.pk).status == "queued"
         assert TrainingRun.objects.get(pk=run.pk).attempts == attempt
         _lose(run, beat_seconds_ago=STALE_AFTER_S + 1)  # the resumed attempt is lost too
     temporary = _temporary_files(session, run)
 
     with django_capture_on_commit_callbacks(execute=True) as enqueued:
-        assert run_services.training_runs_recover_lost() == [run.pk]
+        assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
 
     assert enqueued == [] and broker.queue_size() == 2  # the two resumes only
     run.refresh_from_db()
@@ -136,7 +137,7 @@ def test_a_run_lost_more_often_than_max_resumes_ends_as_lost_and_its_state_goes(
     assert not state.exists()
     assert not any(path.exists() for path in temporary)
     assert sorted(p.name for p in storage.session_dir(session.pk).iterdir()) == ["0"]
-    assert run_services.training_runs_recover_lost() == []  # once
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == []  # once
 
 
 def test_with_no_resumes_allowed_a_lost_run_ends_at_once(
@@ -146,7 +147,7 @@ def test_with_no_resumes_allowed_a_lost_run_ends_at_once(
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S + 1)
     state = _resume_state(session, run)
     with django_capture_on_commit_callbacks(execute=True) as enqueued:
-        assert run_services.training_runs_recover_lost() == [run.pk]
+        assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
     assert enqueued == [] and broker.queue_size() == 0
     run.refresh_from_db()
     assert (run.status, run.attempts, run.error_message) == ("error", 0, _lost_message(0))
@@ -157,7 +158,7 @@ def test_a_run_with_a_fresh_heartbeat_is_left_alone(session):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S - 5)
     temporary = _temporary_files(session, run)
     state = _resume_state(session, run)
-    assert run_services.training_runs_recover_lost() == []
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == []
     run.refresh_from_db()
     assert run.status == "running" and run.attempts == 0
     assert all(path.exists() for path in temporary)
@@ -168,7 +169,7 @@ def test_a_run_with_a_fresh_heartbeat_is_left_alone(session):
 def test_runs_not_running_are_left_alone(session, status):
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S * 10)
     TrainingRun.objects.filter(pk=run.pk).update(status=status)
-    assert run_services.training_runs_recover_lost() == []
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == []
     assert TrainingRun.objects.get(pk=run.pk).status == status
 
 
@@ -181,7 +182,7 @@ def test_a_cancelled_run_is_never_queued_again(session, broker, django_capture_o
     )
 
     with django_capture_on_commit_callbacks(execute=True) as enqueued:
-        assert run_services.training_runs_recover_lost() == []
+        assert jobs.end_lost(run_services.TRAINING_RUNS) == []
 
     assert enqueued == [] and broker.queue_size() == 0
     run.refresh_from_db()
@@ -195,7 +196,7 @@ def test_cancelling_a_run_queued_again_ends_it_for_good_and_removes_its_state(
     settings.SDXL_RUN_STALE_AFTER = 3600.0  # no heartbeat thread beats in this test
     run = _running_run(session, beat_seconds_ago=2 * 3600)
     state = _resume_state(session, run)
-    assert run_services.training_runs_recover_lost() == [run.pk]
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
 
     cancelled = run_services.training_run_cancel(session.pk)
 
@@ -206,7 +207,7 @@ def test_cancelling_a_run_queued_again_ends_it_for_good_and_removes_its_state(
     run.refresh_from_db()
     assert (run.status, run.error_message) == ("error", run_services.CANCELLED_MESSAGE)
     assert not LoraArtifact.objects.exists()
-    assert run_services.training_runs_recover_lost() == []
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == []
 
 
 def test_starting_again_while_a_run_is_lost_answers_409_and_the_lost_run_resumes(
@@ -245,7 +246,7 @@ def test_a_live_run_still_blocks_a_second_start(session):
 def test_a_run_ended_as_lost_and_delivered_again_does_nothing(session, settings):
     settings.SDXL_TRAINING_MAX_RESUMES = 0
     run = _running_run(session, beat_seconds_ago=STALE_AFTER_S + 1)
-    run_services.training_runs_recover_lost()
+    jobs.end_lost(run_services.TRAINING_RUNS)
     run_services.training_run_execute(run.pk)  # the broker delivers it again
     run.refresh_from_db()
     assert run.status == "error" and run.error_message == _lost_message(0)
@@ -285,7 +286,7 @@ def test_a_run_queued_again_resumes_from_its_checkpoint(session, settings, tmp_p
             on_checkpoint=lambda step, path, sha256: checkpoint_store(run, step, path, sha256),
         )
     _lose(run, beat_seconds_ago=2 * 3600, step=3, progress=75)
-    assert run_services.training_runs_recover_lost() == [run.pk]
+    assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
     assert (state / RESUME_STATE_NAME).is_file()
 
     run_services.training_run_execute(run.pk)  # the run's task, delivered again
@@ -329,7 +330,7 @@ def test_the_heartbeat_thread_keeps_a_slow_job_alive(session, settings, monkeypa
     def slow_model_load(purpose):
         deadline = timezone.now() + timedelta(seconds=3)
         while timezone.now() < deadline:
-            seen_by_a_recovering_worker.extend(run_services.training_runs_recover_lost())
+            seen_by_a_recovering_worker.extend(jobs.end_lost(run_services.TRAINING_RUNS))
         raise EngineError("stopped after loading, for the test")
 
     monkeypatch.setattr("training_app.runtime.worker_pipelines", slow_model_load)

@@ -8,12 +8,8 @@ from django.core.management import CommandError, call_command
 
 from access_app import services
 from access_app.models import ApiToken, Owner
-from training_app.management.commands.serve import (
-    Command,
-    access_mode,
-    is_loopback,
-    service_processes,
-)
+from training_app.management.commands.serve import Command, access_mode, is_loopback
+from training_app.workers.supervisor import service_processes
 
 pytestmark = pytest.mark.django_db
 

@@ -3,7 +3,7 @@
 The web process records a Generation, enqueues its id once committed, and waits on the
 row; the worker claims the row, generates, writes the PNGs and marks the row finished.
 While it runs, the job's process keeps the row's heartbeat fresh: a running row whose
-heartbeat went stale lost its process and is ended as an error (generations_end_lost). A
+heartbeat went stale lost its process and is ended as an error (_generation_lost). A
 generation nobody wants any more (its client went away or was answered 504, or POST
 /generations/<id>/cancel) is cancelled: the worker stops between denoising steps.
 """
@@ -13,14 +13,12 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q, QuerySet
+from django.db.models import QuerySet
 from django.urls import reverse
-from django.utils import timezone
 
 from access_app.callers import Caller
 from core.errors import ServiceError
@@ -30,15 +28,14 @@ from sdxl_engine.parameters import DEFAULT_LORA_SCALE, GenerationParams, LoraCho
 from sessions_app import storage
 from sessions_app.images import check_image
 from sessions_app.selectors import session_get
+from training_app import jobs
 from training_app.models import (
     Generation,
     GenerationLora,
     LoraArtifact,
     TrainingCheckpoint,
 )
-from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import generation_get, lora_file_get, worker_alive
-from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_file_path
 from training_app.services.owner_quotas import generation_owner
 from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
@@ -165,7 +162,7 @@ def _generation_create(
         written.append(folder)
         folder.mkdir(parents=True, exist_ok=True)
         storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, params.init_image)
-    transaction.on_commit(lambda: _enqueue_generation(generation.pk))
+    jobs.enqueue_on_commit(GENERATIONS, generation.pk)
     return generation
 
 
@@ -184,29 +181,6 @@ def _lora_of(
         raise ServiceError(
             f"{error.message}: {wanted} of session {choice.session_id}", status=error.status
         ) from None
-
-
-def _enqueue_generation(generation_id: int) -> None:
-    enqueue(
-        "training_app.tasks.generate_task",
-        Generation,
-        generation_id,
-        settings.GENERATION_QUEUE,
-        f"generation-{generation_id}",
-    )
-
-
-def generations_redeliver() -> list[int]:
-    """Hands queued generations whose task was lost back to the generation queue (see
-    queueing.redeliver_lost); returns their ids. Generation workers call it every few
-    seconds: a caller still waiting gets its images late instead of a timeout."""
-    return redeliver_lost(
-        Generation,
-        settings.GENERATION_QUEUE,
-        _enqueue_generation,
-        waited_s=settings.SDXL_WORKER_STALE_AFTER,
-        job_timeout_s=settings.SDXL_GENERATION_TIMEOUT,
-    )
 
 
 def generation_wait(
@@ -239,8 +213,8 @@ def generation_wait(
         if status == Generation.Status.QUEUED and not worker_alive(settings.GENERATION_QUEUE):
             _abandon(generation_id)
             raise ServiceError(NO_WORKER_MESSAGE, status=503)
-        if status == Generation.Status.RUNNING and _heartbeat_stale(generation):
-            generations_end_lost()
+        if jobs.is_lost(GENERATIONS, generation):
+            jobs.end_lost(GENERATIONS)
             continue  # read again: ended as lost, unless it beat in the meantime
         if client_gone is not None and client_gone():
             _give_up(generation_id, CANCELLED_CLIENT_GONE)
@@ -254,33 +228,26 @@ def generation_wait(
         time.sleep(_POLL_INTERVAL_S)
 
 
-def _heartbeat_stale(generation: Generation) -> bool:
-    """Whether the process running the generation is gone (rows claimed before heartbeats
-    existed count from their start)."""
-    last_beat = generation.heartbeat_at or generation.started_at
-    stale_after = timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
-    return last_beat is not None and last_beat < timezone.now() - stale_after
+def _generation_lost(generation: Generation, still_lost: QuerySet) -> str | None:
+    """A generation whose process died (jobs.end_lost) ends as an error
+    (WORKER_LOST_MESSAGE). The web thread waiting on one looks for them, and generation
+    workers every few seconds: a lost generation is never left running, and no longer
+    holds back the redelivery of the queued ones (jobs.redeliver)."""
+    if _finish_generations_with_error([generation.pk], WORKER_LOST_MESSAGE, among=still_lost):
+        return "ended in error"
+    return None
 
 
-def generations_end_lost() -> list[int]:
-    """Ends as an error (WORKER_LOST_MESSAGE) the running generations whose heartbeat is
-    older than SDXL_WORKER_STALE_AFTER: the process running them died (kill -9, out of
-    memory), whatever its worker's main process still says. Returns their ids.
-
-    The web thread waiting on one calls it, and generation workers every few seconds: a
-    lost generation is never left running, and no longer holds back the redelivery of the
-    queued ones (generations_redeliver).
-    """
-    cutoff = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
-    lost = Generation.objects.filter(status=Generation.Status.RUNNING).filter(
-        Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
-    )
-    ended = []
-    for generation_id in lost.values_list("pk", flat=True):
-        # Conditional, like every status change: a generation that beat meanwhile stays.
-        if _finish_generations_with_error([generation_id], WORKER_LOST_MESSAGE, among=lost):
-            ended.append(generation_id)
-    return ended
+GENERATIONS = jobs.JobKind(
+    model=Generation,
+    label="generation",
+    task="training_app.tasks.generate_task",
+    task_name="generation",
+    queue_setting="GENERATION_QUEUE",
+    stale_after_setting="SDXL_WORKER_STALE_AFTER",
+    timeout_setting="SDXL_GENERATION_TIMEOUT",
+    on_lost=_generation_lost,
+)
 
 
 def generation_cancel(
@@ -294,9 +261,11 @@ def generation_cancel(
     image. One that has already ended is returned unchanged, as Replicate's cancel does.
     """
     generation_get(generation_id, caller)
-    cancelled = Generation.objects.filter(
-        pk=generation_id, status__in=Generation.ACTIVE_STATUSES
-    ).update(status=Generation.Status.CANCELLED, error_message=reason, finished_at=timezone.now())
+    cancelled = jobs.finish(
+        Generation.objects.filter(pk=generation_id, status__in=Generation.ACTIVE_STATUSES),
+        Generation.Status.CANCELLED,
+        error_message=reason,
+    )
     if cancelled:
         logger.info("generation %s %s", generation_id, reason)
         # The "failed" event, as for a cancelled training run: the body says "cancelled".
@@ -391,8 +360,9 @@ _WITH_MESSAGE = (Generation.Status.ERROR, Generation.Status.CANCELLED)
 
 def _abandon(generation_id: int) -> None:
     """A request nobody waits for any more is not worth a worker's time."""
-    Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
-        status=Generation.Status.ABANDONED, finished_at=timezone.now()
+    jobs.finish(
+        Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED),
+        Generation.Status.ABANDONED,
     )
 
 
@@ -400,17 +370,13 @@ def generation_execute(generation_id: int) -> None:
     """Runs a queued generation (in the generation worker), together with the queued
     requests that can share its batch (`_claim_companions`); one already taken is left
     alone, so the tasks of requests that ran in an earlier batch do nothing."""
-    if not _claim(generation_id):
+    if not jobs.claim(GENERATIONS, generation_id):
         logger.info("generation %s is not queued any more; nothing to do", generation_id)
         return
     lead = Generation.objects.prefetch_related("applied_loras").get(pk=generation_id)
     batch = [lead, *_claim_companions(lead)]
     ids = [generation.pk for generation in batch]
-    with heartbeat(
-        lambda: _held_here(ids).update(heartbeat_at=timezone.now()),
-        settings.SDXL_WORKER_STALE_AFTER,
-        f"generations {ids}",
-    ):
+    with jobs.heartbeat(GENERATIONS, ids):
         _execute_batch(lead, batch)
 
 
@@ -422,6 +388,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     from training_app.runtime import generation_pipelines
 
     ids = [generation.pk for generation in batch]
+    held_here = jobs.held_here(GENERATIONS, *ids)
     generations_event(ids, "started")
     if len(batch) > 1:
         logger.info("generations %s run as one batch", ids)
@@ -451,7 +418,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
             ],
             on_step=_progress_recorder(ids),
         )
-        wanted = set(_held_here(ids).values_list("pk", flat=True))
+        wanted = set(held_here.values_list("pk", flat=True))
         for generation, params, images in zip(batch, requests, images_per_job, strict=True):
             if generation.pk not in wanted:
                 continue  # cancelled (or judged lost) while the batch ran: no images
@@ -494,20 +461,20 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
         logger.info("generations %s cancelled between steps", ids)
         return
     except (EngineError, ServiceError) as error:
-        _finish_generations_with_error(ids, getattr(error, "message", str(error)), _held_here(ids))
+        _finish_generations_with_error(ids, getattr(error, "message", str(error)), held_here)
         return
     except Exception as error:
         logger.exception("generations %s failed", ids)
-        _finish_generations_with_error(ids, f"{type(error).__name__}: {error}", _held_here(ids))
+        _finish_generations_with_error(ids, f"{type(error).__name__}: {error}", held_here)
         return
     duration_ms = int((time.monotonic() - started) * 1000)
     completed = []
     for generation, images in zip(batch, images_per_job, strict=True):
-        finished = _held_here([generation.pk]).update(
-            status=Generation.Status.COMPLETED,
+        finished = jobs.finish(
+            jobs.held_here(GENERATIONS, generation.pk),
+            Generation.Status.COMPLETED,
             image_count=len(images),
             duration_ms=duration_ms,
-            finished_at=timezone.now(),
         )
         if finished:
             completed.append(generation.pk)
@@ -544,7 +511,7 @@ def _progress_recorder(generation_ids: list[int]):
         if done < total and not crossed and now - last_written < _PROGRESS_INTERVAL_S:
             return
         last_written = now
-        if not _held_here(generation_ids).update(step=done, total_steps=total):
+        if not jobs.held_here(GENERATIONS, *generation_ids).update(step=done, total_steps=total):
             raise GenerationCancelled(f"generations {generation_ids} are no longer wanted")
         if crossed:
             generations_event(generation_ids, "progress")
@@ -580,27 +547,6 @@ def _lora_path(lora: GenerationLora) -> Path:
     return lora_file_path(artifact)
 
 
-def _claim(generation_id: int) -> bool:
-    """Takes a queued generation for this process; False when it is not queued (any more)."""
-    now = timezone.now()
-    return bool(
-        Generation.objects.filter(pk=generation_id, status=Generation.Status.QUEUED).update(
-            status=Generation.Status.RUNNING,
-            started_at=now,
-            heartbeat_at=now,
-            worker=worker_identity(),
-        )
-    )
-
-
-def _held_here(generation_ids: list[int]):
-    """The generations' rows while this process holds them: running, claimed by it. One
-    cancelled, or judged lost, meanwhile is no longer ours to update or end."""
-    return Generation.objects.filter(
-        pk__in=generation_ids, status=Generation.Status.RUNNING, worker=worker_identity()
-    )
-
-
 def _loras_key(generation: Generation) -> list[tuple[str, float]]:
     """The generation's LoRAs as the Base gets them: each file's content and scale, in order."""
     return [(lora.sha256, lora.scale) for lora in generation.applied_loras.all()]
@@ -634,7 +580,7 @@ def _claim_companions(lead: Generation) -> list[Generation]:
             or _loras_key(candidate) != loras
         ):
             continue
-        if _claim(candidate.pk):
+        if jobs.claim(GENERATIONS, candidate.pk):
             candidate.refresh_from_db()
             companions.append(candidate)
             room -= images
@@ -651,9 +597,11 @@ def _finish_generations_with_error(
     ended = [
         generation_id
         for generation_id in generation_ids
-        if (among if among is not None else running)
-        .filter(pk=generation_id)
-        .update(status=Generation.Status.ERROR, error_message=message, finished_at=timezone.now())
+        if jobs.finish(
+            (among if among is not None else running).filter(pk=generation_id),
+            Generation.Status.ERROR,
+            error_message=message,
+        )
     ]
     for generation_id in ended:
         shutil.rmtree(generations_dir(generation_id), ignore_errors=True)

@@ -2,7 +2,6 @@
 
 import logging
 from dataclasses import asdict, replace
-from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
@@ -26,10 +25,9 @@ from sdxl_engine.parameters import (
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
+from training_app import jobs
 from training_app.models import LoraArtifact, TrainingRun
-from training_app.queueing import enqueue, redeliver_lost
 from training_app.selectors import training_status_body
-from training_app.services.heartbeats import heartbeat, worker_identity
 from training_app.services.loras import lora_store
 from training_app.services.owner_quotas import training_slot_check
 from training_app.services.watch import (
@@ -81,7 +79,7 @@ def training_run_start(
     # A run whose worker died is queued again (it then holds the session's one active slot,
     # and this start answers 409) or, past SDXL_TRAINING_MAX_RESUMES, ended. Outside the
     # lock's transaction, which a 409 rolls back: the requeue and its enqueue must stay.
-    training_runs_recover_lost(session_id)
+    jobs.end_lost(TRAINING_RUNS, session_id=session_id)
     with session_lock(session_id) as session:
         pairs = find_training_pairs(storage.session_dir(session.pk))
         if not pairs:
@@ -116,7 +114,7 @@ def training_run_start(
                 )
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
-        transaction.on_commit(lambda: _enqueue_run(run.pk))
+        jobs.enqueue_on_commit(TRAINING_RUNS, run.pk)
     return run
 
 
@@ -136,16 +134,6 @@ def _epochs_within_step_limit(parameters: dict, image_count: int) -> None:
         )
 
 
-def _enqueue_run(run_id: int) -> None:
-    enqueue(
-        "training_app.tasks.train_lora_task",
-        TrainingRun,
-        run_id,
-        settings.TRAINING_QUEUE,
-        f"training-run-{run_id}",
-    )
-
-
 def training_run_cancel(session_id: int, caller: Caller | None = None) -> TrainingRun:
     """Ends the session's queued or running run as cancelled.
 
@@ -156,12 +144,10 @@ def training_run_cancel(session_id: int, caller: Caller | None = None) -> Traini
     run = TrainingRun.objects.filter(
         session_id=session_id, status__in=TrainingRun.ACTIVE_STATUSES
     ).first()
-    cancelled = run is not None and TrainingRun.objects.filter(
-        pk=run.pk, status__in=TrainingRun.ACTIVE_STATUSES
-    ).update(
-        status=TrainingRun.Status.ERROR,
+    cancelled = run is not None and jobs.finish(
+        TrainingRun.objects.filter(pk=run.pk, status__in=TrainingRun.ACTIVE_STATUSES),
+        TrainingRun.Status.ERROR,
         error_message=CANCELLED_MESSAGE,
-        finished_at=timezone.now(),
     )
     if not cancelled:
         raise ServiceError(f"session {session_id} has no queued or running training", status=409)
@@ -179,26 +165,14 @@ def training_run_cancel(session_id: int, caller: Caller | None = None) -> Traini
 
 def training_run_execute(run_id: int) -> None:
     """Runs a queued training run to its end; a run already taken is left alone."""
-    now = timezone.now()
-    claimed = TrainingRun.objects.filter(pk=run_id, status=TrainingRun.Status.QUEUED).update(
-        status=TrainingRun.Status.RUNNING,
-        stage=TrainingRun.Stage.LOADING,
-        started_at=now,
-        heartbeat_at=now,
-        worker=worker_identity(),
-    )
-    if not claimed:
+    if not jobs.claim(TRAINING_RUNS, run_id, stage=TrainingRun.Stage.LOADING):
         logger.info("training run %s is not queued any more; nothing to do", run_id)
         return
     run = TrainingRun.objects.get(pk=run_id)
     run_event(run_id, "started")
     output = _run_output_path(run.session_id, run.pk)
     try:
-        with heartbeat(
-            lambda: _held_here(run.pk).update(heartbeat_at=timezone.now()),
-            settings.SDXL_RUN_STALE_AFTER,
-            f"training run {run.pk}",
-        ):
+        with jobs.heartbeat(TRAINING_RUNS, [run.pk]):
             artifact = _train_and_store(run, output)
     except TrainingCancelled:
         _finish_with_error(run_id, CANCELLED_MESSAGE)
@@ -253,7 +227,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         nonlocal still_running
         percent = min(_PROGRESS_BEFORE_SAVE, step * 100 // max(total_steps, 1))
         still_running = bool(
-            _held_here(run.pk).update(
+            jobs.held_here(TRAINING_RUNS, run.pk).update(
                 step=step,
                 total_steps=total_steps,
                 last_loss=loss,
@@ -287,7 +261,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         on_checkpoint=on_checkpoint,
         on_samples=on_samples,
         # Shown while it runs; the engine calls it only for a state it really resumes from.
-        on_resume=lambda step: _held_here(run.pk).update(resumed_from_step=step),
+        on_resume=lambda step: jobs.held_here(TRAINING_RUNS, run.pk).update(resumed_from_step=step),
     )
     with transaction.atomic():
         artifact = lora_store(
@@ -298,12 +272,12 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
             training_run=run,
             metadata=result.metadata,
         )
-        finished = _held_here(run.pk).update(
-            status=TrainingRun.Status.COMPLETED,
+        finished = jobs.finish(
+            jobs.held_here(TRAINING_RUNS, run.pk),
+            TrainingRun.Status.COMPLETED,
             stage=TrainingRun.Stage.DONE,
             resumed_from_step=result.resumed_from_step or None,
             progress=100,
-            finished_at=timezone.now(),
             heartbeat_at=timezone.now(),
         )
         if not finished:
@@ -335,23 +309,14 @@ def _set_stage(run_id: int, stage: str) -> bool:
     """Records the stage the engine entered; False when the run is no longer running."""
     now = timezone.now()
     started = {"training_started_at": now} if stage == TrainingRun.Stage.TRAINING else {}
-    return bool(_held_here(run_id).update(stage=stage, heartbeat_at=now, **started))
-
-
-def _held_here(run_id: int):
-    """The run's row while this worker holds it: running, claimed by this process. A run
-    judged lost meanwhile (queued again, or taken by another worker) is no longer ours to
-    update, end or clean up after."""
-    return TrainingRun.objects.filter(
-        pk=run_id, status=TrainingRun.Status.RUNNING, worker=worker_identity()
+    return bool(
+        jobs.held_here(TRAINING_RUNS, run_id).update(stage=stage, heartbeat_at=now, **started)
     )
 
 
 def _finish_with_error(run_id: int, message: str) -> None:
-    ended = _held_here(run_id).update(
-        status=TrainingRun.Status.ERROR,
-        error_message=message,
-        finished_at=timezone.now(),
+    ended = jobs.finish(
+        jobs.held_here(TRAINING_RUNS, run_id), TrainingRun.Status.ERROR, error_message=message
     )
     logger.warning("training run %s ended in error: %s", run_id, message)
     if ended:
@@ -361,65 +326,52 @@ def _finish_with_error(run_id: int, message: str) -> None:
 # --- Recovering runs whose worker died -------------------------------------------------------
 
 
-def training_runs_recover_lost(session_id: int | None = None) -> list[int]:
-    """Runs whose heartbeat is older than SDXL_RUN_STALE_AFTER lost their worker (kill -9,
-    out of memory, machine gone). Each is queued again, to resume from its last checkpoint
-    (from the start without one), at most SDXL_TRAINING_MAX_RESUMES times; after that it
-    ends in error with a message saying so. Its temporary output is removed either way.
-    Returns the ids of the runs it handled.
-
-    Workers call it at start and every few seconds; `manage.py recover_runs` too.
-    """
-    cutoff = timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER)
-    stale = TrainingRun.objects.filter(status=TrainingRun.Status.RUNNING, heartbeat_at__lt=cutoff)
-    if session_id is not None:
-        stale = stale.filter(session_id=session_id)
-    recovered = []
-    for run_id, run_session_id, attempts in stale.values_list("pk", "session_id", "attempts"):
-        # Conditional, like every status change: a run whose worker beat meanwhile stays.
-        if attempts < settings.SDXL_TRAINING_MAX_RESUMES:
-            with transaction.atomic():
-                requeued = stale.filter(pk=run_id).update(
-                    status=TrainingRun.Status.QUEUED,
-                    stage=TrainingRun.Stage.QUEUED,
-                    attempts=attempts + 1,
-                    worker="",
-                    heartbeat_at=None,
-                )
-                if requeued:
-                    transaction.on_commit(lambda pk=run_id: _enqueue_run(pk))
-            handled = requeued
-            outcome = "queued again to resume"
-        else:
-            handled = stale.filter(pk=run_id).update(
-                status=TrainingRun.Status.ERROR,
-                error_message=(
-                    f"{WORKER_LOST_MESSAGE} (the run was resumed {attempts} times, the most "
-                    "SDXL_TRAINING_MAX_RESUMES allows)"
-                ),
-                finished_at=timezone.now(),
+def _run_lost(run: TrainingRun, still_lost) -> str | None:
+    """A run whose worker died (jobs.end_lost) is queued again, to resume from its last
+    checkpoint (from the start without one), at most SDXL_TRAINING_MAX_RESUMES times; after
+    that it ends in error with a message saying so. Its temporary output is removed either
+    way. Every worker looks for such runs at start and every few seconds, a start in its
+    session, and `manage.py recover_runs` when asked."""
+    if run.attempts < settings.SDXL_TRAINING_MAX_RESUMES:
+        with transaction.atomic():
+            handled = still_lost.update(
+                status=TrainingRun.Status.QUEUED,
+                stage=TrainingRun.Stage.QUEUED,
+                attempts=run.attempts + 1,
+                worker="",
+                heartbeat_at=None,
             )
             if handled:
-                resume_state_remove(run_session_id, run_id)
-                run_event(run_id, "failed")
-            outcome = "marked as error"
+                jobs.enqueue_on_commit(TRAINING_RUNS, run.pk)
+        outcome = "queued again to resume"
+    else:
+        handled = jobs.finish(
+            still_lost,
+            TrainingRun.Status.ERROR,
+            error_message=(
+                f"{WORKER_LOST_MESSAGE} (the run was resumed {run.attempts} times, the most "
+                "SDXL_TRAINING_MAX_RESUMES allows)"
+            ),
+        )
         if handled:
-            output = _run_output_path(run_session_id, run_id)
-            for temporary in output.parent.glob(f"{output.name}*"):
-                temporary.unlink(missing_ok=True)
-            recovered.append(run_id)
-            logger.warning("training run %s lost its worker; %s", run_id, outcome)
-    return recovered
+            resume_state_remove(run.session_id, run.pk)
+            run_event(run.pk, "failed")
+        outcome = "marked as error"
+    if not handled:
+        return None
+    output = _run_output_path(run.session_id, run.pk)
+    for temporary in output.parent.glob(f"{output.name}*"):
+        temporary.unlink(missing_ok=True)
+    return outcome
 
 
-def training_runs_redeliver() -> list[int]:
-    """Hands queued runs whose task was lost back to the training queue (see
-    queueing.redeliver_lost); returns their ids. Training workers call it every few
-    seconds, so a run never stays queued, holding its session's one slot, for nothing."""
-    return redeliver_lost(
-        TrainingRun,
-        settings.TRAINING_QUEUE,
-        _enqueue_run,
-        waited_s=settings.SDXL_RUN_STALE_AFTER,
-        job_timeout_s=settings.SDXL_TRAINING_TIMEOUT,
-    )
+TRAINING_RUNS = jobs.JobKind(
+    model=TrainingRun,
+    label="training run",
+    task="training_app.tasks.train_lora_task",
+    task_name="training-run",
+    queue_setting="TRAINING_QUEUE",
+    stale_after_setting="SDXL_RUN_STALE_AFTER",
+    timeout_setting="SDXL_TRAINING_TIMEOUT",
+    on_lost=_run_lost,
+)

@@ -18,9 +18,9 @@ from tests.processes import (
     still_running,
     wait_until,
 )
-from training_app.management.commands.serve import STOP_GRACE_S
 from training_app.models import TrainingRun
 from training_app.services import runs as run_services
+from training_app.workers.supervisor import STOP_GRACE_S
 
 pytestmark = pytest.mark.e2e
 

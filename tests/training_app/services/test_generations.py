@@ -20,6 +20,7 @@ from sdxl_engine.parameters import LoraChoice
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, images_close
+from training_app import jobs
 from training_app.models import Generation, LoraArtifact
 from training_app.services import generations
 from training_app.services import loras as lora_services
@@ -199,16 +200,16 @@ def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees
     Generation.objects.filter(pk=old_row.pk).update(**running, heartbeat_at=None)
     Generation.objects.filter(pk=waiting.pk).update(created_at=_stale(settings))
     redelivered = []
-    monkeypatch.setattr(generations, "_enqueue_generation", redelivered.append)
-    assert generations.generations_redeliver() == []  # running rows hold it back
+    monkeypatch.setattr(jobs, "enqueue", lambda kind, row_id: redelivered.append(row_id))
+    assert jobs.redeliver(generations.GENERATIONS) == []  # running rows hold it back
 
-    assert sorted(generations.generations_end_lost()) == sorted([lost.pk, old_row.pk])
+    assert sorted(jobs.end_lost(generations.GENERATIONS)) == sorted([lost.pk, old_row.pk])
 
     assert _statuses(lost, alive, old_row, waiting) == ["error", "running", "error", "queued"]
-    assert generations.generations_end_lost() == []  # nothing twice
-    assert generations.generations_redeliver() == []  # the live one may yet batch it
+    assert jobs.end_lost(generations.GENERATIONS) == []  # nothing twice
+    assert jobs.redeliver(generations.GENERATIONS) == []  # the live one may yet batch it
     Generation.objects.filter(pk=alive.pk).update(status=Generation.Status.COMPLETED)
-    assert generations.generations_redeliver() == [waiting.pk] == redelivered
+    assert jobs.redeliver(generations.GENERATIONS) == [waiting.pk] == redelivered
 
 
 @pytest.mark.django_db(transaction=True)
@@ -370,15 +371,15 @@ def test_a_generation_judged_lost_is_not_completed_by_its_late_worker(
     generation_worker, settings, monkeypatch
 ):
     generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    real_claim = generations._claim
+    real_claim = jobs.claim
 
-    def claim_then_judged_lost(generation_id):
-        claimed = real_claim(generation_id)
+    def claim_then_judged_lost(kind, generation_id, **fields):
+        claimed = real_claim(kind, generation_id, **fields)
         Generation.objects.filter(pk=generation_id).update(heartbeat_at=_stale(settings))
-        assert generations.generations_end_lost() == [generation_id]
+        assert jobs.end_lost(generations.GENERATIONS) == [generation_id]
         return claimed
 
-    monkeypatch.setattr(generations, "_claim", claim_then_judged_lost)
+    monkeypatch.setattr(jobs, "claim", claim_then_judged_lost)
     generations.generation_execute(generation.pk)
     row = Generation.objects.get(pk=generation.pk)
     assert (row.status, row.error_message) == ("error", generations.WORKER_LOST_MESSAGE)

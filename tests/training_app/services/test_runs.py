@@ -15,6 +15,7 @@ from sdxl_engine.parameters import TrainingParams
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import FAST_TRAINING, image_bytes
+from training_app import jobs
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import training_status
 from training_app.services import runs as run_services
@@ -276,7 +277,7 @@ def test_a_live_run_judged_lost_stops_and_leaves_its_requeue_and_state_alone(
             TrainingRun.objects.filter(pk=run.pk).update(
                 heartbeat_at=timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER + 1)
             )
-            assert run_services.training_runs_recover_lost() == [run.pk]
+            assert jobs.end_lost(run_services.TRAINING_RUNS) == [run.pk]
 
     engine_events.append(judged_lost)
     run_services.training_run_execute(run.pk)

@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand, CommandError
 
-from training_app.doctor import FAIL, OK, WARN, run_checks
+from training_app.workers.doctor import FAIL, OK, WARN, run_checks
 
 
 class Command(BaseCommand):

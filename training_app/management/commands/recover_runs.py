@@ -7,7 +7,8 @@ who stopped them all.
 
 from django.core.management.base import BaseCommand
 
-from training_app.services.runs import training_runs_recover_lost
+from training_app import jobs
+from training_app.services.runs import TRAINING_RUNS
 
 
 class Command(BaseCommand):
@@ -18,7 +19,7 @@ class Command(BaseCommand):
     )
 
     def handle(self, *args, **options):
-        recovered = training_runs_recover_lost()
+        recovered = jobs.end_lost(TRAINING_RUNS)
         if recovered:
             self.stdout.write(
                 f"{len(recovered)} training run(s) lost their worker, queued again to resume "
