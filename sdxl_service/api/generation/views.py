@@ -7,7 +7,6 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.http import FileResponse
-from django.urls import reverse
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, permission_classes
 from rest_framework.response import Response
@@ -22,6 +21,7 @@ from sdxl_service.api.generation.response_serializers import (
 )
 from sdxl_service.api.generation.serializers import Txt2ImgSerializer
 from sdxl_service.api.schema import error_responses
+from training_app import bodies
 from training_app import selectors as training_selectors
 from training_app.services import generations
 
@@ -49,20 +49,12 @@ def txt2img(request):
         generations.GenerationRequest(**data, caller=request.user)
     )
     if not wait:
-        body = {
-            "generation_id": generation.pk,
-            "status": generation.status,
-            "status_url": reverse("generation", args=[generation.pk]),
-        }
+        body = bodies.generation_queued_body(generation)
         return Response(Txt2ImgQueuedResponse(body).data, status=202)
     generation, images = generations.generation_wait(
         generation.pk, settings.SDXL_TXT2IMG_TIMEOUT, client_gone=_client_gone_check(request)
     )
-    body = {
-        "generation_id": generation.pk,
-        **generations.generation_summary(generation),
-        "image_urls": generations.generation_image_urls(generation),
-    }
+    body = bodies.generation_answer(generation)
     if response_format == "base64":
         body["images_base64"] = [base64.b64encode(image).decode("ascii") for image in images]
     return rendered(Txt2ImgResponse, body)
@@ -78,7 +70,7 @@ def txt2img(request):
 @permission_classes(scope_required("read"))
 def generation_status(request, generation_id: int):
     generation = training_selectors.generation_get(generation_id, request.user)
-    return rendered(GenerationStatusResponse, generations.generation_status_body(generation))
+    return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
 @extend_schema(
@@ -96,7 +88,7 @@ def generation_status(request, generation_id: int):
 @permission_classes(scope_required("generate"))
 def generation_cancel(request, generation_id: int):
     generation = generations.generation_cancel(generation_id, caller=request.user)
-    return rendered(GenerationStatusResponse, generations.generation_status_body(generation))
+    return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
 def _client_gone_check(request) -> Callable[[], bool] | None:

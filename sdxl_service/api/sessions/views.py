@@ -27,8 +27,8 @@ from sdxl_service.api.sessions.serializers import (
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
 from sessions_app import storage as session_storage
+from training_app import bodies
 from training_app import selectors as training_selectors
-from training_app.selectors import session_image_item
 
 TAGS = ["sessions"]
 
@@ -86,12 +86,9 @@ def list_sessions(request):
     latest_runs = training_selectors.latest_runs(ids)
     body = {
         "sessions": [
-            {
-                "session_id": session.pk,
-                "latest_lora": latest_loras.get(session.pk),
-                "image_groups": session.group_count,
-                "training": training_selectors.training_status_body(latest_runs.get(session.pk)),
-            }
+            bodies.session_summary(
+                session, latest_loras.get(session.pk), latest_runs.get(session.pk)
+            )
             for session in sessions
         ]
     }
@@ -112,7 +109,7 @@ def list_sessions(request):
 @permission_classes(scope_required("read"))
 def session_detail(request, session_id: int):
     detail = training_selectors.session_detail(session_id, request.user)
-    return rendered(SessionDetailResponse, detail)
+    return rendered(SessionDetailResponse, bodies.session_detail_body(detail))
 
 
 @extend_schema(
@@ -140,7 +137,7 @@ def session_images_upload(request, session_id: int):
         (archive.name, archive.read()) if archive is not None else None,
         caller=request.user,
     )
-    body = {"status": "success", "images": [session_image_item(image) for image in images]}
+    body = {"status": "success", "images": [bodies.session_image_item(image) for image in images]}
     return rendered(SessionImagesUploadResponse, body)
 
 

@@ -17,6 +17,7 @@ from sdxl_service.api.training.serializers import (
     TrainStatusResponse,
 )
 from sessions_app import selectors as session_selectors
+from training_app import bodies
 from training_app import selectors as training_selectors
 from training_app.services import runs, watch
 
@@ -57,7 +58,7 @@ def train_lora(request):
 def train_status(request):
     data = validated(SessionRefSerializer, request)
     session_selectors.session_get(data["session_id"], request.user)
-    return rendered(TrainStatusResponse, training_selectors.training_status(data["session_id"]))
+    return rendered(TrainStatusResponse, bodies.training_status(data["session_id"]))
 
 
 @extend_schema(
