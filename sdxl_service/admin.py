@@ -11,16 +11,19 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.urls import path, reverse
+from django.urls import path
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 from rest_framework import serializers
 
 from core.errors import ServiceError
-from sdxl_service.api.serializers import TrainLoraSerializer
+from sdxl_service.api.training.serializers import TrainLoraSerializer
+from sdxl_service.links import cancel_training_admin_url, start_training_admin_url
 from sessions_app.admin import SessionAdmin
+from sessions_app.links import session_admin_url
 from sessions_app.models import Session
 from training_app.admin import lora_download_links, sample_figures
+from training_app.links import generation_image_admin_urls, run_admin_url
 from training_app.models import Generation, LoraArtifact, TrainingRun, TrainingSample
 from training_app.services import runs
 
@@ -159,10 +162,7 @@ class GenerationInline(ReadOnlyInline):
         return format_html_join(
             " ",
             '<a href="{0}"><img src="{0}" style="max-width:96px;max-height:96px"></a>',
-            (
-                (reverse("admin:training_app_generation_image", args=[generation.pk, index]),)
-                for index in range(generation.image_count)
-            ),
+            ((url,) for url in generation_image_admin_urls(generation)),
         )
 
 
@@ -197,12 +197,8 @@ class SessionTrainingAdmin(SessionAdmin):
                 more_training_fields=[
                     field for field in fields if field["name"] not in MAIN_FIELDS
                 ],
-                start_training_url=reverse(
-                    "admin:sessions_app_session_start_training", args=[session.pk]
-                ),
-                cancel_training_url=reverse(
-                    "admin:sessions_app_session_cancel_training", args=[session.pk]
-                ),
+                start_training_url=start_training_admin_url(session),
+                cancel_training_url=cancel_training_admin_url(session),
                 active_run=session.training_runs.filter(
                     status__in=TrainingRun.ACTIVE_STATUSES
                 ).first(),
@@ -230,7 +226,7 @@ class SessionTrainingAdmin(SessionAdmin):
         return get_object_or_404(Session, pk=pk)
 
     def _back(self, session: Session) -> HttpResponseRedirect:
-        return HttpResponseRedirect(reverse("admin:sessions_app_session_change", args=[session.pk]))
+        return HttpResponseRedirect(session_admin_url(session.pk))
 
     def start_training(self, request, pk: int):
         """Validated as /train_lora validates, started by the same service."""
@@ -254,7 +250,7 @@ class SessionTrainingAdmin(SessionAdmin):
             request,
             format_html(
                 'Training run <a href="{}">{}</a> queued: {} {}, rank {}.',
-                reverse("admin:training_app_trainingrun_change", args=[run.pk]),
+                run_admin_url(run),
                 run.pk,
                 length,
                 unit,

@@ -12,10 +12,11 @@ from django.contrib import admin
 from django.db.models import Model, QuerySet
 from django.http import FileResponse, Http404, HttpRequest
 from django.shortcuts import get_object_or_404
-from django.urls import URLPattern, path, reverse
+from django.urls import URLPattern, path
 from django.utils.html import format_html
 
 from sessions_app import services, storage
+from sessions_app.links import training_image_admin_url
 from sessions_app.models import ImageGroup, Session, TrainingImage
 
 AdminModel = TypeVar("AdminModel", bound=Model)
@@ -40,7 +41,7 @@ def file_response(path: Path, missing: str, **options: Any) -> FileResponse:
 def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
     if image is None:
         return "-"
-    url = reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
+    url = training_image_admin_url(image)
     return format_html(
         '<a href="{}"><img src="{}" style="max-width:{}px;max-height:{}px" alt="{}"></a>',
         url,

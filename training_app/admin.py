@@ -6,12 +6,14 @@ from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import Http404, HttpResponse, HttpResponseRedirect
 from django.shortcuts import get_object_or_404
-from django.urls import path, reverse
+from django.urls import path
 from django.utils.html import format_html, format_html_join
 from django.utils.http import content_disposition_header
 
 from core.errors import ServiceError
 from sessions_app.admin import ReadOnlyAdmin, file_response
+from sessions_app.links import session_admin_url
+from training_app import links
 from training_app.models import (
     Generation,
     GenerationLora,
@@ -39,7 +41,7 @@ def sample_figures(samples) -> str:
         "</a><figcaption>run {1}, step {2}: {3}</figcaption></figure>",
         (
             (
-                reverse("admin:training_app_trainingrun_sample", args=[sample.run_id, sample.pk]),
+                links.training_sample_admin_url(sample),
                 sample.run_id,
                 sample.step,
                 sample.prompt,
@@ -55,7 +57,7 @@ def lora_download_links(lora: LoraArtifact) -> str:
         " | ",
         '<a href="{}" download>{}</a>',
         (
-            (reverse("admin:training_app_loraartifact_download_as", args=[lora.pk, form]), form)
+            (links.lora_download_as_admin_url(lora, form), form)
             for form in LORA_FORMATS
         ),
     )
@@ -69,7 +71,7 @@ class LoraFileAdmin(ReadOnlyAdmin):
 
     @admin.display(description="file")
     def download(self, lora) -> str:
-        url = reverse(f"admin:{self._download_url_name()}", args=[lora.pk])
+        url = links.lora_file_download_admin_url(lora)
         return format_html('<a href="{}">download</a>', url)
 
     def get_urls(self):
@@ -141,9 +143,7 @@ class LoraArtifactAdmin(LoraFileAdmin):
             if error.status == 404:
                 raise Http404(error.message) from None
             self.message_user(request, error.message, messages.ERROR)
-            return HttpResponseRedirect(
-                reverse("admin:sessions_app_session_change", args=[lora.session_id])
-            )
+            return HttpResponseRedirect(session_admin_url(lora.session_id))
         filename = lora.filename
         if lora_format != LORA_FORMATS[0]:
             filename = filename.removesuffix(".safetensors") + f".{lora_format}.safetensors"
@@ -233,14 +233,10 @@ class TrainingRunAdmin(ReadOnlyAdmin):
                 (
                     (
                         checkpoint.step,
-                        reverse(
-                            "admin:training_app_trainingcheckpoint_change", args=[checkpoint.pk]
-                        ),
+                        links.checkpoint_admin_url(checkpoint),
                         checkpoint.filename,
                         checkpoint.size,
-                        reverse(
-                            "admin:training_app_trainingcheckpoint_download", args=[checkpoint.pk]
-                        ),
+                        links.lora_file_download_admin_url(checkpoint),
                     )
                     for checkpoint in checkpoints
                 ),
@@ -325,10 +321,7 @@ class GenerationAdmin(ReadOnlyAdmin):
         return format_html_join(
             " ",
             '<a href="{0}"><img src="{0}" style="max-width:256px"></a>',
-            (
-                (reverse("admin:training_app_generation_image", args=[generation.pk, index]),)
-                for index in range(generation.image_count)
-            ),
+            ((url,) for url in links.generation_image_admin_urls(generation)),
         )
 
     def get_urls(self):

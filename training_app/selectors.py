@@ -1,14 +1,16 @@
-"""Reads of runs, LoRA files and workers for the API."""
+"""Reads of runs, LoRA files, generations and workers: rows and querysets (training_app.bodies
+shapes them for the API and the webhooks)."""
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from django.conf import settings
 from django.db.models import Max, OuterRef, QuerySet, Subquery
-from django.urls import reverse
 from django.utils import timezone
 
 from access_app.callers import Caller
 from core.errors import ServiceError
+from sessions_app.models import Session, TrainingImage
 from sessions_app.selectors import session_get, session_images, sessions_visible
 from training_app.models import (
     Generation,
@@ -94,53 +96,7 @@ def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
     )
 
 
-def training_status_body(run: TrainingRun | None) -> dict:
-    """The /train_status answer (docs/api.md's four shapes) plus extra keys about the run."""
-    if run is None:
-        return {"status": "none", "progress": 0}
-    if run.status == TrainingRun.Status.ERROR:
-        return {"status": "error", "message": run.error_message}
-    if run.status == TrainingRun.Status.COMPLETED:
-        artifact = getattr(run, "artifact", None)
-        return {
-            "status": "completed",
-            "progress": 100,
-            "lora": artifact.filename if artifact else None,
-            **_kept_along_the_way(run),
-        }
-    return {
-        "status": "in-progress",
-        "progress": run.progress,
-        "queued": run.status == TrainingRun.Status.QUEUED,
-        "stage": run.stage,
-        "step": run.step,
-        "total_steps": run.total_steps,
-        "loss": run.last_loss,
-        "eta_seconds": _eta_seconds(run),
-        **_kept_along_the_way(run),
-    }
-
-
-def _kept_along_the_way(run: TrainingRun) -> dict:
-    """The run's sample images and checkpoints so far, and the step it resumed from."""
-    return {
-        "samples": [
-            {
-                "step": sample.step,
-                "prompt": sample.prompt,
-                "url": reverse("training-sample", args=[sample.pk]),
-            }
-            for sample in run.samples.all()
-        ],
-        "checkpoints": [
-            {"step": checkpoint.step, "lora_filename": checkpoint.filename}
-            for checkpoint in run.checkpoints.all()
-        ],
-        "resumed_from_step": run.resumed_from_step,
-    }
-
-
-def _eta_seconds(run: TrainingRun) -> int | None:
+def run_eta_seconds(run: TrainingRun) -> int | None:
     """Seconds left, from the time per step so far; None until the first step is done, and
     None once the run is not being trained: no training worker beats (it died), or the run's
     own heartbeat missed two beats (its job's process died), until it is resumed or ended."""
@@ -193,10 +149,6 @@ def training_sample_get(sample_id: int, caller: Caller | None = None) -> Trainin
     return sample
 
 
-def training_status(session_id: int) -> dict:
-    return training_status_body(latest_runs([session_id]).get(session_id))
-
-
 def worker_alive(queue: str) -> bool:
     fresh_since = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
     return WorkerHeartbeat.objects.filter(queue=queue, last_seen__gte=fresh_since).exists()
@@ -206,80 +158,31 @@ def worker_alive(queue: str) -> bool:
 RECENT_GENERATIONS = 20
 
 
-def session_detail(session_id: int, caller: Caller | None = None) -> dict:
-    """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
+@dataclass(frozen=True)
+class SessionDetail:
+    """What GET /sessions/<id> shows of a session (training_app.bodies shapes it)."""
+
+    session: Session
+    images: QuerySet[TrainingImage]
+    loras: QuerySet[LoraArtifact]
+    checkpoints: QuerySet[TrainingCheckpoint]
+    runs: QuerySet[TrainingRun]
+    recent_generations: QuerySet[Generation]
+
+
+def session_detail(session_id: int, caller: Caller | None = None) -> SessionDetail:
+    """The session's images, LoRA files, checkpoints and runs, oldest first, and its
+    newest generations (those that applied one of its LoRAs); 404 for a session the caller
+    does not see."""
     session = session_get(session_id, caller)
-    runs = TrainingRun.objects.filter(session=session).order_by("id")
-    checkpoints = TrainingCheckpoint.objects.filter(session=session).order_by("run_id", "step")
-    # Those that applied one of the session's LoRAs.
-    recent = (
-        generations_visible(caller)
+    return SessionDetail(
+        session=session,
+        images=session_images(session.pk),
+        loras=LoraArtifact.objects.filter(session=session).order_by("number"),
+        checkpoints=TrainingCheckpoint.objects.filter(session=session).order_by("run_id", "step"),
+        runs=TrainingRun.objects.filter(session=session).order_by("id"),
+        recent_generations=generations_visible(caller)
         .filter(applied_loras__source_session_id=session.pk)
         .distinct()
-        .order_by("-id")[:RECENT_GENERATIONS]
+        .order_by("-id")[:RECENT_GENERATIONS],
     )
-    return {
-        "session_id": session.pk,
-        "created_at": session.created_at,
-        "images": [session_image_item(image) for image in session_images(session.pk)],
-        "loras": [
-            {
-                "lora_filename": lora.filename,
-                "iteration": lora.number,
-                "sha256": lora.sha256,
-                "size": lora.size,
-                "source": lora.source,
-                "run_id": lora.training_run_id,
-                "created_at": lora.created_at,
-            }
-            for lora in LoraArtifact.objects.filter(session=session).order_by("number")
-        ],
-        "checkpoints": [
-            {
-                "lora_filename": checkpoint.filename,
-                "run_id": checkpoint.run_id,
-                "step": checkpoint.step,
-                "sha256": checkpoint.sha256,
-            }
-            for checkpoint in checkpoints
-        ],
-        "runs": [
-            {
-                "run_id": run.pk,
-                "status": run.status,
-                "stage": run.stage,
-                "step": run.step,
-                "total_steps": run.total_steps,
-                "parameters": run.parameters,
-                "message": run.error_message or None,
-                "created_at": run.created_at,
-                "started_at": run.started_at,
-                "finished_at": run.finished_at,
-            }
-            for run in runs
-        ],
-        "recent_generations": [
-            {
-                "generation_id": generation.pk,
-                "status": generation.status,
-                "prompt": generation.prompt,
-                "created_at": generation.created_at,
-                "status_url": reverse("generation", args=[generation.pk]),
-            }
-            for generation in recent
-        ],
-    }
-
-
-def session_image_item(image) -> dict:
-    """A training image as the API lists it (GET /sessions/<id>, uploads' answers)."""
-    return {
-        "image_id": image.pk,
-        "group": image.group.number,
-        "url": reverse("session-image", args=[image.group.session_id, image.pk]),
-        "caption": image.caption,
-        "format": image.image_format,
-        "width": image.width,
-        "height": image.height,
-        "size": image.size,
-    }

@@ -9,8 +9,12 @@ import base64
 import binascii
 import re
 
+from django.conf import settings
+from django.core.validators import StepValueValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
+
+from sdxl_engine.parameters import SEED_BITS
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -107,3 +111,37 @@ class Base64BytesField(serializers.CharField):
         if not decoded:
             self.fail("invalid_base64")
         return decoded
+
+
+# The keyword arguments of an optional seed field.
+SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
+
+
+class MultipleOf(StepValueValidator):
+    """Django's StepValueValidator with the API's message; the schema shows it as
+    `multipleOf` (schema.AutoSchema)."""
+
+    message = "must be a multiple of %(limit_value)s"
+
+
+def largest_image_side(divisor: int) -> int:
+    """The largest side a request may give: SDXL_MAX_IMAGE_SIDE rounded down to a multiple
+    of `divisor` (with SDXL_MAX_IMAGE_SIDE 100, height 100 is refused: 96 is the largest)."""
+    return settings.SDXL_MAX_IMAGE_SIDE // divisor * divisor
+
+
+def image_side(divisor: int = 8, **kwargs) -> serializers.IntegerField:
+    return StrictIntegerField(
+        min_value=64,
+        max_value=largest_image_side(divisor),
+        validators=[MultipleOf(divisor)],
+        **kwargs,
+    )
+
+
+def default_image_side(side: int) -> int:
+    """A generation's height or width when the request leaves it out: SDXL's native `side`
+    (1024), capped at the largest side the service allows. Capped rather than refused: the
+    operator set the limit, and a user who asks for "an image" expects the largest one the
+    service makes, not an error about a field they never sent."""
+    return min(side, largest_image_side(8))

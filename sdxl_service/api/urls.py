@@ -2,7 +2,11 @@
 
 from django.urls import path
 
-from sdxl_service.api import views
+from sdxl_service.api.generation import views as generation
+from sdxl_service.api.health import views as health
+from sdxl_service.api.loras import views as loras
+from sdxl_service.api.sessions import views as sessions
+from sdxl_service.api.training import views as training
 
 
 def endpoint(route: str, view, name: str | None = None):
@@ -15,34 +19,34 @@ def endpoint(route: str, view, name: str | None = None):
 
 
 urlpatterns = [
-    *endpoint("create_session", views.create_session),
-    *endpoint("post_session_image", views.post_session_image),
-    *endpoint("list_sessions", views.list_sessions),
-    *endpoint("delete_session", views.delete_session),
-    *endpoint("train_lora", views.train_lora),
-    *endpoint("train_status", views.train_status),
-    *endpoint("cancel_training", views.cancel_training),
-    *endpoint("get_lora", views.get_lora),
-    *endpoint("upload_lora", views.upload_lora),
-    *endpoint("txt2img", views.txt2img),
-    *endpoint("sessions/<int:session_id>", views.session_detail, name="session"),
-    *endpoint("sessions/<int:session_id>/images", views.session_images_upload),
+    *endpoint("create_session", sessions.create_session),
+    *endpoint("post_session_image", sessions.post_session_image),
+    *endpoint("list_sessions", sessions.list_sessions),
+    *endpoint("delete_session", sessions.delete_session),
+    *endpoint("train_lora", training.train_lora),
+    *endpoint("train_status", training.train_status),
+    *endpoint("cancel_training", training.cancel_training),
+    *endpoint("get_lora", loras.get_lora),
+    *endpoint("upload_lora", loras.upload_lora),
+    *endpoint("txt2img", generation.txt2img),
+    *endpoint("sessions/<int:session_id>", sessions.session_detail, name="session"),
+    *endpoint("sessions/<int:session_id>/images", sessions.session_images_upload),
     path(
         "sessions/<int:session_id>/images/<int:image_id>",
-        views.session_image,
+        sessions.session_image,
         name="session-image",
     ),
-    *endpoint("generations/<int:generation_id>", views.generation_status, name="generation"),
+    *endpoint("generations/<int:generation_id>", generation.generation_status, name="generation"),
     *endpoint(
         "generations/<int:generation_id>/cancel",
-        views.generation_cancel,
+        generation.generation_cancel,
         name="generation-cancel",
     ),
     path(
         "generations/<int:generation_id>/<int:index>.<str:extension>",
-        views.generation_image,
+        generation.generation_image,
         name="generation-image",
     ),
-    *endpoint("healthz", views.healthz),
-    path("training_samples/<int:sample_id>.png", views.training_sample, name="training-sample"),
+    *endpoint("healthz", health.healthz),
+    path("training_samples/<int:sample_id>.png", training.training_sample, name="training-sample"),
 ]

@@ -8,7 +8,7 @@ from django.urls import reverse
 from safetensors.torch import load as load_safetensors
 
 from sdxl_service.admin import NOT_IN_THE_FORM, training_form_fields
-from sdxl_service.api.serializers import TrainLoraSerializer
+from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes

@@ -4,8 +4,8 @@ import pytest
 from django.utils import timezone
 
 from sessions_app import services as session_services
+from training_app.bodies import training_status
 from training_app.models import TrainingRun
-from training_app.selectors import training_status
 
 pytestmark = pytest.mark.django_db
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from django.conf import settings
 from django.db import transaction
 from django.db.models import QuerySet
-from django.urls import reverse
 
 from access_app.callers import Caller
 from core.errors import ServiceError
@@ -29,6 +28,7 @@ from sessions_app import storage
 from sessions_app.images import check_image
 from sessions_app.selectors import session_get
 from training_app import jobs
+from training_app.bodies import generation_status_body
 from training_app.models import (
     Generation,
     GenerationLora,
@@ -280,32 +280,6 @@ def _give_up(generation_id: int, reason: str) -> None:
         generation_cancel(generation_id, reason)
 
 
-def generation_summary(generation: Generation) -> dict:
-    """What a finished generation used, as /txt2img answers it beside the images."""
-    params = generation.params
-    loras = [
-        {
-            "session_id": str(lora.source_session_id),
-            "filename": lora.filename,
-            "sha256": lora.sha256,
-            "scale": lora.scale,
-        }
-        for lora in generation.applied_loras.all()
-    ]
-    return {
-        "seed": generation.seed,
-        "seeds": image_seeds(generation.seed, generation.image_count),
-        "lora": {key: loras[0][key] for key in ("filename", "sha256")} if loras else None,
-        "loras": loras,
-        "scheduler": params.scheduler,
-        "refiner": params.refiner_policy,
-        "refiner_switch": params.refiner_switch_at,
-        "strength": params.strength,
-        "output_format": params.file_format,
-        "duration_ms": generation.duration_ms,
-    }
-
-
 def generation_image_path(generation: Generation, index: int, extension: str) -> Path:
     """Image `index` of a completed generation, asked for as `<index>.<extension>`; 404
     for any image the generation does not have (another extension included)."""
@@ -319,43 +293,6 @@ def generation_image_path(generation: Generation, index: int, extension: str) ->
     ):
         raise ServiceError(f"generation {generation.pk} has no image {filename}", status=404)
     return path
-
-
-def generation_image_urls(generation: Generation) -> list[str]:
-    return [
-        reverse(
-            "generation-image",
-            args=[generation.pk, index, generation.image_filename(index).rsplit(".", 1)[1]],
-        )
-        for index in range(generation.image_count)
-    ]
-
-
-def generation_status_body(generation: Generation) -> dict:
-    """GET /generations/<id>: where the job is, what it asked for and, once completed, what
-    it used and where its images are."""
-    status = generation.status
-    params = generation.parameters
-    body = {
-        "generation_id": generation.pk,
-        "status": status,
-        "prompt": generation.prompt,
-        "negative_prompt": generation.negative_prompt,
-        "parameters": params,
-        "step": generation.step,
-        "total_steps": generation.total_steps,
-        "created_at": generation.created_at,
-        "started_at": generation.started_at,
-        "finished_at": generation.finished_at,
-        "message": generation.error_message or None if status in _WITH_MESSAGE else None,
-        **generation_summary(generation),
-        "seeds": image_seeds(generation.seed, params["num_images"]),
-        "image_urls": generation_image_urls(generation),
-    }
-    return body
-
-
-_WITH_MESSAGE = (Generation.Status.ERROR, Generation.Status.CANCELLED)
 
 
 def _abandon(generation_id: int) -> None:

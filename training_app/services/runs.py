@@ -26,8 +26,8 @@ from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
 from training_app import jobs
+from training_app.bodies import training_event_body
 from training_app.models import LoraArtifact, TrainingRun
-from training_app.selectors import training_status_body
 from training_app.services.loras import lora_store
 from training_app.services.owner_quotas import training_slot_check
 from training_app.services.watch import (
@@ -301,8 +301,7 @@ def run_event(run_id: int, event: str, **extra) -> None:
     )
     if run is None:
         return
-    data = {"run_id": run.pk, "session_id": run.session_id, **training_status_body(run), **extra}
-    webhook_emit(run, event, data)
+    webhook_emit(run, event, training_event_body(run, **extra))
 
 
 def _set_stage(run_id: int, stage: str) -> bool:

@@ -11,8 +11,8 @@ property, an array one item, a number its `maximum` (else `minimum`, else 0), a 
 
 import pytest
 
+from sdxl_service.api.generation.serializers import Txt2ImgSerializer
 from sdxl_service.api.schema import JS_SAFE_INTEGER, safe_integer_example
-from sdxl_service.api.serializers import Txt2ImgSerializer
 
 
 def _resolve(schema: dict, document: dict) -> dict:

@@ -23,7 +23,8 @@ from sdxl_engine.parameters import (
     field_names,
     training_params,
 )
-from sdxl_service.api import serializers as api_serializers
+from sdxl_service.api.generation import serializers as generation_serializers
+from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes, images_close, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
@@ -691,7 +692,7 @@ def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_
 
 
 def test_train_lora_fields_are_the_engines_training_params():
-    fields = set(api_serializers.TrainLoraSerializer().fields)
+    fields = set(TrainLoraSerializer().fields)
     assert fields - {"session_id", "webhook_url", "webhook_events"} == field_names(TrainingParams)
 
 
@@ -714,9 +715,9 @@ TXT2IMG_RESPONSE_KEYS = {
 
 def test_txt2img_fields_are_the_engines_generation_params():
     """Adding a generation field touches GenerationParams and this serializer alike."""
-    body = set(api_serializers.Txt2ImgSerializer().fields)
-    renamed = api_serializers.TXT2IMG_RENAMED
-    request_only = set(api_serializers.TXT2IMG_REQUEST_FIELDS)
+    body = set(generation_serializers.Txt2ImgSerializer().fields)
+    renamed = generation_serializers.TXT2IMG_RENAMED
+    request_only = set(generation_serializers.TXT2IMG_REQUEST_FIELDS)
     assert {renamed.get(name, name) for name in body - request_only} == field_names(
         GenerationParams
     )
@@ -729,8 +730,8 @@ def test_txt2img_fields_are_the_engines_generation_params():
 def test_txt2img_defaults_are_the_engines_and_the_services():
     """The body's defaults are GenerationParams' (what generate() renders), and so are the
     service's; a field without one is optional and left out as None (or no LoRAs)."""
-    fields = api_serializers.Txt2ImgSerializer().fields
-    body_name = {param: name for name, param in api_serializers.TXT2IMG_RENAMED.items()}
+    fields = generation_serializers.Txt2ImgSerializer().fields
+    body_name = {param: name for name, param in generation_serializers.TXT2IMG_RENAMED.items()}
     request = GenerationRequest()
     for name in field_names(GenerationParams) - {"prompt"}:
         field = fields[body_name.get(name, name)]
@@ -743,7 +744,7 @@ def test_txt2img_defaults_are_the_engines_and_the_services():
     # A LoRA's scale is its AppliedLora's.
     scales = {
         fields["lora_scale"].default,
-        api_serializers.LoraChoiceSerializer().fields["scale"].default,
+        generation_serializers.LoraChoiceSerializer().fields["scale"].default,
         request.lora_scale,
         LoraChoice(1).scale,
         inspect.signature(AppliedLora).parameters["scale"].default,

@@ -20,7 +20,7 @@ from sdxl_engine.parameters import LoraChoice
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, images_close
-from training_app import jobs
+from training_app import bodies, jobs
 from training_app.models import Generation, LoraArtifact
 from training_app.services import generations
 from training_app.services import loras as lora_services
@@ -818,7 +818,7 @@ def test_loras_of_two_sessions_apply_together_and_are_recorded_in_order(
     ]
     assert [row.sha256 for row in rows] == [first.sha256, second.sha256]
     assert (rows[0].lora, rows[1].lora) == (first, second)
-    summary = generations.generation_summary(generation)
+    summary = bodies.generation_summary(generation)
     assert summary["lora"] == {"filename": "lora_1.safetensors", "sha256": first.sha256}
     assert [lora["scale"] for lora in summary["loras"]] == [0.8, -0.5]
     # Two files of one name: told apart by their sessions in the prompt and the hashes.
@@ -909,7 +909,7 @@ def test_img2img_starts_from_the_image_and_records_its_strength(generation_worke
     )
     assert images_close([Image.open(io.BytesIO(images[0]))], alone, tolerance=0)
     assert "Denoising strength: 0.4" in read_infotext(images[0])
-    assert generations.generation_summary(generation)["strength"] == 0.4
+    assert bodies.generation_summary(generation)["strength"] == 0.4
     # Without a strength, img2img takes AUTOMATIC1111's default.
     default, _ = _finished(prompt="x", init_image=init)
     assert default.parameters["strength"] == 0.75
@@ -942,7 +942,7 @@ def test_jpeg_and_webp_carry_the_parameters_in_exif_as_automatic1111_writes_them
         assert read_infotext(data) == read_infotext(png[index])
     _, lower = _finished(prompt="a cat", seed=9, output_format=output_format, quality=20)
     assert len(lower[0]) < len(images[0])
-    assert generations.generation_summary(generation)["seeds"] == [9, 10]
+    assert bodies.generation_summary(generation)["seeds"] == [9, 10]
 
 
 def test_an_uploaded_kohya_locon_with_ff_conv_and_text_encoder_keys_generates_as_stock_diffusers(

@@ -16,8 +16,8 @@ from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import FAST_TRAINING, image_bytes
 from training_app import jobs
+from training_app.bodies import training_status
 from training_app.models import LoraArtifact, TrainingRun
-from training_app.selectors import training_status
 from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db

@@ -1,0 +1,95 @@
+"""What a generation used and made, as /txt2img answers it and GET /generations/<id>
+shows it."""
+
+from drf_spectacular.utils import extend_schema_field
+from rest_framework import serializers
+
+from sdxl_engine.parameters import OUTPUT_FORMATS, REFINER_POLICIES
+
+
+# Inline rather than a nullable reference: OpenAPI 3.0.3 ignores `nullable` beside a bare
+# `allOf: [$ref]` (it applies only with a `type`), so strict validators and client
+# generators would refuse the null a request without a LoRA answers.
+@extend_schema_field(
+    {
+        "type": "object",
+        "nullable": True,
+        "properties": {
+            "filename": {"type": "string", "description": "the LoRA file the Base used"},
+            "sha256": {"type": "string", "description": "of that file"},
+        },
+        "required": ["filename", "sha256"],
+        "description": "the LoRA applied, or null without one",
+    }
+)
+class LoraUsed(serializers.Serializer):
+    filename = serializers.CharField()
+    sha256 = serializers.CharField()
+
+
+class AppliedLoraItem(serializers.Serializer):
+    session_id = serializers.CharField()
+    filename = serializers.CharField()
+    sha256 = serializers.CharField()
+    scale = serializers.FloatField()
+
+
+class GenerationUsed(serializers.Serializer):
+    """What a generation used and made, in /txt2img's answer and GET /generations/<id>."""
+
+    image_urls = serializers.ListField(
+        child=serializers.CharField(),
+        help_text="each image's URL (GET /generations/<id>/<i>.<ext>), with the API's access "
+        "rules; empty until the generation is completed",
+    )
+    seed = serializers.IntegerField(help_text="the seed used: the same seed gives the same image")
+    seeds = serializers.ListField(
+        child=serializers.IntegerField(),
+        help_text="each image's own seed (seed, seed + 1, ...): a request for one image with "
+        "seeds[i] gives image i again",
+    )
+    lora = LoraUsed(allow_null=True, help_text="the first (or only) LoRA applied")
+    loras = AppliedLoraItem(many=True, help_text="every LoRA applied, in order")
+    scheduler = serializers.CharField(allow_null=True, help_text="null: the model's own (Euler)")
+    refiner = serializers.ChoiceField(choices=REFINER_POLICIES)
+    refiner_switch = serializers.FloatField(
+        allow_null=True, help_text="where the Refiner took over; null under refiner none"
+    )
+    strength = serializers.FloatField(allow_null=True, help_text="img2img's; null for txt2img")
+    output_format = serializers.ChoiceField(choices=OUTPUT_FORMATS)
+    duration_ms = serializers.IntegerField(allow_null=True)
+
+
+class Txt2ImgResponse(GenerationUsed):
+    images_base64 = serializers.ListField(
+        child=serializers.CharField(),
+        required=False,
+        help_text="num_images images in output_format (PNG by default), the parameters in them "
+        'as AUTOMATIC1111 writes them; left out with response_format "url"',
+    )
+    generation_id = serializers.IntegerField(help_text="for GET /generations/<id>")
+
+
+class Txt2ImgQueuedResponse(serializers.Serializer):
+    generation_id = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=["queued"])
+    status_url = serializers.CharField(help_text="GET it for the status, then the image_urls")
+
+
+class GenerationStatusResponse(GenerationUsed):
+    generation_id = serializers.IntegerField()
+    status = serializers.ChoiceField(
+        choices=["queued", "running", "completed", "error", "abandoned", "cancelled"],
+        help_text="abandoned: a synchronous caller stopped waiting before a worker took it; "
+        "cancelled: stopped before it finished (POST /generations/<id>/cancel, or its "
+        "synchronous caller disconnected or was answered 504), no images",
+    )
+    message = serializers.CharField(allow_null=True, help_text="why, under error or cancelled")
+    step = serializers.IntegerField(help_text="denoising steps done, Base and Refiner together")
+    total_steps = serializers.IntegerField(allow_null=True)
+    prompt = serializers.CharField()
+    negative_prompt = serializers.CharField(allow_blank=True)
+    parameters = serializers.DictField(help_text="the request's generation parameters")
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)

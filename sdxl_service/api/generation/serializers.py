@@ -1,0 +1,218 @@
+"""/txt2img's request body: one field for each of sdxl_engine's GenerationParams, their
+defaults and limits, and the request-only fields (TXT2IMG_REQUEST_FIELDS)."""
+
+from django.conf import settings
+from rest_framework import serializers
+
+from sdxl_engine.parameters import (
+    DEFAULT_LORA_SCALE,
+    DEFAULT_OUTPUT_FORMAT,
+    DEFAULT_QUALITY,
+    DEFAULT_REFINER_POLICY,
+    DEFAULT_REFINER_SWITCH,
+    DEFAULT_STRENGTH,
+    GENERATION_DEFAULTS,
+    MAX_LORAS,
+    OUTPUT_FORMATS,
+    REFINER_POLICIES,
+    REFINER_SWITCH_MAX,
+    REFINER_SWITCH_MIN,
+    GenerationParams,
+    LoraChoice,
+    field_names,
+    one_of,
+)
+from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
+from sdxl_service.api.common import WebhookFields
+from sdxl_service.api.fields import (
+    SEED,
+    Base64BytesField,
+    SessionIdField,
+    StrictFloatField,
+    StrictIntegerField,
+    StringField,
+    default_image_side,
+    image_side,
+)
+from sdxl_service.api.loras.serializers import (
+    ITERATION,
+    lora_filename_field,
+    one_way_to_name_a_lora,
+)
+
+
+class LoraChoiceSerializer(serializers.Serializer):
+    """One entry of /txt2img's `loras`."""
+
+    session_id = SessionIdField(help_text="the session whose LoRA this is (any session)")
+    iteration = StrictIntegerField(**ITERATION)
+    lora_filename = lora_filename_field()
+    scale = StrictFloatField(
+        min_value=-4.0,
+        max_value=4.0,
+        default=DEFAULT_LORA_SCALE,
+        help_text="its strength, as in AUTOMATIC1111's <lora:name:scale>",
+    )
+
+    def validate(self, attrs):
+        return one_way_to_name_a_lora(attrs)
+
+
+# How /txt2img answers its images: inline (the original) or as URLs to GET.
+RESPONSE_FORMATS = ("base64", "url")
+# The fields of /txt2img that are not GenerationParams, and why: the use_lora shorthand
+# for one LoRA (GenerationRequest.params puts it into loras), how to answer, and where to
+# post the events; init_image_base64 is the params' init_image, base64-encoded.
+TXT2IMG_REQUEST_FIELDS = (
+    "use_lora",
+    "session_id",
+    "iteration",
+    "lora_filename",
+    "lora_scale",
+    "response_format",
+    "async",
+    "webhook_url",
+    "webhook_events",
+)
+TXT2IMG_RENAMED = {"init_image_base64": "init_image"}
+_TXT2IMG_FIELD = {param: field for field, param in TXT2IMG_RENAMED.items()}
+
+
+class Txt2ImgSerializer(WebhookFields):
+    """/txt2img's body: one field for each of sdxl_engine's GenerationParams (a test holds
+    them to the same names), their defaults and limits, and TXT2IMG_REQUEST_FIELDS."""
+
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
+    negative_prompt = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        required=False,
+        allow_blank=True,
+        default=GENERATION_DEFAULTS.negative_prompt,
+    )
+    num_images = StrictIntegerField(
+        min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=GENERATION_DEFAULTS.num_images
+    )
+    height = image_side(default=default_image_side(GENERATION_DEFAULTS.height))
+    width = image_side(default=default_image_side(GENERATION_DEFAULTS.width))
+    guidance_scale = StrictFloatField(
+        min_value=0.0, max_value=30.0, default=GENERATION_DEFAULTS.guidance_scale
+    )
+    # Base stops at refiner_switch (0.5 to 0.99) of the schedule and the Refiner takes the
+    # rest: each needs a step.
+    steps = StrictIntegerField(min_value=5, max_value=150, default=GENERATION_DEFAULTS.steps)
+    use_lora = serializers.BooleanField(default=False)
+    session_id = SessionIdField(required=False, allow_null=True)
+    iteration = StrictIntegerField(**ITERATION)
+    lora_filename = lora_filename_field()
+    lora_scale = StrictFloatField(min_value=-4.0, max_value=4.0, default=DEFAULT_LORA_SCALE)
+    seed = StrictIntegerField(**SEED)
+    scheduler = serializers.ChoiceField(
+        # Labelled with AUTOMATIC1111's names: the schema lists each as "`name` - label".
+        choices=[
+            (name, f"{spec.a1111_name} in AUTOMATIC1111") for name, spec in SCHEDULERS.items()
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": one_of(SCHEDULER_NAMES)},
+        help_text="the sampler of both Base and Refiner; left out (or null): the model's own "
+        "(Euler for SDXL)",
+    )
+    refiner = serializers.ChoiceField(
+        choices=[
+            (
+                "ensemble",
+                "the Base denoises the first refiner_switch of the schedule, the "
+                "Refiner the rest (SDXL's ensemble of experts)",
+            ),
+            ("none", "the Base alone runs the whole schedule; the Refiner is not used"),
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": one_of(REFINER_POLICIES)},
+        help_text=f"how the Refiner takes part; left out (or null): {DEFAULT_REFINER_POLICY}",
+    )
+    refiner_switch = StrictFloatField(
+        min_value=REFINER_SWITCH_MIN,
+        max_value=REFINER_SWITCH_MAX,
+        required=False,
+        allow_null=True,
+        help_text=f"the fraction of the schedule the Base denoises under refiner ensemble; left "
+        f"out (or null): {DEFAULT_REFINER_SWITCH}. Not with refiner none",
+    )
+
+    loras = serializers.ListField(
+        child=LoraChoiceSerializer(),
+        required=False,
+        max_length=MAX_LORAS,
+        help_text=f"up to {MAX_LORAS} LoRAs of any sessions, applied together to the Base "
+        "(UNet and text encoders) at their scales for this request; each names its LoRA by "
+        "iteration or lora_filename, else the session's latest. Not with use_lora",
+    )
+    init_image_base64 = Base64BytesField(
+        required=False,
+        allow_null=True,
+        help_text="img2img: a PNG, JPEG, WebP or BMP image to start from (checked as uploads "
+        "are), resized to width x height",
+    )
+    strength = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        allow_null=True,
+        help_text="img2img's denoising strength: the part of the schedule run on the noised "
+        "image, above 0 up to 1 (at 1 the image is not used: text-to-image). Left out: "
+        f"{DEFAULT_STRENGTH}. Only with init_image_base64",
+    )
+    output_format = serializers.ChoiceField(
+        choices=OUTPUT_FORMATS,
+        required=False,
+        allow_null=True,
+        help_text=f"the images' format; left out: {DEFAULT_OUTPUT_FORMAT}. JPEG and WebP carry "
+        "the parameters in EXIF UserComment as AUTOMATIC1111 writes them, PNG in its "
+        "'parameters' text chunk",
+    )
+    quality = StrictIntegerField(
+        min_value=1,
+        max_value=100,
+        required=False,
+        allow_null=True,
+        help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
+    )
+
+    response_format = serializers.ChoiceField(
+        choices=RESPONSE_FORMATS,
+        default=RESPONSE_FORMATS[0],
+        help_text="base64: the images in images_base64 (the original answer); url: only their "
+        "image_urls, to GET (smaller answers)",
+    )
+
+    def get_fields(self):
+        fields = super().get_fields()
+        # "async" is a Python keyword: it cannot be declared in the class body.
+        fields["async"] = serializers.BooleanField(
+            default=False,
+            help_text="true: answer 202 at once with the generation's id and status_url "
+            "instead of waiting for the images",
+        )
+        return fields
+
+    def validate(self, attrs):
+        """The body as a GenerationRequest's fields (LoRA choices, the image's bytes as
+        init_image), once the request's shape and its params' problems() allow it. Only
+        the first problem is answered."""
+        if attrs["use_lora"] and attrs.get("session_id") is None:
+            raise serializers.ValidationError({"session_id": "is required when use_lora is true"})
+        if attrs["use_lora"] and attrs.get("loras"):
+            raise serializers.ValidationError(
+                {"loras": "give use_lora (one LoRA) or loras, not both"}
+            )
+        attrs["loras"] = tuple(LoraChoice(**choice) for choice in attrs.get("loras", ()))
+        attrs["init_image"] = attrs.pop("init_image_base64", None)
+        attrs["webhook_events"] = tuple(attrs.get("webhook_events") or ())
+        param_names = field_names(GenerationParams)
+        params = GenerationParams(**{k: v for k, v in attrs.items() if k in param_names})
+        problems = params.problems()
+        if problems:
+            name, problem = next(iter(problems.items()))
+            raise serializers.ValidationError({_TXT2IMG_FIELD.get(name, name): problem})
+        return one_way_to_name_a_lora(attrs)

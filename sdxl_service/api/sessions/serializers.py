@@ -1,0 +1,174 @@
+"""The bodies of the session endpoints (docs/api.md): sessions, their training images and
+the session detail.
+
+Requests are validated by their serializer; responses are rendered through theirs, so the
+OpenAPI description at /api/schema is built from the same classes that shape the bodies.
+"""
+
+from django.conf import settings
+from rest_framework import serializers
+from rest_framework.fields import SkipField
+
+from sdxl_service.api.fields import (
+    Base64BytesField,
+    SessionIdField,
+    StrictIntegerField,
+    StringField,
+)
+from sdxl_service.api.training.serializers import TrainStatusField
+from training_app.models import TrainingRun
+
+
+class SessionRefSerializer(serializers.Serializer):
+    session_id = SessionIdField()
+
+
+class PostSessionImageSerializer(serializers.Serializer):
+    session_id = SessionIdField()
+    image_base64 = Base64BytesField()
+    # May be empty: such an image trains with /train_lora's trigger as its whole caption.
+    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
+
+
+class SessionImagesUploadSerializer(serializers.Serializer):
+    """POST /sessions/<id>/images, multipart/form-data."""
+
+    image = serializers.ListField(
+        child=serializers.FileField(),
+        required=False,
+        help_text="image files (PNG, JPEG, WebP, BMP), as many as you like: `-F image=@a.jpg "
+        "-F image=@b.jpg`",
+    )
+    caption = serializers.ListField(
+        child=serializers.CharField(
+            max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True, trim_whitespace=False
+        ),
+        required=False,
+        help_text="one caption per image, in the same order; none: every caption empty (the "
+        "training trigger alone)",
+    )
+    archive = serializers.FileField(
+        required=False,
+        help_text="a zip of images, each with its caption in a .txt of the same name beside it "
+        "(kohya's dataset layout); an image without one has an empty caption",
+    )
+
+
+class CreateSessionResponse(serializers.Serializer):
+    session_id = serializers.IntegerField()
+
+
+class SuccessResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["success"])
+
+
+class DeleteSessionResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["deleted"])
+    session_id = serializers.CharField()
+
+
+class SessionSummary(serializers.Serializer):
+    session_id = serializers.CharField()
+    latest_lora = serializers.CharField(allow_null=True)
+    image_groups = serializers.IntegerField()
+    training = TrainStatusField()
+
+
+class ListSessionsQuery(serializers.Serializer):
+    limit = StrictIntegerField(
+        min_value=1,
+        max_value=1000,
+        required=False,
+        help_text="at most this many sessions (oldest first); left out: every session",
+    )
+    offset = StrictIntegerField(
+        min_value=0, required=False, help_text="skip this many sessions first (default 0)"
+    )
+
+
+class _OnlyWhenPaging(serializers.IntegerField):
+    """A nullable key that is left out, not null, when the body lacks it: DRF would render
+    a missing nullable field as null."""
+
+    def get_attribute(self, instance):
+        if self.field_name not in instance:
+            raise SkipField()
+        return super().get_attribute(instance)
+
+
+class ListSessionsResponse(serializers.Serializer):
+    sessions = SessionSummary(many=True)
+    count = serializers.IntegerField(
+        required=False, help_text="with limit or offset: how many sessions there are in all"
+    )
+    next_offset = _OnlyWhenPaging(
+        required=False,
+        allow_null=True,
+        help_text="with limit or offset: the offset of the next page; null after the last",
+    )
+
+
+class SessionImageItem(serializers.Serializer):
+    image_id = serializers.IntegerField()
+    group = serializers.IntegerField(help_text="the upload group's number (its folder)")
+    url = serializers.CharField(help_text="the image file, with the API's access rules")
+    caption = serializers.CharField(allow_blank=True)
+    format = serializers.CharField()
+    width = serializers.IntegerField()
+    height = serializers.IntegerField()
+    size = serializers.IntegerField(help_text="bytes")
+
+
+class SessionLoraItem(serializers.Serializer):
+    lora_filename = serializers.CharField()
+    iteration = serializers.IntegerField()
+    sha256 = serializers.CharField()
+    size = serializers.IntegerField(help_text="bytes")
+    source = serializers.ChoiceField(choices=["trained", "uploaded", "found"])
+    run_id = serializers.IntegerField(allow_null=True)
+    created_at = serializers.DateTimeField()
+
+
+class SessionCheckpointItem(serializers.Serializer):
+    lora_filename = serializers.CharField()
+    run_id = serializers.IntegerField()
+    step = serializers.IntegerField()
+    sha256 = serializers.CharField()
+
+
+class SessionRunItem(serializers.Serializer):
+    run_id = serializers.IntegerField()
+    status = serializers.ChoiceField(choices=TrainingRun.Status.values)
+    stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField(allow_null=True)
+    parameters = serializers.DictField()
+    message = serializers.CharField(allow_null=True)
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+
+
+class SessionGenerationItem(serializers.Serializer):
+    generation_id = serializers.IntegerField()
+    status = serializers.CharField()
+    prompt = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    status_url = serializers.CharField()
+
+
+class SessionImagesUploadResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["success"])
+    images = SessionImageItem(many=True, help_text="what was stored, in order")
+
+
+class SessionDetailResponse(serializers.Serializer):
+    session_id = serializers.CharField()
+    created_at = serializers.DateTimeField()
+    images = SessionImageItem(many=True)
+    loras = SessionLoraItem(many=True)
+    checkpoints = SessionCheckpointItem(many=True)
+    runs = SessionRunItem(many=True, help_text="oldest first")
+    recent_generations = SessionGenerationItem(
+        many=True, help_text="the newest 20 that applied one of the session's LoRAs"
+    )

@@ -1,0 +1,178 @@
+"""The session endpoints: create, list, show and delete sessions, add training images.
+Each validates the body, calls one service and renders the answer through its response
+serializer; errors are raised as ServiceError and shaped in one place
+(sdxl_service.api.errors)."""
+
+from django.http import FileResponse
+from drf_spectacular.utils import extend_schema
+from rest_framework.decorators import api_view, parser_classes, permission_classes
+from rest_framework.parsers import MultiPartParser
+
+from access_app.permissions import scope_required
+from core.errors import ServiceError
+from sdxl_service.api.common import rendered, validated
+from sdxl_service.api.schema import error_responses
+from sdxl_service.api.sessions.serializers import (
+    CreateSessionResponse,
+    DeleteSessionResponse,
+    ListSessionsQuery,
+    ListSessionsResponse,
+    PostSessionImageSerializer,
+    SessionDetailResponse,
+    SessionImagesUploadResponse,
+    SessionImagesUploadSerializer,
+    SessionRefSerializer,
+    SuccessResponse,
+)
+from sessions_app import selectors as session_selectors
+from sessions_app import services as session_services
+from sessions_app import storage as session_storage
+from training_app import bodies
+from training_app import selectors as training_selectors
+
+TAGS = ["sessions"]
+
+
+@extend_schema(
+    operation_id="create_session",
+    tags=TAGS,
+    summary="Create an empty session",
+    responses={200: CreateSessionResponse, **error_responses(429, with_body=False)},
+)
+@api_view(["GET"])
+@permission_classes(scope_required("upload"))
+def create_session(request):
+    session = session_services.session_create(caller=request.user)
+    return rendered(CreateSessionResponse, {"session_id": session.pk})
+
+
+@extend_schema(
+    operation_id="post_session_image",
+    tags=TAGS,
+    summary="Add one captioned training image (a new group folder)",
+    description="PNG, JPEG, WebP or BMP, base64 (a data: URL prefix is accepted). Stored "
+    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`.",
+    request=PostSessionImageSerializer,
+    responses={200: SuccessResponse, **error_responses(404, 429)},
+)
+@api_view(["POST"])
+@permission_classes(scope_required("upload"))
+def post_session_image(request):
+    data = validated(PostSessionImageSerializer, request)
+    session_services.session_image_add(
+        data["session_id"], data["image_base64"], data["prompt"], caller=request.user
+    )
+    return rendered(SuccessResponse, {"status": "success"})
+
+
+@extend_schema(
+    operation_id="list_sessions",
+    tags=TAGS,
+    summary="Every session with its latest LoRA, group count and training status",
+    parameters=[ListSessionsQuery],
+    responses={200: ListSessionsResponse, **error_responses()},
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def list_sessions(request):
+    query = ListSessionsQuery(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    page = query.validated_data
+    everything = session_selectors.session_list(request.user)
+    offset, limit = page.get("offset", 0), page.get("limit")
+    sessions = list(everything[offset : None if limit is None else offset + limit])
+    ids = [session.pk for session in sessions]
+    latest_loras = training_selectors.latest_lora_filenames(ids)
+    latest_runs = training_selectors.latest_runs(ids)
+    body = {
+        "sessions": [
+            bodies.session_summary(
+                session, latest_loras.get(session.pk), latest_runs.get(session.pk)
+            )
+            for session in sessions
+        ]
+    }
+    if page:  # without limit and offset, exactly the original answer
+        count = everything.count()
+        end = offset + len(sessions)
+        body |= {"count": count, "next_offset": end if end < count else None}
+    return rendered(ListSessionsResponse, body)
+
+
+@extend_schema(
+    operation_id="session_detail",
+    tags=TAGS,
+    summary="A session: its images, LoRA files, checkpoints, runs and recent generations",
+    responses={200: SessionDetailResponse, **error_responses(404)},
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def session_detail(request, session_id: int):
+    detail = training_selectors.session_detail(session_id, request.user)
+    return rendered(SessionDetailResponse, bodies.session_detail_body(detail))
+
+
+@extend_schema(
+    operation_id="session_images_upload",
+    tags=TAGS,
+    summary="Add training images as files: several with their captions, or a zip",
+    description="multipart/form-data: `image` files with one `caption` each, in order, and/or "
+    "an `archive` zip of images with a .txt caption beside each. Every image is checked as "
+    "/post_session_image checks one, and each becomes its own group; all are stored or none. "
+    "Zips are refused whole for unsafe paths, links, more than 2000 files or more than "
+    "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files.",
+    request={"multipart/form-data": SessionImagesUploadSerializer},
+    responses={200: SessionImagesUploadResponse, **error_responses(404, 429)},
+)
+@api_view(["POST"])
+@permission_classes(scope_required("upload"))
+@parser_classes([MultiPartParser])
+def session_images_upload(request, session_id: int):
+    data = validated(SessionImagesUploadSerializer, request)
+    archive = data.get("archive")
+    images = session_services.session_images_upload(
+        session_id,
+        [(upload.name, upload.read()) for upload in data.get("image", [])],
+        data.get("caption", []),
+        (archive.name, archive.read()) if archive is not None else None,
+        caller=request.user,
+    )
+    body = {"status": "success", "images": [bodies.session_image_item(image) for image in images]}
+    return rendered(SessionImagesUploadResponse, body)
+
+
+@extend_schema(
+    operation_id="session_image",
+    tags=TAGS,
+    summary="A training image of the session, as uploaded",
+    responses={
+        (200, "image/png"): bytes,
+        (200, "image/jpeg"): bytes,
+        (200, "image/webp"): bytes,
+        (200, "image/bmp"): bytes,
+        **error_responses(404),
+    },
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def session_image(request, session_id: int, image_id: int):
+    image = session_selectors.training_image_get(session_id, image_id, request.user)
+    path = session_storage.absolute_path(image.file)
+    if not path.is_file():
+        raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
+    return FileResponse(path.open("rb"), content_type=f"image/{image.image_format.lower()}")
+
+
+@extend_schema(
+    operation_id="delete_session",
+    tags=TAGS,
+    summary="Delete a session, its files and rows (a running training stops)",
+    request=SessionRefSerializer,
+    responses={200: DeleteSessionResponse, **error_responses(404)},
+)
+@api_view(["POST"])
+@permission_classes(scope_required("delete"))
+def delete_session(request):
+    data = validated(SessionRefSerializer, request)
+    session_services.session_delete(data["session_id"], caller=request.user)
+    return rendered(DeleteSessionResponse, {"status": "deleted", "session_id": data["session_id"]})

@@ -1,0 +1,259 @@
+"""The bodies of the training endpoints: /train_lora's parameters, whose names and defaults
+come from sdxl_engine.parameters (the definitions the workers run), and the four shapes
+of a training status."""
+
+from django.conf import settings
+from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
+from rest_framework import serializers
+
+from sdxl_engine.parameters import (
+    LR_SCHEDULERS,
+    RECIPES,
+    SERVICE_RECIPE,
+    TRAINING_RESOLUTION_MULTIPLE,
+    lr_warmup_problem,
+    recipe_defaults,
+    recipe_of,
+)
+from sdxl_service.api.common import WebhookFields
+from sdxl_service.api.fields import (
+    SEED,
+    SessionIdField,
+    StrictFloatField,
+    StrictIntegerField,
+    StringField,
+    image_side,
+)
+from training_app.models import TrainingRun
+
+# At most this many sample prompts: each is rendered at every sample step.
+MAX_SAMPLE_PROMPTS = 8
+
+
+class TrainLoraSerializer(WebhookFields):
+    """`session_id` and the optional training parameters of /train_lora.
+
+    A field left out comes from the run's recipe: the service's (SERVICE_RECIPE) unless
+    the body sets `steps` or `epochs`, which keeps the original's defaults.
+    """
+
+    # One field for each of sdxl_engine's TrainingParams: a test holds them to the same names.
+    session_id = SessionIdField()
+    recipe = serializers.ChoiceField(
+        choices=RECIPES,
+        required=False,
+        help_text="where the fields left out come from: service (default without steps or "
+        "epochs: rank 32, lr 1e-4, batch 4, warm-up, Min-SNR 5, caption dropout 0.05, "
+        "aspect buckets, 1500-4000 image-views by image count) or original (default with "
+        "steps or epochs: rank 4, lr 1e-4, batch 4, one epoch, square crops)",
+    )
+    steps = StrictIntegerField(
+        min_value=1, max_value=settings.SDXL_MAX_TRAINING_STEPS, required=False
+    )
+    epochs = StrictIntegerField(min_value=1, max_value=1000, required=False)
+    batch_size = StrictIntegerField(min_value=1, max_value=64, required=False)
+    learning_rate = StrictFloatField(min_value=1e-7, max_value=0.1, required=False)
+    rank = StrictIntegerField(min_value=1, max_value=128, required=False)
+    resolution = image_side(TRAINING_RESOLUTION_MULTIPLE, required=False)
+    seed = StrictIntegerField(**SEED)
+    lr_scheduler = serializers.ChoiceField(
+        choices=LR_SCHEDULERS,
+        required=False,
+        help_text=f"learning-rate schedule (service recipe: {SERVICE_RECIPE.lr_scheduler}; "
+        "original: constant)",
+    )
+    lr_warmup_steps = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="steps of linear warm-up from 0; needs constant_with_warmup or cosine",
+    )
+    min_snr_gamma = StrictFloatField(
+        min_value=0.0,
+        max_value=100.0,
+        required=False,
+        help_text="Min-SNR loss weighting: min(SNR, gamma) / SNR per step (the Min-SNR paper "
+        "uses 5); 0: off",
+    )
+    noise_offset = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        help_text="noise offset: adds this times a per-image, per-channel draw to the noise, "
+        "so the LoRA can learn overall brightness (e.g. 0.05); 0: off",
+    )
+
+    trigger = StringField(
+        max_length=100,
+        required=False,
+        allow_null=True,
+        help_text='identity token, e.g. "sks" or "ohwx woman": put before every caption '
+        "that lacks it; an image uploaded with an empty caption trains with it alone",
+    )
+    caption_dropout = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        help_text="probability that a sample trains with an empty caption (e.g. 0.05); 0: off",
+    )
+    train_text_encoder = serializers.BooleanField(
+        required=False,
+        help_text="also train a LoRA on both text encoders' attention (default false); "
+        "stock diffusers' load_lora_weights, the kohya export and /txt2img all apply it",
+    )
+    text_encoder_lr = StrictFloatField(
+        min_value=1e-7,
+        max_value=0.1,
+        required=False,
+        help_text="the text encoders' learning rate with train_text_encoder (default: "
+        "learning_rate, as kohya's --text_encoder_lr; their guides use about 1e-5 to 5e-5)",
+    )
+    sample_every = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="render sample images every this many steps, listed by /train_status "
+        "(service recipe: four times a run; original: 0, never)",
+    )
+    sample_prompts = serializers.ListField(
+        child=StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS),
+        min_length=1,
+        max_length=MAX_SAMPLE_PROMPTS,
+        required=False,
+        help_text="the samples' prompts (default: the trigger alone, then the first captions)",
+    )
+    sample_seed = StrictIntegerField(
+        **SEED, help_text="the samples' seed, the same at every sample step (default: the run's)"
+    )
+    checkpoint_every = StrictIntegerField(
+        min_value=0,
+        max_value=settings.SDXL_MAX_TRAINING_STEPS,
+        required=False,
+        help_text="save a checkpoint every this many steps: a LoRA file of the session, and "
+        "what a run whose worker was lost resumes from (service recipe: four times a run; "
+        "original: 0, never)",
+    )
+    enable_bucket = serializers.BooleanField(
+        required=False,
+        help_text="aspect-ratio buckets: each image trains at the SDXL size nearest its aspect "
+        "ratio (service recipe: true); false: a centred square crop (original)",
+    )
+
+    def validate(self, attrs):
+        if "steps" in attrs and "epochs" in attrs:
+            raise serializers.ValidationError("give steps or epochs, not both")
+        if "text_encoder_lr" in attrs and not attrs.get("train_text_encoder"):
+            raise serializers.ValidationError(
+                {
+                    "text_encoder_lr": "needs train_text_encoder true (the text encoders train "
+                    "only then)"
+                }
+            )
+        # Only a warm-up the caller gave can clash: the recipes fit theirs to the schedule.
+        defaults = recipe_defaults(recipe_of(attrs))
+        warmup_problem = lr_warmup_problem(
+            attrs.get("lr_scheduler", defaults.lr_scheduler), attrs.get("lr_warmup_steps", 0)
+        )
+        if warmup_problem:
+            raise serializers.ValidationError({"lr_warmup_steps": warmup_problem})
+        return attrs
+
+    @staticmethod
+    def training_parameters(validated: dict) -> dict:
+        """The parameters the caller gave; the run fills the rest from its recipe."""
+        return {
+            k: v
+            for k, v in validated.items()
+            if k not in ("session_id", "webhook_url", "webhook_events") and v is not None
+        }
+
+
+class TrainLoraResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["started"])
+    run_id = serializers.IntegerField()
+
+
+class TrainingSampleItem(serializers.Serializer):
+    step = serializers.IntegerField()
+    prompt = serializers.CharField()
+    url = serializers.CharField(help_text="the PNG, with the API's access rules")
+
+
+class TrainingCheckpointItem(serializers.Serializer):
+    step = serializers.IntegerField()
+    lora_filename = serializers.CharField(help_text="for /get_lora and /txt2img's lora_filename")
+
+
+class KeptAlongTheWay(serializers.Serializer):
+    """What in-progress and completed runs list (sample_every, checkpoint_every)."""
+
+    samples = TrainingSampleItem(many=True)
+    checkpoints = TrainingCheckpointItem(many=True)
+    resumed_from_step = serializers.IntegerField(
+        allow_null=True,
+        help_text="the checkpoint's step this run continued from after its worker was lost",
+    )
+
+
+class TrainStatusInProgress(KeptAlongTheWay):
+    status = serializers.ChoiceField(choices=["in-progress"])
+    progress = serializers.IntegerField(min_value=0, max_value=99)
+    queued = serializers.BooleanField(help_text="no worker has started the run yet")
+    stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)
+    step = serializers.IntegerField()
+    total_steps = serializers.IntegerField(allow_null=True)
+    loss = serializers.FloatField(allow_null=True, help_text="of the last step")
+    eta_seconds = serializers.IntegerField(
+        allow_null=True, help_text="from the time per step so far; null before the first step"
+    )
+
+
+class TrainStatusCompleted(KeptAlongTheWay):
+    status = serializers.ChoiceField(choices=["completed"])
+    progress = serializers.ChoiceField(choices=[100])
+    lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
+
+
+class TrainStatusError(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["error"])
+    message = serializers.CharField(help_text='"training was cancelled" after /cancel_training')
+
+
+class TrainStatusNone(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["none"])
+    progress = serializers.ChoiceField(choices=[0])
+
+
+# /train_status answers exactly one of the four shapes, chosen by its "status".
+_TRAIN_STATUS_SHAPES = {
+    "in-progress": TrainStatusInProgress,
+    "completed": TrainStatusCompleted,
+    "error": TrainStatusError,
+    "none": TrainStatusNone,
+}
+TRAIN_STATUS_SCHEMA = PolymorphicProxySerializer(
+    component_name="TrainStatus",
+    serializers=list(_TRAIN_STATUS_SHAPES.values()),
+    resource_type_field_name=None,
+)
+
+
+@extend_schema_field(TRAIN_STATUS_SCHEMA)
+class TrainStatusField(serializers.Field):
+    """A training status body, rendered through the serializer of its shape."""
+
+    def to_representation(self, body: dict) -> dict:
+        return _TRAIN_STATUS_SHAPES[body["status"]](body).data
+
+
+class TrainStatusResponse(serializers.BaseSerializer):
+    """/train_status's body: TrainStatusField's rendering, at the top level."""
+
+    def to_representation(self, body: dict) -> dict:
+        return TrainStatusField().to_representation(body)
+
+
+class CancelTrainingResponse(serializers.Serializer):
+    status = serializers.ChoiceField(choices=["cancelled"])
+    session_id = serializers.CharField()
+    run_id = serializers.IntegerField()
