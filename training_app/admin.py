@@ -22,7 +22,7 @@ from training_app.models import (
     WebhookDelivery,
     WorkerHeartbeat,
 )
-from training_app.services.generations import generations_dir
+from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.loras import LORA_FORMATS, lora_file_path, lora_read
 from training_app.services.watch import sample_path
 

@@ -33,7 +33,9 @@ from sessions_app import services as session_services
 from sessions_app import storage as session_storage
 from training_app import selectors as training_selectors
 from training_app.selectors import session_image_item
-from training_app.services import generations, loras, runs, watch
+from training_app.services import loras, runs, watch
+from training_app.services.generations import lifecycle
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 SESSIONS, TRAINING, LORAS, GENERATION = ["sessions"], ["training"], ["LoRA files"], ["generation"]
 
@@ -353,8 +355,8 @@ def txt2img(request):
     data = validated(api.Txt2ImgSerializer, request)
     wait = not data.pop("async")
     response_format = data.pop("response_format")
-    generation = generations.generation_request(
-        generations.GenerationRequest(**data, caller=request.user)
+    generation = generation_request(
+        GenerationRequest(**data, caller=request.user)
     )
     if not wait:
         body = {
@@ -363,13 +365,13 @@ def txt2img(request):
             "status_url": reverse("generation", args=[generation.pk]),
         }
         return Response(api.Txt2ImgQueuedResponse(body).data, status=202)
-    generation, images = generations.generation_wait(
+    generation, images = lifecycle.generation_wait(
         generation.pk, settings.SDXL_TXT2IMG_TIMEOUT, client_gone=_client_gone_check(request)
     )
     body = {
         "generation_id": generation.pk,
-        **generations.generation_summary(generation),
-        "image_urls": generations.generation_image_urls(generation),
+        **lifecycle.generation_summary(generation),
+        "image_urls": lifecycle.generation_image_urls(generation),
     }
     if response_format == "base64":
         body["images_base64"] = [base64.b64encode(image).decode("ascii") for image in images]
@@ -386,7 +388,7 @@ def txt2img(request):
 @permission_classes(scope_required("read"))
 def generation_status(request, generation_id: int):
     generation = training_selectors.generation_get(generation_id, request.user)
-    return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
+    return rendered(api.GenerationStatusResponse, lifecycle.generation_status_body(generation))
 
 
 @extend_schema(
@@ -403,8 +405,8 @@ def generation_status(request, generation_id: int):
 @api_view(["POST"])
 @permission_classes(scope_required("generate"))
 def generation_cancel(request, generation_id: int):
-    generation = generations.generation_cancel(generation_id, caller=request.user)
-    return rendered(api.GenerationStatusResponse, generations.generation_status_body(generation))
+    generation = lifecycle.generation_cancel(generation_id, caller=request.user)
+    return rendered(api.GenerationStatusResponse, lifecycle.generation_status_body(generation))
 
 
 def _client_gone_check(request) -> Callable[[], bool] | None:
@@ -442,7 +444,7 @@ def _client_gone_check(request) -> Callable[[], bool] | None:
 @permission_classes(scope_required("read"))
 def generation_image(request, generation_id: int, index: int, extension: str):
     generation = training_selectors.generation_get(generation_id, request.user)
-    path = generations.generation_image_path(generation, index, extension)
+    path = lifecycle.generation_image_path(generation, index, extension)
     return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.params.file_format])
 
 
