@@ -4,7 +4,7 @@ from datadir_app.reconcile import data_dir_report, reconcile_session, session_id
 from datadir_app.report import Progress, Report, no_progress
 from sessions_app.locking import session_lock
 from training_app.models import Generation
-from training_app.services.generations import generations_dir
+from training_app.services.generations.lifecycle import generations_dir
 
 
 def verify(fix: bool = False, progress: Progress = no_progress) -> Report:

@@ -24,7 +24,7 @@ from training_app.models import (
     WebhookDelivery,
     WorkerHeartbeat,
 )
-from training_app.services.generations import generations_dir
+from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.loras import LORA_FORMATS, lora_file_path, lora_read
 from training_app.services.watch import sample_path
 
@@ -56,10 +56,7 @@ def lora_download_links(lora: LoraArtifact) -> str:
     return format_html_join(
         " | ",
         '<a href="{}" download>{}</a>',
-        (
-            (links.lora_download_as_admin_url(lora, form), form)
-            for form in LORA_FORMATS
-        ),
+        ((links.lora_download_as_admin_url(lora, form), form) for form in LORA_FORMATS),
     )
 
 

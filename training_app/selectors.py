@@ -9,6 +9,7 @@ from django.db.models import Max, OuterRef, QuerySet, Subquery
 from django.utils import timezone
 
 from access_app.callers import Caller
+from access_app.selectors import caller_owner_id
 from core.errors import ServiceError
 from sessions_app.models import Session, TrainingImage
 from sessions_app.selectors import session_get, session_images, sessions_visible
@@ -29,7 +30,7 @@ def generations_visible(caller: Caller | None) -> QuerySet[Generation]:
     API); `caller=None` (admin, commands, workers) sees all."""
     if caller is None or caller.is_admin:
         return Generation.objects.all()
-    return Generation.objects.filter(owner_id=caller.owner_id)
+    return Generation.objects.filter(owner_id=caller_owner_id(caller))
 
 
 def generation_get(generation_id: int, caller: Caller | None = None) -> Generation:

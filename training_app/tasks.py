@@ -4,7 +4,7 @@ Both are safe to run twice: the service claims the row with a conditional update
 does nothing when it is no longer queued.
 """
 
-from training_app.services.generations import generation_execute
+from training_app.services.generations.batches import generation_execute
 from training_app.services.runs import training_run_execute
 
 

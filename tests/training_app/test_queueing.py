@@ -14,7 +14,8 @@ from tests.helpers import image_bytes
 from training_app import jobs
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
-from training_app.services.generations import GENERATIONS, GenerationRequest, generation_request
+from training_app.services.generations.lifecycle import GENERATIONS
+from training_app.services.generations.requests import GenerationRequest, generation_request
 from training_app.services.runs import TRAINING_RUNS
 
 pytestmark = pytest.mark.django_db

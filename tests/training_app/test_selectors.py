@@ -3,9 +3,12 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
+from access_app.callers import Caller
+from access_app.selectors import default_owner
 from sessions_app import services as session_services
 from training_app.bodies import training_status
-from training_app.models import TrainingRun
+from training_app.models import Generation, TrainingRun
+from training_app.selectors import generations_visible
 
 pytestmark = pytest.mark.django_db
 
@@ -58,3 +61,13 @@ def test_eta_is_unknown_once_the_runs_own_heartbeat_missed_its_beats(training_wo
         heartbeat_at=timezone.now() - timedelta(seconds=settings.SDXL_RUN_STALE_AFTER / 2 + 1)
     )
     assert training_status(run.session_id)["eta_seconds"] is None
+
+
+def test_a_caller_without_an_owner_sees_the_default_owners_generations():
+    """A Caller's owner_id None stands for the default owner (access_app.callers), whose
+    generations it creates (services.owner_quotas), so it sees those, not the rows without
+    an owner, which only admin tokens see."""
+    default_owners = Generation.objects.create(prompt="a", seed=1, owner=default_owner())
+    Generation.objects.create(prompt="b", seed=2, owner=None)
+    reader = Caller("reader", owner_id=None, scopes=frozenset({"read"}))
+    assert list(generations_visible(reader)) == [default_owners]

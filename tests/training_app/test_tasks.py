@@ -11,7 +11,8 @@ from tests.helpers import FAST_TRAINING, image_bytes
 from training_app import tasks
 from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.services import runs as run_services
-from training_app.services.generations import GenerationRequest, generation_request, generations_dir
+from training_app.services.generations.lifecycle import generations_dir
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 SMALL = {"height": 64, "width": 64, "steps": 5, "num_images": 2, "seed": 3}
 

@@ -127,7 +127,7 @@ def _beat(
     queue: str, queue_name: str, host: str, pid: int, started, write: Callable[[str], object]
 ) -> None:
     """One heartbeat, and the recovery of what dead workers left behind."""
-    from training_app.services.generations import GENERATIONS
+    from training_app.services.generations.lifecycle import GENERATIONS
     from training_app.services.runs import TRAINING_RUNS
 
     worker_heartbeat_beat(queue_name, host, pid, started)

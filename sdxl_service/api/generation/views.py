@@ -23,7 +23,8 @@ from sdxl_service.api.generation.serializers import Txt2ImgSerializer
 from sdxl_service.api.schema import error_responses
 from training_app import bodies
 from training_app import selectors as training_selectors
-from training_app.services import generations
+from training_app.services.generations import lifecycle
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 TAGS = ["generation"]
 
@@ -45,13 +46,11 @@ def txt2img(request):
     data = validated(Txt2ImgSerializer, request)
     wait = not data.pop("async")
     response_format = data.pop("response_format")
-    generation = generations.generation_request(
-        generations.GenerationRequest(**data, caller=request.user)
-    )
+    generation = generation_request(GenerationRequest(**data, caller=request.user))
     if not wait:
         body = bodies.generation_queued_body(generation)
         return Response(Txt2ImgQueuedResponse(body).data, status=202)
-    generation, images = generations.generation_wait(
+    generation, images = lifecycle.generation_wait(
         generation.pk, settings.SDXL_TXT2IMG_TIMEOUT, client_gone=_client_gone_check(request)
     )
     body = bodies.generation_answer(generation)
@@ -87,7 +86,7 @@ def generation_status(request, generation_id: int):
 @api_view(["POST"])
 @permission_classes(scope_required("generate"))
 def generation_cancel(request, generation_id: int):
-    generation = generations.generation_cancel(generation_id, caller=request.user)
+    generation = lifecycle.generation_cancel(generation_id, caller=request.user)
     return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
@@ -126,5 +125,5 @@ def _client_gone_check(request) -> Callable[[], bool] | None:
 @permission_classes(scope_required("read"))
 def generation_image(request, generation_id: int, index: int, extension: str):
     generation = training_selectors.generation_get(generation_id, request.user)
-    path = generations.generation_image_path(generation, index, extension)
+    path = lifecycle.generation_image_path(generation, index, extension)
     return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.params.file_format])

@@ -15,12 +15,12 @@ def schema_document(django_db_blocker) -> dict:
 def generations_in_process(monkeypatch, generation_worker):
     """/txt2img's job runs in this process (the worker's part) as soon as the request
     waits for it."""
-    from training_app.services import generations
+    from training_app.services.generations import batches, lifecycle
 
-    wait = generations.generation_wait
+    wait = lifecycle.generation_wait
 
     def execute_then_wait(generation_id, timeout_s, client_gone=None):
-        generations.generation_execute(generation_id)
+        batches.generation_execute(generation_id)
         return wait(generation_id, timeout_s, client_gone)
 
-    monkeypatch.setattr(generations, "generation_wait", execute_then_wait)
+    monkeypatch.setattr(lifecycle, "generation_wait", execute_then_wait)

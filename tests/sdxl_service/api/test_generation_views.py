@@ -10,7 +10,7 @@ from rest_framework.test import APIClient
 from sdxl_engine.image_output import read_infotext
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation
-from training_app.services import generations
+from training_app.services.generations import batches, lifecycle
 
 pytestmark = pytest.mark.django_db
 
@@ -43,7 +43,7 @@ def test_async_txt2img_answers_202_at_once_and_the_status_url_follows_the_job(
     assert queued["seeds"] == [7, 8] and queued["parameters"]["num_images"] == 2
 
     # The worker's part, watching the row as a client polling the status would.
-    original = generations._progress_recorder
+    original = batches._progress_recorder
 
     def watching(ids):
         record = original(ids)
@@ -55,11 +55,11 @@ def test_async_txt2img_answers_202_at_once_and_the_status_url_follows_the_job(
 
         return both
 
-    generations._progress_recorder = watching
+    batches._progress_recorder = watching
     try:
-        generations.generation_execute(generation_id)
+        batches.generation_execute(generation_id)
     finally:
-        generations._progress_recorder = original
+        batches._progress_recorder = original
 
     assert steps_seen[0] == ("running", 1, 5) and steps_seen[-1] == ("running", 5, 5)
     done = api.get(body["status_url"] + "/").json()
@@ -153,7 +153,7 @@ def test_cancel_answers_the_generation_cancelled_and_an_ended_one_unchanged(api,
         "cancelled",
         [],
     )
-    assert body["message"] == generations.CANCELLED_BY_REQUEST
+    assert body["message"] == lifecycle.CANCELLED_BY_REQUEST
     assert api.post(url + "/").json() == body  # ended: unchanged
     assert api.get(queued["status_url"]).json() == body
     assert Generation.objects.get(pk=queued["generation_id"]).status == "cancelled"

@@ -158,7 +158,8 @@ def test_list_sessions_pages_with_limit_and_offset_and_answers_as_before_without
 
 def test_session_detail_lists_images_loras_runs_and_generations(api, generation_worker):
     from training_app.models import LoraArtifact, TrainingRun
-    from training_app.services import generations, runs
+    from training_app.services import runs
+    from training_app.services.generations.requests import GenerationRequest, generation_request
 
     session_id = api.get("/create_session").json()["session_id"]
     photo = image_bytes("JPEG", (80, 48))
@@ -170,8 +171,8 @@ def test_session_detail_lists_images_loras_runs_and_generations(api, generation_
         )
     run = runs.training_run_start(session_id, {"steps": 1, "resolution": 64})
     runs.training_run_execute(run.pk)
-    generation = generations.generation_request(
-        generations.GenerationRequest(prompt="x", use_lora=True, session_id=session_id)
+    generation = generation_request(
+        GenerationRequest(prompt="x", use_lora=True, session_id=session_id)
     )
 
     body = api.get(f"/sessions/{session_id}").json()

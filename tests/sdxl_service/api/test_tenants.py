@@ -19,7 +19,7 @@ from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, LoraArtifact, TrainingRun, TrainingSample
-from training_app.services.generations import generations_dir
+from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.watch import sample_path
 
 pytestmark = pytest.mark.django_db

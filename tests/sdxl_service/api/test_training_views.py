@@ -30,7 +30,7 @@ from tests.helpers import b64, image_bytes, images_close, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
-from training_app.services.generations import GenerationRequest
+from training_app.services.generations.requests import GenerationRequest
 
 pytestmark = pytest.mark.django_db
 

@@ -21,7 +21,7 @@ from django_q.models import Task
 
 from tests.processes import process_tree, processes_with_env, wait_until
 from training_app.models import Generation
-from training_app.services import generations
+from training_app.services.generations import lifecycle
 
 pytestmark = [pytest.mark.e2e, pytest.mark.faults]
 
@@ -106,7 +106,7 @@ def _job_process(worker, generation_id: int) -> int:
 
 
 def _no_image_files(generation_id: int) -> bool:
-    folder = generations.generations_dir(generation_id)
+    folder = lifecycle.generations_dir(generation_id)
     return not folder.exists() or not any(folder.iterdir())
 
 
@@ -161,10 +161,10 @@ def test_kill_9_of_the_job_process_mid_generation_answers_the_waiting_client_at_
     took = client.answered_at - killed_at
     print(f"kill -9 of the job process: answered {response.status_code} after {took:.1f}s")
     assert response.status_code == 503
-    assert response.json() == {"status": "error", "message": generations.WORKER_LOST_MESSAGE}
+    assert response.json() == {"status": "error", "message": lifecycle.WORKER_LOST_MESSAGE}
     assert took < STALE_AFTER_S + SLACK_S
     lost = _row(long_id)
-    assert (lost.status, lost.error_message) == ("error", generations.WORKER_LOST_MESSAGE)
+    assert (lost.status, lost.error_message) == ("error", lifecycle.WORKER_LOST_MESSAGE)
     assert lost.step < lost.total_steps and _no_image_files(long_id)
     # The generation queued behind it is run by the worker's new pool process.
     done = wait_until(
@@ -216,7 +216,7 @@ def test_kill_9_while_the_job_process_loads_the_model_never_leaves_it_running(
     loading = claimed.total_steps is None  # no denoising step had been written
     print(f"kill -9 while loading ({loading}): {response.status_code} after {took:.1f}s")
     assert response.status_code == 503
-    assert response.json()["message"] == generations.WORKER_LOST_MESSAGE
+    assert response.json()["message"] == lifecycle.WORKER_LOST_MESSAGE
     assert took < STALE_AFTER_S + SLACK_S
     assert [_row(first["generation_id"]).status, _row(generation_id).status] == ["error"] * 2
     assert loading
@@ -241,9 +241,9 @@ def test_kill_9_of_the_whole_worker_group_leaves_nothing_running_or_queued(servi
     print(f"queued {queued.status_code} after {took[1]:.1f}s")
     assert (running.status_code, running.json()["message"]) == (
         503,
-        generations.WORKER_LOST_MESSAGE,
+        lifecycle.WORKER_LOST_MESSAGE,
     )
-    assert (queued.status_code, queued.json()["message"]) == (503, generations.NO_WORKER_MESSAGE)
+    assert (queued.status_code, queued.json()["message"]) == (503, lifecycle.NO_WORKER_MESSAGE)
     assert max(took) < STALE_AFTER_S + SLACK_S
     assert [_row(running_id).status, _row(queued_id).status] == ["error", "abandoned"]
     _stop_and_assert_nothing_left(service_processes)
@@ -269,7 +269,7 @@ def test_a_client_that_disconnects_mid_generation_cancels_it_between_steps(servi
         "the generation to stop",
     )
     assert cancelled.status == "cancelled", cancelled.status
-    assert cancelled.error_message == generations.CANCELLED_CLIENT_GONE
+    assert cancelled.error_message == lifecycle.CANCELLED_CLIENT_GONE
     assert cancelled.step < cancelled.total_steps and _no_image_files(generation_id)
     # The worker takes the next request at once, not after the rest of the cancelled one.
     next_answer = requests.post(f"{url}/txt2img", json=SHORT, timeout=WAIT_S)
@@ -300,7 +300,7 @@ def test_a_504_cancels_the_running_generation(service_processes):
         "the generation to stop",
     )
     assert stopped.status == "cancelled", stopped.status
-    assert stopped.error_message == generations.CANCELLED_TIMED_OUT
+    assert stopped.error_message == lifecycle.CANCELLED_TIMED_OUT
     assert stopped.step < stopped.total_steps and _no_image_files(generation_id)
     print(f"504 after {timeout_s}s: cancelled at step {stopped.step}/{stopped.total_steps}")
     _stop_and_assert_nothing_left(service_processes)
@@ -318,7 +318,7 @@ def test_cancel_of_a_running_async_generation_stops_it_between_steps(service_pro
     assert answer.status_code == 200
     body = answer.json()
     assert body["status"] == "cancelled" and body["image_urls"] == []
-    assert body["message"] == generations.CANCELLED_BY_REQUEST
+    assert body["message"] == lifecycle.CANCELLED_BY_REQUEST
     # The worker notices between steps: its progress stops, and it takes the next request.
     next_answer = requests.post(f"{url}/txt2img", json=SHORT, timeout=WAIT_S)
     took = time.monotonic() - cancelled_at

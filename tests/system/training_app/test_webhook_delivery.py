@@ -7,8 +7,7 @@ import pytest
 from tests.processes import wait_until
 from tests.training_app.services.test_webhooks import SECRET, Receiver
 from training_app.models import WebhookDelivery
-from training_app.services import generations
-from training_app.services.generations import GenerationRequest
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 pytestmark = pytest.mark.e2e
 
@@ -19,7 +18,7 @@ def test_the_generation_worker_delivers_a_generations_events(service_processes, 
     settings.SDXL_WEBHOOK_ALLOWED_HOSTS, settings.SDXL_WEBHOOK_SECRET = ["127.0.0.1"], SECRET
     try:
         service_processes.worker("generation", **hooks)
-        generation = generations.generation_request(
+        generation = generation_request(
             GenerationRequest(
                 prompt="x",
                 height=64,

@@ -22,10 +22,10 @@ from sessions_app import storage
 from tests.helpers import image_bytes, images_close
 from training_app import bodies, jobs
 from training_app.models import Generation, LoraArtifact
-from training_app.services import generations
 from training_app.services import loras as lora_services
 from training_app.services import runs as run_services
-from training_app.services.generations import GenerationRequest
+from training_app.services.generations import batches, lifecycle
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 pytestmark = pytest.mark.django_db
 
@@ -34,7 +34,7 @@ SMALL = {"height": 64, "width": 64, "steps": 5}
 
 def test_request_without_a_live_worker_is_503_and_records_nothing():
     with pytest.raises(ServiceError) as error:
-        generations.generation_request(GenerationRequest(prompt="x"))
+        generation_request(GenerationRequest(prompt="x"))
     assert error.value.status == 503 and "no generation worker" in error.value.message
     assert not Generation.objects.exists()
 
@@ -45,17 +45,17 @@ def test_stale_heartbeat_counts_as_no_worker(generation_worker, settings):
     )
     generation_worker.save()
     with pytest.raises(ServiceError) as error:
-        generations.generation_request(GenerationRequest(prompt="x"))
+        generation_request(GenerationRequest(prompt="x"))
     assert error.value.status == 503
 
 
 def test_request_execute_wait_returns_pngs_of_the_asked_size(generation_worker):
-    generation = generations.generation_request(
+    generation = generation_request(
         GenerationRequest(prompt="a cat", num_images=2, seed=7, **SMALL)
     )
     assert generation.status == "queued" and generation.seed == 7
-    generations.generation_execute(generation.pk)
-    finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+    batches.generation_execute(generation.pk)
+    finished, pngs = lifecycle.generation_wait(generation.pk, timeout_s=5)
     assert finished.status == "completed" and finished.image_count == 2
     assert finished.duration_ms is not None
     for index, png in enumerate(pngs):
@@ -69,7 +69,7 @@ def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
     session_services.session_image_add(session.pk, image_bytes("PNG", (64, 64)), "red")
     run = run_services.training_run_start(session.pk, {"steps": 1, "resolution": 64})
     run_services.training_run_execute(run.pk)
-    generation = generations.generation_request(
+    generation = generation_request(
         GenerationRequest(
             prompt="a red apple, studio light",
             negative_prompt="blurry",
@@ -81,8 +81,8 @@ def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
             **SMALL,
         )
     )
-    generations.generation_execute(generation.pk)
-    finished, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+    batches.generation_execute(generation.pk)
+    finished, pngs = lifecycle.generation_wait(generation.pk, timeout_s=5)
 
     text = Image.open(io.BytesIO(pngs[0])).text
     prompt, negative, settings_line = text["parameters"].split("\n")
@@ -105,7 +105,7 @@ def test_pngs_carry_the_parameters_as_sdxl_tools_write_them(generation_worker):
 
 
 def test_seed_is_random_and_63_bit_when_absent(generation_worker):
-    seeds = {generations.generation_request(GenerationRequest(prompt="x")).seed for _ in range(4)}
+    seeds = {generation_request(GenerationRequest(prompt="x")).seed for _ in range(4)}
     assert len(seeds) == 4 and all(0 <= seed < 2**63 for seed in seeds)
 
 
@@ -119,11 +119,9 @@ def test_same_seed_same_image_and_lora_changes_it(generation_worker):
     run_services.training_run_execute(run.pk)
 
     def png(**extra) -> bytes:
-        generation = generations.generation_request(
-            GenerationRequest(prompt="red", seed=11, **SMALL, **extra)
-        )
-        generations.generation_execute(generation.pk)
-        return generations.generation_wait(generation.pk, timeout_s=5)[1][0]
+        generation = generation_request(GenerationRequest(prompt="red", seed=11, **SMALL, **extra))
+        batches.generation_execute(generation.pk)
+        return lifecycle.generation_wait(generation.pk, timeout_s=5)[1][0]
 
     plain = png()
     with_lora = png(use_lora=True, session_id=session.pk)
@@ -135,28 +133,26 @@ def test_same_seed_same_image_and_lora_changes_it(generation_worker):
 def test_use_lora_without_any_lora_is_404(generation_worker):
     session = session_services.session_create()
     with pytest.raises(ServiceError) as error:
-        generations.generation_request(
-            GenerationRequest(prompt="x", use_lora=True, session_id=session.pk)
-        )
+        generation_request(GenerationRequest(prompt="x", use_lora=True, session_id=session.pk))
     assert (error.value.status, error.value.message) == (404, "Requested LoRA not found")
 
 
 def test_executing_twice_generates_once(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    generations.generation_execute(generation.pk)
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
+    batches.generation_execute(generation.pk)
     first_finish = Generation.objects.get(pk=generation.pk).finished_at
-    generations.generation_execute(generation.pk)
+    batches.generation_execute(generation.pk)
     assert Generation.objects.get(pk=generation.pk).finished_at == first_finish
 
 
 def test_wait_gives_503_and_abandons_when_the_worker_goes_away(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     generation_worker.delete()
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=5)
+        lifecycle.generation_wait(generation.pk, timeout_s=5)
     assert error.value.status == 503
     assert Generation.objects.get(pk=generation.pk).status == "abandoned"
-    generations.generation_execute(generation.pk)  # a late delivery does no work
+    batches.generation_execute(generation.pk)  # a late delivery does no work
     assert Generation.objects.get(pk=generation.pk).status == "abandoned"
 
 
@@ -167,7 +163,7 @@ def _stale(settings) -> timezone.datetime:
 def test_a_job_process_lost_mid_job_answers_503_at_once_and_records_why(
     generation_worker, settings
 ):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     # The job's process took it, then died (kill -9): the row's own heartbeat goes stale,
     # while the worker's main process (generation_worker) still beats.
     Generation.objects.filter(pk=generation.pk).update(
@@ -175,11 +171,11 @@ def test_a_job_process_lost_mid_job_answers_503_at_once_and_records_why(
     )
     started = time.monotonic()
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=60)
+        lifecycle.generation_wait(generation.pk, timeout_s=60)
     assert time.monotonic() - started < 5
-    assert error.value.status == 503 and error.value.message == generations.WORKER_LOST_MESSAGE
+    assert error.value.status == 503 and error.value.message == lifecycle.WORKER_LOST_MESSAGE
     row = Generation.objects.get(pk=generation.pk)
-    assert row.status == "error" and row.error_message == generations.WORKER_LOST_MESSAGE
+    assert row.status == "error" and row.error_message == lifecycle.WORKER_LOST_MESSAGE
     assert row.finished_at is not None
 
 
@@ -190,7 +186,7 @@ def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees
     # the shared queue may hold tasks other tests enqueued.
     settings.SDXL_WORKER_STALE_AFTER = 30  # the worker's own heartbeat is fresh
     lost, alive, old_row, waiting = (
-        generations.generation_request(GenerationRequest(prompt=p, **SMALL))
+        generation_request(GenerationRequest(prompt=p, **SMALL))
         for p in ("lost", "alive", "old row", "waiting")
     )
     running = {"status": Generation.Status.RUNNING, "started_at": _stale(settings)}
@@ -201,15 +197,15 @@ def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees
     Generation.objects.filter(pk=waiting.pk).update(created_at=_stale(settings))
     redelivered = []
     monkeypatch.setattr(jobs, "enqueue", lambda kind, row_id: redelivered.append(row_id))
-    assert jobs.redeliver(generations.GENERATIONS) == []  # running rows hold it back
+    assert jobs.redeliver(lifecycle.GENERATIONS) == []  # running rows hold it back
 
-    assert sorted(jobs.end_lost(generations.GENERATIONS)) == sorted([lost.pk, old_row.pk])
+    assert sorted(jobs.end_lost(lifecycle.GENERATIONS)) == sorted([lost.pk, old_row.pk])
 
     assert _statuses(lost, alive, old_row, waiting) == ["error", "running", "error", "queued"]
-    assert jobs.end_lost(generations.GENERATIONS) == []  # nothing twice
-    assert jobs.redeliver(generations.GENERATIONS) == []  # the live one may yet batch it
+    assert jobs.end_lost(lifecycle.GENERATIONS) == []  # nothing twice
+    assert jobs.redeliver(lifecycle.GENERATIONS) == []  # the live one may yet batch it
     Generation.objects.filter(pk=alive.pk).update(status=Generation.Status.COMPLETED)
-    assert jobs.redeliver(generations.GENERATIONS) == [waiting.pk] == redelivered
+    assert jobs.redeliver(lifecycle.GENERATIONS) == [waiting.pk] == redelivered
 
 
 @pytest.mark.django_db(transaction=True)
@@ -229,8 +225,8 @@ def test_the_job_process_beats_its_rows_while_the_engine_runs(
         return real_generate_batch(*args, **kwargs)
 
     monkeypatch.setattr(sdxl_engine.generation, "generate_batch", slow_generate_batch)
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    generations.generation_execute(generation.pk)
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
+    batches.generation_execute(generation.pk)
 
     assert len(set(beats)) >= 3, beats  # fresh beats while the engine worked
     row = Generation.objects.get(pk=generation.pk)
@@ -238,28 +234,28 @@ def test_the_job_process_beats_its_rows_while_the_engine_runs(
 
 
 def test_cancel_a_queued_generation_at_once_and_it_never_runs(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    cancelled = generations.generation_cancel(generation.pk)
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
+    cancelled = lifecycle.generation_cancel(generation.pk)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
-    assert cancelled.error_message == generations.CANCELLED_BY_REQUEST
-    generations.generation_execute(generation.pk)  # its task, delivered late
+    assert cancelled.error_message == lifecycle.CANCELLED_BY_REQUEST
+    batches.generation_execute(generation.pk)  # its task, delivered late
     assert _statuses(generation) == ["cancelled"] and _files(generation) == {}
 
 
 def test_cancel_of_an_ended_generation_answers_it_unchanged_and_unknown_is_404(
     generation_worker,
 ):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
-    generations.generation_execute(generation.pk)
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
+    batches.generation_execute(generation.pk)
     before = Generation.objects.get(pk=generation.pk)
-    after = generations.generation_cancel(generation.pk)
+    after = lifecycle.generation_cancel(generation.pk)
     assert (after.status, after.finished_at, after.image_count) == (
         "completed",
         before.finished_at,
         1,
     )
     with pytest.raises(ServiceError) as error:
-        generations.generation_cancel(generation.pk + 1000)
+        lifecycle.generation_cancel(generation.pk + 1000)
     assert error.value.status == 404
     assert Generation.objects.count() == 1
 
@@ -271,8 +267,8 @@ def _cancel_at_step(monkeypatch, step: int, cancelled: list[int]) -> list[int]:
     """Makes the worker cancel `cancelled` when its batch reaches `step` (as a client's
     POST .../cancel would, from outside), with progress written at every step; returns the
     steps the engine reported."""
-    monkeypatch.setattr(generations, "_PROGRESS_INTERVAL_S", 0)
-    real_recorder = generations._progress_recorder
+    monkeypatch.setattr(batches, "_PROGRESS_INTERVAL_S", 0)
+    real_recorder = batches._progress_recorder
     steps = []
 
     def recorder(generation_ids):
@@ -282,36 +278,36 @@ def _cancel_at_step(monkeypatch, step: int, cancelled: list[int]) -> list[int]:
             steps.append(done)
             if done == step:
                 for generation_id in cancelled:
-                    generations.generation_cancel(generation_id)
+                    lifecycle.generation_cancel(generation_id)
             record(done, total)
 
         return on_step
 
-    monkeypatch.setattr(generations, "_progress_recorder", recorder)
+    monkeypatch.setattr(batches, "_progress_recorder", recorder)
     return steps
 
 
 def test_a_running_generation_cancelled_stops_between_steps_and_writes_nothing(
     generation_worker, monkeypatch
 ):
-    generation = generations.generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
+    generation = generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
     steps = _cancel_at_step(monkeypatch, 3, [generation.pk])
 
-    generations.generation_execute(generation.pk)
+    batches.generation_execute(generation.pk)
 
     assert steps == [1, 2, 3]  # not one step more
     row = Generation.objects.get(pk=generation.pk)
     assert (row.status, row.image_count, row.error_message) == (
         "cancelled",
         0,
-        generations.CANCELLED_BY_REQUEST,
+        lifecycle.CANCELLED_BY_REQUEST,
     )
     assert row.step == 2 and row.step < row.total_steps == 12
     assert _files(generation) == {}
     # The pipelines serve the next request as if nothing had happened.
     monkeypatch.undo()
-    again = generations.generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
-    generations.generation_execute(again.pk)
+    again = generation_request(GenerationRequest(prompt="x", seed=3, **LONG))
+    batches.generation_execute(again.pk)
     assert _statuses(again) == ["completed"]
 
 
@@ -320,12 +316,12 @@ def test_in_a_batch_a_cancelled_request_gets_no_images_and_the_others_complete(
 ):
     settings.SDXL_GENERATION_BATCH_IMAGES = 4
     lead, companion = (
-        generations.generation_request(GenerationRequest(prompt=p, **LONG))
+        generation_request(GenerationRequest(prompt=p, **LONG))
         for p in ("a red apple", "a blue car")
     )
     steps = _cancel_at_step(monkeypatch, 3, [companion.pk])
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
     assert steps[-1] == 12  # the batch went on for the request still wanted
     assert _statuses(lead, companion) == ["completed", "cancelled"]
@@ -335,7 +331,7 @@ def test_in_a_batch_a_cancelled_request_gets_no_images_and_the_others_complete(
 
 def _running_generation() -> Generation:
     """A generation a live worker runs (just claimed, beating)."""
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     Generation.objects.filter(pk=generation.pk).update(
         status=Generation.Status.RUNNING, started_at=timezone.now(), heartbeat_at=timezone.now()
     )
@@ -345,51 +341,51 @@ def _running_generation() -> Generation:
 def test_a_waiting_client_that_goes_away_cancels_its_running_generation(generation_worker):
     generation = _running_generation()
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
+        lifecycle.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
     assert error.value.status == 499
     row = Generation.objects.get(pk=generation.pk)
-    assert (row.status, row.error_message) == ("cancelled", generations.CANCELLED_CLIENT_GONE)
+    assert (row.status, row.error_message) == ("cancelled", lifecycle.CANCELLED_CLIENT_GONE)
 
 
 def test_a_waiting_client_that_goes_away_abandons_its_queued_generation(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
+        lifecycle.generation_wait(generation.pk, timeout_s=60, client_gone=lambda: True)
     assert error.value.status == 499 and _statuses(generation) == ["abandoned"]
 
 
 def test_a_504_cancels_the_running_generation(generation_worker):
     generation = _running_generation()
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=0.3, client_gone=lambda: False)
+        lifecycle.generation_wait(generation.pk, timeout_s=0.3, client_gone=lambda: False)
     assert error.value.status == 504
     row = Generation.objects.get(pk=generation.pk)
-    assert (row.status, row.error_message) == ("cancelled", generations.CANCELLED_TIMED_OUT)
+    assert (row.status, row.error_message) == ("cancelled", lifecycle.CANCELLED_TIMED_OUT)
 
 
 def test_a_generation_judged_lost_is_not_completed_by_its_late_worker(
     generation_worker, settings, monkeypatch
 ):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     real_claim = jobs.claim
 
     def claim_then_judged_lost(kind, generation_id, **fields):
         claimed = real_claim(kind, generation_id, **fields)
         Generation.objects.filter(pk=generation_id).update(heartbeat_at=_stale(settings))
-        assert jobs.end_lost(generations.GENERATIONS) == [generation_id]
+        assert jobs.end_lost(lifecycle.GENERATIONS) == [generation_id]
         return claimed
 
     monkeypatch.setattr(jobs, "claim", claim_then_judged_lost)
-    generations.generation_execute(generation.pk)
+    batches.generation_execute(generation.pk)
     row = Generation.objects.get(pk=generation.pk)
-    assert (row.status, row.error_message) == ("error", generations.WORKER_LOST_MESSAGE)
+    assert (row.status, row.error_message) == ("error", lifecycle.WORKER_LOST_MESSAGE)
     assert _files(generation) == {}
 
 
 def test_wait_times_out_with_504(generation_worker):
-    generation = generations.generation_request(GenerationRequest(prompt="x", **SMALL))
+    generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     with pytest.raises(ServiceError) as error:
-        generations.generation_wait(generation.pk, timeout_s=0.3)
+        lifecycle.generation_wait(generation.pk, timeout_s=0.3)
     assert error.value.status == 504
 
 
@@ -443,9 +439,9 @@ def test_a_lora_with_alpha_twice_rank_generates_what_stock_diffusers_does(
     request = {"prompt": "a red square", "seed": 3, **SMALL}
 
     lora = {"use_lora": True, "session_id": session.pk, "iteration": artifact.number}
-    generation = generations.generation_request(GenerationRequest(**lora, **request))
-    generations.generation_execute(generation.pk)
-    _, pngs = generations.generation_wait(generation.pk, timeout_s=5)
+    generation = generation_request(GenerationRequest(**lora, **request))
+    batches.generation_execute(generation.pk)
+    _, pngs = lifecycle.generation_wait(generation.pk, timeout_s=5)
     ours = [Image.open(io.BytesIO(png)) for png in pngs]
 
     pipelines = generation_pipelines()
@@ -465,7 +461,7 @@ BATCHED = {"height": 64, "width": 64, "steps": 4}
 
 
 def _queue(prompt: str, num_images: int = 1, seed: int = 1, **extra) -> Generation:
-    return generations.generation_request(
+    return generation_request(
         GenerationRequest(prompt=prompt, num_images=num_images, seed=seed, **{**BATCHED, **extra})
     )
 
@@ -476,7 +472,7 @@ def _statuses(*queued: Generation) -> list[str]:
 
 def _files(generation: Generation) -> dict[str, bytes]:
     """The files in the generation's folder, by name (none when it has no folder)."""
-    folder = generations.generations_dir(generation.pk)
+    folder = lifecycle.generations_dir(generation.pk)
     return {path.name: path.read_bytes() for path in folder.iterdir()} if folder.exists() else {}
 
 
@@ -513,7 +509,7 @@ def test_one_call_completes_the_compatible_queued_requests_and_their_tasks_do_no
     two = _queue("a blue car", num_images=2, seed=3, negative_prompt="blurry")
     last = _queue("a cat", seed=4)
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
     batch = [lead, two, last]
     assert _statuses(*batch, taller) == ["completed", "completed", "completed", "queued"]
@@ -535,8 +531,8 @@ def test_one_call_completes_the_compatible_queued_requests_and_their_tasks_do_no
 
     # The tasks of the rows that ran in the batch arrive later and do nothing.
     for generation in (two, last, lead):
-        generations.generation_execute(generation.pk)
-    generations.generation_execute(taller.pk)
+        batches.generation_execute(generation.pk)
+    batches.generation_execute(taller.pk)
 
     for generation in batch:
         row = Generation.objects.get(pk=generation.pk)
@@ -553,11 +549,11 @@ def test_a_batch_takes_the_oldest_requests_that_fit_its_image_cap(generation_wor
     too_many = _queue("a blue car", num_images=2, seed=2)  # 2 + 2 > 3: left for later
     fits = _queue("a cat", num_images=1, seed=3)
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
     assert _statuses(lead, too_many, fits) == ["completed", "queued", "completed"]
     assert [len(_files(g)) for g in (lead, too_many, fits)] == [2, 0, 1]
-    generations.generation_execute(too_many.pk)
+    batches.generation_execute(too_many.pk)
     assert _statuses(too_many) == ["completed"] and len(_files(too_many)) == 2
 
 
@@ -566,7 +562,7 @@ def test_a_batch_cap_of_one_image_turns_batching_off(generation_worker, settings
     lead = _queue("a red apple", num_images=2, seed=1)  # more than the cap: runs, alone
     other = _queue("a blue car", seed=2)
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
     assert _statuses(lead, other) == ["completed", "queued"]
     assert Generation.objects.get(pk=lead.pk).image_count == 2
@@ -604,11 +600,11 @@ def test_requests_of_another_lora_or_of_none_are_never_batched_together(
     plain_b = _queue("a red square", seed=5)
     rows = (plain, first_a, second, first_b, plain_b)
 
-    generations.generation_execute(first_a.pk)
+    batches.generation_execute(first_a.pk)
     assert _statuses(*rows) == ["queued", "completed", "queued", "completed", "queued"]
-    generations.generation_execute(plain.pk)
+    batches.generation_execute(plain.pk)
     assert _statuses(*rows) == ["completed", "completed", "queued", "completed", "completed"]
-    generations.generation_execute(second.pk)
+    batches.generation_execute(second.pk)
     assert _statuses(second) == ["completed"]
     for generation, lora in ((first_b, first_lora), (second, second_lora), (plain_b, None)):
         record = json.loads(_images(generation)[0].text["sdxl_service"])
@@ -627,11 +623,11 @@ def test_requests_of_another_scheduler_are_never_batched_together(generation_wor
     rows = (plain, euler_a, ddim, euler_a_b, plain_b)
     assert "scheduler" not in plain.parameters and euler_a.parameters["scheduler"] == "euler_a"
 
-    generations.generation_execute(euler_a.pk)
+    batches.generation_execute(euler_a.pk)
     assert _statuses(*rows) == ["queued", "completed", "queued", "completed", "queued"]
-    generations.generation_execute(plain.pk)
+    batches.generation_execute(plain.pk)
     assert _statuses(*rows) == ["completed", "completed", "queued", "completed", "completed"]
-    generations.generation_execute(ddim.pk)
+    batches.generation_execute(ddim.pk)
     assert _statuses(ddim) == ["completed"]
 
     for generation, scheduler, sampler in (
@@ -662,11 +658,11 @@ def test_requests_of_another_refiner_policy_or_switch_are_never_batched_together
     assert "refiner" not in plain.parameters and "refiner_switch" not in plain.parameters
     assert alone.parameters["refiner"] == "none" and "refiner_switch" not in alone.parameters
 
-    generations.generation_execute(alone.pk)
+    batches.generation_execute(alone.pk)
     assert _statuses(*rows) == ["queued", "completed", "queued", "queued"]
-    generations.generation_execute(plain.pk)
+    batches.generation_execute(plain.pk)
     assert _statuses(*rows) == ["completed", "completed", "queued", "completed"]
-    generations.generation_execute(switched.pk)
+    batches.generation_execute(switched.pk)
     assert _statuses(switched) == ["completed"]
 
     for generation, refiner_at in ((plain, 0.8), (explicit, 0.8), (switched, 0.5), (alone, None)):
@@ -700,24 +696,24 @@ def test_an_error_in_a_batch_ends_every_request_of_it_in_error(
     lead = _queue("a red apple", seed=1)
     companion = _queue("a blue car", num_images=2, seed=2)
     other_size = _queue("a cat", seed=3, height=48)
-    batches = []
+    batches_run = []
 
     def failing_generate_batch(pipelines, jobs, **shared):
-        batches.append([(job.prompt, job.num_images, job.seed) for job in jobs])
+        batches_run.append([(job.prompt, job.num_images, job.seed) for job in jobs])
         raise error
 
     monkeypatch.setattr(sdxl_engine.generation, "generate_batch", failing_generate_batch)
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
-    assert batches == [[("a red apple", 1, 1), ("a blue car", 2, 2)]]
+    assert batches_run == [[("a red apple", 1, 1), ("a blue car", 2, 2)]]
     for generation in (lead, companion):
         row = Generation.objects.get(pk=generation.pk)
         assert row.status == "error" and row.error_message.startswith(message)
         assert row.finished_at is not None and row.image_count == 0
         assert _files(generation) == {}
         with pytest.raises(ServiceError) as failed:
-            generations.generation_wait(generation.pk, timeout_s=1)
+            lifecycle.generation_wait(generation.pk, timeout_s=1)
         assert failed.value.status == 500 and message in failed.value.message
     assert _statuses(other_size) == ["queued"]
 
@@ -741,12 +737,12 @@ def test_a_batch_that_fails_while_writing_keeps_no_image_of_any_request(
 
     monkeypatch.setattr(storage, "atomic_write_bytes", second_write_fails)
 
-    generations.generation_execute(first.pk)
+    batches.generation_execute(first.pk)
 
-    assert len(writes) == 2 and writes[0].parent == generations.generations_dir(first.pk)
+    assert len(writes) == 2 and writes[0].parent == lifecycle.generations_dir(first.pk)
     assert _statuses(first, second) == ["error", "error"]
     for generation in (first, second):
-        assert not generations.generations_dir(generation.pk).exists()
+        assert not lifecycle.generations_dir(generation.pk).exists()
 
 
 def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker, settings):
@@ -761,7 +757,7 @@ def test_each_request_of_a_batch_gets_the_images_it_gets_alone(generation_worker
         _queue("a cat on grass", seed=6, negative_prompt="dark"),
     ]
 
-    generations.generation_execute(batch[0].pk)
+    batches.generation_execute(batch[0].pk)
 
     assert _statuses(*batch) == ["completed"] * 3
     pixels = []
@@ -790,9 +786,9 @@ def two_sessions_with_loras(generation_worker) -> list[LoraArtifact]:
 
 
 def _finished(**fields) -> tuple[Generation, list[bytes]]:
-    generation = generations.generation_request(GenerationRequest(**{**SMALL, **fields}))
-    generations.generation_execute(generation.pk)
-    return generations.generation_wait(generation.pk, timeout_s=5)
+    generation = generation_request(GenerationRequest(**{**SMALL, **fields}))
+    batches.generation_execute(generation.pk)
+    return lifecycle.generation_wait(generation.pk, timeout_s=5)
 
 
 def test_loras_of_two_sessions_apply_together_and_are_recorded_in_order(
@@ -852,7 +848,7 @@ def test_a_missing_lora_is_404_naming_it_and_records_nothing(
     before = Generation.objects.count()
 
     with pytest.raises(ServiceError) as error:
-        generations.generation_request(GenerationRequest(prompt="x", loras=loras))
+        generation_request(GenerationRequest(prompt="x", loras=loras))
 
     assert error.value.status == 404 and missing in error.value.message
     assert Generation.objects.count() == before
@@ -869,7 +865,7 @@ def test_requests_with_other_loras_scales_or_order_are_never_batched_together(
     rescaled = _queue("d", loras=(first, LoraChoice(second.session_id, scale=0.5)))
     fewer = _queue("e", loras=(first,))
 
-    generations.generation_execute(lead.pk)
+    batches.generation_execute(lead.pk)
 
     assert (
         _statuses(lead, same, swapped, rescaled, fewer)
@@ -882,7 +878,7 @@ def test_a_lora_replaced_before_its_generation_ran_ends_it_in_error(two_sessions
     generation = _queue("x", loras=(LoraChoice(lora.session_id),))
     LoraArtifact.objects.filter(pk=lora.pk).update(sha256="0" * 64)
 
-    generations.generation_execute(generation.pk)
+    batches.generation_execute(generation.pk)
 
     generation.refresh_from_db()
     assert generation.status == "error"
@@ -898,7 +894,7 @@ def test_img2img_starts_from_the_image_and_records_its_strength(generation_worke
     generation, images = _finished(prompt="a red square", seed=3, init_image=init, strength=0.4)
 
     assert generation.parameters["strength"] == 0.4
-    assert (generations.generations_dir(generation.pk) / "init_image").read_bytes() == init
+    assert (lifecycle.generations_dir(generation.pk) / "init_image").read_bytes() == init
     alone = generate(
         generation_pipelines(),
         prompt="a red square",
@@ -918,10 +914,10 @@ def test_img2img_starts_from_the_image_and_records_its_strength(generation_worke
 def test_an_init_image_that_is_not_an_image_is_400_and_records_nothing(generation_worker):
     # The params' own rules are GenerationParams.problems' (tests/engine/test_parameters.py).
     with pytest.raises(ServiceError, match="init_image_base64 does not hold a PNG") as error:
-        generations.generation_request(GenerationRequest(prompt="x", init_image=b"not an image"))
+        generation_request(GenerationRequest(prompt="x", init_image=b"not an image"))
     assert error.value.status == 400
     assert not Generation.objects.exists()
-    assert not generations.generations_dir(1).exists()
+    assert not lifecycle.generations_dir(1).exists()
 
 
 @pytest.mark.parametrize(("output_format", "pillow_format"), [("jpeg", "JPEG"), ("webp", "WEBP")])

@@ -15,8 +15,9 @@ from core.errors import ServiceError
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
 from training_app.models import Generation, TrainingRun, WebhookDelivery
-from training_app.services import generations, runs, webhooks
-from training_app.services.generations import GenerationRequest
+from training_app.services import runs, webhooks
+from training_app.services.generations import batches, lifecycle
+from training_app.services.generations.requests import GenerationRequest, generation_request
 
 pytestmark = pytest.mark.django_db
 SECRET = "webhook-secret-for-tests"
@@ -184,7 +185,7 @@ def test_a_host_no_longer_allowed_is_not_called(receiver, settings):
 
 
 def test_a_generation_posts_started_progress_and_completed(receiver, generation_worker):
-    generation = generations.generation_request(
+    generation = generation_request(
         GenerationRequest(
             prompt="x",
             height=64,
@@ -194,7 +195,7 @@ def test_a_generation_posts_started_progress_and_completed(receiver, generation_
             webhook_events=("started", "progress", "completed"),
         )
     )
-    generations.generation_execute(generation.pk)
+    batches.generation_execute(generation.pk)
     webhooks.webhooks_deliver_due()
 
     assert receiver.events() == ["started"] + ["progress"] * 5 + ["completed"]
@@ -204,23 +205,19 @@ def test_a_generation_posts_started_progress_and_completed(receiver, generation_
 
 
 def test_a_generation_that_fails_posts_failed(receiver, generation_worker):
-    generation = generations.generation_request(
-        GenerationRequest(prompt="x", webhook_url=receiver.url)
-    )
+    generation = generation_request(GenerationRequest(prompt="x", webhook_url=receiver.url))
     Generation.objects.filter(pk=generation.pk).update(status="running")
-    generations._finish_generations_with_error([generation.pk], "the worker was lost")
+    lifecycle.generations_finish_with_error([generation.pk], "the worker was lost")
     webhooks.webhooks_deliver_due()
     assert receiver.events() == ["failed"]
     assert json.loads(receiver.received[0]["body"])["data"]["message"] == "the worker was lost"
 
 
 def test_a_cancelled_generation_posts_failed_with_status_cancelled(receiver, generation_worker):
-    generation = generations.generation_request(
-        GenerationRequest(prompt="x", webhook_url=receiver.url)
-    )
-    generations.generation_cancel(generation.pk)
-    generations.generation_cancel(generation.pk)  # already ended: no second event
+    generation = generation_request(GenerationRequest(prompt="x", webhook_url=receiver.url))
+    lifecycle.generation_cancel(generation.pk)
+    lifecycle.generation_cancel(generation.pk)  # already ended: no second event
     webhooks.webhooks_deliver_due()
     assert receiver.events() == ["failed"]
     data = json.loads(receiver.received[0]["body"])["data"]
-    assert (data["status"], data["message"]) == ("cancelled", generations.CANCELLED_BY_REQUEST)
+    assert (data["status"], data["message"]) == ("cancelled", lifecycle.CANCELLED_BY_REQUEST)

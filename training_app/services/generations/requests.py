@@ -1,0 +1,154 @@
+"""A /txt2img request as the service takes it, checked against the database (its LoRAs,
+the caller's quota), recorded as a Generation and enqueued for the generation worker."""
+
+import shutil
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from django.conf import settings
+from django.db import transaction
+
+from access_app.callers import Caller
+from core.errors import ServiceError
+from sdxl_engine.parameters import DEFAULT_LORA_SCALE, GenerationParams, LoraChoice
+from sessions_app import storage
+from sessions_app.images import check_image
+from sessions_app.selectors import session_get
+from training_app import jobs
+from training_app.models import (
+    Generation,
+    GenerationLora,
+    LoraArtifact,
+    TrainingCheckpoint,
+)
+from training_app.selectors import lora_file_get, worker_alive
+from training_app.services.generations.lifecycle import (
+    GENERATIONS,
+    INIT_IMAGE_NAME,
+    NO_WORKER_MESSAGE,
+    generations_dir,
+)
+from training_app.services.owner_quotas import generation_owner
+from training_app.services.webhooks import webhook_target_check
+
+
+@dataclass(frozen=True)
+class GenerationRequest(GenerationParams):
+    """One /txt2img request as the service takes it: its GenerationParams, checked by the
+    caller (the API's serializer maps their problems() to 400s; the engine refuses what
+    slips through), and the fields that are not params because they do not change the
+    images (a param is what the engine renders and the row's JSON records):
+
+    - `use_lora` with `session_id` (and iteration, lora_filename, lora_scale): the original
+      API's shorthand for one LoRA, which `params` puts first in `loras` (not together
+      with them: the serializer refuses both);
+    - where to post its events and which (services.webhooks);
+    - who asks (the API's caller): sees only its owner's LoRAs, owns the generation.
+    """
+
+    use_lora: bool = False
+    session_id: int | None = None
+    iteration: int | None = None
+    lora_filename: str | None = None  # any LoRA file of the session, checkpoints included
+    lora_scale: float = DEFAULT_LORA_SCALE
+    webhook_url: str | None = None
+    webhook_events: tuple[str, ...] = ()  # none given: the default ones
+    caller: Caller | None = None
+
+    @property
+    def params(self) -> GenerationParams:
+        """The request's params, the use_lora shorthand as its first LoRA."""
+        given = {field.name: getattr(self, field.name) for field in fields(GenerationParams)}
+        params = GenerationParams(**given)
+        if not self.use_lora:
+            return params
+        shorthand = LoraChoice(self.session_id, self.iteration, self.lora_filename, self.lora_scale)
+        return replace(params, loras=(shorthand, *self.loras))
+
+
+def generation_request(request: GenerationRequest) -> Generation:
+    """Records the request and enqueues it; 503 when no generation worker is alive, 404 for
+    a LoRA that is not there (or not the caller's owner's), 400 for an init_image that is
+    not an image. The params themselves are the caller's to have checked (problems())."""
+    if not worker_alive(settings.GENERATION_QUEUE):
+        raise ServiceError(NO_WORKER_MESSAGE, status=503)
+    params = request.params.filled()
+    if params.init_image is not None:
+        check_image(params.init_image, field="init_image_base64")
+    webhook_url, webhook_events = webhook_target_check(
+        request.webhook_url, list(request.webhook_events)
+    )
+    loras = [
+        # use_lora answers the original API's 404 message unchanged.
+        (choice, _lora_of(choice, request.caller, named=not (request.use_lora and position == 0)))
+        for position, choice in enumerate(params.loras)
+    ]
+    written: list[Path] = []
+    try:
+        with transaction.atomic():
+            owner_id = generation_owner(request.caller)
+            generation = _generation_create(
+                params, loras, (webhook_url, webhook_events), written, owner_id
+            )
+    except BaseException:
+        # The row was rolled back: so is the starting image written for it.
+        for folder in written:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return generation
+
+
+def _generation_create(
+    params: GenerationParams,
+    loras: list[tuple[LoraChoice, LoraArtifact | TrainingCheckpoint]],
+    webhook: tuple[str, list[str]],
+    written: list[Path],
+    owner_id: int,
+) -> Generation:
+    generation = Generation.objects.create(
+        prompt=params.prompt,
+        negative_prompt=params.negative_prompt,
+        parameters=params.record(),
+        seed=params.seed,
+        owner_id=owner_id,
+        session_id=loras[0][0].session_id if loras else None,
+        webhook_url=webhook[0],
+        webhook_events=webhook[1],
+    )
+    GenerationLora.objects.bulk_create(
+        GenerationLora(
+            generation=generation,
+            position=position,
+            lora=lora if isinstance(lora, LoraArtifact) else None,
+            checkpoint=lora if isinstance(lora, TrainingCheckpoint) else None,
+            source_session_id=choice.session_id,
+            filename=lora.filename,
+            sha256=lora.sha256,
+            scale=choice.scale,
+        )
+        for position, (choice, lora) in enumerate(loras)
+    )
+    if params.init_image is not None:
+        folder = generations_dir(generation.pk)
+        written.append(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, params.init_image)
+    jobs.enqueue_on_commit(GENERATIONS, generation.pk)
+    return generation
+
+
+def _lora_of(
+    choice: LoraChoice, caller: Caller | None, named: bool
+) -> LoraArtifact | TrainingCheckpoint:
+    """The LoRA file a choice names; 404 naming the session, the file or (when `named`)
+    the iteration when missing (or the caller's owner's not)."""
+    session_get(choice.session_id, caller)
+    if choice.lora_filename is not None or not named:
+        return lora_file_get(choice.session_id, choice.iteration, choice.lora_filename)
+    try:
+        return lora_file_get(choice.session_id, choice.iteration)
+    except ServiceError as error:
+        wanted = "its latest" if choice.iteration is None else f"iteration {choice.iteration}"
+        raise ServiceError(
+            f"{error.message}: {wanted} of session {choice.session_id}", status=error.status
+        ) from None
