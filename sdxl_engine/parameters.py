@@ -324,21 +324,16 @@ class GenerationParams:
         assert self.seed is not None, "unfilled GenerationParams have no seeds"
         return image_seeds(self.seed, self.num_images)
 
-    def batch_key(self) -> tuple[int, int, int, float, str | None, str, float | None, float | None]:
-        """What requests must share to render in one batch (one call of the pipelines): size,
-        schedule, sampler, guidance, the Refiner's part and img2img's strength. Prompts,
-        image counts, seeds and starting images are each request's own, and so is the
-        output format. (The LoRAs must be the same files at the same scales too: the
-        service compares those, by content.)"""
-        return (
-            self.height,
-            self.width,
-            self.steps,
-            self.guidance_scale,
-            self.scheduler,
-            self.refiner_policy,
-            self.refiner_switch_at,
-            self.strength,
+    def batch_key(self) -> tuple[tuple[str, object], ...]:
+        """What requests must share to render in one batch (one call of the pipelines):
+        every field but each request's own (PER_REQUEST), the Refiner's part as it runs
+        (a request that left it out batches with one that named the default). A new field
+        therefore keeps requests apart until it is listed as their own."""
+        resolved = {"refiner": self.refiner_policy, "refiner_switch": self.refiner_switch_at}
+        return tuple(
+            (field.name, resolved.get(field.name, getattr(self, field.name)))
+            for field in fields(self)
+            if field.name not in PER_REQUEST
         )
 
     def record(self) -> dict[str, Any]:
@@ -353,6 +348,20 @@ class GenerationParams:
         }
 
 
+# Each request's own within a batch: its prompts, image count, seed and starting image, its
+# output file, and its LoRAs (which the service compares by the files' content instead).
+PER_REQUEST = frozenset(
+    {
+        "prompt",
+        "negative_prompt",
+        "num_images",
+        "seed",
+        "init_image",
+        "loras",
+        "output_format",
+        "quality",
+    }
+)
 # What a Generation row keeps outside its `parameters` JSON: the prompts and seed in
 # columns, the starting image in a file, the LoRAs' files in rows of their own.
 RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras")

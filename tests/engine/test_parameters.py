@@ -1,11 +1,12 @@
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 
 import pytest
 
 from sdxl_engine.parameters import (
     DEFAULT_STRENGTH,
+    PER_REQUEST,
     RECIPE_MAX_VIEWS,
     SERVICE_RECIPE,
     GenerationParams,
@@ -226,3 +227,10 @@ def test_the_batch_key_compares_what_was_left_out_with_its_default() -> None:
         assert replace(plain, **other).batch_key() != plain.batch_key()
     assert replace(plain, output_format="jpeg", quality=90).batch_key() == plain.batch_key()
     assert GenerationParams(refiner="none").refiner_switch_at is None
+
+
+def test_every_field_not_a_requests_own_keeps_requests_apart() -> None:
+    # A field added to GenerationParams batches apart unless declared PER_REQUEST.
+    plain = GenerationParams(prompt="a", seed=1)
+    shared = {field.name for field in fields(GenerationParams)} - PER_REQUEST
+    assert {name for name, _ in plain.batch_key()} == shared
