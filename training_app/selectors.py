@@ -1,6 +1,7 @@
 """Reads of runs, LoRA files and workers for the API."""
 
 from datetime import timedelta
+from typing import Any
 
 from django.conf import settings
 from django.db.models import Max, OuterRef, QuerySet, Subquery
@@ -10,6 +11,7 @@ from django.utils import timezone
 from access_app.callers import Caller
 from access_app.selectors import caller_owner_id
 from core.errors import ServiceError
+from sessions_app.models import TrainingImage
 from sessions_app.selectors import session_get, session_images, sessions_visible
 from training_app.models import (
     Generation,
@@ -95,7 +97,7 @@ def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
     )
 
 
-def training_status_body(run: TrainingRun | None) -> dict:
+def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
     """The /train_status answer (docs/api.md's four shapes) plus extra keys about the run."""
     if run is None:
         return {"status": "none", "progress": 0}
@@ -122,7 +124,7 @@ def training_status_body(run: TrainingRun | None) -> dict:
     }
 
 
-def _kept_along_the_way(run: TrainingRun) -> dict:
+def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
     """The run's sample images and checkpoints so far, and the step it resumed from."""
     return {
         "samples": [
@@ -194,7 +196,7 @@ def training_sample_get(sample_id: int, caller: Caller | None = None) -> Trainin
     return sample
 
 
-def training_status(session_id: int) -> dict:
+def training_status(session_id: int) -> dict[str, Any]:
     return training_status_body(latest_runs([session_id]).get(session_id))
 
 
@@ -207,7 +209,7 @@ def worker_alive(queue: str) -> bool:
 RECENT_GENERATIONS = 20
 
 
-def session_detail(session_id: int, caller: Caller | None = None) -> dict:
+def session_detail(session_id: int, caller: Caller | None = None) -> dict[str, Any]:
     """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
     session = session_get(session_id, caller)
     runs = TrainingRun.objects.filter(session=session).order_by("id")
@@ -272,7 +274,7 @@ def session_detail(session_id: int, caller: Caller | None = None) -> dict:
     }
 
 
-def session_image_item(image) -> dict:
+def session_image_item(image: TrainingImage) -> dict[str, Any]:
     """A training image as the API lists it (GET /sessions/<id>, uploads' answers)."""
     return {
         "image_id": image.pk,

@@ -12,6 +12,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db.models import QuerySet
@@ -91,7 +92,7 @@ def generation_wait(
         time.sleep(_POLL_INTERVAL_S)
 
 
-def _generation_lost(generation: Generation, still_lost: QuerySet) -> str | None:
+def _generation_lost(generation: Generation, still_lost: QuerySet[Generation]) -> str | None:
     """A generation whose process died (jobs.end_lost) ends as an error
     (WORKER_LOST_MESSAGE). The web thread waiting on one looks for them, and generation
     workers every few seconds: a lost generation is never left running, and no longer
@@ -143,7 +144,7 @@ def _give_up(generation_id: int, reason: str) -> None:
         generation_cancel(generation_id, reason)
 
 
-def generation_summary(generation: Generation) -> dict:
+def generation_summary(generation: Generation) -> dict[str, Any]:
     """What a finished generation used, as /txt2img answers it beside the images."""
     params = generation.params
     loras = [
@@ -194,7 +195,7 @@ def generation_image_urls(generation: Generation) -> list[str]:
     ]
 
 
-def generation_status_body(generation: Generation) -> dict:
+def generation_status_body(generation: Generation) -> dict[str, Any]:
     """GET /generations/<id>: where the job is, what it asked for and, once completed, what
     it used and where its images are."""
     status = generation.status
@@ -239,7 +240,7 @@ def generations_event(generation_ids: list[int], event: str) -> None:
 
 
 def generations_finish_with_error(
-    generation_ids: list[int], message: str, among: QuerySet | None = None
+    generation_ids: list[int], message: str, among: QuerySet[Generation] | None = None
 ) -> list[int]:
     """Ends those of the generations still running (in `among`, else any running one) as an
     error; returns their ids. A request in error keeps no images: a batch that failed while
