@@ -5,6 +5,10 @@ The API passes its caller: a session of another owner then reads exactly as a mi
 sees everything.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, TypedDict
+
 from django.db.models import Count, QuerySet, Sum
 
 from access_app.callers import Caller
@@ -28,7 +32,18 @@ def session_get(session_id: int, caller: Caller | None = None) -> Session:
         raise ServiceError(f"session {session_id} not found", status=404) from None
 
 
-def session_list(caller: Caller | None = None) -> QuerySet[Session]:
+class _GroupCount(TypedDict):
+    group_count: int
+
+
+if TYPE_CHECKING:
+    from django_stubs_ext import WithAnnotations
+
+    # A session as session_list reads it: with the number of its image groups.
+    SessionWithGroups = WithAnnotations[Session, _GroupCount]
+
+
+def session_list(caller: Caller | None = None) -> QuerySet[SessionWithGroups]:
     return sessions_visible(caller).annotate(group_count=Count("image_groups")).order_by("id")
 
 

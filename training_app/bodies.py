@@ -5,23 +5,30 @@ generation's status (GET /generations/<id> and its events), what a generation us
 (/txt2img's answer) and a session's detail. The API renders them through its response
 serializers; the webhooks post them as they are."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from sdxl_engine.parameters import image_seeds
 from sessions_app.links import session_image_url
-from sessions_app.models import Session, TrainingImage
+from sessions_app.models import TrainingImage
 from training_app import links
 from training_app.models import Generation, TrainingRun
 from training_app.selectors import SessionDetail, latest_runs, run_eta_seconds
+
+if TYPE_CHECKING:
+    from sessions_app.selectors import SessionWithGroups
 
 # A generation in these states says why (its message); in the others, message is null.
 _WITH_MESSAGE = (Generation.Status.ERROR, Generation.Status.CANCELLED)
 
 
-def training_status(session_id: int) -> dict:
+def training_status(session_id: int) -> dict[str, Any]:
     """/train_status: the status of the session's latest run."""
     return training_status_body(latest_runs([session_id]).get(session_id))
 
 
-def training_status_body(run: TrainingRun | None) -> dict:
+def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
     """The /train_status answer (docs/api.md's four shapes) plus extra keys about the run."""
     if run is None:
         return {"status": "none", "progress": 0}
@@ -48,7 +55,7 @@ def training_status_body(run: TrainingRun | None) -> dict:
     }
 
 
-def _kept_along_the_way(run: TrainingRun) -> dict:
+def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
     """The run's sample images and checkpoints so far, and the step it resumed from."""
     return {
         "samples": [
@@ -67,12 +74,14 @@ def _kept_along_the_way(run: TrainingRun) -> dict:
     }
 
 
-def training_event_body(run: TrainingRun, **extra) -> dict:
+def training_event_body(run: TrainingRun, **extra: object) -> dict[str, Any]:
     """A training webhook event's data: the run's status as /train_status answers it."""
     return {"run_id": run.pk, "session_id": run.session_id, **training_status_body(run), **extra}
 
 
-def session_summary(session: Session, latest_lora: str | None, run: TrainingRun | None) -> dict:
+def session_summary(
+    session: SessionWithGroups, latest_lora: str | None, run: TrainingRun | None
+) -> dict[str, Any]:
     """One session as /list_sessions lists it."""
     return {
         "session_id": session.pk,
@@ -82,7 +91,7 @@ def session_summary(session: Session, latest_lora: str | None, run: TrainingRun 
     }
 
 
-def session_detail_body(detail: SessionDetail) -> dict:
+def session_detail_body(detail: SessionDetail) -> dict[str, Any]:
     """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
     return {
         "session_id": detail.session.pk,
@@ -137,7 +146,7 @@ def session_detail_body(detail: SessionDetail) -> dict:
     }
 
 
-def session_image_item(image: TrainingImage) -> dict:
+def session_image_item(image: TrainingImage) -> dict[str, Any]:
     """A training image as the API lists it (GET /sessions/<id>, uploads' answers)."""
     return {
         "image_id": image.pk,
@@ -151,7 +160,7 @@ def session_image_item(image: TrainingImage) -> dict:
     }
 
 
-def generation_summary(generation: Generation) -> dict:
+def generation_summary(generation: Generation) -> dict[str, Any]:
     """What a finished generation used, as /txt2img answers it beside the images."""
     params = generation.params
     loras = [
@@ -177,7 +186,7 @@ def generation_summary(generation: Generation) -> dict:
     }
 
 
-def generation_answer(generation: Generation) -> dict:
+def generation_answer(generation: Generation) -> dict[str, Any]:
     """/txt2img's answer once the images are made (the images themselves aside)."""
     return {
         "generation_id": generation.pk,
@@ -186,7 +195,7 @@ def generation_answer(generation: Generation) -> dict:
     }
 
 
-def generation_queued_body(generation: Generation) -> dict:
+def generation_queued_body(generation: Generation) -> dict[str, Any]:
     """/txt2img's 202 answer with "async": true: where to follow the generation."""
     return {
         "generation_id": generation.pk,
@@ -195,7 +204,7 @@ def generation_queued_body(generation: Generation) -> dict:
     }
 
 
-def generation_status_body(generation: Generation) -> dict:
+def generation_status_body(generation: Generation) -> dict[str, Any]:
     """GET /generations/<id>: where the job is, what it asked for and, once completed, what
     it used and where its images are."""
     status = generation.status

@@ -24,7 +24,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any, Generic, TypeVar, cast
 
 from django.conf import settings
 from django.db import DatabaseError, connection, transaction
@@ -37,17 +38,19 @@ from training_app.models import Job
 
 logger = logging.getLogger(__name__)
 
+JobT = TypeVar("JobT", bound=Job)
+
 # A job's heartbeat thread writes this many times per stale period.
 BEATS_PER_STALE_PERIOD = 4
 
 
 @dataclass(frozen=True)
-class JobKind:
+class JobKind(Generic[JobT]):
     """What one kind of job does its own way; the rest of its lifecycle is this module's.
 
     Settings are named, not read, here: they are read at each use (tests change them)."""
 
-    model: type[Job]
+    model: type[JobT]
     label: str  # in logs and the heartbeat thread's name: "training run", "generation"
     task: str  # the django-q2 task that runs one, given the row's id
     task_name: str  # the task's name, the row's id after it: "generation" -> "generation-12"
@@ -59,35 +62,35 @@ class JobKind:
     # Handles a row whose process is gone, given the row and a query holding it only while
     # it is still lost (a conditional update through it does nothing once the row beat
     # meanwhile). Returns what it did, for the log, or None when the row was not lost after all.
-    on_lost: Callable[[Job, QuerySet], str | None]
+    on_lost: Callable[[JobT, QuerySet[JobT]], str | None]
 
     @property
     def queue(self) -> str:
-        return getattr(settings, self.queue_setting)
+        return cast(str, getattr(settings, self.queue_setting))
 
     @property
     def stale_after_s(self) -> float:
-        return getattr(settings, self.stale_after_setting)
+        return cast(float, getattr(settings, self.stale_after_setting))
 
 
 # --- Queueing ----------------------------------------------------------------------------
 
 
-def enqueue(kind: JobKind, row_id: int) -> None:
+def enqueue(kind: JobKind[JobT], row_id: int) -> None:
     """Hands a committed row's id to its kind's queue (the worker reloads the row); the
     task id is kept on the row."""
     task_id = async_task(
         kind.task, row_id, cluster=kind.queue, task_name=f"{kind.task_name}-{row_id}"
     )
-    kind.model.objects.filter(pk=row_id).update(task_id=task_id)
+    kind.model._default_manager.filter(pk=row_id).update(task_id=task_id)
 
 
-def enqueue_on_commit(kind: JobKind, row_id: int) -> None:
+def enqueue_on_commit(kind: JobKind[JobT], row_id: int) -> None:
     """`enqueue` once the current transaction commits: a worker must find the row."""
     transaction.on_commit(lambda: enqueue(kind, row_id))
 
 
-def redeliver(kind: JobKind) -> list[int]:
+def redeliver(kind: JobKind[JobT]) -> list[int]:
     """Enqueues again the rows still queued after the kind's stale period whose task the
     broker no longer holds, and returns their ids. Workers call it every few seconds, so a
     row never stays queued for nothing (a training run holding its session's one slot, a
@@ -103,12 +106,12 @@ def redeliver(kind: JobKind) -> list[int]:
     """
     now = timezone.now()
     job_timeout = timedelta(seconds=getattr(settings, kind.timeout_setting))
-    if kind.model.objects.filter(
+    if kind.model._default_manager.filter(
         status=Job.Status.RUNNING, started_at__gt=now - job_timeout
     ).exists():
         return []
     waiting = list(
-        kind.model.objects.filter(
+        kind.model._default_manager.filter(
             status=Job.Status.QUEUED, created_at__lt=now - timedelta(seconds=kind.stale_after_s)
         )
         .order_by("pk")
@@ -130,12 +133,12 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def claim(kind: JobKind, row_id: int, **fields) -> bool:
+def claim(kind: JobKind[JobT], row_id: int, **fields: Any) -> bool:
     """Takes a queued row for this process (setting `fields` too); False when it is not
     queued (any more)."""
     now = timezone.now()
     return bool(
-        kind.model.objects.filter(pk=row_id, status=Job.Status.QUEUED).update(
+        kind.model._default_manager.filter(pk=row_id, status=Job.Status.QUEUED).update(
             status=Job.Status.RUNNING,
             started_at=now,
             heartbeat_at=now,
@@ -145,17 +148,17 @@ def claim(kind: JobKind, row_id: int, **fields) -> bool:
     )
 
 
-def held_here(kind: JobKind, *row_ids: int) -> QuerySet:
+def held_here(kind: JobKind[JobT], *row_ids: int) -> QuerySet[JobT]:
     """The rows while this process holds them: running, claimed by it. One cancelled, or
     judged lost (queued again, or taken by another worker), meanwhile is no longer the
     job's to update, end or clean up after."""
-    return kind.model.objects.filter(
+    return kind.model._default_manager.filter(
         pk__in=row_ids, status=Job.Status.RUNNING, worker=worker_identity()
     )
 
 
 @contextmanager
-def heartbeat(kind: JobKind, row_ids: list[int]) -> Iterator[None]:
+def heartbeat(kind: JobKind[JobT], row_ids: list[int]) -> Iterator[None]:
     """Writes the rows' heartbeat from a thread, BEATS_PER_STALE_PERIOD times per the
     kind's stale period, for as long as the block runs.
 
@@ -186,7 +189,7 @@ def heartbeat(kind: JobKind, row_ids: list[int]) -> Iterator[None]:
         thread.join()
 
 
-def finish(rows: QuerySet, status: str, **fields) -> int:
+def finish(rows: QuerySet[JobT], status: str, **fields: Any) -> int:
     """Ends the rows of `rows` (completed, error, cancelled...), setting `fields` too;
     returns how many. Conditional, like every status change: `rows` says which rows may
     still be ended (held_here, active, still lost)."""
@@ -196,20 +199,20 @@ def finish(rows: QuerySet, status: str, **fields) -> int:
 # --- Lost --------------------------------------------------------------------------------
 
 
-def _stale_cutoff(kind: JobKind):
+def _stale_cutoff(kind: JobKind[JobT]) -> datetime:
     return timezone.now() - timedelta(seconds=kind.stale_after_s)
 
 
-def lost(kind: JobKind) -> QuerySet:
+def lost(kind: JobKind[JobT]) -> QuerySet[JobT]:
     """The running rows whose heartbeat is older than the kind's stale period (rows claimed
     before heartbeats existed count from their start)."""
     cutoff = _stale_cutoff(kind)
-    return kind.model.objects.filter(status=Job.Status.RUNNING).filter(
+    return kind.model._default_manager.filter(status=Job.Status.RUNNING).filter(
         Q(heartbeat_at__lt=cutoff) | Q(heartbeat_at__isnull=True, started_at__lt=cutoff)
     )
 
 
-def is_lost(kind: JobKind, row: Job) -> bool:
+def is_lost(kind: JobKind[JobT], row: JobT) -> bool:
     """Whether the process running `row`, as read, is gone (`lost`'s rule, on one row)."""
     last_beat = row.heartbeat_at or row.started_at
     return (
@@ -219,7 +222,7 @@ def is_lost(kind: JobKind, row: Job) -> bool:
     )
 
 
-def end_lost(kind: JobKind, **filters) -> list[int]:
+def end_lost(kind: JobKind[JobT], **filters: Any) -> list[int]:
     """Hands each lost row (of those matching `filters`) to its kind's `on_lost`; returns
     the ids of those it handled. Workers call it at start and every few seconds."""
     stale = lost(kind).filter(**filters)

@@ -1,5 +1,7 @@
 """Training runs, the LoRA files they (or uploads) produce, generations and worker liveness."""
 
+from typing import Any
+
 from django.db import models
 from django.db.models import Q
 
@@ -25,7 +27,7 @@ class Job(models.Model):
         COMPLETED = "completed"
         ERROR = "error"
 
-    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+    ACTIVE_STATUSES: tuple[str, ...] = (Status.QUEUED, Status.RUNNING)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     error_message = models.TextField(blank=True)  # why, when it ended otherwise than completed
@@ -173,7 +175,7 @@ class Generation(Job):
         # any more: its client went away or was answered 504, or POST .../cancel.
         CANCELLED = "cancelled"
 
-    ACTIVE_STATUSES = (Status.QUEUED, Status.RUNNING)
+    ACTIVE_STATUSES: tuple[str, ...] = (Status.QUEUED, Status.RUNNING)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     prompt = models.TextField()
@@ -217,7 +219,7 @@ class Generation(Job):
         file_format = GenerationParams(**self._recorded_params()).file_format
         return f"{index}{FILE_EXTENSIONS[file_format]}"
 
-    def _recorded_params(self) -> dict:
+    def _recorded_params(self) -> dict[str, Any]:
         return {name: value for name, value in self.parameters.items() if name in _PARAMS_FIELDS}
 
 

@@ -7,17 +7,21 @@ CUDA is only ever initialised in the process that runs the jobs), and kept betwe
 import logging
 import os
 import threading
+from typing import TYPE_CHECKING
 
 from django.conf import settings
+
+if TYPE_CHECKING:
+    from sdxl_engine.generation.pipelines import Pipelines, Purpose
 
 logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 # The model settings and purpose -> their pipelines: one entry per purpose at most.
-_loaded: dict[tuple, object] = {}
+_loaded: "dict[tuple[tuple[object, ...], Purpose], Pipelines]" = {}
 
 
-def worker_pipelines(purpose: str):
+def worker_pipelines(purpose: "Purpose") -> "Pipelines":
     """The pipelines for the configured models and `purpose` (sdxl_engine.generation.pipelines:
     "generation" loads Base + Refiner in float16, "training" the Base alone in bfloat16);
     a failed load is retried.
@@ -63,7 +67,7 @@ def worker_pipelines(purpose: str):
         return _loaded[models, purpose]
 
 
-def generation_pipelines():
+def generation_pipelines() -> "Pipelines":
     """The generation pipelines, with the compiled UNets' graphs captured for the native
     image size (SDXL_COMPILE): the generation worker pays for compiling once, at its start."""
     from sdxl_engine.generation import warm_up

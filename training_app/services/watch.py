@@ -9,6 +9,7 @@ On disk, in the session's folder (docs/api.md, "On disk"):
 """
 
 import logging
+from functools import partial
 from pathlib import Path
 
 from django.db import transaction
@@ -80,7 +81,11 @@ def samples_store(run: TrainingRun, step: int, samples: list[tuple[str, Image.Im
     with transaction.atomic():
         for index, (prompt, image) in enumerate(samples):
             name = f"step{step}_{index}.png"
-            write_atomically(folder / name, lambda temp, i=image: i.save(temp, format="PNG"))
+            write_atomically(folder / name, partial(_save_png, image))
             TrainingSample.objects.update_or_create(
                 run=run, step=step, index=index, defaults={"prompt": prompt, "filename": name}
             )
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    image.save(path, format="PNG")

@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from datetime import timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from django.conf import settings
@@ -87,7 +88,7 @@ def host_allowed(host: str) -> bool:
     return False
 
 
-def webhook_emit(subject: TrainingRun | Generation, event: str, data: dict) -> None:
+def webhook_emit(subject: TrainingRun | Generation, event: str, data: dict[str, Any]) -> None:
     """Records `event` for delivery if `subject`'s request asked for it."""
     if not subject.webhook_url or event not in subject.webhook_events:
         return
@@ -96,8 +97,8 @@ def webhook_emit(subject: TrainingRun | Generation, event: str, data: dict) -> N
     WebhookDelivery.objects.create(
         event=event,
         url=subject.webhook_url,
-        run=subject if kind == "training" else None,
-        generation=subject if kind == "generation" else None,
+        run=subject if isinstance(subject, TrainingRun) else None,
+        generation=subject if isinstance(subject, Generation) else None,
         payload={
             "event": event,
             "type": kind,
@@ -179,7 +180,11 @@ def _attempt(delivery: WebhookDelivery) -> None:
         except requests.RequestException as exception:
             error = f"{type(exception).__name__}: {exception}"[:1000]
     now = timezone.now()
-    fields = {"attempts": attempts, "last_status_code": status_code, "last_error": error}
+    fields: dict[str, object] = {
+        "attempts": attempts,
+        "last_status_code": status_code,
+        "last_error": error,
+    }
     if not error:
         fields |= {"status": WebhookDelivery.Status.DELIVERED, "delivered_at": now}
     elif problem or attempts >= settings.SDXL_WEBHOOK_MAX_ATTEMPTS:

@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 from tqdm import tqdm
 
 from sdxl_engine.errors import EngineError
@@ -18,7 +18,7 @@ class Command(BaseCommand):
         "kept."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--preset", choices=sorted(RANDOM_PRESETS), required=True)
         parser.add_argument("--out", type=Path, help="folder to write (default: model cache)")
         parser.add_argument(
@@ -30,7 +30,15 @@ class Command(BaseCommand):
         )
         parser.add_argument("--seed", type=int, default=0)
 
-    def handle(self, *args, preset: str, out: Path | None, device: str, seed: int, **options):
+    def handle(
+        self,
+        *args: object,
+        preset: str,
+        out: Path | None,
+        device: str,
+        seed: int,
+        **options: object,
+    ) -> None:
         import torch
 
         from sdxl_engine.generation.builder import BUILD_STEPS, build_random_pipelines

@@ -16,7 +16,7 @@ class Command(BaseCommand):
     # Django's own checks would stop at an unreachable database; reporting it is our job.
     requires_system_checks = []
 
-    def handle(self, *args, **options):
+    def handle(self, *args: object, **options: object) -> None:
         checks = run_checks()
         style = {OK: self.style.SUCCESS, WARN: self.style.WARNING, FAIL: self.style.ERROR}
         for check in checks:

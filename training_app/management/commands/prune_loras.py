@@ -1,7 +1,7 @@
 """`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files;
 checkpoints of runs that have ended go."""
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from core.errors import ServiceError
 from training_app.services.loras import loras_prune
@@ -16,12 +16,14 @@ class Command(BaseCommand):
         "lists them."
     )
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--keep", type=int, required=True, metavar="N")
         parser.add_argument("--session", type=int, help="only this session (default: all)")
         parser.add_argument("--dry-run", action="store_true", help="list, delete nothing")
 
-    def handle(self, *args, keep: int, session: int | None, dry_run: bool, **options):
+    def handle(
+        self, *args: object, keep: int, session: int | None, dry_run: bool, **options: object
+    ) -> None:
         if keep < 0:
             raise CommandError("--keep must be 0 or more")
         try:

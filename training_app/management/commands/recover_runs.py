@@ -18,7 +18,7 @@ class Command(BaseCommand):
         "them as errors), and removes their temporary files."
     )
 
-    def handle(self, *args, **options):
+    def handle(self, *args: object, **options: object) -> None:
         recovered = jobs.end_lost(TRAINING_RUNS)
         if recovered:
             self.stdout.write(

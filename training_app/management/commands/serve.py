@@ -9,7 +9,7 @@ import ipaddress
 
 from django.conf import settings
 from django.core.management import call_command
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from access_app.selectors import api_tokens_configured
 from training_app.workers.supervisor import (
@@ -24,7 +24,7 @@ from training_app.workers.supervisor import (
 class Command(BaseCommand):
     help = "Migrates the database, then runs the web server and the worker clusters."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument(
@@ -56,7 +56,7 @@ class Command(BaseCommand):
 
     def handle(
         self,
-        *args,
+        *args: object,
         host: str,
         port: int,
         web_workers: int,
@@ -64,8 +64,8 @@ class Command(BaseCommand):
         gpus: str,
         insecure: bool,
         stop_grace: float = STOP_GRACE_S,
-        **options,
-    ):
+        **options: object,
+    ) -> None:
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
         call_command("migrate", interactive=False, verbosity=1)
         self.stdout.write(access_mode(host, insecure))

@@ -4,7 +4,7 @@
 import os
 import sys
 
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from training_app.workers.worker import QUEUES, cluster_name, run_worker
 
@@ -12,10 +12,10 @@ from training_app.workers.worker import QUEUES, cluster_name, run_worker
 class Command(BaseCommand):
     help = "Runs the worker cluster of one queue: training or generation."
 
-    def add_arguments(self, parser):
+    def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("queue", choices=QUEUES)
 
-    def handle(self, *args, queue: str, **options):
+    def handle(self, *args: object, queue: str, **options: object) -> None:
         if os.environ.get("Q_CLUSTER_NAME") != cluster_name(queue):
             # django-q2 reads its cluster name from the environment when it is first
             # imported, which Django setup has already done: start again with it set.

@@ -4,6 +4,7 @@ requests that can share its batch; their images are written and the rows marked 
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -151,7 +152,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
 _PROGRESS_INTERVAL_S = 0.25
 
 
-def _progress_recorder(generation_ids: list[int]):
+def _progress_recorder(generation_ids: list[int]) -> Callable[[int, int], None]:
     """An on_step callback recording each batch request's steps done (GET /generations).
     Writing only to the rows still running here, it learns which are wanted: when none
     is (all cancelled, or judged lost), it stops the batch between steps."""

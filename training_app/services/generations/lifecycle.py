@@ -90,7 +90,7 @@ def generation_wait(
         time.sleep(_POLL_INTERVAL_S)
 
 
-def _generation_lost(generation: Generation, still_lost: QuerySet) -> str | None:
+def _generation_lost(generation: Generation, still_lost: QuerySet[Generation]) -> str | None:
     """A generation whose process died (jobs.end_lost) ends as an error
     (WORKER_LOST_MESSAGE). The web thread waiting on one looks for them, and generation
     workers every few seconds: a lost generation is never left running, and no longer
@@ -175,7 +175,7 @@ def generations_event(generation_ids: list[int], event: str) -> None:
 
 
 def generations_finish_with_error(
-    generation_ids: list[int], message: str, among: QuerySet | None = None
+    generation_ids: list[int], message: str, among: QuerySet[Generation] | None = None
 ) -> list[int]:
     """Ends those of the generations still running (in `among`, else any running one) as an
     error; returns their ids. A request in error keeps no images: a batch that failed while

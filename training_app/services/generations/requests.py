@@ -62,6 +62,7 @@ class GenerationRequest(GenerationParams):
         params = GenerationParams(**given)
         if not self.use_lora:
             return params
+        assert self.session_id is not None, "the serializer requires it with use_lora"
         shorthand = LoraChoice(self.session_id, self.iteration, self.lora_filename, self.lora_scale)
         return replace(params, loras=(shorthand, *self.loras))
 
@@ -105,6 +106,7 @@ def _generation_create(
     written: list[Path],
     owner_id: int,
 ) -> Generation:
+    assert params.seed is not None, "filled() params have their seed"
     generation = Generation.objects.create(
         prompt=params.prompt,
         negative_prompt=params.negative_prompt,
