@@ -7,6 +7,8 @@ lives beside the API, above both apps, and replaces sessions_app's registration 
 sdxl_service.urls imports it before it reads the admin's URLs.
 """
 
+from typing import Any
+
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
 from django.http import HttpResponseRedirect
@@ -51,7 +53,7 @@ def training_form_fields() -> dict[str, serializers.Field]:
     return {name: field for name, field in fields.items() if name not in NOT_IN_THE_FORM}
 
 
-def _widget(name: str, field: serializers.Field) -> dict:
+def _widget(name: str, field: serializers.Field) -> dict[str, Any]:
     if isinstance(field, serializers.BooleanField):
         kind, choices = "choice", ["true", "false"]
     elif isinstance(field, serializers.ChoiceField):
@@ -79,7 +81,7 @@ def _widget(name: str, field: serializers.Field) -> dict:
     }
 
 
-def training_request(post, session_id: int) -> dict:
+def training_request(post, session_id: int) -> dict[str, Any]:
     """The form's answers as a /train_lora body: empty fields are left out (the recipe
     fills them), list fields take one value per line."""
     data = {"session_id": session_id}

@@ -9,6 +9,7 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
@@ -24,7 +25,7 @@ from sdxl_service.api.schema import ErrorSerializer
 logger = logging.getLogger(__name__)
 
 
-def error_body(message: str) -> dict:
+def error_body(message: str) -> dict[str, Any]:
     """The error shape, rendered through the serializer the OpenAPI description shows."""
     return ErrorSerializer({"status": "error", "message": message}).data
 

@@ -1,13 +1,15 @@
 """What the endpoints' OpenAPI descriptions share: the error shape and its meanings, and
 the rules the serializers enforce that drf-spectacular would leave out."""
 
+from typing import Any
+
 from django.core.validators import StepValueValidator
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
 
-class ErrorSerializer(serializers.Serializer):
+class ErrorSerializer(serializers.Serializer[Any]):
     """The one error shape of docs/api.md, whatever went wrong."""
 
     status = serializers.ChoiceField(choices=["error"])
@@ -132,7 +134,7 @@ def schema_without_slashed_duplicates(endpoints, **kwargs):
 JS_SAFE_INTEGER = 2**53 - 1
 
 
-def safe_integer_example(schema: dict) -> int:
+def safe_integer_example(schema: dict[str, Any]) -> int:
     """A small example inside the schema's range: its minimum when that is safe, else 0
     (moved to the maximum when 0 is above it)."""
     minimum, maximum = schema.get("minimum"), schema.get("maximum")
@@ -171,7 +173,7 @@ def _referenced(node, found: set[str]) -> None:
             _referenced(value, found)
 
 
-def _request_components(result: dict) -> set[str]:
+def _request_components(result: dict[str, Any]) -> set[str]:
     """Every component a request body uses, directly or through another component."""
     schemas = result.get("components", {}).get("schemas", {})
     bodies = [
@@ -191,7 +193,7 @@ def _request_components(result: dict) -> set[str]:
     return found
 
 
-def _with_left_out_examples(component: dict) -> None:
+def _with_left_out_examples(component: dict[str, Any]) -> None:
     """An optional request property with no default means "left out": its example is null
     when null means the same (nullable), an empty list for a list. Swagger UI otherwise
     fills every property, e.g. an image "string" and its strength 1 for a plain txt2img."""
@@ -223,7 +225,7 @@ def schema_with_safe_integer_examples(result, generator, request, public):
     return result
 
 
-def _error_response(description: str) -> dict:
+def _error_response(description: str) -> dict[str, Any]:
     return {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         "description": description,
