@@ -7,11 +7,14 @@ lives beside the API, above both apps, and replaces sessions_app's registration 
 sdxl_service.urls imports it before it reads the admin's URLs.
 """
 
+from typing import Any, TypeVar
+
 from django.contrib import admin, messages
 from django.core.exceptions import PermissionDenied
-from django.http import HttpResponseRedirect
+from django.db.models import Model
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, QueryDict
 from django.shortcuts import get_object_or_404
-from django.urls import path
+from django.urls import URLPattern, path
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 from rest_framework import serializers
@@ -44,14 +47,16 @@ MAIN_FIELDS = (
 # The most sample images the session's page shows (the newest); a run's page shows all.
 SAMPLES_SHOWN = 24
 
+_Shown = TypeVar("_Shown", bound=Model)
 
-def training_form_fields() -> dict[str, serializers.Field]:
+
+def training_form_fields() -> dict[str, serializers.Field[Any, Any, Any, Any]]:
     """The start form's fields: every training parameter /train_lora takes, by name."""
     fields = TrainLoraSerializer().fields
     return {name: field for name, field in fields.items() if name not in NOT_IN_THE_FORM}
 
 
-def _widget(name: str, field: serializers.Field) -> dict:
+def _widget(name: str, field: serializers.Field[Any, Any, Any, Any]) -> dict[str, Any]:
     if isinstance(field, serializers.BooleanField):
         kind, choices = "choice", ["true", "false"]
     elif isinstance(field, serializers.ChoiceField):
@@ -79,10 +84,10 @@ def _widget(name: str, field: serializers.Field) -> dict:
     }
 
 
-def training_request(post, session_id: int) -> dict:
+def training_request(post: QueryDict, session_id: int) -> dict[str, Any]:
     """The form's answers as a /train_lora body: empty fields are left out (the recipe
     fills them), list fields take one value per line."""
-    data = {"session_id": session_id}
+    data: dict[str, Any] = {"session_id": session_id}
     for name, field in training_form_fields().items():
         if isinstance(field, serializers.ListField):
             lines = [line.strip() for line in post.get(name, "").splitlines() if line.strip()]
@@ -93,7 +98,7 @@ def training_request(post, session_id: int) -> dict:
     return data
 
 
-def _error_lines(errors, prefix: str = "") -> list[str]:
+def _error_lines(errors: object, prefix: str = "") -> list[str]:
     if isinstance(errors, dict):
         return [
             line
@@ -107,22 +112,22 @@ def _error_lines(errors, prefix: str = "") -> list[str]:
     return [f"{prefix}{errors}"]
 
 
-class ReadOnlyInline(admin.TabularInline):
+class ReadOnlyInline(admin.TabularInline[_Shown, Session]):
     extra = 0
     can_delete = False
     show_change_link = True
 
-    def has_add_permission(self, request, obj=None) -> bool:
+    def has_add_permission(self, request: HttpRequest, obj: Session | None = None) -> bool:
         return False
 
-    def has_change_permission(self, request, obj=None) -> bool:
+    def has_change_permission(self, request: HttpRequest, obj: Session | None = None) -> bool:
         return False
 
 
-class LoraInline(ReadOnlyInline):
+class LoraInline(ReadOnlyInline[LoraArtifact]):
     model = LoraArtifact
-    fields = ["number", "filename", "source", "size", "sha256", "created_at", "downloads"]
-    readonly_fields = fields
+    readonly_fields = ("number", "filename", "source", "size", "sha256", "created_at", "downloads")
+    fields = readonly_fields
     verbose_name_plural = "LoRAs"
 
     @admin.display(description="download")
@@ -130,9 +135,9 @@ class LoraInline(ReadOnlyInline):
         return lora_download_links(lora)
 
 
-class TrainingRunInline(ReadOnlyInline):
+class TrainingRunInline(ReadOnlyInline[TrainingRun]):
     model = TrainingRun
-    fields = [
+    readonly_fields = (
         "status",
         "stage",
         "progress",
@@ -141,8 +146,8 @@ class TrainingRunInline(ReadOnlyInline):
         "error_message",
         "created_at",
         "finished_at",
-    ]
-    readonly_fields = fields
+    )
+    fields = readonly_fields
     ordering = ["-id"]
 
     @admin.display(description="steps")
@@ -150,10 +155,10 @@ class TrainingRunInline(ReadOnlyInline):
         return f"{run.step} / {run.total_steps or '?'}"
 
 
-class GenerationInline(ReadOnlyInline):
+class GenerationInline(ReadOnlyInline[Generation]):
     model = Generation
-    fields = ["status", "prompt", "seed", "thumbnails", "duration_ms", "created_at"]
-    readonly_fields = fields
+    readonly_fields = ("status", "prompt", "seed", "thumbnails", "duration_ms", "created_at")
+    fields = readonly_fields
 
     @admin.display(description="images")
     def thumbnails(self, generation: Generation) -> str:
@@ -182,12 +187,19 @@ class SessionTrainingAdmin(SessionAdmin):
         )[:SAMPLES_SHOWN]
         return sample_figures(newest)
 
-    def may_act(self, request) -> bool:
+    def may_act(self, request: HttpRequest) -> bool:
         """Staff (the admin site checks that) with permission to change sessions."""
         opts = self.model._meta
-        return request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+        allowed: bool = request.user.has_perm(f"{opts.app_label}.change_{opts.model_name}")
+        return allowed
 
-    def change_view(self, request, object_id, form_url="", extra_context=None):
+    def change_view(
+        self,
+        request: HttpRequest,
+        object_id: str,
+        form_url: str = "",
+        extra_context: dict[str, Any] | None = None,
+    ) -> HttpResponse:
         context = dict(extra_context or {})
         session = self.get_object(request, object_id)
         if session is not None and self.may_act(request):
@@ -205,7 +217,7 @@ class SessionTrainingAdmin(SessionAdmin):
             )
         return super().change_view(request, object_id, form_url, context)
 
-    def get_urls(self):
+    def get_urls(self) -> list[URLPattern]:
         return [
             path(
                 "<int:pk>/start-training/",
@@ -220,7 +232,7 @@ class SessionTrainingAdmin(SessionAdmin):
             *super().get_urls(),
         ]
 
-    def _acted_on(self, request, pk: int) -> Session:
+    def _acted_on(self, request: HttpRequest, pk: int) -> Session:
         if not self.may_act(request):
             raise PermissionDenied
         return get_object_or_404(Session, pk=pk)
@@ -228,7 +240,7 @@ class SessionTrainingAdmin(SessionAdmin):
     def _back(self, session: Session) -> HttpResponseRedirect:
         return HttpResponseRedirect(session_admin_url(session.pk))
 
-    def start_training(self, request, pk: int):
+    def start_training(self, request: HttpRequest, pk: int) -> HttpResponseRedirect:
         """Validated as /train_lora validates, started by the same service."""
         session = self._acted_on(request, pk)
         serializer = TrainLoraSerializer(data=training_request(request.POST, session.pk))
@@ -260,7 +272,7 @@ class SessionTrainingAdmin(SessionAdmin):
         )
         return self._back(session)
 
-    def cancel_training(self, request, pk: int):
+    def cancel_training(self, request: HttpRequest, pk: int) -> HttpResponseRedirect:
         session = self._acted_on(request, pk)
         try:
             run = runs.training_run_cancel(session.pk)

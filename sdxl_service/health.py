@@ -18,6 +18,7 @@ never its message (which may carry a host or a URL with a password).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from django.conf import settings
 from django.db import connection
@@ -43,7 +44,7 @@ class Health:
     def http_status(self) -> int:
         return 503 if self.status == DOWN else 200
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {
             "status": self.status,
             "checks": {

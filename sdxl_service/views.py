@@ -7,6 +7,7 @@ reads or changes sessions stays behind the API's token.
 """
 
 from django.conf import settings
+from django.http import HttpRequest, HttpResponse
 from django.shortcuts import render
 from django.views.decorators.http import require_safe
 
@@ -22,7 +23,7 @@ _LABELS = {
 
 
 @require_safe
-def front_door(request):
+def front_door(request: HttpRequest) -> HttpResponse:
     report = health.service_health()
     try:
         tokens = api_tokens_configured()

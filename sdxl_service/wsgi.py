@@ -9,12 +9,20 @@ Two things differ here from the workers, which load the same settings:
   but Django reads a body by its CONTENT_LENGTH and, without one, sees an empty body.
 """
 
+from __future__ import annotations
+
 import json
 import os
 import tempfile
+from collections.abc import Iterable, Iterator
+from typing import IO, TYPE_CHECKING
 
 from django.conf import settings
 from django.core.wsgi import get_wsgi_application
+
+if TYPE_CHECKING:
+    # typeshed's WSGI protocols exist for the type checker only.
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sdxl_service.settings")
 
@@ -35,7 +43,10 @@ def chunked_body_limit() -> int:
     """The most a chunked body may hold: the larger of the JSON body limit
     (SDXL_MAX_BODY_MB) and the file upload limit (SDXL_MAX_UPLOAD_MB), as for a body with a
     Content-Length; Django and the upload handler then apply the one that fits."""
-    return max(settings.DATA_UPLOAD_MAX_MEMORY_SIZE, settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024)
+    limit: int = max(
+        settings.DATA_UPLOAD_MAX_MEMORY_SIZE, settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+    )
+    return limit
 
 
 class ChunkedBodies:
@@ -45,10 +56,10 @@ class ChunkedBodies:
 
     READ_SIZE = 1024 * 1024
 
-    def __init__(self, app):
+    def __init__(self, app: WSGIApplication) -> None:
         self.app = app
 
-    def __call__(self, environ, start_response):
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not (chunked and environ.get("wsgi.input_terminated")):
             return self.app(environ, start_response)
@@ -72,7 +83,7 @@ class ChunkedBodies:
         return _ClosingAfter(result, body)
 
     @staticmethod
-    def _too_big(start_response, limit: int):
+    def _too_big(start_response: StartResponse, limit: int) -> list[bytes]:
         from sdxl_service.api.errors import error_body  # needs Django set up
 
         message = f"request body is larger than the limit of {limit / (1024 * 1024):g} MB"
@@ -87,13 +98,13 @@ class ChunkedBodies:
 class _ClosingAfter:
     """The response's iterable, closing the spooled body once the server closes it."""
 
-    def __init__(self, result, body):
+    def __init__(self, result: Iterable[bytes], body: IO[bytes]) -> None:
         self.result, self.body = result, body
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[bytes]:
         return iter(self.result)
 
-    def close(self):
+    def close(self) -> None:
         try:
             if hasattr(self.result, "close"):
                 self.result.close()

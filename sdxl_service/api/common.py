@@ -1,14 +1,17 @@
 """What every endpoint module shares: checking a request body, rendering an answer, and
 the webhook fields of the requests that start a job."""
 
+from typing import Any
+
 from rest_framework import serializers
+from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sdxl_service.api.fields import StringField
 from training_app.services.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
 
 
-class WebhookFields(serializers.Serializer):
+class WebhookFields(serializers.Serializer[Any]):
     """Where a job posts its events (docs/api.md: Webhooks)."""
 
     webhook_url = StringField(
@@ -25,20 +28,25 @@ class WebhookFields(serializers.Serializer):
     )
 
     @staticmethod
-    def webhook(validated: dict) -> dict:
+    def webhook(validated: dict[str, Any]) -> dict[str, Any]:
         return {
             "webhook_url": validated.get("webhook_url"),
             "webhook_events": validated.get("webhook_events"),
         }
 
 
-def validated(serializer_class, request) -> dict:
+def validated(
+    serializer_class: type[serializers.Serializer[Any]], request: Request
+) -> dict[str, Any]:
     """The request body checked by `serializer_class`; a 400 naming the field otherwise."""
     serializer = serializer_class(data=request.data)
     serializer.is_valid(raise_exception=True)
-    return serializer.validated_data
+    data: dict[str, Any] = serializer.validated_data
+    return data
 
 
-def rendered(serializer_class, body: dict) -> Response:
+def rendered(
+    serializer_class: type[serializers.BaseSerializer[Any]], body: dict[str, Any]
+) -> Response:
     """`body` as `serializer_class` renders it: only what the schema describes goes out."""
     return Response(serializer_class(body).data)

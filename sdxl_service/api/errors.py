@@ -8,12 +8,14 @@ import errno
 import logging
 import math
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
-from django.http import JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -24,12 +26,13 @@ from sdxl_service.api.schema import ErrorSerializer
 logger = logging.getLogger(__name__)
 
 
-def error_body(message: str) -> dict:
+def error_body(message: str) -> dict[str, Any]:
     """The error shape, rendered through the serializer the OpenAPI description shows."""
-    return ErrorSerializer({"status": "error", "message": message}).data
+    body: dict[str, Any] = ErrorSerializer({"status": "error", "message": message}).data
+    return body
 
 
-def _validation_message(detail, prefix: str = "") -> str:
+def _validation_message(detail: Any, prefix: str = "") -> str:
     """Flattens DRF's nested validation detail into one line that names the field."""
     if isinstance(detail, dict):
         parts = []
@@ -60,13 +63,14 @@ _FULL_MESSAGES = ("database or disk is full",)
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 
 
-def _causes(exc: BaseException):
+def _causes(exc: BaseException) -> Iterator[BaseException]:
     """`exc` and the exceptions it was raised from (Django wraps the driver's errors)."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        yield cause
+        cause = cause.__cause__ or cause.__context__
 
 
 def _database_state(exc: BaseException) -> str | None:
@@ -101,7 +105,9 @@ def _no_space_where(exc: BaseException) -> str | None:
     return None
 
 
-def unavailable_response(exc: BaseException, response_class=Response):
+def unavailable_response(
+    exc: BaseException, response_class: type[Response] | type[JsonResponse] = Response
+) -> HttpResponse | None:
     """503 for a busy database, 507 for no space left; None for any other error.
 
     The service's writes are transactions (or a single statement) and its files are
@@ -129,7 +135,7 @@ def unavailable_response(exc: BaseException, response_class=Response):
     return None
 
 
-def api_exception_handler(exc, context):
+def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse:
     """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
     unavailable = unavailable_response(exc)
     if unavailable is not None:
@@ -156,25 +162,27 @@ def api_exception_handler(exc, context):
     if isinstance(exc, drf_exceptions.APIException):
         response = Response(error_body(str(exc.detail)), status=exc.status_code)
         # Set by DRF on 401s: says which credentials to send (RFC 9110).
-        if getattr(exc, "auth_header", None):
-            response["WWW-Authenticate"] = exc.auth_header
+        auth_header = getattr(exc, "auth_header", None)
+        if auth_header:
+            response["WWW-Authenticate"] = auth_header
         return response
     logger.exception("unhandled error in %s", context.get("view").__class__.__name__)
     return Response(error_body("internal server error"), status=500)
 
 
-def json_not_found(request, exception=None):
+def json_not_found(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     return JsonResponse(error_body(f"no such endpoint: {request.path}"), status=404)
 
 
-def json_server_error(request):
+def json_server_error(request: HttpRequest) -> HttpResponse:
     """handler500, for what no DRF view handled: a view outside DRF (the admin, the front
     door) or a middleware before any view (the session or user loaded from a database
     with no free connection). Django calls it inside its `except`, so the error is at hand:
     a busy database or a full disk answer as in the API, 503 or 507."""
-    unavailable = unavailable_response(sys.exception(), response_class=JsonResponse)
+    exc = sys.exception()
+    unavailable = None if exc is None else unavailable_response(exc, response_class=JsonResponse)
     return unavailable or JsonResponse(error_body("internal server error"), status=500)
 
 
-def json_bad_request(request, exception=None):
+def json_bad_request(request: HttpRequest, exception: Exception | None = None) -> JsonResponse:
     return JsonResponse(error_body("bad request"), status=400)

@@ -8,6 +8,7 @@ gaps, so a wrong type is a 400 naming the field.
 import base64
 import binascii
 import re
+from typing import Any
 
 from django.conf import settings
 from django.core.validators import StepValueValidator
@@ -34,12 +35,12 @@ _INTEGER_TEXT = re.compile(r"[+-]?[0-9]{1,30}")
         "example": "1",
     }
 )
-class SessionIdField(serializers.Field):
+class SessionIdField(serializers.Field[int, int | str, str, Any]):
     """`session_id` arrives as a string ("1") or an integer (1): both are accepted."""
 
     default_error_messages = {"invalid": "must be a positive integer or a string of digits"}
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: int | str) -> int:
         if isinstance(data, bool):
             self.fail("invalid")
         if isinstance(data, int):
@@ -52,14 +53,14 @@ class SessionIdField(serializers.Field):
             self.fail("invalid")
         return value
 
-    def to_representation(self, value):
+    def to_representation(self, value: int) -> str:
         return str(value)
 
 
 class StrictIntegerField(serializers.IntegerField):
     """An integer, or a string of digits; never a boolean or a float (DRF takes 5.0 as 5)."""
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: float | int | str) -> int:
         if isinstance(data, bool | float):
             self.fail("invalid")
         if isinstance(data, str) and not _INTEGER_TEXT.fullmatch(data.strip()):
@@ -70,7 +71,7 @@ class StrictIntegerField(serializers.IntegerField):
 class StrictFloatField(serializers.FloatField):
     """A finite number (or a string of one); never a boolean (DRF takes true as 1.0)."""
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: float | int | str) -> float:
         if isinstance(data, bool):
             self.fail("invalid")
         return super().to_internal_value(data)
@@ -85,7 +86,7 @@ class StringField(serializers.CharField):
 
     default_error_messages = {"not_a_string": "must be a string"}
 
-    def to_internal_value(self, data):
+    def to_internal_value(self, data: str) -> str:
         if not isinstance(data, str):
             self.fail("not_a_string")
         return super().to_internal_value(data)
@@ -97,11 +98,12 @@ class Base64BytesField(serializers.CharField):
 
     default_error_messages = {"invalid_base64": "is not valid base64"}
 
-    def __init__(self, **kwargs):
+    def __init__(self, **kwargs: Any) -> None:
         kwargs.setdefault("trim_whitespace", True)
         super().__init__(**kwargs)
 
-    def to_internal_value(self, data):
+    # Decodes to bytes where CharField (its text checks reused) gives str.
+    def to_internal_value(self, data: str) -> bytes:  # type: ignore[override]
         text = super().to_internal_value(data)
         text = _WHITESPACE.sub("", _DATA_URL_PREFIX.sub("", text, count=1))
         try:
@@ -114,7 +116,12 @@ class Base64BytesField(serializers.CharField):
 
 
 # The keyword arguments of an optional seed field.
-SEED = {"min_value": 0, "max_value": 2**SEED_BITS - 1, "required": False, "allow_null": True}
+SEED: dict[str, Any] = {
+    "min_value": 0,
+    "max_value": 2**SEED_BITS - 1,
+    "required": False,
+    "allow_null": True,
+}
 
 
 class MultipleOf(StepValueValidator):
@@ -127,10 +134,11 @@ class MultipleOf(StepValueValidator):
 def largest_image_side(divisor: int) -> int:
     """The largest side a request may give: SDXL_MAX_IMAGE_SIDE rounded down to a multiple
     of `divisor` (with SDXL_MAX_IMAGE_SIDE 100, height 100 is refused: 96 is the largest)."""
-    return settings.SDXL_MAX_IMAGE_SIDE // divisor * divisor
+    side: int = settings.SDXL_MAX_IMAGE_SIDE // divisor * divisor
+    return side
 
 
-def image_side(divisor: int = 8, **kwargs) -> serializers.IntegerField:
+def image_side(divisor: int = 8, **kwargs: Any) -> serializers.IntegerField:
     return StrictIntegerField(
         min_value=64,
         max_value=largest_image_side(divisor),

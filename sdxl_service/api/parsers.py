@@ -1,5 +1,8 @@
 """The API's request parsers, and the limit on uploaded files."""
 
+from collections.abc import Mapping
+from typing import IO, Any
+
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.core.files.uploadhandler import FileUploadHandler
@@ -14,7 +17,12 @@ class JSONParser(parsers.JSONParser):
     for a parse error (it catches ValueError), so the request would end in a 500.
     """
 
-    def parse(self, stream, media_type=None, parser_context=None):
+    def parse(
+        self,
+        stream: IO[Any],
+        media_type: str | None = None,
+        parser_context: Mapping[str, Any] | None = None,
+    ) -> Any:
         try:
             return super().parse(stream, media_type, parser_context)
         except RecursionError:
@@ -29,23 +37,31 @@ class UploadLimitHandler(FileUploadHandler):
     the limit for them. It passes every chunk on to the handlers after it.
     """
 
-    def handle_raw_input(self, input_data, META, content_length, boundary, encoding=None):
+    def handle_raw_input(
+        self,
+        input_data: IO[bytes],
+        META: dict[str, str],
+        content_length: int,
+        boundary: str,
+        encoding: str | None = None,
+    ) -> None:
         self.received = 0
         if content_length and content_length > self._limit():
             raise self._too_big()
 
-    def receive_data_chunk(self, raw_data, start):
+    def receive_data_chunk(self, raw_data: bytes, start: int) -> bytes:
         self.received = max(self.received, start + len(raw_data))
         if self.received > self._limit():
             raise self._too_big()
         return raw_data
 
-    def file_complete(self, file_size):
+    def file_complete(self, file_size: int) -> None:
         return None
 
     @staticmethod
     def _limit() -> int:
-        return settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+        limit: int = settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+        return limit
 
     @staticmethod
     def _too_big() -> "UploadTooBig":

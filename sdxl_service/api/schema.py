@@ -1,13 +1,21 @@
 """What the endpoints' OpenAPI descriptions share: the error shape and its meanings, and
 the rules the serializers enforce that drf-spectacular would leave out."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 from django.core.validators import StepValueValidator
 from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
-from drf_spectacular.utils import OpenApiResponse
+from drf_spectacular.utils import Direction, OpenApiResponse
 from rest_framework import serializers
 
+if TYPE_CHECKING:
+    from drf_spectacular.generators import SchemaGenerator
+    from rest_framework.request import Request
 
-class ErrorSerializer(serializers.Serializer):
+
+class ErrorSerializer(serializers.Serializer[Any]):
     """The one error shape of docs/api.md, whatever went wrong."""
 
     status = serializers.ChoiceField(choices=["error"])
@@ -60,10 +68,19 @@ class AutoSchema(SpectacularAutoSchema):
       resolution: of 64);
     - `minLength: 1` on request strings that may not be blank (DRF's CharField refuses ""
       unless allow_blank, but drf-spectacular leaves that out).
+
+    drf-spectacular leaves the methods extended here unannotated, hence the ignores.
     """
 
-    def _map_serializer_field(self, field, direction, bypass_extensions=False):
-        schema = super()._map_serializer_field(field, direction, bypass_extensions)
+    def _map_serializer_field(
+        self,
+        field: serializers.Field[Any, Any, Any, Any],
+        direction: str,
+        bypass_extensions: bool = False,
+    ) -> Any:
+        schema = super()._map_serializer_field(  # type: ignore[no-untyped-call]
+            field, direction, bypass_extensions
+        )
         if (
             direction == "request"
             and isinstance(field, serializers.CharField)
@@ -74,8 +91,10 @@ class AutoSchema(SpectacularAutoSchema):
             schema.setdefault("minLength", 1)
         return schema
 
-    def _insert_field_validators(self, field, schema):
-        super()._insert_field_validators(field, schema)
+    def _insert_field_validators(
+        self, field: serializers.Field[Any, Any, Any, Any], schema: dict[str, Any]
+    ) -> None:
+        super()._insert_field_validators(field, schema)  # type: ignore[no-untyped-call]
         for validator in field.validators:
             if isinstance(validator, StepValueValidator) and schema.get("type") == "integer":
                 schema["multipleOf"] = validator.limit_value
@@ -88,14 +107,14 @@ class ScopedAutoSchema(AutoSchema):
 
     def _required_scope(self) -> str | None:
         for permission in self.view.get_permissions():
-            scope = getattr(permission, "required_scope", None)
+            scope: str | None = getattr(permission, "required_scope", None)
             if scope is not None:
                 return scope
         return None
 
-    def get_operation(self, *args, **kwargs):
+    def get_operation(self, *args: Any, **kwargs: Any) -> dict[str, Any] | None:
         # Here rather than in get_description, which @extend_schema(description=) replaces.
-        operation = super().get_operation(*args, **kwargs)
+        operation: dict[str, Any] | None = super().get_operation(*args, **kwargs)
         scope = self._required_scope()
         if operation is None or scope is None:
             return operation
@@ -107,9 +126,9 @@ class ScopedAutoSchema(AutoSchema):
         operation["description"] = f"{description}\n\n{needs}" if description else needs
         return operation
 
-    def _get_response_bodies(self, direction="response"):
+    def _get_response_bodies(self, direction: Direction = "response") -> dict[str, Any]:
         # Here rather than in get_response_serializers, which @extend_schema replaces.
-        responses = super()._get_response_bodies(direction)
+        responses: dict[str, Any] = super()._get_response_bodies(direction)
         if self._required_scope() is None:
             return responses
         access = {
@@ -118,11 +137,15 @@ class ScopedAutoSchema(AutoSchema):
         }
         for code, meaning in access.items():
             error = OpenApiResponse(ErrorSerializer, description=meaning)
-            responses.setdefault(code, self._get_response_for_code(error, code))
+            # drf-spectacular leaves _get_response_for_code unannotated.
+            response = self._get_response_for_code(error, code)  # type: ignore[no-untyped-call]
+            responses.setdefault(code, response)
         return dict(sorted(responses.items()))
 
 
-def schema_without_slashed_duplicates(endpoints, **kwargs):
+def schema_without_slashed_duplicates(
+    endpoints: list[tuple[str, str, str, Any]], **kwargs: Any
+) -> list[tuple[str, str, str, Any]]:
     """drf-spectacular preprocessing hook: `/x/` is the same endpoint as `/x` (api.urls)."""
     return [endpoint for endpoint in endpoints if not endpoint[0].endswith("/")]
 
@@ -132,10 +155,11 @@ def schema_without_slashed_duplicates(endpoints, **kwargs):
 JS_SAFE_INTEGER = 2**53 - 1
 
 
-def safe_integer_example(schema: dict) -> int:
+def safe_integer_example(schema: dict[str, Any]) -> int:
     """A small example inside the schema's range: its minimum when that is safe, else 0
     (moved to the maximum when 0 is above it)."""
-    minimum, maximum = schema.get("minimum"), schema.get("maximum")
+    minimum: int | None = schema.get("minimum")
+    maximum: int | None = schema.get("maximum")
     if minimum is not None and abs(minimum) <= JS_SAFE_INTEGER:
         return minimum
     if maximum is not None and maximum < 0:
@@ -143,7 +167,7 @@ def safe_integer_example(schema: dict) -> int:
     return 0
 
 
-def _with_safe_integer_examples(node) -> None:
+def _with_safe_integer_examples(node: object) -> None:
     if isinstance(node, list):
         for item in node:
             _with_safe_integer_examples(item)
@@ -158,7 +182,7 @@ def _with_safe_integer_examples(node) -> None:
         _with_safe_integer_examples(value)
 
 
-def _referenced(node, found: set[str]) -> None:
+def _referenced(node: object, found: set[str]) -> None:
     """The component names `node` refers to ("#/components/schemas/<name>")."""
     if isinstance(node, list):
         for item in node:
@@ -171,7 +195,7 @@ def _referenced(node, found: set[str]) -> None:
             _referenced(value, found)
 
 
-def _request_components(result: dict) -> set[str]:
+def _request_components(result: dict[str, Any]) -> set[str]:
     """Every component a request body uses, directly or through another component."""
     schemas = result.get("components", {}).get("schemas", {})
     bodies = [
@@ -191,7 +215,7 @@ def _request_components(result: dict) -> set[str]:
     return found
 
 
-def _with_left_out_examples(component: dict) -> None:
+def _with_left_out_examples(component: dict[str, Any]) -> None:
     """An optional request property with no default means "left out": its example is null
     when null means the same (nullable), an empty list for a list. Swagger UI otherwise
     fills every property, e.g. an image "string" and its strength 1 for a plain txt2img."""
@@ -205,7 +229,9 @@ def _with_left_out_examples(component: dict) -> None:
             prop["example"] = []
 
 
-def schema_with_safe_integer_examples(result, generator, request, public):
+def schema_with_safe_integer_examples(
+    result: dict[str, Any], generator: SchemaGenerator, request: Request | None, public: bool
+) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: the example bodies Swagger UI builds from the
     schema are valid requests.
 
@@ -223,14 +249,16 @@ def schema_with_safe_integer_examples(result, generator, request, public):
     return result
 
 
-def _error_response(description: str) -> dict:
+def _error_response(description: str) -> dict[str, Any]:
     return {
         "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         "description": description,
     }
 
 
-def schema_with_common_errors(result, generator, request, public):
+def schema_with_common_errors(
+    result: dict[str, Any], generator: SchemaGenerator, request: Request | None, public: bool
+) -> dict[str, Any]:
     """drf-spectacular postprocessing hook: every operation lists the answers any endpoint
     may give (401 where it needs a token, 405 and 503; 415 with a request body; 507 where
     it writes), and an id in a path starts at 1, as the ids the database gives do."""

@@ -1,6 +1,9 @@
 """The API's routes: the nine endpoints of the original service and this one's additions."""
 
-from django.urls import path
+from collections.abc import Callable
+
+from django.http.response import HttpResponseBase
+from django.urls import URLPattern, path
 
 from sdxl_service.api.generation import views as generation
 from sdxl_service.api.health import views as health
@@ -9,7 +12,9 @@ from sdxl_service.api.sessions import views as sessions
 from sdxl_service.api.training import views as training
 
 
-def endpoint(route: str, view, name: str | None = None):
+def endpoint(
+    route: str, view: Callable[..., HttpResponseBase], name: str | None = None
+) -> list[URLPattern]:
     """`route` with and without a trailing slash, both served directly; `name` (for
     reverse) is the unslashed one's.
 

@@ -1,6 +1,8 @@
 """What a generation used and made, as /txt2img answers it and GET /generations/<id>
 shows it."""
 
+from typing import Any
+
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
@@ -22,19 +24,19 @@ from sdxl_engine.parameters import OUTPUT_FORMATS, REFINER_POLICIES
         "description": "the LoRA applied, or null without one",
     }
 )
-class LoraUsed(serializers.Serializer):
+class LoraUsed(serializers.Serializer[Any]):
     filename = serializers.CharField()
     sha256 = serializers.CharField()
 
 
-class AppliedLoraItem(serializers.Serializer):
+class AppliedLoraItem(serializers.Serializer[Any]):
     session_id = serializers.CharField()
     filename = serializers.CharField()
     sha256 = serializers.CharField()
     scale = serializers.FloatField()
 
 
-class GenerationUsed(serializers.Serializer):
+class GenerationUsed(serializers.Serializer[Any]):
     """What a generation used and made, in /txt2img's answer and GET /generations/<id>."""
 
     image_urls = serializers.ListField(
@@ -70,7 +72,7 @@ class Txt2ImgResponse(GenerationUsed):
     generation_id = serializers.IntegerField(help_text="for GET /generations/<id>")
 
 
-class Txt2ImgQueuedResponse(serializers.Serializer):
+class Txt2ImgQueuedResponse(serializers.Serializer[Any]):
     generation_id = serializers.IntegerField()
     status = serializers.ChoiceField(choices=["queued"])
     status_url = serializers.CharField(help_text="GET it for the status, then the image_urls")

@@ -1,6 +1,8 @@
 """/txt2img's request body: one field for each of sdxl_engine's GenerationParams, their
 defaults and limits, and the request-only fields (TXT2IMG_REQUEST_FIELDS)."""
 
+from typing import Any
+
 from django.conf import settings
 from rest_framework import serializers
 
@@ -41,7 +43,7 @@ from sdxl_service.api.loras.serializers import (
 )
 
 
-class LoraChoiceSerializer(serializers.Serializer):
+class LoraChoiceSerializer(serializers.Serializer[Any]):
     """One entry of /txt2img's `loras`."""
 
     session_id = SessionIdField(help_text="the session whose LoRA this is (any session)")
@@ -54,7 +56,7 @@ class LoraChoiceSerializer(serializers.Serializer):
         help_text="its strength, as in AUTOMATIC1111's <lora:name:scale>",
     )
 
-    def validate(self, attrs):
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return one_way_to_name_a_lora(attrs)
 
 
@@ -186,7 +188,7 @@ class Txt2ImgSerializer(WebhookFields):
         "image_urls, to GET (smaller answers)",
     )
 
-    def get_fields(self):
+    def get_fields(self) -> dict[str, serializers.Field[Any, Any, Any, Any]]:
         fields = super().get_fields()
         # "async" is a Python keyword: it cannot be declared in the class body.
         fields["async"] = serializers.BooleanField(
@@ -196,7 +198,7 @@ class Txt2ImgSerializer(WebhookFields):
         )
         return fields
 
-    def validate(self, attrs):
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         """The body as a GenerationRequest's fields (LoRA choices, the image's bytes as
         init_image), once the request's shape and its params' problems() allow it. Only
         the first problem is answered."""

@@ -7,10 +7,13 @@ from collections.abc import Callable
 
 from django.conf import settings
 from django.http import FileResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, permission_classes
+from rest_framework.request import Request
 from rest_framework.response import Response
 
+from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_engine.image_output import MEDIA_TYPES
 from sdxl_service.api.common import rendered, validated
@@ -42,11 +45,11 @@ TAGS = ["generation"]
 )
 @api_view(["POST"])
 @permission_classes(scope_required("generate"))
-def txt2img(request):
+def txt2img(request: Request) -> Response:
     data = validated(Txt2ImgSerializer, request)
     wait = not data.pop("async")
     response_format = data.pop("response_format")
-    generation = generation_request(GenerationRequest(**data, caller=request.user))
+    generation = generation_request(GenerationRequest(**data, caller=request_caller(request)))
     if not wait:
         body = bodies.generation_queued_body(generation)
         return Response(Txt2ImgQueuedResponse(body).data, status=202)
@@ -67,8 +70,8 @@ def txt2img(request):
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def generation_status(request, generation_id: int):
-    generation = training_selectors.generation_get(generation_id, request.user)
+def generation_status(request: Request, generation_id: int) -> Response:
+    generation = training_selectors.generation_get(generation_id, request_caller(request))
     return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
@@ -85,15 +88,15 @@ def generation_status(request, generation_id: int):
 )
 @api_view(["POST"])
 @permission_classes(scope_required("generate"))
-def generation_cancel(request, generation_id: int):
-    generation = lifecycle.generation_cancel(generation_id, caller=request.user)
+def generation_cancel(request: Request, generation_id: int) -> Response:
+    generation = lifecycle.generation_cancel(generation_id, caller=request_caller(request))
     return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
-def _client_gone_check(request) -> Callable[[], bool] | None:
+def _client_gone_check(request: Request) -> Callable[[], bool] | None:
     """Under gunicorn, a check whether the client closed its connection (a peek at the
     socket that reads nothing: end of stream); None elsewhere (test client, runserver)."""
-    sock = request.META.get("gunicorn.socket")
+    sock: socket.socket | None = request.META.get("gunicorn.socket")
     if sock is None:
         return None
 
@@ -123,7 +126,9 @@ def _client_gone_check(request) -> Callable[[], bool] | None:
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def generation_image(request, generation_id: int, index: int, extension: str):
-    generation = training_selectors.generation_get(generation_id, request.user)
+def generation_image(
+    request: Request, generation_id: int, index: int, extension: str
+) -> HttpResponseBase:
+    generation = training_selectors.generation_get(generation_id, request_caller(request))
     path = lifecycle.generation_image_path(generation, index, extension)
     return FileResponse(path.open("rb"), content_type=MEDIA_TYPES[generation.params.file_format])

@@ -1,14 +1,16 @@
 """/healthz's body: the overall status and each check's verdict."""
 
+from typing import Any
+
 from rest_framework import serializers
 
 
-class HealthCheckItem(serializers.Serializer):
+class HealthCheckItem(serializers.Serializer[Any]):
     ok = serializers.BooleanField()
     reason = serializers.CharField(help_text="why, for a person; names no secret")
 
 
-class HealthChecks(serializers.Serializer):
+class HealthChecks(serializers.Serializer[Any]):
     database = HealthCheckItem(help_text="the database answers a query")
     broker = HealthCheckItem(
         help_text="django-q2's broker (the ORM broker in the database, or Redis) is reachable"
@@ -21,7 +23,7 @@ class HealthChecks(serializers.Serializer):
     )
 
 
-class HealthResponse(serializers.Serializer):
+class HealthResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(
         choices=[
             ("ok", "everything is fine"),

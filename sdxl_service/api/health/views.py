@@ -3,6 +3,7 @@
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, authentication_classes, permission_classes
 from rest_framework.permissions import AllowAny
+from rest_framework.request import Request
 from rest_framework.response import Response
 
 from sdxl_service import health
@@ -30,7 +31,7 @@ TAGS = ["health"]
 @api_view(["GET", "HEAD"])  # load balancers probe with either
 @authentication_classes([])
 @permission_classes([AllowAny])
-def healthz(request):
+def healthz(request: Request) -> Response:
     report = health.service_health()
     response = Response(HealthResponse(report.as_dict()).data, status=report.http_status)
     response["Cache-Control"] = "no-store"

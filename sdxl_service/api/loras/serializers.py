@@ -1,6 +1,8 @@
 """The bodies of the LoRA file endpoints, and how a request names one LoRA of a session
 (by iteration or by file name), which /txt2img's choices share."""
 
+from typing import Any
+
 from rest_framework import serializers
 
 from sdxl_service.api.fields import (
@@ -11,7 +13,12 @@ from sdxl_service.api.fields import (
 )
 from training_app.services.loras import LORA_FORMATS
 
-ITERATION = {"min_value": 1, "max_value": 2**31 - 1, "required": False, "allow_null": True}
+ITERATION: dict[str, Any] = {
+    "min_value": 1,
+    "max_value": 2**31 - 1,
+    "required": False,
+    "allow_null": True,
+}
 
 
 def lora_filename_field() -> serializers.CharField:
@@ -24,13 +31,13 @@ def lora_filename_field() -> serializers.CharField:
     )
 
 
-def one_way_to_name_a_lora(attrs: dict) -> dict:
+def one_way_to_name_a_lora(attrs: dict[str, Any]) -> dict[str, Any]:
     if attrs.get("iteration") is not None and attrs.get("lora_filename") is not None:
         raise serializers.ValidationError("give iteration or lora_filename, not both")
     return attrs
 
 
-class GetLoraSerializer(serializers.Serializer):
+class GetLoraSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
     iteration = StrictIntegerField(**ITERATION)
     lora_filename = lora_filename_field()
@@ -41,11 +48,11 @@ class GetLoraSerializer(serializers.Serializer):
         "ComfyUI and sd-scripts",
     )
 
-    def validate(self, attrs):
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return one_way_to_name_a_lora(attrs)
 
 
-class UploadLoraFileSerializer(serializers.Serializer):
+class UploadLoraFileSerializer(serializers.Serializer[Any]):
     """/upload_lora as multipart/form-data: the file itself instead of base64."""
 
     session_id = SessionIdField()
@@ -53,7 +60,7 @@ class UploadLoraFileSerializer(serializers.Serializer):
     filename = StringField(max_length=200, required=False, allow_null=True)
 
 
-class UploadLoraSerializer(serializers.Serializer):
+class UploadLoraSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
     lora_base64 = Base64BytesField(
         help_text="a .safetensors LoRA or LoCon (any Linear or Conv2d module of the Base UNet "
@@ -63,7 +70,7 @@ class UploadLoraSerializer(serializers.Serializer):
     filename = StringField(max_length=200, required=False, allow_null=True)
 
 
-class GetLoraResponse(serializers.Serializer):
+class GetLoraResponse(serializers.Serializer[Any]):
     session_id = serializers.CharField()
     lora_filename = serializers.CharField()
     lora_base64 = serializers.CharField(help_text="the safetensors file, base64")
@@ -72,7 +79,7 @@ class GetLoraResponse(serializers.Serializer):
     sha256 = serializers.CharField(help_text="of the bytes in lora_base64")
 
 
-class UploadLoraResponse(serializers.Serializer):
+class UploadLoraResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["success"])
     lora_filename = serializers.CharField()
     iteration = serializers.IntegerField()

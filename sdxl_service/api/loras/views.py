@@ -6,7 +6,10 @@ import hashlib
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
 from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
 
+from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_service.api.common import rendered, validated
 from sdxl_service.api.loras.serializers import (
@@ -35,10 +38,13 @@ TAGS = ["LoRA files"]
 )
 @api_view(["POST"])
 @permission_classes(scope_required("read"))
-def get_lora(request):
+def get_lora(request: Request) -> Response:
     data = validated(GetLoraSerializer, request)
     artifact = training_selectors.lora_file_get(
-        data["session_id"], data.get("iteration"), data.get("lora_filename"), request.user
+        data["session_id"],
+        data.get("iteration"),
+        data.get("lora_filename"),
+        request_caller(request),
     )
     lora = loras.lora_read(artifact, data["format"])
     body = {
@@ -70,7 +76,7 @@ def get_lora(request):
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
 @parser_classes([JSONParser, MultiPartParser])
-def upload_lora(request):
+def upload_lora(request: Request) -> Response:
     if request.content_type.startswith("multipart/"):
         data = validated(UploadLoraFileSerializer, request)
         artifact = loras.lora_upload(
@@ -78,12 +84,15 @@ def upload_lora(request):
             data["lora"].read(),
             data.get("filename"),
             field="lora",
-            caller=request.user,
+            caller=request_caller(request),
         )
     else:
         data = validated(UploadLoraSerializer, request)
         artifact = loras.lora_upload(
-            data["session_id"], data["lora_base64"], data.get("filename"), caller=request.user
+            data["session_id"],
+            data["lora_base64"],
+            data.get("filename"),
+            caller=request_caller(request),
         )
     return rendered(
         UploadLoraResponse,

@@ -5,6 +5,8 @@ Requests are validated by their serializer; responses are rendered through their
 OpenAPI description at /api/schema is built from the same classes that shape the bodies.
 """
 
+from typing import Any
+
 from django.conf import settings
 from rest_framework import serializers
 from rest_framework.fields import SkipField
@@ -19,18 +21,18 @@ from sdxl_service.api.training.serializers import TrainStatusField
 from training_app.models import TrainingRun
 
 
-class SessionRefSerializer(serializers.Serializer):
+class SessionRefSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
 
 
-class PostSessionImageSerializer(serializers.Serializer):
+class PostSessionImageSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
     # May be empty: such an image trains with /train_lora's trigger as its whole caption.
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
 
 
-class SessionImagesUploadSerializer(serializers.Serializer):
+class SessionImagesUploadSerializer(serializers.Serializer[Any]):
     """POST /sessions/<id>/images, multipart/form-data."""
 
     image = serializers.ListField(
@@ -54,27 +56,27 @@ class SessionImagesUploadSerializer(serializers.Serializer):
     )
 
 
-class CreateSessionResponse(serializers.Serializer):
+class CreateSessionResponse(serializers.Serializer[Any]):
     session_id = serializers.IntegerField()
 
 
-class SuccessResponse(serializers.Serializer):
+class SuccessResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["success"])
 
 
-class DeleteSessionResponse(serializers.Serializer):
+class DeleteSessionResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["deleted"])
     session_id = serializers.CharField()
 
 
-class SessionSummary(serializers.Serializer):
+class SessionSummary(serializers.Serializer[Any]):
     session_id = serializers.CharField()
     latest_lora = serializers.CharField(allow_null=True)
     image_groups = serializers.IntegerField()
     training = TrainStatusField()
 
 
-class ListSessionsQuery(serializers.Serializer):
+class ListSessionsQuery(serializers.Serializer[Any]):
     limit = StrictIntegerField(
         min_value=1,
         max_value=1000,
@@ -90,13 +92,13 @@ class _OnlyWhenPaging(serializers.IntegerField):
     """A nullable key that is left out, not null, when the body lacks it: DRF would render
     a missing nullable field as null."""
 
-    def get_attribute(self, instance):
+    def get_attribute(self, instance: dict[str, Any]) -> Any:
         if self.field_name not in instance:
             raise SkipField()
         return super().get_attribute(instance)
 
 
-class ListSessionsResponse(serializers.Serializer):
+class ListSessionsResponse(serializers.Serializer[Any]):
     sessions = SessionSummary(many=True)
     count = serializers.IntegerField(
         required=False, help_text="with limit or offset: how many sessions there are in all"
@@ -108,7 +110,7 @@ class ListSessionsResponse(serializers.Serializer):
     )
 
 
-class SessionImageItem(serializers.Serializer):
+class SessionImageItem(serializers.Serializer[Any]):
     image_id = serializers.IntegerField()
     group = serializers.IntegerField(help_text="the upload group's number (its folder)")
     url = serializers.CharField(help_text="the image file, with the API's access rules")
@@ -119,24 +121,26 @@ class SessionImageItem(serializers.Serializer):
     size = serializers.IntegerField(help_text="bytes")
 
 
-class SessionLoraItem(serializers.Serializer):
+class SessionLoraItem(serializers.Serializer[Any]):
     lora_filename = serializers.CharField()
     iteration = serializers.IntegerField()
     sha256 = serializers.CharField()
     size = serializers.IntegerField(help_text="bytes")
-    source = serializers.ChoiceField(choices=["trained", "uploaded", "found"])
+    # A field named like Field.source: DRF's metaclass takes declared fields out of the
+    # class, so the two never meet (the stubs cannot know).
+    source = serializers.ChoiceField(choices=["trained", "uploaded", "found"])  # type: ignore[assignment]
     run_id = serializers.IntegerField(allow_null=True)
     created_at = serializers.DateTimeField()
 
 
-class SessionCheckpointItem(serializers.Serializer):
+class SessionCheckpointItem(serializers.Serializer[Any]):
     lora_filename = serializers.CharField()
     run_id = serializers.IntegerField()
     step = serializers.IntegerField()
     sha256 = serializers.CharField()
 
 
-class SessionRunItem(serializers.Serializer):
+class SessionRunItem(serializers.Serializer[Any]):
     run_id = serializers.IntegerField()
     status = serializers.ChoiceField(choices=TrainingRun.Status.values)
     stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)
@@ -149,7 +153,7 @@ class SessionRunItem(serializers.Serializer):
     finished_at = serializers.DateTimeField(allow_null=True)
 
 
-class SessionGenerationItem(serializers.Serializer):
+class SessionGenerationItem(serializers.Serializer[Any]):
     generation_id = serializers.IntegerField()
     status = serializers.CharField()
     prompt = serializers.CharField()
@@ -157,12 +161,12 @@ class SessionGenerationItem(serializers.Serializer):
     status_url = serializers.CharField()
 
 
-class SessionImagesUploadResponse(serializers.Serializer):
+class SessionImagesUploadResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["success"])
     images = SessionImageItem(many=True, help_text="what was stored, in order")
 
 
-class SessionDetailResponse(serializers.Serializer):
+class SessionDetailResponse(serializers.Serializer[Any]):
     session_id = serializers.CharField()
     created_at = serializers.DateTimeField()
     images = SessionImageItem(many=True)

@@ -4,10 +4,14 @@ serializer; errors are raised as ServiceError and shaped in one place
 (sdxl_service.api.errors)."""
 
 from django.http import FileResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
 from rest_framework.parsers import MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
 
+from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from core.errors import ServiceError
 from sdxl_service.api.common import rendered, validated
@@ -41,8 +45,8 @@ TAGS = ["sessions"]
 )
 @api_view(["GET"])
 @permission_classes(scope_required("upload"))
-def create_session(request):
-    session = session_services.session_create(caller=request.user)
+def create_session(request: Request) -> Response:
+    session = session_services.session_create(caller=request_caller(request))
     return rendered(CreateSessionResponse, {"session_id": session.pk})
 
 
@@ -57,10 +61,10 @@ def create_session(request):
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
-def post_session_image(request):
+def post_session_image(request: Request) -> Response:
     data = validated(PostSessionImageSerializer, request)
     session_services.session_image_add(
-        data["session_id"], data["image_base64"], data["prompt"], caller=request.user
+        data["session_id"], data["image_base64"], data["prompt"], caller=request_caller(request)
     )
     return rendered(SuccessResponse, {"status": "success"})
 
@@ -74,17 +78,17 @@ def post_session_image(request):
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def list_sessions(request):
+def list_sessions(request: Request) -> Response:
     query = ListSessionsQuery(data=request.query_params)
     query.is_valid(raise_exception=True)
     page = query.validated_data
-    everything = session_selectors.session_list(request.user)
+    everything = session_selectors.session_list(request_caller(request))
     offset, limit = page.get("offset", 0), page.get("limit")
     sessions = list(everything[offset : None if limit is None else offset + limit])
     ids = [session.pk for session in sessions]
     latest_loras = training_selectors.latest_lora_filenames(ids)
     latest_runs = training_selectors.latest_runs(ids)
-    body = {
+    body: dict[str, object] = {
         "sessions": [
             bodies.session_summary(
                 session, latest_loras.get(session.pk), latest_runs.get(session.pk)
@@ -107,8 +111,8 @@ def list_sessions(request):
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def session_detail(request, session_id: int):
-    detail = training_selectors.session_detail(session_id, request.user)
+def session_detail(request: Request, session_id: int) -> Response:
+    detail = training_selectors.session_detail(session_id, request_caller(request))
     return rendered(SessionDetailResponse, bodies.session_detail_body(detail))
 
 
@@ -127,7 +131,7 @@ def session_detail(request, session_id: int):
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
 @parser_classes([MultiPartParser])
-def session_images_upload(request, session_id: int):
+def session_images_upload(request: Request, session_id: int) -> Response:
     data = validated(SessionImagesUploadSerializer, request)
     archive = data.get("archive")
     images = session_services.session_images_upload(
@@ -135,7 +139,7 @@ def session_images_upload(request, session_id: int):
         [(upload.name, upload.read()) for upload in data.get("image", [])],
         data.get("caption", []),
         (archive.name, archive.read()) if archive is not None else None,
-        caller=request.user,
+        caller=request_caller(request),
     )
     body = {"status": "success", "images": [bodies.session_image_item(image) for image in images]}
     return rendered(SessionImagesUploadResponse, body)
@@ -155,8 +159,8 @@ def session_images_upload(request, session_id: int):
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def session_image(request, session_id: int, image_id: int):
-    image = session_selectors.training_image_get(session_id, image_id, request.user)
+def session_image(request: Request, session_id: int, image_id: int) -> HttpResponseBase:
+    image = session_selectors.training_image_get(session_id, image_id, request_caller(request))
     path = session_storage.absolute_path(image.file)
     if not path.is_file():
         raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
@@ -172,7 +176,7 @@ def session_image(request, session_id: int, image_id: int):
 )
 @api_view(["POST"])
 @permission_classes(scope_required("delete"))
-def delete_session(request):
+def delete_session(request: Request) -> Response:
     data = validated(SessionRefSerializer, request)
-    session_services.session_delete(data["session_id"], caller=request.user)
+    session_services.session_delete(data["session_id"], caller=request_caller(request))
     return rendered(DeleteSessionResponse, {"status": "deleted", "session_id": data["session_id"]})

@@ -2,6 +2,8 @@
 come from sdxl_engine.parameters (the definitions the workers run), and the four shapes
 of a training status."""
 
+from typing import Any
+
 from django.conf import settings
 from drf_spectacular.utils import PolymorphicProxySerializer, extend_schema_field
 from rest_framework import serializers
@@ -139,7 +141,7 @@ class TrainLoraSerializer(WebhookFields):
         "ratio (service recipe: true); false: a centred square crop (original)",
     )
 
-    def validate(self, attrs):
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
         if "text_encoder_lr" in attrs and not attrs.get("train_text_encoder"):
@@ -159,7 +161,7 @@ class TrainLoraSerializer(WebhookFields):
         return attrs
 
     @staticmethod
-    def training_parameters(validated: dict) -> dict:
+    def training_parameters(validated: dict[str, Any]) -> dict[str, Any]:
         """The parameters the caller gave; the run fills the rest from its recipe."""
         return {
             k: v
@@ -168,23 +170,23 @@ class TrainLoraSerializer(WebhookFields):
         }
 
 
-class TrainLoraResponse(serializers.Serializer):
+class TrainLoraResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["started"])
     run_id = serializers.IntegerField()
 
 
-class TrainingSampleItem(serializers.Serializer):
+class TrainingSampleItem(serializers.Serializer[Any]):
     step = serializers.IntegerField()
     prompt = serializers.CharField()
     url = serializers.CharField(help_text="the PNG, with the API's access rules")
 
 
-class TrainingCheckpointItem(serializers.Serializer):
+class TrainingCheckpointItem(serializers.Serializer[Any]):
     step = serializers.IntegerField()
     lora_filename = serializers.CharField(help_text="for /get_lora and /txt2img's lora_filename")
 
 
-class KeptAlongTheWay(serializers.Serializer):
+class KeptAlongTheWay(serializers.Serializer[Any]):
     """What in-progress and completed runs list (sample_every, checkpoint_every)."""
 
     samples = TrainingSampleItem(many=True)
@@ -214,12 +216,12 @@ class TrainStatusCompleted(KeptAlongTheWay):
     lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
 
 
-class TrainStatusError(serializers.Serializer):
+class TrainStatusError(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["error"])
     message = serializers.CharField(help_text='"training was cancelled" after /cancel_training')
 
 
-class TrainStatusNone(serializers.Serializer):
+class TrainStatusNone(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["none"])
     progress = serializers.ChoiceField(choices=[0])
 
@@ -239,21 +241,21 @@ TRAIN_STATUS_SCHEMA = PolymorphicProxySerializer(
 
 
 @extend_schema_field(TRAIN_STATUS_SCHEMA)
-class TrainStatusField(serializers.Field):
+class TrainStatusField(serializers.Field[Any, Any, dict[str, Any], Any]):
     """A training status body, rendered through the serializer of its shape."""
 
-    def to_representation(self, body: dict) -> dict:
+    def to_representation(self, body: dict[str, Any]) -> dict[str, Any]:
         return _TRAIN_STATUS_SHAPES[body["status"]](body).data
 
 
-class TrainStatusResponse(serializers.BaseSerializer):
+class TrainStatusResponse(serializers.BaseSerializer[Any]):
     """/train_status's body: TrainStatusField's rendering, at the top level."""
 
-    def to_representation(self, body: dict) -> dict:
+    def to_representation(self, body: dict[str, Any]) -> dict[str, Any]:
         return TrainStatusField().to_representation(body)
 
 
-class CancelTrainingResponse(serializers.Serializer):
+class CancelTrainingResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["cancelled"])
     session_id = serializers.CharField()
     run_id = serializers.IntegerField()

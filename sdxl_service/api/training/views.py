@@ -1,9 +1,13 @@
 """The training endpoints: start, follow and cancel a run, and its sample images."""
 
 from django.http import FileResponse
+from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import api_view, permission_classes
+from rest_framework.request import Request
+from rest_framework.response import Response
 
+from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from core.errors import ServiceError
 from sdxl_service.api.common import rendered, validated
@@ -33,13 +37,13 @@ TAGS = ["training"]
 )
 @api_view(["POST"])
 @permission_classes(scope_required("train"))
-def train_lora(request):
+def train_lora(request: Request) -> Response:
     data = validated(TrainLoraSerializer, request)
     run = runs.training_run_start(
         data["session_id"],
         TrainLoraSerializer.training_parameters(data),
         **TrainLoraSerializer.webhook(data),
-        caller=request.user,
+        caller=request_caller(request),
     )
     return rendered(TrainLoraResponse, {"status": "started", "run_id": run.pk})
 
@@ -55,9 +59,9 @@ def train_lora(request):
 )
 @api_view(["POST"])
 @permission_classes(scope_required("read"))
-def train_status(request):
+def train_status(request: Request) -> Response:
     data = validated(SessionRefSerializer, request)
-    session_selectors.session_get(data["session_id"], request.user)
+    session_selectors.session_get(data["session_id"], request_caller(request))
     return rendered(TrainStatusResponse, bodies.training_status(data["session_id"]))
 
 
@@ -72,9 +76,9 @@ def train_status(request):
 )
 @api_view(["POST"])
 @permission_classes(scope_required("train"))
-def cancel_training(request):
+def cancel_training(request: Request) -> Response:
     data = validated(SessionRefSerializer, request)
-    run = runs.training_run_cancel(data["session_id"], request.user)
+    run = runs.training_run_cancel(data["session_id"], request_caller(request))
     return rendered(
         CancelTrainingResponse,
         {"status": "cancelled", "session_id": data["session_id"], "run_id": run.pk},
@@ -89,8 +93,8 @@ def cancel_training(request):
 )
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
-def training_sample(request, sample_id: int):
-    sample = training_selectors.training_sample_get(sample_id, request.user)
+def training_sample(request: Request, sample_id: int) -> HttpResponseBase:
+    sample = training_selectors.training_sample_get(sample_id, request_caller(request))
     path = watch.sample_path(sample)
     if not path.is_file():
         raise ServiceError(f"sample {sample_id} is recorded but its image is missing", status=404)
