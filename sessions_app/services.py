@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict
 
+from django.conf import settings
 from django.db import transaction
 from django.db.models import Max
 from django.db.models.functions import Coalesce, Greatest
@@ -20,7 +22,12 @@ from sessions_app import storage
 from sessions_app.images import CheckedImage, check_image
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
-from sessions_app.selectors import owner_stored_bytes, session_get, session_image_count
+from sessions_app.selectors import (
+    owner_stored_bytes,
+    session_get,
+    session_image_count,
+    training_image_get,
+)
 from sessions_app.uploads import UploadedImage, images_from_zip
 
 if TYPE_CHECKING:
@@ -72,7 +79,10 @@ def session_images_add(
     An API caller must see the session, and its owner's quotas must hold the images."""
     if caller is not None:
         session_get(session_id, caller)
-    checked = [(check_image(upload.data, field=upload.name), upload.caption) for upload in uploads]
+    checked = [
+        (check_image(upload.data, field=upload.name), caption_cleaned(upload.caption))
+        for upload in uploads
+    ]
     images = []
     with session_lock(session_id) as session:
         if caller is not None and session.owner_id is not None:
@@ -94,6 +104,106 @@ def session_images_add(
                 storage.remove_tree(group_dir)
             raise
     return images
+
+
+def caption_cleaned(caption: str) -> str:
+    """A caption as stored, whichever way it came (JSON, multipart, a zip's .txt, PATCH,
+    the admin): without the whitespace and trailing newlines around it."""
+    return caption.strip()
+
+
+def _caption_checked(caption: str) -> str:
+    caption = caption_cleaned(caption)
+    limit: int = settings.SDXL_MAX_PROMPT_CHARS
+    if len(caption) > limit:
+        raise ServiceError(f"caption: at most {limit} characters (SDXL_MAX_PROMPT_CHARS)")
+    return caption
+
+
+def training_refusal(session: Session) -> ServiceError | None:
+    """Why the session's images cannot change now: a queued or running training run reads
+    them (a 409 naming the run), else None."""
+    run_id = (
+        session.training_runs.filter(status__in=("queued", "running"))
+        .order_by("pk")
+        .values_list("pk", flat=True)
+        .first()
+    )
+    if run_id is None:
+        return None
+    return ServiceError(
+        f"session {session.pk} is training (run {run_id}): its images cannot change until "
+        "the run ends or is cancelled (/cancel_training)",
+        status=409,
+    )
+
+
+def _locked_image(session: Session, image_id: int) -> TrainingImage:
+    """The session's image `image_id`, under the session lock, once no run is training."""
+    refusal = training_refusal(session)
+    if refusal is not None:
+        raise refusal
+    image = (
+        TrainingImage.objects.filter(pk=image_id, group__session=session)
+        .select_related("group")
+        .first()
+    )
+    if image is None:
+        raise ServiceError(f"session {session.pk} has no image {image_id}", status=404)
+    return image
+
+
+def training_image_caption_set(
+    session_id: int, image_id: int, caption: str, caller: Caller | None = None
+) -> TrainingImage:
+    """Rewrites the image's caption file (`<k>.txt` beside `<k>.<ext>`, atomically) and its
+    row, trimmed as uploads are. Refused (409) while a run of the session is queued or
+    running; an API caller must see the image (404 otherwise)."""
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)
+    caption = _caption_checked(caption)
+    with session_lock(session_id) as session:
+        image = _locked_image(session, image_id)
+        caption_path = storage.absolute_path(image.file).with_suffix(".txt")
+        storage.atomic_write_bytes(caption_path, caption.encode("utf-8"))
+        image.caption = caption
+        image.save(update_fields=["caption"])
+    logger.info("session %s: caption of image %s rewritten", session_id, image_id)
+    return image
+
+
+def training_image_delete(session_id: int, image_id: int, caller: Caller | None = None) -> None:
+    """Removes one image, its caption file and its row; the other images keep their ids,
+    groups and paths (nothing is renumbered, and group numbers are never reused). A group
+    folder left with nothing else in it goes with its row; one that still holds other
+    files (an operator's) stays. Files are renamed away first (`.deleted-*`), atomically,
+    and removed once the rows are gone. Refused (409) while a run of the session is queued
+    or running; an API caller must see the image (404 otherwise)."""
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)
+    with session_lock(session_id) as session:
+        image = _locked_image(session, image_id)
+        image_path = storage.absolute_path(image.file)
+        own_files = {image_path, image_path.with_suffix(".txt")}
+        group_dir = image_path.parent
+        others = [
+            child
+            for child in (group_dir.iterdir() if group_dir.is_dir() else [])
+            if child not in own_files and not storage.is_leftover_name(child.name)
+        ]
+        if others or image.group.images.exclude(pk=image.pk).exists():
+            image.delete()
+            moved = [storage.move_aside(path) for path in sorted(own_files)]
+        else:
+            image.group.delete()  # and its image's row with it
+            moved = [storage.move_aside(group_dir)]
+        transaction.on_commit(partial(_remove_all, moved))
+    logger.info("session %s: deleted image %s", session_id, image_id)
+
+
+def _remove_all(paths: list[Path | None]) -> None:
+    for path in paths:
+        storage.remove_path(path)
 
 
 def _check_image_quotas(owner_id: int, session_id: int, images: list[CheckedImage]) -> None:

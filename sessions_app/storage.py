@@ -56,7 +56,7 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def move_aside(folder: Path) -> Path | None:
-    """Renames a folder out of the way in one atomic step; returns where it went.
+    """Renames a folder (or a file) out of the way in one atomic step; returns where it went.
 
     Deleting a large folder takes time; renaming first means nobody sees it half-deleted.
     """
@@ -70,6 +70,22 @@ def move_aside(folder: Path) -> Path | None:
 def remove_tree(folder: Path | None) -> None:
     if folder is not None:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def remove_path(path: Path | None) -> None:
+    """Removes what move_aside moved away: a folder with all in it, or a file."""
+    if path is None:
+        return
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def is_leftover_name(name: str) -> bool:
+    """What an interrupted write or delete leaves behind (`*.tmp`, `.deleted-*`): never
+    data (datadir_app.layout removes these once stale)."""
+    return name.endswith(".tmp") or name.startswith(".deleted-")
 
 
 def is_plain_relative_name(name: str) -> bool:

@@ -42,9 +42,8 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
         "-F image=@b.jpg`",
     )
     caption = serializers.ListField(
-        child=serializers.CharField(
-            max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True, trim_whitespace=False
-        ),
+        # Trimmed, as every caption is (whitespace and newlines around it).
+        child=serializers.CharField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True),
         required=False,
         help_text="one caption per image, in the same order; none: every caption empty (the "
         "training trigger alone)",
@@ -54,6 +53,23 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
         help_text="a zip of images, each with its caption in a .txt of the same name beside it "
         "(kohya's dataset layout); an image without one has an empty caption",
     )
+
+
+class SessionImagePatchSerializer(serializers.Serializer[Any]):
+    """PATCH /sessions/<id>/images/<image_id>."""
+
+    caption = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        allow_blank=True,
+        help_text="the new caption, trimmed of whitespace and newlines around it; written to "
+        "the image's `<k>.txt` (empty: the training trigger alone)",
+    )
+
+
+class DeleteSessionImageResponse(serializers.Serializer[Any]):
+    status = serializers.ChoiceField(choices=["deleted"])
+    session_id = serializers.CharField()
+    image_id = serializers.IntegerField()
 
 
 class CreateSessionResponse(serializers.Serializer[Any]):

@@ -8,8 +8,10 @@ from django.http.response import HttpResponseBase
 from drf_spectacular.utils import extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
 from rest_framework.parsers import MultiPartParser
+from rest_framework.permissions import BasePermission
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.views import APIView
 
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
@@ -18,11 +20,14 @@ from sdxl_service.api.common import rendered, validated
 from sdxl_service.api.schema import error_responses
 from sdxl_service.api.sessions.serializers import (
     CreateSessionResponse,
+    DeleteSessionImageResponse,
     DeleteSessionResponse,
     ListSessionsQuery,
     ListSessionsResponse,
     PostSessionImageSerializer,
     SessionDetailResponse,
+    SessionImageItem,
+    SessionImagePatchSerializer,
     SessionImagesUploadResponse,
     SessionImagesUploadSerializer,
     SessionRefSerializer,
@@ -145,26 +150,69 @@ def session_images_upload(request: Request, session_id: int) -> Response:
     return rendered(SessionImagesUploadResponse, body)
 
 
-@extend_schema(
-    operation_id="session_image",
-    tags=TAGS,
-    summary="A training image of the session, as uploaded",
-    responses={
-        (200, "image/png"): bytes,
-        (200, "image/jpeg"): bytes,
-        (200, "image/webp"): bytes,
-        (200, "image/bmp"): bytes,
-        **error_responses(404),
-    },
-)
-@api_view(["GET"])
-@permission_classes(scope_required("read"))
-def session_image(request: Request, session_id: int, image_id: int) -> HttpResponseBase:
-    image = session_selectors.training_image_get(session_id, image_id, request_caller(request))
-    path = session_storage.absolute_path(image.file)
-    if not path.is_file():
-        raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
-    return FileResponse(path.open("rb"), content_type=f"image/{image.image_format.lower()}")
+class SessionImageView(APIView):
+    """/sessions/<id>/images/<image_id>: read the image (GET, `read`), fix its caption
+    (PATCH, `upload`, as adding it), or remove it (DELETE, `delete`, as a session)."""
+
+    SCOPES = {"GET": "read", "PATCH": "upload", "DELETE": "delete"}
+
+    def get_permissions(self) -> list[BasePermission]:
+        scope = self.SCOPES.get(self.request.method or "GET", "read")
+        return [permission() for permission in scope_required(scope)]
+
+    @extend_schema(
+        operation_id="session_image",
+        tags=TAGS,
+        summary="A training image of the session, as uploaded",
+        responses={
+            (200, "image/png"): bytes,
+            (200, "image/jpeg"): bytes,
+            (200, "image/webp"): bytes,
+            (200, "image/bmp"): bytes,
+            **error_responses(404),
+        },
+    )
+    def get(self, request: Request, session_id: int, image_id: int) -> HttpResponseBase:
+        image = session_selectors.training_image_get(session_id, image_id, request_caller(request))
+        path = session_storage.absolute_path(image.file)
+        if not path.is_file():
+            raise ServiceError(f"image {image_id} is recorded but its file is missing", status=404)
+        return FileResponse(path.open("rb"), content_type=f"image/{image.image_format.lower()}")
+
+    @extend_schema(
+        operation_id="session_image_update",
+        tags=TAGS,
+        summary="Fix a training image's caption",
+        description="Rewrites the image's caption file (`<n>/<k>.txt`, atomically) and "
+        "answers the image as `GET /sessions/<id>` lists it. 409 (naming the run) while a "
+        "training run of the session is queued or running; nothing changes then.",
+        request=SessionImagePatchSerializer,
+        responses={200: SessionImageItem, **error_responses(404, 409)},
+    )
+    def patch(self, request: Request, session_id: int, image_id: int) -> Response:
+        data = validated(SessionImagePatchSerializer, request)
+        image = session_services.training_image_caption_set(
+            session_id, image_id, data["caption"], caller=request_caller(request)
+        )
+        return rendered(SessionImageItem, bodies.session_image_item(image))
+
+    @extend_schema(
+        operation_id="session_image_delete",
+        tags=TAGS,
+        summary="Remove one training image and its caption",
+        description="The other images keep their ids, groups and paths (nothing is "
+        "renumbered; a group number is never reused); the group folder goes when nothing "
+        "else is left in it. 409 (naming the run) while a training run of the session is "
+        "queued or running; nothing changes then.",
+        responses={200: DeleteSessionImageResponse, **error_responses(404, 409)},
+    )
+    def delete(self, request: Request, session_id: int, image_id: int) -> Response:
+        session_services.training_image_delete(session_id, image_id, caller=request_caller(request))
+        body = {"status": "deleted", "session_id": str(session_id), "image_id": image_id}
+        return rendered(DeleteSessionImageResponse, body)
+
+
+session_image = SessionImageView.as_view()
 
 
 @extend_schema(

@@ -386,3 +386,231 @@ def test_each_accepted_format_is_stored_as_sent(api, image_format):
     assert response.status_code == 200, response.content
     (stored,) = [p for p in (storage.session_dir(session_id) / "0").iterdir() if p.suffix != ".txt"]
     assert stored.read_bytes() == data
+
+
+# PATCH and DELETE /sessions/<id>/images/<image_id>: fix a caption, remove an image.
+
+
+def _three_images(api) -> tuple[int, list[dict]]:
+    session_id = api.get("/create_session").json()["session_id"]
+    response = api.post(
+        f"/sessions/{session_id}/images",
+        {
+            "image": [
+                _file("a.png", image_bytes(color="red")),
+                _file("b.jpg", image_bytes("JPEG", color="blue")),
+                _file("c.png", image_bytes(color="green")),
+            ],
+            "caption": ["ohwx, red", "ohwx, blue", "ohwx, green"],
+        },
+        format="multipart",
+    )
+    assert response.status_code == 200, response.content
+    return session_id, response.json()["images"]
+
+
+def _on_disk(session_id: int) -> dict[str, bytes]:
+    folder = storage.session_dir(session_id)
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _rows(session_id: int) -> list[tuple]:
+    return list(
+        TrainingImage.objects.filter(group__session_id=session_id)
+        .order_by("pk")
+        .values_list("pk", "group__number", "file", "caption", "sha256")
+    )
+
+
+def _verify_is_clean() -> None:
+    from datadir_app.verify import verify
+
+    report = verify()
+    assert (report.changes, report.problems) == ([], [])
+
+
+def test_patch_rewrites_the_caption_file_and_row_and_nothing_else(api, monkeypatch):
+    from sdxl_engine import files
+
+    session_id, images = _three_images(api)
+    before = _on_disk(session_id)
+    replaced = []
+    real_replace = files.replace_with_retry
+    monkeypatch.setattr(
+        files,
+        "replace_with_retry",
+        lambda s, t: (replaced.append((s.name, t.name)), real_replace(s, t)),
+    )
+
+    response = api.patch(
+        f"/sessions/{session_id}/images/{images[1]['image_id']}",
+        {"caption": "ohwx, a blue square\n\n"},
+        format="json",
+    )
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {**images[1], "caption": "ohwx, a blue square"}
+    assert _on_disk(session_id) == {**before, "1/0.txt": b"ohwx, a blue square"}
+    assert replaced == [("0.txt.tmp", "0.txt")]  # written beside, fsynced, renamed into place
+    assert TrainingImage.objects.get(pk=images[1]["image_id"]).caption == "ohwx, a blue square"
+    detail = api.get(f"/sessions/{session_id}").json()["images"]
+    assert [image["caption"] for image in detail] == [
+        "ohwx, red",
+        "ohwx, a blue square",
+        "ohwx, green",
+    ]
+    _verify_is_clean()
+
+
+def test_a_patch_that_fails_writing_leaves_the_old_caption_file_and_row(api, monkeypatch):
+    from sdxl_engine import files
+
+    session_id, images = _three_images(api)
+    before = (_on_disk(session_id), _rows(session_id))
+
+    def disk_full(path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files, "fsync_file", disk_full)
+    response = api.patch(
+        f"/sessions/{session_id}/images/{images[0]['image_id']}", {"caption": "new"}, format="json"
+    )
+
+    assert_error(response, 507, "no space left")
+    assert (_on_disk(session_id), _rows(session_id)) == before  # no half file, no .tmp
+
+
+def test_delete_removes_one_image_and_renumbers_nothing(api, django_capture_on_commit_callbacks):
+    session_id, images = _three_images(api)
+    before = _on_disk(session_id)
+    kept = [row for row in _rows(session_id) if row[0] != images[1]["image_id"]]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.delete(f"/sessions/{session_id}/images/{images[1]['image_id']}")
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {
+        "status": "deleted",
+        "session_id": str(session_id),
+        "image_id": images[1]["image_id"],
+    }
+    assert _rows(session_id) == kept  # same ids, groups, paths, captions
+    assert _on_disk(session_id) == {k: v for k, v in before.items() if not k.startswith("1/")}
+    assert not (storage.session_dir(session_id) / "1").exists()  # its emptied group goes
+    assert [
+        p.name for p in storage.session_dir(session_id).iterdir() if p.name.startswith(".")
+    ] == []
+    assert_error(api.get(images[1]["url"]), 404, f"has no image {images[1]['image_id']}")
+    assert api.get(images[2]["url"]).status_code == 200
+    listed = api.get("/list_sessions").json()["sessions"][0]
+    assert listed["image_groups"] == 2
+    _verify_is_clean()
+    # The next upload takes a new group number: numbers are never reused.
+    body = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "again"}
+    assert api.post("/post_session_image", body, format="json").status_code == 200
+    assert (storage.session_dir(session_id) / "3" / "0.txt").read_text() == "again"
+    assert_error(api.delete(f"/sessions/{session_id}/images/{images[1]['image_id']}"), 404, "")
+
+
+def test_delete_keeps_a_group_folder_that_holds_other_files(
+    api, django_capture_on_commit_callbacks
+):
+    session_id, images = _three_images(api)
+    notes = storage.session_dir(session_id) / "0" / "notes.md"
+    notes.write_text("an operator's file")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        response = api.delete(f"/sessions/{session_id}/images/{images[0]['image_id']}")
+
+    assert response.status_code == 200, response.content
+    assert sorted(p.name for p in notes.parent.iterdir()) == ["notes.md"]
+    _verify_is_clean()
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+@pytest.mark.parametrize(
+    ("method", "body"), [("patch", {"caption": "new caption"}), ("delete", None)]
+)
+def test_patch_and_delete_are_409_naming_the_run_while_it_trains(api, status, method, body):
+    from training_app.models import TrainingRun
+
+    session_id, images = _three_images(api)
+    run = TrainingRun.objects.create(session_id=session_id, status=status, parameters={})
+    before = (_on_disk(session_id), _rows(session_id))
+
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}"
+    response = getattr(api, method)(url, body, format="json")
+
+    assert_error(response, 409, f"session {session_id} is training (run {run.pk})")
+    assert (_on_disk(session_id), _rows(session_id)) == before
+    run.status = "completed"
+    run.save()
+    assert getattr(api, method)(url, body, format="json").status_code == 200
+
+
+def test_patch_and_delete_of_unknown_images_are_404(api):
+    session_id, images = _three_images(api)
+    other_session, others = _three_images(api)
+    before = (_on_disk(session_id), _rows(session_id), _rows(other_session))
+    for url, message in [
+        (f"/sessions/{session_id}/images/987654", f"session {session_id} has no image 987654"),
+        (
+            f"/sessions/987654/images/{images[0]['image_id']}",
+            f"session 987654 has no image {images[0]['image_id']}",
+        ),
+        (  # another session's image
+            f"/sessions/{session_id}/images/{others[0]['image_id']}",
+            f"session {session_id} has no image {others[0]['image_id']}",
+        ),
+    ]:
+        assert_error(api.patch(url, {"caption": "x"}, format="json"), 404, message)
+        assert_error(api.delete(url), 404, message)
+    assert (_on_disk(session_id), _rows(session_id), _rows(other_session)) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "caption: This field is required"),
+        ({"caption": None}, "caption"),
+        ({"caption": 7}, "caption: must be a string"),
+        ({"caption": "x" * 2001}, "caption: Ensure this field has no more than 2000"),
+    ],
+)
+def test_a_bad_patch_is_400_and_changes_nothing(api, body, fragment):
+    session_id, images = _three_images(api)
+    before = (_on_disk(session_id), _rows(session_id))
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}"
+    assert_error(api.patch(url, body, format="json"), 400, fragment)
+    assert (_on_disk(session_id), _rows(session_id)) == before
+
+
+def test_captions_are_trimmed_whichever_way_they_come(api, django_capture_on_commit_callbacks):
+    from tests.sessions_app.test_uploads import zip_of
+
+    session_id = api.get("/create_session").json()["session_id"]
+    body = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": " json\n\n"}
+    assert api.post("/post_session_image", body, format="json").status_code == 200
+    response = api.post(
+        f"/sessions/{session_id}/images",
+        {
+            "image": [_file("a.png", image_bytes())],
+            "caption": ["  multipart\r\n"],
+            "archive": _file("set.zip", zip_of({"z.png": image_bytes(), "z.txt": b"zip \n\n"})),
+        },
+        format="multipart",
+    )
+    assert response.status_code == 200, response.content
+    first = TrainingImage.objects.filter(group__session_id=session_id).order_by("pk").first()
+    url = f"/sessions/{session_id}/images/{first.pk}"
+    assert api.patch(url, {"caption": "\tpatched\n"}, format="json").status_code == 200
+
+    folder = storage.session_dir(session_id)
+    stored = [(folder / str(n) / "0.txt").read_text() for n in range(3)]
+    assert stored == ["patched", "multipart", "zip"]
+    assert _rows(session_id)[1][3] == "multipart"
+    assert [row[3] for row in _rows(session_id)] == stored

@@ -143,6 +143,12 @@ def _calls(held: Holdings, session_id: int, other_id: int) -> dict:
             {"archive": io.BytesIO(_zip_of_one_image())},
         ),
         "session_image": ("get", f"/sessions/{session_id}/images/{other_id}", None),
+        "session_image_update": (
+            "patch",
+            f"/sessions/{session_id}/images/{other_id}",
+            {"caption": "x"},
+        ),
+        "session_image_delete": ("delete", f"/sessions/{session_id}/images/{other_id}", None),
         "delete_session": ("post", "/delete_session", {"session_id": session_id}),
         "train_lora": ("post", "/train_lora", {"session_id": session_id, "steps": 1}),
         "train_status": ("post", "/train_status", {"session_id": session_id}),
@@ -193,6 +199,8 @@ def _calls(held: Holdings, session_id: int, other_id: int) -> dict:
 # The id each call names besides the session's: which of bob's things.
 OTHER_IDS = {
     "session_image": "image_id",
+    "session_image_update": "image_id",
+    "session_image_delete": "image_id",
     "generation_status": "generation_id",
     "generation_image": "generation_id",
     "generation_cancel": "generation_id",
@@ -206,6 +214,10 @@ def _send(api: APIClient, call):
         return api.get(path)
     if method == "multipart":
         return api.post(path, body, format="multipart")
+    if method == "patch":
+        return api.patch(path, body, format="json")
+    if method == "delete":
+        return api.delete(path)
     return api.post(path, body, format="json")
 
 
@@ -218,7 +230,11 @@ def _without(message: str, *ids: int) -> str:
 def _what_bob_has(held: Holdings) -> tuple:
     return (
         Session.objects.filter(pk=held.session_id).exists(),
-        TrainingImage.objects.filter(group__session_id=held.session_id).count(),
+        list(
+            TrainingImage.objects.filter(group__session_id=held.session_id).values_list(
+                "caption", flat=True
+            )
+        ),
         LoraArtifact.objects.filter(session_id=held.session_id).count(),
         TrainingRun.objects.filter(session_id=held.session_id).count(),
         Generation.objects.count(),
@@ -319,6 +335,7 @@ SCOPE_OF = {
     "post_session_image": "upload",
     "images_upload": "upload",
     "upload_lora": "upload",
+    "session_image_update": "upload",
     "list_sessions": "read",
     "session_detail": "read",
     "session_image": "read",
@@ -332,6 +349,7 @@ SCOPE_OF = {
     "txt2img_loras": "generate",
     "generation_cancel": "generate",
     "delete_session": "delete",
+    "session_image_delete": "delete",
 }
 
 
