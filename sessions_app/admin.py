@@ -1,20 +1,26 @@
 """Admin: browse sessions, their image groups (thumbnails and captions) and images.
 
-Rows mirror files, so the admin reads; deleting a session goes through the service,
-which removes its folder too.
+Rows mirror files, so the admin mostly reads. What it changes goes through the services,
+which change the files too: a caption edited inline on the session's page rewrites the
+image's `<k>.txt` (refused while the session trains), and deleting a session removes its
+folder.
 """
 
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from django.contrib import admin
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.core.exceptions import ValidationError
 from django.db.models import Model, QuerySet
 from django.http import FileResponse, Http404, HttpRequest
 from django.shortcuts import get_object_or_404
 from django.urls import URLPattern, path
 from django.utils.html import format_html
 
+from core.errors import ServiceError
 from sessions_app import services, storage
 from sessions_app.links import training_image_admin_url
 from sessions_app.models import ImageGroup, Session, TrainingImage
@@ -52,10 +58,45 @@ def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
     )
 
 
+class ImageGroupCaptionForm(forms.ModelForm[ImageGroup]):
+    """A group's row with its image's caption to edit (trimmed, as every caption is). A
+    group the API made holds one image; one with several (dropped in by hand) shows its
+    first image's caption, not editable here."""
+
+    caption = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 60}),
+        required=False,
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+    )
+
+    class Meta:
+        model = ImageGroup
+        fields = ("caption",)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        images = list(self.instance.images.all()[:2]) if self.instance.pk else []
+        self.image = images[0] if images else None
+        caption = self.fields["caption"]
+        caption.initial = self.image.caption if self.image else ""
+        if len(images) != 1:
+            caption.disabled = True
+            caption.help_text = "a group of several images: edit their .txt files, then rescan"
+
+    def clean(self) -> dict[str, Any]:
+        cleaned: dict[str, Any] = super().clean() or {}
+        if "caption" in self.changed_data:
+            refusal = services.training_refusal(self.instance.session)
+            if refusal is not None:
+                raise ValidationError(refusal.message)
+        return cleaned
+
+
 class ImageGroupInline(admin.TabularInline[ImageGroup, Session]):
     model = ImageGroup
-    readonly_fields = ("number", "preview", "caption", "created_at")
-    fields = readonly_fields
+    form = ImageGroupCaptionForm
+    fields = ("number", "preview", "caption", "created_at")
+    readonly_fields = ("number", "preview", "created_at")
     extra = 0
     can_delete = False
 
@@ -66,14 +107,9 @@ class ImageGroupInline(admin.TabularInline[ImageGroup, Session]):
     def preview(self, group: ImageGroup) -> str:
         return thumbnail(group.images.first())
 
-    @admin.display(description="caption")
-    def caption(self, group: ImageGroup) -> str:
-        image = group.images.first()
-        return image.caption if image else "-"
-
 
 @admin.register(Session)
-class SessionAdmin(ReadOnlyAdmin[Session]):
+class SessionAdmin(admin.ModelAdmin[Session]):
     list_display = [
         "__str__",
         "owner",
@@ -99,6 +135,28 @@ class SessionAdmin(ReadOnlyAdmin[Session]):
     @admin.display(description="folder")
     def folder(self, session: Session) -> str:
         return str(storage.session_dir(session.pk))
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False  # sessions are made through the API (/create_session)
+
+    def save_model(self, request: HttpRequest, obj: Session, form: Any, change: bool) -> None:
+        pass  # every field of the session is read-only; saving it could undo a counter
+
+    def save_formset(self, request: HttpRequest, form: Any, formset: Any, change: bool) -> None:
+        """The captions edited inline, each through the service that rewrites its file."""
+        formset.new_objects, formset.changed_objects, formset.deleted_objects = [], [], []
+        for group_form in formset.forms:
+            image = getattr(group_form, "image", None)
+            if image is None or "caption" not in group_form.changed_data:
+                continue
+            try:
+                services.training_image_caption_set(
+                    image.group.session_id, image.pk, group_form.cleaned_data["caption"]
+                )
+            except ServiceError as error:  # a run started since the form was checked
+                messages.error(request, f"{image.file}: caption not saved: {error.message}")
+                continue
+            formset.changed_objects.append((group_form.instance, ["caption"]))
 
     def get_deleted_objects(
         self, objs: Sequence[Session] | QuerySet[Session], request: HttpRequest

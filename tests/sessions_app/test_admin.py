@@ -51,3 +51,64 @@ def test_deleting_a_session_in_the_admin_removes_its_folder(
         )
     assert response.status_code == 302
     assert not Session.objects.exists() and not folder.exists()
+
+
+def _change_form_data(response) -> dict:
+    """What the browser would post back from the change form, unchanged."""
+    data = {}
+    for inline in response.context["inline_admin_formsets"]:
+        formset = inline.formset
+        for name in formset.management_form.fields:
+            data[f"{formset.prefix}-{name}"] = formset.management_form[name].value()
+        for form in formset.forms:
+            for name in form.fields:
+                value = form[name].value()
+                if value is not None:
+                    data[form.add_prefix(name)] = value
+    return data
+
+
+def _caption_field(data: dict) -> str:
+    (name,) = [key for key in data if key.endswith("-caption")]
+    return name
+
+
+def test_session_page_edits_a_caption_inline_and_rewrites_its_file(
+    admin_client, session_with_image
+):
+    url = reverse("admin:sessions_app_session_change", args=[session_with_image.pk])
+    page = admin_client.get(url)
+    image = TrainingImage.objects.get()
+    thumbnail = reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
+    content = page.content.decode()
+    assert f'<img src="{thumbnail}"' in content
+    assert "<textarea" in content and "a blue square</textarea>" in content
+    data = _change_form_data(page)
+    data[_caption_field(data)] = "  ohwx, a blue square\n"
+
+    response = admin_client.post(url, data)
+
+    assert response.status_code == 302, response.context and response.context["errors"]
+    caption_file = storage.absolute_path(image.file).with_suffix(".txt")
+    assert caption_file.read_text() == "ohwx, a blue square"
+    assert TrainingImage.objects.get().caption == "ohwx, a blue square"
+    assert Session.objects.get().next_group_number == 1
+
+
+def test_session_page_refuses_a_caption_edit_while_the_session_trains(
+    admin_client, session_with_image
+):
+    from training_app.models import TrainingRun
+
+    url = reverse("admin:sessions_app_session_change", args=[session_with_image.pk])
+    data = _change_form_data(admin_client.get(url))
+    run = TrainingRun.objects.create(session=session_with_image, status="running", parameters={})
+    data[_caption_field(data)] = "changed while training"
+
+    response = admin_client.post(url, data)
+
+    assert response.status_code == 200  # the form again, with the error
+    assert f"is training (run {run.pk})" in response.content.decode()
+    image = TrainingImage.objects.get()
+    assert image.caption == "a blue square"
+    assert storage.absolute_path(image.file).with_suffix(".txt").read_text() == "a blue square"
