@@ -15,8 +15,10 @@ from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
 
 from access_app.callers import OPEN_CALLER, Caller
+from access_app.models import Owner
 from access_app.quotas import MB, owner_locked, quota_check
 from access_app.selectors import caller_owner_id
+from access_app.services import owner_named
 from core.errors import ServiceError
 from sessions_app import storage
 from sessions_app.images import CheckedImage, check_image
@@ -302,3 +304,62 @@ def sessions_purge(
         for session in idle:
             session_delete(session.pk)
     return idle
+
+
+class Reassigned(TypedDict):
+    sessions: list[int]
+    generations: int
+
+
+def sessions_reassign(
+    from_owner: str, to_owner: str, session_ids: list[int] | None = None, dry_run: bool = False
+) -> Reassigned:
+    """Gives the sessions of owner `from_owner` (all, or those of `session_ids`) to owner
+    `to_owner` (created if new). Their runs, LoRA files, checkpoints and samples go with
+    them (they belong to the session, not to an owner). Generations have an owner of their
+    own: moving every session moves every generation of `from_owner` too; moving chosen
+    sessions moves the generations that applied their LoRAs. Quotas are not checked (an
+    operator's command). With `dry_run`, says what would move and moves nothing."""
+    source = Owner.objects.filter(name=from_owner.strip()).first()
+    if source is None:
+        known = ", ".join(Owner.objects.values_list("name", flat=True)) or "none"
+        raise ServiceError(f"no owner {from_owner!r} (owners: {known})", status=404)
+    with transaction.atomic():
+        if not to_owner.strip():
+            raise ServiceError("an owner needs a name")
+        # A dry run creates no owner either.
+        target = (
+            Owner.objects.filter(name=to_owner.strip()).first()
+            if dry_run
+            else owner_named(to_owner)
+        )
+        if target is not None and target.pk == source.pk:
+            raise ServiceError(f"{from_owner!r} and {to_owner!r} are the same owner")
+        sessions = Session.objects.select_for_update().filter(owner=source)
+        if session_ids is not None:
+            missing = sorted(set(session_ids) - set(sessions.values_list("pk", flat=True)))
+            if missing:
+                raise ServiceError(
+                    f"owner {source.name!r} has no session {', '.join(map(str, missing))}",
+                    status=404,
+                )
+            sessions = sessions.filter(pk__in=session_ids)
+        moving = list(sessions.order_by("pk").values_list("pk", flat=True))
+        # The owner's generations through Owner's reverse relation (training_app's model,
+        # a layer above, is never imported here).
+        generations = source.generations.all()
+        if session_ids is not None:
+            generations = generations.filter(session_id__in=moving)
+        generation_count = generations.count()
+        if not dry_run:
+            Session.objects.filter(pk__in=moving).update(owner=target)
+            generations.update(owner=target)
+    if not dry_run:
+        logger.info(
+            "sessions %s and %s generations moved from owner %r to %r",
+            moving,
+            generation_count,
+            source.name,
+            to_owner.strip(),
+        )
+    return {"sessions": moving, "generations": generation_count}

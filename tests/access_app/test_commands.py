@@ -74,3 +74,35 @@ def test_revoke_token_by_prefix_or_id_ends_it_at_once():
     assert not ApiToken.objects.exists()
     with pytest.raises(CommandError, match="no API token"):
         _run("revoke_token", "sdxl_nope")
+
+
+def _session_of(owner_name: str) -> int:
+    from sessions_app.services import session_create
+
+    return session_create(owner_id=Owner.objects.get_or_create(name=owner_name)[0].pk).pk
+
+
+def test_create_token_says_whose_sessions_the_new_token_sees_and_how_to_reach_the_rest():
+    for _ in range(3):
+        _session_of("default")  # made before any token
+    _session_of("bob")
+
+    out, err = _run("create_token", "--owner", "alice")
+
+    assert "Owner 'alice' has 0 sessions; this token sees only those." in err
+    assert "4 other sessions belong to other owners ('bob': 1, 'default': 3)" in err
+    assert "bin/manage reassign_owner default alice --dry-run" in err
+    assert "bin/manage create_token --owner default" in err
+    assert out.strip() not in err
+    # What it says is what the API answers: alice sees none of them yet.
+    listed = APIClient().get("/list_sessions", HTTP_AUTHORIZATION=f"Bearer {out.strip()}")
+    assert listed.json() == {"sessions": []}
+
+
+def test_create_token_says_nothing_of_other_owners_when_there_are_none():
+    _session_of("alice")
+    _out, err = _run("create_token", "--owner", "alice")
+    assert "Owner 'alice' has 1 session; this token sees only those." in err
+    assert "reassign_owner" not in err
+    _out, err = _run("create_token", "--owner", "ops", "--scopes", "admin")
+    assert "An admin token sees every owner's sessions (1 now)." in err
