@@ -56,7 +56,17 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
 
 
 class SessionImagePatchSerializer(serializers.Serializer[Any]):
-    """PATCH /sessions/<id>/images/<image_id>."""
+    """PATCH /sessions/<id>/images/<image_id>: the image's new caption."""
+
+    # Never partial: `caption` is the one field, so it is required. drf-spectacular makes a
+    # PATCH's serializer partial, which would describe a body without it.
+    @property
+    def partial(self) -> bool:
+        return False
+
+    @partial.setter
+    def partial(self, value: bool) -> None:
+        pass
 
     caption = StringField(
         max_length=settings.SDXL_MAX_PROMPT_CHARS,

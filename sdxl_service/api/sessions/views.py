@@ -204,7 +204,7 @@ class SessionImageView(APIView):
         "renumbered; a group number is never reused); the group folder goes when nothing "
         "else is left in it. 409 (naming the run) while a training run of the session is "
         "queued or running; nothing changes then.",
-        responses={200: DeleteSessionImageResponse, **error_responses(404, 409)},
+        responses={200: DeleteSessionImageResponse, **error_responses(404, 409, with_body=False)},
     )
     def delete(self, request: Request, session_id: int, image_id: int) -> Response:
         session_services.training_image_delete(session_id, image_id, caller=request_caller(request))
