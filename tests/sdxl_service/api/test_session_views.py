@@ -589,7 +589,7 @@ def test_a_bad_patch_is_400_and_changes_nothing(api, body, fragment):
     assert (_on_disk(session_id), _rows(session_id)) == before
 
 
-def test_captions_are_trimmed_whichever_way_they_come(api, django_capture_on_commit_callbacks):
+def test_uploaded_captions_are_trimmed_whichever_way_they_come(api):
     from tests.sessions_app.test_uploads import zip_of
 
     session_id = api.get("/create_session").json()["session_id"]
@@ -605,12 +605,17 @@ def test_captions_are_trimmed_whichever_way_they_come(api, django_capture_on_com
         format="multipart",
     )
     assert response.status_code == 200, response.content
-    first = TrainingImage.objects.filter(group__session_id=session_id).order_by("pk").first()
-    url = f"/sessions/{session_id}/images/{first.pk}"
-    assert api.patch(url, {"caption": "\tpatched\n"}, format="json").status_code == 200
 
     folder = storage.session_dir(session_id)
     stored = [(folder / str(n) / "0.txt").read_text() for n in range(3)]
-    assert stored == ["patched", "multipart", "zip"]
-    assert _rows(session_id)[1][3] == "multipart"
+    assert stored == ["json", "multipart", "zip"]
     assert [row[3] for row in _rows(session_id)] == stored
+    assert [image["caption"] for image in response.json()["images"]] == stored[1:]
+
+
+def test_a_patched_caption_is_trimmed(api):
+    session_id, images = _three_images(api)
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}"
+    assert api.patch(url, {"caption": "\tpatched \n"}, format="json").json()["caption"] == "patched"
+    assert (storage.session_dir(session_id) / "0" / "0.txt").read_text() == "patched"
+    assert _rows(session_id)[0][3] == "patched"
