@@ -506,6 +506,7 @@ def test_delete_removes_one_image_and_renumbers_nothing(api, django_capture_on_c
     ] == []
     assert_error(api.get(images[1]["url"]), 404, f"has no image {images[1]['image_id']}")
     assert api.get(images[2]["url"]).status_code == 200
+    assert_error(api.put(images[2]["url"], {"caption": "x"}, format="json"), 405, "")
     listed = api.get("/list_sessions").json()["sessions"][0]
     assert listed["image_groups"] == 2
     _verify_is_clean()
