@@ -3,12 +3,13 @@ for and roughly when a worker takes it; and how many jobs of each queue wait (/h
 `doctor`).
 
 Workers take jobs in the order they were queued (each queue's tasks are handed out first
-in, first out, and the rows' ids follow that order; a run queued again after its worker
-was lost goes behind the others), one at a time per worker process: a training worker
-trains one run, a generation worker renders one batch (the oldest queued request and the
-queued ones that can share its batch: services.generations.batches). Owners' quotas limit
-how many jobs an owner may queue, not their order. So a job's place is the number of
-queued jobs of its queue with a smaller id, plus one.
+in, first out, and the rows' ids follow that order), one at a time per worker process: a
+training worker trains one run, a generation worker renders one batch (the oldest queued
+request and the queued ones that can share its batch: services.generations.batches).
+Owners' quotas limit how many jobs an owner may queue, not their order. So a job's place
+is the number of queued jobs of its queue with a smaller id, plus one. (A run queued again
+after its worker was lost keeps its place here, though its new task is behind those queued
+meanwhile: the rare case where the place is off.)
 
 The estimate of when a worker takes it (`eta_seconds`) adds up what runs ahead of it: the
 running jobs' time left and, for each queued job ahead, its length at a recent pace (the
