@@ -11,7 +11,7 @@ is the number of queued jobs of its queue with a smaller id, plus one. (A run qu
 after its worker was lost keeps its place here, though its new task is behind those queued
 meanwhile: the rare case where the place is off.)
 
-The estimate of when a worker takes it (`eta_seconds`) adds up what runs ahead of it: the
+The estimate of when a worker takes it (`queue_eta_seconds`) adds up what runs ahead of it: the
 running jobs' time left and, for each queued job ahead, its length at a recent pace (the
 running run's time per step, else the last finished run's, plus that run's model loading;
 for generations, the recent time per image), divided among the live workers of the queue.
