@@ -11,16 +11,17 @@ is the number of queued jobs of its queue with a smaller id, plus one. (A run qu
 after its worker was lost keeps its place here, though its new task is behind those queued
 meanwhile: the rare case where the place is off.)
 
-The estimate of when a worker takes it (`queue_eta_seconds`) adds up what runs ahead of it: the
-running jobs' time left and, for each queued job ahead, its length at a recent pace (the
-running run's time per step, else the last finished run's, plus that run's model loading;
-for generations, the recent time per image), divided among the live workers of the queue.
-It is null when unknown: no live worker, no pace measured yet, a job ahead of unknown
-length.
+The estimate of when a worker takes it (`queue_eta_seconds`) adds up what runs ahead of
+it: the running jobs' time left and, for each queued job ahead, its length at a recent
+pace (the running run's time per step, else the last finished run's, plus that run's model
+loading; for generations, the recent time per image). Training runs go to whichever live
+worker is free first; generations' time is divided among the live workers. It is null when
+unknown: no live worker, no pace measured yet, a job ahead of unknown length.
 """
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -87,27 +88,40 @@ def training_queue_places(runs: Iterable[TrainingRun]) -> dict[int, QueuePlace]:
     # Time until each running run frees its worker; a run ahead of unknown length makes
     # every estimate behind it unknown.
     busy: list[float | None] = [run_eta_seconds(run) for run in running]
+    # The first queued run waits for the running run that should end first (the oldest
+    # when none can tell): with several training workers (SDXL_GPUS), its worker is freed.
+    soonest = min(
+        range(len(running)),
+        key=lambda i: (busy[i] is None, busy[i] or 0.0, running[i].pk),
+        default=None,
+    )
+    # When each worker is free: the running runs' time left, 0 for an idle live worker.
+    # A run ahead of unknown length makes every estimate behind it unknown.
+    free_at: list[float] | None = (
+        sorted([*(b for b in busy if b is not None), *[0.0] * (workers - len(running))])
+        if workers and None not in busy
+        else None
+    )
     places = {}
-    ahead: float | None = sum(b for b in busy if b is not None) if None not in busy else None
     for index, run in enumerate(queued):
+        # The next free worker takes it.
+        starts_at = heapq.heappop(free_at) if free_at else None
         if run.pk in wanted:
             if index:
                 waiting_for: dict[str, Any] | None = {"run_id": queued[index - 1].pk}
-            elif running:
-                waiting_for = {"run_id": running[0].pk}
+            elif soonest is not None:
+                waiting_for = {"run_id": running[soonest].pk}
             elif not workers:
                 waiting_for = {"worker": "training"}
             else:
                 waiting_for = None  # a worker takes it now
-            eta = None if ahead is None or not workers else round(ahead / workers)
+            eta = None if starts_at is None else round(starts_at)
             places[run.pk] = QueuePlace(index + 1, waiting_for, eta)
         steps = _run_steps(run)
-        if ahead is not None:
-            ahead = (
-                ahead + per_run + steps * per_step
-                if steps is not None and per_step is not None
-                else None
-            )
+        if free_at is None or starts_at is None or steps is None or per_step is None:
+            free_at = None
+        else:
+            heapq.heappush(free_at, starts_at + per_run + steps * per_step)
     return places
 
 

@@ -214,8 +214,9 @@ class TrainingQueuePlace(serializers.Serializer[Any]):
     queue_eta_seconds = serializers.IntegerField(
         allow_null=True,
         help_text="estimated seconds until a worker takes it: the runs ahead (steps left x "
-        "their time per step, the last finished run's pace for queued ones) over the live "
-        "training workers; null when unknown (no worker, no pace yet, or not queued)",
+        "their time per step, the last finished run's pace for queued ones), each on the "
+        "live training worker free first; null when unknown (no worker, no pace yet, or "
+        "not queued)",
     )
 
 

@@ -12,7 +12,7 @@ from rest_framework.test import APIClient
 from sessions_app import services as session_services
 from tests.helpers import image_bytes
 from tests.maintenance_helpers import run as run_command
-from training_app.models import Generation, TrainingRun
+from training_app.models import Generation, TrainingRun, WorkerHeartbeat
 
 pytestmark = pytest.mark.django_db
 
@@ -175,3 +175,26 @@ def test_healthz_and_doctor_count_a_waiting_run(
     assert f"broker {settings.TRAINING_QUEUE}: " in output
     assert "jobs waiting: 1 training" in output
     assert "jobs waiting: 0 generation" in output
+
+
+def test_with_two_training_workers_the_next_run_waits_for_the_one_ending_first(
+    api, settings, training_worker
+):
+    WorkerHeartbeat.objects.create(
+        queue=settings.TRAINING_QUEUE,
+        host="gpu-box",
+        pid=2,
+        started_at=timezone.now(),
+        last_seen=timezone.now(),
+    )
+    long_run, short_run = _train(api, steps=100), _train(api, steps=100)
+    waiting = _train(api, steps=20)
+    _training(long_run, step=10, total_steps=100, seconds_per_step=1.0)  # 90 s left
+    _training(short_run, step=90, total_steps=100, seconds_per_step=1.0)  # 10 s left
+
+    session_id = TrainingRun.objects.get(pk=waiting).session_id
+    body = api.post("/train_status", {"session_id": session_id}, format="json").json()
+    assert body["queue_position"] == 1
+    assert body["waiting_for"] == {"run_id": short_run}
+    # The worker of the run ending first takes it.
+    assert 5 <= body["queue_eta_seconds"] <= 10
