@@ -23,6 +23,7 @@ from typing import Any
 from django.conf import settings
 from django.db import connection
 
+from training_app.queue_selectors import jobs_waiting
 from training_app.selectors import worker_alive
 
 OK, DEGRADED, DOWN = "ok", "degraded", "down"
@@ -73,21 +74,19 @@ def broker_kind() -> str:
 
 
 def broker_check() -> Check:
+    """The broker answers; the jobs waiting are the database's queued rows (a broker's
+    queue size misses the tasks a worker already took out while its one job runs)."""
     from django_q.brokers import get_broker
 
     kind = broker_kind()
-    waiting = []
     try:
-        for name, queue in (
-            ("training", settings.TRAINING_QUEUE),
-            ("generation", settings.GENERATION_QUEUE),
-        ):
-            broker = get_broker(queue)
-            broker.ping()
-            waiting.append(f"{broker.queue_size()} {name}")
+        for queue in (settings.TRAINING_QUEUE, settings.GENERATION_QUEUE):
+            get_broker(queue).ping()
+        waiting = jobs_waiting()
     except Exception as error:  # Redis down, a bad URL, the ORM broker's table unreadable
         return Check(False, f"django-q2 {kind} broker not reachable ({_failure(error)})")
-    return Check(True, f"django-q2 {kind} broker: reachable, jobs waiting: {', '.join(waiting)}")
+    counts = ", ".join(f"{count} {name}" for name, count in waiting.items())
+    return Check(True, f"django-q2 {kind} broker: reachable, jobs waiting: {counts}")
 
 
 def worker_check(kind: str, queue: str, database: Check) -> Check:

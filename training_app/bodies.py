@@ -14,6 +14,11 @@ from sessions_app.links import session_image_url
 from sessions_app.models import TrainingImage
 from training_app import links
 from training_app.models import Generation, TrainingRun
+from training_app.queue_selectors import (
+    NOT_QUEUED,
+    generation_queue_places,
+    training_queue_places,
+)
 from training_app.selectors import SessionDetail, latest_runs, run_eta_seconds
 
 if TYPE_CHECKING:
@@ -51,8 +56,22 @@ def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
         "total_steps": run.total_steps,
         "loss": run.last_loss,
         "eta_seconds": run_eta_seconds(run),
+        **training_queue_body(run),
         **_kept_along_the_way(run),
     }
+
+
+def training_queue_body(run: TrainingRun) -> dict[str, Any]:
+    """A run's place in the training queue: queue_position (1: next), waiting_for (the job
+    ahead) and queue_eta_seconds (until a worker takes it); all null once it is not queued."""
+    place = training_queue_places([run]).get(run.pk)
+    return place.as_dict() if place else dict(NOT_QUEUED)
+
+
+def generation_queue_body(generation: Generation) -> dict[str, Any]:
+    """A generation's place in the generation queue, as training_queue_body says for a run."""
+    place = generation_queue_places([generation]).get(generation.pk)
+    return place.as_dict() if place else dict(NOT_QUEUED)
 
 
 def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
@@ -93,6 +112,7 @@ def session_summary(
 
 def session_detail_body(detail: SessionDetail) -> dict[str, Any]:
     """GET /sessions/<id>: the session's images, LoRA files, runs and recent generations."""
+    places = training_queue_places(detail.runs)
     return {
         "session_id": detail.session.pk,
         "created_at": detail.session.created_at,
@@ -130,6 +150,7 @@ def session_detail_body(detail: SessionDetail) -> dict[str, Any]:
                 "created_at": run.created_at,
                 "started_at": run.started_at,
                 "finished_at": run.finished_at,
+                **(places[run.pk].as_dict() if run.pk in places else NOT_QUEUED),
             }
             for run in detail.runs
         ],
@@ -201,6 +222,7 @@ def generation_queued_body(generation: Generation) -> dict[str, Any]:
         "generation_id": generation.pk,
         "status": generation.status,
         "status_url": links.generation_url(generation),
+        **generation_queue_body(generation),
     }
 
 
@@ -224,4 +246,5 @@ def generation_status_body(generation: Generation) -> dict[str, Any]:
         **generation_summary(generation),
         "seeds": image_seeds(generation.seed, params["num_images"]),
         "image_urls": links.generation_image_urls(generation),
+        **generation_queue_body(generation),
     }

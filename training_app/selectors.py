@@ -155,6 +155,12 @@ def worker_alive(queue: str) -> bool:
     return WorkerHeartbeat.objects.filter(queue=queue, last_seen__gte=fresh_since).exists()
 
 
+def live_worker_count(queue: str) -> int:
+    """How many workers of `queue` beat within SDXL_WORKER_STALE_AFTER."""
+    fresh_since = timezone.now() - timedelta(seconds=settings.SDXL_WORKER_STALE_AFTER)
+    return WorkerHeartbeat.objects.filter(queue=queue, last_seen__gte=fresh_since).count()
+
+
 # GET /sessions/<id> lists this many of the session's newest generations.
 RECENT_GENERATIONS = 20
 

@@ -147,19 +147,39 @@ def database_check() -> Check:
 
 
 def broker_checks() -> list[Check]:
+    """Each queue's broker answers; the jobs waiting are the database's queued rows, the
+    truth (a broker's queue size misses a task a worker took out while its job runs)."""
     from django_q.brokers import get_broker
 
+    from training_app.queue_selectors import jobs_waiting
+
+    try:
+        waiting = jobs_waiting()
+    except DatabaseError:
+        waiting = {}
     checks = []
-    for queue in (settings.TRAINING_QUEUE, settings.GENERATION_QUEUE):
+    for kind, queue in (
+        ("training", settings.TRAINING_QUEUE),
+        ("generation", settings.GENERATION_QUEUE),
+    ):
         try:
             broker = get_broker(queue)
             broker.ping()
-            waiting = broker.queue_size()
         except Exception as error:  # any broker failure (Redis down, bad URL) is the answer
             checks.append(Check(FAIL, f"broker {queue}", f"not reachable: {error}"))
         else:
+            count = waiting.get(kind)
             checks.append(
-                Check(OK, f"broker {queue}", f"{broker.info()}: reachable, {waiting} jobs waiting")
+                Check(
+                    OK,
+                    f"broker {queue}",
+                    f"{broker.info()}: reachable, "
+                    + (
+                        f"jobs waiting: {count} {kind}"
+                        if count is not None
+                        else "jobs waiting unknown (the database is not reachable)"
+                    ),
+                )
             )
     return checks
 

@@ -24,13 +24,17 @@ of 5 Ctrl-Cs), and a worker killed after the grace lost only its main process, n
 cluster's sentinel, pusher, monitor and pool processes.
 """
 
+import errno
+import fcntl
 import functools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from django.conf import settings
@@ -61,6 +65,77 @@ GUNICORN_GRACEFUL_S = 10
 # SQLite: readers never block in WAL mode; writers queue on its lock (30 s timeout).
 WEB_WORKERS = 2
 WEB_THREADS = 32
+
+
+# In the data dir, held (flock) by the serve that uses it, for as long as it runs.
+SERVE_LOCK_NAME = ".serve.lock"
+
+
+class ServeRefused(Exception):
+    """serve must not start: its port is taken, or another serve uses its data dir."""
+
+
+def port_free_check(host: str, port: int) -> None:
+    """Binds (host, port) for a moment, as gunicorn will: ServeRefused when something
+    listens there already (a serve started before, or another program). Checked before
+    anything starts, so a second serve never starts a second pair of workers."""
+    try:
+        infos = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as error:
+        raise ServeRefused(f"cannot serve on {host}: {error}") from None
+    family, kind, protocol, _, address = infos[0]
+    with socket.socket(family, kind, protocol) as probe:
+        # As gunicorn binds: a port in TIME_WAIT after the last serve is free; one with a
+        # listener is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise ServeRefused(
+                    f"port {port} is in use (on {host}): another serve, or another program, "
+                    f"listens there; stop it, or pass --port to serve on another port"
+                ) from None
+            raise ServeRefused(f"cannot serve on {host}:{port}: {error.strerror}") from None
+
+
+@contextmanager
+def data_dir_lock(data_dir: Path, port: int, allow_shared: bool) -> Iterator[None]:
+    """Holds the data dir's serve lock (SERVE_LOCK_NAME, flock) for the block: a second
+    serve on the same data dir, even on another port, is refused (ServeRefused, naming
+    the first one's pid and the data dir), since two would run two sets of workers on one
+    database and one folder. The lock goes with the process: a serve killed with SIGKILL
+    leaves no lock behind (its children die with it and never inherit the file).
+    `allow_shared` (--allow-shared-data-dir) skips it."""
+    if allow_shared:
+        yield
+        return
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / SERVE_LOCK_NAME
+    with path.open("a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise ServeRefused(
+                f"another serve ({holder}) already uses the data dir {data_dir}; stop it "
+                "first, or set SDXL_DATA_DIR to another folder (pass --allow-shared-data-dir "
+                "to run a second serve on the same data dir anyway)"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"pid {os.getpid()}, port {port}\n")
+        lock.flush()
+        try:
+            yield
+        finally:
+            lock.seek(0)
+            lock.truncate()
+            lock.flush()
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def supervise(

@@ -72,13 +72,36 @@ class Txt2ImgResponse(GenerationUsed):
     generation_id = serializers.IntegerField(help_text="for GET /generations/<id>")
 
 
-class Txt2ImgQueuedResponse(serializers.Serializer[Any]):
+class GenerationQueuePlace(serializers.Serializer[Any]):
+    """A queued generation's place in the generation queue; null once a worker took it."""
+
+    queue_position = serializers.IntegerField(
+        allow_null=True,
+        min_value=1,
+        help_text="1: the next request a generation worker takes (with the queued ones that "
+        "can share its batch); null unless queued",
+    )
+    waiting_for = serializers.DictField(
+        allow_null=True,
+        help_text='what it waits for: {"generation_id": N}, the request just ahead of it; '
+        'for the next one, the running batch: {"generation_id": N, "batch": [ids]}; '
+        '{"worker": "generation"} when nothing is ahead but no generation worker runs; '
+        "null when not queued or a worker takes it now",
+    )
+    queue_eta_seconds = serializers.IntegerField(
+        allow_null=True,
+        help_text="estimated seconds until a worker takes it: the images ahead at the recent "
+        "time per image, over the live generation workers; null when unknown",
+    )
+
+
+class Txt2ImgQueuedResponse(GenerationQueuePlace):
     generation_id = serializers.IntegerField()
     status = serializers.ChoiceField(choices=["queued"])
     status_url = serializers.CharField(help_text="GET it for the status, then the image_urls")
 
 
-class GenerationStatusResponse(GenerationUsed):
+class GenerationStatusResponse(GenerationUsed, GenerationQueuePlace):
     generation_id = serializers.IntegerField()
     status = serializers.ChoiceField(
         choices=["queued", "running", "completed", "error", "abandoned", "cancelled"],

@@ -17,7 +17,7 @@ from sdxl_service.api.fields import (
     StrictIntegerField,
     StringField,
 )
-from sdxl_service.api.training.serializers import TrainStatusField
+from sdxl_service.api.training.serializers import TrainingQueuePlace, TrainStatusField
 from training_app.models import TrainingRun
 
 
@@ -166,7 +166,7 @@ class SessionCheckpointItem(serializers.Serializer[Any]):
     sha256 = serializers.CharField()
 
 
-class SessionRunItem(serializers.Serializer[Any]):
+class SessionRunItem(TrainingQueuePlace):
     run_id = serializers.IntegerField()
     status = serializers.ChoiceField(choices=TrainingRun.Status.values)
     stage = serializers.ChoiceField(choices=TrainingRun.Stage.values)

@@ -197,7 +197,30 @@ class KeptAlongTheWay(serializers.Serializer[Any]):
     )
 
 
-class TrainStatusInProgress(KeptAlongTheWay):
+class TrainingQueuePlace(serializers.Serializer[Any]):
+    """A queued run's place in the training queue; null once a worker took it."""
+
+    queue_position = serializers.IntegerField(
+        allow_null=True,
+        min_value=1,
+        help_text="1: the next run a training worker takes; null unless queued",
+    )
+    waiting_for = serializers.DictField(
+        allow_null=True,
+        help_text='what it waits for: {"run_id": N}, the run just ahead of it (queued, or '
+        'training); {"worker": "training"} when nothing is ahead but no training worker '
+        "runs; null when not queued or a worker takes it now",
+    )
+    queue_eta_seconds = serializers.IntegerField(
+        allow_null=True,
+        help_text="estimated seconds until a worker takes it: the runs ahead (steps left x "
+        "their time per step, the last finished run's pace for queued ones), each on the "
+        "live training worker free first; null when unknown (no worker, no pace yet, or "
+        "not queued)",
+    )
+
+
+class TrainStatusInProgress(KeptAlongTheWay, TrainingQueuePlace):
     status = serializers.ChoiceField(choices=["in-progress"])
     progress = serializers.IntegerField(min_value=0, max_value=99)
     queued = serializers.BooleanField(help_text="no worker has started the run yet")

@@ -37,6 +37,9 @@ def test_async_txt2img_answers_202_at_once_and_the_status_url_follows_the_job(
         "generation_id": generation_id,
         "status": "queued",
         "status_url": f"/generations/{generation_id}",
+        "queue_position": 1,
+        "waiting_for": None,
+        "queue_eta_seconds": 0,
     }
     queued = api.get(body["status_url"]).json()
     assert (queued["status"], queued["step"], queued["image_urls"]) == ("queued", 0, [])

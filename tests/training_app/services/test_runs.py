@@ -77,6 +77,10 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
         "total_steps": None,
         "loss": None,
         "eta_seconds": None,
+        # First in the queue, and no training worker beats here.
+        "queue_position": 1,
+        "waiting_for": {"worker": "training"},
+        "queue_eta_seconds": None,
         "samples": [],
         "checkpoints": [],
         "resumed_from_step": None,

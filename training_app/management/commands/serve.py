@@ -16,6 +16,9 @@ from training_app.workers.supervisor import (
     STOP_GRACE_S,
     WEB_THREADS,
     WEB_WORKERS,
+    ServeRefused,
+    data_dir_lock,
+    port_free_check,
     service_processes,
     supervise,
 )
@@ -49,6 +52,12 @@ class Command(BaseCommand):
             "pinned with CUDA_VISIBLE_DEVICES (default: one of each, on whatever is visible)",
         )
         parser.add_argument(
+            "--allow-shared-data-dir",
+            action="store_true",
+            help="start even though another serve uses the same data dir (SDXL_DATA_DIR); "
+            "by default one serve per data dir",
+        )
+        parser.add_argument(
             "--insecure",
             action="store_true",
             help="serve a non-loopback --host even though no API token is configured",
@@ -64,9 +73,28 @@ class Command(BaseCommand):
         gpus: str,
         insecure: bool,
         stop_grace: float = STOP_GRACE_S,
+        allow_shared_data_dir: bool = False,
         **options: object,
     ) -> None:
         settings.DATA_DIR.mkdir(parents=True, exist_ok=True)
+        # Before anything starts: a second serve stops here, with no worker started.
+        try:
+            port_free_check(host, port)
+            with data_dir_lock(settings.DATA_DIR, port, allow_shared_data_dir):
+                self._serve(host, port, web_workers, threads, gpus, stop_grace, insecure)
+        except ServeRefused as refused:
+            raise CommandError(str(refused)) from None
+
+    def _serve(
+        self,
+        host: str,
+        port: int,
+        web_workers: int,
+        threads: int,
+        gpus: str,
+        stop_grace: float,
+        insecure: bool,
+    ) -> None:
         call_command("migrate", interactive=False, verbosity=1)
         self.stdout.write(access_mode(host, insecure))
         supervise(
