@@ -9,7 +9,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.settings import api_settings
 
-from sdxl_service.api.field_aliases import unknown_field_message
+from sdxl_service.api.field_aliases import shown, unknown_field_message
 from sdxl_service.api.fields import ChoiceField, StringField
 from training_app.services.webhooks import DEFAULT_WEBHOOK_EVENTS, WEBHOOK_EVENTS
 
@@ -84,7 +84,7 @@ def unknown_fields(serializer: serializers.Serializer[Any], data: object) -> dic
     for name in data:
         field = fields.get(name)
         if field is None:
-            found[name] = [unknown_field_message(str(name), list(fields), context)]
+            found[shown(name)] = [unknown_field_message(name, list(fields), context)]
             continue
         nested = _nested_unknown(field, data[name])
         if nested:

@@ -209,6 +209,20 @@ def field_meant(name: str, fields: Collection[str], context: str | None) -> tupl
     return (close[0], "") if close else ("", "")
 
 
+# The most of a name a message repeats.
+_SHOWN_CHARS = 100
+
+
+def shown(name: str) -> str:
+    """`name` as a message may repeat it: at most _SHOWN_CHARS characters, and a lone
+    surrogate (valid in a JSON string, not in UTF-8) written as its escape; "" quoted."""
+    if not name:
+        return '""'
+    if len(name) > _SHOWN_CHARS:
+        name = name[:_SHOWN_CHARS] + "..."
+    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def unknown_field_message(name: str, fields: Collection[str], context: str | None) -> str:
     """The refusal of the unknown field `name`: `unknown field; did you mean "x"?`, with a
     note where the table has one."""

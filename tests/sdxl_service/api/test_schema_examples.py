@@ -114,3 +114,20 @@ def test_the_txt2img_example_body_is_a_valid_request(schema_document):
 def test_safe_integer_example_is_small_and_in_range(schema, example):
     assert safe_integer_example(schema) == example
     assert abs(example) <= JS_SAFE_INTEGER
+
+
+@pytest.mark.django_db
+def test_the_txt2img_example_body_sent_twice_draws_two_random_seeds(
+    schema_document, generation_worker
+):
+    """Issue 25: Swagger UI's "Try it out" body for /txt2img asks for a random seed."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    body = {**_request_examples(schema_document)["/txt2img"], "async": True}
+
+    answers = [api.post("/txt2img", body, format="json") for _ in range(2)]
+
+    assert [answer.status_code for answer in answers] == [202, 202]
+    seeds = [api.get(answer.json()["status_url"]).json()["seeds"][0] for answer in answers]
+    assert seeds[0] != seeds[1]

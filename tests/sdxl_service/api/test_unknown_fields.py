@@ -220,7 +220,7 @@ def test_weight_in_a_loras_entry_is_400_naming_the_entry(api, session):
 
 
 def test_multipart_prompt_is_refused_and_stores_no_image(api, session):
-    before = TrainingImage.objects.filter(session=session).count()
+    before = TrainingImage.objects.filter(group__session=session).count()
 
     response = api.post(
         f"/sessions/{session.pk}/images",
@@ -229,7 +229,7 @@ def test_multipart_prompt_is_refused_and_stores_no_image(api, session):
     )
 
     assert_error(response, 400, 'prompt: unknown field; did you mean "caption"?')
-    assert TrainingImage.objects.filter(session=session).count() == before
+    assert TrainingImage.objects.filter(group__session=session).count() == before
 
 
 def test_a_misspelt_query_parameter_of_list_sessions_is_400(api, session):
@@ -333,7 +333,7 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "sample_seed": 2,
                     "checkpoint_every": 5,
                     "enable_bucket": False,
-                    "webhook_url": None,
+                    "webhook_url": "https://hooks.example.com/x",
                     "webhook_events": ["completed"],
                 },
                 200,
@@ -388,8 +388,10 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
 
 
 def test_every_documented_field_of_every_endpoint_is_still_accepted(
-    api, session, generation_worker
+    api, session, generation_worker, settings
 ):
+    settings.SDXL_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
+    settings.SDXL_WEBHOOK_SECRET = "s"
     other = session_services.session_create()
     session_services.session_image_add(other.pk, image_bytes(), "a blue square")
     documented = _documented_request_fields()
