@@ -13,6 +13,8 @@ Plain data and functions: no Django, no DRF.
 """
 
 import difflib
+import json
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -209,18 +211,25 @@ def field_meant(name: str, fields: Collection[str], context: str | None) -> tupl
     return (close[0], "") if close else ("", "")
 
 
-# The most of a name a message repeats.
+# The most of a name or value a message repeats.
 _SHOWN_CHARS = 100
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def printable(text: str) -> str:
+    """`text` as a message may repeat it: at most _SHOWN_CHARS characters, and a lone
+    surrogate (valid in a JSON string, not in UTF-8) written as its escape."""
+    if len(text) > _SHOWN_CHARS:
+        text = text[:_SHOWN_CHARS] + "..."
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def shown(name: str) -> str:
-    """`name` as a message may repeat it: at most _SHOWN_CHARS characters, and a lone
-    surrogate (valid in a JSON string, not in UTF-8) written as its escape; "" quoted."""
-    if not name:
-        return '""'
-    if len(name) > _SHOWN_CHARS:
-        name = name[:_SHOWN_CHARS] + "..."
-    return name.encode("utf-8", "backslashreplace").decode("utf-8")
+    """A field name as a message shows it: as sent when plain (letters, digits, _ and -),
+    else JSON-quoted (`""`, `"a.b"`, `"x y"`), so that the message still names it."""
+    if _PLAIN_NAME.fullmatch(name) and len(name) <= _SHOWN_CHARS and name != "non_field_errors":
+        return name
+    return json.dumps(name[:_SHOWN_CHARS] + ("..." if len(name) > _SHOWN_CHARS else ""))
 
 
 def unknown_field_message(name: str, fields: Collection[str], context: str | None) -> str:

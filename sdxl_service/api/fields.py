@@ -16,7 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from sdxl_engine.parameters import SEED_BITS
-from sdxl_service.api.field_aliases import shown
+from sdxl_service.api.field_aliases import printable
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -178,6 +178,6 @@ class ChoiceField(serializers.ChoiceField):
         except KeyError:
             self.fail(
                 "invalid_choice",
-                input=shown(str(data)),
+                input=printable(str(data)),
                 valid=", ".join(str(choice) for choice in self.choice_strings_to_values),
             )
