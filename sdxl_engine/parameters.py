@@ -202,6 +202,8 @@ REFINER_SWITCH_MIN, REFINER_SWITCH_MAX = 0.5, 0.99
 DEFAULT_STRENGTH = 0.75
 # The images' file formats; quality (A1111's `jpeg_quality`, default 80) for the lossy ones.
 OUTPUT_FORMATS = ("png", "jpeg", "webp")
+# Other names a request may give a format by (the files are named .jpg).
+OUTPUT_FORMAT_ALIASES = {"jpg": "jpeg"}
 DEFAULT_OUTPUT_FORMAT = OUTPUT_FORMATS[0]
 QUALITY_FORMATS = ("jpeg", "webp")
 DEFAULT_QUALITY = 80

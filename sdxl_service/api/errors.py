@@ -16,6 +16,7 @@ from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
 from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.utils.log import log_response
 from rest_framework import exceptions as drf_exceptions
 from rest_framework.response import Response
 
@@ -135,8 +136,34 @@ def unavailable_response(
     return None
 
 
+# How much of an error's message a log line carries.
+_LOGGED_MESSAGE_CHARS = 500
+
+
 def api_exception_handler(exc: Exception, context: dict[str, Any]) -> HttpResponse:
-    """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape."""
+    """DRF's EXCEPTION_HANDLER: every exception a view raises becomes the JSON error shape.
+
+    A 4xx answer is logged here with its message (`Bad Request: /txt2img: steps: ...`), in
+    place of Django's line, which names only the status and the path."""
+    response = _error_response(exc, context)
+    request = context.get("request")
+    message = getattr(response, "data", None)
+    if request is not None and 400 <= response.status_code < 500 and isinstance(message, dict):
+        text = str(message.get("message", ""))
+        if len(text) > _LOGGED_MESSAGE_CHARS:
+            text = text[:_LOGGED_MESSAGE_CHARS] + "..."
+        log_response(
+            "%s: %s: %s",
+            response.reason_phrase,
+            request.path,
+            text,
+            response=response,
+            request=getattr(request, "_request", request),
+        )
+    return response
+
+
+def _error_response(exc: Exception, context: dict[str, Any]) -> HttpResponse:
     unavailable = unavailable_response(exc)
     if unavailable is not None:
         return unavailable

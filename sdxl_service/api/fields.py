@@ -16,6 +16,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from sdxl_engine.parameters import SEED_BITS
+from sdxl_service.api.field_aliases import printable
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
 _WHITESPACE = re.compile(r"\s+")
@@ -153,3 +154,30 @@ def default_image_side(side: int) -> int:
     operator set the limit, and a user who asks for "an image" expects the largest one the
     service makes, not an error about a field they never sent."""
     return min(side, largest_image_side(8))
+
+
+class ChoiceField(serializers.ChoiceField):
+    """DRF's ChoiceField whose refusal lists the valid values, and that takes other names
+    for a choice (`aliases`: {"jpg": "jpeg"})."""
+
+    default_error_messages = {
+        "invalid_choice": '"{input}" is not a valid choice; must be one of: {valid}'
+    }
+
+    def __init__(self, *, aliases: dict[str, str] | None = None, **kwargs: Any) -> None:
+        self.aliases = aliases or {}
+        super().__init__(**kwargs)
+
+    def to_internal_value(self, data: Any) -> Any:
+        if data == "" and self.allow_blank:
+            return ""
+        if isinstance(data, str) and data not in self.choice_strings_to_values:
+            data = self.aliases.get(data, data)
+        try:
+            return self.choice_strings_to_values[str(data)]
+        except KeyError:
+            self.fail(
+                "invalid_choice",
+                input=printable(str(data)),
+                valid=", ".join(str(choice) for choice in self.choice_strings_to_values),
+            )

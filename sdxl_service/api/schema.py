@@ -235,17 +235,19 @@ def schema_with_safe_integer_examples(
     """drf-spectacular postprocessing hook: the example bodies Swagger UI builds from the
     schema are valid requests.
 
-    - every integer whose range reaches past 2**53 (seeds: 0 to 2**63 - 1) gets an
-      `example` JavaScript holds exactly (safe_integer_example), else Swagger UI takes the
-      maximum and rounds it;
     - in request bodies, an optional property with no default gets the example that means
-      "left out" (_with_left_out_examples).
+      "left out" (_with_left_out_examples): null for a nullable seed, a random one;
+    - every other integer whose range reaches past 2**53 (a seed in an answer: 0 to
+      2**63 - 1) gets an `example` JavaScript holds exactly (safe_integer_example), else
+      Swagger UI takes the maximum and rounds it.
     """
-    _with_safe_integer_examples(result.get("components", {}))
-    _with_safe_integer_examples(result.get("paths", {}))
+    # Left-out examples first: a nullable seed's example is then null (a random seed, as
+    # the API documents), not the 0 that would pin every "Try it out" to one image.
     schemas = result.get("components", {}).get("schemas", {})
     for name in _request_components(result):
         _with_left_out_examples(schemas.get(name, {}))
+    _with_safe_integer_examples(result.get("components", {}))
+    _with_safe_integer_examples(result.get("paths", {}))
     return result
 
 

@@ -14,6 +14,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rest_framework.test import APIClient
 
+from sdxl_service.api.field_aliases import shown
+from sdxl_service.api.generation.serializers import Txt2ImgSerializer
+from sdxl_service.api.loras.serializers import GetLoraSerializer, UploadLoraSerializer
+from sdxl_service.api.sessions.serializers import (
+    PostSessionImageSerializer,
+    SessionRefSerializer,
+)
+from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
 from tests.helpers import b64, image_bytes, lora_bytes, png_bomb
 from training_app.models import WorkerHeartbeat
@@ -42,6 +50,16 @@ ENDPOINTS = {
         ["prompt", "negative_prompt", "num_images", "height", "width", "guidance_scale"]
         + ["steps", "use_lora", "session_id", "iteration", "lora_scale", "seed"],
     ),
+}
+# The serializer of each POST endpoint: a body key it does not know is a 400 naming it.
+SERIALIZERS = {
+    "/post_session_image": PostSessionImageSerializer,
+    "/delete_session": SessionRefSerializer,
+    "/train_lora": TrainLoraSerializer,
+    "/train_status": SessionRefSerializer,
+    "/get_lora": GetLoraSerializer,
+    "/upload_lora": UploadLoraSerializer,
+    "/txt2img": Txt2ImgSerializer,
 }
 SUCCESS_KEYS = {
     "/create_session": {"session_id"},
@@ -218,6 +236,7 @@ def test_generated_json_bodies(path, sessions, record_property):
     client = APIClient()
     method = ENDPOINTS[path][0]
     sent = []
+    refused_for_unknown: list[str] = []
 
     @FUZZ_SETTINGS
     @given(
@@ -232,10 +251,27 @@ def test_generated_json_bodies(path, sessions, record_property):
         response = client.generic(verb, url, encoded, content_type="application/json")
         sent.append(response.status_code)
         assert_well_formed(path, response)
+        unknown = unknown_keys(path, body)
+        if unknown and not wrong_method:
+            # Refused however good the rest is, each unknown key named.
+            assert response.status_code == 400, (body, response.content)
+            message = response.json()["message"]
+            for key in unknown:
+                assert f"{shown(key)}: unknown field" in message, (key, message)
+            refused_for_unknown.append(path)
 
     send()
     record_property("bodies", len(sent))
     assert len(sent) >= EXAMPLES_PER_ENDPOINT
+    if path in SERIALIZERS:
+        assert refused_for_unknown  # the bodies with extra keys reached the check
+
+
+def unknown_keys(path: str, body: object) -> set[str]:
+    """The keys of a POST body that its endpoint does not take."""
+    if path not in SERIALIZERS or not isinstance(body, dict):
+        return set()
+    return set(body) - set(SERIALIZERS[path]().fields)
 
 
 raw_bodies = (

@@ -15,6 +15,7 @@ from sdxl_engine.parameters import (
     DEFAULT_STRENGTH,
     GENERATION_DEFAULTS,
     MAX_LORAS,
+    OUTPUT_FORMAT_ALIASES,
     OUTPUT_FORMATS,
     REFINER_POLICIES,
     REFINER_SWITCH_MAX,
@@ -25,10 +26,12 @@ from sdxl_engine.parameters import (
     one_of,
 )
 from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
+from sdxl_service.api import field_aliases
 from sdxl_service.api.common import WebhookFields
 from sdxl_service.api.fields import (
     SEED,
     Base64BytesField,
+    ChoiceField,
     SessionIdField,
     StrictFloatField,
     StrictIntegerField,
@@ -45,6 +48,8 @@ from sdxl_service.api.loras.serializers import (
 
 class LoraChoiceSerializer(serializers.Serializer[Any]):
     """One entry of /txt2img's `loras`."""
+
+    field_alias_context = field_aliases.LORA_ENTRY
 
     session_id = SessionIdField(help_text="the session whose LoRA this is (any session)")
     iteration = StrictIntegerField(**ITERATION)
@@ -84,6 +89,8 @@ class Txt2ImgSerializer(WebhookFields):
     """/txt2img's body: one field for each of sdxl_engine's GenerationParams (a test holds
     them to the same names), their defaults and limits, and TXT2IMG_REQUEST_FIELDS."""
 
+    field_alias_context = field_aliases.GENERATION
+
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS)
     negative_prompt = StringField(
         max_length=settings.SDXL_MAX_PROMPT_CHARS,
@@ -108,7 +115,7 @@ class Txt2ImgSerializer(WebhookFields):
     lora_filename = lora_filename_field()
     lora_scale = StrictFloatField(min_value=-4.0, max_value=4.0, default=DEFAULT_LORA_SCALE)
     seed = StrictIntegerField(**SEED)
-    scheduler = serializers.ChoiceField(
+    scheduler = ChoiceField(
         # Labelled with AUTOMATIC1111's names: the schema lists each as "`name` - label".
         choices=[
             (name, f"{spec.a1111_name} in AUTOMATIC1111") for name, spec in SCHEDULERS.items()
@@ -119,7 +126,7 @@ class Txt2ImgSerializer(WebhookFields):
         help_text="the sampler of both Base and Refiner; left out (or null): the model's own "
         "(Euler for SDXL)",
     )
-    refiner = serializers.ChoiceField(
+    refiner = ChoiceField(
         choices=[
             (
                 "ensemble",
@@ -165,13 +172,14 @@ class Txt2ImgSerializer(WebhookFields):
         "image, above 0 up to 1 (at 1 the image is not used: text-to-image). Left out: "
         f"{DEFAULT_STRENGTH}. Only with init_image_base64",
     )
-    output_format = serializers.ChoiceField(
+    output_format = ChoiceField(
         choices=OUTPUT_FORMATS,
+        aliases=OUTPUT_FORMAT_ALIASES,
         required=False,
         allow_null=True,
-        help_text=f"the images' format; left out: {DEFAULT_OUTPUT_FORMAT}. JPEG and WebP carry "
-        "the parameters in EXIF UserComment as AUTOMATIC1111 writes them, PNG in its "
-        "'parameters' text chunk",
+        help_text="the images' format (jpg is taken as jpeg); left out: "
+        f"{DEFAULT_OUTPUT_FORMAT}. JPEG and WebP carry the parameters in EXIF UserComment as "
+        "AUTOMATIC1111 writes them, PNG in its 'parameters' text chunk",
     )
     quality = StrictIntegerField(
         min_value=1,
@@ -181,7 +189,7 @@ class Txt2ImgSerializer(WebhookFields):
         help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
     )
 
-    response_format = serializers.ChoiceField(
+    response_format = ChoiceField(
         choices=RESPONSE_FORMATS,
         default=RESPONSE_FORMATS[0],
         help_text="base64: the images in images_base64 (the original answer); url: only their "

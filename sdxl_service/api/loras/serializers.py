@@ -5,8 +5,10 @@ from typing import Any
 
 from rest_framework import serializers
 
+from sdxl_service.api import field_aliases
 from sdxl_service.api.fields import (
     Base64BytesField,
+    ChoiceField,
     SessionIdField,
     StrictIntegerField,
     StringField,
@@ -38,10 +40,12 @@ def one_way_to_name_a_lora(attrs: dict[str, Any]) -> dict[str, Any]:
 
 
 class GetLoraSerializer(serializers.Serializer[Any]):
+    field_alias_context = field_aliases.LORA_FILE
+
     session_id = SessionIdField()
     iteration = StrictIntegerField(**ITERATION)
     lora_filename = lora_filename_field()
-    format = serializers.ChoiceField(
+    format = ChoiceField(
         choices=LORA_FORMATS,
         default=LORA_FORMATS[0],
         help_text="diffusers: the stored file; kohya: the same adapter for AUTOMATIC1111, "
@@ -55,12 +59,16 @@ class GetLoraSerializer(serializers.Serializer[Any]):
 class UploadLoraFileSerializer(serializers.Serializer[Any]):
     """/upload_lora as multipart/form-data: the file itself instead of base64."""
 
+    field_alias_context = field_aliases.LORA_FILE
+
     session_id = SessionIdField()
     lora = serializers.FileField(help_text="the .safetensors file: `-F lora=@my_lora.safetensors`")
     filename = StringField(max_length=200, required=False, allow_null=True)
 
 
 class UploadLoraSerializer(serializers.Serializer[Any]):
+    field_alias_context = field_aliases.LORA_FILE
+
     session_id = SessionIdField()
     lora_base64 = Base64BytesField(
         help_text="a .safetensors LoRA or LoCon (any Linear or Conv2d module of the Base UNet "

@@ -11,6 +11,7 @@ from django.conf import settings
 from rest_framework import serializers
 from rest_framework.fields import SkipField
 
+from sdxl_service.api import field_aliases
 from sdxl_service.api.fields import (
     Base64BytesField,
     SessionIdField,
@@ -26,6 +27,8 @@ class SessionRefSerializer(serializers.Serializer[Any]):
 
 
 class PostSessionImageSerializer(serializers.Serializer[Any]):
+    field_alias_context = field_aliases.IMAGE
+
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
     # May be empty: such an image trains with /train_lora's trigger as its whole caption.
@@ -34,6 +37,8 @@ class PostSessionImageSerializer(serializers.Serializer[Any]):
 
 class SessionImagesUploadSerializer(serializers.Serializer[Any]):
     """POST /sessions/<id>/images, multipart/form-data."""
+
+    field_alias_context = field_aliases.IMAGE_FILES
 
     image = serializers.ListField(
         child=serializers.FileField(),

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from core.errors import ServiceError
-from sdxl_service.api.common import rendered, validated
+from sdxl_service.api.common import rendered, validated, validated_query
 from sdxl_service.api.schema import error_responses
 from sdxl_service.api.sessions.serializers import (
     CreateSessionResponse,
@@ -84,9 +84,7 @@ def post_session_image(request: Request) -> Response:
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
 def list_sessions(request: Request) -> Response:
-    query = ListSessionsQuery(data=request.query_params)
-    query.is_valid(raise_exception=True)
-    page = query.validated_data
+    page = validated_query(ListSessionsQuery, request)
     everything = session_selectors.session_list(request_caller(request))
     offset, limit = page.get("offset", 0), page.get("limit")
     sessions = list(everything[offset : None if limit is None else offset + limit])

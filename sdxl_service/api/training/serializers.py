@@ -17,9 +17,11 @@ from sdxl_engine.parameters import (
     recipe_defaults,
     recipe_of,
 )
+from sdxl_service.api import field_aliases
 from sdxl_service.api.common import WebhookFields
 from sdxl_service.api.fields import (
     SEED,
+    ChoiceField,
     SessionIdField,
     StrictFloatField,
     StrictIntegerField,
@@ -39,9 +41,11 @@ class TrainLoraSerializer(WebhookFields):
     the body sets `steps` or `epochs`, which keeps the original's defaults.
     """
 
+    field_alias_context = field_aliases.TRAINING
+
     # One field for each of sdxl_engine's TrainingParams: a test holds them to the same names.
     session_id = SessionIdField()
-    recipe = serializers.ChoiceField(
+    recipe = ChoiceField(
         choices=RECIPES,
         required=False,
         help_text="where the fields left out come from: service (default without steps or "
@@ -58,7 +62,7 @@ class TrainLoraSerializer(WebhookFields):
     rank = StrictIntegerField(min_value=1, max_value=128, required=False)
     resolution = image_side(TRAINING_RESOLUTION_MULTIPLE, required=False)
     seed = StrictIntegerField(**SEED)
-    lr_scheduler = serializers.ChoiceField(
+    lr_scheduler = ChoiceField(
         choices=LR_SCHEDULERS,
         required=False,
         help_text=f"learning-rate schedule (service recipe: {SERVICE_RECIPE.lr_scheduler}; "

@@ -142,3 +142,31 @@ def test_a_view_outside_drf_answers_503_too(monkeypatch, settings, admin_client)
     response = admin_client.get("/admin/sessions_app/session/")
     assert response.status_code == 503, response.content[:300]
     assert response.json()["message"].startswith(BUSY)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status", "message"),
+    [
+        ("post", "/txt2img", {"prompt": "x", "cfg_scale": 7}, 400, "cfg_scale: unknown field"),
+        ("post", "/train_status", {"session_id": 987654}, 404, "session 987654 not found"),
+        ("get", "/list_sessions", None, 200, None),
+        ("get", "/txt2img", None, 405, "not allowed"),
+    ],
+)
+def test_a_4xx_answer_is_logged_once_with_its_message(caplog, method, path, body, status, message):
+    """Issue 25: the log line of a 4xx names what was wrong, not only the status."""
+    caplog.set_level("INFO", logger="django.request")
+
+    if method == "post":
+        response = APIClient().post(path, body, format="json")
+    else:
+        response = APIClient().get(path)
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "django.request"]
+    if message is None:
+        assert response.status_code == status and lines == []
+        return
+    assert response.status_code == status
+    (line,) = lines
+    assert line.startswith(f"{response.reason_phrase}: {path}: ")
+    assert message in line and response.json()["message"] in line

@@ -80,12 +80,14 @@ def test_every_integer_of_every_example_body_is_exact_in_javascript(schema_docum
             assert abs(number) <= 2**53, (path, number)
 
 
-def test_seeds_have_a_small_example(schema_document):
+def test_request_seeds_are_left_out_in_the_examples(schema_document):
+    """A request's seed example is null: a random seed, as the API documents, not one
+    fixed seed that gives every "Try it out" the same image."""
     schemas = schema_document["components"]["schemas"]
     assert schemas["Txt2Img"]["properties"]["seed"]["maximum"] == 2**63 - 1
-    assert schemas["Txt2Img"]["properties"]["seed"]["example"] == 0
-    assert schemas["TrainLora"]["properties"]["seed"]["example"] == 0
-    assert schemas["TrainLora"]["properties"]["sample_seed"]["example"] == 0
+    assert schemas["Txt2Img"]["properties"]["seed"]["example"] is None
+    assert schemas["TrainLora"]["properties"]["seed"]["example"] is None
+    assert schemas["TrainLora"]["properties"]["sample_seed"]["example"] is None
 
 
 @pytest.mark.django_db
@@ -96,7 +98,7 @@ def test_the_txt2img_example_body_is_a_valid_request(schema_document):
     # Optional fields without a default are shown as left out (null), not as a fake image.
     assert body["init_image_base64"] is None and body["strength"] is None
     assert body["loras"] == []
-    assert serializer.validated_data["seed"] == 0
+    assert body["seed"] is None and serializer.validated_data["seed"] is None
 
 
 @pytest.mark.parametrize(
@@ -112,3 +114,20 @@ def test_the_txt2img_example_body_is_a_valid_request(schema_document):
 def test_safe_integer_example_is_small_and_in_range(schema, example):
     assert safe_integer_example(schema) == example
     assert abs(example) <= JS_SAFE_INTEGER
+
+
+@pytest.mark.django_db
+def test_the_txt2img_example_body_sent_twice_draws_two_random_seeds(
+    schema_document, generation_worker
+):
+    """Issue 25: Swagger UI's "Try it out" body for /txt2img asks for a random seed."""
+    from rest_framework.test import APIClient
+
+    api = APIClient()
+    body = {**_request_examples(schema_document)["/txt2img"], "async": True}
+
+    answers = [api.post("/txt2img", body, format="json") for _ in range(2)]
+
+    assert [answer.status_code for answer in answers] == [202, 202]
+    seeds = [api.get(answer.json()["status_url"]).json()["seeds"][0] for answer in answers]
+    assert seeds[0] != seeds[1]
