@@ -237,30 +237,39 @@ def lora_file_path(lora: LoraArtifact | TrainingCheckpoint) -> Path:
 def lora_read(
     artifact: LoraArtifact | TrainingCheckpoint, lora_format: str = LORA_FORMATS[0]
 ) -> bytes:
-    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form.
+    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form (the
+    bytes GET /sessions/<id>/loras/<file>?format=kohya sends: see lora_download).
 
     Either way the file is read whole in one go: a concurrent replace swaps the name, not
     these bytes.
     """
+    download = lora_download(artifact, lora_format)
+    with download.handle:
+        return download.handle.read()
+
+
+def _kohya_bytes(artifact: LoraArtifact | TrainingCheckpoint) -> bytes:
+    """The file converted to kohya's form (not byte for byte the same twice: safetensors
+    writes the metadata in no fixed order)."""
+    from sdxl_engine.lora_formats import kohya_lora_bytes
+
     path = lora_file_path(artifact)
-    missing = ServiceError(
+    if not path.is_file():
+        raise _missing(artifact)
+    try:
+        return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
+    except FileNotFoundError:
+        raise _missing(artifact) from None
+    except EngineError as error:
+        raise ServiceError(
+            f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
+        ) from None
+
+
+def _missing(artifact: LoraArtifact | TrainingCheckpoint) -> ServiceError:
+    return ServiceError(
         f"{artifact.filename} is recorded but missing from the session folder", status=404
     )
-    if not path.is_file():
-        raise missing
-    if lora_format == "kohya":
-        from sdxl_engine.lora_formats import kohya_lora_bytes
-
-        try:
-            return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
-        except EngineError as error:
-            raise ServiceError(
-                f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
-            ) from None
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise missing from None
 
 
 # Where kohya forms of a session's LoRA files are kept once converted: hidden in the session
@@ -307,9 +316,7 @@ def lora_download(
         try:
             handle = path.open("rb")
         except (FileNotFoundError, IsADirectoryError):
-            raise ServiceError(
-                f"{artifact.filename} is recorded but missing from the session folder", status=404
-            ) from None
+            raise _missing(artifact) from None
         return LoraDownload(handle, os.fstat(handle.fileno()).st_size, artifact.sha256, filename)
     cache = storage.session_dir(artifact.session_id) / KOHYA_CACHE_FOLDER
     for cached in _kohya_cached(cache, artifact.sha256):
@@ -319,7 +326,7 @@ def lora_download(
             continue  # pruned meanwhile
         sha256 = _KOHYA_CACHED.fullmatch(cached.name)[2]  # type: ignore[index]
         return LoraDownload(handle, os.fstat(handle.fileno()).st_size, sha256, filename)
-    data = lora_read(artifact, lora_format)
+    data = _kohya_bytes(artifact)
     sha256 = storage.sha256_bytes(data)
     try:
         # Not parents=True: a session folder deleted meanwhile must not come back.

@@ -7,6 +7,8 @@ import hashlib
 from django.http.response import HttpResponseBase
 from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
+from rest_framework.negotiation import DefaultContentNegotiation
+from rest_framework.renderers import BaseRenderer
 from rest_framework.parsers import MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -30,6 +32,17 @@ from training_app import selectors as training_selectors
 from training_app.services import loras
 
 TAGS = ["LoRA files"]
+
+
+class FormatIsTheViewsOwn(DefaultContentNegotiation):
+    """Content negotiation that leaves the `format` query parameter to the view: JSON
+    errors whatever it says."""
+
+    def select_renderer(
+        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+    ) -> tuple[BaseRenderer, str]:
+        renderer = renderers[0]
+        return renderer, renderer.media_type
 
 
 @extend_schema(
@@ -105,6 +118,10 @@ def lora_file(request: Request, session_id: int, lora_filename: str) -> HttpResp
         sha256=download.sha256,
         filename=download.filename,
     )
+
+
+# `?format=` names the LoRA's form here, not one of DRF's renderers (URL_FORMAT_OVERRIDE).
+lora_file.cls.content_negotiation_class = FormatIsTheViewsOwn  # type: ignore[attr-defined]
 
 
 @extend_schema(
