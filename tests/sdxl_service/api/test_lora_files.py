@@ -12,6 +12,7 @@ from safetensors.torch import load
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests.helpers import image_bytes, lora_bytes
+from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint
 from tests.sdxl_service.api.test_session_views import assert_error
 from tests.sdxl_service.api.test_tenants import MISSING, tenant
@@ -232,3 +233,75 @@ def test_another_owners_file_is_a_404_like_a_missing_one_and_reading_needs_the_r
     assert bob.api.get(url).status_code == 200
     assert_error(APIClient().get(url), 401, "")
     assert_error(tenant("carol", ["upload"]).api.get(url), 403, "read")
+
+
+def test_prune_removes_the_kohya_forms_kept_of_the_files_it_deletes(
+    api, session, django_capture_on_commit_callbacks
+):
+    run = TrainingRun.objects.create(session=session, status="completed", parameters={})
+    old, new = stored_checkpoint(run, 2, seed=5), stored_checkpoint(run, 4, seed=6)
+    for checkpoint in (old, new):
+        response = api.get(_url(session.pk, checkpoint.filename, format="kohya"))
+        assert response.status_code == 200
+    cache = storage.session_dir(session.pk) / KOHYA_CACHE_FOLDER
+    assert sorted(path.name.split(".")[0] for path in cache.iterdir()) == sorted(
+        [old.sha256, new.sha256]
+    )
+
+    with django_capture_on_commit_callbacks(execute=True):
+        output = run_command("prune_loras", "--keep", "1")
+
+    assert f"deleted session_{session.pk}/checkpoints/{old.filename}" in output
+    assert [path.name.split(".")[0] for path in cache.iterdir()] == [new.sha256]
+    assert_error(api.get(_url(session.pk, old.filename, format="kohya")), 404, old.filename)
+    assert api.get(_url(session.pk, new.filename, format="kohya")).status_code == 200
+
+
+def test_a_trained_lora_and_a_generated_image_name_the_model_not_a_server_path(
+    api, session, settings, tmp_path, generation_worker
+):
+    """The tiny preset's weights lie in the model cache (under the data dir by default):
+    neither the LoRA's metadata nor the image's infotext names that folder."""
+    from sdxl_engine.image_output import read_infotext, read_record
+    from sdxl_engine.lora_files import read_lora_metadata
+    from training_app.services import runs as run_services
+    from training_app.services.generations import batches
+
+    server_paths = [str(settings.DATA_DIR), str(settings.MODEL_CACHE_DIR)]
+    started = api.post(
+        "/train_lora", {"session_id": session.pk, "steps": 1, "resolution": 64}, format="json"
+    )
+    assert started.status_code == 200
+    run_services.training_run_execute(TrainingRun.objects.get().pk)
+    for lora_format in ("diffusers", "kohya"):
+        response = api.get(_url(session.pk, "lora_1.safetensors", format=lora_format))
+        assert response.status_code == 200
+        (tmp_path / "lora.safetensors").write_bytes(_body(response))
+        metadata = read_lora_metadata(tmp_path / "lora.safetensors")
+        assert metadata["sdxl_service.base_model"] == "tiny"
+        assert not [
+            (key, value)
+            for key, value in metadata.items()
+            if any(path in value for path in server_paths)
+        ]
+    assert metadata["ss_sd_model_name"] == "tiny"
+
+    body = {
+        "prompt": "a red square",
+        "width": 64,
+        "height": 64,
+        "num_inference_steps": 2,
+        "loras": [{"session_id": session.pk}],
+        "async": True,
+    }
+    answer = api.post("/txt2img", body, format="json")
+    assert answer.status_code == 202, answer.content
+    batches.generation_execute(answer.json()["generation_id"])
+    done = api.get(answer.json()["status_url"]).json()
+    assert done["status"] == "completed", done
+    image = _body(api.get(done["image_urls"][0]))
+    infotext, record = read_infotext(image), read_record(image)
+    assert "Model: tiny," in infotext
+    assert record is not None and record["model"] == "tiny"
+    assert not any(path in infotext for path in server_paths)
+    assert not any(path in str(record) for path in server_paths)
