@@ -3,6 +3,7 @@ plain file) and upload one."""
 
 import base64
 import hashlib
+from collections.abc import Iterable
 
 from django.http.response import HttpResponseBase
 from drf_spectacular.utils import OpenApiResponse, extend_schema
@@ -39,9 +40,12 @@ class FormatIsTheViewsOwn(DefaultContentNegotiation):
     errors whatever it says."""
 
     def select_renderer(
-        self, request: Request, renderers: list[BaseRenderer], format_suffix: str | None = None
+        self,
+        request: Request,
+        renderers: Iterable[BaseRenderer],
+        format_suffix: str | None = None,
     ) -> tuple[BaseRenderer, str]:
-        renderer = renderers[0]
+        renderer = next(iter(renderers))
         return renderer, renderer.media_type
 
 
@@ -121,7 +125,7 @@ def lora_file(request: Request, session_id: int, lora_filename: str) -> HttpResp
 
 
 # `?format=` names the LoRA's form here, not one of DRF's renderers (URL_FORMAT_OVERRIDE).
-lora_file.cls.content_negotiation_class = FormatIsTheViewsOwn  # type: ignore[attr-defined]
+lora_file.cls.content_negotiation_class = FormatIsTheViewsOwn
 
 
 @extend_schema(
