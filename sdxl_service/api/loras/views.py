@@ -103,7 +103,7 @@ def get_lora(request: Request) -> Response:
             ErrorSerializer,
             description="the range lies outside the file (Content-Range: bytes */<size>)",
         ),
-        **error_responses(404, 409),
+        **error_responses(400, 404, 409, with_body=False),
     },
 )
 @api_view(["GET"])
