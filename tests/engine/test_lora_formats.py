@@ -90,7 +90,7 @@ def test_kohya_export_has_kohya_keys_and_the_metadata_a1111_reads(
     assert metadata["ss_network_module"] == "networks.lora"
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
     # The trained file names its base model; that wins over the fallback.
-    assert metadata["ss_sd_model_name"].endswith("base")
+    assert metadata["ss_sd_model_name"] == "tiny"  # the preset's name, not its folder
     assert metadata["sdxl_service.rank"] == "4"
     assert ADAPTER_METADATA_KEY not in metadata
 
