@@ -305,3 +305,15 @@ def test_a_trained_lora_and_a_generated_image_name_the_model_not_a_server_path(
     assert record is not None and record["model"] == "tiny"
     assert not any(path in infotext for path in server_paths)
     assert not any(path in str(record) for path in server_paths)
+
+
+def test_the_kept_kohya_form_is_no_file_verify_or_export_sees(api, session, uploaded, tmp_path):
+    import zipfile
+
+    assert api.get(_url(session.pk, "lora_1.safetensors", format="kohya")).status_code == 200
+    assert (storage.session_dir(session.pk) / KOHYA_CACHE_FOLDER).is_dir()
+
+    assert "the rows and files agree" in run_command("verify")
+    run_command("export_session", str(session.pk), str(tmp_path / "session.zip"))
+    with zipfile.ZipFile(tmp_path / "session.zip") as archive:
+        assert not [name for name in archive.namelist() if KOHYA_CACHE_FOLDER in name]
