@@ -60,6 +60,7 @@ from sdxl_engine.lora_keys import (
     split_lora_key,
     unsupported_message,
 )
+from sdxl_engine.source import model_name
 
 if TYPE_CHECKING:  # for annotations only: converting imports torch when it runs
     import torch
@@ -69,6 +70,8 @@ SDXL_LAYERS_PER_BLOCK = 2
 KOHYA_BASE_MODEL_VERSION = "sdxl_base_v1-0"
 KOHYA_NETWORK_MODULE = "networks.lora"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
+# Where our trainer writes the Base model's name (sdxl_engine.training.caching).
+BASE_MODEL_METADATA_KEY = "sdxl_service.base_model"
 
 
 def is_kohya(keys: Iterable[str]) -> bool:
@@ -135,14 +138,18 @@ def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
     kohya = to_kohya(to_canonical(tensors, metadata))
     ranks = Counter(int(tensor.shape[0]) for key, tensor in kohya.items() if factor_of(key) == DOWN)
     rank = ranks.most_common(1)[0][0]
+    kept = {k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY}
+    if BASE_MODEL_METADATA_KEY in kept:
+        # Files trained before model names were written hold the server's folder.
+        kept[BASE_MODEL_METADATA_KEY] = model_name(kept[BASE_MODEL_METADATA_KEY])
     kohya_metadata = {
-        **{k: v for k, v in metadata.items() if k != ADAPTER_METADATA_KEY},
+        **kept,
         "ss_base_model_version": KOHYA_BASE_MODEL_VERSION,
         "ss_network_module": KOHYA_NETWORK_MODULE,
         "ss_network_dim": str(rank),
         # Canonical files run every module at scale 1, so alpha equals the rank.
         "ss_network_alpha": str(rank),
-        "ss_sd_model_name": metadata.get("sdxl_service.base_model", base_model),
+        "ss_sd_model_name": kept.get(BASE_MODEL_METADATA_KEY, model_name(base_model)),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": MODELSPEC_ARCHITECTURE,
     }

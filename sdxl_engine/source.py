@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import Any
 
 from sdxl_engine.errors import EngineError
@@ -28,6 +28,31 @@ class ModelSource:
     preset: str  # "tiny", "sdxl-random" or "hub" (real weights from base/refiner)
     reason: str  # one human-readable line: which models and why (logged by the worker)
     device: str  # "cuda" or "cpu"
+
+    @property
+    def base_name(self) -> str:
+        """The Base model's name for files others see (a LoRA's metadata, an image's
+        infotext `Model:`): the hub id, a local folder's name, or the random preset's name;
+        never a path of this server."""
+        return self.preset if self.preset in RANDOM_PRESETS else model_name(self.base)
+
+    @property
+    def refiner_name(self) -> str:
+        """The Refiner's name, as base_name's."""
+        if self.preset in RANDOM_PRESETS:
+            return f"{self.preset}-refiner"
+        return model_name(self.refiner)
+
+
+def model_name(model: str) -> str:
+    """A model's name without a path of this server: a hub id (`org/name`) as it is, a
+    local folder (absolute, relative or `~`) by its own name."""
+    if "\\" in model:  # a Windows path
+        return PureWindowsPath(model).name or model
+    path = Path(model)
+    if path.is_absolute() or model.startswith((".", "~")) or path.exists():
+        return path.name or model
+    return model
 
 
 def plan_model_source(

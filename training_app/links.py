@@ -34,6 +34,15 @@ def generation_image_urls(generation: Generation) -> list[str]:
     ]
 
 
+def lora_download_url(
+    lora: LoraArtifact | TrainingCheckpoint, lora_format: str | None = None
+) -> str:
+    """GET /sessions/<id>/loras/<file>: the file (a numbered LoRA's or a checkpoint's) as a
+    download; `?format=kohya` for another form than the stored one."""
+    url = reverse("session-lora", args=[lora.session_id, lora.filename])
+    return f"{url}?format={lora_format}" if lora_format and lora_format != "diffusers" else url
+
+
 def training_sample_admin_url(sample: TrainingSample) -> str:
     return reverse("admin:training_app_trainingrun_sample", args=[sample.run_id, sample.pk])
 

@@ -79,7 +79,7 @@ class Run:
         """The sdxl_service.* header entries of a LoRA file of this run."""
         params = self.params
         metadata = {
-            "base_model": self.pipelines.source.base,
+            "base_model": self.pipelines.source.base_name,
             "model_preset": self.pipelines.source.preset,
             "recipe": params.recipe,
             "rank": params.rank,

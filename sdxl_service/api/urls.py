@@ -41,6 +41,11 @@ urlpatterns = [
         sessions.session_image,
         name="session-image",
     ),
+    path(
+        "sessions/<int:session_id>/loras/<str:lora_filename>",
+        loras.lora_file,
+        name="session-lora",
+    ),
     *endpoint("generations/<int:generation_id>", generation.generation_status, name="generation"),
     *endpoint(
         "generations/<int:generation_id>/cancel",

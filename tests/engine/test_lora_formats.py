@@ -90,7 +90,7 @@ def test_kohya_export_has_kohya_keys_and_the_metadata_a1111_reads(
     assert metadata["ss_network_module"] == "networks.lora"
     assert metadata["ss_network_dim"] == "4" and metadata["ss_network_alpha"] == "4"
     # The trained file names its base model; that wins over the fallback.
-    assert metadata["ss_sd_model_name"].endswith("base")
+    assert metadata["ss_sd_model_name"] == "tiny"  # the preset's name, not its folder
     assert metadata["sdxl_service.rank"] == "4"
     assert ADAPTER_METADATA_KEY not in metadata
 
@@ -609,3 +609,31 @@ def test_full_size_sdxl_kohya_locon_fits_sdxl_and_a_wrong_shape_is_named(tmp_pat
     tiny = community_loras.packaged_model_folder("tiny", tmp_path / "tiny")
     with pytest.raises(EngineError, match="fc1 adds a 3072 x 768 weight, but this model's Linear"):
         check_lora(path, community_loras.model_shapes(tiny))  # the same names, narrower
+
+
+def test_the_kohya_form_of_a_file_that_holds_a_server_path_names_only_the_model(
+    tmp_path: Path,
+) -> None:
+    """LoRAs trained before model names were written hold the Base's folder: the kohya
+    form sends its name instead."""
+    from tests.helpers import lora_bytes
+
+    tensors = load(lora_bytes())
+    path = tmp_path / "old.safetensors"
+    save_file(
+        tensors, str(path), metadata={"sdxl_service.base_model": "/srv/sdxl/media/models/tiny/base"}
+    )
+
+    metadata = _metadata_of(kohya_lora_bytes(path, base_model="/srv/sdxl/models/fallback"))
+    assert metadata["sdxl_service.base_model"] == metadata["ss_sd_model_name"] == "base"
+    without = tmp_path / "uploaded.safetensors"
+    save_file(tensors, str(without))
+    kohya = kohya_lora_bytes(without, base_model="/srv/sdxl/models/fallback")
+    assert _metadata_of(kohya)["ss_sd_model_name"] == "fallback"
+
+
+def _metadata_of(data: bytes) -> dict[str, str]:
+    """The __metadata__ of safetensors bytes."""
+    length = int.from_bytes(data[:8], "little")
+    metadata: dict[str, str] = json.loads(data[8 : 8 + length]).get("__metadata__", {})
+    return metadata

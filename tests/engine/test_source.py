@@ -12,6 +12,7 @@ from sdxl_engine.source import (
     DEFAULT_REFINER_MODEL,
     WeightsStatus,
     base_unet_configs,
+    model_name,
     plan_model_source,
     weights_status,
 )
@@ -135,3 +136,26 @@ def test_base_unet_configs(preset, base, expected) -> None:
 def test_base_unet_config_of_a_local_folder_is_read_from_it(tiny_model_dirs) -> None:
     base, _ = tiny_model_dirs
     assert _blocks(base_unet_configs("hub", str(base))) == [TINY]
+
+
+@pytest.mark.parametrize(
+    ("model", "name"),
+    [
+        ("stabilityai/stable-diffusion-xl-base-1.0", "stabilityai/stable-diffusion-xl-base-1.0"),
+        ("/srv/sdxl/media/models/my-finetune", "my-finetune"),
+        ("/srv/sdxl/media/models/my-finetune/", "my-finetune"),
+        ("./models/mine", "mine"),
+        ("~/models/mine", "mine"),
+        ("C:\\models\\juggernaut-xl", "juggernaut-xl"),
+    ],
+)
+def test_a_models_name_is_its_hub_id_or_its_folders_name_never_a_path(model, name):
+    assert model_name(model) == name
+
+
+def test_a_random_presets_models_are_named_by_the_preset_not_their_folder(tmp_path):
+    tiny = plan_model_source("tiny", "", "", tmp_path, cuda=False)
+    assert (tiny.base_name, tiny.refiner_name) == ("tiny", "tiny-refiner")
+    assert str(tmp_path) in tiny.base  # where it loads from: the server's folder
+    hub = plan_model_source("hub", "/data/models/mine", "", tmp_path, cuda=False)
+    assert (hub.base_name, hub.refiner_name) == ("mine", DEFAULT_REFINER_MODEL)

@@ -70,7 +70,7 @@ def test_lora_file_has_diffusers_unet_keys_and_metadata(
 
     assert metadata["format"] == "pt"  # written by diffusers itself
     assert '"unet.r": 4' in metadata["lora_adapter_metadata"]
-    assert metadata["sdxl_service.base_model"] == pipelines.source.base
+    assert metadata["sdxl_service.base_model"] == pipelines.source.base_name
     assert metadata["sdxl_service.rank"] == "4"
     assert metadata["sdxl_service.alpha"] == "4"
     assert metadata["sdxl_service.steps"] == "4"

@@ -1,7 +1,12 @@
 """LoRA files of a session: storing (trained or uploaded), reading, pruning."""
 
+import io
+import logging
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from django.conf import settings
 from django.db import transaction
@@ -11,7 +16,7 @@ from access_app.models import Owner
 from access_app.quotas import MB, owner_locked, quota_check
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
-from sdxl_engine.files import replace_with_retry, sha256_file
+from sdxl_engine.files import fsync_file, replace_with_retry, sha256_file
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import owner_stored_bytes, session_get
@@ -23,6 +28,8 @@ from training_app.models import (
     TrainingRun,
 )
 from training_app.services.watch import CHECKPOINTS_FOLDER, checkpoint_path
+
+logger = logging.getLogger(__name__)
 
 # A stored LoRA name: a plain file name in the session folder, nothing that could climb out.
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
@@ -230,43 +237,136 @@ def lora_file_path(lora: LoraArtifact | TrainingCheckpoint) -> Path:
 def lora_read(
     artifact: LoraArtifact | TrainingCheckpoint, lora_format: str = LORA_FORMATS[0]
 ) -> bytes:
-    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form.
+    """The file's bytes, or with `lora_format="kohya"` the same adapter in kohya's form (the
+    bytes GET /sessions/<id>/loras/<file>?format=kohya sends: see lora_download).
 
     Either way the file is read whole in one go: a concurrent replace swaps the name, not
     these bytes.
     """
+    download = lora_download(artifact, lora_format)
+    with download.handle:
+        return download.handle.read()
+
+
+def _kohya_bytes(artifact: LoraArtifact | TrainingCheckpoint) -> bytes:
+    """The file converted to kohya's form (not byte for byte the same twice: safetensors
+    writes the metadata in no fixed order)."""
+    from sdxl_engine.lora_formats import kohya_lora_bytes
+
     path = lora_file_path(artifact)
-    missing = ServiceError(
+    if not path.is_file():
+        raise _missing(artifact)
+    try:
+        return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
+    except FileNotFoundError:
+        raise _missing(artifact) from None
+    except EngineError as error:
+        raise ServiceError(
+            f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
+        ) from None
+
+
+def _missing(artifact: LoraArtifact | TrainingCheckpoint) -> ServiceError:
+    return ServiceError(
         f"{artifact.filename} is recorded but missing from the session folder", status=404
     )
-    if not path.is_file():
-        raise missing
-    if lora_format == "kohya":
-        from sdxl_engine.lora_formats import kohya_lora_bytes
 
+
+# Where kohya forms of a session's LoRA files are kept once converted: hidden in the session
+# folder, so they leave with the session, and export, verify and the LoRA listings skip them.
+KOHYA_CACHE_FOLDER = ".kohya"
+_KOHYA_CACHED = re.compile(r"^([0-9a-f]{64})\.([0-9a-f]{64})\.safetensors$")
+
+
+@dataclass
+class LoraDownload:
+    """A LoRA file opened for sending: `handle` (the caller closes it) holds `size` bytes
+    whose sha256 is `sha256`; `filename` is the name to save it as."""
+
+    handle: BinaryIO
+    size: int
+    sha256: str
+    filename: str
+
+
+def download_filename(artifact: LoraArtifact | TrainingCheckpoint, lora_format: str) -> str:
+    """The stored name, `<stem>.kohya.safetensors` for the kohya form."""
+    if lora_format == LORA_FORMATS[0]:
+        return artifact.filename
+    return artifact.filename.removesuffix(".safetensors") + f".{lora_format}.safetensors"
+
+
+def lora_download(
+    artifact: LoraArtifact | TrainingCheckpoint, lora_format: str = LORA_FORMATS[0]
+) -> LoraDownload:
+    """The file to send for GET /sessions/<id>/loras/<file>, opened (a concurrent prune
+    or replace then swaps names, not these bytes).
+
+    The stored form is the file itself, its sha256 the row's. The kohya form is converted
+    once and kept in the session folder's `.kohya/` under
+    `<stored sha256>.<kohya sha256>.safetensors` (written atomically): a resumed download
+    (ranges) and every later one read that file instead of converting again, and its name
+    says what it was made from, so a changed file is never answered from a stale copy.
+    When it cannot be kept (the session folder is being deleted, the disk is full) the
+    conversion is sent from memory.
+    """
+    filename = download_filename(artifact, lora_format)
+    if lora_format == LORA_FORMATS[0]:
+        path = lora_file_path(artifact)
         try:
-            return kohya_lora_bytes(path, base_model=settings.SDXL_BASE_MODEL)
-        except EngineError as error:
-            raise ServiceError(
-                f"{artifact.filename} cannot be converted to kohya format: {error}", status=409
-            ) from None
+            handle = path.open("rb")
+        except (FileNotFoundError, IsADirectoryError):
+            raise _missing(artifact) from None
+        return LoraDownload(handle, os.fstat(handle.fileno()).st_size, artifact.sha256, filename)
+    cache = storage.session_dir(artifact.session_id) / KOHYA_CACHE_FOLDER
+    for cached in _kohya_cached(cache, artifact.sha256):
+        try:
+            handle = cached.open("rb")
+        except FileNotFoundError:
+            continue  # pruned meanwhile
+        sha256 = _KOHYA_CACHED.fullmatch(cached.name)[2]  # type: ignore[index]
+        return LoraDownload(handle, os.fstat(handle.fileno()).st_size, sha256, filename)
+    data = _kohya_bytes(artifact)
+    sha256 = storage.sha256_bytes(data)
     try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise missing from None
+        # Not parents=True: a session folder deleted meanwhile must not come back.
+        cache.mkdir(exist_ok=True)
+        target = cache / f"{artifact.sha256}.{sha256}.safetensors"
+        temp = storage.temp_path_for(target)
+        try:
+            temp.write_bytes(data)
+            fsync_file(temp)
+            replace_with_retry(temp, target)
+        finally:
+            temp.unlink(missing_ok=True)
+    except OSError as error:
+        logger.warning("kohya form of %s not cached: %s", artifact, error)
+    return LoraDownload(io.BytesIO(data), len(data), sha256, filename)
+
+
+def _kohya_cached(cache: Path, source_sha256: str) -> list[Path]:
+    """The kohya forms kept of the file whose sha256 is `source_sha256`."""
+    if not cache.is_dir():
+        return []
+    return sorted(
+        path
+        for path in cache.glob(f"{source_sha256}.*.safetensors")
+        if (match := _KOHYA_CACHED.fullmatch(path.name)) and match[1] == source_sha256
+    )
 
 
 def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None) -> list[str]:
-    """Deletes all but the newest `keep` LoRA files of each session (or of one session), and
-    every checkpoint of the runs that have ended.
+    """Keeps each session's newest `keep` LoRA files (or one session's) and deletes the
+    rest: the newest `keep` numbered LoRAs, and the newest `keep` checkpoints of the runs
+    that have ended (newest: the latest run's, its last step first).
 
-    Numbers are never reused: the session's counter stays where it is. A checkpoint is kept
-    only while its run may still need it: while the run is queued or running (a resumed
-    run continues from its checkpoints), `keep` does not count them. A run's sample images
-    stay: they are small, and show how each run went. A LoRA or checkpoint that a queued or
-    running generation is about to use is kept. The rows go first, the files once that is
-    committed. Returns the files deleted (or, with `dry_run`, that would be), as
-    `session_<id>/<file>` and `session_<id>/checkpoints/<file>`.
+    Numbers are never reused: the session's counter stays where it is. A checkpoint of a
+    queued or running run is kept and not counted: a resumed run continues from its
+    checkpoints. A run's sample images stay: they are small, and show how each run went.
+    A LoRA or checkpoint that a queued or running generation is about to use is kept (and
+    not counted). The rows go first, the files (and their kohya forms kept for downloads)
+    once that is committed. Returns the files deleted (or, with `dry_run`, that would be),
+    as `session_<id>/<file>` and `session_<id>/checkpoints/<file>`.
     """
     sessions = set(LoraArtifact.objects.values_list("session_id", flat=True)) | set(
         TrainingCheckpoint.objects.values_list("session_id", flat=True)
@@ -277,25 +377,40 @@ def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None)
     for sid in sorted(sessions):
         with session_lock(sid):
             doomed_loras, doomed_checkpoints = _prunable(sid, keep)
-            pruned += [f"session_{sid}/{name}" for _, name in doomed_loras]
+            pruned += [f"session_{sid}/{name}" for _, name, _ in doomed_loras]
             pruned += [
-                f"session_{sid}/{CHECKPOINTS_FOLDER}/{name}" for _, name in doomed_checkpoints
+                f"session_{sid}/{CHECKPOINTS_FOLDER}/{name}" for _, name, _ in doomed_checkpoints
             ]
             if dry_run or not (doomed_loras or doomed_checkpoints):
                 continue
-            LoraArtifact.objects.filter(pk__in=[pk for pk, _ in doomed_loras]).delete()
-            TrainingCheckpoint.objects.filter(pk__in=[pk for pk, _ in doomed_checkpoints]).delete()
+            LoraArtifact.objects.filter(pk__in=[pk for pk, _, _ in doomed_loras]).delete()
+            TrainingCheckpoint.objects.filter(
+                pk__in=[pk for pk, _, _ in doomed_checkpoints]
+            ).delete()
             # The rows go first, the files once that is committed: a failure keeps both.
             folder = storage.session_dir(sid)
-            paths = [folder / name for _, name in doomed_loras] + [
-                folder / CHECKPOINTS_FOLDER / name for _, name in doomed_checkpoints
+            paths = [folder / name for _, name, _ in doomed_loras] + [
+                folder / CHECKPOINTS_FOLDER / name for _, name, _ in doomed_checkpoints
             ]
+            # The kohya forms of files no row of the session holds any more.
+            still_held = set(
+                LoraArtifact.objects.filter(session_id=sid).values_list("sha256", flat=True)
+            ) | set(
+                TrainingCheckpoint.objects.filter(session_id=sid).values_list("sha256", flat=True)
+            )
+            doomed_sha256s = {sha256 for _, _, sha256 in doomed_loras + doomed_checkpoints}
+            for sha256 in doomed_sha256s - still_held:
+                paths += _kohya_cached(folder / KOHYA_CACHE_FOLDER, sha256)
             transaction.on_commit(lambda paths=paths: _unlink_all(paths))
     return pruned
 
 
-def _prunable(session_id: int, keep: int) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
-    """(pk, filename) of the session's LoRAs and checkpoints that prune_loras removes."""
+# A file prune_loras removes: its row's pk, its file name, its sha256.
+_Doomed = tuple[int, str, str]
+
+
+def _prunable(session_id: int, keep: int) -> tuple[list[_Doomed], list[_Doomed]]:
+    """The session's LoRAs and checkpoints that prune_loras removes, each oldest first."""
     in_use = GenerationLora.objects.filter(
         generation__status__in=[Generation.Status.QUEUED, Generation.Status.RUNNING]
     )
@@ -304,21 +419,22 @@ def _prunable(session_id: int, keep: int) -> tuple[list[tuple[int, str]], list[t
         in_use.filter(checkpoint__isnull=False).values_list("checkpoint_id", flat=True)
     )
     loras = [
-        (pk, name)
-        for pk, name in LoraArtifact.objects.filter(session_id=session_id)
+        (pk, name, sha256)
+        for pk, name, sha256 in LoraArtifact.objects.filter(session_id=session_id)
         .order_by("-number")[keep:]
-        .values_list("pk", "filename")
+        .values_list("pk", "filename", "sha256")
         if pk not in loras_in_use
     ]
     checkpoints = [
-        (pk, name)
-        for pk, name in TrainingCheckpoint.objects.filter(session_id=session_id)
-        .filter(run__status__in=[TrainingRun.Status.COMPLETED, TrainingRun.Status.ERROR])
-        .order_by("run_id", "step")
-        .values_list("pk", "filename")
+        (pk, name, sha256)
+        for pk, name, sha256 in TrainingCheckpoint.objects.filter(session_id=session_id)
+        # Any end a run comes to: only a queued or running run may resume from them.
+        .exclude(run__status__in=TrainingRun.ACTIVE_STATUSES)
+        .order_by("-run_id", "-step")[keep:]
+        .values_list("pk", "filename", "sha256")
         if pk not in checkpoints_in_use
     ]
-    return loras, checkpoints
+    return loras, checkpoints[::-1]
 
 
 def _unlink_all(paths: list[Path]) -> None:

@@ -56,6 +56,17 @@ class GetLoraSerializer(serializers.Serializer[Any]):
         return one_way_to_name_a_lora(attrs)
 
 
+class LoraFileQuerySerializer(serializers.Serializer[Any]):
+    """GET /sessions/<id>/loras/<file>'s query string."""
+
+    format = serializers.ChoiceField(
+        choices=LORA_FORMATS,
+        default=LORA_FORMATS[0],
+        help_text="diffusers: the stored file; kohya: the same adapter for AUTOMATIC1111, "
+        "ComfyUI and sd-scripts, saved as <stem>.kohya.safetensors",
+    )
+
+
 class UploadLoraFileSerializer(serializers.Serializer[Any]):
     """/upload_lora as multipart/form-data: the file itself instead of base64."""
 
@@ -85,6 +96,10 @@ class GetLoraResponse(serializers.Serializer[Any]):
     iteration = serializers.IntegerField(allow_null=True, help_text="null for a checkpoint")
     format = serializers.ChoiceField(choices=LORA_FORMATS)
     sha256 = serializers.CharField(help_text="of the bytes in lora_base64")
+    lora_url = serializers.CharField(
+        help_text="the same file (in the same format) as a plain download: GET it with the "
+        "same token (ranges, ETag)"
+    )
 
 
 class UploadLoraResponse(serializers.Serializer[Any]):

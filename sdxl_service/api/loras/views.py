@@ -1,11 +1,16 @@
-"""The LoRA file endpoints: download one (diffusers or kohya form) and upload one."""
+"""The LoRA file endpoints: download one (diffusers or kohya form, base64 in JSON or as a
+plain file) and upload one."""
 
 import base64
 import hashlib
+from collections.abc import Iterable
 
-from drf_spectacular.utils import extend_schema
+from django.http.response import HttpResponseBase
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
+from rest_framework.negotiation import DefaultContentNegotiation
 from rest_framework.parsers import MultiPartParser
+from rest_framework.renderers import BaseRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 
@@ -15,16 +20,33 @@ from sdxl_service.api.common import rendered, validated
 from sdxl_service.api.loras.serializers import (
     GetLoraResponse,
     GetLoraSerializer,
+    LoraFileQuerySerializer,
     UploadLoraFileSerializer,
     UploadLoraResponse,
     UploadLoraSerializer,
 )
 from sdxl_service.api.parsers import JSONParser
-from sdxl_service.api.schema import error_responses
+from sdxl_service.api.ranges import download_response
+from sdxl_service.api.schema import ErrorSerializer, error_responses
+from training_app import links
 from training_app import selectors as training_selectors
 from training_app.services import loras
 
 TAGS = ["LoRA files"]
+
+
+class FormatIsTheViewsOwn(DefaultContentNegotiation):
+    """Content negotiation that leaves the `format` query parameter to the view: JSON
+    errors whatever it says."""
+
+    def select_renderer(
+        self,
+        request: Request,
+        renderers: Iterable[BaseRenderer],
+        format_suffix: str | None = None,
+    ) -> tuple[BaseRenderer, str]:
+        renderer = next(iter(renderers))
+        return renderer, renderer.media_type
 
 
 @extend_schema(
@@ -54,8 +76,56 @@ def get_lora(request: Request) -> Response:
         "iteration": getattr(artifact, "number", None),
         "format": data["format"],
         "sha256": hashlib.sha256(lora).hexdigest(),  # of the bytes sent
+        "lora_url": links.lora_download_url(artifact, data["format"]),
     }
     return rendered(GetLoraResponse, body)
+
+
+@extend_schema(
+    operation_id="lora_file",
+    tags=TAGS,
+    summary="Download a LoRA file of the session (a numbered LoRA or a checkpoint) as a file",
+    description="The stored `.safetensors` as an attachment (`curl -OJ`), or with "
+    "`?format=kohya` the same adapter in kohya's form, named `<stem>.kohya.safetensors`. "
+    "`ETag` is the sha256 of the bytes sent (quoted); `If-None-Match` with it answers 304. "
+    "Single byte ranges (`Range: bytes=0-99`, `bytes=100-`, `bytes=-100`) answer 206 with "
+    "`Content-Range`, a range past the end 416; `If-Range` is honoured. `<lora_filename>` "
+    "is any name /get_lora takes: `lora_<n>.safetensors`, an uploaded name, or a run's "
+    "checkpoint `lora_run<run>_step<step>.safetensors`.",
+    parameters=[LoraFileQuerySerializer],
+    responses={
+        (200, "application/octet-stream"): OpenApiResponse(bytes, description="the file"),
+        (206, "application/octet-stream"): OpenApiResponse(
+            bytes, description="the bytes of the range asked for"
+        ),
+        304: OpenApiResponse(description="If-None-Match named the file's ETag"),
+        416: OpenApiResponse(
+            ErrorSerializer,
+            description="the range lies outside the file (Content-Range: bytes */<size>)",
+        ),
+        **error_responses(400, 404, 409, with_body=False),
+    },
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def lora_file(request: Request, session_id: int, lora_filename: str) -> HttpResponseBase:
+    query = LoraFileQuerySerializer(data=request.query_params)
+    query.is_valid(raise_exception=True)
+    artifact = training_selectors.lora_file_get(
+        session_id, lora_filename=lora_filename, caller=request_caller(request)
+    )
+    download = loras.lora_download(artifact, query.validated_data["format"])
+    return download_response(
+        request,
+        download.handle,
+        download.size,
+        sha256=download.sha256,
+        filename=download.filename,
+    )
+
+
+# `?format=` names the LoRA's form here, not one of DRF's renderers (URL_FORMAT_OVERRIDE).
+lora_file.cls.content_negotiation_class = FormatIsTheViewsOwn
 
 
 @extend_schema(

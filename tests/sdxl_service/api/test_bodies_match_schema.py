@@ -5,6 +5,8 @@ of every endpoint, in every shape (the four /train_status shapes, LoRA or none, 
 formats, the error shape of each documented code).
 """
 
+import json
+
 import pytest
 from openapi_schema_validator import OAS30Validator
 from rest_framework.test import APIClient
@@ -54,6 +56,17 @@ class SchemaChecker:
         assert data.startswith(
             {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8"}[media_type]
         )
+        self.checked.add((path, response.status_code))
+
+    def check_download(self, path: str, response) -> None:
+        """A file download: the documented status and content type, a safetensors file."""
+        (operation,) = self.document["paths"][path].values()
+        media_type = "application/octet-stream"
+        assert media_type in operation["responses"][str(response.status_code)]["content"]
+        assert response["Content-Type"] == media_type
+        data = b"".join(response.streaming_content)
+        header_length = int.from_bytes(data[:8], "little")
+        assert json.loads(data[8 : 8 + header_length])
         self.checked.add((path, response.status_code))
 
     def check(self, path: str, response) -> dict:
@@ -126,7 +139,11 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     assert api("/get_lora", checkpoint)["iteration"] is None
 
     for lora_format in ("diffusers", "kohya"):
-        assert api("/get_lora", {**ref, "format": lora_format})["format"] == lora_format
+        got = api("/get_lora", {**ref, "format": lora_format})
+        assert got["format"] == lora_format
+        schema.check_download(
+            "/sessions/{session_id}/loras/{lora_filename}", APIClient().get(got["lora_url"])
+        )
     uploaded = api("/upload_lora", {**ref, "lora_base64": b64(lora_bytes())})
     assert api("/get_lora", {**ref, "iteration": uploaded["iteration"]})["iteration"] == 2
 

@@ -510,33 +510,53 @@ def _names(session, checkpoints) -> list[str]:
     return [f"session_{session.pk}/checkpoints/{c.filename}" for c in checkpoints]
 
 
-def test_prune_removes_the_checkpoints_of_ended_runs_whatever_keep_is(
+def test_prune_keeps_the_newest_keep_checkpoints_of_ended_runs_and_all_of_running_ones(
     runs_with_checkpoints, django_capture_on_commit_callbacks
 ):
+    """`--keep 2` keeps two checkpoints: the newest run's, its last step first."""
     session, checkpoints, samples = runs_with_checkpoints
-    ended = checkpoints["completed"] + checkpoints["error"]
-    kept = checkpoints["running"][0]
+    (old_step, last_step), errored = checkpoints["completed"], checkpoints["error"][0]
+    running = checkpoints["running"][0]
     folder = storage.session_dir(session.pk)
     before = _tree(folder)
 
-    dry = lora_services.loras_prune(keep=10, dry_run=True)
+    dry = run_command("prune_loras", "--keep", "2", "--dry-run")
 
-    assert dry == _names(session, ended)
+    assert f"would delete {_names(session, [old_step])[0]}" in dry
+    assert "would delete 1 LoRA files" in dry
     assert _tree(folder) == before and TrainingCheckpoint.objects.count() == 4
 
     with django_capture_on_commit_callbacks(execute=True):
-        pruned = lora_services.loras_prune(keep=10)
+        output = run_command("prune_loras", "--keep", "2")
 
-    assert pruned == dry
-    assert list(TrainingCheckpoint.objects.all()) == [kept]
-    for checkpoint in ended:
-        assert not checkpoint_path(checkpoint).exists()
-    assert checkpoint_path(kept).is_file()
-    # keep=10 keeps both LoRAs, and the ended run's sample images stay, rows and files.
+    assert f"deleted {_names(session, [old_step])[0]}" in output
+    assert set(TrainingCheckpoint.objects.all()) == {last_step, errored, running}
+    assert not checkpoint_path(old_step).exists()
+    assert all(checkpoint_path(c).is_file() for c in (last_step, errored, running))
+    # keep=2 keeps both LoRAs, and the ended run's sample images stay, rows and files.
     assert LoraArtifact.objects.count() == 2
     assert list(TrainingSample.objects.all()) == samples
     assert all(sample_path(sample).is_file() for sample in samples)
-    assert lora_services.loras_prune(keep=10) == []
+    assert lora_services.loras_prune(keep=2) == []
+    assert lora_services.loras_prune(keep=3) == []
+
+
+def test_prune_keep_0_removes_every_checkpoint_of_ended_runs_but_not_a_running_runs(
+    runs_with_checkpoints, django_capture_on_commit_callbacks
+):
+    session, checkpoints, _ = runs_with_checkpoints
+    ended = checkpoints["completed"] + checkpoints["error"]
+
+    with django_capture_on_commit_callbacks(execute=True):
+        pruned = lora_services.loras_prune(keep=0)
+
+    assert pruned == [
+        f"session_{session.pk}/lora_2.safetensors",
+        f"session_{session.pk}/lora_1.safetensors",
+    ] + _names(session, ended)
+    assert list(TrainingCheckpoint.objects.all()) == checkpoints["running"]
+    assert not any(checkpoint_path(checkpoint).exists() for checkpoint in ended)
+    assert checkpoint_path(checkpoints["running"][0]).is_file()
 
 
 def test_prune_with_keep_names_loras_and_checkpoints_and_honours_the_session(
@@ -550,8 +570,9 @@ def test_prune_with_keep_names_loras_and_checkpoints_and_honours_the_session(
     with django_capture_on_commit_callbacks(execute=True):
         pruned = lora_services.loras_prune(keep=1, session_id=session.pk)
 
+    # The newest checkpoint of an ended run stays: the errored run's, the latest.
     assert pruned == [f"session_{session.pk}/lora_1.safetensors"] + _names(
-        session, checkpoints["completed"] + checkpoints["error"]
+        session, checkpoints["completed"]
     )
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_2.safetensors"]
     assert not (storage.session_dir(session.pk) / "lora_1.safetensors").exists()
@@ -579,9 +600,14 @@ def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
     )
 
     with django_capture_on_commit_callbacks(execute=True):
-        pruned = lora_services.loras_prune(keep=10)
+        pruned = lora_services.loras_prune(keep=2)
 
-    assert pruned == _names(session, checkpoints["completed"][1:] + checkpoints["error"])
+    # Past the newest two, but a waiting generation uses it: kept.
+    assert pruned == []
+    with django_capture_on_commit_callbacks(execute=True):
+        pruned = lora_services.loras_prune(keep=0)
+
+    assert pruned[2:] == _names(session, checkpoints["completed"][1:] + checkpoints["error"])
     assert set(TrainingCheckpoint.objects.all()) == {in_use, checkpoints["running"][0]}
     assert checkpoint_path(in_use).read_bytes()  # still there, whole
     assert sha256_file(checkpoint_path(in_use)) == in_use.sha256
@@ -589,7 +615,7 @@ def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
     # Once the generation is done with it, the next prune removes it.
     Generation.objects.filter(pk=generation.pk).update(status="completed")
     with django_capture_on_commit_callbacks(execute=True):
-        assert lora_services.loras_prune(keep=10) == _names(session, [in_use])
+        assert lora_services.loras_prune(keep=0) == _names(session, [in_use])
     assert not checkpoint_path(in_use).exists()
     applied = generation.applied_loras.get()
     assert applied.checkpoint is None and applied.filename == in_use.filename
@@ -597,8 +623,8 @@ def test_prune_keeps_a_checkpoint_a_waiting_generation_uses(
 
 def test_prune_command_lists_checkpoints(runs_with_checkpoints):
     session, checkpoints, _ = runs_with_checkpoints
-    output = run_command("prune_loras", "--keep", "5", "--dry-run")
-    for name in _names(session, checkpoints["completed"] + checkpoints["error"]):
+    output = run_command("prune_loras", "--keep", "1", "--dry-run")
+    for name in _names(session, checkpoints["completed"]):
         assert f"would delete {name}" in output
     assert "would delete 3 LoRA files" in output
     assert TrainingCheckpoint.objects.count() == 4

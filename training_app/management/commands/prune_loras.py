@@ -1,5 +1,5 @@
-"""`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files;
-checkpoints of runs that have ended go."""
+"""`manage.py prune_loras --keep N [--dry-run]`: keep each session's newest N LoRA files and
+its newest N checkpoints of runs that have ended."""
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
@@ -9,11 +9,12 @@ from training_app.services.loras import loras_prune
 
 class Command(BaseCommand):
     help = (
-        "Deletes all but the newest N LoRA files (and rows) of every session. Numbers are "
-        "never reused: the next LoRA still gets the next number. Checkpoints of runs that "
-        "have ended (completed or error) go too, whatever N is; sample images stay. A LoRA or "
-        "checkpoint a queued or running generation is about to use is kept. --dry-run only "
-        "lists them."
+        "Deletes all but the newest N LoRA files (and rows) of every session, and all but "
+        "its newest N checkpoints of runs that have ended (the latest run's last steps "
+        "first). Numbers are never reused: the next LoRA still gets the next number. "
+        "Checkpoints of a queued or running run stay (it may resume from them), and so do "
+        "sample images. A LoRA or checkpoint a queued or running generation is about to use "
+        "is kept. --dry-run only lists them."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -33,4 +34,7 @@ class Command(BaseCommand):
         verb = "would delete" if dry_run else "deleted"
         for name in pruned:
             self.stdout.write(f"{verb} {name}")
-        self.stdout.write(f"{verb} {len(pruned)} LoRA files, keeping the newest {keep} per session")
+        self.stdout.write(
+            f"{verb} {len(pruned)} LoRA files, keeping the newest {keep} per session "
+            f"(and the newest {keep} checkpoints)"
+        )

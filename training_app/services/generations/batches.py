@@ -94,10 +94,10 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
                 "lora": loras_used[0]["filename"] if loras_used else None,
                 "lora_sha256": loras_used[0]["sha256"] if loras_used else None,
                 "lora_scale": loras_used[0]["scale"] if loras_used else None,
-                "model": pipelines.source.base,
+                "model": pipelines.source.base_name,
                 # The Refiner model and the switch used; both null when it did not run.
                 "refiner": (
-                    pipelines.source.refiner if params.refiner_policy == "ensemble" else None
+                    pipelines.source.refiner_name if params.refiner_policy == "ensemble" else None
                 ),
                 "refiner_switch_at": params.refiner_switch_at,
                 "scheduler": params.scheduler,
