@@ -290,7 +290,7 @@ def test_a_trained_lora_and_a_generated_image_name_the_model_not_a_server_path(
         "prompt": "a red square",
         "width": 64,
         "height": 64,
-        "num_inference_steps": 2,
+        "steps": 5,
         "loras": [{"session_id": session.pk}],
         "async": True,
     }
