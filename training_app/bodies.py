@@ -50,7 +50,6 @@ def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
             "progress": 100,
             "lora": artifact.filename if artifact else None,
             **_kept_along_the_way(run),
-            "recipe": training_recipe_body(run),
         }
     return {
         "status": "in-progress",
@@ -62,7 +61,6 @@ def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
         "loss": run.last_loss,
         "eta_seconds": run_eta_seconds(run),
         **_kept_along_the_way(run),
-        "recipe": training_recipe_body(run),
     }
 
 
@@ -76,7 +74,8 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
     model it was planned for, length, batch, rank, rate, resolution, buckets, and the steps
     it samples and keeps checkpoints at. A length in epochs has its steps (and so its sample
     and checkpoint steps) known only once the worker has sorted the images into buckets:
-    null until then."""
+    null until then (/train_status's total_steps tells them; GET /sessions/<id> lists every
+    run's recorded parameters)."""
     params = TrainingParams(**run.parameters)
     steps = params.steps or run.total_steps
     preset = planned_preset(settings.SDXL_MODEL_PRESET or None)

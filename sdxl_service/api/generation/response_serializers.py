@@ -74,12 +74,12 @@ class GenerationParameters(serializers.Serializer[Any]):
     height = serializers.IntegerField(help_text="as width")
     steps = serializers.IntegerField()
     guidance_scale = serializers.FloatField()
-    scheduler = serializers.CharField(required=False, allow_null=True)
-    refiner = serializers.CharField(required=False, allow_null=True)
-    refiner_switch = serializers.FloatField(required=False, allow_null=True)
-    strength = serializers.FloatField(required=False, allow_null=True)
-    output_format = serializers.CharField(required=False, allow_null=True)
-    quality = serializers.IntegerField(required=False, allow_null=True)
+    scheduler = serializers.CharField(required=False)
+    refiner = serializers.CharField(required=False)
+    refiner_switch = serializers.FloatField(required=False)
+    strength = serializers.FloatField(required=False)
+    output_format = serializers.CharField(required=False)
+    quality = serializers.IntegerField(required=False)
 
 
 class Txt2ImgResponse(GenerationUsed):

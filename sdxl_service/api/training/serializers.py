@@ -250,14 +250,12 @@ class TrainStatusInProgress(KeptAlongTheWay):
     eta_seconds = serializers.IntegerField(
         allow_null=True, help_text="from the time per step so far; null before the first step"
     )
-    recipe = TrainingRecipe(help_text="what the run trains")
 
 
 class TrainStatusCompleted(KeptAlongTheWay):
     status = serializers.ChoiceField(choices=["completed"])
     progress = serializers.ChoiceField(choices=[100])
     lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
-    recipe = TrainingRecipe(help_text="what the run trained")
 
 
 class TrainStatusError(serializers.Serializer[Any]):
