@@ -174,9 +174,8 @@ class TrainLoraSerializer(WebhookFields):
 class TrainingRecipe(serializers.Serializer[Any]):
     """The recipe a run trains, resolved: what the request gave, the rest from its recipe."""
 
-    name = serializers.ChoiceField(
-        choices=RECIPES,
-        help_text="where the fields the request left out came from: service (the service's "
+    name = serializers.CharField(
+        help_text=f"one of {', '.join(RECIPES)}: where the fields the request left out came from: service (the service's "
         "recipe, with only session_id) or original (the original's, when steps or epochs "
         "is given)",
     )
