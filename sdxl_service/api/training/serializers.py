@@ -175,9 +175,9 @@ class TrainingRecipe(serializers.Serializer[Any]):
     """The recipe a run trains, resolved: what the request gave, the rest from its recipe."""
 
     name = serializers.CharField(
-        help_text=f"one of {', '.join(RECIPES)}: where the fields the request left out came from: service (the service's "
-        "recipe, with only session_id) or original (the original's, when steps or epochs "
-        "is given)",
+        help_text=f"one of {', '.join(RECIPES)}: where the fields the request left out came "
+        "from: service (the service's recipe, with only session_id) or original (the "
+        "original's, when steps or epochs is given)",
     )
     model = serializers.CharField(
         help_text="the model the run was planned for: tiny (its left-out length capped at "
