@@ -8,6 +8,8 @@ worker will run.
 
 from __future__ import annotations
 
+import io
+import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,6 +33,12 @@ RECIPE_MAX_VIEWS = 4000
 RECIPE_MAX_WARMUP_STEPS = 100
 # sample_every and checkpoint_every of None: this many times a run.
 WATCHES_PER_RUN = 4
+# On the tiny random-weight model (a CPU demo: its LoRAs learn nothing meaningful) a run
+# whose length the request left out trains at most this many steps: about 20 s on two
+# CPU cores instead of the minutes the service recipe's 1500 image-views would take.
+# Everything else (rank, rate, buckets, samples and checkpoints four times a run, the
+# model's native 64² resolution) is the recipe's own.
+TINY_RECIPE_MAX_STEPS = 100
 # Training images train at buckets of about this side squared; 64 divides by what both the
 # SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
 TRAINING_RESOLUTION_MULTIPLE = 64
@@ -114,6 +122,24 @@ def every_steps(every: int | None, total_steps: int) -> int:
     return every
 
 
+def sample_steps(sample_every: int | None, total_steps: int) -> list[int]:
+    """The steps a run of `total_steps` samples at: every `sample_every` (every_steps), and
+    the last step too, as kohya's sd-scripts does, so the finished LoRA always has samples.
+    Empty for never (0)."""
+    every = every_steps(sample_every, total_steps)
+    if not every or total_steps < 1:
+        return []
+    steps = list(range(every, total_steps + 1, every))
+    return steps if steps and steps[-1] == total_steps else [*steps, total_steps]
+
+
+def checkpoint_steps(checkpoint_every: int | None, total_steps: int) -> list[int]:
+    """The steps a run of `total_steps` keeps a checkpoint at: every `checkpoint_every`
+    (every_steps) before the last (whose file is the LoRA itself). Empty for never."""
+    every = every_steps(checkpoint_every, total_steps)
+    return list(range(every, total_steps, every)) if every else []
+
+
 def recipe_of(given: Mapping[str, object]) -> str:
     """The recipe a request's unspecified fields come from: the one it names, else the
     original's when it sets the run's length itself (steps or epochs), else the service's."""
@@ -139,7 +165,11 @@ def fewest_steps(epochs: int, image_count: int, batch_size: int) -> int:
 
 
 def training_params(
-    given: Mapping[str, object], image_count: int, max_steps: int | None = None
+    given: Mapping[str, object],
+    image_count: int,
+    max_steps: int | None = None,
+    *,
+    tiny: bool = False,
 ) -> TrainingParams:
     """The whole recipe of a run: the fields the caller gave, the rest from its recipe
     (recipe_of). The service recipe trains whole epochs until every image has been seen
@@ -151,7 +181,12 @@ def training_params(
     A length the caller left out keeps to `max_steps` (the service's limit on steps): when
     its epochs could take more steps than that (one image per batch), it becomes that many
     steps instead, or fewer (the epochs' fewest_steps). A length the caller gave is theirs
-    to keep within the limit (the service refuses it otherwise)."""
+    to keep within the limit (the service refuses it otherwise).
+
+    On the `tiny` model a length left out is also capped at TINY_RECIPE_MAX_STEPS steps
+    (of the service recipe; the original's one epoch is shorter anyway)."""
+    if tiny:
+        max_steps = min(max_steps or TINY_RECIPE_MAX_STEPS, TINY_RECIPE_MAX_STEPS)
     recipe = recipe_of(given)
     defaults = recipe_defaults(recipe)
     chosen = {**asdict(defaults), **given, "recipe": recipe}
@@ -247,8 +282,11 @@ class GenerationParams:
     prompt: str = ""
     negative_prompt: str = ""
     num_images: int = 1
-    height: int = 1024
-    width: int = 1024
+    # None: the model's native size (1024 for SDXL, 64 for the tiny model); with an
+    # init_image, its aspect ratio at about the native area (default_image_size). `sized`
+    # fills them; the service records them filled.
+    height: int | None = None
+    width: int | None = None
     guidance_scale: float = 7.0
     steps: int = 20
     seed: int | None = None  # None: a random seed (filled), recorded
@@ -304,6 +342,32 @@ class GenerationParams:
         if self.init_image is not None and strength is None:
             strength = DEFAULT_STRENGTH
         return replace(self, seed=seed, strength=strength)
+
+    def sized(
+        self,
+        native_side: int,
+        max_side: int | None = None,
+        image_size: tuple[int, int] | None = None,
+    ) -> GenerationParams:
+        """These params with a width and height: those given, else default_image_size's for
+        a model of `native_side` (from the init_image's `image_size`, read from its bytes
+        when not given)."""
+        if self.width is not None and self.height is not None:
+            return self
+        if self.init_image is not None and image_size is None:
+            image_size = image_dimensions(self.init_image)
+        width, height = default_image_size(native_side, image_size, max_side)
+        return replace(
+            self,
+            width=self.width if self.width is not None else width,
+            height=self.height if self.height is not None else height,
+        )
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(width, height); the params must be sized."""
+        assert self.width is not None and self.height is not None, "unsized GenerationParams"
+        return self.width, self.height
 
     @property
     def refiner_policy(self) -> str:
@@ -368,6 +432,45 @@ PER_REQUEST = frozenset(
 # columns, the starting image in a file, the LoRAs' files in rows of their own.
 RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras")
 GENERATION_DEFAULTS = GenerationParams()
+
+
+# Generated sides are multiples of this (the VAE's scale factor), at least IMAGE_SIDE_MIN.
+IMAGE_SIDE_MULTIPLE = 8
+IMAGE_SIDE_MIN = 64
+
+
+def default_image_size(
+    native_side: int, image_size: tuple[int, int] | None = None, max_side: int | None = None
+) -> tuple[int, int]:
+    """(width, height) of a generation that gave none: the model's native square, or, from
+    an img2img image of `image_size` (width, height), that image's aspect ratio at about the
+    native area, each side the nearest multiple of IMAGE_SIDE_MULTIPLE, at least
+    IMAGE_SIDE_MIN and at most `max_side` (scaled down together, keeping the ratio, when the
+    longer side would pass it; scaled up when the shorter would fall under the minimum)."""
+    multiple = IMAGE_SIDE_MULTIPLE
+    largest = None if max_side is None else max(IMAGE_SIDE_MIN, max_side // multiple * multiple)
+    if image_size is None or min(image_size) < 1:
+        square = native_side if largest is None else min(native_side, largest)
+        return square, square
+    width, height = image_size
+    scale = native_side / math.sqrt(width * height)
+    if largest is not None:
+        scale = min(scale, largest / max(width, height))
+    scale = max(scale, IMAGE_SIDE_MIN / min(width, height))
+
+    def side(length: int) -> int:
+        rounded = max(IMAGE_SIDE_MIN, round(length * scale / multiple) * multiple)
+        return rounded if largest is None else min(largest, rounded)
+
+    return side(width), side(height)
+
+
+def image_dimensions(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image, from its header."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
 
 
 def output_problems(output_format: str | None, quality: object) -> dict[str, str]:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path, PureWindowsPath
@@ -104,6 +108,63 @@ def plan_model_source(
         reason=reason,
         device=device,
     )
+
+
+# The native image side of the weights each preset loads, for the web process to fill a
+# request's defaults with: real SDXL (hub, sdxl-random) keeps 1024, whatever hub model is
+# named; the tiny model's comes from its packaged config.
+REAL_NATIVE_SIDE = 1024
+
+
+def planned_preset(preset: str | None) -> str:
+    """The preset a worker on this machine resolves `preset` (SDXL_MODEL_PRESET) to: "hub",
+    "tiny" or "sdxl-random", as plan_model_source, but judging auto by cuda_likely() (no
+    torch imported, no CUDA initialised), so the web process may ask. Workers on another
+    machine than the web process should have SDXL_MODEL_PRESET set explicitly."""
+    chosen = (preset or "").strip().lower() or "auto"
+    if chosen == "auto":
+        return "hub" if cuda_likely() else "tiny"
+    return chosen
+
+
+def planned_native_side(preset: str | None) -> int:
+    """The native image side (width = height) of the model a worker on this machine loads
+    for `preset`: 64 for the tiny model, 1024 for real SDXL."""
+    chosen = planned_preset(preset)
+    if chosen in RANDOM_PRESETS and RANDOM_PRESETS[chosen] != "sdxl":
+        builder_preset = RANDOM_PRESETS[chosen]
+        unet = _packaged_unet_config(builder_preset)
+        vae = _packaged_config(builder_preset, "vae.json")
+        side: int = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+        return side
+    return REAL_NATIVE_SIDE
+
+
+@functools.cache
+def cuda_likely() -> bool:
+    """Whether torch.cuda.is_available() would say True in a worker on this machine, told
+    without importing torch or touching the driver: the installed torch is a CUDA (or ROCm)
+    build (its version.py), a GPU's driver is loaded (/proc/driver/nvidia/gpus/ has a GPU,
+    or /dev/kfd for ROCm) and CUDA_VISIBLE_DEVICES hides none of them all."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return False
+    spec = importlib.util.find_spec("torch")
+    locations = spec.submodule_search_locations if spec is not None else None
+    if not locations:
+        return False
+    try:
+        version = (Path(next(iter(locations))) / "version.py").read_text(encoding="utf-8")
+    except OSError:
+        return False
+
+    def built_with(name: str) -> bool:
+        return re.search(rf"^{name}\b[^=]*=\s*['\"]", version, re.MULTILINE) is not None
+
+    nvidia = Path("/proc/driver/nvidia/gpus")
+    if built_with("cuda") and nvidia.is_dir() and any(nvidia.iterdir()):
+        return True
+    return built_with("hip") and Path("/dev/kfd").exists()
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from sdxl_engine.parameters import image_seeds
+from django.conf import settings
+
+from sdxl_engine.parameters import (
+    TRAINING_RESOLUTION_MULTIPLE,
+    TrainingParams,
+    checkpoint_steps,
+    image_seeds,
+    sample_steps,
+)
+from sdxl_engine.source import planned_native_side, planned_preset
 from sessions_app.links import session_image_url
 from sessions_app.models import TrainingImage
 from training_app import links
@@ -72,6 +81,41 @@ def generation_queue_body(generation: Generation) -> dict[str, Any]:
     """A generation's place in the generation queue, as training_queue_body says for a run."""
     place = generation_queue_places([generation]).get(generation.pk)
     return place.as_dict() if place else dict(NOT_QUEUED)
+
+
+def training_started_body(run: TrainingRun) -> dict[str, Any]:
+    """/train_lora's answer: the run's id and the recipe it will train."""
+    return {"status": "started", "run_id": run.pk, "recipe": training_recipe_body(run)}
+
+
+def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
+    """What the run trains (its recorded TrainingParams, resolved): the recipe's name, the
+    model it was planned for, length, batch, rank, rate, resolution, buckets, and the steps
+    it samples and keeps checkpoints at. A length in epochs has its steps (and so its sample
+    and checkpoint steps) known only once the worker has sorted the images into buckets:
+    null until then (/train_status's total_steps tells them; GET /sessions/<id> lists every
+    run's recorded parameters)."""
+    params = TrainingParams(**run.parameters)
+    steps = params.steps or run.total_steps
+    preset = planned_preset(settings.SDXL_MODEL_PRESET or None)
+    largest = settings.SDXL_MAX_IMAGE_SIDE // TRAINING_RESOLUTION_MULTIPLE
+    native = min(planned_native_side(preset), largest * TRAINING_RESOLUTION_MULTIPLE)
+    return {
+        "name": params.recipe,
+        "model": preset,
+        "steps": steps,
+        "epochs": params.epochs,
+        "batch_size": params.batch_size,
+        "rank": params.rank,
+        "learning_rate": params.learning_rate,
+        "lr_scheduler": params.lr_scheduler,
+        "lr_warmup_steps": params.lr_warmup_steps,
+        "resolution": params.resolution or native,
+        "enable_bucket": params.enable_bucket,
+        "train_text_encoder": params.train_text_encoder,
+        "sample_steps": sample_steps(params.sample_every, steps) if steps else None,
+        "checkpoint_steps": checkpoint_steps(params.checkpoint_every, steps) if steps else None,
+    }
 
 
 def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
@@ -208,9 +252,11 @@ def generation_summary(generation: Generation) -> dict[str, Any]:
 
 
 def generation_answer(generation: Generation) -> dict[str, Any]:
-    """/txt2img's answer once the images are made (the images themselves aside)."""
+    """/txt2img's answer once the images are made (the images themselves aside), with the
+    parameters it ran with (its size filled when the request left it out)."""
     return {
         "generation_id": generation.pk,
+        "parameters": generation.parameters,
         **generation_summary(generation),
         "image_urls": links.generation_image_urls(generation),
     }

@@ -75,10 +75,15 @@ def generate_batch(
     `refiner_switch` of those steps and the Refiner the rest, as AUTOMATIC1111 splits
     them. At 1 the image is not used at all: the result is the text-to-image one for the
     seed.
+
+    A request without `width` and `height` renders at the model's native size (native_side),
+    or for img2img at its image's aspect ratio (GenerationParams.sized).
     """
+    native = native_side(pipelines)
+    requests = [request.sized(native) for request in requests]
     check_inputs(pipelines, requests)
     shared = requests[0]
-    height, width, steps = shared.height, shared.width, shared.steps
+    (width, height), steps = shared.size, shared.steps
     guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
     ensemble = shared.refiner_policy == "ensemble"
     img2img = strength is not None and strength < 1.0
@@ -289,12 +294,19 @@ def warm_up(pipelines: Pipelines) -> None:
     """
     if not pipelines.compiled or pipelines.warmed_up:
         return
-    size = pipelines.base.unet.config.sample_size * pipelines.base.vae_scale_factor
+    size = native_side(pipelines)
     # CUDA graph trees record a shape on its second or third call: 20 steps give the Base
     # 16 calls and the Refiner 4.
     with pipelines.recording_compiled_shapes():
         generate(pipelines, prompt="warm-up", height=size, width=size, steps=20, seed=0)
     pipelines.warmed_up = True
+
+
+def native_side(pipelines: Pipelines) -> int:
+    """The side of the Base's native square image: 1024 for SDXL, 64 for the tiny model."""
+    base = pipelines.base
+    side: int = base.unet.config.sample_size * base.vae_scale_factor
+    return side
 
 
 def check_inputs(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> None:
@@ -308,7 +320,7 @@ def check_inputs(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> 
         problems = {**request.problems(), **problems}
     shared = requests[0]
     multiple = pipelines.base.vae_scale_factor
-    if any(side < multiple or side % multiple for side in (shared.height, shared.width)):
+    if any(side < multiple or side % multiple for side in shared.size):
         problems["height and width"] = f"must be positive multiples of {multiple}"
     if any(request.seed is None for request in requests):
         problems["seed"] = "is needed (GenerationParams.filled draws one)"

@@ -82,8 +82,9 @@ def train_lora(
     move it, and the state to resume from is saved there (training.checkpoints). A run
     that finds a state of its own settings and images in `state_dir` continues from it,
     and tells `on_resume(step)` which step it continues from before the first step.
-    Every `params.sample_every` steps, `on_samples(step, [(prompt, image), ...])` gets
-    sample images (training.samples).
+    Every `params.sample_every` steps and at the last step (as kohya's sd-scripts;
+    parameters.sample_steps), `on_samples(step, [(prompt, image), ...])` gets sample
+    images (training.samples).
     """
     if not pairs:
         raise EngineError(

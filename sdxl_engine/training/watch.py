@@ -11,7 +11,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from PIL import Image
 
-from sdxl_engine.parameters import every_steps
+from sdxl_engine.parameters import every_steps, sample_steps
 from sdxl_engine.training.adapters import MasterWeights, save_lora
 from sdxl_engine.training.caching import Encoders, Run
 from sdxl_engine.training.checkpoints import ResumeState, save_resume_state
@@ -48,6 +48,8 @@ class Watch:
         self._sample_prompts = sample_prompts
         self._sample_seed = params.sample_seed if params.sample_seed is not None else run.seed
         self.sample_every = every_steps(params.sample_every, run.total_steps)
+        # Every sample_every steps and the last, so the finished LoRA has its samples.
+        self.sample_steps = frozenset(sample_steps(params.sample_every, run.total_steps))
         self.checkpoint_every = every_steps(params.checkpoint_every, run.total_steps)
 
     def resumed(self, step: int) -> None:
@@ -56,12 +58,7 @@ class Watch:
 
     def after_step(self, step: int, loss: float, optimisation: Optimisation) -> None:
         on_samples, state_dir = self._on_samples, self._state_dir
-        if (
-            on_samples is not None
-            and self._sample_prompts
-            and self.sample_every
-            and step % self.sample_every == 0
-        ):
+        if on_samples is not None and self._sample_prompts and step in self.sample_steps:
             self._samples(step, on_samples)
         if (
             state_dir is not None

@@ -148,14 +148,6 @@ def image_side(divisor: int = 8, **kwargs: Any) -> serializers.IntegerField:
     )
 
 
-def default_image_side(side: int) -> int:
-    """A generation's height or width when the request leaves it out: SDXL's native `side`
-    (1024), capped at the largest side the service allows. Capped rather than refused: the
-    operator set the limit, and a user who asks for "an image" expects the largest one the
-    service makes, not an error about a field they never sent."""
-    return min(side, largest_image_side(8))
-
-
 class ChoiceField(serializers.ChoiceField):
     """DRF's ChoiceField whose refusal lists the valid values, and that takes other names
     for a choice (`aliases`: {"jpg": "jpeg"})."""

@@ -156,3 +156,28 @@ def test_inconsistent_img2img_requests_are_engine_errors(
     )
     with pytest.raises(EngineError, match=problem):
         generate_batch(pipelines, [request])
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [
+        ((64, 64), (64, 64)),
+        ((96, 64), (96, 64)),
+        ((64, 128), (64, 128)),
+        ((300, 100), (192, 64)),
+        ((120, 200), (64, 104)),
+    ],
+)
+def test_an_init_image_without_width_and_height_keeps_its_aspect_ratio(
+    pipelines: Pipelines, size: tuple[int, int], expected: tuple[int, int]
+) -> None:
+    """Issue 25: not stretched to a square: its aspect at about the native area (64² for
+    the tiny model), each side a multiple of 8 and at least 64."""
+    request = {"prompt": "a red square", "seed": 3, "steps": 5}
+    images = generate(pipelines, **request, init_image=_picture(1, size), strength=0.6)
+    assert images[0].size == expected
+
+
+def test_text_to_image_without_a_size_is_the_models_native_square(pipelines: Pipelines) -> None:
+    images = generate(pipelines, prompt="a red square", seed=3, steps=5)
+    assert images[0].size == (64, 64)  # the tiny model's native size, not 1024²

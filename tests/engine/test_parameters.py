@@ -1,21 +1,27 @@
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, fields, replace
 
 import pytest
+from PIL import Image
 
 from sdxl_engine.parameters import (
     DEFAULT_STRENGTH,
     PER_REQUEST,
     RECIPE_MAX_VIEWS,
     SERVICE_RECIPE,
+    TINY_RECIPE_MAX_STEPS,
     GenerationParams,
     LoraChoice,
     TrainingParams,
+    checkpoint_steps,
+    default_image_size,
     fewest_steps,
     problems_text,
     recipe_of,
     recipe_views,
+    sample_steps,
     training_params,
 )
 from sdxl_engine.schedulers import SCHEDULER_NAMES
@@ -190,6 +196,12 @@ def test_filled_draws_a_seed_and_gives_img2img_its_default_strength() -> None:
 def test_a_record_keeps_the_fields_left_out_out() -> None:
     assert GenerationParams(prompt="x", seed=3).record() == {
         "num_images": 1,
+        "guidance_scale": 7.0,
+        "steps": 20,
+    }
+    # The service records a size left out as filled (sized).
+    assert GenerationParams(prompt="x", seed=3).sized(1024).record() == {
+        "num_images": 1,
         "height": 1024,
         "width": 1024,
         "guidance_scale": 7.0,
@@ -234,3 +246,97 @@ def test_every_field_not_a_requests_own_keeps_requests_apart() -> None:
     plain = GenerationParams(prompt="a", seed=1)
     shared = {field.name for field in fields(GenerationParams)} - PER_REQUEST
     assert {name for name, _ in plain.batch_key()} == shared
+
+
+# --- Issue 25: fast tiny defaults, samples at the last step -------------------------------
+
+
+@pytest.mark.parametrize(
+    ("every", "total", "samples", "checkpoints"),
+    [
+        # The 1125-step default run sampled at 282, 564 and 846 only.
+        (None, 1125, [282, 564, 846, 1125], [282, 564, 846]),
+        (None, 100, [25, 50, 75, 100], [25, 50, 75]),
+        (None, 5, [2, 4, 5], [2, 4]),
+        (3, 10, [3, 6, 9, 10], [3, 6, 9]),
+        (2, 4, [2, 4], [2]),
+        (20, 10, [10], []),
+        (0, 10, [], []),
+    ],
+)
+def test_sample_steps_end_at_the_last_step_and_checkpoints_before_it(
+    every: int | None, total: int, samples: list[int], checkpoints: list[int]
+) -> None:
+    assert sample_steps(every, total) == samples
+    assert checkpoint_steps(every, total) == checkpoints
+
+
+@pytest.mark.parametrize("image_count", [1, 2, 3, 8, 40])
+def test_the_tiny_models_default_recipe_is_the_service_one_capped_at_100_steps(
+    image_count: int,
+) -> None:
+    real = training_params({}, image_count, max_steps=100000)
+    tiny = training_params({}, image_count, max_steps=100000, tiny=True)
+    # Real SDXL keeps the service recipe exactly: its length in epochs.
+    assert real.steps is None and real.epochs == -(-recipe_views(image_count) // image_count)
+    assert (tiny.steps, tiny.epochs) == (TINY_RECIPE_MAX_STEPS, None) == (100, None)
+    assert tiny.lr_warmup_steps == 10  # a tenth of the steps, as the recipe warms up
+    same = {"steps", "epochs", "lr_warmup_steps"}
+    assert {k: v for k, v in asdict(tiny).items() if k not in same} == {
+        k: v for k, v in asdict(real).items() if k not in same
+    }
+    assert (tiny.recipe, tiny.rank, tiny.enable_bucket, tiny.resolution) == (
+        "service",
+        32,
+        True,
+        None,
+    )
+
+
+@pytest.mark.parametrize(
+    "given",
+    [{"steps": 500}, {"epochs": 3}, {"recipe": "service", "steps": 300}, {"epochs": 1}],
+)
+def test_a_length_given_is_kept_on_the_tiny_model(given: dict) -> None:
+    assert training_params(given, 3, 100000, tiny=True) == training_params(given, 3, 100000)
+
+
+def test_the_original_recipe_on_the_tiny_model_stays_one_epoch() -> None:
+    assert training_params({"recipe": "original"}, 3, 100000, tiny=True).epochs == 1
+
+
+@pytest.mark.parametrize(
+    ("native", "image", "max_side", "expected"),
+    [
+        (1024, None, None, (1024, 1024)),
+        (1024, None, 768, (768, 768)),
+        (64, None, 2048, (64, 64)),
+        (1024, (1024, 1024), 2048, (1024, 1024)),
+        (1024, (1600, 900), 2048, (1368, 768)),  # 16:9 at about 1024²
+        (1024, (600, 800), 2048, (888, 1184)),  # 3:4
+        (1024, (4000, 1000), 2048, (2048, 512)),
+        (1024, (10000, 100), 2048, (2048, 64)),  # sides kept within 64..2048
+        (64, (200, 100), 2048, (128, 64)),  # the tiny model: never under 64
+        (64, (100, 150), 2048, (64, 96)),
+        (64, (50, 50), 2048, (64, 64)),
+    ],
+)
+def test_default_image_size_is_native_or_the_init_images_aspect(
+    native: int, image: tuple[int, int] | None, max_side: int | None, expected: tuple[int, int]
+) -> None:
+    width, height = default_image_size(native, image, max_side)
+    assert (width, height) == expected
+    assert width % 8 == 0 and height % 8 == 0 and min(width, height) >= 64
+    if image is not None and max(expected) < 2048 and min(expected) > 64:
+        assert abs(width / height - image[0] / image[1]) < 0.02 * image[0] / image[1]
+        assert abs(width * height / native**2 - 1) < 0.05
+
+
+def test_sized_fills_only_what_was_left_out() -> None:
+    assert GenerationParams().sized(64).size == (64, 64)
+    assert GenerationParams(width=128).sized(64).size == (128, 64)
+    assert GenerationParams(width=96, height=72).sized(1024).size == (96, 72)
+    picture = io.BytesIO()
+    Image.new("RGB", (300, 200)).save(picture, format="PNG")
+    img2img = GenerationParams(init_image=picture.getvalue())
+    assert img2img.sized(1024).size == default_image_size(1024, (300, 200)) == (1256, 840)

@@ -65,3 +65,23 @@ def test_sampling_leaves_the_training_and_its_random_streams_untouched(
         load_file(tmp_path / "watched.safetensors"),
     )
     assert all(torch.equal(actual[key], expected[key]) for key in expected)
+
+
+def test_a_run_also_samples_at_its_last_step(
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+) -> None:
+    """Issue 25: as kohya does, the finished LoRA has samples even when sample_every (given,
+    or a quarter of the run by default) does not divide the run."""
+    for sample_every, expected in ((None, [2, 4, 5]), (3, [3, 5])):
+        received: list[tuple[int, list[tuple[str, Image.Image]]]] = []
+        params = replace(PARAMS, steps=5, sample_every=sample_every, sample_prompts=["a dog"])
+        train_lora(
+            pipelines,
+            training_pairs,
+            params,
+            tmp_path / "lora.safetensors",
+            on_samples=lambda step, samples, received=received: received.append((step, samples)),
+        )
+        assert [step for step, _ in received] == expected
+        last_prompt, last_image = received[-1][1][0]
+        assert last_prompt == "a dog" and last_image.size == (64, 64)

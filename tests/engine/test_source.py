@@ -159,3 +159,31 @@ def test_a_random_presets_models_are_named_by_the_preset_not_their_folder(tmp_pa
     assert str(tmp_path) in tiny.base  # where it loads from: the server's folder
     hub = plan_model_source("hub", "/data/models/mine", "", tmp_path, cuda=False)
     assert (hub.base_name, hub.refiner_name) == ("mine", DEFAULT_REFINER_MODEL)
+
+
+def test_the_web_process_plans_the_workers_model_without_torch(monkeypatch) -> None:
+    """Issue 25: defaults follow the model a worker on this machine loads, judged without
+    importing torch or touching CUDA (source.cuda_likely)."""
+    import subprocess
+    import sys
+
+    from sdxl_engine import source
+
+    assert (source.planned_native_side("tiny"), source.planned_native_side("hub")) == (64, 1024)
+    assert source.planned_native_side("sdxl-random") == 1024
+    for cuda, preset, side in ((False, "tiny", 64), (True, "hub", 1024)):
+        monkeypatch.setattr(source, "cuda_likely", lambda cuda=cuda: cuda)
+        assert source.planned_preset(None) == source.planned_preset("") == preset
+        assert source.planned_native_side(None) == side
+        assert source.planned_preset("tiny") == "tiny"  # an explicit preset is taken as is
+    monkeypatch.undo()
+    source.cuda_likely.cache_clear()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert source.cuda_likely() is False
+    source.cuda_likely.cache_clear()
+    # In a process of its own (this one has torch): planning imports no torch.
+    check = (
+        "import sys; from sdxl_engine.source import cuda_likely, planned_native_side; "
+        "cuda_likely(); planned_native_side(None); assert 'torch' not in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, cwd=Path(__file__).parents[2])

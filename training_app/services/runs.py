@@ -22,6 +22,7 @@ from sdxl_engine.parameters import (
     recipe_of,
     training_params,
 )
+from sdxl_engine.source import planned_preset
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.selectors import session_get
@@ -65,8 +66,9 @@ def training_run_start(
 
     `parameters` are the TrainingParams the caller gave; the run records the whole recipe
     (sdxl_engine.parameters.training_params: the rest from the recipe, its length from
-    the number of images now). A name TrainingParams does not have fails here, not in
-    the worker.
+    the number of images now; on the tiny model a length left out is capped at
+    TINY_RECIPE_MAX_STEPS). A name TrainingParams does not have fails here, not in the
+    worker.
     """
     from sdxl_engine.dataset import find_training_pairs, training_captions
 
@@ -107,6 +109,7 @@ def training_run_start(
                             parameters,
                             image_count=len(pairs),
                             max_steps=settings.SDXL_MAX_TRAINING_STEPS,
+                            tiny=planned_preset(settings.SDXL_MODEL_PRESET or None) == "tiny",
                         )
                     ),
                     webhook_url=webhook_url,

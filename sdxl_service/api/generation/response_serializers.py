@@ -62,7 +62,31 @@ class GenerationUsed(serializers.Serializer[Any]):
     duration_ms = serializers.IntegerField(allow_null=True)
 
 
+class GenerationParameters(serializers.Serializer[Any]):
+    """The parameters a generation ran with, as its row records them (GET /generations/<id>'s
+    `parameters`): every field with a default, width and height filled when left out; the
+    optional ones only when given (their defaults are the answer's top-level keys)."""
+
+    num_images = serializers.IntegerField()
+    width = serializers.IntegerField(
+        help_text="as rendered: left out, the model's native size (or the init image's aspect)"
+    )
+    height = serializers.IntegerField(help_text="as width")
+    steps = serializers.IntegerField()
+    guidance_scale = serializers.FloatField()
+    scheduler = serializers.CharField(required=False)
+    refiner = serializers.CharField(required=False)
+    refiner_switch = serializers.FloatField(required=False)
+    strength = serializers.FloatField(required=False)
+    output_format = serializers.CharField(required=False)
+    quality = serializers.IntegerField(required=False)
+
+
 class Txt2ImgResponse(GenerationUsed):
+    parameters = GenerationParameters(
+        help_text="the parameters it ran with (size, steps, guidance...), as GET "
+        "/generations/<id> shows them"
+    )
     images_base64 = serializers.ListField(
         child=serializers.CharField(),
         required=False,

@@ -36,7 +36,6 @@ from sdxl_service.api.fields import (
     StrictFloatField,
     StrictIntegerField,
     StringField,
-    default_image_side,
     image_side,
 )
 from sdxl_service.api.loras.serializers import (
@@ -101,8 +100,18 @@ class Txt2ImgSerializer(WebhookFields):
     num_images = StrictIntegerField(
         min_value=1, max_value=settings.SDXL_MAX_NUM_IMAGES, default=GENERATION_DEFAULTS.num_images
     )
-    height = image_side(default=default_image_side(GENERATION_DEFAULTS.height))
-    width = image_side(default=default_image_side(GENERATION_DEFAULTS.width))
+    height = image_side(
+        required=False,
+        allow_null=True,
+        help_text="left out (or null): the model's native size (1024 for SDXL, 64 for the tiny "
+        "model), capped at SDXL_MAX_IMAGE_SIDE; with init_image_base64, the image's aspect "
+        "ratio at about the native area (each side the nearest multiple of 8)",
+    )
+    width = image_side(
+        required=False,
+        allow_null=True,
+        help_text="left out (or null): as height",
+    )
     guidance_scale = StrictFloatField(
         min_value=0.0, max_value=30.0, default=GENERATION_DEFAULTS.guidance_scale
     )
@@ -161,7 +170,7 @@ class Txt2ImgSerializer(WebhookFields):
         required=False,
         allow_null=True,
         help_text="img2img: a PNG, JPEG, WebP or BMP image to start from (checked as uploads "
-        "are), resized to width x height",
+        "are), resized to width x height (left out: its own aspect ratio)",
     )
     strength = StrictFloatField(
         min_value=0.0,

@@ -12,6 +12,7 @@ from sdxl_engine.parameters import (
     LR_SCHEDULERS,
     RECIPES,
     SERVICE_RECIPE,
+    TINY_RECIPE_MAX_STEPS,
     TRAINING_RESOLUTION_MULTIPLE,
     lr_warmup_problem,
     recipe_defaults,
@@ -174,9 +175,49 @@ class TrainLoraSerializer(WebhookFields):
         }
 
 
+class TrainingRecipe(serializers.Serializer[Any]):
+    """The recipe a run trains, resolved: what the request gave, the rest from its recipe."""
+
+    name = serializers.CharField(
+        help_text=f"one of {', '.join(RECIPES)}: where the fields the request left out came "
+        "from: service (the service's recipe, with only session_id) or original (the "
+        "original's, when steps or epochs is given)",
+    )
+    model = serializers.CharField(
+        help_text="the model the run was planned for: tiny (its left-out length capped at "
+        f"{TINY_RECIPE_MAX_STEPS} steps), hub or sdxl-random",
+    )
+    steps = serializers.IntegerField(
+        allow_null=True,
+        help_text="the run's length in steps; null for a length in epochs until the worker "
+        "has sorted the images into buckets",
+    )
+    epochs = serializers.IntegerField(allow_null=True, help_text="null when steps are given")
+    batch_size = serializers.IntegerField()
+    rank = serializers.IntegerField()
+    learning_rate = serializers.FloatField()
+    lr_scheduler = serializers.CharField()
+    lr_warmup_steps = serializers.IntegerField()
+    resolution = serializers.IntegerField(help_text="the side of the (bucket) area trained at")
+    enable_bucket = serializers.BooleanField(help_text="aspect-ratio buckets")
+    train_text_encoder = serializers.BooleanField()
+    sample_steps = serializers.ListField(
+        child=serializers.IntegerField(),
+        allow_null=True,
+        help_text="the steps sample images are rendered at (the last step included); null "
+        "while steps is",
+    )
+    checkpoint_steps = serializers.ListField(
+        child=serializers.IntegerField(),
+        allow_null=True,
+        help_text="the steps a checkpoint is kept at; null while steps is",
+    )
+
+
 class TrainLoraResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["started"])
     run_id = serializers.IntegerField()
+    recipe = TrainingRecipe(help_text="what the run will train")
 
 
 class TrainingSampleItem(serializers.Serializer[Any]):

@@ -45,7 +45,7 @@ def train_lora(request: Request) -> Response:
         **TrainLoraSerializer.webhook(data),
         caller=request_caller(request),
     )
-    return rendered(TrainLoraResponse, {"status": "started", "run_id": run.pk})
+    return rendered(TrainLoraResponse, bodies.training_started_body(run))
 
 
 @extend_schema(

@@ -31,7 +31,9 @@ def test_every_default_is_within_its_range_and_multiple(schema_document):
         assert prop.get("minimum", default) <= default <= prop.get("maximum", default), name
         assert default % prop.get("multipleOf", 1) == 0, name
         checked += 1
-    assert checked >= 7  # num_images, height, width, guidance_scale, steps, scales
+    # num_images, guidance_scale, steps, scales (height and width: the model's native size,
+    # no fixed default)
+    assert checked >= 5
 
 
 def test_multiples_and_non_blank_strings_are_described(schema_document):

@@ -140,7 +140,8 @@ def test_train_lora_passes_the_recipe_options_to_the_run(api, session):
     assert recorded["recipe"] == "service"
 
 
-def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, session):
+def test_a_body_with_only_the_session_records_the_whole_service_recipe(api, session, settings):
+    settings.SDXL_MODEL_PRESET = "hub"  # real SDXL: the recipe uncapped (tiny: 100 steps)
     for number in range(9):  # ten images in all
         session_services.session_image_add(session.pk, image_bytes(), f"photo {number}")
 
@@ -176,9 +177,10 @@ def test_only_a_session_id_after_portraits_and_landscapes_trains_1000_views_in_b
     (tmp_path / "lora.safetensors").write_bytes(base64.b64decode(lora["lora_base64"]))
     header = read_lora_metadata(tmp_path / "lora.safetensors")
     assert header["sdxl_service.recipe"] == "service"
-    # 8 images x 188 epochs: 1504 image-views, in 376 steps of one bucket's 4 images.
-    assert int(header["sdxl_service.epochs"]) * 8 >= 1000
-    assert header["sdxl_service.steps"] == "376"
+    # Real SDXL: 8 images x 188 epochs, 1504 image-views, in 376 steps of one bucket's 4
+    # images; the tiny model (these tests') caps the length left out at 100 steps.
+    assert training_params({}, 8).epochs == 188
+    assert header["sdxl_service.steps"] == "100"
     assert header["sdxl_service.buckets"] == "48x80:4,80x48:4"  # portraits, landscapes
     assert header["sdxl_service.rank"] == "32"
 

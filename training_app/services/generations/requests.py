@@ -11,6 +11,7 @@ from django.db import transaction
 from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.parameters import DEFAULT_LORA_SCALE, GenerationParams, LoraChoice
+from sdxl_engine.source import planned_native_side
 from sessions_app import storage
 from sessions_app.images import check_image
 from sessions_app.selectors import session_get
@@ -69,13 +70,23 @@ class GenerationRequest(GenerationParams):
 
 def generation_request(request: GenerationRequest) -> Generation:
     """Records the request and enqueues it; 503 when no generation worker is alive, 404 for
-    a LoRA that is not there (or not the caller's owner's), 400 for an init_image that is
-    not an image. The params themselves are the caller's to have checked (problems())."""
+        a LoRA that is not there (or not the caller's owner's), 400 for an init_image that is
+        not an image. The params themselves are the caller's to have checked (problems()); a
+    width and height left out are filled here (GenerationParams.sized)."""
     if not worker_alive(settings.GENERATION_QUEUE):
         raise ServiceError(NO_WORKER_MESSAGE, status=503)
     params = request.params.filled()
+    image_size = None
     if params.init_image is not None:
-        check_image(params.init_image, field="init_image_base64")
+        checked = check_image(params.init_image, field="init_image_base64")
+        image_size = (checked.width, checked.height)
+    # A size left out: the native size of the model the worker loads (or the init_image's
+    # aspect ratio at about its area), recorded so that the row and the answer tell it.
+    params = params.sized(
+        planned_native_side(settings.SDXL_MODEL_PRESET or None),
+        max_side=settings.SDXL_MAX_IMAGE_SIDE,
+        image_size=image_size,
+    )
     webhook_url, webhook_events = webhook_target_check(
         request.webhook_url, list(request.webhook_events)
     )
