@@ -103,6 +103,12 @@ def _api(path: str, body: dict) -> dict:
     return response.json()
 
 
+def _png(url: str) -> bytes:
+    response = APIClient().get(url)
+    assert response.status_code == 200 and response["Content-Type"] == "image/png"
+    return b"".join(response.streaming_content)
+
+
 def test_export_import_keeps_runs_checkpoints_and_samples(trained, tmp_path):
     archive = tmp_path / "session.zip"
     run("export_session", str(trained.pk), str(archive))
@@ -115,7 +121,9 @@ def test_export_import_keeps_runs_checkpoints_and_samples(trained, tmp_path):
     assert _kept(copy.pk) == _kept(trained.pk)
     # Its run's files are named after the run they now belong to.
     for checkpoint in TrainingCheckpoint.objects.filter(session=copy):
-        assert checkpoint.filename == f"lora_run{checkpoint.run_id}_step{checkpoint.step}.safetensors"
+        assert (
+            checkpoint.filename == f"lora_run{checkpoint.run_id}_step{checkpoint.step}.safetensors"
+        )
     # Through the API: the training status, the checkpoint's LoRA and the sample images.
     original = _api("/train_status", {"session_id": str(trained.pk)})
     status = _api("/train_status", {"session_id": str(copy.pk)})
@@ -127,7 +135,7 @@ def test_export_import_keeps_runs_checkpoints_and_samples(trained, tmp_path):
         (s["step"], s["prompt"]) for s in original["samples"]
     ]
     for mine, theirs in zip(status["samples"], original["samples"], strict=True):
-        assert APIClient().get(mine["url"]).content == APIClient().get(theirs["url"]).content
+        assert _png(mine["url"]) == _png(theirs["url"])
     checkpoint = status["checkpoints"][0]["lora_filename"]
     lora = _api("/get_lora", {"session_id": str(copy.pk), "lora_filename": checkpoint})
     assert lora["lora_filename"] == checkpoint and lora["iteration"] is None
