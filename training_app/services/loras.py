@@ -313,7 +313,7 @@ def _prunable(session_id: int, keep: int) -> tuple[list[tuple[int, str]], list[t
     checkpoints = [
         (pk, name)
         for pk, name in TrainingCheckpoint.objects.filter(session_id=session_id)
-        .filter(run__status__in=[TrainingRun.Status.COMPLETED, TrainingRun.Status.ERROR])
+        .exclude(run__status__in=TrainingRun.ACTIVE_STATUSES)
         .order_by("run_id", "step")
         .values_list("pk", "filename")
         if pk not in checkpoints_in_use
