@@ -421,7 +421,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
             _check_file(manifest, old, checkpoint["sha256"])
             filename = f"lora_run{run.pk}_step{checkpoint['step']}.safetensors"
             moves.append((old, f"{CHECKPOINTS_FOLDER}/{filename}"))
-            row = TrainingCheckpoint.objects.create(
+            stored = TrainingCheckpoint.objects.create(
                 run=run,
                 session=session,
                 step=checkpoint["step"],
@@ -430,7 +430,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
                 sha256=checkpoint["sha256"],
                 metadata=checkpoint["metadata"],
             )
-            _keep_created_at(row, checkpoint)
+            _keep_created_at(stored, checkpoint)
         for sample in entry["samples"]:
             old = f"{_samples_folder(entry['id'])}/{sample['filename']}"
             if "/" in sample["filename"] or old not in manifest["files"]:
