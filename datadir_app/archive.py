@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from access_app.services import owner_named
 from core.errors import ServiceError
@@ -394,6 +394,8 @@ def _create_rows(session: Session, manifest: Manifest, folder: Path, staging: Pa
             _keep_created_at(artifact, lora)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise ServiceError(f"the archive's {MANIFEST} is incomplete ({error!r})") from None
+    except IntegrityError as error:  # two rows the database holds unique, say
+        raise ServiceError(f"the archive's {MANIFEST} contradicts itself ({error})") from None
 
 
 def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[int, TrainingRun]:

@@ -10,13 +10,14 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from django.core.management.base import CommandError
 from rest_framework.test import APIClient
 
-from datadir_app.archive import session_export
+from datadir_app.archive import UNFINISHED_MESSAGE, session_export
 from sessions_app import services, storage
 from sessions_app.models import Session
 from tests.helpers import image_bytes
-from tests.maintenance_helpers import run
+from tests.maintenance_helpers import run, stored_checkpoint, stored_samples
 from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, TrainingSample
 from training_app.services import runs as run_services
 from training_app.services.watch import checkpoint_path, sample_path
@@ -184,3 +185,54 @@ def test_an_archive_written_before_runs_travelled_still_imports(tmp_path):
     for name, sha256 in manifest["files"].items():
         assert storage.sha256_bytes((folder / name).read_bytes()) == sha256
     assert "the rows and files agree" in run("verify")
+
+
+def test_a_run_still_running_when_exported_is_imported_as_ended(tmp_path):
+    session = services.session_create()
+    services.session_image_add(session.pk, image_bytes(), "a red square")
+    running = TrainingRun.objects.create(session=session, status="running", stage="training")
+    stored_checkpoint(running, 2, seed=2)
+    stored_samples(running, 2, prompts=("a red square", "a cat"))
+    archive = tmp_path / "session.zip"
+    output = run("export_session", str(session.pk), str(archive))
+    assert "1 training runs, 1 checkpoints, 2 sample images" in output
+
+    run("import_session", str(archive))
+
+    copy = TrainingRun.objects.exclude(pk=running.pk).get()
+    assert (copy.status, copy.error_message) == ("error", UNFINISHED_MESSAGE)
+    assert TrainingRun.objects.get(pk=running.pk).status == "running"  # the original's own
+    assert _kept(copy.session_id) == _kept(session.pk)
+    assert _api("/train_status", {"session_id": str(copy.session_id)}) == {
+        "status": "error",
+        "message": UNFINISHED_MESSAGE,
+    }
+    verified = run("verify")
+    assert "the rows and files agree" in verified and "note" not in verified
+
+
+def test_an_archive_whose_runs_contradict_themselves_leaves_nothing(tmp_path):
+    session = services.session_create()
+    services.session_image_add(session.pk, image_bytes(), "a red square")
+    ended = TrainingRun.objects.create(session=session, status="completed")
+    stored_checkpoint(ended, 2, seed=2)
+    archive = tmp_path / "session.zip"
+    manifest = session_export(session.pk, archive)
+    manifest["runs"][0]["checkpoints"][0]["filename"] = "../lora_1.safetensors"
+    crafted = tmp_path / "crafted.zip"
+    with zipfile.ZipFile(archive) as original, zipfile.ZipFile(crafted, "w") as copy:
+        for info in original.infolist():
+            if info.filename != "session.json":
+                copy.writestr(info, original.read(info))
+        copy.writestr("session.json", json.dumps(manifest))
+
+    with pytest.raises(CommandError, match="does not match the file"):
+        run("import_session", str(crafted))
+
+    assert list(Session.objects.values_list("pk", flat=True)) == [session.pk]
+    assert TrainingRun.objects.count() == 1 and TrainingCheckpoint.objects.count() == 1
+    assert [
+        p.name
+        for p in storage.session_dir(session.pk).parent.iterdir()
+        if not p.name.startswith(".")
+    ] == [f"session_{session.pk}"]
