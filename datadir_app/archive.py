@@ -1,8 +1,14 @@
-"""A session as one zip file: its images, captions and LoRA files, and what the rows say.
+"""A session as one zip file: its images, captions, LoRA files, training runs with their
+checkpoints and sample images, and what the rows say.
 
-The archive holds `session.json` (the manifest: counters, groups, images, LoRAs and the
-sha256 of every file) and the session folder's files under `files/`. Importing it makes a
-new session, under a new id, whose rows and files are those of the exported one.
+The archive holds `session.json` (the manifest: counters, groups, images, LoRAs, runs and
+the sha256 of every file) and the session folder's files under `files/`. Importing it
+makes a new session, under a new id, whose rows and files are those of the exported one;
+its runs get new ids too, and their checkpoints and sample folders are named after them.
+
+Versions: 1 (no `runs`: checkpoint and sample files travelled without their rows) is
+still read; 2 adds `runs` (each with its `checkpoints` and `samples`) and, per LoRA, the
+`run` that trained it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
+from django.db import IntegrityError, transaction
 
 from access_app.services import owner_named
 from core.errors import ServiceError
@@ -28,12 +34,39 @@ from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
 from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
-from training_app.models import LoraArtifact
+from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, TrainingSample
+from training_app.services.watch import CHECKPOINTS_FOLDER, SAMPLES_FOLDER
 
 MANIFEST = "session.json"
 FILES_PREFIX = "files/"
 ARCHIVE_FORMAT = "sdxl-service-session"
-ARCHIVE_VERSION = 1
+ARCHIVE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# What a run that was queued or running when its session was exported says once imported:
+# nothing will run it there.
+UNFINISHED_MESSAGE = (
+    "the run was queued or running when its session was exported; it did not finish here"
+)
+# The TrainingRun columns an archive carries as they are (datetimes as ISO 8601). Not the
+# process's own (task_id, worker, heartbeat_at).
+_RUN_FIELDS = (
+    "status",
+    "stage",
+    "progress",
+    "step",
+    "total_steps",
+    "last_loss",
+    "parameters",
+    "error_message",
+    "started_at",
+    "finished_at",
+    "training_started_at",
+    "attempts",
+    "resumed_from_step",
+    "webhook_url",
+    "webhook_events",
+)
+_RUN_TIMES = ("started_at", "finished_at", "training_started_at")
 _COPY_CHUNK = 1 << 20
 # session.json, as written and as read back: JSON, checked field by field on import.
 Manifest = dict[str, Any]
@@ -103,6 +136,8 @@ def _manifest(session: Session, folder: Path, files: dict[str, str]) -> Manifest
                 "size": artifact.size,
                 "sha256": artifact.sha256,
                 "metadata": artifact.metadata,
+                "run": artifact.training_run_id,
+                "created_at": artifact.created_at.isoformat(),
             }
         )
     return {
@@ -114,8 +149,54 @@ def _manifest(session: Session, folder: Path, files: dict[str, str]) -> Manifest
         "next_lora_number": session.next_lora_number,
         "groups": groups,
         "loras": loras,
+        "runs": _runs_manifest(session, files),
         "files": files,
     }
+
+
+def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, Any]]:
+    """Each run of the session, oldest first, with its checkpoints and sample images."""
+    runs = []
+    for run in TrainingRun.objects.filter(session=session).order_by("pk"):
+        checkpoints = []
+        for checkpoint in TrainingCheckpoint.objects.filter(run=run).order_by("step"):
+            name = f"{CHECKPOINTS_FOLDER}/{checkpoint.filename}"
+            _check_against_row(files, name, checkpoint.sha256)
+            checkpoints.append(
+                {
+                    "step": checkpoint.step,
+                    "filename": checkpoint.filename,
+                    "size": checkpoint.size,
+                    "sha256": checkpoint.sha256,
+                    "metadata": checkpoint.metadata,
+                    "created_at": checkpoint.created_at.isoformat(),
+                }
+            )
+        samples = []
+        for sample in TrainingSample.objects.filter(run=run).order_by("step", "index"):
+            name = f"{_samples_folder(run.pk)}/{sample.filename}"
+            if name not in files:
+                _check_against_row(files, name, "")
+            samples.append(
+                {
+                    "step": sample.step,
+                    "index": sample.index,
+                    "prompt": sample.prompt,
+                    "filename": sample.filename,
+                    "created_at": sample.created_at.isoformat(),
+                }
+            )
+        row: dict[str, Any] = {"id": run.pk, "created_at": run.created_at.isoformat()}
+        for field in _RUN_FIELDS:
+            value = getattr(run, field)
+            row[field] = value.isoformat() if isinstance(value, datetime) else value
+        runs.append({**row, "checkpoints": checkpoints, "samples": samples})
+    return runs
+
+
+def _samples_folder(run_id: int) -> str:
+    """training_app.services.watch.sample_path's folder, relative to the session's."""
+    return f"{SAMPLES_FOLDER}/run_{run_id}"
 
 
 def _check_against_row(files: dict[str, str], name: str, sha256: str) -> None:
@@ -173,12 +254,15 @@ def _read_manifest(archive: zipfile.ZipFile) -> Manifest:
         raise ServiceError(f"the archive's {MANIFEST} is unreadable ({error})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != ARCHIVE_FORMAT:
         raise ServiceError("the archive is not a session exported by export_session")
-    if manifest.get("version") != ARCHIVE_VERSION:
+    if manifest.get("version") not in READABLE_VERSIONS:
         raise ServiceError(
             f"archive version {manifest.get('version')!r} is not supported (this service "
-            f"reads version {ARCHIVE_VERSION})"
+            f"reads versions {', '.join(map(str, READABLE_VERSIONS))})"
         )
+    if manifest["version"] == 1:
+        manifest["runs"] = []  # version 1 carried the runs' files but not their rows
     for key, kind in (
+        ("runs", list),
         ("files", dict),
         ("groups", list),
         ("loras", list),
@@ -249,27 +333,34 @@ def _extract(
 
 
 def _create_session(manifest: Manifest, staging: Path, owner_id: int) -> Session:
-    with transaction.atomic():
-        session = Session.objects.create(
-            owner_id=owner_id,
-            next_group_number=manifest["next_group_number"],
-            next_lora_number=manifest["next_lora_number"],
-        )
-        if manifest.get("created_at"):
-            created = datetime.fromisoformat(manifest["created_at"])
-            Session.objects.filter(pk=session.pk).update(created_at=created)
-        target = storage.session_dir(session.pk)
-        os.replace(staging, target)
-        try:
-            _create_rows(session, manifest, target)
-        except BaseException:
+    """The rows, then the folder in one rename, in one transaction: if the rows fail, the
+    staging folder is removed; if the commit fails, the folder goes back to staging."""
+    target: Path | None = None
+    try:
+        with transaction.atomic():
+            session = Session.objects.create(
+                owner_id=owner_id,
+                next_group_number=manifest["next_group_number"],
+                next_lora_number=manifest["next_lora_number"],
+            )
+            if manifest.get("created_at"):
+                created = datetime.fromisoformat(manifest["created_at"])
+                Session.objects.filter(pk=session.pk).update(created_at=created)
+            folder = storage.session_dir(session.pk)
+            _create_rows(session, manifest, folder, staging)
+            os.replace(staging, folder)
+            target = folder
+    except BaseException:
+        if target is not None and target.exists() and not staging.exists():
             os.replace(target, staging)  # the finally of session_import removes it
-            raise
+        raise
     session.refresh_from_db()
     return session
 
 
-def _create_rows(session: Session, manifest: Manifest, folder: Path) -> None:
+def _create_rows(session: Session, manifest: Manifest, folder: Path, staging: Path) -> None:
+    """Every row of the session; its runs' files in `staging` are renamed after their new
+    runs. Rows name files where they will be once `staging` becomes `folder`."""
     try:
         for group in manifest["groups"]:
             row = ImageGroup.objects.create(session=session, number=group["number"])
@@ -285,11 +376,12 @@ def _create_rows(session: Session, manifest: Manifest, folder: Path) -> None:
                     size=image["size"],
                     sha256=image["sha256"],
                 )
+        runs = _create_runs(session, manifest, staging)
         for lora in manifest["loras"]:
             _check_file(manifest, lora["filename"], lora["sha256"])
             if "/" in lora["filename"]:
                 raise ServiceError(f"LoRA {lora['filename']!r} is not at the session's root")
-            LoraArtifact.objects.create(
+            artifact = LoraArtifact.objects.create(
                 session=session,
                 number=lora["number"],
                 filename=lora["filename"],
@@ -297,9 +389,97 @@ def _create_rows(session: Session, manifest: Manifest, folder: Path) -> None:
                 sha256=lora["sha256"],
                 source=lora["source"],
                 metadata=lora["metadata"],
+                training_run=runs.get(lora.get("run")),
             )
-    except (KeyError, TypeError) as error:
-        raise ServiceError(f"the archive's {MANIFEST} is incomplete ({error})") from None
+            _keep_created_at(artifact, lora)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ServiceError(f"the archive's {MANIFEST} is incomplete ({error!r})") from None
+    except IntegrityError as error:  # two rows the database holds unique, say
+        raise ServiceError(f"the archive's {MANIFEST} contradicts itself ({error})") from None
+
+
+def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[int, TrainingRun]:
+    """The runs' rows, by their id in the archive, with their checkpoints and samples; the
+    files of each are moved (in `staging`) to the names of its new id."""
+    runs: dict[int, TrainingRun] = {}
+    moves: list[tuple[str, str]] = []
+    for entry in manifest["runs"]:
+        fields = {field: entry[field] for field in _RUN_FIELDS}
+        for field in _RUN_TIMES:
+            if fields[field] is not None:
+                fields[field] = datetime.fromisoformat(fields[field])
+        if fields["status"] not in TrainingRun.Status.values:
+            raise ServiceError(f"run {entry['id']}: unknown status {fields['status']!r}")
+        if fields["stage"] not in TrainingRun.Stage.values:
+            raise ServiceError(f"run {entry['id']}: unknown stage {fields['stage']!r}")
+        if fields["status"] in TrainingRun.ACTIVE_STATUSES:
+            # Nothing will run it here (and a session holds one active run at most).
+            fields.update(status=TrainingRun.Status.ERROR, error_message=UNFINISHED_MESSAGE)
+        run = TrainingRun.objects.create(session=session, **fields)
+        _keep_created_at(run, entry)
+        runs[entry["id"]] = run
+        for checkpoint in entry["checkpoints"]:
+            old = f"{CHECKPOINTS_FOLDER}/{checkpoint['filename']}"
+            _check_file(manifest, old, checkpoint["sha256"])
+            filename = f"lora_run{run.pk}_step{checkpoint['step']}.safetensors"
+            moves.append((old, f"{CHECKPOINTS_FOLDER}/{filename}"))
+            stored = TrainingCheckpoint.objects.create(
+                run=run,
+                session=session,
+                step=checkpoint["step"],
+                filename=filename,
+                size=checkpoint["size"],
+                sha256=checkpoint["sha256"],
+                metadata=checkpoint["metadata"],
+            )
+            _keep_created_at(stored, checkpoint)
+        for sample in entry["samples"]:
+            old = f"{_samples_folder(entry['id'])}/{sample['filename']}"
+            if "/" in sample["filename"] or old not in manifest["files"]:
+                raise ServiceError(f"the manifest's sample {old} is not among its files")
+            moves.append((old, f"{_samples_folder(run.pk)}/{sample['filename']}"))
+            row = TrainingSample.objects.create(
+                run=run,
+                step=sample["step"],
+                index=sample["index"],
+                prompt=sample["prompt"],
+                filename=sample["filename"],
+            )
+            _keep_created_at(row, sample)
+    _move_files(staging, moves)
+    return runs
+
+
+def _move_files(staging: Path, moves: list[tuple[str, str]]) -> None:
+    """Renames files in `staging`, in two passes so that one may take another's old name;
+    a new name that an unmoved file holds is refused."""
+    moving = [(staging / old, staging / new) for old, new in moves if old != new]
+    parked = []
+    for number, (old, new) in enumerate(moving):
+        aside = staging / f".importing-move-{number}"
+        os.replace(old, aside)
+        parked.append((aside, new))
+    for aside, new in parked:
+        if new.exists():
+            raise ServiceError(
+                f"{new.relative_to(staging)} in the archive is not a file of its run"
+            )
+        new.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(aside, new)
+    for emptied in {old.parent for old, _ in moving} - {staging}:
+        if emptied.is_dir() and not any(emptied.iterdir()):
+            emptied.rmdir()  # a run's emptied samples folder
+    if moving:
+        fsync_tree(staging)
+
+
+def _keep_created_at(
+    row: TrainingRun | LoraArtifact | TrainingCheckpoint | TrainingSample, entry: dict[str, Any]
+) -> None:
+    """auto_now_add ignores a given value; an update does not."""
+    if entry.get("created_at"):
+        created = datetime.fromisoformat(entry["created_at"])
+        type(row).objects.filter(pk=row.pk).update(created_at=created)
 
 
 def _check_file(manifest: Manifest, name: str, sha256: str) -> None:

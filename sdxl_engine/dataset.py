@@ -6,9 +6,27 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from PIL import Image
+
 from sdxl_engine.errors import EngineError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+# What transparent pixels of a training image become: a plain white background, never the
+# colour a transparent pixel happens to store (black, mostly, which a LoRA would learn).
+TRANSPARENT_BACKGROUND = (255, 255, 255)
+
+
+def training_rgb(image: Image.Image) -> Image.Image:
+    """The image in RGB as it trains: one with transparency (an alpha channel, or a
+    palette or grey image with a transparent colour) composited onto white first."""
+    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info)
+    if not has_alpha:
+        return image.convert("RGB")
+    rgba = image.convert("RGBA")
+    background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
+    return Image.alpha_composite(background, rgba).convert("RGB")
 
 
 @dataclass(frozen=True)

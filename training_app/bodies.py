@@ -1,6 +1,6 @@
 """Every JSON shape of runs, LoRA files and generations that an answer and a webhook event
 share, built in this one module from the rows the selectors read: a training status (the
-four shapes of /train_status, which /list_sessions and the training events carry), a
+five shapes of /train_status, which /list_sessions and the training events carry), a
 generation's status (GET /generations/<id> and its events), what a generation used
 (/txt2img's answer) and a session's detail. The API renders them through its response
 serializers; the webhooks post them as they are."""
@@ -43,11 +43,11 @@ def training_status(session_id: int) -> dict[str, Any]:
 
 
 def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
-    """The /train_status answer (docs/api.md's four shapes) plus extra keys about the run."""
+    """The /train_status answer (docs/api.md's five shapes) plus extra keys about the run."""
     if run is None:
         return {"status": "none", "progress": 0}
-    if run.status == TrainingRun.Status.ERROR:
-        return {"status": "error", "message": run.error_message}
+    if run.status in (TrainingRun.Status.ERROR, TrainingRun.Status.CANCELLED):
+        return {"status": str(run.status), "message": run.error_message}
     if run.status == TrainingRun.Status.COMPLETED:
         artifact = getattr(run, "artifact", None)
         return {

@@ -48,6 +48,16 @@ class Job(models.Model):
 
 
 class TrainingRun(Job):
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        COMPLETED = "completed"
+        ERROR = "error"
+        # Stopped by /cancel_training (or the admin's cancel): queued, it never ran; running,
+        # it stopped within a step and saved no LoRA. Rows cancelled before this status
+        # existed read "error" with error_message "training was cancelled" (migrated).
+        CANCELLED = "cancelled"
+
     class Stage(models.TextChoices):
         QUEUED = "queued"
         LOADING = "loading"
@@ -56,6 +66,7 @@ class TrainingRun(Job):
         SAVING = "saving"
         DONE = "done"
 
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED)
     session = models.ForeignKey(Session, on_delete=models.CASCADE, related_name="training_runs")
     stage = models.CharField(max_length=16, choices=Stage.choices, default=Stage.QUEUED)
     progress = models.PositiveSmallIntegerField(default=0)  # 0-100, never goes backwards

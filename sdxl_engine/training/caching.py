@@ -17,7 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdxl_engine.buckets import Placement, bucket_summary, place
-from sdxl_engine.dataset import TrainingPair
+from sdxl_engine.dataset import TrainingPair, training_rgb
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.parameters import TrainingParams
@@ -178,7 +178,8 @@ def _load_image(path: Path, sizing: Sizing) -> tuple[torch.Tensor, Placement]:
     SDXL's own training)."""
     try:
         with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened).convert("RGB")
+            # Transparent pixels train as white, not as the black they usually store.
+            image = training_rgb(ImageOps.exif_transpose(opened))
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise EngineError(
             f"training image {path.name} could not be read ({error}); "

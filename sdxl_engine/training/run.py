@@ -8,6 +8,7 @@ import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
@@ -37,6 +38,7 @@ from sdxl_engine.training.caching import (
     needs_low_memory,
 )
 from sdxl_engine.training.checkpoints import load_resume_state, run_fingerprint
+from sdxl_engine.training.console import StepProgress
 from sdxl_engine.training.loop import optimise
 from sdxl_engine.training.samples import default_sample_prompts
 from sdxl_engine.training.watch import Watch
@@ -64,6 +66,7 @@ def train_lora(
     on_checkpoint: Callable[[int, Path, str], None] | None = None,
     on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
+    console: TextIO | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -85,6 +88,9 @@ def train_lora(
     Every `params.sample_every` steps and at the last step (as kohya's sd-scripts;
     parameters.sample_steps), `on_samples(step, [(prompt, image), ...])` gets sample
     images (training.samples).
+
+    The steps show on `console` (stderr when None; training.console): a progress bar with
+    the time per step and the loss on a terminal, a line per tenth of the run elsewhere.
     """
     if not pairs:
         raise EngineError(
@@ -173,9 +179,19 @@ def train_lora(
             for text_encoder in text_encoders:
                 add_text_encoder_adapter(text_encoder, params.rank)
             enter_stage("training")
-            final_loss, resumed_from_step = optimise(
-                run, noise_generator, on_progress, stop, watch, resume
-            )
+            bar = StepProgress(total_steps, console)
+
+            def progress(step: int, total: int, loss: float) -> None:
+                bar.step(step, loss)
+                if on_progress is not None:
+                    on_progress(step, total, loss)
+
+            try:
+                final_loss, resumed_from_step = optimise(
+                    run, noise_generator, progress, stop, watch, resume
+                )
+            finally:
+                bar.close()
             metadata = run.metadata(final_loss)
             enter_stage("saving")
             sha256 = save_lora(base, bool(text_encoders), Path(output_path), metadata)

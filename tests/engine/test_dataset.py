@@ -66,3 +66,51 @@ def test_an_empty_caption_without_a_trigger_is_refused() -> None:
     refused = "empty caption: 2/0.png; caption them, or train with a trigger"
     with pytest.raises(EngineError, match=refused):
         training_captions(_pairs("a dog", "a cat", ""), None)
+
+
+def _half_transparent(mode: str) -> Image.Image:
+    """16×8: the left half transparent, stored as black (what most editors write); the
+    right half opaque red (opaque grey in the grey modes)."""
+    rgba = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
+    rgba.paste((255, 0, 0, 255), (8, 0, 16, 8))
+    if mode == "RGBA":
+        return rgba
+    if mode == "LA":
+        return rgba.convert("LA")
+    # A palette image whose black entry is its transparent colour.
+    palette = Image.new("P", (16, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0, 0, 0] * 254)
+    palette.paste(1, (8, 0, 16, 8))
+    palette.info["transparency"] = 0
+    return palette
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparent_pixels_train_white_not_black(tmp_path: Path, mode: str) -> None:
+    from sdxl_engine.training.caching import Sizing, _load_image
+
+    path = tmp_path / "0" / "0.png"
+    path.parent.mkdir()
+    _half_transparent(mode).save(path, format="PNG")
+
+    pixels, placement = _load_image(path, Sizing(buckets=[(16, 8)], multiple=8, max_upscale=1))
+
+    assert placement.size == (16, 8) and tuple(pixels.shape) == (3, 8, 16)
+    # In [-1, 1]: white is 1 on every channel; the opaque half keeps its colour.
+    assert pixels[:, :, :8].min().item() == 1.0
+    opaque = pixels[:, :, 8:].mean(dim=(1, 2)).tolist()
+    if mode == "LA":
+        assert opaque[0] == opaque[1] == opaque[2] < 0.0  # red's grey, not white
+    else:
+        assert opaque == [1.0, -1.0, -1.0]  # red
+
+
+def test_an_opaque_image_trains_as_it_is(tmp_path: Path) -> None:
+    from sdxl_engine.training.caching import Sizing, _load_image
+
+    path = tmp_path / "0.png"
+    Image.new("RGB", (16, 8), (0, 0, 0)).save(path, format="PNG")
+
+    pixels, _ = _load_image(path, Sizing(buckets=[(16, 8)], multiple=8, max_upscale=1))
+
+    assert pixels.max().item() == -1.0  # black stays black

@@ -148,7 +148,7 @@ def test_cancel_the_queued_run(admin_client, session):
 
     assert response.status_code == 302 and response["Location"] == page_url(session)
     run.refresh_from_db()
-    assert run.status == "error" and run.error_message == "training was cancelled"
+    assert run.status == "cancelled" and run.error_message == "training was cancelled"
     assert texts(response) == [f"Training run {run.pk} cancelled."]
     # Nothing left to cancel: said so, nothing changes.
     again = admin_client.post(cancel_url(session))

@@ -149,7 +149,7 @@ def training_run_cancel(session_id: int, caller: Caller | None = None) -> Traini
     ).first()
     cancelled = run is not None and jobs.finish(
         TrainingRun.objects.filter(pk=run.pk, status__in=TrainingRun.ACTIVE_STATUSES),
-        TrainingRun.Status.ERROR,
+        TrainingRun.Status.CANCELLED,
         error_message=CANCELLED_MESSAGE,
     )
     if not cancelled:

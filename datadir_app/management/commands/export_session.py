@@ -1,4 +1,4 @@
-"""`manage.py export_session N <file.zip>`: one session, images to LoRAs, as a zip."""
+"""`manage.py export_session N <file.zip>`: one session, images to LoRAs and runs, as a zip."""
 
 from pathlib import Path
 
@@ -10,8 +10,9 @@ from datadir_app.archive import session_export
 
 class Command(BaseCommand):
     help = (
-        "Writes session N (images, captions, LoRA files and what their rows say) to a zip "
-        "file that import_session reads back."
+        "Writes session N (images, captions, LoRA files, training runs with their "
+        "parameters, history, checkpoints and sample images, and what their rows say) to a "
+        "zip file that import_session reads back."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:
@@ -24,7 +25,11 @@ class Command(BaseCommand):
         except ServiceError as error:
             raise CommandError(error.message) from None
         images = sum(len(group["images"]) for group in manifest["groups"])
+        runs = manifest["runs"]
+        checkpoints = sum(len(run["checkpoints"]) for run in runs)
+        samples = sum(len(run["samples"]) for run in runs)
         self.stdout.write(
             f"exported session {session_id} to {file}: {len(manifest['groups'])} groups, "
-            f"{images} images, {len(manifest['loras'])} LoRA files"
+            f"{images} images, {len(manifest['loras'])} LoRA files, {len(runs)} training "
+            f"runs, {checkpoints} checkpoints, {samples} sample images"
         )

@@ -11,8 +11,10 @@ from datadir_app.archive import session_import
 class Command(BaseCommand):
     help = (
         "Creates a new session (new id) from a zip written by export_session: the same "
-        "groups, images, captions, LoRA files and numbers. Unsafe archive paths are refused "
-        "before anything is written; a failure leaves nothing behind."
+        "groups, images, captions, LoRA files and numbers, and the training runs (new ids) "
+        "with their parameters, history, checkpoints and sample images. Archives of every "
+        "earlier version are read. Unsafe archive paths are refused before anything is "
+        "written; a failure leaves nothing behind."
     )
 
     def add_arguments(self, parser: CommandParser) -> None:

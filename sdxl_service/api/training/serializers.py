@@ -1,5 +1,5 @@
 """The bodies of the training endpoints: /train_lora's parameters, whose names and defaults
-come from sdxl_engine.parameters (the definitions the workers run), and the four shapes
+come from sdxl_engine.parameters (the definitions the workers run), and the five shapes
 of a training status."""
 
 from typing import Any
@@ -286,6 +286,11 @@ class TrainStatusCompleted(KeptAlongTheWay):
 
 class TrainStatusError(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["error"])
+    message = serializers.CharField(help_text="why the run failed (or its worker was lost)")
+
+
+class TrainStatusCancelled(serializers.Serializer[Any]):
+    status = serializers.ChoiceField(choices=["cancelled"])
     message = serializers.CharField(help_text='"training was cancelled" after /cancel_training')
 
 
@@ -294,11 +299,12 @@ class TrainStatusNone(serializers.Serializer[Any]):
     progress = serializers.ChoiceField(choices=[0])
 
 
-# /train_status answers exactly one of the four shapes, chosen by its "status".
+# /train_status answers exactly one of the five shapes, chosen by its "status".
 _TRAIN_STATUS_SHAPES = {
     "in-progress": TrainStatusInProgress,
     "completed": TrainStatusCompleted,
     "error": TrainStatusError,
+    "cancelled": TrainStatusCancelled,
     "none": TrainStatusNone,
 }
 TRAIN_STATUS_SCHEMA = PolymorphicProxySerializer(

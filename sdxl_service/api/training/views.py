@@ -51,7 +51,7 @@ def train_lora(request: Request) -> Response:
 @extend_schema(
     operation_id="train_status",
     tags=TAGS,
-    summary="The latest run's status: one of four shapes",
+    summary="The latest run's status: one of five shapes",
     description="`in-progress` carries extra keys: `queued`, `stage` (queued, loading, "
     "caching, training, saving), `step`, `total_steps`, `loss`, `eta_seconds`.",
     request=SessionRefSerializer,
@@ -70,7 +70,7 @@ def train_status(request: Request) -> Response:
     tags=TAGS,
     summary="Stop the session's queued or running training run",
     description="A running run stops within one step and saves nothing; /train_status "
-    'then answers `{"status": "error", "message": "training was cancelled"}`.',
+    'then answers `{"status": "cancelled", "message": "training was cancelled"}`.',
     request=SessionRefSerializer,
     responses={200: CancelTrainingResponse, **error_responses(404, 409)},
 )

@@ -424,7 +424,16 @@ def test_cancel_training(api, session):
         "run_id": run.pk,
     }
     status = api.post("/train_status", {"session_id": session.pk}, format="json").json()
-    assert status == {"status": "error", "message": "training was cancelled"}
+    assert status == {"status": "cancelled", "message": "training was cancelled"}
+    listed = api.get("/list_sessions").json()["sessions"]
+    assert listed[0]["training"] == {"status": "cancelled", "message": "training was cancelled"}
+    detail = api.get(f"/sessions/{session.pk}").json()
+    assert [(r["status"], r["message"]) for r in detail["runs"]] == [
+        ("cancelled", "training was cancelled")
+    ]
+    # Cancelling is over: the session trains again.
+    response = api.post("/train_lora", {"session_id": str(session.pk)}, format="json")
+    assert response.status_code == 200
 
 
 def test_txt2img_answers_seed_lora_and_duration(api, session, generations_in_process):

@@ -202,9 +202,10 @@ def test_cancel_of_a_queued_run_means_it_never_runs(session_with_images):
     assert cancelled.pk == run.pk
     run_services.training_run_execute(run.pk)  # the queued task arrives anyway
     assert training_status(session_with_images.pk) == {
-        "status": "error",
+        "status": "cancelled",
         "message": "training was cancelled",
     }
+    assert TrainingRun.objects.get().status == "cancelled"
     assert not LoraArtifact.objects.exists()
     # Nothing active any more: the session can train again.
     run_services.training_run_start(session_with_images.pk, FAST_TRAINING)
@@ -225,7 +226,7 @@ def test_cancel_of_a_running_run_stops_it_within_one_step(session_with_images, e
 
     assert steps_done == [1, 2, 3]  # the step under way when it was cancelled, no more
     run.refresh_from_db()
-    assert (run.status, run.error_message) == ("error", "training was cancelled")
+    assert (run.status, run.error_message) == ("cancelled", "training was cancelled")
     assert not LoraArtifact.objects.exists()
     folder = storage.session_dir(session_with_images.pk)
     assert sorted(p.name for p in folder.iterdir()) == ["0", "1", "2"]

@@ -137,7 +137,8 @@ def test_a_cancelled_run_posts_failed_and_only_the_events_asked_for(receiver):
     runs.training_run_cancel(run.session_id)
     webhooks.webhooks_deliver_due()
     assert receiver.events() == ["failed"]
-    assert json.loads(receiver.received[0]["body"])["data"]["message"] == "training was cancelled"
+    data = json.loads(receiver.received[0]["body"])["data"]
+    assert (data["status"], data["message"]) == ("cancelled", "training was cancelled")
 
 
 def test_refused_deliveries_are_retried_with_back_off_then_given_up(receiver, settings):
