@@ -712,6 +712,7 @@ TXT2IMG_RESPONSE_KEYS = {
     "strength",
     "output_format",
     "duration_ms",
+    "parameters",  # issue 25: what it ran with (its size filled)
 }
 
 
