@@ -721,7 +721,7 @@ TXT2IMG_RESPONSE_KEYS = {
     "strength",
     "output_format",
     "duration_ms",
-    "parameters",
+    "parameters",  # issue 25: what it ran with (its size filled)
 }
 
 
