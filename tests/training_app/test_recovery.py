@@ -186,7 +186,7 @@ def test_a_cancelled_run_is_never_queued_again(session, broker, django_capture_o
 
     assert enqueued == [] and broker.queue_size() == 0
     run.refresh_from_db()
-    assert (run.status, run.error_message) == ("error", run_services.CANCELLED_MESSAGE)
+    assert (run.status, run.error_message) == ("cancelled", run_services.CANCELLED_MESSAGE)
     assert run.attempts == 0
 
 
@@ -200,12 +200,12 @@ def test_cancelling_a_run_queued_again_ends_it_for_good_and_removes_its_state(
 
     cancelled = run_services.training_run_cancel(session.pk)
 
-    assert cancelled.pk == run.pk and cancelled.status == "error"
+    assert cancelled.pk == run.pk and cancelled.status == "cancelled"
     assert cancelled.error_message == run_services.CANCELLED_MESSAGE
     assert not state.exists()
     run_services.training_run_execute(run.pk)  # its task is delivered: nothing runs
     run.refresh_from_db()
-    assert (run.status, run.error_message) == ("error", run_services.CANCELLED_MESSAGE)
+    assert (run.status, run.error_message) == ("cancelled", run_services.CANCELLED_MESSAGE)
     assert not LoraArtifact.objects.exists()
     assert jobs.end_lost(run_services.TRAINING_RUNS) == []
 

@@ -85,6 +85,7 @@ def test_request_and_response_bodies_are_described(schema_document):
         "TrainStatusCompleted",
         "TrainStatusError",
         "TrainStatusNone",
+        "TrainStatusCancelled",
     }
     assert {"step", "total_steps", "loss", "eta_seconds", "stage"} <= set(
         components["TrainStatusInProgress"]["properties"]
