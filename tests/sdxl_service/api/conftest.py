@@ -1,6 +1,23 @@
 import pytest
 from rest_framework.test import APIClient
 
+from sessions_app import services as session_services
+from tests.helpers import image_bytes
+
+
+@pytest.fixture
+def api() -> APIClient:
+    """A client of the real URLs, without a token (the open mode the tests run in)."""
+    return APIClient()
+
+
+@pytest.fixture
+def session():
+    """A session with one captioned training image."""
+    session = session_services.session_create()
+    session_services.session_image_add(session.pk, image_bytes(), "a red square")
+    return session
+
 
 @pytest.fixture(scope="module")
 def schema_document(django_db_blocker) -> dict:

@@ -8,7 +8,6 @@ from dataclasses import asdict
 
 import pytest
 from PIL import Image
-from rest_framework.test import APIClient
 
 from sdxl_engine.parameters import training_params
 from sessions_app import services as session_services
@@ -17,11 +16,6 @@ from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
 
 
 @pytest.fixture

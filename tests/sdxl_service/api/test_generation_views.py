@@ -5,7 +5,6 @@ import io
 
 import pytest
 from PIL import Image
-from rest_framework.test import APIClient
 
 from sdxl_engine.image_output import read_infotext
 from tests.sdxl_service.api.test_session_views import assert_error
@@ -15,11 +14,6 @@ from training_app.services.generations import batches, lifecycle
 pytestmark = pytest.mark.django_db
 
 SMALL = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5}
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
 
 
 def test_async_txt2img_answers_202_at_once_and_the_status_url_follows_the_job(

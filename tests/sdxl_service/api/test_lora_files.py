@@ -9,9 +9,8 @@ import pytest
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
-from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import image_bytes, lora_bytes
+from tests.helpers import lora_bytes
 from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint
 from tests.sdxl_service.api.test_session_views import assert_error
@@ -21,18 +20,6 @@ from training_app.services import loras as lora_services
 from training_app.services.loras import KOHYA_CACHE_FOLDER
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
-
-
-@pytest.fixture
-def session():
-    session = session_services.session_create()
-    session_services.session_image_add(session.pk, image_bytes(), "a red square")
-    return session
 
 
 @pytest.fixture

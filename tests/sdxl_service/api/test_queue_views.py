@@ -19,11 +19,6 @@ pytestmark = pytest.mark.django_db
 SMALL = {"prompt": "a red square", "height": 64, "width": 64, "steps": 5}
 
 
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
-
-
 def _session_id() -> int:
     session = session_services.session_create()
     session_services.session_image_add(session.pk, image_bytes(), "a red square")

@@ -1,18 +1,12 @@
 import json
 
 import pytest
-from rest_framework.test import APIClient
 
 from sessions_app import storage
 from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, png_bomb
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
 
 
 def assert_error(response, status: int, fragment: str) -> None:

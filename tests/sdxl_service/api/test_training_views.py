@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 from rest_framework.fields import empty
-from rest_framework.test import APIClient
 from safetensors.torch import load
 
 from sdxl_engine.generation.merge import AppliedLora
@@ -33,18 +32,6 @@ from training_app.services import runs as run_services
 from training_app.services.generations.requests import GenerationRequest
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
-
-
-@pytest.fixture
-def session():
-    session = session_services.session_create()
-    session_services.session_image_add(session.pk, image_bytes(), "a red square")
-    return session
 
 
 def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, session):

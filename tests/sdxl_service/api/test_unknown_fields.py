@@ -11,7 +11,6 @@ import re
 from pathlib import Path
 
 import pytest
-from rest_framework.test import APIClient
 
 from sdxl_service.api import field_aliases
 from sdxl_service.api.field_aliases import ALIASES
@@ -36,11 +35,6 @@ from training_app.services import loras as lora_services
 pytestmark = pytest.mark.django_db
 
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "api.md"
-
-
-@pytest.fixture
-def api() -> APIClient:
-    return APIClient()
 
 
 @pytest.fixture
