@@ -11,7 +11,7 @@ import torch
 from diffusers.training_utils import cast_training_params
 from PIL import Image
 
-from sdxl_engine.parameters import every_steps, sample_steps
+from sdxl_engine.parameters import checkpoint_steps, sample_steps
 from sdxl_engine.training.adapters import MasterWeights, save_lora
 from sdxl_engine.training.caching import Encoders, Run
 from sdxl_engine.training.checkpoints import ResumeState, save_resume_state
@@ -47,10 +47,12 @@ class Watch:
         self._on_resume = on_resume
         self._sample_prompts = sample_prompts
         self._sample_seed = params.sample_seed if params.sample_seed is not None else run.seed
-        self.sample_every = every_steps(params.sample_every, run.total_steps)
         # Every sample_every steps and the last, so the finished LoRA has its samples.
         self.sample_steps = frozenset(sample_steps(params.sample_every, run.total_steps))
-        self.checkpoint_every = every_steps(params.checkpoint_every, run.total_steps)
+        # Every checkpoint_every steps before the last, whose file is the LoRA itself.
+        self.checkpoint_steps = frozenset(
+            checkpoint_steps(params.checkpoint_every, run.total_steps)
+        )
 
     def resumed(self, step: int) -> None:
         if self._on_resume is not None:
@@ -60,12 +62,7 @@ class Watch:
         on_samples, state_dir = self._on_samples, self._state_dir
         if on_samples is not None and self._sample_prompts and step in self.sample_steps:
             self._samples(step, on_samples)
-        if (
-            state_dir is not None
-            and self.checkpoint_every
-            and step % self.checkpoint_every == 0
-            and step < self._run.total_steps  # the last step's file is the LoRA itself
-        ):
+        if state_dir is not None and step in self.checkpoint_steps:
             self._checkpoint(step, state_dir, loss, optimisation)
 
     def _samples(
