@@ -140,6 +140,14 @@ def checkpoint_steps(checkpoint_every: int | None, total_steps: int) -> list[int
     return list(range(every, total_steps, every)) if every else []
 
 
+def default_training_resolution(native_side: int, max_side: int) -> int:
+    """The resolution a run that left it out trains at: the model's native side, capped as
+    a given resolution is, at `max_side` (SDXL_MAX_IMAGE_SIDE) rounded down to
+    TRAINING_RESOLUTION_MULTIPLE."""
+    multiple = TRAINING_RESOLUTION_MULTIPLE
+    return min(native_side, max_side // multiple * multiple)
+
+
 def recipe_of(given: Mapping[str, object]) -> str:
     """The recipe a request's unspecified fields come from: the one it names, else the
     original's when it sets the run's length itself (steps or epochs), else the service's."""

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any
 from django.conf import settings
 
 from sdxl_engine.parameters import (
-    TRAINING_RESOLUTION_MULTIPLE,
     TrainingParams,
     checkpoint_steps,
+    default_training_resolution,
     image_seeds,
     sample_steps,
 )
@@ -98,8 +98,7 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
     params = TrainingParams(**run.parameters)
     steps = params.steps or run.total_steps
     preset = planned_preset(settings.SDXL_MODEL_PRESET or None)
-    largest = settings.SDXL_MAX_IMAGE_SIDE // TRAINING_RESOLUTION_MULTIPLE
-    native = min(planned_native_side(preset), largest * TRAINING_RESOLUTION_MULTIPLE)
+    native = default_training_resolution(planned_native_side(preset), settings.SDXL_MAX_IMAGE_SIDE)
     return {
         "name": params.recipe,
         "model": preset,

@@ -14,8 +14,8 @@ from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.parameters import (
-    TRAINING_RESOLUTION_MULTIPLE,
     TrainingParams,
+    default_training_resolution,
     fewest_steps,
     field_names,
     recipe_defaults,
@@ -208,9 +208,8 @@ def _within_image_side_limit(params: TrainingParams, base) -> TrainingParams:
     if params.resolution is not None:
         return params
     native = base.unet.config.sample_size * base.vae_scale_factor
-    multiple = TRAINING_RESOLUTION_MULTIPLE
-    largest = settings.SDXL_MAX_IMAGE_SIDE // multiple * multiple
-    return params if native <= largest else replace(params, resolution=largest)
+    resolution = default_training_resolution(native, settings.SDXL_MAX_IMAGE_SIDE)
+    return params if resolution == native else replace(params, resolution=resolution)
 
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
