@@ -132,12 +132,17 @@ def planned_native_side(preset: str | None) -> int:
     for `preset`: 64 for the tiny model, 1024 for real SDXL."""
     chosen = planned_preset(preset)
     if chosen in RANDOM_PRESETS and RANDOM_PRESETS[chosen] != "sdxl":
-        builder_preset = RANDOM_PRESETS[chosen]
-        unet = _packaged_unet_config(builder_preset)
-        vae = _packaged_config(builder_preset, "vae.json")
-        side: int = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
-        return side
+        return _packaged_native_side(RANDOM_PRESETS[chosen])
     return REAL_NATIVE_SIDE
+
+
+@functools.cache
+def _packaged_native_side(builder_preset: str) -> int:
+    # Read once: every /txt2img and /train_lora answer asks, and the packaged files never change.
+    unet = _packaged_unet_config(builder_preset)
+    vae = _packaged_config(builder_preset, "vae.json")
+    side: int = unet["sample_size"] * 2 ** (len(vae["block_out_channels"]) - 1)
+    return side
 
 
 @functools.cache
