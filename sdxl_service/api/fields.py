@@ -15,7 +15,7 @@ from django.core.validators import StepValueValidator
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from sdxl_engine.parameters import SEED_BITS
+from sdxl_engine.parameters import IMAGE_SIDE_MIN, IMAGE_SIDE_MULTIPLE, SEED_BITS
 from sdxl_service.api.field_aliases import printable
 
 _DATA_URL_PREFIX = re.compile(r"^data:[\w/+.-]*(;[\w=.-]+)*;base64,", re.IGNORECASE)
@@ -139,9 +139,9 @@ def largest_image_side(divisor: int) -> int:
     return side
 
 
-def image_side(divisor: int = 8, **kwargs: Any) -> serializers.IntegerField:
+def image_side(divisor: int = IMAGE_SIDE_MULTIPLE, **kwargs: Any) -> serializers.IntegerField:
     return StrictIntegerField(
-        min_value=64,
+        min_value=IMAGE_SIDE_MIN,
         max_value=largest_image_side(divisor),
         validators=[MultipleOf(divisor)],
         **kwargs,
