@@ -31,7 +31,7 @@ from django.db.models import QuerySet
 from django.utils import timezone
 
 from training_app.models import Generation, Job, TrainingRun
-from training_app.selectors import live_worker_count, run_eta_seconds
+from training_app.selectors import live_worker_count, run_eta_seconds, seconds_per_step
 
 # A recent pace is read from this many of the newest finished jobs.
 RECENT_JOBS = 5
@@ -137,12 +137,7 @@ def _training_pace(running: list[TrainingRun]) -> tuple[float | None, float]:
     """Seconds per step (the oldest running run's so far, else the newest finished run's)
     and seconds a run spends before and after its steps (loading, saving), from the newest
     completed run; (None, 0) before any was timed."""
-    per_step = None
-    for run in running:
-        timed = run.step - (run.resumed_from_step or 0)
-        if run.training_started_at and run.heartbeat_at and timed > 0:
-            per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / timed
-            break
+    per_step = next((pace for pace in map(seconds_per_step, running) if pace is not None), None)
     per_run = 0.0
     finished = TrainingRun.objects.filter(
         status=Job.Status.COMPLETED,

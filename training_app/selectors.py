@@ -97,25 +97,29 @@ def latest_lora_filenames(session_ids: list[int]) -> dict[int, str]:
     )
 
 
+def seconds_per_step(run: TrainingRun) -> float | None:
+    """The run's time per step so far, from the start of its training to its last heartbeat;
+    None before a step is timed. A resumed run's clock started at its resume step."""
+    steps_timed = (run.step or 0) - (run.resumed_from_step or 0)
+    if steps_timed < 1 or run.training_started_at is None or run.heartbeat_at is None:
+        return None
+    return (run.heartbeat_at - run.training_started_at).total_seconds() / steps_timed
+
+
 def run_eta_seconds(run: TrainingRun) -> int | None:
     """Seconds left, from the time per step so far; None until the first step is done, and
     None once the run is not being trained: no training worker beats (it died), or the run's
     own heartbeat missed two beats (its job's process died), until it is resumed or ended."""
     if run.stage == TrainingRun.Stage.SAVING:
         return 0
+    per_step = seconds_per_step(run)
     if (
         run.stage != TrainingRun.Stage.TRAINING
-        or not run.step
         or not run.total_steps
-        or run.training_started_at is None
+        or per_step is None
         or run.heartbeat_at is None
     ):
         return None
-    # A resumed run's clock started at its resume step.
-    steps_timed = run.step - (run.resumed_from_step or 0)
-    if steps_timed < 1:
-        return None
-    per_step = (run.heartbeat_at - run.training_started_at).total_seconds() / steps_timed
     since_last_step = (timezone.now() - run.heartbeat_at).total_seconds()
     if since_last_step > settings.SDXL_RUN_STALE_AFTER / 2 or not worker_alive(
         settings.TRAINING_QUEUE
