@@ -18,21 +18,18 @@ import time
 from pathlib import Path
 
 from sdxl_engine.dataset import IMAGE_SUFFIXES
+from sessions_app import storage
 
 SESSION_FOLDER = re.compile(r"^session_([1-9][0-9]{0,18})$")
 LORA_NUMBERED = re.compile(r"^lora_([1-9][0-9]{0,9})\.safetensors$")
 # A leftover younger than this may belong to a write still under way: it is left alone.
 STALE_LEFTOVER_AGE_S = 3600.0
-# What interrupted writes, deletes and imports leave behind (storage.temp_path_for,
-# write_atomically, storage.move_aside, archive imports, training output): the only files
-# maintenance ever removes.
-_LEFTOVER_PREFIXES = (".deleted-", ".importing-", ".training-run-")
 # training_app.services.watch.resume_state_dir: what a run resumes from after a lost worker.
 RESUME_STATE = re.compile(r"^\.resume-run-([1-9][0-9]{0,18})$")
 
 
 def is_leftover(path: Path) -> bool:
-    return path.name.endswith(".tmp") or path.name.startswith(_LEFTOVER_PREFIXES)
+    return storage.is_leftover_name(path.name)
 
 
 def resume_state_run_id(path: Path) -> int | None:

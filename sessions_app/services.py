@@ -205,7 +205,7 @@ def training_image_delete(session_id: int, image_id: int, caller: Caller | None 
 
 def _remove_all(paths: list[Path | None]) -> None:
     for path in paths:
-        storage.remove_path(path)
+        storage.remove_tree(path)
 
 
 def _check_image_quotas(owner_id: int, session_id: int, images: list[CheckedImage]) -> None:

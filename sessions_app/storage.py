@@ -67,12 +67,7 @@ def move_aside(folder: Path) -> Path | None:
     return trash
 
 
-def remove_tree(folder: Path | None) -> None:
-    if folder is not None:
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def remove_path(path: Path | None) -> None:
+def remove_tree(path: Path | None) -> None:
     """Removes what move_aside moved away: a folder with all in it, or a file."""
     if path is None:
         return
@@ -82,10 +77,14 @@ def remove_path(path: Path | None) -> None:
         path.unlink(missing_ok=True)
 
 
+# What interrupted writes, deletes and imports leave behind (temp_path_for,
+# write_atomically, move_aside, archive imports, training output): never data, and the
+# only files maintenance ever removes (datadir_app.layout, once stale).
+LEFTOVER_PREFIXES = (".deleted-", ".importing-", ".training-run-")
+
+
 def is_leftover_name(name: str) -> bool:
-    """What an interrupted write or delete leaves behind (`*.tmp`, `.deleted-*`): never
-    data (datadir_app.layout removes these once stale)."""
-    return name.endswith(".tmp") or name.startswith(".deleted-")
+    return name.endswith(".tmp") or name.startswith(LEFTOVER_PREFIXES)
 
 
 def is_plain_relative_name(name: str) -> bool:
