@@ -35,7 +35,11 @@ from sessions_app import storage
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, TrainingSample
-from training_app.services.watch import CHECKPOINTS_FOLDER, SAMPLES_FOLDER
+from training_app.services.watch import (
+    CHECKPOINTS_FOLDER,
+    checkpoint_filename,
+    run_samples_folder,
+)
 
 MANIFEST = "session.json"
 FILES_PREFIX = "files/"
@@ -174,7 +178,7 @@ def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, An
             )
         samples = []
         for sample in TrainingSample.objects.filter(run=run).order_by("step", "index"):
-            name = f"{_samples_folder(run.pk)}/{sample.filename}"
+            name = f"{run_samples_folder(run.pk)}/{sample.filename}"
             if name not in files:
                 _check_against_row(files, name, "")
             samples.append(
@@ -192,11 +196,6 @@ def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, An
             row[field] = value.isoformat() if isinstance(value, datetime) else value
         runs.append({**row, "checkpoints": checkpoints, "samples": samples})
     return runs
-
-
-def _samples_folder(run_id: int) -> str:
-    """training_app.services.watch.sample_path's folder, relative to the session's."""
-    return f"{SAMPLES_FOLDER}/run_{run_id}"
 
 
 def _check_against_row(files: dict[str, str], name: str, sha256: str) -> None:
@@ -421,7 +420,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
         for checkpoint in entry["checkpoints"]:
             old = f"{CHECKPOINTS_FOLDER}/{checkpoint['filename']}"
             _check_file(manifest, old, checkpoint["sha256"])
-            filename = f"lora_run{run.pk}_step{checkpoint['step']}.safetensors"
+            filename = checkpoint_filename(run.pk, checkpoint["step"])
             moves.append((old, f"{CHECKPOINTS_FOLDER}/{filename}"))
             stored = TrainingCheckpoint.objects.create(
                 run=run,
@@ -434,10 +433,10 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
             )
             _keep_created_at(stored, checkpoint)
         for sample in entry["samples"]:
-            old = f"{_samples_folder(entry['id'])}/{sample['filename']}"
+            old = f"{run_samples_folder(entry['id'])}/{sample['filename']}"
             if "/" in sample["filename"] or old not in manifest["files"]:
                 raise ServiceError(f"the manifest's sample {old} is not among its files")
-            moves.append((old, f"{_samples_folder(run.pk)}/{sample['filename']}"))
+            moves.append((old, f"{run_samples_folder(run.pk)}/{sample['filename']}"))
             row = TrainingSample.objects.create(
                 run=run,
                 step=sample["step"],

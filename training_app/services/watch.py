@@ -34,6 +34,16 @@ def resume_state_remove(session_id: int, run_id: int) -> None:
     storage.remove_tree(resume_state_dir(session_id, run_id))
 
 
+def checkpoint_filename(run_id: int, step: int) -> str:
+    """A checkpoint's name in the session's checkpoints/ folder."""
+    return f"lora_run{run_id}_step{step}.safetensors"
+
+
+def run_samples_folder(run_id: int) -> str:
+    """Where a run's sample images are, relative to the session's folder."""
+    return f"{SAMPLES_FOLDER}/run_{run_id}"
+
+
 def checkpoint_path(checkpoint: TrainingCheckpoint) -> Path:
     return storage.session_dir(checkpoint.session_id) / CHECKPOINTS_FOLDER / checkpoint.filename
 
@@ -43,7 +53,7 @@ def checkpoint_store(run: TrainingRun, step: int, written: Path, sha256: str) ->
     records it; a file whose bytes are not what was written is dropped, with a warning."""
     from sdxl_engine.lora_files import read_lora_metadata
 
-    name = f"lora_run{run.pk}_step{step}.safetensors"
+    name = checkpoint_filename(run.pk, step)
     target = storage.session_dir(run.session_id) / CHECKPOINTS_FOLDER / name
     target.parent.mkdir(parents=True, exist_ok=True)
     replace_with_retry(written, target)
@@ -66,17 +76,13 @@ def checkpoint_store(run: TrainingRun, step: int, written: Path, sha256: str) ->
 
 
 def sample_path(sample: TrainingSample) -> Path:
-    return (
-        storage.session_dir(sample.run.session_id)
-        / SAMPLES_FOLDER
-        / f"run_{sample.run_id}"
-        / sample.filename
-    )
+    folder = storage.session_dir(sample.run.session_id) / run_samples_folder(sample.run_id)
+    return folder / sample.filename
 
 
 def samples_store(run: TrainingRun, step: int, samples: list[tuple[str, Image.Image]]) -> None:
     """Writes a step's sample images as PNGs (each atomically) and records them."""
-    folder = storage.session_dir(run.session_id) / SAMPLES_FOLDER / f"run_{run.pk}"
+    folder = storage.session_dir(run.session_id) / run_samples_folder(run.pk)
     folder.mkdir(parents=True, exist_ok=True)
     with transaction.atomic():
         for index, (prompt, image) in enumerate(samples):
