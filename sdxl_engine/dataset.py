@@ -29,14 +29,30 @@ def training_rgb(image: Image.Image) -> Image.Image:
     return Image.alpha_composite(background, rgba).convert("RGB")
 
 
+# A training image's mask lies beside it as `<stem>_mask.png` (the dataset zip's naming too):
+# a greyscale image of the photo's size, white where the subject is, black elsewhere.
+MASK_SUFFIX = "_mask"
+
+
+def mask_path_for(image_path: Path) -> Path:
+    """Where the mask of the training image at `image_path` is kept."""
+    return image_path.with_name(f"{image_path.stem}{MASK_SUFFIX}.png")
+
+
+def is_mask_path(path: Path) -> bool:
+    return path.stem.endswith(MASK_SUFFIX)
+
+
 @dataclass(frozen=True)
 class TrainingPair:
     image_path: Path
     caption: str
+    mask_path: Path | None = None  # its mask (mask_path_for), when it has one
 
 
 def find_training_pairs(folder: Path) -> list[TrainingPair]:
-    """Every image in any sub-folder of `folder` that has a `.txt` caption of the same stem.
+    """Every image in any sub-folder of `folder` that has a `.txt` caption of the same stem,
+    with its mask when one lies beside it (mask_path_for; a mask is never an image itself).
 
     Images without a caption are not training data (an upload may still be in progress, or
     an operator left a stray file); half-written `*.tmp` files never match an image suffix.
@@ -48,13 +64,24 @@ def find_training_pairs(folder: Path) -> list[TrainingPair]:
         return []
     pairs = []
     for image_path in folder.rglob("*"):
-        if image_path.suffix.lower() not in IMAGE_SUFFIXES or not image_path.is_file():
+        if (
+            image_path.suffix.lower() not in IMAGE_SUFFIXES
+            or is_mask_path(image_path)
+            or not image_path.is_file()
+        ):
             continue
         caption_path = image_path.with_suffix(".txt")
         if not caption_path.is_file():
             continue
         caption = caption_path.read_text(encoding="utf-8", errors="replace").strip()
-        pairs.append(TrainingPair(image_path=image_path, caption=caption))
+        mask_path = mask_path_for(image_path)
+        pairs.append(
+            TrainingPair(
+                image_path=image_path,
+                caption=caption,
+                mask_path=mask_path if mask_path.is_file() else None,
+            )
+        )
     pairs.sort(key=lambda pair: _natural_key(pair.image_path.relative_to(folder)))
     return pairs
 

@@ -89,6 +89,17 @@ class TrainingParams:
     sample_prompts: list[str] | None = None
     sample_seed: int | None = None
     checkpoint_every: int | None = 0
+    # Likeness (issue 27). masked_loss weights each latent pixel's loss by the image's mask
+    # (its `<stem>_mask.png`, or its alpha channel with use_alpha_mask, as kohya's
+    # alpha_mask): 1 on the subject, background_weight elsewhere (0 as in cog-sdxl).
+    masked_loss: bool = False
+    background_weight: float = 0.0
+    use_alpha_mask: bool = False
+    # Prior preservation without regularisation photos (OneTrainer's prior-model
+    # preservation): weight of a second loss that keeps the LoRA's prediction for
+    # class_prompt at the base model's own. 0 turns it off.
+    prior_preservation_weight: float = 0.0
+    class_prompt: str | None = None
     recipe: str = "original"  # one of RECIPES: where the defaults above came from
 
 

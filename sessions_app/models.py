@@ -59,6 +59,9 @@ class TrainingImage(models.Model):
     height = models.PositiveIntegerField()
     size = models.PositiveBigIntegerField()
     sha256 = models.CharField(max_length=64)
+    # Its mask, relative to the data dir ("session_data/session_1/0/0_mask.png", beside the
+    # image: sdxl_engine.dataset.mask_path_for); empty for none. White is the subject.
+    mask_file = models.CharField(max_length=500, blank=True, default="")
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 from datetime import datetime, timedelta
 from functools import partial
@@ -13,6 +14,7 @@ from django.db import transaction
 from django.db.models import Max
 from django.db.models.functions import Coalesce, Greatest
 from django.utils import timezone
+from PIL import Image
 
 from access_app.callers import OPEN_CALLER, Caller
 from access_app.models import Owner
@@ -174,6 +176,33 @@ def training_image_caption_set(
     return image
 
 
+def training_image_mask_store(
+    session_id: int, image_id: int, mask: Image.Image, caller: Caller | None = None
+) -> TrainingImage:
+    """Writes the image's mask beside it (`<k>_mask.png`: sdxl_engine.dataset.mask_path_for,
+    atomically), replacing any mask it had, and records it on the row. `mask` becomes a
+    greyscale PNG of the image's own size (resized when it is not; white is the subject).
+    Refused (409) while a run of the session is queued or running; an API caller must see
+    the image (404 otherwise)."""
+    from sdxl_engine.dataset import mask_path_for
+
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)
+    with session_lock(session_id) as session:
+        image = _locked_image(session, image_id)
+        mask_path = mask_path_for(storage.absolute_path(image.file))
+        grey = mask.convert("L")
+        if grey.size != (image.width, image.height):
+            grey = grey.resize((image.width, image.height), Image.Resampling.BILINEAR)
+        encoded = io.BytesIO()
+        grey.save(encoded, format="PNG")
+        storage.atomic_write_bytes(mask_path, encoded.getvalue())
+        image.mask_file = storage.relative_path(mask_path)
+        image.save(update_fields=["mask_file"])
+    logger.info("session %s: mask of image %s stored", session_id, image_id)
+    return image
+
+
 def training_image_delete(session_id: int, image_id: int, caller: Caller | None = None) -> None:
     """Removes one image, its caption file and its row; the other images keep their ids,
     groups and paths (nothing is renumbered, and group numbers are never reused). A group
@@ -187,6 +216,8 @@ def training_image_delete(session_id: int, image_id: int, caller: Caller | None 
         image = _locked_image(session, image_id)
         image_path = storage.absolute_path(image.file)
         own_files = {image_path, image_path.with_suffix(".txt")}
+        if image.mask_file:
+            own_files.add(storage.absolute_path(image.mask_file))
         group_dir = image_path.parent
         others = [
             child

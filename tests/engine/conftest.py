@@ -127,3 +127,13 @@ def trained_lora(
     path = tmp_path_factory.mktemp("lora") / "lora_1.safetensors"
     train_lora(pipelines, training_pairs, STRONG_LORA_PARAMS, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def denoiser(tiny_source: ModelSource) -> Pipelines:
+    """The tiny model pretrained to denoise quadrant images (tests/engine/denoiser.py), once
+    per test session (about 11 s): for tests that prove a training feature learns. Leave it
+    as you found it."""
+    from .denoiser import SEED, make_denoiser
+
+    return make_denoiser(tiny_source, SEED)
