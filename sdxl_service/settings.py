@@ -242,6 +242,11 @@ SDXL_BASE_MODEL = env.str("SDXL_BASE_MODEL", default="stabilityai/stable-diffusi
 SDXL_REFINER_MODEL = env.str(
     "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
 )
+# The segmentation model of POST /sessions/<id>/masks {"kind": "subject"}: a hub id or
+# local folder of a CLIPSeg model (e.g. CIDAS/clipseg-rd64-refined), run in the web process
+# on its CPU. Empty: the tiny preset builds a tiny random one (noise masks); any other
+# preset answers subject masks with a 409 naming this setting.
+SDXL_SUBJECT_MASK_MODEL = env.str("SDXL_SUBJECT_MASK_MODEL", default="")
 # Compile the UNets whole with CUDA graphs in the workers (GPU): faster steps, paid for with
 # compile time at the generation worker's start (one image of the native size; other
 # shapes run eagerly).

@@ -18,3 +18,12 @@ def session_admin_url(session_id: int) -> str:
 
 def training_image_admin_url(image: TrainingImage) -> str:
     return reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
+
+
+def session_image_mask_url(image: TrainingImage) -> str:
+    """GET /sessions/<id>/images/<image_id>/mask: the image's mask file.
+
+    Written out rather than reversed: the route is added with mask storage at upload (a
+    branch of its own); once it is here this becomes reverse("session-image-mask", ...) as
+    session_image_url is."""
+    return f"{session_image_url(image)}/mask"

@@ -11,14 +11,17 @@ from django.conf import settings
 from rest_framework import serializers
 from rest_framework.fields import SkipField
 
+from sdxl_engine.masking import DEFAULT_SUBJECT_PROMPT
 from sdxl_service.api import field_aliases
 from sdxl_service.api.fields import (
     Base64BytesField,
+    ChoiceField,
     SessionIdField,
     StrictIntegerField,
     StringField,
 )
 from sdxl_service.api.training.serializers import TrainingQueuePlace, TrainStatusField
+from sessions_app.automasks import MASK_KINDS
 from training_app.models import TrainingRun
 
 
@@ -78,6 +81,57 @@ class SessionImagePatchSerializer(serializers.Serializer[Any]):
         allow_blank=True,
         help_text="the new caption, trimmed of whitespace and newlines around it; written to "
         "the image's `<k>.txt` (empty: the training trigger alone)",
+    )
+
+
+class SessionMasksSerializer(serializers.Serializer[Any]):
+    """POST /sessions/<id>/masks."""
+
+    kind = ChoiceField(
+        choices=list(MASK_KINDS),
+        help_text="`face`: a feathered ellipse around each face (OpenCV's face detector); "
+        "`subject`: what `prompt` names, by the segmentation model SDXL_SUBJECT_MASK_MODEL",
+    )
+    overwrite = serializers.BooleanField(
+        default=False,
+        help_text="mask every image, replacing the masks they have; false: only the images "
+        "without a mask",
+    )
+    prompt = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        required=False,
+        help_text=f'subject masks only: what to segment (default "{DEFAULT_SUBJECT_PROMPT}")',
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if "prompt" in attrs and attrs["kind"] != "subject":
+            raise serializers.ValidationError({"prompt": "only subject masks take a prompt"})
+        return attrs
+
+
+class SessionMaskItem(serializers.Serializer[Any]):
+    image_id = serializers.IntegerField()
+    found = serializers.BooleanField(
+        help_text="a face (or the subject) was found and the image's mask is new; false: the "
+        "image keeps what it had"
+    )
+    faces = serializers.IntegerField(
+        allow_null=True, help_text="face masks: how many faces were found; null for subject"
+    )
+    mask_url = serializers.CharField(allow_null=True, help_text="the new mask; null if none")
+
+
+class SessionMasksResponse(serializers.Serializer[Any]):
+    kind = serializers.ChoiceField(choices=list(MASK_KINDS))
+    prompt = serializers.CharField(
+        allow_null=True, help_text="what subject masks segmented; null for face masks"
+    )
+    images = SessionMaskItem(
+        many=True, help_text="each image looked at, in the session's order (not the skipped)"
+    )
+    masked = serializers.IntegerField(help_text="how many images got a new mask")
+    skipped = serializers.IntegerField(
+        help_text="images left alone because they had a mask (overwrite false)"
     )
 
 

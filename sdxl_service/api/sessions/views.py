@@ -30,9 +30,12 @@ from sdxl_service.api.sessions.serializers import (
     SessionImagePatchSerializer,
     SessionImagesUploadResponse,
     SessionImagesUploadSerializer,
+    SessionMasksResponse,
+    SessionMasksSerializer,
     SessionRefSerializer,
     SuccessResponse,
 )
+from sessions_app import automasks
 from sessions_app import selectors as session_selectors
 from sessions_app import services as session_services
 from sessions_app import storage as session_storage
@@ -146,6 +149,34 @@ def session_images_upload(request: Request, session_id: int) -> Response:
     )
     body = {"status": "success", "images": [bodies.session_image_item(image) for image in images]}
     return rendered(SessionImagesUploadResponse, body)
+
+
+@extend_schema(
+    operation_id="session_masks_create",
+    tags=TAGS,
+    summary="Mask the session's images automatically: their faces, or their subject",
+    description="Fills the images that have no mask (every image with `overwrite`) and "
+    "answers, per image, whether something was found; an image where nothing is found keeps "
+    "what it had. `face` needs no model (OpenCV's bundled face detector); `subject` runs "
+    "the segmentation model SDXL_SUBJECT_MASK_MODEL (a CLIPSeg), and answers 409 naming the "
+    "setting when none is configured (the tiny preset builds a tiny random one: noise "
+    "masks). Runs in the request. 409 (naming the run) while a training run of the session "
+    "is queued or running.",
+    request=SessionMasksSerializer,
+    responses={200: SessionMasksResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+@permission_classes(scope_required("upload"))
+def session_masks(request: Request, session_id: int) -> Response:
+    data = validated(SessionMasksSerializer, request)
+    masks = automasks.session_masks_create(
+        session_id,
+        data["kind"],
+        overwrite=data["overwrite"],
+        prompt=data.get("prompt"),
+        caller=request_caller(request),
+    )
+    return rendered(SessionMasksResponse, automasks.session_masks_body(masks))
 
 
 class SessionImageView(APIView):
