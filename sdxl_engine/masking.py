@@ -14,10 +14,11 @@ turned back to the file's orientation, as an uploaded mask would be drawn on it.
   image and feathered. With the tiny preset a tiny random CLIPSeg is built in the real
   on-disk format and loaded through the same from_pretrained calls: its masks are noise.
 
-The service runs these in its web process on request, on the CPU: torch and transformers
-are imported inside the subject functions only (this module imports without them), the
-model is loaded once per process, and never onto CUDA (a process that initialises CUDA
-cannot fork safely, and the web server forks).
+The service runs these in its web process on request, on the CPU. OpenCV, torch and
+transformers are imported inside the functions that use them, so importing this module
+(the API does, for its defaults) loads none of them; the segmentation model is loaded once
+per process, and never onto CUDA (a process that initialises CUDA cannot fork safely, and
+the web server forks).
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import cv2
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 # --- Faces ---------------------------------------------------------------------------------
-FACE_CASCADE = "haarcascade_frontalface_default.xml"  # in cv2.data.haarcascades
+FACE_CASCADE = "haarcascade_frontalface_default.xml"  # in the folder cv2.data.haarcascades
 # Faces are looked for in a copy whose longest side is at most this: a 24-megapixel phone
 # photo costs what a 1024-pixel one does, and a face too small to find at this size is too
 # small to matter for a LoRA.
@@ -94,6 +94,8 @@ class FaceMask:
 
 def face_mask(image: Image.Image) -> FaceMask:
     """A feathered ellipse around each face found in `image`, or no mask when none is."""
+    import cv2
+
     upright = ImageOps.exif_transpose(image)
     boxes = _face_boxes(upright)
     if not boxes:
@@ -110,12 +112,15 @@ def face_mask(image: Image.Image) -> FaceMask:
 
 def _face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
     """(x, y, width, height) of each face, in `upright`'s pixels."""
+    import cv2
+    from cv2.data import haarcascades  # cv2's type stubs leave out its `data` module
+
     grey = np.asarray(_shrunk(upright.convert("L"), FACE_DETECTION_SIDE))
     scale = upright.width / grey.shape[1]
     # Equalised, so a dim or washed-out photo's face has the contrast the cascade learnt on.
     grey = cv2.equalizeHist(grey)
     min_side = max(1, round(min(grey.shape) * FACE_MIN_SIDE_FRACTION))
-    detector = cv2.CascadeClassifier(os.path.join(cv2.data.haarcascades, FACE_CASCADE))
+    detector = cv2.CascadeClassifier(os.path.join(haarcascades, FACE_CASCADE))
     found = detector.detectMultiScale(
         grey,
         scaleFactor=FACE_SCALE_STEP,
@@ -197,7 +202,8 @@ def build_random_segmenter(folder: Path, seed: int = 0) -> Path:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPSegForImageSegmentation(config)
-        processor = CLIPSegProcessor(
+        # transformers leaves the processor's __init__ unannotated.
+        processor = CLIPSegProcessor(  # type: ignore[no-untyped-call]
             image_processor=ViTImageProcessorPil(
                 size={"height": _TINY_SEGMENTER_IMAGE_SIDE, "width": _TINY_SEGMENTER_IMAGE_SIDE},
                 image_mean=_CLIP_MEAN,
@@ -227,6 +233,7 @@ def _is_model_folder(folder: Path) -> bool:
 def subject_mask(model: str, image: Image.Image, prompt: str) -> Image.Image | None:
     """The mask of what `prompt` names in `image`, by the segmentation model `model` (hub
     id or folder), or None when too little of the image (under SUBJECT_MIN_AREA) is it."""
+    import cv2
     import torch
 
     segmenter, processor = load_segmenter(model)
@@ -262,8 +269,7 @@ def load_segmenter(model: str) -> tuple[CLIPSegForImageSegmentation, CLIPSegProc
         raise EngineError(
             f"{SUBJECT_MODEL_SETTING}={model!r} could not be loaded as a CLIPSeg model: {error}"
         ) from error
-    segmenter.eval()
-    return segmenter, processor
+    return segmenter, processor  # from_pretrained leaves the model in eval mode
 
 
 # --- Shared --------------------------------------------------------------------------------
