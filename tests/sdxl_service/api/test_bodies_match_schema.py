@@ -183,6 +183,9 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     patched = APIClient().patch(image_url, {"caption": "b"}, format="json")
     assert schema.check(image_path, patched)["caption"] == "b"
     assert schema.check(image_path, APIClient().delete(image_url))["status"] == "deleted"
+    masks_path = "/sessions/{session_id}/masks"
+    masks = api(f"/sessions/{session_id}/masks", {"kind": "subject"}, template=masks_path)
+    assert masks["kind"] == "subject" and len(masks["images"]) == 2
     paged = api("/list_sessions?limit=1", template="/list_sessions")
     assert paged["count"] == 1 and paged["next_offset"] is None
 

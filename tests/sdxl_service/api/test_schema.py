@@ -28,6 +28,7 @@ ADDITIONS = {
     "/sessions/{session_id}": "get",
     "/sessions/{session_id}/images/{image_id}": "get",
     "/sessions/{session_id}/images": "post",
+    "/sessions/{session_id}/masks": "post",
     "/sessions/{session_id}/loras/{lora_filename}": "get",
     "/healthz": "get",
 }
@@ -41,6 +42,7 @@ OPERATION_IDS = {
     "/sessions/{session_id}": "session_detail",
     "/sessions/{session_id}/images/{image_id}": "session_image",
     "/sessions/{session_id}/images": "session_images_upload",
+    "/sessions/{session_id}/masks": "session_masks_create",
     "/sessions/{session_id}/loras/{lora_filename}": "lora_file",
 }
 

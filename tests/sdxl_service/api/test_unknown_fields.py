@@ -378,6 +378,9 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
         ],
         "/list_sessions": [("get", {"limit": 5, "offset": 0}, 200)],
         "/delete_session": [("post", {"session_id": other.pk}, 200)],
+        "/sessions/<id>/masks": [
+            ("post", {"kind": "subject", "overwrite": True, "prompt": "a square"}, 200)
+        ],
     }
 
 
@@ -394,12 +397,13 @@ def test_every_documented_field_of_every_endpoint_is_still_accepted(
     for path, requests in cases.items():
         sent: set[str] = set()
         for method, body, status in requests:
+            url = path.replace("<id>", str(session.pk))
             if method == "cancel":
                 response = api.post("/cancel_training", {"session_id": other.pk}, format="json")
             elif method == "get":
-                response = api.get(path, body)
+                response = api.get(url, body)
             else:
-                response = api.post(path, body, format="json")
+                response = api.post(url, body, format="json")
             assert response.status_code == status, (path, body, response.content)
             sent |= set(body)
         assert documented.get(path, set()) <= sent, (path, documented[path] - sent)
