@@ -9,7 +9,7 @@ from skimage import data
 
 from sessions_app import services as session_services
 from sessions_app import storage
-from sessions_app.models import TrainingImage
+from sessions_app.models import Session, TrainingImage
 from tests.sdxl_service.api.test_session_views import assert_error
 
 pytestmark = pytest.mark.django_db
@@ -155,5 +155,22 @@ def test_masks_are_409_while_the_session_trains(api, photos):
     assert not TrainingImage.objects.exclude(mask_file="").exists()
 
 
-def test_masks_of_a_missing_session_are_404(api):
-    assert_error(api.post("/sessions/987654/masks", {"kind": "face"}, format="json"), 404, "987654")
+def test_another_owners_session_is_a_404_like_a_missing_one_and_keeps_its_images(photos):
+    from tests.sdxl_service.api.test_tenants import tenant
+
+    session_id, _, _ = photos
+    alice, bob = tenant("alice"), tenant("bob")
+    Session.objects.filter(pk=session_id).update(owner=bob.owner)
+
+    theirs = alice.api.post(f"/sessions/{session_id}/masks", {"kind": "face"}, format="json")
+    missing = alice.api.post("/sessions/987654/masks", {"kind": "face"}, format="json")
+
+    assert_error(theirs, 404, f"session {session_id} not found")
+    assert_error(missing, 404, "session 987654 not found")
+    assert not TrainingImage.objects.exclude(mask_file="").exists()
+    assert (
+        bob.api.post(f"/sessions/{session_id}/masks", {"kind": "face"}, format="json").json()[
+            "masked"
+        ]
+        == 1
+    )
