@@ -142,6 +142,7 @@ def _calls(held: Holdings, session_id: int, other_id: int) -> dict:
             f"/sessions/{session_id}/images",
             {"archive": io.BytesIO(_zip_of_one_image())},
         ),
+        "session_captions": ("post", f"/sessions/{session_id}/captions", {"overwrite": True}),
         "session_image": ("get", f"/sessions/{session_id}/images/{other_id}", None),
         "session_image_update": (
             "patch",
