@@ -234,7 +234,8 @@ def session_captions_create(
     with session_lock(session_id) as session:
         _refuse_while_training(session)
         targets = [image for image in _images_in_order(session) if overwrite or not image.caption]
-    captions = captions_generate([storage.absolute_path(image.file) for image in targets], prefix)
+    paths = [storage.absolute_path(image.file) for image in targets]
+    captions = captions_generate(paths, prefix) if paths else []
     generated = {
         image.pk: caption_cleaned(caption) for image, caption in zip(targets, captions, strict=True)
     }

@@ -172,7 +172,7 @@ def session_captions_create(request: Request, session_id: int) -> Response:
     written = session_services.session_captions_create(
         session_id, data["overwrite"], data["prefix"], caller=request_caller(request)
     )
-    return rendered(SessionCaptionsResponse, written)
+    return rendered(SessionCaptionsResponse, {**written})
 
 
 class SessionImageView(APIView):

@@ -183,6 +183,9 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     patched = APIClient().patch(image_url, {"caption": "b"}, format="json")
     assert schema.check(image_path, patched)["caption"] == "b"
     assert schema.check(image_path, APIClient().delete(image_url))["status"] == "deleted"
+    captions_path = "/sessions/{session_id}/captions"
+    captioned = api(f"/sessions/{session_id}/captions", {"overwrite": True}, template=captions_path)
+    assert captioned["captioned"] == 2 and captioned["images"][0]["written"] is True
     paged = api("/list_sessions?limit=1", template="/list_sessions")
     assert paged["count"] == 1 and paged["next_offset"] is None
 

@@ -714,9 +714,10 @@ def test_a_caption_auto_at_upload_is_written_by_the_model_and_a_failure_stores_n
     form = {"image": [_file("a.png", blue)], "caption": ["auto"]}
     assert api.post(f"/sessions/{session_id}/images", form, format="multipart").status_code == 200
 
+    stored = [row[3] for row in _rows(session_id)]
+    assert "auto" not in stored and all(stored), stored
     captions = [_model_caption(red), _model_caption(blue)]
-    assert "auto" not in captions and all(captions)
-    assert [row[3] for row in _rows(session_id)] == captions
+    assert stored == captions
     on_disk = _on_disk(session_id)
     assert [on_disk["0/0.txt"].decode(), on_disk["1/0.txt"].decode()] == captions
     before = (on_disk, _rows(session_id))
