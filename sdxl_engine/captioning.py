@@ -66,13 +66,17 @@ def load_captioner(model: str) -> Captioner:
     """The captioner at `model` (a hub id or a local folder), on the CPU in float32, in
     evaluation mode. Raises EngineError when it cannot be loaded as an image-to-text
     model (missing, not a captioner, or needing remote code)."""
+    import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     if Path(model).is_absolute() and not Path(model).is_dir():
         raise EngineError(f"the captioning model's folder {model} does not exist")
     try:
         processor = AutoProcessor.from_pretrained(model, trust_remote_code=False)
-        loaded = AutoModelForImageTextToText.from_pretrained(model, trust_remote_code=False)
+        # float32 whatever the checkpoint stores: half precision is slow, or missing, on CPUs.
+        loaded = AutoModelForImageTextToText.from_pretrained(
+            model, dtype=torch.float32, trust_remote_code=False
+        )
     except (OSError, ValueError, KeyError) as error:
         raise EngineError(f"cannot load the captioning model {model!r}: {error}") from error
     image_processor = getattr(processor, "image_processor", None)
