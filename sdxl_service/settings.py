@@ -270,6 +270,11 @@ SDXL_LOW_MEMORY = env.str("SDXL_LOW_MEMORY", default="auto")
 if SDXL_LOW_MEMORY not in ("auto", "on", "off"):
     raise ImproperlyConfigured("SDXL_LOW_MEMORY must be auto, on or off")
 SDXL_GPUS = env.list("SDXL_GPUS", default=[])
+# The image-to-text model that writes captions (POST /sessions/<id>/captions, a caption
+# "auto" at upload): a hub id or a local folder of a transformers captioner (BLIP, BLIP-2);
+# it runs in the web process, on the CPU. Empty: none, except with the tiny model preset,
+# which builds a tiny random captioner (nonsense captions) so the path runs offline.
+SDXL_CAPTION_MODEL = env.str("SDXL_CAPTION_MODEL", default="")
 
 # --- Limits on what the API accepts --------------------------------------------------
 SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)

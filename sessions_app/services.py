@@ -23,6 +23,7 @@ from access_app.selectors import caller_owner_id
 from access_app.services import owner_named
 from core.errors import ServiceError
 from sessions_app import storage
+from sessions_app.captioner import captioner_model, captions_generate
 from sessions_app.images import CheckedImage, check_image
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
@@ -38,6 +39,9 @@ if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
 
 logger = logging.getLogger(__name__)
+
+# An uploaded image's caption that asks the captioning model to write it.
+AUTO_CAPTION = "auto"
 
 
 def session_create(caller: Caller | None = None, owner_id: int | None = None) -> Session:
@@ -83,10 +87,12 @@ def session_images_add(
     An API caller must see the session, and its owner's quotas must hold the images."""
     if caller is not None:
         session_get(session_id, caller)
-    checked = [
-        (check_image(upload.data, field=upload.name), caption_cleaned(upload.caption))
-        for upload in uploads
-    ]
+    checked = _auto_captions_filled(
+        [
+            (check_image(upload.data, field=upload.name), caption_cleaned(upload.caption))
+            for upload in uploads
+        ]
+    )
     images = []
     with session_lock(session_id) as session:
         if caller is not None and session.owner_id is not None:
@@ -108,6 +114,22 @@ def session_images_add(
                 storage.remove_tree(group_dir)
             raise
     return images
+
+
+def _auto_captions_filled(
+    checked: list[tuple[CheckedImage, str]],
+) -> list[tuple[CheckedImage, str]]:
+    """The checked uploads with each caption AUTO_CAPTION replaced by the captioning
+    model's (sessions_app.captioner), before anything is stored: an upload the model
+    cannot caption stores nothing, and "auto" is never stored as a caption."""
+    wanted = [index for index, (_, caption) in enumerate(checked) if caption == AUTO_CAPTION]
+    if not wanted:
+        return checked
+    captions = captions_generate([checked[index][0].data for index in wanted])
+    filled = list(checked)
+    for index, caption in zip(wanted, captions, strict=True):
+        filled[index] = (checked[index][0], caption_cleaned(caption))
+    return filled
 
 
 def caption_cleaned(caption: str) -> str:
@@ -144,9 +166,7 @@ def training_refusal(session: Session) -> ServiceError | None:
 
 def _locked_image(session: Session, image_id: int) -> TrainingImage:
     """The session's image `image_id`, under the session lock, once no run is training."""
-    refusal = training_refusal(session)
-    if refusal is not None:
-        raise refusal
+    _refuse_while_training(session)
     image = (
         TrainingImage.objects.filter(pk=image_id, group__session=session)
         .select_related("group")
@@ -168,12 +188,97 @@ def training_image_caption_set(
     caption = _caption_checked(caption)
     with session_lock(session_id) as session:
         image = _locked_image(session, image_id)
-        caption_path = storage.absolute_path(image.file).with_suffix(".txt")
-        storage.atomic_write_bytes(caption_path, caption.encode("utf-8"))
-        image.caption = caption
-        image.save(update_fields=["caption"])
+        _caption_write(image, caption)
     logger.info("session %s: caption of image %s rewritten", session_id, image_id)
     return image
+
+
+def _caption_path(image: TrainingImage) -> Path:
+    return storage.absolute_path(image.file).with_suffix(".txt")
+
+
+def _caption_write(image: TrainingImage, caption: str) -> None:
+    """The image's caption file (`<k>.txt` beside `<k>.<ext>`, atomically), then its row."""
+    storage.atomic_write_bytes(_caption_path(image), caption.encode("utf-8"))
+    image.caption = caption
+    image.save(update_fields=["caption"])
+
+
+class CaptionWritten(TypedDict):
+    image_id: int
+    caption: str
+    written: bool
+
+
+class CaptionsWritten(TypedDict):
+    captioned: int
+    skipped: int
+    images: list[CaptionWritten]
+
+
+def session_captions_create(
+    session_id: int, overwrite: bool = False, prefix: str = "", caller: Caller | None = None
+) -> CaptionsWritten:
+    """Captions the session's images with the captioning model (sessions_app.captioner),
+    each after `prefix`: those whose caption is empty, or all of them with `overwrite`.
+    The model runs outside the session lock (minutes, for many photos on a CPU); the
+    captions are then written under it, files and rows, all or none. An image whose
+    caption was filled in the meantime keeps it (unless `overwrite`); one deleted in the
+    meantime is left out; one the model gave no words keeps its own. Answers every image
+    of the session, in order, with its caption and whether it was written. Refused (409)
+    while a run of the session is queued or running, and without a captioning model; an
+    API caller must see the session (404 otherwise)."""
+    if caller is not None:
+        session_get(session_id, caller)
+    captioner_model()  # no model: a 409 before anything is read
+    with session_lock(session_id) as session:
+        _refuse_while_training(session)
+        targets = [image for image in _images_in_order(session) if overwrite or not image.caption]
+    paths = [storage.absolute_path(image.file) for image in targets]
+    captions = captions_generate(paths, prefix) if paths else []
+    generated = {
+        image.pk: caption_cleaned(caption) for image, caption in zip(targets, captions, strict=True)
+    }
+    with session_lock(session_id) as session:
+        _refuse_while_training(session)
+        images = _images_in_order(session)
+        replaced: list[tuple[Path, bytes | None]] = []  # caption files rewritten, as they were
+        written: set[int] = set()
+        try:
+            for image in images:
+                caption = generated.get(image.pk, "")
+                if caption and (overwrite or not image.caption):
+                    path = _caption_path(image)
+                    replaced.append((path, path.read_bytes() if path.is_file() else None))
+                    _caption_write(image, caption)
+                    written.add(image.pk)
+        except BaseException:
+            # The transaction rolls the rows back; the files written so far go back too.
+            for path, before in reversed(replaced):
+                if before is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    storage.atomic_write_bytes(path, before)
+            raise
+    logger.info("session %s: %s captions written by the model", session_id, len(written))
+    return {
+        "captioned": len(written),
+        "skipped": len(images) - len(written),
+        "images": [
+            {"image_id": image.pk, "caption": image.caption, "written": image.pk in written}
+            for image in images
+        ],
+    }
+
+
+def _refuse_while_training(session: Session) -> None:
+    refusal = training_refusal(session)
+    if refusal is not None:
+        raise refusal
+
+
+def _images_in_order(session: Session) -> list[TrainingImage]:
+    return list(TrainingImage.objects.filter(group__session=session).order_by("pk"))
 
 
 def training_image_mask_store(

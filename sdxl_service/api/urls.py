@@ -37,6 +37,7 @@ urlpatterns = [
     *endpoint("sessions/<int:session_id>", sessions.session_detail, name="session"),
     *endpoint("sessions/<int:session_id>/images", sessions.session_images_upload),
     *endpoint("sessions/<int:session_id>/masks", sessions.session_masks),
+    *endpoint("sessions/<int:session_id>/captions", sessions.session_captions_create),
     path(
         "sessions/<int:session_id>/images/<int:image_id>",
         sessions.session_image,

@@ -124,3 +124,60 @@ def test_session_delete_unknown_is_404():
     with pytest.raises(ServiceError) as error:
         services.session_delete(12345)
     assert error.value.status == 404
+
+
+def _uncaptioned_session(count: int) -> tuple[Session, list[TrainingImage]]:
+    session = services.session_create()
+    images = [services.session_image_add(session.pk, image_bytes(), "") for _ in range(count)]
+    return session, images
+
+
+def test_captions_leave_a_caption_written_while_the_model_ran(monkeypatch):
+    # The model runs outside the session lock: a caption fixed in the meantime (a PATCH)
+    # is kept, and an image deleted in the meantime is left out.
+    session, (kept, fixed, deleted) = _uncaptioned_session(3)
+
+    def model_meanwhile(paths, prefix=""):
+        services.training_image_caption_set(session.pk, fixed.pk, "typed by hand")
+        services.training_image_delete(session.pk, deleted.pk)
+        return [f"{prefix} generated {n}" for n in range(len(paths))]
+
+    monkeypatch.setattr(services, "captions_generate", model_meanwhile)
+
+    written = services.session_captions_create(session.pk, prefix="TOK,")
+
+    assert written == {
+        "captioned": 1,
+        "skipped": 1,
+        "images": [
+            {"image_id": kept.pk, "caption": "TOK, generated 0", "written": True},
+            {"image_id": fixed.pk, "caption": "typed by hand", "written": False},
+        ],
+    }
+    folder = storage.session_dir(session.pk)
+    assert (folder / "0" / "0.txt").read_text() == "TOK, generated 0"
+    assert (folder / "1" / "0.txt").read_text() == "typed by hand"
+
+
+def test_captions_that_fail_writing_leave_every_caption_file_and_row_as_it_was(monkeypatch):
+    session, images = _uncaptioned_session(3)
+    monkeypatch.setattr(
+        services, "captions_generate", lambda paths, prefix="": ["a cat"] * len(paths)
+    )
+    real_write = storage.atomic_write_bytes
+    writes = []
+
+    def full_on_the_third(path, data):
+        writes.append(path)
+        if len(writes) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr(storage, "atomic_write_bytes", full_on_the_third)
+
+    with pytest.raises(OSError):
+        services.session_captions_create(session.pk)
+
+    folder = storage.session_dir(session.pk)
+    assert [(folder / str(n) / "0.txt").read_text() for n in range(3)] == ["", "", ""]
+    assert [image.caption for image in TrainingImage.objects.order_by("pk")] == ["", "", ""]

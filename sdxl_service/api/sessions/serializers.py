@@ -35,7 +35,12 @@ class PostSessionImageSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
     image_base64 = Base64BytesField()
     # May be empty: such an image trains with /train_lora's trigger as its whole caption.
-    prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
+    prompt = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        allow_blank=True,
+        help_text='the image\'s caption (may be empty); "auto": written by the captioning '
+        "model (SDXL_CAPTION_MODEL), as POST /sessions/<id>/captions writes them",
+    )
 
 
 class SessionImagesUploadSerializer(serializers.Serializer[Any]):
@@ -54,7 +59,7 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
         child=serializers.CharField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True),
         required=False,
         help_text="one caption per image, in the same order; none: every caption empty (the "
-        "training trigger alone)",
+        'training trigger alone); "auto": written by the captioning model',
     )
     archive = serializers.FileField(
         required=False,
@@ -133,6 +138,35 @@ class SessionMasksResponse(serializers.Serializer[Any]):
     skipped = serializers.IntegerField(
         help_text="images left alone because they had a mask (overwrite false)"
     )
+
+
+class SessionCaptionsSerializer(serializers.Serializer[Any]):
+    """POST /sessions/<id>/captions: captions written by the captioning model."""
+
+    overwrite = serializers.BooleanField(
+        default=False,
+        help_text="caption every image, replacing the captions it has; false (default): "
+        "only the images whose caption is empty, never touching one that has a caption",
+    )
+    prefix = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        allow_blank=True,
+        default="",
+        help_text="put before each generated caption, with a space (cog-sdxl's caption_prefix), "
+        'e.g. "a photo of TOK,"',
+    )
+
+
+class CaptionedImageItem(serializers.Serializer[Any]):
+    image_id = serializers.IntegerField()
+    caption = serializers.CharField(allow_blank=True, help_text="the image's caption now")
+    written = serializers.BooleanField(help_text="whether this request wrote it")
+
+
+class SessionCaptionsResponse(serializers.Serializer[Any]):
+    captioned = serializers.IntegerField(help_text="how many captions were written")
+    skipped = serializers.IntegerField(help_text="how many images kept their caption")
+    images = CaptionedImageItem(many=True, help_text="every image of the session, in order")
 
 
 class DeleteSessionImageResponse(serializers.Serializer[Any]):

@@ -25,6 +25,8 @@ from sdxl_service.api.sessions.serializers import (
     ListSessionsQuery,
     ListSessionsResponse,
     PostSessionImageSerializer,
+    SessionCaptionsResponse,
+    SessionCaptionsSerializer,
     SessionDetailResponse,
     SessionImageItem,
     SessionImagePatchSerializer,
@@ -63,9 +65,10 @@ def create_session(request: Request) -> Response:
     tags=TAGS,
     summary="Add one captioned training image (a new group folder)",
     description="PNG, JPEG, WebP or BMP, base64 (a data: URL prefix is accepted). Stored "
-    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`.",
+    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`. A prompt `auto` is written "
+    "by the captioning model first (409 without one, and nothing is stored).",
     request=PostSessionImageSerializer,
-    responses={200: SuccessResponse, **error_responses(404, 429)},
+    responses={200: SuccessResponse, **error_responses(404, 409, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
@@ -130,9 +133,10 @@ def session_detail(request: Request, session_id: int) -> Response:
     "an `archive` zip of images with a .txt caption beside each. Every image is checked as "
     "/post_session_image checks one, and each becomes its own group; all are stored or none. "
     "Zips are refused whole for unsafe paths, links, more than 2000 files or more than "
-    "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files.",
+    "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files. "
+    "A caption `auto` is written by the captioning model first (409 without one).",
     request={"multipart/form-data": SessionImagesUploadSerializer},
-    responses={200: SessionImagesUploadResponse, **error_responses(404, 429)},
+    responses={200: SessionImagesUploadResponse, **error_responses(404, 409, 429)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("upload"))
@@ -177,6 +181,29 @@ def session_masks(request: Request, session_id: int) -> Response:
         caller=request_caller(request),
     )
     return rendered(SessionMasksResponse, automasks.session_masks_body(masks))
+
+
+@extend_schema(
+    operation_id="session_captions_create",
+    tags=TAGS,
+    summary="Caption the session's images with the captioning model",
+    description="Captions every image whose caption is empty (every image with "
+    "`overwrite`) with the image-to-text model of SDXL_CAPTION_MODEL (BLIP, in the web "
+    "process, on the CPU), `prefix` first, and writes each caption's file and row, all or "
+    "none. With the tiny model preset and no SDXL_CAPTION_MODEL, a tiny random captioner "
+    "writes random words. 409 without a captioning model (naming SDXL_CAPTION_MODEL), and "
+    "while a training run of the session is queued or running (naming the run).",
+    request=SessionCaptionsSerializer,
+    responses={200: SessionCaptionsResponse, **error_responses(404, 409)},
+)
+@api_view(["POST"])
+@permission_classes(scope_required("upload"))
+def session_captions_create(request: Request, session_id: int) -> Response:
+    data = validated(SessionCaptionsSerializer, request)
+    written = session_services.session_captions_create(
+        session_id, data["overwrite"], data["prefix"], caller=request_caller(request)
+    )
+    return rendered(SessionCaptionsResponse, {**written})
 
 
 class SessionImageView(APIView):

@@ -186,6 +186,9 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     masks_path = "/sessions/{session_id}/masks"
     masks = api(f"/sessions/{session_id}/masks", {"kind": "subject"}, template=masks_path)
     assert masks["kind"] == "subject" and len(masks["images"]) == 2
+    captions_path = "/sessions/{session_id}/captions"
+    captioned = api(f"/sessions/{session_id}/captions", {"overwrite": True}, template=captions_path)
+    assert captioned["captioned"] == 2 and captioned["images"][0]["written"] is True
     paged = api("/list_sessions?limit=1", template="/list_sessions")
     assert paged["count"] == 1 and paged["next_offset"] is None
 

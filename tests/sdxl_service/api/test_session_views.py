@@ -614,3 +614,116 @@ def test_a_patched_caption_is_trimmed(api):
     assert api.patch(url, {"caption": "\tpatched \n"}, format="json").json()["caption"] == "patched"
     assert (storage.session_dir(session_id) / "0" / "0.txt").read_text() == "patched"
     assert _rows(session_id)[0][3] == "patched"
+
+
+# POST /sessions/<id>/captions, and a caption "auto" at upload: the captioning model (here the
+# tiny random captioner of the tiny preset) writes captions.
+
+
+def _model_caption(data: bytes, prefix: str = "") -> str:
+    """What the captioning model says of the encoded image `data` (greedy: always the same)."""
+    from sessions_app.captioner import captions_generate
+
+    (caption,) = captions_generate([data], prefix)
+    return caption
+
+
+def test_captions_fill_the_empty_captions_and_overwrite_rewrites_them_all(api):
+    session_id = api.get("/create_session").json()["session_id"]
+    photos = [
+        image_bytes(color="red"),
+        image_bytes("JPEG", color="blue"),
+        image_bytes(color="green"),
+    ]
+    form = {"image": [_file(f"{n}.png", data) for n, data in enumerate(photos)]}
+    form["caption"] = ["ohwx, red", "", "  "]
+    assert api.post(f"/sessions/{session_id}/images", form, format="multipart").status_code == 200
+    ids = [row[0] for row in _rows(session_id)]
+    url = f"/sessions/{session_id}/captions"
+
+    response = api.post(url, {"prefix": "a photo of TOK,"}, format="json")
+
+    assert response.status_code == 200, response.content
+    generated = [_model_caption(data, "a photo of TOK,") for data in photos]
+    assert all(caption.startswith("a photo of TOK, ") for caption in generated)
+    assert response.json() == {
+        "captioned": 2,
+        "skipped": 1,
+        "images": [
+            {"image_id": ids[0], "caption": "ohwx, red", "written": False},
+            {"image_id": ids[1], "caption": generated[1], "written": True},
+            {"image_id": ids[2], "caption": generated[2], "written": True},
+        ],
+    }
+    expected = ["ohwx, red", generated[1], generated[2]]
+    assert [row[3] for row in _rows(session_id)] == expected
+    on_disk = _on_disk(session_id)
+    assert [on_disk[f"{n}/0.txt"].decode() for n in range(3)] == expected
+    _verify_is_clean()
+    # Nothing is left empty: a second call writes nothing.
+    again = api.post(url, {}, format="json").json()
+    assert (again["captioned"], again["skipped"]) == (0, 3)
+    assert _on_disk(session_id) == on_disk
+
+    response = api.post(url, {"overwrite": True}, format="json")
+
+    assert response.status_code == 200, response.content
+    rewritten = [_model_caption(data) for data in photos]
+    assert [(item["caption"], item["written"]) for item in response.json()["images"]] == [
+        (caption, True) for caption in rewritten
+    ]
+    assert [row[3] for row in _rows(session_id)] == rewritten
+    on_disk = _on_disk(session_id)
+    assert [on_disk[f"{n}/0.txt"].decode() for n in range(3)] == rewritten
+    _verify_is_clean()
+
+
+@pytest.mark.parametrize("cause", ["training", "no model", "missing model"])
+def test_captions_are_409_while_training_or_without_a_model_and_change_nothing(
+    api, settings, tmp_path, cause
+):
+    from training_app.models import TrainingRun
+
+    session_id, _ = _three_images(api)
+    TrainingImage.objects.filter(group__session_id=session_id).update(caption="")
+    if cause == "training":
+        run = TrainingRun.objects.create(session_id=session_id, status="queued", parameters={})
+        message = f"session {session_id} is training (run {run.pk})"
+    elif cause == "no model":
+        settings.SDXL_MODEL_PRESET = "hub"  # real weights, and no captioner named
+        message = "no captioning model: set SDXL_CAPTION_MODEL"
+    else:
+        settings.SDXL_CAPTION_MODEL = str(tmp_path / "blip")
+        message = f"the captioning model's folder {tmp_path / 'blip'} does not exist"
+    before = (_on_disk(session_id), _rows(session_id))
+
+    response = api.post(f"/sessions/{session_id}/captions", {}, format="json")
+
+    assert_error(response, 409, message)
+    assert (_on_disk(session_id), _rows(session_id)) == before
+
+
+def test_a_caption_auto_at_upload_is_written_by_the_model_and_a_failure_stores_nothing(
+    api, settings
+):
+    session_id = api.get("/create_session").json()["session_id"]
+    red, blue = image_bytes(color="red"), image_bytes(color="blue")
+    body = {"session_id": session_id, "image_base64": b64(red), "prompt": " auto\n"}
+
+    assert api.post("/post_session_image", body, format="json").status_code == 200
+    form = {"image": [_file("a.png", blue)], "caption": ["auto"]}
+    assert api.post(f"/sessions/{session_id}/images", form, format="multipart").status_code == 200
+
+    stored = [row[3] for row in _rows(session_id)]
+    assert "auto" not in stored and all(stored), stored
+    captions = [_model_caption(red), _model_caption(blue)]
+    assert stored == captions
+    on_disk = _on_disk(session_id)
+    assert [on_disk["0/0.txt"].decode(), on_disk["1/0.txt"].decode()] == captions
+    before = (on_disk, _rows(session_id))
+
+    settings.SDXL_MODEL_PRESET = "hub"  # no captioning model now
+    response = api.post("/post_session_image", body, format="json")
+
+    assert_error(response, 409, "SDXL_CAPTION_MODEL")
+    assert (_on_disk(session_id), _rows(session_id)) == before

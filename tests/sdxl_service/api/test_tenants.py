@@ -143,6 +143,7 @@ def _calls(held: Holdings, session_id: int, other_id: int) -> dict:
             {"archive": io.BytesIO(_zip_of_one_image())},
         ),
         "session_masks": ("post", f"/sessions/{session_id}/masks", {"kind": "face"}),
+        "session_captions": ("post", f"/sessions/{session_id}/captions", {"overwrite": True}),
         "session_image": ("get", f"/sessions/{session_id}/images/{other_id}", None),
         "session_image_update": (
             "patch",

@@ -381,6 +381,9 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
         "/sessions/<id>/masks": [
             ("post", {"kind": "subject", "overwrite": True, "prompt": "a square"}, 200)
         ],
+        "/sessions/<id>/captions": [
+            ("post", {"overwrite": False, "prefix": "a photo of TOK,"}, 200)
+        ],
     }
 
 
