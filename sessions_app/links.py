@@ -12,6 +12,15 @@ def session_image_url(image: TrainingImage) -> str:
     return reverse("session-image", args=[image.group.session_id, image.pk])
 
 
+def session_image_mask_url(image: TrainingImage) -> str:
+    """GET /sessions/<id>/images/<image_id>/mask: the image's mask, a greyscale PNG."""
+    return reverse("session-image-mask", args=[image.group.session_id, image.pk])
+
+
+def training_image_mask_admin_url(image: TrainingImage) -> str:
+    return reverse("admin:sessions_app_trainingimage_mask", args=[image.pk])
+
+
 def session_admin_url(session_id: int) -> str:
     return reverse("admin:sessions_app_session_change", args=[session_id])
 

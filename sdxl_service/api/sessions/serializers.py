@@ -21,6 +21,12 @@ from sdxl_service.api.fields import (
 from sdxl_service.api.training.serializers import TrainingQueuePlace, TrainStatusField
 from training_app.models import TrainingRun
 
+_MASK_HELP = (
+    "the image's mask, base64 (PNG, JPEG, WebP or BMP): white (opaque) where the subject "
+    "is, black (or transparent) elsewhere; of the image's aspect ratio (resized to its size), "
+    "not all black. Stored as a greyscale PNG `<k>_mask.png` beside the image"
+)
+
 
 class SessionRefSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
@@ -33,6 +39,7 @@ class PostSessionImageSerializer(serializers.Serializer[Any]):
     image_base64 = Base64BytesField()
     # May be empty: such an image trains with /train_lora's trigger as its whole caption.
     prompt = StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS, allow_blank=True)
+    mask_base64 = Base64BytesField(required=False, help_text=_MASK_HELP)
 
 
 class SessionImagesUploadSerializer(serializers.Serializer[Any]):
@@ -53,10 +60,17 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
         help_text="one caption per image, in the same order; none: every caption empty (the "
         "training trigger alone)",
     )
+    mask = serializers.ListField(
+        child=serializers.FileField(),
+        required=False,
+        help_text="one mask per image, in the same order (none: no image has a mask): white "
+        "where the subject is, of the image's aspect ratio, not all black",
+    )
     archive = serializers.FileField(
         required=False,
         help_text="a zip of images, each with its caption in a .txt of the same name beside it "
-        "(kohya's dataset layout); an image without one has an empty caption",
+        "(kohya's dataset layout) and its mask as <name>_mask.png, if it has one; an image "
+        "without a .txt has an empty caption",
     )
 
 
@@ -79,6 +93,14 @@ class SessionImagePatchSerializer(serializers.Serializer[Any]):
         help_text="the new caption, trimmed of whitespace and newlines around it; written to "
         "the image's `<k>.txt` (empty: the training trigger alone)",
     )
+
+
+class SessionImageMaskSerializer(serializers.Serializer[Any]):
+    """PUT /sessions/<id>/images/<image_id>/mask: the image's new mask."""
+
+    field_alias_context = field_aliases.IMAGE
+
+    mask_base64 = Base64BytesField(help_text=_MASK_HELP)
 
 
 class DeleteSessionImageResponse(serializers.Serializer[Any]):
@@ -150,6 +172,10 @@ class SessionImageItem(serializers.Serializer[Any]):
     width = serializers.IntegerField()
     height = serializers.IntegerField()
     size = serializers.IntegerField(help_text="bytes")
+    mask_url = serializers.CharField(
+        allow_null=True,
+        help_text="its mask, a greyscale PNG (white: the subject); null when it has none",
+    )
 
 
 class SessionLoraItem(serializers.Serializer[Any]):
