@@ -31,6 +31,6 @@ class Command(BaseCommand):
         samples = sum(len(run["samples"]) for run in runs)
         self.stdout.write(
             f"exported session {session_id} to {file}: {len(manifest['groups'])} groups, "
-            f"{len(images)} images, {masks} masks, {len(manifest['loras'])} LoRA files, {len(runs)} training "
-            f"runs, {checkpoints} checkpoints, {samples} sample images"
+            f"{len(images)} images, {masks} masks, {len(manifest['loras'])} LoRA files, "
+            f"{len(runs)} training runs, {checkpoints} checkpoints, {samples} sample images"
         )

@@ -257,7 +257,8 @@ class SessionImageMaskView(APIView):
             ) from None
         etag = f'"{session_storage.sha256_bytes(data)}"'
         response = HttpResponse(data, content_type="image/png", headers={"ETag": etag})
-        return get_conditional_response(request, etag=etag, response=response)
+        # A 304 when If-None-Match names the ETag, else `response` (typed as maybe None).
+        return get_conditional_response(request, etag=etag, response=response) or response
 
     @extend_schema(
         operation_id="session_image_mask_set",
