@@ -231,6 +231,8 @@ def training_image_mask_upload(
 ) -> TrainingImage:
     """training_image_mask_store for a mask sent as bytes (`mask_base64`: PNG, JPEG, WebP
     or BMP within SDXL_MAX_UPLOAD_PIXELS, decoded before anything is locked)."""
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)  # before decoding anything
     with open_mask(data, field="mask_base64") as mask:
         return training_image_mask_store(session_id, image_id, mask, caller, "mask_base64")
 
@@ -239,8 +241,8 @@ def training_image_mask_delete(
     session_id: int, image_id: int, caller: Caller | None = None
 ) -> TrainingImage:
     """Removes the image's mask: the row forgets it first, then the file goes (once the
-    row is committed), so no row ever names a missing mask. Refused
-    (409) while the session trains; 404 for an image without a mask."""
+    row is committed), so no row ever names a missing mask. Refused (409) while the
+    session trains; 404 for an image without a mask."""
     if caller is not None:
         training_image_get(session_id, image_id, caller)
     with session_lock(session_id) as session:
@@ -257,12 +259,12 @@ def training_image_mask_delete(
 
 
 def training_image_delete(session_id: int, image_id: int, caller: Caller | None = None) -> None:
-    """Removes one image, its caption file, its mask and its row; the other images keep their ids,
-    groups and paths (nothing is renumbered, and group numbers are never reused). A group
-    folder left with nothing else in it goes with its row; one that still holds other
-    files (an operator's) stays. Files are renamed away first (`.deleted-*`), atomically,
-    and removed once the rows are gone. Refused (409) while a run of the session is queued
-    or running; an API caller must see the image (404 otherwise)."""
+    """Removes one image, its caption file, its mask and its row; the other images keep
+    their ids, groups and paths (nothing is renumbered, and group numbers are never
+    reused). A group folder left with nothing else in it goes with its row; one that still
+    holds other files (an operator's) stays. Files are renamed away first (`.deleted-*`),
+    atomically, and removed once the rows are gone. Refused (409) while a run of the
+    session is queued or running; an API caller must see the image (404 otherwise)."""
     if caller is not None:
         training_image_get(session_id, image_id, caller)
     with session_lock(session_id) as session:

@@ -207,7 +207,7 @@ class SessionImageView(APIView):
     @extend_schema(
         operation_id="session_image_delete",
         tags=TAGS,
-        summary="Remove one training image and its caption",
+        summary="Remove one training image, its caption and its mask",
         description="The other images keep their ids, groups and paths (nothing is "
         "renumbered; a group number is never reused); the group folder goes when nothing "
         "else is left in it. 409 (naming the run) while a training run of the session is "
