@@ -120,9 +120,13 @@ class OwnerAdmin(admin.ModelAdmin[Owner]):
     @admin.display(description="stored MB")
     def stored_mb(self, owner: Owner) -> str:
         sessions = owner.sessions.all()
-        images = sessions.aggregate(total=Sum("image_groups__images__size"))["total"] or 0
+        # As sessions_app.selectors.owner_stored_bytes counts (a layer above this one).
+        images = sessions.aggregate(
+            files=Sum("image_groups__images__size"), masks=Sum("image_groups__images__mask_size")
+        )
         loras = sessions.aggregate(total=Sum("loras__size"))["total"] or 0
-        return f"{(images + loras) / (1024 * 1024):.1f}"
+        stored = (images["files"] or 0) + (images["masks"] or 0) + loras
+        return f"{stored / (1024 * 1024):.1f}"
 
     @admin.display(description="trainings now")
     def active_trainings(self, owner: Owner) -> int:

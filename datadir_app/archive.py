@@ -8,7 +8,9 @@ its runs get new ids too, and their checkpoints and sample folders are named aft
 
 Versions: 1 (no `runs`: checkpoint and sample files travelled without their rows) is
 still read; 2 adds `runs` (each with its `checkpoints` and `samples`) and, per LoRA, the
-`run` that trained it.
+`run` that trained it. An image's `mask` (its `<k>_mask.png`, among the files) is optional
+and needs no new version: an archive without masks imports without them, and a service
+that predates masks imports the mask's file beside its image, where training finds it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from django.db import IntegrityError, transaction
 from access_app.services import owner_named
 from core.errors import ServiceError
 from datadir_app.layout import is_hidden
+from sdxl_engine.dataset import mask_path_for
 from sdxl_engine.files import fsync_tree, sha256_file, write_atomically
 from sessions_app import storage
 from sessions_app.locking import session_lock
@@ -117,17 +120,21 @@ def _manifest(session: Session, folder: Path, files: dict[str, str]) -> Manifest
         for image in group.images.all():
             name = in_folder(image.file)
             _check_against_row(files, name, image.sha256)
-            images.append(
-                {
-                    "file": name,
-                    "caption": image.caption,
-                    "image_format": image.image_format,
-                    "width": image.width,
-                    "height": image.height,
-                    "size": image.size,
-                    "sha256": image.sha256,
-                }
-            )
+            entry = {
+                "file": name,
+                "caption": image.caption,
+                "image_format": image.image_format,
+                "width": image.width,
+                "height": image.height,
+                "size": image.size,
+                "sha256": image.sha256,
+            }
+            if image.mask_file:
+                mask = in_folder(image.mask_file)
+                if mask not in files:
+                    _check_against_row(files, mask, "")
+                entry["mask"] = mask
+            images.append(entry)
         groups.append({"number": group.number, "images": images})
     loras = []
     for artifact in LoraArtifact.objects.filter(session=session).order_by("number"):
@@ -365,6 +372,9 @@ def _create_rows(session: Session, manifest: Manifest, folder: Path, staging: Pa
             row = ImageGroup.objects.create(session=session, number=group["number"])
             for image in group["images"]:
                 _check_file(manifest, image["file"], image["sha256"])
+                mask = image.get("mask")
+                if mask is not None:
+                    _check_mask(manifest, image["file"], mask)
                 TrainingImage.objects.create(
                     group=row,
                     file=storage.relative_path(folder / image["file"]),
@@ -374,6 +384,8 @@ def _create_rows(session: Session, manifest: Manifest, folder: Path, staging: Pa
                     height=image["height"],
                     size=image["size"],
                     sha256=image["sha256"],
+                    mask_file="" if mask is None else storage.relative_path(folder / mask),
+                    mask_size=0 if mask is None else (staging / mask).stat().st_size,
                 )
         runs = _create_runs(session, manifest, staging)
         for lora in manifest["loras"]:
@@ -479,6 +491,14 @@ def _keep_created_at(
     if entry.get("created_at"):
         created = datetime.fromisoformat(entry["created_at"])
         type(row).objects.filter(pk=row.pk).update(created_at=created)
+
+
+def _check_mask(manifest: Manifest, image_file: str, mask: str) -> None:
+    """An image's mask is its `<k>_mask.png` beside it, and among the archive's files."""
+    if mask != mask_path_for(Path(image_file)).as_posix() or mask not in manifest["files"]:
+        raise ServiceError(
+            f"the manifest's mask {mask!r} of {image_file} is not its mask among the files"
+        )
 
 
 def _check_file(manifest: Manifest, name: str, sha256: str) -> None:

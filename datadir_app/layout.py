@@ -3,7 +3,8 @@
 What has a row, per session folder `session_<id>/`:
 - each numbered sub-folder `<n>/` is an ImageGroup;
 - each image in it (`.png .jpg .jpeg .webp .bmp`) with a `.txt` of the same stem beside
-  it is a TrainingImage, the `.txt` its caption;
+  it is a TrainingImage, the `.txt` its caption, a `<stem>_mask.png` beside it its mask
+  (sdxl_engine.dataset.mask_path_for: a mask is never an image of its own);
 - each `*.safetensors` at the session's root is a LoraArtifact; `lora_<n>` is number n;
 - each `checkpoints/*.safetensors` is a run's TrainingCheckpoint (no number: never a
   LoraArtifact), each `samples/run_<id>/*.png` a TrainingSample of run <id>;
@@ -17,7 +18,7 @@ import shutil
 import time
 from pathlib import Path
 
-from sdxl_engine.dataset import IMAGE_SUFFIXES
+from sdxl_engine.dataset import IMAGE_SUFFIXES, is_mask_path
 from sessions_app import storage
 
 SESSION_FOLDER = re.compile(r"^session_([1-9][0-9]{0,18})$")
@@ -98,7 +99,22 @@ def captioned_images(group_dir: Path) -> list[Path]:
         if path.is_file()
         and not is_hidden(path)
         and path.suffix.lower() in IMAGE_SUFFIXES
+        and not is_mask_path(path)
         and path.with_suffix(".txt").is_file()
+    )
+
+
+def masks_on_disk(group_dir: Path) -> list[Path]:
+    """The masks in a group folder, whether or not their image is there."""
+    if not group_dir.is_dir():
+        return []
+    return sorted(
+        path
+        for path in group_dir.iterdir()
+        if path.is_file()
+        and not is_hidden(path)
+        and path.suffix.lower() in IMAGE_SUFFIXES
+        and is_mask_path(path)
     )
 
 

@@ -32,7 +32,7 @@ from access_app.selectors import default_owner
 from core.errors import ServiceError
 from datadir_app import layout
 from datadir_app.report import Change, Report
-from sdxl_engine.dataset import find_training_pairs
+from sdxl_engine.dataset import find_training_pairs, mask_path_for
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import sha256_file
 from sdxl_engine.lora_files import inspect_lora_file
@@ -132,8 +132,10 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
     }
     for relative, (number, path) in files.items():
         row = rows.get(relative)
+        mask = _mask_facts(walk, path)
         if row is not None and not walk.deep and row.size == path.stat().st_size:
             if row.sha256 == sha256_file(path) and row.caption == layout.read_caption(path):
+                _reconcile_mask(walk, row, mask)
                 continue
         try:
             facts = _image_facts(path)
@@ -147,7 +149,13 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
             walk.change(
                 f"{relative} has no row; adding it",
                 partial(
-                    _image_row_create, session, number, file=relative, caption=caption, **facts
+                    _image_row_create,
+                    session,
+                    number,
+                    file=relative,
+                    caption=caption,
+                    **facts,
+                    **(mask or {}),
                 ),
             )
             continue
@@ -159,6 +167,7 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
                 f"{relative}: row differs from the file ({', '.join(differing)}); updating the row",
                 partial(TrainingImage.objects.filter(pk=row.pk).update, caption=caption, **facts),
             )
+        _reconcile_mask(walk, row, mask)
     for relative, row in rows.items():
         if relative in files:
             continue
@@ -170,7 +179,45 @@ def _reconcile_images(walk: _Walk, group_numbers: set[int]) -> set[str]:
             f"{relative}: {missing} is missing; removing the row",
             TrainingImage.objects.filter(pk=row.pk).delete,
         )
+    masks_of_images = {mask_path_for(path) for _, path in files.values()}
+    for number in sorted(group_numbers):
+        for path in layout.masks_on_disk(walk.folder / str(number)):
+            if path not in masks_of_images:
+                walk.report.notes.append(
+                    f"{storage.relative_path(path)}: a mask beside no captioned image (no "
+                    "row); left as it is"
+                )
     return set(files)
+
+
+def _mask_facts(walk: _Walk, image_path: Path) -> dict[str, str | int] | None:
+    """What the row of the image at `image_path` records of its mask (the `<k>_mask.png`
+    beside it, if any); None for a mask that does not decode (`deep`), reported."""
+    mask_path = mask_path_for(image_path)
+    if not mask_path.is_file():
+        return {"mask_file": "", "mask_size": 0}
+    relative = storage.relative_path(mask_path)
+    if walk.deep:
+        try:
+            check_image(mask_path.read_bytes(), field=relative)
+        except ServiceError as error:
+            walk.report.problems.append(f"{relative}: cannot be used as a mask ({error.message})")
+            return None
+    return {"mask_file": relative, "mask_size": mask_path.stat().st_size}
+
+
+def _reconcile_mask(walk: _Walk, row: TrainingImage, mask: dict[str, str | int] | None) -> None:
+    """The row names its mask as the disk has it: a mask found beside the image is
+    recorded, a recorded mask whose file is gone forgotten."""
+    if mask is None or (row.mask_file, row.mask_size) == (mask["mask_file"], mask["mask_size"]):
+        return
+    if not mask["mask_file"]:
+        text = f"{row.mask_file}: the mask of {row.file} is missing; forgetting it on the row"
+    elif not row.mask_file:
+        text = f"{mask['mask_file']}: the mask of {row.file} has no row; recording it"
+    else:
+        text = f"{mask['mask_file']}: the row differs from the mask file; updating the row"
+    walk.change(text, partial(TrainingImage.objects.filter(pk=row.pk).update, **mask))
 
 
 def _image_row_create(session: Session, number: int, **values: Any) -> None:

@@ -1,4 +1,5 @@
-"""Admin: browse sessions, their image groups (thumbnails and captions) and images.
+"""Admin: browse sessions, their image groups (thumbnails, masks beside them, and captions)
+and images.
 
 Rows mirror files, so the admin mostly reads. What it changes goes through the services,
 which change the files too: a caption edited inline on the session's page rewrites the
@@ -22,7 +23,7 @@ from django.utils.html import format_html
 
 from core.errors import ServiceError
 from sessions_app import services, storage
-from sessions_app.links import training_image_admin_url
+from sessions_app.links import training_image_admin_url, training_image_mask_admin_url
 from sessions_app.models import ImageGroup, Session, TrainingImage
 
 AdminModel = TypeVar("AdminModel", bound=Model)
@@ -45,16 +46,24 @@ def file_response(path: Path, missing: str, **options: Any) -> FileResponse:
 
 
 def thumbnail(image: TrainingImage | None, size: int = 96) -> str:
+    """The image as a linked thumbnail, with its mask's beside it when it has one."""
     if image is None:
         return "-"
-    url = training_image_admin_url(image)
+    shown = _linked_thumbnail(training_image_admin_url(image), size, image.file)
+    if not image.mask_file:
+        return shown
+    mask = _linked_thumbnail(training_image_mask_admin_url(image), size, image.mask_file)
+    return format_html("{} {}", shown, mask)
+
+
+def _linked_thumbnail(url: str, size: int, alt: str) -> str:
     return format_html(
         '<a href="{}"><img src="{}" style="max-width:{}px;max-height:{}px" alt="{}"></a>',
         url,
         url,
         size,
         size,
-        image.file,
+        alt,
     )
 
 
@@ -176,7 +185,16 @@ class SessionAdmin(admin.ModelAdmin[Session]):
 
 @admin.register(TrainingImage)
 class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
-    list_display = ["file", "preview", "caption", "image_format", "width", "height", "size"]
+    list_display = [
+        "file",
+        "preview",
+        "has_mask",
+        "caption",
+        "image_format",
+        "width",
+        "height",
+        "size",
+    ]
     list_filter = ["image_format"]
     search_fields = ["caption", "file"]
     readonly_fields = [
@@ -189,6 +207,8 @@ class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
         "height",
         "size",
         "sha256",
+        "mask_file",
+        "mask_size",
         "created_at",
     ]
 
@@ -203,12 +223,21 @@ class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
     def preview_large(self, image: TrainingImage) -> str:
         return thumbnail(image, size=512)
 
+    @admin.display(description="mask", boolean=True)
+    def has_mask(self, image: TrainingImage) -> bool:
+        return bool(image.mask_file)
+
     def get_urls(self) -> list[URLPattern]:
         return [
             path(
                 "<int:pk>/file/",
                 self.admin_site.admin_view(self.image_file),
                 name="sessions_app_trainingimage_file",
+            ),
+            path(
+                "<int:pk>/mask/",
+                self.admin_site.admin_view(self.mask_image_file),
+                name="sessions_app_trainingimage_mask",
             ),
             *super().get_urls(),
         ]
@@ -217,4 +246,14 @@ class TrainingImageAdmin(ReadOnlyAdmin[TrainingImage]):
         image = get_object_or_404(TrainingImage, pk=pk)
         return file_response(
             storage.absolute_path(image.file), f"{image.file} is missing from the data dir"
+        )
+
+    def mask_image_file(self, request: HttpRequest, pk: int) -> FileResponse:
+        image = get_object_or_404(TrainingImage, pk=pk)
+        if not image.mask_file:
+            raise Http404(f"{image.file} has no mask")
+        return file_response(
+            storage.absolute_path(image.mask_file),
+            f"{image.mask_file} is missing from the data dir",
+            content_type="image/png",
         )

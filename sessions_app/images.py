@@ -1,4 +1,5 @@
-"""Checks that an uploaded image decodes before anything is written, and keeps its format."""
+"""Checks that an uploaded image decodes before anything is written, and keeps its format;
+a mask, that it fits its image, and how it is stored."""
 
 import io
 import warnings
@@ -61,3 +62,47 @@ def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
         width=width,
         height=height,
     )
+
+
+def mask_png(mask: Image.Image, width: int, height: int, field: str = "mask") -> bytes:
+    """`mask` as stored for an image of `width` x `height`: a greyscale PNG of that size
+    (white is the subject; a transparent pixel counts as black). Only the scale may differ
+    from the image's (it is resized then); another aspect ratio is refused (400), and so is
+    a mask with no subject at all: trained on, it would teach nothing."""
+    mask_width, mask_height = mask.size
+    # Within a pixel's rounding of the image's ratio, at the larger of the two sizes.
+    slack = max(width, height, mask_width, mask_height)
+    if abs(mask_width * height - mask_height * width) > slack:
+        raise ServiceError(
+            f"{field}: the mask is {mask_width}x{mask_height} and its image {width}x{height}: "
+            "a mask needs its image's aspect ratio"
+        )
+    if mask.mode in ("RGBA", "LA", "PA") or (mask.mode == "P" and "transparency" in mask.info):
+        rgba = mask.convert("RGBA")
+        grey = Image.alpha_composite(Image.new("RGBA", rgba.size, "black"), rgba).convert("L")
+    else:
+        grey = mask.convert("L")
+    if grey.size != (width, height):
+        grey = grey.resize((width, height), Image.Resampling.BILINEAR)
+    if grey.getextrema()[1] == 0:
+        raise ServiceError(
+            f"{field}: the mask is entirely black (no subject): training on it would learn nothing"
+        )
+    encoded = io.BytesIO()
+    grey.save(encoded, format="PNG")
+    return encoded.getvalue()
+
+
+def open_mask(data: bytes, field: str = "mask") -> Image.Image:
+    """Uploaded mask bytes, decoded: any format check_image accepts, within the same pixel
+    limit (ServiceError, 400, naming `field` otherwise)."""
+    check_image(data, field=field)
+    mask = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    mask.load()
+    return mask
+
+
+def checked_mask(data: bytes, width: int, height: int, field: str = "mask") -> bytes:
+    """Uploaded mask bytes as mask_png stores them for an image of `width` x `height`."""
+    with open_mask(data, field) as mask:
+        return mask_png(mask, width, height, field)

@@ -12,18 +12,18 @@ def session_image_url(image: TrainingImage) -> str:
     return reverse("session-image", args=[image.group.session_id, image.pk])
 
 
+def session_image_mask_url(image: TrainingImage) -> str:
+    """GET /sessions/<id>/images/<image_id>/mask: the image's mask, a greyscale PNG."""
+    return reverse("session-image-mask", args=[image.group.session_id, image.pk])
+
+
+def training_image_mask_admin_url(image: TrainingImage) -> str:
+    return reverse("admin:sessions_app_trainingimage_mask", args=[image.pk])
+
+
 def session_admin_url(session_id: int) -> str:
     return reverse("admin:sessions_app_session_change", args=[session_id])
 
 
 def training_image_admin_url(image: TrainingImage) -> str:
     return reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
-
-
-def session_image_mask_url(image: TrainingImage) -> str:
-    """GET /sessions/<id>/images/<image_id>/mask: the image's mask file.
-
-    Written out rather than reversed: the route is added with mask storage at upload (a
-    branch of its own); once it is here this becomes reverse("session-image-mask", ...) as
-    session_image_url is."""
-    return f"{session_image_url(image)}/mask"

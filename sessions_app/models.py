@@ -62,6 +62,7 @@ class TrainingImage(models.Model):
     # Its mask, relative to the data dir ("session_data/session_1/0/0_mask.png", beside the
     # image: sdxl_engine.dataset.mask_path_for); empty for none. White is the subject.
     mask_file = models.CharField(max_length=500, blank=True, default="")
+    mask_size = models.PositiveBigIntegerField(default=0)  # its bytes (quotas count them)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

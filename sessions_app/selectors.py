@@ -69,12 +69,15 @@ def session_images(session_id: int) -> QuerySet[TrainingImage]:
 
 
 def owner_stored_bytes(owner_id: int) -> int:
-    """What the owner's sessions hold: training images and LoRA files (two sums: one
-    query joining both would count each image once per LoRA)."""
+    """What the owner's sessions hold: training images with their masks, and LoRA files
+    (two queries: one joining images and LoRAs would count each image once per LoRA).
+    access_app's admin sums the same for its "stored MB" column."""
     sessions = Session.objects.filter(owner_id=owner_id)
-    images = sessions.aggregate(total=Sum("image_groups__images__size"))["total"] or 0
+    images = sessions.aggregate(
+        files=Sum("image_groups__images__size"), masks=Sum("image_groups__images__mask_size")
+    )
     loras = sessions.aggregate(total=Sum("loras__size"))["total"] or 0
-    return images + loras
+    return (images["files"] or 0) + (images["masks"] or 0) + loras
 
 
 def session_image_count(session_id: int) -> int:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
 import logging
 from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict
+from typing import TYPE_CHECKING, NamedTuple, TypedDict
 
 from django.conf import settings
 from django.db import transaction
@@ -22,9 +21,10 @@ from access_app.quotas import MB, owner_locked, quota_check
 from access_app.selectors import caller_owner_id
 from access_app.services import owner_named
 from core.errors import ServiceError
+from sdxl_engine.dataset import mask_path_for
 from sessions_app import storage
 from sessions_app.captioner import captioner_model, captions_generate
-from sessions_app.images import CheckedImage, check_image
+from sessions_app.images import CheckedImage, check_image, checked_mask, mask_png, open_mask
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from sessions_app.selectors import (
@@ -71,10 +71,15 @@ def _free_group_number(session: Session) -> int:
 
 
 def session_image_add(
-    session_id: int, image_bytes: bytes, caption: str, caller: Caller | None = None
+    session_id: int,
+    image_bytes: bytes,
+    caption: str,
+    caller: Caller | None = None,
+    mask_bytes: bytes | None = None,
 ) -> TrainingImage:
-    """Stores one image and its caption as a new group folder `<n>/0.<ext>` + `<n>/0.txt`."""
-    upload = UploadedImage("image_base64", image_bytes, caption)
+    """Stores one image and its caption as a new group folder `<n>/0.<ext>` + `<n>/0.txt`,
+    with its mask as `<n>/0_mask.png` when one is given."""
+    upload = UploadedImage("image_base64", image_bytes, caption, mask_bytes, "mask_base64")
     (image,) = session_images_add(session_id, [upload], caller)
     return image
 
@@ -82,29 +87,25 @@ def session_image_add(
 def session_images_add(
     session_id: int, uploads: list[UploadedImage], caller: Caller | None = None
 ) -> list[TrainingImage]:
-    """Stores each image with its caption as a new group folder, in order: all of them or,
-    if any fails, none (every image is checked before anything is written or locked).
-    An API caller must see the session, and its owner's quotas must hold the images."""
+    """Stores each image with its caption (and its mask, if it has one) as a new group
+    folder, in order: all of them or, if any fails, none (every image and mask is checked
+    before anything is written or locked). An API caller must see the session, and its
+    owner's quotas must hold the images and masks."""
     if caller is not None:
         session_get(session_id, caller)
-    checked = _auto_captions_filled(
-        [
-            (check_image(upload.data, field=upload.name), caption_cleaned(upload.caption))
-            for upload in uploads
-        ]
-    )
+    checked = _auto_captions_filled([_upload_checked(upload) for upload in uploads])
     images = []
     with session_lock(session_id) as session:
         if caller is not None and session.owner_id is not None:
-            _check_image_quotas(session.owner_id, session.pk, [image for image, _ in checked])
+            _check_image_quotas(session.owner_id, session.pk, checked)
         number = _free_group_number(session)
         written = []
         try:
-            for image, caption in checked:
+            for upload in checked:
                 group_dir = storage.session_dir(session.pk) / str(number)
                 group_dir.mkdir(parents=True)
                 written.append(group_dir)
-                images.append(_group_create(session, number, group_dir, image, caption))
+                images.append(_group_create(session, number, group_dir, upload))
                 number += 1
             session.next_group_number = number
             session.save(update_fields=["next_group_number"])
@@ -116,19 +117,33 @@ def session_images_add(
     return images
 
 
-def _auto_captions_filled(
-    checked: list[tuple[CheckedImage, str]],
-) -> list[tuple[CheckedImage, str]]:
+class _CheckedUpload(NamedTuple):
+    image: CheckedImage
+    caption: str
+    mask_png: bytes | None  # as stored (images.mask_png), if the image has a mask
+
+
+def _upload_checked(upload: UploadedImage) -> _CheckedUpload:
+    image = check_image(upload.data, field=upload.name)
+    mask = (
+        None
+        if upload.mask is None
+        else checked_mask(upload.mask, image.width, image.height, field=upload.mask_name)
+    )
+    return _CheckedUpload(image, caption_cleaned(upload.caption), mask)
+
+
+def _auto_captions_filled(checked: list[_CheckedUpload]) -> list[_CheckedUpload]:
     """The checked uploads with each caption AUTO_CAPTION replaced by the captioning
     model's (sessions_app.captioner), before anything is stored: an upload the model
     cannot caption stores nothing, and "auto" is never stored as a caption."""
-    wanted = [index for index, (_, caption) in enumerate(checked) if caption == AUTO_CAPTION]
+    wanted = [index for index, upload in enumerate(checked) if upload.caption == AUTO_CAPTION]
     if not wanted:
         return checked
-    captions = captions_generate([checked[index][0].data for index in wanted])
+    captions = captions_generate([checked[index].image.data for index in wanted])
     filled = list(checked)
     for index, caption in zip(wanted, captions, strict=True):
-        filled[index] = (checked[index][0], caption_cleaned(caption))
+        filled[index] = checked[index]._replace(caption=caption_cleaned(caption))
     return filled
 
 
@@ -282,45 +297,82 @@ def _images_in_order(session: Session) -> list[TrainingImage]:
 
 
 def training_image_mask_store(
-    session_id: int, image_id: int, mask: Image.Image, caller: Caller | None = None
+    session_id: int,
+    image_id: int,
+    mask: Image.Image,
+    caller: Caller | None = None,
+    field: str = "mask",
 ) -> TrainingImage:
     """Writes the image's mask beside it (`<k>_mask.png`: sdxl_engine.dataset.mask_path_for,
     atomically), replacing any mask it had, and records it on the row. `mask` becomes a
-    greyscale PNG of the image's own size (resized when it is not; white is the subject).
-    Refused (409) while a run of the session is queued or running; an API caller must see
-    the image (404 otherwise)."""
-    from sdxl_engine.dataset import mask_path_for
-
+    greyscale PNG of the image's own size (images.mask_png: resized when only the scale
+    differs; another aspect ratio, or a mask all black, is a 400 naming `field`). Refused
+    (409) while a run of the session is queued or running; an API caller must see the
+    image (404 otherwise), and its owner's stored-bytes quota must hold the mask."""
     if caller is not None:
         training_image_get(session_id, image_id, caller)
     with session_lock(session_id) as session:
         image = _locked_image(session, image_id)
+        data = mask_png(mask, image.width, image.height, field)
+        if caller is not None and session.owner_id is not None:
+            owner = owner_locked(session.owner_id)
+            adding = len(data) - image.mask_size
+            quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), adding, unit=MB)
         mask_path = mask_path_for(storage.absolute_path(image.file))
-        grey = mask.convert("L")
-        if grey.size != (image.width, image.height):
-            grey = grey.resize((image.width, image.height), Image.Resampling.BILINEAR)
-        encoded = io.BytesIO()
-        grey.save(encoded, format="PNG")
-        storage.atomic_write_bytes(mask_path, encoded.getvalue())
+        storage.atomic_write_bytes(mask_path, data)
         image.mask_file = storage.relative_path(mask_path)
-        image.save(update_fields=["mask_file"])
+        image.mask_size = len(data)
+        image.save(update_fields=["mask_file", "mask_size"])
     logger.info("session %s: mask of image %s stored", session_id, image_id)
     return image
 
 
+def training_image_mask_upload(
+    session_id: int, image_id: int, data: bytes, caller: Caller | None = None
+) -> TrainingImage:
+    """training_image_mask_store for a mask sent as bytes (`mask_base64`: PNG, JPEG, WebP
+    or BMP within SDXL_MAX_UPLOAD_PIXELS, decoded before anything is locked)."""
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)  # before decoding anything
+    with open_mask(data, field="mask_base64") as mask:
+        return training_image_mask_store(session_id, image_id, mask, caller, "mask_base64")
+
+
+def training_image_mask_delete(
+    session_id: int, image_id: int, caller: Caller | None = None
+) -> TrainingImage:
+    """Removes the image's mask: the row forgets it first, then the file goes (once the
+    row is committed), so no row ever names a missing mask. Refused (409) while the
+    session trains; 404 for an image without a mask."""
+    if caller is not None:
+        training_image_get(session_id, image_id, caller)
+    with session_lock(session_id) as session:
+        image = _locked_image(session, image_id)
+        if not image.mask_file:
+            raise ServiceError(f"image {image_id} has no mask", status=404)
+        mask_path = storage.absolute_path(image.mask_file)
+        image.mask_file, image.mask_size = "", 0
+        image.save(update_fields=["mask_file", "mask_size"])
+        # Once the row is saved: a failed commit leaves row and file as they were.
+        transaction.on_commit(partial(storage.remove_tree, mask_path))
+    logger.info("session %s: mask of image %s removed", session_id, image_id)
+    return image
+
+
 def training_image_delete(session_id: int, image_id: int, caller: Caller | None = None) -> None:
-    """Removes one image, its caption file and its row; the other images keep their ids,
-    groups and paths (nothing is renumbered, and group numbers are never reused). A group
-    folder left with nothing else in it goes with its row; one that still holds other
-    files (an operator's) stays. Files are renamed away first (`.deleted-*`), atomically,
-    and removed once the rows are gone. Refused (409) while a run of the session is queued
-    or running; an API caller must see the image (404 otherwise)."""
+    """Removes one image, its caption file, its mask and its row; the other images keep
+    their ids, groups and paths (nothing is renumbered, and group numbers are never
+    reused). A group folder left with nothing else in it goes with its row; one that still
+    holds other files (an operator's) stays. Files are renamed away first (`.deleted-*`),
+    atomically, and removed once the rows are gone. Refused (409) while a run of the
+    session is queued or running; an API caller must see the image (404 otherwise)."""
     if caller is not None:
         training_image_get(session_id, image_id, caller)
     with session_lock(session_id) as session:
         image = _locked_image(session, image_id)
         image_path = storage.absolute_path(image.file)
-        own_files = {image_path, image_path.with_suffix(".txt")}
+        # Its mask by name too: one left beside no image would be no one's.
+        own_files = {image_path, image_path.with_suffix(".txt"), mask_path_for(image_path)}
         if image.mask_file:
             own_files.add(storage.absolute_path(image.mask_file))
         group_dir = image_path.parent
@@ -344,10 +396,10 @@ def _remove_all(paths: list[Path | None]) -> None:
         storage.remove_tree(path)
 
 
-def _check_image_quotas(owner_id: int, session_id: int, images: list[CheckedImage]) -> None:
+def _check_image_quotas(owner_id: int, session_id: int, uploads: list[_CheckedUpload]) -> None:
     owner = owner_locked(owner_id)
-    quota_check(owner, "max_images_per_session", session_image_count(session_id), len(images))
-    adding = sum(len(image.data) for image in images)
+    quota_check(owner, "max_images_per_session", session_image_count(session_id), len(uploads))
+    adding = sum(len(upload.image.data) + len(upload.mask_png or b"") for upload in uploads)
     quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), adding, unit=MB)
 
 
@@ -357,16 +409,30 @@ def session_images_upload(
     captions: list[str],
     archive: tuple[str, bytes] | None = None,
     caller: Caller | None = None,
+    masks: list[tuple[str, bytes]] | None = None,
 ) -> list[TrainingImage]:
     """Images sent as files: `files` (name, bytes) with one caption each, in order (no
-    captions: every caption empty), then the images of a zip `archive` with the `.txt`
-    beside each (uploads.images_from_zip). All stored, or none."""
+    captions: every caption empty) and one mask (name, bytes) each (no masks: none has a
+    mask), then the images of a zip `archive` with the `.txt` and `<name>_mask.png` beside
+    each (uploads.images_from_zip). All stored, or none."""
+    masks = masks or []
     if captions and len(captions) != len(files):
         raise ServiceError(
             f"send one caption per image ({len(files)} images, {len(captions)} captions), or none"
         )
+    if masks and len(masks) != len(files):
+        raise ServiceError(
+            f"mask: send one mask per image, in the images' order ({len(files)} images, "
+            f"{len(masks)} masks), or none"
+        )
     uploads = [
-        UploadedImage(name, data, captions[index] if captions else "")
+        UploadedImage(
+            name,
+            data,
+            captions[index] if captions else "",
+            masks[index][1] if masks else None,
+            f"mask {masks[index][0]}" if masks else "mask",
+        )
         for index, (name, data) in enumerate(files)
     ]
     if archive is not None:
@@ -377,21 +443,29 @@ def session_images_upload(
 
 
 def _group_create(
-    session: Session, number: int, group_dir: Path, checked: CheckedImage, caption: str
+    session: Session, number: int, group_dir: Path, upload: _CheckedUpload
 ) -> TrainingImage:
+    checked = upload.image
     image_path = group_dir / f"0.{checked.extension}"
     storage.atomic_write_bytes(image_path, checked.data)
-    storage.atomic_write_bytes(group_dir / "0.txt", caption.encode("utf-8"))
+    storage.atomic_write_bytes(group_dir / "0.txt", upload.caption.encode("utf-8"))
+    mask_file = ""
+    if upload.mask_png is not None:
+        mask_path = mask_path_for(image_path)
+        storage.atomic_write_bytes(mask_path, upload.mask_png)
+        mask_file = storage.relative_path(mask_path)
     group = ImageGroup.objects.create(session=session, number=number)
     return TrainingImage.objects.create(
         group=group,
         file=storage.relative_path(image_path),
-        caption=caption,
+        caption=upload.caption,
         image_format=checked.image_format,
         width=checked.width,
         height=checked.height,
         size=len(checked.data),
         sha256=storage.sha256_bytes(checked.data),
+        mask_file=mask_file,
+        mask_size=len(upload.mask_png or b""),
     )
 
 

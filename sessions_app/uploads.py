@@ -1,9 +1,9 @@
 """Training images sent as files (multipart/form-data): several at once with their
-captions, or a zip of images with a `.txt` caption beside each, as kohya-style datasets are
-laid out.
+captions (and masks), or a zip of images with a `.txt` caption and a `<name>_mask.png`
+mask beside each, as kohya-style datasets are laid out.
 
-A zip is read in memory, never extracted: member names only pair images with captions, and
-the files are written under the service's own names (`<group>/0.<ext>`). Every member is
+A zip is read in memory, never extracted: member names only pair images with captions and
+masks, and the files are written under the service's own names (`<group>/0.<ext>`). Every member is
 still checked, so an archive that would be dangerous to unpack anywhere is refused whole.
 """
 
@@ -11,11 +11,12 @@ import io
 import stat
 import zipfile
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from django.conf import settings
 
 from core.errors import ServiceError
+from sdxl_engine.dataset import MASK_SUFFIX, is_mask_path
 from sessions_app import storage
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -31,6 +32,8 @@ class UploadedImage:
     name: str  # as sent: the form's file name, or the path inside the zip
     data: bytes
     caption: str
+    mask: bytes | None = None  # its mask as sent (images.checked_mask), if any
+    mask_name: str = "mask"  # how a refusal names the mask: its field, file or member
 
 
 def max_upload_bytes() -> int:
@@ -40,12 +43,14 @@ def max_upload_bytes() -> int:
 
 def images_from_zip(data: bytes, archive_name: str = "archive") -> list[UploadedImage]:
     """The zip's images, each with the caption of the `.txt` of the same name beside it
-    (an empty caption without one), ordered by name.
+    (an empty caption without one) and the mask `<name>_mask.<ext>` beside it if there is
+    one (sdxl_engine.dataset.is_mask_path: a mask is never an image of its own), ordered
+    by name.
 
     Refused (400), before anything is written: a file that is no zip, absolute paths,
     `..`, links, more than MAX_ZIP_MEMBERS members, more uncompressed bytes than
     SDXL_MAX_UPLOAD_MB (declared or found while reading: a zip bomb), files that are no
-    image or caption, and a caption without its image.
+    image or caption, a caption or a mask without its image, and two masks of one image.
     """
     try:
         archive = zipfile.ZipFile(io.BytesIO(data))
@@ -58,6 +63,7 @@ def images_from_zip(data: bytes, archive_name: str = "archive") -> list[Uploaded
             raise _too_large(archive_name, limit)
         images: dict[str, bytes] = {}
         captions: dict[str, str] = {}
+        masks: dict[str, tuple[str, bytes]] = {}  # by their image's stem: (name, bytes)
         read = 0
         for info in members:
             content = _read_member(archive, info, archive_name)
@@ -65,7 +71,15 @@ def images_from_zip(data: bytes, archive_name: str = "archive") -> list[Uploaded
             if read > limit:
                 raise _too_large(archive_name, limit)
             stem, extension = _split(info.filename)
-            if extension in IMAGE_EXTENSIONS:
+            if extension in IMAGE_EXTENSIONS and is_mask_path(Path(info.filename)):
+                image_stem = stem.removesuffix(MASK_SUFFIX)
+                if image_stem in masks:
+                    raise ServiceError(
+                        f"{archive_name} holds two masks of {image_stem}: "
+                        f"{masks[image_stem][0]!r} and {info.filename!r}"
+                    )
+                masks[image_stem] = (info.filename, content)
+            elif extension in IMAGE_EXTENSIONS:
                 images[info.filename] = content
             elif extension == CAPTION_EXTENSION:
                 captions[stem] = _caption(content, f"{archive_name}: {info.filename}")
@@ -78,12 +92,28 @@ def images_from_zip(data: bytes, archive_name: str = "archive") -> list[Uploaded
     orphans = sorted(stem + CAPTION_EXTENSION for stem in captions if stem not in stems)
     if orphans:
         raise ServiceError(f"{archive_name} holds captions without their image: {orphans[:3]}")
+    lone_masks = sorted(name for stem, (name, _) in masks.items() if stem not in stems)
+    if lone_masks:
+        raise ServiceError(
+            f"{archive_name} holds masks without their image (<name>_mask.png beside "
+            f"<name>.<ext>): {lone_masks[:3]}"
+        )
     if not images:
         raise ServiceError(f"{archive_name} holds no image")
-    return [
-        UploadedImage(name, content, captions.get(_split(name)[0], ""))
-        for name, content in sorted(images.items())
-    ]
+    uploads = []
+    for name, content in sorted(images.items()):
+        stem = _split(name)[0]
+        mask_name, mask = masks.get(stem, ("", None))
+        uploads.append(
+            UploadedImage(
+                name,
+                content,
+                captions.get(stem, ""),
+                mask=mask,
+                mask_name=f"{archive_name}: {mask_name}",
+            )
+        )
+    return uploads
 
 
 def _checked_members(archive: zipfile.ZipFile, archive_name: str) -> list[zipfile.ZipInfo]:

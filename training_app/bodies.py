@@ -19,7 +19,7 @@ from sdxl_engine.parameters import (
     sample_steps,
 )
 from sdxl_engine.source import planned_native_side, planned_preset
-from sessions_app.links import session_image_url
+from sessions_app.links import session_image_mask_url, session_image_url
 from sessions_app.models import TrainingImage
 from training_app import links
 from training_app.models import Generation, TrainingRun
@@ -221,6 +221,7 @@ def session_image_item(image: TrainingImage) -> dict[str, Any]:
         "width": image.width,
         "height": image.height,
         "size": image.size,
+        "mask_url": session_image_mask_url(image) if image.mask_file else None,
     }
 
 

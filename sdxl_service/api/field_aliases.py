@@ -171,6 +171,9 @@ ALIASES: tuple[Alias, ...] = (
     Alias("zip", (), {IMAGE_FILES: "archive"}),
     Alias("image_base64", (), {IMAGE_FILES: "image"}, "a file: -F image=@a.png"),
     Alias("captions", (), {IMAGE_FILES: "caption"}, "one caption field per image, in order"),
+    Alias("mask_image", (DIFFUSERS,), {IMAGE: "mask_base64", IMAGE_FILES: "mask"}),
+    Alias("mask", (), {IMAGE: "mask_base64"}, "base64 of the mask"),
+    Alias("masks", (), {IMAGE_FILES: "mask"}, "one mask field per image, in order"),
     # LoRA files
     Alias("lora_filename", (), {LORA_FILE: "filename"}),
     Alias("lora_name", (), {LORA_FILE: "filename"}),

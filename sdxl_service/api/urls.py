@@ -44,6 +44,11 @@ urlpatterns = [
         name="session-image",
     ),
     path(
+        "sessions/<int:session_id>/images/<int:image_id>/mask",
+        sessions.session_image_mask,
+        name="session-image-mask",
+    ),
+    path(
         "sessions/<int:session_id>/loras/<str:lora_filename>",
         loras.lora_file,
         name="session-lora",

@@ -21,7 +21,10 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def session() -> Session:
     session = services.session_create()
-    services.session_image_add(session.pk, image_bytes("PNG", color="red"), "a red apple")
+    mask = image_bytes(color="white", size=(24, 20))  # stored at the image's 48x40
+    services.session_image_add(
+        session.pk, image_bytes("PNG", color="red"), "a red apple", mask_bytes=mask
+    )
     services.session_image_add(session.pk, image_bytes("JPEG", color="blue"), "ein blauer Becher")
     lora_services.lora_upload(session.pk, lora_bytes(seed=1), None)
     lora_services.lora_upload(session.pk, lora_bytes(seed=2), "style.safetensors")
@@ -53,11 +56,19 @@ def _rows(session_id: int) -> tuple:
             )
         ),
         [
-            (file.removeprefix(prefix), *rest)
-            for file, *rest in TrainingImage.objects.filter(group__session_id=session_id)
+            (file.removeprefix(prefix), mask_file.removeprefix(prefix), *rest)
+            for file, mask_file, *rest in TrainingImage.objects.filter(group__session_id=session_id)
             .order_by("file")
             .values_list(
-                "file", "group__number", "caption", "image_format", "width", "size", "sha256"
+                "file",
+                "mask_file",
+                "group__number",
+                "caption",
+                "image_format",
+                "width",
+                "size",
+                "sha256",
+                "mask_size",
             )
         ],
         list(
@@ -71,13 +82,15 @@ def _rows(session_id: int) -> tuple:
 def test_a_session_round_trips_exactly(session, tmp_path):
     archive = tmp_path / "session.zip"
     output = run("export_session", str(session.pk), str(archive))
-    assert "2 groups, 2 images, 2 LoRA files" in output
+    assert "2 groups, 2 images, 1 masks, 2 LoRA files" in output
 
     output = run("import_session", str(archive))
 
     copy = Session.objects.exclude(pk=session.pk).get()
     assert f"as session {copy.pk}" in output
     assert _rows(copy.pk) == _rows(session.pk)
+    masked = TrainingImage.objects.get(group__session=copy, mask_file__endswith="0/0_mask.png")
+    assert masked.mask_size == len(_folder_files(copy.pk)["0/0_mask.png"]) > 0
     assert _folder_files(copy.pk) == _folder_files(session.pk)
     again = session_export(copy.pk, tmp_path / "again.zip")
     first = json.loads(zipfile.ZipFile(archive).read("session.json"))
@@ -105,6 +118,34 @@ def test_export_refuses_a_session_whose_file_contradicts_its_row(session, tmp_pa
     assert list(out.iterdir()) == []
     with pytest.raises(CommandError, match="not found"):
         run("export_session", "999", str(out / "session.zip"))
+
+
+def test_export_refuses_a_session_whose_mask_file_is_missing(session, tmp_path):
+    (storage.session_dir(session.pk) / "0" / "0_mask.png").unlink()
+    with pytest.raises(CommandError, match="0/0_mask.png is missing; run `manage.py verify"):
+        run("export_session", str(session.pk), str(tmp_path / "session.zip"))
+    assert not (tmp_path / "session.zip").exists()
+
+
+@pytest.mark.parametrize("mask", ["1/0.jpg", "0/elsewhere_mask.png", "0/0.png"])
+def test_import_refuses_a_mask_that_is_not_its_images_own(session, tmp_path, mask):
+    exported = tmp_path / "session.zip"
+    session_export(session.pk, exported)
+    manifest = json.loads(zipfile.ZipFile(exported).read("session.json"))
+    manifest["groups"][0]["images"][0]["mask"] = mask
+    crafted = tmp_path / "crafted.zip"
+    with zipfile.ZipFile(exported) as original, zipfile.ZipFile(crafted, "w") as copy:
+        for info in original.infolist():
+            if info.filename != "session.json":
+                copy.writestr(info, original.read(info))
+        copy.writestr("session.json", json.dumps(manifest))
+    before = sorted(p.name for p in settings.SESSION_DATA_DIR.iterdir())
+
+    with pytest.raises(CommandError, match="is not its mask among the files"):
+        run("import_session", str(crafted))
+
+    assert Session.objects.count() == 1
+    assert sorted(p.name for p in settings.SESSION_DATA_DIR.iterdir()) == before
 
 
 def _archive_with(

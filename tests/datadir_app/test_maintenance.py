@@ -119,8 +119,10 @@ def test_commands_exit_non_zero_and_have_help(tmp_path):
 
 
 def _session_with_two_images() -> Session:
+    """Group 0: a red image with a mask; group 1: a green one without; one LoRA."""
     session = services.session_create()
-    services.session_image_add(session.pk, image_bytes(color="red"), "red")
+    mask = image_bytes(color="white")
+    services.session_image_add(session.pk, image_bytes(color="red"), "red", mask_bytes=mask)
     services.session_image_add(session.pk, image_bytes(color="green"), "green")
     lora_services.lora_upload(session.pk, lora_bytes(seed=1), None)
     session.refresh_from_db()
@@ -134,6 +136,7 @@ def test_rescan_follows_files_added_and_removed_by_hand():
     (folder / "5").mkdir()
     (folder / "5" / "shot.webp").write_bytes(image_bytes("WEBP", color="blue"))
     (folder / "5" / "shot.txt").write_text("a blue square")
+    (folder / "5" / "shot_mask.png").write_bytes(image_bytes(color="white"))
     (folder / "5" / "uncaptioned.png").write_bytes(image_bytes())
     (folder / "1" / "0.txt").write_text("green, recaptioned")
     (folder / "lora_9.safetensors").write_bytes(lora_bytes(seed=9))
@@ -147,6 +150,10 @@ def test_rescan_follows_files_added_and_removed_by_hand():
         f"session_data/session_{session.pk}/1/0.png": "green, recaptioned",
         f"session_data/session_{session.pk}/5/shot.webp": "a blue square",
     }
+    # An image found with its mask beside it gets the mask (never an image of its own).
+    found = TrainingImage.objects.get(file__endswith="/5/shot.webp")
+    assert found.mask_file == f"session_data/session_{session.pk}/5/shot_mask.png"
+    assert found.mask_size == (folder / "5" / "shot_mask.png").stat().st_size
     assert list(LoraArtifact.objects.values_list("number", "filename")) == [
         (1, "lora_1.safetensors"),
         (9, "lora_9.safetensors"),
@@ -178,8 +185,36 @@ def test_rescan_of_an_unknown_session_fails():
 def test_verify_passes_on_what_the_service_wrote():
     _session_with_two_images()
     output = run("verify")
-    assert "1 sessions, 2 images, 1 LoRA files, 0 checkpoints, 0 sample images checked" in output
+    assert (
+        "1 sessions, 2 images, 1 masks, 1 LoRA files, 0 checkpoints, 0 sample images checked"
+        in output
+    )
     assert "the rows and files agree" in output
+
+
+def test_verify_reports_masks_missing_unrecorded_lone_or_broken_and_fix_follows_the_disk():
+    session = _session_with_two_images()
+    folder = storage.session_dir(session.pk)
+    (folder / "0" / "0_mask.png").unlink()  # a row naming a missing mask: fixable
+    (folder / "1" / "0_mask.png").write_bytes(image_bytes(color="white"))  # unrecorded: fixable
+    (folder / "1" / "7_mask.png").write_bytes(image_bytes(color="white"))  # no image: a note
+
+    with pytest.raises(CommandError, match="2 inconsistencies"):
+        run("verify")
+    output = run("verify", "--fix")
+
+    red, green = TrainingImage.objects.order_by("group__number")
+    assert (red.mask_file, red.mask_size) == ("", 0)
+    assert green.mask_file == f"session_data/session_{session.pk}/1/0_mask.png"
+    assert green.mask_size == (folder / "1" / "0_mask.png").stat().st_size
+    assert "1/7_mask.png: a mask beside no captioned image" in output
+    assert "2 images, 1 masks" in output and (folder / "1" / "7_mask.png").exists()
+
+    (folder / "1" / "0_mask.png").write_bytes(b"no image at all")  # needs a person
+    with pytest.raises(CommandError, match="1 inconsistencies"):
+        run("verify", "--fix")
+    assert (folder / "1" / "0_mask.png").read_bytes() == b"no image at all"
+    assert TrainingImage.objects.get(pk=green.pk).mask_file == green.mask_file
 
 
 def test_verify_reports_mismatches_and_fix_repairs_what_loses_no_data(data_dir):

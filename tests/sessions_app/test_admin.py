@@ -112,3 +112,34 @@ def test_session_page_refuses_a_caption_edit_while_the_session_trains(
     image = TrainingImage.objects.get()
     assert image.caption == "a blue square"
     assert storage.absolute_path(image.file).with_suffix(".txt").read_text() == "a blue square"
+
+
+def test_a_mask_is_shown_beside_its_image_and_served_to_staff_only(
+    admin_client, client, session_with_image
+):
+    image = TrainingImage.objects.get()
+    mask_url = reverse("admin:sessions_app_trainingimage_mask", args=[image.pk])
+    image_url = reverse("admin:sessions_app_trainingimage_file", args=[image.pk])
+    session_page = reverse("admin:sessions_app_session_change", args=[session_with_image.pk])
+    assert mask_url not in admin_client.get(session_page).content.decode()
+    assert admin_client.get(mask_url).status_code == 404
+    services.session_image_add(
+        session_with_image.pk, image_bytes(), "masked", mask_bytes=image_bytes(color="white")
+    )
+    masked = TrainingImage.objects.get(caption="masked")
+    mask_url = reverse("admin:sessions_app_trainingimage_mask", args=[masked.pk])
+
+    content = admin_client.get(session_page).content.decode()
+    detail = admin_client.get(
+        reverse("admin:sessions_app_trainingimage_change", args=[masked.pk])
+    ).content.decode()
+    changelist = admin_client.get(reverse("admin:sessions_app_trainingimage_changelist"))
+
+    assert f'<img src="{image_url}"' in content and f'<img src="{mask_url}"' in content
+    assert f'<img src="{mask_url}"' in detail and masked.mask_file in detail
+    assert "column-has_mask" in changelist.content.decode()
+    response = admin_client.get(mask_url)
+    assert response.status_code == 200 and response["Content-Type"] == "image/png"
+    mask_path = storage.absolute_path(masked.mask_file)
+    assert b"".join(response.streaming_content) == mask_path.read_bytes()
+    assert client.get(mask_url).status_code == 302  # to the admin login

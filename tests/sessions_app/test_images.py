@@ -1,14 +1,16 @@
-"""Decompression bombs are refused from the header, before a pixel is decoded."""
+"""Decompression bombs are refused from the header, before a pixel is decoded; masks are
+stored greyscale at their image's size, refused when they cannot fit it."""
 
+import io
 import os
 import subprocess
 import sys
 
 import pytest
-from PIL import ImageFile
+from PIL import Image, ImageFile
 
 from core.errors import ServiceError
-from sessions_app.images import check_image
+from sessions_app.images import check_image, checked_mask, mask_png
 from tests.helpers import image_bytes, png_bomb
 from tests.processes import REPO
 
@@ -70,3 +72,53 @@ def test_image_at_the_pixel_limit_is_accepted(settings):
     assert check_image(image_bytes("PNG", (48, 40))).width == 48
     with pytest.raises(ServiceError, match="more pixels than the limit"):
         check_image(image_bytes("PNG", (49, 40)))
+
+
+def _grey(data: bytes) -> Image.Image:
+    stored = Image.open(io.BytesIO(data))
+    assert stored.format == "PNG"
+    return stored
+
+
+def test_a_mask_of_another_scale_is_stored_as_a_greyscale_png_of_the_images_size():
+    mask = Image.new("RGB", (24, 20), "black")
+    mask.paste((255, 255, 255), (0, 0, 12, 20))  # the left half is the subject
+
+    stored = _grey(mask_png(mask, 48, 40))
+
+    assert (stored.mode, stored.size) == ("L", (48, 40))
+    assert stored.getpixel((5, 20)) == 255 and stored.getpixel((40, 20)) == 0
+    # Within a pixel's rounding is the same ratio: 1000x667 halved is 500x333.
+    assert _grey(mask_png(Image.new("L", (500, 333), 255), 1000, 667)).size == (1000, 667)
+
+
+def test_a_transparent_pixel_of_a_mask_counts_as_black():
+    mask = Image.new("RGBA", (4, 4), (255, 255, 255, 0))
+    mask.putpixel((0, 0), (255, 255, 255, 255))
+    stored = _grey(mask_png(mask, 4, 4))
+    assert stored.getpixel((0, 0)) == 255 and stored.getpixel((3, 3)) == 0
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [
+        ((40, 48), "mask_base64: the mask is 40x48 and its image 48x40: a mask needs its"),
+        ((48, 38), "the mask is 48x38 and its image 48x40"),
+    ],
+)
+def test_a_mask_of_another_aspect_ratio_is_refused_naming_both_sizes(size, message):
+    with pytest.raises(ServiceError, match=message) as refusal:
+        mask_png(Image.new("L", size, 255), 48, 40, field="mask_base64")
+    assert refusal.value.status == 400
+
+
+def test_an_all_black_mask_is_refused():
+    with pytest.raises(ServiceError, match="mask: the mask is entirely black"):
+        mask_png(Image.new("RGBA", (48, 40), (255, 255, 255, 0)), 48, 40)
+
+
+def test_mask_bytes_are_checked_as_images_are():
+    with pytest.raises(ServiceError, match="a_mask.png does not hold a PNG"):
+        checked_mask(b"not an image", 48, 40, field="a_mask.png")
+    with pytest.raises(ServiceError, match="m: the image has more pixels than the limit"):
+        checked_mask(png_bomb(9000, 9000), 9000, 9000, field="m")

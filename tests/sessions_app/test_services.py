@@ -1,8 +1,13 @@
+import io
+
 import pytest
+from django.db import transaction
+from PIL import Image
 
 from core.errors import ServiceError
 from sessions_app import services, storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
+from sessions_app.selectors import owner_stored_bytes
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db
@@ -181,3 +186,117 @@ def test_captions_that_fail_writing_leave_every_caption_file_and_row_as_it_was(m
     folder = storage.session_dir(session.pk)
     assert [(folder / str(n) / "0.txt").read_text() for n in range(3)] == ["", "", ""]
     assert [image.caption for image in TrainingImage.objects.order_by("pk")] == ["", "", ""]
+
+
+# --- masks ----------------------------------------------------------------------------------
+
+
+def _image_with_mask(mask_color="white"):
+    session = services.session_create()
+    mask = image_bytes(color=mask_color, size=(24, 20))
+    image = services.session_image_add(session.pk, image_bytes(), "ohwx", mask_bytes=mask)
+    return session, image
+
+
+def _mask_state(image) -> tuple:
+    image.refresh_from_db()
+    path = storage.absolute_path(image.file).with_name("0_mask.png")
+    return image.mask_file, image.mask_size, path.read_bytes() if path.exists() else None
+
+
+def test_an_image_added_with_a_mask_has_it_beside_it_as_a_greyscale_png_of_its_size():
+    session, image = _image_with_mask()
+    path = storage.session_dir(session.pk) / "0" / "0_mask.png"
+    assert image.mask_file == f"session_data/session_{session.pk}/0/0_mask.png"
+    assert image.mask_size == path.stat().st_size
+    with Image.open(path) as stored:
+        assert (stored.format, stored.mode, stored.size) == ("PNG", "L", (48, 40))
+        assert stored.getextrema() == (255, 255)
+
+
+def test_mask_store_replaces_the_mask_and_records_it():
+    session, image = _image_with_mask()
+    mask = Image.new("L", (96, 80), 0)
+    mask.paste(200, (0, 0, 48, 80))
+
+    stored = services.training_image_mask_store(session.pk, image.pk, mask)
+
+    mask_file, mask_size, data = _mask_state(image)
+    assert (
+        (stored.mask_file, stored.mask_size)
+        == (mask_file, mask_size)
+        == (
+            image.mask_file,
+            len(data),
+        )
+    )
+    with Image.open(io.BytesIO(data)) as written:
+        assert (written.mode, written.size) == ("L", (48, 40))
+        assert written.getpixel((2, 20)) == 200 and written.getpixel((45, 20)) == 0
+
+
+@pytest.mark.parametrize(
+    ("mask", "message"),
+    [
+        (Image.new("L", (40, 48), 255), "mask: the mask is 40x48 and its image 48x40"),
+        (Image.new("L", (48, 40), 0), "mask: the mask is entirely black"),
+    ],
+)
+def test_a_mask_that_cannot_fit_its_image_is_refused_and_the_old_one_stays(mask, message):
+    session, image = _image_with_mask()
+    before = _mask_state(image)
+    with pytest.raises(ServiceError, match=message):
+        services.training_image_mask_store(session.pk, image.pk, mask)
+    assert _mask_state(image) == before
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+def test_masks_cannot_change_while_the_session_trains(status):
+    from training_app.models import TrainingRun
+
+    session, image = _image_with_mask()
+    run = TrainingRun.objects.create(session=session, status=status, parameters={})
+    before = _mask_state(image)
+    for change in (
+        lambda: services.training_image_mask_store(session.pk, image.pk, Image.new("L", (4, 4), 9)),
+        lambda: services.training_image_mask_delete(session.pk, image.pk),
+    ):
+        with pytest.raises(ServiceError, match=f"is training \\(run {run.pk}\\)") as refusal:
+            change()
+        assert refusal.value.status == 409
+        assert _mask_state(image) == before
+
+
+def test_mask_delete_forgets_the_row_first_and_removes_the_file_once_committed(
+    django_capture_on_commit_callbacks,
+):
+    session, image = _image_with_mask()
+    path = storage.session_dir(session.pk) / "0" / "0_mask.png"
+    # A delete whose transaction fails leaves row and file as they were.
+    with pytest.raises(RuntimeError), transaction.atomic():
+        services.training_image_mask_delete(session.pk, image.pk)
+        raise RuntimeError("the commit fails")
+    assert _mask_state(image)[0] and path.exists()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        services.training_image_mask_delete(session.pk, image.pk)
+
+    assert _mask_state(image) == ("", 0, None)
+    with pytest.raises(ServiceError, match=f"image {image.pk} has no mask") as refusal:
+        services.training_image_mask_delete(session.pk, image.pk)
+    assert refusal.value.status == 404
+
+
+def test_deleting_an_image_removes_its_mask_and_its_emptied_group(
+    django_capture_on_commit_callbacks,
+):
+    session, image = _image_with_mask()
+    with django_capture_on_commit_callbacks(execute=True):
+        services.training_image_delete(session.pk, image.pk)
+    assert list(storage.session_dir(session.pk).iterdir()) == []
+
+
+def test_an_owners_stored_bytes_count_the_masks():
+    session, image = _image_with_mask()
+    assert owner_stored_bytes(session.owner_id) == image.size + image.mask_size
+    assert image.mask_size > 0

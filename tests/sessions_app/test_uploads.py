@@ -98,3 +98,36 @@ def test_more_members_than_the_limit_are_refused():
     members = {f"{index}.txt": b"" for index in range(MAX_ZIP_MEMBERS + 1)}
     with pytest.raises(ServiceError, match=f"more than {MAX_ZIP_MEMBERS} files"):
         images_from_zip(zip_of(members), "many.zip")
+
+
+def test_a_name_mask_png_beside_an_image_is_its_mask_never_an_image_of_its_own():
+    mask = image_bytes(color="white")
+    data = zip_of(
+        {
+            "set/a.jpg": image_bytes("JPEG"),
+            "set/a.txt": b"ohwx",
+            "set/a_mask.png": mask,
+            "b.png": image_bytes(),
+        }
+    )
+
+    images = images_from_zip(data, "photos.zip")
+
+    assert [(image.name, image.mask) for image in images] == [("b.png", None), ("set/a.jpg", mask)]
+    assert images[1].mask_name == "photos.zip: set/a_mask.png"
+
+
+@pytest.mark.parametrize(
+    ("members", "message"),
+    [
+        ({"a.png": image_bytes(), "b_mask.png": image_bytes()}, "masks without their image"),
+        ({"a_mask.png": image_bytes()}, r"masks without their image .*: \['a_mask.png'\]"),
+        (
+            {"a.png": image_bytes(), "a_mask.png": image_bytes(), "a_mask.jpg": image_bytes()},
+            "two masks of a",
+        ),
+    ],
+)
+def test_a_mask_without_its_image_or_a_second_mask_is_refused(members, message):
+    with pytest.raises(ServiceError, match=message):
+        images_from_zip(zip_of(members), "photos.zip")

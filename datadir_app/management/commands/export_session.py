@@ -10,7 +10,7 @@ from datadir_app.archive import session_export
 
 class Command(BaseCommand):
     help = (
-        "Writes session N (images, captions, LoRA files, training runs with their "
+        "Writes session N (images, captions, masks, LoRA files, training runs with their "
         "parameters, history, checkpoints and sample images, and what their rows say) to a "
         "zip file that import_session reads back."
     )
@@ -24,12 +24,13 @@ class Command(BaseCommand):
             manifest = session_export(session_id, file)
         except ServiceError as error:
             raise CommandError(error.message) from None
-        images = sum(len(group["images"]) for group in manifest["groups"])
+        images = [image for group in manifest["groups"] for image in group["images"]]
+        masks = sum(1 for image in images if "mask" in image)
         runs = manifest["runs"]
         checkpoints = sum(len(run["checkpoints"]) for run in runs)
         samples = sum(len(run["samples"]) for run in runs)
         self.stdout.write(
             f"exported session {session_id} to {file}: {len(manifest['groups'])} groups, "
-            f"{images} images, {len(manifest['loras'])} LoRA files, {len(runs)} training "
-            f"runs, {checkpoints} checkpoints, {samples} sample images"
+            f"{len(images)} images, {masks} masks, {len(manifest['loras'])} LoRA files, "
+            f"{len(runs)} training runs, {checkpoints} checkpoints, {samples} sample images"
         )

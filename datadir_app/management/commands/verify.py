@@ -10,8 +10,9 @@ from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingSample
 
 class Command(BaseCommand):
     help = (
-        "Checks every row against its file (exists, size, sha256, images decode, LoRA and "
-        "checkpoint headers readable, sample images present) and every file against a row; "
+        "Checks every row against its file (exists, size, sha256, images and masks decode, "
+        "LoRA and checkpoint headers readable, sample images present) and every file against "
+        "a row; "
         "prints a report and exits 1 on any mismatch. --fix repairs what can be repaired "
         "without losing data (rows follow the files; stale leftovers of interrupted writes "
         "and the resume state of runs that have ended go) and reports what is left."
@@ -25,7 +26,8 @@ class Command(BaseCommand):
         print_report(self, report)
         self.stdout.write(
             f"verify: {Session.objects.count()} sessions, {TrainingImage.objects.count()} "
-            f"images, {LoraArtifact.objects.count()} LoRA files, "
+            f"images, {TrainingImage.objects.exclude(mask_file='').count()} masks, "
+            f"{LoraArtifact.objects.count()} LoRA files, "
             f"{TrainingCheckpoint.objects.count()} checkpoints, "
             f"{TrainingSample.objects.count()} sample images checked; "
             f"{len(report.fixed)} fixed, {len(report.changes)} mismatches, "

@@ -24,6 +24,12 @@ from sdxl_service.api.training.serializers import TrainingQueuePlace, TrainStatu
 from sessions_app.automasks import MASK_KINDS
 from training_app.models import TrainingRun
 
+_MASK_HELP = (
+    "the image's mask, base64 (PNG, JPEG, WebP or BMP): white (opaque) where the subject "
+    "is, black (or transparent) elsewhere; of the image's aspect ratio (resized to its size), "
+    "not all black. Stored as a greyscale PNG `<k>_mask.png` beside the image"
+)
+
 
 class SessionRefSerializer(serializers.Serializer[Any]):
     session_id = SessionIdField()
@@ -41,6 +47,7 @@ class PostSessionImageSerializer(serializers.Serializer[Any]):
         help_text='the image\'s caption (may be empty); "auto": written by the captioning '
         "model (SDXL_CAPTION_MODEL), as POST /sessions/<id>/captions writes them",
     )
+    mask_base64 = Base64BytesField(required=False, help_text=_MASK_HELP)
 
 
 class SessionImagesUploadSerializer(serializers.Serializer[Any]):
@@ -61,10 +68,17 @@ class SessionImagesUploadSerializer(serializers.Serializer[Any]):
         help_text="one caption per image, in the same order; none: every caption empty (the "
         'training trigger alone); "auto": written by the captioning model',
     )
+    mask = serializers.ListField(
+        child=serializers.FileField(),
+        required=False,
+        help_text="one mask per image, in the same order (none: no image has a mask): white "
+        "where the subject is, of the image's aspect ratio, not all black",
+    )
     archive = serializers.FileField(
         required=False,
         help_text="a zip of images, each with its caption in a .txt of the same name beside it "
-        "(kohya's dataset layout); an image without one has an empty caption",
+        "(kohya's dataset layout) and its mask as <name>_mask.png, if it has one; an image "
+        "without a .txt has an empty caption",
     )
 
 
@@ -169,6 +183,14 @@ class SessionCaptionsResponse(serializers.Serializer[Any]):
     images = CaptionedImageItem(many=True, help_text="every image of the session, in order")
 
 
+class SessionImageMaskSerializer(serializers.Serializer[Any]):
+    """PUT /sessions/<id>/images/<image_id>/mask: the image's new mask."""
+
+    field_alias_context = field_aliases.IMAGE
+
+    mask_base64 = Base64BytesField(help_text=_MASK_HELP)
+
+
 class DeleteSessionImageResponse(serializers.Serializer[Any]):
     status = serializers.ChoiceField(choices=["deleted"])
     session_id = serializers.CharField()
@@ -238,6 +260,10 @@ class SessionImageItem(serializers.Serializer[Any]):
     width = serializers.IntegerField()
     height = serializers.IntegerField()
     size = serializers.IntegerField(help_text="bytes")
+    mask_url = serializers.CharField(
+        allow_null=True,
+        help_text="its mask, a greyscale PNG (white: the subject); null when it has none",
+    )
 
 
 class SessionLoraItem(serializers.Serializer[Any]):

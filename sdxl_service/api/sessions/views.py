@@ -3,9 +3,10 @@ Each validates the body, calls one service and renders the answer through its re
 serializer; errors are raised as ServiceError and shaped in one place
 (sdxl_service.api.errors)."""
 
-from django.http import FileResponse
+from django.http import FileResponse, HttpResponse
 from django.http.response import HttpResponseBase
-from drf_spectacular.utils import extend_schema
+from django.utils.cache import get_conditional_response
+from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, parser_classes, permission_classes
 from rest_framework.parsers import MultiPartParser
 from rest_framework.permissions import BasePermission
@@ -29,6 +30,7 @@ from sdxl_service.api.sessions.serializers import (
     SessionCaptionsSerializer,
     SessionDetailResponse,
     SessionImageItem,
+    SessionImageMaskSerializer,
     SessionImagePatchSerializer,
     SessionImagesUploadResponse,
     SessionImagesUploadSerializer,
@@ -65,8 +67,9 @@ def create_session(request: Request) -> Response:
     tags=TAGS,
     summary="Add one captioned training image (a new group folder)",
     description="PNG, JPEG, WebP or BMP, base64 (a data: URL prefix is accepted). Stored "
-    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt`. A prompt `auto` is written "
-    "by the captioning model first (409 without one, and nothing is stored).",
+    "as `session_<id>/<n>/0.<ext>` with its prompt in `0.txt` and its `mask_base64`, if "
+    "sent, as `0_mask.png` (both checked before anything is written). A prompt `auto` is "
+    "written by the captioning model first (409 without one, and nothing is stored).",
     request=PostSessionImageSerializer,
     responses={200: SuccessResponse, **error_responses(404, 409, 429)},
 )
@@ -75,7 +78,11 @@ def create_session(request: Request) -> Response:
 def post_session_image(request: Request) -> Response:
     data = validated(PostSessionImageSerializer, request)
     session_services.session_image_add(
-        data["session_id"], data["image_base64"], data["prompt"], caller=request_caller(request)
+        data["session_id"],
+        data["image_base64"],
+        data["prompt"],
+        caller=request_caller(request),
+        mask_bytes=data.get("mask_base64"),
     )
     return rendered(SuccessResponse, {"status": "success"})
 
@@ -129,11 +136,13 @@ def session_detail(request: Request, session_id: int) -> Response:
     operation_id="session_images_upload",
     tags=TAGS,
     summary="Add training images as files: several with their captions, or a zip",
-    description="multipart/form-data: `image` files with one `caption` each, in order, and/or "
-    "an `archive` zip of images with a .txt caption beside each. Every image is checked as "
-    "/post_session_image checks one, and each becomes its own group; all are stored or none. "
-    "Zips are refused whole for unsafe paths, links, more than 2000 files or more than "
-    "SDXL_MAX_UPLOAD_MB unpacked (413); the request for more than SDXL_MAX_UPLOAD_MB of files. "
+    description="multipart/form-data: `image` files with one `caption` and one `mask` each, "
+    "in order (no `caption`: empty captions; no `mask`: no masks; any other count is a 400), "
+    "and/or an `archive` zip of images with a .txt caption and a `<name>_mask.png` mask "
+    "beside each. Every image and mask is checked as /post_session_image checks one, and "
+    "each image becomes its own group; all are stored or none. Zips are refused whole for "
+    "unsafe paths, links, more than 2000 files or more than SDXL_MAX_UPLOAD_MB unpacked "
+    "(413); the request for more than SDXL_MAX_UPLOAD_MB of files. "
     "A caption `auto` is written by the captioning model first (409 without one).",
     request={"multipart/form-data": SessionImagesUploadSerializer},
     responses={200: SessionImagesUploadResponse, **error_responses(404, 409, 429)},
@@ -150,6 +159,7 @@ def session_images_upload(request: Request, session_id: int) -> Response:
         data.get("caption", []),
         (archive.name, archive.read()) if archive is not None else None,
         caller=request_caller(request),
+        masks=[(upload.name, upload.read()) for upload in data.get("mask", [])],
     )
     body = {"status": "success", "images": [bodies.session_image_item(image) for image in images]}
     return rendered(SessionImagesUploadResponse, body)
@@ -255,7 +265,7 @@ class SessionImageView(APIView):
     @extend_schema(
         operation_id="session_image_delete",
         tags=TAGS,
-        summary="Remove one training image and its caption",
+        summary="Remove one training image, its caption and its mask",
         description="The other images keep their ids, groups and paths (nothing is "
         "renumbered; a group number is never reused); the group folder goes when nothing "
         "else is left in it. 409 (naming the run) while a training run of the session is "
@@ -269,6 +279,80 @@ class SessionImageView(APIView):
 
 
 session_image = SessionImageView.as_view()
+
+
+class SessionImageMaskView(APIView):
+    """/sessions/<id>/images/<image_id>/mask: read the image's mask (GET, `read`), set or
+    replace it (PUT) or remove it (DELETE), both `upload`, as a caption edit."""
+
+    SCOPES = {"GET": "read", "PUT": "upload", "DELETE": "upload"}
+
+    def get_permissions(self) -> list[BasePermission]:
+        scope = self.SCOPES.get(self.request.method or "GET", "read")
+        return [permission() for permission in scope_required(scope)]
+
+    @extend_schema(
+        operation_id="session_image_mask",
+        tags=TAGS,
+        summary="A training image's mask, a greyscale PNG (white: the subject)",
+        description="`ETag` is the sha256 of the PNG (quoted); `If-None-Match` with it "
+        "answers 304. 404 when the image has no mask.",
+        responses={
+            (200, "image/png"): bytes,
+            304: OpenApiResponse(description="If-None-Match named the mask's ETag"),
+            **error_responses(404, with_body=False),
+        },
+    )
+    def get(self, request: Request, session_id: int, image_id: int) -> HttpResponseBase:
+        image = session_selectors.training_image_get(session_id, image_id, request_caller(request))
+        if not image.mask_file:
+            raise ServiceError(f"image {image_id} has no mask", status=404)
+        try:
+            data = session_storage.absolute_path(image.mask_file).read_bytes()
+        except FileNotFoundError:
+            raise ServiceError(
+                f"the mask of image {image_id} is recorded but its file is missing", status=404
+            ) from None
+        etag = f'"{session_storage.sha256_bytes(data)}"'
+        response = HttpResponse(data, content_type="image/png", headers={"ETag": etag})
+        # A 304 when If-None-Match names the ETag, else `response` (typed as maybe None).
+        return get_conditional_response(request, etag=etag, response=response) or response
+
+    @extend_schema(
+        operation_id="session_image_mask_set",
+        tags=TAGS,
+        summary="Set or replace a training image's mask",
+        description="Writes the mask as `<n>/<k>_mask.png` beside the image (a greyscale PNG "
+        "of the image's size, atomically) and answers the image as `GET /sessions/<id>` lists "
+        "it. 400 naming `mask_base64` for a mask that does not decode, has another aspect "
+        "ratio than the image (both sizes named) or is all black; 409 (naming the run) while "
+        "a training run of the session is queued or running. Nothing changes on an error.",
+        request=SessionImageMaskSerializer,
+        responses={200: SessionImageItem, **error_responses(404, 409, 429)},
+    )
+    def put(self, request: Request, session_id: int, image_id: int) -> Response:
+        data = validated(SessionImageMaskSerializer, request)
+        image = session_services.training_image_mask_upload(
+            session_id, image_id, data["mask_base64"], caller=request_caller(request)
+        )
+        return rendered(SessionImageItem, bodies.session_image_item(image))
+
+    @extend_schema(
+        operation_id="session_image_mask_delete",
+        tags=TAGS,
+        summary="Remove a training image's mask",
+        description="The image then trains whole again; answers the image (`mask_url` null). "
+        "404 when it has no mask; 409 (naming the run) while the session trains.",
+        responses={200: SessionImageItem, **error_responses(404, 409, with_body=False)},
+    )
+    def delete(self, request: Request, session_id: int, image_id: int) -> Response:
+        image = session_services.training_image_mask_delete(
+            session_id, image_id, caller=request_caller(request)
+        )
+        return rendered(SessionImageItem, bodies.session_image_item(image))
+
+
+session_image_mask = SessionImageMaskView.as_view()
 
 
 @extend_schema(

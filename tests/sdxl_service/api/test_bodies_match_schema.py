@@ -52,7 +52,7 @@ class SchemaChecker:
         operation = self.operation(path, response.request["REQUEST_METHOD"])
         assert media_type in operation["responses"][str(response.status_code)]["content"]
         assert response["Content-Type"] == media_type
-        data = b"".join(response.streaming_content)
+        data = b"".join(response.streaming_content) if response.streaming else response.content
         assert data.startswith(
             {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8"}[media_type]
         )
@@ -182,6 +182,12 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     image_url = uploaded.json()["images"][0]["url"]
     patched = APIClient().patch(image_url, {"caption": "b"}, format="json")
     assert schema.check(image_path, patched)["caption"] == "b"
+    mask_path, mask_url = f"{image_path}/mask", f"{image_url}/mask"
+    white = {"mask_base64": b64(image_bytes(color="white"))}
+    masked = APIClient().put(mask_url, white, format="json")
+    assert schema.check(mask_path, masked)["mask_url"] == mask_url
+    schema.check_image(mask_path, APIClient().get(mask_url))
+    assert schema.check(mask_path, APIClient().delete(mask_url))["mask_url"] is None
     assert schema.check(image_path, APIClient().delete(image_url))["status"] == "deleted"
     masks_path = "/sessions/{session_id}/masks"
     masks = api(f"/sessions/{session_id}/masks", {"kind": "subject"}, template=masks_path)

@@ -1,3 +1,4 @@
+import io
 import json
 
 import pytest
@@ -727,3 +728,217 @@ def test_a_caption_auto_at_upload_is_written_by_the_model_and_a_failure_stores_n
 
     assert_error(response, 409, "SDXL_CAPTION_MODEL")
     assert (_on_disk(session_id), _rows(session_id)) == before
+
+
+# Masks: given at upload (multipart `mask`, `mask_base64`, a zip's <name>_mask.png), and
+# set, read and removed at /sessions/<id>/images/<image_id>/mask.
+
+
+def _mask(size: tuple[int, int] = (48, 40), image_format: str = "PNG") -> bytes:
+    """White on the left half (the subject), black on the right."""
+    from PIL import Image
+
+    mask = Image.new("RGB", size, "black")
+    mask.paste((255, 255, 255), (0, 0, size[0] // 2, size[1]))
+    buffer = io.BytesIO()
+    mask.save(buffer, format=image_format)
+    return buffer.getvalue()
+
+
+def _stored_mask(path) -> tuple:
+    from PIL import Image
+
+    with Image.open(path) as mask:
+        return mask.format, mask.mode, mask.size, mask.getpixel((1, 1)), mask.getpixel((-2, 1))
+
+
+def test_masks_sent_with_images_are_stored_beside_each_and_served(api):
+    from tests.sessions_app.test_uploads import zip_of
+
+    session_id = api.get("/create_session").json()["session_id"]
+    archive = zip_of(
+        {
+            "x/1.png": image_bytes(),
+            "x/1.txt": b"ohwx",
+            "x/1_mask.png": _mask(),
+            "x/2.png": image_bytes(),
+        }
+    )
+    response = api.post(
+        f"/sessions/{session_id}/images",
+        {
+            "image": [_file("a.jpg", image_bytes("JPEG", (80, 48))), _file("b.png", image_bytes())],
+            "mask": [_file("a_mask.jpg", _mask((40, 24), "JPEG")), _file("b_mask.png", _mask())],
+            "archive": _file("set.zip", archive),
+        },
+        format="multipart",
+    )
+
+    assert response.status_code == 200, response.content
+    images = response.json()["images"]
+    folder = storage.session_dir(session_id)
+    assert _stored_mask(folder / "0" / "0_mask.png") == ("PNG", "L", (80, 48), 255, 0)
+    assert _stored_mask(folder / "1" / "0_mask.png") == ("PNG", "L", (48, 40), 255, 0)
+    assert _stored_mask(folder / "2" / "0_mask.png") == ("PNG", "L", (48, 40), 255, 0)
+    assert not (folder / "3" / "0_mask.png").exists()
+    assert [image["mask_url"] for image in images] == [
+        f"/sessions/{session_id}/images/{image['image_id']}/mask" for image in images[:3]
+    ] + [None]
+    assert [image["mask_url"] for image in api.get(f"/sessions/{session_id}").json()["images"]] == [
+        image["mask_url"] for image in images
+    ]
+    served = api.get(images[0]["mask_url"])
+    assert served.status_code == 200 and served["Content-Type"] == "image/png"
+    assert served.content == (folder / "0" / "0_mask.png").read_bytes()
+    assert served["ETag"] == f'"{storage.sha256_bytes(served.content)}"'
+    again = api.get(images[0]["mask_url"], HTTP_IF_NONE_MATCH=served["ETag"])
+    assert again.status_code == 304 and again.content == b""
+    _verify_is_clean()
+
+
+@pytest.mark.parametrize(
+    ("form", "message"),
+    [
+        ({"image": 2, "mask": [_mask()]}, "mask: send one mask per image, in the images' order"),
+        ({"image": 1, "mask": [_mask(), _mask()]}, "(1 images, 2 masks), or none"),
+        ({"image": 1, "mask": [_mask((40, 48))]}, "mask m0.png: the mask is 40x48 and its image"),
+        ({"image": 1, "mask": [image_bytes(color="black")]}, "mask m0.png: the mask is entirely"),
+        ({"image": 1, "mask": [b"no image"]}, "mask m0.png does not hold a PNG"),
+        ({"zip": {"a.png": image_bytes(), "b_mask.png": _mask()}}, "masks without their image"),
+        (
+            {"zip": {"a.png": image_bytes(), "a_mask.png": _mask((40, 48))}},
+            "set.zip: a_mask.png: the mask is 40x48 and its image 48x40",
+        ),
+    ],
+)
+def test_uploads_with_a_mask_that_cannot_be_used_store_nothing(api, form, message):
+    from tests.sessions_app.test_uploads import zip_of
+
+    session_id = api.get("/create_session").json()["session_id"]
+    body = {}
+    if "image" in form:
+        body["image"] = [_file(f"i{n}.png", image_bytes()) for n in range(form["image"])]
+        body["mask"] = [_file(f"m{n}.png", data) for n, data in enumerate(form["mask"])]
+    if "zip" in form:
+        body["archive"] = _file("set.zip", zip_of(form["zip"]))
+
+    response = api.post(f"/sessions/{session_id}/images", body, format="multipart")
+
+    assert_error(response, 400, message)
+    assert not TrainingImage.objects.exists()
+    assert list(storage.session_dir(session_id).iterdir()) == []
+
+
+def test_post_session_image_takes_a_mask_base64(api, data_dir):
+    session_id = api.get("/create_session").json()["session_id"]
+    good = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "x"}
+    before = _disk_and_rows(data_dir)
+    for mask, fragment in [
+        ("@@@", "mask_base64: is not valid base64"),
+        (b64(b"text"), "mask_base64 does not hold a PNG"),
+        (b64(_mask((40, 48))), "mask_base64: the mask is 40x48 and its image 48x40"),
+    ]:
+        response = api.post("/post_session_image", {**good, "mask_base64": mask}, format="json")
+        assert_error(response, 400, fragment)
+        assert _disk_and_rows(data_dir) == before
+
+    response = api.post("/post_session_image", {**good, "mask_base64": b64(_mask())}, format="json")
+
+    assert response.status_code == 200, response.content
+    mask_path = storage.session_dir(session_id) / "0" / "0_mask.png"
+    assert _stored_mask(mask_path) == ("PNG", "L", (48, 40), 255, 0)
+    assert TrainingImage.objects.get().mask_size == mask_path.stat().st_size
+
+
+def test_a_mask_is_set_replaced_and_removed_through_its_url(
+    api, django_capture_on_commit_callbacks
+):
+    session_id, images = _three_images(api)
+    url = f"/sessions/{session_id}/images/{images[1]['image_id']}/mask"
+    path = storage.session_dir(session_id) / "1" / "0_mask.png"
+    assert_error(api.get(url), 404, f"image {images[1]['image_id']} has no mask")
+
+    response = api.put(url, {"mask_base64": b64(_mask((96, 80)))}, format="json")
+
+    assert response.status_code == 200, response.content
+    assert response.json() == {**images[1], "mask_url": url}
+    assert _stored_mask(path) == ("PNG", "L", (48, 40), 255, 0)
+    first_etag = api.get(url)["ETag"]
+    replaced = api.put(url, {"mask_base64": b64(image_bytes(color="white"))}, format="json")
+    assert replaced.status_code == 200
+    assert _stored_mask(path) == ("PNG", "L", (48, 40), 255, 255)
+    served = api.get(url, HTTP_IF_NONE_MATCH=first_etag)
+    assert served.status_code == 200 and served["ETag"] != first_etag
+    assert TrainingImage.objects.get(pk=images[1]["image_id"]).mask_size == len(served.content)
+    _verify_is_clean()
+
+    with django_capture_on_commit_callbacks(execute=True):
+        removed = api.delete(url)
+
+    assert removed.status_code == 200
+    assert removed.json() == {**images[1], "mask_url": None}
+    assert not path.exists()
+    assert TrainingImage.objects.get(pk=images[1]["image_id"]).mask_file == ""
+    assert_error(api.get(url), 404, "has no mask")
+    assert_error(api.delete(url), 404, "has no mask")
+    _verify_is_clean()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        ({}, "mask_base64: This field is required"),
+        ({"mask_base64": "@@"}, "mask_base64: is not valid base64"),
+        ({"mask_base64": b64(_mask((40, 48)))}, "mask_base64: the mask is 40x48 and its image"),
+        ({"mask_base64": b64(image_bytes(color="black"))}, "mask_base64: the mask is entirely"),
+        ({"mask": b64(_mask())}, 'mask: unknown field; did you mean "mask_base64"?'),
+    ],
+)
+def test_a_bad_mask_put_is_400_and_changes_nothing(api, body, fragment):
+    session_id, images = _three_images(api)
+    before = (_on_disk(session_id), _rows(session_id))
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}/mask"
+    assert_error(api.put(url, body, format="json"), 400, fragment)
+    assert (_on_disk(session_id), _rows(session_id)) == before
+    assert TrainingImage.objects.filter(mask_file="").count() == 3
+
+
+@pytest.mark.parametrize("method", ["put", "delete"])
+def test_a_mask_cannot_change_while_the_session_trains(api, method):
+    from training_app.models import TrainingRun
+
+    session_id, images = _three_images(api)
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}/mask"
+    assert api.put(url, {"mask_base64": b64(_mask())}, format="json").status_code == 200
+    run = TrainingRun.objects.create(session_id=session_id, status="running", parameters={})
+    before = (
+        _on_disk(session_id),
+        list(TrainingImage.objects.values_list("mask_file", "mask_size")),
+    )
+
+    response = getattr(api, method)(url, {"mask_base64": b64(image_bytes())}, format="json")
+
+    assert_error(response, 409, f"session {session_id} is training (run {run.pk})")
+    assert (
+        _on_disk(session_id),
+        list(TrainingImage.objects.values_list("mask_file", "mask_size")),
+    ) == before
+
+
+def test_deleting_an_image_removes_its_mask(api, django_capture_on_commit_callbacks):
+    session_id, images = _three_images(api)
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}"
+    assert api.put(f"{url}/mask", {"mask_base64": b64(_mask())}, format="json").status_code == 200
+    with django_capture_on_commit_callbacks(execute=True):
+        assert api.delete(url).status_code == 200
+    assert not (storage.session_dir(session_id) / "0").exists()
+    assert_error(api.get(f"{url}/mask"), 404, f"has no image {images[0]['image_id']}")
+    _verify_is_clean()
+
+
+def test_a_recorded_mask_whose_file_is_gone_is_a_404(api):
+    session_id, images = _three_images(api)
+    url = f"/sessions/{session_id}/images/{images[0]['image_id']}/mask"
+    assert api.put(url, {"mask_base64": b64(_mask())}, format="json").status_code == 200
+    (storage.session_dir(session_id) / "0" / "0_mask.png").unlink()
+    assert_error(api.get(url), 404, "recorded but its file is missing")

@@ -151,6 +151,17 @@ def _calls(held: Holdings, session_id: int, other_id: int) -> dict:
             {"caption": "x"},
         ),
         "session_image_delete": ("delete", f"/sessions/{session_id}/images/{other_id}", None),
+        "session_image_mask": ("get", f"/sessions/{session_id}/images/{other_id}/mask", None),
+        "session_image_mask_set": (
+            "put",
+            f"/sessions/{session_id}/images/{other_id}/mask",
+            {"mask_base64": image},
+        ),
+        "session_image_mask_delete": (
+            "delete",
+            f"/sessions/{session_id}/images/{other_id}/mask",
+            None,
+        ),
         "delete_session": ("post", "/delete_session", {"session_id": session_id}),
         "train_lora": ("post", "/train_lora", {"session_id": session_id, "steps": 1}),
         "train_status": ("post", "/train_status", {"session_id": session_id}),
@@ -203,6 +214,9 @@ OTHER_IDS = {
     "session_image": "image_id",
     "session_image_update": "image_id",
     "session_image_delete": "image_id",
+    "session_image_mask": "image_id",
+    "session_image_mask_set": "image_id",
+    "session_image_mask_delete": "image_id",
     "generation_status": "generation_id",
     "generation_image": "generation_id",
     "generation_cancel": "generation_id",
@@ -218,6 +232,8 @@ def _send(api: APIClient, call):
         return api.post(path, body, format="multipart")
     if method == "patch":
         return api.patch(path, body, format="json")
+    if method == "put":
+        return api.put(path, body, format="json")
     if method == "delete":
         return api.delete(path)
     return api.post(path, body, format="json")
@@ -338,9 +354,12 @@ SCOPE_OF = {
     "images_upload": "upload",
     "upload_lora": "upload",
     "session_image_update": "upload",
+    "session_image_mask_set": "upload",
+    "session_image_mask_delete": "upload",
     "list_sessions": "read",
     "session_detail": "read",
     "session_image": "read",
+    "session_image_mask": "read",
     "train_status": "read",
     "get_lora_latest": "read",
     "generation_status": "read",
@@ -462,6 +481,40 @@ def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessio
     assert LoraArtifact.objects.count() == 1
 
 
+def test_the_stored_bytes_quota_counts_masks(alice):
+    set_quotas(alice, max_stored_mb=1)
+    session_id = alice.api.get("/create_session").json()["session_id"]
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, "PNG")
+    mask = buffer.getvalue()  # ~2 KB, as stored too: noise does not compress
+    # Room for the image alone, not for the image with its mask.
+    LoraArtifact.objects.create(
+        session_id=session_id,
+        number=1,
+        filename="big.safetensors",
+        size=1024 * 1024 - len(image_bytes()) - len(mask) // 2,
+        sha256="0" * 64,
+    )
+    body = {"image": [io.BytesIO(image_bytes())], "mask": [io.BytesIO(mask)]}
+
+    response = alice.api.post(f"/sessions/{session_id}/images", body, format="multipart")
+
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert not TrainingImage.objects.exists()
+    assert list(storage.session_dir(session_id).iterdir()) == []
+    post = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "x"}
+    assert alice.api.post("/post_session_image", post, format="json").status_code == 200
+    url = f"/sessions/{session_id}/images/{TrainingImage.objects.get().pk}/mask"
+    response = alice.api.put(url, {"mask_base64": b64(mask)}, format="json")
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert TrainingImage.objects.get().mask_file == ""
+    assert sorted(p.name for p in (storage.session_dir(session_id) / "0").iterdir()) == [
+        "0.png",
+        "0.txt",
+    ]
+
+
 def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(alice, monkeypatch):
     from training_app.services import loras
 
@@ -579,6 +632,7 @@ def test_the_api_schema_names_each_operations_scope_and_its_403_and_429(schema_d
         "GET /create_session",
         "POST /post_session_image",
         "POST /sessions/{session_id}/images",
+        "PUT /sessions/{session_id}/images/{image_id}/mask",
         "POST /train_lora",
         "POST /upload_lora",
         "POST /txt2img",

@@ -300,7 +300,17 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
     }
     return {
         "/post_session_image": [
-            ("post", {"session_id": session.pk, "image_base64": image, "prompt": "x"}, 200)
+            ("post", {"session_id": session.pk, "image_base64": image, "prompt": "x"}, 200),
+            (
+                "post",
+                {
+                    "session_id": session.pk,
+                    "image_base64": image,
+                    "prompt": "x",
+                    "mask_base64": b64(image_bytes(color="white")),
+                },
+                200,
+            ),
         ],
         "/train_lora": [
             (
