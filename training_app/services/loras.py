@@ -214,7 +214,7 @@ def _canonical_lora_for_the_model(upload: Path, converted: Path) -> tuple[Path, 
     raise first_error
 
 
-def model_lora_target_shapes() -> list[TargetShapes | None]:
+def model_lora_target_shapes() -> "list[TargetShapes | None]":
     """The module shapes (lora_files.lora_target_shapes) of each Base model the configured
     worker may load; [None] when the web process cannot know them (a LoRA is then checked
     for its own consistency only)."""

@@ -204,17 +204,14 @@ class TrainLoraSerializer(WebhookFields):
         }
 
 
-class InitLoraItem(serializers.Serializer[Any]):
-    """The LoRA file a run continues, as it was when the run was asked for."""
-
-    lora_filename = serializers.CharField()
-    iteration = serializers.IntegerField(allow_null=True, help_text="null for a checkpoint")
-    sha256 = serializers.CharField(help_text="of the file the run starts from")
-
-
-def init_lora_field() -> InitLoraItem:
-    return InitLoraItem(
-        allow_null=True, help_text="the LoRA the run continues (init_lora); null: fresh weights"
+def init_lora_field() -> serializers.DictField:
+    """The LoRA a run continues, as recorded when the run was asked for (a dict, not a
+    nested serializer: OpenAPI 3.0 cannot make a referenced object nullable)."""
+    return serializers.DictField(
+        allow_null=True,
+        help_text="the LoRA the run continues (init_lora), as it was when the run was asked "
+        'for: {"lora_filename", "iteration" (null for a checkpoint), "sha256"}; null: fresh '
+        "weights",
     )
 
 
