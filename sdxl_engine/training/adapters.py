@@ -79,7 +79,10 @@ def load_parent_weights(
         assert lora_key is not None and lora_key.component is not None  # canonical keys
         layer = models[lora_key.component].get_submodule(lora_key.module)
         factors = layer.lora_A if lora_key.factor == DOWN else layer.lora_B
-        factors[ADAPTER_NAME].weight.copy_(tensor)
+        assert isinstance(factors, torch.nn.ModuleDict)  # a PEFT LoRA layer's, by adapter
+        factor = factors[ADAPTER_NAME]
+        assert isinstance(factor, torch.nn.Linear | torch.nn.Conv2d)
+        factor.weight.copy_(tensor)
 
 
 def remove_adapters(text_encoder: PreTrainedModel) -> None:

@@ -228,6 +228,7 @@ def test_train_status_shapes(api, session):
         "samples": [],
         "checkpoints": [],
         "resumed_from_step": None,
+        "init_lora": None,
     }
     assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
 
