@@ -844,8 +844,8 @@ def test_train_lora_continues_a_lora_or_a_checkpoint_of_the_session(api, session
         ({"init_lora": {"iteration": 1}, "train_text_encoder": True}, 200, ""),
         ({"init_lora": {}}, 400, "init_lora: give iteration or lora_filename"),
         ({"init_lora": {"iteration": 1, "lora_filename": "a.safetensors"}}, 400, "not both"),
-        ({"init_lora": {"iteration": 1, "session_id": 2}}, 400, "init_lora"),
-        ({"init_lora": 1}, 400, "init_lora"),
+        ({"init_lora": {"iteration": 1, "session_id": 2}}, 400, "init_lora.session_id: unknown"),
+        ({"init_lora": 1}, 400, "init_lora: Invalid data. Expected a dictionary"),
         ({"network_weights": "lora_1.safetensors"}, 400, 'did you mean \\"init_lora\\"'),
     ],
 )
