@@ -165,6 +165,8 @@ class TrainLoraSerializer(WebhookFields):
         "ratio (service recipe: true); false: a centred square crop (original)",
     )
 
+    # Not a TrainingParams field: it names a file of the session, which the run records
+    # beside its parameters (TrainingRun.init_lora) with the file's sha256.
     init_lora = InitLoraSerializer(
         required=False,
         help_text='continue a LoRA of the session instead of starting afresh: {"iteration": n} '
