@@ -197,7 +197,11 @@ def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, An
                     "created_at": sample.created_at.isoformat(),
                 }
             )
-        row: dict[str, Any] = {"id": run.pk, "created_at": run.created_at.isoformat()}
+        row: dict[str, Any] = {
+            "id": run.pk,
+            "created_at": run.created_at.isoformat(),
+            "init_lora": run.init_lora,
+        }
         for field in _RUN_FIELDS:
             value = getattr(run, field)
             row[field] = value.isoformat() if isinstance(value, datetime) else value
@@ -414,6 +418,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
     files of each are moved (in `staging`) to the names of its new id."""
     runs: dict[int, TrainingRun] = {}
     moves: list[tuple[str, str]] = []
+    renamed_checkpoints: dict[str, str] = {}
     for entry in manifest["runs"]:
         fields = {field: entry[field] for field in _RUN_FIELDS}
         for field in _RUN_TIMES:
@@ -426,7 +431,10 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
         if fields["status"] in TrainingRun.ACTIVE_STATUSES:
             # Nothing will run it here (and a session holds one active run at most).
             fields.update(status=TrainingRun.Status.ERROR, error_message=UNFINISHED_MESSAGE)
-        run = TrainingRun.objects.create(session=session, **fields)
+        # Archives written before runs could continue a LoRA have no init_lora.
+        run = TrainingRun.objects.create(
+            session=session, init_lora=entry.get("init_lora"), **fields
+        )
         _keep_created_at(run, entry)
         runs[entry["id"]] = run
         for checkpoint in entry["checkpoints"]:
@@ -434,6 +442,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
             _check_file(manifest, old, checkpoint["sha256"])
             filename = checkpoint_filename(run.pk, checkpoint["step"])
             moves.append((old, f"{CHECKPOINTS_FOLDER}/{filename}"))
+            renamed_checkpoints[checkpoint["filename"]] = filename
             stored = TrainingCheckpoint.objects.create(
                 run=run,
                 session=session,
@@ -458,6 +467,16 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
             )
             _keep_created_at(row, sample)
     _move_files(staging, moves)
+    # A run that continued a checkpoint names it as it is called here now.
+    for run in runs.values():
+        parent = run.init_lora
+        if (
+            parent
+            and parent["iteration"] is None
+            and parent["lora_filename"] in renamed_checkpoints
+        ):
+            parent["lora_filename"] = renamed_checkpoints[parent["lora_filename"]]
+            run.save(update_fields=["init_lora"])
     return runs
 
 

@@ -125,6 +125,14 @@ def canonical_lora_file(
     return kept
 
 
+def canonical_tensors(
+    path: Path, layers_per_block: int = SDXL_LAYERS_PER_BLOCK
+) -> dict[str, torch.Tensor]:
+    """The tensors of the LoRA at `path` (any supported form) in canonical form, on the
+    CPU: what a run continuing it loads (sdxl_engine.continuation)."""
+    return to_canonical(*_read(path), layers_per_block)
+
+
 def kohya_lora_bytes(path: Path, base_model: str) -> bytes:
     """The LoRA at `path` as a kohya safetensors file, ready to send.
 

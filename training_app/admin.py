@@ -198,6 +198,7 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "total_steps",
         "last_loss",
         "parameters",
+        "init_lora",
         "error_message",
         "task_id",
         "worker",

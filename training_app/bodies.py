@@ -54,6 +54,7 @@ def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
             "status": "completed",
             "progress": 100,
             "lora": artifact.filename if artifact else None,
+            "init_lora": run.init_lora,
             **_kept_along_the_way(run),
         }
     return {
@@ -65,6 +66,7 @@ def training_status_body(run: TrainingRun | None) -> dict[str, Any]:
         "total_steps": run.total_steps,
         "loss": run.last_loss,
         "eta_seconds": run_eta_seconds(run),
+        "init_lora": run.init_lora,
         **training_queue_body(run),
         **_kept_along_the_way(run),
     }
@@ -114,6 +116,7 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
         "train_text_encoder": params.train_text_encoder,
         "sample_steps": sample_steps(params.sample_every, steps) if steps else None,
         "checkpoint_steps": checkpoint_steps(params.checkpoint_every, steps) if steps else None,
+        "init_lora": run.init_lora,
     }
 
 
@@ -189,6 +192,7 @@ def session_detail_body(detail: SessionDetail) -> dict[str, Any]:
                 "step": run.step,
                 "total_steps": run.total_steps,
                 "parameters": run.parameters,
+                "init_lora": run.init_lora,
                 "message": run.error_message or None,
                 "created_at": run.created_at,
                 "started_at": run.started_at,

@@ -80,6 +80,10 @@ class TrainingRun(Job):
     attempts = models.PositiveSmallIntegerField(default=0)
     # The checkpoint's step the current attempt continued from; null for a first attempt.
     resumed_from_step = models.PositiveIntegerField(null=True, blank=True)
+    # The LoRA file of the session the run continues (/train_lora's init_lora), as it was
+    # when the run was asked for: {"lora_filename", "iteration" (null for a checkpoint),
+    # "sha256"}; the worker trains only from a file of that sha256. Null: fresh weights.
+    init_lora = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

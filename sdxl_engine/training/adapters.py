@@ -1,18 +1,19 @@
-"""The LoRA adapters a run trains: added to the Base UNet (and the text encoders), their
-float32 master weights for the optimiser, taken out again, and saved in diffusers' own
-LoRA format."""
+"""The LoRA adapters a run trains: added to the Base UNet (and the text encoders), fresh or
+from the weights of the LoRA a run continues, their float32 master weights for the
+optimiser, taken out again, and saved in diffusers' own LoRA format."""
 
 from __future__ import annotations
 
 import hashlib
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import (
     StableDiffusionXLPipeline,
 )
+from diffusers.training_utils import cast_training_params
 from diffusers.utils import convert_state_dict_to_diffusers
 from diffusers.utils.peft_utils import recurse_remove_peft_layers
 from peft import LoraConfig, inject_adapter_in_model
@@ -23,7 +24,7 @@ from transformers import PreTrainedModel
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import write_atomically
-from sdxl_engine.lora_keys import TARGET_PROJECTIONS
+from sdxl_engine.lora_keys import DOWN, TARGET_PROJECTIONS, split_lora_key
 
 ADAPTER_NAME = "sdxl_service_training"
 # The attention projections of the key table: what uploads are checked against.
@@ -38,14 +39,50 @@ def lora_config(rank: int, target_modules: list[str]) -> LoraConfig:
     )
 
 
-def add_text_encoder_adapter(text_encoder: PreTrainedModel, rank: int) -> None:
+def add_text_encoder_adapter(
+    text_encoder: PreTrainedModel,
+    rank: int,
+    target_modules: list[str] = TEXT_ENCODER_TARGET_MODULES,
+) -> None:
     """PEFT's own injection, recording the config where diffusers keeps a model's adapter
     configs (transformers' add_adapter would need a newer PEFT than is published)."""
-    config = lora_config(rank, TEXT_ENCODER_TARGET_MODULES)
+    config = lora_config(rank, target_modules)
     inject_adapter_in_model(config, text_encoder, adapter_name=ADAPTER_NAME)
     # transformers types this with its own PeftConfigLike protocol, whose fields peft's
     # LoraConfig annotates differently; it is the config transformers' add_adapter stores.
     text_encoder.peft_config = {ADAPTER_NAME: config}  # type: ignore[dict-item]
+
+
+def adapter_targets(parent: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
+    """The modules a continued LoRA adapts, by component: exactly the parent's (canonical
+    tensors), by their full module paths, which PEFT's target_modules matches whole."""
+    targets: dict[str, set[str]] = {}
+    for key in parent:
+        lora_key = split_lora_key(key)
+        assert lora_key is not None and lora_key.component is not None  # canonical keys
+        targets.setdefault(lora_key.component, set()).add(lora_key.module)
+    return {component: sorted(modules) for component, modules in targets.items()}
+
+
+@torch.no_grad()
+def load_parent_weights(
+    models: Mapping[str, torch.nn.Module], parent: Mapping[str, torch.Tensor]
+) -> None:
+    """Copies a parent LoRA's canonical tensors into the adapters of `models` (by
+    component), whose modules adapter_targets chose. The adapters become float32 first,
+    so the optimiser's masters start from the parent's values, not from their rounding
+    to the training precision (training.loop takes the masters from them)."""
+    for model in models.values():
+        cast_training_params(model, dtype=torch.float32)
+    for key, tensor in parent.items():
+        lora_key = split_lora_key(key)
+        assert lora_key is not None and lora_key.component is not None  # canonical keys
+        layer = models[lora_key.component].get_submodule(lora_key.module)
+        factors = layer.lora_A if lora_key.factor == DOWN else layer.lora_B
+        assert isinstance(factors, torch.nn.ModuleDict)  # a PEFT LoRA layer's, by adapter
+        factor = factors[ADAPTER_NAME]
+        assert isinstance(factor, torch.nn.Linear | torch.nn.Conv2d)
+        factor.weight.copy_(tensor)
 
 
 def remove_adapters(text_encoder: PreTrainedModel) -> None:

@@ -17,6 +17,7 @@ import torch
 from PIL import Image, ImageOps
 
 from sdxl_engine.buckets import Placement, bucket_summary, place
+from sdxl_engine.continuation import ParentLora
 from sdxl_engine.dataset import TrainingPair, training_rgb
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.generation.pipelines import Pipelines
@@ -69,15 +70,21 @@ class Run:
     resolution: int
     image_count: int
     fingerprint: str
+    parent: ParentLora | None = None  # the LoRA the run continues (sdxl_engine.continuation)
 
     @property
     def text_encoders(self) -> list[torch.nn.Module]:
         base = self.pipelines.base
         return [base.text_encoder, base.text_encoder_2] if self.params.train_text_encoder else []
 
-    def metadata(self, loss: float, **extra: object) -> dict[str, str]:
-        """The sdxl_service.* header entries of a LoRA file of this run."""
+    def metadata(
+        self, loss: float, checkpoint_step: int | None = None, **extra: object
+    ) -> dict[str, str]:
+        """The sdxl_service.* header entries of a LoRA file of this run: its final one, or
+        its checkpoint at `checkpoint_step`."""
         params = self.params
+        steps_made = checkpoint_step if checkpoint_step is not None else self.total_steps
+        parent = self.parent
         metadata = {
             "base_model": self.pipelines.source.base_name,
             "model_preset": self.pipelines.source.preset,
@@ -106,6 +113,15 @@ class Run:
             "seed": self.seed,
             "num_images": self.image_count,
             "final_loss": f"{loss:.6g}",
+            **({"checkpoint_step": checkpoint_step} if checkpoint_step is not None else {}),
+            # The steps of the whole chain of continued LoRAs: a continued file's parent's
+            # own count goes on.
+            "total_steps_cumulative": (parent.cumulative_steps if parent else 0) + steps_made,
+            **(
+                {"parent": parent.path.name, "parent_sha256": parent.sha256}
+                if parent is not None
+                else {}
+            ),
             **extra,
         }
         return {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}

@@ -48,15 +48,23 @@ class ResumeState:
     noise_generator: torch.Tensor
 
 
-def run_fingerprint(params: TrainingParams, pairs: list[TrainingPair], captions: list[str]) -> str:
+def run_fingerprint(
+    params: TrainingParams,
+    pairs: list[TrainingPair],
+    captions: list[str],
+    parent_sha256: str | None = None,
+) -> str:
     """What a state must have been saved under to continue this run: its training settings,
-    and each image's path, size and caption."""
+    each image's path, size and caption, and the LoRA it continues (its parent's sha256),
+    if any."""
     settings = {k: v for k, v in asdict(params).items() if k not in _NOT_TRAINING}
     images = [
         [str(pair.image_path), pair.image_path.stat().st_size, caption]
         for pair, caption in zip(pairs, captions, strict=True)
     ]
-    text = json.dumps({"settings": settings, "images": images}, sort_keys=True)
+    # A run without a parent keeps the fingerprint it had before parents existed.
+    parent = {"parent_sha256": parent_sha256} if parent_sha256 is not None else {}
+    text = json.dumps({"settings": settings, "images": images, **parent}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 

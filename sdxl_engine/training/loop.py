@@ -49,11 +49,19 @@ def optimise(
     # img/s in bfloat16 on an H200, bench/levers.py). Adam updates float32 master copies
     # instead, since half-precision updates of small weights round to zero.
     trained_text_encoders = run.text_encoders
+    # The masters start from the adapters' values before the cast: a continued LoRA's
+    # float32 weights (adapters.load_parent_weights), not their rounding.
+    starting_values = [
+        parameter.detach().float().clone()
+        for model in (unet, *trained_text_encoders)
+        for parameter in _trainable(model)
+    ]
     for model in (unet, *trained_text_encoders):
         cast_training_params(model, dtype=dtype)
     unet_parameters = _trainable(unet)
     text_encoder_parameters = [p for model in trained_text_encoders for p in _trainable(model)]
     masters = MasterWeights(unet_parameters + text_encoder_parameters)
+    masters.load(starting_values)
     groups = [{"params": masters.parameters[: len(unet_parameters)], "lr": params.learning_rate}]
     if text_encoder_parameters:
         groups.append(

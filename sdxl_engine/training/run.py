@@ -17,14 +17,20 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
+from sdxl_engine.continuation import ParentLora, parent_problems, read_parent_lora
 from sdxl_engine.dataset import TrainingPair, training_captions
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
+from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_tensors
+from sdxl_engine.lora_keys import COMPONENTS, TEXT_ENCODERS, UNET
 from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
 from sdxl_engine.training.adapters import (
     ADAPTER_NAME,
     LORA_TARGET_MODULES,
+    TEXT_ENCODER_TARGET_MODULES,
+    adapter_targets,
     add_text_encoder_adapter,
+    load_parent_weights,
     lora_config,
     remove_adapters,
     save_lora,
@@ -67,6 +73,7 @@ def train_lora(
     on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     console: TextIO | None = None,
+    init_lora: Path | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -91,6 +98,11 @@ def train_lora(
 
     The steps show on `console` (stderr when None; training.console): a progress bar with
     the time per step and the loss on a terminal, a line per tenth of the run elsewhere.
+
+    With `init_lora`, the run continues that LoRA file (sdxl_engine.continuation): its
+    adapters are the file's modules at its rank, starting from its weights; the file must
+    fit the model and agree with `params` (rank, train_text_encoder), and its sha256 is
+    part of what a resume state must have been saved under.
     """
     if not pairs:
         raise EngineError(
@@ -106,9 +118,12 @@ def train_lora(
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
     multiple = _resolution_multiple(base)
     _check_params(params, resolution, multiple)
+    parent = _parent_lora(base, init_lora, params) if init_lora is not None else None
     captions = training_captions(pairs, params.trigger)
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
-    fingerprint = run_fingerprint(params, pairs, captions)
+    fingerprint = run_fingerprint(
+        params, pairs, captions, parent_sha256=parent.sha256 if parent else None
+    )
     resume = load_resume_state(state_dir, fingerprint) if state_dir is not None else None
     seed = (
         resume.seed
@@ -160,6 +175,7 @@ def train_lora(
             resolution=resolution,
             image_count=len(pairs),
             fingerprint=fingerprint,
+            parent=parent,
         )
         watch = Watch(
             run,
@@ -174,10 +190,25 @@ def train_lora(
         text_encoders = (
             [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
         )
+        parent_weights = (
+            canonical_tensors(parent.path, _layers_per_block(base)) if parent is not None else {}
+        )
+        targets = adapter_targets(parent_weights)
         try:
-            base.unet.add_adapter(lora_config(params.rank, LORA_TARGET_MODULES), ADAPTER_NAME)
-            for text_encoder in text_encoders:
-                add_text_encoder_adapter(text_encoder, params.rank)
+            base.unet.add_adapter(
+                lora_config(params.rank, targets.get(UNET, LORA_TARGET_MODULES)), ADAPTER_NAME
+            )
+            for name, text_encoder in zip(TEXT_ENCODERS, text_encoders, strict=False):
+                add_text_encoder_adapter(
+                    text_encoder,
+                    params.rank,
+                    targets.get(name, TEXT_ENCODER_TARGET_MODULES),
+                )
+            if parent_weights:
+                load_parent_weights(
+                    dict(zip(COMPONENTS, (base.unet, *text_encoders), strict=False)),
+                    parent_weights,
+                )
             enter_stage("training")
             bar = StepProgress(total_steps, console)
 
@@ -253,6 +284,32 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:
         raise EngineError("invalid training parameters: " + "; ".join(problems))
+
+
+def _parent_lora(base: StableDiffusionXLPipeline, path: Path, params: TrainingParams) -> ParentLora:
+    """The LoRA the run continues, checked against the loaded models' modules and
+    `params`; raises EngineError naming the file otherwise."""
+    models = (base.unet, base.text_encoder, base.text_encoder_2)
+    module_shapes = {
+        component: {
+            name: tuple(module.weight.shape)
+            for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
+        }
+        for component, model in zip(COMPONENTS, models, strict=True)
+    }
+    parent = read_parent_lora(path, module_shapes)
+    problems = parent_problems(parent, params.rank, params.train_text_encoder)
+    if problems:
+        raise EngineError("invalid training parameters: " + "; ".join(problems))
+    return parent
+
+
+def _layers_per_block(base: StableDiffusionXLPipeline) -> int:
+    """The UNet's resnets per down block, which a kohya file in sd-scripts' block numbering
+    needs to be read (files stored before uploads were made canonical may be one)."""
+    layers = base.unet.config.layers_per_block
+    return layers if isinstance(layers, int) else SDXL_LAYERS_PER_BLOCK
 
 
 def _resolution_multiple(base: StableDiffusionXLPipeline) -> int:

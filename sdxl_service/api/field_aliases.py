@@ -3,11 +3,11 @@ says: the field meant, from this table or by a close spelling.
 
 Users of AUTOMATIC1111 (/sdapi/v1/txt2img), ComfyUI (its nodes' inputs), diffusers (the
 pipelines' arguments and training scripts' flags), Replicate's cog-sdxl (predict.py and
-train.py inputs) and kohya's sd-scripts (train_network.py's flags) send the names they
-know. The API answers 400 for any field it does not know (sdxl_service.api.common
-.validated); this table turns `cfg_scale` into `did you mean "guidance_scale"?`, and says
-what to do instead where a name has no counterpart here. docs/api.md ("Unknown fields and
-names from other tools") shows the same table.
+train.py inputs), kohya's sd-scripts (train_network.py's flags), ai-toolkit and OneTrainer
+(their config keys) send the names they know. The API answers 400 for any field it does
+not know (sdxl_service.api.common.validated); this table turns `cfg_scale` into `did you
+mean "guidance_scale"?`, and says what to do instead where a name has no counterpart here.
+docs/api.md ("Unknown fields and names from other tools") shows the same table.
 
 Plain data and functions: no Django, no DRF.
 """
@@ -33,6 +33,8 @@ COMFY = "ComfyUI"
 DIFFUSERS = "diffusers"
 COG = "cog-sdxl"
 KOHYA = "kohya"
+AI_TOOLKIT = "ai-toolkit"
+ONETRAINER = "OneTrainer"
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ _SCHEDULER_NOTE = (
 )
 _MODEL_NOTE = "the model is the operator's (SDXL_MODEL_PRESET / SDXL_MODEL_ID); no request picks it"
 _IMAGES_NOTE = "upload training images with /post_session_image or POST /sessions/<id>/images"
+_INIT_LORA_NOTE = '{"iteration": n} or {"lora_filename": "..."}: a LoRA file of the session'
 
 ALIASES: tuple[Alias, ...] = (
     # /txt2img
@@ -162,6 +165,15 @@ ALIASES: tuple[Alias, ...] = (
     Alias("instance_data_dir", (DIFFUSERS,), note=_IMAGES_NOTE),
     Alias("input_images", (COG,), note=_IMAGES_NOTE),
     Alias("output_name", (KOHYA,), note="runs are saved as lora_<n>.safetensors of the session"),
+    # Continuing a LoRA: these tools take a path; init_lora names a LoRA file of the session.
+    Alias("network_weights", (KOHYA,), {TRAINING: "init_lora"}, _INIT_LORA_NOTE),
+    Alias("pretrained_lora_path", (AI_TOOLKIT,), {TRAINING: "init_lora"}, _INIT_LORA_NOTE),
+    Alias("lora_model_name", (ONETRAINER,), {TRAINING: "init_lora"}, _INIT_LORA_NOTE),
+    Alias(
+        "dim_from_weights",
+        (KOHYA,),
+        note="a run continuing a LoRA (init_lora) takes its rank when rank is left out",
+    ),
     # image uploads: /post_session_image (JSON) and POST /sessions/<id>/images (files)
     Alias("caption", (KOHYA,), {IMAGE: "prompt"}),
     Alias("prompt", (), {IMAGE_FILES: "caption"}),

@@ -236,3 +236,27 @@ def test_an_archive_whose_runs_contradict_themselves_leaves_nothing(tmp_path):
         for p in storage.session_dir(session.pk).parent.iterdir()
         if not p.name.startswith(".")
     ] == [f"session_{session.pk}"]
+
+
+def test_a_run_that_continued_a_checkpoint_names_it_as_the_import_renames_it(tmp_path):
+    session = services.session_create()
+    services.session_image_add(session.pk, image_bytes(), "a red square")
+    parent_run = TrainingRun.objects.create(session=session, status="completed", stage="done")
+    checkpoint = stored_checkpoint(parent_run, 1, seed=1)
+    continued = {
+        "lora_filename": checkpoint.filename,
+        "iteration": None,
+        "sha256": checkpoint.sha256,
+    }
+    TrainingRun.objects.create(session=session, status="completed", init_lora=continued)
+    archive = tmp_path / "session.zip"
+    session_export(session.pk, archive)
+
+    run("import_session", str(archive))
+
+    copy = Session.objects.exclude(pk=session.pk).get()
+    parent_copy, continued_copy = TrainingRun.objects.filter(session=copy).order_by("pk")
+    assert continued_copy.init_lora == {
+        **continued,
+        "lora_filename": f"lora_run{parent_copy.pk}_step1.safetensors",
+    }

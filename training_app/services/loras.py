@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from django.conf import settings
 from django.db import transaction
@@ -28,6 +28,9 @@ from training_app.models import (
     TrainingRun,
 )
 from training_app.services.watch import CHECKPOINTS_FOLDER, checkpoint_path
+
+if TYPE_CHECKING:
+    from sdxl_engine.lora_files import TargetShapes
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +214,19 @@ def _canonical_lora_for_the_model(upload: Path, converted: Path) -> tuple[Path, 
     raise first_error
 
 
+def model_lora_target_shapes() -> "list[TargetShapes | None]":
+    """The module shapes (lora_files.lora_target_shapes) of each Base model the configured
+    worker may load; [None] when the web process cannot know them (a LoRA is then checked
+    for its own consistency only)."""
+    from sdxl_engine.lora_files import lora_target_shapes
+    from sdxl_engine.source import base_lora_configs
+
+    return [
+        lora_target_shapes(**_by_argument(configs))
+        for configs in base_lora_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL)
+    ] or [None]
+
+
 def _by_argument(configs: dict) -> dict:
     return {
         "unet_config": configs["unet"],
@@ -363,10 +379,11 @@ def loras_prune(keep: int, dry_run: bool = False, session_id: int | None = None)
     Numbers are never reused: the session's counter stays where it is. A checkpoint of a
     queued or running run is kept and not counted: a resumed run continues from its
     checkpoints. A run's sample images stay: they are small, and show how each run went.
-    A LoRA or checkpoint that a queued or running generation is about to use is kept (and
-    not counted). The rows go first, the files (and their kohya forms kept for downloads)
-    once that is committed. Returns the files deleted (or, with `dry_run`, that would be),
-    as `session_<id>/<file>` and `session_<id>/checkpoints/<file>`.
+    A LoRA or checkpoint that a queued or running generation is about to use, or that a
+    queued or running run continues (init_lora), is kept (and not counted). The rows go
+    first, the files (and their kohya forms kept for downloads) once that is committed.
+    Returns the files deleted (or, with `dry_run`, that would be), as `session_<id>/<file>`
+    and `session_<id>/checkpoints/<file>`.
     """
     sessions = set(LoraArtifact.objects.values_list("session_id", flat=True)) | set(
         TrainingCheckpoint.objects.values_list("session_id", flat=True)
@@ -418,12 +435,21 @@ def _prunable(session_id: int, keep: int) -> tuple[list[_Doomed], list[_Doomed]]
     checkpoints_in_use = set(
         in_use.filter(checkpoint__isnull=False).values_list("checkpoint_id", flat=True)
     )
+    # The files a queued or running run continues (init_lora): it loads them when it starts.
+    parents = {
+        init_lora["lora_filename"]
+        for init_lora in TrainingRun.objects.filter(
+            session_id=session_id,
+            status__in=TrainingRun.ACTIVE_STATUSES,
+            init_lora__isnull=False,
+        ).values_list("init_lora", flat=True)
+    }
     loras = [
         (pk, name, sha256)
         for pk, name, sha256 in LoraArtifact.objects.filter(session_id=session_id)
         .order_by("-number")[keep:]
         .values_list("pk", "filename", "sha256")
-        if pk not in loras_in_use
+        if pk not in loras_in_use and name not in parents
     ]
     checkpoints = [
         (pk, name, sha256)
@@ -432,7 +458,7 @@ def _prunable(session_id: int, keep: int) -> tuple[list[_Doomed], list[_Doomed]]
         .exclude(run__status__in=TrainingRun.ACTIVE_STATUSES)
         .order_by("-run_id", "-step")[keep:]
         .values_list("pk", "filename", "sha256")
-        if pk not in checkpoints_in_use
+        if pk not in checkpoints_in_use and name not in parents
     ]
     return loras, checkpoints[::-1]
 

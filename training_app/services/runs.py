@@ -3,6 +3,7 @@
 import logging
 from dataclasses import asdict, replace
 from pathlib import Path
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -13,6 +14,7 @@ from django.utils import timezone
 from access_app.callers import Caller
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
+from sdxl_engine.files import sha256_file
 from sdxl_engine.parameters import (
     TrainingParams,
     default_training_resolution,
@@ -29,7 +31,8 @@ from sessions_app.selectors import session_get
 from training_app import jobs
 from training_app.bodies import training_event_body
 from training_app.models import LoraArtifact, TrainingRun
-from training_app.services.loras import lora_store
+from training_app.selectors import LORA_NOT_FOUND, lora_file_get
+from training_app.services.loras import lora_file_path, lora_store, model_lora_target_shapes
 from training_app.services.owner_quotas import training_slot_check
 from training_app.services.watch import (
     checkpoint_store,
@@ -59,6 +62,7 @@ def training_run_start(
     webhook_url: str | None = None,
     webhook_events: list[str] | None = None,
     caller: Caller | None = None,
+    init_lora: dict[str, Any] | None = None,
 ) -> TrainingRun:
     """Records a queued run and hands it to the training queue once the row is committed.
     An API `caller` must see the session, and its owner's concurrent trainings quota must
@@ -69,6 +73,11 @@ def training_run_start(
     the number of images now; on the tiny model a length left out is capped at
     TINY_RECIPE_MAX_STEPS). A name TrainingParams does not have fails here, not in the
     worker.
+
+    `init_lora` ({"iteration": n} or {"lora_filename": name}) names a LoRA file of the
+    session for the run to continue (sdxl_engine.continuation): resolved and checked
+    under the session's lock, recorded on the run with its sha256, and giving the run its
+    rank and train_text_encoder when `parameters` leave them out.
     """
     from sdxl_engine.dataset import find_training_pairs, training_captions
 
@@ -100,10 +109,14 @@ def training_run_start(
             raise ServiceError(f"session {session_id} is already training", status=409)
         if caller is not None:
             training_slot_check(session)
+        parent = None
+        if init_lora is not None:
+            parent, parameters = _init_lora_check(session.pk, init_lora, parameters)
         try:
             with transaction.atomic():
                 run = TrainingRun.objects.create(
                     session=session,
+                    init_lora=parent,
                     parameters=asdict(
                         training_params(
                             parameters,
@@ -119,6 +132,61 @@ def training_run_start(
             raise ServiceError(f"session {session_id} is already training", status=409) from None
         jobs.enqueue_on_commit(TRAINING_RUNS, run.pk)
     return run
+
+
+def _init_lora_check(
+    session_id: int, init_lora: dict[str, Any], parameters: dict
+) -> tuple[dict[str, Any], dict]:
+    """The record of the session's LoRA file a run continues (TrainingRun.init_lora) and
+    the run's parameters with the parent's rank and train_text_encoder where they were
+    left out. The file must be the one stored (its sha256), fit the model, and agree with
+    the parameters given; a 400 naming the file otherwise."""
+    from sdxl_engine.continuation import parent_problems, read_parent_lora
+
+    iteration, filename = init_lora.get("iteration"), init_lora.get("lora_filename")
+    try:
+        lora = lora_file_get(session_id, iteration, filename)
+    except ServiceError:
+        named = f"LoRA {filename}" if filename is not None else f"LoRA iteration {iteration}"
+        raise ServiceError(
+            f"init_lora: {LORA_NOT_FOUND}: session {session_id} has no {named} "
+            "(GET /sessions/<id> lists its LoRA files and checkpoints)"
+        ) from None
+    path = lora_file_path(lora)
+    if not path.is_file():
+        raise ServiceError(
+            f"init_lora: {lora.filename} is recorded but missing from the session folder",
+            status=409,
+        )
+    parent, first_error = None, None
+    for shapes in model_lora_target_shapes():
+        try:
+            parent = read_parent_lora(path, shapes)
+            break
+        except EngineError as error:
+            first_error = first_error or error
+    if parent is None:
+        raise ServiceError(f"init_lora: {first_error}")
+    if parent.sha256 != lora.sha256:
+        raise ServiceError(
+            f"init_lora: {lora.filename} no longer holds the bytes that were stored (sha256 "
+            "mismatch: altered on disk; manage.py verify tells more)",
+            status=409,
+        )
+    given = {
+        "rank": parent.rank,
+        "train_text_encoder": parent.has_text_encoders,
+        **parameters,
+    }
+    problems = parent_problems(parent, given["rank"], given["train_text_encoder"])
+    if problems:
+        raise ServiceError("init_lora: " + "; ".join(problems))
+    record = {
+        "lora_filename": lora.filename,
+        "iteration": lora.number if isinstance(lora, LoraArtifact) else None,
+        "sha256": lora.sha256,
+    }
+    return record, given
 
 
 def _epochs_within_step_limit(parameters: dict, image_count: int) -> None:
@@ -219,6 +287,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
 
     pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
+    init_lora = _init_lora_path(run) if run.init_lora else None
     still_running = True
 
     def on_stage(stage: str) -> None:
@@ -264,6 +333,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         on_samples=on_samples,
         # Shown while it runs; the engine calls it only for a state it really resumes from.
         on_resume=lambda step: jobs.held_here(TRAINING_RUNS, run.pk).update(resumed_from_step=step),
+        init_lora=init_lora,
     )
     with transaction.atomic():
         artifact = lora_store(
@@ -288,6 +358,26 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
             raise TrainingCancelled(CANCELLED_MESSAGE)
     run_event(run.pk, "completed")
     return artifact
+
+
+def _init_lora_path(run: TrainingRun) -> Path:
+    """The file of the LoRA the run continues, still as it was when the run was asked for;
+    a ServiceError (the run's error) when it was deleted or changed since."""
+    recorded = run.init_lora
+    assert recorded is not None  # a run with a parent
+    name = recorded["lora_filename"]
+    try:
+        path = lora_file_path(lora_file_get(run.session_id, lora_filename=name))
+    except ServiceError:
+        raise ServiceError(
+            f"init_lora {name} was deleted after the run was asked for; nothing was trained"
+        ) from None
+    if not path.is_file() or sha256_file(path) != recorded["sha256"]:
+        raise ServiceError(
+            f"init_lora {name} changed after the run was asked for (its sha256 differs); "
+            "nothing was trained: ask again to continue the file as it is now"
+        )
+    return path
 
 
 def run_event(run_id: int, event: str, **extra) -> None:

@@ -20,7 +20,11 @@ from sdxl_service.api.fields import (
     StrictIntegerField,
     StringField,
 )
-from sdxl_service.api.training.serializers import TrainingQueuePlace, TrainStatusField
+from sdxl_service.api.training.serializers import (
+    TrainingQueuePlace,
+    TrainStatusField,
+    init_lora_field,
+)
 from sessions_app.automasks import MASK_KINDS
 from training_app.models import TrainingRun
 
@@ -292,6 +296,7 @@ class SessionRunItem(TrainingQueuePlace):
     step = serializers.IntegerField()
     total_steps = serializers.IntegerField(allow_null=True)
     parameters = serializers.DictField()
+    init_lora = init_lora_field()
     message = serializers.CharField(allow_null=True)
     created_at = serializers.DateTimeField()
     started_at = serializers.DateTimeField(allow_null=True)

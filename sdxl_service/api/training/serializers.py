@@ -29,10 +29,29 @@ from sdxl_service.api.fields import (
     StringField,
     image_side,
 )
+from sdxl_service.api.loras.serializers import (
+    ITERATION,
+    lora_filename_field,
+    one_way_to_name_a_lora,
+)
 from training_app.models import TrainingRun
 
 # At most this many sample prompts: each is rendered at every sample step.
 MAX_SAMPLE_PROMPTS = 8
+
+
+class InitLoraSerializer(serializers.Serializer[Any]):
+    """/train_lora's init_lora: the LoRA file of the session the run continues."""
+
+    field_alias_context = field_aliases.LORA_FILE
+
+    iteration = StrictIntegerField(**ITERATION)
+    lora_filename = lora_filename_field()
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("iteration") is None and attrs.get("lora_filename") is None:
+            raise serializers.ValidationError("give iteration or lora_filename")
+        return one_way_to_name_a_lora(attrs)
 
 
 class TrainLoraSerializer(WebhookFields):
@@ -146,6 +165,17 @@ class TrainLoraSerializer(WebhookFields):
         "ratio (service recipe: true); false: a centred square crop (original)",
     )
 
+    # Not a TrainingParams field: it names a file of the session, which the run records
+    # beside its parameters (TrainingRun.init_lora) with the file's sha256.
+    init_lora = InitLoraSerializer(
+        required=False,
+        help_text='continue a LoRA of the session instead of starting afresh: {"iteration": n} '
+        'or {"lora_filename": "..."} (a trained or uploaded LoRA, or a run\'s checkpoint). The '
+        "run starts from its weights, at its rank (rank left out takes it; another is a 400), "
+        "with the text encoders trained when it has text-encoder modules; the result is the "
+        "session's next LoRA, its header naming the parent and the steps of the whole chain",
+    )
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if "steps" in attrs and "epochs" in attrs:
             raise serializers.ValidationError("give steps or epochs, not both")
@@ -171,8 +201,20 @@ class TrainLoraSerializer(WebhookFields):
         return {
             k: v
             for k, v in validated.items()
-            if k not in ("session_id", "webhook_url", "webhook_events") and v is not None
+            if k not in ("session_id", "webhook_url", "webhook_events", "init_lora")
+            and v is not None
         }
+
+
+def init_lora_field() -> serializers.DictField:
+    """The LoRA a run continues, as recorded when the run was asked for (a dict, not a
+    nested serializer: OpenAPI 3.0 cannot make a referenced object nullable)."""
+    return serializers.DictField(
+        allow_null=True,
+        help_text="the LoRA the run continues (init_lora), as it was when the run was asked "
+        'for: {"lora_filename", "iteration" (null for a checkpoint), "sha256"}; null: fresh '
+        "weights",
+    )
 
 
 class TrainingRecipe(serializers.Serializer[Any]):
@@ -212,6 +254,7 @@ class TrainingRecipe(serializers.Serializer[Any]):
         allow_null=True,
         help_text="the steps a checkpoint is kept at; null while steps is",
     )
+    init_lora = init_lora_field()
 
 
 class TrainLoraResponse(serializers.Serializer[Any]):
@@ -276,12 +319,14 @@ class TrainStatusInProgress(KeptAlongTheWay, TrainingQueuePlace):
     eta_seconds = serializers.IntegerField(
         allow_null=True, help_text="from the time per step so far; null before the first step"
     )
+    init_lora = init_lora_field()
 
 
 class TrainStatusCompleted(KeptAlongTheWay):
     status = serializers.ChoiceField(choices=["completed"])
     progress = serializers.ChoiceField(choices=[100])
     lora = serializers.CharField(allow_null=True, help_text="null once the file was pruned")
+    init_lora = init_lora_field()
 
 
 class TrainStatusError(serializers.Serializer[Any]):

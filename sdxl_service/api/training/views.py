@@ -44,6 +44,7 @@ def train_lora(request: Request) -> Response:
         TrainLoraSerializer.training_parameters(data),
         **TrainLoraSerializer.webhook(data),
         caller=request_caller(request),
+        init_lora=data.get("init_lora"),
     )
     return rendered(TrainLoraResponse, bodies.training_started_body(run))
 

@@ -25,11 +25,13 @@ from sdxl_engine.parameters import (
 from sdxl_service.api.generation import serializers as generation_serializers
 from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
+from sessions_app import storage
 from tests.helpers import b64, image_bytes, images_close, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
 from training_app.services import runs as run_services
 from training_app.services.generations.requests import GenerationRequest
+from training_app.services.loras import lora_upload
 
 pytestmark = pytest.mark.django_db
 
@@ -226,6 +228,7 @@ def test_train_status_shapes(api, session):
         "samples": [],
         "checkpoints": [],
         "resumed_from_step": None,
+        "init_lora": None,
     }
     assert_error(api.post("/train_status", {"session_id": 999}, format="json"), 404, "not found")
 
@@ -691,7 +694,9 @@ def test_txt2img_without_the_refiner_leaves_it_out_of_the_pngs(api, generations_
 
 def test_train_lora_fields_are_the_engines_training_params():
     fields = set(TrainLoraSerializer().fields)
-    assert fields - {"session_id", "webhook_url", "webhook_events"} == field_names(TrainingParams)
+    # init_lora names the run's parent, a file: recorded on the run, not in its TrainingParams.
+    not_params = {"session_id", "webhook_url", "webhook_events", "init_lora"}
+    assert fields - not_params == field_names(TrainingParams)
 
 
 TXT2IMG_RESPONSE_KEYS = {
@@ -788,3 +793,83 @@ def test_webhook_fields_are_recorded_on_the_run_and_the_generation(
         ["progress"],
     )
     assert "webhook_url" not in run.parameters
+
+
+def _train(api, session_id, **fields) -> dict:
+    """/train_lora with `fields`, the run then executed here; the run's recipe."""
+    response = api.post(
+        "/train_lora",
+        {"session_id": session_id, "steps": 2, "resolution": 64, "seed": 1, **fields},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    run_services.training_run_execute(response.json()["run_id"])
+    run = TrainingRun.objects.get(pk=response.json()["run_id"])
+    assert run.status == "completed", run.error_message
+    return response.json()["recipe"]
+
+
+def test_train_lora_continues_a_lora_or_a_checkpoint_of_the_session(api, session):
+    _train(api, session.pk, rank=8, checkpoint_every=1)
+    folder = storage.session_dir(session.pk)
+    parent_sha256 = hashlib.sha256((folder / "lora_1.safetensors").read_bytes()).hexdigest()
+
+    recipe = _train(api, session.pk, init_lora={"iteration": 1})
+    # The parent's rank (8), not the original recipe's 4.
+    assert recipe["rank"] == 8
+    recorded = {"lora_filename": "lora_1.safetensors", "iteration": 1, "sha256": parent_sha256}
+    assert recipe["init_lora"] == recorded
+    status = api.post("/train_status", {"session_id": session.pk}, format="json").json()
+    assert status["lora"] == "lora_2.safetensors" and status["init_lora"] == recorded
+    header = read_lora_metadata(folder / "lora_2.safetensors")
+    assert header["sdxl_service.parent"] == "lora_1.safetensors"
+    assert header["sdxl_service.parent_sha256"] == parent_sha256
+    assert header["sdxl_service.total_steps_cumulative"] == "4"  # 2 + 2
+
+    # A checkpoint, by the name /train_status listed: its step 1, then 2 more.
+    _train(api, session.pk, init_lora={"lora_filename": "lora_run1_step1.safetensors"})
+    header = read_lora_metadata(folder / "lora_3.safetensors")
+    assert header["sdxl_service.parent"] == "lora_run1_step1.safetensors"
+    assert header["sdxl_service.total_steps_cumulative"] == "3"
+    runs = api.get(f"/sessions/{session.pk}").json()["runs"]
+    assert [run["init_lora"] and run["init_lora"]["iteration"] for run in runs] == [None, 1, None]
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "message"),
+    [
+        ({"init_lora": {"iteration": 7}}, 400, "init_lora: Requested LoRA not found: session"),
+        ({"init_lora": {"lora_filename": "x.safetensors"}}, 400, "has no LoRA x.safetensors"),
+        ({"init_lora": {"iteration": 1}, "rank": 16}, 400, "rank 16 differs from the rank 2 of"),
+        ({"init_lora": {"iteration": 1}, "train_text_encoder": True}, 200, ""),
+        ({"init_lora": {}}, 400, "init_lora: give iteration or lora_filename"),
+        ({"init_lora": {"iteration": 1, "lora_filename": "a.safetensors"}}, 400, "not both"),
+        ({"init_lora": {"iteration": 1, "session_id": 2}}, 400, "init_lora.session_id: unknown"),
+        ({"init_lora": 1}, 400, "init_lora: Invalid data. Expected a dictionary"),
+        ({"network_weights": "lora_1.safetensors"}, 400, 'did you mean \\"init_lora\\"'),
+    ],
+)
+def test_train_lora_init_lora_is_checked_before_anything_is_recorded(
+    api, session, fields, status, message
+):
+    lora_upload(session.pk, lora_bytes(rank=2), None)  # lora_1, rank 2
+    response = api.post("/train_lora", {"session_id": session.pk, **fields}, format="json")
+    assert response.status_code == status, response.content
+    assert message in response.content.decode()
+    assert TrainingRun.objects.exists() == (status == 200)
+
+
+def test_train_lora_refuses_another_sessions_lora(api, session):
+    lora_upload(session.pk, lora_bytes(), None)
+    other = session_services.session_create()
+    session_services.session_image_add(other.pk, image_bytes(), "a blue square")
+    assert_error(
+        api.post(
+            "/train_lora",
+            {"session_id": other.pk, "init_lora": {"lora_filename": "lora_1.safetensors"}},
+            format="json",
+        ),
+        400,
+        f"session {other.pk} has no LoRA lora_1.safetensors",
+    )
+    assert not TrainingRun.objects.exists()

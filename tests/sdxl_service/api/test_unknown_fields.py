@@ -344,6 +344,10 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
             ),
             ("cancel", {}, 200),
             ("post", {"session_id": other.pk, "epochs": 1}, 200),
+            # Continuing the session's uploaded lora_1, then cancelled: /cancel_training
+            # below expects nothing active there.
+            ("post", {"session_id": session.pk, "steps": 1, "init_lora": {"iteration": 1}}, 200),
+            ("cancel", {"session_id": session.pk}, 200),
         ],
         "/train_status": [("post", {"session_id": session.pk}, 200)],
         "/cancel_training": [("post", {"session_id": session.pk}, 409)],
@@ -412,7 +416,8 @@ def test_every_documented_field_of_every_endpoint_is_still_accepted(
         for method, body, status in requests:
             url = path.replace("<id>", str(session.pk))
             if method == "cancel":
-                response = api.post("/cancel_training", {"session_id": other.pk}, format="json")
+                cancelled = body.get("session_id", other.pk)
+                response = api.post("/cancel_training", {"session_id": cancelled}, format="json")
             elif method == "get":
                 response = api.get(url, body)
             else:

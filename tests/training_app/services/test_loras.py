@@ -11,7 +11,7 @@ from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests import community_loras
-from tests.helpers import FAST_TRAINING, lora_bytes
+from tests.helpers import FAST_TRAINING, image_bytes, lora_bytes
 from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint, stored_samples
 from training_app.models import (
@@ -647,3 +647,15 @@ def test_auto_preset_converts_sd_scripts_block_names_for_the_model_they_fit(
     settings.SDXL_MODEL_PRESET = "sdxl-random"
     with pytest.raises(ServiceError, match="names no Linear or Conv2d module of SDXL's UNet"):
         lora_services.lora_upload(session_with_images.pk, source.read_bytes(), None)
+
+
+def test_prune_keeps_the_lora_a_queued_run_continues(django_capture_on_commit_callbacks):
+    session = session_services.session_create()
+    session_services.session_image_add(session.pk, image_bytes(), "a red square")
+    for seed in (1, 2):
+        lora_services.lora_upload(session.pk, lora_bytes(seed=seed), None)
+    run_services.training_run_start(session.pk, FAST_TRAINING, init_lora={"iteration": 1})
+
+    with django_capture_on_commit_callbacks(execute=True):
+        assert lora_services.loras_prune(keep=0) == [f"session_{session.pk}/lora_2.safetensors"]
+    assert (storage.session_dir(session.pk) / "lora_1.safetensors").is_file()

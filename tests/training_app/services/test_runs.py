@@ -14,11 +14,12 @@ from sdxl_engine.files import sha256_file
 from sdxl_engine.parameters import TrainingParams
 from sessions_app import services as session_services
 from sessions_app import storage
-from tests.helpers import FAST_TRAINING, image_bytes
+from tests.helpers import FAST_TRAINING, image_bytes, lora_bytes
 from training_app import jobs
 from training_app.bodies import training_status
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.services import runs as run_services
+from training_app.services.loras import lora_upload
 
 pytestmark = pytest.mark.django_db
 
@@ -292,3 +293,19 @@ def test_a_live_run_judged_lost_stops_and_leaves_its_requeue_and_state_alone(
     state = storage.session_dir(session_with_images.pk) / f".resume-run-{run.pk}"
     assert (state / "resume.pt").is_file()  # the next attempt resumes from it
     assert not LoraArtifact.objects.exists()
+
+
+def test_a_run_whose_parent_changed_after_it_was_asked_for_trains_nothing(session_with_images):
+    lora_upload(session_with_images.pk, lora_bytes(seed=1), None)
+    run = run_services.training_run_start(
+        session_with_images.pk, FAST_TRAINING, init_lora={"iteration": 1}
+    )
+    # Another valid LoRA of the same shape in its place.
+    (storage.session_dir(session_with_images.pk) / "lora_1.safetensors").write_bytes(
+        lora_bytes(seed=2)
+    )
+    run_services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == "error"
+    assert "init_lora lora_1.safetensors changed after the run was asked for" in run.error_message
+    assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]
