@@ -50,14 +50,27 @@ class ResumeState:
 
 def run_fingerprint(params: TrainingParams, pairs: list[TrainingPair], captions: list[str]) -> str:
     """What a state must have been saved under to continue this run: its training settings,
-    and each image's path, size and caption."""
+    and each image's path, size and caption, and, when the run's masks are files, each
+    mask's path and size (a mask added, removed or changed starts the run over)."""
     settings = {k: v for k, v in asdict(params).items() if k not in _NOT_TRAINING}
+    masks_from_files = params.loss_masked and not params.use_alpha_mask
     images = [
-        [str(pair.image_path), pair.image_path.stat().st_size, caption]
+        [
+            str(pair.image_path),
+            pair.image_path.stat().st_size,
+            caption,
+            *(_mask_identity(pair.mask_path) if masks_from_files else []),
+        ]
         for pair, caption in zip(pairs, captions, strict=True)
     ]
     text = json.dumps({"settings": settings, "images": images}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _mask_identity(mask_path: Path | None) -> list[object]:
+    if mask_path is None:
+        return [None]
+    return [str(mask_path), mask_path.stat().st_size]
 
 
 def save_resume_state(state_dir: Path, state: ResumeState) -> None:
