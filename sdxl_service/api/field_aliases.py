@@ -3,8 +3,8 @@ says: the field meant, from this table or by a close spelling.
 
 Users of AUTOMATIC1111 (/sdapi/v1/txt2img), ComfyUI (its nodes' inputs), diffusers (the
 pipelines' arguments and training scripts' flags), Replicate's cog-sdxl (predict.py and
-train.py inputs) and kohya's sd-scripts (train_network.py's flags) send the names they
-know. The API answers 400 for any field it does not know (sdxl_service.api.common
+train.py inputs), kohya's sd-scripts (train_network.py's flags) and OneTrainer (its
+training config) send the names they know. The API answers 400 for any field it does not know (sdxl_service.api.common
 .validated); this table turns `cfg_scale` into `did you mean "guidance_scale"?`, and says
 what to do instead where a name has no counterpart here. docs/api.md ("Unknown fields and
 names from other tools") shows the same table.
@@ -33,6 +33,7 @@ COMFY = "ComfyUI"
 DIFFUSERS = "diffusers"
 COG = "cog-sdxl"
 KOHYA = "kohya"
+ONETRAINER = "OneTrainer"
 
 
 @dataclass(frozen=True)
@@ -154,6 +155,14 @@ ALIASES: tuple[Alias, ...] = (
         "the UNet alone trains unless train_text_encoder is true",
     ),
     Alias("bucket", (), {TRAINING: "enable_bucket"}),
+    Alias("alpha_mask", (KOHYA,), {TRAINING: "use_alpha_mask"}),
+    Alias("masked_training", (ONETRAINER,), {TRAINING: "masked_loss"}),
+    Alias(
+        "unmasked_weight",
+        (ONETRAINER,),
+        {TRAINING: "background_weight"},
+        "the loss weight where the mask is black, with masked_loss",
+    ),
     Alias("random_seed", (), {TRAINING: "seed", GENERATION: "seed"}),
     Alias("optimizer_type", (KOHYA,), note="the optimizer is AdamW; it cannot be chosen"),
     Alias("mixed_precision", (KOHYA, DIFFUSERS), note="the worker picks the precision"),
