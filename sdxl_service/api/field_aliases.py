@@ -4,10 +4,10 @@ says: the field meant, from this table or by a close spelling.
 Users of AUTOMATIC1111 (/sdapi/v1/txt2img), ComfyUI (its nodes' inputs), diffusers (the
 pipelines' arguments and training scripts' flags), Replicate's cog-sdxl (predict.py and
 train.py inputs), kohya's sd-scripts (train_network.py's flags) and OneTrainer (its
-training config) send the names they know. The API answers 400 for any field it does not know (sdxl_service.api.common
-.validated); this table turns `cfg_scale` into `did you mean "guidance_scale"?`, and says
-what to do instead where a name has no counterpart here. docs/api.md ("Unknown fields and
-names from other tools") shows the same table.
+training config) send the names they know. The API answers 400 for any field it does not
+know (sdxl_service.api.common.validated); this table turns `cfg_scale` into `did you mean
+"guidance_scale"?`, and says what to do instead where a name has no counterpart here.
+docs/api.md ("Unknown fields and names from other tools") shows the same table.
 
 Plain data and functions: no Django, no DRF.
 """

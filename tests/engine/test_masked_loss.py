@@ -104,7 +104,9 @@ def test_the_target_where_masked_out_does_not_change_the_weights_gradients() -> 
         )
         return list(torch.autograd.grad(loss, list(layer.parameters())))
 
-    for same, other in zip(gradients(target, weights), gradients(other_target, weights)):
+    for same, other in zip(
+        gradients(target, weights), gradients(other_target, weights), strict=True
+    ):
         assert torch.equal(same, other)
     # Without the mask the same change does move them.
     assert not torch.equal(gradients(target, None)[0], gradients(other_target, None)[0])
