@@ -255,33 +255,48 @@ def test_a_masked_lora_learns_its_subject_and_leaks_less_of_its_background(
     """The subject is the top-left quadrant, on a background of the other three in one
     colour; the mask is the subject's quadrant. Both LoRAs train as test_learning's, one
     with the mask (background_weight 0), one without; the trigger's generations are then
-    measured against the training image's latent, quadrant by quadrant."""
+    measured against the training image's latent, in the subject's latents and in the
+    background's. About 20 s on one CPU thread once the denoiser is pretrained."""
     image = tmp_path / "0.png"
     quadrants([SUBJECT_COLOUR] + [BACKGROUND_COLOUR] * 3).save(image)
     mask = mask_path_for(image)
     quadrants([(255, 255, 255)] + [(0, 0, 0)] * 3).convert("L").save(mask)
-    target = image_latents(denoiser, [Image.open(image)])
+    with Image.open(image) as opened:
+        target = image_latents(denoiser, [opened.convert("RGB")])
     subject = torch.zeros(4, 4, dtype=torch.bool)
-    subject[:2, :2] = True
+    subject[:2, :2] = True  # the top-left quadrant of a 4x4 latent
     without = generate_latents(denoiser, TRIGGER)
 
-    def distances(region: torch.Tensor, lora: Path) -> float:
-        """The generations' distance to the training image in `region`, with the LoRA /
-        without it, averaged over the seeds (below 1: the LoRA brought them closer)."""
+    def distance(latents: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        return (latents - target)[:, :, region].flatten(1).norm(dim=1)
+
+    def closeness(lora: Path) -> tuple[float, float]:
+        """The generations' distance to the training image with the LoRA / without it,
+        averaged over the seeds (below 1: closer), in the subject and in the background."""
         with lora_applied(denoiser, lora):
             generated = generate_latents(denoiser, TRIGGER)
+        in_subject, in_background = (
+            (distance(generated, region) / distance(without, region)).mean().item()
+            for region in (subject, ~subject)
+        )
+        return in_subject, in_background
 
-        def distance(latents: torch.Tensor) -> torch.Tensor:
-            return (latents - target)[:, :, region].flatten(1).norm(dim=1)
-
-        return (distance(generated) / distance(without)).mean().item()
-
-    plain = train_on_one_image(denoiser, image, SEED, tmp_path / "plain.safetensors")
-    masked = train_on_one_image(
-        denoiser, image, SEED, tmp_path / "masked.safetensors", mask, masked_loss=True
+    plain_subject, plain_background = closeness(
+        train_on_one_image(denoiser, image, SEED, tmp_path / "plain.safetensors")
+    )
+    masked_subject, masked_background = closeness(
+        train_on_one_image(
+            denoiser, image, SEED, tmp_path / "masked.safetensors", mask, masked_loss=True
+        )
     )
 
-    # Measured (see the report in the commit): TODO
-    plain_background, masked_background = distances(~subject, plain), distances(~subject, masked)
-    assert masked_background > plain_background + 0.0
-    assert distances(subject, masked) < 1.0
+    # Measured over seven seeds (the denoiser pretrained with 0-3, each LoRA trained with
+    # 0 and 1; SEED is 0, 0): without the mask the LoRA brings the background 7-17 % closer
+    # to the training background (0.83-0.93); with it, not at all: it moves it 11-25 %
+    # further away (1.11-1.25; the subject's colour spreads), a gap of 0.21-0.37.
+    assert plain_background < 0.965
+    assert masked_background > plain_background + 0.10
+    # Yet the subject is learned as without the mask, a little better even: its latents
+    # 26-33 % closer (0.67-0.74; without the mask 0.73-0.79).
+    assert masked_subject < 0.87
+    assert plain_subject < 0.90
