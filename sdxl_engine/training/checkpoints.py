@@ -68,6 +68,7 @@ def run_fingerprint(params: TrainingParams, pairs: list[TrainingPair], captions:
 
 
 def _mask_identity(mask_path: Path | None) -> list[object]:
+    """What the fingerprint holds of an image's mask file: its path and size, or None."""
     if mask_path is None:
         return [None]
     return [str(mask_path), mask_path.stat().st_size]

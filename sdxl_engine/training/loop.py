@@ -288,7 +288,7 @@ def training_loss(
     With `weights` (mask_weights), each pixel's squared error is multiplied by its weight
     before the mean over every pixel, as kohya's masked loss and cog-sdxl do: a weight of 0
     takes the pixel out of the gradient entirely, and the mean still divides by all pixels,
-    so a small subject trains with a smaller loss (not renormalised by its area, like theirs).
+    so a small subject trains with a smaller loss (neither of them renormalises by its area).
     """
     if weights is None and not min_snr_gamma:
         return F.mse_loss(prediction.float(), target.float())
