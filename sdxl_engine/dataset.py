@@ -18,11 +18,15 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 TRANSPARENT_BACKGROUND = (255, 255, 255)
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    """An alpha channel, or a palette or grey image with a transparent colour."""
+    return image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info)
+
+
 def training_rgb(image: Image.Image) -> Image.Image:
     """The image in RGB as it trains: one with transparency (an alpha channel, or a
     palette or grey image with a transparent colour) composited onto white first."""
-    has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or ("transparency" in image.info)
-    if not has_alpha:
+    if not _has_alpha(image):
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     background = Image.new("RGBA", rgba.size, (*TRANSPARENT_BACKGROUND, 255))
@@ -41,6 +45,14 @@ def mask_path_for(image_path: Path) -> Path:
 
 def is_mask_path(path: Path) -> bool:
     return path.stem.endswith(MASK_SUFFIX)
+
+
+def alpha_mask(image: Image.Image) -> Image.Image:
+    """The image's own alpha as a greyscale mask (kohya's alpha_mask): opaque is the
+    subject, transparent the background; an image without transparency is all subject."""
+    if not _has_alpha(image):
+        return Image.new("L", image.size, 255)
+    return image.convert("RGBA").getchannel("A")
 
 
 @dataclass(frozen=True)
@@ -129,3 +141,16 @@ def _with_trigger(caption: str, trigger: str) -> str:
     if not caption:
         return trigger
     return caption if trigger in caption else f"{trigger}, {caption}"
+
+
+def mask_problem(pairs: list[TrainingPair], masked_loss: bool, use_alpha_mask: bool) -> str | None:
+    """Why a run with these settings cannot train on `pairs`, or None: masked_loss with
+    masks from files (not use_alpha_mask) when no image has one would train exactly as
+    without masks, which is surely not what was meant."""
+    if masked_loss and not use_alpha_mask and not any(pair.mask_path for pair in pairs):
+        return (
+            "masked_loss needs a mask for at least one image (a <name>_mask.png beside it, "
+            "white on the subject), or use_alpha_mask to take each image's alpha channel; "
+            "no image of the session has one"
+        )
+    return None

@@ -89,9 +89,12 @@ class TrainingParams:
     sample_prompts: list[str] | None = None
     sample_seed: int | None = None
     checkpoint_every: int | None = 0
-    # Likeness (issue 27). masked_loss weights each latent pixel's loss by the image's mask
-    # (its `<stem>_mask.png`, or its alpha channel with use_alpha_mask, as kohya's
-    # alpha_mask): 1 on the subject, background_weight elsewhere (0 as in cog-sdxl).
+    # Masked loss (kohya's masked_loss, cog-sdxl's masks): each latent pixel's loss is
+    # weighted by background_weight + (1 - background_weight) x the image's mask there: 1 on
+    # the subject, background_weight (0 as in cog-sdxl) on the background. The mask is the
+    # image's `<stem>_mask.png` (sdxl_engine.dataset.mask_path_for; an image without one
+    # counts whole), or with use_alpha_mask its own alpha channel (kohya's alpha_mask,
+    # which implies masked_loss as there; an image without alpha counts whole).
     masked_loss: bool = False
     background_weight: float = 0.0
     use_alpha_mask: bool = False
@@ -101,6 +104,12 @@ class TrainingParams:
     prior_preservation_weight: float = 0.0
     class_prompt: str | None = None
     recipe: str = "original"  # one of RECIPES: where the defaults above came from
+
+    @property
+    def loss_masked(self) -> bool:
+        """Whether the loss is weighted by masks: masked_loss, or use_alpha_mask, which
+        implies it."""
+        return self.masked_loss or self.use_alpha_mask
 
 
 # This service's recipe: cog-sdxl's LoRA trainer (rank 32, learning rate 1e-4, batch 4,
@@ -225,6 +234,9 @@ def training_params(
             # With buckets an epoch may take more batches than this: a tenth at least.
             steps = chosen["steps"] or chosen["epochs"] * -(-image_count // chosen["batch_size"])
             chosen["lr_warmup_steps"] = min(RECIPE_MAX_WARMUP_STEPS, steps // 10)
+    if chosen["use_alpha_mask"]:
+        # Implied (loss_masked); recorded, so the run's parameters say how it trains.
+        chosen["masked_loss"] = True
     return TrainingParams(**chosen)
 
 

@@ -92,8 +92,8 @@ def training_started_body(run: TrainingRun) -> dict[str, Any]:
 
 def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
     """What the run trains (its recorded TrainingParams, resolved): the recipe's name, the
-    model it was planned for, length, batch, rank, rate, resolution, buckets, and the steps
-    it samples and keeps checkpoints at. A length in epochs has its steps (and so its sample
+    model it was planned for, length, batch, rank, rate, resolution, buckets, masks, and the
+    steps it samples and keeps checkpoints at. A length in epochs has its steps (and so its sample
     and checkpoint steps) known only once the worker has sorted the images into buckets:
     null until then (/train_status's total_steps tells them; GET /sessions/<id> lists every
     run's recorded parameters)."""
@@ -114,6 +114,9 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
         "resolution": params.resolution or native,
         "enable_bucket": params.enable_bucket,
         "train_text_encoder": params.train_text_encoder,
+        "masked_loss": params.loss_masked,
+        "background_weight": params.background_weight,
+        "use_alpha_mask": params.use_alpha_mask,
         "sample_steps": sample_steps(params.sample_every, steps) if steps else None,
         "checkpoint_steps": checkpoint_steps(params.checkpoint_every, steps) if steps else None,
         "init_lora": run.init_lora,

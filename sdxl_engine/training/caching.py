@@ -11,14 +11,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from sdxl_engine.buckets import Placement, bucket_summary, place
 from sdxl_engine.continuation import ParentLora
-from sdxl_engine.dataset import TrainingPair, training_rgb
+from sdxl_engine.dataset import TrainingPair, alpha_mask, training_rgb
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.parameters import TrainingParams
@@ -28,6 +30,8 @@ METADATA_PREFIX = "sdxl_service."
 # instead of keeping them: at 1024², batch 4, keeping them takes 19.1 GiB beyond the Base
 # (H100, bench/results/2026-11-27-h100-fp16/train-compiled.json), plus room to spare.
 LOW_MEMORY_BELOW_FREE_GIB = 22
+# Where a masked run's masks come from: each image's mask file, or its own alpha channel.
+MaskSource = Literal["file", "alpha"]
 
 
 @dataclass
@@ -46,6 +50,10 @@ class EncodedImages:
     # None without caption dropout.
     empty_prompt_embeds: torch.Tensor | None = None
     empty_pooled_prompt_embeds: torch.Tensor | None = None
+    # One (1, h/8, w/8) float32 tensor in [0, 1] per image, beside its latents: its mask
+    # placed as the image was, then area-averaged to latent resolution. None unless the
+    # loss is masked.
+    masks: list[torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +110,15 @@ class Run:
             "min_snr_gamma": params.min_snr_gamma,
             "noise_offset": params.noise_offset,
             "caption_dropout": params.caption_dropout,
+            **(
+                {
+                    "masked_loss": True,
+                    "background_weight": params.background_weight,
+                    "use_alpha_mask": params.use_alpha_mask,
+                }
+                if params.loss_masked
+                else {}
+            ),
             **({"trigger": params.trigger} if params.trigger is not None else {}),
             "train_text_encoder": params.train_text_encoder,
             **(
@@ -136,12 +153,15 @@ def encode_images(
     generator: torch.Generator,
     stop: Callable[[], bool],
     with_empty_caption: bool,
+    mask_source: MaskSource | None = None,
 ) -> EncodedImages:
     """Each image's latents at its bucket's size, and its caption's embeddings (and,
     `with_empty_caption`, the empty caption's, encoded through the text encoders like any
-    caption, as diffusers' SDXL training script does for its empty prompts)."""
+    caption, as diffusers' SDXL training script does for its empty prompts); with a
+    `mask_source`, each image's mask at its latents' size."""
     base, device = pipelines.base, pipelines.device
     latents, placements, time_ids = [], [], []
+    masks: list[torch.Tensor] = []
     parts: dict[str, list[torch.Tensor]] = {"prompt_embeds": [], "pooled": []}
     for start in range(0, len(pairs), batch_size):
         if stop():
@@ -154,9 +174,16 @@ def encode_images(
             for pair in pairs[start : start + batch_size]:
                 pixels, placement = _load_image(pair.image_path, sizing)
                 distribution = base.vae.encode(pixels[None].to(device, torch.float32)).latent_dist
-                latents.append(distribution.sample(generator)[0] * base.vae.config.scaling_factor)
+                latent = distribution.sample(generator)[0] * base.vae.config.scaling_factor
+                latents.append(latent)
                 placements.append(placement)
                 time_ids.append(placement.time_ids)
+                if mask_source is not None:
+                    # Each latent pixel weighs as the share of its 8x8 pixels on the
+                    # subject (kohya reduces its masks by area too).
+                    mask = _load_mask(pair, placement, mask_source)
+                    reduced = F.interpolate(mask[None], size=latent.shape[-2:], mode="area")[0]
+                    masks.append(reduced.clamp(0, 1).to(device))
             prompt_embeds, _, pooled, _ = base.encode_prompt(
                 # diffusers annotates prompt as str; it takes a list too (its docstring).
                 prompt=captions[start : start + batch_size],  # type: ignore[arg-type]
@@ -174,6 +201,7 @@ def encode_images(
         prompt_embeds=prompt_embeds,
         pooled_prompt_embeds=torch.cat(parts["pooled"]),
         time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
+        masks=masks if mask_source is not None else None,
     )
     if with_empty_caption:
         with torch.no_grad():
@@ -192,19 +220,43 @@ def _load_image(path: Path, sizing: Sizing) -> tuple[torch.Tensor, Placement]:
     how it was placed there (sdxl_engine.buckets: resized to cover the bucket, the excess
     cropped, centred; the time ids tell the UNet the original size and the crop, as in
     SDXL's own training)."""
-    try:
-        with Image.open(path) as opened:
-            # Transparent pixels train as white, not as the black they usually store.
-            image = training_rgb(ImageOps.exif_transpose(opened))
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise EngineError(
-            f"training image {path.name} could not be read ({error}); "
-            "replace or delete it and train again"
-        ) from error
+    # Transparent pixels train as white, not as the black they usually store.
+    image = training_rgb(_read_image(path, f"training image {path.name}"))
     placement = place(image.size, sizing.buckets, sizing.multiple, sizing.max_upscale)
     image = placement.apply(image)
     pixels = torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
     return pixels, placement
+
+
+def _load_mask(pair: TrainingPair, placement: Placement, source: MaskSource) -> torch.Tensor:
+    """The pair's mask, placed as its image was (`placement`), as a (1, height, width)
+    tensor in [0, 1]: its image's alpha channel (`source` "alpha"), or its mask file
+    (`source` "file"), taken as drawn on the image as shown (its EXIF orientation applied)
+    and resized to it when its size differs, as cog-sdxl does. An image without alpha, or
+    without a mask file, counts whole: all ones."""
+    if source == "alpha":
+        mask = alpha_mask(_read_image(pair.image_path, f"training image {pair.image_path.name}"))
+    elif pair.mask_path is None:
+        mask = Image.new("L", placement.original, 255)
+    else:
+        described = f"the mask {pair.mask_path.name} of training image {pair.image_path.name}"
+        mask = _read_image(pair.mask_path, described).convert("L")
+        if mask.size != placement.original:
+            mask = mask.resize(placement.original, Image.Resampling.BILINEAR)
+    placed = np.asarray(placement.apply(mask), dtype=np.float32) / 255.0
+    return torch.from_numpy(placed)[None]
+
+
+def _read_image(path: Path, described: str) -> Image.Image:
+    """The image at `path` as shown (its EXIF orientation applied); an EngineError naming
+    it as `described` when it cannot be read."""
+    try:
+        with Image.open(path) as opened:
+            return ImageOps.exif_transpose(opened)
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise EngineError(
+            f"{described} could not be read ({error}); replace or delete it and train again"
+        ) from error
 
 
 def batches_per_epoch(placements: list[Placement], batch_size: int) -> int:

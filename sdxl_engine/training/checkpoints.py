@@ -55,17 +55,31 @@ def run_fingerprint(
     parent_sha256: str | None = None,
 ) -> str:
     """What a state must have been saved under to continue this run: its training settings,
-    each image's path, size and caption, and the LoRA it continues (its parent's sha256),
-    if any."""
+    each image's path, size and caption, when the run's masks are files each mask's path
+    and size (a mask added, removed or changed starts the run over), and the LoRA it
+    continues (its parent's sha256), if any."""
     settings = {k: v for k, v in asdict(params).items() if k not in _NOT_TRAINING}
+    masks_from_files = params.loss_masked and not params.use_alpha_mask
     images = [
-        [str(pair.image_path), pair.image_path.stat().st_size, caption]
+        [
+            str(pair.image_path),
+            pair.image_path.stat().st_size,
+            caption,
+            *(_mask_identity(pair.mask_path) if masks_from_files else []),
+        ]
         for pair, caption in zip(pairs, captions, strict=True)
     ]
     # A run without a parent keeps the fingerprint it had before parents existed.
     parent = {"parent_sha256": parent_sha256} if parent_sha256 is not None else {}
     text = json.dumps({"settings": settings, "images": images, **parent}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _mask_identity(mask_path: Path | None) -> list[object]:
+    """What the fingerprint holds of an image's mask file: its path and size, or None."""
+    if mask_path is None:
+        return [None]
+    return [str(mask_path), mask_path.stat().st_size]
 
 
 def save_resume_state(state_dir: Path, state: ResumeState) -> None:

@@ -141,7 +141,14 @@ def optimise(
                 },
                 return_dict=False,
             )[0]
-            loss = _loss(prediction, target, timesteps, noise_scheduler, params.min_snr_gamma)
+            loss = training_loss(
+                prediction,
+                target,
+                timesteps,
+                noise_scheduler,
+                params.min_snr_gamma,
+                mask_weights(encoded.masks, batch, params.background_weight),
+            )
             optimizer.zero_grad(set_to_none=True)
             # bfloat16 shares float32's exponent range: gradients need no loss scaling.
             loss.backward()
@@ -264,18 +271,41 @@ def min_snr_loss_weights(
     return clipped / snr
 
 
-def _loss(
+def mask_weights(
+    masks: list[torch.Tensor] | None, batch: list[int], background_weight: float
+) -> torch.Tensor | None:
+    """The batch's per-pixel loss weights, (batch, 1, h, w): background_weight + (1 -
+    background_weight) x mask, 1 on the subject and background_weight where the mask is
+    black; None for a run without masks."""
+    if masks is None:
+        return None
+    mask = torch.stack([masks[index] for index in batch])
+    return background_weight + (1 - background_weight) * mask
+
+
+def training_loss(
     prediction: torch.Tensor,
     target: torch.Tensor,
     timesteps: torch.Tensor,
     noise_scheduler: DDPMScheduler,
     min_snr_gamma: float,
+    weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The batch's MSE, each sample weighted by Min-SNR when `min_snr_gamma` is set."""
-    if not min_snr_gamma:
+    """The batch's MSE, each sample weighted by Min-SNR when `min_snr_gamma` is set.
+
+    With `weights` (mask_weights), each pixel's squared error is multiplied by its weight
+    before the mean over every pixel, as kohya's masked loss and cog-sdxl do: a weight of 0
+    takes the pixel out of the gradient entirely, and the mean still divides by all pixels,
+    so a small subject trains with a smaller loss (neither of them renormalises by its area).
+    """
+    if weights is None and not min_snr_gamma:
         return F.mse_loss(prediction.float(), target.float())
-    per_sample = F.mse_loss(prediction.float(), target.float(), reduction="none")
-    per_sample = per_sample.mean(dim=list(range(1, per_sample.ndim)))
+    squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
+    if weights is not None:
+        squared = squared * weights
+    if not min_snr_gamma:
+        return squared.mean()
+    per_sample = squared.mean(dim=list(range(1, squared.ndim)))
     return (per_sample * min_snr_loss_weights(noise_scheduler, timesteps, min_snr_gamma)).mean()
 
 

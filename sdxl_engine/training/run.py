@@ -18,7 +18,7 @@ from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
 from sdxl_engine.continuation import ParentLora, parent_problems, read_parent_lora
-from sdxl_engine.dataset import TrainingPair, training_captions
+from sdxl_engine.dataset import TrainingPair, mask_problem, training_captions
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
 from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_tensors
@@ -118,6 +118,8 @@ def train_lora(
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
     multiple = _resolution_multiple(base)
     _check_params(params, resolution, multiple)
+    if problem := mask_problem(pairs, params.masked_loss, params.use_alpha_mask):
+        raise EngineError(problem)
     parent = _parent_lora(base, init_lora, params) if init_lora is not None else None
     captions = training_captions(pairs, params.trigger)
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
@@ -159,6 +161,9 @@ def train_lora(
             noise_generator,
             stop,
             with_empty_caption=params.caption_dropout > 0,
+            mask_source=(
+                ("alpha" if params.use_alpha_mask else "file") if params.loss_masked else None
+            ),
         )
         encoders.release()
         if params.steps is not None:
@@ -268,6 +273,8 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
             problems.append(f"{name} must be 0 (off) or a positive number")
     if not 0 <= params.caption_dropout <= 1:
         problems.append("caption_dropout must be a probability, from 0 to 1")
+    if not 0 <= params.background_weight <= 1:
+        problems.append("background_weight must be from 0 (background ignored) to 1 (unmasked)")
     for name in ("sample_every", "checkpoint_every"):
         value = getattr(params, name)
         if value is not None and value < 0:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -130,8 +132,16 @@ def make_denoiser(source: ModelSource, seed: int) -> Pipelines:
     return pipelines
 
 
-def train_on_one_image(pipelines: Pipelines, image_path: Path, seed: int, output: Path) -> Path:
-    """The LoRA of one image captioned by the trigger alone.
+def train_on_one_image(
+    pipelines: Pipelines,
+    image_path: Path,
+    seed: int,
+    output: Path,
+    mask_path: Path | None = None,
+    **options: Any,
+) -> Path:
+    """The LoRA of one image captioned by the trigger alone (with its `mask_path`, and
+    TrainingParams `options` over those below).
 
     The image is listed 8 times and trained at batch 8 (kohya's repeats): each step then
     averages 8 noise draws and timesteps. 800 steps at batch 1 (learning rate 1e-3) learned
@@ -152,7 +162,8 @@ def train_on_one_image(pipelines: Pipelines, image_path: Path, seed: int, output
         caption_dropout=0.0,
         enable_bucket=False,
     )
-    train_lora(pipelines, [TrainingPair(image_path, "")] * REPEATS, params, output)
+    pairs = [TrainingPair(image_path, "", mask_path)] * REPEATS
+    train_lora(pipelines, pairs, replace(params, **options), output)
     return output
 
 

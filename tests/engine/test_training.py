@@ -236,6 +236,7 @@ def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> N
         (TrainingParams(min_snr_gamma=-1.0), "min_snr_gamma"),
         (TrainingParams(noise_offset=math.nan), "noise_offset"),
         (TrainingParams(caption_dropout=1.5), "caption_dropout"),
+        (TrainingParams(background_weight=-0.5), "background_weight"),
         (TrainingParams(trigger="  "), "trigger must not be blank"),
     ],
 )

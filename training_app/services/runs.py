@@ -79,7 +79,7 @@ def training_run_start(
     under the session's lock, recorded on the run with its sha256, and giving the run its
     rank and train_text_encoder when `parameters` leave them out.
     """
-    from sdxl_engine.dataset import find_training_pairs, training_captions
+    from sdxl_engine.dataset import find_training_pairs, mask_problem, training_captions
 
     if caller is not None:
         session_get(session_id, caller)
@@ -102,6 +102,11 @@ def training_run_start(
             training_captions(pairs, parameters.get("trigger"))
         except EngineError as error:
             raise ServiceError(f"session {session_id}: {error}") from None
+        problem = mask_problem(
+            pairs, bool(parameters.get("masked_loss")), bool(parameters.get("use_alpha_mask"))
+        )
+        if problem:
+            raise ServiceError(f"session {session_id}: {problem}")
         _epochs_within_step_limit(parameters, image_count=len(pairs))
         if TrainingRun.objects.filter(
             session=session, status__in=TrainingRun.ACTIVE_STATUSES

@@ -164,6 +164,27 @@ class TrainLoraSerializer(WebhookFields):
         help_text="aspect-ratio buckets: each image trains at the SDXL size nearest its aspect "
         "ratio (service recipe: true); false: a centred square crop (original)",
     )
+    masked_loss = serializers.BooleanField(
+        required=False,
+        help_text="weight each pixel's loss by its image's mask (white: the subject), so the "
+        "LoRA learns the subject, not its background (default false; kohya's masked_loss, "
+        "cog-sdxl's masks). An image without a mask counts whole; at least one image needs "
+        "one, unless use_alpha_mask",
+    )
+    background_weight = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        required=False,
+        help_text="with masked_loss, the loss weight where the mask is black: 0 (default, as "
+        "cog-sdxl) ignores the background, 1 trains it as without a mask; grey masks weigh "
+        "in between",
+    )
+    use_alpha_mask = serializers.BooleanField(
+        required=False,
+        help_text="take each image's mask from its own alpha channel (opaque: the subject; "
+        "kohya's alpha_mask) instead of its mask file; implies masked_loss. The image still "
+        "trains composited on white",
+    )
 
     # Not a TrainingParams field: it names a file of the session, which the run records
     # beside its parameters (TrainingRun.init_lora) with the file's sha256.
@@ -184,6 +205,19 @@ class TrainLoraSerializer(WebhookFields):
                 {
                     "text_encoder_lr": "needs train_text_encoder true (the text encoders train "
                     "only then)"
+                }
+            )
+        if attrs.get("use_alpha_mask") and attrs.get("masked_loss") is False:
+            raise serializers.ValidationError(
+                {"masked_loss": "use_alpha_mask implies masked_loss: leave it out or true"}
+            )
+        if "background_weight" in attrs and not (
+            attrs.get("masked_loss") or attrs.get("use_alpha_mask")
+        ):
+            raise serializers.ValidationError(
+                {
+                    "background_weight": "needs masked_loss or use_alpha_mask true (without a "
+                    "mask every pixel weighs 1)"
                 }
             )
         # Only a warm-up the caller gave can clash: the recipes fit theirs to the schedule.
@@ -243,6 +277,13 @@ class TrainingRecipe(serializers.Serializer[Any]):
     resolution = serializers.IntegerField(help_text="the side of the (bucket) area trained at")
     enable_bucket = serializers.BooleanField(help_text="aspect-ratio buckets")
     train_text_encoder = serializers.BooleanField()
+    masked_loss = serializers.BooleanField(
+        help_text="the loss weighted by masks (use_alpha_mask implies it)"
+    )
+    background_weight = serializers.FloatField(
+        help_text="the loss weight where the mask is black (with masked_loss)"
+    )
+    use_alpha_mask = serializers.BooleanField(help_text="masks from the images' alpha channels")
     sample_steps = serializers.ListField(
         child=serializers.IntegerField(),
         allow_null=True,

@@ -50,6 +50,9 @@ def test_a_default_training_on_the_tiny_model_answers_and_records_the_capped_rec
         "resolution": 64,
         "enable_bucket": True,
         "train_text_encoder": False,
+        "masked_loss": False,
+        "background_weight": 0.0,
+        "use_alpha_mask": False,
         "sample_steps": [25, 50, 75, 100],
         "checkpoint_steps": [25, 50, 75],
     }

@@ -26,6 +26,7 @@ from sdxl_service.api.generation import serializers as generation_serializers
 from sdxl_service.api.training.serializers import TrainLoraSerializer
 from sessions_app import services as session_services
 from sessions_app import storage
+from sessions_app.models import TrainingImage
 from tests.helpers import b64, image_bytes, images_close, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, TrainingRun
@@ -104,6 +105,15 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"text_encoder_lr": 1e-5}, "text_encoder_lr: needs train_text_encoder"),
         ({"text_encoder_lr": 0, "train_text_encoder": True}, "text_encoder_lr"),
         ({"text_encoder_lr": 1, "train_text_encoder": True}, "text_encoder_lr"),
+        ({"masked_loss": "maybe"}, "masked_loss"),
+        ({"use_alpha_mask": 1.5}, "use_alpha_mask"),
+        ({"background_weight": 1.5, "masked_loss": True}, "background_weight"),
+        ({"background_weight": -0.1, "masked_loss": True}, "background_weight"),
+        ({"background_weight": "nan", "masked_loss": True}, "background_weight"),
+        ({"background_weight": 0.5}, "background_weight: needs masked_loss"),
+        ({"use_alpha_mask": True, "masked_loss": False}, "masked_loss: use_alpha_mask implies"),
+        # The session's one image has no mask.
+        ({"masked_loss": True}, "masked_loss needs a mask for at least one image"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -179,6 +189,47 @@ def test_text_encoder_training_is_recorded_with_its_rate(api, session):
     assert api.post("/train_lora", body, format="json").status_code == 200
     recorded = TrainingRun.objects.get().parameters
     assert (recorded["train_text_encoder"], recorded["text_encoder_lr"]) == (True, 1e-5)
+
+
+def test_a_masked_run_trains_on_the_sessions_mask_and_records_it(api, session, tmp_path):
+    mask = Image.new("L", (48, 40), 0)
+    mask.paste(255, (0, 0, 24, 40))  # the left half is the subject
+    image = TrainingImage.objects.get(group__session=session)
+    session_services.training_image_mask_store(session.pk, image.pk, mask)
+    masked = {"masked_loss": True, "background_weight": 0.1}
+    body = {"session_id": session.pk, "steps": 1, "resolution": 64, **masked}
+
+    response = api.post("/train_lora", body, format="json")
+
+    assert response.status_code == 200, response.content
+    assert response.json()["recipe"] | masked == response.json()["recipe"]
+    assert response.json()["recipe"]["use_alpha_mask"] is False
+    assert TrainingRun.objects.get().parameters | masked == TrainingRun.objects.get().parameters
+    run_services.training_run_execute(TrainingRun.objects.get().pk)
+    status = api.post("/train_status", {"session_id": session.pk}, format="json").json()
+    assert status["status"] == "completed", status
+    lora = api.post("/get_lora", {"session_id": session.pk}, format="json").json()
+    (tmp_path / "lora.safetensors").write_bytes(base64.b64decode(lora["lora_base64"]))
+    header = read_lora_metadata(tmp_path / "lora.safetensors")
+    assert header["sdxl_service.masked_loss"] == "True"
+    assert header["sdxl_service.background_weight"] == "0.1"
+
+
+def test_the_alpha_mask_needs_no_mask_file_and_implies_masked_loss(api, session):
+    response = api.post(
+        "/train_lora",
+        {"session_id": session.pk, "alpha_mask": True},  # kohya's name
+        format="json",
+    )
+    assert_error(response, 400, 'alpha_mask: unknown field; did you mean "use_alpha_mask"?')
+
+    response = api.post(
+        "/train_lora", {"session_id": session.pk, "use_alpha_mask": True}, format="json"
+    )
+
+    assert response.status_code == 200, response.content
+    recorded = TrainingRun.objects.get().parameters
+    assert (recorded["use_alpha_mask"], recorded["masked_loss"]) == (True, True)
 
 
 def test_an_explicit_epochs_1_records_the_original_recipe(api, session):

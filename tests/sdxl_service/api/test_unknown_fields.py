@@ -337,6 +337,10 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "sample_seed": 2,
                     "checkpoint_every": 5,
                     "enable_bucket": False,
+                    # Alpha masks need no mask file (an image without alpha counts whole).
+                    "masked_loss": True,
+                    "use_alpha_mask": True,
+                    "background_weight": 0.2,
                     "webhook_url": "https://hooks.example.com/x",
                     "webhook_events": ["completed"],
                 },
