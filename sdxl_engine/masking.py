@@ -1,9 +1,9 @@
 """A training image's mask made automatically: around its faces, or over its subject.
 
-White is the subject, black the rest; a mask is greyscale and lies over the image file's
-own pixels (its size and orientation as stored). Each photo is turned upright by its EXIF
-orientation before anything looks at it (a face on its side is not found), and the mask is
-turned back to the file's orientation, as an uploaded mask would be drawn on it.
+White is the subject, black the rest; a mask is greyscale and lies over the photo as it is
+seen: turned upright by its EXIF orientation, as a phone's photo is shown and as a person
+draws a mask over it (sdxl_engine.dataset.mask_path_for; training turns the photo upright
+too). A face on its side is not found, so detection looks at the upright photo as well.
 
 - Faces: OpenCV's frontal-face Haar cascade, whose weights ship inside the opencv wheel,
   so it works offline and without torch. Each face becomes a filled ellipse enlarged past
@@ -107,7 +107,7 @@ def face_mask(image: Image.Image) -> FaceMask:
         cv2.ellipse(mask, centre, axes, 0, 0, 360, 255, thickness=-1)
     sigma = FACE_FEATHER * float(np.mean([width for _, _, width, _ in boxes]))
     feathered = cv2.GaussianBlur(mask, (0, 0), sigma)
-    return FaceMask(faces=len(boxes), mask=_in_file_orientation(feathered, image))
+    return FaceMask(faces=len(boxes), mask=Image.fromarray(feathered, mode="L"))
 
 
 def _face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
@@ -252,7 +252,7 @@ def subject_mask(model: str, image: Image.Image, prompt: str) -> Image.Image | N
         return None
     scaled = cv2.resize(subject, upright.size, interpolation=cv2.INTER_LINEAR)
     feathered = cv2.GaussianBlur(scaled, (0, 0), SUBJECT_FEATHER * max(upright.size))
-    return _in_file_orientation(feathered, image)
+    return Image.fromarray(feathered, mode="L")
 
 
 @functools.lru_cache(maxsize=1)
@@ -282,23 +282,3 @@ def _shrunk(image: Image.Image, longest_side: int) -> Image.Image:
     small = image.copy()
     small.thumbnail((longest_side, longest_side), Image.Resampling.BILINEAR)
     return small
-
-
-# EXIF orientation -> the transpose that undoes what exif_transpose did for it.
-_UNDO_ORIENTATION = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT,
-    3: Image.Transpose.ROTATE_180,
-    4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE,
-    6: Image.Transpose.ROTATE_90,
-    7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_270,
-}
-
-
-def _in_file_orientation(upright_mask: np.ndarray, image: Image.Image) -> Image.Image:
-    """A mask drawn on `image` turned upright, as a greyscale image over the file's own
-    pixels."""
-    mask = Image.fromarray(upright_mask, mode="L")
-    undo = _UNDO_ORIENTATION.get(image.getexif().get(0x0112, 1))
-    return mask.transpose(undo) if undo is not None else mask

@@ -4,6 +4,7 @@ a mask, that it fits its image, and how it is stored."""
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 from django.conf import settings
 from PIL import Image, UnidentifiedImageError
@@ -22,6 +23,28 @@ class CheckedImage:
     extension: str
     width: int
     height: int
+    # The size as the photo is seen: width and height swapped when its EXIF orientation
+    # turns it a quarter (a phone's portrait photo stored on its side). Masks have this size.
+    upright_size: tuple[int, int]
+
+
+# EXIF orientations that turn the stored pixels a quarter to show them (5 to 8).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """`image`'s size as it is seen, turned upright by its EXIF orientation (read from the
+    header: nothing is decoded)."""
+    width, height = image.size
+    if image.getexif().get(0x0112, 1) in _QUARTER_TURNS:
+        return height, width
+    return width, height
+
+
+def stored_upright_size(path: Path) -> tuple[int, int]:
+    """upright_size of the image file at `path`."""
+    with Image.open(path) as image:
+        return upright_size(image)
 
 
 def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
@@ -46,6 +69,7 @@ def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
                 width, height = image.size
                 if width * height > settings.SDXL_MAX_UPLOAD_PIXELS:
                     raise ServiceError(f"{too_large}: it is {width}x{height}")
+                seen = upright_size(image)
                 image.load()
     except ServiceError:
         raise
@@ -61,11 +85,13 @@ def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
         extension=ACCEPTED_FORMATS[image_format],
         width=width,
         height=height,
+        upright_size=seen,
     )
 
 
 def mask_png(mask: Image.Image, width: int, height: int, field: str = "mask") -> bytes:
-    """`mask` as stored for an image of `width` x `height`: a greyscale PNG of that size
+    """`mask` as stored for an image seen at `width` x `height` (upright_size): a greyscale
+    PNG of that size
     (white is the subject; a transparent pixel counts as black). Only the scale may differ
     from the image's (it is resized then); another aspect ratio is refused (400), and so is
     a mask with no subject at all: trained on, it would teach nothing."""

@@ -24,7 +24,14 @@ from core.errors import ServiceError
 from sdxl_engine.dataset import mask_path_for
 from sessions_app import storage
 from sessions_app.captioner import captioner_model, captions_generate
-from sessions_app.images import CheckedImage, check_image, checked_mask, mask_png, open_mask
+from sessions_app.images import (
+    CheckedImage,
+    check_image,
+    checked_mask,
+    mask_png,
+    open_mask,
+    stored_upright_size,
+)
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from sessions_app.selectors import (
@@ -128,7 +135,7 @@ def _upload_checked(upload: UploadedImage) -> _CheckedUpload:
     mask = (
         None
         if upload.mask is None
-        else checked_mask(upload.mask, image.width, image.height, field=upload.mask_name)
+        else checked_mask(upload.mask, *image.upright_size, field=upload.mask_name)
     )
     return _CheckedUpload(image, caption_cleaned(upload.caption), mask)
 
@@ -305,7 +312,8 @@ def training_image_mask_store(
 ) -> TrainingImage:
     """Writes the image's mask beside it (`<k>_mask.png`: sdxl_engine.dataset.mask_path_for,
     atomically), replacing any mask it had, and records it on the row. `mask` becomes a
-    greyscale PNG of the image's own size (images.mask_png: resized when only the scale
+    greyscale PNG of the image's size as it is seen (upright by its EXIF orientation, as
+    training sees it; images.mask_png: resized when only the scale
     differs; another aspect ratio, or a mask all black, is a 400 naming `field`). Refused
     (409) while a run of the session is queued or running; an API caller must see the
     image (404 otherwise), and its owner's stored-bytes quota must hold the mask."""
@@ -313,7 +321,8 @@ def training_image_mask_store(
         training_image_get(session_id, image_id, caller)
     with session_lock(session_id) as session:
         image = _locked_image(session, image_id)
-        data = mask_png(mask, image.width, image.height, field)
+        width, height = stored_upright_size(storage.absolute_path(image.file))
+        data = mask_png(mask, width, height, field)
         if caller is not None and session.owner_id is not None:
             owner = owner_locked(session.owner_id)
             adding = len(data) - image.mask_size

@@ -300,3 +300,33 @@ def test_an_owners_stored_bytes_count_the_masks():
     session, image = _image_with_mask()
     assert owner_stored_bytes(session.owner_id) == image.size + image.mask_size
     assert image.mask_size > 0
+
+
+def _photo_stored_on_its_side() -> bytes:
+    """A 48x32 JPEG whose EXIF orientation (6) shows it as a 32x48 portrait, as a phone held
+    upright writes its photos."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored = io.BytesIO()
+    Image.new("RGB", (48, 32), "red").save(stored, format="JPEG", exif=exif)
+    return stored.getvalue()
+
+
+def test_a_mask_lies_over_a_photo_as_it_is_seen_upright_by_its_exif_orientation():
+    session = services.session_create()
+    portrait_mask = image_bytes(color="white", size=(32, 48))
+
+    image = services.session_image_add(
+        session.pk, _photo_stored_on_its_side(), "ohwx", mask_bytes=portrait_mask
+    )
+
+    assert (image.width, image.height) == (48, 32)  # the file's pixels, as stored
+    with Image.open(storage.absolute_path(image.mask_file)) as mask:
+        assert mask.size == (32, 48)  # over the photo as shown, and as training turns it
+    services.training_image_mask_store(
+        session.pk, image.pk, Image.new("L", (64, 96), 255), field="mask_base64"
+    )
+    with Image.open(storage.absolute_path(image.mask_file)) as mask:
+        assert mask.size == (32, 48)
+    with pytest.raises(ServiceError, match="aspect ratio"):
+        services.training_image_mask_store(session.pk, image.pk, Image.new("L", (48, 32), 255))
