@@ -112,6 +112,8 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
         "resolution": params.resolution or native,
         "enable_bucket": params.enable_bucket,
         "train_text_encoder": params.train_text_encoder,
+        "prior_preservation_weight": params.prior_preservation_weight,
+        "class_prompt": params.class_prompt,
         "sample_steps": sample_steps(params.sample_every, steps) if steps else None,
         "checkpoint_steps": checkpoint_steps(params.checkpoint_every, steps) if steps else None,
     }

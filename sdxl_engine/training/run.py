@@ -17,10 +17,16 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
-from sdxl_engine.dataset import TrainingPair, training_captions
+from sdxl_engine.dataset import TrainingPair, class_prompts, training_captions
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
-from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
+from sdxl_engine.parameters import (
+    LR_SCHEDULERS,
+    MAX_PRIOR_PRESERVATION_WEIGHT,
+    RECIPES,
+    TrainingParams,
+    lr_warmup_problem,
+)
 from sdxl_engine.training.adapters import (
     ADAPTER_NAME,
     LORA_TARGET_MODULES,
@@ -144,6 +150,9 @@ def train_lora(
             noise_generator,
             stop,
             with_empty_caption=params.caption_dropout > 0,
+            class_prompts=class_prompts(pairs, params.trigger, params.class_prompt)
+            if params.prior_preservation_weight
+            else None,
         )
         encoders.release()
         if params.steps is not None:
@@ -249,6 +258,17 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(f"recipe must be one of {', '.join(RECIPES)}")
     if params.trigger is not None and not params.trigger.strip():
         problems.append("trigger must not be blank")
+    if not 0 <= params.prior_preservation_weight <= MAX_PRIOR_PRESERVATION_WEIGHT:
+        problems.append(
+            f"prior_preservation_weight must be 0 (off) to {MAX_PRIOR_PRESERVATION_WEIGHT}"
+        )
+    if params.class_prompt is not None and not params.class_prompt.strip():
+        problems.append("class_prompt must not be blank")
+    if params.prior_preservation_weight and params.class_prompt is None and params.trigger is None:
+        problems.append(
+            "prior_preservation_weight needs a class_prompt, or a trigger to take out of the "
+            "captions"
+        )
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:

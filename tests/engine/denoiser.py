@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -130,8 +131,11 @@ def make_denoiser(source: ModelSource, seed: int) -> Pipelines:
     return pipelines
 
 
-def train_on_one_image(pipelines: Pipelines, image_path: Path, seed: int, output: Path) -> Path:
-    """The LoRA of one image captioned by the trigger alone.
+def train_on_one_image(
+    pipelines: Pipelines, image_path: Path, seed: int, output: Path, **changes: object
+) -> Path:
+    """The LoRA of one image captioned by the trigger alone (with the TrainingParams fields
+    in `changes` changed).
 
     The image is listed 8 times and trained at batch 8 (kohya's repeats): each step then
     averages 8 noise draws and timesteps. 800 steps at batch 1 (learning rate 1e-3) learned
@@ -152,6 +156,7 @@ def train_on_one_image(pipelines: Pipelines, image_path: Path, seed: int, output
         caption_dropout=0.0,
         enable_bucket=False,
     )
+    params = replace(params, **changes)  # type: ignore[arg-type]  # TrainingParams' fields
     train_lora(pipelines, [TrainingPair(image_path, "")] * REPEATS, params, output)
     return output
 
