@@ -327,6 +327,8 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "sample_seed": 2,
                     "checkpoint_every": 5,
                     "enable_bucket": False,
+                    "prior_preservation_weight": 1.0,
+                    "class_prompt": "a photo",
                     "webhook_url": "https://hooks.example.com/x",
                     "webhook_events": ["completed"],
                 },
