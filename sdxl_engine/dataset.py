@@ -154,3 +154,35 @@ def mask_problem(pairs: list[TrainingPair], masked_loss: bool, use_alpha_mask: b
             "no image of the session has one"
         )
     return None
+
+
+# The class prompt of an image whose caption is the trigger alone (prior preservation).
+DEFAULT_CLASS_PROMPT = "a photo"
+_SEPARATORS = re.compile(r"\s*([,;])(?:\s*[,;])*\s*")
+
+
+def class_prompts(pairs: list[TrainingPair], trigger: str | None, given: str | None) -> list[str]:
+    """The prompt whose prediction prior preservation keeps at the base model's, for each
+    pair: `given` for every image when there is one; else the image's caption with the
+    trigger taken out (the class the trigger's subject belongs to, as the caption words
+    it: "sks, a woman in a park" keeps "a woman in a park" as it was), or
+    DEFAULT_CLASS_PROMPT when nothing else is left.
+
+    Without a trigger there is nothing to take out: the captions themselves are what the
+    LoRA learns, so a class prompt must be given (EngineError otherwise).
+    """
+    if given is not None:
+        return [given] * len(pairs)
+    if trigger is None:
+        raise EngineError(
+            "prior_preservation_weight needs a class_prompt, or a trigger to take out of the "
+            "captions"
+        )
+    return [_without(pair.caption, trigger) or DEFAULT_CLASS_PROMPT for pair in pairs]
+
+
+def _without(caption: str, trigger: str) -> str:
+    """`caption` with every `trigger` taken out, the separators left around it tidied."""
+    text = " ".join(caption.replace(trigger, " ").split())
+    text = _SEPARATORS.sub(lambda match: f"{match.group(1)} ", text)
+    return text.strip(" ,;")

@@ -39,6 +39,10 @@ WATCHES_PER_RUN = 4
 # Everything else (rank, rate, buckets, samples and checkpoints four times a run, the
 # model's native 64² resolution) is the recipe's own.
 TINY_RECIPE_MAX_STEPS = 100
+# prior_preservation_weight's largest: the prior loss this many times the subject's. diffusers'
+# DreamBooth script defaults its prior_loss_weight to 1; far above it the LoRA learns
+# nothing but to stay the base model.
+MAX_PRIOR_PRESERVATION_WEIGHT = 10.0
 # Training images train at buckets of about this side squared; 64 divides by what both the
 # SDXL UNet (32) and the tiny test UNet (16) need, so a run never fails on it later.
 TRAINING_RESOLUTION_MULTIPLE = 64
@@ -100,7 +104,9 @@ class TrainingParams:
     use_alpha_mask: bool = False
     # Prior preservation without regularisation photos (OneTrainer's prior-model
     # preservation): weight of a second loss that keeps the LoRA's prediction for
-    # class_prompt at the base model's own. 0 turns it off.
+    # class_prompt at the base model's own, every step, on the step's own noisy latents.
+    # 0 turns it off. class_prompt None: each image's caption without the trigger
+    # (sdxl_engine.dataset.class_prompts).
     prior_preservation_weight: float = 0.0
     class_prompt: str | None = None
     recipe: str = "original"  # one of RECIPES: where the defaults above came from

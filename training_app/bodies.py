@@ -117,6 +117,8 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
         "masked_loss": params.loss_masked,
         "background_weight": params.background_weight,
         "use_alpha_mask": params.use_alpha_mask,
+        "prior_preservation_weight": params.prior_preservation_weight,
+        "class_prompt": params.class_prompt,
         "sample_steps": sample_steps(params.sample_every, steps) if steps else None,
         "checkpoint_steps": checkpoint_steps(params.checkpoint_every, steps) if steps else None,
         "init_lora": run.init_lora,

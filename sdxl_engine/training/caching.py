@@ -1,10 +1,12 @@
 """What a run trains on, computed once before its first step: each image's latents and
-its caption's embeddings from the frozen VAE and text encoders (encode_images), and the
+its caption's (and class prompt's) embeddings from the frozen VAE and text encoders
+(encode_images), and the
 run as resolved from them (Run); and the low-memory mode that sets the frozen encoders
 aside once they are cached."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -54,6 +56,12 @@ class EncodedImages:
     # placed as the image was, then area-averaged to latent resolution. None unless the
     # loss is masked.
     masks: list[torch.Tensor] | None = None
+    # Prior preservation's class prompt of each image (dataset.class_prompts) and its
+    # embeddings through the encoders without any LoRA: the base model's conditioning,
+    # which its target is predicted with. None without prior preservation.
+    class_prompts: list[str] | None = None
+    class_prompt_embeds: torch.Tensor | None = None  # (n, 77, ...) as prompt_embeds
+    class_pooled_prompt_embeds: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +127,7 @@ class Run:
                 if params.loss_masked
                 else {}
             ),
+            **self._prior_preservation(),
             **({"trigger": params.trigger} if params.trigger is not None else {}),
             "train_text_encoder": params.train_text_encoder,
             **(
@@ -143,6 +152,17 @@ class Run:
         }
         return {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
 
+    def _prior_preservation(self) -> dict[str, object]:
+        """The weight and the class prompts it kept (each distinct one once, as a JSON
+        list: the given class_prompt, or those taken from the captions)."""
+        prompts = self.encoded.class_prompts
+        if not self.params.prior_preservation_weight or prompts is None:
+            return {}
+        return {
+            "prior_preservation_weight": self.params.prior_preservation_weight,
+            "class_prompts": json.dumps(list(dict.fromkeys(prompts))),
+        }
+
 
 def encode_images(
     pipelines: Pipelines,
@@ -154,11 +174,13 @@ def encode_images(
     stop: Callable[[], bool],
     with_empty_caption: bool,
     mask_source: MaskSource | None = None,
+    class_prompts: list[str] | None = None,
 ) -> EncodedImages:
     """Each image's latents at its bucket's size, and its caption's embeddings (and,
     `with_empty_caption`, the empty caption's, encoded through the text encoders like any
-    caption, as diffusers' SDXL training script does for its empty prompts); with a
-    `mask_source`, each image's mask at its latents' size."""
+    caption, as diffusers' SDXL training script does for its empty prompts; and each
+    image's class prompt's, given `class_prompts`); with a `mask_source`, each image's
+    mask at its latents' size."""
     base, device = pipelines.base, pipelines.device
     latents, placements, time_ids = [], [], []
     masks: list[torch.Tensor] = []
@@ -203,6 +225,11 @@ def encode_images(
         time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
         masks=masks if mask_source is not None else None,
     )
+    if class_prompts is not None:
+        encoded.class_prompts = class_prompts
+        encoded.class_prompt_embeds, encoded.class_pooled_prompt_embeds = _encoded_prompts(
+            pipelines, class_prompts, batch_size
+        )
     if with_empty_caption:
         with torch.no_grad():
             empty, _, empty_pooled, _ = base.encode_prompt(
@@ -213,6 +240,24 @@ def encode_images(
             )
         encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds = empty, empty_pooled
     return encoded
+
+
+def _encoded_prompts(
+    pipelines: Pipelines, prompts: list[str], batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`prompts`' embeddings and pooled embeddings through the frozen text encoders."""
+    embeds, pooled = [], []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            prompt_embeds, _, pooled_embeds, _ = pipelines.base.encode_prompt(
+                prompt=prompts[start : start + batch_size],  # type: ignore[arg-type]  # a list
+                device=torch.device(pipelines.device),
+                num_images_per_prompt=1,
+                do_classifier_free_guidance=False,
+            )
+            embeds.append(prompt_embeds)
+            pooled.append(pooled_embeds)
+    return torch.cat(embeds), torch.cat(pooled)
 
 
 def _load_image(path: Path, sizing: Sizing) -> tuple[torch.Tensor, Placement]:

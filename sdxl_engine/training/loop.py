@@ -149,6 +149,10 @@ def optimise(
                 params.min_snr_gamma,
                 mask_weights(encoded.masks, batch, params.background_weight),
             )
+            if params.prior_preservation_weight:
+                loss = loss + params.prior_preservation_weight * prior_preservation_loss(
+                    run, noisy_latents.to(dtype), timesteps, indices, noise_generator
+                )
             optimizer.zero_grad(set_to_none=True)
             # bfloat16 shares float32's exponent range: gradients need no loss scaling.
             loss.backward()
@@ -252,6 +256,69 @@ def encoded_caption_conditioning(
         do_classifier_free_guidance=False,
     )
     return prompt_embeds, pooled
+
+
+def prior_preservation_loss(
+    run: Run,
+    noisy_latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    indices: torch.Tensor,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """How far the LoRA moves the UNet's prediction for each image's class prompt from the
+    base model's own (OneTrainer's prior-model preservation: no regularisation images).
+
+    The step's noisy latents and timesteps are predicted under the class prompt twice:
+    with the LoRA switched off and no gradients (the target: the base model's prediction,
+    conditioned on the class prompt as encoded once without any LoRA), then with it on.
+    The MSE between them is unweighted, as diffusers' DreamBooth script keeps its prior
+    loss outside Min-SNR. Costs one more forward pass without gradients and one with them
+    per step. With a text-encoder LoRA, the LoRA's side encodes the class prompts through
+    it, so the encoders' LoRA is held to the base's conditioning too.
+    """
+    unet, encoded = run.pipelines.base.unet, run.encoded
+    # encode_images encodes them whenever the run preserves the prior (train_lora).
+    assert encoded.class_prompts is not None
+    assert encoded.class_prompt_embeds is not None
+    assert encoded.class_pooled_prompt_embeds is not None
+    time_ids = encoded.time_ids[indices]
+    with torch.no_grad(), _adapters_disabled(unet):
+        base_prediction = unet(
+            noisy_latents,
+            timesteps,
+            encoder_hidden_states=encoded.class_prompt_embeds[indices],
+            added_cond_kwargs={
+                "text_embeds": encoded.class_pooled_prompt_embeds[indices],
+                "time_ids": time_ids,
+            },
+            return_dict=False,
+        )[0]
+    if run.text_encoders:
+        prompt_embeds, pooled = encoded_caption_conditioning(
+            run.pipelines, encoded.class_prompts, indices, 0.0, generator
+        )
+    else:
+        prompt_embeds = encoded.class_prompt_embeds[indices]
+        pooled = encoded.class_pooled_prompt_embeds[indices]
+    prediction = unet(
+        noisy_latents,
+        timesteps,
+        encoder_hidden_states=prompt_embeds,
+        added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids},
+        return_dict=False,
+    )[0]
+    return F.mse_loss(prediction.float(), base_prediction.float())
+
+
+@contextmanager
+def _adapters_disabled(unet: UNet2DConditionModel) -> Iterator[None]:
+    """The UNet as it was before its LoRA, for the block (PEFT keeps the adapter's weights
+    and marks them trainable again when it is switched back on)."""
+    unet.disable_adapters()
+    try:
+        yield
+    finally:
+        unet.enable_adapters()
 
 
 def _trainable(model: torch.nn.Module) -> list[torch.nn.Parameter]:

@@ -18,12 +18,18 @@ from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
 from sdxl_engine.continuation import ParentLora, parent_problems, read_parent_lora
-from sdxl_engine.dataset import TrainingPair, mask_problem, training_captions
+from sdxl_engine.dataset import TrainingPair, class_prompts, mask_problem, training_captions
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
 from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_tensors
 from sdxl_engine.lora_keys import COMPONENTS, TEXT_ENCODERS, UNET
-from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
+from sdxl_engine.parameters import (
+    LR_SCHEDULERS,
+    MAX_PRIOR_PRESERVATION_WEIGHT,
+    RECIPES,
+    TrainingParams,
+    lr_warmup_problem,
+)
 from sdxl_engine.training.adapters import (
     ADAPTER_NAME,
     LORA_TARGET_MODULES,
@@ -164,6 +170,9 @@ def train_lora(
             mask_source=(
                 ("alpha" if params.use_alpha_mask else "file") if params.loss_masked else None
             ),
+            class_prompts=class_prompts(pairs, params.trigger, params.class_prompt)
+            if params.prior_preservation_weight
+            else None,
         )
         encoders.release()
         if params.steps is not None:
@@ -287,6 +296,17 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(f"recipe must be one of {', '.join(RECIPES)}")
     if params.trigger is not None and not params.trigger.strip():
         problems.append("trigger must not be blank")
+    if not 0 <= params.prior_preservation_weight <= MAX_PRIOR_PRESERVATION_WEIGHT:
+        problems.append(
+            f"prior_preservation_weight must be 0 (off) to {MAX_PRIOR_PRESERVATION_WEIGHT}"
+        )
+    if params.class_prompt is not None and not params.class_prompt.strip():
+        problems.append("class_prompt must not be blank")
+    if params.prior_preservation_weight and params.class_prompt is None and params.trigger is None:
+        problems.append(
+            "prior_preservation_weight needs a class_prompt, or a trigger to take out of the "
+            "captions"
+        )
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:

@@ -54,6 +54,10 @@ _SCHEDULER_NOTE = (
     "dpmpp_sde_karras, ddim, unipc (AUTOMATIC1111's Euler, Euler a, DPM++ 2M, ...)"
 )
 _MODEL_NOTE = "the model is the operator's (SDXL_MODEL_PRESET / SDXL_MODEL_ID); no request picks it"
+_PRIOR_NOTE = (
+    "no class images: prior_preservation_weight keeps the base model's own prediction for "
+    "class_prompt"
+)
 _IMAGES_NOTE = "upload training images with /post_session_image or POST /sessions/<id>/images"
 _INIT_LORA_NOTE = '{"iteration": n} or {"lora_filename": "..."}: a LoRA file of the session'
 
@@ -156,6 +160,21 @@ ALIASES: tuple[Alias, ...] = (
         {TRAINING: "train_text_encoder"},
         "the UNet alone trains unless train_text_encoder is true",
     ),
+    Alias(
+        "prior_loss_weight",
+        (KOHYA, DIFFUSERS),
+        {TRAINING: "prior_preservation_weight"},
+        _PRIOR_NOTE,
+    ),
+    Alias(
+        "with_prior_preservation",
+        (DIFFUSERS,),
+        {TRAINING: "prior_preservation_weight"},
+        "a weight (1.0 as diffusers' prior_loss_weight); " + _PRIOR_NOTE,
+    ),
+    Alias("class_data_dir", (DIFFUSERS,), note=_PRIOR_NOTE),
+    Alias("reg_data_dir", (KOHYA,), note=_PRIOR_NOTE),
+    Alias("num_class_images", (DIFFUSERS,), note=_PRIOR_NOTE),
     Alias("bucket", (), {TRAINING: "enable_bucket"}),
     Alias("alpha_mask", (KOHYA,), {TRAINING: "use_alpha_mask"}),
     Alias("masked_training", (ONETRAINER,), {TRAINING: "masked_loss"}),

@@ -31,8 +31,17 @@ PARAMS = TrainingParams(
 )
 
 
+# With prior preservation too: the class prompts from the captions without the trigger.
+PRIOR_PARAMS = replace(PARAMS, trigger="sks", prior_preservation_weight=1.0)
+
+
 def _interrupted_after(
-    steps: int, pipelines: Pipelines, pairs: list[TrainingPair], state_dir: Path, tmp: Path
+    steps: int,
+    pipelines: Pipelines,
+    pairs: list[TrainingPair],
+    state_dir: Path,
+    tmp: Path,
+    params: TrainingParams = PARAMS,
 ) -> None:
     """A run stopped after `steps` steps, as a lost worker stops: its state stays."""
     done: list[int] = []
@@ -40,7 +49,7 @@ def _interrupted_after(
         train_lora(
             pipelines,
             pairs,
-            PARAMS,
+            params,
             tmp / "never.safetensors",
             state_dir=state_dir,
             on_progress=lambda step, total, loss: done.append(step),
@@ -49,17 +58,18 @@ def _interrupted_after(
     assert not (tmp / "never.safetensors").exists()
 
 
+@pytest.mark.parametrize("params", [PARAMS, PRIOR_PARAMS], ids=["plain", "prior"])
 def test_a_resumed_run_ends_with_the_lora_of_an_uninterrupted_one(
-    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+    pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path, params: TrainingParams
 ) -> None:
-    whole = train_lora(pipelines, training_pairs, PARAMS, tmp_path / "whole.safetensors")
-    _interrupted_after(5, pipelines, training_pairs, tmp_path / "state", tmp_path)
+    whole = train_lora(pipelines, training_pairs, params, tmp_path / "whole.safetensors")
+    _interrupted_after(5, pipelines, training_pairs, tmp_path / "state", tmp_path, params)
     events: list[tuple[str, int]] = []
 
     resumed = train_lora(
         pipelines,
         training_pairs,
-        PARAMS,
+        params,
         tmp_path / "resumed.safetensors",
         state_dir=tmp_path / "state",
         on_progress=lambda step, total, loss: events.append(("step", step)),

@@ -5,7 +5,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sdxl_engine.dataset import TrainingPair, find_training_pairs, training_captions
+from sdxl_engine.dataset import (
+    DEFAULT_CLASS_PROMPT,
+    TrainingPair,
+    class_prompts,
+    find_training_pairs,
+    training_captions,
+)
 from sdxl_engine.errors import EngineError
 
 
@@ -66,6 +72,26 @@ def test_an_empty_caption_without_a_trigger_is_refused() -> None:
     refused = "empty caption: 2/0.png; caption them, or train with a trigger"
     with pytest.raises(EngineError, match=refused):
         training_captions(_pairs("a dog", "a cat", ""), None)
+
+
+def test_the_class_prompt_is_each_caption_without_the_trigger_unless_one_is_given() -> None:
+    pairs = _pairs("ohwx, a woman in a park", "a photo of ohwx woman", "ohwx", "", "a man , ohwx;")
+
+    assert class_prompts(pairs, "ohwx", None) == [
+        "a woman in a park",
+        "a photo of woman",
+        DEFAULT_CLASS_PROMPT,  # nothing left but the trigger
+        DEFAULT_CLASS_PROMPT,
+        "a man",  # the separators around the trigger go with it
+    ]
+    assert class_prompts(pairs, "ohwx", "a photo of a person") == ["a photo of a person"] * 5
+
+
+def test_a_class_prompt_cannot_come_from_captions_without_a_trigger() -> None:
+    # The captions are what the LoRA learns: keeping them as they were would undo it.
+    with pytest.raises(EngineError, match="needs a class_prompt, or a trigger"):
+        class_prompts(_pairs("a dog"), None, None)
+    assert class_prompts(_pairs("a dog"), None, "a photo of a dog") == ["a photo of a dog"]
 
 
 def _half_transparent(mode: str) -> Image.Image:

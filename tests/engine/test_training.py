@@ -238,6 +238,14 @@ def test_no_images_is_an_engine_error(pipelines: Pipelines, tmp_path: Path) -> N
         (TrainingParams(caption_dropout=1.5), "caption_dropout"),
         (TrainingParams(background_weight=-0.5), "background_weight"),
         (TrainingParams(trigger="  "), "trigger must not be blank"),
+        (
+            TrainingParams(prior_preservation_weight=-1.0, trigger="sks"),
+            "prior_preservation_weight",
+        ),
+        (TrainingParams(prior_preservation_weight=math.inf, trigger="sks"), "0 \\(off\\) to 10"),
+        (TrainingParams(prior_preservation_weight=math.nan, trigger="sks"), "0 \\(off\\) to 10"),
+        (TrainingParams(prior_preservation_weight=1.0, class_prompt=" "), "class_prompt must not"),
+        (TrainingParams(prior_preservation_weight=1.0), "needs a class_prompt, or a trigger"),
     ],
 )
 def test_invalid_parameters_are_engine_errors(
@@ -312,19 +320,25 @@ def test_training_compiled_pipelines_keeps_their_generation_graphs(
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
 
 
+@pytest.mark.parametrize(
+    "params",
+    [
+        TrainingParams(batch_size=2, steps=2, seed=5),
+        TrainingParams(batch_size=2, steps=2, seed=5, trigger="sks", prior_preservation_weight=1.0),
+    ],
+    ids=["plain", "prior"],
+)
 def test_low_memory_mode_trains_with_compiled_blocks(
-    compiled_pipelines: Pipelines, training_pairs: list[TrainingPair], tmp_path: Path
+    compiled_pipelines: Pipelines,
+    training_pairs: list[TrainingPair],
+    tmp_path: Path,
+    params: TrainingParams,
 ) -> None:
-    # A 16 GB card with SDXL_COMPILE: checkpointing recomputes the compiled blocks.
+    # A 16 GB card with SDXL_COMPILE: checkpointing recomputes the compiled blocks (with
+    # prior preservation, also with the LoRA switched off).
     path = tmp_path / "lora.safetensors"
 
-    result = train_lora(
-        compiled_pipelines,
-        training_pairs,
-        TrainingParams(batch_size=2, steps=2, seed=5),
-        path,
-        low_memory=True,
-    )
+    result = train_lora(compiled_pipelines, training_pairs, params, path, low_memory=True)
 
     assert path.is_file() and math.isfinite(result.final_loss)
     assert not compiled_pipelines.base.unet.is_gradient_checkpointing

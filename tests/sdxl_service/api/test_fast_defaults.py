@@ -53,6 +53,8 @@ def test_a_default_training_on_the_tiny_model_answers_and_records_the_capped_rec
         "masked_loss": False,
         "background_weight": 0.0,
         "use_alpha_mask": False,
+        "prior_preservation_weight": 0.0,
+        "class_prompt": None,
         "sample_steps": [25, 50, 75, 100],
         "checkpoint_steps": [25, 50, 75],
     }

@@ -114,6 +114,17 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"use_alpha_mask": True, "masked_loss": False}, "masked_loss: use_alpha_mask implies"),
         # The session's one image has no mask.
         ({"masked_loss": True}, "masked_loss needs a mask for at least one image"),
+        ({"prior_preservation_weight": -0.1, "trigger": "sks"}, "prior_preservation_weight"),
+        ({"prior_preservation_weight": 10.5, "trigger": "sks"}, "prior_preservation_weight"),
+        ({"prior_preservation_weight": "inf", "trigger": "sks"}, "prior_preservation_weight"),
+        ({"prior_preservation_weight": True, "trigger": "sks"}, "prior_preservation_weight"),
+        ({"class_prompt": "a photo"}, "class_prompt: needs prior_preservation_weight"),
+        ({"class_prompt": "a photo", "prior_preservation_weight": 0}, "class_prompt: needs"),
+        ({"class_prompt": "  ", "prior_preservation_weight": 1}, "class_prompt"),
+        ({"class_prompt": 7, "prior_preservation_weight": 1}, "class_prompt"),
+        ({"class_prompt": "x" * 2001, "prior_preservation_weight": 1}, "class_prompt"),
+        # Without a trigger the captions are what the LoRA learns: no class in them.
+        ({"prior_preservation_weight": 1}, "class_prompt: needed with prior_preservation_weight"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -230,6 +241,31 @@ def test_the_alpha_mask_needs_no_mask_file_and_implies_masked_loss(api, session)
     assert response.status_code == 200, response.content
     recorded = TrainingRun.objects.get().parameters
     assert (recorded["use_alpha_mask"], recorded["masked_loss"]) == (True, True)
+
+
+def test_prior_preservation_trains_and_is_echoed_recorded_and_in_the_header(api, session):
+    body = {"session_id": session.pk, "steps": 2, "trigger": "ohwx"}
+    prior = {"prior_preservation_weight": 0.5, "class_prompt": "a photo of a square"}
+
+    response = api.post("/train_lora", {**body, **prior}, format="json")
+
+    assert response.status_code == 200
+    assert response.json()["recipe"] == {**response.json()["recipe"], **prior}
+    run = TrainingRun.objects.get()
+    assert run.parameters == {**run.parameters, **prior}
+    run_services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    assert run.status == TrainingRun.Status.COMPLETED
+    header = run.artifact.metadata
+    assert header["sdxl_service.prior_preservation_weight"] == "0.5"
+    assert json.loads(header["sdxl_service.class_prompts"]) == ["a photo of a square"]
+    # Left out, the class prompt is the caption without the trigger ("a red square").
+    api.post("/train_lora", {**body, "prior_preservation_weight": 1}, format="json")
+    derived = TrainingRun.objects.latest("pk")
+    assert derived.parameters["class_prompt"] is None
+    run_services.training_run_execute(derived.pk)
+    derived.refresh_from_db()
+    assert json.loads(derived.artifact.metadata["sdxl_service.class_prompts"]) == ["a red square"]
 
 
 def test_an_explicit_epochs_1_records_the_original_recipe(api, session):

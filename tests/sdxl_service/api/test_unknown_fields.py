@@ -341,6 +341,8 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "masked_loss": True,
                     "use_alpha_mask": True,
                     "background_weight": 0.2,
+                    "prior_preservation_weight": 1.0,
+                    "class_prompt": "a photo",
                     "webhook_url": "https://hooks.example.com/x",
                     "webhook_events": ["completed"],
                 },
