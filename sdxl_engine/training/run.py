@@ -17,7 +17,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import
 from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
-from sdxl_engine.dataset import TrainingPair, training_captions
+from sdxl_engine.dataset import TrainingPair, held_out_indices, training_captions
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
 from sdxl_engine.parameters import LR_SCHEDULERS, RECIPES, TrainingParams, lr_warmup_problem
@@ -39,8 +39,10 @@ from sdxl_engine.training.caching import (
 )
 from sdxl_engine.training.checkpoints import load_resume_state, run_fingerprint
 from sdxl_engine.training.console import StepProgress
+from sdxl_engine.training.evaluation import EVAL_SEED, Evaluation, eval_images
 from sdxl_engine.training.loop import optimise
 from sdxl_engine.training.samples import default_sample_prompts
+from sdxl_engine.training.similarity import ImageEmbedder
 from sdxl_engine.training.watch import Watch
 
 
@@ -51,6 +53,8 @@ class TrainingResult:
     metadata: dict[str, str]  # the sdxl_service.* entries written into the file's header
     sha256: str  # of the bytes meant to be in the file: whoever moves it can verify it
     resumed_from_step: int = 0  # the checkpoint's step this run continued from
+    eval_loss: float | None = None  # the finished LoRA's scores (training.evaluation)
+    similarity: float | None = None
 
 
 def train_lora(
@@ -67,6 +71,7 @@ def train_lora(
     on_samples: Callable[[int, list[tuple[str, Image.Image]]], None] | None = None,
     on_resume: Callable[[int], None] | None = None,
     console: TextIO | None = None,
+    embedder: ImageEmbedder | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -89,6 +94,11 @@ def train_lora(
     parameters.sample_steps), `on_samples(step, [(prompt, image), ...])` gets sample
     images (training.samples).
 
+    The weights are scored before the first step, at each checkpoint and at the end
+    (training.evaluation: the eval loss over the `params.eval_holdout` photos withheld from
+    training, or over the training photos without any; with an `embedder`, the similarity
+    of the samples to the photos); each file's header records its scores.
+
     The steps show on `console` (stderr when None; training.console): a progress bar with
     the time per step and the loss on a terminal, a line per tenth of the run elsewhere.
     """
@@ -105,10 +115,16 @@ def train_lora(
     base = pipelines.base
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
     multiple = _resolution_multiple(base)
-    _check_params(params, resolution, multiple)
+    _check_params(params, resolution, multiple, len(pairs))
     captions = training_captions(pairs, params.trigger)
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
     fingerprint = run_fingerprint(params, pairs, captions)
+    photos = [pair.image_path for pair in pairs]
+    held_out = set(held_out_indices(len(pairs), params.eval_holdout))
+    held_out_pairs = [pair for index, pair in enumerate(pairs) if index in held_out]
+    held_out_captions = [caption for index, caption in enumerate(captions) if index in held_out]
+    pairs = [pair for index, pair in enumerate(pairs) if index not in held_out]
+    captions = [caption for index, caption in enumerate(captions) if index not in held_out]
     resume = load_resume_state(state_dir, fingerprint) if state_dir is not None else None
     seed = (
         resume.seed
@@ -135,15 +151,32 @@ def train_lora(
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
         enter_stage("caching")
+        sizing = Sizing(buckets, multiple, MAX_UPSCALE if params.enable_bucket else math.inf)
         encoded = encode_images(
             pipelines,
             pairs,
             captions,
-            Sizing(buckets, multiple, MAX_UPSCALE if params.enable_bucket else math.inf),
+            sizing,
             params.batch_size,
             noise_generator,
             stop,
             with_empty_caption=params.caption_dropout > 0,
+        )
+        # Encoded like the training photos but from a private generator: the training's
+        # draws are those of a run without held-out photos.
+        held_out_encoded = (
+            encode_images(
+                pipelines,
+                held_out_pairs,
+                held_out_captions,
+                sizing,
+                params.batch_size,
+                torch.Generator(device).manual_seed(EVAL_SEED),
+                stop,
+                with_empty_caption=False,
+            )
+            if held_out_pairs
+            else None
         )
         encoders.release()
         if params.steps is not None:
@@ -170,10 +203,21 @@ def train_lora(
             sample_prompts=params.sample_prompts
             or default_sample_prompts(params.trigger, captions),
             encoders=encoders,
+            evaluation=Evaluation(
+                pipelines,
+                eval_images(encoded, held_out_encoded),
+                encode_captions=params.train_text_encoder,
+                holdout=params.eval_holdout,
+                embedder=embedder,
+                photos=photos,
+            ),
         )
         text_encoders = (
             [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
         )
+        if resume is None:
+            # The LoRA starts as a no-op: the Base alone scores as the run's step 0.
+            watch.evaluation.evaluate(0)
         try:
             base.unet.add_adapter(lora_config(params.rank, LORA_TARGET_MODULES), ADAPTER_NAME)
             for text_encoder in text_encoders:
@@ -192,7 +236,8 @@ def train_lora(
                 )
             finally:
                 bar.close()
-            metadata = run.metadata(final_loss)
+            watch.evaluation.evaluate(total_steps)
+            metadata = run.metadata(final_loss, **watch.evaluation.header(total_steps))
             enter_stage("saving")
             sha256 = save_lora(base, bool(text_encoders), Path(output_path), metadata)
         finally:
@@ -206,10 +251,14 @@ def train_lora(
         metadata=metadata,
         sha256=sha256,
         resumed_from_step=resumed_from_step,
+        eval_loss=watch.evaluation.scores[total_steps].eval_loss,
+        similarity=watch.evaluation.scores[total_steps].similarity,
     )
 
 
-def _check_params(params: TrainingParams, resolution: int, multiple: int) -> None:
+def _check_params(
+    params: TrainingParams, resolution: int, multiple: int, image_count: int
+) -> None:
     problems = []
     if params.batch_size < 1:
         problems.append("batch_size must be at least 1")
@@ -249,6 +298,11 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(f"recipe must be one of {', '.join(RECIPES)}")
     if params.trigger is not None and not params.trigger.strip():
         problems.append("trigger must not be blank")
+    if not 0 <= params.eval_holdout < image_count:
+        problems.append(
+            f"eval_holdout must be from 0 to {image_count - 1} (the image count - 1: at least "
+            "one photo must train)"
+        )
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")
     if problems:
