@@ -242,6 +242,10 @@ SDXL_BASE_MODEL = env.str("SDXL_BASE_MODEL", default="stabilityai/stable-diffusi
 SDXL_REFINER_MODEL = env.str(
     "SDXL_REFINER_MODEL", default="stabilityai/stable-diffusion-xl-refiner-1.0"
 )
+# A CLIP vision model with projection (hub id or local folder) that scores each checkpoint's
+# samples against the photos (/train_status' similarity). Empty: no similarity, but on the
+# tiny preset, which builds a tiny random one (its scores mean nothing).
+SDXL_SIMILARITY_MODEL = env.str("SDXL_SIMILARITY_MODEL", default="")
 # Compile the UNets whole with CUDA graphs in the workers (GPU): faster steps, paid for with
 # compile time at the generation worker's start (one image of the native size; other
 # shapes run eagerly).
