@@ -254,12 +254,6 @@ class LossPoint(serializers.Serializer[Any]):
     loss = serializers.FloatField(help_text="the mean training loss of the steps up to this one")
 
 
-class BestCheckpoint(serializers.Serializer[Any]):
-    step = serializers.IntegerField()
-    lora_filename = serializers.CharField()
-    eval_loss = serializers.FloatField()
-
-
 class KeptAlongTheWay(serializers.Serializer[Any]):
     """What in-progress and completed runs list (sample_every, checkpoint_every)."""
 
@@ -268,10 +262,11 @@ class KeptAlongTheWay(serializers.Serializer[Any]):
         many=True,
         help_text="each checkpoint saved so far and, once the run completed, its final LoRA last",
     )
-    best_checkpoint = BestCheckpoint(
+    # A dict, as waiting_for: OpenAPI 3.0 cannot make a referenced object nullable.
+    best_checkpoint = serializers.DictField(
         allow_null=True,
-        help_text="the entry of checkpoints with the lowest eval_loss (the earlier step on a "
-        "tie); null until one is scored",
+        help_text='{"step", "lora_filename", "eval_loss"} of the entry of checkpoints with the '
+        "lowest eval_loss (the earlier step on a tie); null until one is scored",
     )
     loss_history = LossPoint(
         many=True,
