@@ -38,6 +38,7 @@ from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, T
 from training_app.services.watch import (
     CHECKPOINTS_FOLDER,
     checkpoint_filename,
+    header_score,
     run_samples_folder,
 )
 
@@ -70,6 +71,8 @@ _RUN_FIELDS = (
     "webhook_url",
     "webhook_events",
 )
+# And the run's scores, with what an archive from before them (which lacks them) reads as.
+_RUN_SCORES = {"loss_history": [], "eval_loss": None, "similarity": None}
 _RUN_TIMES = ("started_at", "finished_at", "training_started_at")
 _COPY_CHUNK = 1 << 20
 # session.json, as written and as read back: JSON, checked field by field on import.
@@ -191,7 +194,7 @@ def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, An
                 }
             )
         row: dict[str, Any] = {"id": run.pk, "created_at": run.created_at.isoformat()}
-        for field in _RUN_FIELDS:
+        for field in (*_RUN_FIELDS, *_RUN_SCORES):
             value = getattr(run, field)
             row[field] = value.isoformat() if isinstance(value, datetime) else value
         runs.append({**row, "checkpoints": checkpoints, "samples": samples})
@@ -404,6 +407,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
     moves: list[tuple[str, str]] = []
     for entry in manifest["runs"]:
         fields = {field: entry[field] for field in _RUN_FIELDS}
+        fields.update({field: entry.get(field, absent) for field, absent in _RUN_SCORES.items()})
         for field in _RUN_TIMES:
             if fields[field] is not None:
                 fields[field] = datetime.fromisoformat(fields[field])
@@ -430,6 +434,8 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
                 size=checkpoint["size"],
                 sha256=checkpoint["sha256"],
                 metadata=checkpoint["metadata"],
+                eval_loss=header_score(checkpoint["metadata"], "eval_loss"),
+                similarity=header_score(checkpoint["metadata"], "similarity"),
             )
             _keep_created_at(stored, checkpoint)
         for sample in entry["samples"]:
