@@ -72,7 +72,7 @@ _RUN_FIELDS = (
     "webhook_events",
 )
 # And the run's scores, with what an archive from before them (which lacks them) reads as.
-_RUN_SCORES = {"loss_history": [], "eval_loss": None, "similarity": None}
+_RUN_SCORES: dict[str, Any] = {"loss_history": [], "eval_loss": None, "similarity": None}
 _RUN_TIMES = ("started_at", "finished_at", "training_started_at")
 _COPY_CHUNK = 1 << 20
 # session.json, as written and as read back: JSON, checked field by field on import.

@@ -45,9 +45,7 @@ class LossHistory:
         # An odd point out (the oldest) stays as it is: its stretch is half as long.
         odd = len(self._points) % 2
         merged = self._points[:odd]
-        for first, second in zip(
-            self._points[odd::2], self._points[odd + 1 :: 2], strict=True
-        ):
+        for first, second in zip(self._points[odd::2], self._points[odd + 1 :: 2], strict=True):
             merged.append([second[0], (first[1] + second[1]) / 2])
         self._points = merged
         self._every *= 2

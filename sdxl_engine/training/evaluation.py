@@ -72,9 +72,7 @@ def eval_loss(pipelines: Pipelines, images: EvalImages, encode_captions: bool) -
     base, device, dtype = pipelines.base, torch.device(pipelines.device), pipelines.dtype
     unet = base.unet
     scheduler: DDPMScheduler = DDPMScheduler.from_config(base.scheduler.config)
-    timesteps = torch.tensor(
-        eval_timesteps(scheduler.config["num_train_timesteps"]), device=device
-    )
+    timesteps = torch.tensor(eval_timesteps(scheduler.config["num_train_timesteps"]), device=device)
     velocity = scheduler.config["prediction_type"] == "v_prediction"
     encoded = images.encoded
     was_training = unet.training
@@ -119,7 +117,9 @@ def _caption(
     pipelines: Pipelines, encoded: EncodedImages, index: int, encode: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if not encode:
-        return encoded.prompt_embeds[index : index + 1], encoded.pooled_prompt_embeds[index : index + 1]
+        return encoded.prompt_embeds[index : index + 1], encoded.pooled_prompt_embeds[
+            index : index + 1
+        ]
     prompt_embeds, _, pooled, _ = pipelines.base.encode_prompt(
         prompt=encoded.captions[index],
         device=torch.device(pipelines.device),

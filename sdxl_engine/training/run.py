@@ -256,9 +256,7 @@ def train_lora(
     )
 
 
-def _check_params(
-    params: TrainingParams, resolution: int, multiple: int, image_count: int
-) -> None:
+def _check_params(params: TrainingParams, resolution: int, multiple: int, image_count: int) -> None:
     problems = []
     if params.batch_size < 1:
         problems.append("batch_size must be at least 1")

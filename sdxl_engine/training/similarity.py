@@ -84,7 +84,9 @@ class ImageEmbedder:
 
     def __init__(self, source: str, device: str) -> None:
         try:
-            self._model = CLIPVisionModelWithProjection.from_pretrained(source).to(device).eval()
+            # As a plain module: transformers' typing of to() and eval() trips mypy.
+            model: torch.nn.Module = CLIPVisionModelWithProjection.from_pretrained(source)
+            self._model = model.requires_grad_(False).eval().to(device)
             self._processor = CLIPImageProcessorPil.from_pretrained(source)
         except (OSError, ValueError) as error:
             raise EngineError(
@@ -95,9 +97,13 @@ class ImageEmbedder:
 
     def embed(self, images: list[Image.Image]) -> torch.Tensor:
         """(len(images), projection_dim), each row of unit length."""
-        inputs = self._processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        inputs = self._processor(
+            images=[image.convert("RGB") for image in images], return_tensors="pt"
+        )
         with torch.no_grad():
-            embeddings = self._model(pixel_values=inputs["pixel_values"].to(self._device)).image_embeds
+            embeddings = self._model(
+                pixel_values=inputs["pixel_values"].to(self._device)
+            ).image_embeds
         return torch.nn.functional.normalize(embeddings.float(), dim=-1)
 
     def embed_files(self, paths: list[Path]) -> torch.Tensor:

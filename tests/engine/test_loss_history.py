@@ -4,6 +4,7 @@ import pytest
 
 from sdxl_engine.loss_history import MAX_POINTS, LossHistory
 
+
 def test_a_long_run_keeps_its_span_in_at_most_max_points_of_stretch_means() -> None:
     history = LossHistory()
     completed = [history.add(step, float(step)) for step in range(1, 10_001)]
@@ -14,6 +15,7 @@ def test_a_long_run_keeps_its_span_in_at_most_max_points_of_stretch_means() -> N
     # Each point is its stretch's mean: steps 2..65 average 33.5.
     assert points[1] == [65, 33.5]
     assert sum(completed) < 1_000  # a point completes every `every` steps, not each step
+
 
 def test_a_resumed_history_continues_at_its_spacing() -> None:
     history = LossHistory()

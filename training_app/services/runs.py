@@ -245,9 +245,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         percent = min(_PROGRESS_BEFORE_SAVE, step * 100 // max(total_steps, 1))
         # Saved with the step's own update, when a point of the history is complete (every
         # step early on, ever more rarely as the run grows: LossHistory).
-        history = (
-            {"loss_history": loss_history.points()} if loss_history.add(step, loss) else {}
-        )
+        history = {"loss_history": loss_history.points()} if loss_history.add(step, loss) else {}
         still_running = bool(
             jobs.held_here(TRAINING_RUNS, run.pk).update(
                 step=step,
