@@ -233,6 +233,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
 
     pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
+    params = _within_image_side_limit(TrainingParams(**run.parameters), pipelines.base)
     still_running = True
     loss_history = LossHistory()
 
@@ -276,7 +277,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     result = train_lora(
         pipelines,
         pairs,
-        _within_image_side_limit(TrainingParams(**run.parameters), pipelines.base),
+        params,
         output,
         on_progress=on_progress,
         # The row stops reading "running" when the run is cancelled or its session deleted;
@@ -289,7 +290,8 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         on_samples=on_samples,
         # Shown while it runs; the engine calls it only for a state it really resumes from.
         on_resume=on_resume,
-        embedder=_similarity_embedder(pipelines),
+        # Only samples are scored by it: a run without any needs none.
+        embedder=_similarity_embedder(pipelines) if params.sample_every != 0 else None,
     )
     with transaction.atomic():
         artifact = lora_store(
