@@ -120,11 +120,9 @@ def train_lora(
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
     fingerprint = run_fingerprint(params, pairs, captions)
     photos = [pair.image_path for pair in pairs]
-    held_out = set(held_out_indices(len(pairs), params.eval_holdout))
-    held_out_pairs = [pair for index, pair in enumerate(pairs) if index in held_out]
-    held_out_captions = [caption for index, caption in enumerate(captions) if index in held_out]
-    pairs = [pair for index, pair in enumerate(pairs) if index not in held_out]
-    captions = [caption for index, caption in enumerate(captions) if index not in held_out]
+    (pairs, captions), (held_out_pairs, held_out_captions) = _held_out_split(
+        pairs, captions, params.eval_holdout
+    )
     resume = load_resume_state(state_dir, fingerprint) if state_dir is not None else None
     seed = (
         resume.seed
@@ -253,6 +251,24 @@ def train_lora(
         resumed_from_step=resumed_from_step,
         eval_loss=watch.evaluation.scores[total_steps].eval_loss,
         similarity=watch.evaluation.scores[total_steps].similarity,
+    )
+
+
+def _held_out_split(
+    pairs: list[TrainingPair], captions: list[str], holdout: int
+) -> tuple[tuple[list[TrainingPair], list[str]], tuple[list[TrainingPair], list[str]]]:
+    """(the pairs and captions that train, those withheld for the eval loss)."""
+    held_out = set(held_out_indices(len(pairs), holdout))
+    chosen = [index in held_out for index in range(len(pairs))]
+    return (
+        (
+            [pair for pair, out in zip(pairs, chosen, strict=True) if not out],
+            [caption for caption, out in zip(captions, chosen, strict=True) if not out],
+        ),
+        (
+            [pair for pair, out in zip(pairs, chosen, strict=True) if out],
+            [caption for caption, out in zip(captions, chosen, strict=True) if out],
+        ),
     )
 
 
