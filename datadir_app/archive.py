@@ -41,6 +41,7 @@ from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun, T
 from training_app.services.watch import (
     CHECKPOINTS_FOLDER,
     checkpoint_filename,
+    header_score,
     run_samples_folder,
 )
 
@@ -73,6 +74,8 @@ _RUN_FIELDS = (
     "webhook_url",
     "webhook_events",
 )
+# And the run's scores, with what an archive from before them (which lacks them) reads as.
+_RUN_SCORES: dict[str, Any] = {"loss_history": [], "eval_loss": None, "similarity": None}
 _RUN_TIMES = ("started_at", "finished_at", "training_started_at")
 _COPY_CHUNK = 1 << 20
 # session.json, as written and as read back: JSON, checked field by field on import.
@@ -202,7 +205,7 @@ def _runs_manifest(session: Session, files: dict[str, str]) -> list[dict[str, An
             "created_at": run.created_at.isoformat(),
             "init_lora": run.init_lora,
         }
-        for field in _RUN_FIELDS:
+        for field in (*_RUN_FIELDS, *_RUN_SCORES):
             value = getattr(run, field)
             row[field] = value.isoformat() if isinstance(value, datetime) else value
         runs.append({**row, "checkpoints": checkpoints, "samples": samples})
@@ -421,6 +424,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
     renamed_checkpoints: dict[str, str] = {}
     for entry in manifest["runs"]:
         fields = {field: entry[field] for field in _RUN_FIELDS}
+        fields.update({field: entry.get(field, absent) for field, absent in _RUN_SCORES.items()})
         for field in _RUN_TIMES:
             if fields[field] is not None:
                 fields[field] = datetime.fromisoformat(fields[field])
@@ -451,6 +455,8 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
                 size=checkpoint["size"],
                 sha256=checkpoint["sha256"],
                 metadata=checkpoint["metadata"],
+                eval_loss=header_score(checkpoint["metadata"], "eval_loss"),
+                similarity=header_score(checkpoint["metadata"], "similarity"),
             )
             _keep_created_at(stored, checkpoint)
         for sample in entry["samples"]:

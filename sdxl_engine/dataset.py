@@ -186,3 +186,11 @@ def _without(caption: str, trigger: str) -> str:
     text = " ".join(caption.replace(trigger, " ").split())
     text = _SEPARATORS.sub(lambda match: f"{match.group(1)} ", text)
     return text.strip(" ,;")
+
+
+def held_out_indices(image_count: int, holdout: int) -> list[int]:
+    """Which of `image_count` photos (in find_training_pairs' order) a run with
+    `eval_holdout` = `holdout` withholds from training to measure its eval loss on: evenly
+    spaced, the middle of each of `holdout` equal stretches, so the choice is the same for
+    the same images and spans them rather than taking the first or the last uploads."""
+    return [(2 * index + 1) * image_count // (2 * holdout) for index in range(holdout)]

@@ -65,6 +65,9 @@ _FLOAT_DTYPES = {
 _UINT_OF_WIDTH = {2: "<u2", 4: "<u4", 8: "<u8"}
 _MAX_PROBLEMS_NAMED = 3
 
+# The prefix of this service's own entries in a LoRA file's header metadata.
+METADATA_PREFIX = "sdxl_service."
+
 
 @dataclass(frozen=True)
 class LoraInfo:

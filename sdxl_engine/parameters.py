@@ -109,6 +109,10 @@ class TrainingParams:
     # (sdxl_engine.dataset.class_prompts).
     prior_preservation_weight: float = 0.0
     class_prompt: str | None = None
+    # How many photos are withheld from training to measure the eval loss on (evenly
+    # spaced: dataset.held_out_split); 0: the eval loss is over the training photos, so it
+    # keeps falling as the LoRA memorises them. At most the image count - 1.
+    eval_holdout: int = 0
     recipe: str = "original"  # one of RECIPES: where the defaults above came from
 
     @property

@@ -247,6 +247,10 @@ SDXL_REFINER_MODEL = env.str(
 # on its CPU. Empty: the tiny preset builds a tiny random one (noise masks); any other
 # preset answers subject masks with a 409 naming this setting.
 SDXL_SUBJECT_MASK_MODEL = env.str("SDXL_SUBJECT_MASK_MODEL", default="")
+# A CLIP vision model with projection (hub id or local folder) that scores each checkpoint's
+# samples against the photos (/train_status' similarity). Empty: no similarity, but on the
+# tiny preset, which builds a tiny random one (its scores mean nothing).
+SDXL_SIMILARITY_MODEL = env.str("SDXL_SIMILARITY_MODEL", default="")
 # Compile the UNets whole with CUDA graphs in the workers (GPU): faster steps, paid for with
 # compile time at the generation worker's start (one image of the native size; other
 # shapes run eagerly).

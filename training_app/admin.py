@@ -14,6 +14,7 @@ from core.errors import ServiceError
 from sessions_app.admin import ReadOnlyAdmin, file_response
 from sessions_app.links import session_admin_url
 from training_app import links
+from training_app.charts import scores_chart_svg
 from training_app.models import (
     Generation,
     GenerationLora,
@@ -26,7 +27,7 @@ from training_app.models import (
 )
 from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.loras import LORA_FORMATS, lora_file_path, lora_read
-from training_app.services.watch import sample_path
+from training_app.services.watch import header_score, sample_path
 
 
 def sample_figures(samples) -> str:
@@ -161,6 +162,8 @@ class TrainingCheckpointAdmin(LoraFileAdmin):
         "filename",
         "size",
         "sha256",
+        "eval_loss",
+        "similarity",
         "metadata",
         "created_at",
         "download",
@@ -209,13 +212,61 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         "training_started_at",
         "finished_at",
         "heartbeat_at",
-        "sample_images",
+        "eval_loss",
+        "similarity",
+        "curves_and_samples",
         "checkpoint_files",
     ]
 
-    @admin.display(description="sample images")
-    def sample_images(self, run: TrainingRun) -> str:
-        return sample_figures(run.samples.all())
+    @admin.display(description="curves and sample images")
+    def curves_and_samples(self, run: TrainingRun) -> str:
+        """The loss curves (charts.scores_chart_svg), then the sample images of each step
+        under that step's scores."""
+        checkpoints = list(run.checkpoints.all())
+        scores = {
+            c.step: {"eval_loss": c.eval_loss, "similarity": c.similarity} for c in checkpoints
+        }
+        evaluation = [(c.step, c.eval_loss) for c in checkpoints if c.eval_loss is not None]
+        similarity = [(c.step, c.similarity) for c in checkpoints if c.similarity is not None]
+        artifact = getattr(run, "artifact", None)
+        headers = [c.metadata for c in checkpoints] + ([artifact.metadata] if artifact else [])
+        start = next(
+            (score for h in headers if (score := header_score(h, "eval_loss_start")) is not None),
+            None,
+        )
+        if start is not None:
+            evaluation.insert(0, (0, start))
+        if run.status == TrainingRun.Status.COMPLETED and run.total_steps:
+            scores[run.total_steps] = {"eval_loss": run.eval_loss, "similarity": run.similarity}
+            if run.eval_loss is not None:
+                evaluation.append((run.total_steps, run.eval_loss))
+            if run.similarity is not None:
+                similarity.append((run.total_steps, run.similarity))
+        chart = scores_chart_svg(
+            [(step, loss) for step, loss in run.loss_history], evaluation, similarity
+        )
+        by_step: dict[int, list[TrainingSample]] = {}
+        for sample in run.samples.all():
+            by_step.setdefault(sample.step, []).append(sample)
+        columns = format_html_join(
+            "",
+            '<div style="flex:none"><strong>step {}</strong> {}<div>{}</div></div>',
+            (
+                (
+                    step,
+                    _scores_text(scores.get(step, {})),
+                    sample_figures(samples),
+                )
+                for step, samples in by_step.items()
+            ),
+        )
+        if not chart and not by_step:
+            return "-"
+        return format_html(
+            '<div>{}</div><div style="display:flex;gap:16px;overflow-x:auto">{}</div>',
+            chart,
+            columns,
+        )
 
     @admin.display(description="checkpoints")
     def checkpoint_files(self, run: TrainingRun) -> str:
@@ -223,10 +274,11 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         if not checkpoints:
             return "-"
         return format_html(
-            "<table><tr><th>step</th><th>file</th><th>size</th><th></th></tr>{}</table>",
+            "<table><tr><th>step</th><th>file</th><th>size</th><th>eval loss</th>"
+            "<th>similarity</th><th></th></tr>{}</table>",
             format_html_join(
                 "",
-                '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td>'
+                '<tr><td>{}</td><td><a href="{}">{}</a></td><td>{}</td><td>{}</td><td>{}</td>'
                 '<td><a href="{}">download</a></td></tr>',
                 (
                     (
@@ -234,6 +286,8 @@ class TrainingRunAdmin(ReadOnlyAdmin):
                         links.checkpoint_admin_url(checkpoint),
                         checkpoint.filename,
                         checkpoint.size,
+                        _score(checkpoint.eval_loss),
+                        _score(checkpoint.similarity),
                         links.lora_file_download_admin_url(checkpoint),
                     )
                     for checkpoint in checkpoints
@@ -258,6 +312,20 @@ class TrainingRunAdmin(ReadOnlyAdmin):
         return file_response(
             sample_path(sample), f"{sample.filename} is missing", content_type="image/png"
         )
+
+
+def _score(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4g}"
+
+
+def _scores_text(scores: dict) -> str:
+    """A step's eval loss and similarity, those known, for a caption."""
+    known = [
+        f"{name.replace('_', ' ')} {_score(scores[name])}"
+        for name in ("eval_loss", "similarity")
+        if scores.get(name) is not None
+    ]
+    return f"({', '.join(known)})" if known else ""
 
 
 class GenerationLoraInline(admin.TabularInline):

@@ -126,7 +126,27 @@ def training_recipe_body(run: TrainingRun) -> dict[str, Any]:
 
 
 def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
-    """The run's sample images and checkpoints so far, and the step it resumed from."""
+    """The run's sample images, checkpoints (the final LoRA last once completed) with their
+    scores and the best of them, its loss history, and the step it resumed from."""
+    checkpoints = [
+        {
+            "step": checkpoint.step,
+            "lora_filename": checkpoint.filename,
+            "eval_loss": checkpoint.eval_loss,
+            "similarity": checkpoint.similarity,
+        }
+        for checkpoint in run.checkpoints.all()
+    ]
+    artifact = getattr(run, "artifact", None)
+    if run.status == TrainingRun.Status.COMPLETED and artifact is not None:
+        checkpoints.append(
+            {
+                "step": run.total_steps or run.step,
+                "lora_filename": artifact.filename,
+                "eval_loss": run.eval_loss,
+                "similarity": run.similarity,
+            }
+        )
     return {
         "samples": [
             {
@@ -136,12 +156,21 @@ def _kept_along_the_way(run: TrainingRun) -> dict[str, Any]:
             }
             for sample in run.samples.all()
         ],
-        "checkpoints": [
-            {"step": checkpoint.step, "lora_filename": checkpoint.filename}
-            for checkpoint in run.checkpoints.all()
-        ],
+        "checkpoints": checkpoints,
+        "best_checkpoint": best_checkpoint(checkpoints),
+        "loss_history": [{"step": step, "loss": loss} for step, loss in run.loss_history],
         "resumed_from_step": run.resumed_from_step,
     }
+
+
+def best_checkpoint(checkpoints: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The checkpoint (the final LoRA among them) of the lowest eval loss, the earlier step
+    on a tie; None while none is scored."""
+    scored = [checkpoint for checkpoint in checkpoints if checkpoint["eval_loss"] is not None]
+    if not scored:
+        return None
+    best = min(scored, key=lambda checkpoint: (checkpoint["eval_loss"], checkpoint["step"]))
+    return {key: best[key] for key in ("step", "lora_filename", "eval_loss")}
 
 
 def training_event_body(run: TrainingRun, **extra: object) -> dict[str, Any]:

@@ -84,6 +84,13 @@ class TrainingRun(Job):
     # when the run was asked for: {"lora_filename", "iteration" (null for a checkpoint),
     # "sha256"}; the worker trains only from a file of that sha256. Null: fresh weights.
     init_lora = models.JSONField(null=True, blank=True)
+    # The training loss as [[step, loss], ...], at most a few hundred points however long
+    # the run (sdxl_engine.loss_history), saved as the run trains.
+    loss_history = models.JSONField(default=list, blank=True)
+    # The finished LoRA's scores (sdxl_engine.training.evaluation): the eval loss, and the
+    # similarity of its samples to the photos (null without an image embedder).
+    eval_loss = models.FloatField(null=True, blank=True)
+    similarity = models.FloatField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]
@@ -141,6 +148,10 @@ class TrainingCheckpoint(models.Model):
     size = models.PositiveBigIntegerField()
     sha256 = models.CharField(max_length=64)
     metadata = models.JSONField(default=dict, blank=True)  # the safetensors header metadata
+    # Its scores, as its header records them (sdxl_engine.training.evaluation); null when
+    # unknown (a file from before scores, or no samples at its step for the similarity).
+    eval_loss = models.FloatField(null=True, blank=True)
+    similarity = models.FloatField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

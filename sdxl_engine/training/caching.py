@@ -25,9 +25,9 @@ from sdxl_engine.continuation import ParentLora
 from sdxl_engine.dataset import TrainingPair, alpha_mask, training_rgb
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.lora_files import METADATA_PREFIX
 from sdxl_engine.parameters import TrainingParams
 
-METADATA_PREFIX = "sdxl_service."
 # Below this much free GPU memory (with the Base loaded), training recomputes activations
 # instead of keeping them: at 1024², batch 4, keeping them takes 19.1 GiB beyond the Base
 # (H100, bench/results/2026-11-27-h100-fp16/train-compiled.json), plus room to spare.

@@ -18,7 +18,13 @@ from PIL import Image
 
 from sdxl_engine.buckets import MAX_UPSCALE, bucket_sizes
 from sdxl_engine.continuation import ParentLora, parent_problems, read_parent_lora
-from sdxl_engine.dataset import TrainingPair, class_prompts, mask_problem, training_captions
+from sdxl_engine.dataset import (
+    TrainingPair,
+    class_prompts,
+    held_out_indices,
+    mask_problem,
+    training_captions,
+)
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
 from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_tensors
@@ -51,8 +57,10 @@ from sdxl_engine.training.caching import (
 )
 from sdxl_engine.training.checkpoints import load_resume_state, run_fingerprint
 from sdxl_engine.training.console import StepProgress
+from sdxl_engine.training.evaluation import EVAL_SEED, Evaluation, eval_images
 from sdxl_engine.training.loop import optimise
 from sdxl_engine.training.samples import default_sample_prompts
+from sdxl_engine.training.similarity import ImageEmbedder
 from sdxl_engine.training.watch import Watch
 
 
@@ -63,6 +71,8 @@ class TrainingResult:
     metadata: dict[str, str]  # the sdxl_service.* entries written into the file's header
     sha256: str  # of the bytes meant to be in the file: whoever moves it can verify it
     resumed_from_step: int = 0  # the checkpoint's step this run continued from
+    eval_loss: float | None = None  # the finished LoRA's scores (training.evaluation)
+    similarity: float | None = None
 
 
 def train_lora(
@@ -80,6 +90,7 @@ def train_lora(
     on_resume: Callable[[int], None] | None = None,
     console: TextIO | None = None,
     init_lora: Path | None = None,
+    embedder: ImageEmbedder | None = None,
 ) -> TrainingResult:
     """Train a LoRA on the Base UNet's attention projections (and both text encoders'
     with `params.train_text_encoder`) and save it to `output_path`.
@@ -102,6 +113,11 @@ def train_lora(
     parameters.sample_steps), `on_samples(step, [(prompt, image), ...])` gets sample
     images (training.samples).
 
+    The weights are scored before the first step, at each checkpoint and at the end
+    (training.evaluation: the eval loss over the `params.eval_holdout` photos withheld from
+    training, or over the training photos without any; with an `embedder`, the similarity
+    of the samples to the photos); each file's header records its scores.
+
     The steps show on `console` (stderr when None; training.console): a progress bar with
     the time per step and the loss on a terminal, a line per tenth of the run elsewhere.
 
@@ -123,7 +139,7 @@ def train_lora(
     base = pipelines.base
     resolution = params.resolution or base.unet.config.sample_size * base.vae_scale_factor
     multiple = _resolution_multiple(base)
-    _check_params(params, resolution, multiple)
+    _check_params(params, resolution, multiple, len(pairs))
     if problem := mask_problem(pairs, params.masked_loss, params.use_alpha_mask):
         raise EngineError(problem)
     parent = _parent_lora(base, init_lora, params) if init_lora is not None else None
@@ -131,6 +147,10 @@ def train_lora(
     buckets = bucket_sizes(resolution, multiple) if params.enable_bucket else [(resolution,) * 2]
     fingerprint = run_fingerprint(
         params, pairs, captions, parent_sha256=parent.sha256 if parent else None
+    )
+    photos = [pair.image_path for pair in pairs]
+    (pairs, captions), (held_out_pairs, held_out_captions) = _held_out_split(
+        pairs, captions, params.eval_holdout
     )
     resume = load_resume_state(state_dir, fingerprint) if state_dir is not None else None
     seed = (
@@ -158,11 +178,12 @@ def train_lora(
         torch.manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
         enter_stage("caching")
+        sizing = Sizing(buckets, multiple, MAX_UPSCALE if params.enable_bucket else math.inf)
         encoded = encode_images(
             pipelines,
             pairs,
             captions,
-            Sizing(buckets, multiple, MAX_UPSCALE if params.enable_bucket else math.inf),
+            sizing,
             params.batch_size,
             noise_generator,
             stop,
@@ -173,6 +194,22 @@ def train_lora(
             class_prompts=class_prompts(pairs, params.trigger, params.class_prompt)
             if params.prior_preservation_weight
             else None,
+        )
+        # Encoded like the training photos but from a private generator: the training's
+        # draws are those of a run without held-out photos.
+        held_out_encoded = (
+            encode_images(
+                pipelines,
+                held_out_pairs,
+                held_out_captions,
+                sizing,
+                params.batch_size,
+                torch.Generator(device).manual_seed(EVAL_SEED),
+                stop,
+                with_empty_caption=False,
+            )
+            if held_out_pairs
+            else None
         )
         encoders.release()
         if params.steps is not None:
@@ -200,6 +237,14 @@ def train_lora(
             sample_prompts=params.sample_prompts
             or default_sample_prompts(params.trigger, captions),
             encoders=encoders,
+            evaluation=Evaluation(
+                pipelines,
+                eval_images(encoded, held_out_encoded),
+                encode_captions=params.train_text_encoder,
+                holdout=params.eval_holdout,
+                embedder=embedder,
+                photos=photos,
+            ),
         )
         text_encoders = (
             [base.text_encoder, base.text_encoder_2] if params.train_text_encoder else []
@@ -223,6 +268,10 @@ def train_lora(
                     dict(zip(COMPONENTS, (base.unet, *text_encoders), strict=False)),
                     parent_weights,
                 )
+            if resume is None:
+                # Step 0 scores what the run starts from: the Base alone (a fresh LoRA is a
+                # no-op), or the parent LoRA it continues.
+                watch.evaluation.evaluate(0)
             enter_stage("training")
             bar = StepProgress(total_steps, console)
 
@@ -237,7 +286,8 @@ def train_lora(
                 )
             finally:
                 bar.close()
-            metadata = run.metadata(final_loss)
+            watch.evaluation.evaluate(total_steps)
+            metadata = run.metadata(final_loss, **watch.evaluation.header(total_steps))
             enter_stage("saving")
             sha256 = save_lora(base, bool(text_encoders), Path(output_path), metadata)
         finally:
@@ -251,10 +301,30 @@ def train_lora(
         metadata=metadata,
         sha256=sha256,
         resumed_from_step=resumed_from_step,
+        eval_loss=watch.evaluation.scores[total_steps].eval_loss,
+        similarity=watch.evaluation.scores[total_steps].similarity,
     )
 
 
-def _check_params(params: TrainingParams, resolution: int, multiple: int) -> None:
+def _held_out_split(
+    pairs: list[TrainingPair], captions: list[str], holdout: int
+) -> tuple[tuple[list[TrainingPair], list[str]], tuple[list[TrainingPair], list[str]]]:
+    """(the pairs and captions that train, those withheld for the eval loss)."""
+    held_out = set(held_out_indices(len(pairs), holdout))
+    chosen = [index in held_out for index in range(len(pairs))]
+    return (
+        (
+            [pair for pair, out in zip(pairs, chosen, strict=True) if not out],
+            [caption for caption, out in zip(captions, chosen, strict=True) if not out],
+        ),
+        (
+            [pair for pair, out in zip(pairs, chosen, strict=True) if out],
+            [caption for caption, out in zip(captions, chosen, strict=True) if out],
+        ),
+    )
+
+
+def _check_params(params: TrainingParams, resolution: int, multiple: int, image_count: int) -> None:
     problems = []
     if params.batch_size < 1:
         problems.append("batch_size must be at least 1")
@@ -306,6 +376,11 @@ def _check_params(params: TrainingParams, resolution: int, multiple: int) -> Non
         problems.append(
             "prior_preservation_weight needs a class_prompt, or a trigger to take out of the "
             "captions"
+        )
+    if not 0 <= params.eval_holdout < image_count:
+        problems.append(
+            f"eval_holdout must be from 0 to {image_count - 1} (the image count - 1: at least "
+            "one photo must train)"
         )
     if resolution < multiple or resolution % multiple:
         problems.append(f"resolution must be a positive multiple of {multiple} for this model")

@@ -1,5 +1,5 @@
-"""What a run shows and keeps along the way: sample images and checkpoints (see
-train_lora)."""
+"""What a run shows and keeps along the way: sample images, checkpoints and their scores
+(see train_lora)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from sdxl_engine.parameters import checkpoint_steps, sample_steps
 from sdxl_engine.training.adapters import MasterWeights, save_lora
 from sdxl_engine.training.caching import Encoders, Run
 from sdxl_engine.training.checkpoints import ResumeState, save_resume_state
+from sdxl_engine.training.evaluation import Evaluation
 from sdxl_engine.training.samples import render_samples
 
 
@@ -40,9 +41,11 @@ class Watch:
         sample_prompts: list[str],
         encoders: Encoders,
         on_resume: Callable[[int], None] | None,
+        evaluation: Evaluation,
     ) -> None:
         params = run.params
         self._run, self._state_dir, self._encoders = run, state_dir, encoders
+        self.evaluation = evaluation
         self._on_checkpoint, self._on_samples = on_checkpoint, on_samples
         self._on_resume = on_resume
         self._sample_prompts = sample_prompts
@@ -73,6 +76,7 @@ class Watch:
             images = render_samples(
                 run.pipelines, self._sample_prompts, self._sample_seed, run.resolution
             )
+        self.evaluation.samples_rendered(step, images)
         on_samples(step, list(zip(self._sample_prompts, images, strict=True)))
 
     def _checkpoint(
@@ -87,11 +91,13 @@ class Watch:
             cast_training_params(model, dtype=torch.float32)
         masters.copy_to_model()
         try:
+            # Scored as saved: the same weights as the file's.
+            self.evaluation.evaluate(step)
             sha256 = save_lora(
                 run.pipelines.base,
                 bool(run.text_encoders),
                 path,
-                run.metadata(loss, checkpoint_step=step),
+                run.metadata(loss, checkpoint_step=step, **self.evaluation.header(step)),
             )
         finally:
             for model in models:

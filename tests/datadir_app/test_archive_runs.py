@@ -129,9 +129,11 @@ def test_export_import_keeps_runs_checkpoints_and_samples(trained, tmp_path):
     original = _api("/train_status", {"session_id": str(trained.pk)})
     status = _api("/train_status", {"session_id": str(copy.pk)})
     assert status["status"] == "completed" and status["lora"] == original["lora"]
-    assert [c["step"] for c in status["checkpoints"]] == [
-        c["step"] for c in original["checkpoints"]
+    # With their scores and the loss history.
+    assert [(c["step"], c["eval_loss"]) for c in status["checkpoints"]] == [
+        (c["step"], c["eval_loss"]) for c in original["checkpoints"]
     ]
+    assert status["loss_history"] == original["loss_history"] != []
     assert [(s["step"], s["prompt"]) for s in status["samples"]] == [
         (s["step"], s["prompt"]) for s in original["samples"]
     ]

@@ -194,14 +194,19 @@ def test_all_nine_endpoints(service, model_cache_dir):
             break
         assert time.monotonic() < deadline, service["log"].read_text(errors="replace")
         time.sleep(0.3)
+    scores = {key: status.pop(key) for key in ("checkpoints", "best_checkpoint", "loss_history")}
     assert status == {
         "status": "completed",
         "progress": 100,
         "lora": "lora_1.safetensors",
         "samples": [],  # the original recipe (steps given) keeps none
-        "checkpoints": [],
         "resumed_from_step": None,
     }
+    # No checkpoints: the final LoRA alone, scored, and so the best.
+    [final] = scores["checkpoints"]
+    assert final["lora_filename"] == "lora_1.safetensors" and final["eval_loss"] > 0
+    assert scores["best_checkpoint"]["lora_filename"] == "lora_1.safetensors"
+    assert scores["loss_history"][-1]["step"] == final["step"]
     assert seen_progress == sorted(seen_progress)
 
     # get_lora: decodes, and stock diffusers loads it

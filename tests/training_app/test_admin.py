@@ -1,4 +1,5 @@
 import io
+import re
 
 import pytest
 from django.urls import reverse
@@ -91,6 +92,18 @@ def test_run_page_shows_its_samples_and_checkpoints(admin_client, watched_run):
         download = reverse("admin:training_app_trainingcheckpoint_download", args=[checkpoint.pk])
         assert download in content
     assert "Attempts" in content and "Resumed from step" in content
+    # The curves, drawn on the server: the training loss of both steps, the eval loss at
+    # step 0, the checkpoint and the end, the (tiny embedder's) similarity at both.
+    [svg] = re.findall(r'<svg [^>]*aria-label="loss curves".*?</svg>', content, re.S)
+    curves = dict(re.findall(r'<polyline points="([^"]*)"[^>]*><title>([^<]*)<', svg))
+    assert sorted(curves.values()) == ["eval loss", "similarity", "training loss"]
+    points = {name: len(line.split()) for line, name in curves.items()}
+    assert points == {"training loss": 2, "eval loss": 3, "similarity": 2}
+    assert "<script" not in svg
+    # Each step's samples under the step and its scores.
+    checkpoint = checkpoints[0]
+    assert f"<strong>step 1</strong> (eval loss {checkpoint.eval_loss:.4g}, similarity" in content
+    assert f"<strong>step 2</strong> (eval loss {watched_run.eval_loss:.4g}, similarity" in content
 
     changelist = admin_client.get(reverse("admin:training_app_trainingrun_changelist"))
     assert changelist.status_code == 200

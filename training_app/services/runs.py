@@ -107,7 +107,8 @@ def training_run_start(
         )
         if problem:
             raise ServiceError(f"session {session_id}: {problem}")
-        _epochs_within_step_limit(parameters, image_count=len(pairs))
+        holdout = _holdout_within_images(parameters, image_count=len(pairs))
+        _epochs_within_step_limit(parameters, image_count=len(pairs) - holdout)
         if TrainingRun.objects.filter(
             session=session, status__in=TrainingRun.ACTIVE_STATUSES
         ).exists():
@@ -125,7 +126,7 @@ def training_run_start(
                     parameters=asdict(
                         training_params(
                             parameters,
-                            image_count=len(pairs),
+                            image_count=len(pairs) - holdout,
                             max_steps=settings.SDXL_MAX_TRAINING_STEPS,
                             tiny=planned_preset(settings.SDXL_MODEL_PRESET or None) == "tiny",
                         )
@@ -210,6 +211,18 @@ def _epochs_within_step_limit(parameters: dict, image_count: int) -> None:
         )
 
 
+def _holdout_within_images(parameters: dict, image_count: int) -> int:
+    """The photos the run withholds for its eval loss (eval_holdout): at least one must
+    train. The recipe's length then follows the photos that train."""
+    holdout = parameters.get("eval_holdout", 0)
+    if holdout >= image_count:
+        raise ServiceError(
+            f"eval_holdout: {holdout} of the session's {image_count} images would leave none "
+            f"to train on; at most {image_count - 1}"
+        )
+    return holdout
+
+
 def training_run_cancel(session_id: int, caller: Caller | None = None) -> TrainingRun:
     """Ends the session's queued or running run as cancelled.
 
@@ -287,13 +300,16 @@ def _within_image_side_limit(params: TrainingParams, base) -> TrainingParams:
 
 def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     from sdxl_engine.dataset import find_training_pairs
+    from sdxl_engine.loss_history import LossHistory
     from sdxl_engine.training import train_lora
     from training_app.runtime import worker_pipelines
 
     pipelines = worker_pipelines("training")
     pairs = find_training_pairs(storage.session_dir(run.session_id))
     init_lora = _init_lora_path(run) if run.init_lora else None
+    params = _within_image_side_limit(TrainingParams(**run.parameters), pipelines.base)
     still_running = True
+    loss_history = LossHistory()
 
     def on_stage(stage: str) -> None:
         nonlocal still_running
@@ -302,6 +318,9 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
     def on_progress(step: int, total_steps: int, loss: float) -> None:
         nonlocal still_running
         percent = min(_PROGRESS_BEFORE_SAVE, step * 100 // max(total_steps, 1))
+        # Saved with the step's own update, when a point of the history is complete (every
+        # step early on, ever more rarely as the run grows: LossHistory).
+        history = {"loss_history": loss_history.points()} if loss_history.add(step, loss) else {}
         still_running = bool(
             jobs.held_here(TRAINING_RUNS, run.pk).update(
                 step=step,
@@ -309,6 +328,7 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
                 last_loss=loss,
                 progress=Greatest("progress", Value(percent)),
                 heartbeat_at=timezone.now(),
+                **history,
             )
         )
         if progress_tenth(step, total_steps) > progress_tenth(step - 1, total_steps):
@@ -322,10 +342,16 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         samples_store(run, step, samples)
         run_event(run.pk, "sample", step=step)
 
+    def on_resume(step: int) -> None:
+        nonlocal loss_history
+        # The history the lost attempt saved, up to the step this one continues from.
+        loss_history = LossHistory([point for point in run.loss_history if point[0] <= step])
+        jobs.held_here(TRAINING_RUNS, run.pk).update(resumed_from_step=step)
+
     result = train_lora(
         pipelines,
         pairs,
-        _within_image_side_limit(TrainingParams(**run.parameters), pipelines.base),
+        params,
         output,
         on_progress=on_progress,
         # The row stops reading "running" when the run is cancelled or its session deleted;
@@ -337,8 +363,10 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         on_checkpoint=on_checkpoint,
         on_samples=on_samples,
         # Shown while it runs; the engine calls it only for a state it really resumes from.
-        on_resume=lambda step: jobs.held_here(TRAINING_RUNS, run.pk).update(resumed_from_step=step),
+        on_resume=on_resume,
         init_lora=init_lora,
+        # Only samples are scored by it: a run without any needs none.
+        embedder=_similarity_embedder(pipelines) if params.sample_every != 0 else None,
     )
     with transaction.atomic():
         artifact = lora_store(
@@ -354,6 +382,9 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
             TrainingRun.Status.COMPLETED,
             stage=TrainingRun.Stage.DONE,
             resumed_from_step=result.resumed_from_step or None,
+            loss_history=loss_history.points(),
+            eval_loss=result.eval_loss,
+            similarity=result.similarity,
             progress=100,
             heartbeat_at=timezone.now(),
         )
@@ -383,6 +414,17 @@ def _init_lora_path(run: TrainingRun) -> Path:
             "nothing was trained: ask again to continue the file as it is now"
         )
     return path
+
+
+def _similarity_embedder(pipelines):
+    """The image embedder that scores samples against the photos (SDXL_SIMILARITY_MODEL;
+    on the tiny preset a tiny random one), or None; loaded for the run, released after."""
+    from sdxl_engine.training.similarity import ImageEmbedder, similarity_model_source
+
+    source = similarity_model_source(
+        settings.SDXL_SIMILARITY_MODEL, pipelines.source.preset, settings.MODEL_CACHE_DIR
+    )
+    return ImageEmbedder(source, pipelines.device) if source is not None else None
 
 
 def run_event(run_id: int, event: str, **extra) -> None:

@@ -61,6 +61,7 @@ def checkpoint_store(run: TrainingRun, step: int, written: Path, sha256: str) ->
         target.unlink(missing_ok=True)
         logger.warning("checkpoint %s of run %s was altered on disk; dropped", name, run.pk)
         return
+    metadata = read_lora_metadata(target)
     # A resumed run saves its checkpoints again past the resume step; earlier ones stay.
     TrainingCheckpoint.objects.update_or_create(
         run=run,
@@ -70,9 +71,21 @@ def checkpoint_store(run: TrainingRun, step: int, written: Path, sha256: str) ->
             "filename": name,
             "size": target.stat().st_size,
             "sha256": sha256,
-            "metadata": read_lora_metadata(target),
+            "metadata": metadata,
+            "eval_loss": header_score(metadata, "eval_loss"),
+            "similarity": header_score(metadata, "similarity"),
         },
     )
+
+
+def header_score(metadata: dict[str, str], name: str) -> float | None:
+    """A score a LoRA's header records (sdxl_service.eval_loss, .similarity), or None."""
+    from sdxl_engine.lora_files import METADATA_PREFIX
+
+    try:
+        return float(metadata[METADATA_PREFIX + name])
+    except (KeyError, ValueError):
+        return None
 
 
 def sample_path(sample: TrainingSample) -> Path:

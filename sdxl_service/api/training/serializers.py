@@ -161,6 +161,14 @@ class TrainLoraSerializer(WebhookFields):
         "what a run whose worker was lost resumes from (service recipe: four times a run; "
         "original: 0, never)",
     )
+    eval_holdout = StrictIntegerField(
+        min_value=0,
+        required=False,
+        help_text="withhold this many photos (evenly spaced) from training and compute each "
+        "checkpoint's eval_loss over them; at most the image count - 1. 0 (default): the "
+        "eval loss is over the training photos, where it keeps falling as the LoRA memorises "
+        "them",
+    )
     enable_bucket = serializers.BooleanField(
         required=False,
         help_text="aspect-ratio buckets: each image trains at the SDXL size nearest its aspect "
@@ -356,13 +364,42 @@ class TrainingSampleItem(serializers.Serializer[Any]):
 class TrainingCheckpointItem(serializers.Serializer[Any]):
     step = serializers.IntegerField()
     lora_filename = serializers.CharField(help_text="for /get_lora and /txt2img's lora_filename")
+    eval_loss = serializers.FloatField(
+        allow_null=True,
+        help_text="the denoising loss on fixed timesteps and noise over the held-out photos "
+        "(eval_holdout), else the training photos: lower is better; null when unknown",
+    )
+    similarity = serializers.FloatField(
+        allow_null=True,
+        help_text="mean cosine similarity (-1 to 1) of the step's samples to the photos by "
+        "SDXL_SIMILARITY_MODEL; null without one or without samples at the step",
+    )
+
+
+class LossPoint(serializers.Serializer[Any]):
+    step = serializers.IntegerField()
+    loss = serializers.FloatField(help_text="the mean training loss of the steps up to this one")
 
 
 class KeptAlongTheWay(serializers.Serializer[Any]):
     """What in-progress and completed runs list (sample_every, checkpoint_every)."""
 
     samples = TrainingSampleItem(many=True)
-    checkpoints = TrainingCheckpointItem(many=True)
+    checkpoints = TrainingCheckpointItem(
+        many=True,
+        help_text="each checkpoint saved so far and, once the run completed, its final LoRA last",
+    )
+    # A dict, as waiting_for: OpenAPI 3.0 cannot make a referenced object nullable.
+    best_checkpoint = serializers.DictField(
+        allow_null=True,
+        help_text='{"step", "lora_filename", "eval_loss"} of the entry of checkpoints with the '
+        "lowest eval_loss (the earlier step on a tie); null until one is scored",
+    )
+    loss_history = LossPoint(
+        many=True,
+        help_text="the training loss so far, at most 256 points: each the mean over a stretch "
+        "of steps, the stretches doubling as the run grows",
+    )
     resumed_from_step = serializers.IntegerField(
         allow_null=True,
         help_text="the checkpoint's step this run continued from after its worker was lost",

@@ -130,7 +130,16 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     completed = api("/train_status", ref)
     assert completed["status"] == "completed"
     assert [sample["step"] for sample in completed["samples"]] == [1, 1, 2, 2]  # 2 prompts
-    assert [checkpoint["step"] for checkpoint in completed["checkpoints"]] == [1]
+    # The checkpoint, then the final LoRA, each scored; the tiny preset's random embedder
+    # rates their samples (meaninglessly).
+    assert [checkpoint["step"] for checkpoint in completed["checkpoints"]] == [1, 2]
+    assert completed["checkpoints"][1]["lora_filename"] == "lora_1.safetensors"
+    assert all(isinstance(entry["eval_loss"], float) for entry in completed["checkpoints"])
+    assert all(-1 <= entry["similarity"] <= 1 for entry in completed["checkpoints"])
+    assert completed["best_checkpoint"]["eval_loss"] == min(
+        entry["eval_loss"] for entry in completed["checkpoints"]
+    )
+    assert [point["step"] for point in completed["loss_history"]] == [1, 2]
     assert api("/list_sessions")["sessions"][0]["latest_lora"] == "lora_1.safetensors"
     schema.check_image(
         "/training_samples/{sample_id}.png", APIClient().get(completed["samples"][0]["url"])

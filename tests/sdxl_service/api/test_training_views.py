@@ -125,6 +125,10 @@ def test_train_lora_starts_with_string_id_and_conflicts_while_active(api, sessio
         ({"class_prompt": "x" * 2001, "prior_preservation_weight": 1}, "class_prompt"),
         # Without a trigger the captions are what the LoRA learns: no class in them.
         ({"prior_preservation_weight": 1}, "class_prompt: needed with prior_preservation_weight"),
+        ({"eval_holdout": -1}, "eval_holdout"),
+        ({"eval_holdout": 0.5}, "eval_holdout"),
+        # The session has one image: it must train.
+        ({"eval_holdout": 1}, "eval_holdout: 1 of the session's 1 images would leave none"),
     ],
 )
 def test_train_lora_validates_parameters(api, session, body, field):
@@ -308,12 +312,17 @@ def test_train_status_shapes(api, session):
     queued = status()
     assert (queued["status"], queued["progress"], queued["queued"]) == ("in-progress", 0, True)
     run_services.training_run_execute(run.pk)
+    run.refresh_from_db()
+    final = {"step": 1, "lora_filename": "lora_1.safetensors", "eval_loss": run.eval_loss}
     assert status() == {
         "status": "completed",
         "progress": 100,
         "lora": "lora_1.safetensors",
         "samples": [],
-        "checkpoints": [],
+        # The final LoRA, scored (no samples in the original recipe: no similarity).
+        "checkpoints": [{**final, "similarity": None}],
+        "best_checkpoint": final,
+        "loss_history": [{"step": 1, "loss": run.last_loss}],
         "resumed_from_step": None,
         "init_lora": None,
     }

@@ -336,6 +336,7 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "sample_prompts": ["sks"],
                     "sample_seed": 2,
                     "checkpoint_every": 5,
+                    "eval_holdout": 0,  # the session has one image: it must train
                     "enable_bucket": False,
                     # Alpha masks need no mask file (an image without alpha counts whole).
                     "masked_loss": True,

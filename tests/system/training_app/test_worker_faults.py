@@ -150,7 +150,11 @@ def test_kill_9_after_a_checkpoint_and_a_restart_resume_the_run_to_an_uninterrup
         "lora": "lora_1.safetensors",
         "resumed_from_step": CHECKPOINT,
     }
-    assert [checkpoint["step"] for checkpoint in status["checkpoints"]] == [CHECKPOINT]
+    # The checkpoint, then the final LoRA; the loss history runs on over the resume.
+    steps = [checkpoint["step"] for checkpoint in status["checkpoints"]]
+    assert steps == [CHECKPOINT, resumed.total_steps]
+    history = [point["step"] for point in status["loss_history"]]
+    assert history == sorted(set(history)) and history[-1] == resumed.total_steps
     # The LoRA, its checkpoint; no resume state, no temporary file.
     assert _session_files(session.pk) == ["0", "1", "checkpoints", "lora_1.safetensors"]
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]

@@ -84,6 +84,8 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
         "queue_eta_seconds": None,
         "samples": [],
         "checkpoints": [],
+        "best_checkpoint": None,
+        "loss_history": [],
         "resumed_from_step": None,
     }
 
@@ -112,14 +114,23 @@ def test_execute_trains_and_stores_lora_1(session_with_images):
     assert artifact.metadata["sdxl_service.rank"] == "4"
     with safe_open(path, framework="pt") as lora:
         assert all(key.startswith("unet.") for key in lora.keys())
-    assert training_status(session_with_images.pk) == {
+    status = training_status(session_with_images.pk)
+    # The final LoRA is the run's one scored "checkpoint" (no samples: no similarity).
+    assert isinstance(run.eval_loss, float) and run.similarity is None
+    final = {"step": 2, "lora_filename": "lora_1.safetensors", "eval_loss": run.eval_loss}
+    assert status == {
         "status": "completed",
         "progress": 100,
         "lora": "lora_1.safetensors",
         "samples": [],
-        "checkpoints": [],
+        "checkpoints": [{**final, "similarity": None}],
+        "best_checkpoint": final,
+        "loss_history": [{"step": step, "loss": loss} for step, loss in run.loss_history],
         "resumed_from_step": None,
     }
+    assert [point["step"] for point in status["loss_history"]] == [1, 2]
+    assert status["loss_history"][-1]["loss"] == run.last_loss
+    assert float(artifact.metadata["sdxl_service.eval_loss"]) == run.eval_loss
     # No temporary file is left behind.
     assert sorted(p.name for p in path.parent.iterdir()) == ["0", "1", "2", "lora_1.safetensors"]
 
@@ -256,11 +267,21 @@ def test_samples_and_checkpoints_are_listed_while_the_run_trains(
     at_step_3 = next(status for event, status in seen if event == ("step", 3))
     assert at_step_3["status"] == "in-progress"
     assert {sample["step"] for sample in at_step_3["samples"]} == {2}
-    assert at_step_3["checkpoints"] == [
-        {"step": 2, "lora_filename": f"lora_run{run.pk}_step2.safetensors"}
-    ]
+    [checkpoint] = at_step_3["checkpoints"]
+    assert checkpoint["step"] == 2
+    assert checkpoint["lora_filename"] == f"lora_run{run.pk}_step2.safetensors"
+    # Scored: the tiny preset's random embedder rates the step's samples (meaninglessly).
+    assert isinstance(checkpoint["eval_loss"], float)
+    assert -1 <= checkpoint["similarity"] <= 1
+    assert [point["step"] for point in at_step_3["loss_history"]] == [1, 2, 3]
     final = training_status(session_with_images.pk)
     assert final["status"] == "completed" and final["resumed_from_step"] is None
+    assert [entry["step"] for entry in final["checkpoints"]] == [2, 4]
+    assert final["checkpoints"][1]["lora_filename"] == "lora_1.safetensors"
+    best = min(final["checkpoints"], key=lambda entry: (entry["eval_loss"], entry["step"]))
+    assert final["best_checkpoint"] == {
+        key: best[key] for key in ("step", "lora_filename", "eval_loss")
+    }
     assert sorted({sample["step"] for sample in final["samples"]}) == [2, 4]
     folder = storage.session_dir(session_with_images.pk)
     assert (folder / "checkpoints" / f"lora_run{run.pk}_step2.safetensors").is_file()
