@@ -21,6 +21,10 @@ Parts (all three fit one device call of under 10 minutes on an H100: ~9 minutes)
          0.5): ours compiled (merged in place) and its switch times one->one, one->two,
          two->none; plain diffusers loading one or two named adapters per request
          (`set_adapters`); the second LoRA's effect on the latents
+  likeness  what issue 27's likeness features cost a training run at 1024², batch 4, rank
+         32 (the service recipe's) on 8 photos, each against the same run without it, in the
+         same process: masked_loss (a mask per photo), prior_preservation_weight, and the
+         eval loss the run computes at step 0, each checkpoint and the end
   cold   worker start to first image, in fresh processes: with the compile cache the gen
          part filled, and without compiling (the gen part times compiling from an empty
          cache: its warm_up_s)
@@ -691,6 +695,82 @@ def part_recipe(args) -> dict:
     return results
 
 
+def masked_training_images(folder: Path, size: int, count: int) -> list[TrainingPair]:
+    """training_images, each with a mask beside it (sdxl_engine.dataset.mask_path_for): a
+    white ellipse over the middle third, as a face mask is."""
+    from PIL import Image, ImageDraw
+
+    from sdxl_engine.dataset import mask_path_for
+
+    pairs = []
+    for pair in training_images(folder, size, count):
+        mask_path = mask_path_for(pair.image_path)
+        if not mask_path.exists():
+            mask = Image.new("L", (size, size), 0)
+            ImageDraw.Draw(mask).ellipse([size // 3, size // 4, 2 * size // 3, 3 * size // 4], 255)
+            mask.save(mask_path)
+        pairs.append(TrainingPair(pair.image_path, pair.caption, mask_path))
+    return pairs
+
+
+def part_likeness(args) -> dict:
+    """Each likeness feature's cost per run against the same recipe without it: the steps'
+    images per second (after the warm-up steps), and the eval loss's own time (step 0 is
+    scored between caching and the first step, the end between the last step and saving).
+    """
+    source = model_source(args)
+    ours = load_pipelines(source, purpose="training", compile_unets=args.compile)
+    pairs = masked_training_images(args.cache / "masked", args.size, 8)
+    plain = TrainingParams(
+        batch_size=4,
+        rank=32,
+        steps=args.train_steps,
+        seed=0,
+        resolution=args.size,
+        trigger="sks",
+        min_snr_gamma=5.0,
+    )
+    variants = {
+        "plain": plain,
+        "masked_loss": dataclasses.replace(plain, masked_loss=True),
+        "prior_preservation": dataclasses.replace(
+            plain, prior_preservation_weight=1.0, class_prompt="a photo of a dog"
+        ),
+    }
+    skip = max(2, args.train_steps // 3)
+    results: dict = {"photos": len(pairs), "steps": args.train_steps, "rank": 32}
+    for name, params in variants.items():
+        marks: dict[str, float] = {}
+        step_times: list[float] = []
+        reset_peak()
+        start = sync_time()
+        result = train_lora(
+            ours,
+            pairs,
+            params,
+            args.cache / f"likeness-{name}.safetensors",
+            on_progress=lambda step, total, loss, times=step_times: times.append(sync_time()),
+            on_stage=lambda stage, marks=marks: marks.setdefault(stage, sync_time()),
+        )
+        end = sync_time()
+        results[name] = {
+            "images_per_s": images_per_s(step_times, params.batch_size, skip),
+            "wall_s": round(end - start, 1),
+            # The last step to the saving stage: the final eval loss, all it does there.
+            "eval_end_s": round(marks["saving"] - step_times[-1], 2),
+            "eval_images": int(result.metadata["sdxl_service.eval_images"]),
+            "eval_loss": result.eval_loss,
+            "peak_gib": peak_gib(),
+        }
+    for name in ("masked_loss", "prior_preservation"):
+        results[name]["time_per_step_vs_plain"] = round(
+            results["plain"]["images_per_s"] / results[name]["images_per_s"], 3
+        )
+    plain_step_s = plain.batch_size / results["plain"]["images_per_s"]
+    results["eval_end_in_steps"] = round(results["plain"]["eval_end_s"] / plain_step_s, 2)
+    return results
+
+
 def naive_training(source, pairs: list[TrainingPair], steps: int, size: int) -> dict:
     """The original's loop: fp32 VAE encode and both text encoders every step, fp16 UNet
     with PEFT LoRA, autocast, GradScaler."""
@@ -879,12 +959,14 @@ def main() -> None:
         "recipe": part_recipe,
         "serve": part_serve,
         "loras": part_loras,
+        "likeness": part_likeness,
     }
     for name in args.parts.split(","):
         started = time.perf_counter()
         results = {**environment(), "part": name, **parts[name](args)}
         results["part_wall_s"] = round(time.perf_counter() - started, 1)
-        suffix = "-compiled" if name in ("gen", "train", "recipe", "loras") and args.compile else ""
+        compiled_parts = ("gen", "train", "recipe", "loras", "likeness")
+        suffix = "-compiled" if name in compiled_parts and args.compile else ""
         suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
         print(json.dumps(results, indent=2), flush=True)
