@@ -288,6 +288,120 @@ def test_all_nine_endpoints(service, model_cache_dir):
     ]
 
 
+def _trained(service, sid: str, body: dict) -> dict:
+    """/train_lora with `body`, then /train_status polled until the run completes."""
+    response = _post(service, "/train_lora", {"session_id": sid, **body})
+    assert response.status_code == 200, response.text
+    deadline = time.monotonic() + TRAIN_TIMEOUT_S
+    while True:
+        status = _post(service, "/train_status", {"session_id": sid}).json()
+        if status["status"] == "completed":
+            return status
+        assert status["status"] == "in-progress", status
+        assert time.monotonic() < deadline, service["log"].read_text(errors="replace")
+        time.sleep(0.3)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_likeness_masks_captions_scores_continuation_and_prior(service):
+    """Issue 27's features through the API of the real service, as a user runs them: a
+    given mask, a face mask, an automatic caption, a masked run with prior preservation
+    scored on a held-out photo, then a continued run from the alpha channels."""
+    from skimage import data
+
+    url = service["url"]
+    sid = str(requests.get(f"{url}/create_session", timeout=10).json()["session_id"])
+    astronaut = Image.fromarray(data.astronaut()).resize((256, 256))
+    square = Image.new("RGBA", (64, 64), (0, 0, 0, 0))
+    square.paste((200, 30, 30, 255), (16, 16, 48, 48))  # opaque subject, transparent rest
+    given_mask = Image.new("L", (64, 64), 0)
+    given_mask.paste(255, (16, 16, 48, 48))
+    uploads = [
+        {"image_base64": b64(_png(astronaut)), "prompt": "auto"},
+        {
+            "image_base64": b64(_png(square)),
+            "prompt": "sks, a red square",
+            "mask_base64": b64(_png(given_mask)),
+        },
+        {"image_base64": b64(_png(square)), "prompt": "sks, a red square again"},
+    ]
+    for upload in uploads:
+        response = _post(service, "/post_session_image", {"session_id": sid, **upload})
+        assert response.status_code == 200, response.text
+    detail = requests.get(f"{url}/sessions/{sid}", timeout=10).json()
+    images = detail["images"]
+    # "auto": the (tiny, random) captioning model wrote a caption; "auto" is never stored.
+    assert images[0]["caption"] not in ("", "auto")
+    assert [image["mask_url"] is None for image in images] == [True, False, True]
+
+    # Face masks fill the images without one: the astronaut's face, nothing in a square.
+    masks = _post(service, f"/sessions/{sid}/masks", {"kind": "face"}).json()
+    assert [(item["image_id"], item["found"]) for item in masks["images"]] == [
+        (images[0]["image_id"], True),
+        (images[2]["image_id"], False),
+    ]
+    assert masks["skipped"] == 1  # the square's given mask stays
+    mask_file = requests.get(f"{url}{masks['images'][0]['mask_url']}", timeout=10)
+    face = Image.open(io.BytesIO(mask_file.content))
+    assert face.size == (256, 256) and face.getpixel((112, 57)) == 255  # her face
+    assert face.getpixel((5, 5)) == 0
+
+    # A masked run that keeps the class, scored on one photo it never trains on.
+    status = _trained(
+        service,
+        sid,
+        {
+            "trigger": "sks",
+            "steps": 4,
+            "resolution": 64,
+            "checkpoint_every": 2,
+            "masked_loss": True,
+            "prior_preservation_weight": 0.5,
+            "class_prompt": "a red square",
+            "eval_holdout": 1,
+        },
+    )
+    assert [entry["step"] for entry in status["checkpoints"]] == [2, 4]
+    assert all(entry["eval_loss"] > 0 for entry in status["checkpoints"])
+    best = min(status["checkpoints"], key=lambda entry: (entry["eval_loss"], entry["step"]))
+    assert status["best_checkpoint"]["lora_filename"] == best["lora_filename"]
+    assert [point["step"] for point in status["loss_history"]] == [1, 2, 3, 4]
+    parent_sha256 = requests.get(f"{url}/sessions/{sid}", timeout=10).json()["loras"][0]["sha256"]
+
+    # Continue that LoRA, masks from the images' alpha this time.
+    status = _trained(
+        service,
+        sid,
+        {
+            "trigger": "sks",
+            "steps": 2,
+            "resolution": 64,
+            "init_lora": {"iteration": 1},
+            "use_alpha_mask": True,
+        },
+    )
+    assert status["lora"] == "lora_2.safetensors"
+    download = requests.get(f"{url}/sessions/{sid}/loras/lora_2.safetensors", timeout=30)
+    header = _safetensors_metadata(download.content)
+    assert header["sdxl_service.parent_sha256"] == parent_sha256
+    assert header["sdxl_service.total_steps_cumulative"] == "6"
+    assert header["sdxl_service.use_alpha_mask"] == "True"
+
+
+def _safetensors_metadata(data: bytes) -> dict:
+    """The safetensors header's metadata of a file's bytes."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", data[:8])
+    return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
 def test_ctrl_c_stops_server_and_workers(service):
     process = service["process"]
     tree = process_tree(process.pid)

@@ -57,6 +57,7 @@ def test_a_default_training_on_the_tiny_model_answers_and_records_the_capped_rec
         "class_prompt": None,
         "sample_steps": [25, 50, 75, 100],
         "checkpoint_steps": [25, 50, 75],
+        "init_lora": None,
     }
     assert run.parameters == asdict(training_params({}, 2, tiny=True))
     assert (run.parameters["steps"], run.parameters["epochs"]) == (100, None)

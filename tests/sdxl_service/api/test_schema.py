@@ -29,6 +29,8 @@ ADDITIONS = {
     "/sessions/{session_id}/images/{image_id}": "get",
     "/sessions/{session_id}/images": "post",
     "/sessions/{session_id}/masks": "post",
+    "/sessions/{session_id}/captions": "post",
+    "/sessions/{session_id}/images/{image_id}/mask": "get",
     "/sessions/{session_id}/loras/{lora_filename}": "get",
     "/healthz": "get",
 }
@@ -43,6 +45,8 @@ OPERATION_IDS = {
     "/sessions/{session_id}/images/{image_id}": "session_image",
     "/sessions/{session_id}/images": "session_images_upload",
     "/sessions/{session_id}/masks": "session_masks_create",
+    "/sessions/{session_id}/captions": "session_captions_create",
+    "/sessions/{session_id}/images/{image_id}/mask": "session_image_mask",
     "/sessions/{session_id}/loras/{lora_filename}": "lora_file",
 }
 

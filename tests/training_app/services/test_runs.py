@@ -87,6 +87,7 @@ def test_start_records_a_queued_run_and_enqueues_it_on_commit(
         "best_checkpoint": None,
         "loss_history": [],
         "resumed_from_step": None,
+        "init_lora": None,
     }
 
 
@@ -127,6 +128,7 @@ def test_execute_trains_and_stores_lora_1(session_with_images):
         "best_checkpoint": final,
         "loss_history": [{"step": step, "loss": loss} for step, loss in run.loss_history],
         "resumed_from_step": None,
+        "init_lora": None,
     }
     assert [point["step"] for point in status["loss_history"]] == [1, 2]
     assert status["loss_history"][-1]["loss"] == run.last_loss
