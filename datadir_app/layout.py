@@ -92,30 +92,28 @@ def group_numbers_on_disk(folder: Path) -> set[int]:
     }
 
 
-def captioned_images(group_dir: Path) -> list[Path]:
-    return sorted(
-        path
-        for path in group_dir.iterdir()
-        if path.is_file()
-        and not is_hidden(path)
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and not is_mask_path(path)
-        and path.with_suffix(".txt").is_file()
-    )
-
-
-def masks_on_disk(group_dir: Path) -> list[Path]:
-    """The masks in a group folder, whether or not their image is there."""
+def _image_files(group_dir: Path) -> list[Path]:
+    """The visible files of a group folder that have an image's suffix, masks included."""
     if not group_dir.is_dir():
         return []
     return sorted(
         path
         for path in group_dir.iterdir()
-        if path.is_file()
-        and not is_hidden(path)
-        and path.suffix.lower() in IMAGE_SUFFIXES
-        and is_mask_path(path)
+        if path.is_file() and not is_hidden(path) and path.suffix.lower() in IMAGE_SUFFIXES
     )
+
+
+def captioned_images(group_dir: Path) -> list[Path]:
+    return [
+        path
+        for path in _image_files(group_dir)
+        if not is_mask_path(path) and path.with_suffix(".txt").is_file()
+    ]
+
+
+def masks_on_disk(group_dir: Path) -> list[Path]:
+    """The masks in a group folder, whether or not their image is there."""
+    return [path for path in _image_files(group_dir) if is_mask_path(path)]
 
 
 def read_caption(image_path: Path) -> str:

@@ -201,6 +201,7 @@ def test_all_nine_endpoints(service, model_cache_dir):
         "lora": "lora_1.safetensors",
         "samples": [],  # the original recipe (steps given) keeps none
         "resumed_from_step": None,
+        "init_lora": None,
     }
     # No checkpoints: the final LoRA alone, scored, and so the best.
     [final] = scores["checkpoints"]
