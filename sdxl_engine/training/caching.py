@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,10 +94,13 @@ class Run:
         return [base.text_encoder, base.text_encoder_2] if self.params.train_text_encoder else []
 
     def metadata(
-        self, loss: float, checkpoint_step: int | None = None, **extra: object
+        self,
+        loss: float,
+        checkpoint_step: int | None = None,
+        scores: Mapping[str, object] | None = None,
     ) -> dict[str, str]:
         """The sdxl_service.* header entries of a LoRA file of this run: its final one, or
-        its checkpoint at `checkpoint_step`."""
+        its checkpoint at `checkpoint_step`, with its `scores` (training.evaluation)."""
         params = self.params
         steps_made = checkpoint_step if checkpoint_step is not None else self.total_steps
         parent = self.parent
@@ -148,7 +151,7 @@ class Run:
                 if parent is not None
                 else {}
             ),
-            **extra,
+            **(scores or {}),
         }
         return {METADATA_PREFIX + key: str(value) for key, value in metadata.items()}
 

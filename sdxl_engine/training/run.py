@@ -287,7 +287,7 @@ def train_lora(
             finally:
                 bar.close()
             watch.evaluation.evaluate(total_steps)
-            metadata = run.metadata(final_loss, **watch.evaluation.header(total_steps))
+            metadata = run.metadata(final_loss, scores=watch.evaluation.header(total_steps))
             enter_stage("saving")
             sha256 = save_lora(base, bool(text_encoders), Path(output_path), metadata)
         finally:

@@ -97,7 +97,7 @@ class Watch:
                 run.pipelines.base,
                 bool(run.text_encoders),
                 path,
-                run.metadata(loss, checkpoint_step=step, **self.evaluation.header(step)),
+                run.metadata(loss, checkpoint_step=step, scores=self.evaluation.header(step)),
             )
         finally:
             for model in models:
