@@ -243,7 +243,7 @@ def test_all_nine_endpoints(service, model_cache_dir):
         "session_id": sid,
         "latest_lora": "lora_2.safetensors",
         "image_groups": 3,
-        "training": status,  # as /train_status answered it
+        "training": {**status, **scores},  # as /train_status answered it
     } in listed
 
     # txt2img with the session's latest LoRA: N PNGs of the asked size
