@@ -922,10 +922,14 @@ def test_train_lora_continues_a_lora_or_a_checkpoint_of_the_session(api, session
     assert header["sdxl_service.parent_sha256"] == parent_sha256
     assert header["sdxl_service.total_steps_cumulative"] == "4"  # 2 + 2
 
-    # A checkpoint, by the name /train_status listed: its step 1, then 2 more.
-    _train(api, session.pk, init_lora={"lora_filename": "lora_run1_step1.safetensors"})
+    # A checkpoint, by the name the session lists (its run's id is the database's: not 1
+    # on PostgreSQL, whose sequences tests do not reset): its step 1, then 2 more.
+    checkpoints = api.get(f"/sessions/{session.pk}").json()["checkpoints"]
+    checkpoint = next(entry["lora_filename"] for entry in checkpoints if entry["step"] == 1)
+    assert checkpoint.endswith("_step1.safetensors")
+    _train(api, session.pk, init_lora={"lora_filename": checkpoint})
     header = read_lora_metadata(folder / "lora_3.safetensors")
-    assert header["sdxl_service.parent"] == "lora_run1_step1.safetensors"
+    assert header["sdxl_service.parent"] == checkpoint
     assert header["sdxl_service.total_steps_cumulative"] == "3"
     runs = api.get(f"/sessions/{session.pk}").json()["runs"]
     assert [run["init_lora"] and run["init_lora"]["iteration"] for run in runs] == [None, 1, None]
