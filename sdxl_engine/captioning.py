@@ -16,9 +16,6 @@ whole path runs offline; its captions are random words.
 from __future__ import annotations
 
 import io
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +25,7 @@ from PIL import Image, ImageOps
 
 from sdxl_engine.dataset import training_rgb
 from sdxl_engine.errors import EngineError
-from sdxl_engine.files import fsync_tree
+from sdxl_engine.files import build_folder_once
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin, ProcessorMixin
@@ -123,22 +120,11 @@ def build_tiny_captioner(folder: Path, seed: int = 0) -> Path:
     transformers' own format, unless it is there already; returns `folder`. It appears
     through one rename, so a folder that exists is complete. Its captions are random
     words: it is there so the captioning path runs with no weights to download."""
-    if (folder / "config.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        _save_tiny_captioner(staging, seed)
-        fsync_tree(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process published it first; theirs is as good as ours.
-            if not (folder / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_folder_once(
+        folder,
+        lambda staging: _save_tiny_captioner(staging, seed),
+        lambda built: (built / "config.json").is_file(),
+    )
 
 
 def _save_tiny_captioner(out: Path, seed: int) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -53,6 +55,39 @@ def write_atomically(path: Path, write: Callable[[Path], object]) -> None:
     except BaseException:
         tmp_path.unlink(missing_ok=True)
         raise
+
+
+def publish_folder(built: Path, target: Path, is_complete: Callable[[Path], bool]) -> None:
+    """Renames the finished folder `built` onto `target` (beside it: one atomic rename),
+    unless `target` is complete already; when another process published it first, theirs
+    is as good as ours and `built` is left for the caller to remove."""
+    if is_complete(target):
+        return
+    try:
+        os.replace(built, target)
+    except OSError:
+        if not is_complete(target):
+            raise
+
+
+def build_folder_once(
+    folder: Path, build: Callable[[Path], object], is_complete: Callable[[Path], bool]
+) -> Path:
+    """`folder`, made by `build(staging)` in a temporary folder beside it, flushed to disk
+    and published by publish_folder, unless it is complete already; returns `folder`. A
+    folder that exists is whole, and two processes building at once end with one."""
+    folder = Path(folder)
+    if is_complete(folder):
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
+    try:
+        build(staging)
+        fsync_tree(staging)
+        publish_folder(staging, folder, is_complete)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
 
 
 def sha256_file(path: Path) -> str:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.files import fsync_tree
+from sdxl_engine.files import build_folder_once
 from sdxl_engine.source import RANDOM_PRESETS, planned_preset
 
 if TYPE_CHECKING:
@@ -157,9 +156,12 @@ def build_random_segmenter(folder: Path, seed: int = 0) -> Path:
     It appears through a single rename of a complete folder, so one that exists is whole
     and two processes building at once both end with the same one.
     """
-    folder = Path(folder)
-    if _is_model_folder(folder):
-        return folder
+    return build_folder_once(
+        folder, lambda staging: _save_random_segmenter(staging, seed), _is_model_folder
+    )
+
+
+def _save_random_segmenter(out: Path, seed: int) -> None:
     import torch
     from transformers import (
         CLIPSegConfig,
@@ -171,59 +173,47 @@ def build_random_segmenter(folder: Path, seed: int = 0) -> Path:
 
     from sdxl_engine.generation.builder import write_clip_tokenizer
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        write_clip_tokenizer(staging / "tokenizer")
-        tokenizer = CLIPTokenizer.from_pretrained(staging / "tokenizer")
-        tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2}
-        config = CLIPSegConfig(
-            text_config={
-                **tower,
-                "num_hidden_layers": 2,
-                "vocab_size": len(tokenizer),
-                "max_position_embeddings": tokenizer.model_max_length,
-                "bos_token_id": tokenizer.bos_token_id,
-                "eos_token_id": tokenizer.eos_token_id,
-                "pad_token_id": tokenizer.pad_token_id,
-            },
-            vision_config={
-                **tower,
-                "num_hidden_layers": 2,
-                "image_size": _TINY_SEGMENTER_IMAGE_SIDE,
-                "patch_size": 16,
-            },
-            projection_dim=16,
-            extract_layers=(1,),
-            reduce_dim=16,
-            decoder_num_attention_heads=2,
-            decoder_intermediate_size=32,
-        )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CLIPSegForImageSegmentation(config)
-        # transformers leaves the processor's __init__ unannotated.
-        processor = CLIPSegProcessor(  # type: ignore[no-untyped-call]
-            image_processor=ViTImageProcessorPil(
-                size={"height": _TINY_SEGMENTER_IMAGE_SIDE, "width": _TINY_SEGMENTER_IMAGE_SIDE},
-                image_mean=_CLIP_MEAN,
-                image_std=_CLIP_STD,
-            ),
-            tokenizer=tokenizer,
-        )
-        built = staging / "model"
-        model.save_pretrained(built)
-        processor.save_pretrained(built)
-        fsync_tree(built)
-        try:
-            os.replace(built, folder)
-        except OSError:
-            # Another process published it first; theirs is as good as ours.
-            if not _is_model_folder(folder):
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    # The tokenizer is written once to be read back; the processor saves it with the model.
+    with tempfile.TemporaryDirectory(prefix=".tokenizer-", dir=out.parent) as scratch:
+        write_clip_tokenizer(Path(scratch))
+        tokenizer = CLIPTokenizer.from_pretrained(scratch)
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_attention_heads": 2}
+    config = CLIPSegConfig(
+        text_config={
+            **tower,
+            "num_hidden_layers": 2,
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            **tower,
+            "num_hidden_layers": 2,
+            "image_size": _TINY_SEGMENTER_IMAGE_SIDE,
+            "patch_size": 16,
+        },
+        projection_dim=16,
+        extract_layers=(1,),
+        reduce_dim=16,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPSegForImageSegmentation(config)
+    # transformers leaves the processor's __init__ unannotated.
+    processor = CLIPSegProcessor(  # type: ignore[no-untyped-call]
+        image_processor=ViTImageProcessorPil(
+            size={"height": _TINY_SEGMENTER_IMAGE_SIDE, "width": _TINY_SEGMENTER_IMAGE_SIDE},
+            image_mean=_CLIP_MEAN,
+            image_std=_CLIP_STD,
+        ),
+        tokenizer=tokenizer,
+    )
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
 
 
 def _is_model_folder(folder: Path) -> bool:

@@ -10,7 +10,6 @@ model choice (sdxl_engine.source) names one.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,7 +29,7 @@ from diffusers.schedulers.scheduling_euler_discrete import EulerDiscreteSchedule
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdxl_engine.errors import EngineError
-from sdxl_engine.files import fsync_tree
+from sdxl_engine.files import fsync_tree, publish_folder
 from sdxl_engine.source import RANDOM_PRESETS, ModelConfig, ModelSource, plan_model_source
 
 _Model = TypeVar("_Model", bound=torch.nn.Module)
@@ -100,7 +99,7 @@ def build_random_pipelines(
         # Both halves are rebuilt even if one exists (an interrupted earlier build): the
         # same seed gives the same weights, so the shared text encoder and VAE still match.
         for name, target in (("base", base_dir), ("refiner", refiner_dir)):
-            _publish_folder(staging / name, target)
+            publish_folder(staging / name, target, _is_pipeline_folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return base_dir, refiner_dir
@@ -159,17 +158,6 @@ def _byte_level_symbols() -> list[str]:
 
 def _is_pipeline_folder(folder: Path) -> bool:
     return (folder / "model_index.json").is_file()
-
-
-def _publish_folder(built: Path, target: Path) -> None:
-    if _is_pipeline_folder(target):
-        return
-    try:
-        os.replace(built, target)
-    except OSError:
-        # Another process published the same folder first; theirs is as good as ours.
-        if not _is_pipeline_folder(target):
-            raise
 
 
 def _save_random_pipelines(

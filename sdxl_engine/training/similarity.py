@@ -10,9 +10,6 @@ similarities measure nothing, as its weights are noise.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +19,7 @@ from transformers.models.clip.image_processing_pil_clip import CLIPImageProcesso
 
 from sdxl_engine.dataset import training_rgb
 from sdxl_engine.errors import EngineError
-from sdxl_engine.files import fsync_tree
+from sdxl_engine.files import build_folder_once
 
 # Under the model cache dir: the tiny preset's random embedder.
 TINY_EMBEDDER_FOLDER = "tiny-clip-vision"
@@ -53,30 +50,24 @@ def similarity_model_source(configured: str, preset: str, cache_dir: Path) -> st
 def build_random_embedder(folder: Path, seed: int = 0) -> Path:
     """A tiny random CLIP vision model and its processor saved in `folder` (kept when it
     exists: it appears through one rename, so an existing one is complete)."""
-    folder = Path(folder)
-    if (folder / _WEIGHTS).is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=folder.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = CLIPVisionModelWithProjection(_TINY_CONFIG)
-        model.save_pretrained(staging, safe_serialization=True)
-        CLIPImageProcessorPil(
-            size={"shortest_edge": _TINY_SIDE},
-            crop_size={"height": _TINY_SIDE, "width": _TINY_SIDE},
-        ).save_pretrained(staging)
-        fsync_tree(staging)
-        try:
-            os.replace(staging, folder)
-        except OSError:
-            # Another process published it first; theirs is as good.
-            if not (folder / _WEIGHTS).is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return build_folder_once(
+        folder, lambda staging: _save_random_embedder(staging, seed), _is_embedder_folder
+    )
+
+
+def _is_embedder_folder(folder: Path) -> bool:
+    return (folder / _WEIGHTS).is_file()
+
+
+def _save_random_embedder(out: Path, seed: int) -> None:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = CLIPVisionModelWithProjection(_TINY_CONFIG)
+    model.save_pretrained(out, safe_serialization=True)
+    CLIPImageProcessorPil(
+        size={"shortest_edge": _TINY_SIDE},
+        crop_size={"height": _TINY_SIDE, "width": _TINY_SIDE},
+    ).save_pretrained(out)
 
 
 class ImageEmbedder:
