@@ -193,4 +193,10 @@ def held_out_indices(image_count: int, holdout: int) -> list[int]:
     `eval_holdout` = `holdout` withholds from training to measure its eval loss on: evenly
     spaced, the middle of each of `holdout` equal stretches, so the choice is the same for
     the same images and spans them rather than taking the first or the last uploads."""
-    return [(2 * index + 1) * image_count // (2 * holdout) for index in range(holdout)]
+    return evenly_spaced(image_count, holdout)
+
+
+def evenly_spaced(total: int, count: int) -> list[int]:
+    """`count` of the numbers 0 to `total` - 1, evenly spaced: the middle of each of `count`
+    equal stretches (held-out photos, the photos and timesteps an eval loss is over)."""
+    return [(2 * index + 1) * total // (2 * count) for index in range(count)]

@@ -249,6 +249,14 @@ def _module_shapes(component: str, config_json: str) -> dict[str, Shape] | None:
                 model = model_class(CLIPTextConfig.from_dict(config))
     except Exception:  # noqa: BLE001 - a config we cannot build: its modules are unknown
         return None
+    return module_shapes(model)
+
+
+def module_shapes(model: Any) -> dict[str, Shape]:
+    """The weight shape of every Linear and Conv2d module of a torch `model`, by module path:
+    what a LoRA of it may target (check_lora's target_shapes, per component)."""
+    import torch
+
     return {
         name: tuple(module.weight.shape)
         for name, module in model.named_modules()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from PIL import Image
 
+from sdxl_engine.dataset import evenly_spaced
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.training.caching import EncodedImages
 from sdxl_engine.training.similarity import ImageEmbedder, mean_similarity
@@ -53,15 +54,12 @@ def eval_images(encoded: EncodedImages, held_out: EncodedImages | None) -> EvalI
         return EvalImages(held_out, list(range(len(held_out.latents))))
     count = len(encoded.latents)
     chosen = min(count, EVAL_MAX_PHOTOS)
-    return EvalImages(encoded, [(2 * index + 1) * count // (2 * chosen) for index in range(chosen)])
+    return EvalImages(encoded, evenly_spaced(count, chosen))
 
 
 def eval_timesteps(num_train_timesteps: int) -> list[int]:
     """EVAL_TIMESTEPS timesteps, the middles of equal stretches of the schedule."""
-    return [
-        (2 * index + 1) * num_train_timesteps // (2 * EVAL_TIMESTEPS)
-        for index in range(EVAL_TIMESTEPS)
-    ]
+    return evenly_spaced(num_train_timesteps, EVAL_TIMESTEPS)
 
 
 def eval_loss(pipelines: Pipelines, images: EvalImages, encode_captions: bool) -> float:

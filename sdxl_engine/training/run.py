@@ -27,6 +27,7 @@ from sdxl_engine.dataset import (
 )
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
+from sdxl_engine.lora_files import module_shapes
 from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_tensors
 from sdxl_engine.lora_keys import COMPONENTS, TEXT_ENCODERS, UNET
 from sdxl_engine.parameters import (
@@ -392,15 +393,10 @@ def _parent_lora(base: StableDiffusionXLPipeline, path: Path, params: TrainingPa
     """The LoRA the run continues, checked against the loaded models' modules and
     `params`; raises EngineError naming the file otherwise."""
     models = (base.unet, base.text_encoder, base.text_encoder_2)
-    module_shapes = {
-        component: {
-            name: tuple(module.weight.shape)
-            for name, module in model.named_modules()
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d)
-        }
-        for component, model in zip(COMPONENTS, models, strict=True)
+    shapes = {
+        component: module_shapes(model) for component, model in zip(COMPONENTS, models, strict=True)
     }
-    parent = read_parent_lora(path, module_shapes)
+    parent = read_parent_lora(path, shapes)
     problems = parent_problems(parent, params.rank, params.train_text_encoder)
     if problems:
         raise EngineError("invalid training parameters: " + "; ".join(problems))
