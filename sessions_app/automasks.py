@@ -22,7 +22,7 @@ from sessions_app import storage
 from sessions_app.links import session_image_mask_url
 from sessions_app.models import TrainingImage
 from sessions_app.selectors import session_get, session_images
-from sessions_app.services import training_image_mask_store, training_refusal
+from sessions_app.services import refuse_while_training, training_image_mask_store
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ def session_masks_create(
     if kind not in MASK_KINDS:
         raise ServiceError(f"kind: must be one of {', '.join(MASK_KINDS)}")
     session = session_get(session_id, caller)
-    refusal = training_refusal(session)
-    if refusal is not None:
-        raise refusal
+    refuse_while_training(session)
     model = None
     if kind == "subject":
         model = _subject_model()

@@ -38,6 +38,7 @@ from sessions_app.selectors import (
     owner_stored_bytes,
     session_get,
     session_image_count,
+    session_images,
     training_image_get,
 )
 from sessions_app.uploads import UploadedImage, images_from_zip
@@ -188,7 +189,7 @@ def training_refusal(session: Session) -> ServiceError | None:
 
 def _locked_image(session: Session, image_id: int) -> TrainingImage:
     """The session's image `image_id`, under the session lock, once no run is training."""
-    _refuse_while_training(session)
+    refuse_while_training(session)
     image = (
         TrainingImage.objects.filter(pk=image_id, group__session=session)
         .select_related("group")
@@ -254,16 +255,16 @@ def session_captions_create(
         session_get(session_id, caller)
     captioner_model()  # no model: a 409 before anything is read
     with session_lock(session_id) as session:
-        _refuse_while_training(session)
-        targets = [image for image in _images_in_order(session) if overwrite or not image.caption]
+        refuse_while_training(session)
+        targets = [image for image in session_images(session.pk) if overwrite or not image.caption]
     paths = [storage.absolute_path(image.file) for image in targets]
     captions = captions_generate(paths, prefix) if paths else []
     generated = {
         image.pk: caption_cleaned(caption) for image, caption in zip(targets, captions, strict=True)
     }
     with session_lock(session_id) as session:
-        _refuse_while_training(session)
-        images = _images_in_order(session)
+        refuse_while_training(session)
+        images = list(session_images(session.pk))
         replaced: list[tuple[Path, bytes | None]] = []  # caption files rewritten, as they were
         written: set[int] = set()
         try:
@@ -293,14 +294,11 @@ def session_captions_create(
     }
 
 
-def _refuse_while_training(session: Session) -> None:
+def refuse_while_training(session: Session) -> None:
+    """Raises training_refusal's 409 while a run of the session is queued or running."""
     refusal = training_refusal(session)
     if refusal is not None:
         raise refusal
-
-
-def _images_in_order(session: Session) -> list[TrainingImage]:
-    return list(TrainingImage.objects.filter(group__session=session).order_by("pk"))
 
 
 def training_image_mask_store(

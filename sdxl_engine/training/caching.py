@@ -187,7 +187,6 @@ def encode_images(
     base, device = pipelines.base, pipelines.device
     latents, placements, time_ids = [], [], []
     masks: list[torch.Tensor] = []
-    parts: dict[str, list[torch.Tensor]] = {"prompt_embeds": [], "pooled": []}
     for start in range(0, len(pairs), batch_size):
         if stop():
             raise TrainingCancelled("training was cancelled; no LoRA was saved")
@@ -209,22 +208,13 @@ def encode_images(
                     mask = _load_mask(pair, placement, mask_source)
                     reduced = F.interpolate(mask[None], size=latent.shape[-2:], mode="area")[0]
                     masks.append(reduced.clamp(0, 1).to(device))
-            prompt_embeds, _, pooled, _ = base.encode_prompt(
-                # diffusers annotates prompt as str; it takes a list too (its docstring).
-                prompt=captions[start : start + batch_size],  # type: ignore[arg-type]
-                device=torch.device(device),
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-        parts["prompt_embeds"].append(prompt_embeds)
-        parts["pooled"].append(pooled)
-    prompt_embeds = torch.cat(parts["prompt_embeds"])
+    prompt_embeds, pooled = _encoded_prompts(pipelines, captions, batch_size)
     encoded = EncodedImages(
         latents=latents,
         placements=placements,
         captions=captions,
         prompt_embeds=prompt_embeds,
-        pooled_prompt_embeds=torch.cat(parts["pooled"]),
+        pooled_prompt_embeds=pooled,
         time_ids=torch.tensor(time_ids, device=device, dtype=prompt_embeds.dtype),
         masks=masks if mask_source is not None else None,
     )
@@ -234,26 +224,23 @@ def encode_images(
             pipelines, class_prompts, batch_size
         )
     if with_empty_caption:
-        with torch.no_grad():
-            empty, _, empty_pooled, _ = base.encode_prompt(
-                prompt=[""],  # type: ignore[arg-type]  # a list, as above
-                device=torch.device(device),
-                num_images_per_prompt=1,
-                do_classifier_free_guidance=False,
-            )
-        encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds = empty, empty_pooled
+        encoded.empty_prompt_embeds, encoded.empty_pooled_prompt_embeds = _encoded_prompts(
+            pipelines, [""], 1
+        )
     return encoded
 
 
 def _encoded_prompts(
     pipelines: Pipelines, prompts: list[str], batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`prompts`' embeddings and pooled embeddings through the frozen text encoders."""
+    """`prompts`' embeddings and pooled embeddings through the frozen text encoders,
+    `batch_size` at a time: the captions', the empty caption's, the class prompts'."""
     embeds, pooled = [], []
     with torch.no_grad():
         for start in range(0, len(prompts), batch_size):
             prompt_embeds, _, pooled_embeds, _ = pipelines.base.encode_prompt(
-                prompt=prompts[start : start + batch_size],  # type: ignore[arg-type]  # a list
+                # diffusers annotates prompt as str; it takes a list too (its docstring).
+                prompt=prompts[start : start + batch_size],  # type: ignore[arg-type]
                 device=torch.device(pipelines.device),
                 num_images_per_prompt=1,
                 do_classifier_free_guidance=False,

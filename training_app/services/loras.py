@@ -187,17 +187,12 @@ def _canonical_lora_for_the_model(upload: Path, converted: Path) -> tuple[Path, 
     A kohya file in sd-scripts' SDXL block numbering converts according to the UNet's
     layers per block, so it is converted for each model in turn.
     """
-    from sdxl_engine.lora_files import check_lora, lora_target_shapes, read_lora_metadata
-    from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK, canonical_lora_file, is_canonical
-    from sdxl_engine.source import base_lora_configs
+    from sdxl_engine.lora_files import check_lora, read_lora_metadata
+    from sdxl_engine.lora_formats import canonical_lora_file, is_canonical
 
     canonical = is_canonical(upload)
-    candidates = [
-        (_layers_per_block(configs["unet"]), lora_target_shapes(**_by_argument(configs)))
-        for configs in base_lora_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL)
-    ] or [(SDXL_LAYERS_PER_BLOCK, None)]
     first_error, converted_for = None, object()
-    for layers_per_block, shapes in candidates:
+    for layers_per_block, shapes in _worker_models():
         try:
             if canonical:
                 finished, metadata = upload, read_lora_metadata(upload)
@@ -218,13 +213,20 @@ def model_lora_target_shapes() -> "list[TargetShapes | None]":
     """The module shapes (lora_files.lora_target_shapes) of each Base model the configured
     worker may load; [None] when the web process cannot know them (a LoRA is then checked
     for its own consistency only)."""
+    return [shapes for _, shapes in _worker_models()]
+
+
+def _worker_models() -> "list[tuple[int | None, TargetShapes | None]]":
+    """Each Base model the configured worker may load, as (its UNet's layers per block,
+    its module shapes); SDXL's layers and no shapes when the web process cannot know it."""
     from sdxl_engine.lora_files import lora_target_shapes
+    from sdxl_engine.lora_formats import SDXL_LAYERS_PER_BLOCK
     from sdxl_engine.source import base_lora_configs
 
     return [
-        lora_target_shapes(**_by_argument(configs))
+        (_layers_per_block(configs["unet"]), lora_target_shapes(**_by_argument(configs)))
         for configs in base_lora_configs(settings.SDXL_MODEL_PRESET, settings.SDXL_BASE_MODEL)
-    ] or [None]
+    ] or [(SDXL_LAYERS_PER_BLOCK, None)]
 
 
 def _by_argument(configs: dict) -> dict:

@@ -216,15 +216,22 @@ def session_captions_create(request: Request, session_id: int) -> Response:
     return rendered(SessionCaptionsResponse, {**written})
 
 
-class SessionImageView(APIView):
-    """/sessions/<id>/images/<image_id>: read the image (GET, `read`), fix its caption
-    (PATCH, `upload`, as adding it), or remove it (DELETE, `delete`, as a session)."""
+class ScopedByMethod(APIView):
+    """A view whose methods need different scopes: SCOPES by HTTP method (read for any
+    other)."""
 
-    SCOPES = {"GET": "read", "PATCH": "upload", "DELETE": "delete"}
+    SCOPES: dict[str, str] = {}
 
     def get_permissions(self) -> list[BasePermission]:
         scope = self.SCOPES.get(self.request.method or "GET", "read")
         return [permission() for permission in scope_required(scope)]
+
+
+class SessionImageView(ScopedByMethod):
+    """/sessions/<id>/images/<image_id>: read the image (GET, `read`), fix its caption
+    (PATCH, `upload`, as adding it), or remove it (DELETE, `delete`, as a session)."""
+
+    SCOPES = {"GET": "read", "PATCH": "upload", "DELETE": "delete"}
 
     @extend_schema(
         operation_id="session_image",
@@ -281,15 +288,11 @@ class SessionImageView(APIView):
 session_image = SessionImageView.as_view()
 
 
-class SessionImageMaskView(APIView):
+class SessionImageMaskView(ScopedByMethod):
     """/sessions/<id>/images/<image_id>/mask: read the image's mask (GET, `read`), set or
     replace it (PUT) or remove it (DELETE), both `upload`, as a caption edit."""
 
     SCOPES = {"GET": "read", "PUT": "upload", "DELETE": "upload"}
-
-    def get_permissions(self) -> list[BasePermission]:
-        scope = self.SCOPES.get(self.request.method or "GET", "read")
-        return [permission() for permission in scope_required(scope)]
 
     @extend_schema(
         operation_id="session_image_mask",
