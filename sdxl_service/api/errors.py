@@ -7,6 +7,7 @@ docs/api.md: every error answers `{"status": "error", "message": "..."}` with a 
 import errno
 import logging
 import math
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import RequestDataTooBig
-from django.db import DatabaseError
+from django.db import DatabaseError, connections
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.utils.log import log_response
 from rest_framework import exceptions as drf_exceptions
@@ -62,6 +63,18 @@ _POSTGRES_FULL = {"53100"}
 _BUSY_MESSAGES = ("database is locked", "database table is locked", "too many clients")
 _FULL_MESSAGES = ("database or disk is full",)
 _NO_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
+# SQLite's primary result code for an I/O error ("disk I/O error"; the extended code says
+# which call failed, never its errno).
+_SQLITE_IOERR = 10
+# SQLite answers "database or disk is full" where a write of the database or its WAL
+# finds no space, but "disk I/O error" where it cannot extend the WAL's index (the 32 KiB
+# `-shm` file, SQLITE_IOERR_SHMSIZE): what every query, reads included, met on a full
+# disk once no connection held that file open (issue 26). An I/O error is a full disk only
+# when the database's folder is (nearly) full as well: a failing disk or a lost mount must
+# stay a 500 that someone looks at, not a 507 asking to free space. 1 MiB is far above
+# what SQLite's failed allocations need (32 KiB, one page) yet far below any real free
+# space, so the space freed by a failing write racing this check does not matter.
+_NEARLY_FULL_BYTES = 1024 * 1024
 
 
 def _causes(exc: BaseException) -> Iterator[BaseException]:
@@ -89,7 +102,27 @@ def _database_state(exc: BaseException) -> str | None:
             return "busy"
         if any(message in text for message in _FULL_MESSAGES):
             return "full"
+        if _sqlite_io_error(cause) and _sqlite_folder_nearly_full():
+            return "full"
     return None
+
+
+def _sqlite_io_error(error: BaseException) -> bool:
+    code = getattr(error, "sqlite_errorcode", None)
+    return isinstance(code, int) and code & 0xFF == _SQLITE_IOERR
+
+
+def _sqlite_folder_nearly_full() -> bool:
+    """Whether the folder of the SQLite database (its -wal and -shm files live beside it)
+    has less than _NEARLY_FULL_BYTES free."""
+    database = connections["default"].settings_dict
+    if database["ENGINE"] != "django.db.backends.sqlite3":
+        return False
+    try:
+        stats = os.statvfs(Path(database["NAME"]).resolve().parent)
+    except OSError:
+        return False
+    return stats.f_bavail * stats.f_frsize < _NEARLY_FULL_BYTES
 
 
 def _no_space_where(exc: BaseException) -> str | None:
