@@ -2,10 +2,13 @@
 DRF's exception handler and, for views outside DRF or a middleware's failure, in handler500."""
 
 import errno
+import os
 import sqlite3
+from pathlib import Path
 
 import psycopg.errors
 import pytest
+from django.db import connection
 from django.db import utils as db_utils
 from rest_framework.test import APIClient
 
@@ -76,6 +79,40 @@ def test_no_space_left_answers_507_naming_where(monkeypatch, data_dir, error, wh
         "status": "error",
         "message": f"no space left on the device of {where}: free some space and retry",
     }
+
+
+def sqlite_io_error() -> db_utils.DatabaseError:
+    """SQLite's error where it cannot extend the WAL's index (SQLITE_IOERR_SHMSIZE)."""
+    error = sqlite3.OperationalError("disk I/O error")
+    error.sqlite_errorcode = 4874
+    return wrapped(error)
+
+
+@pytest.mark.parametrize("folder_free_bytes, status", [(0, 507), (10 * 1024 * 1024, 500)])
+def test_sqlite_io_error_is_507_only_on_a_nearly_full_database_folder(
+    monkeypatch, folder_free_bytes, status
+):
+    """On a full disk SQLite says "disk I/O error" where the WAL's index cannot grow; with
+    space left the same error is a failing disk, which stays a 500."""
+    if connection.vendor != "sqlite":
+        pytest.skip("the database's folder is SQLite's")
+    real_statvfs = os.statvfs
+    folder = Path(connection.settings_dict["NAME"]).resolve().parent
+
+    def statvfs(path):
+        stats = real_statvfs(path)
+        if Path(path) != folder:
+            return stats
+        return os.statvfs_result((*stats[:4], folder_free_bytes // stats.f_frsize, *stats[5:]))
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    failing(monkeypatch, sqlite_io_error())
+    response = APIClient().get("/create_session")
+    assert response.status_code == status
+    if status == 507:
+        assert response.json()["message"] == (
+            "no space left on the device of the database: free some space and retry"
+        )
 
 
 @pytest.mark.parametrize(
