@@ -21,6 +21,7 @@ import threading
 from typing import Any
 
 from django.db import connections
+from django.db.backends.sqlite3.base import DatabaseWrapper as SQLiteDatabase
 
 _held: dict[str, sqlite3.Connection] = {}
 _opening = threading.Lock()
@@ -30,7 +31,7 @@ def hold_wal_index(**_signal: Any) -> None:
     """request_started's receiver: the connection holding the default database's
     wal-index, opened if this process holds none yet."""
     connection = connections["default"]
-    if connection.vendor != "sqlite" or connection.is_in_memory_db():
+    if not isinstance(connection, SQLiteDatabase) or connection.is_in_memory_db():
         return
     name = str(connection.settings_dict["NAME"])
     if name in _held:
@@ -38,11 +39,16 @@ def hold_wal_index(**_signal: Any) -> None:
     with _opening:
         if name in _held:
             return
-        holder = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
         try:
-            # A connection maps the wal-index at its first read.
-            holder.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            holder = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error:
+            return  # the request itself answers why (sdxl_service.api.errors)
+        try:
+            # A connection maps the wal-index at its first read; read to the end, which
+            # ends the read transaction (an open one would keep checkpoints from
+            # emptying the WAL).
+            holder.execute("SELECT count(*) FROM sqlite_master").fetchall()
         except sqlite3.Error:
             holder.close()
-            return  # the request itself answers why (sdxl_service.api.errors)
+            return
         _held[name] = holder
