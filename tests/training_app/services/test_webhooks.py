@@ -59,6 +59,7 @@ class Receiver:
 def receiver(settings):
     settings.SDXL_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
     settings.SDXL_WEBHOOK_SECRET = SECRET
+    settings.SDXL_WEBHOOK_ALLOW_PRIVATE = True  # the receiver listens on loopback
     server = Receiver()
     yield server
     server.server.shutdown()
