@@ -104,20 +104,21 @@ def _url_problem(url: str) -> str | None:
         literal = ipaddress.ip_address(parts.hostname)
     except ValueError:
         return None
-    return address_problem(literal)
+    problem = address_problem(literal)
+    return f"address {literal} is {problem}" if problem else None
 
 
 def address_problem(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
-    """Why a webhook may not be sent to `address`, or None."""
+    """What makes `address` no webhook target ("private, loopback ..."), or None."""
     if address.version == 6 and address.ipv4_mapped:
         address = address.ipv4_mapped
     if address in METADATA_ADDRESSES:
-        return f"address {address} is a cloud metadata service's"
+        return "a cloud metadata service's address"
     if settings.SDXL_WEBHOOK_ALLOW_PRIVATE:
         return None
     if not address.is_global or address.is_multicast:
         return (
-            f"address {address} is private, loopback, link-local, multicast or reserved "
+            "private, loopback, link-local, multicast or reserved "
             "(SDXL_WEBHOOK_ALLOW_PRIVATE allows all but metadata addresses)"
         )
     return None
@@ -132,7 +133,7 @@ def resolve_checked(host: str, port: int) -> str:
     for address in addresses:
         problem = address_problem(address)
         if problem:
-            raise _Refused(f"host {host} resolves to {problem.removeprefix('address ')}")
+            raise _Refused(f"host {host} resolves to {address}, which is {problem}")
     return str(addresses[0])
 
 
