@@ -384,26 +384,23 @@ class _Deadline:
                 self._socket = None
 
 
-class _PinnedConnection:
+class _PinnedHTTPConnection(urllib3.connection.HTTPConnection):
     """Connects to the address resolve_checked approved instead of resolving the host
     again (no DNS rebinding between check and connect); the host name still goes in the
-    Host header, TLS SNI and the certificate check. The deadline watches the socket."""
+    Host header (and TLS SNI and the certificate check, _PinnedHTTPSConnection). The
+    deadline watches the socket."""
 
     def __init__(self, *args: Any, address: str, deadline: _Deadline, **kwargs: Any):
         self._address, self._deadline = address, deadline
         super().__init__(*args, **kwargs)
 
     def _new_conn(self) -> socket.socket:
-        connected = socket.create_connection((self._address, self.port), self.timeout)
+        connected = socket.create_connection((self._address, self.port), self._deadline.remaining())
         self._deadline.watch(connected)
         return connected
 
 
-class _PinnedHTTPConnection(_PinnedConnection, urllib3.connection.HTTPConnection):
-    pass
-
-
-class _PinnedHTTPSConnection(_PinnedConnection, urllib3.connection.HTTPSConnection):
+class _PinnedHTTPSConnection(_PinnedHTTPConnection, urllib3.connection.HTTPSConnection):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(), **kwargs)
 
