@@ -178,16 +178,6 @@ def progress_tenth(done: int, total: int) -> int:
     return done * PROGRESS_EVENTS // total if total else 0
 
 
-def webhooks_deliver_due(limit: int = 50) -> int:
-    """Sends the deliveries that are due one after another on this thread, as
-    webhooks_claim_due hands them out; returns how many were attempted."""
-    attempted = 0
-    while attempted < limit and (claimed := webhooks_claim_due(1)):
-        webhook_deliver(claimed[0])
-        attempted += 1
-    return attempted
-
-
 def webhooks_claim_due(slots: int) -> list[int]:
     """Claims up to `slots` due deliveries for this thread's pool; their ids.
 

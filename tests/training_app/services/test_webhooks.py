@@ -91,6 +91,16 @@ class Tarpit:
         self.listener.close()
 
 
+def deliver_due() -> int:
+    """Sends the due deliveries one after another, as the worker's threads claim them;
+    how many were attempted."""
+    attempted = 0
+    while claimed := webhooks.webhooks_claim_due(1):
+        webhooks.webhook_deliver(claimed[0])
+        attempted += 1
+    return attempted
+
+
 @pytest.fixture
 def receiver(settings):
     settings.SDXL_WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
@@ -153,7 +163,7 @@ def test_a_training_run_posts_each_event_it_asked_for_signed(receiver):
     runs.training_run_execute(run.pk)
     # Recorded by the worker as they happen; nothing is sent until a delivery round.
     assert receiver.received == []
-    assert webhooks.webhooks_deliver_due() == WebhookDelivery.objects.count()
+    assert deliver_due() == WebhookDelivery.objects.count()
 
     events = receiver.events()
     assert events[0] == "started" and events[-1] == "completed"
@@ -172,7 +182,7 @@ def test_a_training_run_posts_each_event_it_asked_for_signed(receiver):
 def test_a_cancelled_run_posts_failed_and_only_the_events_asked_for(receiver):
     run = _run_with_webhook(receiver.url, ["failed"])
     runs.training_run_cancel(run.session_id)
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     assert receiver.events() == ["failed"]
     data = json.loads(receiver.received[0]["body"])["data"]
     assert (data["status"], data["message"]) == ("cancelled", "training was cancelled")
@@ -187,14 +197,14 @@ def test_refused_deliveries_are_retried_with_back_off_then_given_up(receiver, se
 
     for attempt, delay in ((1, 5), (2, 20)):
         before = timezone.now()
-        webhooks.webhooks_deliver_due()
+        deliver_due()
         delivery.refresh_from_db()
         assert (delivery.status, delivery.attempts) == ("pending", attempt)
         assert delivery.last_error.startswith("answered 5")
         assert delivery.next_attempt_at >= before + timedelta(seconds=delay)
-        assert webhooks.webhooks_deliver_due() == 0  # not due yet
+        assert deliver_due() == 0  # not due yet
         WebhookDelivery.objects.update(next_attempt_at=timezone.now())
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     delivery.refresh_from_db()
     assert (delivery.status, delivery.attempts, delivery.last_status_code) == ("failed", 3, 500)
     assert len(receiver.received) == 3
@@ -204,7 +214,7 @@ def test_a_redirect_is_not_followed(receiver):
     run = _run_with_webhook(receiver.url, ["failed"])
     receiver.answers = [302]
     runs.training_run_cancel(run.session_id)
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     delivery = WebhookDelivery.objects.get()
     assert (delivery.status, delivery.last_error) == ("pending", "answered 302")
     assert len(receiver.received) == 1
@@ -214,7 +224,7 @@ def test_a_host_no_longer_allowed_is_not_called(receiver, settings):
     run = _run_with_webhook(receiver.url, ["failed"])
     runs.training_run_cancel(run.session_id)
     settings.SDXL_WEBHOOK_ALLOWED_HOSTS = ["hooks.example.com"]
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     delivery = WebhookDelivery.objects.get()
     assert (
         delivery.status == "failed" and "not in SDXL_WEBHOOK_ALLOWED_HOSTS" in delivery.last_error
@@ -234,7 +244,7 @@ def test_a_generation_posts_started_progress_and_completed(receiver, generation_
         )
     )
     batches.generation_execute(generation.pk)
-    webhooks.webhooks_deliver_due()
+    deliver_due()
 
     assert receiver.events() == ["started"] + ["progress"] * 5 + ["completed"]
     done = json.loads(receiver.received[-1]["body"])["data"]
@@ -246,7 +256,7 @@ def test_a_generation_that_fails_posts_failed(receiver, generation_worker):
     generation = generation_request(GenerationRequest(prompt="x", webhook_url=receiver.url))
     Generation.objects.filter(pk=generation.pk).update(status="running")
     lifecycle.generations_finish_with_error([generation.pk], "the worker was lost")
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     assert receiver.events() == ["failed"]
     assert json.loads(receiver.received[0]["body"])["data"]["message"] == "the worker was lost"
 
@@ -255,7 +265,7 @@ def test_a_cancelled_generation_posts_failed_with_status_cancelled(receiver, gen
     generation = generation_request(GenerationRequest(prompt="x", webhook_url=receiver.url))
     lifecycle.generation_cancel(generation.pk)
     lifecycle.generation_cancel(generation.pk)  # already ended: no second event
-    webhooks.webhooks_deliver_due()
+    deliver_due()
     assert receiver.events() == ["failed"]
     data = json.loads(receiver.received[0]["body"])["data"]
     assert (data["status"], data["message"]) == ("cancelled", lifecycle.CANCELLED_BY_REQUEST)
@@ -335,7 +345,7 @@ def test_a_name_that_resolves_to_loopback_is_not_called(receiver, settings, monk
     port = receiver.server.server_port
     delivery = _delivery(f"http://hooks.example.com:{port}/hook")
 
-    webhooks.webhooks_deliver_due()
+    deliver_due()
 
     delivery.refresh_from_db()
     assert delivery.status == "failed" and delivery.attempts == 1
@@ -354,7 +364,7 @@ def test_the_connection_goes_to_the_address_checked(receiver, settings, monkeypa
     lookups = _resolving(monkeypatch, "hooks.example.com", "127.0.0.1", "127.0.0.2")
     delivery = _delivery(f"http://hooks.example.com:{port}/hook")
     try:
-        webhooks.webhooks_deliver_due()
+        deliver_due()
     finally:
         elsewhere.server.shutdown()
 
@@ -372,7 +382,7 @@ def test_an_attempt_ends_at_its_deadline_however_slowly_the_receiver_answers(rec
     delivery = _delivery(tarpit.url)
     try:
         started = time.monotonic()
-        webhooks.webhooks_deliver_due()
+        deliver_due()
         took = time.monotonic() - started
     finally:
         tarpit.stop()
