@@ -71,7 +71,10 @@ class Tarpit:
 
     def _accept(self):
         while not self.stopped.is_set():
-            connection, _ = self.listener.accept()
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:  # stopped
+                return
             threading.Thread(target=self._trickle, args=(connection,), daemon=True).start()
 
     def _trickle(self, connection: socket.socket):
