@@ -72,7 +72,8 @@ PROGRESS_EVENTS = 10
 
 def webhook_target_check(url: str | None, events: list[str] | None) -> tuple[str, list[str]]:
     """The (url, events) to record for a request; ("", []) without a url. 400 when
-    webhooks are off, the url is no http(s) URL, or its host is not allowed."""
+    webhooks are off, the url is no http(s) URL, its host is not allowed, or it is an
+    address refused (a name is resolved and checked before each attempt instead)."""
     if not url:
         if events:
             raise ServiceError("webhook_events needs a webhook_url")
