@@ -305,6 +305,19 @@ SDXL_WEBHOOK_ALLOWED_HOSTS = env.list("SDXL_WEBHOOK_ALLOWED_HOSTS", default=[])
 SDXL_WEBHOOK_SECRET = env.str("SDXL_WEBHOOK_SECRET", default="")
 SDXL_WEBHOOK_MAX_ATTEMPTS = env.int("SDXL_WEBHOOK_MAX_ATTEMPTS", default=6)
 SDXL_WEBHOOK_RETRY_BASE_S = env.float("SDXL_WEBHOOK_RETRY_BASE_S", default=5.0)
+# Each attempt's whole exchange (connect, request, the answer's headers) must end within
+# this many seconds, however slowly the receiver trickles bytes.
+SDXL_WEBHOOK_TIMEOUT = env.float("SDXL_WEBHOOK_TIMEOUT", default=10.0)
+# Deliveries sent at once by each worker process, and at most this many to one host (across
+# the workers): a slow receiver holds its own share of the threads, never all of them.
+SDXL_WEBHOOK_CONCURRENCY = env.int("SDXL_WEBHOOK_CONCURRENCY", default=4)
+SDXL_WEBHOOK_PER_HOST = env.int("SDXL_WEBHOOK_PER_HOST", default=2)
+# Hosts that resolve to private, loopback, link-local, shared or reserved addresses are
+# refused (cloud metadata addresses always): true for receivers on a private network.
+SDXL_WEBHOOK_ALLOW_PRIVATE = env.bool("SDXL_WEBHOOK_ALLOW_PRIVATE", default=False)
+for _name in ("SDXL_WEBHOOK_TIMEOUT", "SDXL_WEBHOOK_CONCURRENCY", "SDXL_WEBHOOK_PER_HOST"):
+    if globals()[_name] <= 0:
+        raise ImproperlyConfigured(f"{_name} must be positive")
 # Multipart uploads (images, zips, LoRA files): at most this many MB of files per request,
 # and of what a zip unpacks to.
 SDXL_MAX_UPLOAD_MB = env.int("SDXL_MAX_UPLOAD_MB", default=512)

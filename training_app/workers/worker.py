@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 
 from django.conf import settings
 from django.db import connections
@@ -64,7 +65,7 @@ def run_worker(queue: str, write: Callable[[str], object]) -> str | None:
     stop_requested = threading.Event()
     cluster = _cluster_start(queue, queue_name, stop_requested)
 
-    # Webhooks go out from a thread of this process (no torch here), never from a web
+    # Webhooks go out from threads of this process (no torch here), never from a web
     # request's: a slow receiver delays its own deliveries only.
     stopped = threading.Event()
     threading.Thread(
@@ -207,14 +208,38 @@ def _kill_cluster(cluster) -> None:
 
 
 def _deliver_webhooks(stopped: threading.Event) -> None:
-    """Sends due webhook deliveries (services.webhooks) until the worker's cluster stopped
-    (the job it finishes on SIGTERM included)."""
-    from training_app.services.webhooks import webhooks_deliver_due
+    """Sends due webhook deliveries (services.webhooks) on SDXL_WEBHOOK_CONCURRENCY
+    threads until the worker's cluster stopped (the job it finishes on SIGTERM included):
+    claims as many as threads are free, again whenever one frees up or every poll interval.
+    An attempt in flight at the stop ends within SDXL_WEBHOOK_TIMEOUT."""
+    from training_app.services.webhooks import webhooks_claim_due
 
+    pool = ThreadPoolExecutor(settings.SDXL_WEBHOOK_CONCURRENCY, "webhook")
+    in_flight: set[Future] = set()
     while not stopped.is_set():
         try:
-            webhooks_deliver_due()
+            free = settings.SDXL_WEBHOOK_CONCURRENCY - len(in_flight)
+            if free:
+                for delivery_id in webhooks_claim_due(free):
+                    in_flight.add(pool.submit(_deliver_webhook, delivery_id))
         except Exception:  # the database away for a moment: try again on the next round
             logger.exception("webhook delivery round failed")
             connections.close_all()
-        stopped.wait(WEBHOOK_POLL_INTERVAL_S)
+        if in_flight:
+            done, _ = wait(in_flight, WEBHOOK_POLL_INTERVAL_S, FIRST_COMPLETED)
+            in_flight -= done
+        else:
+            stopped.wait(WEBHOOK_POLL_INTERVAL_S)
+    pool.shutdown(wait=False)
+
+
+def _deliver_webhook(delivery_id: int) -> None:
+    """One attempt, on a thread of the delivery pool. A failure leaves the delivery
+    claimed: it is due again when the claim's lease ends."""
+    from training_app.services.webhooks import webhook_deliver
+
+    try:
+        webhook_deliver(delivery_id)
+    except Exception:  # the database away for a moment
+        logger.exception("webhook delivery %s failed", delivery_id)
+        connections.close_all()  # this thread's, not used again broken
