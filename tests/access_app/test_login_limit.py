@@ -42,6 +42,7 @@ def test_failed_logins_lock_the_pair_out_until_the_cool_off_passes(admin_user, s
 
     locked = _login(client, "wrong")
     assert locked.status_code == 429
+    assert b"too many login attempts" in locked.content
     assert _login(client, PASSWORD).status_code == 429
     assert not _logged_in(client)
 
