@@ -4,6 +4,7 @@ Every setting an operator may change comes from the environment (django-environ)
 README's configuration table lists them all.
 """
 
+from datetime import timedelta
 from pathlib import Path
 
 import django_stubs_ext
@@ -49,10 +50,30 @@ CSRF_COOKIE_SECURE = SDXL_HTTPS
 SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=365 * 24 * 3600 if SDXL_HTTPS else 0)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env.bool("DJANGO_HSTS_INCLUDE_SUBDOMAINS", default=SDXL_HTTPS)
 SECURE_HSTS_PRELOAD = env.bool("DJANGO_HSTS_PRELOAD", default=SDXL_HTTPS)
-if env.bool("DJANGO_BEHIND_PROXY", default=False):
+SDXL_BEHIND_PROXY = env.bool("DJANGO_BEHIND_PROXY", default=False)
+if SDXL_BEHIND_PROXY:
     # The proxy terminates TLS and says so in this header; trust it only behind one.
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
+
+# --- Admin login limit (django-axes; README, Security) -------------------------------------
+# After SDXL_ADMIN_LOGIN_FAILURES failed logins of one username from one address, that
+# pair is refused (429, even with the right password) for SDXL_ADMIN_LOGIN_COOLOFF_MINUTES;
+# a success forgets the failures. Username and address together: an attacker elsewhere
+# cannot lock the operator out. The API's bearer tokens never pass through Django's
+# authenticate(), so they are not counted or refused here.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+AXES_FAILURE_LIMIT = env.int("SDXL_ADMIN_LOGIN_FAILURES", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=env.int("SDXL_ADMIN_LOGIN_COOLOFF_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+# The address is REMOTE_ADDR, which a client cannot forge; behind the proxy
+# (DJANGO_BEHIND_PROXY) every request comes from the proxy, so the address is the one it
+# appended last to X-Forwarded-For (access_app.client_ip).
+AXES_CLIENT_IP_CALLABLE = "access_app.client_ip.client_ip"
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -66,6 +87,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_q",
+    "axes",
     "access_app",
     "sessions_app",
     "training_app",
@@ -81,6 +103,8 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a refused admin login into the lockout answer.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "sdxl_service.urls"
@@ -285,7 +309,12 @@ SDXL_MAX_IMAGE_SIDE = env.int("SDXL_MAX_IMAGE_SIDE", default=2048)
 SDXL_MAX_NUM_IMAGES = env.int("SDXL_MAX_NUM_IMAGES", default=8)
 SDXL_MAX_TRAINING_STEPS = env.int("SDXL_MAX_TRAINING_STEPS", default=100_000)
 SDXL_MAX_PROMPT_CHARS = env.int("SDXL_MAX_PROMPT_CHARS", default=2000)
-SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=64 * 1024 * 1024)
+SDXL_MAX_UPLOAD_PIXELS = env.int("SDXL_MAX_UPLOAD_PIXELS", default=40_000_000)
+# Decoding costs memory and CPU by the pixel (README, Security): a request's images in all
+# (a zip's included, read from their headers first), and the pixels one web process
+# decodes at once (more waits its turn).
+SDXL_MAX_UPLOAD_TOTAL_PIXELS = env.int("SDXL_MAX_UPLOAD_TOTAL_PIXELS", default=500_000_000)
+SDXL_DECODE_PIXEL_BUDGET = env.int("SDXL_DECODE_PIXEL_BUDGET", default=80_000_000)
 # Defaults obey these limits as given values do: a request that leaves a value out gets
 # the default capped at the limit (height and width: min(1024, SDXL_MAX_IMAGE_SIDE) rounded
 # down to a multiple of 8; a training run's length: at most SDXL_MAX_TRAINING_STEPS steps).
@@ -296,6 +325,8 @@ for _name, _smallest in (
     ("SDXL_MAX_TRAINING_STEPS", 1),
     ("SDXL_MAX_PROMPT_CHARS", 1),
     ("SDXL_MAX_UPLOAD_PIXELS", 1),
+    ("SDXL_MAX_UPLOAD_TOTAL_PIXELS", 1),
+    ("SDXL_DECODE_PIXEL_BUDGET", 1),
 ):
     if globals()[_name] < _smallest:
         raise ImproperlyConfigured(f"{_name} must be at least {_smallest}")

@@ -19,6 +19,7 @@ from core.errors import ServiceError
 from sdxl_engine import masking
 from sdxl_engine.errors import EngineError
 from sessions_app import storage
+from sessions_app.images import decode_budget
 from sessions_app.links import session_image_mask_url
 from sessions_app.models import TrainingImage
 from sessions_app.selectors import session_get, session_images
@@ -84,7 +85,8 @@ def session_masks_create(
         if not path.is_file():
             raise ServiceError(f"image {image.pk} is recorded but its file is missing", status=404)
         faces = None
-        with Image.open(path) as opened:
+        # Stored images passed the upload limits; decoding them still takes the budget.
+        with Image.open(path) as opened, decode_budget(opened.width * opened.height):
             if model is None:
                 found = masking.face_mask(opened)
                 mask, faces = found.mask, found.faces

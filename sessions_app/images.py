@@ -2,7 +2,10 @@
 a mask, that it fits its image, and how it is stored."""
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,45 +51,129 @@ def stored_upright_size(path: Path) -> tuple[int, int]:
 
 
 def check_image(data: bytes, field: str = "image_base64") -> CheckedImage:
-    """Decodes the whole image once; raises ServiceError (400) if it is not a usable image.
+    """Decodes the whole image once (within the process's decode budget); raises
+    ServiceError (400) if it is not a usable image.
 
     Only the four accepted formats' parsers ever see the bytes (Pillow would otherwise try
     every format it knows, EPS through Ghostscript included), and the pixel count is read
     from the header and checked before a single pixel is decoded.
     """
-    too_large = (
-        f"{field}: the image has more pixels than the limit of {settings.SDXL_MAX_UPLOAD_PIXELS} "
-        "(SDXL_MAX_UPLOAD_PIXELS)"
-    )
+    with decoded(data, field) as image:
+        width, height = image.size
+        return CheckedImage(
+            data=data,
+            image_format=image.format or "",
+            extension=ACCEPTED_FORMATS[image.format or ""],
+            width=width,
+            height=height,
+            upright_size=upright_size(image),
+        )
+
+
+def image_pixels(data: bytes, field: str) -> int:
+    """The image's width x height from its header (nothing is decoded), once it is known
+    to be an accepted format within SDXL_MAX_UPLOAD_PIXELS (ServiceError, 400, otherwise)."""
+    with _opened(data, field) as image:
+        width, height = image.size
+        return width * height
+
+
+def check_total_pixels(uploads: list[tuple[str, bytes]]) -> None:
+    """Refuses (400) a request whose images (name, bytes), read from their headers before
+    any is decoded, hold more than SDXL_MAX_UPLOAD_TOTAL_PIXELS in all: each image within
+    the per-image limit still costs its decoding, and a few MB of zip can hold hundreds."""
+    limit: int = settings.SDXL_MAX_UPLOAD_TOTAL_PIXELS
+    total = sum(image_pixels(data, name) for name, data in uploads)
+    if total > limit:
+        raise ServiceError(
+            f"the {len(uploads)} images sent hold {total} pixels in all, more than the limit "
+            f"of {limit} (SDXL_MAX_UPLOAD_TOTAL_PIXELS): send them in several requests"
+        )
+
+
+@contextmanager
+def decoded(data: bytes, field: str) -> Iterator[Image.Image]:
+    """The image, decoded, for the time of the `with`: its header checked first (formats,
+    SDXL_MAX_UPLOAD_PIXELS), its pixels held against the process's decode budget until
+    the `with` ends. A decoding error is a 400 naming `field`."""
+    with _opened(data, field) as image:
+        width, height = image.size
+        with decode_budget(width * height):
+            with _refusals(field):
+                image.load()
+            yield image
+
+
+@contextmanager
+def _opened(data: bytes, field: str) -> Iterator[Image.Image]:
+    """The image with only its header read, refused (400) unless it is one of the accepted
+    formats within SDXL_MAX_UPLOAD_PIXELS."""
+    with _refusals(field):
+        image = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
+    with image:
+        if image.format not in ACCEPTED_FORMATS:  # only their parsers may open it
+            raise ServiceError(NOT_AN_IMAGE.format(field=field))
+        width, height = image.size
+        limit: int = settings.SDXL_MAX_UPLOAD_PIXELS
+        if width * height > limit:
+            raise ServiceError(
+                f"{field}: the image has more pixels than the limit of {limit} "
+                f"(SDXL_MAX_UPLOAD_PIXELS): it is {width}x{height} ({width * height} pixels)"
+            )
+        yield image
+
+
+@contextmanager
+def _refusals(field: str) -> Iterator[None]:
+    """Pillow's refusals of an image as a ServiceError (400) naming `field`."""
     try:
         with warnings.catch_warnings():
             # Pillow's own bomb check only warns up to twice its limit: make it refuse.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS)) as image:
-                image_format = image.format
-                if image_format not in ACCEPTED_FORMATS:  # only their parsers may open it
-                    raise ServiceError(NOT_AN_IMAGE.format(field=field))
-                width, height = image.size
-                if width * height > settings.SDXL_MAX_UPLOAD_PIXELS:
-                    raise ServiceError(f"{too_large}: it is {width}x{height}")
-                seen = upright_size(image)
-                image.load()
-    except ServiceError:
-        raise
+            yield
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ServiceError(too_large) from None
+        raise ServiceError(
+            f"{field}: the image has more pixels than the limit of "
+            f"{settings.SDXL_MAX_UPLOAD_PIXELS} (SDXL_MAX_UPLOAD_PIXELS)"
+        ) from None
     except UnidentifiedImageError:
         raise ServiceError(NOT_AN_IMAGE.format(field=field)) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise ServiceError(f"{field}: the image could not be decoded: {error}") from None
-    return CheckedImage(
-        data=data,
-        image_format=image_format,
-        extension=ACCEPTED_FORMATS[image_format],
-        width=width,
-        height=height,
-        upright_size=seen,
-    )
+
+
+# Pixels being decoded in this process now, against SDXL_DECODE_PIXEL_BUDGET.
+_decoding = threading.Condition()
+_pixels_decoding = 0
+# How long a decode waits for the budget before the request is told to come back.
+DECODE_WAIT_S = 30.0
+
+
+@contextmanager
+def decode_budget(pixels: int) -> Iterator[None]:
+    """Holds `pixels` of the process's decode budget (SDXL_DECODE_PIXEL_BUDGET) for the
+    `with`: a decoded image takes a few bytes a pixel, so 16 threads decoding large images
+    at once would take gigabytes; past the budget a decode waits for others to finish, and
+    after DECODE_WAIT_S answers 503. An image larger than the whole budget decodes alone."""
+    global _pixels_decoding
+    budget: int = settings.SDXL_DECODE_PIXEL_BUDGET
+    with _decoding:
+        fits = _decoding.wait_for(
+            lambda: _pixels_decoding == 0 or _pixels_decoding + pixels <= budget, DECODE_WAIT_S
+        )
+        if not fits:
+            raise ServiceError(
+                "the server is decoding other large images: try again in a few seconds",
+                status=503,
+                retry_after=5,
+            )
+        _pixels_decoding += pixels
+    try:
+        yield
+    finally:
+        with _decoding:
+            _pixels_decoding -= pixels
+            _decoding.notify_all()
 
 
 def mask_png(mask: Image.Image, width: int, height: int, field: str = "mask") -> bytes:
@@ -119,13 +206,11 @@ def mask_png(mask: Image.Image, width: int, height: int, field: str = "mask") ->
     return encoded.getvalue()
 
 
-def open_mask(data: bytes, field: str = "mask") -> Image.Image:
-    """Uploaded mask bytes, decoded: any format check_image accepts, within the same pixel
-    limit (ServiceError, 400, naming `field` otherwise)."""
-    check_image(data, field=field)
-    mask = Image.open(io.BytesIO(data), formats=list(ACCEPTED_FORMATS))
-    mask.load()
-    return mask
+def open_mask(data: bytes, field: str = "mask") -> AbstractContextManager[Image.Image]:
+    """Uploaded mask bytes, decoded for the time of the `with` (as `decoded`): any format
+    check_image accepts, within the same pixel limit (ServiceError, 400, naming `field`
+    otherwise)."""
+    return decoded(data, field)
 
 
 def checked_mask(data: bytes, width: int, height: int, field: str = "mask") -> bytes:

@@ -27,6 +27,7 @@ from sessions_app.captioner import captioner_model, captions_generate
 from sessions_app.images import (
     CheckedImage,
     check_image,
+    check_total_pixels,
     checked_mask,
     mask_png,
     open_mask,
@@ -101,6 +102,10 @@ def session_images_add(
     owner's quotas must hold the images and masks."""
     if caller is not None:
         session_get(session_id, caller)
+    check_total_pixels(
+        [(upload.name, upload.data) for upload in uploads]
+        + [(upload.mask_name, upload.mask) for upload in uploads if upload.mask is not None]
+    )
     checked = _auto_captions_filled([_upload_checked(upload) for upload in uploads])
     images = []
     with session_lock(session_id) as session:

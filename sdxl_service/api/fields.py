@@ -69,6 +69,22 @@ class StrictIntegerField(serializers.IntegerField):
         return super().to_internal_value(data)
 
 
+# The largest number a query parameter takes where its field names no smaller bound: far
+# below the 64-bit integers SQLite and PostgreSQL store, so that `offset + limit` cannot
+# overflow them either (an unbounded ?offset=99999999999999999999 reached the database).
+MAX_QUERY_INTEGER = 1_000_000_000
+
+
+class QueryIntegerField(StrictIntegerField):
+    """An integer query parameter: never negative, never above MAX_QUERY_INTEGER unless the
+    field names its own bounds, so that each is a 400 naming it and the schema shows both."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", 0)
+        kwargs.setdefault("max_value", MAX_QUERY_INTEGER)
+        super().__init__(**kwargs)
+
+
 class StrictFloatField(serializers.FloatField):
     """A finite number (or a string of one); never a boolean (DRF takes true as 1.0)."""
 

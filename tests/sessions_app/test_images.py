@@ -5,11 +5,14 @@ import io
 import os
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 from PIL import Image, ImageFile
 
 from core.errors import ServiceError
+from sessions_app import images
 from sessions_app.images import check_image, checked_mask, mask_png
 from tests.helpers import image_bytes, png_bomb
 from tests.processes import REPO
@@ -122,3 +125,57 @@ def test_mask_bytes_are_checked_as_images_are():
         checked_mask(b"not an image", 48, 40, field="a_mask.png")
     with pytest.raises(ServiceError, match="m: the image has more pixels than the limit"):
         checked_mask(png_bomb(9000, 9000), 9000, 9000, field="m")
+
+
+def test_an_8192_square_photo_is_refused_from_its_header_naming_it_and_its_size(monkeypatch):
+    """The default limit (40 megapixels) holds any SDXL training photo; 8192x8192 (67 Mi
+    pixels, a few KB as a PNG) took ~245 MB to decode and was accepted."""
+
+    def decode(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", decode)
+    with pytest.raises(ServiceError) as error:
+        check_image(png_bomb(8192, 8192), field="huge.png")
+    assert error.value.status == 400
+    assert error.value.message.startswith("huge.png: the image has more pixels than the limit")
+    assert "8192x8192" in error.value.message
+
+
+def test_decoding_waits_for_the_process_pixel_budget(settings, monkeypatch):
+    """Four threads checking real images at once, with a budget of one image's pixels:
+    never two decoded images in memory at a time."""
+    settings.SDXL_DECODE_PIXEL_BUDGET = 48 * 40
+    data = image_bytes("PNG", (48, 40))
+    decoding, most = [0], [0]
+    guard = threading.Lock()
+    load = ImageFile.ImageFile.load
+
+    def counted_load(self):
+        with guard:
+            decoding[0] += 1
+            most[0] = max(most[0], decoding[0])
+        time.sleep(0.05)  # long enough for the other threads to arrive
+        try:
+            return load(self)
+        finally:
+            with guard:
+                decoding[0] -= 1
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", counted_load)
+    threads = [threading.Thread(target=check_image, args=(data,)) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
+def test_a_decode_that_cannot_get_the_budget_answers_503(settings, monkeypatch):
+    settings.SDXL_DECODE_PIXEL_BUDGET = 48 * 40
+    monkeypatch.setattr(images, "DECODE_WAIT_S", 0.01)
+    with images.decode_budget(48 * 40), pytest.raises(ServiceError) as error:
+        check_image(image_bytes("PNG", (48, 40)))
+    assert (error.value.status, error.value.retry_after) == (503, 5)
+    # The budget is given back: the same image decodes now.
+    assert check_image(image_bytes("PNG", (48, 40))).width == 48

@@ -16,8 +16,8 @@ from sdxl_service.api import field_aliases
 from sdxl_service.api.fields import (
     Base64BytesField,
     ChoiceField,
+    QueryIntegerField,
     SessionIdField,
-    StrictIntegerField,
     StringField,
 )
 from sdxl_service.api.training.serializers import (
@@ -222,14 +222,14 @@ class SessionSummary(serializers.Serializer[Any]):
 
 
 class ListSessionsQuery(serializers.Serializer[Any]):
-    limit = StrictIntegerField(
+    limit = QueryIntegerField(
         min_value=1,
         max_value=1000,
         required=False,
         help_text="at most this many sessions (oldest first); left out: every session",
     )
-    offset = StrictIntegerField(
-        min_value=0, required=False, help_text="skip this many sessions first (default 0)"
+    offset = QueryIntegerField(
+        required=False, help_text="skip this many sessions first (default 0)"
     )
 
 
