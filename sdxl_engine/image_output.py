@@ -125,7 +125,7 @@ def lora_short_hash(path: str | Path) -> str:
 def _safetensors_metadata(header: bytes) -> dict[str, object]:
     try:
         metadata = json.loads(header).get("__metadata__")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):  # no JSON object it can read
         return {}
     return metadata if isinstance(metadata, dict) else {}
 

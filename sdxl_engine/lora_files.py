@@ -52,8 +52,10 @@ TargetShapes = Mapping[str, Mapping[str, Shape] | None]
 Header = dict[str, Any]
 
 _HEADER_LENGTH_BYTES = 8
-# The safetensors library refuses headers above 100 MB; so do we, before reading one.
-_MAX_HEADER_BYTES = 100_000_000
+_MIB = 1024 * 1024
+# The safetensors library refuses headers above 100 MB. A LoRA's header, a few hundred KB
+# even with every module of SDXL, may be at most 16 MB: refused before it is read.
+_MAX_HEADER_BYTES = 16 * _MIB
 # Float dtypes a LoRA may hold -> (bytes per value, mask of the exponent bits). A value is
 # NaN or infinite exactly when all its exponent bits are set, whatever its width.
 _FLOAT_DTYPES = {
@@ -388,25 +390,63 @@ def _not_a_lora(path: Path, problems: list[str]) -> EngineError:
 
 
 def read_lora_header(path: Path) -> Header:
-    """The checked JSON header: tensor entries by key, plus "__metadata__" if present."""
+    """The checked JSON header: tensor entries by key, plus "__metadata__" if present.
+
+    Raises EngineError naming the problem for a file that is no well-formed safetensors
+    file: a header length beyond the file or beyond _MAX_HEADER_BYTES (refused before the
+    header is read); a header that is not JSON, nests too deeply or is no object of tensor
+    entries and string metadata; tensors whose data_offsets overlap, leave a gap, or leave
+    bytes after the last tensor; and then anything the safetensors library itself refuses
+    (its own reader, on numpy: no torch), in its words. Our checks come first so that the
+    common problems are named plainly, and they hold whatever the installed library's
+    version lets through; the library has the last word.
+    """
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
             header_length = int.from_bytes(handle.read(_HEADER_LENGTH_BYTES), "little")
-            if size < _HEADER_LENGTH_BYTES or header_length > min(
-                size - _HEADER_LENGTH_BYTES, _MAX_HEADER_BYTES
-            ):
-                raise _malformed(path, "the header length does not fit the file")
-            header: object = json.loads(handle.read(header_length).decode("utf-8"))
+            _check_header_length(path, header_length, size)
+            header_bytes = handle.read(header_length)
     except OSError as error:
         raise EngineError(
             f"LoRA file {path.name} could not be read ({error.strerror or error})."
         ) from error
+    header = _parsed_header(path, header_bytes)
+    data_length = size - _HEADER_LENGTH_BYTES - header_length
+    _check_entries(path, header, data_length)
+    _check_data_layout(path, header, data_length)
+    _check_with_the_safetensors_library(path)
+    return header
+
+
+def _check_header_length(path: Path, header_length: int, size: int) -> None:
+    if size < _HEADER_LENGTH_BYTES:
+        raise _malformed(path, f"it is {size} bytes, shorter than the 8-byte header length")
+    if header_length > _MAX_HEADER_BYTES:
+        raise _malformed(
+            path,
+            f"its header is {header_length:,} bytes; a LoRA's may be at most "
+            f"{_MAX_HEADER_BYTES // _MIB} MB",
+        )
+    if header_length > size - _HEADER_LENGTH_BYTES:
+        raise _malformed(
+            path, f"its header length ({header_length:,} bytes) is larger than the file ({size:,})"
+        )
+
+
+def _parsed_header(path: Path, header_bytes: bytes) -> Header:
+    try:
+        header: object = json.loads(header_bytes.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise _malformed(path, "the header is not JSON") from error
+    except ValueError as error:  # json's other refusal: an integer of over 4,300 digits
+        raise _malformed(path, f"the header holds a number too long to read ({error})") from None
+    except RecursionError:
+        # Python's json raises it past the interpreter's recursion limit (about 1,000
+        # levels); a safetensors header is 3 deep.
+        raise _malformed(path, "its header nests arrays or objects too deeply") from None
     if not isinstance(header, dict):
         raise _malformed(path, "the header is not a JSON object")
-    _check_entries(path, header, data_length=size - _HEADER_LENGTH_BYTES - header_length)
     return header
 
 
@@ -429,6 +469,42 @@ def _check_entries(path: Path, header: Header, data_length: int) -> None:
             and _byte_count_fits(entry)
         ):
             raise _malformed(path, f"tensor {key!r} has an invalid entry")
+
+
+def _check_data_layout(path: Path, header: Header, data_length: int) -> None:
+    """The tensors' byte ranges follow one another from the data's first byte to its last,
+    as the safetensors format requires: no byte belongs to two tensors, or to none."""
+    ranges = sorted(
+        (*entry["data_offsets"], key) for key, entry in header.items() if key != "__metadata__"
+    )
+    covered, previous = 0, None
+    for start, end, key in ranges:
+        if start < covered:
+            raise _malformed(path, f"tensors {previous!r} and {key!r} overlap in data_offsets")
+        if start > covered:
+            raise _malformed(
+                path,
+                f"a gap in data_offsets: {start - covered:,} bytes before tensor {key!r} "
+                "belong to no tensor",
+            )
+        covered, previous = end, key
+    if covered < data_length:
+        raise _malformed(
+            path,
+            f"{data_length - covered:,} trailing bytes after the last tensor belong to no tensor",
+        )
+
+
+def _check_with_the_safetensors_library(path: Path) -> None:
+    """The safetensors library's own verdict: its reader (on numpy, so the web process needs
+    no torch) opens the file, which parses and checks the header and maps the file."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy"):
+            pass
+    except SafetensorError as error:
+        raise _malformed(path, f"the safetensors library refuses it: {error}") from None
 
 
 def _byte_count_fits(entry: dict[str, Any]) -> bool:

@@ -443,8 +443,8 @@ def lora_scales(
     raw = metadata.get(ADAPTER_METADATA_KEY)
     try:
         config = json.loads(raw) if raw else {}
-    except json.JSONDecodeError as error:
-        raise EngineError(f"the header's {ADAPTER_METADATA_KEY} is not JSON") from error
+    except (ValueError, RecursionError):  # not JSON, a 4,300-digit number, or nested too deep
+        raise EngineError(f"the header's {ADAPTER_METADATA_KEY} is not JSON it can read") from None
     if not isinstance(config, dict):
         raise _not_a_config("it is not a JSON object")
     fields: dict[str | None, dict[str, object]] = {}

@@ -72,6 +72,76 @@ def lora_bytes(
     return save(tensors)
 
 
+def safetensors_parts(data: bytes) -> tuple[dict, bytes]:
+    """A safetensors file's JSON header and the tensor bytes after it."""
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length]), data[8 + length :]
+
+
+def safetensors_assembled(
+    header: dict | bytes, tensor_bytes: bytes, header_length: int | None = None
+) -> bytes:
+    """A safetensors file built byte by byte: the 8-byte little-endian header length (the
+    true one unless `header_length` makes it lie), the header, the tensor bytes."""
+    encoded = header if isinstance(header, bytes) else json.dumps(header).encode()
+    length = len(encoded) if header_length is None else header_length
+    return length.to_bytes(8, "little") + encoded + tensor_bytes
+
+
+# A module of the tiny model's UNet: a LoRA of it alone uploads (hostile_lora's base).
+ONE_TINY_MODULE = {"down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q": (64, 64)}
+
+# Each defect hostile_lora writes -> what its refusal names (issue 26: every one a 400).
+HOSTILE_LORAS = {
+    "overlapping data_offsets": "overlap in data_offsets",
+    "100 KB of trailing bytes": "102,400 trailing bytes after the last tensor",
+    "a gap between tensors": "a gap in data_offsets: 16 bytes before tensor",
+    "a header length larger than the file": "is larger than the file",
+    "a header of 200,000 nested [": "its header nests arrays or objects too deeply",
+    "a 5,000-digit number in the header": "the header holds a number too long to read",
+    "non-string metadata values": "its metadata is not a map of strings",
+    "a 30 MB __metadata__": "a LoRA's may be at most 16 MB",
+    "a 65 KB __metadata__": "its __metadata__ is 66,573 bytes of JSON; a LoRA's may hold at "
+    "most 64 KB",
+    "an adapter config of 60,000 nested [": "lora_adapter_metadata is not JSON it can read",
+}
+
+
+def hostile_lora(defect: str) -> bytes:
+    """A LoRA file with one defect of HOSTILE_LORAS, built byte by byte from a good LoRA of
+    ONE_TINY_MODULE (whose down and up weights, 2 x 64 and 64 x 2 floats, take 512 bytes
+    each); the rest of the file is as the safetensors library writes it."""
+    header, data = safetensors_parts(lora_bytes(shapes=ONE_TINY_MODULE))
+    first, second = sorted(
+        (key for key in header if key != "__metadata__"),
+        key=lambda key: header[key]["data_offsets"],
+    )
+    if defect == "overlapping data_offsets":  # the second reads the first's bytes
+        header[second]["data_offsets"] = header[first]["data_offsets"]
+        return safetensors_assembled(header, data[:512])
+    if defect == "100 KB of trailing bytes":
+        return safetensors_assembled(header, data + bytes(100 * 1024))
+    if defect == "a gap between tensors":
+        header[second]["data_offsets"] = [512 + 16, 1024 + 16]
+        return safetensors_assembled(header, data[:512] + bytes(16) + data[512:])
+    if defect == "a header length larger than the file":
+        encoded = json.dumps(header).encode()
+        return safetensors_assembled(encoded, data, len(encoded) + len(data) + 1)
+    if defect == "a header of 200,000 nested [":
+        return safetensors_assembled(b"[" * 200_000, data)
+    if defect == "a 5,000-digit number in the header":
+        return safetensors_assembled(
+            b'{"n": ' + b"1" * 5000 + b", " + json.dumps(header)[1:].encode(), data
+        )
+    metadata = {
+        "non-string metadata values": {"steps": 1000, "note": "fine"},
+        "a 30 MB __metadata__": {"notes": "x" * 30_000_000},
+        "a 65 KB __metadata__": {"notes": "x" * (65 * 1024)},
+        "an adapter config of 60,000 nested [": {"lora_adapter_metadata": "[" * 60_000},
+    }[defect]
+    return safetensors_assembled({"__metadata__": metadata, **header}, data)
+
+
 def images_close(first: list, second: list, tolerance: int = 2) -> bool:
     """PIL images equal up to float rounding (each 8-bit value within `tolerance`): compiled
     kernels, a merged LoRA and PEFT's unmerged layers sum in other orders."""

@@ -28,6 +28,7 @@ from sdxl_engine.image_output import (
     read_record,
 )
 from sdxl_engine.parameters import DEFAULT_QUALITY, OUTPUT_FORMATS, output_problems, problems_text
+from tests.helpers import hostile_lora
 
 BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 REFINER = "stabilityai/stable-diffusion-xl-refiner-1.0"
@@ -272,6 +273,12 @@ def test_lora_short_hash_takes_sshs_model_hash_first_as_a1111_does(tmp_path):
     path = tmp_path / "lora.safetensors"
     save_file({"w": torch.ones(2)}, str(path), metadata={"sshs_model_hash": "9" * 64})
     assert lora_short_hash(path) == "9" * 12
+
+
+def test_lora_short_hash_of_a_header_nested_too_deeply_is_the_addnet_hash(tmp_path):
+    path = tmp_path / "nested.safetensors"
+    path.write_bytes(hostile_lora("a header of 200,000 nested ["))
+    assert lora_short_hash(path) == addnet_hash(path)[:12]
 
 
 def test_infotext_lora_name_given_by_the_record_wins_over_the_file_name():

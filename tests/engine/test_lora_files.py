@@ -19,8 +19,17 @@ from sdxl_engine.lora_files import (
     check_lora,
     inspect_lora_file,
     lora_target_shapes,
+    read_lora_header,
     read_lora_metadata,
     unet_lora_target_shapes,
+)
+from tests.helpers import (
+    HOSTILE_LORAS,
+    ONE_TINY_MODULE,
+    hostile_lora,
+    lora_bytes,
+    safetensors_assembled,
+    safetensors_parts,
 )
 
 
@@ -90,6 +99,35 @@ def test_truncated_file_is_an_engine_error(trained_lora: Path, tmp_path: Path) -
     truncated.write_bytes(trained_lora.read_bytes()[:-100])
     with pytest.raises(EngineError, match="invalid entry"):
         inspect_lora_file(truncated)
+
+
+# The defects HOSTILE_LORAS lists that the header alone shows (the metadata's size and
+# contents are the upload's to judge: training_app.services.loras).
+_HEADER_DEFECTS = [
+    defect
+    for defect in HOSTILE_LORAS
+    if defect not in ("a 65 KB __metadata__", "an adapter config of 60,000 nested [")
+]
+
+
+@pytest.mark.parametrize("defect", _HEADER_DEFECTS)
+def test_hostile_headers_are_engine_errors_naming_the_problem(tmp_path, defect) -> None:
+    path = tmp_path / "hostile.safetensors"
+    path.write_bytes(hostile_lora(defect))
+    with pytest.raises(EngineError) as error:
+        read_lora_header(path)
+    assert str(error.value).startswith("hostile.safetensors is not a readable safetensors file")
+    assert HOSTILE_LORAS[defect] in str(error.value)
+
+
+def test_what_only_the_safetensors_library_refuses_is_refused_in_its_words(tmp_path) -> None:
+    header, data = safetensors_parts(lora_bytes(shapes=ONE_TINY_MODULE))
+    first = next(iter(header))
+    header[first]["dtype"] = "F33"  # no dtype of ours: its byte count goes unchecked here
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(safetensors_assembled(header, data))
+    with pytest.raises(EngineError, match="the safetensors library refuses it: .*`F33`"):
+        read_lora_header(path)
 
 
 def test_missing_file_is_an_engine_error(tmp_path: Path) -> None:

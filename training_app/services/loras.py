@@ -1,6 +1,7 @@
 """LoRA files of a session: storing (trained or uploaded), reading, pruning."""
 
 import io
+import json
 import logging
 import os
 import re
@@ -38,6 +39,9 @@ logger = logging.getLogger(__name__)
 _LORA_FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,120}\.safetensors$")
 # What /get_lora can send: the stored (diffusers) form, or kohya's for other tools.
 LORA_FORMATS = ("diffusers", "kohya")
+# An uploaded file's `__metadata__` is kept in its row and answered with it: bounded, so
+# that an upload cannot fill the database with it.
+MAX_UPLOAD_METADATA_BYTES = 64 * 1024
 
 
 def _allocate_lora_name(session, requested: str | None) -> tuple[int, str]:
@@ -137,6 +141,11 @@ def lora_upload(
     computes the same). LoHa, LoKr, DoRA, IA3 and other adapters are refused by name. The
     bytes are read as safetensors (a header and raw numbers), never unpickled. They are
     staged outside the session folder, so a session deleted meanwhile gets no file.
+
+    The file must first be one the safetensors library reads, laid out as its format
+    requires (lora_files.read_lora_header: bounded header, no overlaps, gaps or trailing
+    bytes), with at most MAX_UPLOAD_METADATA_BYTES of `__metadata__`; every refusal is a
+    400 naming the problem, and nothing is stored.
     """
     from sdxl_engine.lora_files import inspect_lora_file
 
@@ -157,7 +166,7 @@ def lora_upload(
     try:
         storage.atomic_write_bytes(upload, data)
         try:
-            inspect_lora_file(upload)
+            _check_metadata_size(inspect_lora_file(upload).metadata, field)
             finished, metadata = _canonical_lora_for_the_model(upload, converted)
         except EngineError as error:
             raise ServiceError(f"{field} is not a usable LoRA file: {error}") from None
@@ -176,6 +185,35 @@ def lora_upload(
     finally:
         upload.unlink(missing_ok=True)
         converted.unlink(missing_ok=True)
+
+
+def _check_metadata_size(metadata: dict[str, str], field: str) -> None:
+    size = len(json.dumps(metadata, ensure_ascii=False).encode("utf-8"))
+    if size > MAX_UPLOAD_METADATA_BYTES:
+        raise ServiceError(
+            f"{field} is not a usable LoRA file: its __metadata__ is {size:,} bytes of JSON; "
+            f"a LoRA's may hold at most {MAX_UPLOAD_METADATA_BYTES // 1024} KB"
+        )
+
+
+def lora_readable(lora: LoraArtifact | TrainingCheckpoint) -> None:
+    """Refuses (409) a stored LoRA file that is no well-formed safetensors file, as its
+    upload would be refused now (lora_files.read_lora_header): one stored before uploads
+    were checked this way. Read before a generation is queued, so that the worker, which
+    could not load it, never gets it; only the header is read."""
+    from sdxl_engine.lora_files import read_lora_header
+
+    path = lora_file_path(lora)
+    if not path.is_file():
+        return  # deleted meanwhile: the worker says so, as for one pruned once queued
+    try:
+        read_lora_header(path)
+    except EngineError as error:
+        raise ServiceError(
+            f"{error} It was stored before uploads were checked this way and cannot be "
+            "applied (bin/manage verify lists such files).",
+            status=409,
+        ) from None
 
 
 def _canonical_lora_for_the_model(upload: Path, converted: Path) -> tuple[Path, dict]:

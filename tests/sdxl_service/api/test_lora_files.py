@@ -9,13 +9,14 @@ import pytest
 from rest_framework.test import APIClient
 from safetensors.torch import load
 
+from datadir_app.verify import verify as run_verify
 from sessions_app import storage
-from tests.helpers import lora_bytes
+from tests.helpers import HOSTILE_LORAS, b64, hostile_lora, lora_bytes
 from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint
 from tests.sdxl_service.api.test_session_views import assert_error
 from tests.sdxl_service.api.test_tenants import MISSING, tenant
-from training_app.models import LoraArtifact, TrainingRun
+from training_app.models import Generation, LoraArtifact, TrainingRun
 from training_app.services import loras as lora_services
 from training_app.services.loras import KOHYA_CACHE_FOLDER
 
@@ -304,3 +305,45 @@ def test_the_kept_kohya_form_is_no_file_verify_or_export_sees(api, session, uplo
     run_command("export_session", str(session.pk), str(tmp_path / "session.zip"))
     with zipfile.ZipFile(tmp_path / "session.zip") as archive:
         assert not [name for name in archive.namelist() if KOHYA_CACHE_FOLDER in name]
+
+
+# The two files issue 26 found stored (then a 500 on every /txt2img), and its 500 at upload.
+_ISSUE_26_FILES = [
+    "overlapping data_offsets",
+    "100 KB of trailing bytes",
+    "a header of 200,000 nested [",
+]
+
+
+@pytest.mark.parametrize("defect", _ISSUE_26_FILES)
+def test_a_hostile_upload_answers_400_naming_the_problem_and_stores_nothing(api, session, defect):
+    response = api.post(
+        "/upload_lora",
+        {"session_id": session.pk, "lora_base64": b64(hostile_lora(defect))},
+        format="json",
+    )
+    assert_error(response, 400, HOSTILE_LORAS[defect])
+    assert not LoraArtifact.objects.exists()
+    assert not list(storage.session_dir(session.pk).glob("*.safetensors"))
+
+
+@pytest.mark.parametrize("defect", _ISSUE_26_FILES)
+def test_a_hostile_lora_stored_before_the_checks_is_a_409_for_txt2img_and_verify_names_it(
+    api, session, tmp_path, generations_in_process, defect
+):
+    staged = tmp_path / "stored_before.safetensors"
+    staged.write_bytes(hostile_lora(defect))
+    lora_services.lora_store(
+        session.pk,
+        staged,
+        expected_sha256=hashlib.sha256(staged.read_bytes()).hexdigest(),
+        source=LoraArtifact.Source.UPLOADED,
+    )
+    body = {"prompt": "x", "width": 64, "height": 64, "steps": 5}
+    answer = api.post("/txt2img", {**body, "loras": [{"session_id": session.pk}]}, format="json")
+    assert_error(answer, 409, "lora_1.safetensors is not a readable safetensors file")
+    assert HOSTILE_LORAS[defect] in answer.json()["message"]
+    assert "cannot be applied" in answer.json()["message"]
+    assert not Generation.objects.exists()
+    problems = run_verify().problems
+    assert [problem for problem in problems if "lora_1.safetensors: not a readable LoRA" in problem]

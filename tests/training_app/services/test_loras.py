@@ -11,7 +11,16 @@ from sdxl_engine.files import sha256_file
 from sessions_app import services as session_services
 from sessions_app import storage
 from tests import community_loras
-from tests.helpers import FAST_TRAINING, image_bytes, lora_bytes
+from tests.helpers import (
+    FAST_TRAINING,
+    HOSTILE_LORAS,
+    ONE_TINY_MODULE,
+    hostile_lora,
+    image_bytes,
+    lora_bytes,
+    safetensors_assembled,
+    safetensors_parts,
+)
 from tests.maintenance_helpers import run as run_command
 from tests.maintenance_helpers import stored_checkpoint, stored_samples
 from training_app.models import (
@@ -659,3 +668,25 @@ def test_prune_keeps_the_lora_a_queued_run_continues(django_capture_on_commit_ca
     with django_capture_on_commit_callbacks(execute=True):
         assert lora_services.loras_prune(keep=0) == [f"session_{session.pk}/lora_2.safetensors"]
     assert (storage.session_dir(session.pk) / "lora_1.safetensors").is_file()
+
+
+@pytest.mark.parametrize("defect", list(HOSTILE_LORAS))
+def test_hostile_uploads_are_400_naming_the_problem_and_store_nothing(
+    session_with_images, data_dir, defect
+):
+    before = _tree(data_dir)
+    with pytest.raises(ServiceError) as error:
+        lora_services.lora_upload(session_with_images.pk, hostile_lora(defect), None)
+    assert error.value.status == 400
+    assert error.value.message.startswith("lora_base64 is not a usable LoRA file")
+    assert HOSTILE_LORAS[defect] in error.value.message
+    _nothing_stored(session_with_images, data_dir, before)
+
+
+def test_a_lora_with_metadata_within_64_kb_uploads_and_its_row_keeps_it(session_with_images):
+    header, data = safetensors_parts(lora_bytes(shapes=ONE_TINY_MODULE))
+    metadata = {"notes": "x" * (63 * 1024)}
+    upload = safetensors_assembled({"__metadata__": metadata, **header}, data)
+    artifact = lora_services.lora_upload(session_with_images.pk, upload, None)
+    assert artifact.metadata == metadata
+    assert lora_services.lora_read(artifact) == upload

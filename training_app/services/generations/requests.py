@@ -29,6 +29,7 @@ from training_app.services.generations.lifecycle import (
     NO_WORKER_MESSAGE,
     generations_dir,
 )
+from training_app.services.loras import lora_readable
 from training_app.services.owner_quotas import generation_owner
 from training_app.services.webhooks import webhook_target_check
 
@@ -95,6 +96,8 @@ def generation_request(request: GenerationRequest) -> Generation:
         (choice, _lora_of(choice, request.caller, named=not (request.use_lora and position == 0)))
         for position, choice in enumerate(params.loras)
     ]
+    for _, lora in loras:
+        lora_readable(lora)
     written: list[Path] = []
     try:
         with transaction.atomic():
