@@ -70,6 +70,8 @@ AXES_FAILURE_LIMIT = env.int("SDXL_ADMIN_LOGIN_FAILURES", default=5)
 AXES_COOLOFF_TIME = timedelta(minutes=env.int("SDXL_ADMIN_LOGIN_COOLOFF_MINUTES", default=15))
 AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
 AXES_RESET_ON_SUCCESS = True
+# Its start-up banner would otherwise open the output of every manage.py command.
+AXES_VERBOSE = False
 # The address is REMOTE_ADDR, which a client cannot forge; behind the proxy
 # (DJANGO_BEHIND_PROXY) every request comes from the proxy, so the address is the one it
 # appended last to X-Forwarded-For (access_app.client_ip).
