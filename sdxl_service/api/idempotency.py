@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 from django.core.files.uploadedfile import UploadedFile
 from django.http import QueryDict
 from django.http.response import HttpResponseBase
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -43,7 +42,7 @@ VIEW_FLAG = "honours_idempotency_key"
 
 IDEMPOTENCY_KEY_PARAMETER = OpenApiParameter(
     HEADER,
-    OpenApiTypes.STR,
+    {"type": "string", "minLength": 1, "maxLength": MAX_KEY_CHARS},
     OpenApiParameter.HEADER,
     description=(
         "A key of your choosing (a UUID), at most 255 characters, unique per request you "

@@ -29,11 +29,12 @@ _ERROR_MEANINGS = {
     404: "unknown session or LoRA",
     409: "conflicting state (already training, name taken, nothing to cancel)",
     413: "request body larger than the configured limit",
-    429: "an owner's quota is used up (the message names it; Retry-After when waiting "
-    "helps); nothing was written",
+    429: "an owner's quota is used up, or the generation queue is full (the message names "
+    "it; Retry-After when waiting helps); nothing was written",
     422: "the Idempotency-Key was used with another request (another endpoint or other parameters)",
     500: "the job failed (the message says why)",
-    503: "no generation worker is running, or the database is busy (with Retry-After)",
+    503: "no generation worker is running; or, with Retry-After, the job queue (the broker) "
+    "cannot be reached (nothing was recorded) or the database is busy",
     504: "timed out waiting for the image",
 }
 # What any endpoint may answer, added to every operation by schema_with_common_errors.

@@ -35,7 +35,7 @@ TAGS = ["training"]
     tags=TAGS,
     summary="Queue a LoRA training run on the session's captioned images",
     request=TrainLoraSerializer,
-    responses={200: TrainLoraResponse, **error_responses(404, 409, 429)},
+    responses={200: TrainLoraResponse, **error_responses(404, 409, 429, 503)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("train"))
