@@ -8,7 +8,7 @@ import pytest
 from django.core.files.uploadedfile import SimpleUploadedFile
 from django.utils import timezone
 
-from access_app.idempotency import idempotency_key_claim
+from access_app.idempotency import ABANDONED_AFTER_WAIT_S, idempotency_key_claim
 from access_app.models import IdempotencyKey
 from access_app.selectors import default_owner
 from sdxl_service.api.idempotency import request_fingerprint
@@ -69,6 +69,21 @@ def test_a_duplicate_while_the_first_is_being_answered_is_a_409(api, generation_
     assert duplicate["Retry-After"] == "1"
     assert "still being answered" in duplicate.json()["message"]
     assert not Generation.objects.exists()
+
+
+def test_a_key_whose_first_request_never_answered_is_taken_over(
+    api, generation_worker, rf, settings
+):
+    """Its process died mid-request: after the longest a request waits, a retry runs."""
+    drf_request = _drf_request(rf, QUEUED)
+    idempotency_key_claim(default_owner().pk, "orphan", request_fingerprint(drf_request))
+    abandoned_s = settings.SDXL_TXT2IMG_TIMEOUT + ABANDONED_AFTER_WAIT_S + 1
+    IdempotencyKey.objects.update(created_at=timezone.now() - timedelta(seconds=abandoned_s))
+
+    retried = _txt2img(api, QUEUED, "orphan")
+
+    assert retried.status_code == 202
+    assert Generation.objects.count() == 1
 
 
 def test_a_key_past_its_hours_starts_a_new_request(api, generation_worker, settings):
