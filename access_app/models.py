@@ -23,6 +23,7 @@ class Owner(models.Model):
     max_stored_mb = models.PositiveIntegerField(null=True, blank=True)
     max_concurrent_trainings = models.PositiveIntegerField(null=True, blank=True)
     max_generations_per_minute = models.PositiveIntegerField(null=True, blank=True)
+    max_queued_generations = models.PositiveIntegerField(null=True, blank=True)
 
     class Meta:
         ordering = ["name"]
@@ -48,3 +49,27 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.prefix}…)"
+
+
+class IdempotencyKey(models.Model):
+    """A client's `Idempotency-Key` on a request that does something (access_app.idempotency,
+    docs/api.md): while the first request with it runs, `response_status` is null (a
+    duplicate meanwhile answers 409); once it succeeded, its answer, which a retry with the
+    same key and the same request gets again instead of a second job. Removed
+    SDXL_IDEMPOTENCY_KEY_HOURS after the request that used it first."""
+
+    owner = models.ForeignKey(Owner, on_delete=models.CASCADE, related_name="idempotency_keys")
+    key = models.CharField(max_length=255)
+    # sha256 of the request: its method, endpoint and parameters (the body, the query).
+    fingerprint = models.CharField(max_length=64)
+    created_at = models.DateTimeField(db_index=True)
+    response_status = models.PositiveSmallIntegerField(null=True, blank=True)
+    response_body = models.TextField(blank=True)  # the JSON answered
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["owner", "key"], name="idempotency_key_per_owner")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} ({self.owner_id})"

@@ -12,6 +12,7 @@ QUOTA_NAMES = {
     "max_stored_mb": "stored MB",
     "max_concurrent_trainings": "concurrent trainings",
     "max_generations_per_minute": "generations per minute",
+    "max_queued_generations": "queued generations",
 }
 MB = 1024 * 1024
 

@@ -48,6 +48,7 @@ QUOTA_SETTINGS = {
     "max_stored_mb": "SDXL_QUOTA_STORED_MB",
     "max_concurrent_trainings": "SDXL_QUOTA_CONCURRENT_TRAININGS",
     "max_generations_per_minute": "SDXL_QUOTA_GENERATIONS_PER_MINUTE",
+    "max_queued_generations": "SDXL_QUOTA_QUEUED_GENERATIONS",
 }
 
 

@@ -6,6 +6,7 @@ README's configuration table lists them all.
 
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import django_stubs_ext
 import environ
@@ -194,6 +195,13 @@ SDXL_QUOTA_IMAGES_PER_SESSION = env.int("SDXL_QUOTA_IMAGES_PER_SESSION", default
 SDXL_QUOTA_STORED_MB = env.int("SDXL_QUOTA_STORED_MB", default=0)
 SDXL_QUOTA_CONCURRENT_TRAININGS = env.int("SDXL_QUOTA_CONCURRENT_TRAININGS", default=0)
 SDXL_QUOTA_GENERATIONS_PER_MINUTE = env.int("SDXL_QUOTA_GENERATIONS_PER_MINUTE", default=0)
+SDXL_QUOTA_QUEUED_GENERATIONS = env.int("SDXL_QUOTA_QUEUED_GENERATIONS", default=0)
+# Generations queued at once, every owner's together (0: no bound): more answers 429 with
+# Retry-After. 200 is minutes of work at one image a second, while a /txt2img waits at most
+# SDXL_TXT2IMG_TIMEOUT for its images.
+SDXL_MAX_QUEUED_GENERATIONS = env.int("SDXL_MAX_QUEUED_GENERATIONS", default=200)
+# How long an Idempotency-Key is kept with its answer (Stripe's 24 h).
+SDXL_IDEMPOTENCY_KEY_HOURS = env.int("SDXL_IDEMPOTENCY_KEY_HOURS", default=24)
 
 REST_FRAMEWORK = {
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
@@ -402,7 +410,14 @@ Q_CLUSTER = {
     },
 }
 if REDIS_URL:
-    Q_CLUSTER["redis"] = REDIS_URL
+    # A Redis that does not answer (its host down, its process stopped) fails an enqueue
+    # within seconds, answered 503, rather than holding a web thread for the system's TCP
+    # timeouts (minutes). Longer than the workers' 1 s blocking reads; a URL that sets
+    # these keeps its own.
+    _redis_url = urlsplit(REDIS_URL)
+    _redis_options = {"socket_connect_timeout": "5", "socket_timeout": "10"}
+    _redis_options |= dict(parse_qsl(_redis_url.query))
+    Q_CLUSTER["redis"] = _redis_url._replace(query=urlencode(_redis_options)).geturl()
 else:
     Q_CLUSTER["orm"] = "default"
     Q_CLUSTER["poll"] = 0.2

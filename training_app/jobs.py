@@ -1,7 +1,9 @@
 """The lifecycle of a job, written once for every kind (a training run, a generation).
 
 A job is a row (models.Job) a worker runs. The web process records it queued and, once
-the row is committed, hands its id to the kind's django-q2 queue (`enqueue_on_commit`).
+the row is committed, hands its id to the kind's django-q2 queue (`enqueue_new_on_commit`);
+a broker that cannot take it (Redis down) withdraws the new row and answers 503: nothing
+is left behind to run later, so a client told to retry gets one job, not two.
 A task claims the row with a conditional update (`claim`): queued -> running, by this
 process; a task delivered twice, or for a row cancelled meanwhile, finds nothing to claim
 and does nothing. While it runs, a thread of the job's process keeps the row's heartbeat
@@ -33,7 +35,9 @@ from django.db.models import Q, QuerySet
 from django.utils import timezone
 from django_q.brokers import get_broker
 from django_q.tasks import async_task
+from redis.exceptions import RedisError
 
+from core.errors import ServiceError
 from training_app.models import Job
 
 logger = logging.getLogger(__name__)
@@ -42,6 +46,13 @@ JobT = TypeVar("JobT", bound=Job)
 
 # A job's heartbeat thread writes this many times per stale period.
 BEATS_PER_STALE_PERIOD = 4
+# The Retry-After of a 503 for a broker that cannot be reached: a Redis restarted by its
+# supervisor (systemd, a container's restart policy) answers again within seconds.
+BROKER_RETRY_AFTER_S = 10
+BROKER_UNREACHABLE_MESSAGE = (
+    "the job queue (the broker, REDIS_URL) cannot be reached, so nothing was recorded: "
+    "retry after Retry-After seconds"
+)
 
 
 @dataclass(frozen=True)
@@ -85,9 +96,68 @@ def enqueue(kind: JobKind[JobT], row_id: int) -> None:
     kind.model._default_manager.filter(pk=row_id).update(task_id=task_id)
 
 
+def enqueue_new_on_commit(kind: JobKind[JobT], row_id: int) -> None:
+    """`enqueue` a row the current transaction creates, once it commits (a worker must find
+    the row). When the broker cannot take the task, the row is withdrawn and the commit
+    raises: a ServiceError 503 with Retry-After for a broker out of reach, the error itself
+    otherwise; the request that made the row fails and leaves no job behind.
+
+    Why withdraw rather than keep the row (`redeliver` would run it once the broker is
+    back): the client is told the request failed, and one that retries, with or without an
+    Idempotency-Key, must not get two jobs; one waiting for its images (/txt2img) must not
+    leave a job to run for nobody. Enqueuing inside the transaction instead would let a
+    worker take the task before the row is visible (PostgreSQL), find nothing to claim, and
+    leave the row for `redeliver`, a stale period later.
+    """
+    transaction.on_commit(lambda: _enqueue_or_withdraw(kind, row_id))
+
+
+def _enqueue_or_withdraw(kind: JobKind[JobT], row_id: int) -> None:
+    try:
+        enqueue(kind, row_id)
+    except Exception as error:
+        # Deleted only while still queued and unclaimed: a broker that took the task but
+        # failed to say so may have handed it to a worker already, and that job stays
+        # (its row cascades; a task for a deleted row claims nothing).
+        withdrawn, _ = kind.model._default_manager.filter(
+            pk=row_id, status=Job.Status.QUEUED
+        ).delete()
+        if not withdrawn:
+            logger.warning("%s %s: the broker failed but a worker took it", kind.label, row_id)
+            return
+        if _broker_unreachable(error):
+            logger.error(
+                "%s %s withdrawn: the broker cannot be reached: %s", kind.label, row_id, error
+            )
+            raise ServiceError(
+                BROKER_UNREACHABLE_MESSAGE, status=503, retry_after=BROKER_RETRY_AFTER_S
+            ) from error
+        raise
+
+
+def _broker_unreachable(error: Exception) -> bool:
+    """Whether `error`, raised by the broker, means it is out of reach (down, refusing
+    connections, not answering, out of memory...) rather than a fault of the task."""
+    return isinstance(error, RedisError | OSError)
+
+
 def enqueue_on_commit(kind: JobKind[JobT], row_id: int) -> None:
-    """`enqueue` once the current transaction commits: a worker must find the row."""
-    transaction.on_commit(lambda: enqueue(kind, row_id))
+    """`enqueue` an existing row queued again (a lost run to resume) once the current
+    transaction commits. A broker that cannot take it leaves the row queued, logged: the
+    row is the job, and `redeliver` enqueues it once the broker is back."""
+
+    def enqueue_or_leave_to_redeliver() -> None:
+        try:
+            enqueue(kind, row_id)
+        except Exception:
+            logger.exception(
+                "%s %s queued again, but the broker could not take it; it is enqueued again "
+                "once the broker answers",
+                kind.label,
+                row_id,
+            )
+
+    transaction.on_commit(enqueue_or_leave_to_redeliver)
 
 
 def redeliver(kind: JobKind[JobT]) -> list[int]:

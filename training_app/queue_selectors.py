@@ -174,7 +174,7 @@ def generation_queue_places(generations: Iterable[Generation]) -> dict[int, Queu
     )
     running = list(Generation.objects.filter(status=Job.Status.RUNNING).order_by("pk"))
     workers = live_worker_count(settings.GENERATION_QUEUE)
-    per_image = _seconds_per_image()
+    per_image = seconds_per_image()
     ahead: float | None = 0.0
     if running:
         ahead = None if per_image is None else sum(_generation_left(g, per_image) for g in running)
@@ -216,7 +216,7 @@ def _generation_left(generation: Generation, per_image: float) -> float:
     return whole
 
 
-def _seconds_per_image() -> float | None:
+def seconds_per_image() -> float | None:
     """The recent time per image: the newest completed generations' durations over their
     images; None before any completed."""
     recent: QuerySet[Generation] = Generation.objects.filter(

@@ -10,6 +10,8 @@ from drf_spectacular.openapi import AutoSchema as SpectacularAutoSchema
 from drf_spectacular.utils import Direction, OpenApiResponse
 from rest_framework import serializers
 
+from sdxl_service.api.idempotency import IDEMPOTENCY_KEY_PARAMETER, VIEW_FLAG
+
 if TYPE_CHECKING:
     from drf_spectacular.generators import SchemaGenerator
     from rest_framework.request import Request
@@ -27,10 +29,12 @@ _ERROR_MEANINGS = {
     404: "unknown session or LoRA",
     409: "conflicting state (already training, name taken, nothing to cancel)",
     413: "request body larger than the configured limit",
-    429: "an owner's quota is used up (the message names it; Retry-After when waiting "
-    "helps); nothing was written",
+    429: "an owner's quota is used up, or the generation queue is full (the message names "
+    "it; Retry-After when waiting helps); nothing was written",
+    422: "the Idempotency-Key was used with another request (another endpoint or other parameters)",
     500: "the job failed (the message says why)",
-    503: "no generation worker is running, or the database is busy (with Retry-After)",
+    503: "no generation worker is running; or, with Retry-After, the job queue (the broker) "
+    "cannot be reached (nothing was recorded) or the database is busy",
     504: "timed out waiting for the image",
 }
 # What any endpoint may answer, added to every operation by schema_with_common_errors.
@@ -126,16 +130,30 @@ class ScopedAutoSchema(AutoSchema):
         operation["description"] = f"{description}\n\n{needs}" if description else needs
         return operation
 
+    def get_override_parameters(self) -> list[Any]:
+        # Extended rather than replaced: @extend_schema(parameters=) adds to these.
+        parameters: list[Any] = super().get_override_parameters()
+        if getattr(self.view, VIEW_FLAG, False):
+            parameters = [*parameters, IDEMPOTENCY_KEY_PARAMETER]
+        return parameters
+
     def _get_response_bodies(self, direction: Direction = "response") -> dict[str, Any]:
         # Here rather than in get_response_serializers, which @extend_schema replaces.
         responses: dict[str, Any] = super()._get_response_bodies(direction)
-        if self._required_scope() is None:
+        added: dict[str, str] = {}
+        if self._required_scope() is not None:
+            added |= {
+                "401": "no valid API token (tokens are configured)",
+                "403": "the token lacks this endpoint's scope (the message names it)",
+            }
+        if getattr(self.view, VIEW_FLAG, False):
+            added |= {
+                "409": "a request with the same Idempotency-Key is still being answered",
+                "422": _ERROR_MEANINGS[422],
+            }
+        if not added:
             return responses
-        access = {
-            "401": "no valid API token (tokens are configured)",
-            "403": "the token lacks this endpoint's scope (the message names it)",
-        }
-        for code, meaning in access.items():
+        for code, meaning in added.items():
             error = OpenApiResponse(ErrorSerializer, description=meaning)
             # drf-spectacular leaves _get_response_for_code unannotated.
             response = self._get_response_for_code(error, code)  # type: ignore[no-untyped-call]

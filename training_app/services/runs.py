@@ -136,7 +136,7 @@ def training_run_start(
                 )
         except IntegrityError:  # another process won the race to the partial unique index
             raise ServiceError(f"session {session_id} is already training", status=409) from None
-        jobs.enqueue_on_commit(TRAINING_RUNS, run.pk)
+        jobs.enqueue_new_on_commit(TRAINING_RUNS, run.pk)
     return run
 
 

@@ -23,6 +23,7 @@ from sdxl_service.api.generation.response_serializers import (
     Txt2ImgResponse,
 )
 from sdxl_service.api.generation.serializers import Txt2ImgSerializer
+from sdxl_service.api.idempotency import honours_idempotency_key
 from sdxl_service.api.schema import error_responses
 from training_app import bodies
 from training_app import selectors as training_selectors
@@ -32,6 +33,7 @@ from training_app.services.generations.requests import GenerationRequest, genera
 TAGS = ["generation"]
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="txt2img",
     tags=TAGS,
@@ -75,6 +77,7 @@ def generation_status(request: Request, generation_id: int) -> Response:
     return rendered(GenerationStatusResponse, bodies.generation_status_body(generation))
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="generation_cancel",
     tags=TAGS,

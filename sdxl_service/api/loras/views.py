@@ -17,6 +17,7 @@ from rest_framework.response import Response
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_service.api.common import rendered, validated
+from sdxl_service.api.idempotency import honours_idempotency_key
 from sdxl_service.api.loras.serializers import (
     GetLoraResponse,
     GetLoraSerializer,
@@ -128,6 +129,7 @@ def lora_file(request: Request, session_id: int, lora_filename: str) -> HttpResp
 lora_file.cls.content_negotiation_class = FormatIsTheViewsOwn
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="upload_lora",
     tags=TAGS,

@@ -18,6 +18,7 @@ from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from core.errors import ServiceError
 from sdxl_service.api.common import rendered, validated, validated_query
+from sdxl_service.api.idempotency import honours_idempotency_key
 from sdxl_service.api.schema import error_responses
 from sdxl_service.api.sessions.serializers import (
     CreateSessionResponse,
@@ -49,6 +50,7 @@ from training_app import selectors as training_selectors
 TAGS = ["sessions"]
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="create_session",
     tags=TAGS,
@@ -62,6 +64,7 @@ def create_session(request: Request) -> Response:
     return rendered(CreateSessionResponse, {"session_id": session.pk})
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="post_session_image",
     tags=TAGS,
@@ -132,6 +135,7 @@ def session_detail(request: Request, session_id: int) -> Response:
     return rendered(SessionDetailResponse, bodies.session_detail_body(detail))
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="session_images_upload",
     tags=TAGS,
@@ -165,6 +169,7 @@ def session_images_upload(request: Request, session_id: int) -> Response:
     return rendered(SessionImagesUploadResponse, body)
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="session_masks_create",
     tags=TAGS,
@@ -193,6 +198,7 @@ def session_masks(request: Request, session_id: int) -> Response:
     return rendered(SessionMasksResponse, automasks.session_masks_body(masks))
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="session_captions_create",
     tags=TAGS,
@@ -358,6 +364,7 @@ class SessionImageMaskView(ScopedByMethod):
 session_image_mask = SessionImageMaskView.as_view()
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="delete_session",
     tags=TAGS,

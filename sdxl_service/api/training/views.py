@@ -11,6 +11,7 @@ from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from core.errors import ServiceError
 from sdxl_service.api.common import rendered, validated
+from sdxl_service.api.idempotency import honours_idempotency_key
 from sdxl_service.api.schema import error_responses
 from sdxl_service.api.sessions.serializers import SessionRefSerializer
 from sdxl_service.api.training.serializers import (
@@ -28,12 +29,13 @@ from training_app.services import runs, watch
 TAGS = ["training"]
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="train_lora",
     tags=TAGS,
     summary="Queue a LoRA training run on the session's captioned images",
     request=TrainLoraSerializer,
-    responses={200: TrainLoraResponse, **error_responses(404, 409, 429)},
+    responses={200: TrainLoraResponse, **error_responses(404, 409, 429, 503)},
 )
 @api_view(["POST"])
 @permission_classes(scope_required("train"))
@@ -66,6 +68,7 @@ def train_status(request: Request) -> Response:
     return rendered(TrainStatusResponse, bodies.training_status(data["session_id"]))
 
 
+@honours_idempotency_key
 @extend_schema(
     operation_id="cancel_training",
     tags=TAGS,

@@ -570,6 +570,28 @@ def test_the_generations_per_minute_quota_answers_429_with_retry_after(
     assert alice.api.post("/txt2img", body, format="json").status_code == 202
 
 
+def test_queued_generations_are_bounded_per_owner_and_in_all_with_retry_after(
+    alice, bob, generation_worker, settings
+):
+    set_quotas(alice, max_queued_generations=1)
+    settings.SDXL_MAX_QUEUED_GENERATIONS = 2
+    body = {"prompt": "a fox", "async": True}
+    assert alice.api.post("/txt2img", body, format="json").status_code == 202
+
+    over_quota = alice.api.post("/txt2img", body, format="json")
+    assert_error(over_quota, 429, "quota exceeded: queued generations")
+    assert int(over_quota["Retry-After"]) >= 1
+    assert bob.api.post("/txt2img", body, format="json").status_code == 202
+    queue_full = bob.api.post("/txt2img", {**body, "async": False}, format="json")
+    assert_error(queue_full, 429, "the generation queue is full")
+    assert int(queue_full["Retry-After"]) >= 1
+    assert Generation.objects.count() == 2
+
+    # A worker takes alice's: it no longer waits, and there is room for one more.
+    Generation.objects.filter(owner=alice.owner).update(status=Generation.Status.RUNNING)
+    assert alice.api.post("/txt2img", body, format="json").status_code == 202
+
+
 def _session_with_an_image(tenant: Tenant) -> int:
     session_id = tenant.api.get("/create_session").json()["session_id"]
     body = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "a cat"}

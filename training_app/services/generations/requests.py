@@ -30,7 +30,7 @@ from training_app.services.generations.lifecycle import (
     generations_dir,
 )
 from training_app.services.loras import lora_readable
-from training_app.services.owner_quotas import generation_owner
+from training_app.services.owner_quotas import generation_owner, queued_generations_check
 from training_app.services.webhooks import webhook_target_check
 
 
@@ -102,6 +102,7 @@ def generation_request(request: GenerationRequest) -> Generation:
     try:
         with transaction.atomic():
             owner_id = generation_owner(request.caller)
+            queued_generations_check(owner_id, request.caller)
             generation = _generation_create(
                 params, loras, (webhook_url, webhook_events), written, owner_id
             )
@@ -149,7 +150,7 @@ def _generation_create(
         written.append(folder)
         folder.mkdir(parents=True, exist_ok=True)
         storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, params.init_image)
-    jobs.enqueue_on_commit(GENERATIONS, generation.pk)
+    jobs.enqueue_new_on_commit(GENERATIONS, generation.pk)
     return generation
 
 
