@@ -29,7 +29,7 @@ from training_app.services.generations.lifecycle import (
     NO_WORKER_MESSAGE,
     generations_dir,
 )
-from training_app.services.owner_quotas import generation_owner
+from training_app.services.owner_quotas import generation_output_bytes, generation_owner
 from training_app.services.webhooks import webhook_target_check
 
 
@@ -98,7 +98,8 @@ def generation_request(request: GenerationRequest) -> Generation:
     written: list[Path] = []
     try:
         with transaction.atomic():
-            owner_id = generation_owner(request.caller)
+            planned = generation_output_bytes(params) + len(params.init_image or b"")
+            owner_id = generation_owner(request.caller, planned)
             generation = _generation_create(
                 params, loras, (webhook_url, webhook_events), written, owner_id
             )
