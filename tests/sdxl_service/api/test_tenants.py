@@ -472,13 +472,18 @@ def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessio
     assert TrainingImage.objects.count() == 2
     assert sorted(p.name for p in storage.session_dir(second).iterdir()) == ["0"]
     # A LoRA counts too: one that would pass the limit is refused before it is written.
-    LoraArtifact.objects.create(
-        session_id=first, number=1, filename="big.safetensors", size=200_000, sha256="0" * 64
-    )
+    _stored_elsewhere(alice, 200_000)
     lora = {"session_id": first, "lora_base64": b64(lora_bytes())}
     response = alice.api.post("/upload_lora", lora, format="json")
     assert_error(response, 429, "stored MB")
-    assert LoraArtifact.objects.count() == 1
+    assert not LoraArtifact.objects.exists()
+
+
+def _stored_elsewhere(tenant: Tenant, size: int) -> None:
+    """`size` bytes more of the tenant's: a file in another session of its own (the quota
+    counts what is on disk)."""
+    session_id = tenant.api.get("/create_session").json()["session_id"]
+    storage.atomic_write_bytes(storage.session_dir(session_id) / "big.safetensors", b"x" * size)
 
 
 def test_the_stored_bytes_quota_counts_masks(alice):
@@ -489,13 +494,7 @@ def test_the_stored_bytes_quota_counts_masks(alice):
     noise.save(buffer, "PNG")
     mask = buffer.getvalue()  # ~2 KB, as stored too: noise does not compress
     # Room for the image alone, not for the image with its mask.
-    LoraArtifact.objects.create(
-        session_id=session_id,
-        number=1,
-        filename="big.safetensors",
-        size=1024 * 1024 - len(image_bytes()) - len(mask) // 2,
-        sha256="0" * 64,
-    )
+    _stored_elsewhere(alice, 1024 * 1024 - len(image_bytes()) - len(mask) // 2)
     body = {"image": [io.BytesIO(image_bytes())], "mask": [io.BytesIO(mask)]}
 
     response = alice.api.post(f"/sessions/{session_id}/images", body, format="multipart")
@@ -522,10 +521,7 @@ def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(
     session_id = alice.api.get("/create_session").json()["session_id"]
     lora = lora_bytes()
     # Room for one more LoRA, not for two.
-    taken = 1024 * 1024 - len(lora) * 3 // 2
-    LoraArtifact.objects.create(
-        session_id=session_id, number=99, filename="big.safetensors", size=taken, sha256="0" * 64
-    )
+    _stored_elsewhere(alice, 1024 * 1024 - len(lora) * 3 // 2)
     body = {"session_id": session_id, "lora_base64": b64(lora)}
     converting = loras._canonical_lora_for_the_model
     second = []
@@ -543,7 +539,7 @@ def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(
 
     assert second[0].status_code == 200, second[0].json()
     assert_error(first, 429, "quota exceeded: stored MB")
-    stored = LoraArtifact.objects.exclude(filename="big.safetensors")
+    stored = LoraArtifact.objects.all()
     assert [artifact.filename for artifact in stored] == ["lora_1.safetensors"]
     assert sorted(p.name for p in storage.session_dir(session_id).iterdir()) == [
         "lora_1.safetensors"
@@ -568,6 +564,26 @@ def test_the_generations_per_minute_quota_answers_429_with_retry_after(
     # A minute later the window has room again.
     Generation.objects.update(created_at=timezone.now() - timezone.timedelta(seconds=61))
     assert alice.api.post("/txt2img", body, format="json").status_code == 202
+
+
+def test_the_stored_bytes_quota_counts_generated_images_and_refuses_one_that_cannot_fit(
+    alice, generation_worker
+):
+    set_quotas(alice, max_stored_mb=1)
+    body = {"prompt": "a fox", "async": True, "num_images": 2}
+    response = alice.api.post("/txt2img", body, format="json")
+    assert response.status_code == 202
+    generation = Generation.objects.get()
+    images = generations_dir(generation.pk)
+    images.mkdir(parents=True, exist_ok=True)
+    # Big images in its folder: less room left than two 64² PNGs may take.
+    storage.atomic_write_bytes(images / "9.png", b"x" * (1024 * 1024 - 10_000))
+
+    response = alice.api.post("/txt2img", body, format="json")
+
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert "Retry-After" not in response  # only deleting helps, not time
+    assert list(Generation.objects.all()) == [generation]
 
 
 def _session_with_an_image(tenant: Tenant) -> int:
