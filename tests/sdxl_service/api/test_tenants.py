@@ -19,6 +19,7 @@ from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, LoraArtifact, TrainingRun, TrainingSample
+from training_app.services.generations import batches
 from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.watch import sample_path
 
@@ -472,18 +473,13 @@ def test_the_stored_bytes_quota_counts_images_and_loras_of_all_the_owners_sessio
     assert TrainingImage.objects.count() == 2
     assert sorted(p.name for p in storage.session_dir(second).iterdir()) == ["0"]
     # A LoRA counts too: one that would pass the limit is refused before it is written.
-    _stored_elsewhere(alice, 200_000)
+    LoraArtifact.objects.create(
+        session_id=first, number=1, filename="big.safetensors", size=200_000, sha256="0" * 64
+    )
     lora = {"session_id": first, "lora_base64": b64(lora_bytes())}
     response = alice.api.post("/upload_lora", lora, format="json")
     assert_error(response, 429, "stored MB")
-    assert not LoraArtifact.objects.exists()
-
-
-def _stored_elsewhere(tenant: Tenant, size: int) -> None:
-    """`size` bytes more of the tenant's: a file in another session of its own (the quota
-    counts what is on disk)."""
-    session_id = tenant.api.get("/create_session").json()["session_id"]
-    storage.atomic_write_bytes(storage.session_dir(session_id) / "big.safetensors", b"x" * size)
+    assert LoraArtifact.objects.count() == 1
 
 
 def test_the_stored_bytes_quota_counts_masks(alice):
@@ -494,7 +490,13 @@ def test_the_stored_bytes_quota_counts_masks(alice):
     noise.save(buffer, "PNG")
     mask = buffer.getvalue()  # ~2 KB, as stored too: noise does not compress
     # Room for the image alone, not for the image with its mask.
-    _stored_elsewhere(alice, 1024 * 1024 - len(image_bytes()) - len(mask) // 2)
+    LoraArtifact.objects.create(
+        session_id=session_id,
+        number=1,
+        filename="big.safetensors",
+        size=1024 * 1024 - len(image_bytes()) - len(mask) // 2,
+        sha256="0" * 64,
+    )
     body = {"image": [io.BytesIO(image_bytes())], "mask": [io.BytesIO(mask)]}
 
     response = alice.api.post(f"/sessions/{session_id}/images", body, format="multipart")
@@ -521,7 +523,10 @@ def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(
     session_id = alice.api.get("/create_session").json()["session_id"]
     lora = lora_bytes()
     # Room for one more LoRA, not for two.
-    _stored_elsewhere(alice, 1024 * 1024 - len(lora) * 3 // 2)
+    taken = 1024 * 1024 - len(lora) * 3 // 2
+    LoraArtifact.objects.create(
+        session_id=session_id, number=99, filename="big.safetensors", size=taken, sha256="0" * 64
+    )
     body = {"session_id": session_id, "lora_base64": b64(lora)}
     converting = loras._canonical_lora_for_the_model
     second = []
@@ -539,7 +544,7 @@ def test_two_loras_uploaded_at_once_cannot_pass_the_stored_bytes_quota_together(
 
     assert second[0].status_code == 200, second[0].json()
     assert_error(first, 429, "quota exceeded: stored MB")
-    stored = LoraArtifact.objects.all()
+    stored = LoraArtifact.objects.exclude(filename="big.safetensors")
     assert [artifact.filename for artifact in stored] == ["lora_1.safetensors"]
     assert sorted(p.name for p in storage.session_dir(session_id).iterdir()) == [
         "lora_1.safetensors"
@@ -566,18 +571,26 @@ def test_the_generations_per_minute_quota_answers_429_with_retry_after(
     assert alice.api.post("/txt2img", body, format="json").status_code == 202
 
 
-def test_the_stored_bytes_quota_counts_generated_images_and_refuses_one_that_cannot_fit(
+def test_the_stored_bytes_quota_counts_generated_images_and_refuses_what_cannot_fit(
     alice, generation_worker
 ):
     set_quotas(alice, max_stored_mb=1)
-    body = {"prompt": "a fox", "async": True, "num_images": 2}
-    response = alice.api.post("/txt2img", body, format="json")
-    assert response.status_code == 202
+    body = {"prompt": "a fox", "num_images": 2, "async": True}
+    assert alice.api.post("/txt2img", body, format="json").status_code == 202
     generation = Generation.objects.get()
-    images = generations_dir(generation.pk)
-    images.mkdir(parents=True, exist_ok=True)
-    # Big images in its folder: less room left than two 64² PNGs may take.
-    storage.atomic_write_bytes(images / "9.png", b"x" * (1024 * 1024 - 10_000))
+    batches.generation_execute(generation.pk)  # as the worker runs it
+    generation.refresh_from_db()
+    written = sum(path.stat().st_size for path in generations_dir(generation.pk).iterdir())
+    assert generation.stored_bytes == written > 0
+    # Less room left than two more 64² PNGs may take (three bytes a pixel at most).
+    session_id = alice.api.get("/create_session").json()["session_id"]
+    LoraArtifact.objects.create(
+        session_id=session_id,
+        number=1,
+        filename="big.safetensors",
+        size=1024 * 1024 - written - 2 * 64 * 64 * 3,
+        sha256="0" * 64,
+    )
 
     response = alice.api.post("/txt2img", body, format="json")
 

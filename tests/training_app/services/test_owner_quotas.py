@@ -89,7 +89,9 @@ def test_a_run_that_grows_past_the_quota_stops_keeping_its_latest_checkpoint(
         real_store(run, step, written, sha256)
         if step == 1:  # ...then the owner's other files leave one byte of room
             room = MB - owner_stored_bytes(session_with_images.owner_id) - 1
-            storage.atomic_write_bytes(storage.session_dir(elsewhere.pk) / "big.bin", b"x" * room)
+            LoraArtifact.objects.create(
+                session=elsewhere, number=1, filename="big.safetensors", size=room, sha256=""
+            )
 
     monkeypatch.setattr(
         run_services, "checkpoint_store", an_upload_lands_after_the_first_checkpoint
@@ -106,7 +108,7 @@ def test_a_run_that_grows_past_the_quota_stops_keeping_its_latest_checkpoint(
     kept = TrainingCheckpoint.objects.filter(run=run)
     assert [checkpoint.step for checkpoint in kept] == [1, 2]
     assert all(checkpoint_path(checkpoint).is_file() for checkpoint in kept)
-    assert not LoraArtifact.objects.exists()
+    assert not LoraArtifact.objects.filter(session=session_with_images).exists()
     assert not resume_state_dir(session_with_images.pk, run.pk).exists()
 
 
