@@ -33,6 +33,9 @@ RECIPE_MAX_VIEWS = 4000
 RECIPE_MAX_WARMUP_STEPS = 100
 # sample_every and checkpoint_every of None: this many times a run.
 WATCHES_PER_RUN = 4
+# Without sample_prompts: the trigger alone, then the first captions, this many in all
+# (sdxl_engine.training.samples).
+DEFAULT_SAMPLE_PROMPTS = 3
 # On the tiny random-weight model (a CPU demo: its LoRAs learn nothing meaningful) a run
 # whose length the request left out trains at most this many steps: about 20 s on two
 # CPU cores instead of the minutes the service recipe's 1500 image-views would take.

@@ -5,6 +5,7 @@ run or a generation is planned to write, which the stored-MB quota must hold."""
 import math
 from datetime import timedelta
 
+from django.conf import settings
 from django.utils import timezone
 
 from access_app.callers import Caller
@@ -19,6 +20,7 @@ from sdxl_engine.parameters import (
     checkpoint_steps,
     sample_steps,
 )
+from sdxl_engine.source import planned_preset
 from sessions_app.models import Session
 from sessions_app.selectors import owner_stored_bytes
 from training_app.models import Generation, TrainingRun
@@ -92,8 +94,13 @@ def lora_file_bytes(rank: int, train_text_encoder: bool) -> int:
     from training_app.services.loras import model_lora_target_shapes
 
     components = [UNET, *(TEXT_ENCODERS if train_text_encoder else ())]
+    models = model_lora_target_shapes()
+    if planned_preset(settings.SDXL_MODEL_PRESET or None) != "tiny":
+        # A worker that may load a full-size model whose configs the web process has not
+        # read (not downloaded here: only the packaged tiny ones are known) counts SDXL's.
+        models = [*models, None]
     largest = 0
-    for shapes in model_lora_target_shapes():
+    for shapes in models:
         if shapes is None or any(shapes.get(component) is None for component in components):
             weights = SDXL_UNET_WEIGHTS_PER_RANK * rank
             tensors = SDXL_UNET_TENSORS

@@ -16,6 +16,7 @@ from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import sha256_file
 from sdxl_engine.parameters import (
+    DEFAULT_SAMPLE_PROMPTS,
     TrainingParams,
     default_training_resolution,
     fewest_steps,
@@ -210,8 +211,6 @@ def _output_within_bounds(
     (parameters.watch_problems); with `held_to_quota`, a 429 when the run's planned output
     (owner_quotas.training_output_bytes) cannot fit its owner's stored-MB quota. A length
     in epochs counts at its most steps: one image a step with buckets, full batches without."""
-    from sdxl_engine.training.samples import DEFAULT_SAMPLE_PROMPTS
-
     if params.steps:
         total_steps = params.steps
     elif params.enable_bucket:
