@@ -5,7 +5,7 @@ from django.conf import settings
 from django.db import migrations, models
 
 
-def _measure_existing(apps, schema_editor):
+def measure_existing_files(apps, schema_editor):
     TrainingSample = apps.get_model("training_app", "TrainingSample")
     Generation = apps.get_model("training_app", "Generation")
     for sample in TrainingSample.objects.select_related("run").iterator():
@@ -41,5 +41,5 @@ class Migration(migrations.Migration):
             name="stored_bytes",
             field=models.PositiveBigIntegerField(default=0),
         ),
-        migrations.RunPython(_measure_existing, migrations.RunPython.noop),
+        migrations.RunPython(measure_existing_files, migrations.RunPython.noop),
     ]
