@@ -622,6 +622,29 @@ def test_the_concurrent_trainings_quota_counts_the_owners_queued_and_running_run
     assert alice.api.post("/train_lora", {"session_id": second}, format="json").status_code == 200
 
 
+def test_a_training_whose_output_cannot_fit_the_stored_bytes_quota_answers_429(alice):
+    """The issue's run: 1 MB, checkpoint_every 1, sample_every 1 and 8 prompts wrote 9.9 MB."""
+    set_quotas(alice, max_stored_mb=1)
+    session_id = _session_with_an_image(alice)
+    before = sorted(storage.session_dir(session_id).rglob("*"))
+    body = {
+        "session_id": session_id,
+        "steps": 40,
+        "checkpoint_every": 1,
+        "sample_every": 1,
+        "sample_prompts": [f"prompt {n}" for n in range(8)],
+    }
+    response = alice.api.post("/train_lora", body, format="json")
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert "Retry-After" not in response
+    assert not TrainingRun.objects.exists()
+    assert sorted(storage.session_dir(session_id).rglob("*")) == before
+    # Bounded whatever the quota: a 400 naming the field and its bound.
+    response = alice.api.post("/train_lora", {**body, "steps": 150}, format="json")
+    assert_error(response, 400, "checkpoint_every: 1 keeps 149 checkpoints")
+    assert not TrainingRun.objects.exists()
+
+
 # --- Without any token: as before owners ---------------------------------------------------
 
 
