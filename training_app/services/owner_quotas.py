@@ -161,11 +161,11 @@ def training_output_check(session: Session, planned: int) -> None:
     quota_check(owner, "max_stored_mb", owner_stored_bytes(owner.pk), planned, unit=MB)
 
 
-def training_quota_reached(run: TrainingRun, step: int, kept: str | None) -> None:
+def training_quota_reached(run: TrainingRun, step: int) -> None:
     """Stops a running training (a ServiceError: the run's error message) once its owner's
     stored bytes have passed the stored-MB quota; called each time the run has written a
-    checkpoint or samples, so it ends past the quota by at most that one write. `kept`:
-    the run's latest checkpoint, which stays to be used or continued (init_lora)."""
+    checkpoint or samples, so it ends past the quota by at most that one write. Its latest
+    checkpoint (a resumed run's too) stays, to be used or continued (init_lora)."""
     owner = Owner.objects.filter(sessions__pk=run.session_id).first()
     limit = owner_quota(owner, "max_stored_mb") if owner is not None else None
     if owner is None or limit is None:
@@ -173,6 +173,8 @@ def training_quota_reached(run: TrainingRun, step: int, kept: str | None) -> Non
     stored = owner_stored_bytes(owner.pk)
     if stored <= limit * MB:
         return
+    latest = run.checkpoints.order_by("-step").first()
+    kept = latest.filename if latest is not None else None
     after = (
         f"its latest checkpoint {kept} is kept: free space (DELETE a LoRA, a session or "
         "generations), then generate with it or continue it with init_lora"

@@ -43,7 +43,6 @@ from training_app.services.owner_quotas import (
     training_slot_check,
 )
 from training_app.services.watch import (
-    checkpoint_filename,
     checkpoint_store,
     resume_state_dir,
     resume_state_remove,
@@ -133,7 +132,9 @@ def training_run_start(
             max_steps=settings.SDXL_MAX_TRAINING_STEPS,
             tiny=planned_preset(settings.SDXL_MODEL_PRESET or None) == "tiny",
         )
-        _output_within_bounds(session, recorded, len(pairs) - holdout, held_to_quota=bool(caller))
+        _output_within_bounds(
+            session, recorded, len(pairs) - holdout, held_to_quota=caller is not None
+        )
         try:
             with transaction.atomic():
                 run = TrainingRun.objects.create(
@@ -370,19 +371,16 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         if progress_tenth(step, total_steps) > progress_tenth(step - 1, total_steps):
             run_event(run.pk, "progress")
 
-    latest_checkpoint: str | None = None
-
+    # After each write the run stops if its owner is now past the stored-MB quota.
     def on_checkpoint(step: int, path: Path, sha256: str) -> None:
-        nonlocal latest_checkpoint
         checkpoint_store(run, step, path, sha256)
-        latest_checkpoint = checkpoint_filename(run.pk, step)
         run_event(run.pk, "checkpoint", step=step)
-        training_quota_reached(run, step, latest_checkpoint)
+        training_quota_reached(run, step)
 
     def on_samples(step: int, samples) -> None:
         samples_store(run, step, samples)
         run_event(run.pk, "sample", step=step)
-        training_quota_reached(run, step, latest_checkpoint)
+        training_quota_reached(run, step)
 
     def on_resume(step: int) -> None:
         nonlocal loss_history
