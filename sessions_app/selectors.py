@@ -76,9 +76,10 @@ def owner_stored_bytes(owner_id: int) -> int:
 
     Summed from the rows' sizes, which the services write with the files they publish
     (under the session's lock), in five aggregate queries (one joining them all would
-    count each image once per LoRA): a few ms at any size. A measured walk of the folders
-    was the other choice, but it costs a stat per file and an open per folder under the
-    owner's lock: 0.58 s for an owner with 9,000 generations here (2 busy cores).
+    count each image once per LoRA): for an owner with 9,000 generations and 1,000 samples,
+    ~3 ms on SQLite and ~11 ms on PostgreSQL here (2 busy cores). A measured walk of the
+    folders was the other choice, but it costs a stat per file and an open per folder under
+    the owner's lock: 0.58 s for those 9,000 generation folders.
     access_app's admin sums the same for its "stored MB" column. The rows name files by
     the training_app relations (an app above this one)."""
     sessions = Session.objects.filter(owner_id=owner_id)
