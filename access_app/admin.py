@@ -121,11 +121,17 @@ class OwnerAdmin(admin.ModelAdmin[Owner]):
     def stored_mb(self, owner: Owner) -> str:
         sessions = owner.sessions.all()
         # As sessions_app.selectors.owner_stored_bytes counts (a layer above this one).
-        images = sessions.aggregate(
-            files=Sum("image_groups__images__size"), masks=Sum("image_groups__images__mask_size")
-        )
-        loras = sessions.aggregate(total=Sum("loras__size"))["total"] or 0
-        stored = (images["files"] or 0) + (images["masks"] or 0) + loras
+        sums = [
+            sessions.aggregate(
+                files=Sum("image_groups__images__size"),
+                masks=Sum("image_groups__images__mask_size"),
+            ),
+            sessions.aggregate(total=Sum("loras__size")),
+            sessions.aggregate(total=Sum("checkpoints__size")),
+            sessions.aggregate(total=Sum("training_runs__samples__size")),
+            owner.generations.aggregate(total=Sum("stored_bytes")),
+        ]
+        stored = sum(value or 0 for counted in sums for value in counted.values())
         return f"{stored / (1024 * 1024):.1f}"
 
     @admin.display(description="trainings now")

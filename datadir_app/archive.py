@@ -470,6 +470,7 @@ def _create_runs(session: Session, manifest: Manifest, staging: Path) -> dict[in
                 index=sample["index"],
                 prompt=sample["prompt"],
                 filename=sample["filename"],
+                size=(staging / old).stat().st_size,
             )
             _keep_created_at(row, sample)
     _move_files(staging, moves)

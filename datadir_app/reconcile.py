@@ -354,8 +354,8 @@ def _reconcile_checkpoints(walk: _Walk) -> None:
 
 
 def _reconcile_samples(walk: _Walk) -> None:
-    """A sample image row whose PNG is gone goes; a file in `samples/` without a row is a
-    note."""
+    """A sample image row whose PNG is gone goes, one whose size differs (the stored-MB
+    quota counts it) is updated; a file in `samples/` without a row is a note."""
     recorded = set()
     samples = TrainingSample.objects.filter(run__session=walk.session).select_related("run")
     for sample in samples:
@@ -366,6 +366,14 @@ def _reconcile_samples(walk: _Walk) -> None:
                 f"{storage.relative_path(path)}: sample image of run {sample.run_id} (step "
                 f"{sample.step}) is missing; removing the row",
                 TrainingSample.objects.filter(pk=sample.pk).delete,
+            )
+        elif path.stat().st_size != sample.size:
+            walk.change(
+                f"{storage.relative_path(path)}: sample image's size differs from its row; "
+                "updating the row",
+                partial(
+                    TrainingSample.objects.filter(pk=sample.pk).update, size=path.stat().st_size
+                ),
             )
     folder = walk.folder / SAMPLES_FOLDER
     if folder.is_dir():

@@ -33,6 +33,9 @@ RECIPE_MAX_VIEWS = 4000
 RECIPE_MAX_WARMUP_STEPS = 100
 # sample_every and checkpoint_every of None: this many times a run.
 WATCHES_PER_RUN = 4
+# Without sample_prompts: the trigger alone, then the first captions, this many in all
+# (sdxl_engine.training.samples).
+DEFAULT_SAMPLE_PROMPTS = 3
 # On the tiny random-weight model (a CPU demo: its LoRAs learn nothing meaningful) a run
 # whose length the request left out trains at most this many steps: about 20 s on two
 # CPU cores instead of the minutes the service recipe's 1500 image-views would take.
@@ -168,6 +171,41 @@ def checkpoint_steps(checkpoint_every: int | None, total_steps: int) -> list[int
     (every_steps) before the last (whose file is the LoRA itself). Empty for never."""
     every = every_steps(checkpoint_every, total_steps)
     return list(range(every, total_steps, every)) if every else []
+
+
+# The most files one run keeps along the way, however small its checkpoint_every and
+# sample_every (kohya's save_every_n_steps and sample_every_n_steps, ai-toolkit's
+# save_every and sample_every, bound neither; ai-toolkit prunes old checkpoints instead,
+# max_step_saves_to_keep): enough to watch a run closely, too few to fill a disk.
+MAX_CHECKPOINTS_PER_RUN = 100
+MAX_SAMPLE_IMAGES_PER_RUN = 400
+
+
+def watch_problems(
+    params: TrainingParams, total_steps: int, sample_prompt_count: int
+) -> dict[str, str]:
+    """checkpoint_every or sample_every that would keep more files than a run may in a run
+    of `total_steps` (an upper bound when only the epochs are known), by field: the
+    message names the bound and the smallest value that keeps to it."""
+    problems = {}
+    checkpoints = len(checkpoint_steps(params.checkpoint_every, total_steps))
+    if checkpoints > MAX_CHECKPOINTS_PER_RUN:
+        least = (total_steps - 1) // (MAX_CHECKPOINTS_PER_RUN + 1) + 1
+        problems["checkpoint_every"] = (
+            f"{params.checkpoint_every} keeps {checkpoints} checkpoints in a run of up to "
+            f"{total_steps} steps, more than the {MAX_CHECKPOINTS_PER_RUN} a run may keep: "
+            f"at least {least} (or 0: none)"
+        )
+    images = len(sample_steps(params.sample_every, total_steps)) * sample_prompt_count
+    if images > MAX_SAMPLE_IMAGES_PER_RUN:
+        most_steps = max(1, MAX_SAMPLE_IMAGES_PER_RUN // sample_prompt_count)
+        least = -(-total_steps // most_steps)
+        problems["sample_every"] = (
+            f"{params.sample_every} renders {images} sample images ({sample_prompt_count} "
+            f"prompts) in a run of up to {total_steps} steps, more than the "
+            f"{MAX_SAMPLE_IMAGES_PER_RUN} a run may render: at least {least} (or 0: none)"
+        )
+    return problems
 
 
 def default_training_resolution(native_side: int, max_side: int) -> int:

@@ -175,6 +175,7 @@ class TrainingSample(models.Model):
     index = models.PositiveSmallIntegerField()  # the prompt's place in the run's sample prompts
     prompt = models.TextField()
     filename = models.CharField(max_length=255)
+    size = models.PositiveBigIntegerField(default=0)  # its bytes (the stored-MB quota's)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -217,6 +218,9 @@ class Generation(Job):
         Owner, on_delete=models.SET_NULL, null=True, blank=True, related_name="generations"
     )
     image_count = models.PositiveSmallIntegerField(default=0)
+    # The bytes of its folder once completed (its images, an img2img's starting image): the
+    # stored-MB quota's. 0 before, and for one that failed or was cancelled (no folder).
+    stored_bytes = models.PositiveBigIntegerField(default=0)
     # Denoising steps done, of Base and Refiner together, while running (GET /generations/<id>).
     step = models.PositiveSmallIntegerField(default=0)
     total_steps = models.PositiveSmallIntegerField(null=True, blank=True)

@@ -14,13 +14,11 @@ from PIL import Image
 
 from sdxl_engine.generation.batch import decode_latents
 from sdxl_engine.generation.pipelines import Pipelines, forked_rng
-from sdxl_engine.parameters import GENERATION_DEFAULTS
+from sdxl_engine.parameters import DEFAULT_SAMPLE_PROMPTS, GENERATION_DEFAULTS
 
 # Enough steps for Euler to give a recognisable image; the generation default.
 SAMPLE_STEPS = GENERATION_DEFAULTS.steps
 SAMPLE_GUIDANCE = GENERATION_DEFAULTS.guidance_scale
-# Without sample_prompts: the trigger alone, then the first captions, this many in all.
-DEFAULT_SAMPLE_PROMPTS = 3
 
 
 def default_sample_prompts(trigger: str | None, captions: list[str]) -> list[str]:

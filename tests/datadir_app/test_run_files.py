@@ -64,11 +64,13 @@ def test_verify_reports_checkpoint_and_sample_mismatches_and_fix_repairs_them(
     stray.write_bytes(lora_bytes(seed=7))  # a file without a row: a note, never a LoRA
     missing_sample, kept_sample = TrainingSample.objects.all()
     sample_path(missing_sample).unlink()  # row without file: fixable
+    # A size the stored-MB quota would miscount: fixable.
+    TrainingSample.objects.filter(pk=kept_sample.pk).update(size=1)
 
-    with pytest.raises(CommandError, match="4 inconsistencies; `verify --fix`"):
+    with pytest.raises(CommandError, match="5 inconsistencies; `verify --fix`"):
         run("verify")
     before = snapshot(data_dir), _runs_rows()
-    with pytest.raises(CommandError, match="4 inconsistencies"):
+    with pytest.raises(CommandError, match="5 inconsistencies"):
         run("verify")
     assert (snapshot(data_dir), _runs_rows()) == before  # verify alone changes nothing
 
@@ -87,6 +89,7 @@ def test_verify_reports_checkpoint_and_sample_mismatches_and_fix_repairs_them(
     assert broken.size != len(b"not a safetensors file")  # its row is left as it was
     assert checkpoint_path(broken).read_bytes() == b"not a safetensors file"
     assert list(TrainingSample.objects.all()) == [kept_sample]
+    assert TrainingSample.objects.get().size == sample_path(kept_sample).stat().st_size > 1
     # The stray file stays, with no row of either kind and no number taken.
     assert stray.read_bytes() == lora_bytes(seed=7)
     assert list(LoraArtifact.objects.values_list("filename", flat=True)) == ["lora_1.safetensors"]

@@ -16,6 +16,7 @@ from core.errors import ServiceError
 from sdxl_engine.errors import EngineError, TrainingCancelled
 from sdxl_engine.files import sha256_file
 from sdxl_engine.parameters import (
+    DEFAULT_SAMPLE_PROMPTS,
     TrainingParams,
     default_training_resolution,
     fewest_steps,
@@ -23,17 +24,24 @@ from sdxl_engine.parameters import (
     recipe_defaults,
     recipe_of,
     training_params,
+    watch_problems,
 )
-from sdxl_engine.source import planned_preset
+from sdxl_engine.source import planned_native_side, planned_preset
 from sessions_app import storage
 from sessions_app.locking import session_lock
+from sessions_app.models import Session
 from sessions_app.selectors import session_get
 from training_app import jobs
 from training_app.bodies import training_event_body
 from training_app.models import LoraArtifact, TrainingRun
 from training_app.selectors import LORA_NOT_FOUND, lora_file_get
 from training_app.services.loras import lora_file_path, lora_store, model_lora_target_shapes
-from training_app.services.owner_quotas import training_slot_check
+from training_app.services.owner_quotas import (
+    training_output_bytes,
+    training_output_check,
+    training_quota_reached,
+    training_slot_check,
+)
 from training_app.services.watch import (
     checkpoint_store,
     resume_state_dir,
@@ -118,19 +126,21 @@ def training_run_start(
         parent = None
         if init_lora is not None:
             parent, parameters = _init_lora_check(session.pk, init_lora, parameters)
+        recorded = training_params(
+            parameters,
+            image_count=len(pairs) - holdout,
+            max_steps=settings.SDXL_MAX_TRAINING_STEPS,
+            tiny=planned_preset(settings.SDXL_MODEL_PRESET or None) == "tiny",
+        )
+        _output_within_bounds(
+            session, recorded, len(pairs) - holdout, held_to_quota=caller is not None
+        )
         try:
             with transaction.atomic():
                 run = TrainingRun.objects.create(
                     session=session,
                     init_lora=parent,
-                    parameters=asdict(
-                        training_params(
-                            parameters,
-                            image_count=len(pairs) - holdout,
-                            max_steps=settings.SDXL_MAX_TRAINING_STEPS,
-                            tiny=planned_preset(settings.SDXL_MODEL_PRESET or None) == "tiny",
-                        )
-                    ),
+                    parameters=asdict(recorded),
                     webhook_url=webhook_url,
                     webhook_events=webhook_events,
                 )
@@ -193,6 +203,33 @@ def _init_lora_check(
         "sha256": lora.sha256,
     }
     return record, given
+
+
+def _output_within_bounds(
+    session: Session, params: TrainingParams, image_count: int, held_to_quota: bool
+) -> None:
+    """A 400 when checkpoint_every or sample_every would keep more files than a run may
+    (parameters.watch_problems); with `held_to_quota`, a 429 when the run's planned output
+    (owner_quotas.training_output_bytes) cannot fit its owner's stored-MB quota. A length
+    in epochs counts at its most steps: one image a step with buckets, full batches without."""
+    if params.steps:
+        total_steps = params.steps
+    elif params.enable_bucket:
+        total_steps = (params.epochs or 1) * image_count
+    else:
+        total_steps = fewest_steps(params.epochs or 1, image_count, params.batch_size)
+    prompts = len(params.sample_prompts or ()) or DEFAULT_SAMPLE_PROMPTS
+    problems = watch_problems(params, total_steps, prompts)
+    if problems:
+        raise ServiceError("; ".join(f"{name}: {message}" for name, message in problems.items()))
+    if held_to_quota:
+        native = planned_native_side(settings.SDXL_MODEL_PRESET or None)
+        resolution = params.resolution or default_training_resolution(
+            native, settings.SDXL_MAX_IMAGE_SIDE
+        )
+        training_output_check(
+            session, training_output_bytes(params, total_steps, resolution, prompts)
+        )
 
 
 def _epochs_within_step_limit(parameters: dict, image_count: int) -> None:
@@ -334,13 +371,16 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
         if progress_tenth(step, total_steps) > progress_tenth(step - 1, total_steps):
             run_event(run.pk, "progress")
 
+    # After each write the run stops if its owner is now past the stored-MB quota.
     def on_checkpoint(step: int, path: Path, sha256: str) -> None:
         checkpoint_store(run, step, path, sha256)
         run_event(run.pk, "checkpoint", step=step)
+        training_quota_reached(run, step)
 
     def on_samples(step: int, samples) -> None:
         samples_store(run, step, samples)
         run_event(run.pk, "sample", step=step)
+        training_quota_reached(run, step)
 
     def on_resume(step: int) -> None:
         nonlocal loss_history

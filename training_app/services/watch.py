@@ -102,7 +102,14 @@ def samples_store(run: TrainingRun, step: int, samples: list[tuple[str, Image.Im
             name = f"step{step}_{index}.png"
             write_atomically(folder / name, partial(_save_png, image))
             TrainingSample.objects.update_or_create(
-                run=run, step=step, index=index, defaults={"prompt": prompt, "filename": name}
+                run=run,
+                step=step,
+                index=index,
+                defaults={
+                    "prompt": prompt,
+                    "filename": name,
+                    "size": (folder / name).stat().st_size,
+                },
             )
 
 

@@ -11,7 +11,9 @@ from rest_framework import serializers
 from sdxl_engine.dataset import DEFAULT_CLASS_PROMPT
 from sdxl_engine.parameters import (
     LR_SCHEDULERS,
+    MAX_CHECKPOINTS_PER_RUN,
     MAX_PRIOR_PRESERVATION_WEIGHT,
+    MAX_SAMPLE_IMAGES_PER_RUN,
     RECIPES,
     SERVICE_RECIPE,
     TINY_RECIPE_MAX_STEPS,
@@ -141,7 +143,8 @@ class TrainLoraSerializer(WebhookFields):
         max_value=settings.SDXL_MAX_TRAINING_STEPS,
         required=False,
         help_text="render sample images every this many steps, listed by /train_status "
-        "(service recipe: four times a run; original: 0, never)",
+        "(service recipe: four times a run; original: 0, never); a run renders at most "
+        f"{MAX_SAMPLE_IMAGES_PER_RUN} sample images (steps x prompts): 400 otherwise",
     )
     sample_prompts = serializers.ListField(
         child=StringField(max_length=settings.SDXL_MAX_PROMPT_CHARS),
@@ -159,7 +162,7 @@ class TrainLoraSerializer(WebhookFields):
         required=False,
         help_text="save a checkpoint every this many steps: a LoRA file of the session, and "
         "what a run whose worker was lost resumes from (service recipe: four times a run; "
-        "original: 0, never)",
+        f"original: 0, never); a run keeps at most {MAX_CHECKPOINTS_PER_RUN}: 400 otherwise",
     )
     eval_holdout = StrictIntegerField(
         min_value=0,

@@ -19,6 +19,7 @@ from sessions_app.models import Session, TrainingImage
 from tests.helpers import b64, image_bytes, lora_bytes
 from tests.sdxl_service.api.test_session_views import assert_error
 from training_app.models import Generation, LoraArtifact, TrainingRun, TrainingSample
+from training_app.services.generations import batches
 from training_app.services.generations.lifecycle import generations_dir
 from training_app.services.watch import sample_path
 
@@ -592,6 +593,34 @@ def test_queued_generations_are_bounded_per_owner_and_in_all_with_retry_after(
     assert alice.api.post("/txt2img", body, format="json").status_code == 202
 
 
+def test_the_stored_bytes_quota_counts_generated_images_and_refuses_what_cannot_fit(
+    alice, generation_worker
+):
+    set_quotas(alice, max_stored_mb=1)
+    body = {"prompt": "a fox", "num_images": 2, "async": True}
+    assert alice.api.post("/txt2img", body, format="json").status_code == 202
+    generation = Generation.objects.get()
+    batches.generation_execute(generation.pk)  # as the worker runs it
+    generation.refresh_from_db()
+    written = sum(path.stat().st_size for path in generations_dir(generation.pk).iterdir())
+    assert generation.stored_bytes == written > 0
+    # Less room left than two more 64² PNGs may take (three bytes a pixel at most).
+    session_id = alice.api.get("/create_session").json()["session_id"]
+    LoraArtifact.objects.create(
+        session_id=session_id,
+        number=1,
+        filename="big.safetensors",
+        size=1024 * 1024 - written - 2 * 64 * 64 * 3,
+        sha256="0" * 64,
+    )
+
+    response = alice.api.post("/txt2img", body, format="json")
+
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert "Retry-After" not in response  # only deleting helps, not time
+    assert list(Generation.objects.all()) == [generation]
+
+
 def _session_with_an_image(tenant: Tenant) -> int:
     session_id = tenant.api.get("/create_session").json()["session_id"]
     body = {"session_id": session_id, "image_base64": b64(image_bytes()), "prompt": "a cat"}
@@ -613,6 +642,29 @@ def test_the_concurrent_trainings_quota_counts_the_owners_queued_and_running_run
         alice.api.post("/cancel_training", {"session_id": first}, format="json").status_code == 200
     )
     assert alice.api.post("/train_lora", {"session_id": second}, format="json").status_code == 200
+
+
+def test_a_training_whose_output_cannot_fit_the_stored_bytes_quota_answers_429(alice):
+    """The issue's run: 1 MB, checkpoint_every 1, sample_every 1 and 8 prompts wrote 9.9 MB."""
+    set_quotas(alice, max_stored_mb=1)
+    session_id = _session_with_an_image(alice)
+    before = sorted(storage.session_dir(session_id).rglob("*"))
+    body = {
+        "session_id": session_id,
+        "steps": 40,
+        "checkpoint_every": 1,
+        "sample_every": 1,
+        "sample_prompts": [f"prompt {n}" for n in range(8)],
+    }
+    response = alice.api.post("/train_lora", body, format="json")
+    assert_error(response, 429, "quota exceeded: stored MB")
+    assert "Retry-After" not in response
+    assert not TrainingRun.objects.exists()
+    assert sorted(storage.session_dir(session_id).rglob("*")) == before
+    # Bounded whatever the quota: a 400 naming the field and its bound.
+    response = alice.api.post("/train_lora", {**body, "steps": 150}, format="json")
+    assert_error(response, 400, "checkpoint_every: 1 keeps 149 checkpoints")
+    assert not TrainingRun.objects.exists()
 
 
 # --- Without any token: as before owners ---------------------------------------------------

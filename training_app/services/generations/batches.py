@@ -57,6 +57,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     if len(batch) > 1:
         logger.info("generations %s run as one batch", ids)
     started = time.monotonic()
+    stored_bytes: dict[int, int] = {}  # each generation's folder, once its images are in
     try:
         requests = [_params_to_render(generation) for generation in batch]
         applied = list(lead.applied_loras.all())
@@ -121,6 +122,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
                         params.quality,
                     ),
                 )
+            stored_bytes[generation.pk] = sum(path.stat().st_size for path in folder.iterdir())
     except GenerationCancelled:
         logger.info("generations %s cancelled between steps", ids)
         return
@@ -139,6 +141,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
             Generation.Status.COMPLETED,
             image_count=len(images),
             duration_ms=duration_ms,
+            stored_bytes=stored_bytes.get(generation.pk, 0),
         )
         if finished:
             completed.append(generation.pk)

@@ -30,7 +30,11 @@ from training_app.services.generations.lifecycle import (
     generations_dir,
 )
 from training_app.services.loras import lora_readable
-from training_app.services.owner_quotas import generation_owner, queued_generations_check
+from training_app.services.owner_quotas import (
+    generation_output_bytes,
+    generation_owner,
+    queued_generations_check,
+)
 from training_app.services.webhooks import webhook_target_check
 
 
@@ -101,7 +105,8 @@ def generation_request(request: GenerationRequest) -> Generation:
     written: list[Path] = []
     try:
         with transaction.atomic():
-            owner_id = generation_owner(request.caller)
+            planned = generation_output_bytes(params) + len(params.init_image or b"")
+            owner_id = generation_owner(request.caller, planned)
             queued_generations_check(owner_id, request.caller)
             generation = _generation_create(
                 params, loras, (webhook_url, webhook_events), written, owner_id
