@@ -2,7 +2,6 @@
 generation's status, its cancellation and its images."""
 
 import base64
-import socket
 from collections.abc import Callable
 
 from django.conf import settings
@@ -24,6 +23,7 @@ from sdxl_service.api.generation.response_serializers import (
 )
 from sdxl_service.api.generation.serializers import Txt2ImgSerializer
 from sdxl_service.api.schema import error_responses
+from sdxl_service.web_requests import client_gone_event
 from training_app import bodies
 from training_app import selectors as training_selectors
 from training_app.services.generations import lifecycle
@@ -94,23 +94,11 @@ def generation_cancel(request: Request, generation_id: int) -> Response:
 
 
 def _client_gone_check(request: Request) -> Callable[[], bool] | None:
-    """Under gunicorn, a check whether the client closed its connection (a peek at the
-    socket that reads nothing: end of stream); None elsewhere (test client, runserver)."""
-    sock: socket.socket | None = request.META.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:  # nothing to read: still connected, waiting for us
-            return False
-        except ValueError:  # a TLS socket takes no flags: cannot tell, so assume present
-            return False
-        except OSError:  # reset by the peer
-            return True
-
-    return gone
+    """Under `serve`'s ASGI server, a check whether the client closed its connection (the
+    server's `http.disconnect`, sdxl_service.web_server); None elsewhere (test client,
+    WSGI)."""
+    client_gone = client_gone_event(request)
+    return None if client_gone is None else client_gone.is_set
 
 
 @extend_schema(

@@ -1,0 +1,92 @@
+"""What the web process holds every request to, under either entry point: the ASGI
+application `serve` runs (sdxl_service.asgi, under gunicorn's uvicorn workers) and the
+WSGI one (sdxl_service.wsgi: Django's runserver, or gunicorn's own workers run by hand).
+
+Two things differ here from the workers, which load the same settings:
+
+- a request waits at most SDXL_WEB_DB_LOCK_TIMEOUT for a database lock (503 after it,
+  sdxl_service.api.errors), where workers keep waiting 30 s so their writes are not lost;
+- a body is held to body_limit() before Django sees it: Django reads a body sent without
+  a Content-Length (chunked) whole, whatever its size, before any limit of its own applies.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING
+
+from django.conf import settings
+from django.http import StreamingHttpResponse
+
+if TYPE_CHECKING:
+    from django.http import HttpRequest
+    from django.http.response import HttpResponseBase
+    from rest_framework.request import Request
+
+# The ASGI scope's key for the request's "client disconnected" event (a threading.Event),
+# set by sdxl_service.web_server once the client closes its connection.
+CLIENT_GONE = "sdxl.client_gone"
+
+
+def use_web_lock_timeout() -> None:
+    """The web server's wait for a lock: SQLite's busy timeout, PostgreSQL's lock_timeout.
+    Set before the first connection opens (each reads its OPTIONS when it connects)."""
+    database = settings.DATABASES["default"]
+    options = database.setdefault("OPTIONS", {})
+    if database["ENGINE"] == "django.db.backends.sqlite3":
+        options["timeout"] = settings.SDXL_WEB_DB_LOCK_TIMEOUT
+    elif database["ENGINE"] == "django.db.backends.postgresql":
+        lock_timeout = f"-c lock_timeout={int(settings.SDXL_WEB_DB_LOCK_TIMEOUT * 1000)}"
+        options["options"] = f"{options.get('options', '')} {lock_timeout}".strip()
+
+
+def body_limit() -> int:
+    """The most a request body may hold: the larger of the JSON body limit
+    (SDXL_MAX_BODY_MB) and the file upload limit (SDXL_MAX_UPLOAD_MB); Django and the
+    upload handler then apply the one that fits."""
+    limit: int = max(
+        settings.DATA_UPLOAD_MAX_MEMORY_SIZE, settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
+    )
+    return limit
+
+
+def too_big_body(limit: int) -> bytes:
+    """The 413's JSON body for a request body past `limit` bytes."""
+    from sdxl_service.api.errors import error_body  # needs Django set up
+
+    message = f"request body is larger than the limit of {limit / (1024 * 1024):g} MB"
+    return json.dumps(error_body(message)).encode()
+
+
+def client_gone_event(request: Request | HttpRequest) -> threading.Event | None:
+    """The event set once the request's client has disconnected (under the ASGI server);
+    None where the server does not tell (the test client, WSGI)."""
+    scope = getattr(request, "scope", None)
+    return None if scope is None else scope.get(CLIENT_GONE)
+
+
+def streaming_in_parts(
+    get_response: Callable[[HttpRequest], HttpResponseBase],
+) -> Callable[[HttpRequest], HttpResponseBase]:
+    """Middleware: under ASGI, a streaming answer's parts (a FileResponse's file: images,
+    LoRA files, the admin's static files) are read one at a time on the request's thread
+    as they are sent. Django would otherwise read a synchronous iterator whole into memory
+    before sending its first byte (with a warning each time)."""
+    from asgiref.sync import sync_to_async
+    from django.core.handlers.asgi import ASGIRequest
+
+    async def in_parts(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
+        next_part = sync_to_async(next)  # thread-sensitive: the request's own thread
+        while (part := await next_part(parts, None)) is not None:
+            yield part
+
+    def middleware(request: HttpRequest) -> HttpResponseBase:
+        response = get_response(request)
+        if isinstance(request, ASGIRequest) and isinstance(response, StreamingHttpResponse):
+            if not response.is_async:
+                response.streaming_content = in_parts(iter(response.streaming_content))
+        return response
+
+    return middleware
