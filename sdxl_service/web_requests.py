@@ -13,9 +13,8 @@ Two things differ here from the workers, which load the same settings:
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from django.conf import settings
 from django.http import StreamingHttpResponse
@@ -23,11 +22,6 @@ from django.http import StreamingHttpResponse
 if TYPE_CHECKING:
     from django.http import HttpRequest
     from django.http.response import HttpResponseBase
-    from rest_framework.request import Request
-
-# The ASGI scope's key for the request's "client disconnected" event (a threading.Event),
-# set by sdxl_service.web_server once the client closes its connection.
-CLIENT_GONE = "sdxl.client_gone"
 
 
 def use_web_lock_timeout() -> None:
@@ -54,17 +48,14 @@ def body_limit() -> int:
 
 def too_big_body(limit: int) -> bytes:
     """The 413's JSON body for a request body past `limit` bytes."""
+    return error_json(f"request body is larger than the limit of {limit / (1024 * 1024):g} MB")
+
+
+def error_json(message: str) -> bytes:
+    """The API's error body, encoded, for an answer given before Django sees the request."""
     from sdxl_service.api.errors import error_body  # needs Django set up
 
-    message = f"request body is larger than the limit of {limit / (1024 * 1024):g} MB"
     return json.dumps(error_body(message)).encode()
-
-
-def client_gone_event(request: Request | HttpRequest) -> threading.Event | None:
-    """The event set once the request's client has disconnected (under the ASGI server);
-    None where the server does not tell (the test client, WSGI)."""
-    scope = getattr(request, "scope", None)
-    return None if scope is None else scope.get(CLIENT_GONE)
 
 
 def streaming_in_parts(
@@ -78,15 +69,19 @@ def streaming_in_parts(
     from django.core.handlers.asgi import ASGIRequest
 
     async def in_parts(parts: Iterator[bytes]) -> AsyncIterator[bytes]:
-        next_part = sync_to_async(next)  # thread-sensitive: the request's own thread
-        while (part := await next_part(parts, None)) is not None:
+        def next_part() -> bytes | None:
+            return next(parts, None)
+
+        # Thread-sensitive: on the request's own thread, where the file was opened.
+        while (part := await sync_to_async(next_part)()) is not None:
             yield part
 
     def middleware(request: HttpRequest) -> HttpResponseBase:
         response = get_response(request)
         if isinstance(request, ASGIRequest) and isinstance(response, StreamingHttpResponse):
             if not response.is_async:
-                response.streaming_content = in_parts(iter(response.streaming_content))
+                parts = cast(Iterator[bytes], response.streaming_content)
+                response.streaming_content = in_parts(parts)
         return response
 
     return middleware

@@ -29,25 +29,24 @@ from __future__ import annotations
 
 import asyncio
 import http
-import json
 import resource
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-from uvicorn_worker import UvicornWorker
+from uvicorn_worker import UvicornWorker  # type: ignore[import-untyped]
 
-from sdxl_service.web_requests import CLIENT_GONE, body_limit, too_big_body
+from sdxl_service.api.client_gone import CLIENT_GONE
+from sdxl_service.web_requests import body_limit, error_json, too_big_body
 
-if TYPE_CHECKING:
-    from uvicorn._types import (
-        ASGI3Application,
-        ASGIReceiveCallable,
-        ASGIReceiveEvent,
-        ASGISendCallable,
-        Scope,
-    )
+# ASGI's callables, as loosely as Django's ASGIHandler takes them.
+Scope = dict[str, Any]
+Message = Mapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Application = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # A request head must arrive whole within this many seconds, and be at most this large.
 HEAD_TIMEOUT_S = 10.0
@@ -73,7 +72,7 @@ class SyncRequests:
     `threads` at once in Django per process), and the client's disconnect sets the
     request's CLIENT_GONE event (the module's docstring says why)."""
 
-    def __init__(self, django_application: ASGI3Application, threads: int) -> None:
+    def __init__(self, django_application: Application, threads: int) -> None:
         self.django_application = django_application
         self.allow(threads)
 
@@ -82,9 +81,7 @@ class SyncRequests:
         self.threads = threads
         self.slots = asyncio.Semaphore(threads)
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan: Django has none (uvicorn says so once)
             await self.django_application(scope, receive, send)
             return
@@ -102,7 +99,7 @@ class SyncRequests:
             await _answer(send, 413, too_big_body(limit))
         except BodyTimedOut:
             message = "the request body did not arrive in time: send it faster"
-            await _answer(send, 408, json.dumps({"status": "error", "message": message}).encode())
+            await _answer(send, 408, error_json(message))
         finally:
             if request.holds_slot:
                 self.slots.release()
@@ -112,7 +109,7 @@ class _GatedRequest:
     """One request's receive() as Django sees it: the body's messages, counted and timed;
     the last one handed over once a slot is free; after it, the client's disconnect."""
 
-    def __init__(self, receive: ASGIReceiveCallable, slots: asyncio.Semaphore, limit: int):
+    def __init__(self, receive: Receive, slots: asyncio.Semaphore, limit: int):
         self._receive, self._slots, self._limit = receive, slots, limit
         self.client_gone = threading.Event()
         self.holds_slot = False
@@ -120,7 +117,7 @@ class _GatedRequest:
         self._received = 0
         self._started = time.monotonic()
 
-    async def receive(self) -> ASGIReceiveEvent:
+    async def receive(self) -> Message:
         if self._body_read:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -152,7 +149,7 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _answer(send: ASGISendCallable, status: int, body: bytes) -> None:
+async def _answer(send: Send, status: int, body: bytes) -> None:
     """A JSON answer that closes the connection: the rest of the body is never read."""
     await send(
         {
@@ -229,7 +226,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
 
-class WebWorker(UvicornWorker):
+class WebWorker(UvicornWorker):  # type: ignore[misc]
     """gunicorn's uvicorn worker with HttpProtocol; gunicorn's --threads is the number of
     requests the application lets into Django at once (SyncRequests.allow), and the
     process may hold as many sockets as the system allows (RLIMIT_NOFILE raised to its

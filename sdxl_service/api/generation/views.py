@@ -15,6 +15,7 @@ from rest_framework.response import Response
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_engine.image_output import MEDIA_TYPES
+from sdxl_service.api.client_gone import client_gone_event
 from sdxl_service.api.common import rendered, validated
 from sdxl_service.api.generation.response_serializers import (
     GenerationStatusResponse,
@@ -23,7 +24,6 @@ from sdxl_service.api.generation.response_serializers import (
 )
 from sdxl_service.api.generation.serializers import Txt2ImgSerializer
 from sdxl_service.api.schema import error_responses
-from sdxl_service.web_requests import client_gone_event
 from training_app import bodies
 from training_app import selectors as training_selectors
 from training_app.services.generations import lifecycle
