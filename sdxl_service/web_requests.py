@@ -6,8 +6,8 @@ Two things differ here from the workers, which load the same settings:
 
 - a request waits at most SDXL_WEB_DB_LOCK_TIMEOUT for a database lock (503 after it,
   sdxl_service.api.errors), where workers keep waiting 30 s so their writes are not lost;
-- a body is held to body_limit() before Django sees it: Django reads a body sent without
-  a Content-Length (chunked) whole, whatever its size, before any limit of its own applies.
+- a body is held to body_limit() as it arrives: Django applies its limits to a body by its
+  Content-Length, and reads one sent without (chunked) whole, whatever its size.
 """
 
 from __future__ import annotations
@@ -36,19 +36,29 @@ def use_web_lock_timeout() -> None:
         options["options"] = f"{options.get('options', '')} {lock_timeout}".strip()
 
 
-def body_limit() -> int:
-    """The most a request body may hold: the larger of the JSON body limit
-    (SDXL_MAX_BODY_MB) and the file upload limit (SDXL_MAX_UPLOAD_MB); Django and the
-    upload handler then apply the one that fits."""
-    limit: int = max(
-        settings.DATA_UPLOAD_MAX_MEMORY_SIZE, settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024
-    )
-    return limit
+def body_limit(content_type: str) -> int:
+    """The most a request body of `content_type` may hold, as Django and the upload handler
+    hold a body with a Content-Length to it: SDXL_MAX_UPLOAD_MB for a multipart body (its
+    files), SDXL_MAX_BODY_MB for any other (JSON)."""
+    if _multipart(content_type):
+        return int(settings.SDXL_MAX_UPLOAD_MB * 1024 * 1024)
+    return int(settings.DATA_UPLOAD_MAX_MEMORY_SIZE)
 
 
-def too_big_body(limit: int) -> bytes:
-    """The 413's JSON body for a request body past `limit` bytes."""
-    return error_json(f"request body is larger than the limit of {limit / (1024 * 1024):g} MB")
+def too_big_body(content_type: str) -> bytes:
+    """The 413's JSON body for a request body past body_limit(content_type), worded as
+    Django's own answer (sdxl_service.api.errors) is."""
+    if _multipart(content_type):
+        return error_json(
+            f"uploaded files are larger than the limit of {settings.SDXL_MAX_UPLOAD_MB} MB "
+            "(SDXL_MAX_UPLOAD_MB)"
+        )
+    limit_mb = settings.DATA_UPLOAD_MAX_MEMORY_SIZE / (1024 * 1024)
+    return error_json(f"request body is larger than the limit of {limit_mb:g} MB")
+
+
+def _multipart(content_type: str) -> bool:
+    return content_type.strip().lower().startswith("multipart/")
 
 
 def error_json(message: str) -> bytes:

@@ -10,10 +10,11 @@ What a client costs, and for how long:
   connection) and at most MAX_HEAD_BYTES; past either the client gets 408 or 431 and the
   connection is closed. An idle kept-alive connection is closed after the keep-alive time
   (gunicorn's --keep-alive).
-- Reading the body costs a coroutine: SyncRequests reads it on the event loop before the
-  request takes a thread, up to web_requests.body_limit() (413, or at once when the
-  Content-Length says more) and within a deadline that grows with what has arrived
-  (BODY_TIMEOUT_S, then BODY_MIN_RATE bytes per second: 408 past it).
+- Reading the body costs a coroutine (and the body's bytes, in memory up to
+  FILE_UPLOAD_MAX_MEMORY_SIZE, then in a temporary file): Django's ASGI handler reads it
+  on the event loop through SyncRequests, which holds it to web_requests.body_limit()
+  (413, at once when the Content-Length says more) and to a deadline that grows with
+  what has arrived (BODY_TIMEOUT_S, then BODY_MIN_RATE bytes per second: 408 past it).
 - Only then does the request wait for one of `threads` slots per process (gunicorn's
   --threads): Django runs a synchronous view on a thread of its own per request, with its
   own database connection, so the slots bound both. The slot is held until Django is done
@@ -85,10 +86,11 @@ class SyncRequests:
         if scope["type"] != "http":  # lifespan: Django has none (uvicorn says so once)
             await self.django_application(scope, receive, send)
             return
-        limit = body_limit()
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await _answer(send, 413, too_big_body(limit))
+        content_type = _header(scope, b"content-type") or ""
+        limit = body_limit(content_type)
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _answer(send, 413, too_big_body(content_type))
             return
         request = _GatedRequest(receive, self.slots, limit)
         try:
@@ -96,7 +98,7 @@ class SyncRequests:
                 {**scope, CLIENT_GONE: request.client_gone}, request.receive, send
             )
         except BodyTooBig:
-            await _answer(send, 413, too_big_body(limit))
+            await _answer(send, 413, too_big_body(content_type))
         except BodyTimedOut:
             message = "the request body did not arrive in time: send it faster"
             await _answer(send, 408, error_json(message))
@@ -139,13 +141,10 @@ class _GatedRequest:
         return message
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            try:
-                return int(value)
-            except ValueError:
-                return None
+def _header(scope: Scope, name: bytes) -> str | None:
+    for header, value in scope.get("headers", []):
+        if header == name:
+            return bytes(value).decode("latin-1")
     return None
 
 

@@ -32,7 +32,7 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "sdxl_service.settings")
 class ChunkedBodies:
     """WSGI middleware: a body gunicorn de-chunked is read here (into memory, or a
     temporary file past FILE_UPLOAD_MAX_MEMORY_SIZE) and handed to Django with its
-    CONTENT_LENGTH; past body_limit() the request answers 413 unread."""
+    CONTENT_LENGTH; past body_limit() the request answers 413."""
 
     READ_SIZE = 1024 * 1024
 
@@ -43,14 +43,15 @@ class ChunkedBodies:
         chunked = "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower()
         if not (chunked and environ.get("wsgi.input_terminated")):
             return self.app(environ, start_response)
-        limit = body_limit()
+        content_type = environ.get("CONTENT_TYPE", "")
+        limit = body_limit(content_type)
         body = tempfile.SpooledTemporaryFile(max_size=settings.FILE_UPLOAD_MAX_MEMORY_SIZE)
         size = 0
         while chunk := environ["wsgi.input"].read(self.READ_SIZE):
             size += len(chunk)
             if size > limit:
                 body.close()
-                return self._too_big(start_response, limit)
+                return self._too_big(start_response, content_type)
             body.write(chunk)
         body.seek(0)
         environ["wsgi.input"] = body
@@ -63,8 +64,8 @@ class ChunkedBodies:
         return _ClosingAfter(result, body)
 
     @staticmethod
-    def _too_big(start_response: StartResponse, limit: int) -> list[bytes]:
-        payload = too_big_body(limit)
+    def _too_big(start_response: StartResponse, content_type: str) -> list[bytes]:
+        payload = too_big_body(content_type)
         start_response(
             "413 Request Entity Too Large",
             [("Content-Type", "application/json"), ("Content-Length", str(len(payload)))],
