@@ -92,11 +92,9 @@ class SyncRequests:
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _answer(send, 413, too_big_body(content_type))
             return
-        request = _GatedRequest(receive, self.slots, limit)
+        request = _GatedRequest(scope, receive, self.slots, limit)
         try:
-            await self.django_application(
-                {**scope, CLIENT_GONE: request.client_gone}, request.receive, send
-            )
+            await self.django_application(request.scope, request.receive, send)
         except BodyTooBig:
             await _answer(send, 413, too_big_body(content_type))
         except BodyTimedOut:
@@ -108,12 +106,14 @@ class SyncRequests:
 
 
 class _GatedRequest:
-    """One request's receive() as Django sees it: the body's messages, counted and timed;
-    the last one handed over once a slot is free; after it, the client's disconnect."""
+    """One request's scope and receive() as Django sees them: the body's messages, counted
+    and timed; the last one handed over once a slot is free; after it, the client's
+    disconnect, which also sets the scope's CLIENT_GONE event."""
 
-    def __init__(self, receive: Receive, slots: asyncio.Semaphore, limit: int):
+    def __init__(self, scope: Scope, receive: Receive, slots: asyncio.Semaphore, limit: int):
         self._receive, self._slots, self._limit = receive, slots, limit
         self.client_gone = threading.Event()
+        self.scope = {**scope, CLIENT_GONE: self.client_gone}
         self.holds_slot = False
         self._body_read = False
         self._received = 0
@@ -136,9 +136,18 @@ class _GatedRequest:
                 raise BodyTooBig
             if not message.get("more_body", False):
                 self._body_read = True
+                self._tell_length()
                 await self._slots.acquire()
                 self.holds_slot = True
         return message
+
+    def _tell_length(self) -> None:
+        """A body sent without a Content-Length (chunked) gets one, its size: DRF reads no
+        body without it, and Django applies its limits by it. Django builds its request
+        from the scope once it has read the body (ASGIHandler.handle), so it sees this."""
+        if self._received and _header(self.scope, b"content-length") is None:
+            length = (b"content-length", str(self._received).encode())
+            self.scope["headers"] = [*self.scope.get("headers", []), length]
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -144,3 +144,14 @@ def test_the_clients_disconnect_sets_its_event():
         return seen
 
     assert asyncio.run(scenario()) == [False, True]
+
+
+def test_a_chunked_body_is_handed_on_with_its_length():
+    django = StandIn()
+    django.release.set()
+    client = Client(_part(b'{"a": ', more=True), _part(b"1}"))
+    asyncio.run(
+        web_server.SyncRequests(django, threads=1)(client.scope, client.receive, client.send)
+    )
+    (scope,) = django.scopes
+    assert (b"content-length", b"8") in scope["headers"]
