@@ -83,7 +83,7 @@ class SyncRequests:
         self.slots = asyncio.Semaphore(threads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":  # lifespan: Django has none (uvicorn says so once)
+        if scope["type"] != "http":  # a WebSocket: Django refuses it
             await self.django_application(scope, receive, send)
             return
         content_type = _header(scope, b"content-type") or ""
@@ -240,7 +240,8 @@ class WebWorker(UvicornWorker):  # type: ignore[misc]
     process may hold as many sockets as the system allows (RLIMIT_NOFILE raised to its
     hard limit: each waiting client holds one)."""
 
-    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": HttpProtocol}
+    # No lifespan: Django has none to run.
+    CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": HttpProtocol, "lifespan": "off"}
 
     def run(self) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
