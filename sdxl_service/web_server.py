@@ -79,7 +79,6 @@ class SyncRequests:
 
     def allow(self, threads: int) -> None:
         """At most `threads` requests in Django at once (WebWorker: gunicorn's --threads)."""
-        self.threads = threads
         self.slots = asyncio.Semaphore(threads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
