@@ -64,7 +64,9 @@ KEEP_ALIVE_S = 5
 # generation takes (sleeping on a 0.1 s database poll, holding one database connection),
 # so the threads must outnumber the clients that wait, or every other endpoint queues
 # behind them: 2 processes x 32 threads, 64 requests in Django at once; 32 waiting
-# /txt2img clients leave 32 threads for the rest. Threads rather than processes: a waiting
+# /txt2img clients leave 32 threads for the rest (while spread over both processes: each
+# accepts whatever connections the kernel hands it, and a process whose slots are all taken
+# makes its requests wait for one). Threads rather than processes: a waiting
 # thread costs little memory and no CPU; each process is another full copy of Django and
 # the app. The database bounds it: each request in Django has its own connection
 # (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections plus about
