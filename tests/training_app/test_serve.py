@@ -22,14 +22,14 @@ def test_one_worker_of_each_queue_by_default():
     assert web[web.index("--bind") + 1] == "127.0.0.1:8000"
 
 
-def test_web_server_defaults_many_threads_one_connection_each():
+def test_web_server_defaults_many_threads_on_the_asgi_application():
     defaults = Command().create_parser("manage.py", "serve").parse_args([])
     assert (defaults.web_workers, defaults.threads) == (2, 32)
     web, _ = service_processes("127.0.0.1", 8000, 2, 32, "")["web"]
+    assert "sdxl_service.asgi:application" in web
+    assert web[web.index("--worker-class") + 1] == "sdxl_service.web_server.WebWorker"
     assert web[web.index("--workers") + 1] == "2"
     assert web[web.index("--threads") + 1] == "32"
-    assert web[web.index("--worker-connections") + 1] == "32"
-    assert web[web.index("--keep-alive") + 1] == "0"
 
 
 def test_one_training_and_one_generation_worker_per_gpu_pinned():

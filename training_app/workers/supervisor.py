@@ -1,8 +1,11 @@
 """The service's processes as `manage.py serve` runs them: the web server and both worker
 clusters together, supervised.
 
-The web server is gunicorn (threaded workers: /txt2img waits for its image); the training
-and generation queues each get their own worker so generation never waits behind a run.
+The web server is gunicorn running Django's ASGI application on uvicorn workers
+(sdxl_service.web_server: requests are read on an event loop, so slow or idle clients hold
+no thread; a synchronous /txt2img waits for its image on one of a bounded number of
+threads); the training and generation queues each get their own worker so generation
+never waits behind a run.
 Ctrl-C or SIGTERM stops all three.
 
 Supervision: a process that exits (a worker whose database stayed away, whose cluster died,
@@ -50,18 +53,25 @@ RESTART_STABLE_S = 60.0
 # gunicorn's own grace for requests in flight: a /txt2img still waiting on its generation
 # after it is cut off (its client sees the connection close).
 GUNICORN_GRACEFUL_S = 10
+# How long an idle connection is kept open after an answer for the client's next request:
+# it costs a socket, no thread.
+KEEP_ALIVE_S = 5
 
-# The web server's thread model. A synchronous /txt2img holds one web thread for as long as
-# its generation takes (sleeping on a 0.1 s database poll, holding one database
-# connection), so the threads must outnumber the clients that wait, or every other
-# endpoint queues behind them. 2 processes x 32 threads: 64 requests at once, 32 waiting
-# /txt2img clients leave 32 threads for the rest (and a process whose threads are all
-# taken accepts no more connections: see gunicorn_command). Threads rather than processes:
-# a waiting thread costs little memory and no CPU; each process is another full copy of
-# Django and the app. The database bounds it: Django opens a connection per busy
-# thread (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections
-# plus about 5 per worker cluster, within PostgreSQL's default max_connections of 100;
-# raising --web-workers x --threads past ~85 needs a larger max_connections (or a pooler).
+# The web server's thread model. A request holds a thread only while Django handles it:
+# reading its head and body, and waiting idle between kept-alive requests, costs a socket
+# and (for the body) a coroutine on the process's event loop, never a thread
+# (sdxl_service.web_server). A synchronous /txt2img holds its thread for as long as its
+# generation takes (sleeping on a 0.1 s database poll, holding one database connection),
+# so the threads must outnumber the clients that wait, or every other endpoint queues
+# behind them: 2 processes x 32 threads, 64 requests in Django at once; 32 waiting
+# /txt2img clients leave 32 threads for the rest (while spread over both processes: each
+# accepts whatever connections the kernel hands it, and a process whose slots are all taken
+# makes its requests wait for one). Threads rather than processes: a waiting
+# thread costs little memory and no CPU; each process is another full copy of Django and
+# the app. The database bounds it: each request in Django has its own connection
+# (CONN_MAX_AGE 0: closed when the request ends), so at most 64 web connections plus about
+# 5 per worker cluster, within PostgreSQL's default max_connections of 100; raising
+# --web-workers x --threads past ~85 needs a larger max_connections (or a pooler).
 # SQLite: readers never block in WAL mode; writers queue on its lock (30 s timeout).
 WEB_WORKERS = 2
 WEB_THREADS = 32
@@ -311,19 +321,14 @@ def service_processes(
 
 
 def gunicorn_command(bind: str, web_workers: int = WEB_WORKERS, threads: int = WEB_THREADS):
-    """The web server's command line (the tests start it with serve's defaults too).
-
-    A process takes no more connections than it has threads (--worker-connections), so one
-    whose threads all wait on /txt2img leaves new requests to a process with a thread free
-    instead of queueing them behind the waits. No keep-alive then: an idle kept-alive
-    connection would count against that limit (a request costs a new TCP connection).
-    """
+    """The web server's command line (the tests start it with serve's defaults too):
+    `threads` is how many requests each process lets into Django at once
+    (sdxl_service.web_server.WebWorker); connections waiting to be read are not counted."""
     return [
-        sys.executable, "-m", "gunicorn", "sdxl_service.wsgi:application",
+        sys.executable, "-m", "gunicorn", "sdxl_service.asgi:application",
         "--bind", bind,
-        "--worker-class", "gthread",
+        "--worker-class", "sdxl_service.web_server.WebWorker",
         "--workers", str(web_workers),
         "--threads", str(threads),
-        "--worker-connections", str(threads),
-        "--keep-alive", "0",
+        "--keep-alive", str(KEEP_ALIVE_S),
     ]  # fmt: skip

@@ -2,7 +2,6 @@
 generation's status, its cancellation and its images."""
 
 import base64
-import socket
 from collections.abc import Callable
 
 from django.conf import settings
@@ -16,6 +15,7 @@ from rest_framework.response import Response
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_engine.image_output import MEDIA_TYPES
+from sdxl_service.api.client_gone import client_gone_event
 from sdxl_service.api.common import rendered, validated
 from sdxl_service.api.generation.response_serializers import (
     GenerationStatusResponse,
@@ -97,23 +97,11 @@ def generation_cancel(request: Request, generation_id: int) -> Response:
 
 
 def _client_gone_check(request: Request) -> Callable[[], bool] | None:
-    """Under gunicorn, a check whether the client closed its connection (a peek at the
-    socket that reads nothing: end of stream); None elsewhere (test client, runserver)."""
-    sock: socket.socket | None = request.META.get("gunicorn.socket")
-    if sock is None:
-        return None
-
-    def gone() -> bool:
-        try:
-            return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
-        except BlockingIOError:  # nothing to read: still connected, waiting for us
-            return False
-        except ValueError:  # a TLS socket takes no flags: cannot tell, so assume present
-            return False
-        except OSError:  # reset by the peer
-            return True
-
-    return gone
+    """Under `serve`'s ASGI server, a check whether the client closed its connection (the
+    server's `http.disconnect`, sdxl_service.web_server); None elsewhere (test client,
+    WSGI)."""
+    client_gone = client_gone_event(request)
+    return None if client_gone is None else client_gone.is_set
 
 
 @extend_schema(

@@ -31,13 +31,18 @@ class Command(BaseCommand):
         parser.add_argument("--host", default="127.0.0.1")
         parser.add_argument("--port", type=int, default=8000)
         parser.add_argument(
-            "--web-workers", type=int, default=WEB_WORKERS, help="gunicorn worker processes"
+            "--web-workers",
+            type=int,
+            default=WEB_WORKERS,
+            help="web server processes (gunicorn's uvicorn workers)",
         )
         parser.add_argument(
             "--threads",
             type=int,
             default=WEB_THREADS,
-            help="threads per web worker: each synchronous /txt2img holds one while it waits",
+            help="requests each web process handles at once, each on a thread with its own "
+            "database connection (a synchronous /txt2img holds one while it waits); clients "
+            "still sending their request, or idle, hold none",
         )
         parser.add_argument(
             "--stop-grace",
