@@ -9,6 +9,8 @@ import json
 import sqlite3
 import subprocess
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -145,18 +147,28 @@ def test_database_held_by_another_writer_answers_503_then_works_again(
     assert_no_service_process_left(service_processes, queue_namespace)
 
 
-@pytest.fixture
-def small_data_dir(data_dir):
-    """The data dir on a 1 MiB tmpfs, so that it can be filled; unmounted afterwards."""
+@contextmanager
+def tmpfs_on(folder: Path, size: str) -> Iterator[Path]:
+    """`folder` on a tmpfs of `size` (mount's `size=` option), so that it can be filled;
+    unmounted afterwards. Skips the test, saying why, where it cannot mount one (not root)."""
     mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data_dir)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
         capture_output=True,
         text=True,
     )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip()}")
-    yield data_dir
-    subprocess.run(["umount", "--lazy", str(data_dir)], check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "--lazy", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_data_dir(data_dir):
+    """The data dir on a 1 MiB tmpfs."""
+    with tmpfs_on(data_dir, "1m"):
+        yield data_dir
 
 
 def fill(folder: Path) -> Path:

@@ -3,7 +3,6 @@
 
 import base64
 import sqlite3
-import subprocess
 import time
 from contextlib import closing
 
@@ -12,7 +11,11 @@ import requests
 from django.db import connection
 
 from tests.helpers import image_bytes
-from tests.system.sdxl_service.test_api_faults import assert_no_service_process_left, fill
+from tests.system.sdxl_service.test_api_faults import (
+    assert_no_service_process_left,
+    fill,
+    tmpfs_on,
+)
 
 # SQLite only: the PostgreSQL + Redis pass has nothing of its own to add.
 pytestmark = [pytest.mark.e2e, pytest.mark.faults, pytest.mark.one_pass]
@@ -26,19 +29,12 @@ def database_in_small_data_dir(data_dir):
     as a data dir holds SQLite by default; unmounted afterwards."""
     if connection.vendor != "sqlite":
         pytest.skip("the database is SQLite's file")
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(data_dir)],
-        capture_output=True,
-        text=True,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs for a full disk: {mounted.stderr.strip()}")
-    database = data_dir / "db.sqlite3"
-    with closing(sqlite3.connect(connection.settings_dict["NAME"])) as suite:
-        with closing(sqlite3.connect(database)) as copy:
-            suite.backup(copy)
-    yield database
-    subprocess.run(["umount", "--lazy", str(data_dir)], check=True)
+    with tmpfs_on(data_dir, "4m"):
+        database = data_dir / "db.sqlite3"
+        with closing(sqlite3.connect(connection.settings_dict["NAME"])) as suite:
+            with closing(sqlite3.connect(database)) as copy:
+                suite.backup(copy)
+        yield database
 
 
 def test_full_disk_under_sqlite_refuses_writes_with_507_keeps_reads_and_recovers(
