@@ -41,7 +41,12 @@ def test_the_generation_worker_delivers_a_generations_events(service_processes, 
         bodies = [json.loads(request["body"]) for request in receiver.received]
         (body,) = [body for body in bodies if body["event"] == "completed"]
         assert (body["id"], body["data"]["status"]) == (generation.pk, "completed")
-        assert set(WebhookDelivery.objects.values_list("status", flat=True)) == {"delivered"}
+        # Recorded by the worker once the receiver's answer is in: a moment after it.
+        wait_until(
+            lambda: set(WebhookDelivery.objects.values_list("status", flat=True)) == {"delivered"},
+            10,
+            "both deliveries recorded as delivered",
+        )
     finally:
         receiver.server.shutdown()
 
