@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, cast
 
 import httpx
 
@@ -291,11 +291,16 @@ def cmd_generate(client: SDXLClient, args: argparse.Namespace, out: Output) -> i
     fields.update(parse_extra_fields([], args.set))
     init_image = Path(args.init_image).read_bytes() if args.init_image else None
     out.progress("generating ...")
+
+    def on_event(event: Any) -> None:
+        out.progress(format_generation_progress(event_body(event.data)))
+
     generation = client.generate(
         args.prompt,
         loras=args.lora or None,
         init_image=init_image,
         wait=not args.no_wait,
+        on_event=on_event,
         **fields,
     )
     document: dict[str, Any] = {
@@ -309,8 +314,10 @@ def cmd_generate(client: SDXLClient, args: argparse.Namespace, out: Output) -> i
         out.result(document, f"generation {generation.id} {generation.status}")
         return EXIT_OK
     if generation.status != "completed":
-        out.progress(f"generation {generation.id} {generation.status}", final=True)
-        out.result(document, f"generation {generation.id} {generation.status}")
+        ended = f"generation {generation.id} {generation.status}: {generation.message or ''}"
+        out.progress(ended.rstrip(": "), final=True)
+        document["message"] = generation.message
+        out.result(document, ended.rstrip(": "))
         return EXIT_FAILED
     paths = generation.save(args.output)
     out.progress(f"generation {generation.id} completed", final=True)
@@ -517,7 +524,7 @@ def split_training_fields(
 def command_parser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            return action.choices[name]
+            return cast(argparse.ArgumentParser, action.choices[name])
     raise LookupError(name)
 
 

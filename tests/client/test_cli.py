@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-
 from sdxl_client import LoraRef, SDXLError
 from sdxl_client.cli import (
     EXIT_FAILED,
