@@ -61,7 +61,7 @@ class _DroppingServer:
             if drop and sent == 2:
                 yield text[:12].encode()
                 raise httpx.ReadError("connection reset")
-            yield ": ping\n\n".encode()
+            yield b": ping\n\n"
             yield text.encode()
             sent += 1
 
