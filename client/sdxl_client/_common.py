@@ -101,7 +101,8 @@ class RunPoller:
         for checkpoint in checkpoints[self.checkpoints :]:
             found.append(self._event("checkpoint", status, step=checkpoint.get("step")))
         self.checkpoints = max(self.checkpoints, len(checkpoints))
-        if state == "in-progress" and status.get("step") != self.step:
+        queued = state == "in-progress" and status.get("queued")
+        if state == "in-progress" and not queued and status.get("step") != self.step:
             self.step = status.get("step")
             found.append(self._event("progress", status))
         if state == "completed":

@@ -120,8 +120,9 @@ class SDXLClient:
             for summary in page.get("sessions", []):
                 runs = self.session(summary["session_id"]).get("runs", [])
                 if any(run.get("run_id") == run_id for run in runs):
-                    self._run_sessions[run_id] = summary["session_id"]
-                    return summary["session_id"]
+                    found: int | str = summary["session_id"]
+                    self._run_sessions[run_id] = found
+                    return found
             if len(page.get("sessions", [])) < 100:
                 raise SDXLError(404, f"run {run_id} not found")
             offset += 100
@@ -398,8 +399,9 @@ class AsyncSDXLClient:
             for summary in page.get("sessions", []):
                 runs = (await self.session(summary["session_id"])).get("runs", [])
                 if any(run.get("run_id") == run_id for run in runs):
-                    self._run_sessions[run_id] = summary["session_id"]
-                    return summary["session_id"]
+                    found: int | str = summary["session_id"]
+                    self._run_sessions[run_id] = found
+                    return found
             if len(page.get("sessions", [])) < 100:
                 raise SDXLError(404, f"run {run_id} not found")
             offset += 100
