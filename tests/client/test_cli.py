@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from sdxl_client import LoraRef, SDXLError
+from sdxl_client import Generation, LoraRef, SDXLError
 from sdxl_client.cli import (
     EXIT_FAILED,
     EXIT_INTERRUPTED,
@@ -146,6 +146,20 @@ class FakeClient:
         self._call("train", session_id, **fields)
         return {"status": "started", "run_id": 3, "recipe": {}}
 
+    def generate(self, prompt, *, loras=None, init_image=None, wait=True, on_event=None, **fields):
+        self._call("generate", prompt, loras=loras, wait=wait, **fields)
+        running = {"generation_id": 5, "status": "running", "step": 3, "total_steps": 5}
+        on_event(
+            SimpleNamespace(id=1, name="progress", data={"event": "progress", "data": running})
+        )
+        return Generation(
+            id=5, status="cancelled", message="cancelled by POST /generations/<id>/cancel"
+        )
+
+    def cancel_generation(self, generation_id):
+        self._call("cancel_generation", generation_id)
+        return {"generation_id": generation_id, "status": "cancelled"}
+
     def list_sessions(self, limit=50, offset=0):
         self._call("list_sessions", limit=limit, offset=offset)
         queued = {"status": "in-progress", "progress": 0, "queued": True}
@@ -245,3 +259,26 @@ def test_url_and_token_from_the_environment(capsys, monkeypatch):
         "7        queued             0%  -",
         "8        completed        100%  lora_2.safetensors",
     ]
+
+
+def test_generate_passes_loras_and_fields_and_a_cancelled_one_exits_1(capsys, tmp_path):
+    code, out, err, client = run_cli(
+        ["generate", "a cat", "--lora", "7:2@0.5", "--lora", "8", "--steps", "5", "--seed", "1",
+         "--set", "scheduler=euler_a", "-o", str(tmp_path / "out")],
+        capsys,
+    )  # fmt: skip
+    assert code == EXIT_FAILED
+    assert client.calls == [
+        ("generate", ("a cat",), {"loras": [LoraRef(7, 2, 0.5), LoraRef(8)], "wait": True,
+                                  "steps": 5, "seed": 1, "scheduler": "euler_a"}),
+    ]  # fmt: skip
+    assert "running  step 3/5" in err
+    assert out.strip() == "generation 5 cancelled: cancelled by POST /generations/<id>/cancel"
+    assert not (tmp_path / "out").exists()  # nothing written for a generation that ended badly
+
+
+def test_cancel_a_generation_or_a_run(capsys):
+    code, out, _, client = run_cli(["cancel", "--generation", "5", "--json"], capsys)
+    assert (code, json.loads(out)) == (EXIT_OK, {"generation_id": 5, "status": "cancelled"})
+    code, _, err, client = run_cli(["cancel"], capsys)
+    assert code == EXIT_USAGE and "SESSION" in err and client.calls == []
