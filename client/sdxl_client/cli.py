@@ -197,16 +197,26 @@ class Output:
             self.stdout.write(text + "\n")
         self.stdout.flush()
 
-    def progress(self, line: str, final: bool = False) -> None:
-        """A live line on stderr: rewritten in place on a terminal, one per update
+    last_progress: str = ""
+
+    def progress(self, line: str) -> None:
+        """A live line on stderr: rewritten in place on a terminal, one per change
         otherwise (a log keeps each). Silent under --json."""
-        if self.json_mode:
+        if self.json_mode or line == self.last_progress:
             return
+        self.last_progress = line
         if self.stderr.isatty():
-            self.stderr.write("\r\033[K" + line + ("\n" if final else ""))
+            self.stderr.write("\r\033[K" + line)
         else:
             self.stderr.write(line + "\n")
         self.stderr.flush()
+
+    def end_progress(self) -> None:
+        """Leaves the live line as it stands, before the result is printed."""
+        if not self.json_mode and self.last_progress and self.stderr.isatty():
+            self.stderr.write("\n")
+            self.stderr.flush()
+        self.last_progress = ""
 
     def note(self, line: str) -> None:
         """A line on stderr that stays (a sample's URL), clear of the live line."""
@@ -215,6 +225,7 @@ class Output:
         if self.stderr.isatty():
             self.stderr.write("\r\033[K")
         self.stderr.write(line + "\n")
+        self.last_progress = ""  # the live line was wiped: the next one is written again
         self.stderr.flush()
 
 
@@ -229,9 +240,10 @@ def cmd_session_create(client: SDXLClient, args: argparse.Namespace, out: Output
 
 def cmd_upload(client: SDXLClient, args: argparse.Namespace, out: Output) -> int:
     def on_progress(sent: int, total: int) -> None:
-        out.progress(f"uploading  {sent:,}/{total:,} bytes", final=sent >= total)
+        out.progress(f"uploading  {sent:,}/{total:,} bytes")
 
     answer = client.upload(args.session, args.source, caption=args.caption, on_progress=on_progress)
+    out.end_progress()
     images = answer.get("images", [])
     out.result(answer, f"uploaded {len(images)} image(s) to session {args.session}")
     return EXIT_OK
@@ -263,7 +275,7 @@ def cmd_train(client: SDXLClient, args: argparse.Namespace, out: Output) -> int:
 
     final = client.wait_for_run(run_id, on_event=on_event)
     state = final.get("status")
-    out.progress(format_run_progress(final), final=True)
+    out.end_progress()
     document = {"run_id": run_id, "session_id": args.session, **final}
     if state == "completed":
         out.result(document, f"run {run_id} completed: {final.get('lora')}")
@@ -309,18 +321,16 @@ def cmd_generate(client: SDXLClient, args: argparse.Namespace, out: Output) -> i
         "image_urls": [client_url(client, url) for url in generation.image_urls],
         "parameters": generation.parameters,
     }
+    out.end_progress()
     if args.no_wait:
-        out.progress(f"generation {generation.id} queued", final=True)
         out.result(document, f"generation {generation.id} {generation.status}")
         return EXIT_OK
     if generation.status != "completed":
         ended = f"generation {generation.id} {generation.status}: {generation.message or ''}"
-        out.progress(ended.rstrip(": "), final=True)
         document["message"] = generation.message
         out.result(document, ended.rstrip(": "))
         return EXIT_FAILED
     paths = generation.save(args.output)
-    out.progress(f"generation {generation.id} completed", final=True)
     document["files"] = [str(path) for path in paths]
     out.result(document, "\n".join(str(path) for path in paths))
     return EXIT_OK

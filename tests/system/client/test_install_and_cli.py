@@ -101,7 +101,8 @@ def test_readme_example_and_cli(service_processes, tmp_path):
     write_photos(example_dir / "photos")
     done = run(sys.executable, "-c", readme_example(), cwd=example_dir)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "'status': 'completed'" in done.stdout
+    assert "\ncompleted lora_1.safetensors\n" in done.stdout  # after the run's events
+    assert done.stdout.startswith("started\n")
     [image] = (example_dir / "out").glob("*.png")
     assert_png(image, (64, 64))
     [lora] = (example_dir / "out").glob("*.safetensors")
