@@ -19,7 +19,9 @@ from typing import Any, TextIO, cast
 
 import httpx
 
-from sdxl_client import LoraRef, SDXLClient, SDXLError
+from .client import SDXLClient
+from .errors import SDXLError
+from .models import LoraRef
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run or generation ended failed or cancelled
@@ -569,6 +571,8 @@ def report_error(error: BaseException, out: Output) -> None:
         message = "interrupted"
     elif isinstance(error, SDXLError):
         message = error.message
+    elif isinstance(error, httpx.TransportError):
+        message = f"cannot reach the server: {error or type(error).__name__}"
     else:
         message = str(error) or type(error).__name__
     if out.json_mode:
@@ -580,8 +584,9 @@ def report_error(error: BaseException, out: Output) -> None:
         }
         out.stdout.write(json.dumps(document) + "\n")
         out.stdout.flush()
-    status = f" ({error.status})" if isinstance(error, SDXLError) else ""
-    out.stderr.write(f"\nsdxl: error{status}: {message}\n")
+    status = f" ({error.status})" if isinstance(error, SDXLError) and error.status else ""
+    out.end_progress()
+    out.stderr.write(f"sdxl: error{status}: {message}\n")
 
 
 if __name__ == "__main__":
