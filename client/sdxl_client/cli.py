@@ -47,8 +47,6 @@ environment:
 an error is {"status": "error", "message": ..., "http_status": ..., "field": ...}.
 """
 
-TERMINAL_FAILURES = {"error", "failed", "cancelled", "abandoned"}
-
 
 class UsageError(Exception):
     """A command line argparse accepted but whose values make no sense (exit 2)."""
@@ -568,7 +566,8 @@ def main(
 
 def report_error(error: BaseException, out: Output) -> None:
     if isinstance(error, KeyboardInterrupt):
-        message = "interrupted"
+        # Only the waiting stops: the server goes on with what it was asked.
+        message = "interrupted; a run or generation already queued goes on (sdxl cancel stops it)"
     elif isinstance(error, SDXLError):
         message = error.message
     elif isinstance(error, httpx.TransportError):
