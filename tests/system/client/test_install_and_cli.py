@@ -18,7 +18,8 @@ from safetensors import safe_open
 from tests.helpers import image_bytes
 from tests.processes import REPO, free_port
 
-pytestmark = pytest.mark.e2e
+# one_pass: what it tests is the client; the server on PostgreSQL + Redis is test_e2e.py's.
+pytestmark = [pytest.mark.e2e, pytest.mark.one_pass]
 
 # The tiny model trains and samples in seconds; the service recipe of the README's example
 # (no length given) is capped at this many steps, so it samples and checkpoints at each.
