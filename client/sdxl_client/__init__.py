@@ -9,6 +9,7 @@ from .models import (
     Event,
     Generation,
     LoraRef,
+    TrainingOptions,
 )
 from .webhooks import verify_webhook
 
@@ -22,5 +23,6 @@ __all__ = [
     "LoraRef",
     "SDXLClient",
     "SDXLError",
+    "TrainingOptions",
     "verify_webhook",
 ]

@@ -7,7 +7,7 @@ the multipart upload fails that test until it is named here.
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 # POST /train_lora's body (session_id is the method's own argument).
 TRAINING_FIELDS = (
@@ -43,6 +43,43 @@ TRAINING_FIELDS = (
     "webhook_events",
     "webhook_url",
 )
+
+
+class TrainingOptions(TypedDict, total=False):
+    """/train_lora's fields, typed, for `client.train(session_id, **options)`; their
+    meanings, bounds and defaults are docs/api.md's (POST /train_lora)."""
+
+    background_weight: float
+    batch_size: int
+    caption_dropout: float
+    checkpoint_every: int
+    class_prompt: str | None
+    enable_bucket: bool
+    epochs: int
+    eval_holdout: int
+    init_lora: dict[str, Any]
+    learning_rate: float
+    lr_scheduler: str
+    lr_warmup_steps: int
+    masked_loss: bool
+    min_snr_gamma: float
+    noise_offset: float
+    prior_preservation_weight: float
+    rank: int
+    recipe: str
+    resolution: int
+    sample_every: int
+    sample_prompts: list[str]
+    sample_seed: int | None
+    seed: int | None
+    steps: int
+    text_encoder_lr: float
+    train_text_encoder: bool
+    trigger: str | None
+    use_alpha_mask: bool
+    webhook_events: list[str]
+    webhook_url: str | None
+
 
 # POST /txt2img's body.
 GENERATION_FIELDS = (

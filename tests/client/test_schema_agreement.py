@@ -8,7 +8,13 @@ import json
 
 import pytest
 from sdxl_client import SDXLClient
-from sdxl_client.models import GENERATION_FIELDS, LORA_FIELDS, TRAINING_FIELDS, UPLOAD_FIELDS
+from sdxl_client.models import (
+    GENERATION_FIELDS,
+    LORA_FIELDS,
+    TRAINING_FIELDS,
+    UPLOAD_FIELDS,
+    TrainingOptions,
+)
 
 from tests.sdxl_service.api.test_schema_unchanged import SNAPSHOT
 
@@ -29,6 +35,10 @@ def _fields(schema_name: str) -> set[str]:
 )
 def test_the_client_declares_exactly_the_api_fields(schema_name, known):
     assert set(known) == _fields(schema_name)
+
+
+def test_the_typed_training_options_name_every_training_field():
+    assert set(TrainingOptions.__annotations__) == set(TRAINING_FIELDS) - {"session_id"}
 
 
 def test_the_snapshot_names_the_request_bodies_compared():
