@@ -21,7 +21,7 @@ import httpx
 
 from .client import SDXLClient
 from .errors import SDXLError
-from .models import LoraRef
+from .models import GENERATION_FIELDS, TRAINING_FIELDS, LoraRef
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the run or generation ended failed or cancelled
@@ -113,6 +113,14 @@ def parse_extra_fields(extra: Sequence[str], sets: Sequence[str]) -> dict[str, A
             raise UsageError(f"--set {assignment!r}: expected key=value")
         fields[name.replace("-", "_")] = parse_field_value(value)
     return fields
+
+
+def check_known(fields: dict[str, Any], known: Sequence[str], what: str) -> None:
+    """A field the API does not take is a bad command line, found before any request."""
+    unknown = sorted(set(fields) - set(known))
+    if unknown:
+        names = ", ".join(f"--{name.replace('_', '-')}" for name in unknown)
+        raise UsageError(f"no {what} field {names}; the fields: {', '.join(sorted(known))}")
 
 
 def exit_code_for(error: BaseException) -> int:
@@ -255,6 +263,7 @@ def cmd_train(client: SDXLClient, args: argparse.Namespace, out: Output) -> int:
         value = getattr(args, name)
         if value is not None:
             fields[name] = value
+    check_known(fields, [name for name in TRAINING_FIELDS if name != "session_id"], "training")
     started = client.train(args.session, **fields)
     run_id = started["run_id"]
     if args.no_wait:
@@ -301,6 +310,7 @@ def cmd_generate(client: SDXLClient, args: argparse.Namespace, out: Output) -> i
         if getattr(args, name) is not None
     }
     fields.update(parse_extra_fields([], args.set))
+    check_known(fields, GENERATION_FIELDS, "/txt2img")
     init_image = Path(args.init_image).read_bytes() if args.init_image else None
     out.progress("generating ...")
 

@@ -282,3 +282,9 @@ def test_cancel_a_generation_or_a_run(capsys):
     assert (code, json.loads(out)) == (EXIT_OK, {"generation_id": 5, "status": "cancelled"})
     code, _, err, client = run_cli(["cancel"], capsys)
     assert code == EXIT_USAGE and "SESSION" in err and client.calls == []
+
+
+def test_an_unknown_training_field_is_a_usage_error_naming_it(capsys):
+    code, _, err, client = run_cli(["train", "7", "--max-train-steps", "10"], capsys)
+    assert code == EXIT_USAGE and client.calls == []
+    assert "no training field --max-train-steps; the fields: " in err and "steps" in err
