@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 from sdxl_client import AsyncSDXLClient, SDXLClient
+from sdxl_client._common import MAX_RECONNECTS
 from sdxl_client.events import parse_lines
 
 
@@ -179,4 +180,4 @@ def test_a_stream_that_keeps_closing_empty_is_given_up():
     with SDXLClient("http://api", transport=transport, poll_interval=0) as client:
         with pytest.raises(SDXLError, match="keeps closing"):
             list(client.generation_events(4, last_event_id=9))
-    assert opened == ["9"] * 7
+    assert opened == ["9"] * (1 + MAX_RECONNECTS)
