@@ -13,8 +13,16 @@ from .models import GENERATION_FIELDS, TRAINING_FIELDS, Event, LoraRef, check_fi
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 POLL_INTERVAL_S = 1.0
-# Reconnections in a row that bring no new event before the stream is given up.
+# Reconnections in a row that bring nothing (no event, no heart-beat) before the stream
+# is given up.
 MAX_RECONNECTS = 5
+# An event stream sends a heart-beat every 15 s: this long without a byte, the connection
+# is taken for dead and reopened with Last-Event-ID.
+STREAM_SILENCE_S = 45.0
+
+
+def stream_timeout(timeout: httpx.Timeout) -> httpx.Timeout:
+    return httpx.Timeout(timeout.connect, read=max(timeout.read or 0, STREAM_SILENCE_S))
 
 
 def base_url(url: str | None) -> str:

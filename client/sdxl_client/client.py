@@ -144,7 +144,7 @@ class SDXLClient:
             "GET",
             path,
             headers=headers,
-            timeout=httpx.Timeout(self._http.timeout.connect, read=None),
+            timeout=common.stream_timeout(self._http.timeout),
         )
         response = self._http.send(request, stream=True)
         if response.status_code == 404:
@@ -165,10 +165,10 @@ class SDXLClient:
             received = False
             try:
                 for line in response.iter_lines():
+                    received = True  # a heart-beat too: the stream is alive
                     event = parser.feed(line)
                     if event is None:
                         continue
-                    received = True
                     last_event_id = event.id
                     yield event
                     if common.is_terminal(event):
@@ -414,7 +414,7 @@ class AsyncSDXLClient:
             "GET",
             path,
             headers=headers,
-            timeout=httpx.Timeout(self._http.timeout.connect, read=None),
+            timeout=common.stream_timeout(self._http.timeout),
         )
         response = await self._http.send(request, stream=True)
         if response.status_code == 404:
@@ -435,10 +435,10 @@ class AsyncSDXLClient:
             received = False
             try:
                 async for line in response.aiter_lines():
+                    received = True  # a heart-beat too: the stream is alive
                     event = parser.feed(line)
                     if event is None:
                         continue
-                    received = True
                     last_event_id = event.id
                     yield event
                     if common.is_terminal(event):

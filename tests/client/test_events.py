@@ -7,6 +7,7 @@ import json
 import httpx
 import pytest
 from sdxl_client import AsyncSDXLClient, SDXLClient
+from sdxl_client._common import MAX_RECONNECTS
 from sdxl_client.events import parse_lines
 
 
@@ -164,3 +165,19 @@ def test_an_error_answer_of_the_events_url_is_raised():
         with pytest.raises(SDXLError) as raised:
             list(client.run_events(1, session_id=1))
     assert raised.value.status == 401
+
+
+def test_a_stream_that_keeps_closing_empty_is_given_up():
+    opened = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        opened.append(request.headers.get("Last-Event-ID"))
+        return httpx.Response(200, headers={"Content-Type": "text/event-stream"}, content=b"")
+
+    from sdxl_client import SDXLError
+
+    transport = httpx.MockTransport(handler)
+    with SDXLClient("http://api", transport=transport, poll_interval=0) as client:
+        with pytest.raises(SDXLError, match="keeps closing"):
+            list(client.generation_events(4, last_event_id=9))
+    assert opened == ["9"] * (1 + MAX_RECONNECTS)
