@@ -445,8 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("session", type=int, metavar="SESSION")
     train.add_argument("--trigger", help="the identity token put before every caption")
-    train.add_argument("--steps", type=int)
-    train.add_argument("--rank", type=int)
+    train.add_argument("--steps", type=int, help="the run's length in steps (recipe: original)")
+    train.add_argument("--rank", type=int, help="the LoRA's rank, 1 to 128")
     train.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="any training field"
     )
