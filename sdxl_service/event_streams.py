@@ -3,9 +3,9 @@ served on the web process's event loop (SyncRequests routes them here before Dja
 slots), so an open stream costs a socket and a coroutine, never a thread or a slot.
 
 One poller per process (EventHub) reads the events of every watched run and generation
-every SDXL_EVENTS_POLL_S in one query per kind, on one thread of its own (one database
-connection), and wakes the streams it has news for: 200 streams cost the same two
-queries a poll as one. Authentication and the owner check (a token with the "read" scope;
+every SDXL_EVENTS_POLL_S, two queries per kind (states, new events), on one thread of its
+own (one database connection), and wakes the streams it has news for: 200 streams cost
+the same queries a poll as one. Authentication and the owner check (a token with the "read" scope;
 404 for another owner's id) run on that thread too, before the answer starts.
 """
 
@@ -25,8 +25,9 @@ from access_app.selectors import api_token_caller, api_tokens_configured
 from core.errors import ServiceError
 from training_app.services.events import (
     HEARTBEAT,
-    TERMINAL_EVENTS,
     Kind,
+    RecordedEvent,
+    StreamCursor,
     SubjectEvents,
     event_subject_check,
     events_after,
@@ -40,18 +41,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 T = TypeVar("T")
 
-# A subject no longer active whose stream saw no terminal event (a generation abandoned
-# before it ran records none) is closed after this many polls without news.
-_POLLS_AFTER_END = 2
-
 
 class _Watcher:
     def __init__(self, after: int) -> None:
-        self.after = after
+        self.cursor = StreamCursor(after)
         self.news = asyncio.Event()
-        self.pending: list[tuple[int, str, dict[str, Any]]] = []
-        self.ended = False  # deleted, or ended without a terminal event (_POLLS_AFTER_END)
-        self.quiet_polls_ended = 0
+        self.pending: list[RecordedEvent] = []
 
 
 class EventHub:
@@ -84,7 +79,7 @@ class EventHub:
     async def _poll(self) -> None:
         while self.watchers:
             asked = {
-                key: min(watcher.after for watcher in watchers)
+                key: min(watcher.cursor.after for watcher in watchers)
                 for key, watchers in self.watchers.items()
             }
             try:
@@ -93,22 +88,16 @@ class EventHub:
                 found = {}
             for key, state in found.items():
                 for watcher in self.watchers.get(key, set()):
-                    self._tell(watcher, state)
+                    # One that came while the query ran may need older events: next poll.
+                    if watcher.cursor.after >= asked[key]:
+                        self._tell(watcher, state)
             await asyncio.sleep(settings.SDXL_EVENTS_POLL_S)
 
     @staticmethod
     def _tell(watcher: _Watcher, state: SubjectEvents) -> None:
-        news = [event for event in state.events if event[0] > watcher.after]
-        if news:
-            watcher.pending.extend(news)
-            watcher.after = news[-1][0]
-            watcher.quiet_polls_ended = 0
-        elif not state.exists:
-            watcher.ended = True
-        elif not state.active:
-            watcher.quiet_polls_ended += 1
-            watcher.ended = watcher.quiet_polls_ended >= _POLLS_AFTER_END
-        if news or watcher.ended:
+        news = watcher.cursor.take(state)
+        watcher.pending.extend(news)
+        if news or watcher.cursor.ended:
             watcher.news.set()
 
 
@@ -224,10 +213,7 @@ async def event_stream(
                         "more_body": True,
                     }
                 )
-                if name in TERMINAL_EVENTS:
-                    watcher.ended = True
-                    break
-            if watcher.ended:
+            if watcher.cursor.ended:
                 await send({"type": "http.response.body", "body": b""})
                 return
     finally:

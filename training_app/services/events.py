@@ -6,8 +6,12 @@ JSON>\\n\\n`; a client resumes with `Last-Event-ID: <id>` (or ?last_event_id=) a
 the events after it. A stream ends after its subject's terminal event."""
 
 import json
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
+
+from django.conf import settings
 
 from access_app.callers import Caller
 from core.errors import ServiceError
@@ -18,6 +22,10 @@ from training_app.selectors import generation_get
 Kind = Literal["run", "generation"]
 TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 HEARTBEAT = b": ping\n\n"
+# A subject no longer active whose stream saw no terminal event (a generation abandoned
+# before it ran records none) is ended after this many polls without news.
+_POLLS_AFTER_END = 2
+RecordedEvent = tuple[int, str, dict[str, Any]]
 
 
 def sse_event(event_id: int, name: str, payload: dict[str, Any]) -> bytes:
@@ -55,7 +63,7 @@ class SubjectEvents:
     """A poll's answer for one subject: its events after the id asked, and whether it is
     still active (queued or running); `exists` False once it was deleted."""
 
-    events: list[tuple[int, str, dict[str, Any]]]
+    events: list[RecordedEvent]
     active: bool
     exists: bool
 
@@ -87,3 +95,52 @@ def events_after(
             if event_id > ids[subject_id]:
                 found[kind, subject_id].events.append((event_id, name, payload))
     return found
+
+
+@dataclass
+class StreamCursor:
+    """Where one stream is: the last event id it sent, and whether it has ended (after a
+    terminal event, its subject deleted, or ended without one for _POLLS_AFTER_END polls)."""
+
+    after: int
+    ended: bool = False
+    _quiet_polls_ended: int = 0
+
+    def take(self, state: SubjectEvents) -> list[RecordedEvent]:
+        """The events of a poll's answer this stream sends next, up to a terminal one."""
+        news: list[RecordedEvent] = []
+        for event in state.events:
+            if event[0] > self.after:
+                news.append(event)
+                self.after = event[0]
+                if event[1] in TERMINAL_EVENTS:
+                    self.ended = True
+                    break
+        if news:
+            self._quiet_polls_ended = 0
+        elif not state.exists:
+            self.ended = True
+        elif not state.active:
+            self._quiet_polls_ended += 1
+            self.ended = self._quiet_polls_ended >= _POLLS_AFTER_END
+        return news
+
+
+def event_blocks(kind: Kind, subject_id: int, after: int) -> Iterator[bytes]:
+    """A stream as a blocking iterator, for Django's own servers (runserver, the test
+    client): it polls on its thread. `serve` streams on its event loop instead
+    (sdxl_service.event_streams), with no thread per stream."""
+    cursor = StreamCursor(after)
+    last_sent = time.monotonic()
+    while True:
+        for event in cursor.take(
+            events_after({(kind, subject_id): cursor.after})[kind, subject_id]
+        ):
+            last_sent = time.monotonic()
+            yield sse_event(*event)
+        if cursor.ended:
+            return
+        if time.monotonic() - last_sent >= settings.SDXL_EVENTS_HEARTBEAT_S:
+            last_sent = time.monotonic()
+            yield HEARTBEAT
+        time.sleep(settings.SDXL_EVENTS_POLL_S)
