@@ -373,7 +373,8 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
                 **history,
             )
         )
-        if progress_crossed(step, total_steps, STREAM_PROGRESS_EVENTS):
+        # None once cancelled: the stream ends with "cancelled", nothing comes after it.
+        if still_running and progress_crossed(step, total_steps, STREAM_PROGRESS_EVENTS):
             run_event(run.pk, "progress", to_webhook=progress_crossed(step, total_steps))
 
     # After each write the run stops if its owner is now past the stored-MB quota.
