@@ -12,6 +12,7 @@ the same queries a poll as one. Authentication and the owner check (a token with
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -101,7 +102,7 @@ class EventHub:
             watcher.news.set()
 
 
-_hubs: dict[asyncio.AbstractEventLoop, EventHub] = {}
+_hubs: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, EventHub] = weakref.WeakKeyDictionary()
 
 
 def _hub() -> EventHub:

@@ -87,3 +87,34 @@ def test_an_ended_generation_replays_its_events_and_ends_without_a_slot(tokens, 
         )
     )
     assert "event:" not in _body(resumed).decode()
+
+
+def test_a_quiet_stream_sends_heart_beats_and_ends_when_its_client_leaves(
+    tokens, settings, generation_worker
+):
+    settings.SDXL_EVENTS_HEARTBEAT_S = 0.1
+    generation = generation_request(GenerationRequest(prompt="x"))  # queued: no event yet
+    sent: list[dict] = []
+    left = asyncio.Event()
+
+    async def receive() -> dict:
+        await left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+        if _body(sent).count(b": ping\n\n") == 2:
+            left.set()  # the client leaves after two heart-beats
+
+    async def follow() -> None:
+        scope = {
+            "type": "http",
+            "method": "GET",
+            "path": f"/generations/{generation.pk}/events",
+            "query_string": b"",
+            "headers": [(b"authorization", f"Bearer {TOKEN}".encode())],
+        }
+        await asyncio.wait_for(SyncRequests(_django_refuses, threads=0)(scope, receive, send), 10)
+
+    asyncio.run(follow())
+    assert sent[0]["status"] == 200 and _body(sent) == b": ping\n\n" * 2
