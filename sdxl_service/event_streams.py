@@ -149,10 +149,15 @@ def _stream_start(kind: Kind, subject_id: int, headers: dict[bytes, str], query:
 
 
 async def event_stream(
-    scope: Scope, receive: Receive, send: Send, kind: Kind, subject_id: int
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    kind: Kind,
+    subject_id: int,
+    server_stopping: asyncio.Event,
 ) -> None:
-    """Answers one events request: an error, or the stream until its terminal event (or the
-    client's disconnect)."""
+    """Answers one events request: an error, or the stream until its terminal event, the
+    client's disconnect, or `server_stopping` (then it ends early; the client resumes)."""
     from sdxl_service.web_requests import error_json
 
     hub = _hub()
@@ -190,16 +195,20 @@ async def event_stream(
     key = (kind, subject_id)
     watcher = hub.watch(key, after)
     gone = asyncio.ensure_future(_disconnected(receive))
+    stopping = asyncio.ensure_future(server_stopping.wait())
     try:
         while True:
             news = asyncio.ensure_future(watcher.news.wait())
             done, _ = await asyncio.wait(
-                {news, gone},
+                {news, gone, stopping},
                 timeout=settings.SDXL_EVENTS_HEARTBEAT_S,
                 return_when=asyncio.FIRST_COMPLETED,
             )
             news.cancel()
             if gone in done:
+                return
+            if stopping in done:  # the server stops: ended here, resumed elsewhere
+                await send({"type": "http.response.body", "body": b""})
                 return
             if not done:
                 await send({"type": "http.response.body", "body": HEARTBEAT, "more_body": True})
@@ -219,6 +228,7 @@ async def event_stream(
                 return
     finally:
         gone.cancel()
+        stopping.cancel()
         hub.unwatch(key, watcher)
 
 

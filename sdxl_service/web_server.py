@@ -59,8 +59,11 @@ MAX_HEAD_BYTES = 64 * 1024
 # time is cut off after ~BODY_TIMEOUT_S; one sending at least BODY_MIN_RATE bytes/s never.
 BODY_TIMEOUT_S = 20.0
 BODY_MIN_RATE = 500
-# The event streams' URLs (sdxl_service.event_streams serves them).
+# The event streams' URLs (sdxl_service.event_streams serves them), and the scope's key of
+# the event set when the server stops: a stream then ends, so that the stop does not wait
+# gunicorn's graceful timeout for it (its client resumes with Last-Event-ID).
 EVENTS_PATH = re.compile(r"^/(runs|generations)/([0-9]+)/events/?$")
+SERVER_STOPPING = "sdxl.server_stopping"
 
 
 class BodyTooBig(Exception):
@@ -94,7 +97,8 @@ class SyncRequests:
             # Imported here: it reads models, and this module loads before Django is set up.
             from sdxl_service.event_streams import event_stream
 
-            await event_stream(scope, receive, send, *events_of)
+            stopping = scope[SERVER_STOPPING] = asyncio.Event()  # HttpProtocol's scope too
+            await event_stream(scope, receive, send, *events_of, stopping)
             return
         content_type = _header(scope, b"content-type") or ""
         limit = body_limit(content_type)
@@ -224,6 +228,15 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server stops: an event stream in progress is told to end (SERVER_STOPPING);
+        any other request finishes, and its connection closes after it."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            stopping = self.cycle.scope.get(SERVER_STOPPING)
+            if isinstance(stopping, asyncio.Event):
+                stopping.set()
+        super().shutdown()
 
     def _head_started(self) -> None:
         self._head_bytes = 0

@@ -5,6 +5,7 @@ answering in under a second (issue 32), and all end on the run's cancel."""
 
 import json
 import os
+import signal
 import socket
 import time
 
@@ -169,3 +170,21 @@ def test_200_open_streams_leave_the_other_endpoints_answering(service_processes,
 def _children(pid: int) -> list[int]:
     wait_until(lambda: children_of(pid), 30, "gunicorn's worker")
     return children_of(pid)
+
+
+def test_a_stopping_server_ends_its_streams_cleanly(service_processes):
+    """gunicorn's stop (SIGTERM) ends an open stream with the end of its body, for its
+    client to resume elsewhere, rather than waiting on it until the graceful timeout kills
+    the worker mid-answer."""
+    url = service_processes.gunicorn(workers=1)
+    run = run_services.training_run_start(_session_with_images(), RUN)  # stays queued
+    stream = _open_stream(int(url.rpartition(":")[2]), f"/runs/{run.pk}/events")
+    assert stream.recv(4096).startswith(b"HTTP/1.1 200")
+
+    server = service_processes.started[0].process
+    server.send_signal(signal.SIGTERM)
+    received = b""
+    while chunk := stream.recv(65536):
+        received += chunk
+    assert received.endswith(b"0\r\n\r\n"), received  # the chunked body's end
+    assert server.wait(timeout=60) == 0
