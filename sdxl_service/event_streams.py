@@ -192,6 +192,9 @@ async def event_stream(
             ],
         }
     )
+    if scope.get("method") == "HEAD":  # the head alone, at once
+        await send({"type": "http.response.body", "body": b""})
+        return
     key = (kind, subject_id)
     watcher = hub.watch(key, after)
     gone = asyncio.ensure_future(_disconnected(receive))

@@ -165,8 +165,8 @@ class _GatedRequest:
 
 
 def _event_stream_route(scope: Scope) -> tuple[Literal["run", "generation"], int] | None:
-    """(kind, id) when the request is a GET of an events URL, else None."""
-    if scope.get("method") != "GET":
+    """(kind, id) when the request is a GET (or HEAD) of an events URL, else None."""
+    if scope.get("method") not in ("GET", "HEAD"):
         return None
     matched = EVENTS_PATH.match(scope.get("path", ""))
     if matched is None:

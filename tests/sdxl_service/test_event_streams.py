@@ -19,7 +19,9 @@ async def _django_refuses(scope, receive, send):
     raise AssertionError(f"{scope['path']} reached Django")
 
 
-async def _get(path: str, headers: dict[str, str], until_closed_s: float = 10) -> list[dict]:
+async def _get(
+    path: str, headers: dict[str, str], until_closed_s: float = 10, method: str = "GET"
+) -> list[dict]:
     """GETs `path` through SyncRequests (no slot free: Django may not be reached); the ASGI
     messages sent back, up to the answer's end."""
     sent: list[dict] = []
@@ -34,7 +36,7 @@ async def _get(path: str, headers: dict[str, str], until_closed_s: float = 10) -
 
     scope = {
         "type": "http",
-        "method": "GET",
+        "method": method,
         "path": path,
         "query_string": b"",
         "headers": [(name.lower().encode(), value.encode()) for name, value in headers.items()],
@@ -87,6 +89,13 @@ def test_an_ended_generation_replays_its_events_and_ends_without_a_slot(tokens, 
         )
     )
     assert "event:" not in _body(resumed).decode()
+
+
+def test_a_head_of_a_live_stream_is_answered_at_once(tokens, generation_worker):
+    generation = generation_request(GenerationRequest(prompt="x"))  # queued: it goes on
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    sent = asyncio.run(_get(f"/generations/{generation.pk}/events", auth, method="HEAD"))
+    assert sent[0]["status"] == 200 and _body(sent) == b""
 
 
 def test_a_quiet_stream_sends_heart_beats_and_ends_when_its_client_leaves(
