@@ -348,6 +348,10 @@ SDXL_WEBHOOK_ALLOWED_HOSTS = env.list("SDXL_WEBHOOK_ALLOWED_HOSTS", default=[])
 SDXL_WEBHOOK_SECRET = env.str("SDXL_WEBHOOK_SECRET", default="")
 SDXL_WEBHOOK_MAX_ATTEMPTS = env.int("SDXL_WEBHOOK_MAX_ATTEMPTS", default=6)
 SDXL_WEBHOOK_RETRY_BASE_S = env.float("SDXL_WEBHOOK_RETRY_BASE_S", default=5.0)
+# Event streams (GET /runs/<id>/events): a heart-beat comment this often, and how often the
+# web process reads new events for its open streams.
+SDXL_EVENTS_HEARTBEAT_S = env.float("SDXL_EVENTS_HEARTBEAT_S", default=15.0)
+SDXL_EVENTS_POLL_S = env.float("SDXL_EVENTS_POLL_S", default=0.5)
 # Each attempt's whole exchange (connect, request, the answer's headers) must end within
 # this many seconds, however slowly the receiver trickles bytes.
 SDXL_WEBHOOK_TIMEOUT = env.float("SDXL_WEBHOOK_TIMEOUT", default=10.0)

@@ -21,20 +21,22 @@ What a client costs, and for how long:
   with the request, its answer sent included (a thread-sensitive context waits for its
   thread).
 
-Async endpoints (issue 32's event streams) belong beside Django in SyncRequests.__call__,
-routed before the body is read: they run on the event loop and must not take a slot for
-as long as they stream.
+Async endpoints belong beside Django in SyncRequests.__call__, routed before the body is
+read: they run on the event loop and must not take a slot for as long as they stream. The
+event streams (GET /runs/<id>/events, /generations/<id>/events: sdxl_service.event_streams)
+are served there.
 """
 
 from __future__ import annotations
 
 import asyncio
 import http
+import re
 import resource
 import threading
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from typing import Any, Literal
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker  # type: ignore[import-untyped]
@@ -57,6 +59,11 @@ MAX_HEAD_BYTES = 64 * 1024
 # time is cut off after ~BODY_TIMEOUT_S; one sending at least BODY_MIN_RATE bytes/s never.
 BODY_TIMEOUT_S = 20.0
 BODY_MIN_RATE = 500
+# The event streams' URLs (sdxl_service.event_streams serves them), and the scope's key of
+# the event set when the server stops: a stream then ends, so that the stop does not wait
+# gunicorn's graceful timeout for it (its client resumes with Last-Event-ID).
+EVENTS_PATH = re.compile(r"^/(runs|generations)/([0-9]+)/events/?$")
+SERVER_STOPPING = "sdxl.server_stopping"
 
 
 class BodyTooBig(Exception):
@@ -84,6 +91,14 @@ class SyncRequests:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # a WebSocket: Django refuses it
             await self.django_application(scope, receive, send)
+            return
+        events_of = _event_stream_route(scope)
+        if events_of is not None:  # a stream: on the event loop, without a slot
+            # Imported here: it reads models, and this module loads before Django is set up.
+            from sdxl_service.event_streams import event_stream
+
+            stopping = scope[SERVER_STOPPING] = asyncio.Event()  # HttpProtocol's scope too
+            await event_stream(scope, receive, send, *events_of, stopping)
             return
         content_type = _header(scope, b"content-type") or ""
         limit = body_limit(content_type)
@@ -149,6 +164,16 @@ class _GatedRequest:
             self.scope["headers"] = [*self.scope.get("headers", []), length]
 
 
+def _event_stream_route(scope: Scope) -> tuple[Literal["run", "generation"], int] | None:
+    """(kind, id) when the request is a GET (or HEAD) of an events URL, else None."""
+    if scope.get("method") not in ("GET", "HEAD"):
+        return None
+    matched = EVENTS_PATH.match(scope.get("path", ""))
+    if matched is None:
+        return None
+    return ("run" if matched[1] == "runs" else "generation"), int(matched[2])
+
+
 def _header(scope: Scope, name: bytes) -> str | None:
     for header, value in scope.get("headers", []):
         if header == name:
@@ -203,6 +228,15 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
         super().connection_lost(exc)
+
+    def shutdown(self) -> None:
+        """The server stops: an event stream in progress is told to end (SERVER_STOPPING);
+        any other request finishes, and its connection closes after it."""
+        if self.cycle is not None and not self.cycle.response_complete:
+            stopping = self.cycle.scope.get(SERVER_STOPPING)
+            if isinstance(stopping, asyncio.Event):
+                stopping.set()
+        super().shutdown()
 
     def _head_started(self) -> None:
         self._head_bytes = 0

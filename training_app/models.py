@@ -346,3 +346,32 @@ class WebhookDelivery(models.Model):
 
     def __str__(self) -> str:
         return f"webhook {self.event} #{self.pk} ({self.status})"
+
+
+class Event(models.Model):
+    """One event of a run or generation (started, progress, sample, checkpoint, completed,
+    failed, cancelled), recorded for every run and generation, with or without a webhook:
+    what GET /runs/<id>/events and /generations/<id>/events stream. `payload` is the body a
+    webhook posts for it; the row's id is the stream's event id (Last-Event-ID)."""
+
+    run = models.ForeignKey(
+        TrainingRun, on_delete=models.CASCADE, null=True, blank=True, related_name="events"
+    )
+    generation = models.ForeignKey(
+        Generation, on_delete=models.CASCADE, null=True, blank=True, related_name="events"
+    )
+    name = models.CharField(max_length=32)
+    payload = models.JSONField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        constraints = [
+            models.CheckConstraint(
+                condition=Q(run__isnull=True) ^ Q(generation__isnull=True),
+                name="event_of_run_or_generation",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"event {self.name} #{self.pk}"

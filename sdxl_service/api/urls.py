@@ -5,6 +5,7 @@ from collections.abc import Callable
 from django.http.response import HttpResponseBase
 from django.urls import URLPattern, path
 
+from sdxl_service.api.events import views as events
 from sdxl_service.api.generation import views as generation
 from sdxl_service.api.health import views as health
 from sdxl_service.api.loras import views as loras
@@ -63,6 +64,13 @@ urlpatterns = [
         "generations/<int:generation_id>/<int:index>.<str:extension>",
         generation.generation_image,
         name="generation-image",
+    ),
+    # Under `serve` its web server streams these two itself (sdxl_service.event_streams).
+    *endpoint("runs/<int:run_id>/events", events.run_events, name="run-events"),
+    *endpoint(
+        "generations/<int:generation_id>/events",
+        events.generation_events,
+        name="generation-events",
     ),
     *endpoint("healthz", health.healthz),
     path("training_samples/<int:sample_id>.png", training.training_sample, name="training-sample"),

@@ -48,7 +48,12 @@ from training_app.services.watch import (
     resume_state_remove,
     samples_store,
 )
-from training_app.services.webhooks import progress_tenth, webhook_emit, webhook_target_check
+from training_app.services.webhooks import (
+    STREAM_PROGRESS_EVENTS,
+    progress_crossed,
+    webhook_emit,
+    webhook_target_check,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -368,8 +373,9 @@ def _train_and_store(run: TrainingRun, output: Path) -> LoraArtifact:
                 **history,
             )
         )
-        if progress_tenth(step, total_steps) > progress_tenth(step - 1, total_steps):
-            run_event(run.pk, "progress")
+        # None once cancelled: the stream ends with "cancelled", nothing comes after it.
+        if still_running and progress_crossed(step, total_steps, STREAM_PROGRESS_EVENTS):
+            run_event(run.pk, "progress", to_webhook=progress_crossed(step, total_steps))
 
     # After each write the run stops if its owner is now past the stored-MB quota.
     def on_checkpoint(step: int, path: Path, sha256: str) -> None:
@@ -467,20 +473,18 @@ def _similarity_embedder(pipelines):
     return ImageEmbedder(source, pipelines.device) if source is not None else None
 
 
-def run_event(run_id: int, event: str, **extra) -> None:
-    """Records a webhook event of the run (if its request asked for it): the run's
-    /train_status answer as it is now, its ids, and `extra`."""
-    # Only a run with a webhook: the body is built on the hot path (each tenth of steps).
+def run_event(run_id: int, event: str, to_webhook: bool = True, **extra) -> None:
+    """Records an event of the run (its event log; its webhook if its request asked for it):
+    the run's /train_status answer as it is now, its ids, and `extra`."""
     run = (
-        TrainingRun.objects.exclude(webhook_url="")
-        .select_related("artifact")
+        TrainingRun.objects.select_related("artifact")
         .prefetch_related("samples", "checkpoints")
         .filter(pk=run_id)
         .first()
     )
     if run is None:
         return
-    webhook_emit(run, event, training_event_body(run, **extra))
+    webhook_emit(run, event, training_event_body(run, **extra), to_webhook)
 
 
 def _set_stage(run_id: int, stage: str) -> bool:

@@ -45,7 +45,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from core.errors import ServiceError
-from training_app.models import Generation, TrainingRun, WebhookDelivery
+from training_app.models import Event, Generation, TrainingRun, WebhookDelivery
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,10 @@ METADATA_ADDRESSES = frozenset(
     ipaddress.ip_address(address)
     for address in ("169.254.169.254", "fd00:ec2::254", "100.100.100.200")
 )
-# Progress events: one each time a run or generation passes another tenth of its steps.
+# Progress events: one each time a run or generation passes another tenth of its steps
+# (webhooks), another hundredth (event streams: a progress bar's steps).
 PROGRESS_EVENTS = 10
+STREAM_PROGRESS_EVENTS = 100
 
 
 def webhook_target_check(url: str | None, events: list[str] | None) -> tuple[str, list[str]]:
@@ -152,31 +154,50 @@ def host_allowed(host: str) -> bool:
     return False
 
 
-def webhook_emit(subject: TrainingRun | Generation, event: str, data: dict[str, Any]) -> None:
-    """Records `event` for delivery if `subject`'s request asked for it."""
-    if not subject.webhook_url or event not in subject.webhook_events:
-        return
+def webhook_emit(
+    subject: TrainingRun | Generation, event: str, data: dict[str, Any], to_webhook: bool = True
+) -> None:
+    """Records `event` in the subject's event log (its event stream, every run and
+    generation), and for delivery if its request asked for it (and `to_webhook`: progress
+    goes to webhooks each tenth of the steps, to the stream each hundredth).
+
+    A webhook reports a cancel as "failed" (its body's status reads "cancelled"); the
+    stream names it "cancelled", its payload's "event" too."""
     kind = "training" if isinstance(subject, TrainingRun) else "generation"
     now = timezone.now()
+    cancelled = event == "failed" and subject.status == subject.Status.CANCELLED
+    stream_event = "cancelled" if cancelled else event
+    payload = {
+        "event": event,
+        "type": kind,
+        "id": subject.pk,
+        "created_at": now.isoformat(),
+        "data": json.loads(json.dumps(data, default=str)),
+    }
+    run = subject if isinstance(subject, TrainingRun) else None
+    generation = subject if isinstance(subject, Generation) else None
+    Event.objects.create(
+        run=run,
+        generation=generation,
+        name=stream_event,
+        payload={**payload, "event": stream_event},
+    )
+    if not to_webhook or not subject.webhook_url or event not in subject.webhook_events:
+        return
     WebhookDelivery.objects.create(
         event=event,
         url=subject.webhook_url,
-        run=subject if isinstance(subject, TrainingRun) else None,
-        generation=subject if isinstance(subject, Generation) else None,
-        payload={
-            "event": event,
-            "type": kind,
-            "id": subject.pk,
-            "created_at": now.isoformat(),
-            "data": json.loads(json.dumps(data, default=str)),
-        },
+        run=run,
+        generation=generation,
+        payload=payload,
         next_attempt_at=now,
     )
 
 
-def progress_tenth(done: int, total: int) -> int:
-    """Which tenth of the steps `done` steps reached (a progress event fires as it grows)."""
-    return done * PROGRESS_EVENTS // total if total else 0
+def progress_crossed(done: int, total: int, parts: int = PROGRESS_EVENTS) -> bool:
+    """Whether step `done` of `total` passed another 1/`parts` of the steps (a progress
+    event fires then: tenths for webhooks, hundredths for event streams)."""
+    return bool(total) and done * parts // total > (done - 1) * parts // total
 
 
 def webhooks_claim_due(slots: int) -> list[int]:

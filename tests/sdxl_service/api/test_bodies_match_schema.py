@@ -69,6 +69,19 @@ class SchemaChecker:
         assert json.loads(data[8 : 8 + header_length])
         self.checked.add((path, response.status_code))
 
+    def check_event_stream(self, path: str, response) -> list[tuple[str, dict]]:
+        """An event stream (Django's own server: it ends with its subject's terminal
+        event): the documented status and content type; its (event, data) pairs."""
+        operation = self.operation(path, "GET")
+        assert "text/event-stream" in operation["responses"][str(response.status_code)]["content"]
+        assert response["Content-Type"] == "text/event-stream"
+        text = b"".join(response.streaming_content).decode()
+        blocks = [block.split("\n") for block in text.split("\n\n") if block]
+        events = [(block[1].removeprefix("event: "), json.loads(block[2][6:])) for block in blocks]
+        assert all(data["event"] == name for name, data in events)
+        self.checked.add((path, response.status_code))
+        return events
+
     def check(self, path: str, response) -> dict:
         body = response.json()
         method = response.request["REQUEST_METHOD"]
@@ -140,6 +153,11 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
         entry["eval_loss"] for entry in completed["checkpoints"]
     )
     assert [point["step"] for point in completed["loss_history"]] == [1, 2]
+    run_events = schema.check_event_stream(
+        "/runs/{run_id}/events", APIClient().get(f"/runs/{run_id}/events")
+    )
+    assert run_events[0][0] == "started" and run_events[-1][0] == "completed"
+    assert run_events[-1][1]["data"]["status"] == "completed"
     assert api("/list_sessions")["sessions"][0]["latest_lora"] == "lora_1.safetensors"
     schema.check_image(
         "/training_samples/{sample_id}.png", APIClient().get(completed["samples"][0]["url"])
@@ -168,6 +186,11 @@ def test_every_endpoint_answers_bodies_its_schema_describes(api, schema, generat
     cancel = f"/generations/{queued['generation_id']}/cancel"
     cancelled = api(cancel, {}, template="/generations/{generation_id}/cancel")
     assert cancelled["status"] == "cancelled"
+    generation_events = schema.check_event_stream(
+        "/generations/{generation_id}/events",
+        APIClient().get(f"/generations/{queued['generation_id']}/events"),
+    )
+    assert [name for name, _ in generation_events] == ["cancelled"]
     jpeg = api("/txt2img", {**TXT2IMG, "response_format": "url", "output_format": "jpeg"})
     schema.check_image(
         "/generations/{generation_id}/{index}.{extension}",

@@ -33,6 +33,8 @@ ADDITIONS = {
     "/sessions/{session_id}/images/{image_id}/mask": "get",
     "/sessions/{session_id}/loras/{lora_filename}": "get",
     "/healthz": "get",
+    "/runs/{run_id}/events": "get",
+    "/generations/{generation_id}/events": "get",
 }
 # POSTs that take no body (Replicate's cancel).
 POSTS_WITHOUT_BODY = {"/generations/{generation_id}/cancel"}
@@ -48,6 +50,8 @@ OPERATION_IDS = {
     "/sessions/{session_id}/captions": "session_captions_create",
     "/sessions/{session_id}/images/{image_id}/mask": "session_image_mask",
     "/sessions/{session_id}/loras/{lora_filename}": "lora_file",
+    "/runs/{run_id}/events": "run_events",
+    "/generations/{generation_id}/events": "generation_events",
 }
 
 

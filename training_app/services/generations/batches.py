@@ -25,7 +25,7 @@ from training_app.services.generations.lifecycle import (
     generations_finish_with_error,
 )
 from training_app.services.loras import lora_file_path
-from training_app.services.webhooks import progress_tenth
+from training_app.services.webhooks import STREAM_PROGRESS_EVENTS, progress_crossed
 
 logger = logging.getLogger(__name__)
 
@@ -163,16 +163,19 @@ def _progress_recorder(generation_ids: list[int]) -> Callable[[int, int], None]:
 
     def record(done: int, total: int) -> None:
         nonlocal last_written
-        # A tenth of the steps passed: a progress webhook event, with the row up to date.
-        crossed = progress_tenth(done, total) > progress_tenth(done - 1, total)
+        # A tenth of the steps passed: a progress event (webhook and stream), with the row
+        # up to date. In between the row is written at most every _PROGRESS_INTERVAL_S, and
+        # the stream gets an event then if another hundredth passed: a fast GPU's steps
+        # (~30 a second) cost no write each.
+        tenth = progress_crossed(done, total)
         now = time.monotonic()
-        if done < total and not crossed and now - last_written < _PROGRESS_INTERVAL_S:
+        if done < total and not tenth and now - last_written < _PROGRESS_INTERVAL_S:
             return
         last_written = now
         if not jobs.held_here(GENERATIONS, *generation_ids).update(step=done, total_steps=total):
             raise GenerationCancelled(f"generations {generation_ids} are no longer wanted")
-        if crossed:
-            generations_event(generation_ids, "progress")
+        if tenth or progress_crossed(done, total, STREAM_PROGRESS_EVENTS):
+            generations_event(generation_ids, "progress", to_webhook=tenth)
 
     return record
 

@@ -165,13 +165,13 @@ def _abandon(generation_id: int) -> None:
     )
 
 
-def generations_event(generation_ids: list[int], event: str) -> None:
-    """Records a webhook event of each generation (if its request asked for it): its
-    GET /generations/<id> answer as it is now."""
-    # Only requests with a webhook: the body is built on the hot path (each tenth of steps).
-    subscribed = Generation.objects.filter(pk__in=generation_ids).exclude(webhook_url="")
-    for generation in subscribed.prefetch_related("applied_loras"):
-        webhook_emit(generation, event, generation_status_body(generation))
+def generations_event(generation_ids: list[int], event: str, to_webhook: bool = True) -> None:
+    """Records an event of each generation (its event log; its webhook if its request asked
+    for it): its GET /generations/<id> answer as it is now."""
+    for generation in Generation.objects.filter(pk__in=generation_ids).prefetch_related(
+        "applied_loras"
+    ):
+        webhook_emit(generation, event, generation_status_body(generation), to_webhook)
 
 
 def generations_finish_with_error(

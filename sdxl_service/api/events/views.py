@@ -1,0 +1,83 @@
+"""GET /runs/<id>/events and /generations/<id>/events as Django serves them: the OpenAPI
+description, and the streams under Django's own servers (runserver, the test client),
+where each stream holds its thread (and, DRF's negotiation being JSON's, needs an Accept
+header that allows application/json, or none). `serve` never routes these URLs here: its web server
+streams them on its event loop, without a thread (sdxl_service.event_streams)."""
+
+from django.http import StreamingHttpResponse
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework.decorators import api_view, permission_classes
+from rest_framework.request import Request
+
+from access_app.callers import request_caller
+from access_app.permissions import scope_required
+from sdxl_service.api.schema import error_responses
+from training_app.services.events import Kind, event_blocks, event_subject_check, last_event_id
+
+TAGS = ["events"]
+EVENT_STREAM = "text/event-stream"
+
+
+DESCRIPTION = (
+    "Server-Sent Events: each event is `id: <id>`, `event: <name>` (started, progress, "
+    "sample, checkpoint, completed, failed, cancelled) and `data: <JSON>`, the body a webhook "
+    "posts for it (cancelled: the webhook's failed, named cancelled). A new stream replays "
+    "every earlier event first; with `Last-Event-ID: <id>` (or ?last_event_id=) only those "
+    "after it. A comment `: ping` comes every SDXL_EVENTS_HEARTBEAT_S (15 s) of silence; the "
+    "server closes the stream after the terminal event (completed, failed or cancelled)."
+)
+PARAMETERS = [
+    OpenApiParameter(
+        "Last-Event-ID",
+        int,
+        OpenApiParameter.HEADER,
+        description="Resume: only the events after this id",
+    ),
+    OpenApiParameter(
+        "last_event_id", int, description="As the Last-Event-ID header (the header wins)"
+    ),
+]
+
+
+def _stream(request: Request, kind: Kind, subject_id: int) -> StreamingHttpResponse:
+    event_subject_check(kind, subject_id, request_caller(request))
+    after = last_event_id(
+        request.headers.get("Last-Event-ID"), request.query_params.get("last_event_id")
+    )
+    response = StreamingHttpResponse(event_blocks(kind, subject_id, after), EVENT_STREAM)
+    response["Cache-Control"] = "no-cache"
+    return response
+
+
+@extend_schema(
+    operation_id="run_events",
+    tags=TAGS,
+    summary="A training run's events as they happen (Server-Sent Events)",
+    description=DESCRIPTION,
+    parameters=PARAMETERS,
+    responses={
+        (200, EVENT_STREAM): OpenApiResponse(str, description="the event stream"),
+        **error_responses(404, with_body=False),
+    },
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def run_events(request: Request, run_id: int) -> StreamingHttpResponse:
+    return _stream(request, "run", run_id)
+
+
+@extend_schema(
+    operation_id="generation_events",
+    tags=TAGS,
+    summary="A generation's events as they happen (Server-Sent Events)",
+    description=DESCRIPTION,
+    parameters=PARAMETERS,
+    responses={
+        (200, EVENT_STREAM): OpenApiResponse(str, description="the event stream"),
+        **error_responses(404, with_body=False),
+    },
+)
+@api_view(["GET"])
+@permission_classes(scope_required("read"))
+def generation_events(request: Request, generation_id: int) -> StreamingHttpResponse:
+    return _stream(request, "generation", generation_id)
