@@ -4,6 +4,9 @@ where each stream holds its thread (and, DRF's negotiation being JSON's, needs a
 header that allows application/json, or none). `serve` never routes these URLs here: its web server
 streams them on its event loop, without a thread (sdxl_service.event_streams)."""
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 from django.http import StreamingHttpResponse
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework.decorators import api_view, permission_classes
@@ -15,6 +18,7 @@ from sdxl_service.api.schema import error_responses
 from training_app.services.events import Kind, event_blocks, event_subject_check, last_event_id
 
 TAGS = ["events"]
+T = TypeVar("T", bound=Callable[..., Any])
 EVENT_STREAM = "text/event-stream"
 
 
@@ -49,34 +53,29 @@ def _stream(request: Request, kind: Kind, subject_id: int) -> StreamingHttpRespo
     return response
 
 
-@extend_schema(
-    operation_id="run_events",
-    tags=TAGS,
-    summary="A training run's events as they happen (Server-Sent Events)",
-    description=DESCRIPTION,
-    parameters=PARAMETERS,
-    responses={
-        (200, EVENT_STREAM): OpenApiResponse(str, description="the event stream"),
-        **error_responses(404, with_body=False),
-    },
-)
+def _stream_schema(operation_id: str, summary: str) -> Callable[[T], T]:
+    """The OpenAPI description the two streams share."""
+    return extend_schema(
+        operation_id=operation_id,
+        tags=TAGS,
+        summary=summary,
+        description=DESCRIPTION,
+        parameters=PARAMETERS,
+        responses={
+            (200, EVENT_STREAM): OpenApiResponse(str, description="the event stream"),
+            **error_responses(404, with_body=False),
+        },
+    )
+
+
+@_stream_schema("run_events", "A training run's events as they happen (Server-Sent Events)")
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
 def run_events(request: Request, run_id: int) -> StreamingHttpResponse:
     return _stream(request, "run", run_id)
 
 
-@extend_schema(
-    operation_id="generation_events",
-    tags=TAGS,
-    summary="A generation's events as they happen (Server-Sent Events)",
-    description=DESCRIPTION,
-    parameters=PARAMETERS,
-    responses={
-        (200, EVENT_STREAM): OpenApiResponse(str, description="the event stream"),
-        **error_responses(404, with_body=False),
-    },
-)
+@_stream_schema("generation_events", "A generation's events as they happen (Server-Sent Events)")
 @api_view(["GET"])
 @permission_classes(scope_required("read"))
 def generation_events(request: Request, generation_id: int) -> StreamingHttpResponse:
