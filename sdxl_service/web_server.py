@@ -41,6 +41,7 @@ from typing import Any, Literal
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn_worker import UvicornWorker  # type: ignore[import-untyped]
 
+from core.processes import die_with_parent
 from sdxl_service.api.client_gone import CLIENT_GONE
 from sdxl_service.web_requests import body_limit, error_json, too_big_body
 
@@ -275,6 +276,14 @@ class WebWorker(UvicornWorker):  # type: ignore[misc]
 
     # No lifespan: Django has none to run.
     CONFIG_KWARGS: dict[str, Any] = {"loop": "auto", "http": HttpProtocol, "lifespan": "off"}
+
+    def init_process(self) -> None:
+        # gunicorn's threaded workers leave once their master is gone (they compare its pid
+        # as they loop); uvicorn's never look, and lived on as orphans after a kill -9 of
+        # the master (~500 MB each, the listening socket still open). The kernel ends this
+        # one with its master instead.
+        die_with_parent(self.ppid)
+        super().init_process()
 
     def run(self) -> None:
         _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

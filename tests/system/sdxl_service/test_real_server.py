@@ -10,6 +10,7 @@ from sessions_app import services as session_services
 from sessions_app import storage
 from sessions_app.models import ImageGroup, Session
 from tests.helpers import b64, image_bytes
+from tests.processes import process_tree, still_running, wait_until
 
 pytestmark = pytest.mark.e2e
 
@@ -69,3 +70,18 @@ def test_body_over_the_limit_is_413_and_changes_nothing(server):
     at_limit = requests.post(url, data=_upload_body(session.pk, LIMIT), headers=headers, timeout=60)
     assert at_limit.status_code == 200, at_limit.text
     assert ImageGroup.objects.count() == 1
+
+
+def test_the_web_workers_end_with_their_master_when_it_is_killed(service_processes):
+    """A kill -9 of gunicorn's master (the OOM killer, a supervisor out of patience) leaves
+    no worker behind: uvicorn's workers, unlike gunicorn's threaded ones, never check that
+    their master still runs."""
+    service_processes.gunicorn(workers=2)
+    master = service_processes.started[-1]
+    tree = process_tree(master.pid)
+    assert len(tree) == 3  # the master and its two workers
+
+    master.process.kill()
+    master.process.wait()
+
+    wait_until(lambda: not still_running(tree), 10, "the web workers to end with their master")
