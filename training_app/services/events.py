@@ -34,6 +34,11 @@ def sse_event(event_id: int, name: str, payload: dict[str, Any]) -> bytes:
     return f"id: {event_id}\nevent: {name}\ndata: {data}\n\n".encode()
 
 
+# Event ids are 64-bit (BigAutoField): a larger one would reach the database as an error
+# (PostgreSQL: bigint out of range), not as "no event after it".
+MAX_EVENT_ID = 2**63 - 1
+
+
 def last_event_id(header: str | None, query: str | None) -> int:
     """The id after which a stream starts: the Last-Event-ID header, else ?last_event_id=,
     else 0 (every event). 400 for one that is no non-negative integer."""
@@ -42,8 +47,11 @@ def last_event_id(header: str | None, query: str | None) -> int:
         return 0
     assert value is not None
     value = value.strip()
-    if not value.isdigit() or not value.isascii():
-        raise ServiceError(f"Last-Event-ID must be an event id (an integer), not {value!r}")
+    if not value.isdigit() or not value.isascii() or int(value) > MAX_EVENT_ID:
+        raise ServiceError(
+            f"Last-Event-ID must be an event id (an integer from 0 to {MAX_EVENT_ID}), "
+            f"not {value!r}"
+        )
     return int(value)
 
 

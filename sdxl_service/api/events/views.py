@@ -15,7 +15,13 @@ from rest_framework.request import Request
 from access_app.callers import request_caller
 from access_app.permissions import scope_required
 from sdxl_service.api.schema import error_responses
-from training_app.services.events import Kind, event_blocks, event_subject_check, last_event_id
+from training_app.services.events import (
+    MAX_EVENT_ID,
+    Kind,
+    event_blocks,
+    event_subject_check,
+    last_event_id,
+)
 
 TAGS = ["events"]
 T = TypeVar("T", bound=Callable[..., Any])
@@ -30,15 +36,16 @@ DESCRIPTION = (
     "after it. A comment `: ping` comes every SDXL_EVENTS_HEARTBEAT_S (15 s) of silence; the "
     "server closes the stream after the terminal event (completed, failed or cancelled)."
 )
+EVENT_ID = {"type": "integer", "minimum": 0, "maximum": MAX_EVENT_ID}
 PARAMETERS = [
     OpenApiParameter(
         "Last-Event-ID",
-        int,
+        EVENT_ID,
         OpenApiParameter.HEADER,
         description="Resume: only the events after this id",
     ),
     OpenApiParameter(
-        "last_event_id", int, description="As the Last-Event-ID header (the header wins)"
+        "last_event_id", EVENT_ID, description="As the Last-Event-ID header (the header wins)"
     ),
 ]
 

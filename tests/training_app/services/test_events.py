@@ -32,6 +32,7 @@ def test_an_event_is_one_sse_block_with_its_data_on_one_line():
         ("12", None, 12),
         (None, "5", 5),
         ("3", "9", 3),
+        (str(2**63 - 1), None, 2**63 - 1),
         (" 4 ", None, 4),
     ],
 )
@@ -40,7 +41,7 @@ def test_last_event_id_from_the_header_else_the_query(header, query, expected):
 
 
 @pytest.mark.one_pass
-@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "٣"])
+@pytest.mark.parametrize("value", ["-1", "abc", "1.5", "٣", str(2**63)])
 def test_a_last_event_id_that_is_no_id_is_a_400(value):
     with pytest.raises(ServiceError) as raised:
         events.last_event_id(value, None)
