@@ -8,7 +8,9 @@ import pytest
 from PIL import Image
 from sdxl_client import LoraRef, SDXLClient, SDXLError
 
-pytestmark = pytest.mark.e2e
+# The client's test: the server's flow on PostgreSQL + Redis is test_e2e's and the event
+# streams' (tests/system/sdxl_service/test_event_streams.py).
+pytestmark = [pytest.mark.e2e, pytest.mark.one_pass]
 
 
 def _kohya_folder(folder):
