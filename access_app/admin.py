@@ -8,14 +8,14 @@ from typing import TYPE_CHECKING, TypedDict
 
 from django import forms
 from django.contrib import admin, messages
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, QuerySet
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
 
 from access_app import services
 from access_app.models import DEFAULT_SCOPES, SCOPES, ApiToken, Owner
-from access_app.selectors import QUOTA_SETTINGS, owner_quota
+from access_app.selectors import QUOTA_SETTINGS, owner_quota, owner_stored_bytes
 
 if TYPE_CHECKING:
     from django_stubs_ext import WithAnnotations
@@ -119,20 +119,7 @@ class OwnerAdmin(admin.ModelAdmin[Owner]):
 
     @admin.display(description="stored MB")
     def stored_mb(self, owner: Owner) -> str:
-        sessions = owner.sessions.all()
-        # As sessions_app.selectors.owner_stored_bytes counts (a layer above this one).
-        sums = [
-            sessions.aggregate(
-                files=Sum("image_groups__images__size"),
-                masks=Sum("image_groups__images__mask_size"),
-            ),
-            sessions.aggregate(total=Sum("loras__size")),
-            sessions.aggregate(total=Sum("checkpoints__size")),
-            sessions.aggregate(total=Sum("training_runs__samples__size")),
-            owner.generations.aggregate(total=Sum("stored_bytes")),
-        ]
-        stored = sum(value or 0 for counted in sums for value in counted.values())
-        return f"{stored / (1024 * 1024):.1f}"
+        return f"{owner_stored_bytes(owner.pk) / (1024 * 1024):.1f}"
 
     @admin.display(description="trainings now")
     def active_trainings(self, owner: Owner) -> int:

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypedDict
 
-from django.db.models import Count, QuerySet, Sum
+from django.db.models import Count, QuerySet
 
 from access_app.callers import Caller
-from access_app.models import Owner
 from access_app.selectors import caller_owner_id
 from core.errors import ServiceError
 from sessions_app.models import Session, TrainingImage
@@ -67,32 +66,6 @@ def session_images(session_id: int) -> QuerySet[TrainingImage]:
         .select_related("group")
         .order_by("group__number", "id")
     )
-
-
-def owner_stored_bytes(owner_id: int) -> int:
-    """Every byte the owner stores, as the rows record it: its sessions' training images
-    and masks, LoRA files (uploaded or trained), checkpoints and sample images, and its
-    completed generations' folders (images, an img2img's starting image).
-
-    Summed from the rows' sizes, which the services write with the files they publish
-    (under the session's lock), in five aggregate queries (one joining them all would
-    count each image once per LoRA): for an owner with 9,000 generations and 1,000 samples,
-    ~3 ms on SQLite and ~11 ms on PostgreSQL here (2 busy cores). A measured walk of the
-    folders was the other choice, but it costs a stat per file and an open per folder under
-    the owner's lock: 0.58 s for those 9,000 generation folders.
-    access_app's admin sums the same for its "stored MB" column. The rows name files by
-    the training_app relations (an app above this one)."""
-    sessions = Session.objects.filter(owner_id=owner_id)
-    sums = [
-        sessions.aggregate(
-            files=Sum("image_groups__images__size"), masks=Sum("image_groups__images__mask_size")
-        ),
-        sessions.aggregate(total=Sum("loras__size")),
-        sessions.aggregate(total=Sum("checkpoints__size")),
-        sessions.aggregate(total=Sum("training_runs__samples__size")),
-        Owner.objects.filter(pk=owner_id).aggregate(total=Sum("generations__stored_bytes")),
-    ]
-    return sum(value or 0 for counted in sums for value in counted.values())
 
 
 def session_image_count(session_id: int) -> int:

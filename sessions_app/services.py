@@ -18,7 +18,7 @@ from PIL import Image
 from access_app.callers import OPEN_CALLER, Caller
 from access_app.models import Owner
 from access_app.quotas import MB, owner_locked, quota_check
-from access_app.selectors import caller_owner_id
+from access_app.selectors import caller_owner_id, owner_stored_bytes
 from access_app.services import owner_named
 from core.errors import ServiceError
 from sdxl_engine.dataset import mask_path_for
@@ -36,7 +36,6 @@ from sessions_app.images import (
 from sessions_app.locking import session_lock
 from sessions_app.models import ImageGroup, Session, TrainingImage
 from sessions_app.selectors import (
-    owner_stored_bytes,
     session_get,
     session_image_count,
     session_images,

@@ -4,10 +4,10 @@ import pytest
 from django.db import transaction
 from PIL import Image
 
+from access_app.selectors import owner_stored_bytes
 from core.errors import ServiceError
 from sessions_app import services, storage
 from sessions_app.models import ImageGroup, Session, TrainingImage
-from sessions_app.selectors import owner_stored_bytes
 from tests.helpers import image_bytes
 
 pytestmark = pytest.mark.django_db

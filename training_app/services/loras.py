@@ -15,12 +15,13 @@ from django.db import transaction
 from access_app.callers import Caller
 from access_app.models import Owner
 from access_app.quotas import MB, owner_locked, quota_check
+from access_app.selectors import owner_stored_bytes
 from core.errors import ServiceError
 from sdxl_engine.errors import EngineError
 from sdxl_engine.files import fsync_file, replace_with_retry, sha256_file
 from sessions_app import storage
 from sessions_app.locking import session_lock
-from sessions_app.selectors import owner_stored_bytes, session_get
+from sessions_app.selectors import session_get
 from training_app.models import (
     Generation,
     GenerationLora,

@@ -11,7 +11,12 @@ from django.utils import timezone
 from access_app.callers import Caller
 from access_app.models import Owner
 from access_app.quotas import MB, owner_locked, quota_check
-from access_app.selectors import caller_owner_id, default_owner, owner_quota
+from access_app.selectors import (
+    caller_owner_id,
+    default_owner,
+    owner_quota,
+    owner_stored_bytes,
+)
 from core.errors import ServiceError
 from sdxl_engine.lora_keys import TEXT_ENCODERS, UNET, is_target_projection
 from sdxl_engine.parameters import (
@@ -22,7 +27,6 @@ from sdxl_engine.parameters import (
 )
 from sdxl_engine.source import planned_preset
 from sessions_app.models import Session
-from sessions_app.selectors import owner_stored_bytes
 from training_app.models import Generation, TrainingRun
 from training_app.queue_selectors import seconds_per_image
 

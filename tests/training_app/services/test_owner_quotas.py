@@ -4,10 +4,10 @@ import pytest
 
 from access_app.callers import Caller
 from access_app.models import SCOPES
+from access_app.selectors import owner_stored_bytes
 from core.errors import ServiceError
 from sessions_app import services as session_services
 from sessions_app import storage
-from sessions_app.selectors import owner_stored_bytes
 from tests.helpers import FAST_TRAINING
 from training_app.models import LoraArtifact, TrainingCheckpoint, TrainingRun
 from training_app.services import owner_quotas
