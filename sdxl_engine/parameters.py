@@ -12,7 +12,7 @@ import io
 import math
 import secrets
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from sdxl_engine.schedulers import SCHEDULER_NAMES
@@ -383,6 +383,14 @@ class GenerationParams:
     # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
     loras: tuple[LoraChoice, ...] = ()
 
+    def __post_init__(self) -> None:
+        # A nested field read back from a row's JSON (or given as a dict) becomes its
+        # dataclass, so that the engine and batch_key see one type either way.
+        for name, nested_class in NESTED_PARAMS.items():
+            value = getattr(self, name)
+            if isinstance(value, Mapping):
+                object.__setattr__(self, name, nested_class(**value))
+
     def problems(self) -> dict[str, str]:
         """What keeps these params from running, by field; empty when nothing does. The
         API answers each as `field: message`, the engine as `field message`."""
@@ -486,11 +494,23 @@ class GenerationParams:
         (RECORDED_APART); one whose default is None only when given, so a request without
         it runs as it did before the field existed."""
         return {
-            field.name: getattr(self, field.name)
+            field.name: _json_value(getattr(self, field.name))
             for field in fields(self)
             if field.name not in RECORDED_APART
             and (field.default is not None or getattr(self, field.name) is not None)
         }
+
+
+def _json_value(value: object) -> object:
+    """A param as the row's JSON keeps it: a nested dataclass (NESTED_PARAMS) as a dict."""
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
+
+
+# The GenerationParams fields that hold a dataclass of their own (an object in the API's
+# body and in the row's JSON), by name: __post_init__ builds it from a dict.
+NESTED_PARAMS: dict[str, type] = {}
 
 
 # Each request's own within a batch: its prompts, image count, seed and starting image, its

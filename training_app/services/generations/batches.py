@@ -47,7 +47,8 @@ def generation_execute(generation_id: int) -> None:
 def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
     """Generates the claimed batch and writes the images of the requests still wanted;
     ends them completed, or in error, or leaves those cancelled meanwhile cancelled."""
-    from sdxl_engine.generation import AppliedLora, generate_batch
+    from sdxl_engine.generation import AppliedLora
+    from sdxl_engine.generation.render import render_batch
     from sdxl_engine.image_output import encode_image
     from training_app.runtime import generation_pipelines
 
@@ -75,7 +76,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
             for position, (lora, path) in enumerate(zip(applied, paths, strict=True))
         ]
         pipelines = generation_pipelines()
-        images_per_job = generate_batch(
+        rendered = render_batch(
             pipelines,
             requests,
             loras=[
@@ -83,6 +84,7 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
             ],
             on_step=_progress_recorder(ids),
         )
+        images_per_job = [result.images for result in rendered]
         wanted = set(held_here.values_list("pk", flat=True))
         for generation, params, images in zip(batch, requests, images_per_job, strict=True):
             if generation.pk not in wanted:
