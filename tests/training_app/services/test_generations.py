@@ -213,19 +213,19 @@ def test_end_lost_ends_only_running_generations_with_a_stale_heartbeat_and_frees
 def test_the_job_process_beats_its_rows_while_the_engine_runs(
     generation_worker, settings, monkeypatch
 ):
-    import sdxl_engine.generation
+    import sdxl_engine.generation.render
 
     settings.SDXL_WORKER_STALE_AFTER = 0.4  # a beat every 0.1 s
-    real_generate_batch = sdxl_engine.generation.generate_batch
+    real_render_batch = sdxl_engine.generation.render.render_batch
     beats = []
 
-    def slow_generate_batch(*args, **kwargs):
+    def slow_render_batch(*args, **kwargs):
         for _ in range(5):
             time.sleep(0.2)
             beats.append(Generation.objects.get(pk=generation.pk).heartbeat_at)
-        return real_generate_batch(*args, **kwargs)
+        return real_render_batch(*args, **kwargs)
 
-    monkeypatch.setattr(sdxl_engine.generation, "generate_batch", slow_generate_batch)
+    monkeypatch.setattr(sdxl_engine.generation.render, "render_batch", slow_render_batch)
     generation = generation_request(GenerationRequest(prompt="x", **SMALL))
     batches.generation_execute(generation.pk)
 
@@ -691,7 +691,7 @@ def test_requests_of_another_refiner_policy_or_switch_are_never_batched_together
 def test_an_error_in_a_batch_ends_every_request_of_it_in_error(
     generation_worker, settings, monkeypatch, error, message
 ):
-    import sdxl_engine.generation
+    import sdxl_engine.generation.render
 
     settings.SDXL_GENERATION_BATCH_IMAGES = 4
     lead = _queue("a red apple", seed=1)
@@ -699,11 +699,11 @@ def test_an_error_in_a_batch_ends_every_request_of_it_in_error(
     other_size = _queue("a cat", seed=3, height=48)
     batches_run = []
 
-    def failing_generate_batch(pipelines, jobs, **shared):
+    def failing_render_batch(pipelines, jobs, **shared):
         batches_run.append([(job.prompt, job.num_images, job.seed) for job in jobs])
         raise error
 
-    monkeypatch.setattr(sdxl_engine.generation, "generate_batch", failing_generate_batch)
+    monkeypatch.setattr(sdxl_engine.generation.render, "render_batch", failing_render_batch)
 
     batches.generation_execute(lead.pk)
 
