@@ -334,6 +334,47 @@ def one_of(choices: tuple[str, ...]) -> str:
     return f"must be one of: {', '.join(choices)}"
 
 
+# --- Inpainting and outpainting
+# A1111's img2img defaults: mask_blur 4, inpaint_full_res_padding 32, inpainting_fill 1
+# ("original"), inpaint_full_res off ("whole"); the UI's slider ranges as limits.
+DEFAULT_MASK_BLUR = 4
+MASK_BLUR_MAX = 64
+DEFAULT_INPAINT_PADDING = 32
+INPAINT_PADDING_MAX = 256
+# "whole": the whole image is inpainted at width x height; "masked" (A1111's "Only
+# masked", inpaint_full_res): the mask's box plus inpaint_padding, at width x height.
+INPAINT_AREAS = ("whole", "masked")
+# What the masked area starts from, A1111's inpainting_fill 0..3 in order.
+INPAINT_FILLS = ("fill", "original", "latent_noise", "latent_nothing")
+DEFAULT_INPAINT_FILL = "original"
+OUTPAINT_SIDES = ("left", "right", "top", "bottom")
+
+
+@dataclass(frozen=True)
+class Outpaint:
+    """Outpainting's margins in px, each a multiple of IMAGE_SIDE_MULTIPLE, one at least
+    above 0: the canvas grows by them around the init image, and the new area (with a
+    seam of mask_blur px into the image) is inpainted."""
+
+    left: int = 0
+    right: int = 0
+    top: int = 0
+    bottom: int = 0
+
+
+def outpaint_problem(outpaint: Outpaint) -> str | None:
+    """What is wrong with these margins (their sides; the canvas's size is checked where
+    the size limit is known), or None."""
+    sides = [getattr(outpaint, side) for side in OUTPAINT_SIDES]
+    if any(isinstance(side, bool) or not isinstance(side, int) or side < 0 for side in sides):
+        return "left, right, top and bottom must be integers >= 0"
+    if any(side % IMAGE_SIDE_MULTIPLE for side in sides):
+        return f"left, right, top and bottom must be multiples of {IMAGE_SIDE_MULTIPLE}"
+    if not any(sides):
+        return "needs a margin above 0 on at least one side"
+    return None
+
+
 @dataclass(frozen=True)
 class LoraChoice:
     """A LoRA a request applies: any session's, by iteration or file name (a checkpoint's
@@ -382,6 +423,18 @@ class GenerationParams:
     # The LoRAs applied to the Base, in order. The row keeps the files they named instead
     # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
     loras: tuple[LoraChoice, ...] = ()
+    # --- Inpainting and outpainting (AUTOMATIC1111's img2img inpaint fields)
+    # The mask's bytes as sent (white = repaint; kept beside the row as the init image
+    # is), resized to width x height; needs init_image.
+    mask: bytes | None = field(default=None, repr=False)
+    # With a mask or outpaint (filled() sets the defaults then, so the row says what ran):
+    mask_blur: int | None = None  # px, A1111's mask_blur; None: DEFAULT_MASK_BLUR
+    inpaint_area: str | None = None  # one of INPAINT_AREAS; None: "whole"
+    inpaint_padding: int | None = None  # px, inpaint_full_res_padding; None: DEFAULT_...
+    inpaint_fill: str | None = None  # one of INPAINT_FILLS; None: "original"
+    # Grow the init image's canvas by these margins and inpaint the new area; the image
+    # itself is sized width x height, the result canvas_size.
+    outpaint: Outpaint | None = None
 
     def __post_init__(self) -> None:
         # A nested field read back from a row's JSON (or given as a dict) becomes its
@@ -419,6 +472,38 @@ class GenerationParams:
                 problems[name] = "must be at least 1"
         if len(self.loras) > MAX_LORAS:
             problems["loras"] = f"may name at most {MAX_LORAS} LoRAs"
+        problems.update(self._inpaint_problems())
+        return problems
+
+    def _inpaint_problems(self) -> dict[str, str]:
+        problems = {}
+        if self.mask is not None and self.init_image is None:
+            problems["mask"] = "needs init_image_base64 (the image to inpaint)"
+        if self.outpaint is not None:
+            problem = outpaint_problem(self.outpaint)
+            if problem is None and self.init_image is None:
+                problem = "needs init_image_base64 (the image to extend)"
+            if problem is None and self.mask is not None:
+                problem = "not with mask_base64: outpainting makes its own mask"
+            if problem is not None:
+                problems["outpaint"] = problem
+        inpainting = self.mask is not None or self.outpaint is not None
+        limits = {"mask_blur": MASK_BLUR_MAX, "inpaint_padding": INPAINT_PADDING_MAX}
+        choices = {"inpaint_area": INPAINT_AREAS, "inpaint_fill": INPAINT_FILLS}
+        for name in ("mask_blur", "inpaint_area", "inpaint_padding", "inpaint_fill"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not inpainting:
+                problems[name] = "applies only with mask_base64 or outpaint"
+            elif name in choices and value not in choices[name]:
+                problems[name] = one_of(choices[name])
+            elif name in limits and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= limits[name]
+            ):
+                problems[name] = f"must be an integer from 0 to {limits[name]}"
         return problems
 
     def filled(self) -> GenerationParams:
@@ -428,7 +513,25 @@ class GenerationParams:
         strength = self.strength
         if self.init_image is not None and strength is None:
             strength = DEFAULT_STRENGTH
-        return replace(self, seed=seed, strength=strength)
+        filled = replace(self, seed=seed, strength=strength)
+        if self.mask is None and self.outpaint is None:
+            return filled
+        # Inpainting's settings as they run, recorded: the row says what ran, and a
+        # recorded row (without its mask's bytes) never batches with a plain img2img one.
+        return replace(
+            filled,
+            mask_blur=DEFAULT_MASK_BLUR if self.mask_blur is None else self.mask_blur,
+            inpaint_area=self.inpaint_area or INPAINT_AREAS[0],
+            inpaint_padding=(
+                DEFAULT_INPAINT_PADDING if self.inpaint_padding is None else self.inpaint_padding
+            ),
+            inpaint_fill=self.inpaint_fill or DEFAULT_INPAINT_FILL,
+        )
+
+    @property
+    def inpainting(self) -> bool:
+        """A mask or outpainting: the engine inpaints (sdxl_engine.generation.inpaint)."""
+        return self.mask is not None or self.outpaint is not None
 
     def sized(
         self,
@@ -455,6 +558,15 @@ class GenerationParams:
         """(width, height); the params must be sized."""
         assert self.width is not None and self.height is not None, "unsized GenerationParams"
         return self.width, self.height
+
+    @property
+    def canvas_size(self) -> tuple[int, int]:
+        """(width, height) of the images made: `size`, grown by outpaint's margins."""
+        width, height = self.size
+        if self.outpaint is None:
+            return width, height
+        margins = self.outpaint
+        return width + margins.left + margins.right, height + margins.top + margins.bottom
 
     @property
     def refiner_policy(self) -> str:
@@ -510,7 +622,7 @@ def _json_value(value: object) -> object:
 
 # The GenerationParams fields that hold a dataclass of their own (an object in the API's
 # body and in the row's JSON), by name: __post_init__ builds it from a dict.
-NESTED_PARAMS: dict[str, type] = {}
+NESTED_PARAMS: dict[str, type] = {"outpaint": Outpaint}
 
 
 # Each request's own within a batch: its prompts, image count, seed and starting image, its
@@ -525,11 +637,12 @@ PER_REQUEST = frozenset(
         "loras",
         "output_format",
         "quality",
+        "mask",
     }
 )
 # What a Generation row keeps outside its `parameters` JSON: the prompts and seed in
 # columns, the starting image in a file, the LoRAs' files in rows of their own.
-RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras")
+RECORDED_APART = ("prompt", "negative_prompt", "seed", "init_image", "loras", "mask")
 GENERATION_DEFAULTS = GenerationParams()
 
 

@@ -19,6 +19,7 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.generation import inpaint
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_keys import TEXT_ENCODERS
@@ -83,10 +84,13 @@ def generate_batch(
     requests = [request.sized(native) for request in requests]
     check_inputs(pipelines, requests)
     shared = requests[0]
-    (width, height), steps = shared.size, shared.steps
+    # Outpainting renders the grown canvas; every other request its size.
+    (width, height), steps = shared.canvas_size, shared.steps
     guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
     ensemble = shared.refiner_policy == "ensemble"
     img2img = strength is not None and strength < 1.0
+    # Inpainting (a mask or outpaint): each request's pixels prepared first (inpaint.prepare).
+    jobs = [inpaint.prepare(request) for request in requests] if shared.inpainting else None
     # Where the Base hands over, as a fraction of the whole schedule; diffusers ignores a
     # denoising_start that is not a float.
     refiner_switch = shared.refiner_switch_at or DEFAULT_REFINER_SWITCH
@@ -124,7 +128,11 @@ def generate_batch(
             # A scheduler that draws noise in its steps (euler_a) draws each image's from
             # its generator, which drew its starting noise: an image does not depend on
             # its batch. Without a scheduler txt2img gets none, as before the field.
-            step_noise = {"generator": generators} if scheduler is not None or img2img else {}
+            step_noise = (
+                {"generator": generators}
+                if scheduler is not None or img2img or jobs is not None
+                else {}
+            )
             base_stage = dict(
                 **embeddings,
                 guidance_scale=guidance_scale,
@@ -135,7 +143,19 @@ def generate_batch(
                 callback_on_step_end=report_step,
                 **step_noise,
             )
-            if img2img:
+            inpainting = None
+            if jobs is not None:
+                assert strength is not None, "check_inputs: inpainting has an init_image"
+                inpainting = inpaint.inputs(pipelines, requests, jobs, generators)
+                latents = inpaint.base_pass(
+                    pipelines,
+                    inpainting,
+                    strength=strength,
+                    height=height,
+                    width=width,
+                    stage=base_stage,
+                )
+            elif img2img:
                 latents = _img2img_of(base)(
                     image=_init_latents(pipelines, requests, height, width, generators),
                     strength=strength,
@@ -160,17 +180,27 @@ def generate_batch(
                     )
                     for request in requests
                 )[::2]
-                refined = refiner_pipe(
+                refiner_stage = dict(
                     prompt_embeds=prompt_embeds,
                     pooled_prompt_embeds=pooled,
-                    image=latents,
                     num_inference_steps=steps,
                     denoising_start=handover,
                     guidance_scale=1.0,
                     output_type="latent",
                     callback_on_step_end=report_step,
                     **step_noise,
-                ).images
+                )
+                if inpainting is not None:
+                    refined = inpaint.refiner_pass(
+                        pipelines,
+                        inpainting,
+                        latents,
+                        height=height,
+                        width=width,
+                        stage=refiner_stage,
+                    )
+                else:
+                    refined = refiner_pipe(image=latents, **refiner_stage).images
             else:
                 refined = latents
             # One decode per request: the VAE's memory grows with its batch, and a batch of
@@ -179,6 +209,12 @@ def generate_batch(
                 decode_latents(pipelines, part)
                 for part in refined.split([request.num_images for request in requests])
             ]
+            if jobs is not None:
+                # A1111's overlay: the original back outside the blurred mask.
+                images = [
+                    [inpaint.finish(job, image) for image in request_images]
+                    for job, request_images in zip(jobs, images, strict=True)
+                ]
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
         # must find the model's own, the next without LoRAs the model's own weights.
@@ -320,7 +356,8 @@ def check_inputs(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> 
         problems = {**request.problems(), **problems}
     shared = requests[0]
     multiple = pipelines.base.vae_scale_factor
-    if any(side < multiple or side % multiple for side in shared.size):
+    problems.update(inpaint.check(pipelines, requests))
+    if any(side < multiple or side % multiple for side in shared.canvas_size):
         problems["height and width"] = f"must be positive multiples of {multiple}"
     if any(request.seed is None for request in requests):
         problems["seed"] = "is needed (GenerationParams.filled draws one)"
