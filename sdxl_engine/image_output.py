@@ -155,10 +155,15 @@ def infotext(record: Record) -> str:
         pairs["Sampler"] = SCHEDULERS[record["scheduler"]].a1111_name
     pairs["CFG scale"] = record["guidance_scale"]
     pairs["Seed"] = record["seed"]
-    pairs["Size"] = f"{record['width']}x{record['height']}"
+    outpaint = record.get("outpaint")
+    # The image's size: outpainting's grown canvas.
+    width = record["width"] + (outpaint["left"] + outpaint["right"] if outpaint else 0)
+    height = record["height"] + (outpaint["top"] + outpaint["bottom"] if outpaint else 0)
+    pairs["Size"] = f"{width}x{height}"
     pairs["Model"] = record["model"]
     if record.get("strength") is not None:
         pairs["Denoising strength"] = record["strength"]
+    pairs.update(_inpaint_pairs(record))
     hashes = [
         f"{_hash_key(lora_prompt_name(lora))}: {lora['short_hash']}"
         for lora in loras
@@ -177,6 +182,38 @@ def infotext(record: Record) -> str:
     negative = record.get("negative_prompt") or ""
     negative_line = f"\nNegative prompt: {negative}" if negative else ""
     return f"{prompt}{negative_line}\n{text}".strip()
+
+
+# --- Inpainting and outpainting
+# A1111's "Masked content" names of inpaint_fill (its img2img radio's labels).
+_MASKED_CONTENT = {
+    "fill": "fill",
+    "original": "original",
+    "latent_noise": "latent noise",
+    "latent_nothing": "latent nothing",
+}
+
+
+def _inpaint_pairs(record: Record) -> dict[str, object]:
+    """A1111's img2img inpaint keys, set in its init before sampling, so before the Lora
+    hashes: "Mask blur", "Inpaint area: Only masked" with "Masked area padding" (A1111
+    writes no area for the whole picture), "Masked content". Outpainting (no A1111 key:
+    its scripts write none) adds "Outpaint": the margins, e.g. "left 0, right 256, top 0,
+    bottom 0"."""
+    if record.get("mask_blur") is None:
+        return {}
+    pairs: dict[str, object] = {"Mask blur": record["mask_blur"]}
+    if record.get("inpaint_area") == "masked":
+        pairs["Inpaint area"] = "Only masked"
+        pairs["Masked area padding"] = record.get("inpaint_padding")
+    if record.get("inpaint_fill"):
+        pairs["Masked content"] = _MASKED_CONTENT[record["inpaint_fill"]]
+    outpaint = record.get("outpaint")
+    if outpaint:
+        pairs["Outpaint"] = ", ".join(
+            f"{side} {outpaint[side]}" for side in ("left", "right", "top", "bottom")
+        )
+    return pairs
 
 
 def _hash_key(name: str) -> str:

@@ -375,6 +375,18 @@ def outpaint_problem(outpaint: Outpaint) -> str | None:
     return None
 
 
+def canvas_problem(canvas_size: tuple[int, int], max_side: int) -> str | None:
+    """Outpainting's grown canvas (GenerationParams.canvas_size) past `max_side`
+    (SDXL_MAX_IMAGE_SIDE), or None."""
+    width, height = canvas_size
+    if max(width, height) <= max_side:
+        return None
+    return (
+        f"grows the canvas to {width}x{height}, past the {max_side} px a side may have "
+        "(SDXL_MAX_IMAGE_SIDE): smaller margins, width or height"
+    )
+
+
 @dataclass(frozen=True)
 class LoraChoice:
     """A LoRA a request applies: any session's, by iteration or file name (a checkpoint's

@@ -87,6 +87,18 @@ ALIASES: tuple[Alias, ...] = (
     ),
     Alias("image_base64", (), {GENERATION: "init_image_base64"}),
     Alias("denoising_strength", (A1111,), {GENERATION: "strength"}),
+    Alias("mask", (A1111,), {GENERATION: "mask_base64"}, "base64 of the mask, white = repaint"),
+    Alias("mask_image", (DIFFUSERS,), {GENERATION: "mask_base64"}, "base64 of the mask"),
+    Alias(
+        "inpaint_full_res", (A1111,), {GENERATION: "inpaint_area"}, '"masked" (true) or "whole"'
+    ),
+    Alias("inpaint_full_res_padding", (A1111,), {GENERATION: "inpaint_padding"}),
+    Alias(
+        "inpainting_fill",
+        (A1111,),
+        {GENERATION: "inpaint_fill"},
+        '"fill", "original", "latent_noise" or "latent_nothing" (0 to 3)',
+    ),
     Alias("denoise", (COMFY,), {GENERATION: "strength"}),
     Alias("prompt_strength", (COG,), {GENERATION: "strength"}),
     Alias("refine", (COG,), {GENERATION: "refiner"}, '"ensemble" or "none"'),

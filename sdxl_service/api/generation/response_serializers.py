@@ -80,6 +80,17 @@ class GenerationParameters(serializers.Serializer[Any]):
     strength = serializers.FloatField(required=False)
     output_format = serializers.CharField(required=False)
     quality = serializers.IntegerField(required=False)
+    # Inpainting and outpainting: all four filled (as they ran) with a mask or outpaint.
+    mask_blur = serializers.IntegerField(required=False)
+    inpaint_area = serializers.CharField(required=False)
+    inpaint_padding = serializers.IntegerField(required=False)
+    inpaint_fill = serializers.CharField(required=False)
+    outpaint = serializers.DictField(
+        child=serializers.IntegerField(),
+        required=False,
+        help_text="the margins; the images are (width + left + right) x (height + top + "
+        "bottom), width and height being the init image's size in them",
+    )
 
 
 class Txt2ImgResponse(GenerationUsed):

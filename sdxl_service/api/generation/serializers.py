@@ -7,13 +7,20 @@ from django.conf import settings
 from rest_framework import serializers
 
 from sdxl_engine.parameters import (
+    DEFAULT_INPAINT_FILL,
+    DEFAULT_INPAINT_PADDING,
     DEFAULT_LORA_SCALE,
+    DEFAULT_MASK_BLUR,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_QUALITY,
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     DEFAULT_STRENGTH,
     GENERATION_DEFAULTS,
+    INPAINT_AREAS,
+    INPAINT_FILLS,
+    INPAINT_PADDING_MAX,
+    MASK_BLUR_MAX,
     MAX_LORAS,
     OUTPUT_FORMAT_ALIASES,
     OUTPUT_FORMATS,
@@ -22,6 +29,8 @@ from sdxl_engine.parameters import (
     REFINER_SWITCH_MIN,
     GenerationParams,
     LoraChoice,
+    Outpaint,
+    canvas_problem,
     field_names,
     one_of,
 )
@@ -64,6 +73,15 @@ class LoraChoiceSerializer(serializers.Serializer[Any]):
         return one_way_to_name_a_lora(attrs)
 
 
+class OutpaintSerializer(serializers.Serializer[Any]):
+    """/txt2img's `outpaint`: the margins the canvas grows by around the init image."""
+
+    left = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
+    right = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
+    top = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
+    bottom = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
+
+
 # How /txt2img answers its images: inline (the original) or as URLs to GET.
 RESPONSE_FORMATS = ("base64", "url")
 # The fields of /txt2img that are not GenerationParams, and why: the use_lora shorthand
@@ -80,7 +98,7 @@ TXT2IMG_REQUEST_FIELDS = (
     "webhook_url",
     "webhook_events",
 )
-TXT2IMG_RENAMED = {"init_image_base64": "init_image"}
+TXT2IMG_RENAMED = {"init_image_base64": "init_image", "mask_base64": "mask"}
 _TXT2IMG_FIELD = {param: field for field, param in TXT2IMG_RENAMED.items()}
 
 
@@ -198,6 +216,69 @@ class Txt2ImgSerializer(WebhookFields):
         help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
     )
 
+    # --- Inpainting and outpainting (AUTOMATIC1111's img2img API names where it has them)
+    mask_base64 = Base64BytesField(
+        required=False,
+        allow_null=True,
+        help_text="inpainting (A1111's `mask`): a PNG, JPEG, WebP or BMP mask, white where "
+        "the init image is repainted, black where it is kept; the init image's aspect ratio "
+        "(within 1%), resized to width x height. Needs init_image_base64; not with outpaint",
+    )
+    mask_blur = StrictIntegerField(
+        min_value=0,
+        max_value=MASK_BLUR_MAX,
+        required=False,
+        allow_null=True,
+        help_text="px the mask's edge is blurred by (A1111's mask_blur); left out: "
+        f"{DEFAULT_MASK_BLUR}. Only with mask_base64 or outpaint",
+    )
+    inpaint_area = ChoiceField(
+        choices=[
+            ("whole", "the whole image is inpainted at width x height"),
+            (
+                "masked",
+                "only the mask's box plus inpaint_padding, at width x height, pasted back "
+                "(A1111's inpaint_full_res, 'Only masked')",
+            ),
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": one_of(INPAINT_AREAS)},
+        help_text=f"left out: {INPAINT_AREAS[0]}. Only with mask_base64 or outpaint",
+    )
+    inpaint_padding = StrictIntegerField(
+        min_value=0,
+        max_value=INPAINT_PADDING_MAX,
+        required=False,
+        allow_null=True,
+        help_text="px around the mask's box under inpaint_area masked (A1111's "
+        f"inpaint_full_res_padding); left out: {DEFAULT_INPAINT_PADDING}. Only with "
+        "mask_base64 or outpaint",
+    )
+    inpaint_fill = ChoiceField(
+        choices=[
+            ("fill", "the colours around the mask, blurred in (A1111's inpainting_fill 0)"),
+            ("original", "the init image as it is (1)"),
+            ("latent_noise", "random latents (2)"),
+            ("latent_nothing", "zero latents (3)"),
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": one_of(INPAINT_FILLS)},
+        help_text=f"what the masked area starts from (A1111's inpainting_fill, 'Masked "
+        f"content'); left out: {DEFAULT_INPAINT_FILL}. Only with mask_base64 or outpaint",
+    )
+    outpaint = OutpaintSerializer(
+        required=False,
+        allow_null=True,
+        help_text="outpainting: grow the canvas of init_image_base64 (sized as for img2img: "
+        "width x height) by these margins in px (multiples of 8, one at least above 0), fill "
+        "the new area from the image's edges and inpaint it with a blurred seam of mask_blur "
+        "px into the image. The images are (width + left + right) x (height + top + bottom), "
+        "each side at most SDXL_MAX_IMAGE_SIDE; width and height stay the image's. Needs "
+        "init_image_base64; not with mask_base64",
+    )
+
     response_format = ChoiceField(
         choices=RESPONSE_FORMATS,
         default=RESPONSE_FORMATS[0],
@@ -227,6 +308,9 @@ class Txt2ImgSerializer(WebhookFields):
             )
         attrs["loras"] = tuple(LoraChoice(**choice) for choice in attrs.get("loras", ()))
         attrs["init_image"] = attrs.pop("init_image_base64", None)
+        attrs["mask"] = attrs.pop("mask_base64", None)
+        if attrs.get("outpaint") is not None:
+            attrs["outpaint"] = Outpaint(**attrs["outpaint"])
         attrs["webhook_events"] = tuple(attrs.get("webhook_events") or ())
         param_names = field_names(GenerationParams)
         params = GenerationParams(**{k: v for k, v in attrs.items() if k in param_names})
@@ -234,4 +318,15 @@ class Txt2ImgSerializer(WebhookFields):
         if problems:
             name, problem = next(iter(problems.items()))
             raise serializers.ValidationError({_TXT2IMG_FIELD.get(name, name): problem})
+        _canvas_check(params)
         return one_way_to_name_a_lora(attrs)
+
+
+def _canvas_check(params: GenerationParams) -> None:
+    """Outpainting's canvas within SDXL_MAX_IMAGE_SIDE when the size is given (a size left
+    out is filled and checked again by the service, from the init image)."""
+    if params.outpaint is None or params.width is None or params.height is None:
+        return
+    problem = canvas_problem(params.canvas_size, settings.SDXL_MAX_IMAGE_SIDE)
+    if problem:
+        raise serializers.ValidationError({"outpaint": problem})

@@ -20,6 +20,7 @@ from training_app.models import Generation, GenerationLora
 from training_app.services.generations.lifecycle import (
     GENERATIONS,
     INIT_IMAGE_NAME,
+    MASK_IMAGE_NAME,
     generations_dir,
     generations_event,
     generations_finish_with_error,
@@ -183,13 +184,17 @@ def _progress_recorder(generation_ids: list[int]) -> Callable[[int, int], None]:
 
 
 def _params_to_render(generation: Generation) -> GenerationParams:
-    """The generation's params with the img2img image its request sent (checked when it
-    was recorded), as the engine renders them."""
+    """The generation's params with the img2img image (and inpainting mask) its request
+    sent (checked when it was recorded), as the engine renders them."""
     params = generation.params
     if params.strength is None:
         return params
-    init_image = (generations_dir(generation.pk) / INIT_IMAGE_NAME).read_bytes()
-    return replace(params, init_image=init_image)
+    folder = generations_dir(generation.pk)
+    init_image = (folder / INIT_IMAGE_NAME).read_bytes()
+    # Inpainting with a mask (outpainting has none): it was stored beside the image.
+    mask_file = folder / MASK_IMAGE_NAME
+    mask = mask_file.read_bytes() if params.mask_blur is not None and mask_file.is_file() else None
+    return replace(params, init_image=init_image, mask=mask)
 
 
 def _prompt_names(loras: list[GenerationLora]) -> list[str]:

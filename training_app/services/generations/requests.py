@@ -10,7 +10,13 @@ from django.db import transaction
 
 from access_app.callers import Caller
 from core.errors import ServiceError
-from sdxl_engine.parameters import DEFAULT_LORA_SCALE, GenerationParams, LoraChoice
+from sdxl_engine.inpaint_images import mask_problem
+from sdxl_engine.parameters import (
+    DEFAULT_LORA_SCALE,
+    GenerationParams,
+    LoraChoice,
+    canvas_problem,
+)
 from sdxl_engine.source import planned_native_side
 from sessions_app import storage
 from sessions_app.images import check_image
@@ -26,6 +32,7 @@ from training_app.selectors import lora_file_get, worker_alive
 from training_app.services.generations.lifecycle import (
     GENERATIONS,
     INIT_IMAGE_NAME,
+    MASK_IMAGE_NAME,
     NO_WORKER_MESSAGE,
     generations_dir,
 )
@@ -85,6 +92,8 @@ def generation_request(request: GenerationRequest) -> Generation:
     if params.init_image is not None:
         checked = check_image(params.init_image, field="init_image_base64")
         image_size = (checked.width, checked.height)
+    if params.mask is not None and image_size is not None:
+        _mask_check(params.mask, image_size)
     # A size left out: the native size of the model the worker loads (or the init_image's
     # aspect ratio at about its area), recorded so that the row and the answer tell it.
     params = params.sized(
@@ -92,6 +101,10 @@ def generation_request(request: GenerationRequest) -> Generation:
         max_side=settings.SDXL_MAX_IMAGE_SIDE,
         image_size=image_size,
     )
+    if params.outpaint is not None:
+        problem = canvas_problem(params.canvas_size, settings.SDXL_MAX_IMAGE_SIDE)
+        if problem:
+            raise ServiceError(f"outpaint: {problem}")
     webhook_url, webhook_events = webhook_target_check(
         request.webhook_url, list(request.webhook_events)
     )
@@ -105,7 +118,11 @@ def generation_request(request: GenerationRequest) -> Generation:
     written: list[Path] = []
     try:
         with transaction.atomic():
-            planned = generation_output_bytes(params) + len(params.init_image or b"")
+            planned = (
+                generation_output_bytes(params)
+                + len(params.init_image or b"")
+                + len(params.mask or b"")
+            )
             owner_id = generation_owner(request.caller, planned)
             queued_generations_check(owner_id, request.caller)
             generation = _generation_create(
@@ -155,8 +172,19 @@ def _generation_create(
         written.append(folder)
         folder.mkdir(parents=True, exist_ok=True)
         storage.atomic_write_bytes(folder / INIT_IMAGE_NAME, params.init_image)
+        if params.mask is not None:
+            storage.atomic_write_bytes(folder / MASK_IMAGE_NAME, params.mask)
     jobs.enqueue_new_on_commit(GENERATIONS, generation.pk)
     return generation
+
+
+def _mask_check(mask: bytes, image_size: tuple[int, int]) -> None:
+    """400 naming mask_base64 for a mask that is not an image (checked as uploads are),
+    whose aspect ratio is not the init image's, or that has nothing white."""
+    check_image(mask, field="mask_base64")
+    problem = mask_problem(mask, image_size)
+    if problem:
+        raise ServiceError(f"mask_base64: {problem}")
 
 
 def _lora_of(
