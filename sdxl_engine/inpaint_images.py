@@ -71,8 +71,8 @@ def blur_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     if radius <= 0:
         return mask
     kernel = 2 * int(2.5 * radius + 0.5) + 1
-    blurred: np.ndarray = cv2.GaussianBlur(mask, (kernel, kernel), radius)
-    return np.clip(blurred, 0.0, 1.0)
+    blurred: np.ndarray = np.clip(cv2.GaussianBlur(mask, (kernel, kernel), radius), 0.0, 1.0)
+    return blurred
 
 
 def fill_masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -82,8 +82,8 @@ def fill_masked(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     last one the image itself outside the mask."""
     keep = (1.0 - np.round(mask)).astype(np.float32)[..., None]
     pixels = image.astype(np.float32)
-    result = np.zeros_like(pixels)
-    alpha = np.zeros_like(keep)
+    result: np.ndarray = np.zeros_like(pixels)
+    alpha: np.ndarray = np.zeros_like(keep)
     for radius, repeats in _FILL_LAYERS:
         if radius:
             # Premultiplied blur: colour and coverage blurred alike, so masked pixels
@@ -199,7 +199,8 @@ def overlay(original: np.ndarray, generated: np.ndarray, mask: np.ndarray) -> np
     where it is white, blended between: original x (1 - m) + generated x m."""
     weight = mask[..., None]
     blended = original.astype(np.float32) * (1.0 - weight) + generated.astype(np.float32) * weight
-    return np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    pixels: np.ndarray = np.clip(np.round(blended), 0, 255).astype(np.uint8)
+    return pixels
 
 
 def paste_region(

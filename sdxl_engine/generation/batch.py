@@ -82,6 +82,9 @@ def generate_batch(
     """
     native = native_side(pipelines)
     requests = [request.sized(native) for request in requests]
+    if inpaint.is_inpainting_unet(pipelines):
+        # An inpainting Base (9-channel UNet) renders every request as inpainting.
+        requests = [inpaint.as_inpainting(request) for request in requests]
     check_inputs(pipelines, requests)
     shared = requests[0]
     # Outpainting renders the grown canvas; every other request its size.

@@ -10,12 +10,16 @@ step's level, after every step (latent blending); with a 9-channel inpainting UN
 and the masked image's latents. The Refiner (4 channels) blends the same way from where
 the Base handed over. Last, A1111's overlay puts the original pixels back outside the
 blurred mask (finish).
+
+An inpainting Base renders text-to-image and image-to-image requests too, as A1111 does
+with an inpainting model: the whole image masked (as_inpainting).
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -265,16 +269,40 @@ def refiner_pass(
     return refined
 
 
+def as_inpainting(request: GenerationParams) -> GenerationParams:
+    """A text-to-image or image-to-image request as an inpainting UNet renders it, as
+    A1111 feeds one: the whole image masked (white), the UNet's masked image all grey
+    (zeros), from the init image at its strength or, for text-to-image, from a grey one
+    at strength 1 (pure noise). Inpainting requests are returned as they are."""
+    if request.inpainting:
+        return request
+    width, height = request.size
+    init_image, strength = request.init_image, request.strength
+    if init_image is None:
+        init_image, strength = _png(np.full((height, width, 3), 127, np.uint8)), 1.0
+    return replace(
+        request,
+        init_image=init_image,
+        strength=strength,
+        mask=_png(np.full((height, width), 255, np.uint8)),
+        mask_blur=0,
+        inpaint_area="whole",
+        inpaint_padding=0,
+        inpaint_fill="original",
+    )
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def check(pipelines: Pipelines, requests: Sequence[GenerationParams]) -> dict[str, str]:
     """What keeps these requests from inpainting together (batch.check_inputs adds it)."""
     problems = {}
     if len({request.inpainting for request in requests}) > 1:
         problems["batch"] = "inpainting requests cannot batch with others"
-    if is_inpainting_unet(pipelines) and not requests[0].inpainting:
-        problems["init_image_base64"] = (
-            "and mask_base64 (or outpaint) are needed: the configured Base is an inpainting "
-            "model (9-channel UNet), which renders only inpainting requests"
-        )
     if any(request.inpainting and request.mask_blur is None for request in requests):
         problems["mask"] = "needs its settings (GenerationParams.filled gives the defaults)"
     return problems

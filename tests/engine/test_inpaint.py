@@ -246,9 +246,22 @@ def test_a_nine_channel_base_inpaints(inpainting_pipelines: Pipelines, refiner: 
     assert np.abs(other - _pixels(image))[blurred > 0.99].mean() > 1
 
 
-def test_a_nine_channel_base_refuses_text_to_image(inpainting_pipelines: Pipelines) -> None:
-    with pytest.raises(EngineError, match="inpainting model"):
-        generate(inpainting_pipelines, **REQUEST)
+def test_a_nine_channel_base_renders_text_to_image_and_img2img(
+    inpainting_pipelines: Pipelines,
+) -> None:
+    """As A1111 runs an inpainting model without a mask: the whole image masked."""
+    first = _pixels(generate(inpainting_pipelines, **REQUEST)[0])
+    again = _pixels(generate(inpainting_pipelines, **REQUEST)[0])
+    other_seed = _pixels(generate(inpainting_pipelines, **{**REQUEST, "seed": 6})[0])
+    assert first.shape == (SIZE, SIZE, 3) and (first == again).all()
+    assert np.abs(first - other_seed).mean() > 1
+    img2img = [
+        _pixels(
+            generate(inpainting_pipelines, **REQUEST, init_image=_png(picture), strength=0.5)[0]
+        )
+        for picture in (PICTURE, _picture(4))
+    ]
+    assert np.abs(img2img[0] - img2img[1]).mean() > 1
 
 
 def test_masks_are_read_at_the_request_size() -> None:

@@ -55,16 +55,25 @@ MASK = b64(_png(_mask()))
         ({"init_image_base64": INIT, "mask_base64": "not base64!"}, "mask_base64"),
         ({"init_image_base64": INIT, "mask_base64": b64(b"not an image")}, "mask_base64"),
         # Nothing white: nothing would be repainted.
-        ({"init_image_base64": INIT, "mask_base64": b64(image_bytes("PNG", (64, 64), "black"))}, "mask_base64"),
+        (
+            {"init_image_base64": INIT, "mask_base64": b64(image_bytes("PNG", (64, 64), "black"))},
+            "mask_base64",
+        ),
         # Another aspect ratio than the init image's.
-        ({"init_image_base64": INIT, "mask_base64": b64(_png(_mask((64, 32), (0, 0, 8, 8))))}, "mask_base64"),
+        (
+            {"init_image_base64": INIT, "mask_base64": b64(_png(_mask((64, 32), (0, 0, 8, 8))))},
+            "mask_base64",
+        ),
         ({"init_image_base64": INIT, "mask_blur": 4}, "mask_blur"),
         ({"init_image_base64": INIT, "mask_base64": MASK, "mask_blur": -1}, "mask_blur"),
         ({"init_image_base64": INIT, "mask_base64": MASK, "mask_blur": 65}, "mask_blur"),
         ({"init_image_base64": INIT, "inpaint_area": "masked"}, "inpaint_area"),
         ({"init_image_base64": INIT, "mask_base64": MASK, "inpaint_area": "all"}, "inpaint_area"),
         ({"init_image_base64": INIT, "inpaint_padding": 8}, "inpaint_padding"),
-        ({"init_image_base64": INIT, "mask_base64": MASK, "inpaint_padding": 300}, "inpaint_padding"),
+        (
+            {"init_image_base64": INIT, "mask_base64": MASK, "inpaint_padding": 300},
+            "inpaint_padding",
+        ),
         ({"init_image_base64": INIT, "inpaint_fill": "fill"}, "inpaint_fill"),
         ({"init_image_base64": INIT, "mask_base64": MASK, "inpaint_fill": 2}, "inpaint_fill"),
         ({"outpaint": {"right": 64}}, "outpaint"),
@@ -73,7 +82,10 @@ MASK = b64(_png(_mask()))
         ({"init_image_base64": INIT, "outpaint": {"left": -8}}, "outpaint"),
         ({"init_image_base64": INIT, "outpaint": {"right": 64}, "mask_base64": MASK}, "outpaint"),
         # Past SDXL_MAX_IMAGE_SIDE, with the size given and left out (from the image).
-        ({"init_image_base64": INIT, "width": 64, "height": 64, "outpaint": {"right": 4096}}, "outpaint"),
+        (
+            {"init_image_base64": INIT, "width": 64, "height": 64, "outpaint": {"right": 4096}},
+            "outpaint",
+        ),
         ({"init_image_base64": INIT, "outpaint": {"right": 4096}}, "outpaint"),
     ],
 )
