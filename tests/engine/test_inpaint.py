@@ -295,3 +295,19 @@ def test_the_refiner_blends_back_to_the_init_latents(
     init = seen["init"].latents
     outside = inpaint._latent_mask(seen["init"].masks, init) == 0
     assert torch.equal(seen["final"][outside.expand_as(init)], init[outside.expand_as(init)])
+
+
+def test_inpainting_batches_across_masks_and_apart_from_img2img() -> None:
+    """The row's params (without the mask's bytes) keep inpainting apart from img2img by
+    the settings filled() records; different masks are each request's own."""
+    first = _params(init_image=_png(PICTURE), mask=_png(MASK))
+    second = _params(init_image=_png(_picture(2)), mask=_png(_rect_mask((0, 0, 8, 8))), seed=9)
+    img2img = _params(init_image=_png(PICTURE))
+    recorded = [GenerationParams(**params.record()) for params in (first, second, img2img)]
+    assert first.batch_key() == second.batch_key() != img2img.batch_key()
+    assert recorded[0].batch_key() == recorded[1].batch_key() != recorded[2].batch_key()
+    assert first.record()["mask_blur"] == 4 and "mask" not in first.record()
+    outpainted = _params(init_image=_png(PICTURE), outpaint={"right": 8})
+    assert outpainted.outpaint == Outpaint(right=8) and outpainted.canvas_size == (72, 64)
+    assert outpainted.record()["outpaint"] == {"left": 0, "right": 8, "top": 0, "bottom": 0}
+    assert GenerationParams(**outpainted.record()).outpaint == Outpaint(right=8)
