@@ -65,6 +65,16 @@ def mask_problem(mask: bytes, image_size: tuple[int, int]) -> str | None:
     return None
 
 
+def mask_png(mask: bytes) -> bytes:
+    """The mask as it is kept beside its generation: its grey levels (what open_mask
+    reads) as a greyscale PNG, whatever format it came in."""
+    with Image.open(io.BytesIO(mask)) as image:
+        grey = image.convert("RGB").convert("L")
+    buffer = io.BytesIO()
+    grey.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def blur_mask(mask: np.ndarray, radius: int) -> np.ndarray:
     """The mask blurred as A1111's mask_blur: a Gaussian of sigma `radius` px over a kernel
     of 2 x round(2.5 x radius) + 1, so its edge fades over about `radius` px each way."""

@@ -540,6 +540,25 @@ class GenerationParams:
             inpaint_fill=self.inpaint_fill or DEFAULT_INPAINT_FILL,
         )
 
+    def without_inpainting(self) -> GenerationParams:
+        """These params as a later pass over their images takes them (hires fix, face
+        detail: img2img of the finished images): no mask, outpaint or inpaint settings,
+        and the size the images have (outpainting's grown canvas)."""
+        width, height = self.width, self.height
+        if width is not None and height is not None:
+            width, height = self.canvas_size
+        return replace(
+            self,
+            width=width,
+            height=height,
+            mask=None,
+            mask_blur=None,
+            inpaint_area=None,
+            inpaint_padding=None,
+            inpaint_fill=None,
+            outpaint=None,
+        )
+
     @property
     def inpainting(self) -> bool:
         """A mask or outpainting: the engine inpaints (sdxl_engine.generation.inpaint)."""

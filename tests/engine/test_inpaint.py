@@ -311,3 +311,6 @@ def test_inpainting_batches_across_masks_and_apart_from_img2img() -> None:
     assert outpainted.outpaint == Outpaint(right=8) and outpainted.canvas_size == (72, 64)
     assert outpainted.record()["outpaint"] == {"left": 0, "right": 8, "top": 0, "bottom": 0}
     assert GenerationParams(**outpainted.record()).outpaint == Outpaint(right=8)
+    # A later pass (hires, face detail) takes the finished images at their size.
+    later = outpainted.without_inpainting()
+    assert (later.size, later.inpainting, later.mask_blur) == ((72, 64), False, None)

@@ -127,9 +127,11 @@ def test_inpainting_keeps_the_image_outside_the_mask_and_records_its_settings(
     generation = Generation.objects.get(pk=answer["generation_id"])
     assert generation.parameters["inpaint_fill"] == "latent_noise"
     assert "mask" not in generation.parameters
-    # The mask beside the row, as sent.
+    # The mask beside the row: its grey levels as sent, a greyscale PNG.
     folder = generations_dir(generation.pk)
-    assert (folder / MASK_IMAGE_NAME).read_bytes() == base64.b64decode(MASK)
+    with Image.open(folder / MASK_IMAGE_NAME) as kept:
+        assert kept.format == "PNG" and kept.mode == "L"
+        assert (np.asarray(kept) == _mask()).all()
     assert (folder / INIT_IMAGE_NAME).read_bytes() == base64.b64decode(INIT)
     text = read_infotext(base64.b64decode(answer["images_base64"][0]))
     assert "Mask blur: 4, Masked content: latent noise" in text

@@ -29,8 +29,8 @@ logger = logging.getLogger(__name__)
 _POLL_INTERVAL_S = 0.1
 # img2img's starting image, kept in the generation's folder as it was sent.
 INIT_IMAGE_NAME = "init_image"
-# Inpainting's mask, beside it, as it was sent.
-MASK_IMAGE_NAME = "mask"
+# Inpainting's mask, beside it, as a greyscale PNG of the grey levels sent.
+MASK_IMAGE_NAME = "mask.png"
 
 WORKER_LOST_MESSAGE = "the generation worker was lost (killed or crashed) during this request"
 # Why a generation was cancelled (its message, GET /generations/<id>).

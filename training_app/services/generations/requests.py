@@ -10,7 +10,7 @@ from django.db import transaction
 
 from access_app.callers import Caller
 from core.errors import ServiceError
-from sdxl_engine.inpaint_images import mask_problem
+from sdxl_engine.inpaint_images import mask_png, mask_problem
 from sdxl_engine.parameters import (
     DEFAULT_LORA_SCALE,
     GenerationParams,
@@ -93,7 +93,7 @@ def generation_request(request: GenerationRequest) -> Generation:
         checked = check_image(params.init_image, field="init_image_base64")
         image_size = (checked.width, checked.height)
     if params.mask is not None and image_size is not None:
-        _mask_check(params.mask, image_size)
+        params = replace(params, mask=_checked_mask(params.mask, image_size))
     # A size left out: the native size of the model the worker loads (or the init_image's
     # aspect ratio at about its area), recorded so that the row and the answer tell it.
     params = params.sized(
@@ -178,13 +178,15 @@ def _generation_create(
     return generation
 
 
-def _mask_check(mask: bytes, image_size: tuple[int, int]) -> None:
-    """400 naming mask_base64 for a mask that is not an image (checked as uploads are),
-    whose aspect ratio is not the init image's, or that has nothing white."""
+def _checked_mask(mask: bytes, image_size: tuple[int, int]) -> bytes:
+    """The mask as it is kept (mask_png: its grey levels, which are all the engine reads);
+    400 naming mask_base64 for one that is not an image (checked as uploads are), whose
+    aspect ratio is not the init image's, or that has nothing white."""
     check_image(mask, field="mask_base64")
     problem = mask_problem(mask, image_size)
     if problem:
         raise ServiceError(f"mask_base64: {problem}")
+    return mask_png(mask)
 
 
 def _lora_of(
