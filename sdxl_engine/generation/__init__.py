@@ -6,6 +6,7 @@ worker, by stage.
 - graphs: CUDA graphs of the eager UNets, per input shape
 - merge: a request's LoRAs merged into the weights in place, and taken out again
 - batch: text-to-image and image-to-image for one request or several batched together
+- inpaint: inpainting and outpainting, batch's first pass for requests with a mask
 - render: a request's whole rendering, the first pass then the passes that rework it
 
 Importing it imports torch and diffusers: web code imports it only inside functions that

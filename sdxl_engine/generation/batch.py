@@ -1,5 +1,5 @@
-"""Text-to-image and image-to-image with SDXL Base + Refiner as an ensemble of experts,
-optionally with LoRAs, one request or several batched together."""
+"""Text-to-image, image-to-image and inpainting with SDXL Base + Refiner as an ensemble of
+experts, optionally with LoRAs, one request or several batched together."""
 
 from __future__ import annotations
 
@@ -79,6 +79,12 @@ def generate_batch(
 
     A request without `width` and `height` renders at the model's native size (native_side),
     or for img2img at its image's aspect ratio (GenerationParams.sized).
+
+    Inpainting (a `mask`, or `outpaint` margins; every request of the batch alike, each
+    with its own mask): the img2img above through diffusers' inpaint pipeline, the area
+    outside the mask kept (generation.inpaint); outpainting renders the grown canvas
+    (GenerationParams.canvas_size). A Base with an inpainting UNet renders every request
+    this way (inpaint.as_inpainting).
     """
     native = native_side(pipelines)
     requests = [request.sized(native) for request in requests]
