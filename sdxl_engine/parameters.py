@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
+from sdxl_engine.prompt_syntax import PROMPT_SYNTAXES, prompt_problem
 from sdxl_engine.schedulers import SCHEDULER_NAMES
 
 # Learning-rate schedules, by the names kohya's sd-scripts and diffusers' scripts use.
@@ -382,6 +383,11 @@ class GenerationParams:
     # The LoRAs applied to the Base, in order. The row keeps the files they named instead
     # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
     loras: tuple[LoraChoice, ...] = ()
+    # --- prompts (issue 28)
+    # How prompt and negative_prompt are read: one of PROMPT_SYNTAXES; None: "a1111"
+    # (AUTOMATIC1111's (word:1.2), [word], BREAK; sdxl_engine.prompt_syntax). Either way
+    # they are encoded in 75-token chunks, never cut at 77 tokens.
+    prompt_syntax: str | None = None
 
     def problems(self) -> dict[str, str]:
         """What keeps these params from running, by field; empty when nothing does. The
@@ -411,6 +417,14 @@ class GenerationParams:
                 problems[name] = "must be at least 1"
         if len(self.loras) > MAX_LORAS:
             problems["loras"] = f"may name at most {MAX_LORAS} LoRAs"
+        # --- prompts (issue 28)
+        if self.prompt_syntax is not None and self.prompt_syntax not in PROMPT_SYNTAXES:
+            problems["prompt_syntax"] = one_of(PROMPT_SYNTAXES)
+        else:
+            for name in ("prompt", "negative_prompt"):
+                problem = prompt_problem(getattr(self, name), self.prompt_syntax)
+                if problem is not None:
+                    problems[name] = problem
         return problems
 
     def filled(self) -> GenerationParams:
