@@ -62,10 +62,6 @@ class Chunks:
     def __len__(self) -> int:
         return len(self.ids)
 
-    @property
-    def weighted(self) -> bool:
-        return any(weight != 1.0 for chunk in self.weights for weight in chunk)
-
 
 def chunk_prompt(tokenizer: Any, pieces: Pieces) -> Chunks:
     """`pieces` (prompt_syntax.parse_prompt's) as `tokenizer`'s chunks, as A1111 lays them."""
@@ -147,10 +143,6 @@ def encode_chunks(text_encoder: Any, chunks: Chunks) -> tuple[torch.Tensor, torc
     return hidden.reshape(1, -1, hidden.shape[-1]), pooled
 
 
-def _pieces(text: str, syntax: str | None) -> Pieces:
-    return parse_prompt(text, syntax)
-
-
 def _one_plain_chunk(tokenizers: Sequence[Any], pieces: Pieces) -> str | None:
     """The text of `pieces` when every tokenizer lays it in one chunk at weight 1 (what
     diffusers' encode_prompt encodes alike), else None."""
@@ -210,8 +202,8 @@ def base_encoding(
     device = torch.device(pipelines.device)
     encoders = [(base.tokenizer, base.text_encoder), (base.tokenizer_2, base.text_encoder_2)]
     tokenizers = [tokenizer for tokenizer, _ in encoders]
-    pieces = _pieces(request.prompt, request.prompt_syntax)
-    negative_pieces = _pieces(request.negative_prompt, request.prompt_syntax)
+    pieces = parse_prompt(request.prompt, request.prompt_syntax)
+    negative_pieces = parse_prompt(request.negative_prompt, request.prompt_syntax)
     # SDXL's Base is meant to see zeros for an empty negative prompt
     # (force_zeros_for_empty_prompt); diffusers applies that only to None.
     zeros = not request.negative_prompt and bool(base.config["force_zeros_for_empty_prompt"])
@@ -272,7 +264,7 @@ def refiner_encoding(
     text_encoder_2 alone (1280 features), chunked and weighted as the Base's, without a
     negative prompt (the Refiner runs without classifier-free guidance)."""
     encoders = [(refiner.tokenizer_2, refiner.text_encoder_2)]
-    pieces = _pieces(request.prompt, request.prompt_syntax)
+    pieces = parse_prompt(request.prompt, request.prompt_syntax)
     text = _one_plain_chunk([refiner.tokenizer_2], pieces)
     if text is not None:
         embeds, _, pooled, _ = refiner.encode_prompt(
