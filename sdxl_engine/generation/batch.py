@@ -56,6 +56,11 @@ def generate_batch(
     generators. The requests are checked first (check_inputs): they must be filled
     (GenerationParams.filled). Their output format and quality do not apply here.
 
+    Prompts are read in their `prompt_syntax` and encoded in 75-token chunks with their
+    attention weights (conditioning.base_encoding). Requests whose embeddings differ in
+    length (prompts of more chunks) run Base and Refiner once per length, so each gets the
+    images it would alone; `on_step` then counts the steps of every run.
+
     `loras` apply to the Base (UNet and text encoders) for this call only, added together
     at their scales: merged into the weights and restored afterwards, so the next call
     without them matches a freshly loaded pipeline. The Refiner never sees them.
