@@ -268,3 +268,20 @@ def test_a_trigger_word_in_a_weighted_group_still_meets_the_lora(
         for path in (text_encoder_lora, unet_part)
     )
     assert np.abs(whole - unet_only).mean() > 0.5
+
+
+def test_compiled_pipelines_run_longer_prompts_without_compiling(
+    pipelines: Pipelines, compiled_pipelines: Pipelines
+) -> None:
+    """A prompt of two chunks (154 positions of cross-attention) at the compiled native
+    size: no new compiled graph inside the request (on a GPU it replays a CUDA graph of
+    the eager UNet, graphs.UNetGraphs), and the image of the eager pipelines."""
+    native = pipelines.base.unet.config.sample_size * pipelines.base.vae_scale_factor
+    request = {"prompt": "(a red:1.2) square BREAK on a table", "seed": 5, "steps": 5}
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+    compiled = generate(compiled_pipelines, height=native, width=native, **request)
+
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs_before
+    eager = generate(pipelines, height=native, width=native, **request)
+    assert np.abs(_pixels(compiled) - _pixels(eager)).max() <= 2
