@@ -66,7 +66,9 @@ class Chunks:
 def chunk_prompt(tokenizer: Any, pieces: Pieces) -> Chunks:
     """`pieces` (prompt_syntax.parse_prompt's) as `tokenizer`'s chunks, as A1111 lays them."""
     bos, eos, pad = tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
-    comma = tokenizer.get_vocab().get(",</w>")
+    # The comma as a word of its own (not get_vocab(), which copies the whole vocabulary).
+    comma = tokenizer.convert_tokens_to_ids(",</w>")
+    comma = None if comma == tokenizer.unk_token_id else comma
     tokenized = tokenizer(
         [text for text, _ in pieces], add_special_tokens=False, truncation=False, verbose=False
     )["input_ids"]
