@@ -176,6 +176,13 @@ def infotext(record: Record) -> str:
         pairs["Refiner"] = record["refiner"]
         if record.get("refiner_switch_at") is not None:
             pairs["Refiner switch at"] = record["refiner_switch_at"]
+    # --- prompts (issue 28)
+    # A1111 names its emphasis only when it is not the default "Original" and a prompt has
+    # a bracket; "plain" reads prompts as its emphasis "None" does (reading the key back,
+    # A1111 switches to it; without it, a prompt with weights reads as "Original").
+    prompts = f"{record['prompt']}{record.get('negative_prompt') or ''}"
+    if record.get("prompt_syntax") == "plain" and ("(" in prompts or "[" in prompts):
+        pairs["Emphasis"] = "None"
     text = ", ".join(
         key if key == value else f"{key}: {_quote(_number(value))}" for key, value in pairs.items()
     )

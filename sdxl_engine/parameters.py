@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
+from sdxl_engine.prompt_syntax import PROMPT_SYNTAXES, prompt_problem
 from sdxl_engine.schedulers import SCHEDULER_NAMES
 
 # Learning-rate schedules, by the names kohya's sd-scripts and diffusers' scripts use.
@@ -435,6 +436,11 @@ class GenerationParams:
     # The LoRAs applied to the Base, in order. The row keeps the files they named instead
     # (GenerationLora), and the engine takes those files (lora_merge.AppliedLora).
     loras: tuple[LoraChoice, ...] = ()
+    # --- prompts (issue 28)
+    # How prompt and negative_prompt are read: one of PROMPT_SYNTAXES; None: "a1111"
+    # (AUTOMATIC1111's (word:1.2), [word], BREAK; sdxl_engine.prompt_syntax). Either way
+    # they are encoded in 75-token chunks, never cut at 77 tokens.
+    prompt_syntax: str | None = None
     # --- Inpainting and outpainting (AUTOMATIC1111's img2img inpaint fields)
     # The mask's bytes as sent (white = repaint; kept beside the row as the init image
     # is), resized to width x height; needs init_image.
@@ -484,6 +490,14 @@ class GenerationParams:
                 problems[name] = "must be at least 1"
         if len(self.loras) > MAX_LORAS:
             problems["loras"] = f"may name at most {MAX_LORAS} LoRAs"
+        # --- prompts (issue 28)
+        if self.prompt_syntax is not None and self.prompt_syntax not in PROMPT_SYNTAXES:
+            problems["prompt_syntax"] = one_of(PROMPT_SYNTAXES)
+        else:
+            for name in ("prompt", "negative_prompt"):
+                problem = prompt_problem(getattr(self, name), self.prompt_syntax)
+                if problem is not None:
+                    problems[name] = problem
         problems.update(self._inpaint_problems())
         return problems
 

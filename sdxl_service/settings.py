@@ -234,6 +234,7 @@ SPECTACULAR_SETTINGS = {
     # Each response's "status" is one constant; name each enum after it.
     "ENUM_NAME_OVERRIDES": {
         "RefinerPolicyEnum": "sdxl_engine.parameters.REFINER_POLICIES",
+        "PromptSyntaxEnum": "sdxl_engine.prompt_syntax.PROMPT_SYNTAXES",
         **{
             f"{name}StatusEnum": [value]
             for name, value in (

@@ -18,6 +18,7 @@ from sdxl_engine.parameters import (
     image_seeds,
     sample_steps,
 )
+from sdxl_engine.prompt_syntax import DEFAULT_PROMPT_SYNTAX
 from sdxl_engine.source import planned_native_side, planned_preset
 from sessions_app.links import session_image_mask_url, session_image_url
 from sessions_app.models import TrainingImage
@@ -285,6 +286,8 @@ def generation_summary(generation: Generation) -> dict[str, Any]:
         "refiner_switch": params.refiner_switch_at,
         "strength": params.strength,
         "output_format": params.file_format,
+        # --- prompts (issue 28)
+        "prompt_syntax": params.prompt_syntax or DEFAULT_PROMPT_SYNTAX,
         "duration_ms": generation.duration_ms,
     }
 

@@ -95,6 +95,7 @@ GENERATION_FIELDS = (
     "num_images",
     "output_format",
     "prompt",
+    "prompt_syntax",
     "quality",
     "refiner",
     "refiner_switch",

@@ -20,6 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from sdxl_engine.errors import EngineError
 from sdxl_engine.generation import inpaint
+from sdxl_engine.generation.conditioning import base_encoding, refiner_encoding
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.lora_keys import TEXT_ENCODERS
@@ -55,6 +56,11 @@ def generate_batch(
     (GenerationParams.seeds), drawn the way stock diffusers draws it for a list of
     generators. The requests are checked first (check_inputs): they must be filled
     (GenerationParams.filled). Their output format and quality do not apply here.
+
+    Prompts are read in their `prompt_syntax` and encoded in 75-token chunks with their
+    attention weights (conditioning.base_encoding). Requests whose embeddings differ in
+    length (prompts of more chunks) run Base and Refiner once per length, so each gets the
+    images it would alone; `on_step` then counts the steps of every run.
 
     `loras` apply to the Base (UNet and text encoders) for this call only, added together
     at their scales: merged into the weights and restored afterwards, so the next call
@@ -93,13 +99,9 @@ def generate_batch(
         requests = [inpaint.as_inpainting(request) for request in requests]
     check_inputs(pipelines, requests)
     shared = requests[0]
-    # Outpainting renders the grown canvas; every other request its size.
-    (width, height), steps = shared.canvas_size, shared.steps
-    guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
+    steps, guidance_scale, strength = shared.steps, shared.guidance_scale, shared.strength
     ensemble = shared.refiner_policy == "ensemble"
     img2img = strength is not None and strength < 1.0
-    # Inpainting (a mask or outpaint): each request's pixels prepared first (inpaint.prepare).
-    jobs = [inpaint.prepare(request) for request in requests] if shared.inpainting else None
     # Where the Base hands over, as a fraction of the whole schedule; diffusers ignores a
     # denoising_start that is not a float.
     refiner_switch = shared.refiner_switch_at or DEFAULT_REFINER_SWITCH
@@ -112,123 +114,172 @@ def generate_batch(
             "these pipelines were loaded for training, without the SDXL Refiner; "
             "load them with purpose='generation' to generate"
         )
-    report_step = _step_reporter(steps, on_step)
     # Once the native size's graphs are compiled, a call the compiled code has not seen
     # runs eagerly: seconds slower, instead of a compile that would hold the request for
     # minutes. Other shapes replay CUDA graphs (graphs.UNetGraphs).
     stance = "eager_on_recompile" if pipelines.warmed_up else "default"
     own_schedulers = base.scheduler, refiner_pipe.scheduler
     try:
-        if scheduler is not None:
-            seeds = _noise_seeds(requests)
-            base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
-            refiner_pipe.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
         # The text encoders carry the LoRAs only while the Base's prompts are encoded:
         # text_encoder_2 is shared with the Refiner, which must not see them.
         pipelines.loras.merge(loras)
         with torch.no_grad(), torch.compiler.set_stance(stance):
-            embeddings = _base_embeddings(pipelines, requests, guidance_scale)
+            encodings = [
+                base_encoding(pipelines, request, guidance_scale > 1.0) for request in requests
+            ]
             pipelines.loras.restore(TEXT_ENCODERS)
-            generators = [
-                torch.Generator(pipelines.device).manual_seed(seed)
+            # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
+            # matching the latents' batch.
+            refiner_encodings = [
+                refiner_encoding(refiner_pipe, request, pipelines.device) if ensemble else None
                 for request in requests
-                for seed in request.seeds
             ]
-            # A scheduler that draws noise in its steps (euler_a) draws each image's from
-            # its generator, which drew its starting noise: an image does not depend on
-            # its batch. Without a scheduler txt2img gets none, as before the field.
-            step_noise = (
-                {"generator": generators}
-                if scheduler is not None or img2img or jobs is not None
-                else {}
-            )
-            base_stage = dict(
-                **embeddings,
-                guidance_scale=guidance_scale,
-                num_inference_steps=steps,
-                # None: the whole schedule (stock diffusers' Base alone).
-                denoising_end=handover if ensemble else None,
-                output_type="latent",
-                callback_on_step_end=report_step,
-                **step_noise,
-            )
-            inpainting = None
-            if jobs is not None:
-                assert strength is not None, "check_inputs: inpainting has an init_image"
-                inpainting = inpaint.inputs(pipelines, requests, jobs, generators)
-                latents = inpaint.base_pass(
+            # Prompts of more 75-token chunks make longer embeddings: requests of each
+            # length denoise together, so that each gets the images it would alone.
+            groups = _length_groups(encodings, refiner_encodings)
+            report_step = _step_reporter(steps * len(groups), on_step)
+            images: list[list[PIL.Image.Image]] = [[] for _ in requests]
+            for group in groups:
+                group_images = _render_group(
                     pipelines,
-                    inpainting,
-                    strength=strength,
-                    height=height,
-                    width=width,
-                    stage=base_stage,
+                    [requests[index] for index in group],
+                    _concatenated(encodings[index] for index in group),
+                    [refiner_encodings[index] for index in group],
+                    report_step,
+                    handover,
+                    own_schedulers,
                 )
-            elif img2img:
-                latents = _img2img_of(base)(
-                    image=_init_latents(pipelines, requests, height, width, generators),
-                    strength=strength,
-                    **base_stage,
-                ).images
-            else:
-                latents = base(
-                    latents=_starting_noise(pipelines, height, width, generators),
-                    height=height,
-                    width=width,
-                    **base_stage,
-                ).images
-            if ensemble:
-                # The Refiner runs without CFG (guidance 1.0): one prompt encoding per image,
-                # matching the latents' batch.
-                prompt_embeds, pooled = _concatenated(
-                    refiner_pipe.encode_prompt(
-                        request.prompt,
-                        device=torch.device(pipelines.device),
-                        num_images_per_prompt=request.num_images,
-                        do_classifier_free_guidance=False,
-                    )
-                    for request in requests
-                )[::2]
-                refiner_stage = dict(
-                    prompt_embeds=prompt_embeds,
-                    pooled_prompt_embeds=pooled,
-                    num_inference_steps=steps,
-                    denoising_start=handover,
-                    guidance_scale=1.0,
-                    output_type="latent",
-                    callback_on_step_end=report_step,
-                    **step_noise,
-                )
-                if inpainting is not None:
-                    refined = inpaint.refiner_pass(
-                        pipelines,
-                        inpainting,
-                        latents,
-                        height=height,
-                        width=width,
-                        stage=refiner_stage,
-                    )
-                else:
-                    refined = refiner_pipe(image=latents, **refiner_stage).images
-            else:
-                refined = latents
-            # One decode per request: the VAE's memory grows with its batch, and a batch of
-            # several requests must not need more than the largest of them alone.
-            images = [
-                decode_latents(pipelines, part)
-                for part in refined.split([request.num_images for request in requests])
-            ]
-            if jobs is not None:
-                # A1111's overlay: the original back outside the blurred mask.
-                images = [
-                    [inpaint.finish(job, image) for image in request_images]
-                    for job, request_images in zip(jobs, images, strict=True)
-                ]
+                for index, request_images in zip(group, group_images, strict=True):
+                    images[index] = request_images
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
         # must find the model's own, the next without LoRAs the model's own weights.
         base.scheduler, refiner_pipe.scheduler = own_schedulers
         pipelines.loras.restore()
+    return images
+
+
+def _length_groups(
+    encodings: Sequence[tuple[torch.Tensor | None, ...]],
+    refiner_encodings: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+) -> list[list[int]]:
+    """The requests' indices by the lengths of their prompt embeddings (Base's, and the
+    Refiner's when it runs), in order of first appearance."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (encoding, refined) in enumerate(zip(encodings, refiner_encodings, strict=True)):
+        lengths = [
+            tensor.shape[1] for tensor in encoding if tensor is not None and tensor.ndim == 3
+        ]
+        if refined is not None:
+            lengths.append(refined[0].shape[1])
+        groups.setdefault(tuple(lengths), []).append(index)
+    return list(groups.values())
+
+
+def _render_group(
+    pipelines: Pipelines,
+    requests: Sequence[GenerationParams],
+    embeddings: list[torch.Tensor | None],
+    refiner_encodings: Sequence[tuple[torch.Tensor, torch.Tensor] | None],
+    report_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]],
+    handover: float,
+    own_schedulers: tuple[Any, Any],
+) -> list[list[PIL.Image.Image]]:
+    """The images of requests whose embeddings have one length: one run of Base and
+    Refiner for all of them (generate_batch's), one decode per request."""
+    shared = requests[0]
+    # Outpainting renders the grown canvas; every other request its size.
+    (width, height), steps = shared.canvas_size, shared.steps
+    guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
+    ensemble = shared.refiner_policy == "ensemble"
+    img2img = strength is not None and strength < 1.0
+    # Inpainting (a mask or outpaint): each request's pixels prepared first (inpaint.prepare).
+    jobs = [inpaint.prepare(request) for request in requests] if shared.inpainting else None
+    base, refiner_pipe = pipelines.base, pipelines.refiner
+    assert refiner_pipe is not None  # generate_batch checked
+    prompt_embeds, negative_embeds, pooled, negative_pooled = embeddings
+    if scheduler is not None:
+        seeds = _noise_seeds(requests)
+        base.scheduler = build_scheduler(scheduler, own_schedulers[0].config, seeds)
+        refiner_pipe.scheduler = build_scheduler(scheduler, own_schedulers[1].config, seeds)
+    generators = [
+        torch.Generator(pipelines.device).manual_seed(seed)
+        for request in requests
+        for seed in request.seeds
+    ]
+    # A scheduler that draws noise in its steps (euler_a) draws each image's from
+    # its generator, which drew its starting noise: an image does not depend on
+    # its batch. Without a scheduler txt2img gets none, as before the field.
+    step_noise = (
+        {"generator": generators} if scheduler is not None or img2img or jobs is not None else {}
+    )
+    base_stage = dict(
+        prompt_embeds=prompt_embeds,
+        negative_prompt_embeds=negative_embeds,
+        pooled_prompt_embeds=pooled,
+        negative_pooled_prompt_embeds=negative_pooled,
+        guidance_scale=guidance_scale,
+        num_inference_steps=steps,
+        # None: the whole schedule (stock diffusers' Base alone).
+        denoising_end=handover if ensemble else None,
+        output_type="latent",
+        callback_on_step_end=report_step,
+        **step_noise,
+    )
+    inpainting = None
+    if jobs is not None:
+        assert strength is not None, "check_inputs: inpainting has an init_image"
+        inpainting = inpaint.inputs(pipelines, requests, jobs, generators)
+        latents = inpaint.base_pass(
+            pipelines, inpainting, strength=strength, height=height, width=width, stage=base_stage
+        )
+    elif img2img:
+        latents = _img2img_of(base)(
+            image=_init_latents(pipelines, requests, height, width, generators),
+            strength=strength,
+            **base_stage,
+        ).images
+    else:
+        latents = base(
+            latents=_starting_noise(pipelines, height, width, generators),
+            height=height,
+            width=width,
+            **base_stage,
+        ).images
+    if ensemble:
+        refiner_embeds, refiner_pooled = _concatenated(
+            encoding for encoding in refiner_encodings if encoding is not None
+        )
+        refiner_stage = dict(
+            prompt_embeds=refiner_embeds,
+            pooled_prompt_embeds=refiner_pooled,
+            num_inference_steps=steps,
+            denoising_start=handover,
+            guidance_scale=1.0,
+            output_type="latent",
+            callback_on_step_end=report_step,
+            **step_noise,
+        )
+        if inpainting is not None:
+            refined = inpaint.refiner_pass(
+                pipelines, inpainting, latents, height=height, width=width, stage=refiner_stage
+            )
+        else:
+            refined = refiner_pipe(image=latents, **refiner_stage).images
+    else:
+        refined = latents
+    # One decode per request: the VAE's memory grows with its batch, and a batch of
+    # several requests must not need more than the largest of them alone.
+    images = [
+        decode_latents(pipelines, part)
+        for part in refined.split([request.num_images for request in requests])
+    ]
+    if jobs is not None:
+        # A1111's overlay: the original back outside the blurred mask.
+        images = [
+            [inpaint.finish(job, image) for image in request_images]
+            for job, request_images in zip(jobs, images, strict=True)
+        ]
     return images
 
 
@@ -238,31 +289,6 @@ def _img2img_of(base: StableDiffusionXLPipeline) -> StableDiffusionXLImg2ImgPipe
     pipeline = StableDiffusionXLImg2ImgPipeline(**base.components)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
-
-
-def _base_embeddings(
-    pipelines: Pipelines, requests: Sequence[GenerationParams], guidance_scale: float
-) -> dict[str, torch.Tensor | None]:
-    """The Base's prompt embeddings of every request, one per image, concatenated."""
-    encodings = [
-        pipelines.base.encode_prompt(
-            request.prompt,
-            device=torch.device(pipelines.device),
-            num_images_per_prompt=request.num_images,
-            do_classifier_free_guidance=guidance_scale > 1.0,
-            # SDXL's Base is meant to see zeros for an empty negative prompt
-            # (force_zeros_for_empty_prompt); diffusers applies that only to None.
-            negative_prompt=request.negative_prompt or None,
-        )
-        for request in requests
-    ]
-    prompt_embeds, negative_embeds, pooled, negative_pooled = _concatenated(encodings)
-    return {
-        "prompt_embeds": prompt_embeds,
-        "negative_prompt_embeds": negative_embeds,
-        "pooled_prompt_embeds": pooled,
-        "negative_pooled_prompt_embeds": negative_pooled,
-    }
 
 
 def _starting_noise(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import re
 
 import piexif
 import piexif.helper
@@ -148,6 +149,37 @@ def test_infotext_numbers_as_a1111_writes_them():
 
 def test_infotext_strips_surrounding_whitespace_like_a1111():
     assert infotext(make_record(prompt="  fox  ")).startswith("fox  \nSteps: 30,")
+
+
+def _a1111_prompts(text: str) -> tuple[str, str, str]:
+    """(prompt, negative prompt, parameters line) of an infotext, split as A1111's
+    parse_generation_parameters (modules/infotext_utils.py) splits them: the last line is
+    the parameters when it has 3 key: value pairs, the lines before "Negative prompt:"
+    the prompt, those from it the negative prompt."""
+    *lines, last = text.strip().split("\n")
+    if len(re.findall(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)', last)) < 3:
+        lines, last = [*lines, last], ""
+    prompt, negative, in_negative = [], [], False
+    for line in (line.strip() for line in lines):
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[16:].strip()
+        (negative if in_negative else prompt).append(line)
+    return "\n".join(prompt), "\n".join(negative), last
+
+
+@pytest.mark.parametrize("syntax", [None, "a1111", "plain"])
+def test_a_weighted_prompt_reads_back_in_a1111_as_it_was_given(syntax):
+    prompt = "((sks person:1.2)), [blurry] BREAK \\(literal\\), 8k: sharp"
+    negative = "(worst quality:1.4), [[lowres]]\nwatermark"
+    record = make_record(prompt=prompt, negative_prompt=negative, prompt_syntax=syntax)
+    text = read_infotext(encode_image(image(), record))
+    assert text is not None
+    read_prompt, read_negative, parameters = _a1111_prompts(text)
+    assert (read_prompt, read_negative) == (prompt, negative)
+    # A1111 reads weighted prompts under its default emphasis unless told "None".
+    assert ("Emphasis: None" in parameters) == (syntax == "plain")
+    plain_words = make_record(prompt="a fox", prompt_syntax="plain")
+    assert "Emphasis" not in infotext(plain_words)
 
 
 def image() -> Image.Image:

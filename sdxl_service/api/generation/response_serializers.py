@@ -7,6 +7,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from sdxl_engine.parameters import OUTPUT_FORMATS, REFINER_POLICIES
+from sdxl_engine.prompt_syntax import PROMPT_SYNTAXES
 
 
 # Inline rather than a nullable reference: OpenAPI 3.0.3 ignores `nullable` beside a bare
@@ -59,6 +60,10 @@ class GenerationUsed(serializers.Serializer[Any]):
     )
     strength = serializers.FloatField(allow_null=True, help_text="img2img's; null for txt2img")
     output_format = serializers.ChoiceField(choices=OUTPUT_FORMATS)
+    # --- prompts (issue 28)
+    prompt_syntax = serializers.ChoiceField(
+        choices=PROMPT_SYNTAXES, help_text="how the prompts were read (a1111 when left out)"
+    )
     duration_ms = serializers.IntegerField(allow_null=True)
 
 
@@ -91,6 +96,8 @@ class GenerationParameters(serializers.Serializer[Any]):
         help_text="the margins; the images are (width + left + right) x (height + top + "
         "bottom), width and height being the init image's size in them",
     )
+    # --- prompts (issue 28)
+    prompt_syntax = serializers.CharField(required=False)
 
 
 class Txt2ImgResponse(GenerationUsed):

@@ -34,6 +34,7 @@ from sdxl_engine.parameters import (
     field_names,
     one_of,
 )
+from sdxl_engine.prompt_syntax import DEFAULT_PROMPT_SYNTAX, PROMPT_SYNTAXES
 from sdxl_engine.schedulers import SCHEDULER_NAMES, SCHEDULERS
 from sdxl_service.api import field_aliases
 from sdxl_service.api.common import WebhookFields
@@ -277,6 +278,27 @@ class Txt2ImgSerializer(WebhookFields):
         "px into the image. The images are (width + left + right) x (height + top + bottom), "
         "each side at most SDXL_MAX_IMAGE_SIDE; width and height stay the image's. Needs "
         "init_image_base64; not with mask_base64",
+    )
+
+    # --- prompts (issue 28)
+    prompt_syntax = ChoiceField(
+        choices=[
+            (
+                "a1111",
+                "AUTOMATIC1111's attention syntax: (word) x1.1, ((word)), [word] /1.1, "
+                "(word:1.3), \\( \\) for literal brackets, BREAK starts a new 75-token chunk",
+            ),
+            (
+                "plain",
+                "the prompts as written, every character literal (A1111's emphasis 'None')",
+            ),
+        ],
+        required=False,
+        allow_null=True,
+        error_messages={"invalid_choice": one_of(PROMPT_SYNTAXES)},
+        help_text="how prompt and negative_prompt are read; left out (or null): "
+        f"{DEFAULT_PROMPT_SYNTAX}. Either way prompts of any length are encoded in 75-token "
+        "chunks, as AUTOMATIC1111 does",
     )
 
     response_format = ChoiceField(
