@@ -96,7 +96,7 @@ def face_mask(image: Image.Image) -> FaceMask:
     import cv2
 
     upright = ImageOps.exif_transpose(image)
-    boxes = _face_boxes(upright)
+    boxes = face_boxes(upright)
     if not boxes:
         return FaceMask(faces=0, mask=None)
     mask = np.zeros((upright.height, upright.width), dtype=np.uint8)
@@ -109,8 +109,9 @@ def face_mask(image: Image.Image) -> FaceMask:
     return FaceMask(faces=len(boxes), mask=Image.fromarray(feathered, mode="L"))
 
 
-def _face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
-    """(x, y, width, height) of each face, in `upright`'s pixels."""
+def face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
+    """(x, y, width, height) of each face, in `upright`'s pixels, the largest first. The
+    box runs from the eyebrows to the mouth (FACE_ELLIPSE_* say how far a face reaches)."""
     import cv2
     from cv2.data import haarcascades  # cv2's type stubs leave out its `data` module
 
@@ -126,7 +127,11 @@ def _face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]
         minNeighbors=FACE_MIN_NEIGHBOURS,
         minSize=(min_side, min_side),
     )
-    return [(x * scale, y * scale, w * scale, h * scale) for x, y, w, h in found]
+    boxes = [
+        (float(x * scale), float(y * scale), float(w * scale), float(h * scale))
+        for x, y, w, h in found
+    ]
+    return sorted(boxes, key=lambda box: box[2] * box[3], reverse=True)
 
 
 # --- Subjects ------------------------------------------------------------------------------
