@@ -32,9 +32,6 @@ from PIL import Image
 from sdxl_engine import masking
 from sdxl_engine.parameters import FACE_DILATE, FACE_MASK_BLUR
 
-# The "ADetailer model" the infotext names: the cascade file that finds the faces.
-FACE_MODEL = masking.FACE_CASCADE
-
 # (left, top, right, bottom) in pixels, right and bottom exclusive: PIL's crop box.
 Box = tuple[int, int, int, int]
 

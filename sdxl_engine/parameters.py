@@ -362,6 +362,9 @@ MAX_FACES = 16
 # ad_dilate_erode pixels, then is blurred by ad_mask_blur pixels (A1111's mask blur).
 FACE_DILATE = 4
 FACE_MASK_BLUR = 4
+# The detector, as the infotext's "ADetailer model" names it: OpenCV's frontal-face cascade
+# (sdxl_engine.masking.FACE_CASCADE, the file in cv2.data.haarcascades).
+FACE_DETAIL_MODEL = "haarcascade_frontalface_default.xml"
 
 
 @dataclass(frozen=True)

@@ -286,6 +286,7 @@ def generation_summary(generation: Generation) -> dict[str, Any]:
         "strength": params.strength,
         "output_format": params.file_format,
         "duration_ms": generation.duration_ms,
+        "faces_redone": generation.faces_redone,
     }
 
 

@@ -11,17 +11,20 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from sdxl_engine import faces
+from sdxl_engine import faces, masking
 from sdxl_engine.errors import GenerationCancelled
 from sdxl_engine.generation.faces import img2img_steps, redo_faces
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.generation.render import Progress, render_batch
+from sdxl_engine.image_output import infotext
 from sdxl_engine.parameters import (
     DEFAULT_FACE_PADDING,
+    FACE_DETAIL_MODEL,
     DEFAULT_FACE_STRENGTH,
     FaceDetail,
     GenerationParams,
 )
+from tests.engine.test_image_output import TWO_LORAS, make_record
 
 SIDE = 256
 # The astronaut's face in the 512-pixel photo, by eye: eyebrows to chin, ear to ear.
@@ -199,3 +202,19 @@ def test_face_detail_defaults_and_problems_are_adetailers():
     for bad in ({"strength": 0.0}, {"strength": 1.5}, {"padding": -1}, {"max_faces": 0}):
         assert set(_request(**bad).problems()) == {"face_detail"}, bad
     assert _request().problems() == {}
+
+
+def test_infotext_writes_adetailers_keys_only_with_face_detail():
+    assert "ADetailer" not in infotext(make_record())
+    face_detail = {"strength": 0.35, "prompt": "", "padding": 24, "max_faces": 2}
+    text = infotext(make_record(loras=TWO_LORAS[:1], face_detail=face_detail))
+    assert text.endswith(
+        "ADetailer model: haarcascade_frontalface_default.xml, "
+        "ADetailer method to decide top k masks: Area, ADetailer mask only top k: 2, "
+        "ADetailer dilate erode: 4, ADetailer mask blur: 4, "
+        "ADetailer denoising strength: 0.35, ADetailer inpaint only masked: True, "
+        'ADetailer inpaint padding: 24, Lora hashes: "lora_3: abcdef012345"'
+    )
+    own_prompt = infotext(make_record(face_detail={**face_detail, "prompt": "a smiling face, 8k"}))
+    assert ', ADetailer prompt: "a smiling face, 8k", ADetailer method' in own_prompt
+    assert FACE_DETAIL_MODEL == masking.FACE_CASCADE

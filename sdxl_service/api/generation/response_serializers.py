@@ -60,6 +60,21 @@ class GenerationUsed(serializers.Serializer[Any]):
     strength = serializers.FloatField(allow_null=True, help_text="img2img's; null for txt2img")
     output_format = serializers.ChoiceField(choices=OUTPUT_FORMATS)
     duration_ms = serializers.IntegerField(allow_null=True)
+    faces_redone = serializers.ListField(
+        child=serializers.IntegerField(),
+        allow_null=True,
+        help_text="per image, how many faces the face detail pass redid (0: none found, "
+        "the image as first made); null without face_detail, and until completed",
+    )
+
+
+class FaceDetailUsed(serializers.Serializer[Any]):
+    """The face detail pass a generation asked for, its defaults filled."""
+
+    strength = serializers.FloatField()
+    prompt = serializers.CharField(help_text="empty: the request's prompt")
+    padding = serializers.IntegerField()
+    max_faces = serializers.IntegerField()
 
 
 class GenerationParameters(serializers.Serializer[Any]):
@@ -80,6 +95,7 @@ class GenerationParameters(serializers.Serializer[Any]):
     strength = serializers.FloatField(required=False)
     output_format = serializers.CharField(required=False)
     quality = serializers.IntegerField(required=False)
+    face_detail = FaceDetailUsed(required=False)
 
 
 class Txt2ImgResponse(GenerationUsed):
