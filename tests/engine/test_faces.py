@@ -19,8 +19,8 @@ from sdxl_engine.generation.render import Progress, render_batch
 from sdxl_engine.image_output import infotext
 from sdxl_engine.parameters import (
     DEFAULT_FACE_PADDING,
-    FACE_DETAIL_MODEL,
     DEFAULT_FACE_STRENGTH,
+    FACE_DETAIL_MODEL,
     FaceDetail,
     GenerationParams,
 )

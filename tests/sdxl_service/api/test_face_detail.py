@@ -43,7 +43,8 @@ def test_face_detail_is_recorded_answered_and_leaves_a_faceless_image_alone(
     assert status["faces_redone"] == [0, 0]
     assert status["parameters"]["face_detail"] == recorded
     # No face in noise: the images are the plain request's, pixel for pixel.
-    for with_faces, without in zip(body["images_base64"], plain.json()["images_base64"]):
+    images = zip(body["images_base64"], plain.json()["images_base64"], strict=True)
+    for with_faces, without in images:
         assert np.array_equal(pixels(with_faces), pixels(without))
     text = read_infotext(base64.b64decode(body["images_base64"][0]))
     assert "ADetailer denoising strength: 0.5, " in text
