@@ -18,7 +18,7 @@ the img2img in between.
 - Back in: the redone square, resized to the crop, replaces the image through the mask:
   where the mask is 0 (away from the face) every pixel stays exactly as it was.
 
-Imports OpenCV (inside the functions, as masking does), numpy and Pillow only.
+No torch: OpenCV (imported inside the functions, as masking does), numpy and Pillow.
 """
 
 from __future__ import annotations
@@ -80,8 +80,8 @@ def face_region(image_size: tuple[int, int], face: Box, padding: int) -> FaceReg
         max(0, left - FACE_DILATE) : min(width, right + FACE_DILATE),
     ] = 255
     kernel = 2 * int(2.5 * FACE_MASK_BLUR + 0.5) + 1
-    mask = cv2.GaussianBlur(mask, (kernel, kernel), FACE_MASK_BLUR)
-    rows, columns = np.nonzero(mask)
+    feathered = cv2.GaussianBlur(mask, (kernel, kernel), FACE_MASK_BLUR)
+    rows, columns = np.nonzero(feathered)
     reach = (
         max(0, int(columns.min()) - padding),
         max(0, int(rows.min()) - padding),
@@ -89,7 +89,7 @@ def face_region(image_size: tuple[int, int], face: Box, padding: int) -> FaceReg
         min(height, int(rows.max()) + 1 + padding),
     )
     return FaceRegion(
-        face=face, crop=_square_around(reach, width, height), mask=Image.fromarray(mask, "L")
+        face=face, crop=_square_around(reach, width, height), mask=Image.fromarray(feathered, "L")
     )
 
 

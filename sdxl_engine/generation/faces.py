@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import PIL.Image
 
@@ -16,7 +16,7 @@ from sdxl_engine.faces import face_crop, face_region, find_faces, paste_face
 from sdxl_engine.generation.batch import generate_batch, native_side
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
-from sdxl_engine.parameters import GenerationParams
+from sdxl_engine.parameters import GENERATION_DEFAULTS, GenerationParams
 
 if TYPE_CHECKING:
     from sdxl_engine.generation.render import Progress
@@ -59,6 +59,11 @@ def redo_faces(
     the native size: the compiled path), from the image as the faces before it left it.
     Its seed is its image's own, its prompt the face_detail's or else the request's."""
     side = native_side(pipelines)
+    own_defaults: dict[str, Any] = {
+        name: getattr(GENERATION_DEFAULTS, name)
+        for name in FIRST_PASS_ONLY
+        if hasattr(GENERATION_DEFAULTS, name)
+    }
     found = [
         [
             find_faces(image, request.face_detail.max_faces)
@@ -80,11 +85,6 @@ def redo_faces(
             redone_images.append(list(request_images))
             counts.append(None)
             continue
-        own_defaults = {
-            field.name: field.default
-            for field in dataclasses.fields(GenerationParams)
-            if field.name in FIRST_PASS_ONLY
-        }
         face_params = dataclasses.replace(
             request,
             **own_defaults,
