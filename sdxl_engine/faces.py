@@ -3,11 +3,11 @@
 each is redone in, and how the redone square goes back. sdxl_engine.generation.faces runs
 the img2img in between.
 
-- Faces: OpenCV's frontal-face Haar cascade, as the face masks of training images find
-  them (masking.face_boxes: its weights ship in the opencv wheel, so this works offline),
-  largest first. The cascade boxes eyebrows to mouth; a face here is the box around the
-  ellipse masking draws from it (forehead and chin included), as ADetailer's face models
-  box a whole face.
+- Faces: OpenCV's frontal-face Haar cascade (face_boxes), whose weights ship in the opencv
+  wheel, so this works offline; the face masks of training images (sdxl_engine.masking)
+  find them with it too. Largest first. The cascade boxes eyebrows to mouth; a face here
+  is the box around the ellipse masking draws from it (forehead and chin included), as
+  ADetailer's face models box a whole face.
 - The mask: the face's box grown by FACE_DILATE pixels (ADetailer's ad_dilate_erode) and
   blurred as A1111 blurs an inpainting mask (`mask_blur` = FACE_MASK_BLUR: a Gaussian of
   that sigma over a kernel of 2 x int(2.5 x blur + 0.5) + 1 pixels), in image pixels.
@@ -18,20 +18,40 @@ the img2img in between.
 - Back in: the redone square, resized to the crop, replaces the image through the mask:
   where the mask is 0 (away from the face) every pixel stays exactly as it was.
 
-No torch: OpenCV (imported inside the functions, as masking does), numpy and Pillow.
+No torch: OpenCV (imported inside the functions, so importing this module loads none of
+it), numpy and Pillow.
 """
 
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-from sdxl_engine import masking
-from sdxl_engine.parameters import FACE_DILATE, FACE_MASK_BLUR
+from sdxl_engine.parameters import FACE_DETAIL_MODEL, FACE_DILATE, FACE_MASK_BLUR
 
+# OpenCV's frontal-face cascade, in the folder cv2.data.haarcascades.
+FACE_CASCADE = FACE_DETAIL_MODEL
+# Faces are looked for in a copy whose longest side is at most this: a 24-megapixel phone
+# photo costs what a 1024-pixel one does, and a face too small to find at this size is too
+# small to matter for a LoRA.
+FACE_DETECTION_SIDE = 1024
+# The cascade's settings, tuned on scikit-image's astronaut() (exactly her face) and on
+# textures (brick, gravel, grass, noise, a gradient: nothing; nor in coffee, chelsea the
+# cat, rocket): a window grows 10% per scale, a face needs 5 overlapping hits, and is at
+# least 1/20 of the image's shorter side.
+FACE_SCALE_STEP = 1.1
+FACE_MIN_NEIGHBOURS = 5
+FACE_MIN_SIDE_FRACTION = 1 / 20
+# The cascade's box runs from the eyebrows to the mouth: the ellipse is 1.3 times its width
+# and 1.6 times its height, its centre raised by 10% of the height, so it reaches 0.4 box
+# heights above the box (forehead, hair line) and 0.2 below it (the chin).
+FACE_ELLIPSE_WIDTH = 1.3
+FACE_ELLIPSE_HEIGHT = 1.6
+FACE_ELLIPSE_RAISE = 0.1
 # (left, top, right, bottom) in pixels, right and bottom exclusive: PIL's crop box.
 Box = tuple[int, int, int, int]
 
@@ -46,16 +66,44 @@ class FaceRegion:
     mask: Image.Image
 
 
+def face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
+    """(x, y, width, height) of each face, in `upright`'s pixels, the largest first. The
+    box runs from the eyebrows to the mouth (FACE_ELLIPSE_* say how far a face reaches)."""
+    import cv2
+    from cv2.data import haarcascades  # cv2's type stubs leave out its `data` module
+
+    grey_image = upright.convert("L")
+    if max(grey_image.size) > FACE_DETECTION_SIDE:
+        grey_image.thumbnail((FACE_DETECTION_SIDE, FACE_DETECTION_SIDE), Image.Resampling.BILINEAR)
+    grey = np.asarray(grey_image)
+    scale = upright.width / grey.shape[1]
+    # Equalised, so a dim or washed-out photo's face has the contrast the cascade learnt on.
+    grey = cv2.equalizeHist(grey)
+    min_side = max(1, round(min(grey.shape) * FACE_MIN_SIDE_FRACTION))
+    detector = cv2.CascadeClassifier(os.path.join(haarcascades, FACE_CASCADE))
+    found = detector.detectMultiScale(
+        grey,
+        scaleFactor=FACE_SCALE_STEP,
+        minNeighbors=FACE_MIN_NEIGHBOURS,
+        minSize=(min_side, min_side),
+    )
+    boxes = [
+        (float(x * scale), float(y * scale), float(w * scale), float(h * scale))
+        for x, y, w, h in found
+    ]
+    return sorted(boxes, key=lambda box: box[2] * box[3], reverse=True)
+
+
 def find_faces(image: Image.Image, max_faces: int) -> list[Box]:
     """The faces in `image`, whole-face boxes within the image, the largest first, at
     most `max_faces` (ADetailer's "mask only top k" by area)."""
     width, height = image.size
     faces = []
-    for x, y, w, h in masking.face_boxes(image.convert("RGB"))[:max_faces]:
+    for x, y, w, h in face_boxes(image)[:max_faces]:
         centre_x = x + w / 2
-        centre_y = y + h / 2 - masking.FACE_ELLIPSE_RAISE * h
-        half_width = w * masking.FACE_ELLIPSE_WIDTH / 2
-        half_height = h * masking.FACE_ELLIPSE_HEIGHT / 2
+        centre_y = y + h / 2 - FACE_ELLIPSE_RAISE * h
+        half_width = w * FACE_ELLIPSE_WIDTH / 2
+        half_height = h * FACE_ELLIPSE_HEIGHT / 2
         faces.append(
             (
                 max(0, int(np.floor(centre_x - half_width))),

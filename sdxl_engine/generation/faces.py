@@ -7,8 +7,8 @@ work is sdxl_engine.faces (no torch); this module runs the img2img between."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import PIL.Image
 
@@ -18,8 +18,14 @@ from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.parameters import GENERATION_DEFAULTS, GenerationParams
 
-if TYPE_CHECKING:
-    from sdxl_engine.generation.render import Progress
+
+class Progress(Protocol):
+    """render.Progress, as this pass uses it (render imports this module, not back)."""
+
+    def add(self, steps: int) -> None: ...
+
+    def pass_reporter(self) -> Callable[[int, int], None]: ...
+
 
 # What describes the request's first pass or its reworking, not how a face is redone:
 # a face's img2img request takes each back to its default (those this version has), so

@@ -5,13 +5,15 @@ only near the face, everything else exactly as it was."""
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+from cv2.data import haarcascades
 from PIL import Image
 from skimage import data
 
-from sdxl_engine import faces, masking
+from sdxl_engine import faces
 from sdxl_engine.errors import GenerationCancelled
 from sdxl_engine.generation.faces import img2img_steps, redo_faces
 from sdxl_engine.generation.pipelines import Pipelines
@@ -217,4 +219,6 @@ def test_infotext_writes_adetailers_keys_only_with_face_detail():
     )
     own_prompt = infotext(make_record(face_detail={**face_detail, "prompt": "a smiling face, 8k"}))
     assert ', ADetailer prompt: "a smiling face, 8k", ADetailer method' in own_prompt
-    assert FACE_DETAIL_MODEL == masking.FACE_CASCADE
+    # The model named is the file the detector loads.
+    assert FACE_DETAIL_MODEL == faces.FACE_CASCADE
+    assert (Path(haarcascades) / FACE_DETAIL_MODEL).is_file()
