@@ -93,3 +93,25 @@ def test_a_bad_face_detail_is_a_400_naming_it_and_records_nothing(
     response = api.post("/txt2img", {**SMALL, "face_detail": face_detail}, format="json")
     assert_error(response, 400, fragment)
     assert not Generation.objects.exists()
+
+
+def test_a_face_found_is_redone_counted_and_its_steps_are_the_jobs(
+    api, generations_in_process, monkeypatch
+):
+    # The tiny model draws no faces: one is said to be found in the middle of each image.
+    from sdxl_engine.generation import faces
+
+    monkeypatch.setattr(faces, "find_faces", lambda image, max_faces: [(24, 24, 40, 40)])
+    plain = api.post("/txt2img", SMALL, format="json").json()
+    body = api.post(
+        "/txt2img", {**SMALL, "face_detail": {"strength": 0.6, "padding": 0}}, format="json"
+    ).json()
+
+    assert body["faces_redone"] == [1]
+    before, after = pixels(plain["images_base64"][0]), pixels(body["images_base64"][0])
+    # The face's box grown 4 px and feathered 10 px more; nothing changes outside that.
+    assert np.array_equal(before[:10], after[:10]) and np.array_equal(before[:, 55:], after[:, 55:])
+    assert np.abs(before[24:40, 24:40].astype(int) - after[24:40, 24:40]).mean() > 10
+    row = Generation.objects.get(pk=body["generation_id"])
+    # 5 steps of the first pass, then int(5 x 0.6) = 3 of the face's.
+    assert (row.step, row.total_steps, row.faces_redone) == (8, 8, [1])

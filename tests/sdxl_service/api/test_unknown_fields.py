@@ -393,6 +393,7 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "loras": [{"session_id": session.pk, "iteration": 1, "scale": 0.7}],
                     "init_image_base64": image,
                     "strength": 0.5,
+                    "face_detail": {"strength": 0.3, "prompt": "a face", "padding": 16},
                 },
                 202,
             ),
