@@ -138,6 +138,13 @@ def test_without_face_detail_nothing_runs(pipelines: Pipelines):
     assert counts == [None] and images[0][0] is photo
 
 
+def two_astronauts() -> Image.Image:
+    canvas = Image.new("RGB", (SIDE + 160, SIDE), "gray")
+    canvas.paste(astronaut(), (0, 0))
+    canvas.paste(astronaut(160), (SIDE, 0))
+    return canvas
+
+
 def test_max_faces_keeps_the_largest_faces(pipelines: Pipelines):
     # Two astronauts side by side, the second smaller.
     canvas = two_astronauts()
@@ -157,13 +164,6 @@ def test_max_faces_keeps_the_largest_faces(pipelines: Pipelines):
     assert np.array_equal(before[small], after[small])
     large = np.s_[both[0][1] : both[0][3], both[0][0] : both[0][2]]
     assert np.abs(before[large] - after[large]).mean() > 20
-
-
-def two_astronauts() -> Image.Image:
-    canvas = Image.new("RGB", (SIDE + 160, SIDE), "gray")
-    canvas.paste(astronaut(), (0, 0))
-    canvas.paste(astronaut(160), (SIDE, 0))
-    return canvas
 
 
 def test_a_cancel_stops_the_pass_between_faces(pipelines: Pipelines):
