@@ -69,7 +69,14 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdxl_engine.parameters import DEFAULT_QUALITY, output_problems, problems_text
+from sdxl_engine.parameters import (
+    DEFAULT_QUALITY,
+    FACE_DETAIL_MODEL,
+    FACE_DILATE,
+    FACE_MASK_BLUR,
+    output_problems,
+    problems_text,
+)
 from sdxl_engine.schedulers import SCHEDULERS
 
 # A generation's record as JSON: GenerationParams.record() and what the service adds.
@@ -164,6 +171,10 @@ def infotext(record: Record) -> str:
     if record.get("strength") is not None:
         pairs["Denoising strength"] = record["strength"]
     pairs.update(_inpaint_pairs(record))
+    # --- face detail: ADetailer sets its keys before sampling (its before_process), so
+    # ahead of "Lora hashes"; only for a request that asked for the pass.
+    if record.get("face_detail"):
+        pairs.update(_face_detail_pairs(record["face_detail"]))
     hashes = [
         f"{_hash_key(lora_prompt_name(lora))}: {lora['short_hash']}"
         for lora in loras
@@ -220,6 +231,26 @@ def _inpaint_pairs(record: Record) -> dict[str, object]:
         pairs["Outpaint"] = ", ".join(
             f"{side} {outpaint[side]}" for side in ("left", "right", "top", "bottom")
         )
+    return pairs
+
+
+# --- face detail
+def _face_detail_pairs(face_detail: Record) -> dict[str, object]:
+    """The face detail pass as ADetailer writes its first tab's options (adetailer/args.py,
+    `ADetailerArgs.extra_params`: its names, in its order, each left out where ADetailer
+    leaves it out: the prompt when empty). The model is the OpenCV cascade that found the
+    faces; the confidence a Haar cascade does not have is not written. "mask only top k"
+    is max_faces, by area as here."""
+    pairs: dict[str, object] = {"ADetailer model": FACE_DETAIL_MODEL}
+    if face_detail.get("prompt"):
+        pairs["ADetailer prompt"] = face_detail["prompt"]
+    pairs["ADetailer method to decide top k masks"] = "Area"
+    pairs["ADetailer mask only top k"] = face_detail["max_faces"]
+    pairs["ADetailer dilate erode"] = FACE_DILATE
+    pairs["ADetailer mask blur"] = FACE_MASK_BLUR
+    pairs["ADetailer denoising strength"] = face_detail["strength"]
+    pairs["ADetailer inpaint only masked"] = True
+    pairs["ADetailer inpaint padding"] = face_detail["padding"]
     return pairs
 
 

@@ -24,7 +24,6 @@ the web server forks).
 from __future__ import annotations
 
 import functools
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from sdxl_engine.errors import EngineError
+from sdxl_engine.faces import (
+    FACE_ELLIPSE_HEIGHT,
+    FACE_ELLIPSE_RAISE,
+    FACE_ELLIPSE_WIDTH,
+    face_boxes,
+)
 from sdxl_engine.files import build_folder_once
 from sdxl_engine.source import RANDOM_PRESETS, planned_preset
 
@@ -41,24 +46,7 @@ if TYPE_CHECKING:
     from transformers import CLIPSegForImageSegmentation, CLIPSegProcessor
 
 # --- Faces ---------------------------------------------------------------------------------
-FACE_CASCADE = "haarcascade_frontalface_default.xml"  # in the folder cv2.data.haarcascades
-# Faces are looked for in a copy whose longest side is at most this: a 24-megapixel phone
-# photo costs what a 1024-pixel one does, and a face too small to find at this size is too
-# small to matter for a LoRA.
-FACE_DETECTION_SIDE = 1024
-# The cascade's settings, tuned on scikit-image's astronaut() (exactly her face) and on
-# textures (brick, gravel, grass, noise, a gradient: nothing; nor in coffee, chelsea the
-# cat, rocket): a window grows 10% per scale, a face needs 5 overlapping hits, and is at
-# least 1/20 of the image's shorter side.
-FACE_SCALE_STEP = 1.1
-FACE_MIN_NEIGHBOURS = 5
-FACE_MIN_SIDE_FRACTION = 1 / 20
-# The cascade's box runs from the eyebrows to the mouth: the ellipse is 1.3 times its width
-# and 1.6 times its height, its centre raised by 10% of the height, so it reaches 0.4 box
-# heights above the box (forehead, hair line) and 0.2 below it (the chin).
-FACE_ELLIPSE_WIDTH = 1.3
-FACE_ELLIPSE_HEIGHT = 1.6
-FACE_ELLIPSE_RAISE = 0.1
+# Found as the face detail pass finds them (sdxl_engine.faces: the cascade and its settings).
 # The Gaussian feather's sigma, as a fraction of the face box's width: soft enough that the
 # loss weight fades over the hair rather than cutting a hard outline.
 FACE_FEATHER = 0.1
@@ -96,7 +84,7 @@ def face_mask(image: Image.Image) -> FaceMask:
     import cv2
 
     upright = ImageOps.exif_transpose(image)
-    boxes = _face_boxes(upright)
+    boxes = face_boxes(upright)
     if not boxes:
         return FaceMask(faces=0, mask=None)
     mask = np.zeros((upright.height, upright.width), dtype=np.uint8)
@@ -107,26 +95,6 @@ def face_mask(image: Image.Image) -> FaceMask:
     sigma = FACE_FEATHER * float(np.mean([width for _, _, width, _ in boxes]))
     feathered = cv2.GaussianBlur(mask, (0, 0), sigma)
     return FaceMask(faces=len(boxes), mask=Image.fromarray(feathered, mode="L"))
-
-
-def _face_boxes(upright: Image.Image) -> list[tuple[float, float, float, float]]:
-    """(x, y, width, height) of each face, in `upright`'s pixels."""
-    import cv2
-    from cv2.data import haarcascades  # cv2's type stubs leave out its `data` module
-
-    grey = np.asarray(_shrunk(upright.convert("L"), FACE_DETECTION_SIDE))
-    scale = upright.width / grey.shape[1]
-    # Equalised, so a dim or washed-out photo's face has the contrast the cascade learnt on.
-    grey = cv2.equalizeHist(grey)
-    min_side = max(1, round(min(grey.shape) * FACE_MIN_SIDE_FRACTION))
-    detector = cv2.CascadeClassifier(os.path.join(haarcascades, FACE_CASCADE))
-    found = detector.detectMultiScale(
-        grey,
-        scaleFactor=FACE_SCALE_STEP,
-        minNeighbors=FACE_MIN_NEIGHBOURS,
-        minSize=(min_side, min_side),
-    )
-    return [(x * scale, y * scale, w * scale, h * scale) for x, y, w, h in found]
 
 
 # --- Subjects ------------------------------------------------------------------------------

@@ -400,6 +400,50 @@ class LoraChoice:
     scale: float = DEFAULT_LORA_SCALE
 
 
+# --- face detail: ADetailer's names and defaults (Bing-su/adetailer, adetailer/args.py)
+# ad_denoising_strength: how much of each face is redone.
+DEFAULT_FACE_STRENGTH = 0.4
+# ad_inpaint_only_masked_padding: pixels of the image around the face (and its feathered
+# edge) that the face's crop takes in as context.
+DEFAULT_FACE_PADDING = 32
+# ADetailer's UI slider for the padding goes to 256.
+MAX_FACE_PADDING = 256
+# ADetailer redoes every face it finds unless told "mask only top k"; a cap bounds the
+# passes one image may cost (each face is a native-size img2img run), largest faces first.
+DEFAULT_MAX_FACES = 4
+MAX_FACES = 16
+# Not request fields, ADetailer's defaults as it writes them: the face's mask grows by
+# ad_dilate_erode pixels, then is blurred by ad_mask_blur pixels (A1111's mask blur).
+FACE_DILATE = 4
+FACE_MASK_BLUR = 4
+# The detector, as the infotext's "ADetailer model" names it: OpenCV's frontal-face cascade
+# (sdxl_engine.masking.FACE_CASCADE, the file in cv2.data.haarcascades).
+FACE_DETAIL_MODEL = "haarcascade_frontalface_default.xml"
+
+
+@dataclass(frozen=True)
+class FaceDetail:
+    """The face detail pass (ADetailer's flow): every face found in an image, largest
+    first up to `max_faces`, is cropped with `padding`, redone by img2img at the model's
+    native size at `strength` with `prompt` (empty: the request's own) and pasted back
+    through a feathered mask."""
+
+    strength: float = DEFAULT_FACE_STRENGTH
+    prompt: str = ""
+    padding: int = DEFAULT_FACE_PADDING
+    max_faces: int = DEFAULT_MAX_FACES
+
+    def problems(self) -> str | None:
+        """What keeps this pass from running, as one message; None when nothing does."""
+        if not 0.0 < self.strength <= 1.0:
+            return "strength must be greater than 0 and at most 1"
+        if not 0 <= self.padding <= MAX_FACE_PADDING:
+            return f"padding must be from 0 to {MAX_FACE_PADDING}"
+        if not 1 <= self.max_faces <= MAX_FACES:
+            return f"max_faces must be from 1 to {MAX_FACES}"
+        return None
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Every knob of one /txt2img request, with the default it takes when left out.
@@ -453,6 +497,9 @@ class GenerationParams:
     # Grow the init image's canvas by these margins and inpaint the new area; the image
     # itself is sized width x height, the result canvas_size.
     outpaint: Outpaint | None = None
+    # --- face detail
+    # ADetailer's pass over each finished image (FaceDetail); None: no face pass.
+    face_detail: FaceDetail | None = None
 
     def __post_init__(self) -> None:
         # A nested field read back from a row's JSON (or given as a dict) becomes its
@@ -498,6 +545,11 @@ class GenerationParams:
                 problem = prompt_problem(getattr(self, name), self.prompt_syntax)
                 if problem is not None:
                     problems[name] = problem
+        # --- face detail
+        if self.face_detail is not None:
+            face_problem = self.face_detail.problems()
+            if face_problem is not None:
+                problems["face_detail"] = face_problem
         problems.update(self._inpaint_problems())
         return problems
 
@@ -667,7 +719,7 @@ def _json_value(value: object) -> object:
 
 # The GenerationParams fields that hold a dataclass of their own (an object in the API's
 # body and in the row's JSON), by name: __post_init__ builds it from a dict.
-NESTED_PARAMS: dict[str, type] = {"outpaint": Outpaint}
+NESTED_PARAMS: dict[str, type] = {"outpaint": Outpaint, "face_detail": FaceDetail}
 
 
 # Each request's own within a batch: its prompts, image count, seed and starting image, its

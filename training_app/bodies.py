@@ -289,6 +289,7 @@ def generation_summary(generation: Generation) -> dict[str, Any]:
         # --- prompts (issue 28)
         "prompt_syntax": params.prompt_syntax or DEFAULT_PROMPT_SYNTAX,
         "duration_ms": generation.duration_ms,
+        "faces_redone": generation.faces_redone,
     }
 
 

@@ -225,6 +225,9 @@ class Generation(Job):
     step = models.PositiveSmallIntegerField(default=0)
     total_steps = models.PositiveSmallIntegerField(null=True, blank=True)
     duration_ms = models.PositiveIntegerField(null=True, blank=True)
+    # Per image, how many faces the face detail pass redid (a list of ints, once completed);
+    # None for a request without face_detail.
+    faces_redone = models.JSONField(null=True, blank=True)
 
     class Meta:
         ordering = ["-id"]

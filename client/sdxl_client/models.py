@@ -84,6 +84,7 @@ class TrainingOptions(TypedDict, total=False):
 # POST /txt2img's body.
 GENERATION_FIELDS = (
     "async",
+    "face_detail",
     "guidance_scale",
     "height",
     "init_image_base64",

@@ -8,6 +8,7 @@ worker, by stage.
 - batch: text-to-image and image-to-image for one request or several batched together
 - inpaint: inpainting and outpainting, batch's first pass for requests with a mask
 - render: a request's whole rendering, the first pass then the passes that rework it
+- faces: the face detail pass (ADetailer's), each face redone at the native size
 
 Importing it imports torch and diffusers: web code imports it only inside functions that
 run in a worker (ruff's TID253 holds that).

@@ -334,7 +334,10 @@ def _init_latents(
         for _ in range(request.num_images):
             latents.append(retrieve_latents(vae.encode(pixels), generator=next(images)))
     scaled: torch.Tensor = (torch.cat(latents) * vae.config.scaling_factor).to(pipelines.dtype)
-    return scaled
+    # In the layout of text-to-image's noise: the VAE may answer channels-last (the CPU's
+    # does), and a UNet compiled for the native size then compiles again (img2img at the
+    # native size, as the face pass runs it, must replay warm_up's graphs).
+    return scaled.contiguous()
 
 
 def _noise_seeds(requests: Sequence[GenerationParams]) -> list[int]:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import PIL.Image
 
 from sdxl_engine.generation.batch import generate_batch
+from sdxl_engine.generation.faces import redo_faces
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.parameters import GenerationParams
@@ -65,4 +66,8 @@ def render_batch(
     are generate_batch's, unchanged."""
     progress = Progress(on_step, total=max(request.steps for request in requests))
     images = generate_batch(pipelines, requests, loras=loras, on_step=progress.pass_reporter())
-    return [Rendered(images=request_images) for request_images in images]
+    images, faces_redone = redo_faces(pipelines, requests, images, loras=loras, progress=progress)
+    return [
+        Rendered(images=request_images, faces_redone=counts)
+        for request_images, counts in zip(images, faces_redone, strict=True)
+    ]

@@ -89,9 +89,7 @@ ALIASES: tuple[Alias, ...] = (
     Alias("denoising_strength", (A1111,), {GENERATION: "strength"}),
     Alias("mask", (A1111,), {GENERATION: "mask_base64"}, "base64 of the mask, white = repaint"),
     Alias("mask_image", (DIFFUSERS,), {GENERATION: "mask_base64"}, "base64 of the mask"),
-    Alias(
-        "inpaint_full_res", (A1111,), {GENERATION: "inpaint_area"}, '"masked" (true) or "whole"'
-    ),
+    Alias("inpaint_full_res", (A1111,), {GENERATION: "inpaint_area"}, '"masked" (true) or "whole"'),
     Alias("inpaint_full_res_padding", (A1111,), {GENERATION: "inpaint_padding"}),
     Alias(
         "inpainting_fill",

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -212,6 +213,39 @@ def test_compiled_pipelines_run_other_sizes_eagerly_instead_of_compiling(
     assert _compiled_graphs() == graphs_before
     assert images_close(other_size, generate(pipelines, prompt="a red square", seed=5, **SMALL))
     assert len(two_images) == 2
+
+
+def test_img2img_at_the_native_size_replays_the_warmed_up_graphs(
+    compiled_pipelines: Pipelines,
+) -> None:
+    """The face pass (issue 28) redoes each face as an img2img at the native size: it must
+    run the code warm_up compiled, not compile again (nor fall back to eager)."""
+    native = compiled_pipelines.base.unet.config.sample_size * (
+        compiled_pipelines.base.vae_scale_factor
+    )
+    rng = np.random.default_rng(0)
+    start = Image.fromarray(rng.integers(0, 256, (native, native, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    start.save(buffer, format="PNG")
+    graphs_before = _compiled_graphs()
+    # Not warmed up: a shape or layout it has not compiled would compile now, and count.
+    compiled_pipelines.warmed_up = False
+    try:
+        for refiner in ("ensemble", "none"):
+            generate(
+                compiled_pipelines,
+                prompt="a face",
+                seed=2,
+                steps=5,
+                height=native,
+                width=native,
+                init_image=buffer.getvalue(),
+                strength=0.4,
+                refiner=refiner,
+            )
+    finally:
+        compiled_pipelines.warmed_up = True
+    assert _compiled_graphs() == graphs_before
 
 
 def test_a_text_encoder_lora_applies_to_this_call_only(

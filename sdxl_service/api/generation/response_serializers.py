@@ -65,6 +65,21 @@ class GenerationUsed(serializers.Serializer[Any]):
         choices=PROMPT_SYNTAXES, help_text="how the prompts were read (a1111 when left out)"
     )
     duration_ms = serializers.IntegerField(allow_null=True)
+    faces_redone = serializers.ListField(
+        child=serializers.IntegerField(),
+        allow_null=True,
+        help_text="per image, how many faces the face detail pass redid (0: none found, "
+        "the image as first made); null without face_detail, and until completed",
+    )
+
+
+class FaceDetailUsed(serializers.Serializer[Any]):
+    """The face detail pass a generation asked for, its defaults filled."""
+
+    strength = serializers.FloatField()
+    prompt = serializers.CharField(help_text="empty: the request's prompt")
+    padding = serializers.IntegerField()
+    max_faces = serializers.IntegerField()
 
 
 class GenerationParameters(serializers.Serializer[Any]):
@@ -98,6 +113,7 @@ class GenerationParameters(serializers.Serializer[Any]):
     )
     # --- prompts (issue 28)
     prompt_syntax = serializers.CharField(required=False)
+    face_detail = FaceDetailUsed(required=False)
 
 
 class Txt2ImgResponse(GenerationUsed):

@@ -7,20 +7,26 @@ from django.conf import settings
 from rest_framework import serializers
 
 from sdxl_engine.parameters import (
+    DEFAULT_FACE_PADDING,
+    DEFAULT_FACE_STRENGTH,
     DEFAULT_INPAINT_FILL,
     DEFAULT_INPAINT_PADDING,
     DEFAULT_LORA_SCALE,
     DEFAULT_MASK_BLUR,
+    DEFAULT_MAX_FACES,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_QUALITY,
     DEFAULT_REFINER_POLICY,
     DEFAULT_REFINER_SWITCH,
     DEFAULT_STRENGTH,
+    FACE_MASK_BLUR,
     GENERATION_DEFAULTS,
     INPAINT_AREAS,
     INPAINT_FILLS,
     INPAINT_PADDING_MAX,
     MASK_BLUR_MAX,
+    MAX_FACE_PADDING,
+    MAX_FACES,
     MAX_LORAS,
     OUTPUT_FORMAT_ALIASES,
     OUTPUT_FORMATS,
@@ -81,6 +87,41 @@ class OutpaintSerializer(serializers.Serializer[Any]):
     right = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
     top = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
     bottom = StrictIntegerField(min_value=0, default=0, help_text="px, a multiple of 8")
+
+
+# --- face detail
+class FaceDetailSerializer(serializers.Serializer[Any]):
+    """/txt2img's `face_detail`: ADetailer's face pass, by its option names."""
+
+    strength = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        default=DEFAULT_FACE_STRENGTH,
+        help_text="how much of each face is redone, above 0 up to 1 (ADetailer's "
+        f"ad_denoising_strength); default {DEFAULT_FACE_STRENGTH}",
+    )
+    prompt = StringField(
+        max_length=settings.SDXL_MAX_PROMPT_CHARS,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="the faces' own prompt (ADetailer's ad_prompt); empty: the request's prompt",
+    )
+    padding = StrictIntegerField(
+        min_value=0,
+        max_value=MAX_FACE_PADDING,
+        default=DEFAULT_FACE_PADDING,
+        help_text="pixels around each face (past its mask's feathered edge) redone with it as "
+        "context (ADetailer's ad_inpaint_only_masked_padding); default "
+        f"{DEFAULT_FACE_PADDING}",
+    )
+    max_faces = StrictIntegerField(
+        min_value=1,
+        max_value=MAX_FACES,
+        default=DEFAULT_MAX_FACES,
+        help_text="the most faces redone per image, the largest first (ADetailer's "
+        f'"mask only top k" by area); default {DEFAULT_MAX_FACES}',
+    )
 
 
 # How /txt2img answers its images: inline (the original) or as URLs to GET.
@@ -299,6 +340,18 @@ class Txt2ImgSerializer(WebhookFields):
         help_text="how prompt and negative_prompt are read; left out (or null): "
         f"{DEFAULT_PROMPT_SYNTAX}. Either way prompts of any length are encoded in 75-token "
         "chunks, as AUTOMATIC1111 does",
+    )
+
+    # --- face detail
+    face_detail = FaceDetailSerializer(
+        required=False,
+        allow_null=True,
+        help_text="a face detail pass (AUTOMATIC1111's ADetailer): each face found in each "
+        "image (OpenCV's frontal-face detector) is cropped with its padding, redone by "
+        "img2img at the model's native size with the request's LoRAs, scheduler and Refiner, "
+        f"and pasted back through its mask, blurred {FACE_MASK_BLUR} px (ad_mask_blur). "
+        "The answer's faces_redone says how many faces each image had redone. Left out (or "
+        "null): no face pass",
     )
 
     response_format = ChoiceField(

@@ -810,6 +810,7 @@ TXT2IMG_RESPONSE_KEYS = {
     "output_format",
     "duration_ms",
     "parameters",  # issue 25: what it ran with (its size filled)
+    "faces_redone",  # issue 28: per image, the faces the face detail pass redid
 }
 
 

@@ -394,6 +394,7 @@ def _accepted_bodies(session, other) -> dict[str, list[tuple[str, dict, int]]]:
                     "init_image_base64": image,
                     "strength": 0.5,
                     "prompt_syntax": "plain",
+                    "face_detail": {"strength": 0.3, "prompt": "a face", "padding": 16},
                 },
                 202,
             ),

@@ -138,11 +138,13 @@ def _execute_batch(lead: Generation, batch: list[Generation]) -> None:
         return
     duration_ms = int((time.monotonic() - started) * 1000)
     completed = []
-    for generation, images in zip(batch, images_per_job, strict=True):
+    for generation, result in zip(batch, rendered, strict=True):
         finished = jobs.finish(
             jobs.held_here(GENERATIONS, generation.pk),
             Generation.Status.COMPLETED,
-            image_count=len(images),
+            image_count=len(result.images),
+            # Per image, how many faces the face detail pass redid; None without it.
+            faces_redone=result.faces_redone,
             duration_ms=duration_ms,
             stored_bytes=stored_bytes.get(generation.pk, 0),
         )
