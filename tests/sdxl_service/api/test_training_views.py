@@ -811,6 +811,7 @@ TXT2IMG_RESPONSE_KEYS = {
     "duration_ms",
     "parameters",  # issue 25: what it ran with (its size filled)
     "faces_redone",  # issue 28: per image, the faces the face detail pass redid
+    "prompt_syntax",  # issue 28: how the prompts were read
 }
 
 
