@@ -7,6 +7,7 @@ worker, by stage.
 - merge: a request's LoRAs merged into the weights in place, and taken out again
 - batch: text-to-image and image-to-image for one request or several batched together
 - render: a request's whole rendering, the first pass then the passes that rework it
+- hires: A1111's hires fix, the pass that reworks the first pass's images at a larger size
 
 Importing it imports torch and diffusers: web code imports it only inside functions that
 run in a worker (ruff's TID253 holds that).

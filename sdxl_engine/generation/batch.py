@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal, overload
 
 import PIL.Image
 import torch
@@ -38,13 +39,39 @@ def generate(
     return generate_batch(pipelines, [GenerationParams(**params)], loras=loras, on_step=on_step)[0]
 
 
+@overload
 def generate_batch(
     pipelines: Pipelines,
     requests: Sequence[GenerationParams],
     *,
     loras: Sequence[AppliedLora] = (),
     on_step: Callable[[int, int], None] | None = None,
-) -> list[list[PIL.Image.Image]]:
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["pil"] = "pil",
+) -> list[list[PIL.Image.Image]]: ...
+
+
+@overload
+def generate_batch(
+    pipelines: Pipelines,
+    requests: Sequence[GenerationParams],
+    *,
+    loras: Sequence[AppliedLora] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["latent"],
+) -> list[torch.Tensor]: ...
+
+
+def generate_batch(
+    pipelines: Pipelines,
+    requests: Sequence[GenerationParams],
+    *,
+    loras: Sequence[AppliedLora] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["pil", "latent"] = "pil",
+) -> list[list[PIL.Image.Image]] | list[torch.Tensor]:
     """The images of each request, made together in one batch: Base and Refiner run once
     for all of them, which costs less per image than one run per request. The requests
     share their batch_key (size, schedule, sampler, guidance, Refiner, strength); each has
@@ -78,10 +105,19 @@ def generate_batch(
 
     A request without `width` and `height` renders at the model's native size (native_side),
     or for img2img at its image's aspect ratio (GenerationParams.sized).
+
+    `init_latents` (the hires fix's "latent" upscaler): img2img from these latents, one per
+    image of the requests in order, instead of each request's init_image; the requests
+    then carry their strength without an init_image. `output_type` "latent": each
+    request's final latents (one tensor per request, before the VAE) instead of images.
     """
     native = native_side(pipelines)
     requests = [request.sized(native) for request in requests]
-    check_inputs(pipelines, requests)
+    # Starting latents stand in for the init_image that strength otherwise needs.
+    check_inputs(
+        pipelines,
+        requests if init_latents is None else [replace(r, init_image=b"") for r in requests],
+    )
     shared = requests[0]
     (width, height), steps = shared.size, shared.steps
     guidance_scale, scheduler, strength = shared.guidance_scale, shared.scheduler, shared.strength
@@ -93,6 +129,10 @@ def generate_batch(
     handover = float(
         refiner_switch if strength is None or not img2img else 1 - strength * (1 - refiner_switch)
     )
+    if init_latents is not None and (
+        not img2img or len(init_latents) != sum(request.num_images for request in requests)
+    ):
+        raise EngineError("init_latents needs a strength under 1 and one latent per image")
     base, refiner_pipe = pipelines.base, pipelines.refiner
     if refiner_pipe is None:
         raise EngineError(
@@ -136,8 +176,13 @@ def generate_batch(
                 **step_noise,
             )
             if img2img:
+                start = (
+                    _init_latents(pipelines, requests, height, width, generators)
+                    if init_latents is None
+                    else init_latents.to(pipelines.device, pipelines.dtype)
+                )
                 latents = _img2img_of(base)(
-                    image=_init_latents(pipelines, requests, height, width, generators),
+                    image=start,
                     strength=strength,
                     **base_stage,
                 ).images
@@ -173,6 +218,8 @@ def generate_batch(
                 ).images
             else:
                 refined = latents
+            if output_type == "latent":
+                return list(refined.split([request.num_images for request in requests]))
             # One decode per request: the VAE's memory grows with its batch, and a batch of
             # several requests must not need more than the largest of them alone.
             images = [

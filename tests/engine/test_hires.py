@@ -1,0 +1,130 @@
+"""The hires fix (A1111's enable_hr): a first pass that is the plain image, then an img2img
+pass at the scaled size that reworks it, counted in the progress and stoppable."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from sdxl_engine.errors import GenerationCancelled
+from sdxl_engine.generation import generate, render
+from sdxl_engine.generation.batch import decode_latents
+from sdxl_engine.generation.hires import hires_steps
+from sdxl_engine.generation.pipelines import Pipelines
+from sdxl_engine.generation.render import render_batch
+from sdxl_engine.parameters import GenerationParams, HiresFix
+
+PLAIN = {"prompt": "a red cube", "steps": 5, "seed": 11, "height": 64, "width": 64}
+
+
+def _pixels(image: PIL.Image.Image) -> np.ndarray:
+    return np.asarray(image).astype(np.int16)
+
+
+def _spy_first_pass(monkeypatch: pytest.MonkeyPatch) -> list[list[torch.Tensor]]:
+    """What render_batch hands the hires pass: the first pass's latents, per request."""
+    seen: list[list[torch.Tensor]] = []
+    real = render.hires_fix
+
+    def spy(pipelines, requests, first_pass, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append([latents.clone() for latents in first_pass])
+        return real(pipelines, requests, first_pass, **kwargs)
+
+    monkeypatch.setattr(render, "hires_fix", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("upscaler", "scale", "size"), [("latent", 2.0, 128), ("lanczos", 1.5, 96)]
+)
+def test_hires_images_have_the_scaled_size_and_their_first_pass_is_the_plain_image(
+    pipelines: Pipelines,
+    monkeypatch: pytest.MonkeyPatch,
+    upscaler: str,
+    scale: float,
+    size: int,
+) -> None:
+    seen = _spy_first_pass(monkeypatch)
+    hires = HiresFix(scale=scale, upscaler=upscaler, steps=4, denoising_strength=0.6)
+    [rendered] = render_batch(pipelines, [GenerationParams(**PLAIN, hires=hires)])
+    [plain] = generate(pipelines, **PLAIN)
+
+    [image] = rendered.images
+    assert image.size == (size, size)
+    [[first_latents]] = seen
+    with torch.no_grad():
+        [first_image] = decode_latents(pipelines, first_latents)
+    assert np.array_equal(_pixels(first_image), _pixels(plain))
+    # Reworked, not only resized: far from the plain image resized alike.
+    resized = plain.resize((size, size), PIL.Image.LANCZOS)
+    assert np.abs(_pixels(image) - _pixels(resized)).mean() > 10
+
+
+def test_the_latent_and_lanczos_upscalers_differ(pipelines: Pipelines) -> None:
+    images = [
+        render_batch(
+            pipelines,
+            [GenerationParams(**PLAIN, hires=HiresFix(scale=2.0, upscaler=upscaler, steps=4))],
+        )[0].images[0]
+        for upscaler in ("latent", "lanczos")
+    ]
+    assert np.abs(_pixels(images[0]) - _pixels(images[1])).mean() > 1
+
+
+def test_a_batch_of_two_hires_requests_equals_each_alone(pipelines: Pipelines) -> None:
+    hires = HiresFix(scale=1.5, upscaler="latent", steps=4)
+    first = GenerationParams(**PLAIN, hires=hires, num_images=2)
+    second = replace(first, prompt="a blue ball", seed=40, num_images=1)
+    together = render_batch(pipelines, [first, second])
+    alone = [render_batch(pipelines, [request])[0] for request in (first, second)]
+
+    assert [len(result.images) for result in together] == [2, 1]
+    for batched, single in zip(together, alone, strict=True):
+        for a, b in zip(batched.images, single.images, strict=True):
+            assert np.abs(_pixels(a) - _pixels(b)).max() <= 1
+    # Image 1 of the first request is the request for one image of its seed + 1.
+    [second_image] = render_batch(pipelines, [replace(first, seed=12, num_images=1)])[0].images
+    assert np.abs(_pixels(second_image) - _pixels(together[0].images[1])).max() <= 1
+
+
+@pytest.mark.parametrize("refiner", ["ensemble", "none"])
+def test_progress_counts_both_passes_with_the_total_known_from_the_start(
+    pipelines: Pipelines, refiner: str
+) -> None:
+    request = GenerationParams(
+        **PLAIN, refiner=refiner, hires=HiresFix(scale=1.5, steps=6, denoising_strength=0.5)
+    )
+    seen: list[tuple[int, int]] = []
+    render_batch(pipelines, [request], on_step=lambda done, total: seen.append((done, total)))
+
+    # 5 first-pass steps, then half of the 6-step schedule.
+    assert hires_steps(request) == 3
+    assert seen == [(done, 8) for done in range(1, 9)]
+
+
+def test_the_hires_steps_default_to_the_requests() -> None:
+    request = GenerationParams(**PLAIN, hires=HiresFix(denoising_strength=0.7))
+    assert hires_steps(request) == 4  # int(5 - 3.5) = 1 step skipped
+    assert hires_steps(replace(request, hires=None)) == 0
+
+
+def test_a_cancel_during_the_second_pass_stops_it(pipelines: Pipelines) -> None:
+    request = GenerationParams(**PLAIN, hires=HiresFix(scale=2.0, steps=6, denoising_strength=1.0))
+    seen: list[int] = []
+
+    def on_step(done: int, total: int) -> None:
+        seen.append(done)
+        if done == 6:  # the second pass's first step
+            raise GenerationCancelled("cancelled")
+
+    with pytest.raises(GenerationCancelled):
+        render_batch(pipelines, [request], on_step=on_step)
+    assert seen == [1, 2, 3, 4, 5, 6]
+    # The pipelines are as before: the next plain request renders as ever.
+    [after] = render_batch(pipelines, [GenerationParams(**PLAIN)])[0].images
+    [plain] = generate(pipelines, **PLAIN)
+    assert np.array_equal(_pixels(after), _pixels(plain))
