@@ -20,7 +20,9 @@ ComfyUI, InvokeAI and image sites read back:
   `quote`, with non-ASCII kept); any other value as it is.
 - Key order: A1111's fixed keys first (Steps, Sampler, CFG scale, Seed, Size, Model,
   Denoising strength), then its `extra_generation_params` in the order they were set
-  during the run: "Lora hashes" is set when the networks activate, before sampling
+  during the run: the hires fix's "Hires upscale", "Hires steps" and "Hires upscaler"
+  as its txt2img starts (modules/processing.py, StableDiffusionProcessingTxt2Img.init),
+  "Lora hashes" when the networks activate, before sampling
   (extensions-builtin/Lora/extra_networks_lora.py), "Refiner" and "Refiner switch at"
   when the Refiner takes over during sampling (modules/sd_samplers_common.py,
   `apply_refiner`). So "Lora hashes" comes before the Refiner keys.
@@ -69,7 +71,12 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from sdxl_engine.parameters import DEFAULT_QUALITY, output_problems, problems_text
+from sdxl_engine.parameters import (
+    DEFAULT_QUALITY,
+    HIRES_UPSCALERS,
+    output_problems,
+    problems_text,
+)
 from sdxl_engine.schedulers import SCHEDULERS
 
 # A generation's record as JSON: GenerationParams.record() and what the service adds.
@@ -157,8 +164,20 @@ def infotext(record: Record) -> str:
     pairs["Seed"] = record["seed"]
     pairs["Size"] = f"{record['width']}x{record['height']}"
     pairs["Model"] = record["model"]
+    hires = record.get("hires")
     if record.get("strength") is not None:
         pairs["Denoising strength"] = record["strength"]
+    elif hires:
+        # A1111's txt2img writes the hires pass's strength here (and nothing without one).
+        pairs["Denoising strength"] = hires["denoising_strength"]
+    # --- hires: A1111 sets these as its txt2img starts (StableDiffusionProcessingTxt2Img
+    # .init), before the LoRAs activate: so before "Lora hashes". "Size" stays the first
+    # pass's, as A1111 writes p.width x p.height; "Hires steps" only when given.
+    if hires:
+        pairs["Hires upscale"] = hires["scale"]
+        if hires.get("steps"):
+            pairs["Hires steps"] = hires["steps"]
+        pairs["Hires upscaler"] = HIRES_UPSCALERS.get(hires["upscaler"], hires["upscaler"])
     hashes = [
         f"{_hash_key(lora_prompt_name(lora))}: {lora['short_hash']}"
         for lora in loras

@@ -128,3 +128,32 @@ def test_a_cancel_during_the_second_pass_stops_it(pipelines: Pipelines) -> None:
     [after] = render_batch(pipelines, [GenerationParams(**PLAIN)])[0].images
     [plain] = generate(pipelines, **PLAIN)
     assert np.array_equal(_pixels(after), _pixels(plain))
+
+
+@pytest.mark.parametrize(
+    ("size", "scale", "expected"),
+    [((64, 64), 2.0, (128, 128)), ((1024, 1024), 1.5, (1536, 1536)), ((80, 64), 1.45, (112, 88))],
+)
+def test_the_hires_size_is_a1111s_rounded_down_to_its_latents(size, scale, expected) -> None:
+    # A1111: hr_upscale_to = int(side * scale); its latents are that // 8.
+    assert HiresFix(scale=scale).size(*size) == expected
+    params = GenerationParams(**{**PLAIN, "width": size[0], "height": size[1]})
+    assert replace(params, hires=HiresFix(scale=scale)).output_size == expected
+    assert params.output_size == size
+
+
+def test_hires_is_recorded_as_a_dict_and_read_back_as_its_dataclass() -> None:
+    hires = HiresFix(scale=1.5, upscaler="lanczos")
+    params = GenerationParams(**PLAIN, hires=hires)
+    record = params.record()
+    assert record["hires"] == {
+        "scale": 1.5,
+        "upscaler": "lanczos",
+        "steps": None,
+        "denoising_strength": 0.7,
+    }
+    assert GenerationParams(**record).hires == hires
+    assert "hires" not in GenerationParams(**PLAIN).record()
+    # Requests batch only with the same hires fix.
+    assert params.batch_key() != GenerationParams(**PLAIN).batch_key()
+    assert params.batch_key() == replace(params, prompt="other", seed=1).batch_key()

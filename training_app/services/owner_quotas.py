@@ -181,7 +181,7 @@ def training_output_bytes(
 
 def generation_output_bytes(params: GenerationParams) -> int:
     """The bytes a sized generation is planned to write: its images, at most."""
-    width, height = params.size
+    width, height = params.output_size  # a hires fix's images are larger
     file_format = params.output_format or "png"
     return params.num_images * image_file_bytes(width, height, file_format)
 

@@ -6,7 +6,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from sdxl_engine.parameters import OUTPUT_FORMATS, REFINER_POLICIES
+from sdxl_engine.parameters import HIRES_UPSCALER_NAMES, OUTPUT_FORMATS, REFINER_POLICIES
 
 
 # Inline rather than a nullable reference: OpenAPI 3.0.3 ignores `nullable` beside a bare
@@ -62,6 +62,16 @@ class GenerationUsed(serializers.Serializer[Any]):
     duration_ms = serializers.IntegerField(allow_null=True)
 
 
+class HiresFixRecord(serializers.Serializer[Any]):
+    """A generation's hires fix as its row records it: every field, steps null for the
+    request's steps."""
+
+    scale = serializers.FloatField()
+    upscaler = serializers.ChoiceField(choices=HIRES_UPSCALER_NAMES)
+    steps = serializers.IntegerField(allow_null=True)
+    denoising_strength = serializers.FloatField()
+
+
 class GenerationParameters(serializers.Serializer[Any]):
     """The parameters a generation ran with, as its row records them (GET /generations/<id>'s
     `parameters`): every field with a default, width and height filled when left out; the
@@ -80,6 +90,7 @@ class GenerationParameters(serializers.Serializer[Any]):
     strength = serializers.FloatField(required=False)
     output_format = serializers.CharField(required=False)
     quality = serializers.IntegerField(required=False)
+    hires = HiresFixRecord(required=False, help_text="the hires fix, when asked for")
 
 
 class Txt2ImgResponse(GenerationUsed):

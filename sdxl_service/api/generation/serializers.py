@@ -7,6 +7,9 @@ from django.conf import settings
 from rest_framework import serializers
 
 from sdxl_engine.parameters import (
+    DEFAULT_HIRES_SCALE,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
     DEFAULT_LORA_SCALE,
     DEFAULT_OUTPUT_FORMAT,
     DEFAULT_QUALITY,
@@ -14,6 +17,8 @@ from sdxl_engine.parameters import (
     DEFAULT_REFINER_SWITCH,
     DEFAULT_STRENGTH,
     GENERATION_DEFAULTS,
+    HIRES_SCALE_MAX,
+    HIRES_UPSCALERS,
     MAX_LORAS,
     OUTPUT_FORMAT_ALIASES,
     OUTPUT_FORMATS,
@@ -62,6 +67,57 @@ class LoraChoiceSerializer(serializers.Serializer[Any]):
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         return one_way_to_name_a_lora(attrs)
+
+
+class HiresFixSerializer(serializers.Serializer[Any]):
+    """/txt2img's `hires`: AUTOMATIC1111's hires fix (enable_hr), its fields A1111's
+    hr_scale, hr_upscaler, hr_second_pass_steps and denoising_strength."""
+
+    scale = StrictFloatField(
+        min_value=1.0,
+        max_value=HIRES_SCALE_MAX,
+        default=DEFAULT_HIRES_SCALE,
+        help_text="AUTOMATIC1111's hr_scale: each side of the first pass (width x height) times "
+        f"this, above 1 up to {HIRES_SCALE_MAX:g}, rounded down to a multiple of 8 (A1111's "
+        f"int(side x scale), as its latents have it); left out: {DEFAULT_HIRES_SCALE:g}. The "
+        "final size must be within SDXL_MAX_IMAGE_SIDE",
+    )
+    upscaler = ChoiceField(
+        choices=[
+            (
+                "latent",
+                "the first pass's latents, bilinear (AUTOMATIC1111's \"Latent\")",
+            ),
+            ("lanczos", "the first pass's images, Lanczos (AUTOMATIC1111's \"Lanczos\")"),
+        ],
+        # A1111's names for them, as its hr_upscaler takes them.
+        aliases={name: key for key, name in HIRES_UPSCALERS.items()},
+        default=DEFAULT_HIRES_UPSCALER,
+        help_text="AUTOMATIC1111's hr_upscaler (its names Latent and Lanczos are taken too); "
+        f"left out: {DEFAULT_HIRES_UPSCALER}",
+    )
+    steps = StrictIntegerField(
+        min_value=0,
+        max_value=150,
+        required=False,
+        allow_null=True,
+        help_text="AUTOMATIC1111's hr_second_pass_steps: the schedule of the second pass, of "
+        "which it runs the last denoising_strength; left out, null or 0: the request's steps",
+    )
+    denoising_strength = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        default=DEFAULT_HIRES_STRENGTH,
+        help_text="AUTOMATIC1111's denoising_strength of the hires pass: the part of the "
+        f"schedule run on the upscaled image, above 0 up to 1; left out: {DEFAULT_HIRES_STRENGTH} "
+        "(A1111's UI default)",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # A1111's hr_second_pass_steps 0: the request's steps, as null here.
+        if not attrs.get("steps"):
+            attrs["steps"] = None
+        return attrs
 
 
 # How /txt2img answers its images: inline (the original) or as URLs to GET.
@@ -196,6 +252,16 @@ class Txt2ImgSerializer(WebhookFields):
         required=False,
         allow_null=True,
         help_text=f"jpeg and webp only; left out: {DEFAULT_QUALITY}",
+    )
+
+    hires = HiresFixSerializer(
+        required=False,
+        allow_null=True,
+        help_text="AUTOMATIC1111's hires fix (enable_hr): the image is made at width x height, "
+        "upscaled by scale and denoised again at the larger size (img2img at "
+        "denoising_strength, with the request's prompts, seeds, scheduler, Refiner policy "
+        "and LoRAs); the images have the larger size. Text-to-image only (not with "
+        "init_image_base64). Left out (or null): no hires pass",
     )
 
     response_format = ChoiceField(
