@@ -85,7 +85,9 @@ def hires_fix(
                 image for latents in first_pass for image in decode_latents(pipelines, latents)
             ]
         singles = [
-            replace(single, init_image=_png(image.resize((width, height), PIL.Image.LANCZOS)))
+            replace(
+                single, init_image=_png(image.resize((width, height), PIL.Image.Resampling.LANCZOS))
+            )
             for single, image in zip(singles, decoded, strict=True)
         ]
         images = generate_batch(pipelines, singles, loras=loras, on_step=on_step)

@@ -60,7 +60,7 @@ def test_hires_images_have_the_scaled_size_and_their_first_pass_is_the_plain_ima
         [first_image] = decode_latents(pipelines, first_latents)
     assert np.array_equal(_pixels(first_image), _pixels(plain))
     # Reworked, not only resized: far from the plain image resized alike.
-    resized = plain.resize((size, size), PIL.Image.LANCZOS)
+    resized = plain.resize((size, size), PIL.Image.Resampling.LANCZOS)
     assert np.abs(_pixels(image) - _pixels(resized)).mean() > 10
 
 
