@@ -382,6 +382,16 @@ class HiresFix:
             int(height * self.scale) // multiple * multiple,
         )
 
+    def run_steps(self, request_steps: int) -> int:
+        """The denoising steps the pass runs, Base and Refiner together: all of its
+        schedule (steps, None: the request's) at strength 1, else int(steps x strength),
+        as diffusers' img2img counts them (get_timesteps; first-order schedulers: a
+        second-order one runs about twice as many)."""
+        steps = self.steps or request_steps
+        if self.denoising_strength >= 1.0:
+            return steps
+        return min(int(steps * self.denoising_strength), steps)
+
     def problem(self) -> str | None:
         """What is wrong with these settings (the API answers it under `hires`), or None."""
         if isinstance(self.scale, bool) or not 1.0 < self.scale <= HIRES_SCALE_MAX:
@@ -478,6 +488,10 @@ class GenerationParams:
             if hires_problem is None and self.init_image is not None:
                 # A1111's enable_hr is txt2img's: its img2img has no hires pass.
                 hires_problem = "applies only to text-to-image, not with init_image_base64"
+            if hires_problem is None and self.hires.run_steps(self.steps) < 1:
+                hires_problem = (
+                    "its steps x denoising_strength is under 1: the pass would run no step"
+                )
             if hires_problem is not None:
                 problems["hires"] = hires_problem
         return problems

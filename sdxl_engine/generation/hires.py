@@ -26,17 +26,9 @@ from sdxl_engine.parameters import GenerationParams, HiresFix
 
 
 def hires_steps(request: GenerationParams) -> int:
-    """The denoising steps the request's hires pass runs (0 without one), Base and Refiner
-    together: diffusers' img2img runs the last int(steps x strength)-ish of a schedule of
-    `steps`, exactly steps - int(steps - steps x strength), as its get_timesteps counts them
-    (first-order schedulers; a second-order one reports more, which Progress tolerates)."""
-    hires = request.hires
-    if hires is None:
-        return 0
-    steps = hires.steps or request.steps
-    if hires.denoising_strength >= 1.0:
-        return steps  # text-to-image at the larger size: the whole schedule
-    return steps - int(max(steps - steps * hires.denoising_strength, 0.0))
+    """The denoising steps the request's hires pass runs (0 without one): HiresFix.run_steps,
+    diffusers' count for its img2img."""
+    return 0 if request.hires is None else request.hires.run_steps(request.steps)
 
 
 def hires_fix(

@@ -106,10 +106,32 @@ def test_progress_counts_both_passes_with_the_total_known_from_the_start(
     assert seen == [(done, 8) for done in range(1, 9)]
 
 
-def test_the_hires_steps_default_to_the_requests() -> None:
+@pytest.mark.parametrize(
+    ("scheduler", "refiner", "steps", "strength"),
+    [(None, "ensemble", 5, 0.7), ("dpmpp_2m_karras", "ensemble", 7, 0.7), ("ddim", "none", 3, 0.4)],
+)
+def test_the_planned_hires_steps_are_those_the_pass_runs(
+    pipelines: Pipelines, scheduler: str | None, refiner: str, steps: int, strength: float
+) -> None:
+    hires = HiresFix(scale=1.5, steps=steps, denoising_strength=strength)
+    request = GenerationParams(**PLAIN, scheduler=scheduler, refiner=refiner, hires=hires)
+    seen: list[tuple[int, int]] = []
+    render_batch(pipelines, [request], on_step=lambda done, total: seen.append((done, total)))
+
+    # int(steps x strength), as diffusers' img2img: 3, 4 (7 x 0.7 is 4.8999...), 1.
+    assert seen[-1] == (5 + hires_steps(request),) * 2
+    assert hires_steps(request) == int(steps * strength)
+
+
+def test_the_hires_steps_default_to_the_requests_and_must_run_one() -> None:
     request = GenerationParams(**PLAIN, hires=HiresFix(denoising_strength=0.7))
-    assert hires_steps(request) == 4  # int(5 - 3.5) = 1 step skipped
+    assert hires_steps(request) == 3  # int(5 x 0.7)
+    assert hires_steps(replace(request, hires=HiresFix(denoising_strength=1.0))) == 5
     assert hires_steps(replace(request, hires=None)) == 0
+    too_few = replace(request, hires=HiresFix(steps=4, denoising_strength=0.2))
+    assert too_few.problems() == {
+        "hires": "its steps x denoising_strength is under 1: the pass would run no step"
+    }
 
 
 def test_a_cancel_during_the_second_pass_stops_it(pipelines: Pipelines) -> None:

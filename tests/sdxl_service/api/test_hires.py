@@ -31,6 +31,10 @@ SMALL = {"prompt": "a red cube", "height": 64, "width": 64, "steps": 5, "seed": 
         ({"steps": 2.5}, "hires.steps: "),
         ({"denoising_strength": 0}, "hires: denoising_strength must be above 0 and at most 1"),
         ({"denoising_strength": 1.5}, "hires.denoising_strength: "),
+        (
+            {"steps": 1, "denoising_strength": 0.5},
+            "hires: its steps x denoising_strength is under 1",
+        ),
         ({"hr_scale": 2}, "hires.hr_scale: unknown field"),
         ("yes", "hires"),
     ],
