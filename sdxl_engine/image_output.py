@@ -20,7 +20,9 @@ ComfyUI, InvokeAI and image sites read back:
   `quote`, with non-ASCII kept); any other value as it is.
 - Key order: A1111's fixed keys first (Steps, Sampler, CFG scale, Seed, Size, Model,
   Denoising strength), then its `extra_generation_params` in the order they were set
-  during the run: "Lora hashes" is set when the networks activate, before sampling
+  during the run: the hires fix's "Hires upscale", "Hires steps" and "Hires upscaler"
+  as its txt2img starts (modules/processing.py, StableDiffusionProcessingTxt2Img.init),
+  "Lora hashes" when the networks activate, before sampling
   (extensions-builtin/Lora/extra_networks_lora.py), "Refiner" and "Refiner switch at"
   when the Refiner takes over during sampling (modules/sd_samplers_common.py,
   `apply_refiner`). So "Lora hashes" comes before the Refiner keys.
@@ -74,6 +76,7 @@ from sdxl_engine.parameters import (
     FACE_DETAIL_MODEL,
     FACE_DILATE,
     FACE_MASK_BLUR,
+    HIRES_UPSCALERS,
     output_problems,
     problems_text,
 )
@@ -168,8 +171,20 @@ def infotext(record: Record) -> str:
     height = record["height"] + (outpaint["top"] + outpaint["bottom"] if outpaint else 0)
     pairs["Size"] = f"{width}x{height}"
     pairs["Model"] = record["model"]
+    hires = record.get("hires")
     if record.get("strength") is not None:
         pairs["Denoising strength"] = record["strength"]
+    elif hires:
+        # A1111's txt2img writes the hires pass's strength here (and nothing without one).
+        pairs["Denoising strength"] = hires["denoising_strength"]
+    # --- hires: A1111 sets these as its txt2img starts (StableDiffusionProcessingTxt2Img
+    # .init), before the LoRAs activate: so before "Lora hashes". "Size" stays the first
+    # pass's, as A1111 writes p.width x p.height; "Hires steps" only when given.
+    if hires:
+        pairs["Hires upscale"] = hires["scale"]
+        if hires.get("steps"):
+            pairs["Hires steps"] = hires["steps"]
+        pairs["Hires upscaler"] = HIRES_UPSCALERS.get(hires["upscaler"], hires["upscaler"])
     pairs.update(_inpaint_pairs(record))
     # --- face detail: ADetailer sets its keys before sampling (its before_process), so
     # ahead of "Lora hashes"; only for a request that asked for the pass.

@@ -444,6 +444,65 @@ class FaceDetail:
         return None
 
 
+# --- hires: A1111's hires fix (enable_hr): a text-to-image pass at width x height, its
+# result upscaled by `scale` and reworked by an img2img pass at the larger size.
+# The upscalers: "latent" (A1111's "Latent": the latents, bilinear, no antialiasing) and
+# "lanczos" (A1111's "Lanczos": the decoded image, PIL's Lanczos), named in the infotext's
+# "Hires upscaler" as A1111 names them.
+HIRES_UPSCALERS = {"latent": "Latent", "lanczos": "Lanczos"}
+HIRES_UPSCALER_NAMES = tuple(HIRES_UPSCALERS)
+DEFAULT_HIRES_SCALE = 2.0  # A1111's hr_scale
+DEFAULT_HIRES_UPSCALER = "latent"  # A1111's latent_upscale_default_mode, "Latent"
+# A1111's UI default for the hires pass's denoising strength (its API's is 0.75, img2img's).
+DEFAULT_HIRES_STRENGTH = 0.7
+HIRES_SCALE_MAX = 4.0
+
+
+@dataclass(frozen=True)
+class HiresFix:
+    """A request's hires fix (A1111's enable_hr with hr_scale, hr_upscaler,
+    hr_second_pass_steps and denoising_strength): the first pass's images upscaled by
+    `scale` with `upscaler`, then denoised again at `denoising_strength` over `steps`
+    (None: the request's steps, as A1111's 0)."""
+
+    scale: float = DEFAULT_HIRES_SCALE
+    upscaler: str = DEFAULT_HIRES_UPSCALER  # one of HIRES_UPSCALER_NAMES
+    steps: int | None = None
+    denoising_strength: float = DEFAULT_HIRES_STRENGTH
+
+    def size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the hires pass for a first pass of width x height: A1111's
+        hr_upscale_to_x/y, int(side * scale), as its latents have it (a multiple of 8,
+        rounded down: the latents are side // 8)."""
+        multiple = IMAGE_SIDE_MULTIPLE
+        return (
+            int(width * self.scale) // multiple * multiple,
+            int(height * self.scale) // multiple * multiple,
+        )
+
+    def run_steps(self, request_steps: int) -> int:
+        """The denoising steps the pass runs, Base and Refiner together: all of its
+        schedule (steps, None: the request's) at strength 1, else int(steps x strength),
+        as diffusers' img2img counts them (get_timesteps; first-order schedulers: a
+        second-order one runs about twice as many)."""
+        steps = self.steps or request_steps
+        if self.denoising_strength >= 1.0:
+            return steps
+        return min(int(steps * self.denoising_strength), steps)
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings (the API answers it under `hires`), or None."""
+        if isinstance(self.scale, bool) or not 1.0 < self.scale <= HIRES_SCALE_MAX:
+            return f"scale must be above 1 and at most {HIRES_SCALE_MAX:g}"
+        if self.upscaler not in HIRES_UPSCALERS:
+            return f"upscaler {one_of(HIRES_UPSCALER_NAMES)}"
+        if self.steps is not None and self.steps < 1:
+            return "steps must be at least 1 (or null: the request's steps)"
+        if not 0.0 < self.denoising_strength <= 1.0:
+            return "denoising_strength must be above 0 and at most 1"
+        return None
+
+
 @dataclass(frozen=True)
 class GenerationParams:
     """Every knob of one /txt2img request, with the default it takes when left out.
@@ -500,6 +559,10 @@ class GenerationParams:
     # --- face detail
     # ADetailer's pass over each finished image (FaceDetail); None: no face pass.
     face_detail: FaceDetail | None = None
+    # --- hires
+    # A1111's hires fix: a second, img2img pass at hires.size(width, height); the images
+    # have that size. Text-to-image only; None: no second pass.
+    hires: HiresFix | None = None
 
     def __post_init__(self) -> None:
         # A nested field read back from a row's JSON (or given as a dict) becomes its
@@ -550,6 +613,18 @@ class GenerationParams:
             face_problem = self.face_detail.problems()
             if face_problem is not None:
                 problems["face_detail"] = face_problem
+        # --- hires
+        if self.hires is not None:
+            hires_problem = self.hires.problem()
+            if hires_problem is None and self.init_image is not None:
+                # A1111's enable_hr is txt2img's: its img2img has no hires pass.
+                hires_problem = "applies only to text-to-image, not with init_image_base64"
+            if hires_problem is None and self.hires.run_steps(self.steps) < 1:
+                hires_problem = (
+                    "its steps x denoising_strength is under 1: the pass would run no step"
+                )
+            if hires_problem is not None:
+                problems["hires"] = hires_problem
         problems.update(self._inpaint_problems())
         return problems
 
@@ -658,12 +733,20 @@ class GenerationParams:
 
     @property
     def canvas_size(self) -> tuple[int, int]:
-        """(width, height) of the images made: `size`, grown by outpaint's margins."""
+        """(width, height) of the first pass: `size`, grown by outpaint's margins."""
         width, height = self.size
         if self.outpaint is None:
             return width, height
         margins = self.outpaint
         return width + margins.left + margins.right, height + margins.top + margins.bottom
+
+    @property
+    def output_size(self) -> tuple[int, int]:
+        """(width, height) of the images made: the hires pass's with a hires fix, else
+        canvas_size (outpainting's grown canvas, or `size`); the params must be sized."""
+        if self.hires is None:
+            return self.canvas_size
+        return self.hires.size(*self.size)
 
     @property
     def refiner_policy(self) -> str:
@@ -719,7 +802,11 @@ def _json_value(value: object) -> object:
 
 # The GenerationParams fields that hold a dataclass of their own (an object in the API's
 # body and in the row's JSON), by name: __post_init__ builds it from a dict.
-NESTED_PARAMS: dict[str, type] = {"outpaint": Outpaint, "face_detail": FaceDetail}
+NESTED_PARAMS: dict[str, type] = {
+    "outpaint": Outpaint,
+    "hires": HiresFix,
+    "face_detail": FaceDetail,
+}
 
 
 # Each request's own within a batch: its prompts, image count, seed and starting image, its

@@ -9,6 +9,7 @@ worker, by stage.
 - inpaint: inpainting and outpainting, batch's first pass for requests with a mask
 - render: a request's whole rendering, the first pass then the passes that rework it
 - faces: the face detail pass (ADetailer's), each face redone at the native size
+- hires: A1111's hires fix, the pass that reworks the first pass's images at a larger size
 
 Importing it imports torch and diffusers: web code imports it only inside functions that
 run in a worker (ruff's TID253 holds that).

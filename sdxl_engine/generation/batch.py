@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from dataclasses import replace
+from typing import Any, Literal, overload
 
 import PIL.Image
 import torch
@@ -40,13 +41,39 @@ def generate(
     return generate_batch(pipelines, [GenerationParams(**params)], loras=loras, on_step=on_step)[0]
 
 
+@overload
 def generate_batch(
     pipelines: Pipelines,
     requests: Sequence[GenerationParams],
     *,
     loras: Sequence[AppliedLora] = (),
     on_step: Callable[[int, int], None] | None = None,
-) -> list[list[PIL.Image.Image]]:
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["pil"] = "pil",
+) -> list[list[PIL.Image.Image]]: ...
+
+
+@overload
+def generate_batch(
+    pipelines: Pipelines,
+    requests: Sequence[GenerationParams],
+    *,
+    loras: Sequence[AppliedLora] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["latent"],
+) -> list[torch.Tensor]: ...
+
+
+def generate_batch(
+    pipelines: Pipelines,
+    requests: Sequence[GenerationParams],
+    *,
+    loras: Sequence[AppliedLora] = (),
+    on_step: Callable[[int, int], None] | None = None,
+    init_latents: torch.Tensor | None = None,
+    output_type: Literal["pil", "latent"] = "pil",
+) -> list[list[PIL.Image.Image]] | list[torch.Tensor]:
     """The images of each request, made together in one batch: Base and Refiner run once
     for all of them, which costs less per image than one run per request. The requests
     share their batch_key (size, schedule, sampler, guidance, Refiner, strength); each has
@@ -91,13 +118,22 @@ def generate_batch(
     outside the mask kept (generation.inpaint); outpainting renders the grown canvas
     (GenerationParams.canvas_size). A Base with an inpainting UNet renders every request
     this way (inpaint.as_inpainting).
+
+    `init_latents` (the hires fix's "latent" upscaler): img2img from these latents, one per
+    image of the requests in order, instead of each request's init_image; the requests
+    then carry their strength without an init_image. `output_type` "latent": each
+    request's final latents (one tensor per request, before the VAE) instead of images.
     """
     native = native_side(pipelines)
     requests = [request.sized(native) for request in requests]
     if inpaint.is_inpainting_unet(pipelines):
         # An inpainting Base (9-channel UNet) renders every request as inpainting.
         requests = [inpaint.as_inpainting(request) for request in requests]
-    check_inputs(pipelines, requests)
+    # Starting latents stand in for the init_image that strength otherwise needs.
+    check_inputs(
+        pipelines,
+        requests if init_latents is None else [replace(r, init_image=b"") for r in requests],
+    )
     shared = requests[0]
     steps, guidance_scale, strength = shared.steps, shared.guidance_scale, shared.strength
     ensemble = shared.refiner_policy == "ensemble"
@@ -108,6 +144,10 @@ def generate_batch(
     handover = float(
         refiner_switch if strength is None or not img2img else 1 - strength * (1 - refiner_switch)
     )
+    if init_latents is not None and (
+        not img2img or len(init_latents) != sum(request.num_images for request in requests)
+    ):
+        raise EngineError("init_latents needs a strength under 1 and one latent per image")
     base, refiner_pipe = pipelines.base, pipelines.refiner
     if refiner_pipe is None:
         raise EngineError(
@@ -138,9 +178,11 @@ def generate_batch(
             # length denoise together, so that each gets the images it would alone.
             groups = _length_groups(encodings, refiner_encodings)
             report_step = _step_reporter(steps * len(groups), on_step)
-            images: list[list[PIL.Image.Image]] = [[] for _ in requests]
+            # Each request's rows of init_latents (one per image, the requests in order).
+            image_rows = _image_rows(requests)
+            results: list[Any] = [None] * len(requests)
             for group in groups:
-                group_images = _render_group(
+                group_results = _render_group(
                     pipelines,
                     [requests[index] for index in group],
                     _concatenated(encodings[index] for index in group),
@@ -148,15 +190,28 @@ def generate_batch(
                     report_step,
                     handover,
                     own_schedulers,
+                    init_latents=None
+                    if init_latents is None
+                    else torch.cat([init_latents[image_rows[index]] for index in group]),
+                    output_type=output_type,
                 )
-                for index, request_images in zip(group, group_images, strict=True):
-                    images[index] = request_images
+                for index, result in zip(group, group_results, strict=True):
+                    results[index] = result
     finally:
         # The pipelines are shared by every request: the next one without a scheduler
         # must find the model's own, the next without LoRAs the model's own weights.
         base.scheduler, refiner_pipe.scheduler = own_schedulers
         pipelines.loras.restore()
-    return images
+    return results
+
+
+def _image_rows(requests: Sequence[GenerationParams]) -> list[slice]:
+    """Each request's images' rows in a batch of all the requests' images, in order."""
+    rows, start = [], 0
+    for request in requests:
+        rows.append(slice(start, start + request.num_images))
+        start += request.num_images
+    return rows
 
 
 def _length_groups(
@@ -184,9 +239,13 @@ def _render_group(
     report_step: Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]],
     handover: float,
     own_schedulers: tuple[Any, Any],
-) -> list[list[PIL.Image.Image]]:
+    *,
+    init_latents: torch.Tensor | None,
+    output_type: str,
+) -> list[Any]:
     """The images of requests whose embeddings have one length: one run of Base and
-    Refiner for all of them (generate_batch's), one decode per request."""
+    Refiner for all of them (generate_batch's), one decode per request; or, for
+    output_type "latent", each request's final latents."""
     shared = requests[0]
     # Outpainting renders the grown canvas; every other request its size.
     (width, height), steps = shared.canvas_size, shared.steps
@@ -234,11 +293,12 @@ def _render_group(
             pipelines, inpainting, strength=strength, height=height, width=width, stage=base_stage
         )
     elif img2img:
-        latents = _img2img_of(base)(
-            image=_init_latents(pipelines, requests, height, width, generators),
-            strength=strength,
-            **base_stage,
-        ).images
+        start = (
+            _init_latents(pipelines, requests, height, width, generators)
+            if init_latents is None
+            else init_latents.to(pipelines.device, pipelines.dtype)
+        )
+        latents = _img2img_of(base)(image=start, strength=strength, **base_stage).images
     else:
         latents = base(
             latents=_starting_noise(pipelines, height, width, generators),
@@ -268,6 +328,8 @@ def _render_group(
             refined = refiner_pipe(image=latents, **refiner_stage).images
     else:
         refined = latents
+    if output_type == "latent":
+        return list(refined.split([request.num_images for request in requests]))
     # One decode per request: the VAE's memory grows with its batch, and a batch of
     # several requests must not need more than the largest of them alone.
     images = [

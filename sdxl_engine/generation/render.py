@@ -12,6 +12,7 @@ import PIL.Image
 
 from sdxl_engine.generation.batch import generate_batch
 from sdxl_engine.generation.faces import redo_faces
+from sdxl_engine.generation.hires import hires_fix, hires_steps
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.parameters import GenerationParams
@@ -65,7 +66,18 @@ def render_batch(
     (they share their batch_key, as generate_batch needs). Without a later pass the images
     are generate_batch's, unchanged."""
     progress = Progress(on_step, total=max(request.steps for request in requests))
-    images = generate_batch(pipelines, requests, loras=loras, on_step=progress.pass_reporter())
+    if requests[0].hires is None:  # shared by the batch (batch_key)
+        images = generate_batch(pipelines, requests, loras=loras, on_step=progress.pass_reporter())
+    else:
+        # Hires fix: the first pass's latents, then the pass at the larger size, whose steps
+        # count in the total from the start.
+        progress.add(hires_steps(requests[0]))
+        first = generate_batch(
+            pipelines, requests, loras=loras, on_step=progress.pass_reporter(), output_type="latent"
+        )
+        images = hires_fix(
+            pipelines, requests, first, loras=loras, on_step=progress.pass_reporter()
+        )
     images, faces_redone = redo_faces(pipelines, requests, images, loras=loras, progress=progress)
     return [
         Rendered(images=request_images, faces_redone=counts)

@@ -59,6 +59,7 @@ _PRIOR_NOTE = (
     "class_prompt"
 )
 _IMAGES_NOTE = "upload training images with /post_session_image or POST /sessions/<id>/images"
+_HIRES_NOTE = 'an object: {"scale", "upscaler", "steps", "denoising_strength"}'
 _INIT_LORA_NOTE = '{"iteration": n} or {"lora_filename": "..."}: a LoRA file of the session'
 
 ALIASES: tuple[Alias, ...] = (
@@ -116,7 +117,10 @@ ALIASES: tuple[Alias, ...] = (
     Alias("jpeg_quality", (), {GENERATION: "quality"}),
     Alias("restore_faces", (A1111,), note="this service has no face restoration"),
     Alias("tiling", (A1111,), note="this service makes no tiling images"),
-    Alias("enable_hr", (A1111,), note="this service has no hires fix; ask for the size you want"),
+    Alias("enable_hr", (A1111,), {GENERATION: "hires"}, _HIRES_NOTE),
+    Alias("hr_scale", (A1111,), {GENERATION: "hires"}, "its scale"),
+    Alias("hr_upscaler", (A1111,), {GENERATION: "hires"}, 'its upscaler: "latent" or "lanczos"'),
+    Alias("hr_second_pass_steps", (A1111,), {GENERATION: "hires"}, "its steps"),
     Alias("styles", (A1111,), note="this service has no styles; put the words in the prompt"),
     Alias("override_settings", (A1111,), note=_MODEL_NOTE),
     Alias("ckpt_name", (COMFY,), note=_MODEL_NOTE),

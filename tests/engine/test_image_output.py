@@ -135,6 +135,22 @@ def test_infotext_img2img_writes_denoising_strength_after_the_model():
     )
 
 
+def test_infotext_hires_fix_as_a1111_writes_it():
+    hires = {"scale": 1.5, "upscaler": "latent", "steps": 12, "denoising_strength": 0.7}
+    record = make_record(hires=hires, loras=TWO_LORAS[:1], refiner=REFINER, refiner_switch_at=0.8)
+    assert infotext(record) == (
+        "a red fox in the snow <lora:lora_3:0.8>\n"
+        f"Steps: 30, CFG scale: 7.5, Seed: 123, Size: 1024x1024, Model: {BASE}, "
+        "Denoising strength: 0.7, Hires upscale: 1.5, Hires steps: 12, Hires upscaler: Latent, "
+        f'Lora hashes: "lora_3: abcdef012345", Refiner: {REFINER}, Refiner switch at: 0.8'
+    )
+    # The second pass's steps left to the request's: no "Hires steps", as A1111's 0.
+    lanczos = {**hires, "scale": 2.0, "upscaler": "lanczos", "steps": None}
+    assert infotext(make_record(hires=lanczos)).endswith(
+        f"Model: {BASE}, Denoising strength: 0.7, Hires upscale: 2, Hires upscaler: Lanczos"
+    )
+
+
 def test_infotext_without_refiner_has_no_refiner_keys():
     text = infotext(make_record(refiner=None, refiner_switch_at=None, strength=1.0))
     assert "Refiner" not in text

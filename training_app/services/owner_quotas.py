@@ -180,9 +180,8 @@ def training_output_bytes(
 
 
 def generation_output_bytes(params: GenerationParams) -> int:
-    """The bytes a sized generation is planned to write: its images, at most (at the
-    canvas size outpainting grows them to)."""
-    width, height = params.canvas_size
+    """The bytes a sized generation is planned to write: its images, at most."""
+    width, height = params.output_size  # a hires fix's images are larger
     file_format = params.output_format or "png"
     return params.num_images * image_file_bytes(width, height, file_format)
 

@@ -6,7 +6,7 @@ from typing import Any
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from sdxl_engine.parameters import OUTPUT_FORMATS, REFINER_POLICIES
+from sdxl_engine.parameters import HIRES_UPSCALER_NAMES, OUTPUT_FORMATS, REFINER_POLICIES
 from sdxl_engine.prompt_syntax import PROMPT_SYNTAXES
 
 
@@ -82,6 +82,16 @@ class FaceDetailUsed(serializers.Serializer[Any]):
     max_faces = serializers.IntegerField()
 
 
+class HiresFixRecord(serializers.Serializer[Any]):
+    """A generation's hires fix as its row records it: every field, steps null for the
+    request's steps."""
+
+    scale = serializers.FloatField()
+    upscaler = serializers.ChoiceField(choices=HIRES_UPSCALER_NAMES)
+    steps = serializers.IntegerField(allow_null=True)
+    denoising_strength = serializers.FloatField()
+
+
 class GenerationParameters(serializers.Serializer[Any]):
     """The parameters a generation ran with, as its row records them (GET /generations/<id>'s
     `parameters`): every field with a default, width and height filled when left out; the
@@ -114,6 +124,7 @@ class GenerationParameters(serializers.Serializer[Any]):
     # --- prompts (issue 28)
     prompt_syntax = serializers.CharField(required=False)
     face_detail = FaceDetailUsed(required=False)
+    hires = HiresFixRecord(required=False, help_text="the hires fix, when asked for")
 
 
 class Txt2ImgResponse(GenerationUsed):

@@ -9,6 +9,9 @@ from rest_framework import serializers
 from sdxl_engine.parameters import (
     DEFAULT_FACE_PADDING,
     DEFAULT_FACE_STRENGTH,
+    DEFAULT_HIRES_SCALE,
+    DEFAULT_HIRES_STRENGTH,
+    DEFAULT_HIRES_UPSCALER,
     DEFAULT_INPAINT_FILL,
     DEFAULT_INPAINT_PADDING,
     DEFAULT_LORA_SCALE,
@@ -21,6 +24,8 @@ from sdxl_engine.parameters import (
     DEFAULT_STRENGTH,
     FACE_MASK_BLUR,
     GENERATION_DEFAULTS,
+    HIRES_SCALE_MAX,
+    HIRES_UPSCALERS,
     INPAINT_AREAS,
     INPAINT_FILLS,
     INPAINT_PADDING_MAX,
@@ -122,6 +127,57 @@ class FaceDetailSerializer(serializers.Serializer[Any]):
         help_text="the most faces redone per image, the largest first (ADetailer's "
         f'"mask only top k" by area); default {DEFAULT_MAX_FACES}',
     )
+
+
+class HiresFixSerializer(serializers.Serializer[Any]):
+    """/txt2img's `hires`: AUTOMATIC1111's hires fix (enable_hr), its fields A1111's
+    hr_scale, hr_upscaler, hr_second_pass_steps and denoising_strength."""
+
+    scale = StrictFloatField(
+        min_value=1.0,
+        max_value=HIRES_SCALE_MAX,
+        default=DEFAULT_HIRES_SCALE,
+        help_text="AUTOMATIC1111's hr_scale: each side of the first pass (width x height) times "
+        f"this, above 1 up to {HIRES_SCALE_MAX:g}, rounded down to a multiple of 8 (A1111's "
+        f"int(side x scale), as its latents have it); left out: {DEFAULT_HIRES_SCALE:g}. The "
+        "final size must be within SDXL_MAX_IMAGE_SIDE",
+    )
+    upscaler = ChoiceField(
+        choices=[
+            (
+                "latent",
+                "the first pass's latents, bilinear (AUTOMATIC1111's \"Latent\")",
+            ),
+            ("lanczos", "the first pass's images, Lanczos (AUTOMATIC1111's \"Lanczos\")"),
+        ],
+        # A1111's names for them, as its hr_upscaler takes them.
+        aliases={name: key for key, name in HIRES_UPSCALERS.items()},
+        default=DEFAULT_HIRES_UPSCALER,
+        help_text="AUTOMATIC1111's hr_upscaler (its names Latent and Lanczos are taken too); "
+        f"left out: {DEFAULT_HIRES_UPSCALER}",
+    )
+    steps = StrictIntegerField(
+        min_value=0,
+        max_value=150,
+        required=False,
+        allow_null=True,
+        help_text="AUTOMATIC1111's hr_second_pass_steps: the schedule of the second pass, of "
+        "which it runs the last denoising_strength; left out, null or 0: the request's steps",
+    )
+    denoising_strength = StrictFloatField(
+        min_value=0.0,
+        max_value=1.0,
+        default=DEFAULT_HIRES_STRENGTH,
+        help_text="AUTOMATIC1111's denoising_strength of the hires pass: the part of the "
+        f"schedule run on the upscaled image, above 0 up to 1; left out: {DEFAULT_HIRES_STRENGTH} "
+        "(A1111's UI default)",
+    )
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        # A1111's hr_second_pass_steps 0: the request's steps, as null here.
+        if not attrs.get("steps"):
+            attrs["steps"] = None
+        return attrs
 
 
 # How /txt2img answers its images: inline (the original) or as URLs to GET.
@@ -352,6 +408,17 @@ class Txt2ImgSerializer(WebhookFields):
         f"and pasted back through its mask, blurred {FACE_MASK_BLUR} px (ad_mask_blur). "
         "The answer's faces_redone says how many faces each image had redone. Left out (or "
         "null): no face pass",
+    )
+
+    # --- hires
+    hires = HiresFixSerializer(
+        required=False,
+        allow_null=True,
+        help_text="AUTOMATIC1111's hires fix (enable_hr): the image is made at width x height, "
+        "upscaled by scale and denoised again at the larger size (img2img at "
+        "denoising_strength, with the request's prompts, seeds, scheduler, Refiner policy "
+        "and LoRAs); the images have the larger size. Text-to-image only (not with "
+        "init_image_base64). Left out (or null): no hires pass",
     )
 
     response_format = ChoiceField(

@@ -105,6 +105,14 @@ def generation_request(request: GenerationRequest) -> Generation:
         problem = canvas_problem(params.canvas_size, settings.SDXL_MAX_IMAGE_SIDE)
         if problem:
             raise ServiceError(f"outpaint: {problem}")
+    # The hires fix's images are larger than the size it was given: the limit holds for them.
+    if params.hires is not None and max(params.output_size) > settings.SDXL_MAX_IMAGE_SIDE:
+        width, height = params.output_size
+        raise ServiceError(
+            f"hires: makes {width}x{height} images from {params.size[0]}x{params.size[1]}, "
+            f"larger than SDXL_MAX_IMAGE_SIDE ({settings.SDXL_MAX_IMAGE_SIDE}): a smaller scale "
+            "or size"
+        )
     webhook_url, webhook_events = webhook_target_check(
         request.webhook_url, list(request.webhook_events)
     )
