@@ -25,6 +25,10 @@ Parts (all three fit one device call of under 10 minutes on an H100: ~9 minutes)
          32 (the service recipe's) on 8 photos, each against the same run without it, in the
          same process: masked_loss (a mask per photo), prior_preservation_weight, and the
          eval loss the run computes at step 0, each checkpoint and the end
+  controls  issue 28's generation controls at 1024², compiled, one LoRA: a 154-token
+         prompt, inpainting (only masked and whole), hires fix 1.5x, the face detail pass,
+         each against plain diffusers' equivalent where it has one (its inpaint pipeline,
+         a hand-written two-pass hires fix)
   cold   worker start to first image, in fresh processes: with the compile cache the gen
          part filled, and without compiling (the gen part times compiling from an empty
          cache: its warm_up_s)
@@ -37,6 +41,7 @@ import argparse
 import contextlib
 import dataclasses
 import gc
+import io
 import json
 import math
 import os
@@ -60,7 +65,7 @@ from sdxl_engine.generation import (
     resolve_model_source,
     warm_up,
 )
-from sdxl_engine.parameters import TrainingParams, training_params
+from sdxl_engine.parameters import GenerationParams, TrainingParams, training_params
 from sdxl_engine.training import train_lora
 from sdxl_engine.training.adapters import LORA_TARGET_MODULES
 
@@ -862,6 +867,294 @@ print("COLD", loaded, warmed, time.perf_counter() - start)
 """
 
 
+# --- issue 28: generation controls ---------------------------------------------------------
+
+# Phrases added to PROMPT until it takes two of A1111's 75-token chunks: the cross-attention
+# then sees 154 positions instead of 77.
+LONG_PROMPT_PHRASES = (
+    "(detailed fur:1.2)",
+    "wet sand",
+    "small waves",
+    "soft rim light",
+    "shallow depth of field",
+    "85mm lens",
+    "film grain",
+    "warm colours",
+    "seagulls in the distance",
+    "footprints",
+    "a red ball beside the dog",
+    "the sun low over the sea",
+    "long shadows",
+    "a breeze",
+    "[blurry background]",
+    "sharp focus on the eyes",
+    "professional photograph",
+    "clouds lit orange and pink",
+    "reflections on the wet sand",
+    "a lighthouse far away",
+    "pebbles and shells",
+    "a calm sea",
+    "a natural pose",
+    "award winning",
+    "high detail",
+)
+
+
+def long_prompt(tokenizer) -> tuple[str, int]:
+    """PROMPT grown by LONG_PROMPT_PHRASES to between 100 and 150 tokens (two chunks), and
+    its token count."""
+    prompt = PROMPT
+    for phrase in LONG_PROMPT_PHRASES:
+        grown = f"{prompt}, {phrase}"
+        if len(tokenizer(grown).input_ids) - 2 > 145:
+            break
+        prompt = grown
+    return prompt, len(tokenizer(prompt).input_ids) - 2
+
+
+def controls_images(size: int) -> tuple[bytes, bytes]:
+    """A starting photo (scikit-image's astronaut, a real face, scaled to size²) and an
+    inpainting mask of its lower-right quarter's centre (a quarter of each side)."""
+    import io
+
+    from PIL import Image, ImageDraw
+    from skimage import data
+
+    photo = Image.fromarray(data.astronaut()).resize((size, size), Image.LANCZOS)
+    mask = Image.new("L", (size, size), 0)
+    side = size // 4
+    ImageDraw.Draw(mask).rectangle(
+        [size - 2 * side, size - 2 * side, size - side, size - side], 255
+    )
+    encoded = []
+    for image in (photo, mask):
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    return encoded[0], encoded[1]
+
+
+def unique_graphs() -> int:
+    """torch.compile's graphs so far: more after a request means it compiled inside it."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def controls_request(**fields) -> GenerationParams:
+    """One request of the controls part: the gen part's settings (1024², 30 steps, CFG 7,
+    Refiner from 0.8) with `fields`."""
+    return GenerationParams(**{"prompt": PROMPT, **GEN, **fields}).filled()
+
+
+def part_controls(args) -> dict:
+    """Issue 28's generation controls on the worker's compiled pipelines, one rank-4 LoRA
+    applied, each p50 beside plain diffusers' equivalent where it has one (pipelines loaded
+    once, the LoRA loaded once and kept: the controls' own cost, not LoRA handling):
+
+    - a two-chunk (154-token) prompt against the plain one: ours runs the new cross-attention
+      length from a CUDA graph captured on its first request; diffusers has no long prompts
+      (it cuts at 77 tokens), so its time is a one-chunk request's;
+    - inpainting of a 256² square, "only masked" (the crop, with its padding, redone at
+      1024²) and the whole picture, against diffusers' StableDiffusionXLInpaintPipeline
+      over the Base then the Refiner on the whole 1024² image;
+    - hires fix 1.5× from 1024² (latent upscale, 0.7 strength: 21 of 30 steps at 1536²)
+      against the same two passes written out with diffusers' pipelines;
+    - the face detail pass (ADetailer's defaults: strength 0.4, padding 32) on a 1024²
+      photo with one face (scikit-image's astronaut), alone: diffusers has no face pass.
+
+    `compiles_in_requests` counts torch.compile graphs made after the worker's warm-up,
+    which a request would have waited for: it must stay 0.
+    """
+    source = model_source(args)
+    results, lora = controls_ours(args, source)
+    if args.skip_baseline:
+        return results
+    gc.collect()
+    torch.cuda.empty_cache()
+    reset_peak()  # ours is gone: the baselines get the card to themselves
+    results.update(controls_diffusers(args, source, lora, results))
+    return results
+
+
+def controls_ours(args, source) -> tuple[dict, Path]:
+    """The controls part's figures for our engine, and the LoRA it applied."""
+    from PIL import Image
+
+    from sdxl_engine.generation.faces import redo_faces
+    from sdxl_engine.generation.render import Progress, render_batch
+    from sdxl_engine.parameters import FaceDetail, HiresFix
+
+    ours = load_pipelines(source, compile_unets=args.compile)
+    started = time.perf_counter()
+    warm_up(ours)
+    results: dict = {"compile": args.compile, "warm_up_s": round(time.perf_counter() - started, 1)}
+    lora = make_loras(args.cache, ours.base.unet.config)[0]
+    photo, mask = controls_images(args.size)
+    prompt_154, results["long_prompt_tokens"] = long_prompt(ours.base.tokenizer)
+    graphs_after_warm_up = unique_graphs()
+
+    def ours_render(**fields) -> Callable[[int], object]:
+        return lambda seed: render_batch(
+            ours, [controls_request(seed=seed, **fields)], loras=[AppliedLora(lora)]
+        )
+
+    face_image = Image.open(io.BytesIO(photo)).convert("RGB")
+    face_request = controls_request(seed=0, face_detail=FaceDetail())
+
+    def ours_faces(seed: int) -> list[int] | None:
+        request = dataclasses.replace(face_request, seed=seed)
+        _, counts = redo_faces(
+            ours, [request], [[face_image]], loras=[AppliedLora(lora)], progress=Progress(None, 0)
+        )
+        return counts[0]
+
+    results["faces_found"] = ours_faces(0)
+    cases = {
+        "prompt_77": ours_render(),
+        "prompt_154": ours_render(prompt=prompt_154),
+        "inpaint_masked": ours_render(
+            init_image=photo, mask=mask, strength=0.75, inpaint_area="masked"
+        ),
+        "inpaint_whole": ours_render(init_image=photo, mask=mask, strength=0.75),
+        "hires_1_5x": ours_render(
+            hires=HiresFix(scale=1.5, upscaler="latent", denoising_strength=0.7)
+        ),
+        "face_detail": ours_faces,
+    }
+    for name, request in cases.items():
+        first_s, times = timed_requests(request, args.runs)
+        results[f"ours_{name}"] = {"first_s": round(first_s, 2), **summary(times)}
+    results["compiles_in_requests"] = unique_graphs() - graphs_after_warm_up
+    results["ours_peak_gib"] = peak_gib()
+    return results, lora
+
+
+def controls_diffusers(args, source, lora: Path, ours: dict) -> dict:
+    """The controls part's plain-diffusers figures, with speed-ups against `ours`."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
+    from PIL import Image
+
+    photo, mask = controls_images(args.size)
+    results: dict = {}
+    base, refiner = baseline_pipelines(source)
+    base.load_lora_weights(str(lora))
+    inpaint_base = StableDiffusionXLInpaintPipeline.from_pipe(base)
+    inpaint_refiner = StableDiffusionXLInpaintPipeline.from_pipe(refiner)
+    for pipeline in (inpaint_base, inpaint_refiner):
+        pipeline.set_progress_bar_config(disable=True)
+    photo_image = Image.open(io.BytesIO(photo)).convert("RGB")
+    mask_image = Image.open(io.BytesIO(mask)).convert("L")
+    size = {"height": args.size, "width": args.size}
+
+    def two_stage(seed: int, prompt: str = PROMPT) -> torch.Tensor:
+        generator = torch.Generator(DEVICE).manual_seed(seed)
+        latents = base(
+            prompt=prompt,
+            guidance_scale=GEN["guidance_scale"],
+            num_inference_steps=GEN["steps"],
+            denoising_end=HANDOVER,
+            generator=generator,
+            output_type="latent",
+            **size,
+        ).images
+        return refiner(
+            prompt=prompt,
+            image=latents,
+            num_inference_steps=GEN["steps"],
+            denoising_start=HANDOVER,
+            guidance_scale=1.0,
+            generator=generator,
+            output_type="latent",
+        ).images
+
+    def decoded(latents: torch.Tensor) -> object:
+        return base.image_processor.postprocess(
+            base.vae.decode(
+                latents.to(base.vae.dtype) / base.vae.config.scaling_factor, return_dict=False
+            )[0],
+            output_type="pil",
+        )
+
+    def diffusers_plain(seed: int) -> object:
+        with torch.no_grad():
+            return decoded(two_stage(seed))
+
+    def diffusers_inpaint(seed: int) -> object:
+        generator = torch.Generator(DEVICE).manual_seed(seed)
+        stage = {"image": photo_image, "mask_image": mask_image, "strength": 0.75, **size}
+        latents = inpaint_base(
+            prompt=PROMPT,
+            guidance_scale=GEN["guidance_scale"],
+            num_inference_steps=GEN["steps"],
+            denoising_end=HANDOVER,
+            generator=generator,
+            output_type="latent",
+            **stage,
+        ).images
+        return inpaint_refiner(
+            prompt=PROMPT,
+            num_inference_steps=GEN["steps"],
+            denoising_start=HANDOVER,
+            guidance_scale=1.0,
+            generator=generator,
+            # The Base's latents as the image: diffusers' documented Base + Refiner inpaint.
+            **{**stage, "image": latents},
+        ).images
+
+    def diffusers_hires(seed: int) -> object:
+        # A1111's hires fix written out: the first image's latents, bilinear to 1.5x, then
+        # img2img at 0.7 (Base to 0.8 of its schedule, the Refiner after).
+        with torch.no_grad():
+            first = two_stage(seed)
+            upscaled = torch.nn.functional.interpolate(
+                first, scale_factor=1.5, mode="bilinear", antialias=False
+            )
+        generator = torch.Generator(DEVICE).manual_seed(seed)
+        handover = 1 - 0.7 * (1 - HANDOVER)
+        latents = img2img_base(
+            prompt=PROMPT,
+            image=upscaled,
+            strength=0.7,
+            guidance_scale=GEN["guidance_scale"],
+            num_inference_steps=GEN["steps"],
+            denoising_end=handover,
+            generator=generator,
+            output_type="latent",
+        ).images
+        with torch.no_grad():
+            return decoded(
+                refiner(
+                    prompt=PROMPT,
+                    image=latents,
+                    num_inference_steps=GEN["steps"],
+                    denoising_start=handover,
+                    guidance_scale=1.0,
+                    generator=generator,
+                    output_type="latent",
+                ).images
+            )
+
+    img2img_base = StableDiffusionXLImg2ImgPipeline(**base.components)
+    img2img_base.set_progress_bar_config(disable=True)
+    baselines = {
+        "prompt_77": diffusers_plain,
+        "inpaint_whole": diffusers_inpaint,
+        "hires_1_5x": diffusers_hires,
+    }
+    for name, request in baselines.items():
+        first_s, times = timed_requests(request, args.runs)
+        results[f"diffusers_{name}"] = {"first_s": round(first_s, 2), **summary(times)}
+        results[f"speedup_{name}"] = round(
+            results[f"diffusers_{name}"]["p50_s"] / ours[f"ours_{name}"]["p50_s"], 2
+        )
+    results["speedup_inpaint_masked_vs_diffusers_whole"] = round(
+        results["diffusers_inpaint_whole"]["p50_s"] / ours["ours_inpaint_masked"]["p50_s"], 2
+    )
+    results["diffusers_peak_gib"] = peak_gib()
+    return results
+
+
 def part_cold(args) -> dict:
     results = {}
     inductor_cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
@@ -960,12 +1253,13 @@ def main() -> None:
         "serve": part_serve,
         "loras": part_loras,
         "likeness": part_likeness,
+        "controls": part_controls,
     }
     for name in args.parts.split(","):
         started = time.perf_counter()
         results = {**environment(), "part": name, **parts[name](args)}
         results["part_wall_s"] = round(time.perf_counter() - started, 1)
-        compiled_parts = ("gen", "train", "recipe", "loras", "likeness")
+        compiled_parts = ("gen", "train", "recipe", "loras", "likeness", "controls")
         suffix = "-compiled" if name in compiled_parts and args.compile else ""
         suffix += "-low-memory" if name == "train" and args.low_memory else ""
         (args.out / f"{name}{suffix}.json").write_text(json.dumps(results, indent=2))
