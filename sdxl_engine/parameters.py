@@ -444,6 +444,14 @@ class FaceDetail:
         return None
 
 
+def img2img_steps(steps: int, strength: float) -> int:
+    """The denoising steps an img2img run of `steps` at `strength` takes, Base and Refiner
+    together: all of them at strength 1, else int(steps x strength), as diffusers' img2img
+    counts them (get_timesteps; first-order schedulers: a second-order one runs about twice
+    as many)."""
+    return min(int(steps * strength), steps) if strength < 1.0 else steps
+
+
 # --- hires: A1111's hires fix (enable_hr): a text-to-image pass at width x height, its
 # result upscaled by `scale` and reworked by an img2img pass at the larger size.
 # The upscalers: "latent" (A1111's "Latent": the latents, bilinear, no antialiasing) and
@@ -481,14 +489,9 @@ class HiresFix:
         )
 
     def run_steps(self, request_steps: int) -> int:
-        """The denoising steps the pass runs, Base and Refiner together: all of its
-        schedule (steps, None: the request's) at strength 1, else int(steps x strength),
-        as diffusers' img2img counts them (get_timesteps; first-order schedulers: a
-        second-order one runs about twice as many)."""
-        steps = self.steps or request_steps
-        if self.denoising_strength >= 1.0:
-            return steps
-        return min(int(steps * self.denoising_strength), steps)
+        """The denoising steps the pass runs, Base and Refiner together: img2img_steps of
+        its schedule (steps, None: the request's) at denoising_strength."""
+        return img2img_steps(self.steps or request_steps, self.denoising_strength)
 
     def problem(self) -> str | None:
         """What is wrong with these settings (the API answers it under `hires`), or None."""

@@ -16,7 +16,7 @@ from sdxl_engine.faces import face_crop, face_region, find_faces, paste_face
 from sdxl_engine.generation.batch import generate_batch, native_side
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
-from sdxl_engine.parameters import GENERATION_DEFAULTS, GenerationParams
+from sdxl_engine.parameters import GENERATION_DEFAULTS, GenerationParams, img2img_steps
 
 
 class Progress(Protocol):
@@ -40,12 +40,6 @@ FIRST_PASS_ONLY = (
     "inpaint_fill",
     "outpaint",
 )
-
-
-def img2img_steps(steps: int, strength: float) -> int:
-    """The denoising steps an img2img run of `steps` at `strength` takes, Base and Refiner
-    together (diffusers' img2img runs the last int(steps x strength) of the schedule)."""
-    return min(int(steps * strength), steps) if strength < 1.0 else steps
 
 
 def redo_faces(

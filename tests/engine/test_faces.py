@@ -15,7 +15,7 @@ from skimage import data
 
 from sdxl_engine import faces
 from sdxl_engine.errors import GenerationCancelled
-from sdxl_engine.generation.faces import img2img_steps, redo_faces
+from sdxl_engine.generation.faces import redo_faces
 from sdxl_engine.generation.pipelines import Pipelines
 from sdxl_engine.generation.render import Progress, render_batch
 from sdxl_engine.image_output import infotext
@@ -25,6 +25,7 @@ from sdxl_engine.parameters import (
     FACE_DETAIL_MODEL,
     FaceDetail,
     GenerationParams,
+    img2img_steps,
 )
 from tests.engine.test_image_output import TWO_LORAS, make_record
 
