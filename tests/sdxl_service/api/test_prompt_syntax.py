@@ -58,3 +58,16 @@ def test_prompt_syntax_is_recorded_and_reads_the_prompt(api, generations_in_proc
     assert np.abs(_pixels(plain) - _pixels(default)).mean() > 0.1
     text = read_infotext(base64.b64decode(plain["images_base64"][0]))
     assert text is not None and text.startswith(weighted + "\n") and "Emphasis: None" in text
+
+
+def test_a_long_prompts_tail_changes_the_image(api, generations_in_process):
+    """Past 77 tokens diffusers cut the prompt: two prompts differing only after that gave
+    one image. In 75-token chunks the tail is encoded too."""
+    head = ", ".join(f"word{index}" for index in range(60))  # far past 77 tokens
+
+    answers = [
+        api.post("/txt2img", {"prompt": f"{head}, {tail}", **SMALL}, format="json").json()
+        for tail in ("a red fox", "a blue whale")
+    ]
+
+    assert np.abs(_pixels(answers[0]) - _pixels(answers[1])).max() > 0
