@@ -19,8 +19,8 @@ from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl_img2im
 )
 from diffusers.utils.torch_utils import randn_tensor
 
+import sdxl_engine.generation.inpaint as inpaint
 from sdxl_engine.errors import EngineError
-from sdxl_engine.generation import inpaint
 from sdxl_engine.generation.conditioning import base_encoding, refiner_encoding
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
