@@ -684,13 +684,14 @@ class GenerationParams:
             inpaint_fill=self.inpaint_fill or DEFAULT_INPAINT_FILL,
         )
 
-    def without_inpainting(self) -> GenerationParams:
-        """These params as a later pass over their images takes them (hires fix, face
-        detail: img2img of the finished images): no mask, outpaint or inpaint settings,
-        and the size the images have (outpainting's grown canvas)."""
+    def for_later_pass(self) -> GenerationParams:
+        """These params as a pass over their finished images takes them (a face's img2img,
+        the face detail pass): the size the images have (outpainting's grown canvas, the
+        hires pass's), and none of what made them (mask, outpaint and inpaint settings,
+        hires) or reworks them (face_detail)."""
         width, height = self.width, self.height
         if width is not None and height is not None:
-            width, height = self.canvas_size
+            width, height = self.output_size
         return replace(
             self,
             width=width,
@@ -701,6 +702,8 @@ class GenerationParams:
             inpaint_padding=None,
             inpaint_fill=None,
             outpaint=None,
+            hires=None,
+            face_detail=None,
         )
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Protocol
 
 import PIL.Image
 
@@ -16,7 +16,7 @@ from sdxl_engine.faces import face_crop, face_region, find_faces, paste_face
 from sdxl_engine.generation.batch import generate_batch, native_side
 from sdxl_engine.generation.merge import AppliedLora
 from sdxl_engine.generation.pipelines import Pipelines
-from sdxl_engine.parameters import GENERATION_DEFAULTS, GenerationParams, img2img_steps
+from sdxl_engine.parameters import GenerationParams, img2img_steps
 
 
 class Progress(Protocol):
@@ -25,21 +25,6 @@ class Progress(Protocol):
     def add(self, steps: int) -> None: ...
 
     def pass_reporter(self) -> Callable[[int, int], None]: ...
-
-
-# What describes the request's first pass or its reworking, not how a face is redone:
-# a face's img2img request takes each back to its default (those this version has), so
-# it is a plain img2img of its crop (no mask, no hires, no second face pass).
-FIRST_PASS_ONLY = (
-    "face_detail",
-    "hires",
-    "mask",
-    "mask_blur",
-    "inpaint_area",
-    "inpaint_padding",
-    "inpaint_fill",
-    "outpaint",
-)
 
 
 def redo_faces(
@@ -59,11 +44,6 @@ def redo_faces(
     the native size: the compiled path), from the image as the faces before it left it.
     Its seed is its image's own, its prompt the face_detail's or else the request's."""
     side = native_side(pipelines)
-    own_defaults: dict[str, Any] = {
-        name: getattr(GENERATION_DEFAULTS, name)
-        for name in FIRST_PASS_ONLY
-        if hasattr(GENERATION_DEFAULTS, name)
-    }
     found = [
         [
             find_faces(image, request.face_detail.max_faces)
@@ -85,9 +65,9 @@ def redo_faces(
             redone_images.append(list(request_images))
             counts.append(None)
             continue
+        # A plain img2img of each face's crop: no mask, hires or face pass of its own.
         face_params = dataclasses.replace(
-            request,
-            **own_defaults,
+            request.for_later_pass(),
             prompt=detail.prompt or request.prompt,
             num_images=1,
             width=side,

@@ -312,5 +312,5 @@ def test_inpainting_batches_across_masks_and_apart_from_img2img() -> None:
     assert outpainted.record()["outpaint"] == {"left": 0, "right": 8, "top": 0, "bottom": 0}
     assert GenerationParams(**outpainted.record()).outpaint == Outpaint(right=8)
     # A later pass (hires, face detail) takes the finished images at their size.
-    later = outpainted.without_inpainting()
+    later = outpainted.for_later_pass()
     assert (later.size, later.inpainting, later.mask_blur) == ((72, 64), False, None)
