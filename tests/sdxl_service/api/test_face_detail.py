@@ -117,6 +117,7 @@ def test_a_face_found_is_redone_counted_and_its_steps_are_the_jobs(
     assert (row.step, row.total_steps, row.faces_redone) == (8, 8, [1])
 
 
+@pytest.mark.one_pass  # rendering, not the database: the SQLite pass is enough
 def test_the_face_in_a_real_photo_is_found_and_redone(api, generations_in_process):
     """scikit-image's astronaut (a real photo) inpainted in a corner far from her face, so
     the face survives the tiny model: the real detector finds it and the pass redoes it,

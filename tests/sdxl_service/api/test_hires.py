@@ -87,6 +87,7 @@ def test_hires_takes_a1111s_names_and_records_every_field(api, generation_worker
     }
 
 
+@pytest.mark.one_pass  # rendering, not the database: the SQLite pass is enough
 def test_txt2img_with_hires_answers_the_scaled_images_and_a1111s_infotext(
     api, generations_in_process
 ):

@@ -60,6 +60,7 @@ def test_prompt_syntax_is_recorded_and_reads_the_prompt(api, generations_in_proc
     assert text is not None and text.startswith(weighted + "\n") and "Emphasis: None" in text
 
 
+@pytest.mark.one_pass  # rendering, not the database: the SQLite pass is enough
 def test_a_long_prompts_tail_changes_the_image(api, generations_in_process):
     """Past 77 tokens diffusers cut the prompt: two prompts differing only after that gave
     one image. In 75-token chunks the tail is encoded too."""

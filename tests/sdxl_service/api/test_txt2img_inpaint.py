@@ -138,6 +138,7 @@ def test_inpainting_keeps_the_image_outside_the_mask_and_records_its_settings(
     assert "Inpaint area" not in text
 
 
+@pytest.mark.one_pass  # rendering, not the database: the SQLite pass is enough
 def test_only_masked_is_written_as_a1111_writes_it(api, generations_in_process):
     body = {
         **SMALL,

@@ -15,7 +15,9 @@ from tests.processes import free_port, processes_with_env
 from training_app.models import WorkerHeartbeat
 from training_app.workers.supervisor import SERVE_LOCK_NAME
 
-pytestmark = pytest.mark.e2e
+# The refusals are the data dir's lock and the port's: nothing here depends on the
+# database or broker, which only store the heartbeat rows.
+pytestmark = [pytest.mark.e2e, pytest.mark.one_pass]
 
 
 def test_a_second_serve_is_refused_at_once_and_starts_no_worker(service_processes, data_dir):
