@@ -87,6 +87,19 @@ def _newest_generation_id(after: int = 0) -> int | None:
     return newest.pk if newest else None
 
 
+def _cpu_ticks(pid: int) -> int:
+    """The process's user + system CPU time so far, in clock ticks (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def _idle(pid: int, quiet_s: float = 1.0) -> bool:
+    """Whether the process used no CPU for `quiet_s`: blocked, waiting for work."""
+    before = _cpu_ticks(pid)
+    time.sleep(quiet_s)
+    return _cpu_ticks(pid) == before
+
+
 def _resident_kib(pid: int) -> int:
     try:
         return int(Path(f"/proc/{pid}/statm").read_text().split()[1])
@@ -178,8 +191,13 @@ def test_kill_9_of_the_job_process_mid_generation_answers_the_waiting_client_at_
     print(f"queued behind it: completed {time.monotonic() - killed_at:.1f}s after the kill")
 
     # Idle, it dies holding the lock of django-q2's task queue: the worker starts a new
-    # cluster (before, every later request waited for its timeout, a 504).
-    os.kill(_job_process(worker, behind["generation_id"]), signal.SIGKILL)
+    # cluster (before, every later request waited for its timeout, a 504). The row is
+    # marked completed before the process has handed its result back and returned to the
+    # queue: killed then, it holds no lock yet and django-q2 replaces it quietly, so the
+    # kill waits until it is idle.
+    idle = _job_process(worker, behind["generation_id"])
+    wait_until(lambda: _idle(idle), WAIT_S, "the pool process idle on the task queue")
+    os.kill(idle, signal.SIGKILL)
     killed_at = time.monotonic()
     response = requests.post(f"{url}/txt2img", json=SHORT, timeout=WAIT_S + 10)
     assert response.status_code == 200, response.text
